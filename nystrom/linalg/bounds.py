@@ -1,0 +1,286 @@
+r"""Error certificates, estimates and bounds for Nyström approximations.
+
+Three kinds, each derived on the docs' error-bounds page:
+
+* :func:`nystrom_trace_error` — an *exact*, cheap certificate for a symmetric PSD kernel
+  :math:`\mathcal K`: the Nyström residual :math:`\mathcal K - \hat{\mathcal K}` is PSD (a Schur
+  complement), so its trace norm equals its trace, :math:`\sum_i (\mathcal K_{ii} - \hat{\mathcal K}_{ii})`,
+  computable from the :math:`m` landmark columns in :math:`O(n m d + n m^2)`.
+* :func:`estimate_relative_error` — an a-posteriori estimate of the relative error of an
+  approximate *attention output* from :math:`s` exactly computed query rows, with a confidence
+  interval, in :math:`O(s n d)`.
+* :func:`best_rank_trace_floor` and :func:`rpcholesky_trace_bound` — a-priori statements in
+  terms of the kernel's spectrum: no choice of :math:`m` landmarks beats the tail
+  :math:`\sum_{i>m}\lambda_i`, and RPCholesky comes within :math:`(1+\varepsilon)` of a rank-:math:`r`
+  tail in expectation.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import array_api_compat
+import numpy as np
+import scipy.stats
+
+from .landmarks.base import gather_rows
+from .landmarks.rpcholesky import exp_kernel_shift
+from .softmax import softmax
+from .solvers import PInv
+from .validation import check_attention_inputs, check_scale, check_seed, namespace
+
+
+@dataclass(frozen=True)
+class TraceCertificate:
+    r"""Result of :func:`nystrom_trace_error`.
+
+    Attributes
+    ----------
+    trace_error : array, shape (...)
+        :math:`\mathrm{tr}(\mathcal K - \hat{\mathcal K}) = \lVert \mathcal K - \hat{\mathcal K}\rVert_*`,
+        in units of :math:`e^{-c}` (``log_scale`` :math:`= c`; see Notes of :func:`nystrom_trace_error`).
+    trace : array, shape (...)
+        :math:`\mathrm{tr}\,\mathcal K` in the same units.
+    relative : array, shape (...)
+        ``trace_error / trace``, independent of the units.
+    log_scale : array, shape (...)
+        :math:`c`; the kernel in its own units is ``exp(log_scale) *`` the values above.
+    """
+
+    trace_error: Any
+    trace: Any
+    relative: Any
+    log_scale: Any
+
+
+def exp_kernel(xp, X, Y, scale, shift):
+    r""":math:`\exp(\tau\, x_i^\top y_j - c)` for ``X (..., n, D)``, ``Y (..., p, D)``, ``shift`` :math:`c` of shape ``(...)``."""
+    return xp.exp(scale * (X @ xp.matrix_transpose(Y)) - shift[..., None, None])
+
+
+def nystrom_trace_error(X, indices, *, scale=None):
+    r"""Exact trace-norm error of the Nyström approximation of the kernel :math:`\exp(\tau\, x_i^\top x_j)`.
+
+    .. math::
+
+        \hat{\mathcal K} = C W^+ C^\top,\quad C = \mathcal K[:, S],\ W = \mathcal K[S, S],\qquad
+        \lVert \mathcal K - \hat{\mathcal K}\rVert_* = \sum_i \bigl(\mathcal K_{ii} - c_i^\top W^+ c_i\bigr)
+
+    where :math:`c_i^\top` is row :math:`i` of :math:`C`. The equality holds because the residual is
+    the Schur complement :math:`\mathcal K / W \succeq 0`. It also bounds the spectral and
+    Frobenius errors: :math:`\lVert\cdot\rVert_2 \le \lVert\cdot\rVert_F \le \lVert\cdot\rVert_*`.
+
+    Parameters
+    ----------
+    X : array, shape (..., n, D)
+        Points; for attention keys the kernel is the unnormalised attention kernel of the keys.
+    indices : int array, shape (..., m)
+        Landmark positions :math:`S`.
+    scale : float, optional
+        :math:`\tau`, default ``1/sqrt(D)``.
+
+    Returns
+    -------
+    TraceCertificate
+
+    Notes
+    -----
+    The kernel is evaluated as :math:`e^{\tau x_i^\top x_j - c}` with
+    :math:`c = \tau\max_i\lVert x_i\rVert^2`, which is at most 1 (Cauchy–Schwarz) and so never
+    overflows; the relative error does not depend on :math:`c`. :math:`W^+` is an SVD
+    pseudo-inverse with cutoff :math:`m\,\varepsilon_{\text{dtype}}` (directions below it are
+    numerically in the null space, where the residual is counted in full). Cost
+    :math:`O(n m D + n m^2 + m^3)`, memory :math:`O(n m)`.
+    """
+    xp = namespace(X=X, indices=indices)
+    tau = check_scale(scale, X.shape[-1])
+    shift = exp_kernel_shift(xp, X, tau)
+    landmarks = gather_rows(xp, X, indices)
+    C = exp_kernel(xp, landmarks, X, tau, shift)  # (..., m, n)
+    W = exp_kernel(xp, landmarks, landmarks, tau, shift)
+    eps = float(np.finfo(np.float64 if X.dtype == xp.float64 else np.float32).eps)
+    W_pinv = PInv(rtol=W.shape[-1] * eps)(W).inverse
+    diag = xp.exp(tau * xp.sum(X * X, axis=-1) - shift[..., None])
+    diag_hat = xp.sum(C * (xp.astype(W_pinv, C.dtype) @ C), axis=-2)
+    error = xp.sum(xp.clip(diag - diag_hat, min=0), axis=-1)
+    trace = xp.sum(diag, axis=-1)
+    return TraceCertificate(error, trace, error / trace, shift)
+
+
+@dataclass(frozen=True)
+class ErrorEstimate:
+    r"""Result of :func:`estimate_relative_error`.
+
+    Attributes
+    ----------
+    estimate : float
+        Estimated :math:`\lVert \hat O - O\rVert_F / \lVert O\rVert_F`.
+    low, high : float
+        Confidence interval for it at level ``confidence``.
+    confidence : float
+    num_samples : int
+        Query rows computed exactly.
+    """
+
+    estimate: float
+    low: float
+    high: float
+    confidence: float
+    num_samples: int
+
+
+def estimate_relative_error(Q, K, V, approx, *, num_samples=64, confidence=0.95, seed=None, scale=None,
+                            key_padding_mask=None):
+    r"""Estimate the relative Frobenius error of an approximate attention output from sampled rows.
+
+    Query positions :math:`i \in I` (:math:`|I| = s`, uniform without replacement) are computed
+    exactly. With :math:`e_i = \sum_{\text{batch}}\lVert \hat O_i - O_i\rVert^2` and
+    :math:`o_i = \sum_{\text{batch}}\lVert O_i\rVert^2`, the ratio estimator of the squared relative
+    error :math:`R = \sum_i e_i / \sum_i o_i` is
+
+    .. math:: \hat R = \frac{\sum_{i\in I} e_i}{\sum_{i \in I} o_i}, \qquad
+              \widehat{\mathrm{Var}}(\hat R) = \frac{1 - s/n_q}{s\, \bar o^2}\,
+              \frac{1}{s-1}\sum_{i\in I} (e_i - \hat R\, o_i)^2
+
+    (delta method with the finite-population correction). The interval is
+    :math:`\hat R \pm t_{s-1}\sqrt{\widehat{\mathrm{Var}}}`, clipped at 0, and the function reports
+    square roots, i.e. an estimate and interval for :math:`\lVert\hat O - O\rVert_F/\lVert O\rVert_F`.
+    With :math:`s = n_q` the estimate is exact and the interval has width 0.
+
+    Parameters
+    ----------
+    Q, K, V : arrays, shapes (..., n_q, d), (..., n, d), (..., n, d_v)
+    approx : array, shape (..., n_q, d_v)
+        The approximate output to assess.
+    num_samples : int
+        :math:`s`, clipped to :math:`n_q`; at least 2.
+    confidence : float
+        Level of the interval, in (0, 1).
+    seed : int, optional
+        Seed of the row sample.
+    scale : float, optional
+    key_padding_mask : bool array, shape (..., n), optional
+
+    Returns
+    -------
+    ErrorEstimate
+    """
+    xp = check_attention_inputs(Q, K, V, key_padding_mask)
+    namespace(Q=Q, approx=approx)
+    tau = check_scale(scale, Q.shape[-1])
+    if tuple(approx.shape) != (*Q.shape[:-1], V.shape[-1]):
+        raise ValueError(f"approx must have shape {(*Q.shape[:-1], V.shape[-1])}, got {tuple(approx.shape)}")
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 2:
+        raise ValueError(f"num_samples must be an int >= 2, got {num_samples!r}")
+    if not (0 < confidence < 1):
+        raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
+    n_q = Q.shape[-2]
+    s = min(num_samples, n_q)
+    rows = np.sort(np.random.default_rng(check_seed(seed)).choice(n_q, size=s, replace=False))
+    rows_x = xp.asarray(rows, device=array_api_compat.device(Q))
+    Q_s = xp.take(Q, rows_x, axis=-2)
+    mask = None if key_padding_mask is None else key_padding_mask[..., None, :]
+    exact = softmax(xp, tau * (Q_s @ xp.matrix_transpose(K)), mask) @ V
+    exact = _to_numpy(exact)
+    diff = _to_numpy(xp.take(approx, rows_x, axis=-2)) - exact
+    # Per sampled position, summed over the batch/head dimensions.
+    e = (diff * diff).sum(axis=-1).reshape(-1, s).sum(axis=0)
+    o = (exact * exact).sum(axis=-1).reshape(-1, s).sum(axis=0)
+    ratio = e.sum() / o.sum()
+    if s == n_q:
+        half = 0.0
+    else:
+        var = (1 - s / n_q) / (s * o.mean() ** 2) * np.var(e - ratio * o, ddof=1)
+        half = float(scipy.stats.t.ppf(0.5 + confidence / 2, df=s - 1) * math.sqrt(var))
+    return ErrorEstimate(
+        estimate=math.sqrt(ratio),
+        low=math.sqrt(max(ratio - half, 0.0)),
+        high=math.sqrt(ratio + half),
+        confidence=confidence,
+        num_samples=s,
+    )
+
+
+def _to_numpy(a):
+    """float64 numpy copy of a numpy array or torch tensor (bfloat16 has no numpy dtype, so go via float64)."""
+    if array_api_compat.is_torch_array(a):
+        return a.detach().cpu().double().numpy()
+    return np.asarray(a, dtype=np.float64)
+
+
+def best_rank_trace_floor(eigenvalues, num_landmarks):
+    r"""The trace error no set of ``m`` landmarks can beat: :math:`\sum_{i>m}\lambda_i`.
+
+    For any :math:`S` with :math:`|S| = m`, :math:`\hat{\mathcal K}` has rank :math:`\le m` and
+    :math:`\hat{\mathcal K} \preceq \mathcal K`, so :math:`\lambda_i(\hat{\mathcal K}) \le \lambda_i(\mathcal K)`
+    and :math:`\mathrm{tr}(\mathcal K - \hat{\mathcal K}) \ge \sum_{i>m}\lambda_i(\mathcal K)`.
+
+    Parameters
+    ----------
+    eigenvalues : array_like, shape (n,)
+        Eigenvalues of the PSD kernel (any order; negatives from round-off are clipped to 0).
+    num_landmarks : int
+
+    Returns
+    -------
+    float
+    """
+    lam = np.sort(np.clip(np.asarray(eigenvalues, dtype=np.float64), 0, None))[::-1]
+    return float(lam[num_landmarks:].sum())
+
+
+def rpcholesky_trace_bound(eigenvalues, num_landmarks):
+    r"""Expected trace error bound of RPCholesky with ``k`` pivots (Chen et al., 2023, Thm. 3.1).
+
+    For every rank :math:`r` and :math:`\varepsilon > 0` with
+    :math:`k \ge r/\varepsilon + r \log(1/(\varepsilon\eta_r))`, where
+    :math:`\eta_r = \mathrm{tr}(\mathcal K - [\![\mathcal K]\!]_r)/\mathrm{tr}\,\mathcal K`,
+
+    .. math:: \mathbb E\,\mathrm{tr}(\mathcal K - \hat{\mathcal K}^{(k)}) \le (1+\varepsilon)\,
+              \mathrm{tr}(\mathcal K - [\![\mathcal K]\!]_r).
+
+    This function returns the smallest such right-hand side over :math:`r = 1, \dots, k`, each
+    with the smallest admissible :math:`\varepsilon` (found by bisection, the condition being
+    monotone in :math:`\varepsilon`), and never more than :math:`\mathrm{tr}\,\mathcal K`.
+
+    Parameters
+    ----------
+    eigenvalues : array_like, shape (n,)
+    num_landmarks : int
+        :math:`k`, the number of pivots.
+
+    Returns
+    -------
+    float
+    """
+    lam = np.sort(np.clip(np.asarray(eigenvalues, dtype=np.float64), 0, None))[::-1]
+    total = float(lam.sum())
+    k = int(num_landmarks)
+    best = total
+    for r in range(1, k + 1):
+        tail = float(lam[r:].sum())
+        if tail <= 0:
+            # Rank <= r <= k: RPCholesky recovers the matrix exactly (almost surely).
+            return 0.0
+        eta = tail / total
+
+        def needed(eps):
+            return r / eps + r * math.log(1 / (eps * eta))
+
+        lo, hi = 1e-12, 1.0
+        while needed(hi) > k:
+            hi *= 2
+            if hi > 1e12:
+                break
+        if needed(hi) > k:
+            continue
+        for _ in range(200):
+            mid = math.sqrt(lo * hi)
+            if needed(mid) <= k:
+                hi = mid
+            else:
+                lo = mid
+        best = min(best, (1 + hi) * tail)
+    return best

@@ -1,0 +1,170 @@
+r"""What every landmark strategy shares: the :class:`Landmarks` result and the batching helpers.
+
+A strategy is any callable
+
+``strategy(Q, K, num_landmarks, *, key_padding_mask=None, seed=None, head_axis=None, features=None, scale=None)``
+
+returning :class:`Landmarks`. ``scale`` is the softmax temperature of the attention being
+approximated (default ``1/sqrt(d)``), for strategies that look at attention or at a kernel. Shapes follow PyTorch attention: ``Q (..., n_q, d)``, ``K (..., n, d)``;
+the leading dimensions are batch/heads. With ``head_axis`` (a negative axis of ``K`` pointing into
+the leading dimensions, ``-3`` for ``(B, H, n, d)``) one landmark set is chosen per sequence and
+shared by all heads, as FNA does: selection then runs on per-token features that concatenate the
+heads, ``(..., n, H*d)``, so that a Euclidean distance on them is the sum of the per-head distances.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import array_api_compat
+import numpy as np
+
+from ..validation import check_num_landmarks, check_real_floating, namespace
+
+
+@dataclass(frozen=True)
+class Landmarks:
+    """Landmark queries and keys chosen by a strategy.
+
+    Attributes
+    ----------
+    queries : array, shape (..., m, d)
+        Landmark queries :math:`\\tilde q`.
+    keys : array, shape (..., m, d)
+        Landmark keys :math:`\\tilde k`.
+    indices : int array, shape (..., m), or None
+        Positions in ``K`` of the landmark keys when they are real tokens (``None`` for
+        centroid strategies such as segment means and k-means).
+    query_indices : int array, shape (..., m), or None
+        Positions in ``Q`` of the landmark queries; equal to ``indices`` for self-attention.
+    """
+
+    queries: Any
+    keys: Any
+    indices: Any = None
+    query_indices: Any = None
+
+
+def check_strategy_inputs(Q, K, num_landmarks, key_padding_mask, head_axis, features):
+    """Validate a strategy call; return ``(xp, m)``. Raises ``TypeError``/``ValueError`` naming the argument."""
+    xp = namespace(Q=Q, K=K, key_padding_mask=key_padding_mask, features=features)
+    for name, a in (("Q", Q), ("K", K)):
+        check_real_floating(xp, name, a)
+        if a.ndim < 2:
+            raise ValueError(f"{name} must have shape (..., tokens, features), got {tuple(a.shape)}")
+    if head_axis is not None:
+        if isinstance(head_axis, bool) or not isinstance(head_axis, int) or not (-K.ndim <= head_axis <= -3):
+            raise ValueError(
+                f"head_axis must be None or a negative int between {-K.ndim} and -3 (a leading axis "
+                f"of K with shape {tuple(K.shape)}), got {head_axis!r}"
+            )
+    n_valid = None
+    if key_padding_mask is not None:
+        n_valid = int(xp.min(xp.sum(xp.astype(key_padding_mask, xp.int64), axis=-1)))
+    m = check_num_landmarks(num_landmarks, K.shape[-2], n_valid)
+    if features is not None:
+        check_real_floating(xp, "features", features)
+        expected = selection_shape(K, head_axis)[:-1]
+        if tuple(features.shape[:-1]) != expected:
+            raise ValueError(
+                f"features must have shape {expected + ('D',)} (one row per key"
+                f"{', heads shared' if head_axis is not None else ''}), got {tuple(features.shape)}"
+            )
+    return xp, m
+
+
+def selection_shape(K, head_axis):
+    """Shape of the per-token selection features for ``K``: ``(..., n, d)`` or heads folded in."""
+    shape = list(K.shape)
+    if head_axis is None:
+        return tuple(shape)
+    h = shape.pop(head_axis)
+    shape[-1] *= h
+    return tuple(shape)
+
+
+def fold_heads(xp, X, head_axis):
+    """``(..., H, ..., n, d) -> (..., n, H*d)``: concatenate the heads' features per token."""
+    if head_axis is None:
+        return X
+    X = xp.moveaxis(X, head_axis, -2)
+    return xp.reshape(X, (*X.shape[:-2], X.shape[-2] * X.shape[-1]))
+
+
+def fold_mask(xp, mask, K, head_axis):
+    """Broadcast ``mask`` to ``K.shape[:-1]``; with shared heads a key is eligible only if real in every head."""
+    if mask is None:
+        return None
+    mask = xp.broadcast_to(mask, tuple(K.shape[:-1]))
+    if head_axis is None:
+        return mask
+    return xp.all(mask, axis=head_axis + 1)
+
+
+def unfold_indices(xp, idx, K, head_axis):
+    """Broadcast per-sequence indices ``(..., m)`` back over the head axis to ``K.shape[:-2] + (m,)``."""
+    if head_axis is None:
+        return idx
+    idx = xp.expand_dims(idx, axis=head_axis + 1)
+    return xp.broadcast_to(idx, (*K.shape[:-2], idx.shape[-1]))
+
+
+def gather_rows(xp, X, idx):
+    """``X[..., idx, :]`` per batch element: ``X (..., n, d)``, ``idx (..., m)`` -> ``(..., m, d)``."""
+    idx = xp.broadcast_to(idx[..., None], (*idx.shape, X.shape[-1]))
+    return xp.take_along_axis(X, idx, axis=-2)
+
+
+def landmarks_at(xp, Q, K, idx, query_idx=None) -> Landmarks:
+    """Landmarks that are real tokens: keys ``K[idx]`` and queries ``Q[query_idx]`` (default ``idx``)."""
+    query_idx = idx if query_idx is None else query_idx
+    return Landmarks(gather_rows(xp, Q, query_idx), gather_rows(xp, K, idx), idx, query_idx)
+
+
+def uniform_draws(xp, shape, seed, like):
+    """Uniform ``[0, 1)`` draws of ``shape`` from ``numpy.random.default_rng(seed)``, on ``like``'s device.
+
+    Drawing on the host with numpy makes a given seed give the same landmarks for numpy and
+    torch inputs, on CPU and CUDA alike.
+    """
+    draws = np.random.default_rng(seed).random(shape)
+    dtype = xp.float64 if like.dtype == xp.float64 else xp.float32
+    return xp.asarray(draws, dtype=dtype, device=array_api_compat.device(like))
+
+
+def select_by_index(xp, Q, K, m, key_padding_mask, head_axis, features, pick, pick_queries=None):
+    """Run an index rule ``pick(X, m, mask) -> (..., m)`` for the keys and, when needed, the queries.
+
+    ``X`` are the selection features (``features`` if given, else the keys, heads folded in).
+    For self-attention (``n_q == n``) the landmark queries sit at the same positions as the
+    landmark keys, which gives the interpolation property. For cross-attention (``n_q != n``)
+    ``pick_queries`` (default ``pick``) picks query positions on the queries alone.
+    """
+    X = features if features is not None else fold_heads(xp, K, head_axis)
+    mask = fold_mask(xp, key_padding_mask, K, head_axis)
+    idx = unfold_indices(xp, pick(X, m, mask), K, head_axis)
+    if Q.shape[-2] == K.shape[-2]:
+        return landmarks_at(xp, Q, K, idx)
+    if m > Q.shape[-2]:
+        raise ValueError(f"num_landmarks={m} exceeds the number of queries n_q={Q.shape[-2]}")
+    pick_queries = pick if pick_queries is None else pick_queries
+    q_idx = unfold_indices(xp, pick_queries(fold_heads(xp, Q, head_axis), m, None), Q, head_axis)
+    return landmarks_at(xp, Q, K, idx, q_idx)
+
+
+def sample_by_weight(xp, weights, u):
+    """One index per row drawn with probability proportional to ``weights (..., n) >= 0``.
+
+    ``u (...)`` are uniform ``[0, 1)`` draws (inverse-CDF sampling). Rows whose weights are all 0
+    fall back to the largest weight, so callers should give ineligible entries weight ``-1``.
+    """
+    positive = xp.clip(weights, min=0)
+    cdf = xp.cumulative_sum(positive, axis=-1)
+    total = cdf[..., -1]
+    threshold = u * total
+    idx = xp.sum(xp.astype(cdf <= threshold[..., None], xp.int64), axis=-1)
+    idx = xp.clip(idx, max=weights.shape[-1] - 1)
+    picked = xp.take_along_axis(positive, idx[..., None], axis=-1)[..., 0]
+    # Round-off can land on a zero-weight entry next to the boundary; take the heaviest instead.
+    return xp.where((total > 0) & (picked > 0), idx, xp.argmax(weights, axis=-1))

@@ -1,0 +1,122 @@
+r"""Farthest-point sampling (FPS): FNA's landmark rule.
+
+Greedy: start from a given point, then repeatedly add the eligible point whose squared Euclidean
+distance to the chosen set is largest,
+
+.. math:: s_{t+1} = \arg\max_i \min_{j \le t} \lVert x_i - x_{s_j} \rVert^2 .
+
+Exact (no bucketing or projection), :math:`O(n m D)` time and :math:`O(n)` extra memory, batched
+over leading dimensions and deterministic: ties go to the lowest index. FPS is greedy pivoted
+Cholesky on an RBF kernel in the small-bandwidth limit (the docs derive the link), which is why it
+spreads landmarks over the token distribution and picks isolated outliers (sinks, artifacts) early.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import array_api_compat
+
+from .base import check_strategy_inputs, select_by_index
+
+
+def farthest_point_sampling(X, num_points, *, mask=None, guarantee_score=None, max_guaranteed=None):
+    """Indices chosen by exact farthest-point sampling.
+
+    Parameters
+    ----------
+    X : array, shape (..., n, D)
+        Points (one per token).
+    num_points : int
+        How many to choose, ``m <= number of eligible points``.
+    mask : bool array, shape (..., n), optional
+        Eligible points (``True``); others are never chosen.
+    guarantee_score : array, shape (..., n), optional
+        Points with a finite score are chosen first, highest score first (e.g. CLS and attention
+        sinks); ``-inf`` marks ordinary points.
+    max_guaranteed : int, optional
+        At most this many points are taken on their guarantee score (the highest scores win);
+        the rest of the ``m`` are farthest points. Default: all of them, up to ``m``.
+
+    Returns
+    -------
+    int64 array, shape (..., m)
+        Chosen indices in selection order. Without guarantees the first is the first eligible
+        point.
+    """
+    xp = array_api_compat.array_namespace(X)
+    n = X.shape[-2]
+    device = array_api_compat.device(X)
+    positions = xp.arange(n, device=device)
+    sq_norms = xp.sum(X * X, axis=-1)
+    eligible = xp.ones(X.shape[:-1], dtype=xp.bool, device=device) if mask is None else mask
+    neg = xp.asarray(-float("inf"), dtype=X.dtype, device=device)
+    # Unchosen eligible points start at +inf so the first pick is the first eligible point;
+    # chosen and ineligible points sit at -inf and are never picked again.
+    dist = xp.where(eligible, xp.asarray(float("inf"), dtype=X.dtype, device=device), neg)
+    pending = None
+    if guarantee_score is not None:
+        pending = eligible & (guarantee_score > -float("inf"))
+    chosen = []
+    for step in range(num_points):
+        idx = xp.argmax(dist, axis=-1)
+        if pending is not None and step == max_guaranteed:
+            pending = None
+        if pending is not None:
+            has = xp.any(pending, axis=-1)
+            best = xp.argmax(xp.where(pending, guarantee_score, neg), axis=-1)
+            idx = xp.where(has, best, idx)
+        chosen.append(idx)
+        point = xp.take_along_axis(X, xp.broadcast_to(idx[..., None, None], (*idx.shape, 1, X.shape[-1])), axis=-2)
+        # ||x - p||^2 = ||x||^2 - 2 x.p + ||p||^2, one matrix-vector product per step.
+        d_new = sq_norms - 2 * (X @ xp.matrix_transpose(point))[..., 0] + xp.sum(point * point, axis=-1)
+        d_new = xp.clip(d_new, min=0)
+        hit = positions == idx[..., None]
+        dist = xp.where(hit, neg, xp.minimum(dist, d_new))
+        if pending is not None:
+            pending = pending & ~hit
+    return xp.stack(chosen, axis=-1)
+
+
+@dataclass(frozen=True)
+class FPS:
+    """Farthest-point sampling over per-token features (the FNA authors' rule).
+
+    Parameters
+    ----------
+    first : int or None
+        Token that starts the sampling and is always a landmark (``0``: the CLS token of ViTs and
+        BERT, which FNA always keeps). ``None`` starts from the first eligible token without
+        forcing it.
+
+    Notes
+    -----
+    Features: ``features`` if passed (e.g. the layer's input hidden states), else the keys with
+    heads concatenated. Deterministic. Cost :math:`O(n m D)`.
+    """
+
+    first: int | None = 0
+    name = "fps"
+
+    def __call__(self, Q, K, num_landmarks, *, key_padding_mask=None, seed=None, head_axis=None,
+                 features=None, scale=None):
+        xp, m = check_strategy_inputs(Q, K, num_landmarks, key_padding_mask, head_axis, features)
+
+        def pick(X, m, mask):
+            return farthest_point_sampling(X, m, mask=mask, guarantee_score=first_token_score(xp, X, self.first))
+
+        return select_by_index(xp, Q, K, m, key_padding_mask, head_axis, features, pick)
+
+
+def first_token_score(xp, X, first):
+    """A guarantee score that is finite (0) at token ``first`` only, or ``None`` when ``first`` is None."""
+    if first is None:
+        return None
+    n = X.shape[-2]
+    if not (-n <= first < n):
+        raise ValueError(f"first={first} is not a token position for n={n}")
+    device = array_api_compat.device(X)
+    hit = xp.arange(n, device=device) == (first % n)
+    score = xp.where(hit, xp.asarray(0.0, dtype=X.dtype, device=device),
+                     xp.asarray(-float("inf"), dtype=X.dtype, device=device))
+    return xp.broadcast_to(score, X.shape[:-1])

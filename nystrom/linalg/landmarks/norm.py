@@ -1,0 +1,155 @@
+r"""The library's default, FNA-style rule: structural tokens first, farthest points for the rest.
+
+Pretrained transformers route much of their attention to a few *sink* tokens (CLS in BERT takes
+about half of all attention in middle layers) and carry *massive* / *artifact* tokens whose
+residual-stream norm dwarfs the others. An approximation that misses such a token misrepresents
+a large share of every attention row, so they are always landmarks; farthest-point sampling
+(:mod:`.fps`) fills the remaining slots.
+
+Sinks are found by what makes them sinks, the attention share a key receives, estimated from
+:math:`s` probe queries in :math:`O(s n d)`:
+
+.. math:: \hat a_j = \frac{1}{s}\sum_{p} \mathrm{softmax}(\tau\, q_p K^\top)_j,
+          \qquad j \text{ is a sink if } \hat a_j \ge \rho / n_v
+
+(:math:`n_v` real keys, so :math:`\rho` is "times the uniform share"). Key norms are *not* used:
+in all-MiniLM-L6-v2 the [CLS] sink takes ~50 % of the attention while its key norm is only
+0.85–0.95× the median. When per-token ``features`` with large outliers are passed (the residual
+stream, where massive activations live), tokens with :math:`\lVert f_j\rVert \ge \nu\cdot
+\mathrm{median}_i \lVert f_i\rVert` are guaranteed too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import array_api_compat
+
+from ..softmax import softmax
+from ..validation import check_scale
+from .base import check_strategy_inputs, fold_heads, fold_mask, select_by_index
+from .fps import farthest_point_sampling
+
+
+def attention_share(xp, Q, K, scale, mask=None, num_probes=16):
+    r"""Estimated share of attention each key receives, from evenly spaced probe queries.
+
+    Parameters
+    ----------
+    Q : array, shape (..., n_q, d)
+    K : array, shape (..., n, d)
+    scale : float
+    mask : bool array, shape broadcastable to (..., n), optional
+    num_probes : int
+        Probe queries :math:`s` (at evenly spaced positions, so the estimate is deterministic).
+
+    Returns
+    -------
+    array, shape (..., n)
+        :math:`\hat a_j`, summing to 1 over the keys of each sequence.
+    """
+    n_q = Q.shape[-2]
+    s = min(num_probes, n_q)
+    positions = [round(i * (n_q - 1) / max(s - 1, 1)) for i in range(s)]
+    probes = xp.take(Q, xp.asarray(positions, device=array_api_compat.device(Q)), axis=-2)
+    m = None if mask is None else mask[..., None, :]
+    return xp.mean(softmax(xp, scale * (probes @ xp.matrix_transpose(K)), m), axis=-2)
+
+
+def masked_median(xp, values, mask=None):
+    """Median over the last axis of the entries where ``mask`` is True (lower median for even counts)."""
+    if mask is None:
+        count = values.shape[-1]
+        ordered = xp.sort(values, axis=-1)
+        return ordered[..., (count - 1) // 2]
+    big = xp.asarray(float("inf"), dtype=values.dtype, device=array_api_compat.device(values))
+    ordered = xp.sort(xp.where(mask, values, big), axis=-1)
+    middle = (xp.sum(xp.astype(mask, xp.int64), axis=-1, keepdims=True) - 1) // 2
+    return xp.take_along_axis(ordered, middle, axis=-1)[..., 0]
+
+
+@dataclass(frozen=True)
+class Norm:
+    """Sinks, massive/artifact tokens and CLS always; farthest-point sampling for the rest.
+
+    Parameters
+    ----------
+    sink_ratio : float
+        :math:`\\rho`: a key is a sink when its estimated attention share is at least ``sink_ratio``
+        times the uniform share :math:`1/n_v`.
+    norm_ratio : float
+        :math:`\\nu`: a token whose ``features`` norm is at least ``norm_ratio`` times the median is
+        guaranteed (only when ``features`` are passed).
+    max_guaranteed_fraction : float
+        At most this fraction of the ``m`` landmarks (at least one) is taken by sinks and
+        outliers, highest attention share first, so FPS keeps covering the sequence.
+    num_probes : int
+        Probe queries for the attention-share estimate.
+    first : int or None
+        A token that is always a landmark (``0``: CLS); ``None`` for none.
+
+    Notes
+    -----
+    Deterministic. When no token stands out it reduces to :class:`~nystrom.linalg.landmarks.FPS`
+    started at ``first``. Cost :math:`O(s n d + n m D)`.
+    """
+
+    sink_ratio: float = 4.0
+    norm_ratio: float = 10.0
+    max_guaranteed_fraction: float = 0.25
+    num_probes: int = 16
+    first: int | None = 0
+    name = "norm"
+
+    def __post_init__(self):
+        if not (self.sink_ratio > 0 and self.norm_ratio > 0):
+            raise ValueError("Norm sink_ratio and norm_ratio must be positive")
+        if not (0 < self.max_guaranteed_fraction <= 1):
+            raise ValueError(f"Norm max_guaranteed_fraction must be in (0, 1], got {self.max_guaranteed_fraction}")
+        if isinstance(self.num_probes, bool) or not isinstance(self.num_probes, int) or self.num_probes < 1:
+            raise ValueError(f"Norm num_probes must be a positive int, got {self.num_probes!r}")
+
+    def __call__(self, Q, K, num_landmarks, *, key_padding_mask=None, seed=None, head_axis=None,
+                 features=None, scale=None):
+        xp, m = check_strategy_inputs(Q, K, num_landmarks, key_padding_mask, head_axis, features)
+        tau = check_scale(scale, K.shape[-1])
+        score = self.guarantee_score(xp, Q, K, tau, key_padding_mask, head_axis, features)
+        budget = max(1, int(self.max_guaranteed_fraction * m))
+
+        def pick(X, m, mask):
+            return farthest_point_sampling(X, m, mask=mask, guarantee_score=score, max_guaranteed=budget)
+
+        def pick_queries(X, m, mask):
+            # Cross-attention: sinks and outliers are keys; query landmarks come from plain FPS.
+            return farthest_point_sampling(X, m, mask=mask)
+
+        return select_by_index(xp, Q, K, m, key_padding_mask, head_axis, features, pick, pick_queries)
+
+    def guarantee_score(self, xp, Q, K, scale, key_padding_mask, head_axis, features):
+        """Per-token priority ``(..., n)``: finite for guaranteed tokens (higher first), ``-inf`` otherwise."""
+        mask = None if key_padding_mask is None else xp.broadcast_to(key_padding_mask, tuple(K.shape[:-1]))
+        share = attention_share(xp, Q, K, scale, mask, self.num_probes)
+        if head_axis is not None:
+            share = xp.mean(share, axis=head_axis + 1)
+        mask = fold_mask(xp, key_padding_mask, K, head_axis)
+        n_valid = K.shape[-2] if mask is None else xp.sum(xp.astype(mask, share.dtype), axis=-1, keepdims=True)
+        flagged = share >= self.sink_ratio / n_valid
+        if features is not None:
+            norms = xp.sqrt(xp.sum(features * features, axis=-1))
+            median = masked_median(xp, norms, mask)[..., None]
+            flagged = flagged | (norms >= self.norm_ratio * median)
+        # Ranks: the `first` token (CLS), then flagged tokens by attention share.
+        score = xp.where(flagged, 1 + share, xp.asarray(-float("inf"), dtype=share.dtype,
+                                                           device=array_api_compat.device(share)))
+        if self.first is not None:
+            n = share.shape[-1]
+            if not (-n <= self.first < n):
+                raise ValueError(f"first={self.first} is not a token position for n={n}")
+            is_first = xp.arange(n, device=array_api_compat.device(share)) == (self.first % n)
+            score = xp.where(is_first, xp.asarray(3.0, dtype=share.dtype,
+                                                  device=array_api_compat.device(share)), score)
+        if mask is not None:
+            score = xp.where(mask, score, xp.asarray(-float("inf"), dtype=share.dtype,
+                                                     device=array_api_compat.device(share)))
+        return score
+

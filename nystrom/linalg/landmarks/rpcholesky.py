@@ -1,0 +1,88 @@
+r"""Randomly pivoted Cholesky (RPCholesky) landmarks (Chen, Epperly, Tropp & Webber, 2023).
+
+On the PSD kernel :math:`\kappa(i, j) = \exp(\tau\, x_i^\top x_j)` (PSD by the Schur product
+theorem), pivots are drawn one at a time with probability proportional to the diagonal of the
+current Nyström residual :math:`\kappa - \hat\kappa`:
+
+.. math::
+
+    s_t \sim \mathrm{diag}(R_{t-1}), \quad g = R_{t-1}[:, s_t], \quad
+    f_t = g / \sqrt{g_{s_t}}, \quad R_t = R_{t-1} - f_t f_t^\top .
+
+Only the :math:`m` pivot columns are evaluated: :math:`O(n m D + n m^2)` time and :math:`O(n m)`
+memory, never the :math:`n \times n` kernel. The pivots are the landmarks, and
+:func:`nystrom.linalg.bounds.rpcholesky_trace_bound` bounds the expected trace error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import array_api_compat
+
+from ..validation import check_scale, check_seed
+from .base import check_strategy_inputs, sample_by_weight, select_by_index, uniform_draws
+
+
+def exp_kernel_shift(xp, X, scale):
+    r"""Per-row constant :math:`c = \tau \max_i \lVert x_i\rVert^2` so that
+    :math:`e^{\tau x_i^\top x_j - c} \le 1` never overflows (Cauchy–Schwarz). Scaling a kernel by
+    :math:`e^{-c}` changes no pivot probability and no relative error."""
+    return scale * xp.max(xp.sum(X * X, axis=-1), axis=-1)
+
+
+def rpcholesky_pivots(X, num_pivots, *, scale, mask=None, u):
+    """Pivot indices ``(..., m)`` of RPCholesky on ``exp(scale * x_i.x_j)``; ``u (..., m)`` are uniform draws."""
+    xp = array_api_compat.array_namespace(X)
+    n = X.shape[-2]
+    device = array_api_compat.device(X)
+    positions = xp.arange(n, device=device)
+    shift = exp_kernel_shift(xp, X, scale)[..., None]
+    residual = xp.exp(scale * xp.sum(X * X, axis=-1) - shift)
+    eligible = xp.ones(X.shape[:-1], dtype=xp.bool, device=device) if mask is None else mask
+    minus_one = -xp.ones_like(residual)
+    factors = []
+    chosen = []
+    taken = ~eligible
+    for t in range(num_pivots):
+        weight = xp.where(taken, minus_one, residual)
+        # Once the residual vanishes on every remaining token (rank exhausted), any remaining
+        # token is as good as another: fall back to uniform among them.
+        exhausted = ~xp.any(weight > 0, axis=-1, keepdims=True)
+        weight = xp.where(exhausted & ~taken, xp.ones_like(weight), weight)
+        s = sample_by_weight(xp, weight, u[..., t])
+        chosen.append(s)
+        x_s = xp.take_along_axis(X, xp.broadcast_to(s[..., None, None], (*s.shape, 1, X.shape[-1])), axis=-2)
+        g = xp.exp(scale * (X @ xp.matrix_transpose(x_s))[..., 0] - shift)
+        for f in factors:
+            f_s = xp.take_along_axis(f, s[..., None], axis=-1)
+            g = g - f * f_s
+        g_s = xp.take_along_axis(g, s[..., None], axis=-1)
+        ok = g_s > 0
+        f = xp.where(ok, g / xp.sqrt(xp.where(ok, g_s, xp.ones_like(g_s))), xp.zeros_like(g))
+        factors.append(f)
+        residual = xp.clip(residual - f * f, min=0)
+        taken = taken | (positions == s[..., None])
+    return xp.stack(chosen, axis=-1)
+
+
+@dataclass(frozen=True)
+class RPCholesky:
+    """Randomly pivoted Cholesky on the exponential kernel of the keys; see the module docstring.
+
+    Deterministic for a given ``seed``. The kernel temperature is the attention's ``scale``
+    (default ``1/sqrt(d)``), so the kernel is the unnormalised attention kernel itself.
+    """
+
+    name = "rpcholesky"
+
+    def __call__(self, Q, K, num_landmarks, *, key_padding_mask=None, seed=None, head_axis=None,
+                 features=None, scale=None):
+        xp, m = check_strategy_inputs(Q, K, num_landmarks, key_padding_mask, head_axis, features)
+        seed = check_seed(seed)
+        tau = check_scale(scale, K.shape[-1])
+
+        def pick(X, m, mask):
+            return rpcholesky_pivots(X, m, scale=tau, mask=mask, u=uniform_draws(xp, (*X.shape[:-2], m), seed, X))
+
+        return select_by_index(xp, Q, K, m, key_padding_mask, head_axis, features, pick)
