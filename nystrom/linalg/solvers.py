@@ -136,6 +136,10 @@ class NewtonSchulz:
             done += 1
         return SolveResult(Z, moore_penrose_residual(A, Z), done)
 
+    def flops(self, m, iterations):
+        """Four :math:`m^3` products per step plus two for the residual."""
+        return (4 * iterations + 2) * 2 * m**3
+
 
 @dataclass(frozen=True)
 class PInv:
@@ -173,6 +177,10 @@ class PInv:
         Z = xp.matrix_transpose(Vh) @ (s_inv[..., None] * xp.matrix_transpose(U))
         return SolveResult(Z, moore_penrose_residual(A, Z), 0)
 
+    def flops(self, m, iterations=0):
+        """Golub–Van Loan's ~:math:`21 m^3` for a full SVD, one product to form :math:`Z`, two for the residual."""
+        return 21 * m**3 + 3 * 2 * m**3
+
 
 @dataclass(frozen=True)
 class Ridge:
@@ -206,6 +214,10 @@ class Ridge:
         At = xp.matrix_transpose(A)
         Z = xp.linalg.solve(At @ A + self.lam * _eye(xp, A), At)
         return SolveResult(Z, moore_penrose_residual(A, Z), 0)
+
+    def flops(self, m, iterations=0):
+        """:math:`A^\top A`, an LU solve with :math:`m` right-hand sides (~:math:`\tfrac83 m^3`), two residual products."""
+        return 2 * m**3 + (8 * m**3) // 3 + 2 * 2 * m**3
 
 
 SOLVERS = {"newton_schulz": NewtonSchulz, "pinv": PInv, "solve": Ridge}

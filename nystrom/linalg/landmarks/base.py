@@ -8,8 +8,10 @@ returning :class:`Landmarks`. ``scale`` is the softmax temperature of the attent
 approximated (default ``1/sqrt(d)``), for strategies that look at attention or at a kernel. Shapes follow PyTorch attention: ``Q (..., n_q, d)``, ``K (..., n, d)``;
 the leading dimensions are batch/heads. With ``head_axis`` (a negative axis of ``K`` pointing into
 the leading dimensions, ``-3`` for ``(B, H, n, d)``) one landmark set is chosen per sequence and
-shared by all heads, as FNA does: selection then runs on per-token features that concatenate the
-heads, ``(..., n, H*d)``, so that a Euclidean distance on them is the sum of the per-head distances.
+shared by all heads, as FNA does. Selection then runs on the head-mean features
+:math:`\bar k_i = \tfrac1H\sum_h k_{h,i}` (FNA's ``sampling_features`` rule), shape ``(..., n, d)``:
+a fixed linear map of the concatenated heads that keeps selection at :math:`O(n m d)` whatever
+:math:`H`, instead of :math:`O(n m H d)` on the concatenation.
 """
 
 from __future__ import annotations
@@ -75,21 +77,18 @@ def check_strategy_inputs(Q, K, num_landmarks, key_padding_mask, head_axis, feat
 
 
 def selection_shape(K, head_axis):
-    """Shape of the per-token selection features for ``K``: ``(..., n, d)`` or heads folded in."""
+    """Shape of the per-token selection features for ``K``: ``(..., n, d)``, without the head axis if shared."""
     shape = list(K.shape)
-    if head_axis is None:
-        return tuple(shape)
-    h = shape.pop(head_axis)
-    shape[-1] *= h
+    if head_axis is not None:
+        shape.pop(head_axis)
     return tuple(shape)
 
 
 def fold_heads(xp, X, head_axis):
-    """``(..., H, ..., n, d) -> (..., n, H*d)``: concatenate the heads' features per token."""
+    """``(..., H, ..., n, d) -> (..., n, d)``: the mean over the shared head axis."""
     if head_axis is None:
         return X
-    X = xp.moveaxis(X, head_axis, -2)
-    return xp.reshape(X, (*X.shape[:-2], X.shape[-2] * X.shape[-1]))
+    return xp.mean(X, axis=head_axis)
 
 
 def fold_mask(xp, mask, K, head_axis):

@@ -92,7 +92,7 @@ class FPS:
     Notes
     -----
     Features: ``features`` if passed (e.g. the layer's input hidden states), else the keys with
-    heads concatenated. Deterministic. Cost :math:`O(n m D)`.
+    heads averaged when shared. Deterministic. Cost :math:`O(n m D)`.
     """
 
     first: int | None = 0

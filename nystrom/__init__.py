@@ -1,0 +1,45 @@
+"""Nyström approximations of softmax attention and training-free Fast Nyström Attention (FNA).
+
+The public API is small: :func:`approximate` and :func:`exact_attention`, the landmark strategies
+and pseudo-inverse solvers (as objects and by name), and the error bounds. The torch backend and
+the model tools live in :mod:`nystrom.torch`.
+"""
+
+from .approximate import Info, approximate
+from .linalg.bounds import (
+    ErrorEstimate,
+    TraceCertificate,
+    best_rank_trace_floor,
+    estimate_relative_error,
+    nystrom_trace_error,
+    rpcholesky_trace_bound,
+)
+from .linalg.exact import exact_attention
+from .linalg.landmarks import (
+    FPS,
+    RANDOM_STRATEGIES,
+    KMeans,
+    Landmarks,
+    Norm,
+    RPCholesky,
+    SegmentMeans,
+    Uniform,
+    get_strategy,
+)
+from .linalg.landmarks import STRATEGIES as _STRATEGIES
+from .linalg.solvers import SOLVERS as _SOLVERS
+from .linalg.solvers import NewtonSchulz, PInv, Ridge, SolveResult, get_solver
+
+#: Names accepted by ``approximate(strategy=...)``.
+strategies = tuple(_STRATEGIES)
+#: Names accepted by ``approximate(solver=...)``.
+solvers = tuple(_SOLVERS)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FPS", "RANDOM_STRATEGIES", "ErrorEstimate", "Info", "KMeans", "Landmarks", "NewtonSchulz", "Norm", "PInv",
+    "RPCholesky", "Ridge", "SegmentMeans", "SolveResult", "TraceCertificate", "Uniform", "approximate",
+    "best_rank_trace_floor", "estimate_relative_error", "exact_attention", "get_solver", "get_strategy",
+    "nystrom_trace_error", "rpcholesky_trace_bound", "solvers", "strategies",
+]

@@ -1,0 +1,217 @@
+"""``nystrom.approximate``: the one call researchers make."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import array_api_compat
+
+from .linalg.bounds import ErrorEstimate, estimate_relative_error
+from .linalg.flops import exact_attention_flops, nystrom_attention_flops
+from .linalg.landmarks import Landmarks, get_strategy
+from .linalg.nystrom_attention import nystrom_attention
+from .linalg.solvers import get_solver
+from .linalg.validation import (
+    check_attention_inputs,
+    check_num_landmarks,
+    check_scale,
+    check_seed,
+)
+
+
+@dataclass(frozen=True)
+class Info:
+    """Diagnostics of one :func:`approximate` call.
+
+    Attributes
+    ----------
+    landmarks : Landmarks
+        The landmark queries/keys; ``landmarks.indices`` ``(..., m)`` holds token positions for
+        strategies that pick real tokens (``None`` for segment means and k-means).
+    residual : array, shape (...)
+        Relative Moore–Penrose residual :math:`\\lVert AZA-A\\rVert_F/\\lVert A\\rVert_F` of the
+        pseudo-inverse :math:`Z` of each landmark kernel :math:`A`.
+    solver_iterations : int
+        Iterations the solver ran (0 for direct solvers).
+    flops : dict
+        Floating-point operations of the approximation by stage (``"landmark_products"``,
+        ``"solve"``, ``"output_product"``, ``"total"``); landmark *selection* is not counted.
+    exact_flops : int
+        Those of exact attention on the same shapes, for the ratio.
+    """
+
+    landmarks: Landmarks
+    residual: Any
+    solver_iterations: int
+    flops: dict
+    exact_flops: int
+    _inputs: tuple = field(repr=False, default=())
+
+    def estimate_error(self, num_samples=64, confidence=0.95, seed=None) -> ErrorEstimate:
+        """A-posteriori relative error of the returned output from ``num_samples`` exact query rows.
+
+        See :func:`nystrom.linalg.estimate_relative_error`; costs :math:`O(s\\, n\\, d)`.
+        """
+        Q, K, V, out, scale, mask = self._inputs
+        return estimate_relative_error(Q, K, V, out, num_samples=num_samples, confidence=confidence, seed=seed,
+                                       scale=scale, key_padding_mask=mask)
+
+
+def approximate(
+    Q,
+    K,
+    V,
+    *,
+    strategy="norm",
+    num_landmarks=64,
+    solver="newton_schulz",
+    scale=None,
+    key_padding_mask=None,
+    seed=None,
+    return_info=False,
+    share_landmarks_across_heads=True,
+    features=None,
+    query_chunk_size=None,
+):
+    r"""Approximate softmax attention with the Nyström method.
+
+    .. math::
+
+        \hat O = \mathrm{softmax}(\tau Q \tilde k^\top)\; A^{+}\; \mathrm{softmax}(\tau \tilde q K^\top + M)\, V,
+        \qquad A = \mathrm{softmax}(\tau \tilde q \tilde k^\top)
+
+    with :math:`m` landmark queries :math:`\tilde q` and keys :math:`\tilde k` chosen by
+    ``strategy``. Cost :math:`O((n_q + n) m (d + d_v) + m^3)` instead of :math:`O(n_q n (d+d_v))`.
+
+    Parameters
+    ----------
+    Q : array, shape (..., n_q, d)
+        Queries: numpy array or torch tensor (CPU or CUDA; float16/bfloat16/float32/float64).
+        Leading dimensions are batch/heads, as in ``scaled_dot_product_attention`` ``(B, H, n, d)``.
+        ``n_q`` may differ from ``n`` (cross-attention).
+    K : array, shape (..., n, d)
+    V : array, shape (..., n, d_v)
+    strategy : str or callable
+        ``"norm"`` (default: attention sinks, massive tokens and CLS always, farthest points for the
+        rest), ``"fps"``, ``"segment_means"``, ``"uniform"``, ``"kmeans"``, ``"rpcholesky"``, a
+        strategy object such as ``nystrom.Norm(sink_ratio=8)``, or any callable with the strategy
+        signature (:mod:`nystrom.linalg.landmarks.base`).
+    num_landmarks : int
+        :math:`m`, with ``1 <= m <= n`` (and at most the real keys of every padded sequence).
+    solver : str or callable
+        ``"newton_schulz"`` (default, 6 iterations, as in FNA/Nyströmformer), ``"pinv"``,
+        ``"solve"`` (ridge), or a solver object such as ``nystrom.NewtonSchulz(tol=1e-10)``.
+    scale : float, optional
+        Softmax temperature :math:`\tau`, default ``1/sqrt(d)``.
+    key_padding_mask : bool array, shape (..., n), optional
+        ``True`` marks real keys. Padded keys get no attention and are never landmarks. Its
+        leading dimensions match ``K``'s or are 1 (for ``(B, H, n, d)`` pass ``mask[:, None, :]``).
+    seed : int, optional
+        Makes the random strategies (``uniform``, ``kmeans``, ``rpcholesky``) deterministic; the
+        same seed gives the same landmarks for numpy and torch inputs.
+    return_info : bool
+        Also return an :class:`Info` (landmark indices, solver residual, flop counts, and an
+        ``estimate_error()`` method).
+    share_landmarks_across_heads : bool
+        For inputs with 4 or more dimensions ``(..., H, n, d)``: choose one landmark set per
+        sequence and share it across the ``H`` heads (axis ``-3``), as FNA does; selection then
+        sees the head-mean features, and the cost of selection is paid once. ``False``
+        chooses per head: more accurate per head, :math:`H` times the selection cost (see the docs'
+        benchmarks page for the measured trade-off). Ignored for 2-D and 3-D inputs.
+    features : array, shape (..., n, D), optional
+        Per-token features for selection (e.g. the layer's input hidden states, where massive
+        activations show); default the keys. Without head sharing their leading dimensions are
+        ``K``'s; with it, ``K``'s without the head axis.
+    query_chunk_size : int, optional
+        Torch only: process queries in chunks to bound memory at :math:`O(n (m + d))` for very
+        long sequences.
+
+    Returns
+    -------
+    out : array, shape (..., n_q, d_v)
+        Same library, device and dtype as ``V``.
+    info : Info
+        Only with ``return_info=True``.
+
+    Raises
+    ------
+    TypeError
+        Non-array inputs, mixed numpy/torch, non-floating or mismatched dtypes, a non-bool mask,
+        non-int ``num_landmarks``/``seed``, a strategy/solver that is neither a name nor callable.
+    ValueError
+        Shape mismatches, empty inputs, NaN/Inf, out-of-range ``num_landmarks``, a mask of the
+        wrong shape or masking every key, mismatched devices, unknown strategy/solver names (the
+        message lists the valid ones).
+
+    Examples
+    --------
+    >>> import numpy as np, nystrom
+    >>> rng = np.random.default_rng(0)
+    >>> Q, K, V = (rng.standard_normal((2, 4, 512, 32)) for _ in range(3))
+    >>> out = nystrom.approximate(Q, K, V, num_landmarks=64)
+    >>> out.shape
+    (2, 4, 512, 32)
+    """
+    xp = check_attention_inputs(Q, K, V, key_padding_mask)
+    if not isinstance(return_info, bool):
+        raise TypeError(f"return_info must be a bool, got {type(return_info).__name__}")
+    if not isinstance(share_landmarks_across_heads, bool):
+        raise TypeError(
+            f"share_landmarks_across_heads must be a bool, got {type(share_landmarks_across_heads).__name__}"
+        )
+    if query_chunk_size is not None and (
+        isinstance(query_chunk_size, bool) or not isinstance(query_chunk_size, int) or query_chunk_size < 1
+    ):
+        raise ValueError(f"query_chunk_size must be None or a positive int, got {query_chunk_size!r}")
+    tau = check_scale(scale, Q.shape[-1])
+    seed = check_seed(seed)
+    select = get_strategy(strategy)
+    solve = get_solver(solver)
+    n_valid = None
+    if key_padding_mask is not None:
+        n_valid = int(xp.min(xp.sum(xp.astype(key_padding_mask, xp.int64), axis=-1)))
+    m = check_num_landmarks(num_landmarks, K.shape[-2], n_valid)
+    head_axis = -3 if (share_landmarks_across_heads and K.ndim >= 4) else None
+    landmarks = select(Q, K, m, key_padding_mask=key_padding_mask, seed=seed, head_axis=head_axis,
+                       features=features, scale=tau)
+    _check_landmarks(landmarks, Q, K, m)
+    if array_api_compat.is_torch_array(Q):
+        from .torch.attention import fna_attention
+
+        out, result = fna_attention(Q, K, V, landmarks, solve, scale=tau, key_padding_mask=key_padding_mask,
+                                    query_chunk_size=query_chunk_size)
+    else:
+        out, result = nystrom_attention(Q, K, V, landmarks, solve, scale=tau, key_padding_mask=key_padding_mask)
+    if not return_info:
+        return out
+    batch = 1
+    for s in Q.shape[:-2]:
+        batch *= s
+    info = Info(
+        landmarks=landmarks,
+        residual=result.residual,
+        solver_iterations=result.iterations,
+        flops=nystrom_attention_flops(batch, Q.shape[-2], K.shape[-2], Q.shape[-1], V.shape[-1], m,
+                                      solve_flops=_solve_flops(solve, m, result.iterations)),
+        exact_flops=exact_attention_flops(batch, Q.shape[-2], K.shape[-2], Q.shape[-1], V.shape[-1]),
+        _inputs=(Q, K, V, out, tau, key_padding_mask),
+    )
+    return out, info
+
+
+def _solve_flops(solve, m, iterations):
+    """The solver's own count if it has one (user callables may not), else 0."""
+    count = getattr(solve, "flops", None)
+    return int(count(m, iterations)) if callable(count) else 0
+
+
+def _check_landmarks(landmarks, Q, K, m):
+    """A user-supplied strategy must return landmarks of the promised shape."""
+    expected = (*K.shape[:-2], m, K.shape[-1])
+    for name, got in (("queries", landmarks.queries), ("keys", landmarks.keys)):
+        if tuple(got.shape) != expected:
+            raise ValueError(
+                f"strategy returned landmark {name} of shape {tuple(got.shape)}, expected {expected} "
+                "(..., num_landmarks, d)"
+            )

@@ -1,0 +1,41 @@
+r"""Floating-point operation counts of exact and Nyström attention (a multiply-add counts as 2).
+
+Per batch element (a sequence in one head), with :math:`n_q` queries, :math:`n` keys, head sizes
+:math:`d, d_v` and :math:`m` landmarks:
+
+* exact: :math:`2 n_q n d` for the logits plus :math:`2 n_q n d_v` for the weighted sum;
+* Nyström: :math:`2 m n (d + d_v)` for :math:`\mathrm{softmax}(\tilde q K^\top)V`,
+  :math:`2 m^2 d` for :math:`A`, the solve, :math:`2 m^2 d_v` for :math:`A^+ (BV)` and
+  :math:`2 n_q m (d + d_v)` for the output product.
+
+Exponentials and normalisations (:math:`O(n_q n)` resp. :math:`O((n_q + n) m)`) are not counted,
+as is usual for attention FLOP counts.
+"""
+
+from __future__ import annotations
+
+
+def exact_attention_flops(batch, n_q, n, d, d_v):
+    """FLOPs of exact attention over ``batch`` independent sequences."""
+    return batch * 2 * n_q * n * (d + d_v)
+
+
+def nystrom_attention_flops(batch, n_q, n, d, d_v, m, solve_flops=0):
+    """FLOPs of Nyström attention by stage (landmark selection not included).
+
+    Parameters
+    ----------
+    batch, n_q, n, d, d_v, m : int
+    solve_flops : int
+        FLOPs of one :math:`m\\times m` pseudo-inverse (see the solvers' ``flops`` methods).
+
+    Returns
+    -------
+    dict
+        ``landmark_products``, ``solve``, ``output_product`` and ``total``.
+    """
+    landmark = batch * (2 * m * n * (d + d_v) + 2 * m * m * (d + d_v))
+    solve = batch * solve_flops
+    output = batch * 2 * n_q * m * (d + d_v)
+    return {"landmark_products": landmark, "solve": solve, "output_product": output,
+            "total": landmark + solve + output}
