@@ -67,7 +67,9 @@ def moore_penrose_residual(A, Z):
     r"""Relative residual :math:`\lVert A Z A - A\rVert_F / \lVert A\rVert_F` per matrix, shape ``(...)``."""
     xp = namespace(A=A, Z=Z)
     A = xp.astype(A, Z.dtype)
-    return _frobenius(xp, A @ Z @ A - A) / _frobenius(xp, A)
+    norm = _frobenius(xp, A)
+    # The zero matrix is its own pseudo-inverse's pseudo-inverse: report 0/1, not 0/0.
+    return _frobenius(xp, A @ Z @ A - A) / xp.where(norm > 0, norm, xp.ones_like(norm))
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,78 @@
+"""Properties of the Nyström attention formula that the docs claim."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import nystrom
+from nystrom import PInv, Uniform
+from nystrom.linalg.nystrom_attention import nystrom_attention
+
+EXACT_INV = PInv(rtol=1e-13)
+
+
+def low_rank_plus_noise(seed, n=128, d=16, rank=4, noise=0.1, strength=1.5):
+    rng = np.random.default_rng(seed)
+    U = rng.standard_normal((n, rank))
+    Q = strength * U @ rng.standard_normal((rank, d)) + noise * rng.standard_normal((n, d))
+    K = strength * U @ rng.standard_normal((rank, d)) + noise * rng.standard_normal((n, d))
+    return Q, K, rng.standard_normal((n, d))
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), n=st.integers(4, 40), data=st.data())
+def test_interpolation_at_landmark_rows(seed, n, data):
+    # Row i in S of F equals row i of A, so F_i A^{-1} = e_i^T: landmark rows are exact.
+    m = data.draw(st.integers(1, n))
+    rng = np.random.default_rng(seed)
+    Q, K, V = rng.standard_normal((n, 6)), rng.standard_normal((n, 6)), rng.standard_normal((n, 3))
+    lm = Uniform()(Q, K, m, seed=seed)
+    out, res = nystrom_attention(Q, K, V, lm, EXACT_INV)
+    A = res.inverse
+    # The identity needs an exact inverse; skip the rare draws where A is numerically singular.
+    if np.linalg.cond(np.linalg.pinv(A)) > 1e8:
+        return
+    exact = nystrom.exact_attention(Q, K, V)
+    np.testing.assert_allclose(out[lm.indices], exact[lm.indices], rtol=1e-6, atol=1e-8)
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), m=st.integers(1, 20))
+def test_implied_attention_rows_sum_to_one(seed, m):
+    # A 1 = 1  =>  A^{-1} 1 = 1  =>  F A^{-1} B 1 = F 1 = 1: with V = ones the output is ones.
+    rng = np.random.default_rng(seed)
+    Q, K = rng.standard_normal((30, 5)), rng.standard_normal((30, 5))
+    out = nystrom.approximate(Q, K, np.ones((30, 2)), strategy="fps", num_landmarks=m,
+                              solver=nystrom.NewtonSchulz(tol=1e-13, max_iters=200))
+    np.testing.assert_allclose(out, 1.0, atol=1e-8)
+
+
+def test_error_falls_as_landmarks_grow():
+    # Expected error over random landmark draws is non-increasing in m on low-rank-plus-noise input.
+    errors = []
+    for m in (4, 8, 16, 32, 64):
+        e = []
+        for seed in range(12):
+            Q, K, V = low_rank_plus_noise(seed)
+            exact = nystrom.exact_attention(Q, K, V)
+            out = nystrom.approximate(Q, K, V, strategy="uniform", num_landmarks=m, seed=seed)
+            e.append(np.linalg.norm(out - exact) / np.linalg.norm(exact))
+        errors.append(np.mean(e))
+    assert all(b <= a * 1.02 for a, b in zip(errors, errors[1:])), errors
+    assert errors[-1] < 0.5 * errors[0], errors
+
+
+@pytest.mark.parametrize("strategy", ["fps", "norm", "rpcholesky"])
+def test_structured_strategies_beat_chance_on_low_rank(strategy):
+    Q, K, V = low_rank_plus_noise(0, n=256)
+    exact = nystrom.exact_attention(Q, K, V)
+    err = lambda s: np.linalg.norm(nystrom.approximate(Q, K, V, strategy=s, num_landmarks=32, seed=0) - exact)
+    uniform = np.mean([np.linalg.norm(nystrom.approximate(Q, K, V, strategy="uniform", num_landmarks=32, seed=s)
+                                      - exact) for s in range(8)])
+    assert err(strategy) < uniform
+
+
+def test_output_dtype_follows_v():
+    Q, K, V = (np.random.default_rng(0).standard_normal((10, 4)).astype(np.float32) for _ in range(3))
+    assert nystrom.approximate(Q, K, V, num_landmarks=4).dtype == np.float32

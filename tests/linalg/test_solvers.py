@@ -1,0 +1,151 @@
+"""Pseudo-inverse solvers: Moore–Penrose identities, convergence, batch independence."""
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from nystrom import NewtonSchulz, PInv, Ridge, get_solver
+from nystrom.linalg.solvers import moore_penrose_residual
+
+EPS64 = np.finfo(np.float64).eps
+EPS32 = np.finfo(np.float32).eps
+
+
+def random_matrix(seed, m, rank=None, cond=1e3):
+    """A (rank-deficient if asked) matrix with singular values log-spaced over ``cond``."""
+    rng = np.random.default_rng(seed)
+    U, _ = np.linalg.qr(rng.standard_normal((m, m)))
+    V, _ = np.linalg.qr(rng.standard_normal((m, m)))
+    s = np.logspace(0, -np.log10(cond), m)
+    if rank is not None:
+        s[rank:] = 0
+    return (U * s) @ V.T
+
+
+def softmax_matrix(seed, m, temperature=1.0):
+    rng = np.random.default_rng(seed)
+    logits = temperature * rng.standard_normal((m, m))
+    e = np.exp(logits - logits.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10_000), m=st.integers(1, 24), rank_frac=st.floats(0.2, 1.0))
+def test_pinv_moore_penrose_identities(seed, m, rank_frac):
+    rank = max(1, int(rank_frac * m))
+    A = random_matrix(seed, m, rank=rank, cond=1e4)
+    Z = PInv(rtol=1e-10)(A).inverse
+    # Exact singular values span [1e-4, 1] (cond 1e4) and the dropped ones are exactly 0, so the
+    # cutoff 1e-10 separates them; the identities then hold to ~cond * eps.
+    tol = 1e4 * m * EPS64 * 10
+    np.testing.assert_allclose(A @ Z @ A, A, atol=tol)
+    np.testing.assert_allclose(Z @ A @ Z, Z, atol=tol * 1e4)  # ||Z|| = 1e4 scales this identity
+    np.testing.assert_allclose(A @ Z, (A @ Z).T, atol=tol)
+    np.testing.assert_allclose(Z @ A, (Z @ A).T, atol=tol)
+    np.testing.assert_allclose(Z, np.linalg.pinv(A, rcond=1e-10), atol=tol * 1e4)
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 10_000), m=st.integers(1, 32))
+def test_newton_schulz_converges_to_pinv_on_well_conditioned(seed, m):
+    A = random_matrix(seed, m, cond=10.0)
+    result = NewtonSchulz(tol=1e-13, max_iters=60)(A)
+    # Third-order convergence from ||E0|| < 1: cond 10 needs ~10 steps to reach eps.
+    assert result.iterations < 60
+    assert float(result.residual) <= 1e-13
+    np.testing.assert_allclose(result.inverse, np.linalg.inv(A), atol=100 * m * EPS64 * 10)
+
+
+def test_newton_schulz_error_recursion():
+    # E_{k+1} = 3/4 E_k^3 + 1/4 E_k^4 with E = I - A Z, exactly (up to rounding) for one step.
+    A = softmax_matrix(0, 12)
+    Z0 = NewtonSchulz(iters=0)(A).inverse
+    Z1 = NewtonSchulz(iters=1)(A).inverse
+    E0 = np.eye(12) - A @ Z0
+    E1 = np.eye(12) - A @ Z1
+    E0_2 = E0 @ E0
+    np.testing.assert_allclose(E1, 0.75 * E0_2 @ E0 + 0.25 * E0_2 @ E0_2, atol=1e-13)
+    assert np.linalg.norm(E0, 2) < 1  # the scaling A^T / (|A|_1 |A|_inf) guarantees this
+
+
+def test_newton_schulz_scaling_is_per_matrix():
+    # A batch mixing a matrix with a huge norm and a small one: a batch-wide scale (the peers'
+    # bug) would start the small one at ~0 and leave it unconverged after 6 steps.
+    small = softmax_matrix(1, 16)
+    big = 1e4 * softmax_matrix(2, 16)
+    batch = np.stack([small, big])
+    together = NewtonSchulz(iters=6)(batch)
+    for i, A in enumerate((small, big)):
+        alone = NewtonSchulz(iters=6)(A)
+        np.testing.assert_allclose(together.inverse[i], alone.inverse, rtol=1e-12)
+        np.testing.assert_allclose(together.residual[i], alone.residual, rtol=1e-10)
+
+
+def test_newton_schulz_reports_nonconvergence_instead_of_exploding():
+    A = random_matrix(3, 20, rank=5, cond=1e12)
+    result = NewtonSchulz(tol=1e-14, max_iters=8)(A)
+    assert result.iterations == 8
+    assert np.all(np.isfinite(result.inverse))
+    assert float(result.residual) > 1e-14  # honest report, no exception, no blow-up
+
+
+@pytest.mark.parametrize("lam", [1e-6, 1e-9, 1e-12])
+def test_ridge_tends_to_pinv(lam):
+    A = random_matrix(4, 10, cond=100.0)
+    Z = Ridge(lam=lam)(A).inverse
+    # sigma/(sigma^2+lam) - 1/sigma ~ lam / sigma^3 <= lam * cond^3 for sigma_min = 1/cond
+    np.testing.assert_allclose(Z, np.linalg.inv(A), atol=lam * 100**3 * 10 + 1e-9)
+
+
+def test_pinv_exact_singularity_is_finite():
+    A = np.zeros((2, 4, 4))
+    A[0, 0, 0] = 1.0
+    for solver in (PInv(), NewtonSchulz(), Ridge(), PInv(rtol=0.0)):
+        result = solver(A)
+        assert np.all(np.isfinite(result.inverse))
+    np.testing.assert_allclose(PInv()(A).inverse[0], A[0], atol=0)
+    np.testing.assert_allclose(PInv()(A).inverse[1], 0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_half_precision_solves_in_float32(dtype):
+    A = torch.from_numpy(softmax_matrix(5, 16, temperature=3.0)).to(dtype)
+    for name in ("newton_schulz", "pinv", "solve"):
+        result = get_solver(name)(A)
+        assert result.inverse.dtype == torch.float32
+        assert torch.isfinite(result.inverse).all()
+
+
+def test_numpy_and_torch_agree():
+    A = np.stack([softmax_matrix(s, 8) for s in range(3)])
+    for solver in (NewtonSchulz(), PInv(), Ridge()):
+        np.testing.assert_allclose(solver(torch.from_numpy(A)).inverse.numpy(), solver(A).inverse, rtol=1e-10,
+                                   atol=1e-12)
+
+
+def test_residual_is_zero_for_exact_pinv_of_singular():
+    A = random_matrix(6, 9, rank=4, cond=10.0)
+    assert float(moore_penrose_residual(A, np.linalg.pinv(A))) < 1e-13
+
+
+@pytest.mark.parametrize("bad", ["newton", "svd", ""])
+def test_unknown_solver_lists_valid(bad):
+    with pytest.raises(ValueError, match="newton_schulz.*pinv.*solve|valid solvers"):
+        get_solver(bad)
+
+
+def test_solver_argument_validation():
+    with pytest.raises(ValueError, match="iters"):
+        NewtonSchulz(iters=-1)
+    with pytest.raises(ValueError, match="rtol"):
+        PInv(rtol=2.0)
+    with pytest.raises(ValueError, match="lam"):
+        Ridge(lam=-1.0)
+    with pytest.raises(ValueError, match="A must have shape"):
+        PInv()(np.zeros((3, 4)))
+    with pytest.raises(TypeError, match="A must have a real floating dtype"):
+        PInv()(np.zeros((3, 3), dtype=np.int64))
+    with pytest.raises(TypeError, match="solver must be"):
+        get_solver(3)
