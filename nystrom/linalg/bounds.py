@@ -144,9 +144,11 @@ def estimate_relative_error(Q, K, V, approx, *, num_samples=64, confidence=0.95,
               \widehat{\mathrm{Var}}(\hat R) = \frac{1 - s/n_q}{s\, \bar o^2}\,
               \frac{1}{s-1}\sum_{i\in I} (e_i - \hat R\, o_i)^2
 
-    (delta method with the finite-population correction). The interval is
-    :math:`\hat R \pm t_{s-1}\sqrt{\widehat{\mathrm{Var}}}`, clipped at 0, and the function reports
-    square roots, i.e. an estimate and interval for :math:`\lVert\hat O - O\rVert_F/\lVert O\rVert_F`.
+    (delta method with the finite-population correction). The interval is formed on the log scale,
+    :math:`\hat R \exp(\pm t_{s-1}\sqrt{\widehat{\mathrm{Var}}}/\hat R)`, which respects
+    :math:`R > 0` and follows the right skew of squared errors better than :math:`\hat R \pm
+    t\sqrt{\widehat{\mathrm{Var}}}`; the function reports square roots, i.e. an estimate and
+    interval for :math:`\lVert\hat O - O\rVert_F/\lVert O\rVert_F`.
     With :math:`s = n_q` the estimate is exact and the interval has width 0.
 
     Parameters
@@ -166,6 +168,15 @@ def estimate_relative_error(Q, K, V, approx, *, num_samples=64, confidence=0.95,
     Returns
     -------
     ErrorEstimate
+
+    Notes
+    -----
+    The coverage is asymptotic in :math:`s`. Row errors of Nyström attention are heavy-tailed
+    (rows near landmarks are almost exact, isolated rows far off), and then small samples
+    under-cover: for a nominal 95 % interval, measured coverage was 87 / 93 / 92 % at
+    :math:`s` = 32 / 64 / 128 on Gaussian tokens (largest row error 13x the mean) and 81 / 86 / 89 %
+    on clustered low-rank tokens (largest 28x the mean); ``tests/linalg/test_bounds.py`` pins these.
+    Use :math:`s \ge 64` and read the interval as approximate.
     """
     xp = check_attention_inputs(Q, K, V, key_padding_mask)
     namespace(Q=Q, approx=approx)
@@ -189,15 +200,14 @@ def estimate_relative_error(Q, K, V, approx, *, num_samples=64, confidence=0.95,
     e = (diff * diff).sum(axis=-1).reshape(-1, s).sum(axis=0)
     o = (exact * exact).sum(axis=-1).reshape(-1, s).sum(axis=0)
     ratio = e.sum() / o.sum()
-    if s == n_q:
-        half = 0.0
-    else:
+    spread = 1.0
+    if s < n_q and ratio > 0:
         var = (1 - s / n_q) / (s * o.mean() ** 2) * np.var(e - ratio * o, ddof=1)
-        half = float(scipy.stats.t.ppf(0.5 + confidence / 2, df=s - 1) * math.sqrt(var))
+        spread = math.exp(float(scipy.stats.t.ppf(0.5 + confidence / 2, df=s - 1)) * math.sqrt(var) / ratio)
     return ErrorEstimate(
         estimate=math.sqrt(ratio),
-        low=math.sqrt(max(ratio - half, 0.0)),
-        high=math.sqrt(ratio + half),
+        low=math.sqrt(ratio / spread),
+        high=math.sqrt(ratio * spread),
         confidence=confidence,
         num_samples=s,
     )
