@@ -1,0 +1,69 @@
+"""Bad input raises ValueError/TypeError naming the argument (the systematic fuzz is in test_fuzz.py)."""
+
+import numpy as np
+import pytest
+import torch
+
+import nystrom
+
+rng = np.random.default_rng(0)
+Q = rng.standard_normal((2, 10, 4))
+K = rng.standard_normal((2, 10, 4))
+V = rng.standard_normal((2, 10, 3))
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        (dict(Q=Q[0, 0]), ValueError, "Q must have shape"),
+        (dict(K=K[:, :7]), ValueError, "K and V must have the same number of tokens"),
+        (dict(K=K[..., :3]), ValueError, "Q and K must have the same feature size"),
+        (dict(V=V[:1]), ValueError, "leading"),
+        (dict(Q=Q.astype(np.int64)), TypeError, "Q must have a real floating dtype"),
+        (dict(V=V.astype(np.complex128)), TypeError, "V must have a real floating dtype"),
+        (dict(K=K.astype(np.float32)), TypeError, "share one dtype"),
+        (dict(Q=np.where(np.arange(4) == 2, np.nan, Q)), ValueError, "Q contains NaN"),
+        (dict(V=np.where(np.arange(3) == 1, np.inf, V)), ValueError, "V contains NaN or infinite"),
+        (dict(Q=Q[:, :0]), ValueError, "Q must have at least one token"),
+        (dict(Q=Q.tolist()), TypeError, "Q must be a numpy array or a torch tensor"),
+        (dict(K=torch.from_numpy(K)), TypeError, "K is a torch array but Q is a numpy array"),
+        (dict(num_landmarks=0), ValueError, "num_landmarks must be at least 1"),
+        (dict(num_landmarks=-3), ValueError, "num_landmarks must be at least 1"),
+        (dict(num_landmarks=11), ValueError, "num_landmarks must be at most the number of keys n=10"),
+        (dict(num_landmarks=4.0), TypeError, "num_landmarks must be an int"),
+        (dict(num_landmarks=True), TypeError, "num_landmarks must be an int"),
+        (dict(strategy="farthest"), ValueError, "unknown strategy 'farthest'; valid strategies"),
+        (dict(solver="svd"), ValueError, "unknown solver 'svd'; valid solvers"),
+        (dict(strategy=3), TypeError, "strategy must be"),
+        (dict(scale=-1.0), ValueError, "scale must be a finite positive"),
+        (dict(scale="big"), TypeError, "scale must be a real number"),
+        (dict(seed=-1), TypeError, "seed must be None or a non-negative int"),
+        (dict(key_padding_mask=np.ones((2, 10))), TypeError, "key_padding_mask must be a bool"),
+        (dict(key_padding_mask=np.ones((2, 9), bool)), ValueError, "key_padding_mask must have shape"),
+        (dict(key_padding_mask=np.zeros((2, 10), bool)), ValueError, "masks every key"),
+        (dict(key_padding_mask=np.arange(10)[None].repeat(2, 0) < 3, num_landmarks=4), ValueError,
+         "exceeds the 3 unpadded keys"),
+        (dict(return_info=1), TypeError, "return_info must be a bool"),
+        (dict(query_chunk_size=0), ValueError, "query_chunk_size"),
+        (dict(features=np.ones((2, 9, 5))), ValueError, "features must have shape"),
+    ],
+)
+def test_bad_input(kwargs, error, match):
+    args = dict(Q=Q, K=K, V=V, num_landmarks=4)
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        nystrom.approximate(args.pop("Q"), args.pop("K"), args.pop("V"), **args)
+
+
+def test_mask_for_4d_inputs_needs_the_head_axis():
+    q = rng.standard_normal((2, 3, 10, 4))
+    with pytest.raises(ValueError, match=r"mask\[:, None, :\]"):
+        nystrom.approximate(q, q, q, num_landmarks=4, key_padding_mask=np.ones((2, 10), bool))
+
+
+def test_strategy_returning_wrong_shape_is_caught():
+    def bad(Q, K, m, **kw):
+        return nystrom.Landmarks(Q[..., :m + 1, :], K[..., :m + 1, :])
+
+    with pytest.raises(ValueError, match="strategy returned landmark queries of shape"):
+        nystrom.approximate(Q, K, V, strategy=bad, num_landmarks=4)

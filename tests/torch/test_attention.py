@@ -1,0 +1,131 @@
+"""The torch backend: agreement with the numpy reference, dtypes, autograd, compile, devices."""
+
+import numpy as np
+import pytest
+import torch
+
+import nystrom
+from nystrom import NewtonSchulz, PInv
+
+STRATEGIES = nystrom.strategies
+SOLVERS = nystrom.solvers
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def qkv_np(seed=0, shape=(2, 3, 48, 16), dv=8):
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal(shape), rng.standard_normal(shape), rng.standard_normal((*shape[:-1], dv))
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_torch_matches_numpy_reference(strategy, solver):
+    # Same float64 math on both sides (the torch side goes through SDPA's math path): only the
+    # summation order differs, so 1e-10 relative covers cond(A) * eps with room.
+    Q, K, V = qkv_np()
+    ref = nystrom.approximate(Q, K, V, strategy=strategy, solver=solver, num_landmarks=12, seed=4)
+    got = nystrom.approximate(*(torch.from_numpy(x) for x in (Q, K, V)), strategy=strategy, solver=solver,
+                              num_landmarks=12, seed=4)
+    assert isinstance(got, torch.Tensor) and got.dtype == torch.float64
+    np.testing.assert_allclose(got.numpy(), ref, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_all_tokens_reproduce_exact_attention(device):
+    Q, K, V = (torch.from_numpy(x).to(device) for x in qkv_np(1, shape=(1, 2, 20, 8)))
+    out = nystrom.approximate(Q, K, V, num_landmarks=20, solver=PInv(rtol=1e-14))
+    torch.testing.assert_close(out, nystrom.exact_attention(Q, K, V), rtol=1e-9, atol=1e-10)
+
+
+# Float32: the output error of m = n against exact is cond(A) * eps32 ~ 1e2 * 1.2e-7; 1e-4 gives room.
+# float16/bfloat16 outputs are rounded to 11/8 mantissa bits (eps 9.8e-4 / 7.8e-3) and the inputs
+# are rounded too, which moves logits by ~|q||k| * eps * scale; tolerances of 2e-2 / 6e-2 relative
+# Frobenius error are ~10 ulps of the output format.
+DTYPE_TOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 6e-2}
+
+
+@pytest.mark.parametrize("dtype", list(DTYPE_TOL))
+@pytest.mark.parametrize("device", DEVICES)
+def test_low_precision_m_equals_n(dtype, device):
+    Q, K, V = (torch.from_numpy(x) for x in qkv_np(2, shape=(1, 2, 24, 16)))
+    exact = nystrom.exact_attention(Q, K, V)
+    out = nystrom.approximate(*(x.to(device, dtype) for x in (Q, K, V)), num_landmarks=24,
+                              solver=NewtonSchulz(tol=1e-6, max_iters=100))
+    assert out.dtype == dtype and out.device.type == device
+    err = torch.linalg.norm(out.double().cpu() - exact) / torch.linalg.norm(exact)
+    assert err < DTYPE_TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_large_logits_stay_finite(dtype):
+    # |q.k| * scale up to ~50: exp would overflow float16 (max 65504 ~ e^11) without the max shift.
+    g = torch.Generator().manual_seed(0)
+    Q = torch.randn(1, 2, 64, 16, generator=g) * 7
+    K = torch.randn(1, 2, 64, 16, generator=g) * 7
+    V = torch.randn(1, 2, 64, 16, generator=g)
+    out = nystrom.approximate(Q.to(dtype), K.to(dtype), V.to(dtype), num_landmarks=16)
+    assert torch.isfinite(out).all()
+
+
+def test_gradients_flow_and_match_finite_differences():
+    g = torch.Generator().manual_seed(1)
+    Q, K, V = (torch.randn(1, 2, 10, 4, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    for strategy in ("segment_means", "fps"):
+        def f(q, k, v):
+            return nystrom.approximate(q, k, v, strategy=strategy, num_landmarks=4)
+
+        assert torch.autograd.gradcheck(f, (Q, K, V), eps=1e-6, atol=1e-6)
+
+
+def test_query_chunking_changes_nothing():
+    Q, K, V = (torch.from_numpy(x).float() for x in qkv_np(3, shape=(1, 2, 100, 16)))
+    full = nystrom.approximate(Q, K, V, num_landmarks=16)
+    for chunk in (1, 7, 64, 100, 1000):
+        torch.testing.assert_close(nystrom.approximate(Q, K, V, num_landmarks=16, query_chunk_size=chunk), full,
+                                   rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore:Dynamo detected a call to a `functools.lru_cache`")
+def test_torch_compile():
+    if not hasattr(torch, "compile"):
+        pytest.skip("torch.compile unavailable")
+    Q, K, V = (torch.from_numpy(x).float() for x in qkv_np(4, shape=(1, 2, 32, 8)))
+
+    def f(q, k, v):
+        return nystrom.approximate(q, k, v, strategy="segment_means", num_landmarks=8)
+
+    compiled = torch.compile(f)
+    torch.testing.assert_close(compiled(Q, K, V), f(Q, K, V), rtol=1e-5, atol=1e-6)
+
+
+def test_inputs_are_not_modified():
+    Q, K, V = (torch.from_numpy(x) for x in qkv_np(5))
+    copies = [x.clone() for x in (Q, K, V)]
+    for s in STRATEGIES:
+        nystrom.approximate(Q, K, V, strategy=s, num_landmarks=8, seed=0)
+    for x, c in zip((Q, K, V), copies):
+        assert torch.equal(x, c)
+
+
+def test_per_head_and_shared_landmarks():
+    Q, K, V = (torch.from_numpy(x) for x in qkv_np(6))
+    _, shared = nystrom.approximate(Q, K, V, num_landmarks=8, return_info=True)
+    _, per_head = nystrom.approximate(Q, K, V, num_landmarks=8, return_info=True, share_landmarks_across_heads=False)
+    assert (shared.landmarks.indices == shared.landmarks.indices[:, :1]).all()
+    assert not (per_head.landmarks.indices == per_head.landmarks.indices[:, :1]).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu():
+    Q, K, V = (torch.from_numpy(x).float() for x in qkv_np(7))
+    cpu = nystrom.approximate(Q, K, V, num_landmarks=12)
+    gpu = nystrom.approximate(Q.cuda(), K.cuda(), V.cuda(), num_landmarks=12)
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-3, atol=1e-4)
+
+
+def test_device_mismatch_is_an_error():
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    Q, K, V = (torch.zeros(1, 4, 2) for _ in range(3))
+    with pytest.raises(ValueError, match="K is on device"):
+        nystrom.approximate(Q, K.cuda(), V, num_landmarks=2)
