@@ -29,7 +29,17 @@ from .landmarks.base import gather_rows
 from .landmarks.rpcholesky import exp_kernel_shift
 from .softmax import softmax
 from .solvers import PInv
-from .validation import check_attention_inputs, check_scale, check_seed, namespace
+from .validation import (
+    check_attention_inputs,
+    check_eigenvalues,
+    check_finite,
+    check_indices,
+    check_num_landmarks,
+    check_points,
+    check_scale,
+    check_seed,
+    namespace,
+)
 
 
 @dataclass(frozen=True)
@@ -56,7 +66,8 @@ class TraceCertificate:
 
 
 def exp_kernel(xp, X, Y, scale, shift):
-    r""":math:`\exp(\tau\, x_i^\top y_j - c)` for ``X (..., n, D)``, ``Y (..., p, D)``, ``shift`` :math:`c` of shape ``(...)``."""
+    r""":math:`\exp(\tau\, x_i^\top y_j - c)` for ``X (..., n, D)``, ``Y (..., p, D)``, ``shift`` :math:`c`
+    of shape ``(...)``."""
     return xp.exp(scale * (X @ xp.matrix_transpose(Y)) - shift[..., None, None])
 
 
@@ -95,6 +106,8 @@ def nystrom_trace_error(X, indices, *, scale=None):
     :math:`O(n m D + n m^2 + m^3)`, memory :math:`O(n m)`.
     """
     xp = namespace(X=X, indices=indices)
+    check_points("X", X, xp)
+    check_indices(xp, "indices", indices, X.shape[-2], X.shape[:-2])
     tau = check_scale(scale, X.shape[-1])
     shift = exp_kernel_shift(xp, X, tau)
     landmarks = gather_rows(xp, X, indices)
@@ -183,9 +196,12 @@ def estimate_relative_error(Q, K, V, approx, *, num_samples=64, confidence=0.95,
     tau = check_scale(scale, Q.shape[-1])
     if tuple(approx.shape) != (*Q.shape[:-1], V.shape[-1]):
         raise ValueError(f"approx must have shape {(*Q.shape[:-1], V.shape[-1])}, got {tuple(approx.shape)}")
+    if not xp.isdtype(approx.dtype, "real floating"):
+        raise TypeError(f"approx must have a real floating dtype, got {approx.dtype}")
+    check_finite(xp, "approx", approx)
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 2:
         raise ValueError(f"num_samples must be an int >= 2, got {num_samples!r}")
-    if not (0 < confidence < 1):
+    if isinstance(confidence, bool) or not isinstance(confidence, (int, float)) or not (0 < confidence < 1):
         raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
     n_q = Q.shape[-2]
     s = min(num_samples, n_q)
@@ -237,8 +253,9 @@ def best_rank_trace_floor(eigenvalues, num_landmarks):
     -------
     float
     """
-    lam = np.sort(np.clip(np.asarray(eigenvalues, dtype=np.float64), 0, None))[::-1]
-    return float(lam[num_landmarks:].sum())
+    lam = check_eigenvalues(eigenvalues)
+    m = check_num_landmarks(num_landmarks, lam.size)
+    return float(lam[m:].sum())
 
 
 def rpcholesky_trace_bound(eigenvalues, num_landmarks):
@@ -265,9 +282,11 @@ def rpcholesky_trace_bound(eigenvalues, num_landmarks):
     -------
     float
     """
-    lam = np.sort(np.clip(np.asarray(eigenvalues, dtype=np.float64), 0, None))[::-1]
+    lam = check_eigenvalues(eigenvalues)
+    k = check_num_landmarks(num_landmarks, lam.size)
     total = float(lam.sum())
-    k = int(num_landmarks)
+    if total == 0:
+        return 0.0
     best = total
     for r in range(1, k + 1):
         tail = float(lam[r:].sum())
@@ -276,7 +295,7 @@ def rpcholesky_trace_bound(eigenvalues, num_landmarks):
             return 0.0
         eta = tail / total
 
-        def needed(eps):
+        def needed(eps, r=r, eta=eta):
             return r / eps + r * math.log(1 / (eps * eta))
 
         lo, hi = 1e-12, 1.0

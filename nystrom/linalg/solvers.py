@@ -18,7 +18,7 @@ from typing import Any
 
 import array_api_compat
 
-from .validation import namespace
+from .validation import check_finite, namespace
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,7 @@ def _prepare(A):
         raise TypeError(f"A must have a real floating dtype, got {A.dtype}")
     if A.ndim < 2 or A.shape[-1] != A.shape[-2] or A.shape[-1] == 0:
         raise ValueError(f"A must have shape (..., m, m) with m >= 1, got {tuple(A.shape)}")
+    check_finite(xp, "A", A)
     return xp, xp.astype(A, _compute_dtype(xp, A))
 
 
@@ -218,7 +219,8 @@ class Ridge:
         return SolveResult(Z, moore_penrose_residual(A, Z), 0)
 
     def flops(self, m, iterations=0):
-        """:math:`A^\top A`, an LU solve with :math:`m` right-hand sides (~:math:`\tfrac83 m^3`), two residual products."""
+        """:math:`A^\top A`, an LU solve with :math:`m` right-hand sides (~:math:`\tfrac83 m^3`), two residual
+        products."""
         return 2 * m**3 + (8 * m**3) // 3 + 2 * 2 * m**3
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numbers
 
 import array_api_compat
+import numpy as np
 
 
 def namespace(**arrays):
@@ -60,7 +61,14 @@ def check_real_floating(xp, name: str, a) -> None:
 
 
 def check_finite(xp, name: str, a) -> None:
-    """Raise ``ValueError`` if ``a`` holds NaN or infinity."""
+    """Raise ``ValueError`` if ``a`` holds NaN or infinity.
+
+    A finite sum proves every entry finite (a NaN or an infinity makes the sum NaN or infinite),
+    and one reduction is several times cheaper than an elementwise test on long inputs; only a
+    non-finite sum (a real NaN/Inf, or an overflow of large finite entries) needs the full test.
+    """
+    if bool(xp.isfinite(xp.sum(a))):
+        return
     if not bool(xp.all(xp.isfinite(a))):
         raise ValueError(f"{name} contains NaN or infinite values")
 
@@ -93,8 +101,11 @@ def check_attention_inputs(Q, K, V, key_padding_mask=None, *, finite: bool = Tru
                 f"{name} must have shape (..., tokens, features) with at least 2 dimensions, "
                 f"got shape {tuple(a.shape)}"
             )
-        if a.shape[-2] == 0 or a.shape[-1] == 0:
-            raise ValueError(f"{name} must have at least one token and one feature, got shape {tuple(a.shape)}")
+        if any(size == 0 for size in a.shape):
+            raise ValueError(
+                f"{name} must have at least one token, one feature and non-empty batch dimensions, "
+                f"got shape {tuple(a.shape)}"
+            )
     if not (Q.dtype == K.dtype == V.dtype):
         raise TypeError(f"Q, K and V must share one dtype, got {Q.dtype}, {K.dtype} and {V.dtype}")
     if Q.shape[-1] != K.shape[-1]:
@@ -174,3 +185,46 @@ def check_seed(seed) -> int | None:
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
         raise TypeError(f"seed must be None or a non-negative int, got {seed!r}")
     return int(seed)
+
+
+def check_points(name: str, X, xp=None):
+    """Validate a ``(..., n, D)`` real floating, finite, non-empty array; return its namespace."""
+    xp = xp or namespace(**{name: X})
+    check_real_floating(xp, name, X)
+    if X.ndim < 2 or any(size == 0 for size in X.shape):
+        raise ValueError(f"{name} must have shape (..., n, D) with no empty dimension, got {tuple(X.shape)}")
+    check_finite(xp, name, X)
+    return xp
+
+
+def check_indices(xp, name: str, idx, n: int, batch_shape) -> None:
+    """Validate landmark positions ``(..., m)``: integer dtype, batch dims matching, values in ``[0, n)``."""
+    if not xp.isdtype(idx.dtype, "integral"):
+        raise TypeError(f"{name} must have an integer dtype, got {idx.dtype}")
+    if idx.ndim < 1 or idx.shape[-1] == 0 or tuple(idx.shape[:-1]) != tuple(batch_shape):
+        raise ValueError(
+            f"{name} must have shape {tuple(batch_shape) + ('m',)} with m >= 1, got {tuple(idx.shape)}"
+        )
+    if bool(xp.any(idx < 0)) or bool(xp.any(idx >= n)):
+        raise ValueError(f"{name} must hold positions in [0, {n}), got values outside")
+
+
+def check_eigenvalues(eigenvalues):
+    """Validate a 1-D finite real spectrum; return it as float64 numpy, sorted decreasingly, clipped at 0.
+
+    Small negative values are round-off of a PSD matrix's spectrum and are clipped; a clearly
+    negative one (below ``-1e-8`` times the largest magnitude) means the matrix is not PSD.
+    """
+    if array_api_compat.is_torch_array(eigenvalues):
+        eigenvalues = eigenvalues.detach().cpu().double().numpy()
+    try:
+        lam = np.asarray(eigenvalues, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise TypeError(f"eigenvalues must be a 1-D array of real numbers, got {type(eigenvalues).__name__}") from None
+    if lam.ndim != 1 or lam.size == 0:
+        raise ValueError(f"eigenvalues must be a non-empty 1-D array, got shape {lam.shape}")
+    if not np.all(np.isfinite(lam)):
+        raise ValueError("eigenvalues contains NaN or infinite values")
+    if lam.min() < -1e-8 * np.abs(lam).max():
+        raise ValueError(f"eigenvalues must be those of a PSD matrix (>= 0), got minimum {lam.min():.3g}")
+    return np.sort(np.clip(lam, 0, None))[::-1]

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import nystrom
-from nystrom import FPS, KMeans, Norm, NewtonSchulz, PInv, RPCholesky, Ridge, SegmentMeans, Uniform
+from nystrom import FPS, KMeans, NewtonSchulz, Norm, PInv, Ridge, RPCholesky, SegmentMeans, Uniform
 from nystrom.linalg.landmarks import STRATEGIES, farthest_point_sampling
 from nystrom.linalg.landmarks.norm import attention_share
 

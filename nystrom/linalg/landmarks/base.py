@@ -5,7 +5,8 @@ A strategy is any callable
 ``strategy(Q, K, num_landmarks, *, key_padding_mask=None, seed=None, head_axis=None, features=None, scale=None)``
 
 returning :class:`Landmarks`. ``scale`` is the softmax temperature of the attention being
-approximated (default ``1/sqrt(d)``), for strategies that look at attention or at a kernel. Shapes follow PyTorch attention: ``Q (..., n_q, d)``, ``K (..., n, d)``;
+approximated (default ``1/sqrt(d)``), for strategies that look at attention or at a kernel.
+Shapes follow PyTorch attention: ``Q (..., n_q, d)``, ``K (..., n, d)``;
 the leading dimensions are batch/heads. With ``head_axis`` (a negative axis of ``K`` pointing into
 the leading dimensions, ``-3`` for ``(B, H, n, d)``) one landmark set is chosen per sequence and
 shared by all heads, as FNA does. Selection then runs on the head-mean features
@@ -22,7 +23,14 @@ from typing import Any
 import array_api_compat
 import numpy as np
 
-from ..validation import check_num_landmarks, check_real_floating, namespace
+from ..validation import (
+    check_finite,
+    check_key_padding_mask,
+    check_num_landmarks,
+    check_points,
+    check_real_floating,
+    namespace,
+)
 
 
 @dataclass(frozen=True)
@@ -52,9 +60,11 @@ def check_strategy_inputs(Q, K, num_landmarks, key_padding_mask, head_axis, feat
     """Validate a strategy call; return ``(xp, m)``. Raises ``TypeError``/``ValueError`` naming the argument."""
     xp = namespace(Q=Q, K=K, key_padding_mask=key_padding_mask, features=features)
     for name, a in (("Q", Q), ("K", K)):
-        check_real_floating(xp, name, a)
-        if a.ndim < 2:
-            raise ValueError(f"{name} must have shape (..., tokens, features), got {tuple(a.shape)}")
+        check_points(name, a, xp)
+    if Q.shape[-1] != K.shape[-1] or Q.shape[:-2] != K.shape[:-2]:
+        raise ValueError(f"Q and K must share leading dimensions and d, got {tuple(Q.shape)} and {tuple(K.shape)}")
+    if key_padding_mask is not None:
+        check_key_padding_mask(xp, key_padding_mask, K)
     if head_axis is not None:
         if isinstance(head_axis, bool) or not isinstance(head_axis, int) or not (-K.ndim <= head_axis <= -3):
             raise ValueError(
@@ -67,6 +77,7 @@ def check_strategy_inputs(Q, K, num_landmarks, key_padding_mask, head_axis, feat
     m = check_num_landmarks(num_landmarks, K.shape[-2], n_valid)
     if features is not None:
         check_real_floating(xp, "features", features)
+        check_finite(xp, "features", features)
         expected = selection_shape(K, head_axis)[:-1]
         if tuple(features.shape[:-1]) != expected:
             raise ValueError(

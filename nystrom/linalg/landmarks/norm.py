@@ -27,7 +27,7 @@ import array_api_compat
 
 from ..softmax import softmax
 from ..validation import check_scale
-from .base import check_strategy_inputs, fold_heads, fold_mask, select_by_index
+from .base import check_strategy_inputs, fold_mask, select_by_index
 from .fps import farthest_point_sampling
 
 
