@@ -61,6 +61,8 @@ def check_strategy_inputs(Q, K, num_landmarks, key_padding_mask, head_axis, feat
     xp = namespace(Q=Q, K=K, key_padding_mask=key_padding_mask, features=features)
     for name, a in (("Q", Q), ("K", K)):
         check_points(name, a, xp)
+    if Q.dtype != K.dtype:
+        raise TypeError(f"Q and K must share one dtype, got {Q.dtype} and {K.dtype}")
     if Q.shape[-1] != K.shape[-1] or Q.shape[:-2] != K.shape[:-2]:
         raise ValueError(f"Q and K must share leading dimensions and d, got {tuple(Q.shape)} and {tuple(K.shape)}")
     if key_padding_mask is not None:
