@@ -98,10 +98,21 @@ def selection_shape(K, head_axis):
 
 
 def fold_heads(xp, X, head_axis):
-    """``(..., H, ..., n, d) -> (..., n, d)``: the mean over the shared head axis."""
+    """Selection features: ``(..., H, ..., n, d) -> (..., n, d)``, the mean over the shared head axis,
+    in float32 or wider.
+
+    Half-precision distances would round away the differences that farthest points, k-means and
+    pivoting compare (bfloat16 keeps 8 significant bits), so selection never runs below float32.
+    """
+    X = at_least_float32(xp, X)
     if head_axis is None:
         return X
     return xp.mean(X, axis=head_axis)
+
+
+def at_least_float32(xp, X):
+    """``X`` as float32 when it is a half-precision array, unchanged otherwise."""
+    return X if X.dtype in (xp.float32, xp.float64) else xp.astype(X, xp.float32)
 
 
 def fold_mask(xp, mask, K, head_axis):
@@ -153,7 +164,7 @@ def select_by_index(xp, Q, K, m, key_padding_mask, head_axis, features, pick, pi
     landmark keys, which gives the interpolation property. For cross-attention (``n_q != n``)
     ``pick_queries`` (default ``pick``) picks query positions on the queries alone.
     """
-    X = features if features is not None else fold_heads(xp, K, head_axis)
+    X = at_least_float32(xp, features) if features is not None else fold_heads(xp, K, head_axis)
     mask = fold_mask(xp, key_padding_mask, K, head_axis)
     idx = unfold_indices(xp, pick(X, m, mask), K, head_axis)
     if Q.shape[-2] == K.shape[-2]:

@@ -12,7 +12,15 @@ from dataclasses import dataclass
 import array_api_compat
 
 from ..validation import check_seed
-from .base import Landmarks, check_strategy_inputs, fold_heads, fold_mask, sample_by_weight, uniform_draws
+from .base import (
+    Landmarks,
+    at_least_float32,
+    check_strategy_inputs,
+    fold_heads,
+    fold_mask,
+    sample_by_weight,
+    uniform_draws,
+)
 
 
 def _sq_distances(xp, X, C):
@@ -76,8 +84,8 @@ class KMeans:
                  features=None, scale=None):
         xp, m = check_strategy_inputs(Q, K, num_landmarks, key_padding_mask, head_axis, features)
         seed = check_seed(seed)
-        W_k = self._membership(xp, features if features is not None else fold_heads(xp, K, head_axis), m,
-                               fold_mask(xp, key_padding_mask, K, head_axis), seed)
+        X = at_least_float32(xp, features) if features is not None else fold_heads(xp, K, head_axis)
+        W_k = xp.astype(self._membership(xp, X, m, fold_mask(xp, key_padding_mask, K, head_axis), seed), K.dtype)
         if head_axis is not None:
             W_k = xp.expand_dims(W_k, axis=head_axis)
         if Q.shape[-2] == K.shape[-2]:
@@ -85,7 +93,7 @@ class KMeans:
         else:
             if m > Q.shape[-2]:
                 raise ValueError(f"num_landmarks={m} exceeds the number of queries n_q={Q.shape[-2]}")
-            W_q = self._membership(xp, fold_heads(xp, Q, head_axis), m, None, seed)
+            W_q = xp.astype(self._membership(xp, fold_heads(xp, Q, head_axis), m, None, seed), Q.dtype)
             if head_axis is not None:
                 W_q = xp.expand_dims(W_q, axis=head_axis)
         return Landmarks(W_q @ Q, W_k @ K)

@@ -27,7 +27,7 @@ import array_api_compat
 
 from ..softmax import softmax
 from ..validation import check_scale
-from .base import check_strategy_inputs, fold_mask, select_by_index
+from .base import at_least_float32, check_strategy_inputs, fold_mask, select_by_index
 from .fps import farthest_point_sampling
 
 
@@ -48,6 +48,8 @@ def attention_share(xp, Q, K, scale, mask=None, num_probes=16):
     array, shape (..., n)
         :math:`\hat a_j`, summing to 1 over the keys of each sequence.
     """
+    # Shares of a few percent must be resolved: accumulate in float32 or wider.
+    Q, K = at_least_float32(xp, Q), at_least_float32(xp, K)
     n_q = Q.shape[-2]
     s = min(num_probes, n_q)
     positions = [round(i * (n_q - 1) / max(s - 1, 1)) for i in range(s)]
@@ -135,6 +137,7 @@ class Norm:
         n_valid = K.shape[-2] if mask is None else xp.sum(xp.astype(mask, share.dtype), axis=-1, keepdims=True)
         flagged = share >= self.sink_ratio / n_valid
         if features is not None:
+            features = at_least_float32(xp, features)
             norms = xp.sqrt(xp.sum(features * features, axis=-1))
             median = masked_median(xp, norms, mask)[..., None]
             flagged = flagged | (norms >= self.norm_ratio * median)

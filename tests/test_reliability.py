@@ -1,0 +1,115 @@
+"""Half precision, ill-conditioning, determinism, no mutation, extreme sizes."""
+
+import numpy as np
+import pytest
+import torch
+
+import nystrom
+from nystrom import NewtonSchulz, PInv, Ridge
+
+SOLVERS = [NewtonSchulz(), NewtonSchulz(tol=1e-12, max_iters=30), PInv(), PInv(rtol=0.0), Ridge()]
+
+
+def scaled_qkv(logit_max, seed=0, n=256, d=64, heads=4):
+    """float64 Q, K, V with max |q.k| / sqrt(d) equal to ``logit_max``."""
+    g = torch.Generator().manual_seed(seed)
+    Q, K, V = (torch.randn(1, heads, n, d, generator=g, dtype=torch.float64) for _ in range(3))
+    s = float((Q @ K.transpose(-1, -2)).abs().max()) * d**-0.5
+    return Q * (logit_max / s) ** 0.5, K * (logit_max / s) ** 0.5, V
+
+
+# Documented bound (docs/reliability.md): against float64 arithmetic on the same rounded inputs,
+# the relative Frobenius error is at most max(4 eps_dtype, 100 eps_float32). Half formats sit at
+# ~1/2 ulp of the output (eps/2); float32 is amplified by A's conditioning in the solve (~20 eps).
+BOUND = {dt: max(4 * torch.finfo(dt).eps, 100 * torch.finfo(torch.float32).eps)
+         for dt in (torch.float32, torch.float16, torch.bfloat16)}
+
+
+@pytest.mark.parametrize("logit_max", [5.0, 20.0, 50.0])
+@pytest.mark.parametrize("dtype", list(BOUND))
+def test_low_precision_error_within_documented_bound(logit_max, dtype):
+    Q, K, V = scaled_qkv(logit_max)
+    out = nystrom.approximate(Q.to(dtype), K.to(dtype), V.to(dtype), num_landmarks=32)
+    assert torch.isfinite(out).all()
+    rounded = [x.to(dtype).double() for x in (Q, K, V)]
+    ref = nystrom.approximate(*rounded, num_landmarks=32)
+    err = float(torch.linalg.norm(out.double() - ref) / torch.linalg.norm(ref))
+    assert err <= BOUND[dtype], err
+
+
+def ill_conditioned_inputs():
+    rng = np.random.default_rng(0)
+    base = rng.standard_normal((32, 8))
+    near = base[:1] + 1e-9 * rng.standard_normal((32, 8))           # near-identical tokens
+    massive = base.copy()
+    massive[3] *= 1e4                                                # one token 1e4x the others
+    rank1 = np.outer(rng.standard_normal(32), rng.standard_normal(8))
+    duplicates = np.repeat(base[:4], 8, axis=0)                      # every token 8 times
+    return {"near_identical": near, "massive_token": massive, "rank_1": rank1, "duplicates": duplicates}
+
+
+@pytest.mark.parametrize("case", sorted(ill_conditioned_inputs()))
+@pytest.mark.parametrize("solver", SOLVERS, ids=repr)
+def test_ill_conditioned_inputs_give_finite_output(case, solver):
+    X = ill_conditioned_inputs()[case]
+    V = np.random.default_rng(1).standard_normal((32, 4))
+    for strategy in ("norm", "segment_means", "uniform"):
+        out, info = nystrom.approximate(X, X, V, strategy=strategy, num_landmarks=12, solver=solver, seed=0,
+                                        return_info=True)
+        assert np.all(np.isfinite(out)), (case, strategy)
+        assert np.all(np.isfinite(info.residual))
+
+
+def test_duplicate_landmarks_with_exact_pinv_handle_singularity():
+    # Landmark keys that repeat make A exactly singular (equal columns); pinv with rtol=0 still
+    # returns a finite pseudo-inverse and the output is a convex-like mix of V rows.
+    X = np.repeat(np.random.default_rng(2).standard_normal((3, 4)), 5, axis=0)
+    V = np.random.default_rng(3).standard_normal((15, 2))
+    lm = nystrom.Landmarks(X[:6], X[:6], np.arange(6), np.arange(6))
+    from nystrom.linalg import nystrom_attention
+
+    out, result = nystrom_attention(X, X, V, lm, PInv(rtol=0.0))
+    assert np.all(np.isfinite(out)) and np.all(np.isfinite(result.inverse))
+
+
+def test_newton_schulz_reports_residual_on_singular_kernel():
+    X = np.repeat(np.random.default_rng(4).standard_normal((2, 4)), 8, axis=0)
+    _, info = nystrom.approximate(X, X, X, num_landmarks=8, strategy="uniform", seed=0, return_info=True)
+    assert np.all(np.isfinite(info.residual))
+
+
+@pytest.mark.parametrize("strategy", nystrom.strategies)
+def test_same_seed_is_bit_identical(strategy):
+    g = torch.Generator().manual_seed(5)
+    Q, K, V = (torch.randn(2, 3, 80, 16, generator=g) for _ in range(3))
+    runs = [nystrom.approximate(Q, K, V, strategy=strategy, num_landmarks=10, seed=11, return_info=True)
+            for _ in range(2)]
+    assert torch.equal(runs[0][0], runs[1][0])
+    a, b = runs[0][1].landmarks, runs[1][1].landmarks
+    assert torch.equal(a.keys, b.keys) and torch.equal(a.queries, b.queries)
+
+
+@pytest.mark.parametrize("strategy", nystrom.strategies)
+def test_numpy_inputs_are_not_modified(strategy):
+    rng = np.random.default_rng(6)
+    Q, K, V = (rng.standard_normal((2, 30, 4)) for _ in range(3))
+    mask = np.ones((2, 30), bool)
+    mask[1, 20:] = False
+    copies = [x.copy() for x in (Q, K, V, mask)]
+    out, info = nystrom.approximate(Q, K, V, strategy=strategy, num_landmarks=6, seed=0, key_padding_mask=mask,
+                                    return_info=True)
+    info.estimate_error(num_samples=8)
+    for x, c in zip((Q, K, V, mask), copies):
+        np.testing.assert_array_equal(x, c)
+
+
+@pytest.mark.parametrize("n,d,m", [(1, 4, 1), (2, 3, 1), (2, 3, 2), (5, 1, 3), (7, 1, 7)])
+@pytest.mark.parametrize("strategy", nystrom.strategies)
+def test_extreme_sizes(n, d, m, strategy):
+    rng = np.random.default_rng(7)
+    Q, K, V = (rng.standard_normal((n, d)) for _ in range(3))
+    out = nystrom.approximate(Q, K, V, strategy=strategy, num_landmarks=m, seed=0,
+                              solver=NewtonSchulz(tol=1e-13, max_iters=200))
+    assert out.shape == (n, d) and np.all(np.isfinite(out))
+    if m == n:
+        np.testing.assert_allclose(out, nystrom.exact_attention(Q, K, V), rtol=1e-7, atol=1e-9)
