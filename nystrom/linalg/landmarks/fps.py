@@ -57,6 +57,10 @@ def farthest_point_sampling(X, num_points, *, mask=None, guarantee_score=None, m
     pending = None
     if guarantee_score is not None:
         pending = eligible & (guarantee_score > -float("inf"))
+    # Points transposed and augmented, (..., D + 2, n): one vector-matrix product per step then
+    # yields ||x_i||^2 - 2 x_i.p + ||p||^2 for every i, streaming the points once in row order.
+    ones = xp.ones_like(sq_norms)
+    augmented = xp.concat([xp.matrix_transpose(X), sq_norms[..., None, :], ones[..., None, :]], axis=-2)
     chosen = []
     for step in range(num_points):
         idx = xp.argmax(dist, axis=-1)
@@ -68,9 +72,8 @@ def farthest_point_sampling(X, num_points, *, mask=None, guarantee_score=None, m
             idx = xp.where(has, best, idx)
         chosen.append(idx)
         point = xp.take_along_axis(X, xp.broadcast_to(idx[..., None, None], (*idx.shape, 1, X.shape[-1])), axis=-2)
-        # ||x - p||^2 = ||x||^2 - 2 x.p + ||p||^2, one matrix-vector product per step.
-        d_new = sq_norms - 2 * (X @ xp.matrix_transpose(point))[..., 0] + xp.sum(point * point, axis=-1)
-        d_new = xp.clip(d_new, min=0)
+        coeff = xp.concat([-2 * point, ones[..., :1, None], xp.sum(point * point, axis=-1)[..., None]], axis=-1)
+        d_new = xp.clip((coeff @ augmented)[..., 0, :], min=0)
         hit = positions == idx[..., None]
         dist = xp.where(hit, neg, xp.minimum(dist, d_new))
         if pending is not None:
