@@ -1,7 +1,7 @@
 r"""Pseudo-inverse solvers for the small :math:`m \times m` landmark kernel :math:`A`.
 
-Every solver is a small frozen object (``NewtonSchulz(iters=6)``, ``PInv(rtol=1e-3)``,
-``Ridge(lam=1e-4)``) called as ``solver(A)`` on a batch ``A (..., m, m)``; the strings
+Every solver is a small frozen object (``NewtonSchulz(iters=6)``, ``PInv(rtol=3e-2)``,
+``Ridge(lam=1e-2)``) called as ``solver(A)`` on a batch ``A (..., m, m)``; the strings
 ``"newton_schulz"``, ``"pinv"`` and ``"solve"`` are short forms for the defaults. All of them
 compute in float32 or wider, whatever the input dtype, so half-precision callers never overflow in
 the solve, and all report the relative Moore–Penrose residual
@@ -153,11 +153,13 @@ class PInv:
     Parameters
     ----------
     rtol : float
-        Relative cutoff. The default ``1e-3`` was chosen by measurement: on real attention (see
-        the docs' solver page) cutoffs near machine precision invert noise directions of
-        :math:`A` and give output errors many times the signal, while ``1e-3`` keeps the
-        well-determined part. Use ``rtol`` near ``m * eps`` only for well-conditioned :math:`A`
-        (e.g. the identity test with all tokens as landmarks).
+        Relative cutoff. The default ``3e-2`` was chosen by measurement on real attention (the
+        bundled DINOv2-S at 518 px, layers 0/3/6/9/11, m = 64, FPS landmarks; table on the docs'
+        pseudo-inverse page): relative output errors 0.49/0.66/0.28/0.21/0.11, against
+        0.50/2.2/0.73/0.42/0.11 for ``1e-3`` and 0.51/2.3/2.6/0.96/0.12 for ``1e-4``. Small cutoffs
+        invert noise directions of :math:`A` and amplify them into errors larger than the signal.
+        Use ``rtol`` near ``m * eps`` only for well-conditioned :math:`A` (e.g. the identity test
+        with all tokens as landmarks).
 
     Notes
     -----
@@ -165,7 +167,7 @@ class PInv:
     singular value relative to the largest. Cost: one batched SVD, :math:`O(m^3)`.
     """
 
-    rtol: float = 1e-3
+    rtol: float = 3e-2
     name = "pinv"
 
     def __post_init__(self):
@@ -197,7 +199,10 @@ class Ridge:
     ----------
     lam : float
         Regularisation :math:`\lambda \ge 0`, absolute. Softmax matrices satisfy
-        :math:`1 \le \sigma_{\max} \le \sqrt{m}`, so an absolute value is on a known scale.
+        :math:`1 \le \sigma_{\max} \le \sqrt{m}`, so an absolute value is on a known scale. The
+        default ``1e-2`` was the best of 1e-6 ... 1e-1 on the measurement described under
+        :class:`PInv` (errors 0.47/0.61/0.27/0.18/0.12 with FPS landmarks, the lowest mean of all
+        solvers tried there; ``1e-4`` gave 0.46/1.3/0.35/0.24/0.11).
 
     Notes
     -----
@@ -205,7 +210,7 @@ class Ridge:
     its condition number, so ``lam`` well above ``eps * sigma_max**2`` is needed for accuracy.
     """
 
-    lam: float = 1e-4
+    lam: float = 1e-2
     name = "solve"
 
     def __post_init__(self):
