@@ -18,6 +18,7 @@ from typing import Any
 
 import array_api_compat
 
+from .registry import resolve
 from .validation import check_finite, namespace
 
 
@@ -243,13 +244,4 @@ def get_solver(solver):
     TypeError
         For anything that is neither a string nor callable.
     """
-    if isinstance(solver, str):
-        try:
-            return SOLVERS[solver]()
-        except KeyError:
-            raise ValueError(
-                f"unknown solver {solver!r}; valid solvers are {sorted(SOLVERS)}"
-            ) from None
-    if callable(solver):
-        return solver
-    raise TypeError(f"solver must be a name in {sorted(SOLVERS)} or a callable, got {type(solver).__name__}")
+    return resolve("solver", "solvers", SOLVERS, solver)

@@ -7,6 +7,7 @@ Each strategy is a small frozen object; its name string is the short form accept
 
 from __future__ import annotations
 
+from ..registry import resolve
 from .base import Landmarks
 from .fps import FPS, farthest_point_sampling
 from .kmeans import KMeans
@@ -39,18 +40,7 @@ def get_strategy(strategy):
     TypeError
         For anything that is neither a string nor callable.
     """
-    if isinstance(strategy, str):
-        try:
-            return STRATEGIES[strategy]()
-        except KeyError:
-            raise ValueError(
-                f"unknown strategy {strategy!r}; valid strategies are {sorted(STRATEGIES)}"
-            ) from None
-    if callable(strategy):
-        return strategy
-    raise TypeError(
-        f"strategy must be a name in {sorted(STRATEGIES)} or a callable, got {type(strategy).__name__}"
-    )
+    return resolve("strategy", "strategies", STRATEGIES, strategy)
 
 
 __all__ = [

@@ -13,8 +13,8 @@ Sinks are found by what makes them sinks, the attention share a key receives, es
           \qquad j \text{ is a sink if } \hat a_j \ge \min(\rho / n_v,\ \alpha)
 
 (:math:`n_v` real keys, so :math:`\rho` is "times the uniform share"; the absolute share
-:math:`\alpha` lets short sequences, where no key can reach :math:`\rho/n_v`, still have sinks). Key norms are *not* used:
-in all-MiniLM-L6-v2 the [CLS] sink takes ~50 % of the attention while its key norm is only
+:math:`\alpha` lets short sequences, where no key can reach :math:`\rho/n_v`, still have sinks).
+Key norms are *not* used: in all-MiniLM-L6-v2 the [CLS] sink takes ~50 % of the attention while its key norm is only
 0.85–0.95× the median. When per-token ``features`` with large outliers are passed (the residual
 stream, where massive activations live), tokens with :math:`\lVert f_j\rVert \ge \nu\cdot
 \mathrm{median}_i \lVert f_i\rVert` are guaranteed too.
