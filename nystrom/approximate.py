@@ -15,6 +15,7 @@ from .linalg.solvers import get_solver
 from .linalg.validation import (
     check_attention_inputs,
     check_num_landmarks,
+    check_query_chunk_size,
     check_scale,
     check_seed,
 )
@@ -160,10 +161,7 @@ def approximate(
         raise TypeError(
             f"share_landmarks_across_heads must be a bool, got {type(share_landmarks_across_heads).__name__}"
         )
-    if query_chunk_size is not None and (
-        isinstance(query_chunk_size, bool) or not isinstance(query_chunk_size, int) or query_chunk_size < 1
-    ):
-        raise ValueError(f"query_chunk_size must be None or a positive int, got {query_chunk_size!r}")
+    query_chunk_size = check_query_chunk_size(query_chunk_size)
     tau = check_scale(scale, Q.shape[-1])
     seed = check_seed(seed)
     select = get_strategy(strategy)

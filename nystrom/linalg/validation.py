@@ -228,3 +228,12 @@ def check_eigenvalues(eigenvalues):
     if lam.min() < -1e-8 * np.abs(lam).max():
         raise ValueError(f"eigenvalues must be those of a PSD matrix (>= 0), got minimum {lam.min():.3g}")
     return np.sort(np.clip(lam, 0, None))[::-1]
+
+
+def check_query_chunk_size(query_chunk_size) -> int | None:
+    """Validate ``query_chunk_size`` (``None`` or a positive int)."""
+    if query_chunk_size is None:
+        return None
+    if isinstance(query_chunk_size, bool) or not isinstance(query_chunk_size, numbers.Integral) or query_chunk_size < 1:
+        raise ValueError(f"query_chunk_size must be None or a positive int, got {query_chunk_size!r}")
+    return int(query_chunk_size)

@@ -48,7 +48,7 @@ from torch import nn
 from ..linalg.landmarks import get_strategy
 from ..linalg.landmarks.base import landmarks_at, unfold_indices
 from ..linalg.solvers import get_solver
-from ..linalg.validation import check_seed
+from ..linalg.validation import check_query_chunk_size, check_seed
 from .attention import fna_attention
 
 __all__ = [
@@ -434,10 +434,7 @@ class FNAHandle(Handle):
             raise ValueError(f"resample must be one of {RESAMPLE}, got {resample!r}")
         if features not in FEATURES:
             raise ValueError(f"features must be one of {FEATURES}, got {features!r}")
-        if query_chunk_size is not None and (
-            isinstance(query_chunk_size, bool) or not isinstance(query_chunk_size, int) or query_chunk_size < 1
-        ):
-            raise ValueError(f"query_chunk_size must be None or a positive int, got {query_chunk_size!r}")
+        check_query_chunk_size(query_chunk_size)
         for name, spec in (("guarantee", guarantee), ("exclude", exclude)):
             _check_token_spec(name, spec)
         self.num_landmarks = int(num_landmarks)

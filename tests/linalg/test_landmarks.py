@@ -199,3 +199,15 @@ def test_kmeans_and_rpcholesky_objects():
         assert nystrom.approximate(Q, K, V, strategy=s, num_landmarks=6, seed=0).shape == V.shape
     with pytest.raises(ValueError, match="iters"):
         KMeans(iters=-2)
+
+
+def test_norm_probes_ignore_padding():
+    # The sink probes sit among real queries only: extra padding must not move the landmarks.
+    rng = np.random.default_rng(1)
+    Q, K = rng.standard_normal((40, 8)), rng.standard_normal((40, 8))
+    strategy = Norm(sink_ratio=1.5)
+    ref = strategy(Q, K, 16).indices
+    for pad in (1, 7, 40):
+        Qp, Kp = (np.concatenate([X, rng.standard_normal((pad, 8))]) for X in (Q, K))
+        mask = np.arange(40 + pad) < 40
+        np.testing.assert_array_equal(strategy(Qp, Kp, 16, key_padding_mask=mask).indices, ref)

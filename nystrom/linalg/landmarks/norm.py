@@ -41,8 +41,11 @@ def attention_share(xp, Q, K, scale, mask=None, num_probes=16):
     K : array, shape (..., n, d)
     scale : float
     mask : bool array, shape broadcastable to (..., n), optional
+        Real keys. For self-attention (``n_q == n``) it also marks the real queries, and the probes
+        are spread over those only, so padding never changes the estimate.
     num_probes : int
-        Probe queries :math:`s` (at evenly spaced positions, so the estimate is deterministic).
+        Probe queries :math:`s`: ranks :math:`\lfloor i (n_v - 1)/(s - 1)\rfloor`, :math:`i < s`, among the
+        :math:`n_v` real queries (deterministic).
 
     Returns
     -------
@@ -51,10 +54,23 @@ def attention_share(xp, Q, K, scale, mask=None, num_probes=16):
     """
     # Shares of a few percent must be resolved: accumulate in float32 or wider.
     Q, K = at_least_float32(xp, Q), at_least_float32(xp, K)
+    device = array_api_compat.device(Q)
     n_q = Q.shape[-2]
-    s = min(num_probes, n_q)
-    positions = [round(i * (n_q - 1) / max(s - 1, 1)) for i in range(s)]
-    probes = xp.take(Q, xp.asarray(positions, device=array_api_compat.device(Q)), axis=-2)
+    real_queries = mask is not None and n_q == K.shape[-2]
+    if real_queries:
+        mask = xp.broadcast_to(mask, tuple(K.shape[:-1]))
+        filled = xp.cumulative_sum(xp.astype(mask, xp.int64), axis=-1)
+        n_valid = filled[..., -1:]
+    else:
+        n_valid = xp.full(tuple(Q.shape[:-2]) + (1,), n_q, dtype=xp.int64, device=device)
+    s = min(num_probes, n_q if not real_queries else int(xp.min(n_valid)))
+    ranks = (xp.arange(s, device=device) * (n_valid - 1)) // max(s - 1, 1)
+    if real_queries:
+        # Position of the real query of rank r: the number of positions holding at most r real ones.
+        positions = xp.sum(xp.astype(filled[..., None, :] <= ranks[..., :, None], xp.int64), axis=-1)
+    else:
+        positions = ranks
+    probes = xp.take_along_axis(Q, xp.broadcast_to(positions[..., None], (*positions.shape, Q.shape[-1])), axis=-2)
     m = None if mask is None else mask[..., None, :]
     return xp.mean(softmax(xp, scale * (probes @ xp.matrix_transpose(K)), m), axis=-2)
 
