@@ -37,9 +37,22 @@ solvers = tuple(_SOLVERS)
 
 __version__ = "0.1.0"
 
+_MODEL_TOOLS = {"fna": "patching", "patch": "patching", "mask_keys": "patching", "capture_attention": "capture"}
+
+
+def __getattr__(name):
+    # ``nystrom.fna(model, ...)`` and friends live in the torch backend; importing it on first use keeps
+    # ``import nystrom`` free of the transformers-facing code for users of the math alone.
+    if name in _MODEL_TOOLS:
+        import importlib
+
+        return getattr(importlib.import_module(f".torch.{_MODEL_TOOLS[name]}", __name__), name)
+    raise AttributeError(f"module 'nystrom' has no attribute {name!r}")
+
 __all__ = [
     "FPS", "RANDOM_STRATEGIES", "ErrorEstimate", "Info", "KMeans", "Landmarks", "NewtonSchulz", "Norm", "PInv",
     "RPCholesky", "Ridge", "SegmentMeans", "SolveResult", "TraceCertificate", "Uniform", "approximate",
-    "best_rank_trace_floor", "estimate_relative_error", "exact_attention", "get_solver", "get_strategy",
-    "nystrom_trace_error", "rpcholesky_trace_bound", "solvers", "strategies",
+    "best_rank_trace_floor", "capture_attention", "estimate_relative_error", "exact_attention", "fna",
+    "get_solver", "get_strategy", "mask_keys", "nystrom_trace_error", "patch", "rpcholesky_trace_bound", "solvers",
+    "strategies",
 ]

