@@ -1,0 +1,132 @@
+"""The documentation cannot rot: every Python example in ``docs/`` runs, and the site builds strictly.
+
+Convention for fenced code blocks in ``docs/**/*.md``:
+
+* ```` ```python ```` blocks **run**. The blocks of one page run in order in one namespace, so a page
+  reads like a notebook: an import in the first block serves the later ones.
+* ```` ```python {.no-run} ```` blocks are shown, highlighted as Python, but **not run**. Use this for
+  signatures, pseudo-code and snippets that need a GPU or a long computation. A title may be added
+  inside the braces, ```` ```python {.no-run title="Needs CUDA"} ````. A bare ```` ```python no-run ````
+  is rejected: Markdown would show it as plain text, not as a code block.
+* Blocks with any other language (``bash``, ``text``, ``pycon``, ...) are not run.
+
+Fences may be indented (inside admonitions or content tabs); the indentation is removed before
+running. Examples must be small: this whole file has to finish well within a minute.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DOCS = REPO / "docs"
+
+_FENCE = re.compile(r"^(?P<indent>[ \t]*)(?P<fence>`{3,}|~{3,})(?P<info>[^`]*)$")
+_PYTHON_INFO = re.compile(r"^python(?:\s+(?P<attrs>\{[^}]*\}|title=\"[^\"]*\"))?\s*$")
+
+
+def code_blocks(text: str) -> list[tuple[int, str, str]]:
+    """``(line number, info string, code)`` of every fenced block, with the fence's indentation removed."""
+    blocks = []
+    lines = text.split("\n")
+    i = 0
+    while i < len(lines):
+        opening = _FENCE.match(lines[i])
+        if not opening:
+            i += 1
+            continue
+        indent, fence, info = opening["indent"], opening["fence"], opening["info"].strip()
+        start = i + 1
+        i += 1
+        body = []
+        while i < len(lines):
+            line = lines[i]
+            stripped = line.strip()
+            if stripped.startswith(fence[0] * len(fence)) and set(stripped) == {fence[0]}:
+                break
+            body.append(line[len(indent):] if line.startswith(indent) else line.lstrip())
+            i += 1
+        blocks.append((start, info, "\n".join(body)))
+        i += 1
+    return blocks
+
+
+def runnable(info: str) -> bool:
+    """Whether a block with this info string runs; raises for malformed ``python`` fences."""
+    if info.split(maxsplit=1)[:1] != ["python"]:
+        return False
+    match = _PYTHON_INFO.match(info)
+    if match is None:
+        raise ValueError(
+            f"unrecognised fence info {info!r}: use ```python, ```python {{.no-run}} or "
+            '```python {.no-run title="..."}'
+        )
+    return ".no-run" not in (match["attrs"] or "")
+
+
+PAGES = sorted(DOCS.rglob("*.md"))
+
+
+def page_id(page: Path) -> str:
+    return str(page.relative_to(DOCS))
+
+
+def test_docs_have_pages_with_examples():
+    # Guards the collection itself: an empty glob would make the examples test pass vacuously.
+    assert len(PAGES) >= 10
+    assert sum(any(runnable(info) for _, info, _ in code_blocks(p.read_text())) for p in PAGES) >= 5
+
+
+@pytest.mark.parametrize("page", PAGES, ids=page_id)
+def test_examples_run(page, monkeypatch, tmp_path):
+    blocks = [(line, code) for line, info, code in code_blocks(page.read_text(encoding="utf-8")) if runnable(info)]
+    if not blocks:
+        pytest.skip("no runnable examples")
+    # Offline and headless, and in a scratch directory so an example that writes files leaves no trace.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    monkeypatch.syspath_prepend(str(REPO))
+    monkeypatch.chdir(tmp_path)
+    namespace = {"__name__": "__docs__"}
+    for line, code in blocks:
+        # Pad with blank lines so tracebacks show the line number in the Markdown file.
+        exec(compile("\n" * line + code, str(page), "exec"), namespace)
+
+
+def test_fence_convention_rejects_bare_no_run():
+    assert runnable("python") and runnable('python title="x"')
+    assert not runnable("python {.no-run}") and not runnable('python {.no-run title="Needs CUDA"}')
+    assert not runnable("bash") and not runnable("")
+    with pytest.raises(ValueError, match="unrecognised fence info"):
+        runnable("python no-run")
+    blocks = code_blocks("text\n\n=== \"tab\"\n\n    ```python\n    x = 1\n    ```\n\n```bash\nls\n```\n")
+    assert blocks == [(5, "python", "x = 1"), (9, "bash", "ls")]
+
+
+def test_site_builds_strictly_and_offline(tmp_path):
+    site = tmp_path / "site"
+    proc = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(site)],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "NO_MKDOCS_2_WARNING": "1"},
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    pages = {p: p.read_text(encoding="utf-8") for p in site.rglob("*.html")}
+    # MathJax comes from the site itself, and no page loads a script, stylesheet or font from elsewhere.
+    assert (site / "javascripts" / "mathjax" / "tex-chtml.js").is_file()
+    assert list((site / "javascripts" / "mathjax" / "output" / "chtml" / "fonts" / "woff-v2").glob("*.woff"))
+    remote = re.compile(r"<(?:script|link)\b[^>]*\b(?:src|href)=\"(?:https?:)?//[^\"]*\"[^>]*>")
+    for path, html in pages.items():
+        loads = [tag for tag in remote.findall(html) if "<script" in tag or "stylesheet" in tag or "preconnect" in tag]
+        assert not loads, f"{path.relative_to(site)} loads remote resources: {loads}"
+    # The docstrings' Sphinx math was turned into MathJax input, not printed literally.
+    api = "".join(html for path, html in pages.items() if path.relative_to(site).parts[0] == "api")
+    assert 'class="arithmatex"' in api
+    assert ":math:" not in api and ".. math::" not in api
