@@ -53,6 +53,19 @@ class Info:
         """A-posteriori relative error of the returned output from ``num_samples`` exact query rows.
 
         See :func:`nystrom.linalg.estimate_relative_error`; costs :math:`O(s\\, n\\, d)`.
+
+        Parameters
+        ----------
+        num_samples : int
+            Query rows computed exactly (clipped to :math:`n_q`).
+        confidence : float
+            Level of the interval.
+        seed : int, optional
+            Seed of the row sample.
+
+        Returns
+        -------
+        ErrorEstimate
         """
         Q, K, V, out, scale, mask = self._inputs
         return estimate_relative_error(Q, K, V, out, num_samples=num_samples, confidence=confidence, seed=seed,

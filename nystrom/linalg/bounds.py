@@ -66,8 +66,23 @@ class TraceCertificate:
 
 
 def exp_kernel(xp, X, Y, scale, shift):
-    r""":math:`\exp(\tau\, x_i^\top y_j - c)` for ``X (..., n, D)``, ``Y (..., p, D)``, ``shift`` :math:`c`
-    of shape ``(...)``."""
+    r"""The shifted exponential kernel :math:`\kappa_{ij} = \exp(\tau\, x_i^\top y_j - c)`.
+
+    Parameters
+    ----------
+    xp
+        Array namespace.
+    X : array, shape (..., n, D)
+    Y : array, shape (..., p, D)
+    scale : float
+        :math:`\tau`.
+    shift : array, shape (...)
+        :math:`c`, see :func:`nystrom.linalg.landmarks.rpcholesky.exp_kernel_shift`.
+
+    Returns
+    -------
+    array, shape (..., n, p)
+    """
     return xp.exp(scale * (X @ xp.matrix_transpose(Y)) - shift[..., None, None])
 
 

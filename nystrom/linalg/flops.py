@@ -16,7 +16,19 @@ from __future__ import annotations
 
 
 def exact_attention_flops(batch, n_q, n, d, d_v):
-    """FLOPs of exact attention over ``batch`` independent sequences."""
+    """FLOPs of exact attention, :math:`2 n_q n (d + d_v)` per sequence.
+
+    Parameters
+    ----------
+    batch : int
+        Independent sequences (batch times heads).
+    n_q, n, d, d_v : int
+        Queries, keys, query/key size, value size.
+
+    Returns
+    -------
+    int
+    """
     return batch * 2 * n_q * n * (d + d_v)
 
 

@@ -17,6 +17,11 @@ def softmax(xp, logits, mask=None):
         ``True`` marks entries that take part; masked entries get weight exactly 0. Every row
         must keep at least one entry (checked by the callers' validation).
 
+    Returns
+    -------
+    array, shape (..., n)
+        Rows summing to 1 (masked entries exactly 0).
+
     Notes
     -----
     Subtracting the row maximum (over unmasked entries) keeps every exponent :math:`\le 0`, so no

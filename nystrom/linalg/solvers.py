@@ -66,7 +66,19 @@ def _frobenius(xp, X):
 
 
 def moore_penrose_residual(A, Z):
-    r"""Relative residual :math:`\lVert A Z A - A\rVert_F / \lVert A\rVert_F` per matrix, shape ``(...)``."""
+    r"""Relative Moore–Penrose residual :math:`\lVert A Z A - A\rVert_F / \lVert A\rVert_F` per matrix.
+
+    Parameters
+    ----------
+    A : array, shape (..., m, m)
+    Z : array, shape (..., m, m)
+        A candidate pseudo-inverse of ``A``.
+
+    Returns
+    -------
+    array, shape (...)
+        0 for the exact pseudo-inverse of any (also singular) ``A``; 0 for the zero matrix.
+    """
     xp = namespace(A=A, Z=Z)
     A = xp.astype(A, Z.dtype)
     norm = _frobenius(xp, A)
@@ -225,7 +237,7 @@ class Ridge:
         return SolveResult(Z, moore_penrose_residual(A, Z), 0)
 
     def flops(self, m, iterations=0):
-        """:math:`A^\top A`, an LU solve with :math:`m` right-hand sides (~:math:`\tfrac83 m^3`), two residual
+        r""":math:`A^\top A`, an LU solve with :math:`m` right-hand sides (~:math:`\tfrac83 m^3`), two residual
         products."""
         return 2 * m**3 + (8 * m**3) // 3 + 2 * 2 * m**3
 
@@ -236,6 +248,16 @@ SOLVERS = {"newton_schulz": NewtonSchulz, "pinv": PInv, "solve": Ridge}
 
 def get_solver(solver):
     """Return a solver object for a name, an existing solver object or any callable ``A -> SolveResult``.
+
+    Parameters
+    ----------
+    solver : str or callable
+        A name in :data:`SOLVERS` (``"newton_schulz"``, ``"pinv"``, ``"solve"``), giving the default object.
+
+    Returns
+    -------
+    callable
+        ``solver(A (..., m, m)) -> SolveResult``.
 
     Raises
     ------

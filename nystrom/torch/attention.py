@@ -28,6 +28,16 @@ def landmark_kernel(q_landmarks, k_landmarks, scale):
     The logits and the normalisation are accumulated in at least float32 so half-precision
     inputs neither overflow in the exponent nor lose the small entries that decide
     :math:`A`'s conditioning.
+
+    Parameters
+    ----------
+    q_landmarks, k_landmarks : Tensor, shape (..., m, d)
+    scale : float
+        :math:`\tau`.
+
+    Returns
+    -------
+    Tensor, shape (..., m, m)
     """
     dtype = torch.float64 if q_landmarks.dtype == torch.float64 else torch.float32
     logits = scale * (q_landmarks.to(dtype) @ k_landmarks.to(dtype).transpose(-2, -1))

@@ -33,6 +33,16 @@ RANDOM_STRATEGIES = frozenset({"uniform", "kmeans", "rpcholesky"})
 def get_strategy(strategy):
     """Return a strategy object for a name, an existing strategy object or any callable.
 
+    Parameters
+    ----------
+    strategy : str or callable
+        A name in :data:`STRATEGIES`, giving the default object.
+
+    Returns
+    -------
+    callable
+        ``strategy(Q, K, num_landmarks, *, key_padding_mask, seed, head_axis, features, scale) -> Landmarks``.
+
     Raises
     ------
     ValueError

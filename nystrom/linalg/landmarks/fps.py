@@ -21,7 +21,8 @@ from .base import check_strategy_inputs, select_by_index
 
 
 def farthest_point_sampling(X, num_points, *, mask=None, guarantee_score=None, max_guaranteed=None):
-    """Indices chosen by exact farthest-point sampling.
+    r"""Indices chosen by exact farthest-point sampling,
+    :math:`s_{t+1} = \arg\max_i \min_{j \le t} \lVert x_i - x_{s_j}\rVert^2`.
 
     Parameters
     ----------

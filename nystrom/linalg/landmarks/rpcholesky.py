@@ -27,12 +27,43 @@ from .base import check_strategy_inputs, sample_by_weight, select_by_index, unif
 def exp_kernel_shift(xp, X, scale):
     r"""Per-row constant :math:`c = \tau \max_i \lVert x_i\rVert^2` so that
     :math:`e^{\tau x_i^\top x_j - c} \le 1` never overflows (Cauchy–Schwarz). Scaling a kernel by
-    :math:`e^{-c}` changes no pivot probability and no relative error."""
+    :math:`e^{-c}` changes no pivot probability and no relative error.
+
+    Parameters
+    ----------
+    xp
+        Array namespace.
+    X : array, shape (..., n, D)
+    scale : float
+        :math:`\tau`.
+
+    Returns
+    -------
+    array, shape (...)
+    """
     return scale * xp.max(xp.sum(X * X, axis=-1), axis=-1)
 
 
 def rpcholesky_pivots(X, num_pivots, *, scale, mask=None, u):
-    """Pivot indices ``(..., m)`` of RPCholesky on ``exp(scale * x_i.x_j)``; ``u (..., m)`` are uniform draws."""
+    r"""Pivots of randomly pivoted Cholesky on :math:`\kappa_{ij} = \exp(\tau\, x_i^\top x_j)`.
+
+    Parameters
+    ----------
+    X : array, shape (..., n, D)
+    num_pivots : int
+        :math:`m`, at most the number of eligible points.
+    scale : float
+        :math:`\tau`.
+    mask : bool array, shape (..., n), optional
+        Eligible points.
+    u : array, shape (..., m)
+        Uniform :math:`[0, 1)` draws, one per pivot (inverse-CDF sampling of the residual diagonal).
+
+    Returns
+    -------
+    int64 array, shape (..., m)
+        Distinct pivots in selection order.
+    """
     xp = array_api_compat.array_namespace(X)
     n = X.shape[-2]
     device = array_api_compat.device(X)
