@@ -371,8 +371,11 @@ def _versions():
     return versions
 
 
-def make_stamp(device, dtype):
-    """Where and when a result was measured: device, dtype, versions, date, commit, threads, load."""
+def make_stamp(device, dtype, commit=None):
+    """Where and when a result was measured: device, dtype, versions, date, commit, threads, load.
+
+    ``commit`` is that of the code that ran (taken when the run started); default the checkout's now.
+    """
     return {
         "device": device.type,
         "device_name": device_name(device),
@@ -380,7 +383,7 @@ def make_stamp(device, dtype):
         "threads": torch.get_num_threads(),
         "versions": _versions(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": _git_commit(),
+        "commit": commit or _git_commit(),
         # Other processes on a shared machine inflate times; the load says how busy it was.
         "load_average": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
     }
@@ -403,9 +406,11 @@ class Context:
     out: Path
     progress: bool = True
     roofline: dict = field(default_factory=dict)
+    # The checkout can change while a long run goes on; the stamp names the code that was imported.
+    commit: str | None = field(default_factory=_git_commit)
 
     def stamp(self):
-        return make_stamp(self.device, self.dtype)
+        return make_stamp(self.device, self.dtype, self.commit)
 
 
 def _figure(panels, stamp, width=5.5, height=4.2, rows=1):
@@ -665,8 +670,8 @@ def _plot_scaling(ctx, records, plan, roof, stamp):
         fig, axes = _figure(len(plan.seq_lens), stamp)
         for ax, (heads, lengths) in zip(axes, plan.seq_lens.items()):
             for method, m in lines:
-                pts = sorted((r["n"], r[key]) for r in records if (r["heads"], r["method"], r["m"]) == (heads, method, m)
-                             and r[key] is not None)
+                pts = sorted((r["n"], r[key]) for r in records
+                             if (r["heads"], r["method"], r["m"]) == (heads, method, m) and r[key] is not None)
                 # A zero (no measurable growth) cannot sit on a log axis.
                 ax.plot([n for n, _ in pts], [v / unit if v > 0 else np.nan for _, v in pts],
                         "k-o" if method == "exact" else "-o", ms=3,
@@ -713,7 +718,10 @@ class _StageClock(TorchFunctionMode):
 
 
 def _timing_wrapper(inner, stage, seconds, device):
-    """``inner`` (a strategy or solver) with its time added to ``seconds[stage]``; ``approximate`` accepts any callable."""
+    """``inner`` (a strategy or solver) with its time added to ``seconds[stage]``.
+
+    ``approximate`` accepts any callable as strategy or solver, so the wrapped one times itself in place.
+    """
     def wrapped(*args, **kwargs):
         _sync(device)
         begin = time.perf_counter()
@@ -947,8 +955,8 @@ def accuracy_tables(records, plan, stamp):
         per_head = _mean_over_layers(records, shared=False, dataset=dataset)
         if per_head:
             shared = _mean_over_layers(records, dataset=dataset, strategy=DEFAULT_STRATEGY, solver=DEFAULT_SOLVER)
-            parts.append(f"Landmarks shared by the {shape[0]} heads (default) or chosen per head, `{DEFAULT_STRATEGY}`: "
-                         "error and time (ms):\n")
+            parts.append(f"Landmarks shared by the {shape[0]} heads (default) or chosen per head, "
+                         f"`{DEFAULT_STRATEGY}`: error and time (ms):\n")
             rows = [[m, f"{shared[m][0]:.3g}", f"{per_head[m][0]:.3g}", _ms(shared[m][1]), _ms(per_head[m][1])]
                     for m in per_head]
             parts.append(markdown_table(["m", "error, shared", "error, per head", "time, shared",

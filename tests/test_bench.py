@@ -1,0 +1,154 @@
+"""Smoke test of the benchmark CLI ``python -m nystrom.bench`` at tiny sizes (``--quick``), and of its helpers.
+
+The numbers a quick run produces are meaningless as benchmarks; what is checked is that every section runs,
+writes stamped JSON, markdown tables and plots, covers its grid, and that the measuring helpers measure what
+they claim (a known allocation, a known call count, a known power law).
+"""
+
+import json
+import os
+import time
+
+import pytest
+import torch
+
+pytest.importorskip("matplotlib")
+pytest.importorskip("tqdm")
+pytest.importorskip("transformers")
+
+from nystrom import bench  # noqa: E402
+from nystrom.linalg.flops import exact_attention_flops  # noqa: E402
+from nystrom.linalg.landmarks import STRATEGIES  # noqa: E402
+from nystrom.linalg.solvers import SOLVERS  # noqa: E402
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+CPU = torch.device("cpu")
+PLAN = bench.plan_for(CPU, quick=True)
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    # One thread: on a busy machine two threads' spin-waits slow tiny calls tenfold; the timings are not checked.
+    assert bench.main(["--quick", "--no-progress", "--device", "cpu", "--threads", "1", "--out", str(out)]) == 0
+    return out / "cpu"
+
+
+def _load(results, section):
+    return json.loads((results / f"{section}.json").read_text())
+
+
+@pytest.mark.parametrize("section", bench.SECTIONS)
+def test_every_section_writes_a_stamped_record_and_a_table(results, section):
+    payload = _load(results, section)
+    stamp = payload["stamp"]
+    assert stamp["device"] == "cpu" and stamp["dtype"] == "float32"
+    assert stamp["versions"]["torch"] == torch.__version__
+    assert stamp["date"][:4].isdigit() and "T" in stamp["date"]
+    assert f"{os.cpu_count()} cores" in stamp["device_name"]
+    assert (results / f"{section}.md").read_text().startswith("_Measured on") or "skipped" in payload
+
+
+@pytest.mark.parametrize("name", ["scaling_time", "scaling_landmarks", "scaling_memory", "roofline", "breakdown",
+                                  "accuracy_m", "accuracy_time"] + [f"accuracy_m_{s}" for s in SOLVERS
+                                                                     if s != bench.DEFAULT_SOLVER])
+def test_plots_are_written(results, name):
+    assert (results / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_scaling_covers_the_grid_with_consistent_numbers(results):
+    payload = _load(results, "scaling")
+    records = payload["records"]
+    assert [(r["heads"], r["n"], r["method"], r["m"]) for r in records] == [
+        tuple(c) for c in bench._scaling_configs(PLAN)]
+    for r in records:
+        assert 0 < r["min_s"] <= r["median_s"] and r["min_s"] == min(r["times_s"])
+        assert r["flops_per_s"] == pytest.approx(r["flops"] / r["min_s"])
+        assert r["peak_bytes"] is None or r["peak_bytes"] >= 0
+        if r["method"] == "exact":
+            assert r["flops"] == exact_attention_flops(r["heads"], r["n"], r["n"], r["d"], r["d"])
+    assert payload["roofline"]["gemm_flops_per_s"] > 0
+    # The quick grid stops at n = 256, so none of the issue's targets can be judged.
+    assert [t["met"] for t in payload["summary"]["targets"]] == [None] * 4
+    assert "not measured" in (results / "scaling.md").read_text()
+
+
+def test_breakdown_stages_fit_inside_the_call(results):
+    records = _load(results, "breakdown")["records"]
+    assert len(records) == len(STRATEGIES) * len(PLAN.landmarks)
+    for r in records:
+        stages = [r[f"{s}_s"] for s in ("selection", "landmark_product", "solve", "output_product")]
+        assert all(t > 0 for t in stages), r
+        # The stages are timed inside the call; 1 ms of slack covers the timers' own overhead.
+        assert sum(stages) <= r["total_s"] + 1e-3, r
+
+
+def test_accuracy_covers_every_strategy_solver_and_m(results):
+    records = _load(results, "accuracy")["records"]
+    synthetic = [r for r in records if r["dataset"].startswith("synthetic")]
+    assert {(r["strategy"], r["solver"], r["m"], r["shared"]) for r in synthetic} == {
+        (s, solver, m, True) for s in STRATEGIES for solver in SOLVERS for m in PLAN.accuracy_landmarks}
+    # Multi-head inputs add the default strategy with one landmark set per head.
+    per_head = {(r["dataset"], r["m"]) for r in records if not r["shared"]}
+    assert per_head == {(r["dataset"], r["m"]) for r in records if r["heads"] > 1}
+    for r in records:
+        assert 0 < r["rel_error"] < float("inf")
+        assert (r["time_s"] is not None) == (r["solver"] == bench.DEFAULT_SOLVER)
+
+
+def test_e2e_measures_agreement(results):
+    payload = _load(results, "e2e")
+    if "skipped" in payload:
+        pytest.skip(payload["skipped"])
+    (record,) = payload["records"]
+    assert record["n"] == 1 + (PLAN.e2e_sizes[0] // 14) ** 2
+    assert record["exact_s"] > 0 and record["fna_s"] > 0
+    assert -1 <= record["patch_cosine_min"] <= record["patch_cosine_mean"] <= 1 + 1e-6
+    assert -1 <= record["cls_cosine"] <= 1 + 1e-6
+
+
+def test_peak_memory_sees_a_known_allocation():
+    size = 64 * 2**20
+    with bench.PeakMemory(CPU) as peak:
+        block = torch.ones(size // 4)
+        del block
+    if peak.bytes is None:
+        pytest.skip("peak RSS cannot be reset on this platform")
+    # The allocation itself plus at most 16 MiB of interpreter and allocator noise.
+    assert size <= peak.bytes <= size + 16 * 2**20
+
+
+def test_measure_warms_up_then_repeats():
+    calls = []
+    result = bench.measure(lambda: calls.append(1), CPU, min_calls=3, max_calls=3, budget_s=1.0)
+    assert len(calls) == 4 and len(result.times) == 3
+    calls.clear()
+    # A warm-up longer than the budget is the only call.
+    result = bench.measure(lambda: calls.append(1) or time.sleep(0.02), CPU, budget_s=0.01)
+    assert len(calls) == 1 and len(result.times) == 1 and result.min >= 0.02
+
+
+def test_log_log_slope_recovers_a_power_law():
+    ns = [256, 1024, 4096]
+    assert bench.log_log_slope(ns, [3e-9 * n**1.5 for n in ns]) == pytest.approx(1.5)
+    assert bench.log_log_slope([4096], [1.0]) is None
+
+
+def test_sink_inputs_have_a_sink():
+    Q, K, V = bench.sink_inputs(1024, 64)
+    share = torch.softmax(Q[0, 0] @ K[0, 0].T / 8, dim=-1).mean(dim=0)
+    assert share[0] > 0.3 and share[1:].max() < 0.05
+    assert V[0, 0, 0].norm() < 0.2 * V[0, 0, 1:].norm(dim=-1).median()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown when CUDA is missing")
+def test_cuda_without_a_gpu_exits_with_a_message(tmp_path, capsys):
+    assert bench.main(["--device", "cuda", "--out", str(tmp_path)]) == 2
+    assert "torch.cuda.is_available() is False" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+def test_unknown_section_is_rejected(capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--only", "scaling,speed"])
+    assert "unknown section" in capsys.readouterr().err
