@@ -45,6 +45,7 @@ Memory
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import datetime
 import json
@@ -70,10 +71,15 @@ from .linalg.flops import exact_attention_flops, nystrom_attention_flops
 from .linalg.landmarks import STRATEGIES, get_strategy
 from .linalg.solvers import SOLVERS, NewtonSchulz, get_solver
 from .linalg.validation import check_attention_inputs
+from .torch.attention import fna_attention
 
 SECTIONS = ("scaling", "breakdown", "accuracy", "e2e")
 DEFAULT_STRATEGY = "norm"
 DEFAULT_SOLVER = "newton_schulz"
+# Scaling "method": fna_attention on landmarks chosen before the clock starts, i.e. the two attention
+# products and the m x m solve alone. No selection rule can be faster, so it is the ceiling of every
+# speed-up and FLOP-rate target.
+GIVEN = "given"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -504,7 +510,7 @@ def _scaling_configs(plan):
         for n in lengths:
             if n <= plan.exact_max_n[heads]:
                 configs.append((heads, n, "exact", None))
-            configs += [(heads, n, s, m) for s in STRATEGIES for m in plan.landmarks if m <= n]
+            configs += [(heads, n, s, m) for s in (*STRATEGIES, GIVEN) for m in plan.landmarks if m <= n]
     return configs
 
 
@@ -525,6 +531,11 @@ def run_scaling(ctx):
             if method == "exact":
                 meas = measure(lambda: F.scaled_dot_product_attention(Q, K, V), device, budget_s=plan.budget_s)
                 flops = exact_attention_flops(heads, n, n, d, d)
+            elif method == GIVEN:
+                landmarks = get_strategy("uniform")(Q, K, m, seed=0, head_axis=-3)
+                meas = measure(lambda: fna_attention(Q, K, V, landmarks, DEFAULT_SOLVER, scale=d**-0.5), device,
+                               budget_s=plan.budget_s)
+                flops = approximate_flops(heads, n, d, m)["total"]
             else:
                 meas = measure(lambda: approximate(Q, K, V, strategy=method, num_landmarks=m, seed=0), device,
                                budget_s=plan.budget_s)
@@ -558,7 +569,7 @@ def scaling_summary(records, plan, device):
     lo, hi = plan.slope_range
     slopes = []
     for heads in plan.seq_lens:
-        for method, m in [("exact", None)] + [(s, m) for s in STRATEGIES for m in plan.landmarks]:
+        for method, m in [("exact", None)] + [(s, m) for s in (*STRATEGIES, GIVEN) for m in plan.landmarks]:
             pts = [(r["n"], r["min_s"]) for r in records
                    if r["heads"] == heads and r["method"] == method and r["m"] == m and lo <= r["n"] <= hi]
             if pts:
@@ -594,7 +605,12 @@ def scaling_summary(records, plan, device):
                    ">=", 0.70),
             target(f"(1,1,n,64) m=64: slope of log t vs log n over [{lo}, {hi}]", slope_of(1), "<=", 1.10),
         ]
-    return {"slopes": slopes, "targets": targets, "strategy": DEFAULT_STRATEGY}
+    m0 = 64 if 64 in plan.landmarks else plan.landmarks[0]
+    ceiling = [{"heads": heads, "n": n, "m": m0, "speedup": ratio(heads, n, m0, GIVEN),
+                "gemm_fraction": _lookup(records, heads=heads, n=n, method=GIVEN, m=m0)["gemm_fraction"]}
+               for heads, lengths in plan.seq_lens.items() for n in lengths
+               if ratio(heads, n, m0, GIVEN) is not None]
+    return {"slopes": slopes, "targets": targets, "strategy": DEFAULT_STRATEGY, "ceiling": ceiling}
 
 
 def scaling_tables(records, summary, plan, roof, stamp):
@@ -612,6 +628,12 @@ def scaling_tables(records, summary, plan, roof, stamp):
     parts.append(f"### Targets (strategy `{summary['strategy']}`, default solver)\n")
     parts.append(markdown_table(["target", "measured", "bound", "verdict"],
                                 [(t["target"], fmt(t["value"]), t["bound"], verdict(t)) for t in summary["targets"]]))
+    if summary["ceiling"]:
+        parts.append(f"Ceiling, m = {summary['ceiling'][0]['m']}: with the landmarks given (`{GIVEN}`: the two attention products and the "
+                     "m×m solve, no selection, no input checks) no strategy can do better than\n")
+        parts.append(markdown_table(["shape", "speed-up over exact SDPA", "FLOP rate / GEMM"],
+                                    [(f"(1, {c['heads']}, {c['n']:,}, {plan.head_dim})", f"{c['speedup']:,.0f}×",
+                                      f"{100 * c['gemm_fraction']:.0f}%") for c in summary["ceiling"]]))
     for heads, lengths in plan.seq_lens.items():
         m = 64 if 64 in plan.landmarks else plan.landmarks[0]
         parts.append(f"### Time per call (ms, min) and speed-up over exact SDPA: shape (1, {heads}, n, "
@@ -620,7 +642,7 @@ def scaling_tables(records, summary, plan, roof, stamp):
         for n in lengths:
             exact = _lookup(records, heads=heads, n=n, method="exact")
             row = [f"{n:,}", _ms(exact and exact["min_s"])]
-            for s in STRATEGIES:
+            for s in (*STRATEGIES, GIVEN):
                 r = _lookup(records, heads=heads, n=n, method=s, m=m)
                 if r is None:
                     row.append(None)
@@ -628,7 +650,7 @@ def scaling_tables(records, summary, plan, roof, stamp):
                 speedup = f" ({exact['min_s'] / r['min_s']:,.0f}×)" if exact else ""
                 row.append(f"{_ms(r['min_s'])}{speedup}")
             rows.append(row)
-        parts.append(markdown_table(["n", "exact SDPA"] + [f"`{s}`" for s in STRATEGIES], rows))
+        parts.append(markdown_table(["n", "exact SDPA"] + [f"`{s}`" for s in (*STRATEGIES, GIVEN)], rows))
         n_max = lengths[-1]
         parts.append(f"### Shape (1, {heads}, {n_max:,}, {plan.head_dim}): time (ms, min), FLOP rate as % of "
                      f"the GEMM's, peak memory above the inputs (MiB) by m\n")
@@ -637,7 +659,7 @@ def scaling_tables(records, summary, plan, roof, stamp):
         if exact:
             rows.append(["exact SDPA", "—", _ms(exact["min_s"]), f"{100 * exact['gemm_fraction']:.0f}%",
                          _mib(exact["peak_bytes"])])
-        for s in STRATEGIES:
+        for s in (*STRATEGIES, GIVEN):
             for m in plan.landmarks:
                 r = _lookup(records, heads=heads, n=n_max, method=s, m=m)
                 if r:
@@ -647,7 +669,7 @@ def scaling_tables(records, summary, plan, roof, stamp):
     lo, hi = plan.slope_range
     parts.append(f"### Fitted slope of log(time) vs log(n) over n ∈ [{lo:,}, {hi:,}]\n")
     rows = []
-    for method, m in [("exact", None)] + [(s, m) for s in STRATEGIES for m in plan.landmarks]:
+    for method, m in [("exact", None)] + [(s, m) for s in (*STRATEGIES, GIVEN) for m in plan.landmarks]:
         row = ["exact SDPA" if method == "exact" else f"`{method}`", m]
         for heads in plan.seq_lens:
             found = _lookup(summary["slopes"], heads=heads, method=method, m=m)
@@ -659,7 +681,7 @@ def scaling_tables(records, summary, plan, roof, stamp):
 
 def _plot_scaling(ctx, records, plan, roof, stamp):
     m_default = 64 if 64 in plan.landmarks else plan.landmarks[0]
-    by_strategy = [("exact", None)] + [(s, m_default) for s in STRATEGIES]
+    by_strategy = [("exact", None)] + [(s, m_default) for s in (*STRATEGIES, GIVEN)]
     by_landmarks = [("exact", None)] + [(DEFAULT_STRATEGY, m) for m in plan.landmarks]
     for name, lines, key, unit, ylabel, title in (
         ("scaling_time", by_strategy, "min_s", 1, "seconds", "time per call"),
@@ -674,8 +696,9 @@ def _plot_scaling(ctx, records, plan, roof, stamp):
                              if (r["heads"], r["method"], r["m"]) == (heads, method, m) and r[key] is not None)
                 # A zero (no measurable growth) cannot sit on a log axis.
                 ax.plot([n for n, _ in pts], [v / unit if v > 0 else np.nan for _, v in pts],
-                        "k-o" if method == "exact" else "-o", ms=3,
-                        label="exact SDPA" if method == "exact" else f"{method}, m={m}")
+                        "k-o" if method == "exact" else ("k--" if method == GIVEN else "-o"), ms=3,
+                        label="exact SDPA" if method == "exact" else (
+                            f"landmarks given, m={m}" if method == GIVEN else f"{method}, m={m}"))
             if key == "flops_per_s":
                 ax.axhline(roof["gemm_flops_per_s"] / unit, color="r", ls="--", label=f"{roof['gemm_size']}² GEMM")
             else:
@@ -1080,7 +1103,7 @@ def build_parser():
                         help="results go to OUT/<device>/ (default results/)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a seconds-long smoke run")
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: torch's own choice, one per core)")
+                        help="CPU threads for torch and for numpy's BLAS (default: their own choice, one per core)")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
     return parser
 
@@ -1098,18 +1121,25 @@ def main(argv=None):
     ctx = Context(device=device, dtype=dtype, plan=plan_for(device, args.quick), out=args.out / device.type,
                   progress=not args.no_progress)
     default_threads = torch.get_num_threads()
+    blas_limit = contextlib.nullcontext()
     if args.threads is not None:
         if args.threads < 1:
             print(f"nystrom.bench: --threads must be at least 1, got {args.threads}", file=sys.stderr)
             return 2
         torch.set_num_threads(args.threads)
+        # Farthest-point sampling runs its loop in numpy on CPU; its BLAS (OpenBLAS) has its own
+        # thread pool, which would otherwise use every core while torch uses one.
+        import threadpoolctl
+
+        blas_limit = threadpoolctl.threadpool_limits(args.threads)
     print(f"nystrom.bench: {', '.join(args.only)} on {device_name(device)} ({str(dtype).removeprefix('torch.')}, "
           f"{torch.get_num_threads()} threads) -> {ctx.out}", file=sys.stderr)
     try:
-        for section in args.only:
-            begin = time.perf_counter()
-            RUNNERS[section](ctx)
-            print(f"  {section}: {time.perf_counter() - begin:.0f} s", file=sys.stderr)
+        with blas_limit:
+            for section in args.only:
+                begin = time.perf_counter()
+                RUNNERS[section](ctx)
+                print(f"  {section}: {time.perf_counter() - begin:.0f} s", file=sys.stderr)
     finally:
         torch.set_num_threads(default_threads)
     return 0

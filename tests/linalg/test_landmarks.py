@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 import nystrom
 from nystrom import FPS, KMeans, NewtonSchulz, Norm, PInv, Ridge, RPCholesky, SegmentMeans, Uniform
 from nystrom.linalg.landmarks import STRATEGIES, farthest_point_sampling
+from nystrom.linalg.landmarks.fps import _fps_on_device
 from nystrom.linalg.landmarks.norm import attention_share
 
 ALL = sorted(STRATEGIES)
@@ -67,6 +68,32 @@ def test_fps_batched_equals_per_row():
     batched = farthest_point_sampling(X, 10)
     for i, j in itertools.product(range(3), range(2)):
         assert batched[i, j].tolist() == brute_force_fps(X[i, j], 10)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10_000), n=st.integers(2, 50), data=st.data())
+def test_fps_host_loop_equals_device_loop(seed, n, data):
+    """The numpy loop (host memory) and the array-API loop (accelerators) choose the same points,
+    with padding, guarantee scores (ties included) and a guarantee budget."""
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((2, n, 4))
+    mask = rng.random((2, n)) < 0.8
+    mask[:, 0] = True
+    eligible = int(mask.sum(-1).min())
+    m = data.draw(st.integers(1, eligible))
+    score = np.where(rng.random((2, n)) < 0.3, rng.integers(0, 3, (2, n)).astype(float), -np.inf)
+    budget = data.draw(st.sampled_from([None, 1, 2]))
+    host = farthest_point_sampling(X, m, mask=mask, guarantee_score=score, max_guaranteed=budget)
+    device = _fps_on_device(np, X, m, mask, score, budget)
+    assert host.tolist() == device.tolist()
+    on_torch = farthest_point_sampling(torch.from_numpy(X), m, mask=torch.from_numpy(mask),
+                                       guarantee_score=torch.from_numpy(score), max_guaranteed=budget)
+    assert on_torch.tolist() == host.tolist()
+
+
+def test_fps_accepts_tensors_that_track_gradients():
+    X = torch.randn(30, 4, dtype=torch.float64, requires_grad=True)
+    assert farthest_point_sampling(X, 5).tolist() == brute_force_fps(X.detach().numpy(), 5)
 
 
 def test_fps_picks_distinct_points_even_with_duplicates():
