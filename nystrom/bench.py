@@ -629,8 +629,9 @@ def scaling_tables(records, summary, plan, roof, stamp):
     parts.append(markdown_table(["target", "measured", "bound", "verdict"],
                                 [(t["target"], fmt(t["value"]), t["bound"], verdict(t)) for t in summary["targets"]]))
     if summary["ceiling"]:
-        parts.append(f"Ceiling, m = {summary['ceiling'][0]['m']}: with the landmarks given (`{GIVEN}`: the two attention products and the "
-                     "m×m solve, no selection, no input checks) no strategy can do better than\n")
+        parts.append(f"Ceiling, m = {summary['ceiling'][0]['m']}: with the landmarks given (`{GIVEN}`: the two "
+                     "attention products and the m×m solve, no selection, no input checks) no strategy can do "
+                     "better than\n")
         parts.append(markdown_table(["shape", "speed-up over exact SDPA", "FLOP rate / GEMM"],
                                     [(f"(1, {c['heads']}, {c['n']:,}, {plan.head_dim})", f"{c['speedup']:,.0f}×",
                                       f"{100 * c['gemm_fraction']:.0f}%") for c in summary["ceiling"]]))
