@@ -159,6 +159,29 @@ def uniform_draws(xp, shape, seed, like):
     return xp.asarray(draws, dtype=dtype, device=array_api_compat.device(like))
 
 
+def host_view(a):
+    """``a`` as a numpy array sharing its memory when it lives in host memory, else ``None``.
+
+    Arrays that track gradients (torch) refuse DLPack export, so they are detached first: only
+    indices come out of selection, and indices carry no gradient.
+    """
+    if array_api_compat.is_numpy_array(a):
+        return a
+    if str(array_api_compat.device(a)) != "cpu":
+        return None
+    detach = getattr(a, "detach", None)
+    return np.from_dlpack(detach() if callable(detach) else a)
+
+
+def to_host(a):
+    """``a`` as a numpy array, copied to host memory when it lives elsewhere (for small arrays such as masks)."""
+    view = host_view(a)
+    if view is not None:
+        return view
+    detach = getattr(a, "detach", None)
+    return np.from_dlpack(array_api_compat.to_device(detach() if callable(detach) else a, "cpu"))
+
+
 def select_by_index(xp, Q, K, m, key_padding_mask, head_axis, features, pick, pick_queries=None):
     """Run an index rule ``pick(X, m, mask) -> (..., m)`` for the keys and, when needed, the queries.
 

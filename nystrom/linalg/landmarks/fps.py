@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import array_api_compat
 import numpy as np
 
-from .base import check_strategy_inputs, select_by_index
+from .base import check_strategy_inputs, host_view, select_by_index
 
 
 def farthest_point_sampling(X, num_points, *, mask=None, guarantee_score=None, max_guaranteed=None):
@@ -70,20 +70,6 @@ def farthest_point_sampling(X, num_points, *, mask=None, guarantee_score=None, m
         for r in range(rows)
     ])
     return xp.asarray(np.reshape(chosen, (*lead, num_points)), device=array_api_compat.device(X))
-
-
-def host_view(a):
-    """``a`` as a numpy array sharing its memory when it lives in host memory, else ``None``.
-
-    Arrays that track gradients (torch) refuse DLPack export, so they are detached first: only
-    indices come out of selection, and indices carry no gradient.
-    """
-    if array_api_compat.is_numpy_array(a):
-        return a
-    if str(array_api_compat.device(a)) != "cpu":
-        return None
-    detach = getattr(a, "detach", None)
-    return np.from_dlpack(detach() if callable(detach) else a)
 
 
 # Transposing in blocks that stay in L2 cache is twice as fast as one strided copy (4.6 vs 8.7 ms
