@@ -133,7 +133,7 @@ def approximate(
         sees the head-mean features, and the cost of selection is paid once. ``False``
         chooses per head, at :math:`H` times the selection cost. Measured on real DINOv2-S and MiniLM
         attention (docs' benchmarks page, accuracy section): sharing changed the error by at most
-        ±10 % either way and saved 7–34 % of the time. Ignored for 2-D and 3-D inputs.
+        ±10 % either way and saved 11–52 % of the time. Ignored for 2-D and 3-D inputs.
     features : array, shape (..., n, D), optional
         Per-token features for selection (e.g. the layer's input hidden states, where massive
         activations show); default the keys. Without head sharing their leading dimensions are

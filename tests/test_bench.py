@@ -114,8 +114,10 @@ def test_peak_memory_sees_a_known_allocation():
         del block
     if peak.bytes is None:
         pytest.skip("peak RSS cannot be reset on this platform")
-    # The allocation itself plus at most 16 MiB of interpreter and allocator noise.
-    assert size <= peak.bytes <= size + 16 * 2**20
+    # The allocation itself plus at most 16 MiB of interpreter and allocator noise; up to 1 MiB less
+    # when other threads left by earlier tests return pages between the baseline and the allocation
+    # (seen after tests/test_docs.py: 195 KiB below the allocation).
+    assert size - 2**20 <= peak.bytes <= size + 16 * 2**20
 
 
 def test_measure_warms_up_then_repeats():
