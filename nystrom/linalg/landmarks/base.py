@@ -160,26 +160,25 @@ def uniform_draws(xp, shape, seed, like):
 
 
 def host_view(a):
-    """``a`` as a numpy array sharing its memory when it lives in host memory, else ``None``.
-
-    Arrays that track gradients (torch) refuse DLPack export, so they are detached first: only
-    indices come out of selection, and indices carry no gradient.
-    """
+    """``a`` as a numpy array sharing its memory when it lives in host memory, else ``None``."""
     if array_api_compat.is_numpy_array(a):
         return a
     if str(array_api_compat.device(a)) != "cpu":
         return None
-    detach = getattr(a, "detach", None)
-    return np.from_dlpack(detach() if callable(detach) else a)
+    return np.from_dlpack(_detached(a))
 
 
 def to_host(a):
     """``a`` as a numpy array, copied to host memory when it lives elsewhere (for small arrays such as masks)."""
     view = host_view(a)
-    if view is not None:
-        return view
+    return view if view is not None else np.from_dlpack(array_api_compat.to_device(_detached(a), "cpu"))
+
+
+def _detached(a):
+    """``a`` without autograd history: arrays that track gradients (torch) refuse DLPack export, and
+    selection only produces indices, which carry no gradient."""
     detach = getattr(a, "detach", None)
-    return np.from_dlpack(array_api_compat.to_device(detach() if callable(detach) else a, "cpu"))
+    return detach() if callable(detach) else a
 
 
 def select_by_index(xp, Q, K, m, key_padding_mask, head_axis, features, pick, pick_queries=None):
