@@ -160,7 +160,18 @@ def uniform_draws(xp, shape, seed, like):
 
 
 def host_view(a):
-    """``a`` as a numpy array sharing its memory when it lives in host memory, else ``None``."""
+    """``a`` as a numpy array sharing its memory when it lives in host memory, else ``None``.
+
+    Parameters
+    ----------
+    a : array
+        Any array-API array (numpy, torch, ...).
+
+    Returns
+    -------
+    numpy.ndarray or None
+        A zero-copy DLPack view for host arrays (detached from autograd), ``None`` on accelerators.
+    """
     if array_api_compat.is_numpy_array(a):
         return a
     if str(array_api_compat.device(a)) != "cpu":
@@ -169,7 +180,18 @@ def host_view(a):
 
 
 def to_host(a):
-    """``a`` as a numpy array, copied to host memory when it lives elsewhere (for small arrays such as masks)."""
+    """``a`` as a numpy array, copied to host memory when it lives elsewhere (for small arrays such as masks).
+
+    Parameters
+    ----------
+    a : array
+        Any array-API array.
+
+    Returns
+    -------
+    numpy.ndarray
+        A view of ``a`` in host memory (see :func:`host_view`) or a host copy of it.
+    """
     view = host_view(a)
     return view if view is not None else np.from_dlpack(array_api_compat.to_device(_detached(a), "cpu"))
 
