@@ -67,3 +67,10 @@ def test_strategy_returning_wrong_shape_is_caught():
 
     with pytest.raises(ValueError, match="strategy returned landmark queries of shape"):
         nystrom.approximate(Q, K, V, strategy=bad, num_landmarks=4)
+
+
+def test_long_half_precision_inputs_pass_the_finite_check():
+    # 560,000 ones sum to far more than float16's largest value (65,504): the check sums in float32
+    # (pytest turns the overflow RuntimeWarning of a float16 sum into an error).
+    Q = np.ones((8, 70_000, 1), dtype=np.float16)
+    assert nystrom.approximate(Q, Q, Q, strategy="uniform", num_landmarks=4, seed=0).dtype == np.float16

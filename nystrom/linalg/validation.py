@@ -60,6 +60,12 @@ def check_real_floating(xp, name: str, a) -> None:
         raise TypeError(f"{name} must have a real floating dtype, got {a.dtype}")
 
 
+def sum_dtype(xp, a):
+    """Accumulator dtype for sums over ``a``: its own for float32/float64, float32 for half precision,
+    whose sums of ordinary values overflow past 65,504 (float16) or stop growing (bfloat16)."""
+    return None if a.dtype in (xp.float32, xp.float64) else xp.float32
+
+
 def check_finite(xp, name: str, a) -> None:
     """Raise ``ValueError`` if ``a`` holds NaN or infinity.
 
@@ -67,7 +73,7 @@ def check_finite(xp, name: str, a) -> None:
     and one reduction is several times cheaper than an elementwise test on long inputs; only a
     non-finite sum (a real NaN/Inf, or an overflow of large finite entries) needs the full test.
     """
-    if bool(xp.isfinite(xp.sum(a))):
+    if bool(xp.isfinite(xp.sum(a, dtype=sum_dtype(xp, a)))):
         return
     if not bool(xp.all(xp.isfinite(a))):
         raise ValueError(f"{name} contains NaN or infinite values")
