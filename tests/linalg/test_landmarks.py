@@ -2,6 +2,7 @@
 
 import itertools
 
+import array_api_compat
 import numpy as np
 import pytest
 import torch
@@ -94,6 +95,12 @@ def test_fps_host_loop_equals_device_loop(seed, n, data):
 def test_fps_accepts_tensors_that_track_gradients():
     X = torch.randn(30, 4, dtype=torch.float64, requires_grad=True)
     assert farthest_point_sampling(X, 5).tolist() == brute_force_fps(X.detach().numpy(), 5)
+
+
+def test_fps_on_a_dtype_numpy_lacks_runs_the_array_api_loop():
+    X = torch.randn(30, 4).to(torch.bfloat16)
+    xp = array_api_compat.array_namespace(X)
+    assert farthest_point_sampling(X, 5).tolist() == _fps_on_device(xp, X, 5, None, None, None).tolist()
 
 
 def test_fps_picks_distinct_points_even_with_duplicates():

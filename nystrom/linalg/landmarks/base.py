@@ -170,13 +170,17 @@ def host_view(a):
     Returns
     -------
     numpy.ndarray or None
-        A zero-copy DLPack view for host arrays (detached from autograd), ``None`` on accelerators.
+        A zero-copy DLPack view for host arrays (detached from autograd), ``None`` on accelerators and
+        for dtypes numpy lacks.
     """
     if array_api_compat.is_numpy_array(a):
         return a
     if str(array_api_compat.device(a)) != "cpu":
         return None
-    return np.from_dlpack(_detached(a))
+    try:
+        return np.from_dlpack(_detached(a))
+    except (BufferError, RuntimeError, TypeError):
+        return None  # a dtype numpy does not have (torch.bfloat16): the caller's array-API path handles it
 
 
 def to_host(a):
