@@ -438,3 +438,20 @@ class TestArguments:
         with pytest.raises(ValueError, match="causal"):
             with fna(model, num_landmarks=2):
                 run(model, {"input_ids": torch.tensor([[1, 2, 3, 4]])})
+
+
+def test_padding_mask_answer_follows_the_mask_tensor_and_its_edits():
+    from nystrom.torch.patching import key_padding_mask
+
+    mask = torch.ones(2, 1, 5, 5, dtype=torch.bool)
+    mask[1, ..., 3:] = False
+    first = key_padding_mask(mask, 2, 5)
+    assert first.tolist() == [[True] * 5, [True, True, True, False, False]]
+    assert key_padding_mask(mask, 2, 5).tolist() == first.tolist()
+    mask[0, ..., 4] = False  # an in-place edit bumps the version counter: the cached answer is not reused
+    assert key_padding_mask(mask, 2, 5).tolist() == [[True, True, True, True, False], [True, True, True, False, False]]
+    other = torch.zeros(2, 1, 5, 5)
+    other[..., 2] = torch.finfo(torch.float32).min
+    assert key_padding_mask(other, 2, 5).tolist() == [[True, True, False, True, True]] * 2
+    with pytest.raises(ValueError, match="attention bias"):
+        key_padding_mask(torch.full((1, 1, 5, 5), 0.5), 1, 5)
