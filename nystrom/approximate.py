@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,7 +15,7 @@ from .linalg.nystrom_attention import nystrom_attention
 from .linalg.solvers import get_solver
 from .linalg.validation import (
     check_attention_inputs,
-    check_num_landmarks,
+    check_landmarks_fit,
     check_query_chunk_size,
     check_scale,
     check_seed,
@@ -180,10 +181,7 @@ def approximate(
     seed = check_seed(seed)
     select = get_strategy(strategy)
     solve = get_solver(solver)
-    n_valid = None
-    if key_padding_mask is not None:
-        n_valid = int(xp.min(xp.sum(xp.astype(key_padding_mask, xp.int64), axis=-1)))
-    m = check_num_landmarks(num_landmarks, K.shape[-2], n_valid)
+    m = check_landmarks_fit(xp, num_landmarks, K, key_padding_mask)
     head_axis = -3 if (share_landmarks_across_heads and K.ndim >= 4) else None
     landmarks = select(Q, K, m, key_padding_mask=key_padding_mask, seed=seed, head_axis=head_axis,
                        features=features, scale=tau)
@@ -197,9 +195,7 @@ def approximate(
         out, result = nystrom_attention(Q, K, V, landmarks, solve, scale=tau, key_padding_mask=key_padding_mask)
     if not return_info:
         return out
-    batch = 1
-    for s in Q.shape[:-2]:
-        batch *= s
+    batch = math.prod(Q.shape[:-2])
     info = Info(
         landmarks=landmarks,
         residual=result.residual,

@@ -155,14 +155,15 @@ def check_key_padding_mask(xp, mask, K) -> None:
         raise ValueError("key_padding_mask masks every key of at least one sequence; each row needs a True entry")
 
 
-def check_num_landmarks(num_landmarks, n: int, n_valid: int | None = None) -> int:
-    """Validate ``num_landmarks`` (``1 <= m <= n``, and ``<= n_valid`` when keys are padded)."""
+def check_num_landmarks(num_landmarks, n: int | None, n_valid: int | None = None) -> int:
+    """Validate ``num_landmarks`` (``1 <= m <= n``, and ``<= n_valid`` when keys are padded); ``n=None``
+    checks only ``m >= 1``, for settings fixed before the sequence length is known."""
     if isinstance(num_landmarks, bool) or not isinstance(num_landmarks, numbers.Integral):
         raise TypeError(f"num_landmarks must be an int, got {type(num_landmarks).__name__} {num_landmarks!r}")
     m = int(num_landmarks)
     if m < 1:
         raise ValueError(f"num_landmarks must be at least 1, got {m}")
-    if m > n:
+    if n is not None and m > n:
         raise ValueError(f"num_landmarks must be at most the number of keys n={n}, got {m}")
     if n_valid is not None and m > n_valid:
         raise ValueError(
@@ -170,6 +171,15 @@ def check_num_landmarks(num_landmarks, n: int, n_valid: int | None = None) -> in
             "key_padding_mask; landmarks are never placed on padding"
         )
     return m
+
+
+def check_landmarks_fit(xp, num_landmarks, K, key_padding_mask=None) -> int:
+    """:func:`check_num_landmarks` against the ``n`` keys of ``K (..., n, d)`` and the real keys of the shortest
+    sequence in ``key_padding_mask (..., n)`` (already validated); returns ``m``."""
+    n_valid = None
+    if key_padding_mask is not None:
+        n_valid = int(xp.min(xp.sum(xp.astype(key_padding_mask, xp.int64), axis=-1)))
+    return check_num_landmarks(num_landmarks, K.shape[-2], n_valid)
 
 
 def check_scale(scale, d: int) -> float:

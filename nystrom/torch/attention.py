@@ -19,8 +19,6 @@ import torch.nn.functional as F
 
 from ..linalg.solvers import SolveResult, get_solver
 
-_HALF = (torch.float16, torch.bfloat16)
-
 
 def landmark_kernel(q_landmarks, k_landmarks, scale):
     r""":math:`A = \mathrm{softmax}(\tau \tilde q \tilde k^\top)` of shape ``(..., m, m)``, in float32 or float64.

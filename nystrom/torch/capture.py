@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..linalg.validation import check_scale
 from .patching import Handle, key_padding_mask
 
 __all__ = ["CapturedAttention", "capture_attention", "capturing"]
@@ -70,7 +71,7 @@ def _record(records, handle, layer, call_next, module, query, key, value, attent
         key=key.detach(),
         value=value.detach(),
         key_padding_mask=key_padding_mask(attention_mask, key.shape[0], key.shape[-2]),
-        scaling=query.shape[-1] ** -0.5 if scaling is None else float(scaling),
+        scaling=check_scale(scaling, query.shape[-1]),
         output=output.detach().transpose(1, 2),
     ))
     return output, weights

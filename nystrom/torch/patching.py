@@ -47,9 +47,9 @@ import torch
 from torch import nn
 
 from ..linalg.landmarks import get_strategy
-from ..linalg.landmarks.base import landmarks_at, unfold_indices
+from ..linalg.landmarks.base import fold_heads, landmarks_at, unfold_indices
 from ..linalg.solvers import get_solver
-from ..linalg.validation import check_query_chunk_size, check_seed
+from ..linalg.validation import check_num_landmarks, check_query_chunk_size, check_scale, check_seed
 from .attention import fna_attention
 
 __all__ = [
@@ -447,18 +447,13 @@ class FNAHandle(Handle):
     def __init__(self, model, *, layers, num_landmarks, strategy, solver, resample, features, guarantee, exclude,
                  seed, query_chunk_size):
         super().__init__(model, layers)
-        if isinstance(num_landmarks, bool) or not isinstance(num_landmarks, numbers.Integral):
-            raise TypeError(f"num_landmarks must be an int, got {type(num_landmarks).__name__} {num_landmarks!r}")
-        if num_landmarks < 1:
-            raise ValueError(f"num_landmarks must be at least 1, got {num_landmarks}")
         if resample not in RESAMPLE:
             raise ValueError(f"resample must be one of {RESAMPLE}, got {resample!r}")
         if features not in FEATURES:
             raise ValueError(f"features must be one of {FEATURES}, got {features!r}")
-        check_query_chunk_size(query_chunk_size)
         for name, spec in (("guarantee", guarantee), ("exclude", exclude)):
             _check_token_spec(name, spec)
-        self.num_landmarks = int(num_landmarks)
+        self.num_landmarks = check_num_landmarks(num_landmarks, None)
         self.strategy = get_strategy(strategy)
         self.solver = get_solver(solver)
         self.resample = resample
@@ -466,7 +461,7 @@ class FNAHandle(Handle):
         self.guarantee = guarantee
         self.exclude = exclude
         self.seed = check_seed(seed)
-        self.query_chunk_size = query_chunk_size
+        self.query_chunk_size = check_query_chunk_size(query_chunk_size)
         self.records: dict[int, LayerRecord] = {}
         self._shared = None
 
@@ -485,7 +480,7 @@ class FNAHandle(Handle):
             self.records = {}
             self._shared = None
         batch, _, n, d = key.shape
-        scale = d**-0.5 if scaling is None else float(scaling)
+        scale = check_scale(scaling, d)
         real = key_padding_mask(attention_mask, batch, n)
         longest = n if real is None else int(real.sum(dim=-1).max())
         if self.exclude is None and self.num_landmarks >= longest:
@@ -517,8 +512,8 @@ class FNAHandle(Handle):
 
     def _select(self, layer, query, key, value, hidden, eligible, scale):
         xp = array_api_compat.array_namespace(key)
-        features = hidden if self.features == "input" else {"query": query, "key": key, "value": value}[
-            self.features].mean(dim=1)
+        features = hidden if self.features == "input" else fold_heads(
+            xp, {"query": query, "key": key, "value": value}[self.features], -3)
         # num_landmarks >= n makes every eligible token a landmark (exact attention with a converged solver).
         m = min(self.num_landmarks, int(eligible.sum(dim=-1).min()))
         if m < 1:

@@ -26,7 +26,7 @@ import numpy as np
 from ..validation import (
     check_finite,
     check_key_padding_mask,
-    check_num_landmarks,
+    check_landmarks_fit,
     check_points,
     check_real_floating,
     namespace,
@@ -73,10 +73,7 @@ def check_strategy_inputs(Q, K, num_landmarks, key_padding_mask, head_axis, feat
                 f"head_axis must be None or a negative int between {-K.ndim} and -3 (a leading axis "
                 f"of K with shape {tuple(K.shape)}), got {head_axis!r}"
             )
-    n_valid = None
-    if key_padding_mask is not None:
-        n_valid = int(xp.min(xp.sum(xp.astype(key_padding_mask, xp.int64), axis=-1)))
-    m = check_num_landmarks(num_landmarks, K.shape[-2], n_valid)
+    m = check_landmarks_fit(xp, num_landmarks, K, key_padding_mask)
     if features is not None:
         check_real_floating(xp, "features", features)
         check_finite(xp, "features", features)
