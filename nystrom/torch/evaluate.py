@@ -21,9 +21,12 @@ Downstream agreement
     paraphrase retrieval. The definitions are under :func:`evaluate_dinov2` and :func:`evaluate_minilm`.
 
 :math:`m` is clipped to the number of tokens :math:`n` of each sequence. With :math:`m \ge n` every token is a
-landmark and FNA is exact attention up to the solver: an exact pseudo-inverse (``pinv:rtol=0``) reproduces the
-model to float32 round-off, six Newton–Schulz steps (the default) leave an error of a few percent. The records
-say how many sequences had :math:`m \ge n` (``all_tokens_fraction``).
+landmark. The per-layer errors are then those of :func:`~nystrom.approximate` with all tokens as landmarks,
+exact up to the solver (an exact pseudo-inverse, ``pinv:rtol=0``, reproduces the attention to float32 round-off;
+six Newton–Schulz steps, the default, leave a few percent), while the patched model runs its own exact attention
+in such layers (see :func:`~nystrom.torch.patching.fna`), so the end-to-end metrics of a record with
+``all_tokens_fraction`` 1 are the exact model's. The records say how many sequences had :math:`m \ge n`
+(``all_tokens_fraction``).
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from ..approximate import approximate
 from ..bench import make_stamp, markdown_table, relative_error, stamp_line
 from ..linalg.landmarks import get_strategy
 from ..linalg.solvers import get_solver
+from ..linalg.validation import check_seed
 from . import pretrained
 from .capture import capturing
 from .patching import FNAHandle, attention_layers, fna
@@ -246,6 +250,12 @@ def top_fraction_iou(a, b, fraction=SALIENT_FRACTION):
     return (sa & sb).sum(dim=1) / (sa | sb).sum(dim=1)
 
 
+def _check_int_seed(seed):
+    """Evaluations need an int seed (layer ``l`` uses ``seed + l``); a bad one fails before any model runs."""
+    if check_seed(seed) is None:
+        raise ValueError("seed must be an int, got None")
+
+
 def _layer_errors(captures, *, strategy, solver, num_landmarks, seed):
     """Per captured layer, the pooled relative error of Nyström attention on the recorded inputs."""
     approx, exact = {}, {}
@@ -356,8 +366,7 @@ def evaluate_dinov2(*, layers=None, num_landmarks=DEFAULT_LANDMARKS, strategies=
         raise ValueError(f"crops must be a positive int, got {crops!r}")
     if isinstance(size, bool) or not isinstance(size, int) or size < 14 or size % 14:
         raise ValueError(f"size must be a positive multiple of 14 (the patch size), got {size!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"seed must be an int, got {seed!r}")
+    _check_int_seed(seed)
     pictures = pretrained.natural_images()
     names = tuple(pictures) if images is None else _check_names("images", images)
     unknown = [name for name in names if name not in pictures]
@@ -465,8 +474,7 @@ def evaluate_minilm(*, layers=None, num_landmarks=DEFAULT_LANDMARKS, strategies=
         For bad arguments, named in the message.
     """
     grid = _Grid(num_landmarks, strategies, solvers)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"seed must be an int, got {seed!r}")
+    _check_int_seed(seed)
     text = pretrained.example_sentences()
     count = len(text) if sentences is None else sentences
     if isinstance(count, bool) or not isinstance(count, int) or not 2 <= count <= len(text) or count % 2:

@@ -35,7 +35,7 @@ from torch import nn
 
 from ..linalg.landmarks.norm import masked_median
 from ..linalg.validation import check_key_padding_mask, check_real_floating, namespace
-from .patching import attention_layers, mask_keys
+from .patching import _hidden_states, attention_layers, mask_keys
 
 __all__ = [
     "MASK_KINDS", "MassiveActivations", "SuppressionResult", "TokenAnalysis", "analyze_tokens",
@@ -333,10 +333,6 @@ def _same(a, b):
     return a is b or (a.shape == b.shape and torch.equal(a, b))
 
 
-def _first_argument(args, kwargs):
-    return args[0] if args else kwargs["hidden_states"]
-
-
 class _Recorder:
     """Forward hooks that pair every encoder layer with its pre-norm residual, its attention input and its
     attention probabilities during one forward pass.
@@ -379,10 +375,10 @@ class _Recorder:
         self._last_norm = (args[0], output)
 
     def _on_block(self, block, args, kwargs):
-        self._block_input = _first_argument(args, kwargs)
+        self._block_input = _hidden_states(args, kwargs)
 
     def _on_attention_input(self, layer, module, args, kwargs):
-        normed = _first_argument(args, kwargs)
+        normed = _hidden_states(args, kwargs)
         if self._last_norm is not None and _same(self._last_norm[1], normed):
             residual = self._last_norm[0]
             self.residual[layer], self.normed[layer] = residual, normed
