@@ -38,6 +38,7 @@ from .validation import (
     check_points,
     check_scale,
     check_seed,
+    float64_numpy,
     namespace,
 )
 
@@ -225,8 +226,8 @@ def estimate_relative_error(Q, K, V, approx, *, num_samples=64, confidence=0.95,
     Q_s = xp.take(Q, rows_x, axis=-2)
     mask = None if key_padding_mask is None else key_padding_mask[..., None, :]
     exact = softmax(xp, tau * (Q_s @ xp.matrix_transpose(K)), mask) @ V
-    exact = _to_numpy(exact)
-    diff = _to_numpy(xp.take(approx, rows_x, axis=-2)) - exact
+    exact = float64_numpy(exact)
+    diff = float64_numpy(xp.take(approx, rows_x, axis=-2)) - exact
     # Per sampled position, summed over the batch/head dimensions.
     e = (diff * diff).sum(axis=-1).reshape(-1, s).sum(axis=0)
     o = (exact * exact).sum(axis=-1).reshape(-1, s).sum(axis=0)
@@ -242,13 +243,6 @@ def estimate_relative_error(Q, K, V, approx, *, num_samples=64, confidence=0.95,
         confidence=confidence,
         num_samples=s,
     )
-
-
-def _to_numpy(a):
-    """float64 numpy copy of a numpy array or torch tensor (bfloat16 has no numpy dtype, so go via float64)."""
-    if array_api_compat.is_torch_array(a):
-        return a.detach().cpu().double().numpy()
-    return np.asarray(a, dtype=np.float64)
 
 
 def best_rank_trace_floor(eigenvalues, num_landmarks):

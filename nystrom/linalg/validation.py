@@ -225,16 +225,22 @@ def check_indices(xp, name: str, idx, n: int, batch_shape) -> None:
         raise ValueError(f"{name} must hold positions in [0, {n}), got values outside")
 
 
+def float64_numpy(a):
+    """float64 numpy copy of a numpy array or torch tensor (any device; bfloat16 has no numpy dtype, so the
+    tensor is widened to float64 first). Other inputs go through ``numpy.asarray``."""
+    if array_api_compat.is_torch_array(a):
+        return a.detach().cpu().double().numpy()
+    return np.asarray(a, dtype=np.float64)
+
+
 def check_eigenvalues(eigenvalues):
     """Validate a 1-D finite real spectrum; return it as float64 numpy, sorted decreasingly, clipped at 0.
 
     Small negative values are round-off of a PSD matrix's spectrum and are clipped; a clearly
     negative one (below ``-1e-8`` times the largest magnitude) means the matrix is not PSD.
     """
-    if array_api_compat.is_torch_array(eigenvalues):
-        eigenvalues = eigenvalues.detach().cpu().double().numpy()
     try:
-        lam = np.asarray(eigenvalues, dtype=np.float64)
+        lam = float64_numpy(eigenvalues)
     except (TypeError, ValueError):
         raise TypeError(f"eigenvalues must be a 1-D array of real numbers, got {type(eigenvalues).__name__}") from None
     if lam.ndim != 1 or lam.size == 0:
