@@ -123,28 +123,26 @@ def _fps_on_device(xp, X, num_points, mask, guarantee_score, max_guaranteed):
     eligible = xp.ones(X.shape[:-1], dtype=xp.bool, device=device) if mask is None else mask
     neg = xp.asarray(-float("inf"), dtype=X.dtype, device=device)
     dist = xp.where(eligible, xp.asarray(float("inf"), dtype=X.dtype, device=device), neg)
-    pending = None
-    if guarantee_score is not None:
+    order = None
+    budget = num_points if max_guaranteed is None else min(max_guaranteed, num_points)
+    if guarantee_score is not None and budget > 0:
         pending = eligible & (guarantee_score > -float("inf"))
+        # Guaranteed points in the host loop's order: highest score first, ties to the lowest index (stable).
+        key = xp.where(pending, -guarantee_score, xp.asarray(float("inf"), dtype=guarantee_score.dtype, device=device))
+        order = xp.argsort(key, axis=-1, stable=True)[..., :budget]
+        count = xp.sum(xp.astype(pending, xp.int64), axis=-1)
     ones = xp.ones_like(sq_norms)
     augmented = xp.concat([xp.matrix_transpose(X), sq_norms[..., None, :], ones[..., None, :]], axis=-2)
     chosen = []
     for step in range(num_points):
         idx = xp.argmax(dist, axis=-1)
-        if pending is not None and step == max_guaranteed:
-            pending = None
-        if pending is not None:
-            has = xp.any(pending, axis=-1)
-            best = xp.argmax(xp.where(pending, guarantee_score, neg), axis=-1)
-            idx = xp.where(has, best, idx)
+        if order is not None and step < order.shape[-1]:
+            idx = xp.where(step < count, order[..., step], idx)
         chosen.append(idx)
         point = xp.take_along_axis(X, xp.broadcast_to(idx[..., None, None], (*idx.shape, 1, X.shape[-1])), axis=-2)
         coeff = xp.concat([-2 * point, ones[..., :1, None], xp.sum(point * point, axis=-1)[..., None]], axis=-1)
         d_new = xp.clip((coeff @ augmented)[..., 0, :], min=0)
-        hit = positions == idx[..., None]
-        dist = xp.where(hit, neg, xp.minimum(dist, d_new))
-        if pending is not None:
-            pending = pending & ~hit
+        dist = xp.where(positions == idx[..., None], neg, xp.minimum(dist, d_new))
     return xp.stack(chosen, axis=-1)
 
 
