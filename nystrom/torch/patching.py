@@ -502,15 +502,24 @@ class FNAHandle(Handle):
         eligible = torch.ones(hidden.shape[:2], dtype=torch.bool, device=key.device) if real is None else real
         if self.exclude is not None:
             eligible = eligible & ~_token_mask("exclude", self.exclude, layer, hidden)
-        # Reused landmarks must still be eligible here (select-based exclusions and key masks may change per layer).
-        if self._shared is not None and bool(torch.all(torch.gather(eligible, -1, self._shared))):
+        forced = None if self.guarantee is None else _token_mask("guarantee", self.guarantee, layer, hidden) & eligible
+        # Reused landmarks must still be eligible here and hold this layer's guaranteed tokens (exclusions,
+        # guarantees and key masks given as functions may change per layer).
+        if self._shared is not None and self._reusable(eligible, forced):
             return landmarks_at(xp, query, key, unfold_indices(xp, self._shared, key, -3)), self._shared, False
-        landmarks, indices = self._select(layer, query, key, value, hidden, eligible, scale)
+        landmarks, indices = self._select(layer, query, key, value, hidden, eligible, forced, scale)
         if self.resample == "once" and layer == self.layers[0]:
             self._shared = indices
         return landmarks, indices, True
 
-    def _select(self, layer, query, key, value, hidden, eligible, scale):
+    def _reusable(self, eligible, forced):
+        """Whether the shared landmarks are all eligible and include every guaranteed token."""
+        if not bool(torch.all(torch.gather(eligible, -1, self._shared))):
+            return False
+        shared = torch.zeros_like(eligible).scatter_(-1, self._shared, True)
+        return forced is None or not bool(torch.any(forced & ~shared))
+
+    def _select(self, layer, query, key, value, hidden, eligible, forced, scale):
         xp = array_api_compat.array_namespace(key)
         features = hidden if self.features == "input" else fold_heads(
             xp, {"query": query, "key": key, "value": value}[self.features], -3)
@@ -520,11 +529,10 @@ class FNAHandle(Handle):
             raise ValueError(f"a sequence has no token eligible as a landmark in layer {layer} (all padded, masked "
                              "or excluded)")
         seed = None if self.seed is None else self.seed + layer
-        if self.guarantee is None:
+        if forced is None:
             landmarks = self.strategy(query, key, m, key_padding_mask=eligible[:, None, :], seed=seed, head_axis=-3,
                                       features=features, scale=scale)
             return landmarks, None if landmarks.indices is None else landmarks.indices[:, 0]
-        forced = _token_mask("guarantee", self.guarantee, layer, hidden) & eligible
         rows = []
         for b in range(key.shape[0]):
             pinned = torch.nonzero(forced[b])[:, 0]
@@ -568,8 +576,9 @@ def patch(model, *, layers=None, num_landmarks=64, strategy="norm", solver="newt
         Pseudo-inverse of :math:`A` (default 6 Newton–Schulz steps, as FNA).
     resample : {"once", "every_layer"}
         ``"once"`` (FNA's default): the landmarks chosen at the first FNA layer of each forward pass are reused
-        by the later FNA layers (re-chosen in a layer where one of them is not eligible). ``"every_layer"``:
-        chosen anew in each layer. Strategies that build centroids are recomputed in every layer either way.
+        by the later FNA layers (re-chosen in a layer where one of them is not eligible or a guaranteed token
+        is missing). ``"every_layer"``: chosen anew in each layer. Strategies that build centroids are
+        recomputed in every layer either way.
     features : {"input", "query", "key", "value"}
         Per-token features for selection: the block's input hidden states ``(B, n, D)`` (FNA's default; massive
         activations show there), or the head-mean of the layer's queries, keys or values ``(B, n, d)``.

@@ -339,6 +339,20 @@ class TestLandmarkChoice:
                 assert chosen.shape == (2, 6) and torch.all(chosen[:, :2] == torch.tensor([4, 9]))
                 assert not torch.any(chosen < 3) and all(len(set(row.tolist())) == 6 for row in chosen)
 
+    def test_once_resamples_when_a_layer_guarantees_a_token_the_shared_set_lacks(self):
+        model = tiny_model("vit", num_layers=4)
+
+        def guarantee(layer, hidden):  # a different token per layer
+            mask = torch.zeros(hidden.shape[:2], dtype=torch.bool)
+            mask[:, 5 + layer] = True
+            return mask
+
+        with fna(model, layers=[1, 2, 3], num_landmarks=4, strategy=FPS(), guarantee=guarantee,
+                 resample="once") as handle:
+            run(model, tiny_inputs("vit"))
+        for layer, record in handle.records.items():
+            assert record.sampled and torch.all(torch.any(record.indices == 5 + layer, dim=-1))
+
     def test_guarantee_larger_than_the_budget_raises(self):
         model = tiny_model("vit")
         with pytest.raises(ValueError, match="guarantee selects 5 tokens"):
