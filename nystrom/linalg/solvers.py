@@ -145,8 +145,10 @@ class NewtonSchulz:
         steps = self.iters if self.tol is None else self.max_iters
         done = 0
         for _ in range(steps):
-            if self.tol is not None and bool(xp.all(moore_penrose_residual(A, Z) <= self.tol)):
-                break
+            if self.tol is not None:
+                residual = moore_penrose_residual(A, Z)
+                if bool(xp.all(residual <= self.tol)):
+                    return SolveResult(Z, residual, done)
             AZ = A @ Z
             Z = 0.25 * Z @ (13 * eye - AZ @ (15 * eye - AZ @ (7 * eye - AZ)))
             done += 1
