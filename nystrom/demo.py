@@ -8,22 +8,17 @@ time against exact ``scaled_dot_product_attention`` on the same tensors.
 
 from __future__ import annotations
 
-import time
-
 import torch
 import torch.nn.functional as F
 
 import nystrom
 
+from .bench import measure
+
 
 def _best_time(fn, repeats):
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
+    """Fastest of ``repeats`` timed calls after a warm-up (:func:`nystrom.bench.measure` on the CPU)."""
+    return measure(fn, torch.device("cpu"), min_calls=repeats, max_calls=repeats).min
 
 
 def run_demo(*, image="astronaut", sizes=(518, 1036), layer=9, num_landmarks=64,
