@@ -623,16 +623,15 @@ def plot_evaluation(result, out):
         for ax in axes[count:]:
             ax.set_visible(False)
         for i, ax in enumerate(axes[:count]):
+            if name == "error":
+                title, key, layer = panels[i]
+            else:
+                key, title, _ = metrics[i]
             for strategy in settings["strategies"]:
                 for solver in settings["solvers"]:
                     rs = _by(records, strategy=strategy, solver=solver)
                     ms = [r["m"] for r in rs]
-                    if name == "error":
-                        title, key, layer = panels[i]
-                        ys = [r[key] if key else r["layer_error"][layer] for r in rs]
-                    else:
-                        key, title, _ = metrics[i]
-                        ys = [r[key] for r in rs]
+                    ys = [r[key] if key else r["layer_error"][layer] for r in rs]
                     # Hollow markers of different shapes keep strategies with equal results (norm, fps) visible.
                     index = settings["strategies"].index(strategy)
                     ax.plot(ms, ys, styles[solver], marker="osv^Dx"[index % 6], ms=6 - index % 3, mfc="none",
