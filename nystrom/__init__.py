@@ -1,11 +1,12 @@
 """Nyström approximations of softmax attention and training-free Fast Nyström Attention (FNA).
 
 The public API is small: :func:`approximate` and :func:`exact_attention`, the landmark strategies
-and pseudo-inverse solvers (as objects and by name), and the error bounds. The torch backend and
-the model tools live in :mod:`nystrom.torch`.
+and pseudo-inverse solvers (as objects and by name, in :data:`STRATEGIES` and :data:`SOLVERS`), and the
+error bounds. The torch backend and the model tools live in :mod:`nystrom.torch`.
 """
 
-from .approximate import Info, approximate
+from .approximation import Info, approximate
+from .linalg.attention import exact_attention
 from .linalg.bounds import (
     ErrorEstimate,
     TraceCertificate,
@@ -14,45 +15,40 @@ from .linalg.bounds import (
     nystrom_trace_error,
     rpcholesky_trace_bound,
 )
-from .linalg.exact import exact_attention
 from .linalg.landmarks import (
     FPS,
     RANDOM_STRATEGIES,
+    STRATEGIES,
     KMeans,
     Landmarks,
     Norm,
     RPCholesky,
     SegmentMeans,
+    Strategy,
     Uniform,
     get_strategy,
 )
-from .linalg.landmarks import STRATEGIES as _STRATEGIES
-from .linalg.solvers import SOLVERS as _SOLVERS
-from .linalg.solvers import NewtonSchulz, PInv, Ridge, SolveResult, get_solver
-
-#: Names accepted by ``approximate(strategy=...)``.
-strategies = tuple(_STRATEGIES)
-#: Names accepted by ``approximate(solver=...)``.
-solvers = tuple(_SOLVERS)
+from .linalg.solvers import SOLVERS, NewtonSchulz, PInv, Ridge, Solver, SolveResult, get_solver
 
 __version__ = "0.1.0"
 
-_MODEL_TOOLS = {"fna": "patching", "patch": "patching", "mask_keys": "patching", "capture_attention": "capture"}
+_MODEL_TOOLS = {"fna": "patching", "patch": "patching", "mask_keys": "masking", "capture_attention": "capture"}
 
 
 def __getattr__(name):
     # ``nystrom.fna(model, ...)`` and friends live in the torch backend; importing it on first use keeps
-    # ``import nystrom`` free of the transformers-facing code for users of the math alone.
+    # ``import nystrom`` free of torch for users of the math alone.
     if name in _MODEL_TOOLS:
         import importlib
 
         return getattr(importlib.import_module(f".torch.{_MODEL_TOOLS[name]}", __name__), name)
     raise AttributeError(f"module 'nystrom' has no attribute {name!r}")
 
+
 __all__ = [
-    "FPS", "RANDOM_STRATEGIES", "ErrorEstimate", "Info", "KMeans", "Landmarks", "NewtonSchulz", "Norm", "PInv",
-    "RPCholesky", "Ridge", "SegmentMeans", "SolveResult", "TraceCertificate", "Uniform", "approximate",
-    "best_rank_trace_floor", "capture_attention", "estimate_relative_error", "exact_attention", "fna",
-    "get_solver", "get_strategy", "mask_keys", "nystrom_trace_error", "patch", "rpcholesky_trace_bound", "solvers",
-    "strategies",
+    "FPS", "RANDOM_STRATEGIES", "SOLVERS", "STRATEGIES", "ErrorEstimate", "Info", "KMeans", "Landmarks",
+    "NewtonSchulz", "Norm", "PInv", "RPCholesky", "Ridge", "SegmentMeans", "SolveResult", "Solver", "Strategy",
+    "TraceCertificate", "Uniform", "approximate", "best_rank_trace_floor", "capture_attention",
+    "estimate_relative_error", "exact_attention", "fna", "get_solver", "get_strategy", "mask_keys",
+    "nystrom_trace_error", "patch", "rpcholesky_trace_bound",
 ]

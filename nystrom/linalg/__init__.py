@@ -4,6 +4,7 @@ Every function accepts numpy arrays or torch tensors (through ``array-api-compat
 the same kind; nothing here imports torch.
 """
 
+from .attention import exact_attention, landmark_kernel, nystrom_attention
 from .bounds import (
     ErrorEstimate,
     TraceCertificate,
@@ -12,7 +13,6 @@ from .bounds import (
     nystrom_trace_error,
     rpcholesky_trace_bound,
 )
-from .exact import exact_attention
 from .landmarks import (
     FPS,
     RANDOM_STRATEGIES,
@@ -22,15 +22,15 @@ from .landmarks import (
     Norm,
     RPCholesky,
     SegmentMeans,
+    Strategy,
     Uniform,
     get_strategy,
 )
-from .nystrom_attention import nystrom_attention
-from .solvers import SOLVERS, NewtonSchulz, PInv, Ridge, SolveResult, get_solver, moore_penrose_residual
+from .solvers import SOLVERS, NewtonSchulz, PInv, Ridge, Solver, SolveResult, get_solver, moore_penrose_residual
 
 __all__ = [
-    "FPS", "SOLVERS", "STRATEGIES", "RANDOM_STRATEGIES", "ErrorEstimate", "KMeans", "Landmarks", "NewtonSchulz",
-    "Norm", "PInv", "RPCholesky", "Ridge", "SegmentMeans", "SolveResult", "TraceCertificate", "Uniform",
-    "best_rank_trace_floor", "estimate_relative_error", "exact_attention", "get_solver", "get_strategy",
-    "moore_penrose_residual", "nystrom_attention", "nystrom_trace_error", "rpcholesky_trace_bound",
+    "FPS", "RANDOM_STRATEGIES", "SOLVERS", "STRATEGIES", "ErrorEstimate", "KMeans", "Landmarks", "NewtonSchulz",
+    "Norm", "PInv", "RPCholesky", "Ridge", "SegmentMeans", "SolveResult", "Solver", "Strategy", "TraceCertificate",
+    "Uniform", "best_rank_trace_floor", "estimate_relative_error", "exact_attention", "get_solver", "get_strategy",
+    "landmark_kernel", "moore_penrose_residual", "nystrom_attention", "nystrom_trace_error", "rpcholesky_trace_bound",
 ]

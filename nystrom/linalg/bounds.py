@@ -25,9 +25,10 @@ import array_api_compat
 import numpy as np
 import scipy.stats
 
+from .attention import softmax_attention
 from .landmarks.base import gather_rows
 from .landmarks.rpcholesky import exp_kernel_shift
-from .softmax import softmax
+from .numerics import float64_numpy
 from .solvers import PInv
 from .validation import (
     check_attention_inputs,
@@ -38,7 +39,6 @@ from .validation import (
     check_points,
     check_scale,
     check_seed,
-    float64_numpy,
     namespace,
 )
 
@@ -130,7 +130,7 @@ def nystrom_trace_error(X, indices, *, scale=None):
     C = exp_kernel(xp, landmarks, X, tau, shift)  # (..., m, n)
     W = exp_kernel(xp, landmarks, landmarks, tau, shift)
     eps = float(np.finfo(np.float64 if X.dtype == xp.float64 else np.float32).eps)
-    W_pinv = PInv(rtol=W.shape[-1] * eps)(W).inverse
+    W_pinv = PInv(rtol=W.shape[-1] * eps).solve(W).inverse
     diag = xp.exp(tau * xp.sum(X * X, axis=-1) - shift[..., None])
     diag_hat = xp.sum(C * (xp.astype(W_pinv, C.dtype) @ C), axis=-2)
     error = xp.sum(xp.clip(diag - diag_hat, min=0), axis=-1)
@@ -214,19 +214,28 @@ def estimate_relative_error(Q, K, V, approx, *, num_samples=64, confidence=0.95,
         raise ValueError(f"approx must have shape {(*Q.shape[:-1], V.shape[-1])}, got {tuple(approx.shape)}")
     if not xp.isdtype(approx.dtype, "real floating"):
         raise TypeError(f"approx must have a real floating dtype, got {approx.dtype}")
-    check_finite(xp, "approx", approx)
+    check_finite(xp, approx=approx)
+    return sampled_relative_error(xp, Q, K, V, approx, **check_sampling(num_samples, confidence, seed), scale=tau,
+                                  key_padding_mask=key_padding_mask)
+
+
+def check_sampling(num_samples, confidence, seed) -> dict:
+    """Validate the sampling settings of :func:`estimate_relative_error`; return them as keyword arguments."""
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 2:
         raise ValueError(f"num_samples must be an int >= 2, got {num_samples!r}")
     if isinstance(confidence, bool) or not isinstance(confidence, (int, float)) or not (0 < confidence < 1):
         raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
+    return {"num_samples": num_samples, "confidence": confidence, "seed": check_seed(seed)}
+
+
+def sampled_relative_error(xp, Q, K, V, approx, *, num_samples, confidence, seed, scale, key_padding_mask=None):
+    """:func:`estimate_relative_error` for checked arguments (no checks of its own)."""
     n_q = Q.shape[-2]
     s = min(num_samples, n_q)
-    rows = np.sort(np.random.default_rng(check_seed(seed)).choice(n_q, size=s, replace=False))
+    rows = np.sort(np.random.default_rng(seed).choice(n_q, size=s, replace=False))
     rows_x = xp.asarray(rows, device=array_api_compat.device(Q))
-    Q_s = xp.take(Q, rows_x, axis=-2)
     mask = None if key_padding_mask is None else key_padding_mask[..., None, :]
-    exact = softmax(xp, tau * (Q_s @ xp.matrix_transpose(K)), mask) @ V
-    exact = float64_numpy(exact)
+    exact = float64_numpy(softmax_attention(xp, xp.take(Q, rows_x, axis=-2), K, V, mask, scale=scale))
     diff = float64_numpy(xp.take(approx, rows_x, axis=-2)) - exact
     # Per sampled position, summed over the batch/head dimensions.
     e = (diff * diff).sum(axis=-1).reshape(-1, s).sum(axis=0)

@@ -1,8 +1,9 @@
 r"""Pseudo-inverse solvers for the small :math:`m \times m` landmark kernel :math:`A`.
 
-Every solver is a small frozen object (``NewtonSchulz(iters=6)``, ``PInv(rtol=3e-2)``,
+Every solver is a small frozen :class:`Solver` (``NewtonSchulz(iters=6)``, ``PInv(rtol=3e-2)``,
 ``Ridge(lam=1e-2)``) called as ``solver(A)`` on a batch ``A (..., m, m)``; the strings
-``"newton_schulz"``, ``"pinv"`` and ``"solve"`` are short forms for the defaults. All of them
+``"newton_schulz"``, ``"pinv"`` and ``"ridge"`` are short forms for the defaults, and
+:data:`SOLVERS` is derived from the subclasses' declared names. All of them
 compute in float32 or wider, whatever the input dtype, so half-precision callers never overflow in
 the solve, and all report the relative Moore–Penrose residual
 
@@ -14,12 +15,11 @@ per matrix, which is 0 for the exact pseudo-inverse of any (also singular) :math
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import array_api_compat
 
-from .registry import resolve
-from .validation import check_finite, namespace
+from .validation import check_finite, namespace, resolve
 
 
 @dataclass(frozen=True)
@@ -41,20 +41,58 @@ class SolveResult:
     iterations: int = 0
 
 
-def _compute_dtype(xp, A):
-    # The m x m solve is cheap, so it always runs in float32 or float64: half precision would
-    # lose the small singular values and overflow in the cubic Newton-Schulz products.
-    return xp.float64 if A.dtype == xp.float64 else xp.float32
+SOLVERS: dict[str, type] = {}
+"""Solver names accepted by :func:`get_solver` and ``nystrom.approximate``, derived from the :class:`Solver`
+subclasses' declared ``name``."""
 
 
-def _prepare(A):
-    xp = namespace(A=A)
-    if not xp.isdtype(A.dtype, "real floating"):
-        raise TypeError(f"A must have a real floating dtype, got {A.dtype}")
-    if A.ndim < 2 or A.shape[-1] != A.shape[-2] or A.shape[-1] == 0:
-        raise ValueError(f"A must have shape (..., m, m) with m >= 1, got {tuple(A.shape)}")
-    check_finite(xp, "A", A)
-    return xp, xp.astype(A, _compute_dtype(xp, A))
+class Solver:
+    """Base class of the pseudo-inverse solvers: a solver implements :meth:`solve` and :meth:`flops`.
+
+    ``solver(A)`` checks ``A`` (a finite real ``(..., m, m)`` array; reading the values is a host
+    synchronisation on accelerators) and runs :meth:`solve` in float32 or wider. Library code that
+    builds ``A`` itself calls :meth:`solve` directly (see :func:`unchecked`).
+
+    Class attributes
+    ----------------
+    name : str
+        The short form accepted by ``solver=...``; subclasses declare it as ``class X(Solver, name="x")``.
+    iterative : bool
+        Whether :attr:`SolveResult.iterations` can be non-zero.
+    """
+
+    name: ClassVar[str]
+    iterative: ClassVar[bool] = False
+
+    def __init_subclass__(cls, *, name: str, iterative: bool = False, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls.name, cls.iterative = name, iterative
+        SOLVERS[name] = cls
+
+    def __call__(self, A) -> SolveResult:
+        xp = namespace(A=A)
+        if not xp.isdtype(A.dtype, "real floating"):
+            raise TypeError(f"A must have a real floating dtype, got {A.dtype}")
+        if A.ndim < 2 or A.shape[-1] != A.shape[-2] or A.shape[-1] == 0:
+            raise ValueError(f"A must have shape (..., m, m) with m >= 1, got {tuple(A.shape)}")
+        check_finite(xp, A=A)
+        # The m x m solve is cheap, so it always runs in float32 or float64: half precision would
+        # lose the small singular values and overflow in the cubic Newton-Schulz products.
+        return self.solve(xp.astype(A, xp.float64 if A.dtype == xp.float64 else xp.float32))
+
+    def solve(self, A) -> SolveResult:
+        """Pseudo-inverse of a checked float32/float64 ``A (..., m, m)``."""
+        raise NotImplementedError
+
+    def flops(self, m: int, iterations: int) -> int:
+        """Floating-point operations of one solve of an ``m x m`` matrix that ran ``iterations`` steps."""
+        raise NotImplementedError
+
+
+def unchecked(solver):
+    """The callable that inverts an ``A`` the library built itself: :meth:`Solver.solve` for a :class:`Solver`
+    (no second check of ``A``), the callable itself otherwise."""
+    return solver.solve if isinstance(solver, Solver) else solver
 
 
 def _eye(xp, A):
@@ -79,7 +117,7 @@ def moore_penrose_residual(A, Z):
     array, shape (...)
         0 for the exact pseudo-inverse of any (also singular) ``A``; 0 for the zero matrix.
     """
-    xp = namespace(A=A, Z=Z)
+    xp = array_api_compat.array_namespace(A, Z)
     A = xp.astype(A, Z.dtype)
     norm = _frobenius(xp, A)
     # The zero matrix is its own pseudo-inverse's pseudo-inverse: report 0/1, not 0/0.
@@ -87,7 +125,7 @@ def moore_penrose_residual(A, Z):
 
 
 @dataclass(frozen=True)
-class NewtonSchulz:
+class NewtonSchulz(Solver, name="newton_schulz", iterative=True):
     r"""Iterative Moore–Penrose inverse of Razavi et al. (2014), as used by Nyströmformer and FNA.
 
     .. math::
@@ -108,7 +146,8 @@ class NewtonSchulz:
         Fixed number of iterations (6 as in Nyströmformer/FNA) when ``tol`` is None.
     tol : float, optional
         If given, iterate until every matrix's Moore–Penrose residual is ``<= tol`` or
-        ``max_iters`` is reached; the residual is reported either way, never raised.
+        ``max_iters`` is reached; the residual is reported either way, never raised. Each test
+        reads the residual: one host synchronisation per step on an accelerator.
     max_iters : int
         Cap for the tolerance mode.
 
@@ -124,7 +163,6 @@ class NewtonSchulz:
     iters: int = 6
     tol: float | None = None
     max_iters: int = 100
-    name = "newton_schulz"
 
     def __post_init__(self):
         for field, value in (("iters", self.iters), ("max_iters", self.max_iters)):
@@ -133,8 +171,8 @@ class NewtonSchulz:
         if self.tol is not None and not (self.tol > 0):
             raise ValueError(f"NewtonSchulz tol must be positive or None, got {self.tol!r}")
 
-    def __call__(self, A) -> SolveResult:
-        xp, A = _prepare(A)
+    def solve(self, A) -> SolveResult:
+        xp = array_api_compat.array_namespace(A)
         eye = _eye(xp, A)
         norm_1 = xp.max(xp.sum(xp.abs(A), axis=-2), axis=-1)
         norm_inf = xp.max(xp.sum(xp.abs(A), axis=-1), axis=-1)
@@ -160,7 +198,7 @@ class NewtonSchulz:
 
 
 @dataclass(frozen=True)
-class PInv:
+class PInv(Solver, name="pinv"):
     r"""Truncated-SVD pseudo-inverse :math:`Z = V \Sigma_r^{-1} U^\top`.
 
     Singular values :math:`\sigma_i \le \mathrm{rtol}\cdot\sigma_{\max}` are dropped.
@@ -168,13 +206,11 @@ class PInv:
     Parameters
     ----------
     rtol : float
-        Relative cutoff. The default ``3e-2`` was chosen by measurement on real attention (the
-        bundled DINOv2-S at 518 px, layers 0/3/6/9/11, m = 64, FPS landmarks; table on the docs'
-        pseudo-inverse page): relative output errors 0.49/0.66/0.28/0.21/0.11, against
-        0.50/2.2/0.73/0.42/0.11 for ``1e-3`` and 0.51/2.3/2.6/0.96/0.12 for ``1e-4``. Small cutoffs
-        invert noise directions of :math:`A` and amplify them into errors larger than the signal.
-        Use ``rtol`` near ``m * eps`` only for well-conditioned :math:`A` (e.g. the identity test
-        with all tokens as landmarks).
+        Relative cutoff. The default ``3e-2`` was chosen by measuring the output error on real
+        attention (table and command on the docs' pseudo-inverse page): smaller cutoffs invert
+        noise directions of :math:`A` and amplify them into errors larger than the signal. Use
+        ``rtol`` near ``m * eps`` only for well-conditioned :math:`A` (e.g. the identity test with
+        all tokens as landmarks).
 
     Notes
     -----
@@ -183,14 +219,13 @@ class PInv:
     """
 
     rtol: float = 3e-2
-    name = "pinv"
 
     def __post_init__(self):
         if not (0 <= self.rtol < 1):
             raise ValueError(f"PInv rtol must be in [0, 1), got {self.rtol!r}")
 
-    def __call__(self, A) -> SolveResult:
-        xp, A = _prepare(A)
+    def solve(self, A) -> SolveResult:
+        xp = array_api_compat.array_namespace(A)
         U, s, Vh = xp.linalg.svd(A, full_matrices=False)
         keep = s > self.rtol * s[..., :1]
         s_inv = xp.where(keep, 1 / xp.where(keep, s, xp.ones_like(s)), xp.zeros_like(s))
@@ -203,7 +238,7 @@ class PInv:
 
 
 @dataclass(frozen=True)
-class Ridge:
+class Ridge(Solver, name="ridge"):
     r"""Tikhonov-regularised pseudo-inverse :math:`Z = (A^\top A + \lambda I)^{-1} A^\top`.
 
     Each singular value :math:`\sigma` of :math:`A` is inverted as
@@ -215,9 +250,8 @@ class Ridge:
     lam : float
         Regularisation :math:`\lambda \ge 0`, absolute. Softmax matrices satisfy
         :math:`1 \le \sigma_{\max} \le \sqrt{m}`, so an absolute value is on a known scale. The
-        default ``1e-2`` was the best of 1e-6 ... 1e-1 on the measurement described under
-        :class:`PInv` (errors 0.47/0.61/0.27/0.18/0.12 with FPS landmarks, the lowest mean of all
-        solvers tried there; ``1e-4`` gave 0.46/1.3/0.35/0.24/0.11).
+        default ``1e-2`` was the best of 1e-6 ... 1e-1 in the measurement on the docs'
+        pseudo-inverse page.
 
     Notes
     -----
@@ -226,14 +260,13 @@ class Ridge:
     """
 
     lam: float = 1e-2
-    name = "solve"
 
     def __post_init__(self):
         if not (self.lam >= 0):
             raise ValueError(f"Ridge lam must be non-negative, got {self.lam!r}")
 
-    def __call__(self, A) -> SolveResult:
-        xp, A = _prepare(A)
+    def solve(self, A) -> SolveResult:
+        xp = array_api_compat.array_namespace(A)
         At = xp.matrix_transpose(A)
         Z = xp.linalg.solve(At @ A + self.lam * _eye(xp, A), At)
         return SolveResult(Z, moore_penrose_residual(A, Z), 0)
@@ -244,17 +277,13 @@ class Ridge:
         return 2 * m**3 + (8 * m**3) // 3 + 2 * 2 * m**3
 
 
-SOLVERS = {"newton_schulz": NewtonSchulz, "pinv": PInv, "solve": Ridge}
-"""Solver names accepted by :func:`get_solver` and ``nystrom.approximate``."""
-
-
 def get_solver(solver):
     """Return a solver object for a name, an existing solver object or any callable ``A -> SolveResult``.
 
     Parameters
     ----------
     solver : str or callable
-        A name in :data:`SOLVERS` (``"newton_schulz"``, ``"pinv"``, ``"solve"``), giving the default object.
+        A name in :data:`SOLVERS` (``"newton_schulz"``, ``"pinv"``, ``"ridge"``), giving the default object.
 
     Returns
     -------
@@ -264,8 +293,8 @@ def get_solver(solver):
     Raises
     ------
     ValueError
-        For an unknown name; the message lists the valid ones.
+        For an unknown name; the message lists each candidate and what it does.
     TypeError
         For anything that is neither a string nor callable.
     """
-    return resolve("solver", "solvers", SOLVERS, solver)
+    return resolve("solver", SOLVERS, solver, Solver)

@@ -1,25 +1,18 @@
-"""The torch backend: fast batched FNA attention, drop-in patching of transformers models, attention
+"""The torch backend: fused Nyström attention kernels, drop-in patching of transformers models, attention
 capture, key masking and token-structure analysis.
 
 Nothing here imports transformers at import time; the model tools import it when they are used.
 """
 
-from .attention import fna_attention, landmark_kernel
+from .attention import fna_attention, sdpa_attend
 from .capture import CapturedAttention, capture_attention, capturing
-from .patching import FNAHandle, LayerRecord, attention_layers, fna, key_padding_mask, mask_keys, patch
-from .tokens import (
-    SuppressionResult,
-    TokenAnalysis,
-    analyze_tokens,
-    detect_high_norm_tokens,
-    detect_massive_activations,
-    detect_sinks,
-    suppression_experiment,
-)
+from .dispatch import attention_layers, padding_mask_from_attention_mask
+from .masking import mask_keys
+from .patching import FNAHandle, LayerRecord, fna, patch
+from .tokens import SuppressionResult, TokenAnalysis, analyze_tokens, suppression_experiment
 
 __all__ = [
     "CapturedAttention", "FNAHandle", "LayerRecord", "SuppressionResult", "TokenAnalysis", "analyze_tokens",
-    "attention_layers", "capture_attention", "capturing", "detect_high_norm_tokens", "detect_massive_activations",
-    "detect_sinks", "fna", "fna_attention", "key_padding_mask", "landmark_kernel", "mask_keys", "patch",
-    "suppression_experiment",
+    "attention_layers", "capture_attention", "capturing", "fna", "fna_attention", "mask_keys",
+    "padding_mask_from_attention_mask", "patch", "sdpa_attend", "suppression_experiment",
 ]

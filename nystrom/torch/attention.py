@@ -1,50 +1,74 @@
-r"""Fast batched Nyström attention for torch tensors, in FNA's evaluation order.
+r"""Nyström attention for torch tensors through fused attention kernels, in FNA's evaluation order.
 
 .. math::
 
     v' = A^+ \bigl(\mathrm{softmax}(\tau\tilde q K^\top + M) V\bigr) \in \mathbb{R}^{m\times d_v},
     \qquad \hat O = \mathrm{softmax}(\tau Q \tilde k^\top)\, v'
 
-Both softmax products run through :func:`torch.nn.functional.scaled_dot_product_attention`: the
-first is attention of the :math:`m` landmark queries over all :math:`n` keys, the second is
-attention of all queries over :math:`m` "landmark key / value" pairs :math:`(\tilde k, v')`. The
-fused kernels never materialise an :math:`n\times n` matrix, and with ``query_chunk_size`` the
-:math:`n\times m` one is only formed a chunk at a time, so memory is :math:`O(n (m + d))`.
+The product is :func:`nystrom.linalg.attention.nystrom_product`, written once for every backend; this
+module supplies its attention call, :func:`torch.nn.functional.scaled_dot_product_attention`. The first
+call is attention of the :math:`m` landmark queries over all :math:`n` keys, the second attention of
+all queries over :math:`m` "landmark key / value" pairs :math:`(\tilde k, v')`. The fused kernels never
+materialise an :math:`n\times n` matrix, and with ``query_chunk_size`` the :math:`n\times m` one is only
+formed a chunk at a time, so memory is :math:`O(n (m + d))`.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
-from ..linalg.solvers import SolveResult, get_solver
+from ..linalg.attention import nystrom_product
+from ..linalg.solvers import get_solver, unchecked
+from ..linalg.validation import (
+    check_attention_inputs,
+    check_bool,
+    check_landmarks,
+    check_query_chunk_size,
+    check_scale,
+)
 
 
-def landmark_kernel(q_landmarks, k_landmarks, scale):
-    r""":math:`A = \mathrm{softmax}(\tau \tilde q \tilde k^\top)` of shape ``(..., m, m)``, in float32 or float64.
+def sdpa_attend(q, k, v, mask=None, *, scale, query_chunk_size=None):
+    r""":math:`\mathrm{softmax}(\tau q k^\top + M)\,v` by ``scaled_dot_product_attention``, a chunk of queries at a time.
 
-    The logits and the normalisation are accumulated in at least float32 so half-precision
-    inputs neither overflow in the exponent nor lose the small entries that decide
-    :math:`A`'s conditioning.
+    The attention call that :func:`nystrom.linalg.attention.nystrom_product` takes (its inputs are checked).
 
     Parameters
     ----------
-    q_landmarks, k_landmarks : Tensor, shape (..., m, d)
+    q : Tensor, shape (..., n_q, d)
+    k : Tensor, shape (..., n, d)
+    v : Tensor, shape (..., n, d_v)
+    mask : bool Tensor, shape broadcastable to (..., n_q, n), optional
+        ``True`` where a query may attend to a key (SDPA's boolean ``attn_mask``).
     scale : float
         :math:`\tau`.
+    query_chunk_size : int, optional
+        Rows of ``q`` per SDPA call; ``None`` does all at once.
 
     Returns
     -------
-    Tensor, shape (..., m, m)
+    Tensor, shape (..., n_q, d_v)
     """
-    dtype = torch.float64 if q_landmarks.dtype == torch.float64 else torch.float32
-    logits = scale * (q_landmarks.to(dtype) @ k_landmarks.to(dtype).transpose(-2, -1))
-    return torch.softmax(logits, dim=-1)
+    n_q = q.shape[-2]
+    if query_chunk_size is None or query_chunk_size >= n_q:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    chunks = []
+    for i in range(0, n_q, query_chunk_size):
+        rows = mask if mask is None or mask.shape[-2] == 1 else mask[..., i:i + query_chunk_size, :]
+        chunks.append(F.scaled_dot_product_attention(q[..., i:i + query_chunk_size, :], k, v, attn_mask=rows,
+                                                     scale=scale))
+    return torch.cat(chunks, dim=-2)
 
 
-def fna_attention(Q, K, V, landmarks, solver="newton_schulz", *, scale, key_padding_mask=None,
-                  query_chunk_size=None):
+def fna_attention(Q, K, V, landmarks, solver="newton_schulz", *, scale=None, key_padding_mask=None,
+                  query_chunk_size=None, check_values=True):
     r"""Nyström attention :math:`\mathrm{softmax}(\tau Q\tilde k^\top)\, A^+ \mathrm{softmax}(\tau \tilde q K^\top) V`.
+
+    The torch counterpart of :func:`nystrom.linalg.nystrom_attention`, with the same contract: the
+    arguments are checked once here, then the fused product runs.
 
     Parameters
     ----------
@@ -55,43 +79,35 @@ def fna_attention(Q, K, V, landmarks, solver="newton_schulz", *, scale, key_padd
         ``queries`` and ``keys`` of shape ``(..., m, d)``, keys never on padding.
     solver : str or callable
         Pseudo-inverse solver; it runs in float32 (float64 for float64 inputs).
-    scale : float
-        Softmax temperature :math:`\tau`.
+    scale : float, optional
+        Softmax temperature :math:`\tau`, default ``1/sqrt(d)`` (as SDPA).
     key_padding_mask : bool Tensor, shape (..., n), optional
         ``True`` for real keys.
     query_chunk_size : int, optional
         Process queries in chunks of this many rows, bounding the :math:`n_q \times m` score
         buffer of the final product; ``None`` does all at once.
+    check_values : bool
+        Run the checks that read the data (see :mod:`nystrom.linalg.validation`).
 
     Returns
     -------
     out : Tensor, shape (..., n_q, d_v), dtype of ``V``
     solve : SolveResult
 
-    Notes
-    -----
-    For float16, :math:`v'` can exceed the format's range when :math:`A` is ill-conditioned
-    (entries of :math:`A^+` grow like :math:`1/\sigma_{\min}`); the final product then runs in
-    float32 instead of overflowing. bfloat16 shares float32's range and needs no such care.
+    Raises
+    ------
+    TypeError, ValueError
+        As :func:`nystrom.approximate` for the inputs; ``TypeError`` also for numpy arrays (use
+        :func:`nystrom.linalg.nystrom_attention`), ``ValueError`` for landmarks of the wrong shape.
     """
-    q_l, k_l = landmarks.queries, landmarks.keys
+    check_values = check_bool("check_values", check_values)
+    xp = check_attention_inputs(Q, K, V, key_padding_mask, check_values=check_values)
+    if not isinstance(Q, torch.Tensor):
+        raise TypeError(f"Q, K and V must be torch tensors, got {type(Q).__name__}; "
+                        "nystrom.linalg.nystrom_attention takes any array")
+    check_landmarks(landmarks, K, landmarks.keys.shape[-2])
+    tau = check_scale(scale, Q.shape[-1])
+    attend = functools.partial(sdpa_attend, scale=tau, query_chunk_size=check_query_chunk_size(query_chunk_size))
     mask = None if key_padding_mask is None else key_padding_mask[..., None, :]
-    BV = F.scaled_dot_product_attention(q_l, K, V, attn_mask=mask, scale=scale)
-    result: SolveResult = get_solver(solver)(landmark_kernel(q_l, k_l, scale))
-    vp = result.inverse @ BV.to(result.inverse.dtype)
-    work_dtype = V.dtype
-    if V.dtype == torch.float16 and not bool(vp.detach().abs().amax() < 0.5 * torch.finfo(torch.float16).max):
-        work_dtype = torch.float32
-    vp = vp.to(work_dtype)
-    k_l = k_l.to(work_dtype)
-    n_q = Q.shape[-2]
-    chunk = n_q if query_chunk_size is None else query_chunk_size
-    if chunk >= n_q:
-        out = F.scaled_dot_product_attention(Q.to(work_dtype), k_l, vp, scale=scale)
-    else:
-        out = torch.cat(
-            [F.scaled_dot_product_attention(Q[..., i:i + chunk, :].to(work_dtype), k_l, vp, scale=scale)
-             for i in range(0, n_q, chunk)],
-            dim=-2,
-        )
-    return out.to(V.dtype), result
+    return nystrom_product(xp, Q, K, V, landmarks, unchecked(get_solver(solver)), scale=tau, mask=mask,
+                           attend=attend)

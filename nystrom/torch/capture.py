@@ -6,11 +6,11 @@ returns, so approximations can be tested on real attention:
 >>> caps = capture_attention(model, {"pixel_values": px})         # doctest: +SKIP
 >>> c = caps[5]                                                   # layer 5
 >>> mask = None if c.key_padding_mask is None else c.key_padding_mask[:, None, :]   # doctest: +SKIP
->>> nystrom.exact_attention(c.query, c.key, c.value, c.scaling, mask)   # == c.output   # doctest: +SKIP
+>>> nystrom.exact_attention(c.query, c.key, c.value, scale=c.scaling, key_padding_mask=mask)   # == c.output   # doctest: +SKIP
 
-It uses the handler mechanism of :mod:`nystrom.torch.patching` (the model's own attention function still runs) and
+It uses the handler mechanism of :mod:`nystrom.torch.dispatch` (the model's own attention function still runs) and
 restores the model on exit, also after an exception. Started inside :func:`~nystrom.torch.patching.fna` or
-:func:`~nystrom.torch.patching.mask_keys`, it records the call as the model makes it (with the model's own mask) and
+:func:`~nystrom.torch.masking.mask_keys`, it records the call as the model makes it (with the model's own mask) and
 the output actually computed there (approximated, masked).
 """
 
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from ..linalg.validation import check_scale
-from .patching import Handle, key_padding_mask
+from .dispatch import Handle, padding_mask_from_attention_mask
 
 __all__ = ["CapturedAttention", "capture_attention", "capturing"]
 
@@ -70,7 +70,7 @@ def _record(records, handle, layer, call_next, module, query, key, value, attent
         query=query.detach(),
         key=key.detach(),
         value=value.detach(),
-        key_padding_mask=key_padding_mask(attention_mask, key.shape[0], key.shape[-2]),
+        key_padding_mask=padding_mask_from_attention_mask(attention_mask, key.shape[0], key.shape[-2]),
         scaling=check_scale(scaling, query.shape[-1]),
         output=output.detach().transpose(1, 2),
     ))
@@ -85,7 +85,7 @@ def capturing(model, layers=None):
     ----------
     model : torch.nn.Module
         ``ViTModel``, ``Dinov2Model``, ``CLIPVisionModel``, ``BertModel`` or another encoder accepted by
-        :func:`nystrom.torch.patching.attention_layers`.
+        :func:`nystrom.torch.dispatch.attention_layers`.
     layers : int, iterable of int, or None
         Encoder layers to record; ``None`` for all.
 

@@ -1,19 +1,10 @@
-r"""Token structure of pretrained transformers: massive activations, artifact tokens and attention sinks.
+r"""Token structure of pretrained transformers, layer by layer: massive activations, artifact tokens and sinks.
 
 FNA (Lu et al. 2025, arXiv 2507.16018) builds on three kinds of outlier tokens in pretrained ViTs, which it
-says "mutually suppress one another through the attention mechanism":
-
-* **massive** tokens carry a scalar activation of exceptional size in the residual stream. Sun et al. 2024
-  ("Massive Activations in Large Language Models", arXiv 2402.17762) call an activation massive when
-  its magnitude exceeds 100 and is about 1000 times the median magnitude of its hidden state;
-* **artifact** tokens are patch tokens whose residual norm stands far above the other patches (Darcet et
-  al. 2024, "Vision Transformers Need Registers", arXiv 2309.16588: in DINOv2 ViT-L and larger, about 2 %
-  of the output tokens have norms above ~150, and the norm histogram is bimodal);
-* **sinks** are keys that receive a large share of all attention.
-
-This module measures them layer by layer (:func:`analyze_tokens`), offers the three detectors on plain
-arrays (:func:`detect_massive_activations`, :func:`detect_high_norm_tokens`, :func:`detect_sinks`; numpy
-or torch), and masks one kind to watch how the others respond (:func:`suppression_experiment`).
+says "mutually suppress one another through the attention mechanism"; their definitions and detectors
+are in :mod:`nystrom.linalg.tokens`. This module measures them in every encoder layer of a transformers
+model (:func:`analyze_tokens`) and masks one kind to watch how the others respond
+(:func:`suppression_experiment`).
 
 Shapes: ``L`` encoder layers, ``B`` sequences, ``n`` tokens (padding included), ``D`` hidden width, ``H``
 heads. Token masks are bool with ``True`` for a real (unpadded) token, as ``key_padding_mask`` everywhere in
@@ -24,234 +15,23 @@ from __future__ import annotations
 
 import functools
 import numbers
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import array_api_compat
 import numpy as np
 import torch
 from torch import nn
 
-from ..linalg.landmarks.norm import masked_median
-from ..linalg.validation import check_key_padding_mask, check_real_floating, namespace
-from .patching import _hidden_states, attention_layers, mask_keys
+from ..linalg.tokens import detect_high_norm_tokens, detect_massive_activations, detect_sinks, excluded_tokens
+from ..linalg.validation import check_positive
+from .dispatch import attention_layers, block_input
+from .masking import mask_keys
 
-__all__ = [
-    "MASK_KINDS", "MassiveActivations", "SuppressionResult", "TokenAnalysis", "analyze_tokens",
-    "detect_high_norm_tokens", "detect_massive_activations", "detect_sinks", "suppression_experiment",
-]
+__all__ = ["MASK_KINDS", "SuppressionResult", "TokenAnalysis", "analyze_tokens", "suppression_experiment"]
 
 #: Accepted values of ``suppression_experiment(mask_kind=...)``.
 MASK_KINDS = ("massive", "artifact", "sink", "cls")
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Detectors on plain arrays
-# --------------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class MassiveActivations:
-    """Result of :func:`detect_massive_activations`.
-
-    Attributes
-    ----------
-    mask : bool array, shape (..., n)
-        ``True`` where the token carries at least one massive activation.
-    channel : int array, shape (..., n)
-        Channel of each token's largest-magnitude activation.
-    value : array, shape (..., n)
-        That activation, with its sign.
-    median : array, shape (...)
-        Median magnitude of all activations of the real tokens of each sequence.
-    """
-
-    mask: Any
-    channel: Any
-    value: Any
-    median: Any
-
-
-def _check_ratio(name, value):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    if not (0 < float(value) < float("inf")):
-        raise ValueError(f"{name} must be a finite positive number, got {value!r}")
-    return float(value)
-
-
-def _check_tokens(xp, name, hidden, key_padding_mask, min_ndim):
-    check_real_floating(xp, name, hidden)
-    if hidden.ndim < min_ndim or hidden.shape[-1] == 0 or (min_ndim == 2 and hidden.shape[-2] == 0):
-        what = "(..., n, D)" if min_ndim == 2 else "(..., n)"
-        raise ValueError(f"{name} must have shape {what} with at least one token, got {tuple(hidden.shape)}")
-    if key_padding_mask is not None:
-        # check_key_padding_mask expects keys (..., n, d); a trailing axis makes (..., n) inputs fit it.
-        check_key_padding_mask(xp, key_padding_mask, hidden if min_ndim == 2 else hidden[..., None])
-
-
-def detect_massive_activations(hidden, *, abs_threshold=100.0, median_ratio=1000.0, key_padding_mask=None):
-    r"""Tokens carrying a massive scalar activation (Sun et al. 2024).
-
-    An activation :math:`a_{jc}` (token :math:`j`, channel :math:`c`) is massive when
-
-    .. math::
-
-        |a_{jc}| > \alpha \quad\text{and}\quad
-        |a_{jc}| \ge \rho\,\mathrm{median}_{i\,\mathrm{real},\,c'} |a_{ic'}|
-
-    with the median over every channel of every real token of the sequence; Sun et al. use
-    :math:`\alpha = 100` and :math:`\rho \approx 1000`. Apply it to the residual stream *before* any
-    LayerNorm: normalisation divides the outlier away.
-
-    Parameters
-    ----------
-    hidden : array, shape (..., n, D)
-        Hidden states (numpy or torch, real floating).
-    abs_threshold : float, default 100
-        :math:`\alpha`.
-    median_ratio : float, default 1000
-        :math:`\rho`.
-    key_padding_mask : bool array, shape (..., n), optional
-        ``True`` for real tokens; padding is never flagged and does not enter the median.
-
-    Returns
-    -------
-    MassiveActivations
-
-    Raises
-    ------
-    TypeError
-        Non-array or non-floating ``hidden``, non-bool mask, non-real thresholds.
-    ValueError
-        Wrong shapes, non-positive thresholds.
-    """
-    xp = namespace(hidden=hidden, key_padding_mask=key_padding_mask)
-    _check_tokens(xp, "hidden", hidden, key_padding_mask, 2)
-    alpha = _check_ratio("abs_threshold", abs_threshold)
-    rho = _check_ratio("median_ratio", median_ratio)
-    magnitude = xp.abs(hidden)
-    flat = xp.reshape(magnitude, tuple(hidden.shape[:-2]) + (-1,))
-    flat_mask = None
-    real = None
-    if key_padding_mask is not None:
-        real = xp.broadcast_to(key_padding_mask, tuple(hidden.shape[:-1]))
-        flat_mask = xp.reshape(xp.broadcast_to(real[..., None], tuple(hidden.shape)), tuple(flat.shape))
-    median = masked_median(xp, flat, flat_mask)
-    channel = xp.argmax(magnitude, axis=-1)
-    value = xp.take_along_axis(hidden, channel[..., None], axis=-1)[..., 0]
-    peak = xp.abs(value)
-    mask = (peak > alpha) & (peak >= rho * median[..., None])
-    if real is not None:
-        mask = mask & real
-    return MassiveActivations(mask=mask, channel=channel, value=value, median=median)
-
-
-def _exclusion(xp, exclude, shape, device):
-    """``exclude`` (token positions or a bool array broadcastable to ``shape``) as a bool array of ``shape``."""
-    n = shape[-1]
-    if isinstance(exclude, Sequence):
-        positions = list(exclude)
-        bad = [p for p in positions if isinstance(p, bool) or not isinstance(p, numbers.Integral) or not -n <= p < n]
-        if bad:
-            raise ValueError(f"exclude must hold token positions in [-{n}, {n}), got {positions!r}")
-        flags = np.zeros(n, dtype=bool)
-        flags[[p % n for p in positions]] = True
-        return xp.broadcast_to(xp.asarray(flags, device=device), shape)
-    if exclude.dtype != xp.bool:
-        raise TypeError(f"exclude must be a sequence of token positions or a bool array, got dtype {exclude.dtype}")
-    if exclude.ndim > len(shape) or exclude.shape[-1] != n:
-        raise ValueError(f"exclude must be a bool array broadcastable to {shape}, got {tuple(exclude.shape)}")
-    return xp.broadcast_to(exclude, shape)
-
-
-def detect_high_norm_tokens(hidden, *, ratio=4.0, exclude=(0,), key_padding_mask=None):
-    r"""Artifact tokens: patch tokens whose norm is an outlier among the patch tokens (Darcet et al. 2024).
-
-    .. math:: \lVert h_j\rVert > \nu\,\mathrm{median}_{i\,\in\,P} \lVert h_i\rVert, \qquad j \in P
-
-    where :math:`P` are the real tokens not in ``exclude`` (CLS, registers, other special tokens). Darcet
-    et al. find a bimodal norm distribution in DINOv2 ViT-L and larger: ~2 % of tokens with norms above ~150.
-    The default :math:`\nu = 4` sits well above the spread of a unimodal distribution (at most 2.4 times
-    the median in every layer of DINOv2-S, which has no artifacts, over eight natural images at 224 px).
-
-    Parameters
-    ----------
-    hidden : array, shape (..., n, D)
-        Residual-stream hidden states (numpy or torch, real floating).
-    ratio : float, default 4
-        :math:`\nu`.
-    exclude : sequence of int or bool array broadcastable to (..., n), default (0,)
-        Tokens that are never artifacts and do not enter the median: positions (``(0,)`` is the CLS token,
-        ``()`` none) or a bool mask (``True`` = excluded).
-    key_padding_mask : bool array, shape (..., n), optional
-        ``True`` for real tokens; padding is never flagged and does not enter the median.
-
-    Returns
-    -------
-    bool array, shape (..., n)
-
-    Raises
-    ------
-    TypeError
-        Non-array or non-floating ``hidden``, non-bool masks, non-real ``ratio``.
-    ValueError
-        Wrong shapes, non-positive ``ratio``, bad positions, or a sequence without any eligible token.
-    """
-    positions = isinstance(exclude, Sequence)
-    xp = namespace(hidden=hidden, key_padding_mask=key_padding_mask, exclude=None if positions else exclude)
-    _check_tokens(xp, "hidden", hidden, key_padding_mask, 2)
-    nu = _check_ratio("ratio", ratio)
-    shape = tuple(hidden.shape[:-1])
-    eligible = ~_exclusion(xp, exclude, shape, array_api_compat.device(hidden))
-    if key_padding_mask is not None:
-        eligible = eligible & xp.broadcast_to(key_padding_mask, shape)
-    if not bool(xp.all(xp.any(eligible, axis=-1))):
-        raise ValueError("exclude and key_padding_mask leave a sequence without any token to test")
-    norms = xp.sqrt(xp.sum(hidden * hidden, axis=-1))
-    median = masked_median(xp, norms, eligible)
-    return eligible & (norms > nu * median[..., None])
-
-
-def detect_sinks(attention_share, *, ratio=4.0, key_padding_mask=None):
-    r"""Attention sinks: keys that receive at least ``ratio`` times the uniform share of attention.
-
-    .. math:: a_j \ge \rho / n_v
-
-    with :math:`a_j` the share of attention key :math:`j` receives (summing to 1 over the keys) and
-    :math:`n_v` the number of real keys. The default :math:`\rho = 4` is the one of
-    :class:`~nystrom.linalg.landmarks.Norm`, which guarantees sinks as landmarks.
-
-    Parameters
-    ----------
-    attention_share : array, shape (..., n)
-        Exact shares (:attr:`TokenAnalysis.attention_share`) or the probe estimate of
-        :func:`nystrom.linalg.landmarks.norm.attention_share`.
-    ratio : float, default 4
-        :math:`\rho`.
-    key_padding_mask : bool array, shape (..., n), optional
-        ``True`` for real keys; padding is never a sink and does not count in :math:`n_v`.
-
-    Returns
-    -------
-    bool array, shape (..., n)
-
-    Raises
-    ------
-    TypeError
-        Non-array or non-floating ``attention_share``, non-bool mask, non-real ``ratio``.
-    ValueError
-        Wrong shapes or non-positive ``ratio``.
-    """
-    xp = namespace(attention_share=attention_share, key_padding_mask=key_padding_mask)
-    _check_tokens(xp, "attention_share", attention_share, key_padding_mask, 1)
-    rho = _check_ratio("ratio", ratio)
-    if key_padding_mask is None:
-        return attention_share >= rho / attention_share.shape[-1]
-    real = xp.broadcast_to(key_padding_mask, tuple(attention_share.shape))
-    n_valid = xp.sum(xp.astype(real, attention_share.dtype), axis=-1, keepdims=True)
-    return real & (attention_share >= rho / n_valid)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -375,10 +155,10 @@ class _Recorder:
         self._last_norm = (args[0], output)
 
     def _on_block(self, block, args, kwargs):
-        self._block_input = _hidden_states(args, kwargs)
+        self._block_input = block_input(args, kwargs)
 
     def _on_attention_input(self, layer, module, args, kwargs):
-        normed = _hidden_states(args, kwargs)
+        normed = block_input(args, kwargs)
         if self._last_norm is not None and _same(self._last_norm[1], normed):
             residual = self._last_norm[0]
             self.residual[layer], self.normed[layer] = residual, normed
@@ -461,7 +241,7 @@ def analyze_tokens(model, inputs, *, massive_threshold=100.0, massive_ratio=1000
         raise ValueError("model is in training mode (dropout would randomise the attention); call model.eval()")
     for name, value in (("massive_threshold", massive_threshold), ("massive_ratio", massive_ratio),
                         ("artifact_ratio", artifact_ratio), ("sink_ratio", sink_ratio)):
-        _check_ratio(name, value)
+        check_positive(name, value)
     real = _real_tokens(inputs)
     with _Recorder(model, real) as recorder:
         model(**inputs)
@@ -489,7 +269,7 @@ def analyze_tokens(model, inputs, *, massive_threshold=100.0, massive_ratio=1000
     artifact = detect_high_norm_tokens(residual, ratio=artifact_ratio, exclude=exclude, key_padding_mask=mask)
     sink = detect_sinks(share, ratio=sink_ratio, key_padding_mask=mask)
     token_mask = torch.ones(residual.shape[1:3], dtype=torch.bool) if real is None else real
-    excluded = _exclusion(array_api_compat.array_namespace(residual), exclude, tuple(residual.shape[1:3]),
+    excluded = excluded_tokens(array_api_compat.array_namespace(residual), exclude, tuple(residual.shape[1:3]),
                           residual.device)
     return TokenAnalysis(
         residual_norms=_numpy(torch.linalg.vector_norm(residual, dim=-1)),

@@ -1,6 +1,7 @@
-r"""What every landmark strategy shares: the :class:`Landmarks` result and the batching helpers.
+r"""What every landmark strategy shares: the :class:`Strategy` base classes, the :class:`Landmarks` result and
+the batching helpers.
 
-A strategy is any callable
+A strategy is a :class:`Strategy` object, or any callable
 
 ``strategy(Q, K, num_landmarks, *, key_padding_mask=None, seed=None, head_axis=None, features=None, scale=None)``
 
@@ -13,24 +14,45 @@ shared by all heads, as FNA does. Selection then runs on the head-mean features
 :math:`\bar k_i = \tfrac1H\sum_h k_{h,i}` (FNA's ``sampling_features`` rule), shape ``(..., n, d)``:
 a fixed linear map of the concatenated heads that keeps selection at :math:`O(n m d)` whatever
 :math:`H`, instead of :math:`O(n m H d)` on the concatenation.
+
+Calling a strategy checks its arguments once (:func:`nystrom.linalg.validation.check_selection`) and
+hands a :class:`Selection` to :meth:`Strategy.select`; library code that has checked the arguments
+already (``nystrom.approximate``, model patching) calls :func:`run_strategy`, which skips the checks.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import array_api_compat
 import numpy as np
 
+from ..numerics import at_least_float32
 from ..validation import (
-    check_finite,
-    check_key_padding_mask,
-    check_landmarks_fit,
-    check_points,
-    check_real_floating,
-    namespace,
+    check_attention_inputs,
+    check_bool,
+    check_landmarks,
+    check_scale,
+    check_seed,
+    check_selection,
+    describe,
+    resolve,
 )
+
+STRATEGIES: dict[str, type] = {}
+"""Strategy names accepted by :func:`get_strategy` and ``nystrom.approximate``, derived from the
+:class:`Strategy` subclasses' declared ``name``."""
+
+#: The capabilities a strategy declares (class attributes of :class:`Strategy`) and what each means.
+CAPABILITIES = {
+    "random": "its choice depends on seed",
+    "picks_tokens": "its landmarks are real tokens with positions (else it builds new points)",
+    "per_head": "it can choose a separate set per head (head_axis=None)",
+    "masks": "it honours key_padding_mask: padding never enters a landmark",
+    "weighted": "it returns landmark weights",
+}
 
 
 @dataclass(frozen=True)
@@ -56,42 +78,222 @@ class Landmarks:
     query_indices: Any = None
 
 
-def check_strategy_inputs(Q, K, num_landmarks, key_padding_mask, head_axis, features):
-    """Validate a strategy call; return ``(xp, m)``. Raises ``TypeError``/``ValueError`` naming the argument."""
-    xp = namespace(Q=Q, K=K, key_padding_mask=key_padding_mask, features=features)
-    for name, a in (("Q", Q), ("K", K)):
-        check_points(name, a, xp)
-    if Q.dtype != K.dtype:
-        raise TypeError(f"Q and K must share one dtype, got {Q.dtype} and {K.dtype}")
-    if Q.shape[-1] != K.shape[-1] or Q.shape[:-2] != K.shape[:-2]:
-        raise ValueError(f"Q and K must share leading dimensions and d, got {tuple(Q.shape)} and {tuple(K.shape)}")
-    if key_padding_mask is not None:
-        check_key_padding_mask(xp, key_padding_mask, K)
-    if head_axis is not None:
-        if isinstance(head_axis, bool) or not isinstance(head_axis, int) or not (-K.ndim <= head_axis <= -3):
-            raise ValueError(
-                f"head_axis must be None or a negative int between {-K.ndim} and -3 (a leading axis "
-                f"of K with shape {tuple(K.shape)}), got {head_axis!r}"
-            )
-    m = check_landmarks_fit(xp, num_landmarks, K, key_padding_mask)
-    if features is not None:
-        check_real_floating(xp, "features", features)
-        check_finite(xp, "features", features)
-        expected = selection_shape(K, head_axis)[:-1]
-        if tuple(features.shape[:-1]) != expected:
-            raise ValueError(
-                f"features must have shape {expected + ('D',)} (one row per key"
-                f"{', heads shared' if head_axis is not None else ''}), got {tuple(features.shape)}"
-            )
-    return xp, m
+@dataclass(frozen=True)
+class Selection:
+    """One checked strategy call: the inputs and settings every strategy reads.
+
+    Attributes
+    ----------
+    xp
+        Array namespace of the inputs.
+    Q : array, shape (..., n_q, d)
+    K : array, shape (..., n, d)
+    num_landmarks : int
+        :math:`m`, already checked against ``n``, ``n_q`` and the real keys.
+    key_padding_mask : bool array, shape (..., n), or None
+        ``True`` for real keys, as passed (leading dimensions may be 1).
+    seed : int or None
+    head_axis : int or None
+        The shared head axis of ``K`` (``-3`` for ``(B, H, n, d)``), ``None`` for per-head selection.
+    features : array, shape (..., n, D), or None
+        Per-token selection features; without head sharing their leading dimensions are ``K``'s, with
+        it ``K``'s without the head axis.
+    scale : float
+        Softmax temperature :math:`\\tau` of the attention being approximated.
+    """
+
+    xp: Any
+    Q: Any
+    K: Any
+    num_landmarks: int
+    key_padding_mask: Any = None
+    seed: int | None = None
+    head_axis: int | None = None
+    features: Any = None
+    scale: float = 1.0
+
+    @functools.cached_property
+    def points(self):
+        """Selection features ``(..., n, D)``: ``features`` if given, else the keys with shared heads averaged;
+        float32 or wider."""
+        if self.features is not None:
+            return at_least_float32(self.xp, self.features)
+        return fold_heads(self.xp, self.K, self.head_axis)
+
+    @functools.cached_property
+    def query_points(self):
+        """Query features ``(..., n_q, d)`` for cross-attention: the queries with shared heads averaged."""
+        return fold_heads(self.xp, self.Q, self.head_axis)
+
+    @functools.cached_property
+    def mask(self):
+        """Eligible keys ``(..., n)`` of the selection rows (real in every shared head), or None."""
+        return fold_mask(self.xp, self.key_padding_mask, self.K, self.head_axis)
+
+    @property
+    def cross(self) -> bool:
+        """Whether queries and keys differ in number (cross-attention)."""
+        return self.Q.shape[-2] != self.K.shape[-2]
 
 
-def selection_shape(K, head_axis):
-    """Shape of the per-token selection features for ``K``: ``(..., n, d)``, without the head axis if shared."""
-    shape = list(K.shape)
-    if head_axis is not None:
-        shape.pop(head_axis)
-    return tuple(shape)
+class Strategy:
+    """Base class of landmark strategies: a strategy implements only its choice, :meth:`select`.
+
+    Subclasses declare their registry name and capabilities in the class statement,
+    ``class FPS(TokenStrategy, name="fps")``; :data:`STRATEGIES` and :data:`RANDOM_STRATEGIES` are
+    derived from those declarations. Capabilities (class attributes, see :data:`CAPABILITIES`):
+
+    * ``random`` -- the choice depends on ``seed`` (deterministic for a given seed);
+    * ``picks_tokens`` -- landmarks are real tokens and :attr:`Landmarks.indices` is set;
+    * ``per_head`` -- supports ``head_axis=None`` (a separate set per head);
+    * ``masks`` -- honours ``key_padding_mask``;
+    * ``weighted`` -- returns landmark weights.
+    """
+
+    name: ClassVar[str]
+    random: ClassVar[bool] = False
+    picks_tokens: ClassVar[bool] = True
+    per_head: ClassVar[bool] = True
+    masks: ClassVar[bool] = True
+    weighted: ClassVar[bool] = False
+
+    def __init_subclass__(cls, *, name: str | None = None, **capabilities):
+        super().__init_subclass__()
+        unknown = set(capabilities) - set(CAPABILITIES)
+        if unknown:
+            raise TypeError(f"unknown strategy capabilities {sorted(unknown)}; known: {sorted(CAPABILITIES)}")
+        for key, value in capabilities.items():
+            setattr(cls, key, bool(value))
+        if name is not None:
+            cls.name = name
+            STRATEGIES[name] = cls
+
+    def __call__(self, Q, K, num_landmarks, *, key_padding_mask=None, seed=None, head_axis=None, features=None,
+                 scale=None, check_values=True) -> Landmarks:
+        """Check the arguments once, then :meth:`select`.
+
+        ``check_values=False`` skips the checks that read the data (finite inputs, a real key per
+        sequence, ``num_landmarks`` within the real keys); see :mod:`nystrom.linalg.validation`.
+        """
+        check_values = check_bool("check_values", check_values)
+        xp = check_attention_inputs(Q, K, None, key_padding_mask, check_values=check_values)
+        m = check_selection(xp, Q, K, num_landmarks, key_padding_mask, head_axis, features,
+                            check_values=check_values)
+        return self.select(Selection(xp, Q, K, m, key_padding_mask, check_seed(seed), head_axis, features,
+                                     check_scale(scale, K.shape[-1])))
+
+    def select(self, selection: Selection) -> Landmarks:
+        """The landmarks for a checked :class:`Selection` (no checks of its own)."""
+        raise NotImplementedError
+
+
+class TokenStrategy(Strategy, picks_tokens=True):
+    """A strategy that picks real tokens: it implements :meth:`pick`, an index rule on the selection features.
+
+    For self-attention (``n_q == n``) the landmark queries sit at the positions of the landmark keys,
+    which gives the interpolation property. For cross-attention (``n_q != n``) :meth:`pick_queries`
+    picks query positions on the head-folded queries alone.
+    """
+
+    def select(self, selection):
+        xp, Q, K, head_axis = selection.xp, selection.Q, selection.K, selection.head_axis
+        idx = unfold_indices(xp, self.pick(selection, selection.points, selection.mask), K, head_axis)
+        if not selection.cross:
+            return landmarks_at(xp, Q, K, idx)
+        q_idx = unfold_indices(xp, self.pick_queries(selection, selection.query_points), Q, head_axis)
+        return landmarks_at(xp, Q, K, idx, q_idx)
+
+    def pick(self, selection: Selection, X, mask):
+        """Positions ``(..., m)`` of ``selection.num_landmarks`` distinct eligible rows of ``X (..., n, D)``;
+        ``mask (..., n)`` marks the eligible ones (None: all)."""
+        raise NotImplementedError
+
+    def pick_queries(self, selection: Selection, X):
+        """Query positions for cross-attention, on the queries ``X (..., n_q, D)``: :meth:`pick` without a mask."""
+        return self.pick(selection, X, None)
+
+
+class CentroidStrategy(Strategy, picks_tokens=False):
+    """A strategy that builds each landmark as a mean of tokens: it implements :meth:`membership`.
+
+    :math:`\\tilde k = W K` and :math:`\\tilde q = W Q` with the row-normalised membership
+    :math:`W \\in \\mathbb{R}^{m\\times n}`, the same for queries and keys under self-attention.
+    """
+
+    def select(self, selection):
+        xp, Q, K, head_axis = selection.xp, selection.Q, selection.K, selection.head_axis
+        W_k = self._per_head(xp, self.membership(selection, queries=False), head_axis)
+        W_q = self._per_head(xp, self.membership(selection, queries=True), head_axis) if selection.cross else W_k
+        return Landmarks(xp.astype(W_q, Q.dtype) @ Q, xp.astype(W_k, K.dtype) @ K)
+
+    @staticmethod
+    def _per_head(xp, W, head_axis):
+        return W if head_axis is None else xp.expand_dims(W, axis=head_axis)
+
+    def membership(self, selection: Selection, queries: bool):
+        """Row-normalised membership ``(..., m, n)`` of the keys (``selection.points``, eligible where
+        ``selection.mask``), or with ``queries`` of the queries (``selection.query_points``, all eligible) for
+        cross-attention. Leading dimensions may be missing where ``W`` is the same for every batch element."""
+        raise NotImplementedError
+
+
+def get_strategy(strategy):
+    """Return a strategy object for a name, an existing strategy object or any callable.
+
+    Parameters
+    ----------
+    strategy : str or callable
+        A name in :data:`STRATEGIES`, giving the default object.
+
+    Returns
+    -------
+    callable
+        ``strategy(Q, K, num_landmarks, *, key_padding_mask, seed, head_axis, features, scale) -> Landmarks``.
+
+    Raises
+    ------
+    ValueError
+        For an unknown name; the message lists each candidate and what it does.
+    TypeError
+        For anything that is neither a string nor callable.
+    """
+    return resolve("strategy", STRATEGIES, strategy, Strategy)
+
+
+def require(strategy, capability: str, purpose: str) -> None:
+    """Raise ``ValueError`` unless ``strategy`` declares ``capability`` (see :data:`CAPABILITIES`).
+
+    The message says what ``purpose`` needs and lists every registered strategy with whether it
+    qualifies and why. Plain callables declare nothing and pass; their output is checked where it is used.
+
+    Parameters
+    ----------
+    strategy : callable
+        A resolved strategy (:func:`get_strategy`).
+    capability : str
+        A key of :data:`CAPABILITIES`.
+    purpose : str
+        What needs it, e.g. ``"guarantee="``.
+    """
+    if not isinstance(strategy, Strategy) or getattr(strategy, capability):
+        return
+    listing = describe(STRATEGIES, lambda cls: "yes" if getattr(cls, capability) else "no")
+    raise ValueError(
+        f"{purpose} needs a strategy for which {CAPABILITIES[capability]}; {type(strategy).__name__} does not. "
+        f"Candidates:\n{listing}"
+    )
+
+
+def run_strategy(strategy, selection: Selection) -> Landmarks:
+    """Landmarks for arguments the caller has checked: :meth:`Strategy.select` for a :class:`Strategy`; a plain
+    callable is called with the strategy signature and its result's shapes are checked."""
+    if isinstance(strategy, Strategy):
+        return strategy.select(selection)
+    landmarks = strategy(selection.Q, selection.K, selection.num_landmarks, key_padding_mask=selection.key_padding_mask,
+                         seed=selection.seed, head_axis=selection.head_axis, features=selection.features,
+                         scale=selection.scale)
+    check_landmarks(landmarks, selection.K, selection.num_landmarks)
+    return landmarks
 
 
 def fold_heads(xp, X, head_axis):
@@ -108,11 +310,6 @@ def fold_heads(xp, X, head_axis):
         # A mean over one head is a copy of the whole input (4 ms at n = 65,536, d = 64); a view is free.
         return xp.squeeze(X, axis=head_axis)
     return xp.mean(X, axis=head_axis)
-
-
-def at_least_float32(xp, X):
-    """``X`` as float32 when it is a half-precision array, unchanged otherwise."""
-    return X if X.dtype in (xp.float32, xp.float64) else xp.astype(X, xp.float32)
 
 
 def fold_mask(xp, mask, K, head_axis):
@@ -202,26 +399,6 @@ def _detached(a):
     selection only produces indices, which carry no gradient."""
     detach = getattr(a, "detach", None)
     return detach() if callable(detach) else a
-
-
-def select_by_index(xp, Q, K, m, key_padding_mask, head_axis, features, pick, pick_queries=None):
-    """Run an index rule ``pick(X, m, mask) -> (..., m)`` for the keys and, when needed, the queries.
-
-    ``X`` are the selection features (``features`` if given, else the keys, heads folded in).
-    For self-attention (``n_q == n``) the landmark queries sit at the same positions as the
-    landmark keys, which gives the interpolation property. For cross-attention (``n_q != n``)
-    ``pick_queries`` (default ``pick``) picks query positions on the queries alone.
-    """
-    X = at_least_float32(xp, features) if features is not None else fold_heads(xp, K, head_axis)
-    mask = fold_mask(xp, key_padding_mask, K, head_axis)
-    idx = unfold_indices(xp, pick(X, m, mask), K, head_axis)
-    if Q.shape[-2] == K.shape[-2]:
-        return landmarks_at(xp, Q, K, idx)
-    if m > Q.shape[-2]:
-        raise ValueError(f"num_landmarks={m} exceeds the number of queries n_q={Q.shape[-2]}")
-    pick_queries = pick if pick_queries is None else pick_queries
-    q_idx = unfold_indices(xp, pick_queries(fold_heads(xp, Q, head_axis), m, None), Q, head_axis)
-    return landmarks_at(xp, Q, K, idx, q_idx)
 
 
 def sample_by_weight(xp, weights, u):

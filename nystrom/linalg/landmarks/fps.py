@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import array_api_compat
 import numpy as np
 
-from .base import check_strategy_inputs, host_view, select_by_index
+from .base import TokenStrategy, host_view
 
 
 def farthest_point_sampling(X, num_points, *, mask=None, guarantee_score=None, max_guaranteed=None):
@@ -147,7 +147,7 @@ def _fps_on_device(xp, X, num_points, mask, guarantee_score, max_guaranteed):
 
 
 @dataclass(frozen=True)
-class FPS:
+class FPS(TokenStrategy, name="fps"):
     """Farthest-point sampling over per-token features (the FNA authors' rule).
 
     Parameters
@@ -164,16 +164,10 @@ class FPS:
     """
 
     first: int | None = 0
-    name = "fps"
 
-    def __call__(self, Q, K, num_landmarks, *, key_padding_mask=None, seed=None, head_axis=None,
-                 features=None, scale=None):
-        xp, m = check_strategy_inputs(Q, K, num_landmarks, key_padding_mask, head_axis, features)
-
-        def pick(X, m, mask):
-            return farthest_point_sampling(X, m, mask=mask, guarantee_score=first_token_score(xp, X, self.first))
-
-        return select_by_index(xp, Q, K, m, key_padding_mask, head_axis, features, pick)
+    def pick(self, selection, X, mask):
+        score = first_token_score(selection.xp, X, self.first)
+        return farthest_point_sampling(X, selection.num_landmarks, mask=mask, guarantee_score=score)
 
 
 def first_token_score(xp, X, first):

@@ -11,16 +11,7 @@ from dataclasses import dataclass
 
 import array_api_compat
 
-from ..validation import check_seed
-from .base import (
-    Landmarks,
-    at_least_float32,
-    check_strategy_inputs,
-    fold_heads,
-    fold_mask,
-    sample_by_weight,
-    uniform_draws,
-)
+from .base import CentroidStrategy, sample_by_weight, uniform_draws
 
 
 def _sq_distances(xp, X, C):
@@ -58,7 +49,7 @@ def kmeans_plus_plus(xp, X, m, mask, u):
 
 
 @dataclass(frozen=True)
-class KMeans:
+class KMeans(CentroidStrategy, name="kmeans", random=True):
     """Centroids of k-means clusters of the keys.
 
     Parameters
@@ -74,35 +65,17 @@ class KMeans:
     """
 
     iters: int = 10
-    name = "kmeans"
 
     def __post_init__(self):
         if isinstance(self.iters, bool) or not isinstance(self.iters, int) or self.iters < 0:
             raise ValueError(f"KMeans iters must be a non-negative int, got {self.iters!r}")
 
-    def __call__(self, Q, K, num_landmarks, *, key_padding_mask=None, seed=None, head_axis=None,
-                 features=None, scale=None):
-        xp, m = check_strategy_inputs(Q, K, num_landmarks, key_padding_mask, head_axis, features)
-        seed = check_seed(seed)
-        X = at_least_float32(xp, features) if features is not None else fold_heads(xp, K, head_axis)
-        W_k = xp.astype(self._membership(xp, X, m, fold_mask(xp, key_padding_mask, K, head_axis), seed), K.dtype)
-        if head_axis is not None:
-            W_k = xp.expand_dims(W_k, axis=head_axis)
-        if Q.shape[-2] == K.shape[-2]:
-            W_q = W_k
-        else:
-            if m > Q.shape[-2]:
-                raise ValueError(f"num_landmarks={m} exceeds the number of queries n_q={Q.shape[-2]}")
-            W_q = xp.astype(self._membership(xp, fold_heads(xp, Q, head_axis), m, None, seed), Q.dtype)
-            if head_axis is not None:
-                W_q = xp.expand_dims(W_q, axis=head_axis)
-        return Landmarks(W_q @ Q, W_k @ K)
-
-    def _membership(self, xp, X, m, mask, seed):
-        """Row-normalised cluster membership ``(..., m, n)``."""
+    def membership(self, selection, queries):
+        xp, m = selection.xp, selection.num_landmarks
+        X, mask = (selection.query_points, None) if queries else (selection.points, selection.mask)
         n = X.shape[-2]
         device = array_api_compat.device(X)
-        seeds = kmeans_plus_plus(xp, X, m, mask, uniform_draws(xp, (*X.shape[:-2], m), seed, X))
+        seeds = kmeans_plus_plus(xp, X, m, mask, uniform_draws(xp, (*X.shape[:-2], m), selection.seed, X))
         seed_member = xp.astype(seeds[..., :, None] == xp.arange(n, device=device), X.dtype)
         W = seed_member
         for _ in range(self.iters):

@@ -1,4 +1,5 @@
-r"""The library's default, FNA-style rule: structural tokens first, farthest points for the rest.
+r"""The library's default, FNA-style rule ``"norm"``: high-norm tokens, sinks and CLS first, farthest points
+for the rest.
 
 Pretrained transformers route much of their attention to a few *sink* tokens (CLS in BERT takes
 about half of all attention in middle layers) and carry *massive* / *artifact* tokens whose
@@ -14,10 +15,12 @@ Sinks are found by what makes them sinks, the attention share a key receives, es
 
 (:math:`n_v` real keys, so :math:`\rho` is "times the uniform share"; the absolute share
 :math:`\alpha` lets short sequences, where no key can reach :math:`\rho/n_v`, still have sinks).
-Key norms are *not* used: in all-MiniLM-L6-v2 the [CLS] sink takes ~50 % of the attention while its key norm is only
-0.85–0.95× the median. When per-token ``features`` with large outliers are passed (the residual
-stream, where massive activations live), tokens with :math:`\lVert f_j\rVert \ge \nu\cdot
-\mathrm{median}_i \lVert f_i\rVert` are guaranteed too.
+Token norms find the massive and artifact tokens: when per-token ``features`` are passed (the
+residual stream, where massive activations live; :func:`nystrom.torch.patching.patch` passes the
+block's input hidden states by default), tokens with :math:`\lVert f_j\rVert \ge \nu\cdot
+\mathrm{median}_i \lVert f_i\rVert` are guaranteed. The *key* norm is no sink test: in
+all-MiniLM-L6-v2 the [CLS] sink takes ~50 % of the attention while its key norm is only
+0.85–0.95× the median, hence the attention-share estimate above.
 """
 
 from __future__ import annotations
@@ -26,8 +29,9 @@ from dataclasses import dataclass
 
 import array_api_compat
 
-from ..validation import check_scale
-from .base import at_least_float32, check_strategy_inputs, fold_mask, select_by_index
+from ..numerics import at_least_float32, masked_median
+from .base import TokenStrategy
+from .fps import farthest_point_sampling
 from .fps import farthest_point_sampling
 
 
@@ -62,7 +66,9 @@ def attention_share(xp, Q, K, scale, mask=None, num_probes=16):
         n_valid = filled[..., -1:]
     else:
         n_valid = xp.full(tuple(Q.shape[:-2]) + (1,), n_q, dtype=xp.int64, device=device)
-    s = min(num_probes, n_q if not real_queries else int(xp.min(n_valid)))
+    # Sequences with fewer real queries than probes repeat some (a weighted mean of the same rows), so the
+    # probe count never depends on the data: no host synchronisation.
+    s = min(num_probes, n_q)
     ranks = (xp.arange(s, device=device) * (n_valid - 1)) // max(s - 1, 1)
     if real_queries:
         # Position of the real query of rank r: the number of positions holding at most r real ones.
@@ -80,21 +86,9 @@ def attention_share(xp, Q, K, scale, mask=None, num_probes=16):
     return (weights[..., None, :] @ e)[..., 0, :]
 
 
-def masked_median(xp, values, mask=None):
-    """Median over the last axis of the entries where ``mask`` is True (lower median for even counts)."""
-    if mask is None:
-        count = values.shape[-1]
-        ordered = xp.sort(values, axis=-1)
-        return ordered[..., (count - 1) // 2]
-    big = xp.asarray(float("inf"), dtype=values.dtype, device=array_api_compat.device(values))
-    ordered = xp.sort(xp.where(mask, values, big), axis=-1)
-    middle = (xp.sum(xp.astype(mask, xp.int64), axis=-1, keepdims=True) - 1) // 2
-    return xp.take_along_axis(ordered, middle, axis=-1)[..., 0]
-
-
 @dataclass(frozen=True)
-class Norm:
-    """Sinks, massive/artifact tokens and CLS always; farthest-point sampling for the rest.
+class Norm(TokenStrategy, name="norm"):
+    """High-norm (massive/artifact) tokens, attention sinks and CLS always; farthest-point sampling for the rest.
 
     Parameters
     ----------
@@ -102,11 +96,8 @@ class Norm:
         :math:`\\rho`: a key is a sink when its estimated attention share is at least ``sink_ratio``
         times the uniform share :math:`1/n_v` ...
     sink_share : float
-        ... or at least this absolute share :math:`\\alpha`. Defaults measured on the bundled models
-        (docs' landmark page): DINOv2-S's CLS takes 7–77x the uniform share at 518 px, while
-        patch tokens between 4x and 16x uniform are not sinks (guaranteeing them raised the layer-9
-        output error from 0.19 to 0.27); MiniLM's [CLS] takes about 50 % of the attention in
-        12-token sentences, only 6x uniform.
+        ... or at least this absolute share :math:`\\alpha`. Both defaults were chosen by
+        measurement on the bundled DINOv2-S and MiniLM (docs' landmark page, "Sinks").
     norm_ratio : float
         :math:`\\nu`: a token whose ``features`` norm is at least ``norm_ratio`` times the median is
         guaranteed (only when ``features`` are passed).
@@ -130,7 +121,6 @@ class Norm:
     max_guaranteed_fraction: float = 0.25
     num_probes: int = 16
     first: int | None = 0
-    name = "norm"
 
     def __post_init__(self):
         for field in ("sink_ratio", "sink_share", "norm_ratio"):
@@ -141,35 +131,31 @@ class Norm:
         if isinstance(self.num_probes, bool) or not isinstance(self.num_probes, int) or self.num_probes < 1:
             raise ValueError(f"Norm num_probes must be a positive int, got {self.num_probes!r}")
 
-    def __call__(self, Q, K, num_landmarks, *, key_padding_mask=None, seed=None, head_axis=None,
-                 features=None, scale=None):
-        xp, m = check_strategy_inputs(Q, K, num_landmarks, key_padding_mask, head_axis, features)
-        tau = check_scale(scale, K.shape[-1])
-        score = self.guarantee_score(xp, Q, K, tau, key_padding_mask, head_axis, features)
+    def pick(self, selection, X, mask):
+        m = selection.num_landmarks
         budget = max(1, int(self.max_guaranteed_fraction * m))
+        return farthest_point_sampling(X, m, mask=mask, guarantee_score=self.guarantee_score(selection),
+                                       max_guaranteed=budget)
 
-        def pick(X, m, mask):
-            return farthest_point_sampling(X, m, mask=mask, guarantee_score=score, max_guaranteed=budget)
+    def pick_queries(self, selection, X):
+        # Cross-attention: sinks and outliers are keys; query landmarks come from plain FPS.
+        return farthest_point_sampling(X, selection.num_landmarks)
 
-        def pick_queries(X, m, mask):
-            # Cross-attention: sinks and outliers are keys; query landmarks come from plain FPS.
-            return farthest_point_sampling(X, m, mask=mask)
-
-        return select_by_index(xp, Q, K, m, key_padding_mask, head_axis, features, pick, pick_queries)
-
-    def guarantee_score(self, xp, Q, K, scale, key_padding_mask, head_axis, features):
-        """Per-token priority ``(..., n)``: finite for guaranteed tokens (higher first), ``-inf`` otherwise."""
-        mask = None if key_padding_mask is None else xp.broadcast_to(key_padding_mask, tuple(K.shape[:-1]))
-        share = attention_share(xp, Q, K, scale, mask, self.num_probes)
-        if head_axis is not None:
-            share = xp.mean(share, axis=head_axis + 1)
-        mask = fold_mask(xp, key_padding_mask, K, head_axis)
+    def guarantee_score(self, selection):
+        """Per-token priority ``(..., n)`` of the selection rows: finite for guaranteed tokens (higher first),
+        ``-inf`` otherwise."""
+        xp, K, mask, features = selection.xp, selection.K, selection.mask, selection.features
+        padding = selection.key_padding_mask
+        padding = None if padding is None else xp.broadcast_to(padding, tuple(K.shape[:-1]))
+        share = attention_share(xp, selection.Q, K, selection.scale, padding, self.num_probes)
+        if selection.head_axis is not None:
+            share = xp.mean(share, axis=selection.head_axis + 1)
         n_valid = K.shape[-2] if mask is None else xp.sum(xp.astype(mask, share.dtype), axis=-1, keepdims=True)
         threshold = xp.minimum(self.sink_ratio / n_valid, xp.asarray(self.sink_share, dtype=share.dtype,
                                                                         device=array_api_compat.device(share)))
         flagged = share >= threshold
         if features is not None:
-            features = at_least_float32(xp, features)
+            features = selection.points
             norms = xp.sqrt(xp.sum(features * features, axis=-1))
             median = masked_median(xp, norms, mask)[..., None]
             flagged = flagged | (norms >= self.norm_ratio * median)

@@ -20,8 +20,7 @@ from dataclasses import dataclass
 
 import array_api_compat
 
-from ..validation import check_scale, check_seed
-from .base import check_strategy_inputs, sample_by_weight, select_by_index, uniform_draws
+from .base import TokenStrategy, sample_by_weight, uniform_draws
 
 
 def exp_kernel_shift(xp, X, scale):
@@ -98,22 +97,14 @@ def rpcholesky_pivots(X, num_pivots, *, scale, mask=None, u):
 
 
 @dataclass(frozen=True)
-class RPCholesky:
+class RPCholesky(TokenStrategy, name="rpcholesky", random=True):
     """Randomly pivoted Cholesky on the exponential kernel of the keys; see the module docstring.
 
     Deterministic for a given ``seed``. The kernel temperature is the attention's ``scale``
     (default ``1/sqrt(d)``), so the kernel is the unnormalised attention kernel itself.
     """
 
-    name = "rpcholesky"
-
-    def __call__(self, Q, K, num_landmarks, *, key_padding_mask=None, seed=None, head_axis=None,
-                 features=None, scale=None):
-        xp, m = check_strategy_inputs(Q, K, num_landmarks, key_padding_mask, head_axis, features)
-        seed = check_seed(seed)
-        tau = check_scale(scale, K.shape[-1])
-
-        def pick(X, m, mask):
-            return rpcholesky_pivots(X, m, scale=tau, mask=mask, u=uniform_draws(xp, (*X.shape[:-2], m), seed, X))
-
-        return select_by_index(xp, Q, K, m, key_padding_mask, head_axis, features, pick)
+    def pick(self, selection, X, mask):
+        m = selection.num_landmarks
+        u = uniform_draws(selection.xp, (*X.shape[:-2], m), selection.seed, X)
+        return rpcholesky_pivots(X, m, scale=selection.scale, mask=mask, u=u)

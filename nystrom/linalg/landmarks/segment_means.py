@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import array_api_compat
 
-from .base import Landmarks, check_strategy_inputs, fold_mask, unfold_indices
+from .base import CentroidStrategy
 
 
 def segment_weights(xp, n, m, mask, like):
@@ -35,7 +35,7 @@ def segment_weights(xp, n, m, mask, like):
 
 
 @dataclass(frozen=True)
-class SegmentMeans:
+class SegmentMeans(CentroidStrategy, name="segment_means"):
     """Means of contiguous segments (Xiong et al., 2021). Deterministic; :math:`O(n m)` memory for the
     membership matrix, :math:`O(n m d)` time. Padded tokens are left out of every mean.
 
@@ -45,19 +45,8 @@ class SegmentMeans:
     the past; ``nystrom`` approximates bidirectional attention only.
     """
 
-    name = "segment_means"
-
-    def __call__(self, Q, K, num_landmarks, *, key_padding_mask=None, seed=None, head_axis=None,
-                 features=None, scale=None):
-        xp, m = check_strategy_inputs(Q, K, num_landmarks, key_padding_mask, head_axis, features)
-        mask = fold_mask(xp, key_padding_mask, K, head_axis)
-        if mask is not None and head_axis is not None:
-            mask = unfold_indices(xp, mask, K, head_axis)
-        W_k = segment_weights(xp, K.shape[-2], m, mask, K)
-        if Q.shape[-2] == K.shape[-2]:
-            W_q = W_k
-        else:
-            if m > Q.shape[-2]:
-                raise ValueError(f"num_landmarks={m} exceeds the number of queries n_q={Q.shape[-2]}")
-            W_q = segment_weights(xp, Q.shape[-2], m, None, Q)
-        return Landmarks(W_q @ Q, W_k @ K)
+    def membership(self, selection, queries):
+        # Segments depend on positions only: the (head-averaged) features are never computed.
+        tokens = selection.Q if queries else selection.K
+        mask = None if queries else selection.mask
+        return segment_weights(selection.xp, tokens.shape[-2], selection.num_landmarks, mask, tokens)

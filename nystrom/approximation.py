@@ -1,24 +1,32 @@
-"""``nystrom.approximate``: the one call researchers make."""
+"""``nystrom.approximate``: the one call researchers make, and the boundary where its arguments are checked.
+
+:func:`approximate` checks every argument once, then runs trusted code that does not check again:
+the strategy's :meth:`~nystrom.linalg.landmarks.base.Strategy.select`, the solver's
+:meth:`~nystrom.linalg.solvers.Solver.solve` and :func:`nystrom.linalg.attention.nystrom_product`
+(with torch's fused SDPA as the attention call for torch inputs).
+"""
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import array_api_compat
 
-from .linalg.bounds import ErrorEstimate, estimate_relative_error
+from .linalg.attention import nystrom_product
+from .linalg.bounds import ErrorEstimate, check_sampling, sampled_relative_error
 from .linalg.flops import exact_attention_flops, nystrom_attention_flops
-from .linalg.landmarks import Landmarks, get_strategy
-from .linalg.nystrom_attention import nystrom_attention
-from .linalg.solvers import get_solver
+from .linalg.landmarks.base import Landmarks, Selection, get_strategy, run_strategy
+from .linalg.solvers import Solver, get_solver, unchecked
 from .linalg.validation import (
     check_attention_inputs,
-    check_landmarks_fit,
+    check_bool,
     check_query_chunk_size,
     check_scale,
     check_seed,
+    check_selection,
 )
 
 
@@ -38,7 +46,9 @@ class Info:
         Iterations the solver ran (0 for direct solvers).
     flops : dict
         Floating-point operations of the approximation by stage (``"landmark_products"``,
-        ``"solve"``, ``"output_product"``, ``"total"``); landmark *selection* is not counted.
+        ``"solve"``, ``"output_product"``, ``"total"``); landmark *selection* is not counted, nor
+        the solve of a solver that is a plain callable (only :class:`~nystrom.linalg.solvers.Solver`
+        objects declare their cost).
     exact_flops : int
         Those of exact attention on the same shapes, for the ratio.
     """
@@ -53,7 +63,8 @@ class Info:
     def estimate_error(self, num_samples=64, confidence=0.95, seed=None) -> ErrorEstimate:
         """A-posteriori relative error of the returned output from ``num_samples`` exact query rows.
 
-        See :func:`nystrom.linalg.estimate_relative_error`; costs :math:`O(s\\, n\\, d)`.
+        See :func:`nystrom.linalg.estimate_relative_error`; costs :math:`O(s\\, n\\, d)`. The inputs were checked
+        by :func:`approximate`; only the sampling settings are checked here.
 
         Parameters
         ----------
@@ -68,9 +79,9 @@ class Info:
         -------
         ErrorEstimate
         """
-        Q, K, V, out, scale, mask = self._inputs
-        return estimate_relative_error(Q, K, V, out, num_samples=num_samples, confidence=confidence, seed=seed,
-                                       scale=scale, key_padding_mask=mask)
+        xp, Q, K, V, out, scale, mask = self._inputs
+        return sampled_relative_error(xp, Q, K, V, out, **check_sampling(num_samples, confidence, seed), scale=scale,
+                                      key_padding_mask=mask)
 
 
 def approximate(
@@ -88,6 +99,7 @@ def approximate(
     share_landmarks_across_heads=True,
     features=None,
     query_chunk_size=None,
+    check_values=True,
 ):
     r"""Approximate softmax attention with the Nyström method.
 
@@ -116,7 +128,7 @@ def approximate(
         :math:`m`, with ``1 <= m <= n`` (and at most the real keys of every padded sequence).
     solver : str or callable
         ``"newton_schulz"`` (default, 6 iterations, as in FNA/Nyströmformer), ``"pinv"``,
-        ``"solve"`` (ridge), or a solver object such as ``nystrom.NewtonSchulz(tol=1e-10)``.
+        ``"ridge"``, or a solver object such as ``nystrom.NewtonSchulz(tol=1e-10)``.
     scale : float, optional
         Softmax temperature :math:`\tau`, default ``1/sqrt(d)``.
     key_padding_mask : bool array, shape (..., n), optional
@@ -132,9 +144,8 @@ def approximate(
         For inputs with 4 or more dimensions ``(..., H, n, d)``: choose one landmark set per
         sequence and share it across the ``H`` heads (axis ``-3``), as FNA does; selection then
         sees the head-mean features, and the cost of selection is paid once. ``False``
-        chooses per head, at :math:`H` times the selection cost. Measured on real DINOv2-S and MiniLM
-        attention (docs' benchmarks page, accuracy section): sharing changed the error by at most
-        ±10 % either way and saved 11–52 % of the time. Ignored for 2-D and 3-D inputs.
+        chooses per head, at :math:`H` times the selection cost (the measured trade-off is on the
+        docs' benchmarks page, accuracy section). Ignored for 2-D and 3-D inputs.
     features : array, shape (..., n, D), optional
         Per-token features for selection (e.g. the layer's input hidden states, where massive
         activations show); default the keys. Without head sharing their leading dimensions are
@@ -142,6 +153,12 @@ def approximate(
     query_chunk_size : int, optional
         Torch only: process queries in chunks to bound memory at :math:`O(n (m + d))` for very
         long sequences.
+    check_values : bool
+        Run the checks that read the data: finite ``Q``, ``K``, ``V`` and ``features``, a real key in
+        every sequence, ``num_landmarks`` within the real keys. On CUDA each is a host
+        synchronisation, and they are the only ones of the default ``"norm"`` path for float32 and
+        bfloat16 inputs (float16 adds one range check of :math:`A^+BV`); ``False`` skips them, like
+        ``check_finite=False`` in scipy.linalg, and bad values then give undefined results.
 
     Returns
     -------
@@ -169,57 +186,36 @@ def approximate(
     >>> out.shape
     (2, 4, 512, 32)
     """
-    xp = check_attention_inputs(Q, K, V, key_padding_mask)
-    if not isinstance(return_info, bool):
-        raise TypeError(f"return_info must be a bool, got {type(return_info).__name__}")
-    if not isinstance(share_landmarks_across_heads, bool):
-        raise TypeError(
-            f"share_landmarks_across_heads must be a bool, got {type(share_landmarks_across_heads).__name__}"
-        )
+    check_values = check_bool("check_values", check_values)
+    xp = check_attention_inputs(Q, K, V, key_padding_mask, check_values=check_values)
+    check_bool("return_info", return_info)
+    check_bool("share_landmarks_across_heads", share_landmarks_across_heads)
     query_chunk_size = check_query_chunk_size(query_chunk_size)
     tau = check_scale(scale, Q.shape[-1])
     seed = check_seed(seed)
     select = get_strategy(strategy)
     solve = get_solver(solver)
-    m = check_landmarks_fit(xp, num_landmarks, K, key_padding_mask)
     head_axis = -3 if (share_landmarks_across_heads and K.ndim >= 4) else None
-    landmarks = select(Q, K, m, key_padding_mask=key_padding_mask, seed=seed, head_axis=head_axis,
-                       features=features, scale=tau)
-    _check_landmarks(landmarks, Q, K, m)
+    m = check_selection(xp, Q, K, num_landmarks, key_padding_mask, head_axis, features, check_values=check_values)
+    landmarks = run_strategy(select, Selection(xp, Q, K, m, key_padding_mask, seed, head_axis, features, tau))
+    mask = None if key_padding_mask is None else key_padding_mask[..., None, :]
+    attend = None
     if array_api_compat.is_torch_array(Q):
-        from .torch.attention import fna_attention
+        from .torch.attention import sdpa_attend
 
-        out, result = fna_attention(Q, K, V, landmarks, solve, scale=tau, key_padding_mask=key_padding_mask,
-                                    query_chunk_size=query_chunk_size)
-    else:
-        out, result = nystrom_attention(Q, K, V, landmarks, solve, scale=tau, key_padding_mask=key_padding_mask)
+        attend = functools.partial(sdpa_attend, scale=tau, query_chunk_size=query_chunk_size)
+    out, result = nystrom_product(xp, Q, K, V, landmarks, unchecked(solve), scale=tau, mask=mask, attend=attend)
     if not return_info:
         return out
     batch = math.prod(Q.shape[:-2])
+    solve_flops = solve.flops(m, result.iterations) if isinstance(solve, Solver) else 0
     info = Info(
         landmarks=landmarks,
         residual=result.residual,
         solver_iterations=result.iterations,
         flops=nystrom_attention_flops(batch, Q.shape[-2], K.shape[-2], Q.shape[-1], V.shape[-1], m,
-                                      solve_flops=_solve_flops(solve, m, result.iterations)),
+                                      solve_flops=solve_flops),
         exact_flops=exact_attention_flops(batch, Q.shape[-2], K.shape[-2], Q.shape[-1], V.shape[-1]),
-        _inputs=(Q, K, V, out, tau, key_padding_mask),
+        _inputs=(xp, Q, K, V, out, tau, key_padding_mask),
     )
     return out, info
-
-
-def _solve_flops(solve, m, iterations):
-    """The solver's own count if it has one (user callables may not), else 0."""
-    count = getattr(solve, "flops", None)
-    return int(count(m, iterations)) if callable(count) else 0
-
-
-def _check_landmarks(landmarks, Q, K, m):
-    """A user-supplied strategy must return landmarks of the promised shape."""
-    expected = (*K.shape[:-2], m, K.shape[-1])
-    for name, got in (("queries", landmarks.queries), ("keys", landmarks.keys)):
-        if tuple(got.shape) != expected:
-            raise ValueError(
-                f"strategy returned landmark {name} of shape {tuple(got.shape)}, expected {expected} "
-                "(..., num_landmarks, d)"
-            )

@@ -1,0 +1,194 @@
+r"""Softmax attention, exact and Nyström, written once against the array API.
+
+Exact attention is :math:`O = \mathrm{softmax}(\tau Q K^\top + M) V`. With landmark queries
+:math:`\tilde q` and keys :math:`\tilde k` (:math:`m` of each) the Nyström approximation is
+
+.. math::
+
+    F = \mathrm{softmax}(\tau Q \tilde k^\top) \in \mathbb{R}^{n_q\times m},\quad
+    A = \mathrm{softmax}(\tau \tilde q \tilde k^\top) \in \mathbb{R}^{m\times m},\quad
+    B = \mathrm{softmax}(\tau \tilde q K^\top + M) \in \mathbb{R}^{m\times n},
+
+.. math:: \hat O = F\, A^{+} (B V).
+
+It is evaluated right to left: :math:`BV` (:math:`m\times d_v`) is attention of the :math:`m`
+landmark queries over all keys, :math:`v' = A^+ (BV)`, and :math:`\hat O = F v'` is attention of all
+queries over the :math:`m` pairs :math:`(\tilde k, v')`. So both products are *attention calls*
+(``attend``), which lets a backend substitute its fused kernel (the torch backend passes
+``scaled_dot_product_attention``); nothing :math:`n\times n` is formed, and the largest intermediate
+is :math:`n \times m`. Time :math:`O((n_q + n) m (d + d_v) + m^3)`.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+from .numerics import at_least_float32, softmax
+from .solvers import get_solver, unchecked
+from .validation import check_attention_inputs, check_bool, check_landmarks, check_scale
+
+
+def softmax_attention(xp, Q, K, V, mask=None, *, scale):
+    r""":math:`\mathrm{softmax}(\tau QK^\top + M)\,V` for checked inputs (the trusted core of :func:`exact_attention`).
+
+    Parameters
+    ----------
+    xp
+        Array namespace.
+    Q : array, shape (..., n_q, d)
+    K : array, shape (..., n, d)
+    V : array, shape (..., n, d_v)
+    mask : bool array, shape broadcastable to (..., n_q, n), optional
+        ``True`` where a query may attend to a key.
+    scale : float
+        :math:`\tau`.
+
+    Returns
+    -------
+    array, shape (..., n_q, d_v)
+    """
+    return softmax(xp, scale * (Q @ xp.matrix_transpose(K)), mask) @ V
+
+
+def exact_attention(Q, K, V, *, scale=None, key_padding_mask=None):
+    r"""Exact scaled dot-product attention.
+
+    .. math:: O = \mathrm{softmax}(\tau\, Q K^\top + M)\, V, \qquad \tau = d^{-1/2} \text{ by default}
+
+    where :math:`M_{ij} = -\infty` for padded keys and 0 otherwise.
+
+    Parameters
+    ----------
+    Q : array, shape (..., n_q, d)
+        Queries (numpy array or torch tensor).
+    K : array, shape (..., n, d)
+        Keys.
+    V : array, shape (..., n, d_v)
+        Values.
+    scale : float, optional
+        Softmax temperature :math:`\tau`; default ``1/sqrt(d)``. Keyword-only, as in
+        ``torch.nn.functional.scaled_dot_product_attention``.
+    key_padding_mask : bool array, shape (..., n), optional
+        ``True`` marks real keys; padded keys receive zero attention.
+
+    Returns
+    -------
+    array, shape (..., n_q, d_v)
+        Same library, device and dtype as the inputs.
+
+    Notes
+    -----
+    Forms the full :math:`n_q \times n` matrix: :math:`O(n_q n)` memory and
+    :math:`O(n_q n (d + d_v))` time. Use it as ground truth (in float64) on moderate sizes.
+    """
+    xp = check_attention_inputs(Q, K, V, key_padding_mask)
+    tau = check_scale(scale, Q.shape[-1])
+    mask = None if key_padding_mask is None else key_padding_mask[..., None, :]
+    return softmax_attention(xp, Q, K, V, mask, scale=tau)
+
+
+def landmark_kernel(xp, q_landmarks, k_landmarks, scale):
+    r""":math:`A = \mathrm{softmax}(\tau \tilde q \tilde k^\top)` of shape ``(..., m, m)``, in float32 or float64.
+
+    The logits and the normalisation are accumulated in at least float32 so half-precision
+    inputs neither overflow in the exponent nor lose the small entries that decide
+    :math:`A`'s conditioning.
+
+    Parameters
+    ----------
+    xp
+        Array namespace.
+    q_landmarks, k_landmarks : array, shape (..., m, d)
+    scale : float
+        :math:`\tau`.
+
+    Returns
+    -------
+    array, shape (..., m, m)
+    """
+    q, k = at_least_float32(xp, q_landmarks), at_least_float32(xp, k_landmarks)
+    return softmax(xp, scale * (q @ xp.matrix_transpose(xp.astype(k, q.dtype))))
+
+
+def nystrom_product(xp, Q, K, V, landmarks, invert, *, scale, mask=None, attend=None):
+    r""":math:`F A^+ (B V)` for checked inputs: the trusted core of every Nyström attention call.
+
+    Parameters
+    ----------
+    xp
+        Array namespace.
+    Q : array, shape (..., n_q, d)
+    K : array, shape (..., n, d)
+    V : array, shape (..., n, d_v)
+    landmarks : Landmarks
+        ``queries`` and ``keys`` of shape ``(..., m, d)``, keys never on padding.
+    invert : callable
+        ``invert(A) -> SolveResult`` on the float32-or-wider kernel ``A (..., m, m)``.
+    scale : float
+        :math:`\tau`.
+    mask : bool array, shape broadcastable to (..., 1, n), optional
+        ``True`` for real keys.
+    attend : callable, optional
+        ``attend(q, k, v, mask) -> softmax(scale q k^T + M) v``; default :func:`softmax_attention`.
+
+    Returns
+    -------
+    out : array, shape (..., n_q, d_v), dtype of ``V``
+    solve : SolveResult
+
+    Notes
+    -----
+    For float16, :math:`v'` can exceed the format's range when :math:`A` is ill-conditioned
+    (entries of :math:`A^+` grow like :math:`1/\sigma_{\min}`); the final product then runs in
+    float32 instead of overflowing. Deciding that reads :math:`v'`, so float16 inputs cost one host
+    synchronisation; bfloat16 shares float32's range and needs no such care.
+    """
+    if attend is None:
+        attend = functools.partial(softmax_attention, xp, scale=scale)
+    q_l, k_l = landmarks.queries, landmarks.keys
+    BV = attend(q_l, K, V, mask)
+    result = invert(landmark_kernel(xp, q_l, k_l, scale))
+    vp = result.inverse @ xp.astype(BV, result.inverse.dtype)
+    work = V.dtype
+    if V.dtype == xp.float16 and not bool(xp.max(xp.abs(vp)) < 0.5 * float(np.finfo(np.float16).max)):
+        work = xp.float32
+    out = attend(xp.astype(Q, work), xp.astype(k_l, work), xp.astype(vp, work), None)
+    return xp.astype(out, V.dtype), result
+
+
+def nystrom_attention(Q, K, V, landmarks, solver="newton_schulz", *, scale=None, key_padding_mask=None,
+                      check_values=True):
+    r"""Nyström attention :math:`F A^+ (B V)` for given landmarks.
+
+    Parameters
+    ----------
+    Q : array, shape (..., n_q, d)
+    K : array, shape (..., n, d)
+    V : array, shape (..., n, d_v)
+    landmarks : Landmarks
+        From a strategy; ``landmarks.queries`` and ``landmarks.keys`` have shape ``(..., m, d)``.
+        Landmark keys must not be padding (the strategies guarantee it).
+    solver : str or callable
+        Pseudo-inverse solver for :math:`A`, see :mod:`nystrom.linalg.solvers`.
+    scale : float, optional
+        Softmax temperature :math:`\tau`, default ``1/sqrt(d)``.
+    key_padding_mask : bool array, shape (..., n), optional
+        ``True`` for real keys; padded keys get no weight in :math:`B`.
+    check_values : bool
+        Run the checks that read the data (see :mod:`nystrom.linalg.validation`).
+
+    Returns
+    -------
+    out : array, shape (..., n_q, d_v)
+        Same dtype as ``V``.
+    solve : SolveResult
+        The pseudo-inverse and its Moore–Penrose residual.
+    """
+    xp = check_attention_inputs(Q, K, V, key_padding_mask, check_values=check_bool("check_values", check_values))
+    check_landmarks(landmarks, K, landmarks.keys.shape[-2])
+    tau = check_scale(scale, Q.shape[-1])
+    invert = unchecked(get_solver(solver))
+    mask = None if key_padding_mask is None else key_padding_mask[..., None, :]
+    return nystrom_product(xp, Q, K, V, landmarks, invert, scale=tau, mask=mask)

@@ -1,0 +1,88 @@
+"""Working precision and small numerical primitives shared by the math modules (array API)."""
+
+from __future__ import annotations
+
+import array_api_compat
+import numpy as np
+
+
+def at_least_float32(xp, X):
+    """``X`` as float32 when it is a half-precision array, unchanged otherwise.
+
+    Selection and the :math:`m\\times m` solve never run below float32: half-precision distances
+    round away the differences that farthest points, k-means and pivoting compare (bfloat16 keeps
+    8 significant bits), and the small singular values of the landmark kernel would be lost.
+    """
+    return X if X.dtype in (xp.float32, xp.float64) else xp.astype(X, xp.float32)
+
+
+def sum_dtype(xp, a):
+    """Accumulator dtype for sums over ``a``: its own for float32/float64, float32 for half precision,
+    whose sums of ordinary values overflow past 65,504 (float16) or stop growing (bfloat16)."""
+    return None if a.dtype in (xp.float32, xp.float64) else xp.float32
+
+
+def softmax(xp, logits, mask=None):
+    r"""Row softmax :math:`\mathrm{softmax}(x)_j = e^{x_j - \max x} / \sum_k e^{x_k - \max x}`.
+
+    Parameters
+    ----------
+    xp
+        Array namespace.
+    logits : array, shape (..., n)
+    mask : bool array, shape broadcastable to (..., n), optional
+        ``True`` marks entries that take part; masked entries get weight exactly 0. Every row
+        must keep at least one entry (checked by the callers' validation).
+
+    Returns
+    -------
+    array, shape (..., n)
+        Rows summing to 1 (masked entries exactly 0).
+
+    Notes
+    -----
+    Subtracting the row maximum (over unmasked entries) keeps every exponent :math:`\le 0`, so no
+    overflow happens in any dtype; the largest term is exactly 1, so the sum is :math:`\ge 1` and
+    the division is safe. Half-precision rows are summed in float32: more than 65,504 terms of up
+    to 1 would overflow a float16 sum.
+    """
+    if mask is not None:
+        neg = xp.asarray(-float("inf"), dtype=logits.dtype, device=array_api_compat.device(logits))
+        logits = xp.where(mask, logits, neg)
+    shifted = logits - xp.max(logits, axis=-1, keepdims=True)
+    e = xp.exp(shifted)
+    total = xp.sum(e, axis=-1, keepdims=True, dtype=sum_dtype(xp, e))
+    return xp.astype(e / total, logits.dtype, copy=False)
+
+
+def masked_median(xp, values, mask=None):
+    """Median over the last axis of the entries where ``mask`` is True (lower median for even counts).
+
+    Parameters
+    ----------
+    xp
+        Array namespace.
+    values : array, shape (..., n)
+    mask : bool array, shape (..., n), optional
+        Entries that count; every row needs at least one.
+
+    Returns
+    -------
+    array, shape (...)
+    """
+    if mask is None:
+        count = values.shape[-1]
+        ordered = xp.sort(values, axis=-1)
+        return ordered[..., (count - 1) // 2]
+    big = xp.asarray(float("inf"), dtype=values.dtype, device=array_api_compat.device(values))
+    ordered = xp.sort(xp.where(mask, values, big), axis=-1)
+    middle = (xp.sum(xp.astype(mask, xp.int64), axis=-1, keepdims=True) - 1) // 2
+    return xp.take_along_axis(ordered, middle, axis=-1)[..., 0]
+
+
+def float64_numpy(a):
+    """float64 numpy copy of a numpy array or torch tensor (any device; bfloat16 has no numpy dtype, so the
+    tensor is widened to float64 first). Other inputs go through ``numpy.asarray``."""
+    if array_api_compat.is_torch_array(a):
+        return a.detach().cpu().double().numpy()
+    return np.asarray(a, dtype=np.float64)

@@ -1,0 +1,310 @@
+r"""How :mod:`nystrom.torch` reaches into Hugging Face transformers models without editing them.
+
+Mechanism
+---------
+In transformers 5 the attention modules of ViT, DINOv2, CLIP and BERT compute ``query, key, value`` of shape
+``(B, H, n, d)`` and ask ``ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, eager_attention_forward)``
+for the function that turns them into the per-head output ``(B, n, H, d)``. While any *handler* is installed
+(by :func:`~nystrom.torch.patching.patch`, :func:`~nystrom.torch.patching.fna`, :func:`~nystrom.torch.masking.mask_keys` or :func:`nystrom.torch.capture.capturing`), that lookup is
+wrapped: it returns the function it would have returned, behind a dispatcher. For an attention module with
+handlers the dispatcher runs them as a chain
+
+``handler(call_next, module, query, key, value, attention_mask, **kwargs) -> (output (B, n, H, d), weights)``
+
+ending in the original function; every other module gets the original call unchanged. Forward pre-hooks on the
+encoder blocks hand each handler the block's input hidden states (the residual stream before the block's first
+LayerNorm; for post-LayerNorm models such as BERT, the previous block's normalised output). Removing the last
+handler restores ``get_interface``, so nothing of the model (config, modules, parameters) is ever modified.
+
+Registering a new name in ``AttentionInterface`` and switching ``config._attn_implementation`` to it would be the
+other route; it changes how transformers builds the attention mask (a name unknown to the mask interface makes
+``masking_utils`` drop the padding mask) and it loses the model's own ``eager_attention_forward``, which the
+dispatcher receives as the lookup's default.
+"""
+
+
+from __future__ import annotations
+
+import functools
+import numbers
+import weakref
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+
+__all__ = [
+    "Handle", "attention_layers", "block_input", "check_token_spec", "padding_mask_from_attention_mask", "token_mask",
+]
+
+# Attention module -> its handlers, innermost (closest to the original attention function) first.
+_HANDLERS: dict[nn.Module, list[Callable]] = {}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The shared mechanism: a dispatching get_interface, per-module handler chains, per-block input hooks
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _attention_functions():
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    return ALL_ATTENTION_FUNCTIONS
+
+
+def _dispatching_get_interface(attn_implementation, default):
+    functions = _attention_functions()
+    original = type(functions).get_interface(functions, attn_implementation, default)
+    return functools.partial(_dispatch, original)
+
+
+def _dispatch(original, module, query, key, value, attention_mask, **kwargs):
+    call = original
+    for handler in _HANDLERS.get(module, ()):
+        call = functools.partial(handler, call)
+    return call(module, query, key, value, attention_mask, **kwargs)
+
+
+def _add_handler(module, handler):
+    if not _HANDLERS:
+        # An instance attribute shadows the class method, so deleting it restores transformers exactly.
+        _attention_functions().get_interface = _dispatching_get_interface
+    _HANDLERS.setdefault(module, []).append(handler)
+
+
+def _remove_handler(module, handler):
+    handlers = _HANDLERS[module]
+    handlers.remove(handler)
+    if not handlers:
+        del _HANDLERS[module]
+    if not _HANDLERS:
+        functions = _attention_functions()
+        if vars(functions).get("get_interface") is _dispatching_get_interface:
+            del functions.get_interface
+
+
+def _is_attention(module):
+    return type(module).__name__.endswith("Attention")
+
+
+def _attention_core(block):
+    """The innermost ``*Attention`` module of ``block`` (the one that calls the attention function), or None."""
+    cores = [m for m in block.modules() if _is_attention(m) and not any(map(_is_attention, list(m.modules())[1:]))]
+    return cores[0] if len(cores) == 1 else None
+
+
+def attention_layers(model: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
+    """The encoder blocks of ``model`` and the attention module inside each, in order.
+
+    The blocks are the one ``nn.ModuleList`` of ``model`` whose every entry holds exactly one innermost module
+    whose class name ends in ``Attention`` (``Dinov2Attention``, ``ViTAttention``, ``CLIPAttention``,
+    ``BertSelfAttention``): the module that calls the attention function.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        A transformers encoder such as ``ViTModel``, ``Dinov2Model``, ``CLIPVisionModel`` or ``BertModel``.
+
+    Returns
+    -------
+    list of (block, attention) pairs
+        Index ``i`` is encoder layer ``i``.
+
+    Raises
+    ------
+    TypeError
+        If ``model`` is not a ``torch.nn.Module``.
+    ValueError
+        If no such list, or more than one (e.g. ``CLIPModel`` with a text and a vision tower: pass
+        ``model.vision_model``), is found.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    found = {}
+    for name, child in model.named_modules():
+        if isinstance(child, nn.ModuleList) and len(child) > 0:
+            cores = [_attention_core(block) for block in child]
+            if all(core is not None for core in cores):
+                found[name] = list(zip(child, cores))
+    if len(found) != 1:
+        what = "no list of encoder blocks" if not found else f"several lists of encoder blocks {sorted(found)}"
+        raise ValueError(
+            f"found {what} in {type(model).__name__}; pass a single encoder such as ViTModel, Dinov2Model, "
+            "CLIPVisionModel or BertModel (for CLIPModel pass model.vision_model)"
+        )
+    return next(iter(found.values()))
+
+
+def padding_mask_from_attention_mask(attention_mask, batch_size, num_keys):
+    """The key padding mask ``(B, n)`` (``True`` = real key) behind a transformers attention mask, or None.
+
+    Parameters
+    ----------
+    attention_mask : Tensor or None
+        What transformers 5 passes to attention functions for bidirectional models: ``None``, a bool mask of
+        shape ``(B or 1, 1 or H, n_q, n)`` (``True`` = attend; ``sdpa``) or an additive float mask of that shape
+        (0 = attend, ``-inf`` or at most half the dtype's most negative value = masked; ``eager``).
+    batch_size : int
+        ``B``.
+    num_keys : int
+        ``n``.
+
+    Returns
+    -------
+    bool Tensor, shape (B, n), or None
+
+    Raises
+    ------
+    ValueError
+        For a mask of another shape, an additive mask with other values (a bias), or one that differs between
+        queries or heads (causal or block-sparse attention): none of these is a key padding mask.
+    """
+    if attention_mask is None:
+        return None
+    # transformers builds the mask once per forward pass and hands the same tensor to every layer; the
+    # checks below read all B x n_q x n entries (28 ms at B = 2, n = 4,096 on one core), so the last
+    # answer is kept, tied to that tensor object (a weak reference: no id reuse) and its version counter.
+    global _last_padding_mask
+    last = _last_padding_mask
+    if (last is not None and last[0]() is attention_mask and last[1] == attention_mask._version
+            and last[2] == (batch_size, num_keys)):
+        return last[3]
+    result = _padding_mask_of(attention_mask, batch_size, num_keys)
+    _last_padding_mask = (weakref.ref(attention_mask), attention_mask._version, (batch_size, num_keys), result)
+    return result
+
+
+_last_padding_mask = None
+
+
+def _padding_mask_of(attention_mask, batch_size, num_keys):
+    """:func:`padding_mask_from_attention_mask` without its cache."""
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.ndim != 4 or attention_mask.shape[-1] != num_keys:
+        shape = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask)
+        raise ValueError(f"expected an attention mask of shape (B, 1, n_q, {num_keys}), got {shape}")
+    if attention_mask.dtype == torch.bool:
+        attend = attention_mask
+    else:
+        attend = attention_mask == 0
+        blocked = attention_mask <= torch.finfo(attention_mask.dtype).min / 2
+        if not bool(torch.all(attend | blocked)):
+            raise ValueError(
+                "the additive attention mask holds values other than 0 (attend) and a large negative number "
+                "(masked): an attention bias, not a key padding mask"
+            )
+    keys = attend[:, :1, :1, :]
+    if not torch.equal(attend, keys.expand_as(attend)):
+        raise ValueError(
+            "the attention mask differs between queries or heads (causal or block-sparse attention); only "
+            "bidirectional attention with a key padding mask is supported"
+        )
+    # A (B, n) copy, not a view: the cache in padding_mask_from_attention_mask must not keep the B x n_q x n mask alive.
+    return keys[:, 0, 0, :].expand(batch_size, num_keys).clone()
+
+
+def _layer_indices(layers, num_layers, default):
+    if layers is None:
+        return default
+    if isinstance(layers, numbers.Integral) and not isinstance(layers, bool):
+        layers = [layers]
+    if isinstance(layers, str) or not isinstance(layers, Iterable):
+        raise TypeError(f"layers must be None, an int or an iterable of ints, got {type(layers).__name__}")
+    layers = list(layers)
+    bad = [i for i in layers if isinstance(i, bool) or not isinstance(i, numbers.Integral) or not 0 <= i < num_layers]
+    if bad or not layers:
+        raise ValueError(f"layers must be non-empty layer indices in [0, {num_layers}), got {layers!r}")
+    return tuple(sorted({int(i) for i in layers}))
+
+
+def check_token_spec(name, spec):
+    """Raise ``TypeError`` unless ``spec`` is None, a bool tensor or a callable ``(layer, hidden_states) -> bool (B, n)``."""
+    if spec is not None and not callable(spec) and not (isinstance(spec, torch.Tensor) and spec.dtype == torch.bool):
+        raise TypeError(
+            f"{name} must be None, a bool tensor of shape (n,) or (B, n), or a callable "
+            f"(layer_index, hidden_states) -> bool (B, n); got {type(spec).__name__}"
+        )
+
+
+def token_mask(name, spec, layer, hidden_states):
+    """Resolve a token selection (bool tensor or ``select(layer, hidden_states)``) to a bool ``(B, n)``."""
+    batch, n = hidden_states.shape[:2]
+    mask = spec(layer, hidden_states) if callable(spec) else spec
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        raise TypeError(f"{name} must give a bool tensor of shape (B, n), got {type(mask).__name__} "
+                        f"{getattr(mask, 'dtype', '')}".rstrip())
+    if mask.ndim not in (1, 2) or mask.shape[-1] != n or (mask.ndim == 2 and mask.shape[0] not in (1, batch)):
+        raise ValueError(f"{name} must give a bool tensor of shape ({batch}, {n}) or ({n},) in layer {layer}, "
+                         f"got {tuple(mask.shape)}")
+    return mask.to(hidden_states.device).expand(batch, n)
+
+
+def block_input(args, kwargs):
+    """The hidden states ``(B, n, D)`` a block or attention module was called with (first positional argument or
+    ``hidden_states=``), from the ``args, kwargs`` of a forward pre-hook."""
+    return args[0] if args else kwargs["hidden_states"]
+
+
+class Handle:
+    """Handlers installed on some encoder layers of one model; :meth:`remove` uninstalls them.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        See :func:`attention_layers`.
+    layers : int, iterable of int, or None
+        Encoder layer indices; ``None`` for all.
+
+    Attributes
+    ----------
+    layers : tuple of int
+        The layers handled, ascending.
+    inputs : dict of int to Tensor
+        During a block's forward: its input hidden states ``(B, n, D)``, keyed by layer index.
+    """
+
+    def __init__(self, model, layers=None):
+        self._blocks = attention_layers(model)
+        self.layers = _layer_indices(layers, len(self._blocks), self.default_layers(len(self._blocks)))
+        self.inputs: dict[int, torch.Tensor] = {}
+        self._installed: list[tuple[nn.Module, Callable]] = []
+        self._hooks = []
+
+    @staticmethod
+    def default_layers(num_layers):
+        """The layers handled when ``layers`` is None: all of them."""
+        return tuple(range(num_layers))
+
+    def install(self, *handlers):
+        """Install each ``handler(layer, call_next, module, query, key, value, attention_mask, **kwargs)`` on every
+        layer; later handlers run first (outermost). Undoes everything if installing fails."""
+        try:
+            for layer in self.layers:
+                block, attention = self._blocks[layer]
+                self._hooks.append(block.register_forward_pre_hook(
+                    functools.partial(self._keep_input, layer), with_kwargs=True))
+                self._hooks.append(block.register_forward_hook(functools.partial(self._drop_input, layer)))
+                for handler in handlers:
+                    bound = functools.partial(handler, layer)
+                    _add_handler(attention, bound)
+                    self._installed.append((attention, bound))
+        except BaseException:
+            self.remove()
+            raise
+        return self
+
+    def _keep_input(self, layer, block, args, kwargs):
+        self.inputs[layer] = block_input(args, kwargs)
+
+    def _drop_input(self, layer, block, args, output):
+        # Only held while the block runs, so a handle never keeps activations (or their graph) alive.
+        self.inputs.pop(layer, None)
+
+    def remove(self):
+        """Uninstall; safe to call more than once. Restores transformers' ``get_interface`` with the last handler."""
+        while self._installed:
+            _remove_handler(*self._installed.pop())
+        while self._hooks:
+            self._hooks.pop().remove()
+        self.inputs.clear()
+
+
