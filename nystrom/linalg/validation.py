@@ -17,6 +17,7 @@ on an accelerator each of them is a host synchronisation, and ``check_values=Fal
 from __future__ import annotations
 
 import numbers
+import re
 
 import array_api_compat
 import numpy as np
@@ -189,8 +190,9 @@ def check_num_landmarks(num_landmarks, n: int | None, n_valid: int | None = None
         raise ValueError(f"num_landmarks must be at most the number of keys n={n}, got {m}")
     if n_valid is not None and m > n_valid:
         raise ValueError(
-            f"num_landmarks={m} exceeds the {n_valid} keys that are real in every shared head of the shortest "
-            "sequence in key_padding_mask; landmarks are never placed on padding"
+            f"num_landmarks={m} exceeds the {n_valid} unpadded keys of the shortest sequence in key_padding_mask "
+            "(with landmarks shared across heads, a key counts only where it is real in every head); landmarks are "
+            "never placed on padding"
         )
     return m
 
@@ -367,10 +369,16 @@ def resolve(argument: str, registry: dict, value, base: type):
     )
 
 
+def summary(cls) -> str:
+    """The first line of ``cls``'s docstring as plain text (Sphinx roles such as ``:math:`x``` reduced to ``x``)."""
+    first = (cls.__doc__ or cls.__name__).strip().splitlines()[0]
+    return re.sub(r":\w+:`([^`]*)`", r"\1", first).replace("``", "")
+
+
 def describe(registry: dict, why=None) -> str:
     """One line per candidate: ``  name: first docstring line``, or ``  name: why(cls)`` when given."""
     lines = []
     for name, cls in registry.items():
-        text = why(cls) if why is not None else (cls.__doc__ or "").strip().splitlines()[0]
+        text = why(cls) if why is not None else summary(cls)
         lines.append(f"  {name!r}: {text}")
     return "\n".join(lines)

@@ -14,6 +14,7 @@ from nystrom import FPS, KMeans, NewtonSchulz, Norm, PInv, Ridge, RPCholesky, Se
 from nystrom.linalg.landmarks import STRATEGIES, farthest_point_sampling
 from nystrom.linalg.landmarks.fps import _fps_on_device
 from nystrom.linalg.landmarks.norm import attention_share
+from nystrom.linalg.validation import summary
 
 ALL = sorted(STRATEGIES)
 DETERMINISTIC = sorted(set(STRATEGIES) - nystrom.RANDOM_STRATEGIES)
@@ -33,7 +34,7 @@ def qkv(seed, shape=(2, 3, 24, 8), dv=5, scale=1.0):
 CONVERGED = {
     "newton_schulz": NewtonSchulz(tol=1e-14, max_iters=100),
     "pinv": PInv(rtol=1e-15),
-    "solve": Ridge(lam=1e-16),
+    "ridge": Ridge(lam=1e-16),
 }
 
 
@@ -222,9 +223,42 @@ def test_cross_attention_landmarks():
         assert nystrom.approximate(Q, K, V, strategy=name, num_landmarks=5, seed=0).shape == (2, 9, 3)
 
 
-def test_unknown_strategy_lists_valid():
-    with pytest.raises(ValueError, match="valid strategies are .*fps.*norm"):
+def test_unknown_strategy_lists_each_candidate_and_what_it_does():
+    with pytest.raises(ValueError, match="unknown strategy 'farthest'; candidates are:") as err:
         nystrom.get_strategy("farthest")
+    for name, cls in nystrom.STRATEGIES.items():
+        assert f"'{name}': {summary(cls)}" in str(err.value)
+
+
+def test_capabilities_are_declared_and_registries_derived_from_them():
+    assert nystrom.RANDOM_STRATEGIES == {name for name, cls in nystrom.STRATEGIES.items() if cls.random}
+    assert nystrom.RANDOM_STRATEGIES == {"uniform", "kmeans", "rpcholesky"}
+    token_pickers = {name for name, cls in nystrom.STRATEGIES.items() if cls.picks_tokens}
+    assert token_pickers == {"norm", "fps", "uniform", "rpcholesky"}
+    for cls in nystrom.STRATEGIES.values():
+        assert isinstance(cls(), nystrom.Strategy) and nystrom.STRATEGIES[cls.name] is cls
+    with pytest.raises(TypeError, match="unknown strategy capabilities"):
+        type("Bad", (nystrom.Strategy,), {}, name="bad", fast=True)
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_declared_capabilities_hold(name):
+    # Each declaration is checked against behaviour: random strategies differ between seeds (and repeat for one),
+    # token pickers return the positions of their landmarks, masked keys never enter a landmark.
+    cls = nystrom.STRATEGIES[name]
+    rng = np.random.default_rng(1)
+    Q, K = rng.standard_normal((2, 64, 8)), rng.standard_normal((2, 64, 8))
+    mask = np.ones((2, 64), dtype=bool)
+    mask[:, 40:] = False
+    K_poison = np.where(mask[..., None], K, 1e3)
+    a, b, c = (cls()(Q, K_poison, 8, seed=s, key_padding_mask=mask) for s in (0, 0, 1))
+    np.testing.assert_array_equal(a.keys, b.keys)
+    assert cls.random == (not np.array_equal(a.keys, c.keys))
+    assert cls.picks_tokens == (a.indices is not None)
+    if cls.picks_tokens:
+        assert np.all(a.indices < 40)
+        np.testing.assert_array_equal(a.keys, np.take_along_axis(K, a.indices[..., None], axis=-2))
+    assert np.abs(a.keys).max() < 100  # a mean that took in a padded key (1e3) would show it
 
 
 def test_kmeans_and_rpcholesky_objects():

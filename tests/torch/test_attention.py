@@ -7,8 +7,8 @@ import torch
 import nystrom
 from nystrom import NewtonSchulz, PInv
 
-STRATEGIES = nystrom.strategies
-SOLVERS = nystrom.solvers
+STRATEGIES = nystrom.STRATEGIES
+SOLVERS = nystrom.SOLVERS
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 

@@ -55,7 +55,7 @@ def tiny_inputs(kind, dtype=torch.float64, batch=2):
 
 def exact_output(c):
     mask = None if c.key_padding_mask is None else c.key_padding_mask[:, None, :]
-    return exact_attention(c.query, c.key, c.value, c.scaling, mask)
+    return exact_attention(c.query, c.key, c.value, scale=c.scaling, key_padding_mask=mask)
 
 
 def hooks(model):

@@ -19,7 +19,7 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("matplotlib")
 from model_packages import requires_dinov2, requires_minilm  # noqa: E402
 
-from nystrom.linalg.softmax import softmax  # noqa: E402
+from nystrom.linalg.numerics import softmax  # noqa: E402
 from nystrom.torch import patching, plots, pretrained, tokens  # noqa: E402
 
 SEEDS = range(5)
