@@ -14,9 +14,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
 
 from nystrom import exact_attention  # noqa: E402
-from nystrom.torch import patching as patch_module  # noqa: E402
+from nystrom.torch import dispatch  # noqa: E402
 from nystrom.torch.capture import capture_attention, capturing  # noqa: E402
-from nystrom.torch.patching import attention_layers, key_padding_mask  # noqa: E402
+from nystrom.torch.dispatch import attention_layers, padding_mask_from_attention_mask  # noqa: E402
 
 KINDS = ("vit", "dinov2", "clip", "bert")
 IMPLEMENTATIONS = ("eager", "sdpa")
@@ -68,7 +68,7 @@ def assert_restored(model, hooks_before=None):
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     assert "get_interface" not in vars(ALL_ATTENTION_FUNCTIONS)
-    assert not patch_module._HANDLERS
+    assert not dispatch._HANDLERS
     if hooks_before is None:
         assert all(not pre and not post for pre, post in hooks(model))
     else:
@@ -177,21 +177,21 @@ class TestKeyPaddingMask:
         real = torch.tensor([[True, True, True, False], [True, True, False, False]])
         as_bool = real[:, None, None, :].expand(2, 1, 4, 4)
         additive = torch.zeros(2, 1, 4, 4).masked_fill(~as_bool, torch.finfo(torch.float32).min)
-        assert torch.equal(key_padding_mask(as_bool, 2, 4), real)
-        assert torch.equal(key_padding_mask(additive, 2, 4), real)
-        assert torch.equal(key_padding_mask(additive.masked_fill(~as_bool, -float("inf")), 2, 4), real)
-        assert key_padding_mask(None, 2, 4) is None
+        assert torch.equal(padding_mask_from_attention_mask(as_bool, 2, 4), real)
+        assert torch.equal(padding_mask_from_attention_mask(additive, 2, 4), real)
+        assert torch.equal(padding_mask_from_attention_mask(additive.masked_fill(~as_bool, -float("inf")), 2, 4), real)
+        assert padding_mask_from_attention_mask(None, 2, 4) is None
         # A mask shared by the batch (leading size 1) is expanded to it.
-        assert torch.equal(key_padding_mask(as_bool[:1], 2, 4), real[:1].expand(2, 4))
+        assert torch.equal(padding_mask_from_attention_mask(as_bool[:1], 2, 4), real[:1].expand(2, 4))
 
     def test_rejects_causal_masks_and_biases(self):
         causal = torch.ones(4, 4, dtype=torch.bool).tril()[None, None]
         with pytest.raises(ValueError, match="differs between queries"):
-            key_padding_mask(causal, 1, 4)
+            padding_mask_from_attention_mask(causal, 1, 4)
         with pytest.raises(ValueError, match="bias"):
-            key_padding_mask(torch.full((1, 1, 4, 4), -1.0), 1, 4)
+            padding_mask_from_attention_mask(torch.full((1, 1, 4, 4), -1.0), 1, 4)
         with pytest.raises(ValueError, match="shape"):
-            key_padding_mask(torch.ones(1, 4, dtype=torch.bool), 1, 4)
+            padding_mask_from_attention_mask(torch.ones(1, 4, dtype=torch.bool), 1, 4)
 
 
 @requires_dinov2

@@ -27,7 +27,9 @@ from test_capture import (  # noqa: E402  (pytest puts this directory on sys.pat
 
 from nystrom import FPS, PInv, SegmentMeans  # noqa: E402
 from nystrom.torch.capture import capturing  # noqa: E402
-from nystrom.torch.patching import fna, mask_keys, patch  # noqa: E402
+from nystrom.torch import dispatch  # noqa: E402
+from nystrom.torch.masking import mask_keys  # noqa: E402
+from nystrom.torch.patching import fna, patch  # noqa: E402
 
 EXACT = PInv(rtol=0.0)
 
@@ -360,10 +362,11 @@ class TestLandmarkChoice:
                 run(model, tiny_inputs("vit"))
 
     def test_guarantee_needs_token_landmarks(self):
+        # Checked when patch() is called, from the declared capability, before any forward pass.
         model = tiny_model("vit")
-        with pytest.raises(ValueError, match="picks tokens"):
-            with fna(model, num_landmarks=4, strategy="segment_means", guarantee=torch.arange(17) < 1):
-                run(model, tiny_inputs("vit"))
+        with pytest.raises(ValueError, match="(?s)picks tokens.*'segment_means': no .*'uniform': yes"):
+            patch(model, num_landmarks=4, strategy="segment_means", guarantee=torch.arange(17) < 1)
+        assert not dispatch._HANDLERS
 
     @pytest.mark.parametrize("features", ["input", "query", "key", "value"])
     def test_features_change_the_choice_of_farthest_points(self, features):
@@ -455,17 +458,17 @@ class TestArguments:
 
 
 def test_padding_mask_answer_follows_the_mask_tensor_and_its_edits():
-    from nystrom.torch.patching import key_padding_mask
+    from nystrom.torch.dispatch import padding_mask_from_attention_mask
 
     mask = torch.ones(2, 1, 5, 5, dtype=torch.bool)
     mask[1, ..., 3:] = False
-    first = key_padding_mask(mask, 2, 5)
+    first = padding_mask_from_attention_mask(mask, 2, 5)
     assert first.tolist() == [[True] * 5, [True, True, True, False, False]]
-    assert key_padding_mask(mask, 2, 5).tolist() == first.tolist()
+    assert padding_mask_from_attention_mask(mask, 2, 5).tolist() == first.tolist()
     mask[0, ..., 4] = False  # an in-place edit bumps the version counter: the cached answer is not reused
-    assert key_padding_mask(mask, 2, 5).tolist() == [[True, True, True, True, False], [True, True, True, False, False]]
+    assert padding_mask_from_attention_mask(mask, 2, 5).tolist() == [[True, True, True, True, False], [True, True, True, False, False]]
     other = torch.zeros(2, 1, 5, 5)
     other[..., 2] = torch.finfo(torch.float32).min
-    assert key_padding_mask(other, 2, 5).tolist() == [[True, True, False, True, True]] * 2
+    assert padding_mask_from_attention_mask(other, 2, 5).tolist() == [[True, True, False, True, True]] * 2
     with pytest.raises(ValueError, match="attention bias"):
-        key_padding_mask(torch.full((1, 1, 5, 5), 0.5), 1, 5)
+        padding_mask_from_attention_mask(torch.full((1, 1, 5, 5), 0.5), 1, 5)

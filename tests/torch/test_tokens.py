@@ -20,7 +20,8 @@ pytest.importorskip("matplotlib")
 from model_packages import requires_dinov2, requires_minilm  # noqa: E402
 
 from nystrom.linalg.numerics import softmax  # noqa: E402
-from nystrom.torch import patching, plots, pretrained, tokens  # noqa: E402
+from nystrom.linalg import tokens as detectors  # noqa: E402
+from nystrom.torch import dispatch, plots, pretrained, tokens  # noqa: E402
 
 SEEDS = range(5)
 
@@ -46,7 +47,7 @@ class TestMassive:
     def test_finds_injected_activation(self, to_array):
         hidden = np.random.default_rng(0).standard_normal((2, 32, 64))
         hidden[1, 5, 17] = -5000.0  # ~7000x the median |a| of a standard normal (0.674)
-        found = tokens.detect_massive_activations(to_array(hidden))
+        found = detectors.detect_massive_activations(to_array(hidden))
         expected = np.zeros((2, 32), dtype=bool)
         expected[1, 5] = True
         np.testing.assert_array_equal(as_numpy(found.mask), expected)
@@ -56,29 +57,29 @@ class TestMassive:
     def test_needs_both_rules(self, to_array):
         hidden = np.random.default_rng(1).standard_normal((1, 32, 64))
         hidden[0, 3, 0] = 500.0  # above 100 but only ~740x the median
-        assert not as_numpy(tokens.detect_massive_activations(to_array(hidden)).mask).any()
-        assert as_numpy(tokens.detect_massive_activations(to_array(hidden), median_ratio=500).mask)[0, 3]
+        assert not as_numpy(detectors.detect_massive_activations(to_array(hidden)).mask).any()
+        assert as_numpy(detectors.detect_massive_activations(to_array(hidden), median_ratio=500).mask)[0, 3]
         small = 0.01 * hidden
         small[0, 3, 0] = 90.0  # ~13000x the median but below 100
-        assert not as_numpy(tokens.detect_massive_activations(to_array(small)).mask).any()
-        assert as_numpy(tokens.detect_massive_activations(to_array(small), abs_threshold=50).mask)[0, 3]
+        assert not as_numpy(detectors.detect_massive_activations(to_array(small)).mask).any()
+        assert as_numpy(detectors.detect_massive_activations(to_array(small), abs_threshold=50).mask)[0, 3]
 
     def test_padding_is_neither_flagged_nor_in_the_median(self, to_array):
         hidden = 0.01 * np.random.default_rng(2).standard_normal((1, 16, 8))
         hidden[0, 2, 4] = 200.0
         hidden[0, 6:] = 1000.0  # padding: would make the median 1000 if it counted
         real = np.arange(16)[None] < 6
-        found = tokens.detect_massive_activations(to_array(hidden), key_padding_mask=to_array(real))
+        found = detectors.detect_massive_activations(to_array(hidden), key_padding_mask=to_array(real))
         expected = np.zeros((1, 16), dtype=bool)
         expected[0, 2] = True
         np.testing.assert_array_equal(as_numpy(found.mask), expected)
-        assert not as_numpy(tokens.detect_massive_activations(to_array(hidden)).mask).any()
+        assert not as_numpy(detectors.detect_massive_activations(to_array(hidden)).mask).any()
 
     @pytest.mark.parametrize("seed", SEEDS)
     def test_nothing_on_gaussian_tokens(self, seed):
         # Over 50 seeds the largest |a| of (4, 64, 128) standard normals is < 7.6x the median (and < 7 absolute).
         hidden = np.random.default_rng(seed).standard_normal((4, 64, 128))
-        assert not tokens.detect_massive_activations(hidden, abs_threshold=1.0, median_ratio=20).mask.any()
+        assert not detectors.detect_massive_activations(hidden, abs_threshold=1.0, median_ratio=20).mask.any()
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -93,35 +94,35 @@ class TestHighNorm:
         hidden[:, 0] *= 10  # the CLS token is excluded by default
         expected = np.zeros((2, 65), dtype=bool)
         expected[0, [3, 17, 40]] = True
-        np.testing.assert_array_equal(as_numpy(tokens.detect_high_norm_tokens(to_array(hidden))), expected)
+        np.testing.assert_array_equal(as_numpy(detectors.detect_high_norm_tokens(to_array(hidden))), expected)
         expected[:, 0] = True
-        np.testing.assert_array_equal(as_numpy(tokens.detect_high_norm_tokens(to_array(hidden), exclude=())),
+        np.testing.assert_array_equal(as_numpy(detectors.detect_high_norm_tokens(to_array(hidden), exclude=())),
                                       expected)
         by_mask = np.zeros((2, 65), dtype=bool)
         by_mask[:, [0, 17]] = True
         expected[:, 0] = expected[:, 17] = False
         np.testing.assert_array_equal(
-            as_numpy(tokens.detect_high_norm_tokens(to_array(hidden), exclude=to_array(by_mask))), expected)
+            as_numpy(detectors.detect_high_norm_tokens(to_array(hidden), exclude=to_array(by_mask))), expected)
 
     def test_ratio_is_the_threshold(self):
         hidden = np.random.default_rng(4).standard_normal((1, 65, 256))  # norms within ~10 % of 16
         hidden[0, 9] *= 3
-        assert not tokens.detect_high_norm_tokens(hidden).any()
-        assert np.flatnonzero(tokens.detect_high_norm_tokens(hidden, ratio=2.0)[0]).tolist() == [9]
+        assert not detectors.detect_high_norm_tokens(hidden).any()
+        assert np.flatnonzero(detectors.detect_high_norm_tokens(hidden, ratio=2.0)[0]).tolist() == [9]
 
     def test_padding(self, to_array):
         hidden = np.random.default_rng(5).standard_normal((1, 40, 32))
         hidden[0, 30:] *= 100  # padding with huge norms: ignored, and kept out of the median
         hidden[0, 7] *= 10
         real = np.arange(40)[None] < 30
-        found = as_numpy(tokens.detect_high_norm_tokens(to_array(hidden), key_padding_mask=to_array(real)))
+        found = as_numpy(detectors.detect_high_norm_tokens(to_array(hidden), key_padding_mask=to_array(real)))
         assert np.flatnonzero(found[0]).tolist() == [7]
 
     @pytest.mark.parametrize("seed", SEEDS)
     def test_nothing_on_gaussian_tokens(self, seed):
         # Over 50 seeds the largest norm of (4, 64, 128) standard normals is < 1.26x the median.
         hidden = np.random.default_rng(seed).standard_normal((4, 64, 128))
-        assert not tokens.detect_high_norm_tokens(hidden, ratio=1.5).any()
+        assert not detectors.detect_high_norm_tokens(hidden, ratio=1.5).any()
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -146,7 +147,7 @@ class TestSinks:
         bias[7] = np.log(47.0) + 0.5
         share = gaussian_share(6, n=48, d=32, bias=bias)
         assert 0.4 < share[7] < 0.6
-        found = as_numpy(tokens.detect_sinks(to_array(share)))
+        found = as_numpy(detectors.detect_sinks(to_array(share)))
         assert np.flatnonzero(found).tolist() == [7]
 
     def test_uniform_share_counts_real_keys_only(self, to_array):
@@ -154,21 +155,21 @@ class TestSinks:
         share[:20] = 0.85 / 19
         share[0] = 0.15  # 3x the uniform 1/20 of the real keys, 6x 1/40
         real = np.arange(40) < 20
-        assert not as_numpy(tokens.detect_sinks(to_array(share), key_padding_mask=to_array(real))).any()
-        assert as_numpy(tokens.detect_sinks(to_array(share)))[0]
+        assert not as_numpy(detectors.detect_sinks(to_array(share), key_padding_mask=to_array(real))).any()
+        assert as_numpy(detectors.detect_sinks(to_array(share)))[0]
 
     @pytest.mark.parametrize("seed", SEEDS)
     def test_nothing_on_gaussian_attention(self, seed):
         # Over 50 seeds no key of Gaussian attention (n = d = 64) gets more than 2.1x the uniform share.
-        assert not tokens.detect_sinks(gaussian_share(seed), ratio=3.0).any()
+        assert not detectors.detect_sinks(gaussian_share(seed), ratio=3.0).any()
 
 
 class TestValidation:
     @pytest.mark.parametrize("call", [
-        lambda h: tokens.detect_massive_activations(h, abs_threshold=0),
-        lambda h: tokens.detect_massive_activations(h, median_ratio=-1),
-        lambda h: tokens.detect_high_norm_tokens(h, ratio=float("inf")),
-        lambda h: tokens.detect_sinks(h[..., 0], ratio=0),
+        lambda h: detectors.detect_massive_activations(h, abs_threshold=0),
+        lambda h: detectors.detect_massive_activations(h, median_ratio=-1),
+        lambda h: detectors.detect_high_norm_tokens(h, ratio=float("inf")),
+        lambda h: detectors.detect_sinks(h[..., 0], ratio=0),
     ])
     def test_non_positive_thresholds(self, call):
         with pytest.raises(ValueError, match="abs_threshold|median_ratio|ratio"):
@@ -177,19 +178,19 @@ class TestValidation:
     def test_messages_name_the_argument(self):
         h = np.ones((2, 4, 3))
         with pytest.raises(TypeError, match="ratio"):
-            tokens.detect_high_norm_tokens(h, ratio="4")
+            detectors.detect_high_norm_tokens(h, ratio="4")
         with pytest.raises(TypeError, match="hidden"):
-            tokens.detect_massive_activations(np.ones((2, 4, 3), dtype=np.int64))
+            detectors.detect_massive_activations(np.ones((2, 4, 3), dtype=np.int64))
         with pytest.raises(ValueError, match="hidden"):
-            tokens.detect_massive_activations(np.ones(3))
+            detectors.detect_massive_activations(np.ones(3))
         with pytest.raises(ValueError, match="key_padding_mask"):
-            tokens.detect_sinks(h[..., 0], key_padding_mask=np.ones(5, dtype=bool))
+            detectors.detect_sinks(h[..., 0], key_padding_mask=np.ones(5, dtype=bool))
         with pytest.raises(ValueError, match="exclude"):
-            tokens.detect_high_norm_tokens(h, exclude=(4,))
+            detectors.detect_high_norm_tokens(h, exclude=(4,))
         with pytest.raises(TypeError, match="exclude"):
-            tokens.detect_high_norm_tokens(h, exclude=np.zeros(4))
+            detectors.detect_high_norm_tokens(h, exclude=np.zeros(4))
         with pytest.raises(ValueError, match="without any token"):
-            tokens.detect_high_norm_tokens(h, exclude=range(4))
+            detectors.detect_high_norm_tokens(h, exclude=range(4))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -273,7 +274,7 @@ def test_pre_layernorm_fields_match_transformers(name):
     with torch.no_grad():
         out = model(pixel_values=pixels, output_hidden_states=True, output_attentions=True)
     assert analysis.norm_placement == ("pre",) * 3
-    blocks = [block for block, _ in patching.attention_layers(model)]
+    blocks = [block for block, _ in dispatch.attention_layers(model)]
     for layer in range(3):
         hidden = out.hidden_states[layer]
         np.testing.assert_allclose(analysis.residual_norms[layer], hidden.norm(dim=-1).numpy(), **TIGHT)

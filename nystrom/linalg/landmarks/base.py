@@ -39,6 +39,7 @@ from ..validation import (
     check_selection,
     describe,
     resolve,
+    summary,
 )
 
 STRATEGIES: dict[str, type] = {}
@@ -48,7 +49,7 @@ STRATEGIES: dict[str, type] = {}
 #: The capabilities a strategy declares (class attributes of :class:`Strategy`) and what each means.
 CAPABILITIES = {
     "random": "its choice depends on seed",
-    "picks_tokens": "its landmarks are real tokens with positions (else it builds new points)",
+    "picks_tokens": "it picks tokens: its landmarks are real tokens, with their positions (else it builds new points)",
     "per_head": "it can choose a separate set per head (head_axis=None)",
     "masks": "it honours key_padding_mask: padding never enters a landmark",
     "weighted": "it returns landmark weights",
@@ -277,7 +278,7 @@ def require(strategy, capability: str, purpose: str) -> None:
     """
     if not isinstance(strategy, Strategy) or getattr(strategy, capability):
         return
-    listing = describe(STRATEGIES, lambda cls: "yes" if getattr(cls, capability) else "no")
+    listing = describe(STRATEGIES, lambda cls: "yes" if getattr(cls, capability) else f"no ({summary(cls)})")
     raise ValueError(
         f"{purpose} needs a strategy for which {CAPABILITIES[capability]}; {type(strategy).__name__} does not. "
         f"Candidates:\n{listing}"
