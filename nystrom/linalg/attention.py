@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import functools
 
-import numpy as np
-
 from .numerics import at_least_float32, softmax
 from .solvers import get_solver, unchecked
 from .validation import check_attention_inputs, check_bool, check_landmarks, check_scale
@@ -141,9 +139,11 @@ def nystrom_product(xp, Q, K, V, landmarks, invert, *, scale, mask=None, attend=
     Notes
     -----
     For float16, :math:`v'` can exceed the format's range when :math:`A` is ill-conditioned
-    (entries of :math:`A^+` grow like :math:`1/\sigma_{\min}`); the final product then runs in
-    float32 instead of overflowing. Deciding that reads :math:`v'`, so float16 inputs cost one host
-    synchronisation; bfloat16 shares float32's range and needs no such care.
+    (entries of :math:`A^+` grow like :math:`1/\sigma_{\min}`). The final product is linear in
+    :math:`v'`, so it runs on :math:`v'/c` with :math:`c = \max|v'|` per matrix and the output is
+    multiplied by :math:`c` in float32: nothing overflows, and no value is read on the host.
+    bfloat16 shares float32's range and needs no such care. Reads no data: on an accelerator the
+    product never synchronises with the host.
     """
     if attend is None:
         attend = functools.partial(softmax_attention, xp, scale=scale)
@@ -151,11 +151,15 @@ def nystrom_product(xp, Q, K, V, landmarks, invert, *, scale, mask=None, attend=
     BV = attend(q_l, K, V, mask)
     result = invert(landmark_kernel(xp, q_l, k_l, scale))
     vp = result.inverse @ xp.astype(BV, result.inverse.dtype)
-    work = V.dtype
-    if V.dtype == xp.float16 and not bool(xp.max(xp.abs(vp)) < 0.5 * float(np.finfo(np.float16).max)):
-        work = xp.float32
-    out = attend(xp.astype(Q, work), xp.astype(k_l, work), xp.astype(vp, work), None)
-    return xp.astype(out, V.dtype), result
+    if V.dtype != xp.float16:
+        return xp.astype(attend(Q, k_l, xp.astype(vp, V.dtype), None), V.dtype), result
+    # float16: v' can exceed the format's range (A^+ grows like 1/sigma_min). The product is linear in v', so
+    # v' / c with c = max |v'| per matrix runs in float16 and the output is rescaled in float32; no branch
+    # on the values, hence no host synchronisation.
+    c = xp.max(xp.abs(vp), axis=(-2, -1), keepdims=True)
+    c = xp.where(c > 0, c, xp.ones_like(c))
+    out = attend(Q, k_l, xp.astype(vp / c, V.dtype), None)
+    return xp.astype(xp.astype(out, c.dtype) * c, V.dtype), result
 
 
 def nystrom_attention(Q, K, V, landmarks, solver="newton_schulz", *, scale=None, key_padding_mask=None,

@@ -252,8 +252,8 @@ def check_landmarks(landmarks, K, m) -> None:
             raise TypeError(f"landmark {name} must have the dtype of K, {K.dtype}, got {got.dtype}")
         if tuple(got.shape) != expected:
             raise ValueError(
-                f"strategy returned landmark {name} of shape {tuple(got.shape)}, expected {expected} "
-                "(..., num_landmarks, d)"
+                f"landmark {name} have shape {tuple(got.shape)}, expected {expected} (..., num_landmarks, d); "
+                "a strategy must return m landmarks per sequence and head"
             )
 
 

@@ -378,23 +378,6 @@ def host_view(a):
         return None  # a dtype numpy does not have (torch.bfloat16): the caller's array-API path handles it
 
 
-def to_host(a):
-    """``a`` as a numpy array, copied to host memory when it lives elsewhere (for small arrays such as masks).
-
-    Parameters
-    ----------
-    a : array
-        Any array-API array.
-
-    Returns
-    -------
-    numpy.ndarray
-        A view of ``a`` in host memory (see :func:`host_view`) or a host copy of it.
-    """
-    view = host_view(a)
-    return view if view is not None else np.from_dlpack(array_api_compat.to_device(_detached(a), "cpu"))
-
-
 def _detached(a):
     """``a`` without autograd history: arrays that track gradients (torch) refuse DLPack export, and
     selection only produces indices, which carry no gradient."""

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import array_api_compat
 import numpy as np
 
-from .base import TokenStrategy, to_host
+from .base import TokenStrategy, host_view
 
 
 @dataclass(frozen=True)
@@ -22,11 +22,17 @@ class Uniform(TokenStrategy, name="uniform", random=True):
     def pick(self, selection, X, mask):
         # The m smallest of n i.i.d. uniform keys form a uniformly random m-subset; padded tokens
         # get keys above 1 so they are never among them (m <= real tokens is checked). Keys are
-        # drawn and partially selected on the host in O(n): sorting them on the device took 10 ms
-        # at n = 65,536, and one seed gives the same tokens on every device.
-        m = selection.num_landmarks
+        # drawn on the host, so one seed gives the same tokens on every device. Host arrays take an
+        # O(n) partial selection (sorting took 10 ms at n = 65,536); accelerator arrays sort on the
+        # device, so the mask is never read back to the host.
+        xp, m = selection.xp, selection.num_landmarks
         keys = np.random.default_rng(selection.seed).random(tuple(X.shape[:-1]))
-        if mask is not None:
-            keys = np.where(to_host(mask), keys, 2 + keys)
-        idx = np.sort(np.argpartition(keys, m - 1, axis=-1)[..., :m], axis=-1)
-        return selection.xp.asarray(idx, device=array_api_compat.device(X))
+        host_mask = None if mask is None else host_view(mask)
+        if mask is None or host_mask is not None:
+            if host_mask is not None:
+                keys = np.where(host_mask, keys, 2 + keys)
+            idx = np.sort(np.argpartition(keys, m - 1, axis=-1)[..., :m], axis=-1)
+            return xp.asarray(idx, device=array_api_compat.device(X))
+        keys = xp.asarray(keys, dtype=xp.float64, device=array_api_compat.device(X))
+        keys = xp.where(mask, keys, 2 + keys)
+        return xp.sort(xp.argsort(keys, axis=-1)[..., :m], axis=-1)

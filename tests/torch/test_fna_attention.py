@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import nystrom
+import nystrom.torch
 from nystrom import NewtonSchulz, PInv
 
 STRATEGIES = nystrom.STRATEGIES
@@ -129,3 +130,30 @@ def test_device_mismatch_is_an_error():
     Q, K, V = (torch.zeros(1, 4, 2) for _ in range(3))
     with pytest.raises(ValueError, match="K is on device"):
         nystrom.approximate(Q, K.cuda(), V, num_landmarks=2)
+
+
+def test_fna_attention_checks_like_approximate():
+    # The public torch kernel has the array-API contract: a wrong d is named, not a matmul error deep inside.
+    Q, K, V = (torch.from_numpy(x) for x in qkv_np(2, shape=(1, 2, 16, 8)))
+    landmarks = nystrom.FPS()(Q, K, 4)
+    with pytest.raises(ValueError, match="Q and K must have the same feature size d"):
+        nystrom.torch.fna_attention(Q, K[..., :7], V, landmarks)
+    with pytest.raises(TypeError, match="must be torch tensors"):
+        nystrom.torch.fna_attention(Q.numpy(), K.numpy(), V.numpy(), landmarks)
+    with pytest.raises(ValueError, match="landmark queries have shape"):
+        nystrom.torch.fna_attention(Q, K, V, nystrom.Landmarks(landmarks.queries, landmarks.keys[..., :3, :]))
+    with pytest.raises(ValueError, match="K contains NaN"):
+        nystrom.torch.fna_attention(Q, K.clone().fill_(float("nan")), V, landmarks)
+    with pytest.raises(ValueError, match="query_chunk_size"):
+        nystrom.torch.fna_attention(Q, K, V, landmarks, query_chunk_size=0)
+
+
+def test_fna_attention_equals_the_array_api_product():
+    Q, K, V = (torch.from_numpy(x) for x in qkv_np(3, shape=(2, 2, 24, 8)))
+    mask = torch.ones(2, 1, 24, dtype=torch.bool)
+    mask[1, :, 18:] = False
+    landmarks = nystrom.FPS()(Q, K, 6, key_padding_mask=mask, head_axis=-3)
+    fused, _ = nystrom.torch.fna_attention(Q, K, V, landmarks, key_padding_mask=mask, query_chunk_size=5)
+    reference, _ = nystrom.linalg.nystrom_attention(Q, K, V, landmarks, key_padding_mask=mask)
+    # float64 on both sides; only the summation order differs.
+    torch.testing.assert_close(fused, reference, rtol=1e-12, atol=1e-12)

@@ -1,0 +1,142 @@
+"""``nystrom.approximate`` is the boundary: each argument is checked once, then trusted code runs.
+
+The counts come from ``sys.setprofile``, which sees every Python-level call into the package.
+"""
+
+import collections
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import nystrom
+
+ROOT = os.path.dirname(nystrom.__file__)
+
+
+def profile(fn):
+    """Calls into the package made by ``fn()``: ``{(file relative to nystrom/, function): count}``."""
+    calls = collections.Counter()
+
+    def record(frame, event, arg):
+        if event == "call" and frame.f_code.co_filename.startswith(ROOT):
+            calls[(os.path.relpath(frame.f_code.co_filename, ROOT), frame.f_code.co_name)] += 1
+
+    sys.setprofile(record)
+    try:
+        fn()
+    finally:
+        sys.setprofile(None)
+    return calls
+
+
+def masked_call(strategy="norm", **kwargs):
+    rng = np.random.default_rng(0)
+    Q, K, V = (rng.standard_normal((2, 3, 96, 16)) for _ in range(3))
+    mask = np.ones((2, 1, 96), dtype=bool)
+    mask[0, :, 70:] = False
+    return lambda: nystrom.approximate(Q, K, V, strategy=strategy, num_landmarks=16, key_padding_mask=mask,
+                                       seed=0, **kwargs)
+
+
+@pytest.mark.parametrize("strategy", sorted(nystrom.STRATEGIES))
+def test_each_argument_is_checked_once(strategy):
+    calls = profile(masked_call(strategy, return_info=True))
+    by_name = collections.Counter()
+    for (_, name), count in calls.items():
+        by_name[name] += count
+    # Q, K and V are checked for finiteness in one call; the mask, the scale, the landmark count and the names
+    # of the strategy and the solver once each.
+    for check in ("check_finite", "check_key_padding_mask", "check_scale", "check_num_landmarks", "namespace",
+                  "check_attention_inputs", "get_strategy", "get_solver"):
+        assert by_name[check] == 1, (check, by_name[check])
+
+
+def test_the_default_path_stays_short():
+    # The layers a call crosses (measured before the architecture change: 156 calls into 46 functions across
+    # 10 files). A regression guard: new hops or repeated checks show here first.
+    calls = profile(masked_call())
+    files = {file for file, _ in calls}
+    assert files <= {"approximation.py", "linalg/validation.py", "linalg/numerics.py", "linalg/attention.py",
+                     "linalg/solvers.py", "linalg/landmarks/base.py", "linalg/landmarks/norm.py",
+                     "linalg/landmarks/fps.py"}, files
+    assert sum(calls.values()) <= 100, sum(calls.values())
+
+
+@pytest.mark.parametrize("strategy", sorted(nystrom.STRATEGIES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("masked", [False, True])
+def test_without_value_checks_nothing_reads_the_data(strategy, dtype, masked):
+    # Meta tensors have shapes and dtypes but no values: any read (bool(), int(), .item(), a copy to the host),
+    # which on CUDA would be a host synchronisation, raises. With check_values=False the whole call, selection
+    # included, must run on them.
+    Q, K, V = (torch.empty(2, 4, 256, 32, device="meta", dtype=dtype) for _ in range(3))
+    mask = torch.ones(2, 1, 256, dtype=torch.bool, device="meta") if masked else None
+    out = nystrom.approximate(Q, K, V, strategy=strategy, num_landmarks=16, key_padding_mask=mask, seed=0,
+                              check_values=False)
+    assert out.device.type == "meta" and out.shape == V.shape and out.dtype == dtype
+
+
+def test_value_checks_are_the_reads():
+    Q = torch.empty(1, 2, 64, 8, device="meta")
+    with pytest.raises((RuntimeError, NotImplementedError), match="meta"):
+        nystrom.approximate(Q, Q, Q, num_landmarks=8)
+
+
+def test_check_values_false_still_checks_shapes_and_types():
+    Q = np.zeros((2, 10, 4))
+    with pytest.raises(ValueError, match="Q and K must have the same feature size"):
+        nystrom.approximate(Q, Q[..., :3], Q, num_landmarks=4, check_values=False)
+    with pytest.raises(TypeError, match="check_values must be a bool"):
+        nystrom.approximate(Q, Q, Q, num_landmarks=4, check_values=1)
+
+
+def test_value_checks_catch_what_they_promise():
+    Q = np.random.default_rng(0).standard_normal((2, 10, 4))
+    bad = Q.copy()
+    bad[1, 3, 2] = np.nan
+    with pytest.raises(ValueError, match="K contains NaN"):
+        nystrom.approximate(Q, bad, Q, num_landmarks=4)
+    # Opting out skips the read, and the NaN reaches the output, as documented.
+    assert np.isnan(nystrom.approximate(Q, bad, Q, num_landmarks=4, strategy="uniform", seed=0,
+                                        check_values=False)).any()
+
+
+def test_public_functions_share_one_contract():
+    # The same bad argument gives the same message from every public entry point.
+    rng = np.random.default_rng(0)
+    Q, K, V = rng.standard_normal((2, 10, 4)), rng.standard_normal((2, 10, 3)), rng.standard_normal((2, 10, 4))
+    landmarks = nystrom.Landmarks(Q[:, :4], Q[:, :4])
+    calls = [
+        lambda: nystrom.approximate(Q, K, V, num_landmarks=4),
+        lambda: nystrom.exact_attention(Q, K, V),
+        lambda: nystrom.linalg.nystrom_attention(Q, K, V, landmarks),
+        lambda: nystrom.FPS()(Q, K, 4),
+        lambda: nystrom.estimate_relative_error(Q, K, V, V),
+    ]
+    for call in calls:
+        with pytest.raises(ValueError, match="Q and K must have the same feature size d"):
+            call()
+
+
+def test_exact_attention_takes_scale_by_keyword_only():
+    Q = np.ones((4, 2))
+    with pytest.raises(TypeError):
+        nystrom.exact_attention(Q, Q, Q, 0.5)
+    np.testing.assert_allclose(nystrom.exact_attention(Q, Q, Q, scale=0.5), Q)
+
+
+def test_solvers_check_their_input_and_the_library_skips_it():
+    A = np.eye(3)
+    A[0, 0] = np.inf
+    with pytest.raises(ValueError, match="A contains NaN"):
+        nystrom.NewtonSchulz()(A)
+    from nystrom.linalg.solvers import unchecked
+
+    solve = nystrom.PInv(rtol=1e-12)
+    assert unchecked(solve) == solve.solve
+    np.testing.assert_allclose(unchecked(solve)(np.eye(3) * 2.0).inverse, np.eye(3) / 2)
+    own = lambda A: nystrom.SolveResult(A, A[..., 0, 0])  # noqa: E731 - a plain callable is used as given
+    assert unchecked(own) is own
