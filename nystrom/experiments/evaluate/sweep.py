@@ -8,20 +8,25 @@ import numpy as np
 import torch
 
 from nystrom import approximate
-from nystrom.torch.patching import fna
+from nystrom.torch.patching import FNAHandle, attention_layers, fna
 
 from ..metrics import relative_error
 from ..report import progress_bar
-from .specs import check_names, check_positive_ints, parse_spec
+from .specs import check_names, check_positive_ints, check_seed, parse_spec
 
 
 class Grid:
-    """The configurations of one evaluation: every (strategy, solver, m), specs parsed before any model loads."""
+    """The configurations of one evaluation: every (strategy, solver, m), and the seed.
 
-    def __init__(self, num_landmarks, strategies, solvers):
+    The arguments are checked and the specs parsed here, before any model loads.
+    """
+
+    def __init__(self, num_landmarks, strategies, solvers, seed):
         self.num_landmarks = check_positive_ints("num_landmarks", num_landmarks)
         self.strategies = {s: parse_spec(s, "strategy") for s in check_names("strategies", strategies)}
         self.solvers = {s: parse_spec(s, "solver") for s in check_names("solvers", solvers)}
+        check_seed(seed)
+        self.seed = seed
 
     def __iter__(self):
         """``(strategy label, strategy, solver label, solver, m)``."""
@@ -33,13 +38,13 @@ class Grid:
     def __len__(self):
         return len(self.strategies) * len(self.solvers) * len(self.num_landmarks)
 
-    def settings(self, model, layers, seed, **extra):
+    def settings(self, model, layers, **extra):
         """The ``settings`` of a result: the grid, FNA's options, the model's dtype and ``extra``."""
         return {
             "layers": list(layers), "num_landmarks": list(self.num_landmarks),
             "strategies": list(self.strategies), "strategy_objects": {s: repr(o) for s, o in self.strategies.items()},
             "solvers": list(self.solvers), "solver_objects": {s: repr(o) for s, o in self.solvers.items()},
-            "seed": seed, "resample": "once", "features": "input", "dtype": str(next(model.parameters()).dtype),
+            "seed": self.seed, "resample": "once", "features": "input", "dtype": str(next(model.parameters()).dtype),
             **extra,
         }
 
@@ -74,7 +79,12 @@ def layer_errors(captures, *, strategy, solver, num_landmarks, seed):
     return {layer: relative_error(torch.cat(approx[layer]), torch.cat(exact[layer]).double()) for layer in approx}
 
 
-def sweep(model, grid, captures, *, layers, seed, desc, progress, forward, coverage, compare):
+def fna_layers(model, layers):
+    """``layers`` as a tuple, or by default the later half of the model's attention layers (FNA's default)."""
+    return FNAHandle.default_layers(len(attention_layers(model))) if layers is None else tuple(layers)
+
+
+def sweep(model, grid, captures, *, layers, desc, progress, forward, coverage, compare):
     """One record per configuration of ``grid``: per-layer errors on ``captures``, then the FNA model's outputs.
 
     For each (strategy, solver, m) the errors of :func:`layer_errors` are computed, ``forward()`` runs the model
@@ -89,7 +99,6 @@ def sweep(model, grid, captures, *, layers, seed, desc, progress, forward, cover
         The exact model's attention inputs and outputs in ``layers``.
     layers : tuple of int
         FNA layers.
-    seed : int
     desc : str
         Progress-bar label.
     progress : bool
@@ -112,8 +121,8 @@ def sweep(model, grid, captures, *, layers, seed, desc, progress, forward, cover
         for strategy_label, strategy, solver_label, solver, m in grid:
             bar.set_postfix_str(f"{strategy_label} {solver_label} m={m}")
             start = time.perf_counter()
-            errors = layer_errors(captures, strategy=strategy, solver=solver, num_landmarks=m, seed=seed)
-            with fna(model, layers=layers, num_landmarks=m, strategy=strategy, solver=solver, seed=seed):
+            errors = layer_errors(captures, strategy=strategy, solver=solver, num_landmarks=m, seed=grid.seed)
+            with fna(model, layers=layers, num_landmarks=m, strategy=strategy, solver=solver, seed=grid.seed):
                 outputs = forward()
             records.append({
                 "strategy": strategy_label, "solver": solver_label, "m": m, **coverage(m),
