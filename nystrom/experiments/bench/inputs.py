@@ -7,13 +7,16 @@ import sys
 
 import torch
 
-from nystrom.torch import capture_attention
+from nystrom.torch.capture import capture_attention
 
 from .. import pretrained
 
 
 def random_qkv(shape, device, dtype, seed=0):
-    """Standard normal ``Q, K, V`` of ``shape``, drawn on ``device`` (timing only depends on the shape)."""
+    """Standard normal ``Q, K, V``, each of ``shape`` (e.g. ``(1, H, n, d)``), drawn on ``device`` from ``seed``.
+
+    Timing depends on the shape alone, so random values serve the scaling and breakdown sections.
+    """
     gen = torch.Generator(device=device).manual_seed(seed)
     return tuple(torch.randn(shape, generator=gen, device=device, dtype=dtype) for _ in range(3))
 

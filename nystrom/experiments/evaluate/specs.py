@@ -90,6 +90,7 @@ def parse_spec(text, kind):
 
 
 def check_positive_ints(name, values):
+    """``values`` as a non-empty tuple of positive ints; ``ValueError`` naming ``name`` otherwise."""
     values = tuple(values)
     if not values or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
         raise ValueError(f"{name} must be positive ints, got {values!r}")
@@ -97,6 +98,7 @@ def check_positive_ints(name, values):
 
 
 def check_names(name, values):
+    """``values`` as a non-empty tuple of str; ``ValueError`` naming ``name`` otherwise."""
     values = tuple(values)
     if not values or any(not isinstance(v, str) for v in values):
         raise ValueError(f"{name} must be a non-empty list of str, got {values!r}")
