@@ -48,7 +48,7 @@ case "${1:-}" in
         ;;
     bench)
         setup
-        "$PY" -m nystrom.bench "${@:2}"
+        "$PY" -m nystrom bench "${@:2}"
         ;;
     *)
         echo "usage: ./run.sh demo|test|docs|bench" >&2

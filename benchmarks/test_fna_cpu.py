@@ -17,7 +17,7 @@ The targets are checked for the default strategy (``norm``); ``uniform`` (the ch
 beside it to show what selection costs, and ``fna_attention`` on landmarks chosen beforehand (the two attention
 products and the m x m solve alone) gives the ceiling no selection rule can beat; a missed target's message
 quotes it. These are benchmarks, outside ``./run.sh test`` (``testpaths``).
-``python -m nystrom.bench --only scaling`` measures the same quantities over a wider grid.
+``python -m nystrom bench --only scaling`` measures the same quantities over a wider grid.
 """
 
 import pytest
@@ -25,7 +25,15 @@ import torch
 import torch.nn.functional as F
 
 import nystrom
-from nystrom import bench
+from nystrom.experiments.bench.inputs import random_qkv
+from nystrom.experiments.bench.plan import (
+    CPU_GEMM_FRACTION_TARGET,
+    CPU_SLOPE_TARGET,
+    CPU_SPEEDUP_TARGETS,
+    GIVEN,
+)
+from nystrom.experiments.bench.scaling import approximate_flops, given_landmarks_call, log_log_slope
+from nystrom.experiments.timing import gemm_flop_rate
 from nystrom.linalg.flops import exact_attention_flops
 
 D = M = 64
@@ -40,11 +48,11 @@ _FASTEST = {}
 
 @pytest.fixture(scope="module")
 def gemm_flops_per_s():
-    return bench.gemm_flop_rate(CPU, torch.float32, 4096)
+    return gemm_flop_rate(CPU, torch.float32, 4096)
 
 
 def _inputs(n):
-    return bench.random_qkv((1, 1, n, D), CPU, torch.float32)
+    return random_qkv((1, 1, n, D), CPU, torch.float32)
 
 
 def _record(benchmark, key, flops, gemm_flops_per_s):
@@ -72,20 +80,20 @@ def test_approximate(benchmark, n, strategy, gemm_flops_per_s):
     benchmark.group = f"n={n}"
     benchmark.pedantic(nystrom.approximate, args=(Q, K, V), kwargs=dict(strategy=strategy, num_landmarks=M),
                        rounds=10, warmup_rounds=1)
-    _record(benchmark, (strategy, n), bench.approximate_flops(1, n, D, M)["total"], gemm_flops_per_s)
+    _record(benchmark, (strategy, n), approximate_flops(1, n, D, M)["total"], gemm_flops_per_s)
 
 
 @pytest.mark.parametrize("n", LENGTHS)
 def test_given_landmarks(benchmark, n, gemm_flops_per_s):
     Q, K, V = _inputs(n)
     benchmark.group = f"n={n}"
-    benchmark.pedantic(bench.given_landmarks_call(Q, K, V, M), rounds=10, warmup_rounds=1)
-    _record(benchmark, (bench.GIVEN, n), bench.approximate_flops(1, n, D, M)["total"], gemm_flops_per_s)
+    benchmark.pedantic(given_landmarks_call(Q, K, V, M), rounds=10, warmup_rounds=1)
+    _record(benchmark, (GIVEN, n), approximate_flops(1, n, D, M)["total"], gemm_flops_per_s)
 
 
 def _ceiling(n, value_of):
     """``"; with the landmarks given: <value_of(time)>"`` when the given-landmarks timing was measured, else ``""``."""
-    return f"; with the landmarks given: {value_of(_FASTEST[(bench.GIVEN, n)])}" if (bench.GIVEN, n) in _FASTEST else ""
+    return f"; with the landmarks given: {value_of(_FASTEST[(GIVEN, n)])}" if (GIVEN, n) in _FASTEST else ""
 
 
 def _fastest(key):
@@ -94,7 +102,7 @@ def _fastest(key):
     return _FASTEST[key]
 
 
-@pytest.mark.parametrize(("n", "bound"), bench.CPU_SPEEDUP_TARGETS)
+@pytest.mark.parametrize(("n", "bound"), CPU_SPEEDUP_TARGETS)
 def test_target_speedup(n, bound):
     speedup = _fastest(("exact", n)) / _fastest((TARGET_STRATEGY, n))
     ceiling = _ceiling(n, lambda t: f"{_fastest(('exact', n)) / t:.0f}x")
@@ -103,15 +111,15 @@ def test_target_speedup(n, bound):
 
 def test_target_gemm_fraction(gemm_flops_per_s):
     n = 65536
-    flops = bench.approximate_flops(1, n, D, M)["total"]
+    flops = approximate_flops(1, n, D, M)["total"]
     fraction = flops / _fastest((TARGET_STRATEGY, n)) / gemm_flops_per_s
     ceiling = _ceiling(n, lambda t: f"{100 * flops / t / gemm_flops_per_s:.1f}%")
-    bound = bench.CPU_GEMM_FRACTION_TARGET
+    bound = CPU_GEMM_FRACTION_TARGET
     assert fraction >= bound, (f"{TARGET_STRATEGY} at n={n}: {100 * fraction:.1f}% of the GEMM rate, target >= "
                                f"{100 * bound:.0f}%{ceiling}")
 
 
 def test_target_slope():
-    slope = bench.log_log_slope(LENGTHS, [_fastest((TARGET_STRATEGY, n)) for n in LENGTHS])
-    bound = bench.CPU_SLOPE_TARGET
+    slope = log_log_slope(LENGTHS, [_fastest((TARGET_STRATEGY, n)) for n in LENGTHS])
+    bound = CPU_SLOPE_TARGET
     assert slope <= bound, f"{TARGET_STRATEGY}: log-log slope {slope:.2f} over n in {LENGTHS}, target <= {bound}"

@@ -1,4 +1,4 @@
-"""Put the tables and plots of a ``python -m nystrom.bench`` run into ``docs/benchmarks.md``.
+"""Put the tables and plots of a ``python -m nystrom bench`` run into ``docs/benchmarks.md``.
 
 Each generated block of the page sits between ``<!-- bench:SECTION -->`` and ``<!-- /bench:SECTION -->``;
 this replaces the block with ``RESULTS/SECTION.md`` and copies every PNG of ``RESULTS`` to

@@ -31,7 +31,7 @@ import torch
 
 import nystrom
 from nystrom.torch.capture import capture_attention
-from nystrom.torch.pretrained import imagenet_pixel_values, load_dinov2_small, natural_images
+from nystrom.experiments.pretrained import imagenet_pixel_values, load_dinov2_small, natural_images
 
 # The configurations the docs compare; the library's defaults are NewtonSchulz(iters=6), PInv(rtol=3e-2)
 # and Ridge(lam=1e-2), and rtol=1e-1, lam=1e-1 bracket the optimum from above.

@@ -10,14 +10,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nystrom.torch.plots import plot_attention_share, plot_suppression, plot_token_norms
-from nystrom.torch.pretrained import (
+from nystrom.experiments.pretrained import (
     example_sentences,
     imagenet_pixel_values,
     load_dinov2_small,
     load_minilm,
     natural_images,
 )
+from nystrom.experiments.token_plots import plot_attention_share, plot_suppression, plot_token_norms
 from nystrom.torch.tokens import analyze_tokens, suppression_experiment
 
 OUT = Path(__file__).resolve().parents[1] / "img" / "tokens"

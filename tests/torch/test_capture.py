@@ -196,7 +196,7 @@ class TestKeyPaddingMask:
 
 @requires_dinov2
 def test_capture_real_dinov2_reproduces_its_attention():
-    from nystrom.torch import pretrained
+    from nystrom.experiments import pretrained
 
     model = pretrained.load_dinov2_small()
     px = pretrained.imagenet_pixel_values(pretrained.natural_images()["chelsea"], 224)
@@ -214,7 +214,7 @@ def test_capture_real_dinov2_reproduces_its_attention():
 
 @requires_minilm
 def test_capture_real_minilm_records_the_tokenizers_padding():
-    from nystrom.torch import pretrained
+    from nystrom.experiments import pretrained
 
     model, tokenizer = pretrained.load_minilm()
     batch = tokenizer(pretrained.example_sentences()[:4], padding=True, return_tensors="pt")

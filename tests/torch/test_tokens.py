@@ -1,5 +1,5 @@
 """Tests for ``nystrom.torch.tokens`` (outlier-token detectors, per-layer analysis, suppression experiment)
-and ``nystrom.torch.plots``.
+and ``nystrom.experiments.token_plots``.
 
 The detectors are checked on synthetic tokens with injected outliers and on plain Gaussian tokens; the
 analysis against what transformers itself returns (``output_hidden_states``, ``output_attentions``) on tiny
@@ -19,9 +19,11 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("matplotlib")
 from model_packages import requires_dinov2, requires_minilm  # noqa: E402
 
-from nystrom.linalg.numerics import softmax  # noqa: E402
+from nystrom.experiments import pretrained  # noqa: E402
+from nystrom.experiments import token_plots as plots  # noqa: E402
 from nystrom.linalg import tokens as detectors  # noqa: E402
-from nystrom.torch import dispatch, plots, pretrained, tokens  # noqa: E402
+from nystrom.linalg.numerics import softmax  # noqa: E402
+from nystrom.torch import dispatch, tokens  # noqa: E402
 
 SEEDS = range(5)
 

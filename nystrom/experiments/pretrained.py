@@ -578,5 +578,6 @@ def example_sentences() -> list[str]:
         Topics come in related groups (three pairs about rain, two about trains, two about pets, ...), so the
         partner is not the only plausible nearest neighbour.
     """
-    text = importlib.resources.files("nystrom").joinpath("data/sentences.txt").read_text(encoding="utf-8")
+    data = importlib.resources.files("nystrom.experiments").joinpath("data/sentences.txt")
+    text = data.read_text(encoding="utf-8")
     return [line.strip() for line in text.splitlines() if line.strip()]

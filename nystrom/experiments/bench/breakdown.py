@@ -1,0 +1,159 @@
+r"""The ``breakdown`` section: where the time of one ``approximate`` call goes, stage by stage.
+
+Stages: input checks (``validation``), landmark selection, the two attention products (:math:`m` landmark
+queries over :math:`n` keys, :math:`n` queries over :math:`m` landmark keys), the :math:`m \times m`
+pseudo-inverse, and the ``rest`` the named stages do not account for.
+"""
+
+from __future__ import annotations
+
+import time
+from unittest import mock
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from nystrom import approximate, get_solver, get_strategy
+from nystrom.linalg.landmarks import STRATEGIES
+
+from ..report import markdown_table
+from ..stamp import stamp_line
+from ..timing import synchronize, timed_call
+from .inputs import random_qkv
+from .output import figure, format_ms, save
+from .plan import DEFAULT_SOLVER
+from .scaling import approximate_flops, measure_roofline
+
+STAGES = ("validation", "selection", "landmark_product", "solve", "output_product", "rest")
+_BREAKDOWN_CALLS = 3
+
+
+def _timing_wrapper(inner, stage, seconds, device):
+    """``inner`` with its time added to ``seconds[stage]``; ``stage`` is a name or a function of the call's
+    first argument."""
+    def wrapped(first, *args, **kwargs):
+        synchronize(device)
+        begin = time.perf_counter()
+        result = inner(first, *args, **kwargs)
+        synchronize(device)
+        seconds[stage(first) if callable(stage) else stage] += time.perf_counter() - begin
+        return result
+
+    return wrapped
+
+
+def stage_times(Q, K, V, strategy, m, device, solver=DEFAULT_SOLVER):
+    """Seconds of one ``approximate`` call by stage; ``rest`` is what the stages do not account for.
+
+    ``approximate`` accepts any callable as strategy or solver, so those two time themselves in place.
+    It checks all its inputs before it selects landmarks, so ``validation`` is the time from the start of
+    the call to the strategy's: the library's own checks, whatever they are, and nothing else.
+    ``scaled_dot_product_attention`` is swapped for a timed copy for the call (``fna_attention`` looks it
+    up on ``torch.nn.functional`` each time): the :math:`m` landmark queries over all keys are the
+    "landmark product", all queries over the :math:`m` landmark keys the "output product". Only those
+    calls are intercepted, so the other stages run at full speed.
+
+    Parameters
+    ----------
+    Q, K, V : Tensor, shape (..., n, d)
+    strategy, solver : str or callable
+        As for :func:`nystrom.approximate`.
+    m : int
+        Landmarks.
+    device : torch.device
+        Where the inputs live (CUDA work is synchronised around each stage).
+
+    Returns
+    -------
+    dict of str to float
+        Seconds of ``validation``, ``selection``, ``landmark_product``, ``solve``, ``output_product`` and
+        ``total`` (the whole call).
+    """
+    seconds = dict.fromkeys(("validation", "selection", "landmark_product", "solve", "output_product"), 0.0)
+    select = _timing_wrapper(get_strategy(strategy), "selection", seconds, device)
+    solve = _timing_wrapper(get_solver(solver), "solve", seconds, device)
+    sdpa = _timing_wrapper(F.scaled_dot_product_attention,
+                           lambda q: "landmark_product" if q.shape[-2] == m else "output_product", seconds, device)
+    started = []
+
+    def checked_then_select(first, *args, **kwargs):
+        synchronize(device)
+        seconds["validation"] = time.perf_counter() - started[0]
+        return select(first, *args, **kwargs)
+
+    def call():
+        synchronize(device)
+        started[:] = [time.perf_counter()]
+        return approximate(Q, K, V, strategy=checked_then_select, num_landmarks=m, solver=solve, seed=0)
+
+    with mock.patch.object(F, "scaled_dot_product_attention", sdpa):
+        seconds["total"] = timed_call(call, device)
+    return seconds
+
+
+def run_breakdown(ctx):
+    """Stage times of ``approximate`` for every strategy and m at the plan's breakdown shapes."""
+    plan, device = ctx.plan, ctx.device
+    roof = ctx.roofline or measure_roofline(ctx)
+    d = plan.head_dim
+    configs = [(h, n, s, m) for h, n in plan.breakdown for s in STRATEGIES for m in plan.landmarks if m <= n]
+    records = []
+    with ctx.progress_bar(len(configs), "breakdown") as bar, torch.inference_mode():
+        for heads, n in plan.breakdown:
+            Q, K, V = random_qkv((1, heads, n, d), device, ctx.dtype)
+            for _, _, s, m in [c for c in configs if c[:2] == (heads, n)]:
+                warm_up = timed_call(lambda: approximate(Q, K, V, strategy=s, num_landmarks=m, seed=0), device)
+                calls = 1 if warm_up >= plan.budget_s else _BREAKDOWN_CALLS
+                best = min((stage_times(Q, K, V, s, m, device) for _ in range(calls)), key=lambda t: t["total"])
+                products = best["landmark_product"] + best["output_product"]
+                flops = approximate_flops(heads, n, d, m)
+                product_flops = flops["landmark_products"] + flops["output_product"]
+                accounted = best["validation"] + best["selection"] + products + best["solve"]
+                records.append({
+                    "heads": heads, "n": n, "d": d, "m": m, "strategy": s,
+                    **{f"{k}_s": v for k, v in best.items()}, "rest_s": best["total"] - accounted,
+                    "selection_share": best["selection"] / best["total"],
+                    "products_flops_per_s": product_flops / products,
+                    "products_gemm_fraction": product_flops / products / roof["gemm_flops_per_s"],
+                })
+                bar.update()
+    stamp = ctx.stamp()
+    payload = {"stamp": stamp, "roofline": roof, "records": records}
+    save(ctx, "breakdown", payload=payload, tables=breakdown_tables(records, plan, stamp))
+    _plot_breakdown(ctx, records, plan, stamp)
+    return payload
+
+
+def breakdown_tables(records, plan, stamp):
+    """Markdown: per shape, ms by stage for every strategy and m, with the selection share."""
+    parts = [f"_Measured on {stamp_line(stamp)}; load average {stamp['load_average']}. Fastest of "
+             f"{_BREAKDOWN_CALLS} instrumented calls after a warm-up (one call where the warm-up took over "
+             f"{plan.budget_s:g} s); `rest` = total minus the named stages (landmark checks, casts, the m×m softmax, "
+             f"A⁺(BV))._\n"]
+    for heads, n in plan.breakdown:
+        parts.append(f"### Shape (1, {heads}, {n:,}, {plan.head_dim}): milliseconds by stage\n")
+        rows = [[f"`{r['strategy']}`", r["m"], format_ms(r["total_s"])] + [format_ms(r[f"{s}_s"]) for s in STAGES]
+                + [f"{100 * r['selection_share']:.0f}%", f"{100 * r['products_gemm_fraction']:.0f}%"]
+                for r in records if (r["heads"], r["n"]) == (heads, n)]
+        parts.append(markdown_table(["strategy", "m", "total", *STAGES, "selection share",
+                                     "products FLOP rate / GEMM"], rows))
+    return "\n".join(parts)
+
+
+def _plot_breakdown(ctx, records, plan, stamp):
+    fig, axes = figure(len(plan.breakdown), stamp, width=6.5, height=0.9 + 0.16 * len(STRATEGIES)
+                       * len(plan.landmarks))
+    for ax, (heads, n) in zip(axes, plan.breakdown):
+        rows = [r for r in records if (r["heads"], r["n"]) == (heads, n)]
+        labels = [f"{r['strategy']} m={r['m']}" for r in rows]
+        left = np.zeros(len(rows))
+        for stage in STAGES:
+            widths = np.array([max(r[f"{stage}_s"], 0.0) * 1e3 for r in rows])
+            ax.barh(labels, widths, left=left, label=stage.replace("_", " "))
+            left += widths
+        ax.invert_yaxis()
+        ax.set(title=f"where the time goes, (1, {heads}, {n:,}, {plan.head_dim})", xlabel="milliseconds")
+        ax.tick_params(axis="y", labelsize=7)
+        ax.legend(fontsize=7)
+    save(ctx, "breakdown", fig)

@@ -1,0 +1,83 @@
+"""The command line of the benchmark suite: ``python -m nystrom bench [--only ...] [--quick] ...``."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from ..stamp import device_name
+from .accuracy import run_accuracy
+from .breakdown import run_breakdown
+from .e2e import run_e2e
+from .plan import SECTIONS, Context, plan_for
+from .scaling import run_scaling
+
+RUNNERS = {"scaling": run_scaling, "breakdown": run_breakdown, "accuracy": run_accuracy, "e2e": run_e2e}
+
+
+def _parse_sections(text):
+    sections = [s.strip() for s in text.split(",") if s.strip()]
+    unknown = [s for s in sections if s not in SECTIONS]
+    if unknown or not sections:
+        raise argparse.ArgumentTypeError(f"unknown section(s) {unknown}; choose from {', '.join(SECTIONS)}")
+    return sections
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="python -m nystrom bench",
+                                     description="The benchmark suite: regenerates every table and plot.")
+    parser.add_argument("--only", type=_parse_sections, default=list(SECTIONS),
+                        help=f"comma-separated sections to run (default all: {','.join(SECTIONS)})")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="auto: CUDA when present, else CPU")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                        help="default float32 on CPU, bfloat16 on CUDA")
+    parser.add_argument("--out", type=Path, default=Path("results"),
+                        help="results go to OUT/<device>/ (default results/)")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: a seconds-long smoke run")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch and for numpy's BLAS (default: their own choice, one per core)")
+    parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
+    return parser
+
+
+def main(argv=None):
+    """Run the selected sections; returns the process exit status."""
+    args = build_parser().parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("nystrom bench: --device cuda asked for, but torch.cuda.is_available() is False "
+              f"(torch {torch.__version__}); run without --device or with --device cpu", file=sys.stderr)
+        return 2
+    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+                          else "cpu")
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    ctx = Context(device=device, dtype=dtype, plan=plan_for(device, args.quick), out=args.out / device.type,
+                  progress=not args.no_progress)
+    default_threads = torch.get_num_threads()
+    blas_limit = contextlib.nullcontext()
+    if args.threads is not None:
+        if args.threads < 1:
+            print(f"nystrom bench: --threads must be at least 1, got {args.threads}", file=sys.stderr)
+            return 2
+        torch.set_num_threads(args.threads)
+        # Farthest-point sampling runs its loop in numpy on CPU; its BLAS (OpenBLAS) has its own
+        # thread pool, which would otherwise use every core while torch uses one.
+        import threadpoolctl
+
+        blas_limit = threadpoolctl.threadpool_limits(args.threads)
+    print(f"nystrom bench: {', '.join(args.only)} on {device_name(device)} ({str(dtype).removeprefix('torch.')}, "
+          f"{torch.get_num_threads()} threads) -> {ctx.out}", file=sys.stderr)
+    try:
+        with blas_limit:
+            for section in args.only:
+                begin = time.perf_counter()
+                RUNNERS[section](ctx)
+                print(f"  {section}: {time.perf_counter() - begin:.0f} s", file=sys.stderr)
+    finally:
+        torch.set_num_threads(default_threads)
+    return 0

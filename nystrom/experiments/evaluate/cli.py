@@ -1,0 +1,54 @@
+"""The command line of the evaluation: ``python -m nystrom eval [--model ...] [--num-landmarks ...] ...``."""
+
+from __future__ import annotations
+
+import argparse
+
+from .runner import MODELS, run_evaluation
+from .specs import DEFAULT_LANDMARKS, DEFAULT_SOLVERS, DEFAULT_STRATEGIES, parse_layers, parse_spec
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="python -m nystrom eval",
+        description="FNA on the bundled DINOv2-S and MiniLM: per-layer error, feature cosine, downstream agreement. "
+                    "Writes eval_<model>.json, eval_<model>.md and PNGs into --out; see nystrom.experiments.evaluate.")
+    parser.add_argument("--model", nargs="+", choices=MODELS, default=list(MODELS))
+    parser.add_argument("--layers", default=None,
+                        help="FNA layers, e.g. 6-11 or 3,5 (default: the later half of each model)")
+    parser.add_argument("--num-landmarks", type=int, nargs="+", default=list(DEFAULT_LANDMARKS))
+    parser.add_argument("--strategies", nargs="+", default=list(DEFAULT_STRATEGIES),
+                        help="names, or name:key=value,... such as norm:sink_ratio=8")
+    parser.add_argument("--solvers", nargs="+", default=list(DEFAULT_SOLVERS),
+                        help="names, or name:key=value,... such as pinv:rtol=0 or newton_schulz:iters=12")
+    parser.add_argument("--images", nargs="+", default=None, help="DINOv2: natural images (default all eight)")
+    parser.add_argument("--crops", type=int, default=4, help="DINOv2: retrieval crops per image")
+    parser.add_argument("--size", type=int, default=224, help="DINOv2: image side in pixels (multiple of 14)")
+    parser.add_argument("--sentences", type=int, default=None,
+                        help="MiniLM: the first N example sentences, N even (default all 60)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default torch's); 1 is often faster on a busy machine")
+    parser.add_argument("--out", default="results")
+    parser.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def main(argv=None):
+    """Parse ``argv``, evaluate and write the files; returns the process exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    # Bad specs are usage errors, reported before any model loads.
+    try:
+        layers = parse_layers(args.layers)
+        for spec in args.strategies:
+            parse_spec(spec, "strategy")
+        for spec in args.solvers:
+            parse_spec(spec, "solver")
+    except (TypeError, ValueError) as err:
+        parser.error(str(err))
+    run_evaluation(args.model, out=args.out, layers=layers, num_landmarks=args.num_landmarks,
+                   strategies=args.strategies, solvers=args.solvers, images=args.images, crops=args.crops,
+                   size=args.size, sentences=args.sentences, seed=args.seed, threads=args.threads,
+                   progress=not args.no_progress)
+    return 0

@@ -1,0 +1,86 @@
+"""``python -m nystrom eval`` as a function: evaluate each model, write its JSON, markdown and plots."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from ..stamp import make_stamp
+from .dinov2 import evaluate_dinov2
+from .minilm import evaluate_minilm
+from .report import markdown_report, plot_evaluation
+from .specs import DEFAULT_LANDMARKS, DEFAULT_SOLVERS, DEFAULT_STRATEGIES, check_names
+
+MODELS = ("dinov2", "minilm")
+
+
+def run_evaluation(models=MODELS, *, out="results", layers=None, num_landmarks=DEFAULT_LANDMARKS,
+                   strategies=DEFAULT_STRATEGIES, solvers=DEFAULT_SOLVERS, images=None, crops=4, size=224,
+                   sentences=None, seed=0, threads=None, progress=True, echo=print):
+    """Evaluate each model and write ``eval_<model>.json``, ``eval_<model>.md`` and two PNGs into ``out``.
+
+    Parameters
+    ----------
+    models : {"dinov2", "minilm"} or iterable of them
+    out : str or os.PathLike
+        Output folder, created if missing.
+    layers : iterable of int, optional
+        FNA layers for every model; default each model's later half.
+    num_landmarks, strategies, solvers, seed, progress
+        See :func:`~nystrom.experiments.evaluate.dinov2.evaluate_dinov2`.
+    images, crops, size
+        DINOv2 only; see :func:`~nystrom.experiments.evaluate.dinov2.evaluate_dinov2`.
+    sentences
+        MiniLM only; see :func:`~nystrom.experiments.evaluate.minilm.evaluate_minilm`.
+    threads : int, optional
+        torch CPU threads while evaluating (restored afterwards); default torch's setting. On a busy machine one
+        thread can be much faster for these small batches: spin-waiting threads slowed the MiniLM forward
+        passes 30-fold on 2 cores at a load average of 7.
+    echo : callable
+        Receives each model's markdown report.
+
+    Returns
+    -------
+    dict of str to dict
+        Model name to its result, as written to JSON: the dict of
+        :func:`~nystrom.experiments.evaluate.dinov2.evaluate_dinov2` or
+        :func:`~nystrom.experiments.evaluate.minilm.evaluate_minilm` plus ``stamp`` (date, library versions, machine,
+        load average; see :func:`nystrom.experiments.stamp.make_stamp`) and ``total_seconds``.
+    """
+    models = check_names("models", [models] if isinstance(models, str) else models)
+    unknown = [m for m in models if m not in MODELS]
+    if unknown:
+        raise ValueError(f"unknown models {unknown}; choose from {list(MODELS)}")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"threads must be None or a positive int, got {threads!r}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    common = dict(layers=layers, num_landmarks=num_landmarks, strategies=strategies, solvers=solvers, seed=seed,
+                  progress=progress)
+    previous = torch.get_num_threads()
+    try:
+        if threads is not None:
+            torch.set_num_threads(threads)
+        return {name: _evaluate_and_write(name, out, echo, images=images, crops=crops, size=size,
+                                          sentences=sentences, **common) for name in models}
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _evaluate_and_write(name, out, echo, *, images, crops, size, sentences, **common):
+    start = time.perf_counter()
+    if name == "dinov2":
+        result = evaluate_dinov2(images=images, crops=crops, size=size, **common)
+    else:
+        result = evaluate_minilm(sentences=sentences, **common)
+    result["stamp"] = make_stamp(torch.device("cpu"), torch.float32)
+    result["total_seconds"] = time.perf_counter() - start
+    (out / f"eval_{name}.json").write_text(json.dumps(result, indent=1) + "\n")
+    report = markdown_report(result)
+    (out / f"eval_{name}.md").write_text(report)
+    plot_evaluation(result, out)
+    echo(report)
+    return result

@@ -1,0 +1,135 @@
+"""The loop both model evaluations share: every (strategy, solver, m), per-layer errors, then FNA end to end."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from nystrom import approximate
+from nystrom.torch.patching import FNAHandle, attention_layers, fna
+
+from ..metrics import relative_error
+from ..report import progress_bar
+from .specs import check_names, check_positive_ints, check_seed, parse_spec
+
+
+class Grid:
+    """The configurations of one evaluation: every (strategy, solver, m), and the seed.
+
+    The arguments are checked and the specs parsed here, before any model loads.
+    """
+
+    def __init__(self, num_landmarks, strategies, solvers, seed):
+        self.num_landmarks = check_positive_ints("num_landmarks", num_landmarks)
+        self.strategies = {s: parse_spec(s, "strategy") for s in check_names("strategies", strategies)}
+        self.solvers = {s: parse_spec(s, "solver") for s in check_names("solvers", solvers)}
+        check_seed(seed)
+        self.seed = seed
+
+    def __iter__(self):
+        """``(strategy label, strategy, solver label, solver, m)``."""
+        for s, strategy in self.strategies.items():
+            for v, solver in self.solvers.items():
+                for m in self.num_landmarks:
+                    yield s, strategy, v, solver, m
+
+    def __len__(self):
+        return len(self.strategies) * len(self.solvers) * len(self.num_landmarks)
+
+    def settings(self, model, layers, **extra):
+        """The ``settings`` of a result: the grid, FNA's options, the model's dtype and ``extra``."""
+        return {
+            "layers": list(layers), "num_landmarks": list(self.num_landmarks),
+            "strategies": list(self.strategies), "strategy_objects": {s: repr(o) for s, o in self.strategies.items()},
+            "solvers": list(self.solvers), "solver_objects": {s: repr(o) for s, o in self.solvers.items()},
+            "seed": self.seed, "resample": "once", "features": "input", "dtype": str(next(model.parameters()).dtype),
+            **extra,
+        }
+
+
+def layer_errors(captures, *, strategy, solver, num_landmarks, seed):
+    """Per captured layer, the pooled relative error of Nyström attention on the recorded inputs.
+
+    Parameters
+    ----------
+    captures : list of CapturedAttention
+        What :func:`nystrom.torch.capture.capturing` recorded in the exact model, one per (layer, forward pass).
+    strategy, solver
+        Objects as :func:`~nystrom.experiments.evaluate.specs.parse_spec` returns them.
+    num_landmarks : int
+        :math:`m`, clipped to each capture's number of keys.
+    seed : int
+        Layer ``l`` uses ``seed + l``.
+
+    Returns
+    -------
+    dict of int to float
+        Layer to :math:`\\lVert \\hat O_\\ell - O_\\ell\\rVert_F / \\lVert O_\\ell\\rVert_F` over all its captures.
+    """
+    approx, exact = {}, {}
+    for cap in captures:
+        m = min(num_landmarks, cap.key.shape[-2])
+        mask = None if cap.key_padding_mask is None else cap.key_padding_mask[:, None, :]
+        out = approximate(cap.query, cap.key, cap.value, strategy=strategy, num_landmarks=m, solver=solver,
+                          scale=cap.scaling, key_padding_mask=mask, seed=seed + cap.layer, features=cap.hidden_states)
+        approx.setdefault(cap.layer, []).append(out.flatten())
+        exact.setdefault(cap.layer, []).append(cap.output.flatten())
+    return {layer: relative_error(torch.cat(approx[layer]), torch.cat(exact[layer]).double()) for layer in approx}
+
+
+def fna_layers(model, layers):
+    """``layers`` as a tuple, or by default the later half of the model's attention layers (FNA's default)."""
+    return FNAHandle.default_layers(len(attention_layers(model))) if layers is None else tuple(layers)
+
+
+def sweep(model, grid, captures, *, layers, desc, progress, forward, coverage, compare):
+    """One record per configuration of ``grid``: per-layer errors on ``captures``, then the FNA model's outputs.
+
+    For each (strategy, solver, m) the errors of :func:`layer_errors` are computed, ``forward()`` runs the model
+    with :func:`~nystrom.torch.patching.fna` in ``layers``, and ``compare`` turns its outputs into the model's
+    downstream metrics. Run it under :func:`torch.inference_mode`.
+
+    Parameters
+    ----------
+    model : transformers.PreTrainedModel
+    grid : Grid
+    captures : list of CapturedAttention
+        The exact model's attention inputs and outputs in ``layers``.
+    layers : tuple of int
+        FNA layers.
+    desc : str
+        Progress-bar label.
+    progress : bool
+        Show the progress bar.
+    forward : callable
+        ``forward()`` returns the outputs compared (called with FNA switched on).
+    coverage : callable
+        ``coverage(m)`` returns ``{"m_effective": ..., "all_tokens_fraction": ...}`` for the model's inputs.
+    compare : callable
+        ``compare(outputs)`` returns the metrics of one configuration, a dict of str to float.
+
+    Returns
+    -------
+    list of dict
+        ``strategy``, ``solver`` (the labels given), ``m``, the ``coverage`` keys, ``layer_error`` (layer as str to
+        error), ``mean_layer_error``, the ``compare`` keys and ``seconds`` (the configuration's wall time).
+    """
+    records = []
+    with progress_bar(len(grid), desc, enabled=progress) as bar:
+        for strategy_label, strategy, solver_label, solver, m in grid:
+            bar.set_postfix_str(f"{strategy_label} {solver_label} m={m}")
+            start = time.perf_counter()
+            errors = layer_errors(captures, strategy=strategy, solver=solver, num_landmarks=m, seed=grid.seed)
+            with fna(model, layers=layers, num_landmarks=m, strategy=strategy, solver=solver, seed=grid.seed):
+                outputs = forward()
+            records.append({
+                "strategy": strategy_label, "solver": solver_label, "m": m, **coverage(m),
+                "layer_error": {str(layer): e for layer, e in errors.items()},
+                "mean_layer_error": float(np.mean(list(errors.values()))),
+                **compare(outputs),
+                "seconds": time.perf_counter() - start,
+            })
+            bar.update()
+    return records
