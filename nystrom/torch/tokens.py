@@ -205,9 +205,9 @@ def analyze_tokens(model, inputs, *, massive_threshold=100.0, massive_ratio=1000
     ----------
     model : torch.nn.Module
         A transformers encoder (``Dinov2Model``, ``ViTModel``, ``CLIPVisionModel``, ``BertModel``; see
-        :func:`nystrom.torch.patching.attention_layers`) in eval mode, loaded with ``attn_implementation="eager"``
+        :func:`nystrom.torch.dispatch.attention_layers`) in eval mode, loaded with ``attn_implementation="eager"``
         (the fused kernels never form the attention probabilities). Works inside
-        :func:`nystrom.torch.patching.mask_keys` and :func:`~nystrom.torch.patching.fna` only if the attention function
+        :func:`nystrom.torch.masking.mask_keys` and :func:`~nystrom.torch.patching.fna` only if the attention function
         there still returns probabilities (``mask_keys`` over eager does; FNA does not).
     inputs : Mapping
         Keyword arguments of the model (``{"pixel_values": px}``, a tokenizer's output). Its
@@ -341,7 +341,7 @@ def suppression_experiment(model, inputs, *, mask_kind, mask_layer, persistent=F
 
     FNA reports that massive and artifact tokens "mutually suppress one another through attention"; this
     tests it. The tokens of ``mask_kind`` are detected on the unmasked run at ``mask_layer``; their keys get
-    no attention there (:func:`nystrom.torch.patching.mask_keys`; they still attend and pass through the MLP), and
+    no attention there (:func:`nystrom.torch.masking.mask_keys`; they still attend and pass through the MLP), and
     :func:`analyze_tokens` runs again. A token that becomes a sink only once the old sink is hidden is the
     "dormant takeover"; tokens whose residual norm grows are those the masked ones held down.
 

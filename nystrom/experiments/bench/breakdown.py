@@ -46,19 +46,21 @@ def _timing_wrapper(inner, stage, seconds, device):
 def stage_times(Q, K, V, strategy, m, device, solver=DEFAULT_SOLVER):
     """Seconds of one ``approximate`` call by stage; ``rest`` is what the stages do not account for.
 
-    ``approximate`` accepts any callable as strategy or solver, so those two time themselves in place.
-    It checks all its inputs before it selects landmarks, so ``validation`` is the time from the start of
-    the call to the strategy's: the library's own checks, whatever they are, and nothing else.
-    ``scaled_dot_product_attention`` is swapped for a timed copy for the call (``fna_attention`` looks it
-    up on ``torch.nn.functional`` each time): the :math:`m` landmark queries over all keys are the
-    "landmark product", all queries over the :math:`m` landmark keys the "output product". Only those
-    calls are intercepted, so the other stages run at full speed.
+    The strategy's :meth:`~nystrom.linalg.landmarks.base.Strategy.select` and the solver's
+    :meth:`~nystrom.linalg.solvers.Solver.solve` (the trusted methods ``approximate`` calls after its checks) are
+    swapped for timed copies on their classes for the call. ``approximate`` checks all its inputs before it
+    selects landmarks, so ``validation`` is the time from the start of the call to the strategy's: the
+    library's own checks, whatever they are, and nothing else. ``scaled_dot_product_attention`` is swapped
+    for a timed copy too (the torch attention call looks it up on ``torch.nn.functional`` each time): the
+    :math:`m` landmark queries over all keys are the "landmark product", all queries over the :math:`m`
+    landmark keys the "output product". Only those calls are intercepted, so the other stages run at full
+    speed.
 
     Parameters
     ----------
     Q, K, V : Tensor, shape (..., n, d)
-    strategy, solver : str or callable
-        As for :func:`nystrom.approximate`.
+    strategy, solver : str, Strategy or Solver
+        Names or library objects (not plain callables: their trusted methods are what is timed).
     m : int
         Landmarks.
     device : torch.device
@@ -71,23 +73,26 @@ def stage_times(Q, K, V, strategy, m, device, solver=DEFAULT_SOLVER):
         ``total`` (the whole call).
     """
     seconds = dict.fromkeys(("validation", "selection", "landmark_product", "solve", "output_product"), 0.0)
-    select = _timing_wrapper(get_strategy(strategy), "selection", seconds, device)
-    solve = _timing_wrapper(get_solver(solver), "solve", seconds, device)
+    strategy, solver = get_strategy(strategy), get_solver(solver)
+    select = _timing_wrapper(type(strategy).select, "selection", seconds, device)
+    solve = _timing_wrapper(type(solver).solve, "solve", seconds, device)
     sdpa = _timing_wrapper(F.scaled_dot_product_attention,
                            lambda q: "landmark_product" if q.shape[-2] == m else "output_product", seconds, device)
     started = []
 
-    def checked_then_select(first, *args, **kwargs):
+    def checked_then_select(self, selection):
         synchronize(device)
         seconds["validation"] = time.perf_counter() - started[0]
-        return select(first, *args, **kwargs)
+        return select(self, selection)
 
     def call():
         synchronize(device)
         started[:] = [time.perf_counter()]
-        return approximate(Q, K, V, strategy=checked_then_select, num_landmarks=m, solver=solve, seed=0)
+        return approximate(Q, K, V, strategy=strategy, num_landmarks=m, solver=solver, seed=0)
 
-    with mock.patch.object(F, "scaled_dot_product_attention", sdpa):
+    with (mock.patch.object(F, "scaled_dot_product_attention", sdpa),
+          mock.patch.object(type(strategy), "select", checked_then_select),
+          mock.patch.object(type(solver), "solve", solve)):
         seconds["total"] = timed_call(call, device)
     return seconds
 

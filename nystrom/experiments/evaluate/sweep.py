@@ -8,7 +8,8 @@ import numpy as np
 import torch
 
 from nystrom import approximate
-from nystrom.torch.patching import FNAHandle, attention_layers, fna
+from nystrom.torch.dispatch import attention_layers
+from nystrom.torch.patching import FNAHandle, fna
 
 from ..metrics import relative_error
 from ..report import progress_bar
