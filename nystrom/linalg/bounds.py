@@ -202,10 +202,9 @@ def estimate_relative_error(Q, K, V, approx, *, num_samples=64, confidence=0.95,
     -----
     The coverage is asymptotic in :math:`s`. Row errors of Nyström attention are heavy-tailed
     (rows near landmarks are almost exact, isolated rows far off), and then small samples
-    under-cover: for a nominal 95 % interval, measured coverage was 87 / 93 / 92 % at
-    :math:`s` = 32 / 64 / 128 on Gaussian tokens (largest row error 13x the mean) and 81 / 86 / 89 %
-    on clustered low-rank tokens (largest 28x the mean); ``tests/linalg/test_bounds.py`` pins these.
-    Use :math:`s \ge 64` and read the interval as approximate.
+    under-cover; the coverage measured at :math:`s` = 32 / 64 / 128 is on the docs' error-bounds
+    page, and ``tests/linalg/test_bounds.py`` pins it. Use :math:`s \ge 64` and read the interval as
+    approximate.
     """
     xp = check_attention_inputs(Q, K, V, key_padding_mask)
     namespace(Q=Q, approx=approx)
