@@ -30,8 +30,8 @@ import numpy as np
 import torch
 
 import nystrom
-from nystrom.torch.capture import capture_attention
 from nystrom.experiments.pretrained import imagenet_pixel_values, load_dinov2_small, natural_images
+from nystrom.torch.capture import capture_attention
 
 # The configurations the docs compare; the library's defaults are NewtonSchulz(iters=6), PInv(rtol=3e-2)
 # and Ridge(lam=1e-2), and rtol=1e-1, lam=1e-1 bracket the optimum from above.

@@ -15,8 +15,8 @@ This module holds the three detectors, written once against the array API (numpy
 :func:`detect_massive_activations`, :func:`detect_high_norm_tokens` and :func:`detect_sinks`.
 :mod:`nystrom.torch.tokens` applies them layer by layer to a transformers model.
 
-Shapes: ``n`` tokens (padding included), ``D`` hidden width. Token masks are bool with ``True`` for a real (unpadded) token, as ``key_padding_mask`` everywhere in
-the library.
+Shapes: ``n`` tokens (padding included), ``D`` hidden width. Token masks are bool with ``True`` for a
+real (unpadded) token, as ``key_padding_mask`` everywhere in the library.
 """
 
 from __future__ import annotations

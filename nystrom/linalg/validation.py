@@ -134,7 +134,8 @@ def check_attention_inputs(Q, K, V=None, key_padding_mask=None, *, check_values=
                 f"got shape {tuple(a.shape)}"
             )
     if len({a.dtype for a in named.values()}) > 1:
-        raise TypeError(f"{', '.join(named)} must share one dtype, got {', '.join(str(a.dtype) for a in named.values())}")
+        dtypes = ", ".join(str(a.dtype) for a in named.values())
+        raise TypeError(f"{', '.join(named)} must share one dtype, got {dtypes}")
     if Q.shape[-1] != K.shape[-1]:
         raise ValueError(
             f"Q and K must have the same feature size d, got Q {tuple(Q.shape)} and K {tuple(K.shape)}"
@@ -181,11 +182,7 @@ def check_key_padding_mask(xp, mask, K, *, check_values=True) -> None:
 def check_num_landmarks(num_landmarks, n: int | None, n_valid: int | None = None) -> int:
     """Validate ``num_landmarks`` (``1 <= m <= n``, and ``<= n_valid`` when keys are padded); ``n=None``
     checks only ``m >= 1``, for settings fixed before the sequence length is known."""
-    if isinstance(num_landmarks, bool) or not isinstance(num_landmarks, numbers.Integral):
-        raise TypeError(f"num_landmarks must be an int, got {type(num_landmarks).__name__} {num_landmarks!r}")
-    m = int(num_landmarks)
-    if m < 1:
-        raise ValueError(f"num_landmarks must be at least 1, got {m}")
+    m = check_int("num_landmarks", num_landmarks, minimum=1)
     if n is not None and m > n:
         raise ValueError(f"num_landmarks must be at most the number of keys n={n}, got {m}")
     if n_valid is not None and m > n_valid:
@@ -278,22 +275,27 @@ def check_scale(scale, d: int) -> float:
     return scale
 
 
+def check_int(name: str, value, *, minimum: int, optional: bool = False) -> int | None:
+    """Return ``value`` as an int ``>= minimum`` (or None when ``optional``): ``TypeError`` for a non-int (bools
+    included), ``ValueError`` below ``minimum``."""
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        what = f"None or an int >= {minimum}" if optional else f"an int >= {minimum}"
+        raise TypeError(f"{name} must be {what}, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be at least {minimum}, got {value}")
+    return int(value)
+
+
 def check_seed(seed) -> int | None:
     """Validate ``seed`` (``None`` or a non-negative int)."""
-    if seed is None:
-        return None
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
-        raise TypeError(f"seed must be None or a non-negative int, got {seed!r}")
-    return int(seed)
+    return check_int("seed", seed, minimum=0, optional=True)
 
 
 def check_query_chunk_size(query_chunk_size) -> int | None:
     """Validate ``query_chunk_size`` (``None`` or a positive int)."""
-    if query_chunk_size is None:
-        return None
-    if isinstance(query_chunk_size, bool) or not isinstance(query_chunk_size, numbers.Integral) or query_chunk_size < 1:
-        raise ValueError(f"query_chunk_size must be None or a positive int, got {query_chunk_size!r}")
-    return int(query_chunk_size)
+    return check_int("query_chunk_size", query_chunk_size, minimum=1, optional=True)
 
 
 def check_points(name: str, X, xp=None):

@@ -32,7 +32,8 @@ from ..linalg.validation import (
 
 
 def sdpa_attend(q, k, v, mask=None, *, scale, query_chunk_size=None):
-    r""":math:`\mathrm{softmax}(\tau q k^\top + M)\,v` by ``scaled_dot_product_attention``, a chunk of queries at a time.
+    r""":math:`\mathrm{softmax}(\tau q k^\top + M)\,v` by ``scaled_dot_product_attention``, a chunk of queries at
+    a time.
 
     The attention call that :func:`nystrom.linalg.attention.nystrom_product` takes (its inputs are checked).
 

@@ -5,8 +5,9 @@ Mechanism
 In transformers 5 the attention modules of ViT, DINOv2, CLIP and BERT compute ``query, key, value`` of shape
 ``(B, H, n, d)`` and ask ``ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, eager_attention_forward)``
 for the function that turns them into the per-head output ``(B, n, H, d)``. While any *handler* is installed
-(by :func:`~nystrom.torch.patching.patch`, :func:`~nystrom.torch.patching.fna`, :func:`~nystrom.torch.masking.mask_keys` or :func:`nystrom.torch.capture.capturing`), that lookup is
-wrapped: it returns the function it would have returned, behind a dispatcher. For an attention module with
+(by :func:`~nystrom.torch.patching.patch`, :func:`~nystrom.torch.patching.fna`,
+:func:`~nystrom.torch.masking.mask_keys` or :func:`nystrom.torch.capture.capturing`), that lookup is wrapped:
+it returns the function it would have returned, behind a dispatcher. For an attention module with
 handlers the dispatcher runs them as a chain
 
 ``handler(call_next, module, query, key, value, attention_mask, **kwargs) -> (output (B, n, H, d), weights)``
@@ -217,7 +218,8 @@ def _layer_indices(layers, num_layers, default):
 
 
 def check_token_spec(name, spec):
-    """Raise ``TypeError`` unless ``spec`` is None, a bool tensor or a callable ``(layer, hidden_states) -> bool (B, n)``."""
+    """Raise ``TypeError`` unless ``spec`` is None, a bool tensor or a callable
+    ``(layer, hidden_states) -> bool (B, n)``."""
     if spec is not None and not callable(spec) and not (isinstance(spec, torch.Tensor) and spec.dtype == torch.bool):
         raise TypeError(
             f"{name} must be None, a bool tensor of shape (n,) or (B, n), or a callable "

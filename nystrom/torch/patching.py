@@ -8,8 +8,8 @@ FNA replaces the attention of chosen encoder layers, per head, by
     \qquad A = \mathrm{softmax}(\tau \tilde q \tilde k^\top)
 
 with :math:`m` landmark tokens :math:`\tilde q = Q[s]`, :math:`\tilde k = K[s]` shared by all heads and
-:math:`M` the key mask (:func:`nystrom.linalg.attention.nystrom_product` evaluates it through SDPA). Shapes follow transformers:
-``(B, H, n, d)`` for queries, keys and values, ``(B, n, D)`` for a block's input hidden states.
+:math:`M` the key mask (:func:`nystrom.linalg.attention.nystrom_product` evaluates it through SDPA). Shapes
+follow transformers: ``(B, H, n, d)`` for queries, keys and values, ``(B, n, D)`` for a block's input hidden states.
 
 The attention functions are reached through the handler mechanism of :mod:`nystrom.torch.dispatch`.
 """
@@ -169,8 +169,8 @@ class FNAHandle(Handle):
                              "or excluded)")
         seed = None if self.seed is None else self.seed + layer
         if forced is None:
-            landmarks = run_strategy(self.strategy, Selection(xp, query, key, m, eligible[:, None, :], seed, -3, features,
-                                                              scale))
+            selection = Selection(xp, query, key, m, eligible[:, None, :], seed, -3, features, scale)
+            landmarks = run_strategy(self.strategy, selection)
             return landmarks, None if landmarks.indices is None else landmarks.indices[:, 0]
         rows = []
         for b in range(key.shape[0]):
@@ -201,7 +201,8 @@ def patch(model, *, layers=None, num_landmarks=64, strategy="norm", solver="newt
     ----------
     model : torch.nn.Module
         ``ViTModel``, ``Dinov2Model``, ``CLIPVisionModel``, ``BertModel`` (or another transformers encoder whose
-        attention modules call ``ALL_ATTENTION_FUNCTIONS``; see :func:`~nystrom.torch.dispatch.attention_layers`), in eval mode.
+        attention modules call ``ALL_ATTENTION_FUNCTIONS``; see :func:`~nystrom.torch.dispatch.attention_layers`),
+        in eval mode.
     layers : int, iterable of int, or None
         FNA layers; default the later half, ``range(L // 2, L)`` for ``L`` layers (FNA leaves early layers exact).
     num_landmarks : int
@@ -229,7 +230,8 @@ def patch(model, *, layers=None, num_landmarks=64, strategy="norm", solver="newt
     exclude : bool Tensor or callable, optional
         Tokens that are never landmarks (FNA's ``exclude_mask``); same forms. They are still attended to.
     mask_tokens : bool Tensor or callable, optional
-        As :func:`~nystrom.torch.masking.mask_keys` inside the FNA layers: the selected keys get no attention and are never landmarks.
+        As :func:`~nystrom.torch.masking.mask_keys` inside the FNA layers: the selected keys get no attention and
+        are never landmarks.
     seed : int, optional
         For random strategies; layer ``l`` uses ``seed + l``.
     query_chunk_size : int, optional

@@ -26,8 +26,8 @@ from test_capture import (  # noqa: E402  (pytest puts this directory on sys.pat
 )
 
 from nystrom import FPS, PInv, SegmentMeans  # noqa: E402
-from nystrom.torch.capture import capturing  # noqa: E402
 from nystrom.torch import dispatch  # noqa: E402
+from nystrom.torch.capture import capturing  # noqa: E402
 from nystrom.torch.masking import mask_keys  # noqa: E402
 from nystrom.torch.patching import fna, patch  # noqa: E402
 
@@ -430,7 +430,7 @@ class TestArguments:
         ({"layers": "all"}, TypeError, "layers"),
         ({"strategy": "random"}, ValueError, "strategy"),
         ({"solver": 3}, TypeError, "solver"),
-        ({"seed": -1}, TypeError, "seed"),
+        ({"seed": -1}, ValueError, "seed"),
         ({"query_chunk_size": 0}, ValueError, "query_chunk_size"),
         ({"guarantee": [0]}, TypeError, "guarantee"),
         ({"mask_tokens": 1}, TypeError, "mask_tokens"),
@@ -466,7 +466,8 @@ def test_padding_mask_answer_follows_the_mask_tensor_and_its_edits():
     assert first.tolist() == [[True] * 5, [True, True, True, False, False]]
     assert padding_mask_from_attention_mask(mask, 2, 5).tolist() == first.tolist()
     mask[0, ..., 4] = False  # an in-place edit bumps the version counter: the cached answer is not reused
-    assert padding_mask_from_attention_mask(mask, 2, 5).tolist() == [[True, True, True, True, False], [True, True, True, False, False]]
+    expected = [[True, True, True, True, False], [True, True, True, False, False]]
+    assert padding_mask_from_attention_mask(mask, 2, 5).tolist() == expected
     other = torch.zeros(2, 1, 5, 5)
     other[..., 2] = torch.finfo(torch.float32).min
     assert padding_mask_from_attention_mask(other, 2, 5).tolist() == [[True, True, False, True, True]] * 2

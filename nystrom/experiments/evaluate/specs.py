@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import numbers
 
 from nystrom import get_solver, get_strategy
 
@@ -104,8 +103,3 @@ def check_names(name, values):
         raise ValueError(f"{name} must be a non-empty list of str, got {values!r}")
     return values
 
-
-def check_seed(seed):
-    """Evaluations need an int seed (layer ``l`` uses ``seed + l``); a bad one fails before any model runs."""
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
-        raise ValueError(f"seed must be a non-negative int, got {seed!r}")

@@ -32,7 +32,6 @@ import array_api_compat
 from ..numerics import at_least_float32, masked_median
 from .base import TokenStrategy
 from .fps import farthest_point_sampling
-from .fps import farthest_point_sampling
 
 
 def attention_share(xp, Q, K, scale, mask=None, num_probes=16):
