@@ -97,10 +97,12 @@ class Measurement:
 
     @property
     def min(self):
+        """Fastest call, in seconds."""
         return min(self.times)
 
     @property
     def median(self):
+        """Median call, in seconds."""
         return statistics.median(self.times)
 
 

@@ -29,6 +29,7 @@ def _parse_sections(text):
 
 
 def build_parser():
+    """The ``python -m nystrom bench`` argument parser."""
     parser = argparse.ArgumentParser(prog="python -m nystrom bench",
                                      description="The benchmark suite: regenerates every table and plot.")
     parser.add_argument("--only", type=_parse_sections, default=list(SECTIONS),

@@ -124,6 +124,7 @@ class Context:
     commit: str | None = field(default_factory=git_commit)
 
     def stamp(self):
+        """Where and when this run measures: see :func:`~nystrom.experiments.stamp.make_stamp`."""
         return make_stamp(self.device, self.dtype, self.commit)
 
     def progress_bar(self, total, desc):

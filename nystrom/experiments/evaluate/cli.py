@@ -9,6 +9,7 @@ from .specs import DEFAULT_LANDMARKS, DEFAULT_SOLVERS, DEFAULT_STRATEGIES, parse
 
 
 def build_parser():
+    """The ``python -m nystrom eval`` argument parser."""
     parser = argparse.ArgumentParser(
         prog="python -m nystrom eval",
         description="FNA on the bundled DINOv2-S and MiniLM: per-layer error, feature cosine, downstream agreement. "
