@@ -11,6 +11,9 @@ Exact attention is :math:`O = \mathrm{softmax}(\tau Q K^\top + M) V`. With landm
 
 .. math:: \hat O = F\, A^{+} (B V).
 
+With landmark weights :math:`c_j` (the number of tokens landmark :math:`j` stands for), :math:`F` and
+:math:`A` take :math:`+\log c_j` in every logit against landmark key :math:`j`.
+
 It is evaluated right to left: :math:`BV` (:math:`m\times d_v`) is attention of the :math:`m`
 landmark queries over all keys, :math:`v' = A^+ (BV)`, and :math:`\hat O = F v'` is attention of all
 queries over the :math:`m` pairs :math:`(\tilde k, v')`. So both products are *attention calls*
@@ -31,6 +34,9 @@ from .validation import check_attention_inputs, check_bool, check_landmarks, che
 def softmax_attention(xp, Q, K, V, mask=None, *, scale):
     r""":math:`\mathrm{softmax}(\tau QK^\top + M)\,V` for checked inputs (the trusted core of :func:`exact_attention`).
 
+    ``mask`` follows ``scaled_dot_product_attention``: a bool mask marks allowed pairs, a floating one
+    is added to the logits.
+
     Parameters
     ----------
     xp
@@ -38,8 +44,8 @@ def softmax_attention(xp, Q, K, V, mask=None, *, scale):
     Q : array, shape (..., n_q, d)
     K : array, shape (..., n, d)
     V : array, shape (..., n, d_v)
-    mask : bool array, shape broadcastable to (..., n_q, n), optional
-        ``True`` where a query may attend to a key.
+    mask : bool or floating array, shape broadcastable to (..., n_q, n), optional
+        ``True`` where a query may attend to a key, or an additive logit bias :math:`M`.
     scale : float
         :math:`\tau`.
 
@@ -47,7 +53,10 @@ def softmax_attention(xp, Q, K, V, mask=None, *, scale):
     -------
     array, shape (..., n_q, d_v)
     """
-    return softmax(xp, scale * (Q @ xp.matrix_transpose(K)), mask) @ V
+    logits = scale * (Q @ xp.matrix_transpose(K))
+    if mask is not None and mask.dtype != xp.bool:
+        return softmax(xp, logits + xp.astype(mask, logits.dtype)) @ V
+    return softmax(xp, logits, mask) @ V
 
 
 def exact_attention(Q, K, V, *, scale=None, key_padding_mask=None):
@@ -87,8 +96,9 @@ def exact_attention(Q, K, V, *, scale=None, key_padding_mask=None):
     return softmax_attention(xp, Q, K, V, mask, scale=tau)
 
 
-def landmark_kernel(xp, q_landmarks, k_landmarks, scale):
-    r""":math:`A = \mathrm{softmax}(\tau \tilde q \tilde k^\top)` of shape ``(..., m, m)``, in float32 or float64.
+def landmark_kernel(xp, q_landmarks, k_landmarks, scale, log_weights=None):
+    r""":math:`A = \mathrm{softmax}(\tau \tilde q \tilde k^\top + \log c)` of shape ``(..., m, m)``, in float32 or
+    float64.
 
     The logits and the normalisation are accumulated in at least float32 so half-precision
     inputs neither overflow in the exponent nor lose the small entries that decide
@@ -101,13 +111,18 @@ def landmark_kernel(xp, q_landmarks, k_landmarks, scale):
     q_landmarks, k_landmarks : array, shape (..., m, d)
     scale : float
         :math:`\tau`.
+    log_weights : array, shape (..., m), optional
+        :math:`\log c_j`, added to every logit against landmark key :math:`j` (see :class:`Landmarks`).
 
     Returns
     -------
     array, shape (..., m, m)
     """
     q, k = at_least_float32(xp, q_landmarks), at_least_float32(xp, k_landmarks)
-    return softmax(xp, scale * (q @ xp.matrix_transpose(xp.astype(k, q.dtype))))
+    logits = scale * (q @ xp.matrix_transpose(xp.astype(k, q.dtype)))
+    if log_weights is not None:
+        logits = logits + xp.astype(log_weights, q.dtype)[..., None, :]
+    return softmax(xp, logits)
 
 
 def nystrom_product(xp, Q, K, V, landmarks, invert, *, scale, mask=None, attend=None):
@@ -129,7 +144,8 @@ def nystrom_product(xp, Q, K, V, landmarks, invert, *, scale, mask=None, attend=
     mask : bool array, shape broadcastable to (..., 1, n), optional
         ``True`` for real keys.
     attend : callable, optional
-        ``attend(q, k, v, mask) -> softmax(scale q k^T + M) v``; default :func:`softmax_attention`.
+        ``attend(q, k, v, mask) -> softmax(scale q k^T + M) v`` with a bool or additive ``mask`` (as
+        ``scaled_dot_product_attention``); default :func:`softmax_attention`.
 
     Returns
     -------
@@ -147,18 +163,20 @@ def nystrom_product(xp, Q, K, V, landmarks, invert, *, scale, mask=None, attend=
     """
     if attend is None:
         attend = functools.partial(softmax_attention, xp, scale=scale)
-    q_l, k_l = landmarks.queries, landmarks.keys
+    q_l, k_l, log_c = landmarks.queries, landmarks.keys, landmarks.log_weights
     BV = attend(q_l, K, V, mask)
-    result = invert(landmark_kernel(xp, q_l, k_l, scale))
+    result = invert(landmark_kernel(xp, q_l, k_l, scale, log_c))
     vp = result.inverse @ xp.astype(BV, result.inverse.dtype)
+    # Weighted landmarks: log c_j is added to every logit against landmark key j (an additive SDPA mask).
+    bias = None if log_c is None else xp.astype(log_c, Q.dtype)[..., None, :]
     if V.dtype != xp.float16:
-        return xp.astype(attend(Q, k_l, xp.astype(vp, V.dtype), None), V.dtype), result
+        return xp.astype(attend(Q, k_l, xp.astype(vp, V.dtype), bias), V.dtype), result
     # float16: v' can exceed the format's range (A^+ grows like 1/sigma_min). The product is linear in v', so
     # v' / c with c = max |v'| per matrix runs in float16 and the output is rescaled in float32; no branch
     # on the values, hence no host synchronisation.
     c = xp.max(xp.abs(vp), axis=(-2, -1), keepdims=True)
     c = xp.where(c > 0, c, xp.ones_like(c))
-    out = attend(Q, k_l, xp.astype(vp / c, V.dtype), None)
+    out = attend(Q, k_l, xp.astype(vp / c, V.dtype), bias)
     return xp.astype(xp.astype(out, c.dtype) * c, V.dtype), result
 
 

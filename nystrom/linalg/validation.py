@@ -252,6 +252,14 @@ def check_landmarks(landmarks, K, m) -> None:
                 f"landmark {name} have shape {tuple(got.shape)}, expected {expected} (..., num_landmarks, d); "
                 "a strategy must return m landmarks per sequence and head"
             )
+    if landmarks.log_weights is not None:
+        log_c = landmarks.log_weights
+        namespace(K=K, **{"landmark log_weights": log_c})
+        check_real_floating(array_api_compat.array_namespace(K), "landmark log_weights", log_c)
+        shape = tuple(log_c.shape)
+        target = (*K.shape[:-2], m)
+        if len(shape) != len(target) or shape[-1] != m or any(s not in (1, t) for s, t in zip(shape, target)):
+            raise ValueError(f"landmark log_weights have shape {shape}, expected one that broadcasts to {target}")
 
 
 def check_positive(name: str, value) -> float:

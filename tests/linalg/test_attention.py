@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import nystrom
+import nystrom.torch
 from nystrom import PInv, Uniform, exact_attention
 from nystrom.linalg.attention import nystrom_attention
 
@@ -133,3 +134,63 @@ def test_structured_strategies_beat_chance_on_low_rank(strategy):
 def test_output_dtype_follows_v():
     Q, K, V = (np.random.default_rng(0).standard_normal((10, 4)).astype(np.float32) for _ in range(3))
     assert nystrom.approximate(Q, K, V, num_landmarks=4).dtype == np.float32
+
+
+def repeated_keys(seed, m, d=6, d_v=3, max_copies=5, cross=False):
+    """Keys and values that are copies of m distinct pairs, copy j repeated c_j times; every token has its own query
+    (or, with ``cross``, n_q = 7 unrelated queries)."""
+    rng = np.random.default_rng(seed)
+    k, v = rng.standard_normal((m, d)), rng.standard_normal((m, d_v))
+    c = rng.integers(1, max_copies + 1, size=m)
+    group = np.repeat(np.arange(m), c)
+    Q = rng.standard_normal((7 if cross else group.size, d))
+    return Q, k[group], v[group], k, c, rng.standard_normal((m, d))
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10_000), m=st.integers(2, 8), cross=st.booleans())
+def test_weighted_landmarks_are_exact_on_repeated_keys(seed, m, cross):
+    # Keys that are c_j copies of k_j give exact attention softmax(tau q k~^T + log c) v~: with the m distinct keys as
+    # landmarks and log c as their log-weights, F A^+ B V is exact for any m landmark queries with A invertible
+    # (docs' Nyström page). float64 with an exact inverse: 1e-9 covers cond(A) * eps for these small kernels.
+    Q, K, V, k, c, q_landmarks = repeated_keys(seed, m, cross=cross)
+    exact = exact_attention(Q, K, V)
+    weighted = nystrom.Landmarks(q_landmarks, k, log_weights=np.log(c.astype(np.float64)))
+    out, _ = nystrom_attention(Q, K, V, weighted, PInv(rtol=1e-13))
+    np.testing.assert_allclose(out, exact, rtol=1e-9, atol=1e-9)
+    out_t, _ = nystrom.torch.fna_attention(*(torch.from_numpy(x) for x in (Q, K, V)), nystrom.Landmarks(
+        torch.from_numpy(q_landmarks), torch.from_numpy(k), log_weights=torch.from_numpy(np.log(c.astype(float)))),
+        PInv(rtol=1e-13))
+    np.testing.assert_allclose(out_t.numpy(), exact, rtol=1e-9, atol=1e-9)
+
+
+def test_unweighted_landmarks_are_not_exact_on_repeated_keys():
+    # The same construction without the weights: each landmark counts once, so unequal multiplicities bias every row.
+    errors = []
+    for seed in range(20):
+        Q, K, V, k, c, q_landmarks = repeated_keys(seed, 6)
+        if np.all(c == c[0]):
+            continue
+        out, _ = nystrom_attention(Q, K, V, nystrom.Landmarks(q_landmarks, k), PInv(rtol=1e-13))
+        exact = exact_attention(Q, K, V)
+        errors.append(np.linalg.norm(out - exact) / np.linalg.norm(exact))
+    assert min(errors) > 1e-3, min(errors)
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), m=st.integers(1, 12))
+def test_weighted_rows_still_sum_to_one(seed, m):
+    # A stays row-stochastic with the log c bias, so A^+ 1 = 1 and F A^+ B 1 = 1 (docs: row sums).
+    rng = np.random.default_rng(seed)
+    Q, K = rng.standard_normal((40, 8)), rng.standard_normal((40, 8))
+    landmarks = nystrom.Landmarks(Q[:m], K[:m], log_weights=np.log(rng.integers(1, 9, size=m).astype(float)))
+    ones = np.ones((40, 1))
+    out, _ = nystrom_attention(Q, K, ones, landmarks, PInv(rtol=1e-13))
+    np.testing.assert_allclose(out, ones, rtol=1e-8)
+
+
+def test_bad_log_weights_are_named():
+    Q = np.random.default_rng(0).standard_normal((2, 10, 4))
+    landmarks = nystrom.Landmarks(Q[:, :3], Q[:, :3], log_weights=np.zeros((2, 4)))
+    with pytest.raises(ValueError, match="landmark log_weights have shape"):
+        nystrom_attention(Q, Q, Q, landmarks)

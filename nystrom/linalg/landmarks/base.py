@@ -71,12 +71,23 @@ class Landmarks:
         centroid strategies such as segment means and k-means).
     query_indices : int array, shape (..., m), or None
         Positions in ``Q`` of the landmark queries; equal to ``indices`` for self-attention.
+    log_weights : array, shape (..., m), or None
+        :math:`\\log c_j`, the log of the number of tokens landmark :math:`j` stands for (cluster
+        sizes; 0 for a one-token landmark). Every logit against landmark key :math:`j` gets
+        :math:`+\\log c_j`, in :math:`A` and in the output product (proportional attention; the docs'
+        Nyström page derives it). ``None``: every landmark stands for itself.
+    assignment : int array, shape (..., n), or None
+        For cluster strategies, the landmark each key belongs to (``-1`` for padding), on the
+        selection rows (heads folded when shared); it lets a model reuse one clustering across
+        layers with each layer's own means.
     """
 
     queries: Any
     keys: Any
     indices: Any = None
     query_indices: Any = None
+    log_weights: Any = None
+    assignment: Any = None
 
 
 @dataclass(frozen=True)
