@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
+
 import array_api_compat
 import numpy as np
+import scipy.sparse
 
 
 def at_least_float32(xp, X):
@@ -86,3 +89,47 @@ def float64_numpy(a):
     if array_api_compat.is_torch_array(a):
         return a.detach().cpu().double().numpy()
     return np.asarray(a, dtype=np.float64)
+
+
+def segment_sum(xp, values, labels, num_segments):
+    """Sum the rows of ``values`` by label: ``out[..., j, :] = sum over i with labels[..., i] == j of values[..., i, :]``.
+
+    The scatter-add behind cluster means, in :math:`O(nD)` without a dense :math:`m\\times n` membership matrix:
+    ``index_add_`` for torch, a sparse product for numpy (the array API has no scatter), a one-hot product for
+    other libraries.
+
+    Parameters
+    ----------
+    xp
+        Array namespace.
+    values : array, shape (..., n, D)
+    labels : int array, shape broadcastable to (..., n)
+        Segment of each row; rows labelled outside ``[0, num_segments)`` (``-1`` for padding) are dropped.
+    num_segments : int
+
+    Returns
+    -------
+    array, shape (..., num_segments, D)
+        Same dtype as ``values``.
+    """
+    lead, (n, D) = tuple(values.shape[:-2]), tuple(values.shape[-2:])
+    rows = math.prod(lead)
+    labels = xp.broadcast_to(labels, (*lead, n))
+    inside = (labels >= 0) & (labels < num_segments)
+    # One flat index per row: segment j of row r is r * (S + 1) + j, and slot S of each row collects the dropped ones.
+    offsets = xp.reshape(xp.arange(rows, dtype=xp.int64, device=array_api_compat.device(values)) * (num_segments + 1),
+                         (*lead, 1))
+    flat = xp.reshape(xp.where(inside, labels, num_segments) + offsets, (-1,))
+    source = xp.reshape(values, (rows * n, D))
+    size = rows * (num_segments + 1)
+    if array_api_compat.is_torch_array(values):
+        out = source.new_zeros((size, D)).index_add_(0, flat, source)
+    elif array_api_compat.is_numpy_array(values):
+        member = scipy.sparse.csr_matrix((np.ones(rows * n, dtype=values.dtype), (flat, np.arange(rows * n))),
+                                         shape=(size, rows * n))
+        out = np.asarray(member @ source, dtype=values.dtype)
+    else:
+        one_hot = xp.astype(flat[None, :] == xp.arange(size, device=array_api_compat.device(values))[:, None],
+                            values.dtype)
+        out = one_hot @ source
+    return xp.reshape(out, (*lead, num_segments + 1, D))[..., :num_segments, :]

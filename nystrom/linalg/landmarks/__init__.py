@@ -11,7 +11,7 @@ from __future__ import annotations
 from .base import (
     CAPABILITIES,
     STRATEGIES,
-    CentroidStrategy,
+    ClusterStrategy,
     Landmarks,
     Selection,
     Strategy,
@@ -31,7 +31,7 @@ from .uniform import Uniform
 RANDOM_STRATEGIES = frozenset(name for name, cls in STRATEGIES.items() if cls.random)
 
 __all__ = [
-    "CAPABILITIES", "FPS", "CentroidStrategy", "KMeans", "Landmarks", "Norm", "RANDOM_STRATEGIES", "RPCholesky",
+    "CAPABILITIES", "FPS", "ClusterStrategy", "KMeans", "Landmarks", "Norm", "RANDOM_STRATEGIES", "RPCholesky",
     "STRATEGIES", "SegmentMeans", "Selection", "Strategy", "TokenStrategy", "Uniform", "attention_share",
     "farthest_point_sampling", "get_strategy", "require", "rpcholesky_pivots",
 ]

@@ -29,7 +29,7 @@ from typing import Any, ClassVar
 import array_api_compat
 import numpy as np
 
-from ..numerics import at_least_float32
+from ..numerics import at_least_float32, segment_sum
 from ..validation import (
     check_attention_inputs,
     check_bool,
@@ -52,7 +52,7 @@ CAPABILITIES = {
     "picks_tokens": "it picks tokens: its landmarks are real tokens, with their positions (else it builds new points)",
     "per_head": "it can choose a separate set per head (head_axis=None)",
     "masks": "it honours key_padding_mask: padding never enters a landmark",
-    "weighted": "it returns landmark weights",
+    "weighted": "it returns landmark weights (the number of tokens each landmark stands for)",
 }
 
 
@@ -225,28 +225,53 @@ class TokenStrategy(Strategy, picks_tokens=True):
         return self.pick(selection, X, None)
 
 
-class CentroidStrategy(Strategy, picks_tokens=False):
-    """A strategy that builds each landmark as a mean of tokens: it implements :meth:`membership`.
+class ClusterStrategy(Strategy, picks_tokens=False):
+    r"""A strategy that groups the tokens: it implements :meth:`assign`, a label per token.
 
-    :math:`\\tilde k = W K` and :math:`\\tilde q = W Q` with the row-normalised membership
-    :math:`W \\in \\mathbb{R}^{m\\times n}`, the same for queries and keys under self-attention.
+    Landmark :math:`j` is the mean of its group, :math:`\tilde k_j = \frac1{c_j}\sum_{i\in G_j} k_i` and
+    :math:`\tilde q_j = \frac1{c_j}\sum_{i\in G_j} q_i` (per head, with one grouping shared by the heads when
+    they share landmarks), computed by a scatter-add in :math:`O(n d)` without a membership matrix. Declared
+    ``weighted`` strategies also return :math:`\log c_j`, the log of the group sizes (proportional attention).
     """
 
     def select(self, selection):
-        xp, Q, K, head_axis = selection.xp, selection.Q, selection.K, selection.head_axis
-        W_k = self._per_head(xp, self.membership(selection, queries=False), head_axis)
-        W_q = self._per_head(xp, self.membership(selection, queries=True), head_axis) if selection.cross else W_k
-        return Landmarks(xp.astype(W_q, Q.dtype) @ Q, xp.astype(W_k, K.dtype) @ K)
+        xp, Q, K, head_axis, m = selection.xp, selection.Q, selection.K, selection.head_axis, selection.num_landmarks
+        labels = self.assign(selection, queries=False)
+        keys, counts = group_means(xp, K, labels, m, head_axis)
+        if selection.cross:
+            queries, _ = group_means(xp, Q, self.assign(selection, queries=True), m, head_axis)
+        else:
+            queries = group_means(xp, Q, labels, m, head_axis)[0]
+        log_weights = None
+        if self.weighted:
+            log_weights = xp.log(xp.astype(counts, xp.float64 if K.dtype == xp.float64 else xp.float32))
+            log_weights = unfold_indices(xp, log_weights, K, head_axis)
+        return Landmarks(queries, keys, log_weights=log_weights, assignment=labels)
 
-    @staticmethod
-    def _per_head(xp, W, head_axis):
-        return W if head_axis is None else xp.expand_dims(W, axis=head_axis)
-
-    def membership(self, selection: Selection, queries: bool):
-        """Row-normalised membership ``(..., m, n)`` of the keys (``selection.points``, eligible where
-        ``selection.mask``), or with ``queries`` of the queries (``selection.query_points``, all eligible) for
-        cross-attention. Leading dimensions may be missing where ``W`` is the same for every batch element."""
+    def assign(self, selection: Selection, queries: bool):
+        """Group of every key ``(..., n)`` in ``[0, m)`` (``-1`` for padding) on the selection rows
+        (``selection.points``, eligible where ``selection.mask``), or with ``queries`` of every query
+        (``selection.query_points``) for cross-attention. Every group must be non-empty."""
         raise NotImplementedError
+
+
+def group_means(xp, X, labels, m, head_axis=None):
+    """Means ``(..., m, d)`` of the rows of ``X (..., n, d)`` by ``labels`` (on the selection rows: without the head
+    axis when ``head_axis`` is shared) and the group sizes ``(..., m)`` of the selection rows.
+
+    Sums run in float32 or wider (a half-precision sum of many tokens loses the digits of the mean); a group with
+    no member would give 0/0 and counts as one token of value 0 (callers keep every group non-empty).
+    """
+    if head_axis is not None:
+        labels = xp.expand_dims(labels, axis=head_axis + 1)
+    wide = at_least_float32(xp, X)
+    sums = segment_sum(xp, wide, labels, m)
+    ones = xp.ones((*labels.shape, 1), dtype=wide.dtype, device=array_api_compat.device(X))
+    counts = segment_sum(xp, ones, labels, m)[..., 0]
+    means = sums / xp.maximum(counts, xp.ones_like(counts))[..., None]
+    if head_axis is not None:
+        counts = xp.squeeze(counts, axis=head_axis + 1) if counts.shape[head_axis + 1] == 1 else counts
+    return xp.astype(means, X.dtype), counts
 
 
 def get_strategy(strategy):
@@ -352,6 +377,26 @@ def landmarks_at(xp, Q, K, idx, query_idx=None) -> Landmarks:
     """Landmarks that are real tokens: keys ``K[idx]`` and queries ``Q[query_idx]`` (default ``idx``)."""
     query_idx = idx if query_idx is None else query_idx
     return Landmarks(gather_rows(xp, Q, query_idx), gather_rows(xp, K, idx), idx, query_idx)
+
+
+def random_subset(xp, shape, k, seed, mask=None, device=None):
+    """Positions ``(..., k)``, ascending, of ``k`` distinct tokens drawn uniformly among the eligible ones.
+
+    ``shape`` is ``(..., n)``; ``mask (..., n)`` marks the eligible tokens (at least ``k`` per row, or the
+    subset runs into ineligible ones). The ``k`` smallest of ``n`` i.i.d. uniform keys form a uniformly random
+    ``k``-subset, and ineligible tokens get keys above 1. Keys are drawn on the host, so one seed gives the same
+    tokens on every device; host arrays take an O(n) partial selection (sorting took 10 ms at n = 65,536),
+    accelerator arrays sort on the device, so the mask is never read back to the host.
+    """
+    keys = np.random.default_rng(seed).random(tuple(shape))
+    host_mask = None if mask is None else host_view(mask)
+    if mask is None or host_mask is not None:
+        if host_mask is not None:
+            keys = np.where(host_mask, keys, 2 + keys)
+        return xp.asarray(np.sort(np.argpartition(keys, k - 1, axis=-1)[..., :k], axis=-1), device=device)
+    keys = xp.asarray(keys, dtype=xp.float64, device=device)
+    keys = xp.where(mask, keys, 2 + keys)
+    return xp.sort(xp.argsort(keys, axis=-1)[..., :k], axis=-1)
 
 
 def uniform_draws(xp, shape, seed, like):

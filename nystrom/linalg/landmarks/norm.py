@@ -1,26 +1,30 @@
-r"""The library's default, FNA-style rule ``"norm"``: high-norm tokens, sinks and CLS first, farthest points
-for the rest.
+r"""The library's default rule ``"norm"``, FNA's structure on weighted clusters: outlier tokens are one-token
+landmarks, and weighted k-means clusters stand for every other token.
 
 Pretrained transformers route much of their attention to a few *sink* tokens (CLS in BERT takes
 about half of all attention in middle layers) and carry *massive* / *artifact* tokens whose
-residual-stream norm dwarfs the others. An approximation that misses such a token misrepresents
-a large share of every attention row, so they are always landmarks; farthest-point sampling
-(:mod:`.fps`) fills the remaining slots.
+residual-stream norm dwarfs the others. A cluster mean would blur such a token into its neighbours,
+so each becomes a landmark of its own (weight 1); the rest of the sequence is clustered
+(:mod:`.kmeans`), and each cluster mean stands for its :math:`c_j` members (weight :math:`c_j`,
+proportional attention). Without weights a one-token landmark next to clusters of about :math:`n/m`
+tokens would be over-counted about :math:`n/m`-fold.
 
-Sinks are found by what makes them sinks, the attention share a key receives, estimated from
-:math:`s` probe queries in :math:`O(s n d)`:
+**Sinks** are found by what makes them sinks, the attention a key receives, from :math:`s` probe
+queries spread over the sequence in :math:`O(s n d)`. Key :math:`j` is a sink when at least a
+``sink_quorum`` fraction of the probes give it
 
-.. math:: \hat a_j = \frac{1}{s}\sum_{p} \mathrm{softmax}(\tau\, q_p K^\top)_j,
-          \qquad j \text{ is a sink if } \hat a_j \ge \min(\rho / n_v,\ \alpha)
+.. math:: \mathrm{softmax}(\tau\, q_p K^\top)_j \ge \min(\rho / n_v,\ \alpha)
 
-(:math:`n_v` real keys, so :math:`\rho` is "times the uniform share"; the absolute share
-:math:`\alpha` lets short sequences, where no key can reach :math:`\rho/n_v`, still have sinks).
-Token norms find the massive and artifact tokens: when per-token ``features`` are passed (the
-residual stream, where massive activations live; :func:`nystrom.torch.patching.patch` passes the
-block's input hidden states by default), tokens with :math:`\lVert f_j\rVert \ge \nu\cdot
-\mathrm{median}_i \lVert f_i\rVert` are guaranteed. The *key* norm is no sink test: in
-all-MiniLM-L6-v2 the [CLS] sink takes ~50 % of the attention while its key norm is only
-0.85–0.95× the median, hence the attention-share estimate above.
+(:math:`n_v` real keys; :math:`\rho` is "times the uniform share", and the absolute share :math:`\alpha`
+lets short sequences, where no key can reach :math:`\rho/n_v`, still have sinks). The quorum is what
+separates a sink from a local peak: in early ViT layers attention is local, and a patch next to one
+probe takes a large share from that probe only.
+
+**Massive and artifact tokens** are found by their norm: when per-token ``features`` are passed (the
+residual stream, where massive activations live; :func:`nystrom.torch.patching.patch` passes the block's
+input hidden states by default), tokens with :math:`\lVert f_j\rVert \ge \nu\cdot
+\mathrm{median}_i \lVert f_i\rVert` are singletons. The *key* norm is no sink test: in all-MiniLM-L6-v2
+the [CLS] sink takes ~50 % of the attention while its key norm is only 0.85–0.95× the median.
 """
 
 from __future__ import annotations
@@ -30,12 +34,12 @@ from dataclasses import dataclass
 import array_api_compat
 
 from ..numerics import at_least_float32, masked_median
-from .base import TokenStrategy
-from .fps import farthest_point_sampling
+from .base import ClusterStrategy
+from .kmeans import DEFAULT_SEED, sampled_kmeans
 
 
-def attention_share(xp, Q, K, scale, mask=None, num_probes=16):
-    r"""Estimated share of attention each key receives, from evenly spaced probe queries.
+def probe_attention(xp, Q, K, scale, mask=None, num_probes=16):
+    r"""Attention rows of evenly spaced probe queries, :math:`\mathrm{softmax}(\tau\, q_p K^\top + M)`.
 
     Parameters
     ----------
@@ -47,12 +51,12 @@ def attention_share(xp, Q, K, scale, mask=None, num_probes=16):
         are spread over those only, so padding never changes the estimate.
     num_probes : int
         Probe queries :math:`s`: ranks :math:`\lfloor i (n_v - 1)/(s - 1)\rfloor`, :math:`i < s`, among the
-        :math:`n_v` real queries (deterministic).
+        :math:`n_v` real queries (deterministic; a sequence with fewer real queries repeats some).
 
     Returns
     -------
-    array, shape (..., n)
-        :math:`\hat a_j`, summing to 1 over the keys of each sequence.
+    array, shape (..., s, n)
+        One attention row per probe, each summing to 1, in float32 or wider.
     """
     # Shares of a few percent must be resolved: accumulate in float32 or wider.
     Q, K = at_least_float32(xp, Q), at_least_float32(xp, K)
@@ -65,8 +69,7 @@ def attention_share(xp, Q, K, scale, mask=None, num_probes=16):
         n_valid = filled[..., -1:]
     else:
         n_valid = xp.full(tuple(Q.shape[:-2]) + (1,), n_q, dtype=xp.int64, device=device)
-    # Sequences with fewer real queries than probes repeat some (a weighted mean of the same rows), so the
-    # probe count never depends on the data: no host synchronisation.
+    # The probe count never depends on the data: no host synchronisation.
     s = min(num_probes, n_q)
     ranks = (xp.arange(s, device=device) * (n_valid - 1)) // max(s - 1, 1)
     if real_queries:
@@ -78,98 +81,137 @@ def attention_share(xp, Q, K, scale, mask=None, num_probes=16):
     logits = (scale * probes) @ xp.matrix_transpose(K)
     if mask is not None:
         logits = xp.where(mask[..., None, :], logits, xp.asarray(-float("inf"), dtype=logits.dtype, device=device))
-    # The mean of s softmax rows is one weighted sum of their unnormalised exponentials: the
-    # normalisation and the mean fold into an (s,) @ (s, n) product, two passes fewer over s x n.
     e = xp.exp(logits - xp.max(logits, axis=-1, keepdims=True))
-    weights = 1 / (s * xp.sum(e, axis=-1))
-    return (weights[..., None, :] @ e)[..., 0, :]
+    return e / xp.sum(e, axis=-1, keepdims=True)
+
+
+def attention_share(xp, Q, K, scale, mask=None, num_probes=16):
+    r"""Estimated share of attention each key receives: the mean of the :func:`probe_attention` rows,
+    :math:`\hat a_j = \frac1s\sum_p \mathrm{softmax}(\tau\, q_p K^\top)_j`.
+
+    Parameters
+    ----------
+    Q, K, scale, mask, num_probes
+        As for :func:`probe_attention`.
+
+    Returns
+    -------
+    array, shape (..., n)
+        :math:`\hat a_j`, summing to 1 over the keys of each sequence.
+    """
+    return xp.mean(probe_attention(xp, Q, K, scale, mask, num_probes), axis=-2)
 
 
 @dataclass(frozen=True)
-class Norm(TokenStrategy, name="norm"):
-    """High-norm (massive/artifact) tokens, attention sinks and CLS always; farthest-point sampling for the rest.
+class Norm(ClusterStrategy, name="norm", random=True, weighted=True):
+    """High-norm tokens, attention sinks and CLS as one-token landmarks; weighted k-means clusters for the rest.
 
     Parameters
     ----------
     sink_ratio : float
-        :math:`\\rho`: a key is a sink when its estimated attention share is at least ``sink_ratio``
-        times the uniform share :math:`1/n_v` ...
+        :math:`\\rho`: a key is a sink for a probe when it takes at least ``sink_ratio`` times the uniform
+        share :math:`1/n_v` of that probe's attention ...
     sink_share : float
-        ... or at least this absolute share :math:`\\alpha`. Both defaults were chosen by
-        measurement on the bundled DINOv2-S and MiniLM (docs' landmark page, "Sinks").
+        ... or at least this absolute share :math:`\\alpha`.
+    sink_quorum : float
+        ... in at least this fraction of the probes. The defaults were chosen by measurement on the
+        bundled DINOv2-S and MiniLM (docs' landmark page, "Sinks").
     norm_ratio : float
-        :math:`\\nu`: a token whose ``features`` norm is at least ``norm_ratio`` times the median is
-        guaranteed (only when ``features`` are passed).
-    max_guaranteed_fraction : float
-        At most this fraction of the ``m`` landmarks (at least one) is taken by sinks and
-        outliers, highest attention share first, so FPS keeps covering the sequence.
+        :math:`\\nu`: a token whose ``features`` norm is at least ``norm_ratio`` times the median is a
+        singleton (only when ``features`` are passed).
+    max_singleton_fraction : float
+        At most this fraction of the ``m`` landmarks (at least one, and never all) are singletons: ``first``,
+        then sinks and high-norm tokens by attention share.
     num_probes : int
-        Probe queries for the attention-share estimate.
+        Probe queries for the sink test.
     first : int or None
-        A token that is always a landmark (``0``: CLS); ``None`` for none.
+        A token that is always a singleton (``0``: CLS); ``None`` for none.
+    iters, sample_size
+        Of the k-means behind the clusters (:class:`~nystrom.linalg.landmarks.KMeans`).
 
     Notes
     -----
-    Deterministic. When no token stands out it reduces to :class:`~nystrom.linalg.landmarks.FPS`
-    started at ``first``. Cost :math:`O(s n d + n m D)`.
+    Deterministic for a given ``seed`` (``seed=None`` means seed 0). Cost :math:`O(s n d)` for the probes,
+    :math:`O(n m D)` for the clusters' assignment, :math:`O(n d)` for the means.
     """
 
     sink_ratio: float = 16.0
     sink_share: float = 0.25
+    sink_quorum: float = 0.5
     norm_ratio: float = 10.0
-    max_guaranteed_fraction: float = 0.25
+    max_singleton_fraction: float = 0.25
     num_probes: int = 16
     first: int | None = 0
+    iters: int = 3
+    sample_size: int | None = None
 
     def __post_init__(self):
         for field in ("sink_ratio", "sink_share", "norm_ratio"):
             if not (getattr(self, field) > 0):
                 raise ValueError(f"Norm {field} must be positive, got {getattr(self, field)!r}")
-        if not (0 < self.max_guaranteed_fraction <= 1):
-            raise ValueError(f"Norm max_guaranteed_fraction must be in (0, 1], got {self.max_guaranteed_fraction}")
-        if isinstance(self.num_probes, bool) or not isinstance(self.num_probes, int) or self.num_probes < 1:
-            raise ValueError(f"Norm num_probes must be a positive int, got {self.num_probes!r}")
+        for field in ("sink_quorum", "max_singleton_fraction"):
+            if not (0 < getattr(self, field) <= 1):
+                raise ValueError(f"Norm {field} must be in (0, 1], got {getattr(self, field)!r}")
+        for field, low in (("num_probes", 1), ("iters", 0)):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"Norm {field} must be an int >= {low}, got {value!r}")
 
-    def pick(self, selection, X, mask):
-        m = selection.num_landmarks
-        budget = max(1, int(self.max_guaranteed_fraction * m))
-        return farthest_point_sampling(X, m, mask=mask, guarantee_score=self.guarantee_score(selection),
-                                       max_guaranteed=budget)
+    def assign(self, selection, queries):
+        xp, m = selection.xp, selection.num_landmarks
+        seed = DEFAULT_SEED if selection.seed is None else selection.seed
+        if queries:
+            # Cross-attention: sinks and outliers are keys; query landmarks are plain clusters.
+            return sampled_kmeans(xp, selection.query_points, m, None, seed=seed, iters=self.iters,
+                                  sample_size=self.sample_size)
+        X, mask = selection.points, selection.mask
+        n = X.shape[-2]
+        device = array_api_compat.device(X)
+        budget = min(max(1, int(self.max_singleton_fraction * m)), m - 1)
+        if budget == 0:
+            return sampled_kmeans(xp, X, m, mask, seed=seed, iters=self.iters, sample_size=self.sample_size)
+        score = self.singleton_score(selection)
+        # The `budget` best candidates; real singletons (finite score) come first, so row r has g_r of them, and
+        # they take the last g_r slots while k-means fills the first m - g_r: no row waits for another.
+        candidates = xp.argsort(-score, axis=-1, stable=True)[..., :budget]
+        real = xp.take_along_axis(score, candidates, axis=-1) > -float("inf")
+        count = xp.sum(xp.astype(real, xp.int64), axis=-1, keepdims=True)
+        slot = (m - count) + xp.arange(budget, device=device)
+        hit = (candidates[..., :, None] == xp.arange(n, device=device)) & real[..., :, None]
+        single = xp.any(hit, axis=-2)
+        single_slot = xp.sum(xp.where(hit, slot[..., :, None], xp.zeros_like(slot)[..., :, None]), axis=-2)
+        eligible = ~single if mask is None else mask & ~single
+        active = xp.arange(m, device=device) < (m - count)
+        labels = sampled_kmeans(xp, X, m, eligible, seed=seed, iters=self.iters, sample_size=self.sample_size,
+                                active=active)
+        return xp.where(single, single_slot, labels)
 
-    def pick_queries(self, selection, X):
-        # Cross-attention: sinks and outliers are keys; query landmarks come from plain FPS.
-        return farthest_point_sampling(X, selection.num_landmarks)
-
-    def guarantee_score(self, selection):
-        """Per-token priority ``(..., n)`` of the selection rows: finite for guaranteed tokens (higher first),
-        ``-inf`` otherwise."""
+    def singleton_score(self, selection):
+        """Priority ``(..., n)`` of the selection rows: finite for singletons (``first`` highest, then by attention
+        share), ``-inf`` otherwise."""
         xp, K, mask, features = selection.xp, selection.K, selection.mask, selection.features
         padding = selection.key_padding_mask
         padding = None if padding is None else xp.broadcast_to(padding, tuple(K.shape[:-1]))
-        share = attention_share(xp, selection.Q, K, selection.scale, padding, self.num_probes)
+        rows = probe_attention(xp, selection.Q, K, selection.scale, padding, self.num_probes)
         if selection.head_axis is not None:
-            share = xp.mean(share, axis=selection.head_axis + 1)
+            rows = xp.mean(rows, axis=selection.head_axis)
+        share = xp.mean(rows, axis=-2)
+        device = array_api_compat.device(share)
         n_valid = K.shape[-2] if mask is None else xp.sum(xp.astype(mask, share.dtype), axis=-1, keepdims=True)
         threshold = xp.minimum(self.sink_ratio / n_valid, xp.asarray(self.sink_share, dtype=share.dtype,
-                                                                        device=array_api_compat.device(share)))
-        flagged = share >= threshold
+                                                                        device=device))
+        votes = xp.mean(xp.astype(rows >= threshold[..., None], share.dtype), axis=-2)
+        flagged = votes >= self.sink_quorum
         if features is not None:
-            features = selection.points
-            norms = xp.sqrt(xp.sum(features * features, axis=-1))
-            median = masked_median(xp, norms, mask)[..., None]
-            flagged = flagged | (norms >= self.norm_ratio * median)
-        # Ranks: the `first` token (CLS), then flagged tokens by attention share.
-        score = xp.where(flagged, 1 + share, xp.asarray(-float("inf"), dtype=share.dtype,
-                                                           device=array_api_compat.device(share)))
+            points = selection.points
+            norms = xp.sqrt(xp.sum(points * points, axis=-1))
+            flagged = flagged | (norms >= self.norm_ratio * masked_median(xp, norms, mask)[..., None])
+        minus_inf = xp.asarray(-float("inf"), dtype=share.dtype, device=device)
+        score = xp.where(flagged, 1 + share, minus_inf)
         if self.first is not None:
             n = share.shape[-1]
             if not (-n <= self.first < n):
                 raise ValueError(f"first={self.first} is not a token position for n={n}")
-            is_first = xp.arange(n, device=array_api_compat.device(share)) == (self.first % n)
-            score = xp.where(is_first, xp.asarray(3.0, dtype=share.dtype,
-                                                  device=array_api_compat.device(share)), score)
-        if mask is not None:
-            score = xp.where(mask, score, xp.asarray(-float("inf"), dtype=share.dtype,
-                                                     device=array_api_compat.device(share)))
-        return score
-
+            is_first = xp.arange(n, device=device) == (self.first % n)
+            score = xp.where(is_first, xp.asarray(3.0, dtype=share.dtype, device=device), score)
+        return score if mask is None else xp.where(mask, score, minus_inf)

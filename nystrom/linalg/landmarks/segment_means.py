@@ -12,32 +12,23 @@ from dataclasses import dataclass
 
 import array_api_compat
 
-from .base import CentroidStrategy
+from .base import ClusterStrategy
 
 
-def segment_weights(xp, n, m, mask, like):
-    """Row-normalised segment-membership matrix ``(..., m, n)`` (or ``(m, n)`` without a mask)."""
-    device = array_api_compat.device(like)
+def segment_labels(xp, n, m, mask=None, device=None):
+    r"""Segment of each token ``(..., n)``, :math:`\lfloor r m / n_v\rfloor` for the real token of rank :math:`r`;
+    ``-1`` for padding. Without a mask, shape ``(n,)``."""
     if mask is None:
-        rank = xp.arange(n, device=device)
-        n_valid = xp.asarray(n, device=device)
-        valid = None
-    else:
-        valid = mask
-        rank = xp.cumulative_sum(xp.astype(mask, xp.int64), axis=-1) - 1
-        n_valid = xp.sum(xp.astype(mask, xp.int64), axis=-1, keepdims=True)
-    segment = (rank * m) // n_valid
-    member = segment[..., None, :] == xp.arange(m, device=device)[:, None]
-    if valid is not None:
-        member = member & valid[..., None, :]
-    W = xp.astype(member, like.dtype)
-    return W / xp.sum(W, axis=-1, keepdims=True)
+        return (xp.arange(n, device=device) * m) // n
+    rank = xp.cumulative_sum(xp.astype(mask, xp.int64), axis=-1) - 1
+    n_valid = xp.sum(xp.astype(mask, xp.int64), axis=-1, keepdims=True)
+    return xp.where(mask, (rank * m) // n_valid, -xp.ones_like(rank))
 
 
 @dataclass(frozen=True)
-class SegmentMeans(CentroidStrategy, name="segment_means"):
-    """Means of contiguous segments (Xiong et al., 2021). Deterministic; :math:`O(n m)` memory for the
-    membership matrix, :math:`O(n m d)` time. Padded tokens are left out of every mean.
+class SegmentMeans(ClusterStrategy, name="segment_means"):
+    """Means of contiguous segments (Xiong et al., 2021). Deterministic; :math:`O(n d)` time. Padded tokens are
+    left out of every mean. Unweighted, as published: segment sizes differ by at most one.
 
     Notes
     -----
@@ -45,8 +36,8 @@ class SegmentMeans(CentroidStrategy, name="segment_means"):
     the past; ``nystrom`` approximates bidirectional attention only.
     """
 
-    def membership(self, selection, queries):
-        # Segments depend on positions only: the (head-averaged) features are never computed.
+    def assign(self, selection, queries):
         tokens = selection.Q if queries else selection.K
         mask = None if queries else selection.mask
-        return segment_weights(selection.xp, tokens.shape[-2], selection.num_landmarks, mask, tokens)
+        return segment_labels(selection.xp, tokens.shape[-2], selection.num_landmarks, mask,
+                              array_api_compat.device(tokens))
