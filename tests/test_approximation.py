@@ -55,14 +55,15 @@ def test_each_argument_is_checked_once(strategy):
 
 
 def test_the_default_path_stays_short():
-    # The layers a call crosses (measured before the architecture change: 156 calls into 46 functions across
-    # 10 files). A regression guard: new hops or repeated checks show here first.
+    # The modules a default call crosses (10 before the architecture change), as a regression guard: a new hop
+    # shows here first. The checks all run in validation.py, before any of the math.
     calls = profile(masked_call())
     files = {file for file, _ in calls}
     assert files <= {"approximation.py", "linalg/validation.py", "linalg/numerics.py", "linalg/attention.py",
                      "linalg/solvers.py", "linalg/landmarks/base.py", "linalg/landmarks/norm.py",
-                     "linalg/landmarks/fps.py"}, files
-    assert sum(calls.values()) <= 100, sum(calls.values())
+                     "linalg/landmarks/kmeans.py"}, files
+    checks = {name for file, name in calls if file != "linalg/validation.py" and name.startswith("check_")}
+    assert not checks, checks
 
 
 @pytest.mark.parametrize("strategy", sorted(nystrom.STRATEGIES))

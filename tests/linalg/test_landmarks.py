@@ -168,7 +168,7 @@ def test_numpy_and_torch_select_the_same(strategy):
         np.testing.assert_array_equal(got.indices.numpy(), ref.indices)
 
 
-@pytest.mark.parametrize("strategy", ["fps", "norm"])
+@pytest.mark.parametrize("strategy", ["fps"])
 def test_permutation_equivariance(strategy):
     # Permuting the tokens (keeping the CLS token, index 0, in front) permutes the output rows.
     Q, K, V = qkv(6, shape=(1, 2, 30, 6))
@@ -180,15 +180,31 @@ def test_permutation_equivariance(strategy):
 
 def test_shared_landmarks_are_the_same_in_every_head():
     Q, K, _ = qkv(7, shape=(2, 4, 20, 4))
-    for name in ("fps", "norm", "uniform", "rpcholesky"):
+    for name in ("fps", "uniform", "rpcholesky"):
         idx = nystrom.get_strategy(name)(Q, K, 5, seed=0, head_axis=-3).indices
         assert idx.shape == (2, 4, 5)
         assert (idx == idx[:, :1]).all()
     per_head = FPS()(Q, K, 5).indices
     assert not (per_head == per_head[:, :1]).all()
+    # Clusters: one assignment per sequence, each head its own means of that assignment.
+    clustered = nystrom.get_strategy("norm")(Q, K, 5, head_axis=-3)
+    assert clustered.assignment.shape == (2, 20)
+    for h in range(4):
+        for j in range(5):
+            members = clustered.assignment[0] == j
+            np.testing.assert_allclose(clustered.keys[0, h, j], K[0, h, members].mean(axis=0))
 
 
-def test_norm_finds_an_attention_sink_that_key_norms_miss():
+def singletons(landmarks, K):
+    """Tokens that are landmarks of their own: weight 1 and the landmark key equal to the token's key."""
+    labels = landmarks.assignment
+    counts = np.bincount(labels[labels >= 0], minlength=landmarks.keys.shape[-2])
+    found = [i for i, j in enumerate(labels) if j >= 0 and counts[j] == 1 and np.allclose(landmarks.keys[j], K[i])]
+    np.testing.assert_allclose(np.exp(landmarks.log_weights), counts)
+    return found
+
+
+def test_norm_makes_an_attention_sink_that_key_norms_miss_a_singleton():
     # Token 5 is a sink: every query aligns with its key direction, yet its key norm is the median.
     rng = np.random.default_rng(8)
     n, d = 64, 16
@@ -198,20 +214,33 @@ def test_norm_finds_an_attention_sink_that_key_norms_miss():
     Q = rng.standard_normal((n, d)) * 0.3 + 20.0 * sink_dir
     share = attention_share(np, Q, K, d**-0.5)
     assert share[5] > 10 / n
-    lm = Norm(first=None)(Q, K, 4)
-    assert 5 in lm.indices.tolist()
-    assert lm.indices[0] == 5  # taken first, by share
+    assert singletons(Norm(first=None)(Q, K, 8), K) == [5]
 
 
-def test_norm_guarantees_massive_feature_tokens_and_reduces_to_fps():
+def test_a_local_attention_peak_is_no_sink():
+    # Token 9 takes almost all the attention of one probe (its neighbour) and nothing from the others: the quorum
+    # keeps it out, where the mean share alone (4x uniform at n = 64) would not.
+    rng = np.random.default_rng(11)
+    n, d = 64, 16
+    K = rng.standard_normal((n, d)) * 0.1
+    Q = rng.standard_normal((n, d)) * 0.1
+    Q[8] = 60.0 * K[9] / np.linalg.norm(K[9])  # the probe of rank 2 of 16 sits at position 8
+    share = attention_share(np, Q, K, d**-0.5)
+    assert share[9] > 2 / n  # the mean share alone would flag it at sink_ratio=2
+    assert 9 not in singletons(Norm(first=None, sink_ratio=2.0)(Q, K, 8), K)
+    assert 9 in singletons(Norm(first=None, sink_ratio=2.0, sink_quorum=1 / 16)(Q, K, 8), K)
+
+
+def test_norm_makes_massive_feature_tokens_and_cls_singletons():
     rng = np.random.default_rng(9)
     Q, K = rng.standard_normal((40, 8)), rng.standard_normal((40, 8))
     feats = rng.standard_normal((40, 8))
     feats[17] *= 500.0
-    assert 17 in Norm()(Q, K, 6, features=feats).indices.tolist()
-    # Gaussian tokens, nothing stands out: Norm is FPS from CLS.
-    plain = Norm(sink_ratio=1e9)(Q, K, 6).indices.tolist()
-    assert plain == FPS()(Q, K, 6).indices.tolist()
+    assert {0, 17} <= set(singletons(Norm()(Q, K, 6, features=feats), K))
+    # Gaussian tokens, nothing stands out: CLS is the one singleton, clusters stand for the other 39 tokens.
+    plain = Norm(sink_ratio=1e9)(Q, K, 6)
+    assert 0 in singletons(plain, K)
+    assert np.exp(plain.log_weights).sum() == 40
 
 
 def test_cross_attention_landmarks():
@@ -232,9 +261,10 @@ def test_unknown_strategy_lists_each_candidate_and_what_it_does():
 
 def test_capabilities_are_declared_and_registries_derived_from_them():
     assert nystrom.RANDOM_STRATEGIES == {name for name, cls in nystrom.STRATEGIES.items() if cls.random}
-    assert nystrom.RANDOM_STRATEGIES == {"uniform", "kmeans", "rpcholesky"}
+    assert nystrom.RANDOM_STRATEGIES == {"uniform", "kmeans", "rpcholesky", "norm"}
     token_pickers = {name for name, cls in nystrom.STRATEGIES.items() if cls.picks_tokens}
-    assert token_pickers == {"norm", "fps", "uniform", "rpcholesky"}
+    assert token_pickers == {"fps", "uniform", "rpcholesky"}
+    assert {name for name, cls in nystrom.STRATEGIES.items() if cls.weighted} == {"norm", "kmeans"}
     for cls in nystrom.STRATEGIES.values():
         assert isinstance(cls(), nystrom.Strategy) and nystrom.STRATEGIES[cls.name] is cls
     with pytest.raises(TypeError, match="unknown strategy capabilities"):

@@ -60,11 +60,12 @@ def kmeans_plus_plus(xp, X, m, mask, u):
 
 def nearest(xp, X, C, active=None):
     """Label ``(..., n)`` of the nearest centroid of ``C (..., m, D)`` for each row of ``X (..., n, D)``, among the
-    ``active (..., m)`` ones (default all), and the distances ``(..., n, m)``."""
+    ``active (..., m)`` ones (default all)."""
     d = sq_distances(xp, X, C)
     if active is not None:
-        d = xp.where(active[..., None, :], d, xp.asarray(float("inf"), dtype=d.dtype, device=array_api_compat.device(d)))
-    return xp.argmin(d, axis=-1), d
+        d = xp.where(active[..., None, :], d, xp.asarray(float("inf"), dtype=d.dtype,
+                                                          device=array_api_compat.device(d)))
+    return xp.argmin(d, axis=-1)
 
 
 def sampled_kmeans(xp, X, m, mask=None, *, seed, iters=3, sample_size=None, active=None):
@@ -103,7 +104,7 @@ def sampled_kmeans(xp, X, m, mask=None, *, seed, iters=3, sample_size=None, acti
     seeds = kmeans_plus_plus(xp, sample, m, in_sample, uniform_draws(xp, (*X.shape[:-2], m), [seed, 1], X))
     centroids = gather_rows(xp, sample, seeds)
     for _ in range(iters):
-        labels, _ = nearest(xp, sample, centroids, active)
+        labels = nearest(xp, sample, centroids, active)
         if in_sample is not None:
             labels = xp.where(in_sample, labels, -xp.ones_like(labels))
         sums = segment_sum(xp, sample, labels, m)
@@ -111,21 +112,14 @@ def sampled_kmeans(xp, X, m, mask=None, *, seed, iters=3, sample_size=None, acti
         counts = segment_sum(xp, ones, labels, m)
         # A centroid that lost all its points stays where it was.
         centroids = xp.where(counts > 0, sums / xp.maximum(counts, ones[..., :1, :]), centroids)
-    labels, d = nearest(xp, X, centroids, active)
-    # Every active cluster keeps a member: one whose assignment left it empty takes its nearest point.
-    eligible = xp.ones(X.shape[:-1], dtype=xp.bool, device=device) if mask is None else mask
-    big = xp.asarray(float("inf"), dtype=d.dtype, device=device)
-    closest = xp.argmin(xp.where(eligible[..., None], d, big), axis=-2)
-    ones = xp.ones((*labels.shape, 1), dtype=X.dtype, device=device)
-    empty = segment_sum(xp, ones, xp.where(eligible, labels, -xp.ones_like(labels)), m)[..., 0] == 0
+    labels = nearest(xp, X, centroids, active)
+    # Every active cluster keeps its seed: the seeds are distinct tokens, so no cluster ends empty (a cluster whose
+    # centroid no token is nearest to, as with duplicated tokens, would be 0/0).
+    seed_tokens = xp.take_along_axis(rows, seeds, axis=-1)
+    hit = seed_tokens[..., :, None] == xp.arange(n, device=device)
     if active is not None:
-        empty = empty & active
-    positions = xp.arange(n, device=device)
-    hit = (closest[..., :, None] == positions) & empty[..., :, None]
-    # (..., m, n) comparison only for the m empty clusters' nearest points; an argmax finds which one claims a point.
-    claimed = xp.any(hit, axis=-2)
-    claimant = xp.argmax(xp.astype(hit, xp.int64), axis=-2)
-    labels = xp.where(claimed, claimant, labels)
+        hit = hit & active[..., :, None]
+    labels = xp.where(xp.any(hit, axis=-2), xp.argmax(xp.astype(hit, xp.int8), axis=-2), labels)
     return labels if mask is None else xp.where(mask, labels, -xp.ones_like(labels))
 
 
