@@ -28,11 +28,13 @@ from ..linalg.landmarks.base import (
     Selection,
     fold_heads,
     get_strategy,
+    grouped_landmarks,
     landmarks_at,
     require,
     run_strategy,
     unfold_indices,
 )
+from ..linalg.numerics import segment_sum
 from ..linalg.solvers import get_solver, unchecked
 from ..linalg.validation import check_num_landmarks, check_query_chunk_size, check_scale, check_seed
 from .attention import sdpa_attend
@@ -53,18 +55,25 @@ class LayerRecord:
     Attributes
     ----------
     indices : int64 Tensor, shape (B, m), or None
-        Token positions of the landmarks, shared by all heads (``None`` for strategies that build centroids,
-        such as segment means and k-means, and for layers that ran exact attention).
+        Token positions of the landmarks, shared by all heads, for strategies that pick tokens (``None`` for
+        strategies that group tokens, such as ``norm``, k-means and segment means, and for layers that ran exact
+        attention).
     sampled : bool
         ``True`` if chosen in this layer, ``False`` if reused from the first FNA layer (``resample="once"``).
     residual : Tensor, shape (B, H), or None
         Relative Moore–Penrose residual of the pseudo-inverse of each head's landmark kernel; ``None`` when the
         layer ran the model's exact attention because every token would have been a landmark.
+    assignment : int64 Tensor, shape (B, n), or None
+        For strategies that group tokens: the landmark each token belongs to (``-1``: none, e.g. padding).
+    counts : Tensor, shape (B, m), or None
+        For strategies that group tokens: how many tokens each landmark stands for (1 for a singleton).
     """
 
     indices: torch.Tensor | None
     sampled: bool
     residual: torch.Tensor | None
+    assignment: torch.Tensor | None = None
+    counts: torch.Tensor | None = None
 
 
 class FNAHandle(Handle):
@@ -90,9 +99,8 @@ class FNAHandle(Handle):
             check_token_spec(name, spec)
         self.num_landmarks = check_num_landmarks(num_landmarks, None)
         self.strategy = get_strategy(strategy)
-        if guarantee is not None:
-            # The strategy fills the slots the guaranteed tokens leave, by position: it must pick tokens.
-            require(self.strategy, "picks_tokens", "guarantee=")
+        # Every FNA layer passes the padding (and exclusions) as a key mask: the strategy must honour it.
+        require(self.strategy, "masks", "patch()")
         self.solver = get_solver(solver)
         self.resample = resample
         self.features = features
@@ -102,6 +110,7 @@ class FNAHandle(Handle):
         self.query_chunk_size = check_query_chunk_size(query_chunk_size)
         self.records: dict[int, LayerRecord] = {}
         self._shared = None
+        self._shared_forced = None
 
     @staticmethod
     def default_layers(num_layers):
@@ -126,16 +135,23 @@ class FNAHandle(Handle):
             if is_causal is not None:
                 kwargs["is_causal"] = is_causal
             return call_next(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
-        landmarks, indices, sampled = self._landmarks(layer, query, key, value, real, scale)
+        landmarks, sampled = self._landmarks(layer, query, key, value, real, scale)
         attend = functools.partial(sdpa_attend, scale=scale, query_chunk_size=self.query_chunk_size)
         out, result = nystrom_product(array_api_compat.array_namespace(key), query, key, value, landmarks,
                                       unchecked(self.solver), scale=scale,
                                       mask=None if real is None else real[:, None, None, :], attend=attend)
-        self.records[layer] = LayerRecord(indices, sampled, result.residual)
+        assignment = landmarks.assignment
+        counts = None
+        if assignment is not None:
+            ones = torch.ones((*assignment.shape, 1), dtype=torch.float32, device=key.device)
+            counts = segment_sum(array_api_compat.array_namespace(key), ones, assignment, landmarks.keys.shape[-2])
+            counts = counts[..., 0]
+        indices = None if landmarks.indices is None else landmarks.indices[:, 0]
+        self.records[layer] = LayerRecord(indices, sampled, result.residual, assignment, counts)
         return out.transpose(1, 2).contiguous(), None
 
     def _landmarks(self, layer, query, key, value, real, scale):
-        """``(Landmarks, indices (B, m) or None, sampled)`` for one layer."""
+        """``(Landmarks, sampled)`` for one layer."""
         xp = array_api_compat.array_namespace(key)
         hidden = self.inputs[layer]
         eligible = torch.ones(hidden.shape[:2], dtype=torch.bool, device=key.device) if real is None else real
@@ -143,20 +159,34 @@ class FNAHandle(Handle):
             eligible = eligible & ~token_mask("exclude", self.exclude, layer, hidden)
         forced = None if self.guarantee is None else token_mask("guarantee", self.guarantee, layer, hidden) & eligible
         # Reused landmarks must still be eligible here and hold this layer's guaranteed tokens (exclusions,
-        # guarantees and key masks given as functions may change per layer).
+        # guarantees and key masks given as functions may change per layer). A reused grouping takes this
+        # layer's own queries and keys: only the assignment is shared, the means are this layer's (O(n d)).
         if self._shared is not None and self._reusable(eligible, forced):
-            return landmarks_at(xp, query, key, unfold_indices(xp, self._shared, key, -3)), self._shared, False
-        landmarks, indices = self._select(layer, query, key, value, hidden, eligible, forced, scale)
+            shared = self._shared
+            if shared.assignment is not None:
+                m = shared.keys.shape[-2]
+                weighted = shared.log_weights is not None
+                return grouped_landmarks(xp, query, key, shared.assignment, m, -3, weighted=weighted), False
+            return landmarks_at(xp, query, key, shared.indices), False
+        landmarks = self._select(layer, query, key, value, hidden, eligible, forced, scale)
         if self.resample == "once" and layer == self.layers[0]:
-            self._shared = indices
-        return landmarks, indices, True
+            self._shared = landmarks
+            self._shared_forced = forced
+        return landmarks, True
 
     def _reusable(self, eligible, forced):
-        """Whether the shared landmarks are all eligible and include every guaranteed token."""
-        if not bool(torch.all(torch.gather(eligible, -1, self._shared))):
+        """Whether the shared landmarks fit this layer: the same eligible tokens for a grouping (every eligible token
+        in a group, no other), eligible tokens that hold every guaranteed one for picked tokens."""
+        shared = self._shared
+        if shared.assignment is not None:
+            same_forced = (forced is None) == (self._shared_forced is None) and (
+                forced is None or torch.equal(forced, self._shared_forced))
+            return same_forced and torch.equal(shared.assignment >= 0, eligible)
+        indices = shared.indices[:, 0]
+        if not bool(torch.all(torch.gather(eligible, -1, indices))):
             return False
-        shared = torch.zeros_like(eligible).scatter_(-1, self._shared, True)
-        return forced is None or not bool(torch.any(forced & ~shared))
+        picked = torch.zeros_like(eligible).scatter_(-1, indices, True)
+        return forced is None or not bool(torch.any(forced & ~picked))
 
     def _select(self, layer, query, key, value, hidden, eligible, forced, scale):
         xp = array_api_compat.array_namespace(key)
@@ -169,27 +199,34 @@ class FNAHandle(Handle):
                              "or excluded)")
         seed = None if self.seed is None else self.seed + layer
         if forced is None:
-            selection = Selection(xp, query, key, m, eligible[:, None, :], seed, -3, features, scale)
-            landmarks = run_strategy(self.strategy, selection)
-            return landmarks, None if landmarks.indices is None else landmarks.indices[:, 0]
-        rows = []
+            return run_strategy(self.strategy, Selection(xp, query, key, m, eligible[:, None, :], seed, -3, features,
+                                                         scale))
+        # Guaranteed tokens take their own landmarks; the strategy chooses the other m - P for the other tokens,
+        # sequence by sequence (P differs between them).
+        rows, labels, weighted = [], [], False
         for b in range(key.shape[0]):
             pinned = torch.nonzero(forced[b])[:, 0]
             if pinned.numel() > m:
                 raise ValueError(f"guarantee selects {pinned.numel()} tokens of sequence {b} in layer {layer}, more "
                                  f"than the {m} landmarks")
+            rest = None
             if pinned.numel() < m:
                 rest = run_strategy(self.strategy, Selection(
                     xp, query[b:b + 1], key[b:b + 1], m - pinned.numel(), (eligible[b] & ~forced[b])[None, None, :],
                     seed, -3, features[b:b + 1], scale))
-                if rest.indices is None:
-                    # Only a plain callable gets here: Strategy objects are checked by patch().
-                    raise ValueError(f"guarantee needs a strategy that picks tokens, got {self.strategy!r}, which "
-                                     "returned landmarks without indices")
-                pinned = torch.cat([pinned, rest.indices[0, 0]])
-            rows.append(pinned)
-        indices = torch.stack(rows)
-        return landmarks_at(xp, query, key, unfold_indices(xp, indices, key, -3)), indices
+                weighted = weighted or rest.log_weights is not None
+            if rest is not None and rest.indices is None and rest.assignment is None:
+                raise ValueError(f"guarantee needs a strategy that picks or groups tokens, got {self.strategy!r}, "
+                                 "which returned landmarks with neither indices nor an assignment")
+            if rest is None or rest.indices is not None:
+                rows.append(pinned if rest is None else torch.cat([pinned, rest.indices[0, 0]]))
+            else:
+                singles = torch.full_like(forced[b], -1, dtype=torch.int64)
+                singles[pinned] = torch.arange(m - pinned.numel(), m, device=key.device)
+                labels.append(torch.where(forced[b], singles, rest.assignment[0]))
+        if labels:
+            return grouped_landmarks(xp, query, key, torch.stack(labels), m, -3, weighted=weighted)
+        return landmarks_at(xp, query, key, unfold_indices(xp, torch.stack(rows), key, -3))
 
 
 def patch(model, *, layers=None, num_landmarks=64, strategy="norm", solver="newton_schulz", resample="once",

@@ -8,6 +8,8 @@ Those checks run in float64, where the only error left is the pseudo-inverse's (
 import importlib.util
 import os
 
+import array_api_compat
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -25,6 +27,8 @@ from test_capture import (  # noqa: E402  (pytest puts this directory on sys.pat
     tiny_model,
 )
 
+import nystrom  # noqa: E402
+import nystrom.linalg.landmarks.base  # noqa: E402
 from nystrom import FPS, PInv, SegmentMeans  # noqa: E402
 from nystrom.torch import dispatch  # noqa: E402
 from nystrom.torch.capture import capturing  # noqa: E402
@@ -80,10 +84,10 @@ class TestExactWithAllTokensAsLandmarks:
         tol = 1e-6 if implementation == "eager" and kind in ("vit", "clip") else 1e-9
         if kind == "bert":
             # The padded sequence has 9 real tokens, so m = 9: exact for it, an approximation for the full one.
-            assert all(r.indices.shape == (2, 9) for r in handle.records.values())
+            assert all(r.counts.shape == (2, 9) and torch.all(r.counts[1] == 1) for r in handle.records.values())
             torch.testing.assert_close(out[1, :9], reference[1, :9], rtol=0, atol=tol)
         else:
-            assert all(r.indices.shape == (2, 17) for r in handle.records.values())
+            assert all(r.counts.shape == (2, 17) and torch.all(r.counts == 1) for r in handle.records.values())
             torch.testing.assert_close(out, reference, rtol=0, atol=tol)
         assert handle.layers == (0, 1, 2, 3)
 
@@ -141,7 +145,9 @@ class TestApproximation:
         assert cls > 0.95 and patches > 0.95
         assert not torch.allclose(out, reference, atol=1e-3)
         for record in handle.records.values():
-            assert record.indices.shape == (1, 64) and record.indices[0, 0] == 0  # CLS is always a landmark
+            # CLS is always a landmark of its own; clusters stand for the other 256 tokens.
+            assert record.counts.shape == (1, 64) and record.counts[0, record.assignment[0, 0]] == 1
+            assert record.counts.sum() == 257
 
 
 class TestResample:
@@ -154,9 +160,10 @@ class TestResample:
             run(model, tiny_inputs("dinov2", batch=1))
         assert [layer for layer in first] == [1, 3, 4, 5]
         assert first[1].sampled and not any(first[layer].sampled for layer in (3, 4, 5))
-        assert all(torch.equal(first[layer].indices, first[1].indices) for layer in (3, 4, 5))
+        # The grouping is reused; each layer takes its own means of it.
+        assert all(torch.equal(first[layer].assignment, first[1].assignment) for layer in (3, 4, 5))
         # Every forward pass chooses afresh at its first FNA layer (a new dict, a batch of one).
-        assert handle.records is not first and handle.records[1].indices.shape == (1, 6)
+        assert handle.records is not first and handle.records[1].counts.shape == (1, 6)
 
     def test_every_layer_chooses_again(self):
         model = tiny_model("dinov2", num_layers=6)
@@ -165,17 +172,29 @@ class TestResample:
             every = run(model, inputs)
         records = handle.records
         assert all(r.sampled for r in records.values())
-        # The block inputs change from layer to layer, so farthest points do too.
-        assert any(not torch.equal(records[layer].indices, records[1].indices) for layer in (3, 4, 5))
+        # The block inputs change from layer to layer, so the clusters do too.
+        assert any(not torch.equal(records[layer].assignment, records[1].assignment) for layer in (3, 4, 5))
         with fna(model, layers=[1, 3, 4, 5], num_landmarks=6, resample="once"):
             once = run(model, inputs)
         assert not torch.allclose(every, once)
 
-    def test_centroid_strategies_are_recomputed(self):
+    def test_grouping_strategies_reuse_the_assignment_with_each_layers_means(self):
         model = tiny_model("vit")
-        with fna(model, num_landmarks=4, strategy=SegmentMeans()) as handle:
-            run(model, tiny_inputs("vit"))
-        assert all(r.indices is None and r.sampled for r in handle.records.values())
+        inputs = tiny_inputs("vit")
+        with fna(model, layers=[2, 3], num_landmarks=4, strategy=SegmentMeans(), solver=EXACT) as handle, \
+                capturing(model, [3]) as caps:
+            out = run(model, inputs)
+        records = handle.records
+        assert records[2].sampled and not records[3].sampled and records[3].indices is None
+        assert torch.equal(records[3].assignment, records[2].assignment)
+        # Layer 3's landmarks are the means of layer 3's own keys over the shared segments.
+        c = caps[0]
+        landmarks = nystrom.linalg.landmarks.base.grouped_landmarks(
+            array_api_compat.array_namespace(c.key), c.query, c.key, records[3].assignment, 4, -3, weighted=False)
+        members = records[3].assignment[0] == 1  # tokens 5-8 of 17: segment floor(4 i / 17) = 1
+        assert members.nonzero()[:, 0].tolist() == [5, 6, 7, 8]
+        np.testing.assert_allclose(landmarks.keys[0, 0, 1].numpy(), c.key[0, 0, members].mean(0).numpy(), rtol=1e-12)
+        assert torch.isfinite(out).all()
 
 
 class TestRestore:
@@ -318,9 +337,9 @@ class TestMaskKeys:
         for c in caps:
             masked = select(c.layer, c.hidden_states)
             # m is clipped to the unmasked tokens of the shortest sequence; no masked token is a landmark.
-            chosen = handle.records[c.layer].indices
-            assert chosen.shape[1] == int((~masked).sum(-1).min())
-            assert not torch.any(torch.gather(masked, 1, chosen))
+            record = handle.records[c.layer]
+            assert record.counts.shape[1] == int((~masked).sum(-1).min())
+            assert torch.all(record.assignment[masked] == -1)
             assert c.key_padding_mask is None  # capture sees the model's own mask; the masking happens inside
 
 
@@ -361,11 +380,28 @@ class TestLandmarkChoice:
             with fna(model, num_landmarks=4, guarantee=torch.arange(17) < 5):
                 run(model, tiny_inputs("vit"))
 
-    def test_guarantee_needs_token_landmarks(self):
-        # Checked when patch() is called, from the declared capability, before any forward pass.
+    @pytest.mark.parametrize("strategy", ["norm", "segment_means", "kmeans"])
+    def test_guaranteed_tokens_are_their_own_landmarks_with_grouping_strategies(self, strategy):
         model = tiny_model("vit")
-        with pytest.raises(ValueError, match="(?s)picks tokens.*'segment_means': no .*'uniform': yes"):
-            patch(model, num_landmarks=4, strategy="segment_means", guarantee=torch.arange(17) < 1)
+        forced = (torch.arange(17) == 3) | (torch.arange(17) == 11)
+        with fna(model, num_landmarks=6, strategy=strategy, guarantee=forced) as handle:
+            run(model, tiny_inputs("vit"))
+        for record in handle.records.values():
+            for token in (3, 11):
+                assert torch.all(record.counts[torch.arange(2), record.assignment[:, token]] == 1)
+            assert torch.all(record.counts.sum(-1) == 17)
+
+    def test_patch_checks_capabilities_when_called(self):
+        # A strategy that ignores masks would put landmarks on padding; patch() refuses it before any forward pass.
+        class Maskless(nystrom.Uniform, name="maskless_test", masks=False):
+            pass
+
+        model = tiny_model("vit")
+        try:
+            with pytest.raises(ValueError, match="(?s)honours key_padding_mask.*'uniform': yes"):
+                patch(model, strategy=Maskless())
+        finally:
+            nystrom.STRATEGIES.pop("maskless_test")
         assert not dispatch._HANDLERS
 
     @pytest.mark.parametrize("features", ["input", "query", "key", "value"])
@@ -403,10 +439,15 @@ class TestPadding:
         assert padded["input_ids"].shape[1] > n
         with fna(model, num_landmarks=6, strategy=strategy) as handle:
             out_alone = run(model, alone)[0]
-            chosen_alone = handle.records[3].indices[0]
+            chosen_alone = handle.records[3]
             out_padded = run(model, padded)[0, :n]
-            chosen_padded = handle.records[3].indices[0]
-        assert torch.equal(chosen_alone, chosen_padded) and torch.all(chosen_padded < n)
+            chosen_padded = handle.records[3]
+        if strategy == "fps":
+            assert torch.equal(chosen_alone.indices[0], chosen_padded.indices[0])
+            assert torch.all(chosen_padded.indices[0] < n)
+        else:
+            assert torch.equal(chosen_alone.assignment[0], chosen_padded.assignment[0, :n])
+            assert torch.all(chosen_padded.assignment[0, n:] == -1)
         # float32 with different reduction lengths (2e-6 measured on outputs of size ~1).
         torch.testing.assert_close(out_padded, out_alone, rtol=1e-4, atol=2e-5)
 

@@ -22,7 +22,9 @@ already (``nystrom.approximate``, model patching) calls :func:`run_strategy`, wh
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -237,22 +239,32 @@ class ClusterStrategy(Strategy, picks_tokens=False):
     def select(self, selection):
         xp, Q, K, head_axis, m = selection.xp, selection.Q, selection.K, selection.head_axis, selection.num_landmarks
         labels = self.assign(selection, queries=False)
-        keys, counts = group_means(xp, K, labels, m, head_axis)
-        if selection.cross:
-            queries, _ = group_means(xp, Q, self.assign(selection, queries=True), m, head_axis)
-        else:
-            queries = group_means(xp, Q, labels, m, head_axis)[0]
-        log_weights = None
-        if self.weighted:
-            log_weights = xp.log(xp.astype(counts, xp.float64 if K.dtype == xp.float64 else xp.float32))
-            log_weights = unfold_indices(xp, log_weights, K, head_axis)
-        return Landmarks(queries, keys, log_weights=log_weights, assignment=labels)
+        if not selection.cross:
+            return grouped_landmarks(xp, Q, K, labels, m, head_axis, weighted=self.weighted)
+        # Cross-attention: the queries are grouped on their own.
+        queries, _ = group_means(xp, Q, self.assign(selection, queries=True), m, head_axis)
+        return dataclasses.replace(grouped_landmarks(xp, None, K, labels, m, head_axis, weighted=self.weighted),
+                                   queries=queries)
 
     def assign(self, selection: Selection, queries: bool):
         """Group of every key ``(..., n)`` in ``[0, m)`` (``-1`` for padding) on the selection rows
         (``selection.points``, eligible where ``selection.mask``), or with ``queries`` of every query
         (``selection.query_points``) for cross-attention. Every group must be non-empty."""
         raise NotImplementedError
+
+
+def grouped_landmarks(xp, Q, K, labels, m, head_axis=None, *, weighted=True):
+    """Landmarks that are the group means of ``Q (..., n, d)`` (``None``: left unset) and ``K``, for ``labels (..., n)``
+    on the selection rows (without the head axis when ``head_axis`` is shared; ``-1`` for tokens in no group),
+    weighted by the group sizes when ``weighted``. Model patching uses it to reuse one grouping with each layer's
+    own queries and keys."""
+    keys, counts = group_means(xp, K, labels, m, head_axis)
+    queries = None if Q is None else group_means(xp, Q, labels, m, head_axis)[0]
+    log_weights = None
+    if weighted:
+        log_weights = xp.log(xp.astype(counts, xp.float64 if K.dtype == xp.float64 else xp.float32))
+        log_weights = unfold_indices(xp, log_weights, K, head_axis)
+    return Landmarks(queries, keys, log_weights=log_weights, assignment=labels)
 
 
 def group_means(xp, X, labels, m, head_axis=None):
@@ -386,9 +398,11 @@ def random_subset(xp, shape, k, seed, mask=None, device=None):
     subset runs into ineligible ones). The ``k`` smallest of ``n`` i.i.d. uniform keys form a uniformly random
     ``k``-subset, and ineligible tokens get keys above 1. Keys are drawn on the host, so one seed gives the same
     tokens on every device; host arrays take an O(n) partial selection (sorting took 10 ms at n = 65,536),
-    accelerator arrays sort on the device, so the mask is never read back to the host.
+    accelerator arrays sort on the device, so the mask is never read back to the host. With a seed, each row
+    draws from its own stream, so padding at the end of a sequence leaves the keys of its real tokens, and the
+    subset, unchanged.
     """
-    keys = np.random.default_rng(seed).random(tuple(shape))
+    keys = row_draws(seed, shape)
     host_mask = None if mask is None else host_view(mask)
     if mask is None or host_mask is not None:
         if host_mask is not None:
@@ -397,6 +411,16 @@ def random_subset(xp, shape, k, seed, mask=None, device=None):
     keys = xp.asarray(keys, dtype=xp.float64, device=device)
     keys = xp.where(mask, keys, 2 + keys)
     return xp.sort(xp.argsort(keys, axis=-1)[..., :k], axis=-1)
+
+
+def row_draws(seed, shape):
+    """Uniform ``[0, 1)`` host draws of ``shape`` ``(..., n)``: with a seed, row ``r`` (flattened leading index) comes
+    from its own stream ``default_rng([*seed, r])``, so its first draws do not depend on ``n``."""
+    if seed is None:
+        return np.random.default_rng().random(tuple(shape))
+    base = list(seed) if isinstance(seed, (list, tuple)) else [seed]
+    rows = [np.random.default_rng([*base, r]).random(shape[-1]) for r in range(math.prod(shape[:-1]))]
+    return np.reshape(np.stack(rows), tuple(shape))
 
 
 def uniform_draws(xp, shape, seed, like):
