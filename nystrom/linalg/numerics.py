@@ -133,3 +133,32 @@ def segment_sum(xp, values, labels, num_segments):
                             values.dtype)
         out = one_hot @ source
     return xp.reshape(out, (*lead, num_segments + 1, D))[..., :num_segments, :]
+
+
+def put_along_axis(xp, array, indices, values):
+    """A copy of ``array (..., n)`` with ``out[..., indices[..., k]] = values[..., k]`` along the last axis.
+
+    The array API has no scatter: ``numpy.put_along_axis`` for numpy, ``Tensor.scatter`` for torch, an
+    :math:`O(nk)` comparison for other libraries. ``indices`` must be distinct within a row.
+
+    Parameters
+    ----------
+    xp
+        Array namespace.
+    array : array, shape (..., n)
+    indices : int array, shape (..., k)
+    values : array, shape (..., k)
+
+    Returns
+    -------
+    array, shape (..., n)
+    """
+    if array_api_compat.is_torch_array(array):
+        return array.scatter(-1, indices, values)
+    if array_api_compat.is_numpy_array(array):
+        out = np.array(array, copy=True)
+        np.put_along_axis(out, indices, values, axis=-1)
+        return out
+    hit = indices[..., :, None] == xp.arange(array.shape[-1], device=array_api_compat.device(array))
+    chosen = xp.sum(xp.where(hit, values[..., :, None], xp.zeros_like(values)[..., :, None]), axis=-2)
+    return xp.where(xp.any(hit, axis=-2), chosen, array)

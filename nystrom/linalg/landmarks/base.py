@@ -238,30 +238,36 @@ class ClusterStrategy(Strategy, picks_tokens=False):
 
     def select(self, selection):
         xp, Q, K, head_axis, m = selection.xp, selection.Q, selection.K, selection.head_axis, selection.num_landmarks
-        labels = self.assign(selection, queries=False)
+        labels, stands_for = self.assign(selection, queries=False)
         if not selection.cross:
-            return grouped_landmarks(xp, Q, K, labels, m, head_axis, weighted=self.weighted)
+            return grouped_landmarks(xp, Q, K, labels, m, head_axis, weighted=self.weighted, stands_for=stands_for)
         # Cross-attention: the queries are grouped on their own.
-        queries, _ = group_means(xp, Q, self.assign(selection, queries=True), m, head_axis)
-        return dataclasses.replace(grouped_landmarks(xp, None, K, labels, m, head_axis, weighted=self.weighted),
-                                   queries=queries)
+        queries, _ = group_means(xp, Q, self.assign(selection, queries=True)[0], m, head_axis)
+        keys = grouped_landmarks(xp, None, K, labels, m, head_axis, weighted=self.weighted, stands_for=stands_for)
+        return dataclasses.replace(keys, queries=queries)
 
     def assign(self, selection: Selection, queries: bool):
-        """Group of every key ``(..., n)`` in ``[0, m)`` (``-1`` for padding) on the selection rows
+        """Group of every key ``(..., n)`` in ``[0, m)`` (``-1``: in no group, e.g. padding) on the selection rows
         (``selection.points``, eligible where ``selection.mask``), or with ``queries`` of every query
-        (``selection.query_points``) for cross-attention. Every group must be non-empty."""
+        (``selection.query_points``) for cross-attention; and how many tokens each grouped token stands for,
+        broadcastable to ``(..., n)`` (``None``: one each, every eligible token grouped). Every group must be
+        non-empty."""
         raise NotImplementedError
 
 
-def grouped_landmarks(xp, Q, K, labels, m, head_axis=None, *, weighted=True):
+def grouped_landmarks(xp, Q, K, labels, m, head_axis=None, *, weighted=True, stands_for=None):
     """Landmarks that are the group means of ``Q (..., n, d)`` (``None``: left unset) and ``K``, for ``labels (..., n)``
     on the selection rows (without the head axis when ``head_axis`` is shared; ``-1`` for tokens in no group),
-    weighted by the group sizes when ``weighted``. Model patching uses it to reuse one grouping with each layer's
-    own queries and keys."""
+    weighted by the group sizes when ``weighted``: the members, or the tokens they stand for when ``stands_for``
+    (broadcastable to ``labels``) is given. Model patching uses it to reuse one grouping with each layer's own
+    queries and keys."""
     keys, counts = group_means(xp, K, labels, m, head_axis)
     queries = None if Q is None else group_means(xp, Q, labels, m, head_axis)[0]
     log_weights = None
     if weighted:
+        if stands_for is not None:
+            tokens = xp.broadcast_to(xp.astype(stands_for, counts.dtype), tuple(labels.shape))
+            counts = segment_sum(xp, tokens[..., None], labels, m)[..., 0]
         log_weights = xp.log(xp.astype(counts, xp.float64 if K.dtype == xp.float64 else xp.float32))
         log_weights = unfold_indices(xp, log_weights, K, head_axis)
     return Landmarks(queries, keys, log_weights=log_weights, assignment=labels)

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import array_api_compat
 
-from ..numerics import segment_sum
-from .base import ClusterStrategy, gather_rows, random_subset, sample_by_weight, uniform_draws
+from ..numerics import put_along_axis, segment_sum
+from .base import ClusterStrategy, gather_rows, host_view, random_subset, uniform_draws
 
 #: Seed of the clustering strategies when the caller passes none: they are deterministic by default.
 DEFAULT_SEED = 0
@@ -32,44 +32,58 @@ def sq_distances(xp, X, C):
 
 
 def kmeans_plus_plus(xp, X, m, mask, u):
-    """k-means++ seeds: indices ``(..., m)`` of rows of ``X (..., n, D)``; ``u (..., m)`` are the uniform draws."""
+    """k-means++ seeds: distinct indices ``(..., m)`` of rows of ``X (..., n, D)``; ``u (..., m)`` are uniform draws.
+
+    Each seed is drawn with probability proportional to the squared distance to the nearest seed so far
+    (inverse-CDF sampling), among the eligible rows not yet chosen. A tiny uniform floor on those weights keeps
+    the draw defined when every remaining row coincides with a seed (duplicated tokens). One matrix-vector
+    product and a handful of elementwise passes per step: the loop is sequential, so its speed is set by the
+    number of operations.
+    """
     n = X.shape[-2]
     device = array_api_compat.device(X)
     positions = xp.arange(n, device=device)
-    eligible = xp.ones(X.shape[:-1], dtype=xp.bool, device=device) if mask is None else mask
-    one = xp.ones(X.shape[:-1], dtype=X.dtype, device=device)
-    weight = xp.where(eligible, one, -one)
+    sq = xp.sum(X * X, axis=-1)
+    available = xp.ones(X.shape[:-1], dtype=xp.bool, device=device) if mask is None else mask
+    floor = 1e-12 * (xp.mean(sq, axis=-1, keepdims=True) + 1e-30)
+    weight = xp.astype(available, X.dtype)
     best = None
-    taken = ~eligible
     chosen = []
     for t in range(m):
-        idx = sample_by_weight(xp, weight, u[..., t])
+        cdf = xp.cumulative_sum(weight, axis=-1)
+        idx = xp.sum(xp.astype(cdf <= u[..., t:t + 1] * cdf[..., -1:], xp.int64), axis=-1)
+        idx = xp.minimum(idx, xp.asarray(n - 1, device=device))
         chosen.append(idx)
-        point = xp.take_along_axis(X, xp.broadcast_to(idx[..., None, None], (*idx.shape, 1, X.shape[-1])), axis=-2)
-        d = sq_distances(xp, X, point)[..., 0]
+        point = xp.take_along_axis(X, idx[..., None, None], axis=-2)
+        d = sq - 2 * (X @ xp.matrix_transpose(point))[..., 0] + sq_at(xp, sq, idx)
         best = d if best is None else xp.minimum(best, d)
-        taken = taken | (positions == idx[..., None])
-        # D^2 weighting; chosen and ineligible tokens get -1 so they are never drawn again, and a
-        # row whose remaining tokens all coincide with chosen ones (weight 0) still finds one.
-        remaining = ~taken
-        weight = xp.where(remaining, best, -one)
-        weight = xp.where(xp.any(weight > 0, axis=-1, keepdims=True) | ~remaining, weight,
-                          xp.where(remaining, one, -one))
+        available = available & (positions != idx[..., None])
+        weight = xp.where(available, xp.clip(best, min=0) + floor, xp.zeros_like(best))
     return xp.stack(chosen, axis=-1)
+
+
+def sq_at(xp, sq, idx):
+    """``sq[..., idx]`` as ``(..., 1)``."""
+    return xp.take_along_axis(sq, idx[..., None], axis=-1)
 
 
 def nearest(xp, X, C, active=None):
     """Label ``(..., n)`` of the nearest centroid of ``C (..., m, D)`` for each row of ``X (..., n, D)``, among the
-    ``active (..., m)`` ones (default all)."""
-    d = sq_distances(xp, X, C)
+    ``active (..., m)`` ones (default all).
+
+    :math:`\arg\min_j \lVert x - c_j\rVert^2 = \arg\min_j (\lVert c_j\rVert^2 - 2 x^\top c_j)`: one matrix product and one
+    pass, without the :math:`\lVert x\rVert^2` term that every :math:`j` shares.
+    """
+    d = xp.sum(C * C, axis=-1)[..., None, :] - 2 * (X @ xp.matrix_transpose(C))
     if active is not None:
         d = xp.where(active[..., None, :], d, xp.asarray(float("inf"), dtype=d.dtype,
                                                           device=array_api_compat.device(d)))
     return xp.argmin(d, axis=-1)
 
 
-def sampled_kmeans(xp, X, m, mask=None, *, seed, iters=3, sample_size=None, active=None):
-    r"""Cluster labels ``(..., n)`` of the rows of ``X (..., n, D)``: k-means on a sample, then one assignment pass.
+def sampled_kmeans(xp, X, m, mask=None, *, seed, iters=3, sample_size=None, active=None, assign_all=False):
+    r"""Cluster labels ``(..., n)`` of the rows of ``X (..., n, D)`` by k-means on a sample, and the number of tokens
+    each labelled row stands for.
 
     Parameters
     ----------
@@ -89,11 +103,19 @@ def sampled_kmeans(xp, X, m, mask=None, *, seed, iters=3, sample_size=None, acti
         :math:`s`, default :math:`\max(1024, 16m)` (all points when fewer).
     active : bool array, shape (..., m), optional
         Clusters in use per row (default all): rows may use fewer than ``m`` (the others stay empty).
+    assign_all : bool
+        Label every point by one more :math:`n\times m` distance product. By default only the sample is
+        labelled, and each sampled point stands for :math:`n_v / s_v` points (eligible points over eligible
+        sampled ones): an unbiased estimate of the cluster sizes, at a cost that does not grow with :math:`n`
+        (the docs' landmark page compares the two).
 
     Returns
     -------
-    int64 array, shape (..., n)
-        Labels in ``[0, m)``; every active cluster is non-empty; ``-1`` outside ``mask``.
+    labels : int64 array, shape (..., n)
+        Labels in ``[0, m)`` on the labelled points; every active cluster is non-empty; ``-1`` elsewhere
+        (outside ``mask``, or not sampled).
+    stands_for : array, shape (..., 1), or None
+        Points each labelled point stands for; ``None`` when every point is labelled (1 each).
     """
     n = X.shape[-2]
     device = array_api_compat.device(X)
@@ -101,7 +123,7 @@ def sampled_kmeans(xp, X, m, mask=None, *, seed, iters=3, sample_size=None, acti
     rows = random_subset(xp, X.shape[:-1], s, [seed, 0], mask, device)
     sample = gather_rows(xp, X, rows)
     in_sample = None if mask is None else xp.take_along_axis(mask, rows, axis=-1)
-    seeds = kmeans_plus_plus(xp, sample, m, in_sample, uniform_draws(xp, (*X.shape[:-2], m), [seed, 1], X))
+    seeds = _seeds(xp, sample, m, in_sample, uniform_draws(xp, (*X.shape[:-2], m), [seed, 1], X))
     centroids = gather_rows(xp, sample, seeds)
     for _ in range(iters):
         labels = nearest(xp, sample, centroids, active)
@@ -112,15 +134,38 @@ def sampled_kmeans(xp, X, m, mask=None, *, seed, iters=3, sample_size=None, acti
         counts = segment_sum(xp, ones, labels, m)
         # A centroid that lost all its points stays where it was.
         centroids = xp.where(counts > 0, sums / xp.maximum(counts, ones[..., :1, :]), centroids)
-    labels = nearest(xp, X, centroids, active)
     # Every active cluster keeps its seed: the seeds are distinct tokens, so no cluster ends empty (a cluster whose
-    # centroid no token is nearest to, as with duplicated tokens, would be 0/0).
-    seed_tokens = xp.take_along_axis(rows, seeds, axis=-1)
-    hit = seed_tokens[..., :, None] == xp.arange(n, device=device)
+    # centroid no point is nearest to, as with duplicated tokens, would be 0/0).
+    own = xp.broadcast_to(xp.arange(m, dtype=xp.int64, device=device), seeds.shape)
+    if assign_all or s == n:
+        labels = nearest(xp, X, centroids, active)
+        seed_tokens = xp.take_along_axis(rows, seeds, axis=-1)
+        if active is not None:
+            own = xp.where(active, own, xp.take_along_axis(labels, seed_tokens, axis=-1))
+        labels = put_along_axis(xp, labels, seed_tokens, own)
+        return (labels if mask is None else xp.where(mask, labels, -xp.ones_like(labels))), None
+    labels = nearest(xp, sample, centroids, active)
     if active is not None:
-        hit = hit & active[..., :, None]
-    labels = xp.where(xp.any(hit, axis=-2), xp.argmax(xp.astype(hit, xp.int8), axis=-2), labels)
-    return labels if mask is None else xp.where(mask, labels, -xp.ones_like(labels))
+        own = xp.where(active, own, xp.take_along_axis(labels, seeds, axis=-1))
+    labels = put_along_axis(xp, labels, seeds, own)
+    if in_sample is not None:
+        labels = xp.where(in_sample, labels, -xp.ones_like(labels))
+    full = put_along_axis(xp, -xp.ones(X.shape[:-1], dtype=labels.dtype, device=device), rows, labels)
+    if mask is None:
+        return full, xp.full((*X.shape[:-2], 1), n / s, dtype=X.dtype, device=device)
+    n_valid = xp.sum(xp.astype(mask, X.dtype), axis=-1, keepdims=True)
+    return full, n_valid / xp.sum(xp.astype(in_sample, X.dtype), axis=-1, keepdims=True)
+
+
+def _seeds(xp, sample, m, mask, u):
+    """:func:`kmeans_plus_plus` on the sample: its m strictly sequential steps are bound by the array library's
+    per-operation overhead, so samples in host memory run them in numpy on a zero-copy view (the same code)."""
+    host = host_view(sample)
+    if host is None:
+        return kmeans_plus_plus(xp, sample, m, mask, u)
+    np_xp = array_api_compat.array_namespace(host)
+    seeds = kmeans_plus_plus(np_xp, host, m, None if mask is None else host_view(mask), host_view(u))
+    return xp.asarray(seeds, device=array_api_compat.device(sample))
 
 
 @dataclass(frozen=True)
@@ -133,6 +178,9 @@ class KMeans(ClusterStrategy, name="kmeans", random=True, weighted=True):
         Lloyd steps on the sample after k-means++ seeding.
     sample_size : int or None
         Tokens in the sample, default :math:`\\max(1024, 16m)`.
+    assign_all : bool
+        Assign every token to its nearest centroid (one :math:`n\\times m` distance product) instead of
+        letting the sample stand for the sequence; see :func:`sampled_kmeans`.
 
     Notes
     -----
@@ -143,6 +191,7 @@ class KMeans(ClusterStrategy, name="kmeans", random=True, weighted=True):
 
     iters: int = 3
     sample_size: int | None = None
+    assign_all: bool = False
 
     def __post_init__(self):
         if isinstance(self.iters, bool) or not isinstance(self.iters, int) or self.iters < 0:
@@ -155,4 +204,4 @@ class KMeans(ClusterStrategy, name="kmeans", random=True, weighted=True):
         X, mask = (selection.query_points, None) if queries else (selection.points, selection.mask)
         seed = DEFAULT_SEED if selection.seed is None else selection.seed
         return sampled_kmeans(selection.xp, X, selection.num_landmarks, mask, seed=seed, iters=self.iters,
-                              sample_size=self.sample_size)
+                              sample_size=self.sample_size, assign_all=self.assign_all)

@@ -126,7 +126,7 @@ class Norm(ClusterStrategy, name="norm", random=True, weighted=True):
         Probe queries for the sink test.
     first : int or None
         A token that is always a singleton (``0``: CLS); ``None`` for none.
-    iters, sample_size
+    iters, sample_size, assign_all
         Of the k-means behind the clusters (:class:`~nystrom.linalg.landmarks.KMeans`).
 
     Notes
@@ -144,6 +144,7 @@ class Norm(ClusterStrategy, name="norm", random=True, weighted=True):
     first: int | None = 0
     iters: int = 3
     sample_size: int | None = None
+    assign_all: bool = False
 
     def __post_init__(self):
         for field in ("sink_ratio", "sink_share", "norm_ratio"):
@@ -163,13 +164,14 @@ class Norm(ClusterStrategy, name="norm", random=True, weighted=True):
         if queries:
             # Cross-attention: sinks and outliers are keys; query landmarks are plain clusters.
             return sampled_kmeans(xp, selection.query_points, m, None, seed=seed, iters=self.iters,
-                                  sample_size=self.sample_size)
+                                  sample_size=self.sample_size, assign_all=self.assign_all)
         X, mask = selection.points, selection.mask
         n = X.shape[-2]
         device = array_api_compat.device(X)
         budget = min(max(1, int(self.max_singleton_fraction * m)), m - 1)
         if budget == 0:
-            return sampled_kmeans(xp, X, m, mask, seed=seed, iters=self.iters, sample_size=self.sample_size)
+            return sampled_kmeans(xp, X, m, mask, seed=seed, iters=self.iters, sample_size=self.sample_size,
+                                  assign_all=self.assign_all)
         score = self.singleton_score(selection)
         # The `budget` best candidates; real singletons (finite score) come first, so row r has g_r of them, and
         # they take the last g_r slots while k-means fills the first m - g_r: no row waits for another.
@@ -182,9 +184,11 @@ class Norm(ClusterStrategy, name="norm", random=True, weighted=True):
         single_slot = xp.sum(xp.where(hit, slot[..., :, None], xp.zeros_like(slot)[..., :, None]), axis=-2)
         eligible = ~single if mask is None else mask & ~single
         active = xp.arange(m, device=device) < (m - count)
-        labels = sampled_kmeans(xp, X, m, eligible, seed=seed, iters=self.iters, sample_size=self.sample_size,
-                                active=active)
-        return xp.where(single, single_slot, labels)
+        labels, stands_for = sampled_kmeans(xp, X, m, eligible, seed=seed, iters=self.iters,
+                                            sample_size=self.sample_size, active=active, assign_all=self.assign_all)
+        if stands_for is not None:
+            stands_for = xp.where(single, xp.ones_like(stands_for), stands_for)
+        return xp.where(single, single_slot, labels), stands_for
 
     def singleton_score(self, selection):
         """Priority ``(..., n)`` of the selection rows: finite for singletons (``first`` highest, then by attention

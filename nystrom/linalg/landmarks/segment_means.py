@@ -40,4 +40,4 @@ class SegmentMeans(ClusterStrategy, name="segment_means"):
         tokens = selection.Q if queries else selection.K
         mask = None if queries else selection.mask
         return segment_labels(selection.xp, tokens.shape[-2], selection.num_landmarks, mask,
-                              array_api_compat.device(tokens))
+                              array_api_compat.device(tokens)), None
