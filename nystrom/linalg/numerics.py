@@ -92,7 +92,8 @@ def float64_numpy(a):
 
 
 def segment_sum(xp, values, labels, num_segments):
-    """Sum the rows of ``values`` by label: ``out[..., j, :] = sum over i with labels[..., i] == j of values[..., i, :]``.
+    """Sum the rows of ``values`` by label: ``out[..., j, :]`` is the sum of the rows ``values[..., i, :]`` with
+    ``labels[..., i] == j``.
 
     The scatter-add behind cluster means, in :math:`O(nD)` without a dense :math:`m\\times n` membership matrix:
     ``index_add_`` for torch, a sparse product for numpy (the array API has no scatter), a one-hot product for

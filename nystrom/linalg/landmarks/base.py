@@ -78,10 +78,9 @@ class Landmarks:
         sizes; 0 for a one-token landmark). Every logit against landmark key :math:`j` gets
         :math:`+\\log c_j`, in :math:`A` and in the output product (proportional attention; the docs'
         Nyström page derives it). ``None``: every landmark stands for itself.
-    assignment : int array, shape (..., n), or None
-        For cluster strategies, the landmark each key belongs to (``-1`` for padding), on the
-        selection rows (heads folded when shared); it lets a model reuse one clustering across
-        layers with each layer's own means.
+    grouping : Grouping or None
+        For strategies that group tokens, how they did it (on the selection rows: heads folded when
+        shared); it lets a model reuse one grouping across layers with each layer's own means.
     """
 
     queries: Any
@@ -89,7 +88,36 @@ class Landmarks:
     indices: Any = None
     query_indices: Any = None
     log_weights: Any = None
-    assignment: Any = None
+    grouping: Any = None
+
+    @property
+    def assignment(self):
+        """int array, shape (..., n), or None: the landmark each key belongs to (``-1``: none), from the grouping."""
+        return None if self.grouping is None else self.grouping.labels
+
+
+@dataclass(frozen=True)
+class Grouping:
+    """How a strategy grouped the tokens into landmarks (on the selection rows).
+
+    Attributes
+    ----------
+    labels : int array, shape (..., n)
+        The landmark each token belongs to, ``-1`` for none (padding, or a token left out of a sample).
+    tokens : int array, shape (..., r), or None
+        When only some tokens are grouped (a sample): their positions, possibly repeated; the group means
+        and sizes are taken over this list. ``None``: every token, with ``labels``.
+    token_labels : int array, shape (..., r), or None
+        The landmark of each listed token (``-1``: ignore this entry, e.g. a repeated position).
+    weights : array, broadcastable to the listed tokens (``(..., r)``, or ``(..., n)`` without a list), or None
+        How many tokens each grouped token stands for (a sampled token stands for the tokens the sample
+        left out); ``None``: one each.
+    """
+
+    labels: Any
+    tokens: Any = None
+    token_labels: Any = None
+    weights: Any = None
 
 
 @dataclass(frozen=True)
@@ -238,39 +266,44 @@ class ClusterStrategy(Strategy, picks_tokens=False):
 
     def select(self, selection):
         xp, Q, K, head_axis, m = selection.xp, selection.Q, selection.K, selection.head_axis, selection.num_landmarks
-        labels, stands_for = self.assign(selection, queries=False)
+        grouping = self.assign(selection, queries=False)
         if not selection.cross:
-            return grouped_landmarks(xp, Q, K, labels, m, head_axis, weighted=self.weighted, stands_for=stands_for)
+            return grouped_landmarks(xp, Q, K, grouping, m, head_axis, weighted=self.weighted)
         # Cross-attention: the queries are grouped on their own.
-        queries, _ = group_means(xp, Q, self.assign(selection, queries=True)[0], m, head_axis)
-        keys = grouped_landmarks(xp, None, K, labels, m, head_axis, weighted=self.weighted, stands_for=stands_for)
+        queries = grouped_landmarks(xp, None, Q, self.assign(selection, queries=True), m, head_axis).keys
+        keys = grouped_landmarks(xp, None, K, grouping, m, head_axis, weighted=self.weighted)
         return dataclasses.replace(keys, queries=queries)
 
-    def assign(self, selection: Selection, queries: bool):
-        """Group of every key ``(..., n)`` in ``[0, m)`` (``-1``: in no group, e.g. padding) on the selection rows
-        (``selection.points``, eligible where ``selection.mask``), or with ``queries`` of every query
-        (``selection.query_points``) for cross-attention; and how many tokens each grouped token stands for,
-        broadcastable to ``(..., n)`` (``None``: one each, every eligible token grouped). Every group must be
-        non-empty."""
+    def assign(self, selection: Selection, queries: bool) -> Grouping:
+        """The :class:`Grouping` of the keys into ``m`` non-empty groups on the selection rows
+        (``selection.points``, eligible where ``selection.mask``), or with ``queries`` of the queries
+        (``selection.query_points``) for cross-attention."""
         raise NotImplementedError
 
 
-def grouped_landmarks(xp, Q, K, labels, m, head_axis=None, *, weighted=True, stands_for=None):
-    """Landmarks that are the group means of ``Q (..., n, d)`` (``None``: left unset) and ``K``, for ``labels (..., n)``
-    on the selection rows (without the head axis when ``head_axis`` is shared; ``-1`` for tokens in no group),
-    weighted by the group sizes when ``weighted``: the members, or the tokens they stand for when ``stands_for``
-    (broadcastable to ``labels``) is given. Model patching uses it to reuse one grouping with each layer's own
-    queries and keys."""
+def grouped_landmarks(xp, Q, K, grouping, m, head_axis=None, *, weighted=True):
+    """Landmarks that are the group means of ``Q (..., n, d)`` (``None``: left unset) and ``K`` for a
+    :class:`Grouping` on the selection rows (without the head axis when ``head_axis`` is shared), weighted by
+    the number of tokens each group stands for when ``weighted``. Model patching uses it to reuse one grouping
+    with each layer's own queries and keys.
+
+    The sums run over the listed tokens only (a sample): :math:`O(r d)`, or :math:`O(n d)` for a full grouping.
+    """
+    labels = grouping.labels if grouping.tokens is None else grouping.token_labels
+    if grouping.tokens is not None:
+        rows = unfold_indices(xp, grouping.tokens, K, head_axis)
+        K = gather_rows(xp, K, rows)
+        Q = None if Q is None else gather_rows(xp, Q, rows)
     keys, counts = group_means(xp, K, labels, m, head_axis)
     queries = None if Q is None else group_means(xp, Q, labels, m, head_axis)[0]
     log_weights = None
     if weighted:
-        if stands_for is not None:
-            tokens = xp.broadcast_to(xp.astype(stands_for, counts.dtype), tuple(labels.shape))
+        if grouping.weights is not None:
+            tokens = xp.broadcast_to(xp.astype(grouping.weights, counts.dtype), tuple(labels.shape))
             counts = segment_sum(xp, tokens[..., None], labels, m)[..., 0]
         log_weights = xp.log(xp.astype(counts, xp.float64 if K.dtype == xp.float64 else xp.float32))
         log_weights = unfold_indices(xp, log_weights, K, head_axis)
-    return Landmarks(queries, keys, log_weights=log_weights, assignment=labels)
+    return Landmarks(queries, keys, log_weights=log_weights, grouping=grouping)
 
 
 def group_means(xp, X, labels, m, head_axis=None):

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import array_api_compat
 
 from ..numerics import put_along_axis, segment_sum
-from .base import ClusterStrategy, gather_rows, host_view, random_subset, uniform_draws
+from .base import ClusterStrategy, Grouping, gather_rows, host_view, random_subset, uniform_draws
 
 #: Seed of the clustering strategies when the caller passes none: they are deterministic by default.
 DEFAULT_SEED = 0
@@ -68,11 +68,11 @@ def sq_at(xp, sq, idx):
 
 
 def nearest(xp, X, C, active=None):
-    """Label ``(..., n)`` of the nearest centroid of ``C (..., m, D)`` for each row of ``X (..., n, D)``, among the
+    r"""Label ``(..., n)`` of the nearest centroid of ``C (..., m, D)`` for each row of ``X (..., n, D)``, among the
     ``active (..., m)`` ones (default all).
 
-    :math:`\arg\min_j \lVert x - c_j\rVert^2 = \arg\min_j (\lVert c_j\rVert^2 - 2 x^\top c_j)`: one matrix product and one
-    pass, without the :math:`\lVert x\rVert^2` term that every :math:`j` shares.
+    :math:`\arg\min_j \lVert x - c_j\rVert^2 = \arg\min_j (\lVert c_j\rVert^2 - 2 x^\top c_j)`: one matrix
+    product and one pass, without the :math:`\lVert x\rVert^2` term that every :math:`j` shares.
     """
     d = xp.sum(C * C, axis=-1)[..., None, :] - 2 * (X @ xp.matrix_transpose(C))
     if active is not None:
@@ -111,11 +111,10 @@ def sampled_kmeans(xp, X, m, mask=None, *, seed, iters=3, sample_size=None, acti
 
     Returns
     -------
-    labels : int64 array, shape (..., n)
-        Labels in ``[0, m)`` on the labelled points; every active cluster is non-empty; ``-1`` elsewhere
-        (outside ``mask``, or not sampled).
-    stands_for : array, shape (..., 1), or None
-        Points each labelled point stands for; ``None`` when every point is labelled (1 each).
+    Grouping
+        Labels in ``[0, m)`` (every active cluster non-empty; ``-1`` outside ``mask`` and, by default, for the
+        points left out of the sample); by default the sample as the listed tokens, each standing for
+        :math:`n_v / s_v` points.
     """
     n = X.shape[-2]
     device = array_api_compat.device(X)
@@ -143,18 +142,19 @@ def sampled_kmeans(xp, X, m, mask=None, *, seed, iters=3, sample_size=None, acti
         if active is not None:
             own = xp.where(active, own, xp.take_along_axis(labels, seed_tokens, axis=-1))
         labels = put_along_axis(xp, labels, seed_tokens, own)
-        return (labels if mask is None else xp.where(mask, labels, -xp.ones_like(labels))), None
+        return Grouping(labels if mask is None else xp.where(mask, labels, -xp.ones_like(labels)))
     labels = nearest(xp, sample, centroids, active)
     if active is not None:
         own = xp.where(active, own, xp.take_along_axis(labels, seeds, axis=-1))
     labels = put_along_axis(xp, labels, seeds, own)
-    if in_sample is not None:
+    if in_sample is None:
+        stands_for = xp.full((*X.shape[:-2], 1), n / s, dtype=X.dtype, device=device)
+    else:
         labels = xp.where(in_sample, labels, -xp.ones_like(labels))
+        n_valid = xp.sum(xp.astype(mask, X.dtype), axis=-1, keepdims=True)
+        stands_for = n_valid / xp.sum(xp.astype(in_sample, X.dtype), axis=-1, keepdims=True)
     full = put_along_axis(xp, -xp.ones(X.shape[:-1], dtype=labels.dtype, device=device), rows, labels)
-    if mask is None:
-        return full, xp.full((*X.shape[:-2], 1), n / s, dtype=X.dtype, device=device)
-    n_valid = xp.sum(xp.astype(mask, X.dtype), axis=-1, keepdims=True)
-    return full, n_valid / xp.sum(xp.astype(in_sample, X.dtype), axis=-1, keepdims=True)
+    return Grouping(full, tokens=rows, token_labels=labels, weights=stands_for)
 
 
 def _seeds(xp, sample, m, mask, u):

@@ -33,13 +33,13 @@ from dataclasses import dataclass
 
 import array_api_compat
 
-from ..numerics import at_least_float32, masked_median
-from .base import ClusterStrategy
+from ..numerics import at_least_float32, masked_median, put_along_axis
+from .base import ClusterStrategy, Grouping
 from .kmeans import DEFAULT_SEED, sampled_kmeans
 
 
-def probe_attention(xp, Q, K, scale, mask=None, num_probes=16):
-    r"""Attention rows of evenly spaced probe queries, :math:`\mathrm{softmax}(\tau\, q_p K^\top + M)`.
+def probe_logits(xp, Q, K, scale, mask=None, num_probes=16):
+    r"""Attention logits of evenly spaced probe queries, :math:`\tau\, q_p K^\top + M`.
 
     Parameters
     ----------
@@ -56,7 +56,7 @@ def probe_attention(xp, Q, K, scale, mask=None, num_probes=16):
     Returns
     -------
     array, shape (..., s, n)
-        One attention row per probe, each summing to 1, in float32 or wider.
+        One row of logits per probe (``-inf`` on padding), in float32 or wider.
     """
     # Shares of a few percent must be resolved: accumulate in float32 or wider.
     Q, K = at_least_float32(xp, Q), at_least_float32(xp, K)
@@ -81,8 +81,32 @@ def probe_attention(xp, Q, K, scale, mask=None, num_probes=16):
     logits = (scale * probes) @ xp.matrix_transpose(K)
     if mask is not None:
         logits = xp.where(mask[..., None, :], logits, xp.asarray(-float("inf"), dtype=logits.dtype, device=device))
+    return logits
+
+
+def probe_weights(xp, logits):
+    """Unnormalised attention ``e = exp(logits - max)`` ``(..., s, n)`` of the probes and ``w = 1 / sum(e)``
+    ``(..., s, 1)``: the softmax rows are ``e * w``, and a mean of rows is one product, without a pass that
+    divides."""
     e = xp.exp(logits - xp.max(logits, axis=-1, keepdims=True))
-    return e / xp.sum(e, axis=-1, keepdims=True)
+    return e, 1 / xp.sum(e, axis=-1, keepdims=True)
+
+
+def probe_attention(xp, Q, K, scale, mask=None, num_probes=16):
+    r"""Attention rows of evenly spaced probe queries, :math:`\mathrm{softmax}(\tau\, q_p K^\top + M)`.
+
+    Parameters
+    ----------
+    Q, K, scale, mask, num_probes
+        As for :func:`probe_logits`.
+
+    Returns
+    -------
+    array, shape (..., s, n)
+        One attention row per probe, each summing to 1, in float32 or wider.
+    """
+    e, w = probe_weights(xp, probe_logits(xp, Q, K, scale, mask, num_probes))
+    return e * w
 
 
 def attention_share(xp, Q, K, scale, mask=None, num_probes=16):
@@ -92,14 +116,15 @@ def attention_share(xp, Q, K, scale, mask=None, num_probes=16):
     Parameters
     ----------
     Q, K, scale, mask, num_probes
-        As for :func:`probe_attention`.
+        As for :func:`probe_logits`.
 
     Returns
     -------
     array, shape (..., n)
         :math:`\hat a_j`, summing to 1 over the keys of each sequence.
     """
-    return xp.mean(probe_attention(xp, Q, K, scale, mask, num_probes), axis=-2)
+    e, w = probe_weights(xp, probe_logits(xp, Q, K, scale, mask, num_probes))
+    return (xp.matrix_transpose(w) @ e)[..., 0, :] / e.shape[-2]
 
 
 @dataclass(frozen=True)
@@ -166,56 +191,73 @@ class Norm(ClusterStrategy, name="norm", random=True, weighted=True):
             return sampled_kmeans(xp, selection.query_points, m, None, seed=seed, iters=self.iters,
                                   sample_size=self.sample_size, assign_all=self.assign_all)
         X, mask = selection.points, selection.mask
-        n = X.shape[-2]
         device = array_api_compat.device(X)
         budget = min(max(1, int(self.max_singleton_fraction * m)), m - 1)
         if budget == 0:
             return sampled_kmeans(xp, X, m, mask, seed=seed, iters=self.iters, sample_size=self.sample_size,
                                   assign_all=self.assign_all)
-        score = self.singleton_score(selection)
-        # The `budget` best candidates; real singletons (finite score) come first, so row r has g_r of them, and
-        # they take the last g_r slots while k-means fills the first m - g_r: no row waits for another.
-        candidates = xp.argsort(-score, axis=-1, stable=True)[..., :budget]
-        real = xp.take_along_axis(score, candidates, axis=-1) > -float("inf")
+        candidates, real = self.singletons(selection, budget)
+        # Real singletons come first among the candidates, so row r has g_r of them, and they take the last g_r
+        # slots while k-means fills the first m - g_r: no row waits for another.
         count = xp.sum(xp.astype(real, xp.int64), axis=-1, keepdims=True)
-        slot = (m - count) + xp.arange(budget, device=device)
-        hit = (candidates[..., :, None] == xp.arange(n, device=device)) & real[..., :, None]
-        single = xp.any(hit, axis=-2)
-        single_slot = xp.sum(xp.where(hit, slot[..., :, None], xp.zeros_like(slot)[..., :, None]), axis=-2)
+        slot = xp.where(real, (m - count) + xp.arange(budget, device=device), -xp.ones_like(candidates))
+        single = put_along_axis(xp, xp.zeros(X.shape[:-1], dtype=xp.bool, device=device), candidates, real)
         eligible = ~single if mask is None else mask & ~single
         active = xp.arange(m, device=device) < (m - count)
-        labels, stands_for = sampled_kmeans(xp, X, m, eligible, seed=seed, iters=self.iters,
-                                            sample_size=self.sample_size, active=active, assign_all=self.assign_all)
-        if stands_for is not None:
-            stands_for = xp.where(single, xp.ones_like(stands_for), stands_for)
-        return xp.where(single, single_slot, labels), stands_for
+        clusters = sampled_kmeans(xp, X, m, eligible, seed=seed, iters=self.iters, sample_size=self.sample_size,
+                                  active=active, assign_all=self.assign_all)
+        labels = put_along_axis(xp, clusters.labels, candidates,
+                                xp.where(real, slot, xp.take_along_axis(clusters.labels, candidates, axis=-1)))
+        if clusters.tokens is None:
+            return Grouping(labels)
+        ones = xp.ones(candidates.shape, dtype=X.dtype, device=device)
+        return Grouping(labels, tokens=xp.concat([clusters.tokens, candidates], axis=-1),
+                        token_labels=xp.concat([clusters.token_labels, slot], axis=-1),
+                        weights=xp.concat([xp.broadcast_to(clusters.weights, clusters.tokens.shape), ones], axis=-1))
 
-    def singleton_score(self, selection):
-        """Priority ``(..., n)`` of the selection rows: finite for singletons (``first`` highest, then by attention
-        share), ``-inf`` otherwise."""
-        xp, K, mask, features = selection.xp, selection.K, selection.mask, selection.features
+    def singletons(self, selection, budget):
+        """The ``budget`` candidate singletons ``(..., budget)`` of the selection rows and which of them are real
+        ``(..., budget)``, real ones first: ``first``, high-norm tokens, then sinks, by attention share.
+
+        The probes' attention is one :math:`s\times n` product; the mean share is one more product, and the
+        quorum test reads only the candidates' columns.
+        """
+        xp, K, mask, head_axis = selection.xp, selection.K, selection.mask, selection.head_axis
         padding = selection.key_padding_mask
         padding = None if padding is None else xp.broadcast_to(padding, tuple(K.shape[:-1]))
-        rows = probe_attention(xp, selection.Q, K, selection.scale, padding, self.num_probes)
-        if selection.head_axis is not None:
-            rows = xp.mean(rows, axis=selection.head_axis)
-        share = xp.mean(rows, axis=-2)
+        e, w = probe_weights(xp, probe_logits(xp, selection.Q, K, selection.scale, padding, self.num_probes))
+        share = (xp.matrix_transpose(w) @ e)[..., 0, :] / e.shape[-2]
+        if head_axis is not None:
+            share = xp.mean(share, axis=head_axis + 1)
         device = array_api_compat.device(share)
-        n_valid = K.shape[-2] if mask is None else xp.sum(xp.astype(mask, share.dtype), axis=-1, keepdims=True)
-        threshold = xp.minimum(self.sink_ratio / n_valid, xp.asarray(self.sink_share, dtype=share.dtype,
-                                                                        device=device))
-        votes = xp.mean(xp.astype(rows >= threshold[..., None], share.dtype), axis=-2)
-        flagged = votes >= self.sink_quorum
-        if features is not None:
+        n = share.shape[-1]
+        forced = xp.zeros(share.shape, dtype=xp.bool, device=device)
+        if selection.features is not None:
             points = selection.points
             norms = xp.sqrt(xp.sum(points * points, axis=-1))
-            flagged = flagged | (norms >= self.norm_ratio * masked_median(xp, norms, mask)[..., None])
-        minus_inf = xp.asarray(-float("inf"), dtype=share.dtype, device=device)
-        score = xp.where(flagged, 1 + share, minus_inf)
+            forced = norms >= self.norm_ratio * masked_median(xp, norms, mask)[..., None]
+        priority = share + 2 * xp.astype(forced, share.dtype)
         if self.first is not None:
-            n = share.shape[-1]
             if not (-n <= self.first < n):
                 raise ValueError(f"first={self.first} is not a token position for n={n}")
             is_first = xp.arange(n, device=device) == (self.first % n)
-            score = xp.where(is_first, xp.asarray(3.0, dtype=share.dtype, device=device), score)
-        return score if mask is None else xp.where(mask, score, minus_inf)
+            forced = forced | is_first
+            priority = xp.where(is_first, xp.asarray(4.0, dtype=share.dtype, device=device), priority)
+        if mask is not None:
+            priority = xp.where(mask, priority, xp.asarray(-1.0, dtype=share.dtype, device=device))
+        candidates = xp.argsort(-priority, axis=-1, stable=True)[..., :budget]
+        # The quorum: the fraction of probes in which each candidate takes at least the threshold share.
+        columns = candidates if head_axis is None else xp.expand_dims(candidates, axis=head_axis + 1)
+        columns = xp.broadcast_to(columns[..., None, :], (*e.shape[:-1], budget))
+        rows = xp.take_along_axis(e, columns, axis=-1) * w
+        if head_axis is not None:
+            rows = xp.mean(rows, axis=head_axis)
+        n_valid = n if mask is None else xp.sum(xp.astype(mask, share.dtype), axis=-1, keepdims=True)
+        threshold = xp.minimum(self.sink_ratio / n_valid, xp.asarray(self.sink_share, dtype=share.dtype,
+                                                                        device=device))
+        votes = xp.mean(xp.astype(rows >= threshold[..., None], share.dtype), axis=-2)
+        real = (votes >= self.sink_quorum) | xp.take_along_axis(forced, candidates, axis=-1)
+        if mask is not None:
+            real = real & xp.take_along_axis(mask, candidates, axis=-1)
+        order = xp.argsort(xp.astype(~real, xp.int64), axis=-1, stable=True)
+        return xp.take_along_axis(candidates, order, axis=-1), xp.take_along_axis(real, order, axis=-1)

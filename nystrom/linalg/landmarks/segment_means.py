@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import array_api_compat
 
-from .base import ClusterStrategy
+from .base import ClusterStrategy, Grouping
 
 
 def segment_labels(xp, n, m, mask=None, device=None):
@@ -39,5 +39,5 @@ class SegmentMeans(ClusterStrategy, name="segment_means"):
     def assign(self, selection, queries):
         tokens = selection.Q if queries else selection.K
         mask = None if queries else selection.mask
-        return segment_labels(selection.xp, tokens.shape[-2], selection.num_landmarks, mask,
-                              array_api_compat.device(tokens)), None
+        return Grouping(segment_labels(selection.xp, tokens.shape[-2], selection.num_landmarks, mask,
+                                       array_api_compat.device(tokens)))
