@@ -25,6 +25,7 @@ import torch
 
 from ..linalg.attention import nystrom_product
 from ..linalg.landmarks.base import (
+    Grouping,
     Selection,
     fold_heads,
     get_strategy,
@@ -109,8 +110,7 @@ class FNAHandle(Handle):
         self.seed = check_seed(seed)
         self.query_chunk_size = check_query_chunk_size(query_chunk_size)
         self.records: dict[int, LayerRecord] = {}
-        self._shared = None
-        self._shared_forced = None
+        self._shared = self._shared_eligible = self._shared_forced = None
 
     @staticmethod
     def default_layers(num_layers):
@@ -142,7 +142,9 @@ class FNAHandle(Handle):
                                       mask=None if real is None else real[:, None, None, :], attend=attend)
         assignment = landmarks.assignment
         counts = None
-        if assignment is not None:
+        if landmarks.log_weights is not None:
+            counts = torch.exp(landmarks.log_weights[:, 0])
+        elif assignment is not None:
             ones = torch.ones((*assignment.shape, 1), dtype=torch.float32, device=key.device)
             counts = segment_sum(array_api_compat.array_namespace(key), ones, assignment, landmarks.keys.shape[-2])
             counts = counts[..., 0]
@@ -163,25 +165,24 @@ class FNAHandle(Handle):
         # layer's own queries and keys: only the assignment is shared, the means are this layer's (O(n d)).
         if self._shared is not None and self._reusable(eligible, forced):
             shared = self._shared
-            if shared.assignment is not None:
+            if shared.grouping is not None:
                 m = shared.keys.shape[-2]
                 weighted = shared.log_weights is not None
-                return grouped_landmarks(xp, query, key, shared.assignment, m, -3, weighted=weighted), False
+                return grouped_landmarks(xp, query, key, shared.grouping, m, -3, weighted=weighted), False
             return landmarks_at(xp, query, key, shared.indices), False
         landmarks = self._select(layer, query, key, value, hidden, eligible, forced, scale)
         if self.resample == "once" and layer == self.layers[0]:
-            self._shared = landmarks
-            self._shared_forced = forced
+            self._shared, self._shared_eligible, self._shared_forced = landmarks, eligible, forced
         return landmarks, True
 
     def _reusable(self, eligible, forced):
-        """Whether the shared landmarks fit this layer: the same eligible tokens for a grouping (every eligible token
-        in a group, no other), eligible tokens that hold every guaranteed one for picked tokens."""
+        """Whether the shared landmarks fit this layer: the same eligible and guaranteed tokens for a grouping,
+        eligible tokens that hold every guaranteed one for picked tokens."""
         shared = self._shared
-        if shared.assignment is not None:
+        if shared.grouping is not None:
             same_forced = (forced is None) == (self._shared_forced is None) and (
                 forced is None or torch.equal(forced, self._shared_forced))
-            return same_forced and torch.equal(shared.assignment >= 0, eligible)
+            return same_forced and torch.equal(eligible, self._shared_eligible)
         indices = shared.indices[:, 0]
         if not bool(torch.all(torch.gather(eligible, -1, indices))):
             return False
@@ -203,7 +204,7 @@ class FNAHandle(Handle):
                                                          scale))
         # Guaranteed tokens take their own landmarks; the strategy chooses the other m - P for the other tokens,
         # sequence by sequence (P differs between them).
-        rows, labels, weighted = [], [], False
+        rows, groupings, weighted = [], [], False
         for b in range(key.shape[0]):
             pinned = torch.nonzero(forced[b])[:, 0]
             if pinned.numel() > m:
@@ -221,12 +222,41 @@ class FNAHandle(Handle):
             if rest is None or rest.indices is not None:
                 rows.append(pinned if rest is None else torch.cat([pinned, rest.indices[0, 0]]))
             else:
-                singles = torch.full_like(forced[b], -1, dtype=torch.int64)
-                singles[pinned] = torch.arange(m - pinned.numel(), m, device=key.device)
-                labels.append(torch.where(forced[b], singles, rest.assignment[0]))
-        if labels:
-            return grouped_landmarks(xp, query, key, torch.stack(labels), m, -3, weighted=weighted)
+                groupings.append(_with_singletons(rest.grouping, pinned, m, key.shape[-2]))
+        if groupings:
+            return grouped_landmarks(xp, query, key, _stack(groupings), m, -3, weighted=weighted)
         return landmarks_at(xp, query, key, unfold_indices(xp, torch.stack(rows), key, -3))
+
+
+def _with_singletons(grouping, pinned, m, n):
+    """One sequence's grouping (``labels (1, n)``) with the ``pinned`` tokens as singletons in the last slots, as a
+    token list ``(positions, labels, weights)`` of shape ``(r,)`` each."""
+    singles = torch.arange(m - pinned.numel(), m, device=pinned.device)
+    labels = grouping.labels[0].clone()
+    labels[pinned] = singles
+    if grouping.tokens is None:
+        tokens, token_labels = torch.arange(n, device=pinned.device), labels
+        weights = torch.ones(n, device=pinned.device) if grouping.weights is None else torch.broadcast_to(
+            grouping.weights[0], (n,))
+    else:
+        tokens = torch.cat([grouping.tokens[0], pinned])
+        token_labels = torch.cat([grouping.token_labels[0], singles])
+        weights = torch.cat([torch.broadcast_to(grouping.weights[0], grouping.tokens[0].shape).float(),
+                             torch.ones(pinned.numel(), device=pinned.device)])
+    return labels, tokens, token_labels, weights
+
+
+def _stack(rows):
+    """Token lists of different lengths as one :class:`Grouping`, padded with ignored entries (label -1)."""
+    length = max(tokens.numel() for _, tokens, _, _ in rows)
+
+    def pad(x, value):
+        return torch.cat([x, x.new_full((length - x.numel(),), value)])
+
+    return Grouping(torch.stack([labels for labels, _, _, _ in rows]),
+                    tokens=torch.stack([pad(tokens, 0) for _, tokens, _, _ in rows]),
+                    token_labels=torch.stack([pad(token_labels, -1) for _, _, token_labels, _ in rows]),
+                    weights=torch.stack([pad(weights, 0) for _, _, _, weights in rows]))
 
 
 def patch(model, *, layers=None, num_landmarks=64, strategy="norm", solver="newton_schulz", resample="once",

@@ -190,7 +190,8 @@ class TestResample:
         # Layer 3's landmarks are the means of layer 3's own keys over the shared segments.
         c = caps[0]
         landmarks = nystrom.linalg.landmarks.base.grouped_landmarks(
-            array_api_compat.array_namespace(c.key), c.query, c.key, records[3].assignment, 4, -3, weighted=False)
+            array_api_compat.array_namespace(c.key), c.query, c.key,
+            nystrom.linalg.landmarks.base.Grouping(records[3].assignment), 4, -3, weighted=False)
         members = records[3].assignment[0] == 1  # tokens 5-8 of 17: segment floor(4 i / 17) = 1
         assert members.nonzero()[:, 0].tolist() == [5, 6, 7, 8]
         np.testing.assert_allclose(landmarks.keys[0, 0, 1].numpy(), c.key[0, 0, members].mean(0).numpy(), rtol=1e-12)
