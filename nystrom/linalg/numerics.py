@@ -163,3 +163,23 @@ def put_along_axis(xp, array, indices, values):
     hit = indices[..., :, None] == xp.arange(array.shape[-1], device=array_api_compat.device(array))
     chosen = xp.sum(xp.where(hit, values[..., :, None], xp.zeros_like(values)[..., :, None]), axis=-2)
     return xp.where(xp.any(hit, axis=-2), chosen, array)
+
+
+def searchsorted_rows(xp, sorted_rows, values):
+    """Per row, the number of entries of ``sorted_rows (..., n)`` (non-decreasing) that are ``<= values (..., k)``:
+    ``searchsorted(side="right")`` batched over the leading dimensions: torch's is batched already, numpy's takes
+    one row at a time.
+
+    Returns
+    -------
+    int64 array, shape (..., k)
+    """
+    if array_api_compat.is_torch_array(sorted_rows):
+        lead = tuple(sorted_rows.shape[:-1])
+        values = xp.broadcast_to(values, (*lead, values.shape[-1]))
+        return xp.astype(xp.searchsorted(sorted_rows, values, side="right"), xp.int64)
+    lead = tuple(sorted_rows.shape[:-1])
+    flat_rows = xp.reshape(sorted_rows, (-1, sorted_rows.shape[-1]))
+    flat_values = xp.reshape(xp.broadcast_to(values, (*lead, values.shape[-1])), (-1, values.shape[-1]))
+    found = [xp.searchsorted(flat_rows[r], flat_values[r], side="right") for r in range(flat_rows.shape[0])]
+    return xp.reshape(xp.astype(xp.stack(found), xp.int64), (*lead, values.shape[-1]))

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -428,38 +427,6 @@ def landmarks_at(xp, Q, K, idx, query_idx=None) -> Landmarks:
     """Landmarks that are real tokens: keys ``K[idx]`` and queries ``Q[query_idx]`` (default ``idx``)."""
     query_idx = idx if query_idx is None else query_idx
     return Landmarks(gather_rows(xp, Q, query_idx), gather_rows(xp, K, idx), idx, query_idx)
-
-
-def random_subset(xp, shape, k, seed, mask=None, device=None):
-    """Positions ``(..., k)``, ascending, of ``k`` distinct tokens drawn uniformly among the eligible ones.
-
-    ``shape`` is ``(..., n)``; ``mask (..., n)`` marks the eligible tokens (at least ``k`` per row, or the
-    subset runs into ineligible ones). The ``k`` smallest of ``n`` i.i.d. uniform keys form a uniformly random
-    ``k``-subset, and ineligible tokens get keys above 1. Keys are drawn on the host, so one seed gives the same
-    tokens on every device; host arrays take an O(n) partial selection (sorting took 10 ms at n = 65,536),
-    accelerator arrays sort on the device, so the mask is never read back to the host. With a seed, each row
-    draws from its own stream, so padding at the end of a sequence leaves the keys of its real tokens, and the
-    subset, unchanged.
-    """
-    keys = row_draws(seed, shape)
-    host_mask = None if mask is None else host_view(mask)
-    if mask is None or host_mask is not None:
-        if host_mask is not None:
-            keys = np.where(host_mask, keys, 2 + keys)
-        return xp.asarray(np.sort(np.argpartition(keys, k - 1, axis=-1)[..., :k], axis=-1), device=device)
-    keys = xp.asarray(keys, dtype=xp.float64, device=device)
-    keys = xp.where(mask, keys, 2 + keys)
-    return xp.sort(xp.argsort(keys, axis=-1)[..., :k], axis=-1)
-
-
-def row_draws(seed, shape):
-    """Uniform ``[0, 1)`` host draws of ``shape`` ``(..., n)``: with a seed, row ``r`` (flattened leading index) comes
-    from its own stream ``default_rng([*seed, r])``, so its first draws do not depend on ``n``."""
-    if seed is None:
-        return np.random.default_rng().random(tuple(shape))
-    base = list(seed) if isinstance(seed, (list, tuple)) else [seed]
-    rows = [np.random.default_rng([*base, r]).random(shape[-1]) for r in range(math.prod(shape[:-1]))]
-    return np.reshape(np.stack(rows), tuple(shape))
 
 
 def uniform_draws(xp, shape, seed, like):

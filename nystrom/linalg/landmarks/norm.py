@@ -35,7 +35,7 @@ import array_api_compat
 
 from ..numerics import at_least_float32, masked_median, put_along_axis
 from .base import ClusterStrategy, Grouping
-from .kmeans import DEFAULT_SEED, sampled_kmeans
+from .kmeans import sampled_kmeans
 
 
 def probe_logits(xp, Q, K, scale, mask=None, num_probes=16):
@@ -128,7 +128,7 @@ def attention_share(xp, Q, K, scale, mask=None, num_probes=16):
 
 
 @dataclass(frozen=True)
-class Norm(ClusterStrategy, name="norm", random=True, weighted=True):
+class Norm(ClusterStrategy, name="norm", weighted=True):
     """High-norm tokens, attention sinks and CLS as one-token landmarks; weighted k-means clusters for the rest.
 
     Parameters
@@ -156,7 +156,7 @@ class Norm(ClusterStrategy, name="norm", random=True, weighted=True):
 
     Notes
     -----
-    Deterministic for a given ``seed`` (``seed=None`` means seed 0). Cost :math:`O(s n d)` for the probes,
+    Deterministic (``seed`` is not used). Cost :math:`O(s n d)` for the probes,
     :math:`O(n m D)` for the clusters' assignment, :math:`O(n d)` for the means.
     """
 
@@ -185,16 +185,15 @@ class Norm(ClusterStrategy, name="norm", random=True, weighted=True):
 
     def assign(self, selection, queries):
         xp, m = selection.xp, selection.num_landmarks
-        seed = DEFAULT_SEED if selection.seed is None else selection.seed
         if queries:
             # Cross-attention: sinks and outliers are keys; query landmarks are plain clusters.
-            return sampled_kmeans(xp, selection.query_points, m, None, seed=seed, iters=self.iters,
+            return sampled_kmeans(xp, selection.query_points, m, None, iters=self.iters,
                                   sample_size=self.sample_size, assign_all=self.assign_all)
         X, mask = selection.points, selection.mask
         device = array_api_compat.device(X)
         budget = min(max(1, int(self.max_singleton_fraction * m)), m - 1)
         if budget == 0:
-            return sampled_kmeans(xp, X, m, mask, seed=seed, iters=self.iters, sample_size=self.sample_size,
+            return sampled_kmeans(xp, X, m, mask, iters=self.iters, sample_size=self.sample_size,
                                   assign_all=self.assign_all)
         candidates, real = self.singletons(selection, budget)
         # Real singletons come first among the candidates, so row r has g_r of them, and they take the last g_r
@@ -204,7 +203,7 @@ class Norm(ClusterStrategy, name="norm", random=True, weighted=True):
         single = put_along_axis(xp, xp.zeros(X.shape[:-1], dtype=xp.bool, device=device), candidates, real)
         eligible = ~single if mask is None else mask & ~single
         active = xp.arange(m, device=device) < (m - count)
-        clusters = sampled_kmeans(xp, X, m, eligible, seed=seed, iters=self.iters, sample_size=self.sample_size,
+        clusters = sampled_kmeans(xp, X, m, eligible, iters=self.iters, sample_size=self.sample_size,
                                   active=active, assign_all=self.assign_all)
         labels = put_along_axis(xp, clusters.labels, candidates,
                                 xp.where(real, slot, xp.take_along_axis(clusters.labels, candidates, axis=-1)))
