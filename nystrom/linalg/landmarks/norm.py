@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import array_api_compat
 
-from ..numerics import at_least_float32, masked_median, put_along_axis
+from ..numerics import at_least_float32, masked_median, put_along_axis, top_k
 from .base import ClusterStrategy, Grouping
 from .kmeans import sampled_kmeans
 
@@ -244,7 +244,7 @@ class Norm(ClusterStrategy, name="norm", weighted=True):
             priority = xp.where(is_first, xp.asarray(4.0, dtype=share.dtype, device=device), priority)
         if mask is not None:
             priority = xp.where(mask, priority, xp.asarray(-1.0, dtype=share.dtype, device=device))
-        candidates = xp.argsort(-priority, axis=-1, stable=True)[..., :budget]
+        candidates = top_k(xp, priority, budget)
         # The quorum: the fraction of probes in which each candidate takes at least the threshold share.
         columns = candidates if head_axis is None else xp.expand_dims(candidates, axis=head_axis + 1)
         columns = xp.broadcast_to(columns[..., None, :], (*e.shape[:-1], budget))
