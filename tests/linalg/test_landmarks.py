@@ -227,8 +227,8 @@ def test_a_local_attention_peak_is_no_sink():
     Q[8] = 60.0 * K[9] / np.linalg.norm(K[9])  # the probe of rank 2 of 16 sits at position 8
     share = attention_share(np, Q, K, d**-0.5)
     assert share[9] > 2 / n  # the mean share alone would flag it at sink_ratio=2
-    assert 9 not in singletons(Norm(first=None, sink_ratio=2.0)(Q, K, 8), K)
-    assert 9 in singletons(Norm(first=None, sink_ratio=2.0, sink_quorum=1 / 16)(Q, K, 8), K)
+    assert 9 not in singletons(Norm(first=None, sink_ratio=2.0, num_probes=16)(Q, K, 8), K)
+    assert 9 in singletons(Norm(first=None, sink_ratio=2.0, num_probes=16, sink_quorum=1 / 16)(Q, K, 8), K)
 
 
 def test_norm_makes_massive_feature_tokens_and_cls_singletons():

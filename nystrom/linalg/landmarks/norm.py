@@ -165,9 +165,9 @@ class Norm(ClusterStrategy, name="norm", weighted=True):
     sink_quorum: float = 0.5
     norm_ratio: float = 10.0
     max_singleton_fraction: float = 0.25
-    num_probes: int = 16
+    num_probes: int = 8
     first: int | None = 0
-    iters: int = 3
+    iters: int = 2
     sample_size: int | None = None
     assign_all: bool = False
 
