@@ -125,9 +125,14 @@ def _rounded(rows, digits):
 def main(argv=None):
     """Print the tables of the chosen parts."""
     parser = argparse.ArgumentParser(prog="python -m nystrom.experiments.landmark_report", description=__doc__)
-    parser.add_argument("parts", nargs="*", default=["dinov2", "minilm", "cost"],
-                        choices=["dinov2", "minilm", "cost"])
+    parts = ("dinov2", "minilm", "cost")
+    # argparse rejects an empty list against `choices` with nargs="*" (Python 3.11), so the parts are checked here.
+    parser.add_argument("parts", nargs="*", help=f"which tables, of {parts} (default all)")
     args = parser.parse_args(argv)
+    unknown = set(args.parts) - set(parts)
+    if unknown:
+        parser.error(f"unknown parts {sorted(unknown)}; choose from {parts}")
+    args.parts = args.parts or list(parts)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if "dinov2" in args.parts:
         header = ["px", "strategy", *(f"layer {layer}" for layer in LAYERS), "mean", "worst L9", "worst L11"]
