@@ -92,25 +92,8 @@ def probe_weights(xp, logits):
     return e, 1 / xp.sum(e, axis=-1, keepdims=True)
 
 
-def probe_attention(xp, Q, K, scale, mask=None, num_probes=16):
-    r"""Attention rows of evenly spaced probe queries, :math:`\mathrm{softmax}(\tau\, q_p K^\top + M)`.
-
-    Parameters
-    ----------
-    Q, K, scale, mask, num_probes
-        As for :func:`probe_logits`.
-
-    Returns
-    -------
-    array, shape (..., s, n)
-        One attention row per probe, each summing to 1, in float32 or wider.
-    """
-    e, w = probe_weights(xp, probe_logits(xp, Q, K, scale, mask, num_probes))
-    return e * w
-
-
 def attention_share(xp, Q, K, scale, mask=None, num_probes=16):
-    r"""Estimated share of attention each key receives: the mean of the :func:`probe_attention` rows,
+    r"""Estimated share of attention each key receives: the mean of the probes' attention rows,
     :math:`\hat a_j = \frac1s\sum_p \mathrm{softmax}(\tau\, q_p K^\top)_j`.
 
     Parameters
@@ -123,7 +106,11 @@ def attention_share(xp, Q, K, scale, mask=None, num_probes=16):
     array, shape (..., n)
         :math:`\hat a_j`, summing to 1 over the keys of each sequence.
     """
-    e, w = probe_weights(xp, probe_logits(xp, Q, K, scale, mask, num_probes))
+    return mean_share(xp, *probe_weights(xp, probe_logits(xp, Q, K, scale, mask, num_probes)))
+
+
+def mean_share(xp, e, w):
+    """The mean ``(..., n)`` of the attention rows ``e * w`` (see :func:`probe_weights`): one product."""
     return (xp.matrix_transpose(w) @ e)[..., 0, :] / e.shape[-2]
 
 
@@ -225,7 +212,7 @@ class Norm(ClusterStrategy, name="norm", weighted=True):
         padding = selection.key_padding_mask
         padding = None if padding is None else xp.broadcast_to(padding, tuple(K.shape[:-1]))
         e, w = probe_weights(xp, probe_logits(xp, selection.Q, K, selection.scale, padding, self.num_probes))
-        share = (xp.matrix_transpose(w) @ e)[..., 0, :] / e.shape[-2]
+        share = mean_share(xp, e, w)
         if head_axis is not None:
             share = xp.mean(share, axis=head_axis + 1)
         device = array_api_compat.device(share)
