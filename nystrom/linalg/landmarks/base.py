@@ -294,7 +294,7 @@ def grouped_landmarks(xp, Q, K, grouping, m, head_axis=None, *, weighted=True):
         K = gather_rows(xp, K, rows)
         Q = None if Q is None else gather_rows(xp, Q, rows)
     keys, counts = group_means(xp, K, labels, m, head_axis)
-    queries = None if Q is None else group_means(xp, Q, labels, m, head_axis)[0]
+    queries = None if Q is None else group_means(xp, Q, labels, m, head_axis, counts)[0]
     log_weights = None
     if weighted:
         if grouping.weights is not None:
@@ -305,22 +305,22 @@ def grouped_landmarks(xp, Q, K, grouping, m, head_axis=None, *, weighted=True):
     return Landmarks(queries, keys, log_weights=log_weights, grouping=grouping)
 
 
-def group_means(xp, X, labels, m, head_axis=None):
+def group_means(xp, X, labels, m, head_axis=None, counts=None):
     """Means ``(..., m, d)`` of the rows of ``X (..., n, d)`` by ``labels`` (on the selection rows: without the head
-    axis when ``head_axis`` is shared) and the group sizes ``(..., m)`` of the selection rows.
+    axis when ``head_axis`` is shared) and the group sizes ``(..., m)`` of the selection rows (``counts``, when the
+    caller has them already from the same labels).
 
     Sums run in float32 or wider (a half-precision sum of many tokens loses the digits of the mean); a group with
     no member would give 0/0 and counts as one token of value 0 (callers keep every group non-empty).
     """
-    if head_axis is not None:
-        labels = xp.expand_dims(labels, axis=head_axis + 1)
     wide = at_least_float32(xp, X)
+    if counts is None:
+        ones = xp.ones((*labels.shape, 1), dtype=wide.dtype, device=array_api_compat.device(X))
+        counts = segment_sum(xp, ones, labels, m)[..., 0]
+    per_head = counts if head_axis is None else xp.expand_dims(counts, axis=head_axis + 1)
+    labels = labels if head_axis is None else xp.expand_dims(labels, axis=head_axis + 1)
     sums = segment_sum(xp, wide, labels, m)
-    ones = xp.ones((*labels.shape, 1), dtype=wide.dtype, device=array_api_compat.device(X))
-    counts = segment_sum(xp, ones, labels, m)[..., 0]
-    means = sums / xp.maximum(counts, xp.ones_like(counts))[..., None]
-    if head_axis is not None:
-        counts = xp.squeeze(counts, axis=head_axis + 1) if counts.shape[head_axis + 1] == 1 else counts
+    means = sums / xp.maximum(per_head, xp.ones_like(per_head))[..., None]
     return xp.astype(means, X.dtype), counts
 
 
@@ -418,9 +418,13 @@ def unfold_indices(xp, idx, K, head_axis):
 
 
 def gather_rows(xp, X, idx):
-    """``X[..., idx, :]`` per batch element: ``X (..., n, d)``, ``idx (..., m)`` -> ``(..., m, d)``."""
-    idx = xp.broadcast_to(idx[..., None], (*idx.shape, X.shape[-1]))
-    return xp.take_along_axis(X, idx, axis=-2)
+    """``X[..., idx, :]`` per batch element: ``X (..., n, d)``, ``idx (..., m)`` (leading dimensions broadcastable to
+    ``X``'s) -> ``(..., m, d)``."""
+    if array_api_compat.is_torch_array(X):
+        # Tensor.gather directly: array-api-compat's take_along_axis cost 2.5 ms more per call for
+        # (1, 6, 1040, 64) rows, about a third of norm's selection at n = 1,370.
+        return X.gather(-2, xp.broadcast_to(idx[..., None], (*X.shape[:-2], idx.shape[-1], X.shape[-1])))
+    return xp.take_along_axis(X, xp.broadcast_to(idx[..., None], (*idx.shape, X.shape[-1])), axis=-2)
 
 
 def landmarks_at(xp, Q, K, idx, query_idx=None) -> Landmarks:

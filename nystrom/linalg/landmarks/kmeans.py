@@ -98,15 +98,16 @@ def sampled_kmeans(xp, X, m, mask=None, *, iters=3, sample_size=None, active=Non
     # seeds moved the error on real attention by up to 40 % from one seed to another; docs' landmark page).
     seeds = farthest_point_sampling(sample, m, mask=in_sample)
     centroids = gather_rows(xp, sample, seeds)
+    # One scatter-add per Lloyd step gives the sums and, in an appended column of ones, the counts.
+    with_ones = xp.concat([sample, xp.ones((*sample.shape[:-1], 1), dtype=sample.dtype, device=device)], axis=-1)
     for _ in range(iters):
         labels = nearest(xp, sample, centroids, active)
         if in_sample is not None:
             labels = xp.where(in_sample, labels, -xp.ones_like(labels))
-        sums = segment_sum(xp, sample, labels, m)
-        ones = xp.ones((*labels.shape, 1), dtype=X.dtype, device=device)
-        counts = segment_sum(xp, ones, labels, m)
+        sums = segment_sum(xp, with_ones, labels, m)
+        counts = sums[..., -1:]
         # A centroid that lost all its points stays where it was.
-        centroids = xp.where(counts > 0, sums / xp.maximum(counts, ones[..., :1, :]), centroids)
+        centroids = xp.where(counts > 0, sums[..., :-1] / xp.maximum(counts, xp.ones_like(counts)), centroids)
     # Every active cluster keeps its seed: the seeds are distinct tokens, so no cluster ends empty (a cluster whose
     # centroid no point is nearest to, as with duplicated tokens, would be 0/0). Inactive slots rewrite slot 0's
     # seed with slot 0 (always active): the same write twice, so the scatter stays deterministic.
