@@ -120,8 +120,8 @@ def approximate(
     K : array, shape (..., n, d)
     V : array, shape (..., n, d_v)
     strategy : str or callable
-        ``"norm"`` (default: attention sinks, massive tokens and CLS always, farthest points for the
-        rest), ``"fps"``, ``"segment_means"``, ``"uniform"``, ``"kmeans"``, ``"rpcholesky"``, a
+        ``"norm"`` (default: attention sinks, high-norm tokens and CLS as landmarks of their own,
+        weighted k-means clusters for the rest), ``"fps"``, ``"segment_means"``, ``"uniform"``, ``"kmeans"``, ``"rpcholesky"``, a
         strategy object such as ``nystrom.Norm(sink_ratio=8)``, or any callable with the strategy
         signature (:mod:`nystrom.linalg.landmarks.base`).
     num_landmarks : int
@@ -156,8 +156,8 @@ def approximate(
     check_values : bool
         Run the checks that read the data: finite ``Q``, ``K``, ``V`` and ``features``, a real key in
         every sequence, ``num_landmarks`` within the real keys. On CUDA each is a host
-        synchronisation, and they are the only ones of the default ``"norm"`` path for float32 and
-        bfloat16 inputs (float16 adds one range check of :math:`A^+BV`); ``False`` skips them, like
+        synchronisation, and they are the only data reads of the default ``"norm"`` path in every
+        dtype (``tests/test_approximation.py`` proves it on ``meta`` tensors); ``False`` skips them, like
         ``check_finite=False`` in scipy.linalg, and bad values then give undefined results.
 
     Returns
