@@ -160,3 +160,18 @@ def test_every_public_module_function_class_and_method_has_a_docstring():
                            and (inspect.isfunction(f) or isinstance(f, (property, staticmethod, classmethod)))]
                 missing += [f"{info.name}.{name}.{m}" for m in methods if not inspect.getdoc(getattr(obj, m))]
     assert not missing, missing
+
+
+def test_docstrings_hold_no_control_characters():
+    # A LaTeX command such as \rfloor or \times in a docstring that is not raw becomes a carriage return or a
+    # tab, and the rendered formula breaks without any warning.
+    import ast
+
+    found = []
+    for path in sorted((REPO / "nystrom").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Module)):
+                doc = ast.get_docstring(node, clean=False) or ""
+                if any(ch in doc for ch in "\t\r\b\f\v\a"):
+                    found.append(f"{path.relative_to(REPO)}:{getattr(node, 'name', '<module>')}")
+    assert not found, found

@@ -38,10 +38,10 @@ def nearest(xp, X, C, active=None):
 
 
 def evenly_spaced(xp, shape, k, mask=None, device=None):
-    """Positions ``(..., k)`` of ``k`` evenly spaced eligible tokens and which of them are real picks ``(..., k)``.
+    r"""Positions ``(..., k)`` of ``k`` evenly spaced eligible tokens and which of them are real picks ``(..., k)``.
 
     Among the :math:`n_v` eligible tokens of a row (``mask``, default all of ``shape = (..., n)``), rank
-    :math:`\\lfloor i \\max(n_v, k) / k \rfloor` for :math:`i < k`: every eligible token when :math:`n_v \\le k`
+    :math:`\lfloor i \max(n_v, k) / k \rfloor` for :math:`i < k`: every eligible token when :math:`n_v \le k`
     (the other picks are marked unreal), a stride of :math:`n_v / k` otherwise. Padding at the end of a sequence
     changes nothing.
     """

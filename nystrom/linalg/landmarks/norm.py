@@ -202,7 +202,7 @@ class Norm(ClusterStrategy, name="norm", weighted=True):
                         weights=xp.concat([xp.broadcast_to(clusters.weights, clusters.tokens.shape), ones], axis=-1))
 
     def singletons(self, selection, budget):
-        """The ``budget`` candidate singletons ``(..., budget)`` of the selection rows and which of them are real
+        r"""The ``budget`` candidate singletons ``(..., budget)`` of the selection rows and which of them are real
         ``(..., budget)``, real ones first: ``first``, high-norm tokens, then sinks, by attention share.
 
         The probes' attention is one :math:`s\times n` product; the mean share is one more product, and the
