@@ -121,9 +121,9 @@ def approximate(
     V : array, shape (..., n, d_v)
     strategy : str or callable
         ``"norm"`` (default: attention sinks, high-norm tokens and CLS as landmarks of their own,
-        weighted k-means clusters for the rest), ``"fps"``, ``"segment_means"``, ``"uniform"``, ``"kmeans"``, ``"rpcholesky"``, a
-        strategy object such as ``nystrom.Norm(sink_ratio=8)``, or any callable with the strategy
-        signature (:mod:`nystrom.linalg.landmarks.base`).
+        weighted k-means clusters for the rest), ``"fps"``, ``"segment_means"``, ``"uniform"``,
+        ``"kmeans"``, ``"rpcholesky"``, a strategy object such as ``nystrom.Norm(sink_ratio=8)``, or
+        any callable with the strategy signature (:mod:`nystrom.linalg.landmarks.base`).
     num_landmarks : int
         :math:`m`, with ``1 <= m <= n`` (and at most the real keys of every padded sequence).
     solver : str or callable

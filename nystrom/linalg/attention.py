@@ -208,9 +208,20 @@ def nystrom_attention(Q, K, V, landmarks, solver="newton_schulz", *, scale=None,
     solve : SolveResult
         The pseudo-inverse and its Moore–Penrose residual.
     """
+    xp, tau, invert, mask = check_nystrom_call(Q, K, V, landmarks, solver, scale, key_padding_mask, check_values)
+    return nystrom_product(xp, Q, K, V, landmarks, invert, scale=tau, mask=mask)
+
+
+def check_nystrom_call(Q, K, V, landmarks, solver, scale, key_padding_mask, check_values):
+    """The argument checks of :func:`nystrom_attention` and :func:`nystrom.torch.fna_attention`.
+
+    Returns
+    -------
+    tuple
+        ``(xp, scale, invert, mask)``: the namespace, :math:`\\tau`, the trusted solve and the key mask as
+        :func:`nystrom_product` takes them.
+    """
     xp = check_attention_inputs(Q, K, V, key_padding_mask, check_values=check_bool("check_values", check_values))
     check_landmarks(landmarks, K, landmarks.keys.shape[-2])
-    tau = check_scale(scale, Q.shape[-1])
-    invert = unchecked(get_solver(solver))
     mask = None if key_padding_mask is None else key_padding_mask[..., None, :]
-    return nystrom_product(xp, Q, K, V, landmarks, invert, scale=tau, mask=mask)
+    return xp, check_scale(scale, Q.shape[-1]), unchecked(get_solver(solver)), mask

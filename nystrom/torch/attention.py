@@ -20,15 +20,8 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from ..linalg.attention import nystrom_product
-from ..linalg.solvers import get_solver, unchecked
-from ..linalg.validation import (
-    check_attention_inputs,
-    check_bool,
-    check_landmarks,
-    check_query_chunk_size,
-    check_scale,
-)
+from ..linalg.attention import check_nystrom_call, nystrom_product
+from ..linalg.validation import check_query_chunk_size
 
 
 def sdpa_attend(q, k, v, mask=None, *, scale, query_chunk_size=None):
@@ -101,14 +94,9 @@ def fna_attention(Q, K, V, landmarks, solver="newton_schulz", *, scale=None, key
         As :func:`nystrom.approximate` for the inputs; ``TypeError`` also for numpy arrays (use
         :func:`nystrom.linalg.nystrom_attention`), ``ValueError`` for landmarks of the wrong shape.
     """
-    check_values = check_bool("check_values", check_values)
-    xp = check_attention_inputs(Q, K, V, key_padding_mask, check_values=check_values)
     if not isinstance(Q, torch.Tensor):
         raise TypeError(f"Q, K and V must be torch tensors, got {type(Q).__name__}; "
                         "nystrom.linalg.nystrom_attention takes any array")
-    check_landmarks(landmarks, K, landmarks.keys.shape[-2])
-    tau = check_scale(scale, Q.shape[-1])
+    xp, tau, invert, mask = check_nystrom_call(Q, K, V, landmarks, solver, scale, key_padding_mask, check_values)
     attend = functools.partial(sdpa_attend, scale=tau, query_chunk_size=check_query_chunk_size(query_chunk_size))
-    mask = None if key_padding_mask is None else key_padding_mask[..., None, :]
-    return nystrom_product(xp, Q, K, V, landmarks, unchecked(get_solver(solver)), scale=tau, mask=mask,
-                           attend=attend)
+    return nystrom_product(xp, Q, K, V, landmarks, invert, scale=tau, mask=mask, attend=attend)
