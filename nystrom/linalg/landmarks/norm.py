@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import array_api_compat
 
-from ..numerics import at_least_float32, masked_median, put_along_axis, top_k
+from ..numerics import at_least_float32, masked_median, put_along_axis, softmax, top_k
 from .base import ClusterStrategy, Grouping
 from .kmeans import sampled_kmeans
 
@@ -84,14 +84,6 @@ def probe_logits(xp, Q, K, scale, mask=None, num_probes=16):
     return logits
 
 
-def probe_weights(xp, logits):
-    """Unnormalised attention ``e = exp(logits - max)`` ``(..., s, n)`` of the probes and ``w = 1 / sum(e)``
-    ``(..., s, 1)``: the softmax rows are ``e * w``, and a mean of rows is one product, without a pass that
-    divides."""
-    e = xp.exp(logits - xp.max(logits, axis=-1, keepdims=True))
-    return e, 1 / xp.sum(e, axis=-1, keepdims=True)
-
-
 def attention_share(xp, Q, K, scale, mask=None, num_probes=16):
     r"""Estimated share of attention each key receives: the mean of the probes' attention rows,
     :math:`\hat a_j = \frac1s\sum_p \mathrm{softmax}(\tau\, q_p K^\top)_j`.
@@ -106,12 +98,7 @@ def attention_share(xp, Q, K, scale, mask=None, num_probes=16):
     array, shape (..., n)
         :math:`\hat a_j`, summing to 1 over the keys of each sequence.
     """
-    return mean_share(xp, *probe_weights(xp, probe_logits(xp, Q, K, scale, mask, num_probes)))
-
-
-def mean_share(xp, e, w):
-    """The mean ``(..., n)`` of the attention rows ``e * w`` (see :func:`probe_weights`): one product."""
-    return (xp.matrix_transpose(w) @ e)[..., 0, :] / e.shape[-2]
+    return xp.mean(softmax(xp, probe_logits(xp, Q, K, scale, mask, num_probes)), axis=-2)
 
 
 @dataclass(frozen=True)
@@ -205,14 +192,14 @@ class Norm(ClusterStrategy, name="norm", weighted=True):
         r"""The ``budget`` candidate singletons ``(..., budget)`` of the selection rows and which of them are real
         ``(..., budget)``, real ones first: ``first``, high-norm tokens, then sinks, by attention share.
 
-        The probes' attention is one :math:`s\times n` product; the mean share is one more product, and the
-        quorum test reads only the candidates' columns.
+        The probes' attention is one :math:`s\times n` product and one softmax; the quorum test reads only the
+        candidates' columns.
         """
         xp, K, mask, head_axis = selection.xp, selection.K, selection.mask, selection.head_axis
         padding = selection.key_padding_mask
         padding = None if padding is None else xp.broadcast_to(padding, tuple(K.shape[:-1]))
-        e, w = probe_weights(xp, probe_logits(xp, selection.Q, K, selection.scale, padding, self.num_probes))
-        share = mean_share(xp, e, w)
+        attention = softmax(xp, probe_logits(xp, selection.Q, K, selection.scale, padding, self.num_probes))
+        share = xp.mean(attention, axis=-2)
         if head_axis is not None:
             share = xp.mean(share, axis=head_axis + 1)
         device = array_api_compat.device(share)
@@ -234,8 +221,8 @@ class Norm(ClusterStrategy, name="norm", weighted=True):
         candidates = top_k(xp, priority, budget)
         # The quorum: the fraction of probes in which each candidate takes at least the threshold share.
         columns = candidates if head_axis is None else xp.expand_dims(candidates, axis=head_axis + 1)
-        columns = xp.broadcast_to(columns[..., None, :], (*e.shape[:-1], budget))
-        rows = xp.take_along_axis(e, columns, axis=-1) * w
+        columns = xp.broadcast_to(columns[..., None, :], (*attention.shape[:-1], budget))
+        rows = xp.take_along_axis(attention, columns, axis=-1)
         if head_axis is not None:
             rows = xp.mean(rows, axis=head_axis)
         n_valid = n if mask is None else xp.sum(xp.astype(mask, share.dtype), axis=-1, keepdims=True)
