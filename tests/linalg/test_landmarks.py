@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 import nystrom
 from nystrom import FPS, KMeans, NewtonSchulz, Norm, PInv, Ridge, RPCholesky, SegmentMeans, Uniform
 from nystrom.linalg.landmarks import STRATEGIES, farthest_point_sampling
+from nystrom.linalg.landmarks.base import gather_rows
 from nystrom.linalg.landmarks.fps import _fps_on_device
 from nystrom.linalg.landmarks.norm import attention_share
 from nystrom.linalg.validation import summary
@@ -309,3 +310,31 @@ def test_norm_probes_ignore_padding():
         Qp, Kp = (np.concatenate([X, rng.standard_normal((pad, 8))]) for X in (Q, K))
         mask = np.arange(40 + pad) < 40
         np.testing.assert_array_equal(strategy(Qp, Kp, 16, key_padding_mask=mask).indices, ref)
+
+
+
+@pytest.mark.parametrize("case", ["per_row", "shared_over_heads", "shared_over_batch", "none", "strided_input"])
+def test_gather_rows_takes_the_indexed_rows(case):
+    # The torch fast path (index_select on flattened rows) and its fallback (Tensor.gather, for inputs that
+    # are not contiguous) must agree with numpy's take_along_axis, and give Tensor.gather's gradients.
+    rng = np.random.default_rng(0)
+    base = rng.standard_normal((2, 3, 50, 7))
+    idx = {"per_row": rng.integers(0, 50, (2, 3, 9)), "shared_over_heads": rng.integers(0, 50, (2, 1, 9)),
+           "shared_over_batch": rng.integers(0, 50, (1, 1, 9)), "none": np.zeros((2, 3, 0), dtype=np.int64),
+           "strided_input": rng.integers(0, 25, (2, 3, 9))}[case]
+    view = (lambda a: a[:, :, ::2]) if case == "strided_input" else (lambda a: a)
+    X = view(base)
+    expected = np.take_along_axis(X, np.broadcast_to(idx[..., None], (*X.shape[:-2], idx.shape[-1], 7)), axis=-2)
+    np.testing.assert_array_equal(gather_rows(np, X, idx), expected)
+    grads = []
+    for fast in (True, False):
+        Xt = torch.tensor(base, requires_grad=True)
+        index = torch.from_numpy(idx)
+        if fast:
+            out = gather_rows(array_api_compat.array_namespace(Xt), view(Xt), index)
+            np.testing.assert_array_equal(out.detach().numpy(), expected)
+        else:
+            out = view(Xt).gather(-2, index[..., None].expand(*X.shape[:-2], idx.shape[-1], 7))
+        (out * torch.arange(out.numel(), dtype=out.dtype).reshape(out.shape)).sum().backward()
+        grads.append(Xt.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)

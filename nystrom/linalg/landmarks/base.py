@@ -22,6 +22,7 @@ already (``nystrom.approximate``, model patching) calls :func:`run_strategy`, wh
 
 from __future__ import annotations
 
+import math
 import dataclasses
 import functools
 from dataclasses import dataclass
@@ -421,9 +422,17 @@ def gather_rows(xp, X, idx):
     """``X[..., idx, :]`` per batch element: ``X (..., n, d)``, ``idx (..., m)`` (leading dimensions broadcastable to
     ``X``'s) -> ``(..., m, d)``."""
     if array_api_compat.is_torch_array(X):
-        # Tensor.gather directly: array-api-compat's take_along_axis cost 2.5 ms more per call for
-        # (1, 6, 1040, 64) rows, about a third of norm's selection at n = 1,370.
-        return X.gather(-2, xp.broadcast_to(idx[..., None], (*X.shape[:-2], idx.shape[-1], X.shape[-1])))
+        n, d = X.shape[-2:]
+        if X.is_contiguous() and X.shape[:-2] == xp.broadcast_shapes(X.shape[:-2], idx.shape[:-1]):
+            # Whole rows copied by index_select on the flattened batch: 14x faster than Tensor.gather (which
+            # indexes every element) for (1, 6, 1040) rows of 64, and gather was 11x faster than
+            # array-api-compat's take_along_axis.
+            idx = xp.broadcast_to(idx, (*X.shape[:-2], idx.shape[-1]))
+            batch = xp.reshape(xp.arange(math.prod(idx.shape[:-1]), device=idx.device) * n,
+                               (*idx.shape[:-1], 1))
+            rows = xp.reshape(X, (-1, d)).index_select(0, xp.reshape(idx + batch, (-1,)))
+            return xp.reshape(rows, (*idx.shape, d))
+        return X.gather(-2, xp.broadcast_to(idx[..., None], (*X.shape[:-2], idx.shape[-1], d)))
     return xp.take_along_axis(X, xp.broadcast_to(idx[..., None], (*idx.shape, X.shape[-1])), axis=-2)
 
 
