@@ -423,16 +423,17 @@ def gather_rows(xp, X, idx):
     ``X``'s) -> ``(..., m, d)``."""
     if array_api_compat.is_torch_array(X):
         n, d = X.shape[-2:]
-        if X.is_contiguous() and X.shape[:-2] == xp.broadcast_shapes(X.shape[:-2], idx.shape[:-1]):
+        lead = X.shape[:-2]
+        if X.is_contiguous() and idx.ndim == X.ndim - 1 and all(i in (1, x) for i, x in zip(idx.shape, lead)):
             # Whole rows copied by index_select on the flattened batch: 14x faster than Tensor.gather (which
             # indexes every element) for (1, 6, 1040) rows of 64, and gather was 11x faster than
             # array-api-compat's take_along_axis.
-            idx = xp.broadcast_to(idx, (*X.shape[:-2], idx.shape[-1]))
+            idx = xp.broadcast_to(idx, (*lead, idx.shape[-1]))
             batch = xp.reshape(xp.arange(math.prod(idx.shape[:-1]), device=idx.device) * n,
                                (*idx.shape[:-1], 1))
             rows = xp.reshape(X, (-1, d)).index_select(0, xp.reshape(idx + batch, (-1,)))
             return xp.reshape(rows, (*idx.shape, d))
-        return X.gather(-2, xp.broadcast_to(idx[..., None], (*X.shape[:-2], idx.shape[-1], d)))
+        return X.gather(-2, xp.broadcast_to(idx[..., None], (*lead, idx.shape[-1], d)))
     return xp.take_along_axis(X, xp.broadcast_to(idx[..., None], (*idx.shape, X.shape[-1])), axis=-2)
 
 
