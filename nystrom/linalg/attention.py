@@ -255,7 +255,7 @@ def check_nystrom_call(Q, K, V, landmarks, solver, scale, attn_mask, check_value
     Returns
     -------
     tuple
-        ``(xp, scale, invert, mask, K, V)``: the namespace, :math:`\tau`, the trusted solve, the key mask as
+        ``(xp, scale, invert, mask, K, V)``: the namespace, :math:`\\tau`, the trusted solve, the key mask as
         :func:`nystrom_product` takes it and the keys and values with padded rows zeroed.
     """
     xp, keys = check_attention_inputs(Q, K, V, attn_mask, check_values=check_bool("check_values", check_values))
