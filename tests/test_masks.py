@@ -183,6 +183,14 @@ def test_mask_forms_agree_property(batch, heads, n, seed, form):
     assert rel(out[short], sdpa) < RTOL64
 
 
+def test_former_per_sequence_mask_shape_is_refused_not_misread():
+    # (B, 1, n) was the key mask of (B, H, n, d) inputs; aligned to the right as SDPA does, B would fall on the head
+    # axis, and with B == H nothing else would notice.
+    Q = torch.randn(3, 3, 8, 4)
+    with pytest.raises(ValueError, match=r"fewer dimensions than Q .*\(3, 1, 1, 8\)"):
+        nystrom.approximate(Q, Q, Q, num_landmarks=4, attn_mask=torch.ones(3, 1, 8, dtype=torch.bool))
+
+
 def test_ambiguous_batch_mask_is_refused():
     Q = torch.randn(8, 2, 8, 4)
     with pytest.raises(ValueError, match="ambiguous"):

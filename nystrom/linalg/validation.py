@@ -178,7 +178,9 @@ def check_attn_mask(xp, attn_mask, Q, K, *, check_values=True):
       most half the dtype's most negative value, as transformers' ``finfo.min``, = masked);
     * shapes that broadcast to ``(..., n_q, n)`` in SDPA's way while depending on the key only: ``(n,)``,
       ``(..., 1, n)`` such as ``(B, 1, 1, n)`` or ``(B, H, 1, n)``, and transformers' ``(B, n)`` for inputs
-      with a batch axis. A mask of shape ``(..., n_q, n)`` is taken when all its query rows are equal (an
+      with a batch axis. A mask with fewer dimensions than ``Q`` (other than these) must have size 1 in
+      all but its last two: SDPA aligns it to the right, where a former ``(B, 1, n)`` key mask of
+      ``(B, H, n, d)`` inputs would read ``B`` as the head axis. A mask of shape ``(..., n_q, n)`` is taken when all its query rows are equal (an
       expanded key mask; reading it needs ``check_values``).
 
     Parameters
@@ -233,12 +235,20 @@ def check_attn_mask(xp, attn_mask, Q, K, *, check_values=True):
     else:
         if len(shape) == 1:
             attn_mask, shape = attn_mask[None, :], (1, n)
+        if len(shape) == len(lead) + 1 and shape[:-1] == lead and lead[-1] not in (1, n_q):
+            raise ValueError(f"attn_mask must have shape {expected}, got {shape} (a per-key mask {shape} needs a "
+                             "query axis: pass mask[..., None, :])")
+        if 2 < len(shape) < len(lead) + 2 and any(size != 1 for size in shape[:-2]):
+            # SDPA aligns a mask with fewer dimensions to the right, so a former (B, 1, n) key mask of (B, H, n, d)
+            # inputs would read B as the head axis: silently wrong whenever B == H.
+            raise ValueError(
+                f"attn_mask of shape {shape} has fewer dimensions than Q {tuple(Q.shape)}, and aligned to the right "
+                f"(as SDPA does) its leading sizes fall on other axes; pass it with {len(lead) + 2} dimensions, "
+                f"e.g. {(*lead[:1], *(1,) * (len(lead) - 1), 1, n)} for one key mask per batch element"
+            )
         if len(shape) > len(lead) + 2 or shape[-2] not in (1, n_q) or any(
                 s not in (1, t) for s, t in zip(shape[-3::-1], lead[::-1])):
-            hint = ""
-            if len(shape) == len(lead) + 1 and shape[:-1] == lead:
-                hint = f" (a per-key mask {shape} needs a query axis: pass mask[..., None, :])"
-            raise ValueError(f"attn_mask must have shape {expected}, got {shape}{hint}")
+            raise ValueError(f"attn_mask must have shape {expected}, got {shape}")
         if shape[-2] != 1:
             if not check_values:
                 raise ValueError(
