@@ -222,6 +222,15 @@ def approximate(
         ``is_causal=True``, ``dropout_p > 0``, mismatched devices, unknown strategy/solver names (the
         message lists the valid ones).
 
+    Notes
+    -----
+    Differentiable in ``Q``, ``K`` and ``V`` (torch autograd) through the landmark queries and keys, the
+    solve and the two attention products; the *choice* of landmarks (indices, cluster labels) is piecewise
+    constant and carries no gradient. With every real key a landmark and ``solver="pinv"`` the gradients
+    equal those of ``scaled_dot_product_attention`` (``tests/test_gradients.py``, every strategy, masked
+    and not); with a cut-off that drops singular values, ``PInv``'s gradient is that of the truncated
+    inverse at fixed rank (see :class:`~nystrom.linalg.solvers.PInv`).
+
     Examples
     --------
     >>> import numpy as np, nystrom

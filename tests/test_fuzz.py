@@ -178,11 +178,6 @@ def expect_named_error(fn, kwargs, name):
     with pytest.raises((ValueError, TypeError)) as info:
         fn(**kwargs)
     assert name in str(info.value), f"message does not name {name!r}: {info.value}"
-    if name in MASK_NAMES:
-        COUNTS["mask forms (all functions)"] += 1
-
-
-MASK_NAMES = ("attn_mask", "key_padding_mask", "attention_mask", "is_causal", "dropout_p")
 
 
 def call_args(call, *drop):
@@ -196,6 +191,29 @@ def test_approximate_rejects_bad_input(call, mutation):
     mutate(call)
     expect_named_error(nystrom.approximate, call_args(call), name)
     COUNTS["approximate"] += 1
+
+
+MASK_FUNCTIONS = {
+    "approximate": lambda c: nystrom.approximate(**call_args(c)),
+    "exact_attention": lambda c: nystrom.exact_attention(**call_args(c, "num_landmarks")),
+    "estimate_relative_error": lambda c: nystrom.estimate_relative_error(**call_args(c, "num_landmarks"),
+                                                                         approx=approx_of(c)),
+    "strategy": lambda c: nystrom.get_strategy(c.pop("strategy"))(**call_args(c, "V")),
+}
+
+
+@settings(max_examples=300, deadline=None)
+@given(call=valid_attention_call(), mutation=st.sampled_from(MASK_MUTATIONS),
+       function=st.sampled_from(sorted(MASK_FUNCTIONS)), strategy=st.sampled_from(sorted(STRATEGIES)))
+def test_every_function_rejects_bad_masks(call, mutation, function, strategy):
+    # The mask forms alone, spread over the four functions that take attn_mask (the per-function tests above
+    # draw them among all mutations).
+    _, mutate, name = mutation
+    if function == "strategy":
+        call["strategy"] = strategy
+    mutate(call)
+    expect_named_error(lambda: MASK_FUNCTIONS[function](call), {}, name)
+    COUNTS["mask forms"] += 1
 
 
 EXACT_MUTATIONS = TENSOR_MUTATIONS + MASK_MUTATIONS + SCALE_MUTATIONS
