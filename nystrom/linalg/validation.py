@@ -180,8 +180,8 @@ def check_attn_mask(xp, attn_mask, Q, K, *, check_values=True):
       ``(..., 1, n)`` such as ``(B, 1, 1, n)`` or ``(B, H, 1, n)``, and transformers' ``(B, n)`` for inputs
       with a batch axis. A mask with fewer dimensions than ``Q`` (other than these) must have size 1 in
       all but its last two: SDPA aligns it to the right, where a former ``(B, 1, n)`` key mask of
-      ``(B, H, n, d)`` inputs would read ``B`` as the head axis. A mask of shape ``(..., n_q, n)`` is taken when all its query rows are equal (an
-      expanded key mask; reading it needs ``check_values``).
+      ``(B, H, n, d)`` inputs would read ``B`` as the head axis. A mask of shape ``(..., n_q, n)`` is taken
+      when all its query rows are equal (an expanded key mask; reading it needs ``check_values``).
 
     Parameters
     ----------
