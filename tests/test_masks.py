@@ -215,3 +215,17 @@ def test_estimate_error_samples_real_query_rows_only():
     assert full.estimate == pytest.approx(truth, rel=1e-12)
     sampled = info.estimate_error(num_samples=64, seed=0)
     assert sampled.low <= truth <= sampled.high
+
+
+def test_per_head_masks_with_shared_features():
+    # features (B, n, D) are laid out for shared heads; when the masks make the heads choose apart, each head
+    # selects on the same features among its own real keys.
+    Q, K, V = qkv(8, (2, 2, 20, 8))
+    mask = torch.ones(2, 2, 1, 20, dtype=torch.bool)
+    mask[:, 0, :, 15:] = False
+    mask[:, 1, :, :5] = False
+    features = torch.randn(2, 20, 6, dtype=torch.float64)
+    for strategy in STRATEGIES:
+        out = nystrom.approximate(Q, K, V, strategy=strategy, num_landmarks=15, solver=EXACT, attn_mask=mask,
+                                  features=features, seed=0)
+        assert rel(out, F.scaled_dot_product_attention(Q, K, V, attn_mask=mask)) < RTOL64, strategy
