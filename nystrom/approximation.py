@@ -14,19 +14,23 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import array_api_compat
+import numpy as np
 
-from .linalg.attention import nystrom_product
+from .linalg.attention import in_query_chunks, nystrom_product, softmax_attention
 from .linalg.bounds import ErrorEstimate, check_sampling, sampled_relative_error
 from .linalg.flops import exact_attention_flops, nystrom_attention_flops
 from .linalg.landmarks.base import Landmarks, Selection, get_strategy, run_strategy
+from .linalg.numerics import float64_numpy, without_padding
 from .linalg.solvers import Solver, get_solver, unchecked
 from .linalg.validation import (
     check_attention_inputs,
+    check_bidirectional,
     check_bool,
     check_query_chunk_size,
     check_scale,
     check_seed,
     check_selection,
+    check_unknown_arguments,
 )
 
 
@@ -60,6 +64,19 @@ class Info:
     exact_flops: int
     _inputs: tuple = field(repr=False, default=())
 
+    def __repr__(self) -> str:
+        # The fields hold whole arrays (landmarks, residuals); a summary of their shapes and ranges reads better.
+        lm = self.landmarks
+        m = lm.keys.shape[-2]
+        kind = "tokens" if lm.indices is not None else "group means"
+        weighted = ", weighted" if lm.log_weights is not None else ""
+        residual = float64_numpy(self.residual)
+        ratio = self.flops["total"] / self.exact_flops if self.exact_flops else float("nan")
+        return (f"Info(m={m} landmarks ({kind}{weighted}) for batch {tuple(lm.keys.shape[:-2])}, "
+                f"residual max {residual.max():.3g} / median {np.median(residual):.3g} over {residual.size} "
+                f"kernel(s), solver_iterations={self.solver_iterations}, flops={self.flops['total']:.4g} "
+                f"({ratio:.3g} of exact))")
+
     def estimate_error(self, num_samples=64, confidence=0.95, seed=None) -> ErrorEstimate:
         """A-posteriori relative error of the returned output from ``num_samples`` exact query rows.
 
@@ -79,9 +96,9 @@ class Info:
         -------
         ErrorEstimate
         """
-        xp, Q, K, V, out, scale, mask = self._inputs
+        xp, Q, K, V, out, scale, keys = self._inputs
         return sampled_relative_error(xp, Q, K, V, out, **check_sampling(num_samples, confidence, seed), scale=scale,
-                                      key_padding_mask=mask)
+                                      keys=keys)
 
 
 def approximate(
@@ -93,13 +110,16 @@ def approximate(
     num_landmarks=64,
     solver="newton_schulz",
     scale=None,
-    key_padding_mask=None,
+    attn_mask=None,
     seed=None,
     return_info=False,
     share_landmarks_across_heads=True,
     features=None,
     query_chunk_size=None,
     check_values=True,
+    is_causal=False,
+    dropout_p=0.0,
+    **unknown,
 ):
     r"""Approximate softmax attention with the Nyström method.
 
@@ -131,9 +151,23 @@ def approximate(
         ``"ridge"``, or a solver object such as ``nystrom.NewtonSchulz(tol=1e-10)``.
     scale : float, optional
         Softmax temperature :math:`\tau`, default ``1/sqrt(d)``.
-    key_padding_mask : bool array, shape (..., n), optional
-        ``True`` marks real keys. Padded keys get no attention and are never landmarks. Its
-        leading dimensions match ``K``'s or are 1 (for ``(B, H, n, d)`` pass ``mask[:, None, :]``).
+    attn_mask : array, optional
+        Key mask, in the conventions of ``scaled_dot_product_attention`` and transformers:
+
+        * bool, ``True`` = attend (a real key); integer 0/1, 1 = real token (transformers'
+          ``attention_mask``); or floating, added to the logits: 0 = attend, ``-inf`` or at most half the
+          dtype's most negative value (transformers' ``finfo.min``) = masked;
+        * shape ``(..., 1, n)`` broadcasting to ``(..., n_q, n)`` as in SDPA (``(B, 1, 1, n)``,
+          ``(B, H, 1, n)``, ``(1, n)``), ``(n,)``, or transformers' ``(B, n)`` for inputs with a batch axis.
+          A ``(..., n_q, n)`` mask whose query rows are all equal (an expanded key mask) is taken too.
+
+        Masked keys get no attention and are never landmarks, and their contents (any finite values) do
+        not change the output. Nyström attention here is bidirectional: a mask that differs between
+        queries (causal) is rejected. A mask that differs between heads makes each head choose its own
+        landmarks (see ``share_landmarks_across_heads``). The name and meaning are SDPA's, so an
+        ``nn.MultiheadAttention`` ``key_padding_mask`` (``True`` = padding) is passed as
+        ``attn_mask=~key_padding_mask``; the former ``key_padding_mask=`` argument raises a ``TypeError``
+        that says so.
     seed : int, optional
         Makes the random strategies (``uniform``, ``kmeans``, ``rpcholesky``) deterministic; the
         same seed gives the same landmarks for numpy and torch inputs.
@@ -145,20 +179,28 @@ def approximate(
         sequence and share it across the ``H`` heads (axis ``-3``), as FNA does; selection then
         sees the head-mean features, and the cost of selection is paid once. ``False``
         chooses per head, at :math:`H` times the selection cost (the measured trade-off is on the
-        docs' benchmarks page, accuracy section). Ignored for 2-D and 3-D inputs.
+        docs' benchmarks page, accuracy section). Ignored for 2-D and 3-D inputs, and where ``attn_mask``
+        differs between heads: shared landmarks would sit on one head's padding or miss its real keys, so
+        each head then chooses among its own real keys.
     features : array, shape (..., n, D), optional
         Per-token features for selection (e.g. the layer's input hidden states, where massive
         activations show); default the keys. Without head sharing their leading dimensions are
         ``K``'s; with it, ``K``'s without the head axis.
     query_chunk_size : int, optional
-        Torch only: process queries in chunks to bound memory at :math:`O(n (m + d))` for very
-        long sequences.
+        Process queries in chunks of this many rows (numpy and torch) to bound the :math:`n_q \times m`
+        buffer of the output product, for very long sequences.
     check_values : bool
         Run the checks that read the data: finite ``Q``, ``K``, ``V`` and ``features``, a real key in
         every sequence, ``num_landmarks`` within the real keys. On CUDA each is a host
         synchronisation, and they are the only data reads of the default ``"norm"`` path in every
         dtype (``tests/test_approximation.py`` proves it on ``meta`` tensors); ``False`` skips them, like
-        ``check_finite=False`` in scipy.linalg, and bad values then give undefined results.
+        ``check_finite=False`` in scipy.linalg, and bad values then give undefined results. Also the mask
+        checks read the data: its values, and whether a ``(..., n_q, n)`` mask repeats one row (without the
+        check such a mask is rejected; pass its ``(..., 1, n)`` row).
+    is_causal : bool
+        SDPA's argument, accepted as ``False`` only: ``True`` raises ``ValueError`` (bidirectional only).
+    dropout_p : float
+        SDPA's argument, accepted as 0 only.
 
     Returns
     -------
@@ -170,12 +212,24 @@ def approximate(
     Raises
     ------
     TypeError
-        Non-array inputs, mixed numpy/torch, non-floating or mismatched dtypes, a non-bool mask,
-        non-int ``num_landmarks``/``seed``, a strategy/solver that is neither a name nor callable.
+        Non-array inputs, mixed numpy/torch, non-floating or mismatched dtypes, a mask that is neither
+        bool, integer nor floating, non-int ``num_landmarks``/``seed``, a strategy/solver that is neither
+        a name nor callable, ``key_padding_mask=`` or ``attention_mask=`` (the message says to pass
+        ``attn_mask``), any other unknown keyword.
     ValueError
         Shape mismatches, empty inputs, NaN/Inf, out-of-range ``num_landmarks``, a mask of the
-        wrong shape or masking every key, mismatched devices, unknown strategy/solver names (the
+        wrong shape, that differs between queries, holds other values than described or masks every key,
+        ``is_causal=True``, ``dropout_p > 0``, mismatched devices, unknown strategy/solver names (the
         message lists the valid ones).
+
+    Notes
+    -----
+    Differentiable in ``Q``, ``K`` and ``V`` (torch autograd) through the landmark queries and keys, the
+    solve and the two attention products; the *choice* of landmarks (indices, cluster labels) is piecewise
+    constant and carries no gradient. With every real key a landmark and ``solver="pinv"`` the gradients
+    equal those of ``scaled_dot_product_attention`` (``tests/test_gradients.py``, every strategy, masked
+    and not); with a cut-off that drops singular values, ``PInv``'s gradient is that of the truncated
+    inverse at fixed rank (see :class:`~nystrom.linalg.solvers.PInv`).
 
     Examples
     --------
@@ -186,8 +240,10 @@ def approximate(
     >>> out.shape
     (2, 4, 512, 32)
     """
+    check_unknown_arguments("approximate", unknown)
+    check_bidirectional(is_causal, dropout_p)
     check_values = check_bool("check_values", check_values)
-    xp = check_attention_inputs(Q, K, V, key_padding_mask, check_values=check_values)
+    xp, keys = check_attention_inputs(Q, K, V, attn_mask, check_values=check_values)
     check_bool("return_info", return_info)
     check_bool("share_landmarks_across_heads", share_landmarks_across_heads)
     query_chunk_size = check_query_chunk_size(query_chunk_size)
@@ -196,15 +252,18 @@ def approximate(
     select = get_strategy(strategy)
     solve = get_solver(solver)
     head_axis = -3 if (share_landmarks_across_heads and K.ndim >= 4) else None
-    m = check_selection(xp, Q, K, num_landmarks, key_padding_mask, head_axis, features, check_values=check_values)
-    landmarks = run_strategy(select, Selection(xp, Q, K, m, key_padding_mask, seed, head_axis, features, tau))
-    mask = None if key_padding_mask is None else key_padding_mask[..., None, :]
-    attend = None
+    m = check_selection(xp, Q, K, num_landmarks, keys, head_axis, features, check_values=check_values)
+    K, V = without_padding(xp, keys, K, V)
+    landmarks = run_strategy(select, Selection.of(xp, Q, K, m, keys, seed, head_axis, features, tau))
     if array_api_compat.is_torch_array(Q):
         from .torch.attention import sdpa_attend
 
-        attend = functools.partial(sdpa_attend, scale=tau, query_chunk_size=query_chunk_size)
-    out, result = nystrom_product(xp, Q, K, V, landmarks, unchecked(solve), scale=tau, mask=mask, attend=attend)
+        attend = functools.partial(sdpa_attend, scale=tau)
+    else:
+        attend = functools.partial(softmax_attention, xp, scale=tau)
+    out, result = nystrom_product(xp, Q, K, V, landmarks, unchecked(solve), scale=tau,
+                                  mask=None if keys is None else keys[..., None, :],
+                                  attend=in_query_chunks(attend, query_chunk_size))
     if not return_info:
         return out
     batch = math.prod(Q.shape[:-2])
@@ -216,6 +275,6 @@ def approximate(
         flops=nystrom_attention_flops(batch, Q.shape[-2], K.shape[-2], Q.shape[-1], V.shape[-1], m,
                                       solve_flops=solve_flops),
         exact_flops=exact_attention_flops(batch, Q.shape[-2], K.shape[-2], Q.shape[-1], V.shape[-1]),
-        _inputs=(xp, Q, K, V, out, tau, key_padding_mask),
+        _inputs=(xp, Q, K, V, out, tau, keys),
     )
     return out, info

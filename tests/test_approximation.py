@@ -35,9 +35,9 @@ def profile(fn):
 def masked_call(strategy="norm", **kwargs):
     rng = np.random.default_rng(0)
     Q, K, V = (rng.standard_normal((2, 3, 96, 16)) for _ in range(3))
-    mask = np.ones((2, 1, 96), dtype=bool)
-    mask[0, :, 70:] = False
-    return lambda: nystrom.approximate(Q, K, V, strategy=strategy, num_landmarks=16, key_padding_mask=mask,
+    mask = np.ones((2, 1, 1, 96), dtype=bool)
+    mask[0, ..., 70:] = False
+    return lambda: nystrom.approximate(Q, K, V, strategy=strategy, num_landmarks=16, attn_mask=mask,
                                        seed=0, **kwargs)
 
 
@@ -49,7 +49,7 @@ def test_each_argument_is_checked_once(strategy):
         by_name[name] += count
     # Q, K and V are checked for finiteness in one call; the mask, the scale, the landmark count and the names
     # of the strategy and the solver once each.
-    for check in ("check_finite", "check_key_padding_mask", "check_scale", "check_num_landmarks", "namespace",
+    for check in ("check_finite", "check_attn_mask", "check_scale", "check_num_landmarks", "namespace",
                   "check_attention_inputs", "get_strategy", "get_solver"):
         assert by_name[check] == 1, (check, by_name[check])
 
@@ -74,8 +74,8 @@ def test_without_value_checks_nothing_reads_the_data(strategy, dtype, masked):
     # which on CUDA would be a host synchronisation, raises. With check_values=False the whole call, selection
     # included, must run on them.
     Q, K, V = (torch.empty(2, 4, 256, 32, device="meta", dtype=dtype) for _ in range(3))
-    mask = torch.ones(2, 1, 256, dtype=torch.bool, device="meta") if masked else None
-    out = nystrom.approximate(Q, K, V, strategy=strategy, num_landmarks=16, key_padding_mask=mask, seed=0,
+    mask = torch.ones(2, 1, 1, 256, dtype=torch.bool, device="meta") if masked else None
+    out = nystrom.approximate(Q, K, V, strategy=strategy, num_landmarks=16, attn_mask=mask, seed=0,
                               check_values=False)
     assert out.device.type == "meta" and out.shape == V.shape and out.dtype == dtype
 
@@ -141,3 +141,32 @@ def test_solvers_check_their_input_and_the_library_skips_it():
     np.testing.assert_allclose(unchecked(solve)(np.eye(3) * 2.0).inverse, np.eye(3) / 2)
     own = lambda A: nystrom.SolveResult(A, A[..., 0, 0])  # noqa: E731 - a plain callable is used as given
     assert unchecked(own) is own
+
+
+def test_query_chunk_size_is_honoured_for_numpy(monkeypatch):
+    # It was silently ignored for numpy inputs; now both backends run the attention calls a chunk of queries at a
+    # time (the same products row by row, so the result agrees to round-off of a different blocking).
+    import nystrom.approximation as front
+
+    rng = np.random.default_rng(3)
+    Q, K, V = (rng.standard_normal((2, 50, 8)) for _ in range(3))
+    rows = []
+    original = front.softmax_attention
+
+    def counting(xp, q, *args, **kwargs):
+        rows.append(q.shape[-2])
+        return original(xp, q, *args, **kwargs)
+
+    monkeypatch.setattr(front, "softmax_attention", counting)
+    out = nystrom.approximate(Q, K, V, strategy="fps", num_landmarks=8, query_chunk_size=16)
+    # The 8 landmark queries fit one chunk; the 50 queries take four (16, 16, 16, 2).
+    assert rows == [8, 16, 16, 16, 2]
+    monkeypatch.undo()
+    np.testing.assert_allclose(out, nystrom.approximate(Q, K, V, strategy="fps", num_landmarks=8), rtol=1e-12)
+
+
+def test_info_repr_is_a_summary():
+    Q = torch.randn(2, 4, 128, 16)
+    _, info = nystrom.approximate(Q, Q, Q, num_landmarks=16, return_info=True)
+    text = repr(info)
+    assert len(text) < 300 and "m=16" in text and "tensor" not in text

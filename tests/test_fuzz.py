@@ -76,10 +76,24 @@ def astype(a, kind):
 
 
 def mask_like(call, fill=True, n_delta=0, dtype=None):
+    """A key mask in SDPA's form ``(..., 1, n + n_delta)`` for the call's inputs."""
     K = call["K"]
-    shape = (*K.shape[:-1][:-1], K.shape[-2] + n_delta)
+    shape = (*K.shape[:-2], 1, K.shape[-2] + n_delta)
     mask = np.full(shape, fill, dtype=dtype or bool)
     return to_backend(mask, call["backend"])
+
+
+def per_query_mask(call):
+    """A causal mask ``(..., max(n_q, 2), n)``: its rows differ (or, for one query, its query axis is wrong)."""
+    rows, n = max(call["Q"].shape[-2], 2), call["K"].shape[-2]
+    mask = np.broadcast_to(np.tril(np.ones((rows, n), dtype=bool)), (*call["K"].shape[:-2], rows, n))
+    return to_backend(np.array(mask), call["backend"])
+
+
+def wrong_batch_mask(call):
+    lead = tuple(call["K"].shape[:-2])
+    shape = (*lead[:-1], lead[-1] + 1 if lead else 2, 1, call["K"].shape[-2])
+    return to_backend(np.ones(shape, dtype=bool), call["backend"])
 
 
 # (description, mutation(call) -> None (edits call in place), the argument the message must name)
@@ -106,12 +120,32 @@ TENSOR_MUTATIONS = [
         else c["Q"].astype(np.float64 if c["Q"].dtype == np.float32 else np.float32)), "Q"),
 ]
 MASK_MUTATIONS = [
-    ("mask float", lambda c: c.update(key_padding_mask=mask_like(c, dtype=np.float32)), "key_padding_mask"),
-    ("mask short", lambda c: c.update(key_padding_mask=mask_like(c, n_delta=-1)), "key_padding_mask"),
-    ("mask long", lambda c: c.update(key_padding_mask=mask_like(c, n_delta=1)), "key_padding_mask"),
-    ("mask hides all", lambda c: c.update(key_padding_mask=mask_like(c, fill=False)), "key_padding_mask"),
-    ("mask extra dim", lambda c: c.update(key_padding_mask=mask_like(c)[None]), "key_padding_mask"),
-    ("mask other library", lambda c: c.update(key_padding_mask=other_library(mask_like(c))), "key_padding_mask"),
+    ("mask complex", lambda c: c.update(attn_mask=mask_like(c, dtype=np.complex64)), "attn_mask"),
+    ("mask short", lambda c: c.update(attn_mask=mask_like(c, n_delta=-1)), "attn_mask"),
+    ("mask long", lambda c: c.update(attn_mask=mask_like(c, n_delta=1)), "attn_mask"),
+    ("mask hides all", lambda c: c.update(attn_mask=mask_like(c, fill=False)), "attn_mask"),
+    ("mask additive hides all", lambda c: c.update(attn_mask=mask_like(c, fill=-math.inf, dtype=np.float32)),
+     "attn_mask"),
+    ("mask int hides all", lambda c: c.update(attn_mask=mask_like(c, fill=0, dtype=np.int64)), "attn_mask"),
+    ("mask int value 2", lambda c: c.update(attn_mask=mask_like(c, fill=2, dtype=np.int64)), "attn_mask"),
+    ("mask additive bias", lambda c: c.update(attn_mask=mask_like(c, fill=-0.5, dtype=np.float32)), "attn_mask"),
+    ("mask additive NaN", lambda c: c.update(attn_mask=mask_like(c, fill=math.nan, dtype=np.float32)),
+     "attn_mask"),
+    ("mask extra dim", lambda c: c.update(attn_mask=mask_like(c)[None]), "attn_mask"),
+    ("mask per query", lambda c: c.update(attn_mask=per_query_mask(c)), "attn_mask"),
+    ("mask wrong batch", lambda c: c.update(attn_mask=wrong_batch_mask(c)), "attn_mask"),
+    ("mask other library", lambda c: c.update(attn_mask=other_library(mask_like(c))), "attn_mask"),
+    ("mask a list", lambda c: c.update(attn_mask=mask_like(c).tolist()), "attn_mask"),
+    ("mask as key_padding_mask", lambda c: c.update(key_padding_mask=mask_like(c)), "key_padding_mask"),
+    ("mask as attention_mask", lambda c: c.update(attention_mask=mask_like(c)), "attention_mask"),
+]
+# SDPA's other arguments, and a per-query mask that only the value checks could tell from a key mask.
+SDPA_MUTATIONS = [
+    ("is_causal True", lambda c: c.update(is_causal=True), "is_causal"),
+    ("is_causal int", lambda c: c.update(is_causal=1), "is_causal"),
+    ("dropout_p 0.1", lambda c: c.update(dropout_p=0.1), "dropout_p"),
+    ("dropout_p str", lambda c: c.update(dropout_p="0"), "dropout_p"),
+    ("mask per query unchecked", lambda c: c.update(attn_mask=per_query_mask(c), check_values=False), "attn_mask"),
 ]
 SCALE_MUTATIONS = [
     (f"scale {v!r}", (lambda v: lambda c: c.update(scale=v))(v), "scale")
@@ -122,7 +156,7 @@ LANDMARK_MUTATIONS = [
      "num_landmarks")
     for v in (0, -1, -100, 2.5, 3.0, True, "4", None, lambda c: c["K"].shape[-2] + 1)
 ]
-APPROXIMATE_MUTATIONS = TENSOR_MUTATIONS + MASK_MUTATIONS + SCALE_MUTATIONS + LANDMARK_MUTATIONS + [
+APPROXIMATE_MUTATIONS = TENSOR_MUTATIONS + MASK_MUTATIONS + SDPA_MUTATIONS + SCALE_MUTATIONS + LANDMARK_MUTATIONS + [
     ("strategy unknown", lambda c: c.update(strategy="nystromformer"), "strategy"),
     ("strategy int", lambda c: c.update(strategy=3), "strategy"),
     ("solver unknown", lambda c: c.update(solver="cholesky"), "solver"),
@@ -157,6 +191,29 @@ def test_approximate_rejects_bad_input(call, mutation):
     mutate(call)
     expect_named_error(nystrom.approximate, call_args(call), name)
     COUNTS["approximate"] += 1
+
+
+MASK_FUNCTIONS = {
+    "approximate": lambda c: nystrom.approximate(**call_args(c)),
+    "exact_attention": lambda c: nystrom.exact_attention(**call_args(c, "num_landmarks")),
+    "estimate_relative_error": lambda c: nystrom.estimate_relative_error(**call_args(c, "num_landmarks"),
+                                                                         approx=approx_of(c)),
+    "strategy": lambda c: nystrom.get_strategy(c.pop("strategy"))(**call_args(c, "V")),
+}
+
+
+@settings(max_examples=300, deadline=None)
+@given(call=valid_attention_call(), mutation=st.sampled_from(MASK_MUTATIONS),
+       function=st.sampled_from(sorted(MASK_FUNCTIONS)), strategy=st.sampled_from(sorted(STRATEGIES)))
+def test_every_function_rejects_bad_masks(call, mutation, function, strategy):
+    # The mask forms alone, spread over the four functions that take attn_mask (the per-function tests above
+    # draw them among all mutations).
+    _, mutate, name = mutation
+    if function == "strategy":
+        call["strategy"] = strategy
+    mutate(call)
+    expect_named_error(lambda: MASK_FUNCTIONS[function](call), {}, name)
+    COUNTS["mask forms"] += 1
 
 
 EXACT_MUTATIONS = TENSOR_MUTATIONS + MASK_MUTATIONS + SCALE_MUTATIONS

@@ -96,7 +96,7 @@ def test_numpy_inputs_are_not_modified(strategy):
     mask = np.ones((2, 30), bool)
     mask[1, 20:] = False
     copies = [x.copy() for x in (Q, K, V, mask)]
-    out, info = nystrom.approximate(Q, K, V, strategy=strategy, num_landmarks=6, seed=0, key_padding_mask=mask,
+    out, info = nystrom.approximate(Q, K, V, strategy=strategy, num_landmarks=6, seed=0, attn_mask=mask,
                                     return_info=True)
     info.estimate_error(num_samples=8)
     for x, c in zip((Q, K, V, mask), copies):

@@ -40,11 +40,19 @@ V = rng.standard_normal((2, 10, 3))
         (dict(scale="big"), TypeError, "scale must be a real number"),
         (dict(seed=-1), ValueError, "seed must be at least 0"),
         (dict(seed=1.5), TypeError, "seed must be None or an int >= 0"),
-        (dict(key_padding_mask=np.ones((2, 10))), TypeError, "key_padding_mask must be a bool"),
-        (dict(key_padding_mask=np.ones((2, 9), bool)), ValueError, "key_padding_mask must have shape"),
-        (dict(key_padding_mask=np.zeros((2, 10), bool)), ValueError, "masks every key"),
-        (dict(key_padding_mask=np.arange(10)[None].repeat(2, 0) < 3, num_landmarks=4), ValueError,
-         "exceeds the 3 unpadded keys"),
+        (dict(attn_mask=np.ones((2, 10), np.complex64)), TypeError, "attn_mask must be a bool mask"),
+        (dict(attn_mask=np.ones((2, 9), bool)), ValueError, "attn_mask must have shape"),
+        (dict(attn_mask=np.zeros((2, 10), bool)), ValueError, "masks every key"),
+        (dict(attn_mask=np.arange(10)[None].repeat(2, 0) < 3, num_landmarks=4), ValueError,
+         "exceeds the 3 real keys"),
+        (dict(attn_mask=np.full((2, 10), 2)), ValueError, "attn_mask as an integer mask must hold 0"),
+        (dict(attn_mask=np.full((2, 1, 10), -1.0)), ValueError, "attn_mask as an additive float mask"),
+        (dict(attn_mask=np.tril(np.ones((10, 10), bool))), ValueError, "differs between queries"),
+        (dict(key_padding_mask=np.ones((2, 10), bool)), TypeError, "attn_mask=~key_padding_mask"),
+        (dict(attention_mask=np.ones((2, 10), int)), TypeError, "attn_mask=attention_mask"),
+        (dict(is_causal=True), ValueError, "is_causal=True is not supported. Nyström attention here is bidirectional"),
+        (dict(dropout_p=0.1), ValueError, "dropout_p must be 0"),
+        (dict(mask=np.ones(10, bool)), TypeError, "unexpected keyword argument 'mask'"),
         (dict(return_info=1), TypeError, "return_info must be a bool"),
         (dict(query_chunk_size=0), ValueError, "query_chunk_size must be at least 1"),
         (dict(query_chunk_size=2.0), TypeError, "query_chunk_size must be None or an int"),
@@ -58,10 +66,11 @@ def test_bad_input(kwargs, error, match):
         nystrom.approximate(args.pop("Q"), args.pop("K"), args.pop("V"), **args)
 
 
-def test_mask_for_4d_inputs_needs_the_head_axis():
+def test_per_key_mask_of_4d_inputs_needs_the_query_axis():
+    # (B, H, n) was the former per-head form; as SDPA broadcasts it, H would be the query axis.
     q = rng.standard_normal((2, 3, 10, 4))
-    with pytest.raises(ValueError, match=r"mask\[:, None, :\]"):
-        nystrom.approximate(q, q, q, num_landmarks=4, key_padding_mask=np.ones((2, 10), bool))
+    with pytest.raises(ValueError, match=r"mask\[\.\.\., None, :\]"):
+        nystrom.approximate(q, q, q, num_landmarks=4, attn_mask=np.ones((2, 3, 10), bool))
 
 
 def test_strategy_returning_wrong_shape_is_caught():

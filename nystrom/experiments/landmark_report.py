@@ -82,11 +82,11 @@ def minilm_errors(strategies=("norm", "kmeans", "fps", "segment_means"), landmar
         for m in landmarks:
             errs = []
             for c in caps:
-                real = c.key_padding_mask
+                real = c.attention_mask
                 exact = F.scaled_dot_product_attention(c.query.double(), c.key.double(), c.value.double(),
-                                                       attn_mask=real[:, None, None, :], scale=c.scaling)
+                                                       attn_mask=c.attn_mask, scale=c.scaling)
                 out = nystrom.approximate(c.query, c.key, c.value, strategy=strategy, num_landmarks=m,
-                                          scale=c.scaling, key_padding_mask=real[:, None, :], seed=0)
+                                          scale=c.scaling, attn_mask=c.attn_mask, seed=0)
                 errs.append(head_mean_error(out, exact, real))
             per_m.append(float(np.mean(errs)))
         rows.append([label, *per_m, float(np.mean(per_m))])

@@ -26,9 +26,17 @@ from __future__ import annotations
 
 import functools
 
-from .numerics import at_least_float32, softmax
+import array_api_compat
+
+from .numerics import at_least_float32, softmax, without_padding
 from .solvers import get_solver, unchecked
-from .validation import check_attention_inputs, check_bool, check_landmarks, check_scale
+from .validation import (
+    check_attention_inputs,
+    check_bool,
+    check_landmarks,
+    check_scale,
+    check_unknown_arguments,
+)
 
 
 def softmax_attention(xp, Q, K, V, mask=None, *, scale):
@@ -59,12 +67,36 @@ def softmax_attention(xp, Q, K, V, mask=None, *, scale):
     return softmax(xp, logits, mask) @ V
 
 
-def exact_attention(Q, K, V, *, scale=None, key_padding_mask=None):
+def in_query_chunks(attend, query_chunk_size=None):
+    """``attend(q, k, v, mask)`` run on ``query_chunk_size`` rows of ``q`` at a time (``None``: ``attend`` itself).
+
+    Each chunk is an independent attention call, so the result is the same; only the ``chunk x n``
+    score buffer is alive at once, which bounds memory for long sequences. A mask with one row per
+    query is cut with the queries; a key-only mask ``(..., 1, n)`` is passed whole.
+    """
+    if query_chunk_size is None:
+        return attend
+
+    def chunked(q, k, v, mask=None):
+        n_q = q.shape[-2]
+        if query_chunk_size >= n_q:
+            return attend(q, k, v, mask)
+        xp = array_api_compat.array_namespace(q)
+        parts = []
+        for i in range(0, n_q, query_chunk_size):
+            rows = mask if mask is None or mask.shape[-2] == 1 else mask[..., i:i + query_chunk_size, :]
+            parts.append(attend(q[..., i:i + query_chunk_size, :], k, v, rows))
+        return xp.concat(parts, axis=-2)
+
+    return chunked
+
+
+def exact_attention(Q, K, V, *, scale=None, attn_mask=None, **unknown):
     r"""Exact scaled dot-product attention.
 
     .. math:: O = \mathrm{softmax}(\tau\, Q K^\top + M)\, V, \qquad \tau = d^{-1/2} \text{ by default}
 
-    where :math:`M_{ij} = -\infty` for padded keys and 0 otherwise.
+    where :math:`M_{ij} = -\infty` for masked keys and 0 otherwise.
 
     Parameters
     ----------
@@ -77,8 +109,10 @@ def exact_attention(Q, K, V, *, scale=None, key_padding_mask=None):
     scale : float, optional
         Softmax temperature :math:`\tau`; default ``1/sqrt(d)``. Keyword-only, as in
         ``torch.nn.functional.scaled_dot_product_attention``.
-    key_padding_mask : bool array, shape (..., n), optional
-        ``True`` marks real keys; padded keys receive zero attention.
+    attn_mask : array, optional
+        Key mask, as :func:`nystrom.approximate` takes it (bool ``True`` = attend, integer 1 = real
+        token, or additive 0 / ``-inf``; shape ``(..., 1, n)``, ``(n,)`` or ``(B, n)``); masked keys
+        receive zero attention.
 
     Returns
     -------
@@ -90,10 +124,11 @@ def exact_attention(Q, K, V, *, scale=None, key_padding_mask=None):
     Forms the full :math:`n_q \times n` matrix: :math:`O(n_q n)` memory and
     :math:`O(n_q n (d + d_v))` time. Use it as ground truth (in float64) on moderate sizes.
     """
-    xp = check_attention_inputs(Q, K, V, key_padding_mask)
+    check_unknown_arguments("exact_attention", unknown)
+    xp, keys = check_attention_inputs(Q, K, V, attn_mask)
     tau = check_scale(scale, Q.shape[-1])
-    mask = None if key_padding_mask is None else key_padding_mask[..., None, :]
-    return softmax_attention(xp, Q, K, V, mask, scale=tau)
+    K, V = without_padding(xp, keys, K, V)
+    return softmax_attention(xp, Q, K, V, None if keys is None else keys[..., None, :], scale=tau)
 
 
 def landmark_kernel(xp, q_landmarks, k_landmarks, scale, log_weights=None):
@@ -142,7 +177,8 @@ def nystrom_product(xp, Q, K, V, landmarks, invert, *, scale, mask=None, attend=
     scale : float
         :math:`\tau`.
     mask : bool array, shape broadcastable to (..., 1, n), optional
-        ``True`` for real keys.
+        ``True`` for real keys; padded rows of ``K`` and ``V`` are zero (see
+        :func:`~nystrom.linalg.numerics.without_padding`).
     attend : callable, optional
         ``attend(q, k, v, mask) -> softmax(scale q k^T + M) v`` with a bool or additive ``mask`` (as
         ``scaled_dot_product_attention``); default :func:`softmax_attention`.
@@ -180,8 +216,8 @@ def nystrom_product(xp, Q, K, V, landmarks, invert, *, scale, mask=None, attend=
     return xp.astype(xp.astype(out, c.dtype) * c, V.dtype), result
 
 
-def nystrom_attention(Q, K, V, landmarks, solver="newton_schulz", *, scale=None, key_padding_mask=None,
-                      check_values=True):
+def nystrom_attention(Q, K, V, landmarks, solver="newton_schulz", *, scale=None, attn_mask=None,
+                      check_values=True, **unknown):
     r"""Nyström attention :math:`F A^+ (B V)` for given landmarks.
 
     Parameters
@@ -196,8 +232,8 @@ def nystrom_attention(Q, K, V, landmarks, solver="newton_schulz", *, scale=None,
         Pseudo-inverse solver for :math:`A`, see :mod:`nystrom.linalg.solvers`.
     scale : float, optional
         Softmax temperature :math:`\tau`, default ``1/sqrt(d)``.
-    key_padding_mask : bool array, shape (..., n), optional
-        ``True`` for real keys; padded keys get no weight in :math:`B`.
+    attn_mask : array, optional
+        Key mask, as :func:`nystrom.approximate` takes it; masked keys get no weight in :math:`B`.
     check_values : bool
         Run the checks that read the data (see :mod:`nystrom.linalg.validation`).
 
@@ -208,20 +244,22 @@ def nystrom_attention(Q, K, V, landmarks, solver="newton_schulz", *, scale=None,
     solve : SolveResult
         The pseudo-inverse and its Moore–Penrose residual.
     """
-    xp, tau, invert, mask = check_nystrom_call(Q, K, V, landmarks, solver, scale, key_padding_mask, check_values)
+    check_unknown_arguments("nystrom_attention", unknown)
+    xp, tau, invert, mask, K, V = check_nystrom_call(Q, K, V, landmarks, solver, scale, attn_mask, check_values)
     return nystrom_product(xp, Q, K, V, landmarks, invert, scale=tau, mask=mask)
 
 
-def check_nystrom_call(Q, K, V, landmarks, solver, scale, key_padding_mask, check_values):
+def check_nystrom_call(Q, K, V, landmarks, solver, scale, attn_mask, check_values):
     """The argument checks of :func:`nystrom_attention` and :func:`nystrom.torch.fna_attention`.
 
     Returns
     -------
     tuple
-        ``(xp, scale, invert, mask)``: the namespace, :math:`\\tau`, the trusted solve and the key mask as
-        :func:`nystrom_product` takes them.
+        ``(xp, scale, invert, mask, K, V)``: the namespace, :math:`\\tau`, the trusted solve, the key mask as
+        :func:`nystrom_product` takes it and the keys and values with padded rows zeroed.
     """
-    xp = check_attention_inputs(Q, K, V, key_padding_mask, check_values=check_bool("check_values", check_values))
+    xp, keys = check_attention_inputs(Q, K, V, attn_mask, check_values=check_bool("check_values", check_values))
     check_landmarks(landmarks, K, landmarks.keys.shape[-2])
-    mask = None if key_padding_mask is None else key_padding_mask[..., None, :]
-    return xp, check_scale(scale, Q.shape[-1]), unchecked(get_solver(solver)), mask
+    K, V = without_padding(xp, keys, K, V)
+    mask = None if keys is None else keys[..., None, :]
+    return xp, check_scale(scale, Q.shape[-1]), unchecked(get_solver(solver)), mask, K, V

@@ -28,7 +28,7 @@ import scipy.stats
 from .attention import softmax_attention
 from .landmarks.base import gather_rows
 from .landmarks.rpcholesky import exp_kernel_shift
-from .numerics import float64_numpy
+from .numerics import float64_numpy, without_padding
 from .solvers import PInv
 from .validation import (
     check_attention_inputs,
@@ -39,6 +39,7 @@ from .validation import (
     check_points,
     check_scale,
     check_seed,
+    check_unknown_arguments,
     namespace,
 )
 
@@ -161,7 +162,7 @@ class ErrorEstimate:
 
 
 def estimate_relative_error(Q, K, V, approx, *, num_samples=64, confidence=0.95, seed=None, scale=None,
-                            key_padding_mask=None):
+                            attn_mask=None, **unknown):
     r"""Estimate the relative Frobenius error of an approximate attention output from sampled rows.
 
     Query positions :math:`i \in I` (:math:`|I| = s`, uniform without replacement) are computed
@@ -192,7 +193,11 @@ def estimate_relative_error(Q, K, V, approx, *, num_samples=64, confidence=0.95,
     seed : int, optional
         Seed of the row sample.
     scale : float, optional
-    key_padding_mask : bool array, shape (..., n), optional
+    attn_mask : array, optional
+        Key mask, as :func:`nystrom.approximate` takes it. For self-attention (``n_q == n``) the padded
+        positions are padded queries too: only real query rows are sampled, and the error is that of the
+        real rows (:math:`e_i` and :math:`o_i` sum over the sequences in which row :math:`i` is real,
+        :math:`n_q` counts the positions real in some sequence).
 
     Returns
     -------
@@ -206,7 +211,8 @@ def estimate_relative_error(Q, K, V, approx, *, num_samples=64, confidence=0.95,
     page, and ``tests/linalg/test_bounds.py`` pins it. Use :math:`s \ge 64` and read the interval as
     approximate.
     """
-    xp = check_attention_inputs(Q, K, V, key_padding_mask)
+    check_unknown_arguments("estimate_relative_error", unknown)
+    xp, keys = check_attention_inputs(Q, K, V, attn_mask)
     namespace(Q=Q, approx=approx)
     tau = check_scale(scale, Q.shape[-1])
     if tuple(approx.shape) != (*Q.shape[:-1], V.shape[-1]):
@@ -215,7 +221,7 @@ def estimate_relative_error(Q, K, V, approx, *, num_samples=64, confidence=0.95,
         raise TypeError(f"approx must have a real floating dtype, got {approx.dtype}")
     check_finite(xp, approx=approx)
     return sampled_relative_error(xp, Q, K, V, approx, **check_sampling(num_samples, confidence, seed), scale=tau,
-                                  key_padding_mask=key_padding_mask)
+                                  keys=keys)
 
 
 def check_sampling(num_samples, confidence, seed) -> dict:
@@ -227,22 +233,31 @@ def check_sampling(num_samples, confidence, seed) -> dict:
     return {"num_samples": num_samples, "confidence": confidence, "seed": check_seed(seed)}
 
 
-def sampled_relative_error(xp, Q, K, V, approx, *, num_samples, confidence, seed, scale, key_padding_mask=None):
-    """:func:`estimate_relative_error` for checked arguments (no checks of its own)."""
+def sampled_relative_error(xp, Q, K, V, approx, *, num_samples, confidence, seed, scale, keys=None):
+    """:func:`estimate_relative_error` for checked arguments (no checks of its own); ``keys (..., n)`` is the
+    checked key mask."""
     n_q = Q.shape[-2]
-    s = min(num_samples, n_q)
-    rows = np.sort(np.random.default_rng(seed).choice(n_q, size=s, replace=False))
+    real = None
+    if keys is not None and n_q == K.shape[-2]:
+        # Self-attention: a padded key is a padded query, whose output nobody reads.
+        real = np.broadcast_to(float64_numpy(keys) > 0, tuple(Q.shape[:-1])).reshape(-1, n_q)
+    positions = np.arange(n_q) if real is None else np.flatnonzero(real.any(axis=0))
+    population = positions.size
+    s = min(num_samples, population)
+    rows = np.sort(np.random.default_rng(seed).choice(positions, size=s, replace=False))
     rows_x = xp.asarray(rows, device=array_api_compat.device(Q))
-    mask = None if key_padding_mask is None else key_padding_mask[..., None, :]
+    K, V = without_padding(xp, keys, K, V)
+    mask = None if keys is None else keys[..., None, :]
     exact = float64_numpy(softmax_attention(xp, xp.take(Q, rows_x, axis=-2), K, V, mask, scale=scale))
     diff = float64_numpy(xp.take(approx, rows_x, axis=-2)) - exact
-    # Per sampled position, summed over the batch/head dimensions.
-    e = (diff * diff).sum(axis=-1).reshape(-1, s).sum(axis=0)
-    o = (exact * exact).sum(axis=-1).reshape(-1, s).sum(axis=0)
+    weight = 1.0 if real is None else real[:, rows]
+    # Per sampled position, summed over the batch/head dimensions (over the sequences where it is real).
+    e = ((diff * diff).sum(axis=-1).reshape(-1, s) * weight).sum(axis=0)
+    o = ((exact * exact).sum(axis=-1).reshape(-1, s) * weight).sum(axis=0)
     ratio = e.sum() / o.sum()
     spread = 1.0
-    if s < n_q and ratio > 0:
-        var = (1 - s / n_q) / (s * o.mean() ** 2) * np.var(e - ratio * o, ddof=1)
+    if s < population and ratio > 0:
+        var = (1 - s / population) / (s * o.mean() ** 2) * np.var(e - ratio * o, ddof=1)
         spread = math.exp(float(scipy.stats.t.ppf(0.5 + confidence / 2, df=s - 1)) * math.sqrt(var) / ratio)
     return ErrorEstimate(
         estimate=math.sqrt(ratio),

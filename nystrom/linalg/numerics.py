@@ -19,6 +19,28 @@ def at_least_float32(xp, X):
     return X if X.dtype in (xp.float32, xp.float64) else xp.astype(X, xp.float32)
 
 
+def without_padding(xp, keys, *arrays):
+    """``arrays (..., n, D)`` with the rows of padded keys (``keys (..., n)`` False) set to 0.
+
+    Padding may hold anything finite, up to 3e38 in float32: zeroed, it takes part in no product, so no
+    overflow from padding reaches a real token, in selection or attention. ``keys=None`` returns the
+    arrays unchanged.
+    """
+    if keys is None:
+        return arrays
+    zero = xp.asarray(0, dtype=arrays[0].dtype, device=array_api_compat.device(arrays[0]))
+    return tuple(xp.where(keys[..., None], a, zero) for a in arrays)
+
+
+def detached(a):
+    """``a`` without autograd history (torch's ``Tensor.detach``), unchanged for arrays that have none.
+
+    The array API has no gradients; libraries that track them (torch) expose ``detach``.
+    """
+    detach = getattr(a, "detach", None)
+    return detach() if callable(detach) else a
+
+
 def sum_dtype(xp, a):
     """Accumulator dtype for sums over ``a``: its own for float32/float64, float32 for half precision,
     whose sums of ordinary values overflow past 65,504 (float16) or stop growing (bfloat16)."""

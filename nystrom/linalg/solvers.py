@@ -1,6 +1,6 @@
 r"""Pseudo-inverse solvers for the small :math:`m \times m` landmark kernel :math:`A`.
 
-Every solver is a small frozen :class:`Solver` (``NewtonSchulz(iters=6)``, ``PInv(rtol=3e-2)``,
+Every solver is a small frozen :class:`Solver` (``NewtonSchulz(iters=6)``, ``PInv()``,
 ``Ridge(lam=1e-2)``) called as ``solver(A)`` on a batch ``A (..., m, m)``; the strings
 ``"newton_schulz"``, ``"pinv"`` and ``"ridge"`` are short forms for the defaults, and
 :data:`SOLVERS` is derived from the subclasses' declared names. All of them
@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 
 import array_api_compat
 
+from .numerics import detached
 from .validation import check_finite, namespace, resolve
 
 
@@ -197,39 +198,64 @@ class NewtonSchulz(Solver, name="newton_schulz", iterative=True):
         return (4 * iterations + 2) * 2 * m**3
 
 
+#: The regularising cut-off of :class:`PInv`, ``PInv(rtol=REGULARISING_RTOL)``: the best of 1e-12 ... 1e-1 for the
+#: output error on real attention (DINOv2-S, MiniLM; table and command on the docs' pseudo-inverse page).
+REGULARISING_RTOL = 3e-2
+
+
 @dataclass(frozen=True)
 class PInv(Solver, name="pinv"):
-    r"""Truncated-SVD pseudo-inverse :math:`Z = V \Sigma_r^{-1} U^\top`.
+    r"""Moore–Penrose pseudo-inverse by SVD, :math:`Z = V \Sigma_r^{-1} U^\top`, as ``scipy.linalg.pinv``.
 
     Singular values :math:`\sigma_i \le \mathrm{rtol}\cdot\sigma_{\max}` are dropped.
 
     Parameters
     ----------
-    rtol : float
-        Relative cutoff. The default ``3e-2`` was chosen by measuring the output error on real
-        attention (table and command on the docs' pseudo-inverse page): smaller cutoffs invert
-        noise directions of :math:`A` and amplify them into errors larger than the signal. Use
-        ``rtol`` near ``m * eps`` only for well-conditioned :math:`A` (e.g. the identity test with
-        all tokens as landmarks).
+    rtol : float, optional
+        Relative cut-off. The default (``None``) is scipy's, :math:`m\,\varepsilon` of the working dtype
+        (float32 or float64): singular values at round-off level are dropped, every other one is inverted,
+        and with all tokens as landmarks the output equals exact attention. On real attention with
+        :math:`m \ll n` an exact inverse amplifies the noise directions of :math:`A` into errors larger than
+        the signal; ``PInv(rtol=REGULARISING_RTOL)`` (3e-2, the best cut-off measured on the docs'
+        pseudo-inverse page) regularises instead. ``rtol=0`` inverts every non-zero singular value,
+        round-off included: finite for an exactly singular :math:`A`, but not its pseudo-inverse (with one
+        duplicated token at :math:`m = n`, relative output error 0.37 against 2e-15 for the default).
 
     Notes
     -----
-    Exact for any (also singular) :math:`A` when ``rtol`` is below its smallest non-zero
-    singular value relative to the largest. Cost: one batched SVD, :math:`O(m^3)`.
+    Cost: one batched SVD, :math:`O(m^3)`. The gradient does not go through the SVD, whose backward
+    divides by :math:`\sigma_i^2 - \sigma_j^2` and gives NaN when singular values repeat (a strongly
+    diagonal :math:`A \approx I`). It is the derivative of the pseudo-inverse at fixed rank
+    (Golub & Pereyra, 1973),
+
+    .. math:: dZ = -Z\,dA\,Z + Z Z^\top dA^\top (I - AZ) + (I - ZA)\, dA^\top Z^\top Z,
+
+    exact when no singular value is dropped (then :math:`dZ = -Z\,dA\,Z`), and the derivative of the
+    truncated inverse with the dropped singular values held at 0 otherwise. It is built from the SVD's
+    value held constant (``Tensor.detach``) plus terms linear in :math:`A - A_0`, which are 0 in value.
     """
 
-    rtol: float = 3e-2
+    rtol: float | None = None
 
     def __post_init__(self):
-        if not (0 <= self.rtol < 1):
-            raise ValueError(f"PInv rtol must be in [0, 1), got {self.rtol!r}")
+        if self.rtol is not None and not (0 <= self.rtol < 1):
+            raise ValueError(f"PInv rtol must be None or in [0, 1), got {self.rtol!r}")
 
     def solve(self, A) -> SolveResult:
         xp = array_api_compat.array_namespace(A)
-        U, s, Vh = xp.linalg.svd(A, full_matrices=False)
-        keep = s > self.rtol * s[..., :1]
+        A0 = detached(A)
+        U, s, Vh = xp.linalg.svd(A0, full_matrices=False)
+        rtol = self.rtol if self.rtol is not None else A.shape[-1] * xp.finfo(A.dtype).eps
+        keep = s > rtol * s[..., :1]
         s_inv = xp.where(keep, 1 / xp.where(keep, s, xp.ones_like(s)), xp.zeros_like(s))
-        Z = xp.matrix_transpose(Vh) @ (s_inv[..., None] * xp.matrix_transpose(U))
+        Z0 = xp.matrix_transpose(Vh) @ (s_inv[..., None] * xp.matrix_transpose(U))
+        Z = Z0
+        if getattr(A, "requires_grad", False):
+            # Value Z0 (dA = A - A0 is exactly 0), derivative Golub-Pereyra's: see the class notes.
+            dA, eye = A - A0, _eye(xp, A)
+            Z0t = xp.matrix_transpose(Z0)
+            Z = (Z0 - Z0 @ dA @ Z0 + (Z0 @ Z0t) @ xp.matrix_transpose(dA) @ (eye - A0 @ Z0)
+                 + (eye - Z0 @ A0) @ xp.matrix_transpose(dA) @ (Z0t @ Z0))
         return SolveResult(Z, moore_penrose_residual(A, Z), 0)
 
     def flops(self, m, iterations=0):

@@ -16,7 +16,7 @@ This module holds the three detectors, written once against the array API (numpy
 :mod:`nystrom.torch.tokens` applies them layer by layer to a transformers model.
 
 Shapes: ``n`` tokens (padding included), ``D`` hidden width. Token masks are bool with ``True`` for a
-real (unpadded) token, as ``key_padding_mask`` everywhere in the library.
+real (unpadded) token, as transformers' ``attention_mask`` (bool, or integer 1 = real token).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import array_api_compat
 import numpy as np
 
 from .numerics import masked_median
-from .validation import check_key_padding_mask, check_positive, check_real_floating, namespace
+from .validation import check_positive, check_real_floating, check_token_mask, namespace
 
 __all__ = [
     "MassiveActivations", "detect_high_norm_tokens", "detect_massive_activations", "detect_sinks", "excluded_tokens",
@@ -59,17 +59,19 @@ class MassiveActivations:
     median: Any
 
 
-def _check_tokens(xp, name, hidden, key_padding_mask, min_ndim):
+def _check_tokens(xp, name, hidden, attention_mask, min_ndim):
+    """Check ``hidden (..., n, D)`` (or ``(..., n)`` when ``min_ndim`` is 1) and the token mask; return the mask as
+    bool (or None)."""
     check_real_floating(xp, name, hidden)
     if hidden.ndim < min_ndim or hidden.shape[-1] == 0 or (min_ndim == 2 and hidden.shape[-2] == 0):
         what = "(..., n, D)" if min_ndim == 2 else "(..., n)"
         raise ValueError(f"{name} must have shape {what} with at least one token, got {tuple(hidden.shape)}")
-    if key_padding_mask is not None:
-        # check_key_padding_mask expects keys (..., n, d); a trailing axis makes (..., n) inputs fit it.
-        check_key_padding_mask(xp, key_padding_mask, hidden if min_ndim == 2 else hidden[..., None])
+    if attention_mask is None:
+        return None
+    return check_token_mask(xp, attention_mask, tuple(hidden.shape[:-1]) if min_ndim == 2 else tuple(hidden.shape))
 
 
-def detect_massive_activations(hidden, *, abs_threshold=100.0, median_ratio=1000.0, key_padding_mask=None):
+def detect_massive_activations(hidden, *, abs_threshold=100.0, median_ratio=1000.0, attention_mask=None):
     r"""Tokens carrying a massive scalar activation (Sun et al. 2024).
 
     An activation :math:`a_{jc}` (token :math:`j`, channel :math:`c`) is massive when
@@ -91,7 +93,7 @@ def detect_massive_activations(hidden, *, abs_threshold=100.0, median_ratio=1000
         :math:`\alpha`.
     median_ratio : float, default 1000
         :math:`\rho`.
-    key_padding_mask : bool array, shape (..., n), optional
+    attention_mask : bool or integer array, shape (..., n), optional
         ``True`` for real tokens; padding is never flagged and does not enter the median.
 
     Returns
@@ -105,16 +107,16 @@ def detect_massive_activations(hidden, *, abs_threshold=100.0, median_ratio=1000
     ValueError
         Wrong shapes, non-positive thresholds.
     """
-    xp = namespace(hidden=hidden, key_padding_mask=key_padding_mask)
-    _check_tokens(xp, "hidden", hidden, key_padding_mask, 2)
+    xp = namespace(hidden=hidden, attention_mask=attention_mask)
+    attention_mask = _check_tokens(xp, "hidden", hidden, attention_mask, 2)
     alpha = check_positive("abs_threshold", abs_threshold)
     rho = check_positive("median_ratio", median_ratio)
     magnitude = xp.abs(hidden)
     flat = xp.reshape(magnitude, tuple(hidden.shape[:-2]) + (-1,))
     flat_mask = None
     real = None
-    if key_padding_mask is not None:
-        real = xp.broadcast_to(key_padding_mask, tuple(hidden.shape[:-1]))
+    if attention_mask is not None:
+        real = xp.broadcast_to(attention_mask, tuple(hidden.shape[:-1]))
         flat_mask = xp.reshape(xp.broadcast_to(real[..., None], tuple(hidden.shape)), tuple(flat.shape))
     median = masked_median(xp, flat, flat_mask)
     channel = xp.argmax(magnitude, axis=-1)
@@ -147,7 +149,7 @@ def excluded_tokens(xp, exclude, shape, device):
     return xp.broadcast_to(exclude, shape)
 
 
-def detect_high_norm_tokens(hidden, *, ratio=4.0, exclude=(0,), key_padding_mask=None):
+def detect_high_norm_tokens(hidden, *, ratio=4.0, exclude=(0,), attention_mask=None):
     r"""Artifact tokens: patch tokens whose norm is an outlier among the patch tokens (Darcet et al. 2024).
 
     .. math:: \lVert h_j\rVert > \nu\,\mathrm{median}_{i\,\in\,P} \lVert h_i\rVert, \qquad j \in P
@@ -166,7 +168,7 @@ def detect_high_norm_tokens(hidden, *, ratio=4.0, exclude=(0,), key_padding_mask
     exclude : sequence of int or bool array broadcastable to (..., n), default (0,)
         Tokens that are never artifacts and do not enter the median: positions (``(0,)`` is the CLS token,
         ``()`` none) or a bool mask (``True`` = excluded).
-    key_padding_mask : bool array, shape (..., n), optional
+    attention_mask : bool or integer array, shape (..., n), optional
         ``True`` for real tokens; padding is never flagged and does not enter the median.
 
     Returns
@@ -181,21 +183,21 @@ def detect_high_norm_tokens(hidden, *, ratio=4.0, exclude=(0,), key_padding_mask
         Wrong shapes, non-positive ``ratio``, bad positions, or a sequence without any eligible token.
     """
     positions = isinstance(exclude, Sequence)
-    xp = namespace(hidden=hidden, key_padding_mask=key_padding_mask, exclude=None if positions else exclude)
-    _check_tokens(xp, "hidden", hidden, key_padding_mask, 2)
+    xp = namespace(hidden=hidden, attention_mask=attention_mask, exclude=None if positions else exclude)
+    attention_mask = _check_tokens(xp, "hidden", hidden, attention_mask, 2)
     nu = check_positive("ratio", ratio)
     shape = tuple(hidden.shape[:-1])
     eligible = ~excluded_tokens(xp, exclude, shape, array_api_compat.device(hidden))
-    if key_padding_mask is not None:
-        eligible = eligible & xp.broadcast_to(key_padding_mask, shape)
+    if attention_mask is not None:
+        eligible = eligible & xp.broadcast_to(attention_mask, shape)
     if not bool(xp.all(xp.any(eligible, axis=-1))):
-        raise ValueError("exclude and key_padding_mask leave a sequence without any token to test")
+        raise ValueError("exclude and attention_mask leave a sequence without any token to test")
     norms = xp.sqrt(xp.sum(hidden * hidden, axis=-1))
     median = masked_median(xp, norms, eligible)
     return eligible & (norms > nu * median[..., None])
 
 
-def detect_sinks(attention_share, *, ratio=4.0, key_padding_mask=None):
+def detect_sinks(attention_share, *, ratio=4.0, attention_mask=None):
     r"""Attention sinks: keys that receive at least ``ratio`` times the uniform share of attention.
 
     .. math:: a_j \ge \rho / n_v
@@ -212,7 +214,7 @@ def detect_sinks(attention_share, *, ratio=4.0, key_padding_mask=None):
         :func:`nystrom.linalg.landmarks.norm.attention_share`.
     ratio : float, default 4
         :math:`\rho`.
-    key_padding_mask : bool array, shape (..., n), optional
+    attention_mask : bool or integer array, shape (..., n), optional
         ``True`` for real keys; padding is never a sink and does not count in :math:`n_v`.
 
     Returns
@@ -226,11 +228,11 @@ def detect_sinks(attention_share, *, ratio=4.0, key_padding_mask=None):
     ValueError
         Wrong shapes or non-positive ``ratio``.
     """
-    xp = namespace(attention_share=attention_share, key_padding_mask=key_padding_mask)
-    _check_tokens(xp, "attention_share", attention_share, key_padding_mask, 1)
+    xp = namespace(attention_share=attention_share, attention_mask=attention_mask)
+    attention_mask = _check_tokens(xp, "attention_share", attention_share, attention_mask, 1)
     rho = check_positive("ratio", ratio)
-    if key_padding_mask is None:
+    if attention_mask is None:
         return attention_share >= rho / attention_share.shape[-1]
-    real = xp.broadcast_to(key_padding_mask, tuple(attention_share.shape))
+    real = xp.broadcast_to(attention_mask, tuple(attention_share.shape))
     n_valid = xp.sum(xp.astype(real, attention_share.dtype), axis=-1, keepdims=True)
     return real & (attention_share >= rho / n_valid)

@@ -10,7 +10,7 @@ on an accelerator each of them is a host synchronisation, and ``check_values=Fal
 (as ``check_finite=False`` does in scipy.linalg):
 
 * :func:`check_finite`: no NaN or infinity in ``Q``, ``K``, ``V`` (and ``features``);
-* :func:`check_key_padding_mask`: every sequence keeps at least one real key;
+* :func:`check_attn_mask`: mask values, rows equal across queries, a real key in every sequence;
 * :func:`check_selection`: ``num_landmarks`` fits the real keys of the shortest sequence.
 """
 
@@ -92,34 +92,36 @@ def check_bool(name: str, value) -> bool:
     return value
 
 
-def check_attention_inputs(Q, K, V=None, key_padding_mask=None, *, check_values=True):
-    """Validate ``(Q, K, V, key_padding_mask)`` in the attention convention; return their namespace.
+def check_attention_inputs(Q, K, V=None, attn_mask=None, *, check_values=True):
+    """Validate ``(Q, K, V, attn_mask)`` in the attention convention; return the namespace and the key mask.
 
-    Shapes: ``Q (..., n_q, d)``, ``K (..., n, d)``, ``V (..., n, d_v)``, ``key_padding_mask (..., n)``
-    (bool, ``True`` marks a real token) with the same leading dimensions as ``K``, or size-1
-    dimensions that broadcast to them. ``V=None`` checks queries and keys alone (strategies).
+    Shapes: ``Q (..., n_q, d)``, ``K (..., n, d)``, ``V (..., n, d_v)``; ``attn_mask`` as
+    :func:`check_attn_mask` takes it. ``V=None`` checks queries and keys alone (strategies).
 
     Parameters
     ----------
     Q, K, V : arrays
-    key_padding_mask : bool array, optional
+    attn_mask : array, optional
     check_values : bool
-        Also run the checks that read the data (finite values, no fully masked sequence).
+        Also run the checks that read the data (finite values, mask values, no fully masked sequence).
 
     Returns
     -------
     xp
         The array namespace of the inputs.
+    keys : bool array, shape (..., n), or None
+        The key mask (``True`` = real key) from :func:`check_attn_mask`.
 
     Raises
     ------
     TypeError
-        Non-array inputs, mixed libraries, non-floating or mismatched dtypes, non-bool mask.
+        Non-array inputs, mixed libraries, non-floating or mismatched dtypes, a mask of another dtype.
     ValueError
         Rank below 2, empty sequences or feature dimensions, mismatched leading dimensions,
-        ``n`` or ``d``, NaN/Inf values, a mask of the wrong shape or one that hides every key.
+        ``n`` or ``d``, NaN/Inf values, a mask of the wrong shape or values, one that depends on the
+        query or hides every key.
     """
-    xp = namespace(Q=Q, K=K, V=V, key_padding_mask=key_padding_mask)
+    xp = namespace(Q=Q, K=K, V=V, attn_mask=attn_mask)
     named = {"Q": Q, "K": K} if V is None else {"Q": Q, "K": K, "V": V}
     for name, a in named.items():
         check_real_floating(xp, name, a)
@@ -151,32 +153,190 @@ def check_attention_inputs(Q, K, V=None, key_padding_mask=None, *, check_values=
         )
     if check_values:
         check_finite(xp, **named)
-    if key_padding_mask is not None:
-        check_key_padding_mask(xp, key_padding_mask, K, check_values=check_values)
-    return xp
+    keys = None if attn_mask is None else check_attn_mask(xp, attn_mask, Q, K, check_values=check_values)
+    return xp, keys
 
 
-def check_key_padding_mask(xp, mask, K, *, check_values=True) -> None:
-    """Validate a key padding mask against ``K (..., n, d)``; see :func:`check_attention_inputs`.
+#: Additive mask entries at or below this fraction of the dtype's most negative value mask the key, as in
+#: transformers, which fills masked entries with ``finfo(dtype).min`` (``-inf`` qualifies too).
+MASKED_FRACTION_OF_MIN = 0.5
 
-    With ``check_values`` it reads the data: every sequence must keep a real key.
+BIDIRECTIONAL = (
+    "Nyström attention here is bidirectional: every query sees the same keys, and landmarks summarise all of "
+    "them. Pass a key mask (shape (..., 1, n): True or 0 where a key is real), or use exact attention "
+    "(torch.nn.functional.scaled_dot_product_attention) for causal or per-query masks"
+)
+
+
+def check_attn_mask(xp, attn_mask, Q, K, *, check_values=True):
+    r"""Validate a key mask given the way SDPA or transformers users hold it; return it as bool ``(..., n)``.
+
+    Accepted, for ``Q (..., n_q, d)`` and ``K (..., n, d)``:
+
+    * dtypes: bool (``True`` = attend, as SDPA's ``attn_mask``), integer 0/1 (1 = real token, as
+      transformers' ``attention_mask``) or real floating, added to the logits (0 = attend; ``-inf`` or at
+      most half the dtype's most negative value, as transformers' ``finfo.min``, = masked);
+    * shapes that broadcast to ``(..., n_q, n)`` in SDPA's way while depending on the key only: ``(n,)``,
+      ``(..., 1, n)`` such as ``(B, 1, 1, n)`` or ``(B, H, 1, n)``, and transformers' ``(B, n)`` for inputs
+      with a batch axis. A mask with fewer dimensions than ``Q`` (other than these) must have size 1 in
+      all but its last two: SDPA aligns it to the right, where a former ``(B, 1, n)`` key mask of
+      ``(B, H, n, d)`` inputs would read ``B`` as the head axis. A mask of shape ``(..., n_q, n)`` is taken
+      when all its query rows are equal (an expanded key mask; reading it needs ``check_values``).
+
+    Parameters
+    ----------
+    xp
+        Array namespace.
+    attn_mask : array
+    Q, K : arrays
+        Checked queries and keys.
+    check_values : bool
+        Read the data: mask values, rows equal across queries (and, for ``(B, H, ...)`` inputs, across
+        heads, which then share one mask row), a real key in every sequence.
+
+    Returns
+    -------
+    bool array, shape (..., n)
+        ``True`` for real keys; ``K.ndim - 1`` dimensions, each 1 or ``K``'s.
+
+    Raises
+    ------
+    TypeError
+        A mask of another dtype.
+    ValueError
+        A mask whose shape does not fit, that varies along the query axis (causal or per-query masks:
+        Nyström attention here is bidirectional), with additive values other than 0 and masked (a bias),
+        integer values other than 0 and 1, or one that hides every key of a sequence.
     """
-    expected = tuple(K.shape[:-1])
-    if mask.dtype != xp.bool:
-        raise TypeError(f"key_padding_mask must be a bool array (True = real token), got dtype {mask.dtype}")
-    shape = tuple(mask.shape)
-    if len(shape) != len(expected) or shape[-1] != expected[-1] or any(
-        s not in (1, e) for s, e in zip(shape[:-1], expected[:-1])
-    ):
-        hint = ""
-        if len(shape) == len(expected) - 1:
-            hint = " (for (B, H, n, d) inputs pass mask[:, None, :])"
-        raise ValueError(
-            f"key_padding_mask must have shape {expected} or one that broadcasts to it with size-1 "
-            f"leading dimensions, got {shape}{hint}"
+    if attn_mask.dtype == xp.bool:
+        kind = "bool"
+    elif xp.isdtype(attn_mask.dtype, "integral"):
+        kind = "int"
+    elif xp.isdtype(attn_mask.dtype, "real floating"):
+        kind = "float"
+    else:
+        raise TypeError(
+            f"attn_mask must be a bool mask (True = attend, as SDPA), an integer 0/1 mask (1 = real token, as "
+            f"transformers' attention_mask) or an additive float mask (0 / -inf), got dtype {attn_mask.dtype}"
         )
-    if check_values and not bool(xp.all(xp.any(mask, axis=-1))):
-        raise ValueError("key_padding_mask masks every key of at least one sequence; each row needs a True entry")
+    n, n_q, lead = K.shape[-2], Q.shape[-2], tuple(K.shape[:-2])
+    shape = tuple(attn_mask.shape)
+    expected = f"(n,), (..., 1, n) broadcasting to {(*lead, n_q, n)} or (batch, n) = {(*lead[:1], n)}"
+    if not shape or shape[-1] != n:
+        raise ValueError(f"attn_mask must have shape {expected} with n={n} keys, got {shape}")
+    if len(shape) == 2 and lead and shape[0] == lead[0] and shape[0] > 1:
+        if n_q == shape[0]:
+            raise ValueError(
+                f"attn_mask of shape {shape} is ambiguous: it is (batch, n) as transformers' attention_mask, and "
+                f"(n_q, n) as SDPA's attn_mask; pass mask[:, None, ..., None, :] with shape "
+                f"{(shape[0], *(1,) * len(lead), n)} for a key mask per batch element"
+            )
+        mask = xp.reshape(attn_mask, (shape[0], *(1,) * (len(lead) - 1), n))
+    else:
+        if len(shape) == 1:
+            attn_mask, shape = attn_mask[None, :], (1, n)
+        if len(shape) == len(lead) + 1 and shape[:-1] == lead and lead[-1] not in (1, n_q):
+            raise ValueError(f"attn_mask must have shape {expected}, got {shape} (a per-key mask {shape} needs a "
+                             "query axis: pass mask[..., None, :])")
+        if 2 < len(shape) < len(lead) + 2 and any(size != 1 for size in shape[:-2]):
+            # SDPA aligns a mask with fewer dimensions to the right, so a former (B, 1, n) key mask of (B, H, n, d)
+            # inputs would read B as the head axis: silently wrong whenever B == H.
+            raise ValueError(
+                f"attn_mask of shape {shape} has fewer dimensions than Q {tuple(Q.shape)}, and aligned to the right "
+                f"(as SDPA does) its leading sizes fall on other axes; pass it with {len(lead) + 2} dimensions, "
+                f"e.g. {(*lead[:1], *(1,) * (len(lead) - 1), 1, n)} for one key mask per batch element"
+            )
+        if len(shape) > len(lead) + 2 or shape[-2] not in (1, n_q) or any(
+                s not in (1, t) for s, t in zip(shape[-3::-1], lead[::-1])):
+            raise ValueError(f"attn_mask must have shape {expected}, got {shape}")
+        if shape[-2] != 1:
+            if not check_values:
+                raise ValueError(
+                    f"attn_mask has shape {shape} with one row per query; with check_values=False pass the key "
+                    f"mask mask[..., :1, :] (shape (..., 1, n)). {BIDIRECTIONAL}"
+                )
+            if not bool(xp.all(attn_mask == attn_mask[..., :1, :])):
+                raise ValueError(f"attn_mask differs between queries (a causal or per-query mask). {BIDIRECTIONAL}")
+        mask = xp.reshape(attn_mask[..., :1, :], (*(1,) * (len(lead) + 2 - len(shape)), *shape[:-2], n))
+    if kind == "bool":
+        keys = mask
+    elif kind == "int":
+        keys = mask != 0
+        if check_values and not bool(xp.all((mask == 0) | (mask == 1))):
+            raise ValueError("attn_mask as an integer mask must hold 0 (padding) and 1 (real token), got other values")
+    else:
+        keys = mask > MASKED_FRACTION_OF_MIN * xp.finfo(mask.dtype).min
+        if check_values and not bool(xp.all((mask == 0) | ~keys)):
+            raise ValueError(
+                "attn_mask as an additive float mask must hold 0 (attend) and -inf or a large negative number "
+                "(masked, at most half the dtype's most negative value, as transformers' finfo.min); other values "
+                "are an attention bias, which Nyström landmarks do not approximate"
+            )
+    if check_values:
+        if not bool(xp.all(xp.any(keys, axis=-1))):
+            raise ValueError("attn_mask masks every key of at least one sequence; each needs a real key")
+        if len(lead) >= 2 and keys.shape[-2] > 1 and bool(xp.all(keys == keys[..., :1, :])):
+            # The same row for every head (an expanded mask): one row lets the heads share landmarks.
+            keys = keys[..., :1, :]
+    return keys
+
+
+def check_token_mask(xp, mask, shape):
+    """Validate a per-token mask ``attention_mask`` against tokens of shape ``(..., n)``; return it as bool.
+
+    transformers' meaning: bool ``True`` or integer 1 = real token, 0 = padding. Its dimensions are those of
+    ``shape`` or 1. Reads the data: integer values must be 0/1, and every sequence needs a real token.
+    """
+    if mask.dtype != xp.bool and not xp.isdtype(mask.dtype, "integral"):
+        raise TypeError(f"attention_mask must be bool or integer 0/1 (1 = real token), got dtype {mask.dtype}")
+    got = tuple(mask.shape)
+    if len(got) != len(shape) or got[-1] != shape[-1] or any(g not in (1, e) for g, e in zip(got, shape)):
+        raise ValueError(f"attention_mask must have shape {tuple(shape)} (1 = real token) or size-1 dimensions "
+                         f"that broadcast to it, got {got}")
+    if mask.dtype != xp.bool:
+        if not bool(xp.all((mask == 0) | (mask == 1))):
+            raise ValueError("attention_mask as an integer mask must hold 0 (padding) and 1 (real token)")
+        mask = mask != 0
+    if not bool(xp.all(xp.any(mask, axis=-1))):
+        raise ValueError("attention_mask masks every token of at least one sequence; each needs a real token")
+    return mask
+
+
+def check_unknown_arguments(function: str, unknown: dict) -> None:
+    """Raise ``TypeError`` for keyword arguments ``function`` does not take, saying what to pass for the
+    mask names of other libraries.
+
+    ``key_padding_mask`` (``nn.MultiheadAttention``'s, ``True`` = padding, the opposite of this library's
+    former meaning) and ``attention_mask`` (transformers') both become ``attn_mask``.
+    """
+    for name in unknown:
+        if name == "key_padding_mask":
+            raise TypeError(
+                f"{function}() takes no key_padding_mask: the mask argument is attn_mask, in SDPA's convention "
+                "(bool True = attend, or additive 0 / -inf; integer 1 = real token as transformers' "
+                "attention_mask), shape (..., 1, n) or (batch, n). nn.MultiheadAttention's key_padding_mask "
+                "(True = padding) becomes attn_mask=~key_padding_mask"
+            )
+        if name == "attention_mask":
+            raise TypeError(
+                f"{function}() takes the mask as attn_mask: pass transformers' attention_mask (integer 0/1, "
+                "1 = real token, shape (batch, n)) as attn_mask=attention_mask"
+            )
+        raise TypeError(f"{function}() got an unexpected keyword argument {name!r}")
+
+
+def check_bidirectional(is_causal, dropout_p) -> None:
+    """SDPA's ``is_causal`` and ``dropout_p`` are accepted at their neutral values (``False``, 0) only."""
+    check_bool("is_causal", is_causal)
+    if is_causal:
+        raise ValueError(f"is_causal=True is not supported. {BIDIRECTIONAL}")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
+        raise TypeError(f"dropout_p must be a real number, got {type(dropout_p).__name__}")
+    if dropout_p != 0:
+        raise ValueError(
+            f"dropout_p must be 0, got {dropout_p!r}: attention dropout would drop entries of the n x n matrix "
+            "that Nyström attention never forms; apply dropout to the output instead"
+        )
 
 
 def check_num_landmarks(num_landmarks, n: int | None, n_valid: int | None = None) -> int:
@@ -187,9 +347,8 @@ def check_num_landmarks(num_landmarks, n: int | None, n_valid: int | None = None
         raise ValueError(f"num_landmarks must be at most the number of keys n={n}, got {m}")
     if n_valid is not None and m > n_valid:
         raise ValueError(
-            f"num_landmarks={m} exceeds the {n_valid} unpadded keys of the shortest sequence in key_padding_mask "
-            "(with landmarks shared across heads, a key counts only where it is real in every head); landmarks are "
-            "never placed on padding"
+            f"num_landmarks={m} exceeds the {n_valid} real keys of the shortest sequence (and head) in attn_mask; "
+            "landmarks are never placed on padding"
         )
     return m
 
@@ -205,22 +364,19 @@ def check_head_axis(head_axis, K) -> None:
         )
 
 
-def check_selection(xp, Q, K, num_landmarks, key_padding_mask=None, head_axis=None, features=None, *,
-                    check_values=True) -> int:
-    """Validate what a landmark strategy is asked for, given checked ``Q``, ``K`` and mask; return ``m``.
+def check_selection(xp, Q, K, num_landmarks, keys=None, head_axis=None, features=None, *, check_values=True) -> int:
+    """Validate what a landmark strategy is asked for, given checked ``Q``, ``K`` and key mask ``keys``; return ``m``.
 
     Checks ``head_axis``, ``features (..., n, D)`` (the leading dimensions of ``K``, without the head
     axis when heads share landmarks), ``1 <= m <= n``, ``m <= n_q`` for cross-attention and, when
-    ``check_values`` (reads the data), ``m`` at most the keys that are real in every shared head of
-    the shortest sequence: landmarks are never placed on padding.
+    ``check_values`` (reads the data), ``m`` at most the real keys of the shortest sequence and head:
+    landmarks are never placed on padding (heads whose masks differ choose their own landmarks, see
+    :meth:`nystrom.linalg.landmarks.base.Selection.of`).
     """
     check_head_axis(head_axis, K)
     n_valid = None
-    if key_padding_mask is not None and check_values:
-        real = xp.broadcast_to(key_padding_mask, tuple(K.shape[:-1]))
-        if head_axis is not None:
-            real = xp.all(real, axis=head_axis + 1)
-        n_valid = int(xp.min(xp.sum(xp.astype(real, xp.int64), axis=-1)))
+    if keys is not None and check_values:
+        n_valid = int(xp.min(xp.sum(xp.astype(keys, xp.int64), axis=-1)))
     m = check_num_landmarks(num_landmarks, K.shape[-2], n_valid)
     if Q.shape[-2] != K.shape[-2] and m > Q.shape[-2]:
         raise ValueError(f"num_landmarks={m} exceeds the number of queries n_q={Q.shape[-2]}")

@@ -20,45 +20,33 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from ..linalg.attention import check_nystrom_call, nystrom_product
-from ..linalg.validation import check_query_chunk_size
+from ..linalg.attention import check_nystrom_call, in_query_chunks, nystrom_product
+from ..linalg.validation import check_query_chunk_size, check_unknown_arguments
 
 
-def sdpa_attend(q, k, v, mask=None, *, scale, query_chunk_size=None):
-    r""":math:`\mathrm{softmax}(\tau q k^\top + M)\,v` by ``scaled_dot_product_attention``, a chunk of queries at
-    a time.
-
-    The attention call that :func:`nystrom.linalg.attention.nystrom_product` takes (its inputs are checked).
+def sdpa_attend(q, k, v, mask=None, *, scale):
+    r""":math:`\mathrm{softmax}(\tau q k^\top + M)\,v` by ``scaled_dot_product_attention``: the attention call that
+    :func:`nystrom.linalg.attention.nystrom_product` takes (its inputs are checked).
 
     Parameters
     ----------
     q : Tensor, shape (..., n_q, d)
     k : Tensor, shape (..., n, d)
     v : Tensor, shape (..., n, d_v)
-    mask : bool Tensor, shape broadcastable to (..., n_q, n), optional
-        ``True`` where a query may attend to a key (SDPA's boolean ``attn_mask``).
+    mask : bool or floating Tensor, shape broadcastable to (..., n_q, n), optional
+        ``True`` where a query may attend to a key, or an additive bias (SDPA's ``attn_mask``).
     scale : float
         :math:`\tau`.
-    query_chunk_size : int, optional
-        Rows of ``q`` per SDPA call; ``None`` does all at once.
 
     Returns
     -------
     Tensor, shape (..., n_q, d_v)
     """
-    n_q = q.shape[-2]
-    if query_chunk_size is None or query_chunk_size >= n_q:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-    chunks = []
-    for i in range(0, n_q, query_chunk_size):
-        rows = mask if mask is None or mask.shape[-2] == 1 else mask[..., i:i + query_chunk_size, :]
-        chunks.append(F.scaled_dot_product_attention(q[..., i:i + query_chunk_size, :], k, v, attn_mask=rows,
-                                                     scale=scale))
-    return torch.cat(chunks, dim=-2)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
-def fna_attention(Q, K, V, landmarks, solver="newton_schulz", *, scale=None, key_padding_mask=None,
-                  query_chunk_size=None, check_values=True):
+def fna_attention(Q, K, V, landmarks, solver="newton_schulz", *, scale=None, attn_mask=None,
+                  query_chunk_size=None, check_values=True, **unknown):
     r"""Nyström attention :math:`\mathrm{softmax}(\tau Q\tilde k^\top)\, A^+ \mathrm{softmax}(\tau \tilde q K^\top) V`.
 
     The torch counterpart of :func:`nystrom.linalg.nystrom_attention`, with the same contract: the
@@ -75,8 +63,8 @@ def fna_attention(Q, K, V, landmarks, solver="newton_schulz", *, scale=None, key
         Pseudo-inverse solver; it runs in float32 (float64 for float64 inputs).
     scale : float, optional
         Softmax temperature :math:`\tau`, default ``1/sqrt(d)`` (as SDPA).
-    key_padding_mask : bool Tensor, shape (..., n), optional
-        ``True`` for real keys.
+    attn_mask : Tensor, optional
+        Key mask, as :func:`nystrom.approximate` takes it.
     query_chunk_size : int, optional
         Process queries in chunks of this many rows, bounding the :math:`n_q \times m` score
         buffer of the final product; ``None`` does all at once.
@@ -94,9 +82,10 @@ def fna_attention(Q, K, V, landmarks, solver="newton_schulz", *, scale=None, key
         As :func:`nystrom.approximate` for the inputs; ``TypeError`` also for numpy arrays (use
         :func:`nystrom.linalg.nystrom_attention`), ``ValueError`` for landmarks of the wrong shape.
     """
+    check_unknown_arguments("fna_attention", unknown)
     if not isinstance(Q, torch.Tensor):
         raise TypeError(f"Q, K and V must be torch tensors, got {type(Q).__name__}; "
                         "nystrom.linalg.nystrom_attention takes any array")
-    xp, tau, invert, mask = check_nystrom_call(Q, K, V, landmarks, solver, scale, key_padding_mask, check_values)
-    attend = functools.partial(sdpa_attend, scale=tau, query_chunk_size=check_query_chunk_size(query_chunk_size))
+    xp, tau, invert, mask, K, V = check_nystrom_call(Q, K, V, landmarks, solver, scale, attn_mask, check_values)
+    attend = in_query_chunks(functools.partial(sdpa_attend, scale=tau), check_query_chunk_size(query_chunk_size))
     return nystrom_product(xp, Q, K, V, landmarks, invert, scale=tau, mask=mask, attend=attend)

@@ -5,8 +5,7 @@ returns, so approximations can be tested on real attention:
 
 >>> caps = capture_attention(model, {"pixel_values": px})         # doctest: +SKIP
 >>> c = caps[5]                                                   # layer 5
->>> mask = None if c.key_padding_mask is None else c.key_padding_mask[:, None, :]   # doctest: +SKIP
->>> out = nystrom.exact_attention(c.query, c.key, c.value, scale=c.scaling, key_padding_mask=mask)  # doctest: +SKIP
+>>> out = nystrom.exact_attention(c.query, c.key, c.value, scale=c.scaling, attn_mask=c.attn_mask)  # doctest: +SKIP
 >>> torch.testing.assert_close(out, c.output)                        # doctest: +SKIP
 
 It uses the handler mechanism of :mod:`nystrom.torch.dispatch` (the model's own attention function still runs) and
@@ -43,8 +42,8 @@ class CapturedAttention:
         such as BERT, the previous block's normalised output).
     query, key, value : Tensor, shape (B, H, n, d)
         As the attention function receives them (after the projections, before the softmax and scaling).
-    key_padding_mask : bool Tensor, shape (B, n), or None
-        ``True`` for real keys; ``None`` when the model passed no attention mask.
+    attention_mask : bool Tensor, shape (B, n), or None
+        ``True`` for real tokens (transformers' meaning); ``None`` when the model passed no attention mask.
     scaling : float
         The softmax temperature :math:`\\tau` the model uses.
     output : Tensor, shape (B, H, n, d)
@@ -57,9 +56,15 @@ class CapturedAttention:
     query: torch.Tensor
     key: torch.Tensor
     value: torch.Tensor
-    key_padding_mask: torch.Tensor | None
+    attention_mask: torch.Tensor | None
     scaling: float
     output: torch.Tensor
+
+    @property
+    def attn_mask(self):
+        """bool Tensor, shape (B, 1, 1, n), or None: ``attention_mask`` as the key mask that
+        ``nystrom.approximate`` and ``scaled_dot_product_attention`` take for the ``(B, H, n, d)`` inputs."""
+        return None if self.attention_mask is None else self.attention_mask[:, None, None, :]
 
 
 def _record(records, handle, layer, call_next, module, query, key, value, attention_mask, **kwargs):
@@ -71,7 +76,7 @@ def _record(records, handle, layer, call_next, module, query, key, value, attent
         query=query.detach(),
         key=key.detach(),
         value=value.detach(),
-        key_padding_mask=padding_mask_from_attention_mask(attention_mask, key.shape[0], key.shape[-2]),
+        attention_mask=padding_mask_from_attention_mask(attention_mask, key.shape[0], key.shape[-2]),
         scaling=check_scale(scaling, query.shape[-1]),
         output=output.detach().transpose(1, 2),
     ))

@@ -34,6 +34,8 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
+from ..linalg.validation import MASKED_FRACTION_OF_MIN
+
 __all__ = [
     "Handle", "attention_layers", "block_input", "check_token_spec", "padding_mask_from_attention_mask", "token_mask",
 ]
@@ -187,7 +189,7 @@ def _padding_mask_of(attention_mask, batch_size, num_keys):
         attend = attention_mask
     else:
         attend = attention_mask == 0
-        blocked = attention_mask <= torch.finfo(attention_mask.dtype).min / 2
+        blocked = attention_mask <= torch.finfo(attention_mask.dtype).min * MASKED_FRACTION_OF_MIN
         if not bool(torch.all(attend | blocked)):
             raise ValueError(
                 "the additive attention mask holds values other than 0 (attend) and a large negative number "

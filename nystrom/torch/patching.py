@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import array_api_compat
 import torch
 
-from ..linalg.attention import nystrom_product
+from ..linalg.attention import in_query_chunks, nystrom_product
 from ..linalg.landmarks.base import (
     Grouping,
     Selection,
@@ -35,7 +35,7 @@ from ..linalg.landmarks.base import (
     run_strategy,
     unfold_indices,
 )
-from ..linalg.numerics import segment_sum
+from ..linalg.numerics import segment_sum, without_padding
 from ..linalg.solvers import get_solver, unchecked
 from ..linalg.validation import check_num_landmarks, check_query_chunk_size, check_scale, check_seed
 from .attention import sdpa_attend
@@ -135,9 +135,11 @@ class FNAHandle(Handle):
             if is_causal is not None:
                 kwargs["is_causal"] = is_causal
             return call_next(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+        xp = array_api_compat.array_namespace(key)
+        key, value = without_padding(xp, None if real is None else real[:, None, :], key, value)
         landmarks, sampled = self._landmarks(layer, query, key, value, real, scale)
-        attend = functools.partial(sdpa_attend, scale=scale, query_chunk_size=self.query_chunk_size)
-        out, result = nystrom_product(array_api_compat.array_namespace(key), query, key, value, landmarks,
+        attend = in_query_chunks(functools.partial(sdpa_attend, scale=scale), self.query_chunk_size)
+        out, result = nystrom_product(xp, query, key, value, landmarks,
                                       unchecked(self.solver), scale=scale,
                                       mask=None if real is None else real[:, None, None, :], attend=attend)
         assignment = landmarks.assignment

@@ -7,8 +7,8 @@ model (:func:`analyze_tokens`) and masks one kind to watch how the others respon
 (:func:`suppression_experiment`).
 
 Shapes: ``L`` encoder layers, ``B`` sequences, ``n`` tokens (padding included), ``D`` hidden width, ``H``
-heads. Token masks are bool with ``True`` for a real (unpadded) token, as ``key_padding_mask`` everywhere in
-the library.
+heads. Token masks are bool with ``True`` for a real (unpadded) token, as transformers' ``attention_mask``,
+everywhere in the library.
 """
 
 from __future__ import annotations
@@ -265,9 +265,9 @@ def analyze_tokens(model, inputs, *, massive_threshold=100.0, massive_ratio=1000
     if isinstance(exclude, torch.Tensor):
         exclude = exclude.to(residual.device)
     massive = detect_massive_activations(residual, abs_threshold=massive_threshold, median_ratio=massive_ratio,
-                                         key_padding_mask=mask)
-    artifact = detect_high_norm_tokens(residual, ratio=artifact_ratio, exclude=exclude, key_padding_mask=mask)
-    sink = detect_sinks(share, ratio=sink_ratio, key_padding_mask=mask)
+                                         attention_mask=mask)
+    artifact = detect_high_norm_tokens(residual, ratio=artifact_ratio, exclude=exclude, attention_mask=mask)
+    sink = detect_sinks(share, ratio=sink_ratio, attention_mask=mask)
     token_mask = torch.ones(residual.shape[1:3], dtype=torch.bool) if real is None else real
     excluded = excluded_tokens(array_api_compat.array_namespace(residual), exclude, tuple(residual.shape[1:3]),
                           residual.device)

@@ -46,7 +46,7 @@ def test_padding_equals_dropping_padded_keys():
     mask = np.arange(12)[None] < 9
     K_pad, V_pad = K.copy(), V.copy()
     K_pad[:, 9:] = 1e3  # huge logits on padding must not leak through
-    np.testing.assert_allclose(exact_attention(Q, K_pad, V_pad, key_padding_mask=mask),
+    np.testing.assert_allclose(exact_attention(Q, K_pad, V_pad, attn_mask=mask),
                                exact_attention(Q, K[:, :9], V[:, :9]), rtol=RTOL64)
 
 

@@ -129,7 +129,7 @@ def test_landmarks_never_on_padding(strategy):
     lengths = np.array([20, 11, 6])
     mask = np.arange(20)[None, None, :] < lengths[:, None, None]  # (3, 1, 20)
     K_pad = np.where(mask[..., None], K, 50.0)  # far-away padding: FPS/k-means would love it
-    lm = nystrom.get_strategy(strategy)(Q, K_pad, 6, key_padding_mask=mask, seed=0, head_axis=-3)
+    lm = nystrom.get_strategy(strategy)(Q, K_pad, 6, attn_mask=mask[..., None, :], seed=0, head_axis=-3)
     if lm.indices is not None:
         for b in range(3):
             assert (lm.indices[b] < lengths[b]).all()
@@ -144,7 +144,7 @@ def test_padding_changes_nothing_for_real_tokens(strategy):
     Qp, Kp, Vp = (np.concatenate([X, 9.0 * np.ones((1, 2, pad, X.shape[-1]))], axis=2) for X in (Q, K, V))
     mask = np.arange(13 + pad)[None, None, :] < 13
     ref = nystrom.approximate(Q, K, V, strategy=strategy, num_landmarks=5)
-    out = nystrom.approximate(Qp, Kp, Vp, strategy=strategy, num_landmarks=5, key_padding_mask=mask)
+    out = nystrom.approximate(Qp, Kp, Vp, strategy=strategy, num_landmarks=5, attn_mask=mask[..., None, :])
     np.testing.assert_allclose(out[:, :, :13], ref, rtol=1e-12, atol=1e-13)
 
 
@@ -282,7 +282,7 @@ def test_declared_capabilities_hold(name):
     mask = np.ones((2, 64), dtype=bool)
     mask[:, 40:] = False
     K_poison = np.where(mask[..., None], K, 1e3)
-    a, b, c = (cls()(Q, K_poison, 8, seed=s, key_padding_mask=mask) for s in (0, 0, 1))
+    a, b, c = (cls()(Q, K_poison, 8, seed=s, attn_mask=mask) for s in (0, 0, 1))
     np.testing.assert_array_equal(a.keys, b.keys)
     assert cls.random == (not np.array_equal(a.keys, c.keys))
     assert cls.picks_tokens == (a.indices is not None)
@@ -309,8 +309,7 @@ def test_norm_probes_ignore_padding():
     for pad in (1, 7, 40):
         Qp, Kp = (np.concatenate([X, rng.standard_normal((pad, 8))]) for X in (Q, K))
         mask = np.arange(40 + pad) < 40
-        np.testing.assert_array_equal(strategy(Qp, Kp, 16, key_padding_mask=mask).indices, ref)
-
+        np.testing.assert_array_equal(strategy(Qp, Kp, 16, attn_mask=mask).indices, ref)
 
 
 @pytest.mark.parametrize("case", ["per_row", "shared_over_heads", "shared_over_batch", "none", "strided_input"])

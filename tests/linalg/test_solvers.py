@@ -153,3 +153,54 @@ def test_solver_argument_validation():
         PInv()(np.zeros((3, 3), dtype=np.int64))
     with pytest.raises(TypeError, match="solver must be"):
         get_solver(3)
+
+
+@pytest.mark.parametrize("rank", [None, 5])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_pinv_default_is_scipys_moore_penrose(rank, dtype):
+    # The cut-off is scipy.linalg.pinv's, max(m, m) * eps * sigma_max: singular values at round-off level are
+    # dropped, all others inverted. Tolerance: the inverse's entries reach 1/sigma_min = cond; a relative 100 eps
+    # of that, per dtype.
+    import scipy.linalg
+
+    A = random_matrix(4, 9, rank=rank, cond=1e2).astype(dtype)
+    Z = PInv()(A).inverse
+    expected = scipy.linalg.pinv(A)
+    eps = np.finfo(dtype).eps
+    np.testing.assert_allclose(Z, expected, rtol=0, atol=100 * eps * 1e2)
+
+
+def test_pinv_at_m_equals_n_is_exact_attention():
+    # solver="pinv" meant a 3e-2 cut-off before, 4 % off exact attention with every token a landmark.
+    rng = np.random.default_rng(11)
+    Q, K, V = (rng.standard_normal((2, 4, 64, 32)) for _ in range(3))
+    out = nystrom.approximate(Q, K, V, strategy="fps", num_landmarks=64, solver="pinv")
+    ref = nystrom.exact_attention(Q, K, V)
+    assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < 1e-12
+
+
+def test_pinv_rtol_zero_is_finite_but_not_the_pseudo_inverse():
+    # One duplicated token at m = n makes A exactly singular. rtol=0 inverts its round-off singular value
+    # (about 1e-17) and the output is finite but off; the default cut-off drops it and is exact.
+    rng = np.random.default_rng(12)
+    Q, K, V = (rng.standard_normal((1, 32, 8)) for _ in range(3))
+    Q[:, 1], K[:, 1] = Q[:, 0], K[:, 0]
+    ref = nystrom.exact_attention(Q, K, V)
+
+    def error(solver):
+        out = nystrom.approximate(Q, K, V, strategy="fps", num_landmarks=32, solver=solver)
+        assert np.isfinite(out).all()
+        return np.linalg.norm(out - ref) / np.linalg.norm(ref)
+
+    assert error(PInv()) < 1e-12
+    assert error(PInv(rtol=0.0)) > 1e-3
+
+
+def test_regularising_cut_off_is_a_named_choice():
+    from nystrom.linalg.solvers import REGULARISING_RTOL
+
+    assert REGULARISING_RTOL == 3e-2
+    s = np.array([1.0, 0.1, 0.02])
+    A = np.diag(s)
+    np.testing.assert_allclose(np.diag(PInv(rtol=REGULARISING_RTOL)(A).inverse), [1.0, 10.0, 0.0])
+    np.testing.assert_allclose(np.diag(PInv()(A).inverse), 1 / s)

@@ -54,8 +54,7 @@ def tiny_inputs(kind, dtype=torch.float64, batch=2):
 
 
 def exact_output(c):
-    mask = None if c.key_padding_mask is None else c.key_padding_mask[:, None, :]
-    return exact_attention(c.query, c.key, c.value, scale=c.scaling, key_padding_mask=mask)
+    return exact_attention(c.query, c.key, c.value, scale=c.scaling, attn_mask=c.attn_mask)
 
 
 def hooks(model):
@@ -98,9 +97,9 @@ def test_capture_reproduces_each_layers_attention(kind, implementation):
     if kind == "bert":
         expected = inputs["attention_mask"].bool()
         for c in caps:
-            assert torch.equal(c.key_padding_mask, expected)
+            assert torch.equal(c.attention_mask, expected)
     else:
-        assert all(c.key_padding_mask is None for c in caps)
+        assert all(c.attention_mask is None for c in caps)
     assert_restored(model, hooks_before)
 
 
@@ -221,5 +220,5 @@ def test_capture_real_minilm_records_the_tokenizers_padding():
     caps = capture_attention(model, batch)
     assert len(caps) == 6
     for c in caps:
-        assert torch.equal(c.key_padding_mask, batch["attention_mask"].bool())
+        assert torch.equal(c.attention_mask, batch["attention_mask"].bool())
         torch.testing.assert_close(c.output, exact_output(c), rtol=1e-4, atol=1e-5)

@@ -152,10 +152,10 @@ def test_fna_attention_checks_like_approximate():
 
 def test_fna_attention_equals_the_array_api_product():
     Q, K, V = (torch.from_numpy(x) for x in qkv_np(3, shape=(2, 2, 24, 8)))
-    mask = torch.ones(2, 1, 24, dtype=torch.bool)
-    mask[1, :, 18:] = False
-    landmarks = nystrom.FPS()(Q, K, 6, key_padding_mask=mask, head_axis=-3)
-    fused, _ = nystrom.torch.fna_attention(Q, K, V, landmarks, key_padding_mask=mask, query_chunk_size=5)
-    reference, _ = nystrom.linalg.nystrom_attention(Q, K, V, landmarks, key_padding_mask=mask)
+    mask = torch.ones(2, 1, 1, 24, dtype=torch.bool)
+    mask[1, ..., 18:] = False
+    landmarks = nystrom.FPS()(Q, K, 6, attn_mask=mask, head_axis=-3)
+    fused, _ = nystrom.torch.fna_attention(Q, K, V, landmarks, attn_mask=mask, query_chunk_size=5)
+    reference, _ = nystrom.linalg.nystrom_attention(Q, K, V, landmarks, attn_mask=mask)
     # float64 on both sides; only the summation order differs.
     torch.testing.assert_close(fused, reference, rtol=1e-12, atol=1e-12)

@@ -341,7 +341,7 @@ class TestMaskKeys:
             record = handle.records[c.layer]
             assert record.counts.shape[1] == int((~masked).sum(-1).min())
             assert torch.all(record.assignment[masked] == -1)
-            assert c.key_padding_mask is None  # capture sees the model's own mask; the masking happens inside
+            assert c.attention_mask is None  # capture sees the model's own mask; the masking happens inside
 
 
 class TestLandmarkChoice:
@@ -399,7 +399,7 @@ class TestLandmarkChoice:
 
         model = tiny_model("vit")
         try:
-            with pytest.raises(ValueError, match="(?s)honours key_padding_mask.*'uniform': yes"):
+            with pytest.raises(ValueError, match="(?s)honours attn_mask.*'uniform': yes"):
                 patch(model, strategy=Maskless())
         finally:
             nystrom.STRATEGIES.pop("maskless_test")

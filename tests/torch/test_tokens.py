@@ -71,7 +71,7 @@ class TestMassive:
         hidden[0, 2, 4] = 200.0
         hidden[0, 6:] = 1000.0  # padding: would make the median 1000 if it counted
         real = np.arange(16)[None] < 6
-        found = detectors.detect_massive_activations(to_array(hidden), key_padding_mask=to_array(real))
+        found = detectors.detect_massive_activations(to_array(hidden), attention_mask=to_array(real))
         expected = np.zeros((1, 16), dtype=bool)
         expected[0, 2] = True
         np.testing.assert_array_equal(as_numpy(found.mask), expected)
@@ -117,7 +117,7 @@ class TestHighNorm:
         hidden[0, 30:] *= 100  # padding with huge norms: ignored, and kept out of the median
         hidden[0, 7] *= 10
         real = np.arange(40)[None] < 30
-        found = as_numpy(detectors.detect_high_norm_tokens(to_array(hidden), key_padding_mask=to_array(real)))
+        found = as_numpy(detectors.detect_high_norm_tokens(to_array(hidden), attention_mask=to_array(real)))
         assert np.flatnonzero(found[0]).tolist() == [7]
 
     @pytest.mark.parametrize("seed", SEEDS)
@@ -157,7 +157,7 @@ class TestSinks:
         share[:20] = 0.85 / 19
         share[0] = 0.15  # 3x the uniform 1/20 of the real keys, 6x 1/40
         real = np.arange(40) < 20
-        assert not as_numpy(detectors.detect_sinks(to_array(share), key_padding_mask=to_array(real))).any()
+        assert not as_numpy(detectors.detect_sinks(to_array(share), attention_mask=to_array(real))).any()
         assert as_numpy(detectors.detect_sinks(to_array(share)))[0]
 
     @pytest.mark.parametrize("seed", SEEDS)
@@ -185,8 +185,8 @@ class TestValidation:
             detectors.detect_massive_activations(np.ones((2, 4, 3), dtype=np.int64))
         with pytest.raises(ValueError, match="hidden"):
             detectors.detect_massive_activations(np.ones(3))
-        with pytest.raises(ValueError, match="key_padding_mask"):
-            detectors.detect_sinks(h[..., 0], key_padding_mask=np.ones(5, dtype=bool))
+        with pytest.raises(ValueError, match="attention_mask"):
+            detectors.detect_sinks(h[..., 0], attention_mask=np.ones(5, dtype=bool))
         with pytest.raises(ValueError, match="exclude"):
             detectors.detect_high_norm_tokens(h, exclude=(4,))
         with pytest.raises(TypeError, match="exclude"):

@@ -33,9 +33,8 @@ def run_accuracy(ctx):
     configs = [(i, m) for i, item in enumerate(inputs) for m in plan.accuracy_landmarks if m <= item[2].shape[-2]]
     records = []
     with ctx.progress_bar(len(configs), "accuracy") as bar, torch.inference_mode():
-        for index, (dataset, layer, Q, K, V, scale, real) in enumerate(inputs):
-            mask = None if real is None else real[:, None, :]
-            reference = exact_attention(Q.double(), K.double(), V.double(), scale=scale, key_padding_mask=mask)
+        for index, (dataset, layer, Q, K, V, scale, mask) in enumerate(inputs):
+            reference = exact_attention(Q.double(), K.double(), V.double(), scale=scale, attn_mask=mask)
             Q, K, V = (x.to(device=device, dtype=ctx.dtype) for x in (Q, K, V))
             mask = None if mask is None else mask.to(device)
             variants = [(s, solver, True) for s in STRATEGIES for solver in SOLVERS]
@@ -45,7 +44,7 @@ def run_accuracy(ctx):
                 for strategy, solver, shared in variants:
                     def call():
                         return approximate(Q, K, V, strategy=strategy, num_landmarks=m, solver=solver, scale=scale,
-                                           key_padding_mask=mask, seed=0, share_landmarks_across_heads=shared)
+                                           attn_mask=mask, seed=0, share_landmarks_across_heads=shared)
 
                     # Time is measured for the default solver only: the solve is a small share of the call.
                     meas = measure(call, device, min_calls=2, budget_s=0.05) if solver == DEFAULT_SOLVER else None

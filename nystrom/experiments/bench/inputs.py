@@ -47,9 +47,10 @@ def sink_inputs(n, d, heads=1, *, clusters=16, seed=0):
 
 
 def _captured(model, model_inputs, layers, dataset):
-    """``(dataset, layer, Q, K, V, scale, key_padding_mask)`` of each chosen layer, from one forward pass."""
+    """``(dataset, layer, Q, K, V, scale, attn_mask)`` of each chosen layer, from one forward pass; the mask is
+    ``(B, 1, 1, n)``, True = real key."""
     for c in capture_attention(model, model_inputs, layers):
-        yield dataset, c.layer, c.query, c.key, c.value, c.scaling, c.key_padding_mask
+        yield dataset, c.layer, c.query, c.key, c.value, c.scaling, c.attn_mask
 
 
 def _dinov2_inputs(plan):
@@ -71,7 +72,7 @@ def _minilm_inputs(plan):
 
 
 def attention_inputs(plan):
-    """``[(dataset, layer, Q, K, V, scale, key_padding_mask)]`` on the CPU in float32: captured, and synthetic.
+    """``[(dataset, layer, Q, K, V, scale, attn_mask)]`` on the CPU in float32: captured, and synthetic.
 
     A model whose weight package is missing is skipped with a note on stderr.
     """

@@ -73,9 +73,9 @@ def layer_errors(captures, *, strategy, solver, num_landmarks, seed):
     approx, exact = {}, {}
     for cap in captures:
         m = min(num_landmarks, cap.key.shape[-2])
-        mask = None if cap.key_padding_mask is None else cap.key_padding_mask[:, None, :]
         out = approximate(cap.query, cap.key, cap.value, strategy=strategy, num_landmarks=m, solver=solver,
-                          scale=cap.scaling, key_padding_mask=mask, seed=seed + cap.layer, features=cap.hidden_states)
+                          scale=cap.scaling, attn_mask=cap.attn_mask, seed=seed + cap.layer,
+                          features=cap.hidden_states)
         approx.setdefault(cap.layer, []).append(out.flatten())
         exact.setdefault(cap.layer, []).append(cap.output.flatten())
     return {layer: relative_error(torch.cat(approx[layer]), torch.cat(exact[layer]).double()) for layer in approx}

@@ -3,14 +3,16 @@ the batching helpers.
 
 A strategy is a :class:`Strategy` object, or any callable
 
-``strategy(Q, K, num_landmarks, *, key_padding_mask=None, seed=None, head_axis=None, features=None, scale=None)``
+``strategy(Q, K, num_landmarks, *, attn_mask=None, seed=None, head_axis=None, features=None, scale=None)``
 
-returning :class:`Landmarks`. ``scale`` is the softmax temperature of the attention being
-approximated (default ``1/sqrt(d)``), for strategies that look at attention or at a kernel.
-Shapes follow PyTorch attention: ``Q (..., n_q, d)``, ``K (..., n, d)``;
+returning :class:`Landmarks`. ``attn_mask`` is a key mask in the conventions of ``nystrom.approximate``
+(plain callables receive it as a bool ``(..., 1, n)`` array, ``True`` = real key). ``scale`` is the softmax
+temperature of the attention being approximated (default ``1/sqrt(d)``), for strategies that look at
+attention or at a kernel. Shapes follow PyTorch attention: ``Q (..., n_q, d)``, ``K (..., n, d)``;
 the leading dimensions are batch/heads. With ``head_axis`` (a negative axis of ``K`` pointing into
 the leading dimensions, ``-3`` for ``(B, H, n, d)``) one landmark set is chosen per sequence and
-shared by all heads, as FNA does. Selection then runs on the head-mean features
+shared by all heads, as FNA does (unless the heads' key masks differ: see :meth:`Selection.of`). Selection
+then runs on the head-mean features
 :math:`\bar k_i = \tfrac1H\sum_h k_{h,i}` (FNA's ``sampling_features`` rule), shape ``(..., n, d)``:
 a fixed linear map of the concatenated heads that keeps selection at :math:`O(n m d)` whatever
 :math:`H`, instead of :math:`O(n m H d)` on the concatenation.
@@ -31,7 +33,7 @@ from typing import Any, ClassVar
 import array_api_compat
 import numpy as np
 
-from ..numerics import at_least_float32, segment_sum
+from ..numerics import at_least_float32, detached, segment_sum, without_padding
 from ..validation import (
     check_attention_inputs,
     check_bool,
@@ -39,6 +41,7 @@ from ..validation import (
     check_scale,
     check_seed,
     check_selection,
+    check_unknown_arguments,
     describe,
     resolve,
     summary,
@@ -53,7 +56,7 @@ CAPABILITIES = {
     "random": "its choice depends on seed",
     "picks_tokens": "it picks tokens: its landmarks are real tokens, with their positions (else it builds new points)",
     "per_head": "it can choose a separate set per head (head_axis=None)",
-    "masks": "it honours key_padding_mask: padding never enters a landmark",
+    "masks": "it honours attn_mask: padding never enters a landmark",
     "weighted": "it returns landmark weights (the number of tokens each landmark stands for)",
 }
 
@@ -132,8 +135,9 @@ class Selection:
     K : array, shape (..., n, d)
     num_landmarks : int
         :math:`m`, already checked against ``n``, ``n_q`` and the real keys.
-    key_padding_mask : bool array, shape (..., n), or None
-        ``True`` for real keys, as passed (leading dimensions may be 1).
+    real_keys : bool array, shape (..., n), or None
+        The key mask, ``True`` for real keys (leading dimensions may be 1), as
+        :func:`~nystrom.linalg.validation.check_attn_mask` returns it from ``attn_mask``.
     seed : int or None
     head_axis : int or None
         The shared head axis of ``K`` (``-3`` for ``(B, H, n, d)``), ``None`` for per-head selection.
@@ -148,11 +152,29 @@ class Selection:
     Q: Any
     K: Any
     num_landmarks: int
-    key_padding_mask: Any = None
+    real_keys: Any = None
     seed: int | None = None
     head_axis: int | None = None
     features: Any = None
     scale: float = 1.0
+
+    @classmethod
+    def of(cls, xp, Q, K, num_landmarks, keys=None, seed=None, head_axis=None, features=None, scale=1.0):
+        """A selection for checked arguments, per head when the heads' key masks differ.
+
+        Shared landmarks must be real keys in every head, and a head whose mask hides keys that another
+        head keeps would otherwise get landmarks on its padding or too few of its own real keys. So a key
+        mask with more than one row along the shared head axis (``(B, H, 1, n)`` with different rows;
+        :func:`~nystrom.linalg.validation.check_attn_mask` reduces equal rows to one) makes each head choose
+        its own landmarks among its own real keys, at ``H`` times the selection cost; shared ``features``
+        ``(..., n, D)`` are then repeated for every head.
+        """
+        if head_axis is not None and keys is not None and keys.shape[head_axis + 1] > 1:
+            if features is not None:
+                features = xp.broadcast_to(xp.expand_dims(features, axis=head_axis),
+                                           (*K.shape[:-1], features.shape[-1]))
+            head_axis = None
+        return cls(xp, Q, K, num_landmarks, keys, seed, head_axis, features, scale)
 
     @functools.cached_property
     def points(self):
@@ -170,7 +192,7 @@ class Selection:
     @functools.cached_property
     def mask(self):
         """Eligible keys ``(..., n)`` of the selection rows (real in every shared head), or None."""
-        return fold_mask(self.xp, self.key_padding_mask, self.K, self.head_axis)
+        return fold_mask(self.xp, self.real_keys, self.K, self.head_axis)
 
     @property
     def cross(self) -> bool:
@@ -188,7 +210,7 @@ class Strategy:
     * ``random`` -- the choice depends on ``seed`` (deterministic for a given seed);
     * ``picks_tokens`` -- landmarks are real tokens and :attr:`Landmarks.indices` is set;
     * ``per_head`` -- supports ``head_axis=None`` (a separate set per head);
-    * ``masks`` -- honours ``key_padding_mask``;
+    * ``masks`` -- honours ``attn_mask``;
     * ``weighted`` -- returns landmark weights.
     """
 
@@ -210,19 +232,21 @@ class Strategy:
             cls.name = name
             STRATEGIES[name] = cls
 
-    def __call__(self, Q, K, num_landmarks, *, key_padding_mask=None, seed=None, head_axis=None, features=None,
-                 scale=None, check_values=True) -> Landmarks:
+    def __call__(self, Q, K, num_landmarks, *, attn_mask=None, seed=None, head_axis=None, features=None,
+                 scale=None, check_values=True, **unknown) -> Landmarks:
         """Check the arguments once, then :meth:`select`.
 
-        ``check_values=False`` skips the checks that read the data (finite inputs, a real key per
-        sequence, ``num_landmarks`` within the real keys); see :mod:`nystrom.linalg.validation`.
+        ``attn_mask`` is a key mask as :func:`nystrom.approximate` takes it (padded keys are never
+        landmarks). ``check_values=False`` skips the checks that read the data (finite inputs, mask values,
+        a real key per sequence, ``num_landmarks`` within the real keys); see :mod:`nystrom.linalg.validation`.
         """
+        check_unknown_arguments(type(self).__name__, unknown)
         check_values = check_bool("check_values", check_values)
-        xp = check_attention_inputs(Q, K, None, key_padding_mask, check_values=check_values)
-        m = check_selection(xp, Q, K, num_landmarks, key_padding_mask, head_axis, features,
-                            check_values=check_values)
-        return self.select(Selection(xp, Q, K, m, key_padding_mask, check_seed(seed), head_axis, features,
-                                     check_scale(scale, K.shape[-1])))
+        xp, keys = check_attention_inputs(Q, K, None, attn_mask, check_values=check_values)
+        m = check_selection(xp, Q, K, num_landmarks, keys, head_axis, features, check_values=check_values)
+        (K,) = without_padding(xp, keys, K)
+        return self.select(Selection.of(xp, Q, K, m, keys, check_seed(seed), head_axis, features,
+                                        check_scale(scale, K.shape[-1])))
 
     def select(self, selection: Selection) -> Landmarks:
         """The landmarks for a checked :class:`Selection` (no checks of its own)."""
@@ -336,7 +360,7 @@ def get_strategy(strategy):
     Returns
     -------
     callable
-        ``strategy(Q, K, num_landmarks, *, key_padding_mask, seed, head_axis, features, scale) -> Landmarks``.
+        ``strategy(Q, K, num_landmarks, *, attn_mask, seed, head_axis, features, scale) -> Landmarks``.
 
     Raises
     ------
@@ -377,9 +401,10 @@ def run_strategy(strategy, selection: Selection) -> Landmarks:
     callable is called with the strategy signature and its result's shapes are checked."""
     if isinstance(strategy, Strategy):
         return strategy.select(selection)
-    landmarks = strategy(selection.Q, selection.K, selection.num_landmarks, key_padding_mask=selection.key_padding_mask,
-                         seed=selection.seed, head_axis=selection.head_axis, features=selection.features,
-                         scale=selection.scale)
+    keys = selection.real_keys
+    landmarks = strategy(selection.Q, selection.K, selection.num_landmarks,
+                         attn_mask=None if keys is None else keys[..., None, :], seed=selection.seed,
+                         head_axis=selection.head_axis, features=selection.features, scale=selection.scale)
     check_landmarks(landmarks, selection.K, selection.num_landmarks)
     return landmarks
 
@@ -473,16 +498,9 @@ def host_view(a):
     if str(array_api_compat.device(a)) != "cpu":
         return None
     try:
-        return np.from_dlpack(_detached(a))
+        return np.from_dlpack(detached(a))
     except (BufferError, RuntimeError, TypeError):
         return None  # a dtype numpy does not have (torch.bfloat16): the caller's array-API path handles it
-
-
-def _detached(a):
-    """``a`` without autograd history: arrays that track gradients (torch) refuse DLPack export, and
-    selection only produces indices, which carry no gradient."""
-    detach = getattr(a, "detach", None)
-    return detach() if callable(detach) else a
 
 
 def sample_by_weight(xp, weights, u):

@@ -196,7 +196,7 @@ class Norm(ClusterStrategy, name="norm", weighted=True):
         candidates' columns.
         """
         xp, K, mask, head_axis = selection.xp, selection.K, selection.mask, selection.head_axis
-        padding = selection.key_padding_mask
+        padding = selection.real_keys
         padding = None if padding is None else xp.broadcast_to(padding, tuple(K.shape[:-1]))
         attention = softmax(xp, probe_logits(xp, selection.Q, K, selection.scale, padding, self.num_probes))
         share = xp.mean(attention, axis=-2)

@@ -23,10 +23,11 @@ import array_api_compat
 from .base import TokenStrategy, sample_by_weight, uniform_draws
 
 
-def exp_kernel_shift(xp, X, scale):
-    r"""Per-row constant :math:`c = \tau \max_i \lVert x_i\rVert^2` so that
-    :math:`e^{\tau x_i^\top x_j - c} \le 1` never overflows (Cauchy–Schwarz). Scaling a kernel by
-    :math:`e^{-c}` changes no pivot probability and no relative error.
+def exp_kernel_shift(xp, X, scale, mask=None):
+    r"""Per-row constant :math:`c = \tau \max_i \lVert x_i\rVert^2` over the eligible points, so that
+    :math:`e^{\tau x_i^\top x_j - c} \le 1` never overflows among them (Cauchy–Schwarz). Scaling a kernel
+    by :math:`e^{-c}` changes no pivot probability and no relative error; the maximum leaves out
+    ineligible points (padding), whose contents must not change the kernel of the real ones.
 
     Parameters
     ----------
@@ -35,12 +36,17 @@ def exp_kernel_shift(xp, X, scale):
     X : array, shape (..., n, D)
     scale : float
         :math:`\tau`.
+    mask : bool array, shape (..., n), optional
+        Eligible points (every row has one).
 
     Returns
     -------
     array, shape (...)
     """
-    return scale * xp.max(xp.sum(X * X, axis=-1), axis=-1)
+    sq = xp.sum(X * X, axis=-1)
+    if mask is not None:
+        sq = xp.where(mask, sq, xp.zeros_like(sq))
+    return scale * xp.max(sq, axis=-1)
 
 
 def rpcholesky_pivots(X, num_pivots, *, scale, mask=None, u):
@@ -67,7 +73,7 @@ def rpcholesky_pivots(X, num_pivots, *, scale, mask=None, u):
     n = X.shape[-2]
     device = array_api_compat.device(X)
     positions = xp.arange(n, device=device)
-    shift = exp_kernel_shift(xp, X, scale)[..., None]
+    shift = exp_kernel_shift(xp, X, scale, mask)[..., None]
     residual = xp.exp(scale * xp.sum(X * X, axis=-1) - shift)
     eligible = xp.ones(X.shape[:-1], dtype=xp.bool, device=device) if mask is None else mask
     minus_one = -xp.ones_like(residual)

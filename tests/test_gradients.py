@@ -1,0 +1,106 @@
+"""Gradients with respect to Q, K and V: finite for every strategy and solver, and SDPA's where the output is.
+
+With every real key a landmark and the exact pseudo-inverse (``PInv()``), Nyström attention equals exact
+attention as a function of Q, K and V near the inputs, so its gradients must equal those of
+``scaled_dot_product_attention`` (``torch.autograd.grad`` of the same scalar loss). The landmark
+*choice* is piecewise constant (indices, cluster labels) and carries no gradient; the landmark keys,
+queries and group means do. Tolerance in float64: 1e-8 relative to the largest gradient entry (the
+backward runs the same O(n) sums and m x m products as the forward, with A's condition number below 1e3
+here).
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import nystrom
+
+STRATEGIES = sorted(nystrom.STRATEGIES)
+SOLVERS = {"newton_schulz": "newton_schulz", "ridge": "ridge", "pinv": "pinv",
+           "pinv regularising": nystrom.PInv(rtol=nystrom.linalg.solvers.REGULARISING_RTOL)}
+
+
+def inputs(seed, shape, dtype=torch.float64, logit_scale=None):
+    g = torch.Generator().manual_seed(seed)
+    Q, K, V = (torch.randn(shape, generator=g, dtype=dtype) for _ in range(3))
+    if logit_scale is not None:
+        # Strongly diagonal attention: keys equal to the queries, rows of norm sqrt(logit_scale * sqrt(d)), so
+        # the diagonal logit is logit_scale and A is close to the identity, with repeated singular values.
+        Q = Q / Q.norm(dim=-1, keepdim=True) * math.sqrt(logit_scale * math.sqrt(shape[-1]))
+        K = Q.clone()
+    return tuple(x.requires_grad_() for x in (Q, K, V))
+
+
+def grads(fn, Q, K, V):
+    out = fn(Q, K, V)
+    # A loss whose gradient reaches every output entry differently (a plain sum hides errors that cancel).
+    weight = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape)
+    return torch.autograd.grad((out * weight).sum(), (Q, K, V))
+
+
+def padding(shape):
+    """A key mask (B, 1, 1, n): sequence 1 keeps 3/4 of its keys, and every sequence keeps the same number in
+    the test that compares with SDPA."""
+    B, n = shape[0], shape[-2]
+    real = torch.ones(B, 1, 1, n, dtype=torch.bool)
+    real[1, ..., 3 * n // 4:] = False
+    return real
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("solver", list(SOLVERS))
+@pytest.mark.parametrize("masked", [False, True])
+def test_gradients_are_finite(strategy, solver, masked):
+    Q, K, V = inputs(0, (2, 2, 24, 8), torch.float32)
+    mask = padding(Q.shape) if masked else None
+    g = grads(lambda q, k, v: nystrom.approximate(q, k, v, strategy=strategy, num_landmarks=8,
+                                                  solver=SOLVERS[solver], attn_mask=mask, seed=0), Q, K, V)
+    for name, x in zip("QKV", g):
+        assert torch.isfinite(x).all(), name
+        assert x.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("masked", [False, True])
+def test_gradients_equal_sdpa_with_every_real_key_a_landmark(strategy, masked):
+    Q, K, V = inputs(1, (2, 2, 16, 8))
+    if masked:
+        # Both sequences keep 12 real keys (at different places), so m = 12 makes every real key a landmark.
+        mask = torch.ones(2, 1, 1, 16, dtype=torch.bool)
+        mask[0, ..., 12:] = False
+        mask[1, ..., :4] = False
+        m = 12
+    else:
+        mask, m = None, 16
+    ours = grads(lambda q, k, v: nystrom.approximate(q, k, v, strategy=strategy, num_landmarks=m,
+                                                     solver=nystrom.PInv(), attn_mask=mask, seed=0), Q, K, V)
+    sdpa = grads(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask), Q, K, V)
+    for name, a, b in zip("QKV", ours, sdpa):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-8 * float(b.abs().max()), msg=name)
+
+
+@pytest.mark.parametrize("dtype,logit", [(torch.float32, 20.0), (torch.float32, 4000.0 / 4), (torch.float64, 50.0),
+                                         (torch.float64, 4000.0 / 4)])
+@pytest.mark.parametrize("m", [16, 8])
+def test_pinv_gradients_are_finite_for_strongly_diagonal_attention(dtype, logit, m):
+    # Defect 2 of issue 14: with A close to the identity the SVD's backward divides by sigma_i^2 - sigma_j^2 = 0
+    # and returned NaN for Q and K (float32 from logits of about 20, float64 from about 50), at m = n and m < n.
+    Q, K, V = inputs(2, (2, 16, 16), dtype, logit_scale=logit)
+    g = grads(lambda q, k, v: nystrom.approximate(q, k, v, strategy="fps", num_landmarks=m, solver="pinv"), Q, K, V)
+    for name, x in zip("QKV", g):
+        assert torch.isfinite(x).all(), name
+    if m == 16 and dtype == torch.float64:
+        sdpa = grads(lambda q, k, v: F.scaled_dot_product_attention(q, k, v), Q, K, V)
+        for name, a, b in zip("QKV", g, sdpa):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-8 * float(b.abs().max()) + 1e-12, msg=name)
+
+
+def test_issue_example_pinv_gradient():
+    torch.manual_seed(0)
+    Q0 = torch.randn(2, 16, 16)
+    Q0 = Q0 / Q0.norm(dim=-1, keepdim=True) * math.sqrt(4000.)
+    Q, K, V = Q0.clone().requires_grad_(), Q0.clone().requires_grad_(), torch.randn(2, 16, 16, requires_grad=True)
+    g = torch.autograd.grad(nystrom.approximate(Q, K, V, num_landmarks=16, solver="pinv").sum(), (Q, K, V))
+    assert all(torch.isfinite(x).all() for x in g)
