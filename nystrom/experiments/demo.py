@@ -17,7 +17,18 @@ import nystrom
 from nystrom.torch.capture import capture_attention
 
 from .pretrained import imagenet_pixel_values, load_dinov2_small, natural_images
+from .report import format_ratio
+from .stamp import busy_warning, load_average
 from .timing import measure
+
+LEGEND = """\
+  rel. error  ||O_approx - O||_F / ||O||_F, where O is the layer's own attention output, computed by the model's
+              exact attention on the same queries, keys and values (lower is better; 0 is exact).
+  time        fastest of {repeats} calls of nystrom.approximate, landmark selection included; exact SDPA: fastest of
+              {repeats} calls of torch's scaled_dot_product_attention on the same tensors. speed-up = exact / time.
+  sampled estimate
+              what nystrom can tell without the exact output: the error of the 'norm' row estimated from 128 query
+              rows computed exactly (Info.estimate_error), with a 95% interval; it should bracket that row's error."""
 
 
 def _best_time(fn, repeats):
@@ -25,9 +36,25 @@ def _best_time(fn, repeats):
     return measure(fn, torch.device("cpu"), min_calls=repeats, max_calls=repeats).min
 
 
+def _ties(outputs, errors):
+    """Lines explaining each pair of strategies whose errors print the same: same output, or equal to 4 digits."""
+    lines = []
+    names = list(outputs)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            if f"{errors[a]:.4f}" != f"{errors[b]:.4f}":
+                continue
+            if torch.equal(outputs[a], outputs[b]):
+                why = "identical outputs: both chose the same landmarks (and weights) on this input"
+            else:
+                why = "different landmarks and outputs, equal errors to the 4 digits shown"
+            lines.append(f"{'':>6} '{a}' and '{b}' tie: {why}")
+    return lines
+
+
 def run_demo(*, image="astronaut", sizes=(518, 1036), layer=9, num_landmarks=64,
              strategies=("norm", "fps", "segment_means", "uniform"), repeats=3, out=print):
-    """Print error and speed of Nyström attention on real DINOv2-S attention.
+    """Print error and speed of Nyström attention on real DINOv2-S attention, with a legend of what they mean.
 
     Parameters
     ----------
@@ -48,33 +75,51 @@ def run_demo(*, image="astronaut", sizes=(518, 1036), layer=9, num_landmarks=64,
     -------
     list of dict
         One row per (size, strategy): ``n``, ``strategy``, ``rel_error``, ``ms``, ``exact_ms``, ``speedup``.
+
+    Notes
+    -----
+    The load average is printed with the header, and a warning when it exceeds the threads in use: other
+    processes then inflate the times.
     """
     model = load_dinov2_small()
     picture = natural_images()[image]
     rows = []
+    threads = torch.get_num_threads()
+    loads = load_average()
     out(f"DINOv2-S/14 (bundled weights), image '{image}', layer {layer}, m = {num_landmarks}, "
-        f"{torch.get_num_threads()} CPU threads, float32")
+        f"{threads} CPU threads, float32, load average {loads}")
+    warning = busy_warning(threads)
+    if warning:
+        out(f"warning: {warning}")
+    out(LEGEND.format(repeats=repeats))
     out(f"{'n':>6} {'strategy':>14} {'rel. error':>11} {'time':>10} {'exact SDPA':>11} {'speed-up':>9}")
     for size in sizes:
         cap = capture_attention(model, {"pixel_values": imagenet_pixel_values(picture, size)}, layers=[layer])[0]
         Q, K, V = cap.query, cap.key, cap.value
         exact_s = _best_time(lambda: F.scaled_dot_product_attention(Q, K, V, scale=cap.scaling), repeats)
         reference = cap.output
+        outputs, errors, infos = {}, {}, {}
         for strategy in strategies:
-            approx = nystrom.approximate(Q, K, V, strategy=strategy, num_landmarks=num_landmarks, scale=cap.scaling,
-                                         seed=0)
-            err = float(torch.linalg.norm(approx - reference) / torch.linalg.norm(reference))
+            approx, infos[strategy] = nystrom.approximate(Q, K, V, strategy=strategy, num_landmarks=num_landmarks,
+                                                          scale=cap.scaling, seed=0, return_info=True)
+            outputs[strategy] = approx
+            err = errors[strategy] = float(torch.linalg.norm(approx - reference) / torch.linalg.norm(reference))
             secs = _best_time(lambda s=strategy: nystrom.approximate(Q, K, V, strategy=s, num_landmarks=num_landmarks,
                                                                      scale=cap.scaling, seed=0), repeats)
             row = dict(n=Q.shape[-2], strategy=strategy, rel_error=err, ms=1e3 * secs, exact_ms=1e3 * exact_s,
                        speedup=exact_s / secs)
             rows.append(row)
             out(f"{row['n']:>6} {strategy:>14} {err:>11.4f} {row['ms']:>8.1f}ms {row['exact_ms']:>9.1f}ms "
-                f"{row['speedup']:>8.1f}x")
-        _, info = nystrom.approximate(Q, K, V, num_landmarks=num_landmarks, scale=cap.scaling, return_info=True)
-        est = info.estimate_error(num_samples=128, seed=0)
-        out(f"{'':>6} sampled estimate for 'norm' from 128 exact rows: {est.estimate:.4f} "
-            f"(95% interval {est.low:.4f} to {est.high:.4f})")
+                f"{format_ratio(row['speedup']):>9}")
+        for line in _ties(outputs, errors):
+            out(line)
+        if "norm" in infos:
+            est = infos["norm"].estimate_error(num_samples=128, seed=0)
+            out(f"{'':>6} sampled estimate for 'norm' from 128 exact rows: {est.estimate:.4f} "
+                f"(95% interval {est.low:.4f} to {est.high:.4f})")
+    warning = busy_warning(threads)
+    if warning:
+        out(f"warning: after the run, {warning}")
     return rows
 
 
@@ -82,10 +127,14 @@ def main(argv=None):
     """``python -m nystrom demo``: parse ``argv`` and run :func:`run_demo`; returns the process exit status."""
     parser = argparse.ArgumentParser(prog="python -m nystrom demo",
                                      description="FNA on real DINOv2-S attention: error and time vs exact")
-    parser.add_argument("--image", default="astronaut")
-    parser.add_argument("--sizes", type=int, nargs="+", default=[518, 1036])
-    parser.add_argument("--layer", type=int, default=9)
-    parser.add_argument("--num-landmarks", type=int, default=64)
+    parser.add_argument("--image", default="astronaut",
+                        help="a photograph bundled with scikit-image, by its name in "
+                             "nystrom.experiments.pretrained.natural_images() (default astronaut)")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[518, 1036],
+                        help="image sides in pixels, multiples of 14; n = (size/14)^2 + 1 tokens (default 518 1036)")
+    parser.add_argument("--layer", type=int, default=9,
+                        help="encoder layer (0-11) whose attention is approximated (default 9)")
+    parser.add_argument("--num-landmarks", type=int, default=64, help="landmarks m per sequence (default 64)")
     args = parser.parse_args(argv)
     run_demo(image=args.image, sizes=tuple(args.sizes), layer=args.layer, num_landmarks=args.num_landmarks)
     return 0

@@ -14,6 +14,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from plot_checks import unreadable_axes
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytest.importorskip("transformers")
@@ -23,7 +24,7 @@ pytest.importorskip("tqdm")
 from nystrom import NewtonSchulz, Norm, PInv  # noqa: E402
 from nystrom.__main__ import main  # noqa: E402
 from nystrom.experiments.evaluate.dinov2 import random_crops  # noqa: E402
-from nystrom.experiments.evaluate.report import markdown_report  # noqa: E402
+from nystrom.experiments.evaluate.report import evaluation_figures, markdown_report  # noqa: E402
 from nystrom.experiments.evaluate.specs import parse_layers, parse_spec  # noqa: E402
 from nystrom.experiments.metrics import nearest_neighbours, top_fraction_iou  # noqa: E402
 
@@ -110,10 +111,12 @@ class TestDinov2:
         assert r["all_tokens_fraction"] == 0 and r["mean_layer_error"] > 1e-2 and r["cls_cosine"] < 1 - 1e-4
 
     def test_report_and_plots_are_written(self, dinov2):
-        out, _ = dinov2
+        out, result = dinov2
         assert "mean layer error" in (out / "eval_dinov2.md").read_text()
         for name in ("error", "downstream"):
             assert (out / f"eval_dinov2_{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert {name: unreadable_axes(fig) for name, fig in evaluation_figures(result).items()} == {
+            "error": [], "downstream": []}
 
 
 class TestMinilm:
@@ -219,3 +222,12 @@ def test_norm_comparison_marks():
     assert "✓ 0.1 vs 0.2" in rows[0] and "✗ 0.9 vs 0.95" in rows[0]
     assert "✗ 0.5 vs 0.3" in rows[1] and "= 1 vs 1" in rows[1]
     assert len(rows) == 2
+    assert "better than both" in markdown_report(result)
+    # Errors within half a decade and recalls a hair below 1 are what left matplotlib's default axes unlabelled
+    # (a log axis with no tick inside it) or labelled by an offset (+9.999e-1).
+    assert {name: unreadable_axes(fig) for name, fig in evaluation_figures(result).items()} == {
+        "error": [], "downstream": []}
+    result["settings"]["strategies"] = ["norm", "uniform"]
+    result["records"] = [r for r in result["records"] if r["strategy"] != "segment_means"]
+    report = markdown_report(result)
+    assert "Does `norm` beat `uniform`? (✓ better," in report and "both" not in report

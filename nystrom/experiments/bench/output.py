@@ -25,13 +25,6 @@ def figure(panels, stamp, width=5.5, height=4.2, rows=1):
     return fig, axes
 
 
-def sequence_axis(ax, ns):
-    """Log-scaled ``n`` axis with a plain-number tick at every swept length."""
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(ns, [f"{n // 1024}k" if n >= 4096 else str(n) for n in ns], fontsize=7)
-    ax.minorticks_off()
-
-
 def save(ctx, name, fig=None, payload=None, tables=None):
     """Write whichever of the figure (PNG), payload (JSON) and tables (markdown) are given, as ``ctx.out/name.*``."""
     ctx.out.mkdir(parents=True, exist_ok=True)
