@@ -101,6 +101,17 @@ def test_examples_run(page, monkeypatch, tmp_path):
         exec(compile("\n" * line + code, str(page), "exec"), namespace)
 
 
+def test_readme_examples_run(monkeypatch, tmp_path):
+    blocks = [(line, code) for line, info, code in code_blocks((REPO / "README.md").read_text(encoding="utf-8"))
+              if runnable(info)]
+    assert blocks, "the README's approximate example is gone"
+    monkeypatch.syspath_prepend(str(REPO))
+    monkeypatch.chdir(tmp_path)
+    namespace = {"__name__": "__readme__"}
+    for line, code in blocks:
+        exec(compile("\n" * line + code, str(REPO / "README.md"), "exec"), namespace)
+
+
 def test_fence_convention_rejects_bare_no_run():
     assert runnable("python") and runnable('python title="x"')
     assert not runnable("python {.no-run}") and not runnable('python {.no-run title="Needs CUDA"}')

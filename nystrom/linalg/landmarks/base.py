@@ -11,7 +11,7 @@ Shapes follow PyTorch attention: ``Q (..., n_q, d)``, ``K (..., n, d)``;
 the leading dimensions are batch/heads. With ``head_axis`` (a negative axis of ``K`` pointing into
 the leading dimensions, ``-3`` for ``(B, H, n, d)``) one landmark set is chosen per sequence and
 shared by all heads, as FNA does. Selection then runs on the head-mean features
-:math:`\bar k_i = \tfrac1H\sum_h k_{h,i}` (FNA's ``sampling_features`` rule), shape ``(..., n, d)``:
+:math:`\bar k_i = \tfrac1H\sum_h k_{h,i}` (the FNA code's ``sampling_features="k"``), shape ``(..., n, d)``:
 a fixed linear map of the concatenated heads that keeps selection at :math:`O(n m d)` whatever
 :math:`H`, instead of :math:`O(n m H d)` on the concatenation.
 
