@@ -112,6 +112,14 @@ def test_readme_examples_run(monkeypatch, tmp_path):
         exec(compile("\n" * line + code, str(REPO / "README.md"), "exec"), namespace)
 
 
+def test_every_image_is_shown_on_a_page():
+    text = "\n".join(page.read_text(encoding="utf-8") for page in PAGES)
+    images = sorted((DOCS / "img").rglob("*.png"))
+    assert images
+    unused = [str(image.relative_to(DOCS)) for image in images if str(image.relative_to(DOCS)) not in text]
+    assert not unused, f"images no page shows: {unused}"
+
+
 def test_fence_convention_rejects_bare_no_run():
     assert runnable("python") and runnable('python title="x"')
     assert not runnable("python {.no-run}") and not runnable('python {.no-run title="Needs CUDA"}')

@@ -21,7 +21,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("matplotlib")
 pytest.importorskip("tqdm")
 
-from nystrom import NewtonSchulz, Norm, PInv  # noqa: E402
+from nystrom import FNA_AUTHORS, NewtonSchulz, Norm, PInv  # noqa: E402
 from nystrom.__main__ import main  # noqa: E402
 from nystrom.experiments.evaluate.dinov2 import random_crops  # noqa: E402
 from nystrom.experiments.evaluate.report import evaluation_figures, markdown_report  # noqa: E402
@@ -148,6 +148,7 @@ class TestArguments:
         assert parse_spec("pinv:rtol=0", "solver") == PInv(rtol=0)
         assert parse_spec("newton_schulz: iters=12, tol=none", "solver") == NewtonSchulz(iters=12)
         assert parse_spec("norm:sink_ratio=8", "strategy") == Norm(sink_ratio=8)
+        assert parse_spec("fps:from_guaranteed=false,use_queries=True", "strategy") == FNA_AUTHORS["strategy"]
         with pytest.raises(ValueError, match="no option.*'rtl'"):
             parse_spec("pinv:rtl=0", "solver")
         with pytest.raises(ValueError, match="unknown solver 'svd'; candidates are"):
