@@ -11,8 +11,6 @@ Matplotlib's defaults fail on the data these experiments produce:
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullFormatter, NullLocator, ScalarFormatter
 
@@ -91,9 +89,11 @@ def swept_axis(ax, values, which="x", *, labels=None):
         raise ValueError(f"swept values must be positive, got {list(values)}")
     if len(ticks) == 1:
         ticks = [ticks[0] / 2, ticks[0], ticks[0] * 2]
-        (ax.set_xlim if which == "x" else ax.set_ylim)(ticks[0] / math.sqrt(2), ticks[-1] * math.sqrt(2))
     label = labels or (lambda v: f"{v / 1024:g}k" if v >= 4096 and v % 1024 == 0 else plain_number(v))
     (ax.set_xscale if which == "x" else ax.set_yscale)("log", base=2)
+    # Every swept value in view, with a quarter of an octave to spare, whatever was drawn (or not).
+    margin = 2 ** 0.25
+    (ax.set_xlim if which == "x" else ax.set_ylim)(ticks[0] / margin, ticks[-1] * margin)
     axis.set_major_locator(FixedLocator(ticks))
     axis.set_major_formatter(FuncFormatter(lambda v, _: label(v)))
     axis.set_minor_locator(NullLocator())
