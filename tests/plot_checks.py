@@ -19,7 +19,8 @@ def _labelled_ticks(axis):
 
 def unreadable_axes(fig):
     """Descriptions of the problems of ``fig``: an axis with fewer than two labelled ticks, an offset or shared
-    exponent printed beside an axis, a title wider than its axes or outside the figure. Empty when readable.
+    exponent printed beside an axis, a title wider than its axes or outside the figure, a figure text
+    (suptitle, footer) outside the figure. Empty when readable.
 
     An axis without ticks on purpose (a ``NullLocator``, the short side of a colour bar) carries no values and
     is skipped.
@@ -46,4 +47,9 @@ def unreadable_axes(fig):
             box, frame = title.get_window_extent(renderer), ax.get_window_extent(renderer)
             if box.width > frame.width + 1 or box.x0 < fig.bbox.x0 - 1 or box.x1 > fig.bbox.x1 + 1:
                 problems.append(f"{name}: title {ax.get_title()!r} is wider than its axes or leaves the figure")
+    # Figure-level texts (suptitle, the stamp footer) must lie inside the figure, where savefig cuts.
+    for text in fig.texts:
+        box = text.get_window_extent(renderer)
+        if text.get_text().strip() and (box.x0 < fig.bbox.x0 - 1 or box.x1 > fig.bbox.x1 + 1):
+            problems.append(f"figure text {text.get_text()[:40]!r} leaves the figure")
     return problems

@@ -11,10 +11,12 @@ Matplotlib's defaults fail on the data these experiments produce:
 
 from __future__ import annotations
 
+import textwrap
+
 import numpy as np
 from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullFormatter, NullLocator, ScalarFormatter
 
-__all__ = ["log_ticks", "plain_number", "swept_axis", "value_axis"]
+__all__ = ["footer", "log_ticks", "plain_number", "swept_axis", "value_axis"]
 
 
 def plain_number(value, _position=None):
@@ -23,6 +25,21 @@ def plain_number(value, _position=None):
     if float(value).is_integer() and abs(value) < 1e6:
         return f"{int(value)}"
     return f"{value:.3g}"
+
+
+def footer(fig, text, fontsize=6):
+    """Write ``text`` (a result's stamp) small and grey under the figure, broken into lines that fit its width.
+
+    The lines are broken here, not by matplotlib's ``wrap``: the layout engine reserves room for the text as
+    given, and a text wrapped only when drawn runs into the axis labels above it.
+    """
+    # About 0.55 em per character of the default sans-serif font, at 72 points per inch.
+    chars = max(20, int(fig.get_figwidth() * 72 / (0.55 * fontsize)))
+    fig.supxlabel(textwrap.fill(text, chars, break_on_hyphens=False), fontsize=fontsize, color="0.4")
+
+
+def _swept_label(value, _position=None):
+    return f"{value / 1024:g}k" if value >= 4096 and value % 1024 == 0 else plain_number(value)
 
 
 def _axis(ax, which):
@@ -70,7 +87,7 @@ def value_axis(ax, which="y", *, log=True):
         axis.set_major_formatter(formatter)
 
 
-def swept_axis(ax, values, which="x", *, labels=None):
+def swept_axis(ax, values, which="x"):
     """A log-2 axis with one labelled tick at each swept value (``m`` or ``n``) and no other ticks.
 
     Parameters
@@ -80,8 +97,10 @@ def swept_axis(ax, values, which="x", *, labels=None):
         The values swept. A single value gets its halves and doubles as neighbours, so that the axis still
         has a scale.
     which : {"x", "y"}
-    labels : callable, optional
-        Label of a value; default :func:`plain_number`, with ``4096`` and above in thousands (``4k``).
+
+    Notes
+    -----
+    Labels are :func:`plain_number`, with multiples of 1024 from 4096 on in thousands (``4k``, ``64k``).
     """
     axis = _axis(ax, which)
     ticks = sorted({float(v) for v in values})
@@ -89,11 +108,10 @@ def swept_axis(ax, values, which="x", *, labels=None):
         raise ValueError(f"swept values must be positive, got {list(values)}")
     if len(ticks) == 1:
         ticks = [ticks[0] / 2, ticks[0], ticks[0] * 2]
-    label = labels or (lambda v: f"{v / 1024:g}k" if v >= 4096 and v % 1024 == 0 else plain_number(v))
     (ax.set_xscale if which == "x" else ax.set_yscale)("log", base=2)
     # Every swept value in view, with a quarter of an octave to spare, whatever was drawn (or not).
     margin = 2 ** 0.25
     (ax.set_xlim if which == "x" else ax.set_ylim)(ticks[0] / margin, ticks[-1] * margin)
     axis.set_major_locator(FixedLocator(ticks))
-    axis.set_major_formatter(FuncFormatter(lambda v, _: label(v)))
+    axis.set_major_formatter(FuncFormatter(_swept_label))
     axis.set_minor_locator(NullLocator())

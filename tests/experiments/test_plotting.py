@@ -7,7 +7,7 @@ pytest.importorskip("matplotlib")
 from matplotlib.figure import Figure  # noqa: E402
 from plot_checks import unreadable_axes  # noqa: E402
 
-from nystrom.experiments.plotting import swept_axis, value_axis  # noqa: E402
+from nystrom.experiments.plotting import footer, swept_axis, value_axis  # noqa: E402
 
 
 def _figure(ys, xs=(8, 16)):
@@ -50,3 +50,14 @@ def test_swept_axis_labels_every_value_and_gives_a_single_one_neighbours():
     assert unreadable_axes(fig) == [] and [t.get_text() for t in ax.get_xticklabels()] == ["2048", "4k", "8k"]
     with pytest.raises(ValueError, match="positive"):
         swept_axis(ax, [0, 8])
+
+
+def test_a_long_footer_is_broken_into_lines_that_fit():
+    fig, ax = _figure([0.1, 0.2])
+    value_axis(ax, "y")
+    swept_axis(ax, [8, 16])
+    footer(fig, " | ".join(["SMOKE RUN (--quick), not a benchmark", "AMD EPYC (family 25, model 1), 2 cores"] * 3))
+    assert unreadable_axes(fig) == [] and fig.texts[-1].get_text().count("\n") >= 1
+    fig, _ = _figure([0.1, 0.2])
+    fig.supxlabel("a stamp far too long for a figure this narrow " * 4, fontsize=6)
+    assert any("leaves the figure" in p for p in unreadable_axes(fig))

@@ -2,6 +2,7 @@
 against landmark sets worked out by hand from their ``sample_landmarks``: CLS guaranteed and kept out of the
 farthest-point sampling, which runs on the head-averaged queries and starts at the first eligible token."""
 
+import array_api_compat
 import numpy as np
 import pytest
 import torch
@@ -31,6 +32,10 @@ def test_the_authors_rule_by_hand():
     for m, expected in ((2, [0, 1]), (3, [0, 1, 4]), (4, [0, 1, 4, 3]), (5, [0, 1, 4, 3, 5])):
         assert farthest_point_sampling(points, m, guarantee_score=score, from_guaranteed=False).tolist() == expected
         assert _fps_on_device(np, points, m, None, score, None, False).tolist() == expected
+        # The accelerator loop in torch's namespace (run here on the CPU), batched over two equal rows.
+        on_torch = _fps_on_device(array_api_compat.array_namespace(torch.zeros(1)), torch.from_numpy(points)
+                                  .expand(2, 6, 1), m, None, torch.from_numpy(score).expand(2, 6), None, False)
+        assert on_torch.tolist() == [expected, expected]
     # The library's default starts the distances at CLS (x = 10): t1 100 is farthest, then from {10, 0}:
     # t2 1, t3 25, t4 1, t5 4 -> token 3. Another set: the difference the docs describe.
     assert farthest_point_sampling(points, 3, guarantee_score=score).tolist() == [0, 1, 3]

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..plotting import footer
 from ..stamp import stamp_line
 
 
@@ -21,7 +22,7 @@ def figure(panels, stamp, width=5.5, height=4.2, rows=1):
     for ax in axes[panels:]:
         ax.set_visible(False)
     fig.get_layout_engine().set(h_pad=0.15)
-    fig.supxlabel(stamp_line(stamp), fontsize=6, color="0.4", y=0.0)
+    footer(fig, stamp_line(stamp))
     return fig, axes
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..plotting import swept_axis, value_axis
+from ..plotting import footer, swept_axis, value_axis
 from ..report import markdown_table
 from ..stamp import caption, stamp_line
 
@@ -107,7 +107,7 @@ def evaluation_figures(result):
         fig = Figure(figsize=(3.6 * cols, 3.0 * rows + 0.4), layout="constrained")
         axes = fig.subplots(rows, cols, squeeze=False).ravel()
         fig.suptitle(f"{result['description']}: FNA in layers {settings['layers']}", fontsize=9)
-        fig.supxlabel(stamp_line(result["stamp"]), fontsize=6, color="0.4")
+        footer(fig, stamp_line(result["stamp"]))
         for ax in axes[count:]:
             ax.set_visible(False)
         for i, ax in enumerate(axes[:count]):

@@ -148,7 +148,7 @@ def _fps_on_device(xp, X, num_points, mask, guarantee_score, max_guaranteed, fro
         # Guaranteed points in the host loop's order: highest score first, ties to the lowest index (stable).
         key = xp.where(pending, -guarantee_score, xp.asarray(float("inf"), dtype=guarantee_score.dtype, device=device))
         order = xp.argsort(key, axis=-1, stable=True)[..., :budget]
-        count = xp.minimum(xp.sum(xp.astype(pending, xp.int64), axis=-1), budget)
+        count = xp.sum(xp.astype(pending, xp.int64), axis=-1)
         if not from_guaranteed:
             # The guaranteed points are taken in order below and never sampled: out of the distances now.
             taken = xp.arange(budget, device=device) < count[..., None]
