@@ -11,11 +11,12 @@ import time
 
 import pytest
 import torch
-from plot_checks import unreadable_axes
 
 pytest.importorskip("matplotlib")
 pytest.importorskip("tqdm")
 pytest.importorskip("transformers")
+
+from plot_checks import unreadable_axes  # noqa: E402
 
 from nystrom.__main__ import main  # noqa: E402
 from nystrom.experiments.bench.accuracy import accuracy_figures  # noqa: E402

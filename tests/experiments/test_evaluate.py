@@ -14,12 +14,13 @@ import os
 import numpy as np
 import pytest
 import torch
-from plot_checks import unreadable_axes
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytest.importorskip("transformers")
 pytest.importorskip("matplotlib")
 pytest.importorskip("tqdm")
+
+from plot_checks import unreadable_axes  # noqa: E402
 
 from nystrom import FNA_AUTHORS, NewtonSchulz, Norm, PInv  # noqa: E402
 from nystrom.__main__ import main  # noqa: E402
