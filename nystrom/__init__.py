@@ -16,6 +16,7 @@ from .linalg.bounds import (
     rpcholesky_trace_bound,
 )
 from .linalg.landmarks import (
+    FNA_AUTHORS,
     FPS,
     RANDOM_STRATEGIES,
     STRATEGIES,
@@ -46,7 +47,7 @@ def __getattr__(name):
 
 
 __all__ = [
-    "FPS", "RANDOM_STRATEGIES", "SOLVERS", "STRATEGIES", "ErrorEstimate", "Info", "KMeans", "Landmarks",
+    "FNA_AUTHORS", "FPS", "RANDOM_STRATEGIES", "SOLVERS", "STRATEGIES", "ErrorEstimate", "Info", "KMeans", "Landmarks",
     "NewtonSchulz", "Norm", "PInv", "RPCholesky", "Ridge", "SegmentMeans", "SolveResult", "Solver", "Strategy",
     "TraceCertificate", "Uniform", "approximate", "best_rank_trace_floor", "capture_attention",
     "estimate_relative_error", "exact_attention", "fna", "get_solver", "get_strategy", "mask_keys",

@@ -10,6 +10,8 @@ extension rewrites it into what the site's Markdown understands:
 * ``text::`` before a literal block loses its second colon (the indented block is already code);
 * a parameter type ``array, shape (..., n, d)`` becomes ``array of shape (..., n, d)``, which griffe
   shows as written instead of reading it as a Python tuple;
+* a parameter or return type loses the double backticks of its inline literals (``out : Tensor, dtype
+  of V``): griffe already shows the type as code, where they would print literally;
 * ``:func:``, ``:class:``, ``:meth:``, ``:mod:``, ``:attr:``, ``:data:`` and ``:obj:`` roles become
   optional autorefs links: a link when the target is rendered somewhere in the site, plain code
   otherwise (a leading ``~`` shows only the last name, as in Sphinx).
@@ -34,6 +36,8 @@ _LITERAL_MARKER = re.compile(r"(?<=\S)::[ \t]*$", flags=re.MULTILINE)
 # type that parses as Python as an expression, and this one parses as a tuple, shown as
 # "(array, shape(..., n, d))".
 _TYPE_SHAPE = re.compile(r"^(?P<head>[ \t]*(?:\w[\w, ]* : [^\n]*?|\w+)), (?P<word>shapes?) \(", flags=re.MULTILINE)
+# "out : Tensor, dtype of ``V``": a parameter or return line of a numpy-style section (not indented).
+_TYPED_NAME = re.compile(r"^(?P<head>\w[\w, ]* : )(?P<type>[^\n]*``[^\n]*)$", flags=re.MULTILINE)
 
 
 def _indent_of(line: str) -> int:
@@ -109,6 +113,7 @@ def convert(text: str, obj: griffe.Object) -> str:
     text = convert_math_blocks(text)
     text = _LITERAL_MARKER.sub(":", text)
     text = _TYPE_SHAPE.sub(r"\g<head> of \g<word> (", text)
+    text = _TYPED_NAME.sub(lambda m: m["head"] + m["type"].replace("``", ""), text)
     text = _INLINE_MATH.sub(lambda m: f"\\({m[1]}\\)", text)
     return convert_roles(text, obj)
 

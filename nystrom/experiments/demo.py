@@ -1,9 +1,10 @@
 """The main job: FNA on real attention of the bundled DINOv2-S, against exact attention.
 
 ``python -m nystrom demo`` (or ``./run.sh demo``) captures the queries, keys and values of a later
-layer of a trained DINOv2-S/14 on a natural image, approximates that attention with every landmark
-strategy, and prints the relative error against the model's own exact attention output and the
-time against exact ``scaled_dot_product_attention`` on the same tensors.
+layer of a trained DINOv2-S/14 on a natural image, approximates that attention with the default
+landmark rule and three others, and prints the relative error against the model's own exact attention
+output and the time against exact ``scaled_dot_product_attention`` on the same tensors, under a legend
+that says what each column means, with the machine's load, and why two strategies tie when they do.
 """
 
 from __future__ import annotations
@@ -17,7 +18,20 @@ import nystrom
 from nystrom.torch.capture import capture_attention
 
 from .pretrained import imagenet_pixel_values, load_dinov2_small, natural_images
+from .report import format_ratio
+from .stamp import busy_warning, load_average
 from .timing import measure
+
+LEGEND = """\
+  rel. error  ||O_approx - O||_F / ||O||_F, where O is the layer's own attention output, computed by the model's
+              exact attention on the same queries, keys and values (lower is better; 0 is exact).
+  time        fastest of {repeats} calls of nystrom.approximate, landmark selection included; exact SDPA: fastest of
+              {repeats} calls of torch's scaled_dot_product_attention on the same tensors. speed-up = exact / time.
+  sampled estimate
+              what nystrom can tell without the exact output: the error of the 'norm' row estimated from 128 query
+              rows computed exactly (Info.estimate_error), with a 95% interval; it should bracket that row's error.
+  ties        when two strategies print the same error, a line under the table says whether they chose the same
+              landmark tokens (then they compute the same approximation) or only agree to the digits shown."""
 
 
 def _best_time(fn, repeats):
@@ -25,9 +39,33 @@ def _best_time(fn, repeats):
     return measure(fn, torch.device("cpu"), min_calls=repeats, max_calls=repeats).min
 
 
+def _same_landmarks(a, b):
+    """Whether two :class:`~nystrom.Info` hold the same landmark tokens, in any order, each standing for itself."""
+    ia, ib = a.landmarks.indices, b.landmarks.indices
+    if ia is None or ib is None or a.landmarks.log_weights is not None or b.landmarks.log_weights is not None:
+        return False
+    return torch.equal(torch.sort(ia, dim=-1).values, torch.sort(ib, dim=-1).values)
+
+
+def _ties(infos, errors):
+    """Lines explaining each pair of strategies whose errors print the same: same landmarks, or equal to 4 digits."""
+    lines = []
+    names = list(infos)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            if f"{errors[a]:.4f}" != f"{errors[b]:.4f}":
+                continue
+            if _same_landmarks(infos[a], infos[b]):
+                why = "both chose the same landmark tokens on this input, so the approximations are the same"
+            else:
+                why = "different landmarks, equal errors to the 4 digits shown"
+            lines.append(f"{'':>6} '{a}' and '{b}' tie: {why}")
+    return lines
+
+
 def run_demo(*, image="astronaut", sizes=(518, 1036), layer=9, num_landmarks=64,
              strategies=("norm", "fps", "segment_means", "uniform"), repeats=3, out=print):
-    """Print error and speed of Nyström attention on real DINOv2-S attention.
+    """Print error and speed of Nyström attention on real DINOv2-S attention, with a legend of what they mean.
 
     Parameters
     ----------
@@ -48,33 +86,50 @@ def run_demo(*, image="astronaut", sizes=(518, 1036), layer=9, num_landmarks=64,
     -------
     list of dict
         One row per (size, strategy): ``n``, ``strategy``, ``rel_error``, ``ms``, ``exact_ms``, ``speedup``.
+
+    Notes
+    -----
+    The load average is printed with the header, and a warning when it exceeds the threads in use: other
+    processes then inflate the times.
     """
     model = load_dinov2_small()
     picture = natural_images()[image]
     rows = []
+    threads = torch.get_num_threads()
+    loads = load_average()
     out(f"DINOv2-S/14 (bundled weights), image '{image}', layer {layer}, m = {num_landmarks}, "
-        f"{torch.get_num_threads()} CPU threads, float32")
+        f"{threads} CPU threads, float32, load average {loads}")
+    warning = busy_warning(threads)
+    if warning:
+        out(f"warning: {warning}")
+    out(LEGEND.format(repeats=repeats))
     out(f"{'n':>6} {'strategy':>14} {'rel. error':>11} {'time':>10} {'exact SDPA':>11} {'speed-up':>9}")
     for size in sizes:
         cap = capture_attention(model, {"pixel_values": imagenet_pixel_values(picture, size)}, layers=[layer])[0]
         Q, K, V = cap.query, cap.key, cap.value
         exact_s = _best_time(lambda: F.scaled_dot_product_attention(Q, K, V, scale=cap.scaling), repeats)
         reference = cap.output
+        errors, infos = {}, {}
         for strategy in strategies:
-            approx = nystrom.approximate(Q, K, V, strategy=strategy, num_landmarks=num_landmarks, scale=cap.scaling,
-                                         seed=0)
-            err = float(torch.linalg.norm(approx - reference) / torch.linalg.norm(reference))
+            approx, infos[strategy] = nystrom.approximate(Q, K, V, strategy=strategy, num_landmarks=num_landmarks,
+                                                          scale=cap.scaling, seed=0, return_info=True)
+            err = errors[strategy] = float(torch.linalg.norm(approx - reference) / torch.linalg.norm(reference))
             secs = _best_time(lambda s=strategy: nystrom.approximate(Q, K, V, strategy=s, num_landmarks=num_landmarks,
                                                                      scale=cap.scaling, seed=0), repeats)
             row = dict(n=Q.shape[-2], strategy=strategy, rel_error=err, ms=1e3 * secs, exact_ms=1e3 * exact_s,
                        speedup=exact_s / secs)
             rows.append(row)
             out(f"{row['n']:>6} {strategy:>14} {err:>11.4f} {row['ms']:>8.1f}ms {row['exact_ms']:>9.1f}ms "
-                f"{row['speedup']:>8.1f}x")
-        _, info = nystrom.approximate(Q, K, V, num_landmarks=num_landmarks, scale=cap.scaling, return_info=True)
-        est = info.estimate_error(num_samples=128, seed=0)
-        out(f"{'':>6} sampled estimate for 'norm' from 128 exact rows: {est.estimate:.4f} "
-            f"(95% interval {est.low:.4f} to {est.high:.4f})")
+                f"{format_ratio(row['speedup']):>9}")
+        for line in _ties(infos, errors):
+            out(line)
+        if "norm" in infos:
+            est = infos["norm"].estimate_error(num_samples=128, seed=0)
+            out(f"{'':>6} sampled estimate for 'norm' from 128 exact rows: {est.estimate:.4f} "
+                f"(95% interval {est.low:.4f} to {est.high:.4f})")
+    warning = busy_warning(threads)
+    if warning:
+        out(f"warning: after the run, {warning}")
     return rows
 
 
@@ -82,10 +137,14 @@ def main(argv=None):
     """``python -m nystrom demo``: parse ``argv`` and run :func:`run_demo`; returns the process exit status."""
     parser = argparse.ArgumentParser(prog="python -m nystrom demo",
                                      description="FNA on real DINOv2-S attention: error and time vs exact")
-    parser.add_argument("--image", default="astronaut")
-    parser.add_argument("--sizes", type=int, nargs="+", default=[518, 1036])
-    parser.add_argument("--layer", type=int, default=9)
-    parser.add_argument("--num-landmarks", type=int, default=64)
+    parser.add_argument("--image", default="astronaut",
+                        help="a photograph bundled with scikit-image, by its name in "
+                             "nystrom.experiments.pretrained.natural_images() (default astronaut)")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[518, 1036],
+                        help="image sides in pixels, multiples of 14; n = (size/14)^2 + 1 tokens (default 518 1036)")
+    parser.add_argument("--layer", type=int, default=9,
+                        help="encoder layer (0-11) whose attention is approximated (default 9)")
+    parser.add_argument("--num-landmarks", type=int, default=64, help="landmarks m per sequence (default 64)")
     args = parser.parse_args(argv)
     run_demo(image=args.image, sizes=tuple(args.sizes), layer=args.layer, num_landmarks=args.num_landmarks)
     return 0

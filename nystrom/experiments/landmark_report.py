@@ -30,6 +30,7 @@ from nystrom.torch.capture import capture_attention
 
 from .pretrained import example_sentences, imagenet_pixel_values, load_dinov2_small, load_minilm, natural_images
 from .report import markdown_table
+from .stamp import busy_warning, load_average
 
 IMAGES = ("astronaut", "coffee", "rocket")
 LAYERS = (3, 6, 9, 11)
@@ -144,7 +145,11 @@ def main(argv=None):
         for threads in (1, os.cpu_count()):
             ms = cost(threads)
             rows.append([threads, *ms.values(), ms["norm"] / ms["uniform"], ms["norm selection"] / ms["norm"]])
-        print(f"load average {os.getloadavg()}")
+        print(f"load average {load_average()}")
+        # The cost part times with up to every core: a load above that means shared cores and inflated times.
+        warning = busy_warning(os.cpu_count())
+        if warning:
+            print(f"warning: {warning}")
         print(markdown_table(["threads", "exact SDPA ms", "uniform ms", "norm ms", "given landmarks ms",
                               "norm selection ms", "norm / uniform", "selection share"], _rounded(rows, 2)))
     return 0

@@ -1,7 +1,8 @@
-"""What the experiments show while they run and write when done: progress bars and markdown tables."""
+"""What the experiments show while they run and write when done: progress bars, markdown tables, ratios."""
 
 from __future__ import annotations
 
+import math
 import sys
 
 
@@ -20,3 +21,16 @@ def markdown_table(header, rows):
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(cell(x) for x in row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
+
+
+def format_ratio(ratio):
+    """A ratio such as a speed-up for a table cell, to two significant figures at least: ``0.44×``, ``2.6×``,
+    ``12×``, ``331×`` (``None`` stays ``None``)."""
+    if ratio is None:
+        return None
+    if not (math.isfinite(ratio) and ratio > 0):
+        return f"{ratio}×"
+    rounded = float(f"{ratio:.2g}")
+    if rounded >= 10:
+        return f"{ratio:,.0f}×"
+    return f"{rounded:.{max(0, 1 - math.floor(math.log10(rounded)))}f}×"

@@ -58,26 +58,69 @@ def versions():
     return found
 
 
-def make_stamp(device, dtype, commit=None):
+def load_average():
+    """The 1-, 5- and 15-minute load averages, rounded, or ``None`` where the platform has none."""
+    return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
+
+
+def busy_warning(threads, load=None):
+    """A warning when the 1-minute load average exceeds the cores a timing run uses, else ``None``.
+
+    Parameters
+    ----------
+    threads : int
+        Threads the run times with; the cores in use are at most the machine's.
+    load : float, optional
+        The load average to judge; default the machine's now.
+    """
+    if load is None:
+        loads = load_average()
+        load = None if loads is None else loads[0]
+    cores = min(threads, os.cpu_count() or threads)
+    if load is None or load <= cores:
+        return None
+    return (f"load average {load:.2f} exceeds the {cores} core{'s' if cores > 1 else ''} in use: other processes "
+            "share the CPU and the times are inflated")
+
+
+def make_stamp(device, dtype, commit=None, smoke_run=False):
     """Where and when a result was measured: device, dtype, versions, date, commit, threads, load.
 
     ``commit`` is that of the code that ran (taken when the run started); default the checkout's now.
+    ``smoke_run`` marks a ``--quick`` run, whose sizes are too small for its numbers to mean anything.
     """
+    loads = load_average()
+    threads = torch.get_num_threads()
     return {
         "device": device.type,
         "device_name": device_name(device),
         "dtype": str(dtype).removeprefix("torch."),
-        "threads": torch.get_num_threads(),
+        "threads": threads,
         "versions": versions(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "commit": commit or git_commit(),
         # Other processes on a shared machine inflate times; the load says how busy it was.
-        "load_average": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
+        "load_average": loads,
+        "load_warning": None if loads is None or device.type != "cpu" else busy_warning(threads, loads[0]),
+        "smoke_run": smoke_run,
     }
 
 
 def stamp_line(stamp):
-    """One-line form of a stamp for figure footers and table captions."""
+    """One-line form of a stamp for figure footers and table captions; a smoke run says so first."""
     v = stamp["versions"]
-    return (f"{stamp['device_name']} | {stamp['dtype']}, {stamp['threads']} threads | torch {v['torch']}, "
+    smoke = "SMOKE RUN (--quick), not a benchmark | " if stamp.get("smoke_run") else ""
+    return (f"{smoke}{stamp['device_name']} | {stamp['dtype']}, {stamp['threads']} threads | torch {v['torch']}, "
             f"nystrom {v['nystrom']} | {stamp['date']} | commit {stamp['commit']}")
+
+
+def caption(stamp):
+    """The first lines of a results table: where, when and how busy, then a smoke run's or a busy machine's
+    warning in bold."""
+    lines = [f"_Measured on {stamp_line(stamp)}; load average {stamp.get('load_average')}._\n"]
+    if stamp.get("smoke_run"):
+        lines.append("**Smoke run (`--quick`): tiny sizes and time budgets. These numbers check that the code "
+                     "runs; they are not benchmarks.**\n")
+    if stamp.get("load_warning"):
+        lines.append(f"**Busy machine: {stamp['load_warning']}.**\n")
+    return "\n".join(lines)

@@ -11,10 +11,12 @@ import os
 from pathlib import Path
 
 import numpy as np
-from matplotlib.colors import LogNorm
+from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
 
 from nystrom.torch import SuppressionResult, TokenAnalysis
+
+from .plotting import log_ticks, value_axis
 
 __all__ = ["plot_attention_share", "plot_suppression", "plot_token_norms"]
 
@@ -78,9 +80,14 @@ def plot_token_norms(analysis: TokenAnalysis, path, *, sequence=0, labels=None) 
     norms = analysis.residual_norms[:, sequence, real]
     fig = Figure(figsize=(min(4 + 0.25 * len(real), 16), 2.5 + 0.35 * analysis.num_layers), layout="constrained")
     ax = fig.subplots()
+    low, high = max(norms.min(), 1e-6), norms.max()
+    # Under a decade a log colour bar would label no tick.
+    log = high >= 10 * low
     image = ax.imshow(norms, aspect="auto", cmap="viridis", interpolation="nearest",
-                      norm=LogNorm(vmin=max(norms.min(), 1e-6), vmax=norms.max()))
-    fig.colorbar(image, ax=ax, label="residual norm (pre-LayerNorm)")
+                      norm=(LogNorm if log else Normalize)(vmin=low, vmax=high))
+    bar = fig.colorbar(image, ax=ax, label="residual norm (pre-LayerNorm)")
+    if log:
+        log_ticks(bar.ax.yaxis, low, high)
     for kind, marker, color, size in _KINDS:
         layer, token = np.nonzero(getattr(analysis, kind)[:, sequence, real])
         style = dict(color=color) if marker == "x" else dict(facecolors="none", edgecolors=color)
@@ -193,6 +200,7 @@ def plot_suppression(result: SuppressionResult, path) -> Path:
     norm_ax.plot(layers, np.nanmax(np.where(others, ratio, np.nan), axis=(1, 2)), "^:",
                  color="tab:blue", label="other tokens (max)")
     norm_ax.axhline(1.0, color="gray", lw=0.8)
+    value_axis(norm_ax, "y", log=False)
     norm_ax.set_ylabel("residual norm, masked / baseline")
     norm_ax.set_title("Residual norms")
     norm_ax.legend(fontsize=7)

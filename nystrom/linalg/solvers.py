@@ -136,8 +136,9 @@ class NewtonSchulz(Solver, name="newton_schulz", iterative=True):
 
     With :math:`E_k = I - A Z_k` one step gives :math:`E_{k+1} = \tfrac34 E_k^3 + \tfrac14 E_k^4`
     (third-order convergence once :math:`\lVert E_k\rVert < 1`). The scaling is computed **per
-    matrix** (peers take one maximum over the whole batch, which slows or breaks convergence for
-    every matrix but the worst). :math:`\sigma_{\max}^2 \le \lVert A\rVert_1\lVert A\rVert_\infty`
+    matrix**, as the FNA authors do (Nyströmformer's "original" mode and lucidrains' ``nystrom-attention``
+    take one maximum over the whole batch, which slows or breaks convergence for every matrix but the
+    worst). :math:`\sigma_{\max}^2 \le \lVert A\rVert_1\lVert A\rVert_\infty`
     holds for every matrix, so :math:`Z_0` converges for any :math:`A`; for row-softmax matrices
     :math:`\lVert A\rVert_\infty = 1` and the start reduces to the peers' :math:`A^\top/\lVert A\rVert_1`.
 

@@ -16,10 +16,17 @@ pytest.importorskip("matplotlib")
 pytest.importorskip("tqdm")
 pytest.importorskip("transformers")
 
+from plot_checks import unreadable_axes  # noqa: E402
+
 from nystrom.__main__ import main  # noqa: E402
+from nystrom.experiments.bench.accuracy import accuracy_figures  # noqa: E402
+from nystrom.experiments.bench.breakdown import breakdown_figure  # noqa: E402
+from nystrom.experiments.bench.e2e import e2e_figure  # noqa: E402
 from nystrom.experiments.bench.inputs import sink_inputs  # noqa: E402
 from nystrom.experiments.bench.plan import DEFAULT_SOLVER, SECTIONS, plan_for  # noqa: E402
-from nystrom.experiments.bench.scaling import _scaling_configs, log_log_slope  # noqa: E402
+from nystrom.experiments.bench.scaling import _scaling_configs, log_log_slope, scaling_figures  # noqa: E402
+from nystrom.experiments.report import format_ratio  # noqa: E402
+from nystrom.experiments.stamp import busy_warning, caption  # noqa: E402
 from nystrom.experiments.timing import PeakMemory, measure  # noqa: E402
 from nystrom.linalg.flops import exact_attention_flops  # noqa: E402
 from nystrom.linalg.landmarks import STRATEGIES  # noqa: E402
@@ -58,6 +65,39 @@ def test_every_section_writes_a_stamped_record_and_a_table(results, section):
                                                                      if s != DEFAULT_SOLVER])
 def test_plots_are_written(results, name):
     assert (results / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_every_figure_labels_its_axes(results):
+    # The figures redrawn from the quick run's records: errors within a decade, one e2e size, m = 8 and 16.
+    scaling, breakdown, accuracy, e2e = (_load(results, s) for s in ("scaling", "breakdown", "accuracy", "e2e"))
+    figures = {**scaling_figures(scaling["records"], PLAN, scaling["roofline"], scaling["stamp"]),
+               "breakdown": breakdown_figure(breakdown["records"], PLAN, breakdown["stamp"]),
+               **accuracy_figures(accuracy["records"], accuracy["stamp"])}
+    if e2e["records"]:
+        figures["e2e"] = e2e_figure(e2e["records"], PLAN.e2e_landmarks, e2e["stamp"])
+    assert len(figures) >= 8
+    assert {name: problems for name, fig in figures.items() if (problems := unreadable_axes(fig))} == {}
+
+
+@pytest.mark.parametrize("section", SECTIONS)
+def test_quick_outputs_say_they_are_a_smoke_run(results, section):
+    payload = _load(results, section)
+    assert payload["stamp"]["smoke_run"] is True
+    assert "Smoke run (`--quick`)" in (results / f"{section}.md").read_text().split("\n###")[0]
+
+
+def test_ratios_have_two_significant_figures():
+    assert [format_ratio(x) for x in (0.4412, 2.61, 9.96, 12.4, 331.2, 1234.5, None)] == [
+        "0.44×", "2.6×", "10×", "12×", "331×", "1,234×", None]
+
+
+def test_a_load_above_the_cores_in_use_is_flagged():
+    assert busy_warning(1, load=1.0) is None
+    assert "exceeds the 1 core in use" in busy_warning(1, load=1.5)
+    stamp = {"device_name": "cpu", "dtype": "float32", "threads": 1, "versions": {"torch": "x", "nystrom": "y"},
+             "date": "today", "commit": None, "load_average": [1.5, 1.0, 1.0],
+             "load_warning": busy_warning(1, load=1.5), "smoke_run": False}
+    assert "**Busy machine: load average 1.50 exceeds" in caption(stamp) and "Smoke" not in caption(stamp)
 
 
 def test_scaling_covers_the_grid_with_consistent_numbers(results):

@@ -20,10 +20,12 @@ pytest.importorskip("transformers")
 pytest.importorskip("matplotlib")
 pytest.importorskip("tqdm")
 
-from nystrom import NewtonSchulz, Norm, PInv  # noqa: E402
+from plot_checks import unreadable_axes  # noqa: E402
+
+from nystrom import FNA_AUTHORS, NewtonSchulz, Norm, PInv  # noqa: E402
 from nystrom.__main__ import main  # noqa: E402
 from nystrom.experiments.evaluate.dinov2 import random_crops  # noqa: E402
-from nystrom.experiments.evaluate.report import markdown_report  # noqa: E402
+from nystrom.experiments.evaluate.report import evaluation_figures, markdown_report  # noqa: E402
 from nystrom.experiments.evaluate.specs import parse_layers, parse_spec  # noqa: E402
 from nystrom.experiments.metrics import nearest_neighbours, top_fraction_iou  # noqa: E402
 
@@ -110,10 +112,12 @@ class TestDinov2:
         assert r["all_tokens_fraction"] == 0 and r["mean_layer_error"] > 1e-2 and r["cls_cosine"] < 1 - 1e-4
 
     def test_report_and_plots_are_written(self, dinov2):
-        out, _ = dinov2
+        out, result = dinov2
         assert "mean layer error" in (out / "eval_dinov2.md").read_text()
         for name in ("error", "downstream"):
             assert (out / f"eval_dinov2_{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert {name: unreadable_axes(fig) for name, fig in evaluation_figures(result).items()} == {
+            "error": [], "downstream": []}
 
 
 class TestMinilm:
@@ -145,6 +149,7 @@ class TestArguments:
         assert parse_spec("pinv:rtol=0", "solver") == PInv(rtol=0)
         assert parse_spec("newton_schulz: iters=12, tol=none", "solver") == NewtonSchulz(iters=12)
         assert parse_spec("norm:sink_ratio=8", "strategy") == Norm(sink_ratio=8)
+        assert parse_spec("fps:from_guaranteed=false,use_queries=True", "strategy") == FNA_AUTHORS["strategy"]
         with pytest.raises(ValueError, match="no option.*'rtl'"):
             parse_spec("pinv:rtl=0", "solver")
         with pytest.raises(ValueError, match="unknown solver 'svd'; candidates are"):
@@ -219,3 +224,12 @@ def test_norm_comparison_marks():
     assert "✓ 0.1 vs 0.2" in rows[0] and "✗ 0.9 vs 0.95" in rows[0]
     assert "✗ 0.5 vs 0.3" in rows[1] and "= 1 vs 1" in rows[1]
     assert len(rows) == 2
+    assert "better than both" in markdown_report(result)
+    # Errors within half a decade and recalls a hair below 1 are what left matplotlib's default axes unlabelled
+    # (a log axis with no tick inside it) or labelled by an offset (+9.999e-1).
+    assert {name: unreadable_axes(fig) for name, fig in evaluation_figures(result).items()} == {
+        "error": [], "downstream": []}
+    result["settings"]["strategies"] = ["norm", "uniform"]
+    result["records"] = [r for r in result["records"] if r["strategy"] != "segment_means"]
+    report = markdown_report(result)
+    assert "Does `norm` beat `uniform`? (✓ better," in report and "both" not in report

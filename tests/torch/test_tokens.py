@@ -18,6 +18,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("matplotlib")
 from model_packages import requires_dinov2, requires_minilm  # noqa: E402
+from plot_checks import unreadable_axes  # noqa: E402
 
 from nystrom.experiments import pretrained  # noqa: E402
 from nystrom.experiments import token_plots as plots  # noqa: E402
@@ -433,13 +434,23 @@ def assert_png(path, min_bytes=10_000):
 
 
 @requires_minilm
-def test_plots_write_pngs(minilm, minilm_analysis, minilm_suppression, tmp_path):
+def test_plots_write_pngs(minilm, minilm_analysis, minilm_suppression, tmp_path, monkeypatch):
+    # Every figure is checked as drawn, before it is written: two labelled ticks per axis, no offset.
+    saved, write = {}, plots._save
+
+    def keep_and_write(fig, path):
+        saved[path.name] = fig
+        return write(fig, path)
+
+    monkeypatch.setattr(plots, "_save", keep_and_write)
     _, tokenizer, batch = minilm
     labels = tokenizer.convert_ids_to_tokens(batch["input_ids"][0])
     assert_png(plots.plot_token_norms(minilm_analysis, tmp_path / "norms.png", labels=labels))
     assert_png(plots.plot_attention_share(minilm_analysis, tmp_path / "share.png"))
     result = minilm_suppression
     assert_png(plots.plot_suppression(result, tmp_path / "suppression.png"))
+    assert {name: unreadable_axes(fig) for name, fig in saved.items()} == {
+        "norms.png": [], "share.png": [], "suppression.png": []}
     with pytest.raises(ValueError, match="png"):
         plots.plot_attention_share(minilm_analysis, tmp_path / "share.pdf")
     with pytest.raises(TypeError, match="analysis"):

@@ -14,8 +14,9 @@ from nystrom.linalg.landmarks import STRATEGIES
 from nystrom.linalg.solvers import SOLVERS
 
 from ..metrics import relative_error
+from ..plotting import swept_axis, value_axis
 from ..report import markdown_table
-from ..stamp import stamp_line
+from ..stamp import caption
 from ..timing import measure
 from .inputs import attention_inputs
 from .output import figure, format_ms, save
@@ -58,7 +59,8 @@ def run_accuracy(ctx):
     stamp = ctx.stamp()
     payload = {"stamp": stamp, "seed": 0, "records": records}
     save(ctx, "accuracy", payload=payload, tables=accuracy_tables(records, plan, stamp))
-    _plot_accuracy(ctx, records, plan, stamp)
+    for name, fig in accuracy_figures(records, stamp).items():
+        save(ctx, name, fig)
     return payload
 
 
@@ -76,8 +78,8 @@ def _mean_over_layers(records, shared=True, **where):
 def accuracy_tables(records, plan, stamp):
     """Markdown: per dataset, mean relative error over the captured layers by strategy x m, and by solver at m=64."""
     datasets = list(dict.fromkeys(r["dataset"] for r in records))
-    parts = [f"_Measured on {stamp_line(stamp)}. Relative Frobenius error of the output against exact attention "
-             f"in float64, mean over the captured layers; random strategies use seed 0._\n"]
+    parts = [caption(stamp), "_Relative Frobenius error of the output against exact attention in float64, mean "
+             "over the captured layers; random strategies use seed 0._\n"]
     m_solver = 64 if 64 in plan.accuracy_landmarks else plan.accuracy_landmarks[-1]
     for dataset in datasets:
         layers = sorted({r["layer"] for r in records if r["dataset"] == dataset and r["layer"] is not None})
@@ -112,7 +114,9 @@ def accuracy_tables(records, plan, stamp):
     return "\n".join(parts)
 
 
-def _plot_accuracy(ctx, records, plan, stamp):
+def accuracy_figures(records, stamp):
+    """The section's figures by file name: error against m for each solver, and against time (default solver)."""
+    figures = {}
     datasets = list(dict.fromkeys(r["dataset"] for r in records))
     for name, against_time in (("accuracy_m", False), ("accuracy_time", True)):
         for solver in ((DEFAULT_SOLVER,) if against_time else SOLVERS):
@@ -121,9 +125,15 @@ def _plot_accuracy(ctx, records, plan, stamp):
                 for s in STRATEGIES:
                     errors = _mean_over_layers(records, dataset=dataset, strategy=s, solver=solver)
                     x = [t for _, t in errors.values()] if against_time else list(errors)
-                    ax.loglog(x, [e for e, _ in errors.values()], "-o", ms=3, label=s)
+                    ax.plot(x, [e for e, _ in errors.values()], "-o", ms=3, label=s)
                 ax.set(title=dataset, xlabel="seconds per call (min)" if against_time else "m (landmarks)",
                        ylabel="relative error")
+                value_axis(ax, "y")
+                if against_time:
+                    value_axis(ax, "x")
+                else:
+                    swept_axis(ax, sorted({r["m"] for r in records if r["dataset"] == dataset}))
                 ax.grid(True, which="both", alpha=0.3)
             axes[0].legend(fontsize=7, title=f"solver: {solver}", title_fontsize=7)
-            save(ctx, name if solver == DEFAULT_SOLVER else f"{name}_{solver}", fig)
+            figures[name if solver == DEFAULT_SOLVER else f"{name}_{solver}"] = fig
+    return figures

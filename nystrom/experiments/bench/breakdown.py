@@ -17,8 +17,9 @@ import torch.nn.functional as F
 from nystrom import approximate, get_solver, get_strategy
 from nystrom.linalg.landmarks import STRATEGIES
 
+from ..plotting import value_axis
 from ..report import markdown_table
-from ..stamp import stamp_line
+from ..stamp import caption
 from ..timing import synchronize, timed_call
 from .inputs import random_qkv
 from .output import figure, format_ms, save
@@ -126,16 +127,15 @@ def run_breakdown(ctx):
     stamp = ctx.stamp()
     payload = {"stamp": stamp, "roofline": roof, "records": records}
     save(ctx, "breakdown", payload=payload, tables=breakdown_tables(records, plan, stamp))
-    _plot_breakdown(ctx, records, plan, stamp)
+    save(ctx, "breakdown", breakdown_figure(records, plan, stamp))
     return payload
 
 
 def breakdown_tables(records, plan, stamp):
     """Markdown: per shape, ms by stage for every strategy and m, with the selection share."""
-    parts = [f"_Measured on {stamp_line(stamp)}; load average {stamp['load_average']}. Fastest of "
-             f"{_BREAKDOWN_CALLS} instrumented calls after a warm-up (one call where the warm-up took over "
-             f"{plan.budget_s:g} s); `rest` = total minus the named stages (landmark checks, casts, the m×m softmax, "
-             f"A⁺(BV))._\n"]
+    parts = [caption(stamp), f"_Fastest of {_BREAKDOWN_CALLS} instrumented calls after a warm-up (one call where "
+             f"the warm-up took over {plan.budget_s:g} s); `rest` = total minus the named stages (landmark checks, "
+             "casts, the m×m softmax, A⁺(BV))._\n"]
     for heads, n in plan.breakdown:
         parts.append(f"### Shape (1, {heads}, {n:,}, {plan.head_dim}): milliseconds by stage\n")
         rows = [[f"`{r['strategy']}`", r["m"], format_ms(r["total_s"])] + [format_ms(r[f"{s}_s"]) for s in STAGES]
@@ -146,7 +146,8 @@ def breakdown_tables(records, plan, stamp):
     return "\n".join(parts)
 
 
-def _plot_breakdown(ctx, records, plan, stamp):
+def breakdown_figure(records, plan, stamp):
+    """Stacked bars of the stage times, one panel per breakdown shape."""
     fig, axes = figure(len(plan.breakdown), stamp, width=6.5, height=0.9 + 0.16 * len(STRATEGIES)
                        * len(plan.landmarks))
     for ax, (heads, n) in zip(axes, plan.breakdown):
@@ -159,6 +160,7 @@ def _plot_breakdown(ctx, records, plan, stamp):
             left += widths
         ax.invert_yaxis()
         ax.set(title=f"where the time goes, (1, {heads}, {n:,}, {plan.head_dim})", xlabel="milliseconds")
+        value_axis(ax, "x", log=False)
         ax.tick_params(axis="y", labelsize=7)
         ax.legend(fontsize=7)
-    save(ctx, "breakdown", fig)
+    return fig

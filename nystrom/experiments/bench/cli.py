@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ..stamp import device_name
+from ..stamp import busy_warning, device_name
 from .accuracy import run_accuracy
 from .breakdown import run_breakdown
 from .e2e import run_e2e
@@ -73,12 +73,21 @@ def main(argv=None):
         blas_limit = threadpoolctl.threadpool_limits(args.threads)
     print(f"nystrom bench: {', '.join(args.only)} on {device_name(device)} ({str(dtype).removeprefix('torch.')}, "
           f"{torch.get_num_threads()} threads) -> {ctx.out}", file=sys.stderr)
+    if args.quick:
+        print("nystrom bench: --quick is a smoke run at tiny sizes; its numbers are not benchmarks", file=sys.stderr)
+    warning = busy_warning(torch.get_num_threads()) if device.type == "cpu" else None
+    if warning:
+        print(f"nystrom bench: warning: {warning}", file=sys.stderr)
     try:
         with blas_limit:
             for section in args.only:
                 begin = time.perf_counter()
-                RUNNERS[section](ctx)
+                payload = RUNNERS[section](ctx)
                 print(f"  {section}: {time.perf_counter() - begin:.0f} s", file=sys.stderr)
+                # The load while the section ran (its stamp is taken at the end), not only before it.
+                warning = (payload.get("stamp") or {}).get("load_warning")
+                if warning:
+                    print(f"  {section}: warning: {warning}", file=sys.stderr)
     finally:
         torch.set_num_threads(default_threads)
     return 0

@@ -10,8 +10,9 @@ import torch.nn.functional as F
 from nystrom.torch.patching import fna
 
 from .. import pretrained
-from ..report import markdown_table
-from ..stamp import stamp_line
+from ..plotting import swept_axis, value_axis
+from ..report import format_ratio, markdown_table
+from ..stamp import caption
 from ..timing import measure
 from .output import figure, format_mib, format_ms, save
 from .plan import DEFAULT_STRATEGY
@@ -58,24 +59,32 @@ def run_e2e(ctx):
             })
             bar.update()
     payload = {"stamp": stamp, "records": records}
-    rows = [[r["size"], f"{r['n']:,}", format_ms(r["exact_s"]), format_ms(r["fna_s"]), f"{r['speedup']:.2f}×",
+    rows = [[r["size"], f"{r['n']:,}", format_ms(r["exact_s"]), format_ms(r["fna_s"]), format_ratio(r["speedup"]),
              format_mib(r["exact_peak_bytes"]), format_mib(r["fna_peak_bytes"]), f"{r['cls_cosine']:.4f}",
              f"{r['patch_cosine_mean']:.4f}", f"{r['patch_cosine_min']:.3f}"] for r in records]
-    tables = (f"_Measured on {stamp_line(stamp)}. FNA (`{DEFAULT_STRATEGY}`, m = {plan.e2e_landmarks}) in layers "
+    tables = (caption(stamp) + f"_FNA (`{DEFAULT_STRATEGY}`, m = {plan.e2e_landmarks}) in layers "
               f"{layers.start}–{layers.stop - 1} of {depth}; image `astronaut`._\n\n" + markdown_table(
                   ["px", "tokens", "exact (ms)", "FNA (ms)", "speed-up", "exact peak (MiB)", "FNA peak (MiB)",
                    "CLS cosine", "patch cosine (mean)", "patch cosine (min)"], rows))
     save(ctx, "e2e", payload=payload, tables=tables)
+    save(ctx, "e2e", e2e_figure(records, plan.e2e_landmarks, stamp))
+    return payload
+
+
+def e2e_figure(records, landmarks, stamp):
+    """Forward latency and feature agreement against the number of tokens, exact against FNA."""
     fig, axes = figure(2, stamp, width=4.6, height=3.6)
     n = [r["n"] for r in records]
-    axes[0].loglog(n, [r["exact_s"] for r in records], "k-o", ms=3, label="exact")
-    axes[0].loglog(n, [r["fna_s"] for r in records], "-o", ms=3, label=f"FNA m={plan.e2e_landmarks}")
+    axes[0].plot(n, [r["exact_s"] for r in records], "k-o", ms=3, label="exact")
+    axes[0].plot(n, [r["fna_s"] for r in records], "-o", ms=3, label=f"FNA m={landmarks}")
     axes[0].set(title="DINOv2-S forward latency", xlabel="tokens", ylabel="seconds")
-    axes[1].semilogx(n, [r["cls_cosine"] for r in records], "-o", ms=3, label="CLS")
-    axes[1].semilogx(n, [r["patch_cosine_mean"] for r in records], "-o", ms=3, label="patches (mean)")
+    value_axis(axes[0], "y")
+    axes[1].plot(n, [r["cls_cosine"] for r in records], "-o", ms=3, label="CLS")
+    axes[1].plot(n, [r["patch_cosine_mean"] for r in records], "-o", ms=3, label="patches (mean)")
     axes[1].set(title="feature agreement with exact", xlabel="tokens", ylabel="cosine similarity")
+    value_axis(axes[1], "y", log=False)
     for ax in axes:
+        swept_axis(ax, n)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
-    save(ctx, "e2e", fig)
-    return payload
+    return fig

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..plotting import footer
 from ..stamp import stamp_line
 
 
@@ -21,15 +22,8 @@ def figure(panels, stamp, width=5.5, height=4.2, rows=1):
     for ax in axes[panels:]:
         ax.set_visible(False)
     fig.get_layout_engine().set(h_pad=0.15)
-    fig.supxlabel(stamp_line(stamp), fontsize=6, color="0.4", y=0.0)
+    footer(fig, stamp_line(stamp))
     return fig, axes
-
-
-def sequence_axis(ax, ns):
-    """Log-scaled ``n`` axis with a plain-number tick at every swept length."""
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(ns, [f"{n // 1024}k" if n >= 4096 else str(n) for n in ns], fontsize=7)
-    ax.minorticks_off()
 
 
 def save(ctx, name, fig=None, payload=None, tables=None):

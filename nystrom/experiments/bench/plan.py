@@ -62,6 +62,8 @@ class Plan:
         Size of the buffer whose copy measures memory bandwidth.
     budget_s : float
         Seconds of timed calls per measurement (see :func:`nystrom.experiments.timing.measure`).
+    smoke_run : bool
+        A ``--quick`` plan: its outputs are marked as a smoke run, not a benchmark.
     """
 
     seq_lens: dict
@@ -80,6 +82,7 @@ class Plan:
     gemm_size: int
     copy_bytes: int
     budget_s: float = 1.0
+    smoke_run: bool = False
 
     @property
     def default_landmarks(self):
@@ -94,7 +97,7 @@ def plan_for(device: torch.device, quick: bool = False) -> Plan:
                     head_dim=16, breakdown=((1, 256),), slope_range=(128, 256), accuracy_landmarks=(8, 16),
                     dinov2_sizes=(), minilm_tokens=48, synthetic_n=256,
                     capture_layers={"dinov2": (11,), "minilm": (2,)}, e2e_sizes=(112,), e2e_landmarks=16,
-                    gemm_size=512, copy_bytes=2**22, budget_s=0.02)
+                    gemm_size=512, copy_bytes=2**22, budget_s=0.02, smoke_run=True)
     common = dict(landmarks=(32, 64, 128, 256), head_dim=64, slope_range=(4096, 65536),
                   accuracy_landmarks=(8, 16, 32, 64, 128, 256), dinov2_sizes=(224, 518), minilm_tokens=512,
                   synthetic_n=4096, capture_layers={"dinov2": (3, 7, 11), "minilm": (1, 3, 5)},
@@ -125,7 +128,7 @@ class Context:
 
     def stamp(self):
         """Where and when this run measures: see :func:`~nystrom.experiments.stamp.make_stamp`."""
-        return make_stamp(self.device, self.dtype, self.commit)
+        return make_stamp(self.device, self.dtype, self.commit, smoke_run=self.plan.smoke_run)
 
     def progress_bar(self, total, desc):
         """A section's progress bar over ``total`` steps, cleared when done; silent without ``progress``."""

@@ -14,11 +14,12 @@ from nystrom import NewtonSchulz, approximate, get_strategy
 from nystrom.linalg.flops import exact_attention_flops, nystrom_attention_flops
 from nystrom.torch import fna_attention
 
-from ..report import markdown_table
-from ..stamp import stamp_line
+from ..plotting import swept_axis, value_axis
+from ..report import format_ratio, markdown_table
+from ..stamp import caption
 from ..timing import copy_bandwidth, gemm_flop_rate, measure
 from .inputs import random_qkv
-from .output import figure, format_mib, format_ms, save, sequence_axis
+from .output import figure, format_mib, format_ms, save
 from .plan import (
     CPU_GEMM_FRACTION_TARGET,
     CPU_SLOPE_TARGET,
@@ -113,7 +114,8 @@ def run_scaling(ctx):
     summary = scaling_summary(records, plan, device)
     payload = {"stamp": stamp, "plan": plan.__dict__, "roofline": roof, "summary": summary, "records": records}
     save(ctx, "scaling", payload=payload, tables=scaling_tables(records, summary, plan, roof, stamp))
-    _plot_scaling(ctx, records, plan, roof, stamp)
+    for name, fig in scaling_figures(records, plan, roof, stamp).items():
+        save(ctx, name, fig)
     return payload
 
 
@@ -179,7 +181,7 @@ def scaling_summary(records, plan, device):
 
 def scaling_tables(records, summary, plan, roof, stamp):
     """Markdown: the targets, time and speed-up per n, slopes, and memory at the largest n."""
-    parts = [f"_Measured on {stamp_line(stamp)}; load average {stamp['load_average']}._\n",
+    parts = [caption(stamp),
              f"Roofline: {roof['gemm_size']}² GEMM at {roof['gemm_flops_per_s'] / 1e9:,.1f} GFLOP/s; "
              f"copy bandwidth {roof['copy_bytes_per_s'] / 1e9:,.1f} GB/s.\n"]
 
@@ -197,7 +199,7 @@ def scaling_tables(records, summary, plan, roof, stamp):
                      "attention products and the m×m solve, no selection, no input checks) no strategy can do "
                      "better than\n")
         parts.append(markdown_table(["shape", "speed-up over exact SDPA", "FLOP rate / GEMM"],
-                                    [(f"(1, {c['heads']}, {c['n']:,}, {plan.head_dim})", f"{c['speedup']:,.0f}×",
+                                    [(f"(1, {c['heads']}, {c['n']:,}, {plan.head_dim})", format_ratio(c["speedup"]),
                                       f"{100 * c['gemm_fraction']:.0f}%") for c in summary["ceiling"]]))
     m = plan.default_landmarks
     for heads, lengths in plan.seq_lens.items():
@@ -212,7 +214,7 @@ def scaling_tables(records, summary, plan, roof, stamp):
                 if r is None:
                     row.append(None)
                     continue
-                speedup = f" ({exact['min_s'] / r['min_s']:,.0f}×)" if exact else ""
+                speedup = f" ({format_ratio(exact['min_s'] / r['min_s'])})" if exact else ""
                 row.append(f"{format_ms(r['min_s'])}{speedup}")
             rows.append(row)
         parts.append(markdown_table(["n", "exact SDPA"] + [f"`{s}`" for s in METHODS], rows))
@@ -244,7 +246,9 @@ def scaling_tables(records, summary, plan, roof, stamp):
     return "\n".join(parts)
 
 
-def _plot_scaling(ctx, records, plan, roof, stamp):
+def scaling_figures(records, plan, roof, stamp):
+    """The section's figures by file name: time per call by strategy and by m, peak memory, FLOP rate."""
+    figures = {}
     by_strategy = [("exact", None)] + [(s, plan.default_landmarks) for s in METHODS]
     by_landmarks = [("exact", None)] + [(DEFAULT_STRATEGY, m) for m in plan.landmarks]
     for name, lines, key, unit, ylabel, title in (
@@ -265,10 +269,10 @@ def _plot_scaling(ctx, records, plan, roof, stamp):
                             f"landmarks given, m={m}" if method == GIVEN else f"{method}, m={m}"))
             if key == "flops_per_s":
                 ax.axhline(roof["gemm_flops_per_s"] / unit, color="r", ls="--", label=f"{roof['gemm_size']}² GEMM")
-            else:
-                ax.set_yscale("log")
             ax.set(title=f"{title}, shape (1, {heads}, n, {plan.head_dim})", xlabel="n", ylabel=ylabel)
-            sequence_axis(ax, lengths)
+            value_axis(ax, "y", log=key != "flops_per_s")
+            swept_axis(ax, lengths)
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize=7)
-        save(ctx, name, fig)
+        figures[name] = fig
+    return figures

@@ -14,10 +14,12 @@ def build_parser():
         prog="python -m nystrom eval",
         description="FNA on the bundled DINOv2-S and MiniLM: per-layer error, feature cosine, downstream agreement. "
                     "Writes eval_<model>.json, eval_<model>.md and PNGs into --out; see nystrom.experiments.evaluate.")
-    parser.add_argument("--model", nargs="+", choices=MODELS, default=list(MODELS))
+    parser.add_argument("--model", nargs="+", choices=MODELS, default=list(MODELS),
+                        help="models to evaluate (default both)")
     parser.add_argument("--layers", default=None,
                         help="FNA layers, e.g. 6-11 or 3,5 (default: the later half of each model)")
-    parser.add_argument("--num-landmarks", type=int, nargs="+", default=list(DEFAULT_LANDMARKS))
+    parser.add_argument("--num-landmarks", type=int, nargs="+", default=list(DEFAULT_LANDMARKS),
+                        help=f"landmark counts m to sweep (default {' '.join(map(str, DEFAULT_LANDMARKS))})")
     parser.add_argument("--strategies", nargs="+", default=list(DEFAULT_STRATEGIES),
                         help="names, or name:key=value,... such as norm:sink_ratio=8")
     parser.add_argument("--solvers", nargs="+", default=list(DEFAULT_SOLVERS),
@@ -27,11 +29,11 @@ def build_parser():
     parser.add_argument("--size", type=int, default=224, help="DINOv2: image side in pixels (multiple of 14)")
     parser.add_argument("--sentences", type=int, default=None,
                         help="MiniLM: the first N example sentences, N even (default all 60)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random strategies and crops (default 0)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default torch's); 1 is often faster on a busy machine")
-    parser.add_argument("--out", default="results")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--out", default="results", help="output folder (default results/)")
+    parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
     return parser
 
 

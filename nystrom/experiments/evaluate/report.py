@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..plotting import footer, swept_axis, value_axis
 from ..report import markdown_table
-from ..stamp import stamp_line
+from ..stamp import caption, stamp_line
 
 #: Per model, the downstream metrics reported: (key, label, key of the exact model's value or None).
 DOWNSTREAM = {
@@ -28,11 +29,12 @@ def markdown_report(result):
     tokens = result["tokens"]
     n = f"{tokens['min']}" if tokens["min"] == tokens["max"] else f"{tokens['min']}–{tokens['max']}"
     exact = ", ".join(f"{k} {v:.3f}" for k, v in result["exact"].items())
-    parts = [f"### {result['description']}\n",
-             f"_Measured on {stamp_line(result['stamp'])}._ FNA in layers {settings['layers']}, n = {n} tokens; "
-             f"exact model: {exact}. m ≥ n means every token is a landmark (exact up to the solver).\n"]
+    parts = [f"### {result['description']}\n", caption(result["stamp"]),
+             f"FNA in layers {settings['layers']}, n = {n} tokens; exact model: {exact}. \"m ≥ n\" is the share of "
+             "sequences with at least as many landmarks as tokens: every token is a landmark there, and the "
+             "result is exact up to the solver.\n"]
     metrics = DOWNSTREAM[model]
-    header = ["strategy", "solver", "m", "all tokens", "mean layer error"] + [label for _, label, _ in metrics]
+    header = ["strategy", "solver", "m", "m ≥ n", "mean layer error"] + [label for _, label, _ in metrics]
     rows = [[f"`{r['strategy']}`", f"`{r['solver']}`", r["m"], f"{r['all_tokens_fraction']:.0%}",
              f"{r['mean_layer_error']:.3g}"] + [f"{r[key]:.4f}" for key, _, _ in metrics] for r in records]
     parts.append(markdown_table(header, rows))
@@ -53,8 +55,11 @@ def _norm_comparison(result):
         return ""
     metrics = [("mean_layer_error", "mean layer error", False)] + [
         (key, label, True) for key, label, _ in DOWNSTREAM[result["model"]]]
-    lines = [f"Does `norm` beat {' and '.join(f'`{s}`' for s in rivals)}? (✓ better than both, = tied with the "
-             "best of them to the 4 digits shown, ✗ worse than one)\n"]
+    if len(rivals) == 1:
+        legend = "✓ better, = tied to the 4 digits shown, ✗ worse"
+    else:
+        legend = "✓ better than both, = tied with the better of them to the 4 digits shown, ✗ worse than one"
+    lines = [f"Does `norm` beat {' and '.join(f'`{s}`' for s in rivals)}? ({legend})\n"]
     header = ["solver", "m"] + [label for _, label, _ in metrics]
     rows = []
     for solver in settings["solvers"]:
@@ -72,10 +77,21 @@ def _norm_comparison(result):
 
 
 def plot_evaluation(result, out):
-    """Write ``eval_<model>_error.png`` (per-layer error vs m) and ``eval_<model>_downstream.png``.
+    """Write ``eval_<model>_error.png`` and ``eval_<model>_downstream.png`` (see :func:`evaluation_figures`) into
+    ``out``. Returns the two paths."""
+    paths = []
+    for name, fig in evaluation_figures(result).items():
+        path = Path(out) / f"eval_{result['model']}_{name}.png"
+        fig.savefig(path, dpi=110)
+        paths.append(path)
+    return paths
 
-    Lines: one colour per strategy, one line style per solver; dashed black lines mark the exact model's value
-    where the metric has one. Returns the two paths.
+
+def evaluation_figures(result):
+    """The figures of one result: ``"error"`` (per-layer error against m) and ``"downstream"`` (metrics against m).
+
+    Lines: one colour per strategy, one line style per solver; a dashed black line marks the exact model's value
+    where the metric has one.
     """
     from matplotlib.figure import Figure
 
@@ -84,14 +100,14 @@ def plot_evaluation(result, out):
     layers = [str(layer) for layer in settings["layers"]]
     panels = [("mean over layers", "mean_layer_error", None)] + [(f"layer {layer}", None, layer) for layer in layers]
     metrics = DOWNSTREAM[model]
-    paths = []
+    figures = {}
     for name, count in (("error", len(panels)), ("downstream", len(metrics))):
         cols = min(count, 4)
         rows = -(-count // cols)
         fig = Figure(figsize=(3.6 * cols, 3.0 * rows + 0.4), layout="constrained")
         axes = fig.subplots(rows, cols, squeeze=False).ravel()
         fig.suptitle(f"{result['description']}: FNA in layers {settings['layers']}", fontsize=9)
-        fig.supxlabel(stamp_line(result["stamp"]), fontsize=6, color="0.4")
+        footer(fig, stamp_line(result["stamp"]))
         for ax in axes[count:]:
             ax.set_visible(False)
         for i, ax in enumerate(axes[:count]):
@@ -109,18 +125,14 @@ def plot_evaluation(result, out):
                     ax.plot(ms, ys, styles[solver], marker="osv^Dx"[index % 6], ms=6 - index % 3, mfc="none",
                             color=f"C{index}", label=strategy if len(styles) == 1 else f"{strategy}, {solver}")
             if name == "error":
-                ax.set_yscale("log")
                 ax.set_ylabel("relative error")
             elif metrics[i][2] is not None:
-                ax.axhline(result["exact"][metrics[i][2]], color="k", ls="--", lw=1)
-                title += " (dashed: exact model)"
-            ax.set_xscale("log", base=2)
-            ax.set_xticks(settings["num_landmarks"], [str(m) for m in settings["num_landmarks"]])
-            ax.minorticks_off()
+                ax.axhline(result["exact"][metrics[i][2]], color="k", ls="--", lw=1, label="exact model")
+                ax.legend(handles=ax.get_lines()[-1:], fontsize=7)
+            value_axis(ax, "y", log=name == "error")
+            swept_axis(ax, settings["num_landmarks"])
             ax.set(title=title, xlabel="m (landmarks)")
             ax.grid(True, which="both", alpha=0.3)
         axes[0].legend(fontsize=7)
-        path = Path(out) / f"eval_{model}_{name}.png"
-        fig.savefig(path, dpi=110)
-        paths.append(path)
-    return paths
+        figures[name] = fig
+    return figures

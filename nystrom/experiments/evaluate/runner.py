@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from ..stamp import make_stamp
+from ..stamp import busy_warning, make_stamp
 from .dinov2 import evaluate_dinov2
 from .minilm import evaluate_minilm
 from .report import markdown_report, plot_evaluation
@@ -64,6 +65,10 @@ def run_evaluation(models=MODELS, *, out="results", layers=None, num_landmarks=D
     try:
         if threads is not None:
             torch.set_num_threads(threads)
+        # The records time every configuration: say so when other processes share the cores.
+        warning = busy_warning(torch.get_num_threads())
+        if warning:
+            print(f"nystrom eval: warning: {warning}", file=sys.stderr)
         return {name: _evaluate_and_write(name, out, echo, images=images, crops=crops, size=size,
                                           sentences=sentences, **common) for name in models}
     finally:
@@ -77,6 +82,8 @@ def _evaluate_and_write(name, out, echo, *, images, crops, size, sentences, **co
     else:
         result = evaluate_minilm(sentences=sentences, **common)
     result["stamp"] = make_stamp(torch.device("cpu"), torch.float32)
+    if result["stamp"]["load_warning"]:
+        print(f"nystrom eval: {name}: warning: {result['stamp']['load_warning']}", file=sys.stderr)
     result["total_seconds"] = time.perf_counter() - start
     (out / f"eval_{name}.json").write_text(json.dumps(result, indent=1) + "\n")
     report = markdown_report(result)

@@ -40,16 +40,20 @@ def _option_value(key, text):
             return kind(text)
         except ValueError:
             pass
-    if text.lower() == "none":
+    lowered = text.lower()
+    if lowered == "none":
         return None
-    raise ValueError(f"option {key!r} needs a number or 'none', got {text!r}")
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    raise ValueError(f"option {key!r} needs a number, 'true', 'false' or 'none', got {text!r}")
 
 
 def parse_spec(text, kind):
     """A strategy or solver object from ``"name"`` or ``"name:key=value,key=value"``.
 
     ``"pinv:rtol=0"`` is ``PInv(rtol=0)``, ``"newton_schulz:iters=12"`` is ``NewtonSchulz(iters=12)``,
-    ``"norm:sink_ratio=8"`` is ``Norm(sink_ratio=8)``; values are ints, floats or ``none``.
+    ``"norm:sink_ratio=8"`` is ``Norm(sink_ratio=8)``; values are ints, floats, ``true``, ``false`` or ``none``
+    (``"fps:from_guaranteed=false,use_queries=true"`` is the FNA authors' landmark rule).
 
     Parameters
     ----------

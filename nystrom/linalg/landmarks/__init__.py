@@ -19,7 +19,7 @@ from .base import (
     get_strategy,
     require,
 )
-from .fps import FPS, farthest_point_sampling
+from .fps import FNA_AUTHORS, FPS, farthest_point_sampling
 from .kmeans import KMeans
 from .norm import Norm, attention_share
 from .rpcholesky import RPCholesky, rpcholesky_pivots
@@ -31,7 +31,7 @@ from .uniform import Uniform
 RANDOM_STRATEGIES = frozenset(name for name, cls in STRATEGIES.items() if cls.random)
 
 __all__ = [
-    "CAPABILITIES", "FPS", "ClusterStrategy", "KMeans", "Landmarks", "Norm", "RANDOM_STRATEGIES", "RPCholesky",
-    "STRATEGIES", "SegmentMeans", "Selection", "Strategy", "TokenStrategy", "Uniform", "attention_share",
+    "CAPABILITIES", "FNA_AUTHORS", "FPS", "ClusterStrategy", "KMeans", "Landmarks", "Norm", "RANDOM_STRATEGIES",
+    "RPCholesky", "STRATEGIES", "SegmentMeans", "Selection", "Strategy", "TokenStrategy", "Uniform", "attention_share",
     "farthest_point_sampling", "get_strategy", "require", "rpcholesky_pivots",
 ]

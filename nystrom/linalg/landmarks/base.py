@@ -13,7 +13,7 @@ the leading dimensions are batch/heads. With ``head_axis`` (a negative axis of `
 the leading dimensions, ``-3`` for ``(B, H, n, d)``) one landmark set is chosen per sequence and
 shared by all heads, as FNA does (unless the heads' key masks differ: see :meth:`Selection.of`). Selection
 then runs on the head-mean features
-:math:`\bar k_i = \tfrac1H\sum_h k_{h,i}` (FNA's ``sampling_features`` rule), shape ``(..., n, d)``:
+:math:`\bar k_i = \tfrac1H\sum_h k_{h,i}` (the FNA code's ``sampling_features="k"``), shape ``(..., n, d)``:
 a fixed linear map of the concatenated heads that keeps selection at :math:`O(n m d)` whatever
 :math:`H`, instead of :math:`O(n m H d)` on the concatenation.
 

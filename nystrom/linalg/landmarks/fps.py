@@ -1,4 +1,4 @@
-r"""Farthest-point sampling (FPS): FNA's landmark rule.
+r"""Farthest-point sampling (FPS), the landmark rule of the FNA authors' code, and its variants.
 
 Greedy: start from a given point, then repeatedly add the eligible point whose squared Euclidean
 distance to the chosen set is largest,
@@ -9,19 +9,28 @@ Exact (no bucketing or projection), :math:`O(n m D)` time and :math:`O(n)` extra
 over leading dimensions and deterministic: ties go to the lowest index. FPS is greedy pivoted
 Cholesky on an RBF kernel in the small-bandwidth limit (the docs derive the link), which is why it
 spreads landmarks over the token distribution and picks isolated outliers (sinks, artifacts) early.
+
+Guaranteed points (CLS) either start the distances, so the farthest points are spread away from them
+(``from_guaranteed=True``, the library's default), or stay out of the sampling, which then starts at
+the first eligible point (``from_guaranteed=False``: what the FNA authors' ``sample_landmarks`` does,
+Astro-85/fast_nystrom_attention @9363d38). :data:`FNA_AUTHORS` reproduces their whole recipe.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import MappingProxyType
 
 import array_api_compat
 import numpy as np
 
+from ..numerics import put_along_axis
+from ..solvers import NewtonSchulz
 from .base import TokenStrategy, host_view
 
 
-def farthest_point_sampling(X, num_points, *, mask=None, guarantee_score=None, max_guaranteed=None):
+def farthest_point_sampling(X, num_points, *, mask=None, guarantee_score=None, max_guaranteed=None,
+                            from_guaranteed=True):
     r"""Indices chosen by exact farthest-point sampling,
     :math:`s_{t+1} = \arg\max_i \min_{j \le t} \lVert x_i - x_{s_j}\rVert^2`.
 
@@ -39,6 +48,10 @@ def farthest_point_sampling(X, num_points, *, mask=None, guarantee_score=None, m
     max_guaranteed : int, optional
         At most this many points are taken on their guarantee score (the highest scores win);
         the rest of the ``m`` are farthest points. Default: all of them, up to ``m``.
+    from_guaranteed : bool
+        ``True``: the farthest points are measured from the guaranteed ones too. ``False``: the guaranteed
+        points stay out of the sampling, which starts at the first eligible point that is not guaranteed
+        and measures distances from the sampled points alone (the FNA authors' rule).
 
     Returns
     -------
@@ -57,7 +70,7 @@ def farthest_point_sampling(X, num_points, *, mask=None, guarantee_score=None, m
     xp = array_api_compat.array_namespace(X)
     host = host_view(X)
     if host is None:
-        return _fps_on_device(xp, X, num_points, mask, guarantee_score, max_guaranteed)
+        return _fps_on_device(xp, X, num_points, mask, guarantee_score, max_guaranteed, from_guaranteed)
     lead, (n, D) = tuple(X.shape[:-2]), tuple(X.shape[-2:])
     points = np.reshape(host, (-1, n, D))
     rows = points.shape[0]
@@ -66,7 +79,8 @@ def farthest_point_sampling(X, num_points, *, mask=None, guarantee_score=None, m
     score = (None if guarantee_score is None
              else np.reshape(np.broadcast_to(host_view(guarantee_score), (*lead, n)), (rows, n)))
     chosen = np.stack([
-        _fps_host(points[r], num_points, eligible[r], None if score is None else score[r], max_guaranteed)
+        _fps_host(points[r], num_points, eligible[r], None if score is None else score[r], max_guaranteed,
+                  from_guaranteed)
         for r in range(rows)
     ])
     return xp.asarray(np.reshape(chosen, (*lead, num_points)), device=array_api_compat.device(X))
@@ -77,7 +91,7 @@ def farthest_point_sampling(X, num_points, *, mask=None, guarantee_score=None, m
 _TRANSPOSE_ROWS = 1024
 
 
-def _fps_host(X, m, eligible, score, max_guaranteed):
+def _fps_host(X, m, eligible, score, max_guaranteed, from_guaranteed=True):
     """One sequence, ``X (n, D)`` in numpy: the guaranteed points by score, then farthest points."""
     n, D = X.shape
     guaranteed = np.empty(0, dtype=np.int64)
@@ -95,6 +109,8 @@ def _fps_host(X, m, eligible, score, max_guaranteed):
     # Unchosen eligible points start at +inf so the first pick is the first eligible point;
     # chosen and ineligible points sit at -inf and are never picked again.
     dist = np.where(eligible, np.inf, -np.inf).astype(X.dtype)
+    if not from_guaranteed:
+        dist[guaranteed] = -np.inf
     coeff = np.empty(D + 2, dtype=X.dtype)
     d_new = np.empty(n, dtype=X.dtype)
     chosen = np.empty(m, dtype=np.int64)
@@ -103,6 +119,8 @@ def _fps_host(X, m, eligible, score, max_guaranteed):
         chosen[step] = idx
         if step == m - 1:
             break
+        if step < guaranteed.size and not from_guaranteed:
+            continue
         point = X[idx]
         coeff[:D] = -2 * point
         coeff[D] = 1
@@ -114,7 +132,7 @@ def _fps_host(X, m, eligible, score, max_guaranteed):
     return chosen
 
 
-def _fps_on_device(xp, X, num_points, mask, guarantee_score, max_guaranteed):
+def _fps_on_device(xp, X, num_points, mask, guarantee_score, max_guaranteed, from_guaranteed=True):
     """The same loop in array-API operations, batched, for arrays outside host memory."""
     n = X.shape[-2]
     device = array_api_compat.device(X)
@@ -131,43 +149,82 @@ def _fps_on_device(xp, X, num_points, mask, guarantee_score, max_guaranteed):
         key = xp.where(pending, -guarantee_score, xp.asarray(float("inf"), dtype=guarantee_score.dtype, device=device))
         order = xp.argsort(key, axis=-1, stable=True)[..., :budget]
         count = xp.sum(xp.astype(pending, xp.int64), axis=-1)
+        if not from_guaranteed:
+            # The guaranteed points are taken in order below and never sampled: out of the distances now.
+            taken = xp.arange(budget, device=device) < count[..., None]
+            dist = xp.where(put_along_axis(xp, xp.zeros(dist.shape, dtype=xp.bool, device=device), order, taken),
+                            neg, dist)
     ones = xp.ones_like(sq_norms)
     augmented = xp.concat([xp.matrix_transpose(X), sq_norms[..., None, :], ones[..., None, :]], axis=-2)
     chosen = []
     for step in range(num_points):
         idx = xp.argmax(dist, axis=-1)
+        guaranteed_step = None
         if order is not None and step < order.shape[-1]:
-            idx = xp.where(step < count, order[..., step], idx)
+            guaranteed_step = step < count
+            idx = xp.where(guaranteed_step, order[..., step], idx)
         chosen.append(idx)
         point = xp.take_along_axis(X, xp.broadcast_to(idx[..., None, None], (*idx.shape, 1, X.shape[-1])), axis=-2)
         coeff = xp.concat([-2 * point, ones[..., :1, None], xp.sum(point * point, axis=-1)[..., None]], axis=-1)
         d_new = xp.clip((coeff @ augmented)[..., 0, :], min=0)
-        dist = xp.where(positions == idx[..., None], neg, xp.minimum(dist, d_new))
+        updated = xp.minimum(dist, d_new)
+        if guaranteed_step is not None and not from_guaranteed:
+            updated = xp.where(guaranteed_step[..., None], dist, updated)
+        dist = xp.where(positions == idx[..., None], neg, updated)
     return xp.stack(chosen, axis=-1)
 
 
 @dataclass(frozen=True)
 class FPS(TokenStrategy, name="fps"):
-    """Farthest-point sampling over per-token features (the FNA authors' rule).
+    """Farthest-point sampling over per-token features.
 
     Parameters
     ----------
     first : int or None
-        Token that starts the sampling and is always a landmark (``0``: the CLS token of ViTs and
-        BERT, which FNA always keeps). ``None`` starts from the first eligible token without
-        forcing it.
+        Token that is always a landmark (``0``: the CLS token of ViTs and BERT, which the FNA authors
+        guarantee in their CLIP experiments). ``None`` forces none and starts from the first eligible token.
+    from_guaranteed : bool
+        ``True`` (default): ``first`` starts the sampling, so the farthest points are spread away from it
+        too. ``False``: ``first`` stays out of the sampling, which starts at the first other eligible token
+        (token 1 when ``first=0``), as the FNA authors' code does.
+    use_queries : bool
+        Select on the queries with heads averaged (the FNA authors' CLIP recipe, ``sampling_features="q"``)
+        instead of ``features`` or the head-averaged keys.
 
     Notes
     -----
-    Features: ``features`` if passed (e.g. the layer's input hidden states), else the keys with
-    heads averaged when shared. Deterministic. Cost :math:`O(n m D)`.
+    Features: the head-averaged queries with ``use_queries``; else ``features`` if passed (e.g. the
+    layer's input hidden states, the default of the authors' configuration), else the keys with heads
+    averaged when shared. Deterministic. Cost :math:`O(n m D)`. :data:`FNA_AUTHORS` is the authors'
+    recipe.
     """
 
     first: int | None = 0
+    from_guaranteed: bool = True
+    use_queries: bool = False
+
+    def __post_init__(self):
+        for field in ("from_guaranteed", "use_queries"):
+            if not isinstance(getattr(self, field), bool):
+                raise TypeError(f"FPS {field} must be a bool, got {getattr(self, field)!r}")
 
     def pick(self, selection, X, mask):
+        if self.use_queries and not selection.cross:
+            X = selection.query_points
         score = first_token_score(selection.xp, X, self.first)
-        return farthest_point_sampling(X, selection.num_landmarks, mask=mask, guarantee_score=score)
+        return farthest_point_sampling(X, selection.num_landmarks, mask=mask, guarantee_score=score,
+                                       from_guaranteed=self.from_guaranteed)
+
+
+FNA_AUTHORS = MappingProxyType({
+    "strategy": FPS(first=0, from_guaranteed=False, use_queries=True),
+    "solver": NewtonSchulz(iters=6),
+})
+"""The FNA authors' recipe (Astro-85/fast_nystrom_attention @9363d38, CLIP notebook) as keyword arguments of
+:func:`nystrom.approximate` and :func:`nystrom.fna`: FPS on the head-averaged queries, CLS (token 0) always a
+landmark and kept out of the sampling, which starts at token 1, and 6 Newton–Schulz steps with the start
+scaled per matrix. One landmark set per sequence shared by the heads, chosen once per forward pass, is the
+library's default too. Where the defaults depart from it, and why: the docs' landmark page."""
 
 
 def first_token_score(xp, X, first):

@@ -1,0 +1,54 @@
+"""``python -m nystrom demo`` (the README's main job): its legend, its rows and how it explains ties."""
+
+import os
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+pytest.importorskip("transformers")
+pytest.importorskip("skimage")
+from model_packages import requires_dinov2  # noqa: E402
+
+from nystrom import Landmarks  # noqa: E402
+from nystrom.experiments.demo import _ties, main, run_demo  # noqa: E402
+
+
+@requires_dinov2
+def test_demo_prints_a_legend_rows_and_the_estimate():
+    lines = []
+    # 56 px: 17 tokens, a few seconds; one strategy pair chooses the same tokens, m = n (every token a landmark).
+    rows = run_demo(sizes=(56,), num_landmarks=17, strategies=("fps", "uniform"), repeats=1, out=lines.append)
+    text = "\n".join(lines)
+    assert "load average" in lines[0]
+    for term in ("rel. error", "the layer's own attention output", "sampled estimate", "speed-up = exact / time"):
+        assert term in text
+    assert [r["strategy"] for r in rows] == ["fps", "uniform"] and all(r["n"] == 17 for r in rows)
+    # With every token a landmark both strategies take all 17: the same output, and the demo says why they tie.
+    assert "'fps' and 'uniform' tie: both chose the same landmark tokens" in text
+
+
+def test_ties_tell_the_same_landmarks_from_equal_digits():
+    def info(indices, log_weights=None):
+        return SimpleNamespace(landmarks=Landmarks(queries=None, keys=None, indices=indices, log_weights=log_weights))
+
+    tokens = torch.tensor([[0, 5, 9]])
+    infos = {"a": info(tokens), "b": info(tokens.flip(-1)), "c": info(torch.tensor([[0, 5, 8]])),
+             "d": info(None)}
+    lines = _ties(infos, {"a": 0.12341, "b": 0.12341, "c": 0.12342, "d": 0.5})
+    assert len(lines) == 3
+    assert "'a' and 'b' tie: both chose the same landmark tokens" in lines[0]
+    assert "'a' and 'c' tie: different landmarks" in lines[1] and "'b' and 'c'" in lines[2]
+    assert _ties(infos, {"a": 0.1, "b": 0.2, "c": 0.3, "d": 0.4}) == []
+
+
+def test_every_demo_option_has_help(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    help_text = capsys.readouterr().out
+    for option in ("--image", "--sizes", "--layer", "--num-landmarks"):
+        line = next(line for line in help_text.splitlines() if line.strip().startswith(option))
+        # argparse prints the help on the option's line or, when the option is long, on the next one.
+        following = help_text.split(line, 1)[1].splitlines()[1:2]
+        assert line.split(maxsplit=2)[2:] or following and following[0].startswith(" " * 10), option

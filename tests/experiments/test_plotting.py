@@ -1,0 +1,63 @@
+"""The axis helpers of ``nystrom.experiments.plotting`` and the readability check the figure tests rely on."""
+
+import pytest
+
+pytest.importorskip("matplotlib")
+
+from matplotlib.figure import Figure  # noqa: E402
+from plot_checks import unreadable_axes  # noqa: E402
+
+from nystrom.experiments.plotting import footer, swept_axis, value_axis  # noqa: E402
+
+
+def _figure(ys, xs=(8, 16)):
+    fig = Figure(figsize=(3.6, 3.0), layout="constrained")
+    ax = fig.subplots()
+    ax.plot(xs, ys, "-o")
+    return fig, ax
+
+
+def test_the_check_sees_what_matplotlib_leaves_unreadable():
+    # A log axis inside one decade labels no tick; values a hair below 1 are labelled by an offset.
+    fig, ax = _figure([0.12, 0.35])
+    ax.set_yscale("log")
+    ax.minorticks_off()
+    assert any("y axis labels" in p for p in unreadable_axes(fig))
+    fig, ax = _figure([0.99991, 0.99998])
+    assert any("offset" in p for p in unreadable_axes(fig))
+    fig, ax = _figure([1, 2])
+    ax.set_title("a title far too long for an axes this narrow, cut off at its edge")
+    assert any("title" in p for p in unreadable_axes(fig))
+
+
+@pytest.mark.parametrize("ys", [[0.12, 0.35], [0.15, 1.6], [1e-5, 0.4], [1e-7, 1e4], [0.99991, 0.99998], [5, 5]])
+def test_value_axis_always_labels_two_ticks(ys):
+    fig, ax = _figure(ys)
+    value_axis(ax, "y")
+    swept_axis(ax, [8, 16])
+    assert unreadable_axes(fig) == []
+    # A log scale only where the data span a decade.
+    assert ax.get_yscale() == ("log" if max(ys) >= 10 * min(ys) else "linear")
+
+
+def test_swept_axis_labels_every_value_and_gives_a_single_one_neighbours():
+    fig, ax = _figure([0.1, 0.2], xs=(8, 16))
+    swept_axis(ax, [8, 16])
+    fig.canvas.draw()
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["8", "16"]
+    fig, ax = _figure([0.1], xs=(4096,))
+    swept_axis(ax, [4096])
+    assert unreadable_axes(fig) == [] and [t.get_text() for t in ax.get_xticklabels()] == ["2048", "4k", "8k"]
+    with pytest.raises(ValueError, match="positive"):
+        swept_axis(ax, [0, 8])
+
+
+def test_a_long_footer_is_broken_into_lines_that_fit():
+    fig, ax = _figure([0.1, 0.2])
+    value_axis(ax, "y")
+    swept_axis(ax, [8, 16])
+    footer(fig, " | ".join(["SMOKE RUN (--quick), not a benchmark", "AMD EPYC (family 25, model 1), 2 cores"] * 3))
+    assert unreadable_axes(fig) == [] and fig.texts[-1].get_text().count("\n") >= 1
+    fig, _ = _figure([0.1, 0.2])
+    fig.supxlabel("a stamp far too long for a figure this narrow " * 4, fontsize=6)
+    assert any("leaves the figure" in p for p in unreadable_axes(fig))
