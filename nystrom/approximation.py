@@ -77,7 +77,7 @@ class Info:
                 f"kernel(s), solver_iterations={self.solver_iterations}, flops={self.flops['total']:.4g} "
                 f"({ratio:.3g} of exact))")
 
-    def estimate_error(self, num_samples=64, confidence=0.95, seed=None) -> ErrorEstimate:
+    def estimate_error(self, num_samples=128, confidence=0.95, seed=None) -> ErrorEstimate:
         """A-posteriori relative error of the returned output from ``num_samples`` exact query rows.
 
         See :func:`nystrom.linalg.estimate_relative_error`; costs :math:`O(s\\, n\\, d)`. The inputs were checked

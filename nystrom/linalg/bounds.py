@@ -161,25 +161,23 @@ class ErrorEstimate:
     num_samples: int
 
 
-def estimate_relative_error(Q, K, V, approx, *, num_samples=64, confidence=0.95, seed=None, scale=None,
+def estimate_relative_error(Q, K, V, approx, *, num_samples=128, confidence=0.95, seed=None, scale=None,
                             attn_mask=None, **unknown):
     r"""Estimate the relative Frobenius error of an approximate attention output from sampled rows.
 
-    Query positions :math:`i \in I` (:math:`|I| = s`, uniform without replacement) are computed
-    exactly. With :math:`e_i = \sum_{\text{batch}}\lVert \hat O_i - O_i\rVert^2` and
-    :math:`o_i = \sum_{\text{batch}}\lVert O_i\rVert^2`, the ratio estimator of the squared relative
-    error :math:`R = \sum_i e_i / \sum_i o_i` is
+    The query positions are split into :math:`s` contiguous strata of near-equal size :math:`N_h`, and one
+    position is drawn uniformly from each (:func:`stratified_rows`); those rows are computed exactly. With
+    :math:`e_i = \sum_{\text{batch}}\lVert \hat O_i - O_i\rVert^2` and
+    :math:`o_i = \sum_{\text{batch}}\lVert O_i\rVert^2`, the squared relative error
+    :math:`R = \sum_i e_i / \sum_i o_i` is estimated by
 
-    .. math:: \hat R = \frac{\sum_{i\in I} e_i}{\sum_{i \in I} o_i}, \qquad
-              \widehat{\mathrm{Var}}(\hat R) = \frac{1 - s/n_q}{s\, \bar o^2}\,
-              \frac{1}{s-1}\sum_{i\in I} (e_i - \hat R\, o_i)^2
+    .. math:: \hat R = \frac{\sum_h N_h e_h}{\sum_h N_h o_h},
 
-    (delta method with the finite-population correction). The interval is formed on the log scale,
-    :math:`\hat R \exp(\pm t_{s-1}\sqrt{\widehat{\mathrm{Var}}}/\hat R)`, which respects
-    :math:`R > 0` and follows the right skew of squared errors better than :math:`\hat R \pm
-    t\sqrt{\widehat{\mathrm{Var}}}`; the function reports square roots, i.e. an estimate and
-    interval for :math:`\lVert\hat O - O\rVert_F/\lVert O\rVert_F`.
-    With :math:`s = n_q` the estimate is exact and the interval has width 0.
+    with a collapsed-strata variance and a log-scale Student interval (:func:`ratio_interval`). The
+    function reports square roots, i.e. an estimate and interval for
+    :math:`\lVert\hat O - O\rVert_F/\lVert O\rVert_F`. With :math:`s = n_q` the estimate is exact and the
+    interval has width 0. Strata follow the sequence order, so neighbouring tokens (an image region, a
+    span of text), whose errors are alike, are all represented.
 
     Parameters
     ----------
@@ -206,10 +204,10 @@ def estimate_relative_error(Q, K, V, approx, *, num_samples=64, confidence=0.95,
     Notes
     -----
     The coverage is asymptotic in :math:`s`. Row errors of Nyström attention are heavy-tailed
-    (rows near landmarks are almost exact, isolated rows far off), and then small samples
-    under-cover; the coverage measured at :math:`s` = 32 / 64 / 128 is on the docs' error-bounds
-    page, and ``tests/linalg/test_bounds.py`` pins it. Use :math:`s \ge 64` and read the interval as
-    approximate.
+    (rows near landmarks are almost exact, isolated rows far off), and small samples under-cover. The
+    coverage measured on synthetic and real attention at :math:`s` = 64 and 128 is on the docs'
+    error-bounds page (``python -m nystrom.experiments.coverage_report``), and ``tests/linalg/test_bounds.py``
+    pins it. Use :math:`s \ge 128` where the interval matters.
     """
     check_unknown_arguments("estimate_relative_error", unknown)
     xp, keys = check_attention_inputs(Q, K, V, attn_mask)
@@ -242,9 +240,7 @@ def sampled_relative_error(xp, Q, K, V, approx, *, num_samples, confidence, seed
         # Self-attention: a padded key is a padded query, whose output nobody reads.
         real = np.broadcast_to(float64_numpy(keys) > 0, tuple(Q.shape[:-1])).reshape(-1, n_q)
     positions = np.arange(n_q) if real is None else np.flatnonzero(real.any(axis=0))
-    population = positions.size
-    s = min(num_samples, population)
-    rows = np.sort(np.random.default_rng(seed).choice(positions, size=s, replace=False))
+    rows, sizes = stratified_rows(positions, min(num_samples, positions.size), np.random.default_rng(seed))
     rows_x = xp.asarray(rows, device=array_api_compat.device(Q))
     K, V = without_padding(xp, keys, K, V)
     mask = None if keys is None else keys[..., None, :]
@@ -252,20 +248,75 @@ def sampled_relative_error(xp, Q, K, V, approx, *, num_samples, confidence, seed
     diff = float64_numpy(xp.take(approx, rows_x, axis=-2)) - exact
     weight = 1.0 if real is None else real[:, rows]
     # Per sampled position, summed over the batch/head dimensions (over the sequences where it is real).
-    e = ((diff * diff).sum(axis=-1).reshape(-1, s) * weight).sum(axis=0)
-    o = ((exact * exact).sum(axis=-1).reshape(-1, s) * weight).sum(axis=0)
-    ratio = e.sum() / o.sum()
-    spread = 1.0
-    if s < population and ratio > 0:
-        var = (1 - s / population) / (s * o.mean() ** 2) * np.var(e - ratio * o, ddof=1)
-        spread = math.exp(float(scipy.stats.t.ppf(0.5 + confidence / 2, df=s - 1)) * math.sqrt(var) / ratio)
-    return ErrorEstimate(
-        estimate=math.sqrt(ratio),
-        low=math.sqrt(ratio / spread),
-        high=math.sqrt(ratio * spread),
-        confidence=confidence,
-        num_samples=s,
-    )
+    e = ((diff * diff).sum(axis=-1).reshape(-1, rows.size) * weight).sum(axis=0)
+    o = ((exact * exact).sum(axis=-1).reshape(-1, rows.size) * weight).sum(axis=0)
+    ratio, low, high = ratio_interval(e, o, sizes, confidence)
+    return ErrorEstimate(estimate=math.sqrt(ratio), low=math.sqrt(low), high=math.sqrt(high),
+                         confidence=confidence, num_samples=int(rows.size))
+
+
+def stratified_rows(positions, num_samples, rng):
+    r"""One position drawn uniformly from each of ``num_samples`` contiguous strata of ``positions``.
+
+    Stratum :math:`h` holds ``positions[edges[h]:edges[h+1]]`` with :math:`\text{edges}_h = \lfloor h N/s\rfloor`
+    (:math:`N` positions, sizes :math:`N_h \in \{\lfloor N/s\rfloor, \lceil N/s\rceil\}`).
+
+    Parameters
+    ----------
+    positions : int ndarray, shape (N,)
+        Query positions to sample, in sequence order.
+    num_samples : int
+        :math:`s \le N`.
+    rng : numpy.random.Generator
+
+    Returns
+    -------
+    rows : int ndarray, shape (s,)
+        The drawn positions, one per stratum, in order.
+    sizes : float ndarray, shape (s,)
+        :math:`N_h`, the positions each drawn row stands for.
+    """
+    edges = (np.arange(num_samples + 1) * positions.size) // num_samples
+    sizes = np.diff(edges)
+    return positions[edges[:-1] + (rng.random(num_samples) * sizes).astype(np.int64)], sizes.astype(np.float64)
+
+
+def ratio_interval(e, o, sizes, confidence):
+    r"""Estimate and interval of :math:`R = \sum_i e_i / \sum_i o_i` from one row per stratum (docs' error-bounds
+    page, "A-posteriori estimate").
+
+    :math:`\hat R = \sum_h N_h e_h / \sum_h N_h o_h`. With :math:`z_h = N_h (e_h - \hat R o_h)`, the variance
+    of :math:`\hat R` is estimated by collapsing adjacent strata into groups :math:`G` of two (three for the last
+    when :math:`s` is odd): :math:`\widehat{\mathrm{Var}} = \sum_G \frac{|G|}{|G|-1}\sum_{h\in G}(z_h -
+    \bar z_G)^2 / (\sum_h N_h o_h)^2`, which over-estimates rather than under-estimates when neighbouring
+    strata differ. The interval is :math:`\hat R \exp(\pm t\, \hat\sigma / \hat R)` with :math:`t` of
+    Student's distribution at :math:`s - \#G` degrees of freedom. With every :math:`N_h = 1` (all rows
+    computed) it is exact, of width 0.
+
+    Parameters
+    ----------
+    e, o : float ndarrays, shape (s,)
+        Squared error and squared norm of each drawn row; :math:`s \ge 2`.
+    sizes : float ndarray, shape (s,)
+        :math:`N_h`.
+    confidence : float
+
+    Returns
+    -------
+    tuple of float
+        :math:`(\hat R, \text{low}, \text{high})`.
+    """
+    total = sizes @ o
+    ratio = float(sizes @ e / total)
+    if np.all(sizes == 1) or ratio <= 0:
+        return ratio, ratio, ratio
+    z = sizes * (e - ratio * o)
+    s = z.size
+    groups = [z[i:i + 2] for i in range(0, s - 3 if s % 2 else s, 2)] + ([z[-3:]] if s % 2 else [])
+    var = sum(g.size / (g.size - 1) * np.sum((g - g.mean()) ** 2) for g in groups) / total**2
+    t = float(scipy.stats.t.ppf(0.5 + confidence / 2, df=s - len(groups)))
+    spread = math.exp(t * math.sqrt(var) / ratio)
+    return ratio, ratio / spread, ratio * spread
 
 
 def best_rank_trace_floor(eigenvalues, num_landmarks):

@@ -24,9 +24,9 @@ already (``nystrom.approximate``, model patching) calls :func:`run_strategy`, wh
 
 from __future__ import annotations
 
-import math
 import dataclasses
 import functools
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 

@@ -1,0 +1,23 @@
+"""The coverage replay of ``python -m nystrom.experiments.coverage_report`` on rows whose answer is known."""
+
+import numpy as np
+
+from nystrom.experiments.coverage_report import coverage
+
+
+def test_rows_with_one_error_ratio_are_covered_by_zero_width_intervals():
+    # e_i = o_i / 4 for every row: every sample sees the true ratio, with no spread at all. Small integer o_i
+    # keep every sum exact in binary, so the estimate equals the truth to the bit.
+    o = np.random.default_rng(0).integers(1, 8, 300).astype(float)
+    strat, strat_width, simple, simple_width = coverage(o / 4, o, 32, replications=50)
+    assert (strat, simple) == (1.0, 1.0)
+    assert abs(strat_width - 1) < 1e-6 and abs(simple_width - 1) < 1e-6
+
+
+def test_one_huge_row_is_missed_by_most_small_samples():
+    # One row holds 99 % of the error: a sample of 8 in 400 misses it 98 % of the time, and then its
+    # interval (spread 0 among the other rows) lies below the truth.
+    e, o = np.full(400, 1e-4), np.ones(400)
+    e[123] = 4.0
+    strat, _, simple, _ = coverage(e, o, 8, replications=200)
+    assert strat < 0.2 and simple < 0.2
