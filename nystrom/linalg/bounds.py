@@ -234,6 +234,48 @@ def check_sampling(num_samples, confidence, seed) -> dict:
 def sampled_relative_error(xp, Q, K, V, approx, *, num_samples, confidence, seed, scale, keys=None):
     """:func:`estimate_relative_error` for checked arguments (no checks of its own); ``keys (..., n)`` is the
     checked key mask."""
+    return sample_rows(xp, Q, K, V, num_samples=num_samples, seed=seed, scale=scale, keys=keys).estimate(
+        xp, approx, confidence)
+
+
+@dataclass(frozen=True)
+class RowSample:
+    """Exact attention rows of a stratified sample of query positions, reusable for any approximation of the
+    same attention (``approximate(tol=...)`` assesses every m it tries on one sample).
+
+    Attributes
+    ----------
+    rows : int ndarray, shape (s,)
+        Sampled query positions (:func:`stratified_rows`).
+    sizes : float ndarray, shape (s,)
+        Positions each sampled row stands for.
+    weight : float or bool ndarray, shape (B, s)
+        1, or for padded self-attention which of the flattened batch rows are real at each position.
+    exact : float64 ndarray, shape (..., s, d_v)
+        Exact attention output at the sampled rows.
+    """
+
+    rows: Any
+    sizes: Any
+    weight: Any
+    exact: Any
+
+    def estimate(self, xp, approx, confidence) -> ErrorEstimate:
+        """The :class:`ErrorEstimate` of ``approx (..., n_q, d_v)`` from these rows (:func:`ratio_interval`)."""
+        s = self.rows.size
+        rows = xp.asarray(self.rows, device=array_api_compat.device(approx))
+        diff = float64_numpy(xp.take(approx, rows, axis=-2)) - self.exact
+        # Per sampled position, summed over the batch/head dimensions (over the sequences where it is real).
+        e = ((diff * diff).sum(axis=-1).reshape(-1, s) * self.weight).sum(axis=0)
+        o = ((self.exact * self.exact).sum(axis=-1).reshape(-1, s) * self.weight).sum(axis=0)
+        ratio, low, high = ratio_interval(e, o, self.sizes, confidence)
+        return ErrorEstimate(estimate=math.sqrt(ratio), low=math.sqrt(low), high=math.sqrt(high),
+                             confidence=confidence, num_samples=s)
+
+
+def sample_rows(xp, Q, K, V, *, num_samples, seed, scale, keys=None) -> RowSample:
+    r"""Draw :func:`stratified_rows` among the real query positions and compute their exact attention, for checked
+    arguments; ``keys (..., n)`` is the checked key mask. Cost :math:`O(s\, n\, d)` per batch element."""
     n_q = Q.shape[-2]
     real = None
     if keys is not None and n_q == K.shape[-2]:
@@ -245,14 +287,7 @@ def sampled_relative_error(xp, Q, K, V, approx, *, num_samples, confidence, seed
     K, V = without_padding(xp, keys, K, V)
     mask = None if keys is None else keys[..., None, :]
     exact = float64_numpy(softmax_attention(xp, xp.take(Q, rows_x, axis=-2), K, V, mask, scale=scale))
-    diff = float64_numpy(xp.take(approx, rows_x, axis=-2)) - exact
-    weight = 1.0 if real is None else real[:, rows]
-    # Per sampled position, summed over the batch/head dimensions (over the sequences where it is real).
-    e = ((diff * diff).sum(axis=-1).reshape(-1, rows.size) * weight).sum(axis=0)
-    o = ((exact * exact).sum(axis=-1).reshape(-1, rows.size) * weight).sum(axis=0)
-    ratio, low, high = ratio_interval(e, o, sizes, confidence)
-    return ErrorEstimate(estimate=math.sqrt(ratio), low=math.sqrt(low), high=math.sqrt(high),
-                         confidence=confidence, num_samples=int(rows.size))
+    return RowSample(rows, sizes, 1.0 if real is None else real[:, rows], exact)
 
 
 def stratified_rows(positions, num_samples, rng):

@@ -16,6 +16,7 @@ on an accelerator each of them is a host synchronisation, and ``check_values=Fal
 
 from __future__ import annotations
 
+import math
 import numbers
 import re
 
@@ -351,6 +352,32 @@ def check_num_landmarks(num_landmarks, n: int | None, n_valid: int | None = None
             "landmarks are never placed on padding"
         )
     return m
+
+
+def check_tolerance(xp, tol, max_landmarks, strict_tol, m, Q, K, keys=None):
+    """Validate ``approximate``'s error control; return ``(tol, largest m)``, or ``(None, m)`` without ``tol``.
+
+    ``tol`` is a positive finite number; ``max_landmarks`` an int from the starting ``m`` to the largest that
+    :func:`check_selection` allows (:math:`n`, :math:`n_q` for cross-attention, the real keys of the shortest
+    sequence); by default half that largest, and at least ``m``. Reads the mask's data when ``tol`` is given.
+    """
+    check_bool("strict_tol", strict_tol)
+    if tol is None:
+        if max_landmarks is not None:
+            raise ValueError("max_landmarks only applies with tol; pass tol=... or leave max_landmarks out")
+        return None, m
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not (0 < tol < math.inf):
+        raise ValueError(f"tol must be a positive finite number (a relative error), got {tol!r}")
+    largest = K.shape[-2] if Q.shape[-2] == K.shape[-2] else min(K.shape[-2], Q.shape[-2])
+    if keys is not None:
+        largest = min(largest, int(xp.min(xp.sum(xp.astype(keys, xp.int64), axis=-1))))
+    if max_landmarks is None:
+        return float(tol), max(m, largest // 2)
+    top = check_int("max_landmarks", max_landmarks, minimum=1)
+    if not (m <= top <= largest):
+        raise ValueError(f"max_landmarks must be between num_landmarks={m} and {largest} (the most landmarks "
+                         f"these keys allow), got {top}")
+    return float(tol), top
 
 
 def check_head_axis(head_axis, K) -> None:
