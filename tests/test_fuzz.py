@@ -171,6 +171,16 @@ APPROXIMATE_MUTATIONS = TENSOR_MUTATIONS + MASK_MUTATIONS + SDPA_MUTATIONS + SCA
     ("features wrong n", lambda c: c.update(features=c["K"][..., :-1, :]), "features"),
     ("features NaN", lambda c: c.update(features=with_value(c["K"], entry(c["rng"]), math.nan)), "features"),
     ("features int", lambda c: c.update(features=astype(c["K"], "int")), "features"),
+    ("tol zero", lambda c: c.update(tol=0), "tol"),
+    ("tol negative", lambda c: c.update(tol=-0.1), "tol"),
+    ("tol NaN", lambda c: c.update(tol=math.nan), "tol"),
+    ("tol str", lambda c: c.update(tol="0.1"), "tol"),
+    ("max_landmarks without tol", lambda c: c.update(max_landmarks=c["num_landmarks"]), "max_landmarks"),
+    ("max_landmarks below num_landmarks", lambda c: c.update(tol=0.1, max_landmarks=c["num_landmarks"] - 1),
+     "max_landmarks"),
+    ("max_landmarks above n", lambda c: c.update(tol=0.1, max_landmarks=c["K"].shape[-2] + 1), "max_landmarks"),
+    ("max_landmarks float", lambda c: c.update(tol=0.1, max_landmarks=4.0), "max_landmarks"),
+    ("strict_tol int", lambda c: c.update(tol=0.1, strict_tol=1), "strict_tol"),
 ]
 
 
