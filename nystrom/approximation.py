@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import math
-import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +22,7 @@ from .linalg.flops import exact_attention_flops, nystrom_attention_flops
 from .linalg.landmarks.base import Landmarks, Selection, get_strategy, run_strategy
 from .linalg.numerics import float64_numpy, without_padding
 from .linalg.solvers import Solver, get_solver, unchecked
+from .linalg.tolerance import search_landmarks
 from .linalg.validation import (
     check_attention_inputs,
     check_bidirectional,
@@ -301,37 +301,14 @@ def approximate(
         return (landmarks, *nystrom_product(xp, Q, K, V, landmarks, unchecked(solve), scale=tau,
                                             mask=None if keys is None else keys[..., None, :], attend=attend))
 
-    landmarks, out, result = attempt(m)
     steps = ()
-    if tol is not None:
+    if tol is None:
+        landmarks, out, result = attempt(m)
+    else:
         rows = sample_rows(xp, Q, K, V, num_samples=128, seed=0 if seed is None else seed, scale=tau, keys=keys)
-        steps = ((m, rows.estimate(xp, out, 0.95)),)
-        # Geometric growth: the steps before the last cost at most as much as the last (for m-linear costs).
-        # Two doublings in a row that do not lower the best bound mean the solver's floor is met (Newton-Schulz
-        # regularises): more landmarks would only cost more. One such step is allowed, as on clustered tokens,
-        # where splitting the clusters can first raise the error a little.
-        best, kept = 0, (landmarks, out, result)
-        while steps[best][1].high > tol and m < m_max and len(steps) - 1 - best < 2:
-            m = min(2 * m, m_max)
-            landmarks, out, result = attempt(m)
-            steps += ((m, rows.estimate(xp, out, 0.95)),)
-            if steps[-1][1].high < steps[best][1].high:
-                best, kept = len(steps) - 1, (landmarks, out, result)
-        stalled = len(steps) - 1 - best >= 2
-        if best != len(steps) - 1:
-            # An earlier step had the lower bound: return it, and list it again last.
-            landmarks, out, result = kept
-            m = steps[best][0]
-            steps += (steps[best],)
-        if steps[-1][1].high > tol:
-            last = steps[-1][1]
-            why = (f"the error stopped falling after m={m} (the solver's floor: try solver='pinv' or "
-                   f"NewtonSchulz(iters=...))" if stalled else f"max_landmarks={m_max} reached")
-            message = (f"tol={tol} not reached, {why}: estimated error {last.estimate:.3g}, "
-                       f"95% interval [{last.low:.3g}, {last.high:.3g}]")
-            if strict_tol:
-                raise RuntimeError(message)
-            warnings.warn(message, UserWarning, stacklevel=2)
+        (landmarks, out, result), steps = search_landmarks(
+            attempt, lambda attempted: rows.estimate(xp, attempted[1], 0.95), m, m_max, tol, strict_tol)
+        m = steps[-1][0]
     if not return_info:
         return out
     batch = math.prod(Q.shape[:-2])

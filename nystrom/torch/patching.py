@@ -24,6 +24,7 @@ import array_api_compat
 import torch
 
 from ..linalg.attention import in_query_chunks, nystrom_product
+from ..linalg.bounds import sample_rows
 from ..linalg.landmarks.base import (
     Grouping,
     Selection,
@@ -37,7 +38,15 @@ from ..linalg.landmarks.base import (
 )
 from ..linalg.numerics import segment_sum, without_padding
 from ..linalg.solvers import get_solver, unchecked
-from ..linalg.validation import check_num_landmarks, check_query_chunk_size, check_scale, check_seed
+from ..linalg.tolerance import search_landmarks
+from ..linalg.validation import (
+    check_bool,
+    check_int,
+    check_num_landmarks,
+    check_query_chunk_size,
+    check_scale,
+    check_seed,
+)
 from .attention import sdpa_attend
 from .dispatch import Handle, check_token_spec, padding_mask_from_attention_mask, token_mask
 from .masking import masking_handler
@@ -68,6 +77,9 @@ class LayerRecord:
         For strategies that group tokens: the landmark each token belongs to (``-1``: none, e.g. padding).
     counts : Tensor, shape (B, m), or None
         For strategies that group tokens: how many tokens each landmark stands for (1 for a singleton).
+    tol_steps : tuple of (int, ErrorEstimate)
+        With ``patch(tol=...)``, in the pass that calibrated this layer: every :math:`m` tried with its estimated
+        error (see ``approximate(tol=...)``); empty in the other passes.
     """
 
     indices: torch.Tensor | None
@@ -75,6 +87,7 @@ class LayerRecord:
     residual: torch.Tensor | None
     assignment: torch.Tensor | None = None
     counts: torch.Tensor | None = None
+    tol_steps: tuple = ()
 
 
 class FNAHandle(Handle):
@@ -87,18 +100,36 @@ class FNAHandle(Handle):
     records : dict of int to LayerRecord
         Per FNA layer of the last forward pass: the landmark indices, whether they were sampled there, and the
         solver residual. Replaced by a new dict at the start of every forward pass.
+    num_landmarks_per_layer : dict of int to int
+        With ``tol``: the :math:`m` each FNA layer calibrated on the first forward pass, used by the later ones.
     """
 
     def __init__(self, model, *, layers, num_landmarks, strategy, solver, resample, features, guarantee, exclude,
-                 seed, query_chunk_size):
+                 seed, query_chunk_size, tol=None, max_landmarks=None, strict_tol=False):
         super().__init__(model, layers)
+        if resample is None:
+            resample = "once" if tol is None else "every_layer"
         if resample not in RESAMPLE:
             raise ValueError(f"resample must be one of {RESAMPLE}, got {resample!r}")
+        if tol is not None and (isinstance(tol, bool) or not isinstance(tol, (int, float)) or not (0 < tol < 1e308)):
+            raise ValueError(f"tol must be a positive finite number (a relative error), got {tol!r}")
+        if tol is not None and resample == "once":
+            raise ValueError("tol calibrates m layer by layer, so every layer chooses its own landmarks: pass "
+                             "resample='every_layer' (the default with tol), not 'once'")
+        if max_landmarks is not None and tol is None:
+            raise ValueError("max_landmarks only applies with tol; pass tol=... or leave max_landmarks out")
+        self.tol = None if tol is None else float(tol)
+        self.max_landmarks = None if max_landmarks is None else check_int("max_landmarks", max_landmarks, minimum=1)
+        self.strict_tol = check_bool("strict_tol", strict_tol)
+        self.num_landmarks_per_layer: dict[int, int] = {}
         if features not in FEATURES:
             raise ValueError(f"features must be one of {FEATURES}, got {features!r}")
         for name, spec in (("guarantee", guarantee), ("exclude", exclude)):
             check_token_spec(name, spec)
         self.num_landmarks = check_num_landmarks(num_landmarks, None)
+        if self.max_landmarks is not None and self.max_landmarks < self.num_landmarks:
+            raise ValueError(f"max_landmarks must be at least num_landmarks={self.num_landmarks}, "
+                             f"got {self.max_landmarks}")
         self.strategy = get_strategy(strategy)
         # Every FNA layer passes the padding (and exclusions) as a key mask: the strategy must honour it.
         require(self.strategy, "masks", "patch()")
@@ -130,18 +161,36 @@ class FNAHandle(Handle):
         scale = check_scale(scaling, d)
         real = padding_mask_from_attention_mask(attention_mask, batch, n)
         longest = n if real is None else int(real.sum(dim=-1).max())
-        if self.exclude is None and self.num_landmarks >= longest:
+        m = self.num_landmarks_per_layer.get(layer, self.num_landmarks)
+        if self.exclude is None and m >= longest:
             self.records[layer] = LayerRecord(None, False, None)
             if is_causal is not None:
                 kwargs["is_causal"] = is_causal
             return call_next(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
         xp = array_api_compat.array_namespace(key)
-        key, value = without_padding(xp, None if real is None else real[:, None, :], key, value)
-        landmarks, sampled = self._landmarks(layer, query, key, value, real, scale)
+        keys = None if real is None else real[:, None, :]
+        key, value = without_padding(xp, keys, key, value)
         attend = in_query_chunks(functools.partial(sdpa_attend, scale=scale), self.query_chunk_size)
-        out, result = nystrom_product(xp, query, key, value, landmarks,
-                                      unchecked(self.solver), scale=scale,
-                                      mask=None if real is None else real[:, None, None, :], attend=attend)
+
+        def attempt(m):
+            landmarks, sampled = self._landmarks(layer, query, key, value, real, scale, m)
+            return (landmarks, sampled, *nystrom_product(xp, query, key, value, landmarks, unchecked(self.solver),
+                                                         scale=scale, mask=None if keys is None else keys[..., None, :],
+                                                         attend=attend))
+
+        steps = ()
+        if self.tol is None or layer in self.num_landmarks_per_layer:
+            landmarks, sampled, out, result = attempt(m)
+        else:
+            # Calibration, on this layer's first pass: the doubling search of approximate(tol=...), on 128 exact
+            # rows of this layer's own attention; later passes reuse the m it found.
+            fewest = n if real is None else int(real.sum(dim=-1).min())
+            largest = max(m, fewest // 2) if self.max_landmarks is None else min(self.max_landmarks, fewest)
+            rows = sample_rows(xp, query, key, value, num_samples=128, seed=0, scale=scale, keys=keys)
+            (landmarks, sampled, out, result), steps = search_landmarks(
+                attempt, lambda attempted: rows.estimate(xp, attempted[2], 0.95), m, max(m, largest), self.tol,
+                self.strict_tol)
+            self.num_landmarks_per_layer[layer] = steps[-1][0]
         assignment = landmarks.assignment
         counts = None
         if landmarks.log_weights is not None:
@@ -151,11 +200,11 @@ class FNAHandle(Handle):
             counts = segment_sum(array_api_compat.array_namespace(key), ones, assignment, landmarks.keys.shape[-2])
             counts = counts[..., 0]
         indices = None if landmarks.indices is None else landmarks.indices[:, 0]
-        self.records[layer] = LayerRecord(indices, sampled, result.residual, assignment, counts)
+        self.records[layer] = LayerRecord(indices, sampled, result.residual, assignment, counts, steps)
         return out.transpose(1, 2).contiguous(), None
 
-    def _landmarks(self, layer, query, key, value, real, scale):
-        """``(Landmarks, sampled)`` for one layer."""
+    def _landmarks(self, layer, query, key, value, real, scale, m):
+        """``(Landmarks, sampled)`` of ``m`` landmarks for one layer."""
         xp = array_api_compat.array_namespace(key)
         hidden = self.inputs[layer]
         eligible = torch.ones(hidden.shape[:2], dtype=torch.bool, device=key.device) if real is None else real
@@ -172,7 +221,7 @@ class FNAHandle(Handle):
                 weighted = shared.log_weights is not None
                 return grouped_landmarks(xp, query, key, shared.grouping, m, -3, weighted=weighted), False
             return landmarks_at(xp, query, key, shared.indices), False
-        landmarks = self._select(layer, query, key, value, hidden, eligible, forced, scale)
+        landmarks = self._select(layer, query, key, value, hidden, eligible, forced, scale, m)
         if self.resample == "once" and layer == self.layers[0]:
             self._shared, self._shared_eligible, self._shared_forced = landmarks, eligible, forced
         return landmarks, True
@@ -191,12 +240,12 @@ class FNAHandle(Handle):
         picked = torch.zeros_like(eligible).scatter_(-1, indices, True)
         return forced is None or not bool(torch.any(forced & ~picked))
 
-    def _select(self, layer, query, key, value, hidden, eligible, forced, scale):
+    def _select(self, layer, query, key, value, hidden, eligible, forced, scale, m):
         xp = array_api_compat.array_namespace(key)
         features = hidden if self.features == "input" else fold_heads(
             xp, {"query": query, "key": key, "value": value}[self.features], -3)
         # num_landmarks >= n makes every eligible token a landmark (exact attention with a converged solver).
-        m = min(self.num_landmarks, int(eligible.sum(dim=-1).min()))
+        m = min(m, int(eligible.sum(dim=-1).min()))
         if m < 1:
             raise ValueError(f"a sequence has no token eligible as a landmark in layer {layer} (all padded, masked "
                              "or excluded)")
@@ -261,9 +310,9 @@ def _stack(rows):
                     weights=torch.stack([pad(weights, 0) for _, _, _, weights in rows]))
 
 
-def patch(model, *, layers=None, num_landmarks=64, strategy="norm", solver="newton_schulz", resample="once",
+def patch(model, *, layers=None, num_landmarks=64, strategy="norm", solver="newton_schulz", resample=None,
           features="input", guarantee=None, exclude=None, mask_tokens=None, seed=None,
-          query_chunk_size=None) -> FNAHandle:
+          query_chunk_size=None, tol=None, max_landmarks=None, strict_tol=False) -> FNAHandle:
     r"""Replace the attention of the chosen layers of ``model`` by FNA until ``handle.remove()``.
 
     Parameters
@@ -284,11 +333,11 @@ def patch(model, *, layers=None, num_landmarks=64, strategy="norm", solver="newt
         ``"rpcholesky"`` or an object), called with ``head_axis=-3`` so all heads share one landmark set.
     solver : str or callable
         Pseudo-inverse of :math:`A` (default 6 Newton–Schulz steps, as FNA).
-    resample : {"once", "every_layer"}
-        ``"once"`` (FNA's default): the landmarks chosen at the first FNA layer of each forward pass are reused
-        by the later FNA layers (re-chosen in a layer where one of them is not eligible or a guaranteed token
-        is missing). ``"every_layer"``: chosen anew in each layer. Strategies that build centroids are
-        recomputed in every layer either way.
+    resample : {"once", "every_layer"}, optional
+        Default ``"once"``, and ``"every_layer"`` with ``tol``. ``"once"`` (FNA's default): the landmarks chosen
+        at the first FNA layer of each forward pass are reused by the later FNA layers (re-chosen in a layer where
+        one of them is not eligible or a guaranteed token is missing). ``"every_layer"``: chosen anew in each
+        layer. Strategies that build centroids are recomputed in every layer either way.
     features : {"input", "query", "key", "value"}
         Per-token features for selection: the block's input hidden states ``(B, n, D)`` (FNA's default; massive
         activations show there), or the head-mean of the layer's queries, keys or values ``(B, n, d)``.
@@ -305,6 +354,16 @@ def patch(model, *, layers=None, num_landmarks=64, strategy="norm", solver="newt
         For random strategies; layer ``l`` uses ``seed + l``.
     query_chunk_size : int, optional
         Bound the memory of the final product; see :func:`~nystrom.torch.attention.fna_attention`.
+    tol : float, optional
+        Error-controlled :math:`m` per layer: on the first forward pass each FNA layer runs the doubling search of
+        ``nystrom.approximate(tol=...)`` from ``num_landmarks`` on its own attention (128 exact query rows) and
+        keeps the :math:`m` it finds for the later passes (``handle.num_landmarks_per_layer``; the steps are in
+        that pass's ``records[layer].tol_steps``). Each layer then chooses its own landmarks (``resample`` must
+        be ``"every_layer"``). Calibrate on a representative batch: the error of later batches is not checked.
+    max_landmarks : int, optional
+        Largest :math:`m` of the search; default half the real tokens of the shortest sequence.
+    strict_tol : bool
+        As for ``approximate``: raise instead of warning when a layer cannot reach ``tol``.
 
     Returns
     -------
@@ -335,7 +394,8 @@ def patch(model, *, layers=None, num_landmarks=64, strategy="norm", solver="newt
     check_token_spec("mask_tokens", mask_tokens)
     handle = FNAHandle(model, layers=layers, num_landmarks=num_landmarks, strategy=strategy, solver=solver,
                        resample=resample, features=features, guarantee=guarantee, exclude=exclude, seed=seed,
-                       query_chunk_size=query_chunk_size)
+                       query_chunk_size=query_chunk_size, tol=tol, max_landmarks=max_landmarks,
+                       strict_tol=strict_tol)
     handlers = [handle._attend]
     if mask_tokens is not None:
         handlers.append(functools.partial(masking_handler, mask_tokens, handle.inputs))

@@ -515,3 +515,37 @@ def test_padding_mask_answer_follows_the_mask_tensor_and_its_edits():
     assert padding_mask_from_attention_mask(other, 2, 5).tolist() == [[True, True, False, True, True]] * 2
     with pytest.raises(ValueError, match="attention bias"):
         padding_mask_from_attention_mask(torch.full((1, 1, 5, 5), 0.5), 1, 5)
+
+
+def test_tol_calibrates_m_per_layer_on_the_first_pass_and_keeps_it(dinov2):
+    model, inputs = dinov2
+    with fna(model, layers=range(6, 12), num_landmarks=16, tol=0.1) as handle:
+        first = run(model, inputs)
+        calibration = dict(handle.records)
+        second = run(model, inputs)
+    assert sorted(handle.num_landmarks_per_layer) == list(range(6, 12))
+    for layer, record in calibration.items():
+        steps = record.tol_steps
+        m = handle.num_landmarks_per_layer[layer]
+        assert steps[0][0] == 16 and steps[-1][0] == m and steps[-1][1].high <= 0.1
+        assert record.counts.shape[-1] == m
+        # The later pass reuses m without searching again.
+        assert handle.records[layer].tol_steps == () and handle.records[layer].counts.shape[-1] == m
+    # Deterministic strategy and the same m: the second pass repeats the first.
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
+    # Layers differ in how many landmarks they need (measured: 32 in layer 10, 64 in 11, 128 in 6-9).
+    assert len(set(handle.num_landmarks_per_layer.values())) > 1
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(tol=0.1, resample="once"), "resample='every_layer'"),
+    (dict(max_landmarks=32), "max_landmarks only applies with tol"),
+    (dict(tol=0), "tol must be a positive finite number"),
+    (dict(tol=0.1, max_landmarks=8), "max_landmarks must be at least num_landmarks=16"),
+    (dict(tol=0.1, strict_tol="yes"), "strict_tol must be a bool"),
+])
+def test_bad_error_control_of_patch_is_named(kwargs, match):
+    model = tiny_model("vit")
+    with pytest.raises((ValueError, TypeError), match=match):
+        patch(model, num_landmarks=16, **kwargs)
+    assert_restored(model)
