@@ -22,7 +22,7 @@ from .linalg.flops import exact_attention_flops, nystrom_attention_flops
 from .linalg.landmarks.base import Landmarks, Selection, get_strategy, run_strategy
 from .linalg.numerics import float64_numpy, without_padding
 from .linalg.solvers import Solver, get_solver, unchecked
-from .linalg.tolerance import search_landmarks
+from .linalg.tolerance import CONFIDENCE, SAMPLED_ROWS, search_landmarks
 from .linalg.validation import (
     check_attention_inputs,
     check_bidirectional,
@@ -305,9 +305,10 @@ def approximate(
     if tol is None:
         landmarks, out, result = attempt(m)
     else:
-        rows = sample_rows(xp, Q, K, V, num_samples=128, seed=0 if seed is None else seed, scale=tau, keys=keys)
+        rows = sample_rows(xp, Q, K, V, num_samples=SAMPLED_ROWS, seed=0 if seed is None else seed, scale=tau,
+                           keys=keys)
         (landmarks, out, result), steps = search_landmarks(
-            attempt, lambda attempted: rows.estimate(xp, attempted[1], 0.95), m, m_max, tol, strict_tol)
+            attempt, lambda attempted: rows.estimate(xp, attempted[1], CONFIDENCE), m, m_max, tol, strict_tol)
         m = steps[-1][0]
     if not return_info:
         return out

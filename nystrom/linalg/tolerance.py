@@ -4,6 +4,18 @@ from __future__ import annotations
 
 import warnings
 
+#: Exact query rows behind every estimate of a search, and the level of its interval: the measured coverage of
+#: the 95 % interval is at least 93.5 % from 128 rows (docs' error-bounds page).
+SAMPLED_ROWS = 128
+CONFIDENCE = 0.95
+
+
+def ceiling(m, largest, max_landmarks=None):
+    """The largest :math:`m` a search from ``m`` may try: ``max_landmarks`` (clipped to ``largest``, the most the
+    keys allow), by default half of ``largest``, beyond which self-attention costs more than exact attention;
+    never below ``m``."""
+    return max(m, largest // 2 if max_landmarks is None else min(max_landmarks, largest))
+
 
 def search_landmarks(attempt, estimate, first, largest, tol, strict):
     r"""Double :math:`m` from ``first`` until the estimated error's upper bound is at most ``tol``.

@@ -24,6 +24,7 @@ import array_api_compat
 import numpy as np
 
 from .numerics import float64_numpy, sum_dtype
+from .tolerance import ceiling
 
 
 def namespace(**arrays):
@@ -354,30 +355,51 @@ def check_num_landmarks(num_landmarks, n: int | None, n_valid: int | None = None
     return m
 
 
-def check_tolerance(xp, tol, max_landmarks, strict_tol, m, Q, K, keys=None):
-    """Validate ``approximate``'s error control; return ``(tol, largest m)``, or ``(None, m)`` without ``tol``.
+def fewest_real_keys(xp, keys) -> int:
+    """The real keys of the shortest sequence (and head) of a bool key mask ``(..., n)``. Reads the data."""
+    return int(xp.min(xp.sum(xp.astype(keys, xp.int64), axis=-1)))
 
-    ``tol`` is a positive finite number; ``max_landmarks`` an int from the starting ``m`` to the largest that
-    :func:`check_selection` allows (:math:`n`, :math:`n_q` for cross-attention, the real keys of the shortest
-    sequence); by default half that largest, and at least ``m``. Reads the mask's data when ``tol`` is given.
+
+def check_error_control(tol, max_landmarks, strict_tol, m, largest=None):
+    """Validate the error control of ``approximate`` and ``patch``; return ``(tol, max_landmarks)`` (``None`` where
+    not given).
+
+    ``tol`` is a positive finite number; ``max_landmarks`` (only with ``tol``) an int from the starting ``m`` to
+    ``largest``, the most landmarks the keys allow, when that is known (``patch`` learns it per batch).
     """
     check_bool("strict_tol", strict_tol)
     if tol is None:
         if max_landmarks is not None:
             raise ValueError("max_landmarks only applies with tol; pass tol=... or leave max_landmarks out")
-        return None, m
+        return None, None
     if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not (0 < tol < math.inf):
         raise ValueError(f"tol must be a positive finite number (a relative error), got {tol!r}")
-    largest = K.shape[-2] if Q.shape[-2] == K.shape[-2] else min(K.shape[-2], Q.shape[-2])
-    if keys is not None:
-        largest = min(largest, int(xp.min(xp.sum(xp.astype(keys, xp.int64), axis=-1))))
     if max_landmarks is None:
-        return float(tol), max(m, largest // 2)
+        return float(tol), None
     top = check_int("max_landmarks", max_landmarks, minimum=1)
-    if not (m <= top <= largest):
+    if largest is None:
+        if top < m:
+            raise ValueError(f"max_landmarks must be at least num_landmarks={m}, got {top}")
+    elif not (m <= top <= largest):
         raise ValueError(f"max_landmarks must be between num_landmarks={m} and {largest} (the most landmarks "
                          f"these keys allow), got {top}")
     return float(tol), top
+
+
+def check_tolerance(xp, tol, max_landmarks, strict_tol, m, Q, K, keys=None):
+    r""":func:`check_error_control` for ``approximate``'s inputs; return ``(tol, largest m of the search)``, or
+    ``(None, m)`` without ``tol``.
+
+    The most landmarks the keys allow is :math:`\min(n, n_q)`, and at most the real keys of the shortest sequence
+    (read from the mask, only when ``tol`` is given); the default is :func:`~nystrom.linalg.tolerance.ceiling`'s.
+    """
+    largest = None
+    if tol is not None:
+        largest = min(K.shape[-2], Q.shape[-2])
+        if keys is not None:
+            largest = min(largest, fewest_real_keys(xp, keys))
+    tol, top = check_error_control(tol, max_landmarks, strict_tol, m, largest)
+    return (None, m) if tol is None else (tol, ceiling(m, largest, top))
 
 
 def check_head_axis(head_axis, K) -> None:
@@ -403,7 +425,7 @@ def check_selection(xp, Q, K, num_landmarks, keys=None, head_axis=None, features
     check_head_axis(head_axis, K)
     n_valid = None
     if keys is not None and check_values:
-        n_valid = int(xp.min(xp.sum(xp.astype(keys, xp.int64), axis=-1)))
+        n_valid = fewest_real_keys(xp, keys)
     m = check_num_landmarks(num_landmarks, K.shape[-2], n_valid)
     if Q.shape[-2] != K.shape[-2] and m > Q.shape[-2]:
         raise ValueError(f"num_landmarks={m} exceeds the number of queries n_q={Q.shape[-2]}")

@@ -38,14 +38,14 @@ from ..linalg.landmarks.base import (
 )
 from ..linalg.numerics import segment_sum, without_padding
 from ..linalg.solvers import get_solver, unchecked
-from ..linalg.tolerance import search_landmarks
+from ..linalg.tolerance import CONFIDENCE, SAMPLED_ROWS, ceiling, search_landmarks
 from ..linalg.validation import (
-    check_bool,
-    check_int,
+    check_error_control,
     check_num_landmarks,
     check_query_chunk_size,
     check_scale,
     check_seed,
+    fewest_real_keys,
 )
 from .attention import sdpa_attend
 from .dispatch import Handle, check_token_spec, padding_mask_from_attention_mask, token_mask
@@ -111,25 +111,17 @@ class FNAHandle(Handle):
             resample = "once" if tol is None else "every_layer"
         if resample not in RESAMPLE:
             raise ValueError(f"resample must be one of {RESAMPLE}, got {resample!r}")
-        if tol is not None and (isinstance(tol, bool) or not isinstance(tol, (int, float)) or not (0 < tol < 1e308)):
-            raise ValueError(f"tol must be a positive finite number (a relative error), got {tol!r}")
         if tol is not None and resample == "once":
             raise ValueError("tol calibrates m layer by layer, so every layer chooses its own landmarks: pass "
                              "resample='every_layer' (the default with tol), not 'once'")
-        if max_landmarks is not None and tol is None:
-            raise ValueError("max_landmarks only applies with tol; pass tol=... or leave max_landmarks out")
-        self.tol = None if tol is None else float(tol)
-        self.max_landmarks = None if max_landmarks is None else check_int("max_landmarks", max_landmarks, minimum=1)
-        self.strict_tol = check_bool("strict_tol", strict_tol)
+        self.num_landmarks = check_num_landmarks(num_landmarks, None)
+        self.tol, self.max_landmarks = check_error_control(tol, max_landmarks, strict_tol, self.num_landmarks)
+        self.strict_tol = strict_tol
         self.num_landmarks_per_layer: dict[int, int] = {}
         if features not in FEATURES:
             raise ValueError(f"features must be one of {FEATURES}, got {features!r}")
         for name, spec in (("guarantee", guarantee), ("exclude", exclude)):
             check_token_spec(name, spec)
-        self.num_landmarks = check_num_landmarks(num_landmarks, None)
-        if self.max_landmarks is not None and self.max_landmarks < self.num_landmarks:
-            raise ValueError(f"max_landmarks must be at least num_landmarks={self.num_landmarks}, "
-                             f"got {self.max_landmarks}")
         self.strategy = get_strategy(strategy)
         # Every FNA layer passes the padding (and exclusions) as a key mask: the strategy must honour it.
         require(self.strategy, "masks", "patch()")
@@ -184,11 +176,10 @@ class FNAHandle(Handle):
         else:
             # Calibration, on this layer's first pass: the doubling search of approximate(tol=...), on 128 exact
             # rows of this layer's own attention; later passes reuse the m it found.
-            fewest = n if real is None else int(real.sum(dim=-1).min())
-            largest = max(m, fewest // 2) if self.max_landmarks is None else min(self.max_landmarks, fewest)
-            rows = sample_rows(xp, query, key, value, num_samples=128, seed=0, scale=scale, keys=keys)
+            largest = ceiling(m, n if real is None else fewest_real_keys(xp, real), self.max_landmarks)
+            rows = sample_rows(xp, query, key, value, num_samples=SAMPLED_ROWS, seed=0, scale=scale, keys=keys)
             (landmarks, sampled, out, result), steps = search_landmarks(
-                attempt, lambda attempted: rows.estimate(xp, attempted[2], 0.95), m, max(m, largest), self.tol,
+                attempt, lambda attempted: rows.estimate(xp, attempted[2], CONFIDENCE), m, largest, self.tol,
                 self.strict_tol)
             self.num_landmarks_per_layer[layer] = steps[-1][0]
         assignment = landmarks.assignment
@@ -245,7 +236,7 @@ class FNAHandle(Handle):
         features = hidden if self.features == "input" else fold_heads(
             xp, {"query": query, "key": key, "value": value}[self.features], -3)
         # num_landmarks >= n makes every eligible token a landmark (exact attention with a converged solver).
-        m = min(m, int(eligible.sum(dim=-1).min()))
+        m = min(m, fewest_real_keys(xp, eligible))
         if m < 1:
             raise ValueError(f"a sequence has no token eligible as a landmark in layer {layer} (all padded, masked "
                              "or excluded)")
