@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 
 import numpy as np
 import torch
@@ -31,6 +30,7 @@ from nystrom.torch.capture import capture_attention
 from .pretrained import example_sentences, imagenet_pixel_values, load_dinov2_small, load_minilm, natural_images
 from .report import markdown_table
 from .stamp import busy_warning, load_average
+from .timing import timed_call
 
 IMAGES = ("astronaut", "coffee", "rocket")
 LAYERS = (3, 6, 9, 11)
@@ -113,9 +113,7 @@ def cost(threads, n=65536, d=64, m=64, repeats=9):
         for name, call in calls.items():
             if name == "exact SDPA" and r >= 2:
                 continue  # seconds per call at this length; two samples are enough
-            start = time.perf_counter()
-            call()
-            best[name] = min(best[name], time.perf_counter() - start)
+            best[name] = min(best[name], timed_call(call, torch.device("cpu")))
     return {name: 1e3 * seconds for name, seconds in best.items()}
 
 

@@ -13,7 +13,6 @@ time of the ``tol`` call over that of one plain call at the m it chose (best of 
 from __future__ import annotations
 
 import argparse
-import time
 import warnings
 
 import numpy as np
@@ -26,18 +25,16 @@ from nystrom.torch.capture import capture_attention
 from .pretrained import example_sentences, imagenet_pixel_values, load_dinov2_small, load_minilm, natural_images
 from .report import markdown_table
 from .stamp import busy_warning, load_average
+from .timing import timed_call
 
 TOLS = (0.05, 0.1, 0.2)
+CPU = torch.device("cpu")
 
 
 def best_time(call, repeats=3):
-    """Best of ``repeats`` wall times of ``call()``, in seconds."""
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return min(times)
+    """Best of ``repeats`` :func:`~nystrom.experiments.timing.timed_call` times of ``call()`` on the CPU, in
+    seconds."""
+    return min(timed_call(call, CPU) for _ in range(repeats))
 
 
 def layer_cases(models=("dinov2", "minilm")):
