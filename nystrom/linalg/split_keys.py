@@ -1,0 +1,144 @@
+r"""Attention split along the key axis, with the blocks merged exactly by their log-sum-exp.
+
+For one query row with logits :math:`\ell_j = \tau\, q^\top k_j + M_j` over keys split into blocks
+:math:`\mathcal B_1, \dots, \mathcal B_p`, each block keeps three partial results,
+
+.. math::
+
+    \mu_b = \max_{j\in\mathcal B_b} \ell_j, \qquad
+    s_b = \sum_{j\in\mathcal B_b} e^{\ell_j - \mu_b}, \qquad
+    o_b = \sum_{j\in\mathcal B_b} e^{\ell_j - \mu_b}\, v_j ,
+
+and with :math:`\mu = \max_b \mu_b` and :math:`w_b = e^{\mu_b - \mu}`
+
+.. math:: \mathrm{softmax}(\ell)^\top V = \frac{\sum_b w_b\, o_b}{\sum_b w_b\, s_b},
+
+exactly (up to rounding): it is the softmax's own shift-invariance, applied per block. A block whose keys
+are all masked has :math:`\mu_b = -\infty`, hence :math:`w_b = 0`. The block holding :math:`\mu` has
+:math:`w_b = 1` and :math:`s_b \ge 1`, so the denominator is at least 1.
+
+The blocks are independent until the merge, which costs :math:`O(p\, n_q d_v)`. This is what lets the
+landmark product :math:`\mathrm{softmax}(\tau\tilde q K^\top + M)V`, which has only :math:`m` query rows,
+use many cores or thread blocks (flash-decoding's split-K), and what lets it run over a sequence sharded
+across processes: each process reduces its own keys to :math:`(\mu_b, s_b, o_b)`, and the merge needs only
+their maximum and two sums (:mod:`nystrom.torch.distributed`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import array_api_compat
+
+from .numerics import at_least_float32
+
+
+def partial_attention(xp, q, k, v, mask=None, *, scale):
+    r"""One block's partial results :math:`(o_b, \mu_b, s_b)` of attention of ``q`` over the keys ``k``.
+
+    Parameters
+    ----------
+    xp
+        Array namespace.
+    q : array, shape (..., n_q, d)
+    k : array, shape (..., n, d)
+    v : array, shape (..., n, d_v)
+    mask : bool or floating array, shape broadcastable to (..., n_q, n), optional
+        ``True`` where a query may attend to a key, or an additive logit bias (as
+        ``scaled_dot_product_attention``).
+    scale : float
+        :math:`\tau`.
+
+    Returns
+    -------
+    o : array, shape (..., n_q, d_v)
+        :math:`\sum_j e^{\ell_j - \mu_b} v_j`, in float32 or wider.
+    mu : array, shape (..., n_q, 1)
+        :math:`\max_j \ell_j`, ``-inf`` for a row whose keys are all masked.
+    s : array, shape (..., n_q, 1)
+        :math:`\sum_j e^{\ell_j - \mu_b}` (0 for such a row).
+    """
+    # Logits and sums in float32 or wider: half-precision exponent sums overflow (float16) or stop growing.
+    q = at_least_float32(xp, q)
+    logits = scale * (q @ xp.matrix_transpose(xp.astype(k, q.dtype)))
+    if mask is not None:
+        if mask.dtype == xp.bool:
+            neg = xp.asarray(-math.inf, dtype=logits.dtype, device=array_api_compat.device(logits))
+            logits = xp.where(mask, logits, neg)
+        else:
+            logits = logits + xp.astype(mask, logits.dtype)
+    mu = xp.max(logits, axis=-1, keepdims=True)
+    # An all-masked row shifts by 0 instead of -inf, so its terms are e^{-inf} = 0 rather than NaN.
+    p = xp.exp(logits - xp.where(mu > -math.inf, mu, xp.zeros_like(mu)))
+    return p @ xp.astype(v, p.dtype), mu, xp.sum(p, axis=-1, keepdims=True)
+
+
+def merge_partials(xp, o, mu, s, axis):
+    r"""Merge partial results along ``axis`` (the block axis): :math:`\sum_b w_b o_b / \sum_b w_b s_b`.
+
+    Parameters
+    ----------
+    xp
+        Array namespace.
+    o, mu, s : arrays
+        Stacked partial results of :func:`partial_attention`, shapes ``(..., p, ..., n_q, d_v)``,
+        ``(..., p, ..., n_q, 1)`` and the same, with the blocks along ``axis`` (negative, counted from the end).
+        At least one block of every row must hold a key.
+
+    Returns
+    -------
+    array
+        ``o``'s shape without ``axis``: the attention output.
+    """
+    top = xp.max(mu, axis=axis, keepdims=True)
+    w = xp.exp(mu - top)
+    return xp.sum(w * o, axis=axis) / xp.sum(w * s, axis=axis)
+
+
+def split_key_attention(xp, q, k, v, mask=None, *, scale, blocks):
+    r""":math:`\mathrm{softmax}(\tau q k^\top + M)\, v` with the keys split into ``blocks`` contiguous blocks, reduced
+    independently (one batched product over the blocks) and merged by :func:`merge_partials`.
+
+    Parameters
+    ----------
+    xp
+        Array namespace.
+    q : array, shape (..., n_q, d)
+    k : array, shape (..., n, d)
+    v : array, shape (..., n, d_v)
+    mask : bool or floating array, shape broadcastable to (..., n_q, n) with an explicit key axis, optional
+        As :func:`partial_attention`.
+    scale : float
+        :math:`\tau`.
+    blocks : int
+        :math:`p \ge 1`. The first :math:`p` blocks hold :math:`\lfloor n/p\rfloor` keys each (views, no copy of
+        ``k`` or ``v``); the :math:`n \bmod p` keys left over form one more block.
+
+    Returns
+    -------
+    array, shape (..., n_q, d_v)
+        In ``v``'s dtype.
+
+    Notes
+    -----
+    The :math:`p` score blocks :math:`n_q \times n/p` are formed at once: :math:`O(n_q n)` memory, as the
+    :math:`n_q\times m` scores of the output product for :math:`n_q = m`. Each block's products are GEMMs with
+    :math:`n/p` columns, which a BLAS or a GPU spreads over its cores whatever :math:`n_q`.
+    """
+    n = k.shape[-2]
+    size = n // blocks
+    cut = size * blocks
+    lead_k, lead_v = k.shape[:-2], v.shape[:-2]
+    kb = xp.reshape(k[..., :cut, :], (*lead_k, blocks, size, k.shape[-1]))
+    vb = xp.reshape(v[..., :cut, :], (*lead_v, blocks, size, v.shape[-1]))
+    mb = None
+    if mask is not None:
+        rows = mask.shape[-2]
+        mb = xp.moveaxis(xp.reshape(mask[..., :cut], (*mask.shape[:-2], rows, blocks, size)), -2, -3)
+    o, mu, s = partial_attention(xp, q[..., None, :, :], kb, vb, mb, scale=scale)
+    if cut < n:
+        rest = partial_attention(xp, q, k[..., cut:, :], v[..., cut:, :],
+                                 None if mask is None else mask[..., cut:], scale=scale)
+        o, mu, s = (xp.concat([whole, xp.expand_dims(part, axis=-3)], axis=-3)
+                    for whole, part in zip((o, mu, s), rest))
+    return xp.astype(merge_partials(xp, o, mu, s, axis=-3), v.dtype)
