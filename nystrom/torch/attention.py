@@ -16,17 +16,66 @@ formed a chunk at a time, so memory is :math:`O(n (m + d))`.
 from __future__ import annotations
 
 import functools
+import math
 
+import array_api_compat.torch
 import torch
 import torch.nn.functional as F
 
 from ..linalg.attention import check_nystrom_call, in_query_chunks, nystrom_product
+from ..linalg.split_keys import merge_partials
 from ..linalg.validation import check_query_chunk_size, check_unknown_arguments
+
+_FLASH_CPU = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+
+
+# A CPU flash-attention task is one (batch, head, block of queries): 32 query rows below 192 queries (measured
+# with the kernel: m = 32 runs on one core, m = 64 on two; docs' benchmarks page, "thread scaling").
+_CPU_QUERY_ROWS_PER_TASK = 32
+# Below this many keys per block a split costs more (its extra kernel call and merge) than the core it adds
+# gains (measured crossover, docs' benchmarks page).
+MIN_KEYS_PER_BLOCK = 4096
+
+
+def key_blocks(q, k, v):
+    r"""The number :math:`p` of key blocks :func:`sdpa_attend` splits attention of ``q`` over ``k`` into.
+
+    PyTorch's CPU flash kernel runs one task per (batch, head, block of 32 queries): the landmark product of
+    one head with :math:`m \le 32` queries is one task on one core, however many threads there are. Splitting
+    the :math:`n` keys into :math:`p` blocks makes :math:`p` times as many tasks; :math:`p` is the smallest
+    count that gives every thread a task, and 1 on CUDA, when gradients are needed (the kernel's log-sum-exp
+    carries none), in float64, when values and keys differ in width (the kernel takes one head size), or when a
+    block would hold fewer than :data:`MIN_KEYS_PER_BLOCK` keys.
+
+    Parameters
+    ----------
+    q : Tensor, shape (..., n_q, d)
+    k : Tensor, shape (..., n, d)
+    v : Tensor, shape (..., n, d_v)
+
+    Returns
+    -------
+    int
+    """
+    # The kernel's float64 results are off by ~1e-9 (measured against SDPA in float64), too far for the library's
+    # float64 reference results.
+    if (q.device.type != "cpu" or q.dtype == torch.float64 or v.shape[-1] != q.shape[-1]
+            or (torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)))):
+        return 1
+    tasks = math.prod(q.shape[:-2]) * -(-q.shape[-2] // _CPU_QUERY_ROWS_PER_TASK)
+    threads = torch.get_num_threads()
+    if tasks >= threads:
+        return 1
+    return max(1, min(-(-threads // tasks), k.shape[-2] // MIN_KEYS_PER_BLOCK))
 
 
 def sdpa_attend(q, k, v, mask=None, *, scale):
     r""":math:`\mathrm{softmax}(\tau q k^\top + M)\,v` by ``scaled_dot_product_attention``: the attention call that
     :func:`nystrom.linalg.attention.nystrom_product` takes (its inputs are checked).
+
+    When :func:`key_blocks` finds too few parallel tasks (the landmark product, :math:`m` queries over :math:`n`
+    keys, on a CPU with more threads than heads), the keys are split into blocks that run in parallel and are
+    merged exactly by their log-sum-exp (:func:`split_key_sdpa`).
 
     Parameters
     ----------
@@ -42,7 +91,70 @@ def sdpa_attend(q, k, v, mask=None, *, scale):
     -------
     Tensor, shape (..., n_q, d_v)
     """
+    blocks = key_blocks(q, k, v)
+    if blocks > 1:
+        return split_key_sdpa(q, k, v, mask, scale=scale, blocks=blocks)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+def split_key_sdpa(q, k, v, mask=None, *, scale, blocks):
+    r"""Attention with the keys split into ``blocks`` contiguous blocks, each reduced by PyTorch's CPU flash kernel,
+    which also returns the block's log-sum-exp :math:`\lambda_b`, and merged exactly:
+
+    .. math:: O = \sum_b \mathrm{softmax}_b(\lambda)\, O_b
+
+    (the merge of :mod:`nystrom.linalg.split_keys` with :math:`o_b = O_b`, :math:`\mu_b = \lambda_b`,
+    :math:`s_b = 1`). A block with no allowed key gets :math:`\lambda_b = -\infty`, hence weight 0 (the kernel
+    reports :math:`\lambda_b = 0` and :math:`O_b = 0` for it).
+
+    Parameters
+    ----------
+    q, k, v, mask, scale
+        As :func:`sdpa_attend`; CPU tensors, ``v`` as wide as ``k``. A floating ``mask`` holds ``-inf`` where a
+        key is masked.
+    blocks : int
+        :math:`p`; :math:`\lfloor n/p\rfloor` keys per block, the :math:`n \bmod p` left over in one more.
+
+    Returns
+    -------
+    Tensor, shape (..., n_q, d_v), dtype of ``v``
+
+    Notes
+    -----
+    No gradient: the kernel's log-sum-exp output is not differentiable (:func:`key_blocks` never splits when
+    one is needed).
+    """
+    lead = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+    n_q, n, d, d_v = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
+    size = n // blocks
+    cut = size * blocks
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            mask = torch.zeros((), dtype=q.dtype, device=q.device).masked_fill(~mask, -math.inf)
+        mask = mask.to(q.dtype).expand(*lead, mask.shape[-2], n)
+
+    def reduce(first, stop, count):
+        # (lead, count blocks, ...) flattened to the kernel's 4-D (batch, block, rows, features).
+        def blocked(x, width):
+            return x.expand(*lead, n, width)[..., first:stop, :].reshape(-1, count, (stop - first) // count, width)
+
+        rows = None
+        if mask is not None:
+            rows = mask[..., first:stop].reshape(-1, mask.shape[-2], count, (stop - first) // count).transpose(1, 2)
+        qb = q.expand(*lead, n_q, d).reshape(-1, 1, n_q, d).expand(-1, count, n_q, d)
+        out, lse = _FLASH_CPU(qb, blocked(k, d), blocked(v, d_v), attn_mask=rows, scale=scale)
+        if rows is not None:
+            lse = lse.masked_fill(~torch.isfinite(rows).any(dim=-1), -math.inf)
+        return out, lse
+
+    parts = [reduce(0, cut, blocks)]
+    if cut < n:
+        parts.append(reduce(cut, n, 1))
+    out, lse = (torch.cat(x, dim=1) for x in zip(*parts))
+    # The kernel's output for a block is already normalised by its own sum, e^{lambda_b}: s_b = 1.
+    merged = merge_partials(array_api_compat.torch, out.float(), lse[..., None], torch.ones_like(lse[..., None]),
+                            axis=-3)
+    return merged.reshape(*lead, n_q, d_v).to(v.dtype)
 
 
 def fna_attention(Q, K, V, landmarks, solver="newton_schulz", *, scale=None, attn_mask=None,

@@ -159,3 +159,74 @@ def test_fna_attention_equals_the_array_api_product():
     reference, _ = nystrom.linalg.nystrom_attention(Q, K, V, landmarks, attn_mask=mask)
     # float64 on both sides; only the summation order differs.
     torch.testing.assert_close(fused, reference, rtol=1e-12, atol=1e-12)
+
+
+# float32: the blocks and their merge change only the summation order over n ~ 1e4 keys, ~ sqrt(n) * eps;
+# bfloat16: the kernel's output is rounded to 8 bits of mantissa, 2^-8 ~ 4e-3, per block.
+SPLIT_TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
+
+
+@pytest.mark.parametrize("dtype", list(SPLIT_TOLERANCE))
+@pytest.mark.parametrize("n", [4096, 4099])
+@pytest.mark.parametrize("blocks", [1, 2, 3, 7])
+@pytest.mark.parametrize("masked", [False, True])
+def test_split_key_sdpa_equals_sdpa(dtype, n, blocks, masked):
+    from nystrom.torch.attention import split_key_sdpa
+
+    g = torch.Generator().manual_seed(n + blocks)
+    q, k, v = (torch.randn(2, 3, rows, 8, generator=g).to(dtype) for rows in (16, n, n))
+    mask = None
+    if masked:
+        mask = torch.rand(2, 1, 1, n, generator=g) > 0.3
+        # The whole first half of sequence 0 masked: whole blocks with no key, whose weight must be 0.
+        mask[0, ..., : n // 2] = False
+    got = split_key_sdpa(q, k, v, mask, scale=0.3, blocks=blocks)
+    want = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask,
+                                                             scale=0.3)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.double(), want, **SPLIT_TOLERANCE[dtype])
+
+
+def test_key_blocks_gives_every_thread_a_task(monkeypatch):
+    from nystrom.torch.attention import MIN_KEYS_PER_BLOCK, key_blocks
+
+    n = 16 * MIN_KEYS_PER_BLOCK
+    k = torch.empty(1, 1, n, 64)
+
+    def blocks(threads, heads=1, m=32, dtype=torch.float32, width=64, grad=False):
+        monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+        q = torch.empty(1, heads, m, 64, dtype=dtype, requires_grad=grad)
+        return key_blocks(q, k.to(dtype), torch.empty(1, 1, n, width, dtype=dtype))
+
+    assert blocks(1) == 1
+    assert blocks(2) == 2 and blocks(16) == 16
+    assert blocks(16, m=64) == 8  # two tasks of 32 queries per head already
+    assert blocks(16, heads=12) == 2 and blocks(8, heads=12) == 1
+    assert blocks(64) == 16  # never fewer than MIN_KEYS_PER_BLOCK keys per block
+    # The cases the split does not serve: float64 (the kernel is ~1e-9 off), values of another width, gradients.
+    assert blocks(16, dtype=torch.float64) == 1 and blocks(16, width=32) == 1 and blocks(16, grad=True) == 1
+    assert blocks(16, m=32, heads=1) == 16
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 16)
+    assert key_blocks(torch.empty(1, 1, 32, 64), torch.empty(1, 1, 100, 64), torch.empty(1, 1, 100, 64)) == 1
+
+
+def test_approximate_is_the_same_with_split_keys(monkeypatch):
+    # The landmark product of one head, m = 16, over n = 8192 keys splits in 2 blocks with 2 threads.
+    import nystrom.torch.attention as attention
+
+    g = torch.Generator().manual_seed(0)
+    Q, K, V = (torch.randn(1, 1, 8192, 32, generator=g) for _ in range(3))
+    mask = torch.ones(1, 1, 1, 8192, dtype=torch.bool)
+    mask[..., 5000:] = False
+    calls = []
+    split = attention.split_key_sdpa
+    monkeypatch.setattr(attention, "split_key_sdpa", lambda *a, **kw: calls.append(kw["blocks"]) or split(*a, **kw))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    got = nystrom.approximate(Q, K, V, num_landmarks=16, attn_mask=mask)
+    assert calls == [2]
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    want = nystrom.approximate(Q, K, V, num_landmarks=16, attn_mask=mask)
+    assert len(calls) == 1
+    # Same landmarks; the split changes only the summation order of the landmark product (see SPLIT_TOLERANCE),
+    # which the 16 x 16 solve can amplify by cond(A).
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

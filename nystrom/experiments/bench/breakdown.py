@@ -12,10 +12,10 @@ from unittest import mock
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from nystrom import approximate, get_solver, get_strategy
 from nystrom.linalg.landmarks import STRATEGIES
+from nystrom.torch import attention
 
 from ..plotting import value_axis
 from ..report import markdown_table
@@ -51,11 +51,11 @@ def stage_times(Q, K, V, strategy, m, device, solver=DEFAULT_SOLVER):
     :meth:`~nystrom.linalg.solvers.Solver.solve` (the trusted methods ``approximate`` calls after its checks) are
     swapped for timed copies on their classes for the call. ``approximate`` checks all its inputs before it
     selects landmarks, so ``validation`` is the time from the start of the call to the strategy's: the
-    library's own checks, whatever they are, and nothing else. ``scaled_dot_product_attention`` is swapped
-    for a timed copy too (the torch attention call looks it up on ``torch.nn.functional`` each time): the
-    :math:`m` landmark queries over all keys are the "landmark product", all queries over the :math:`m`
-    landmark keys the "output product". Only those calls are intercepted, so the other stages run at full
-    speed.
+    library's own checks, whatever they are, and nothing else. The torch attention call,
+    :func:`nystrom.torch.attention.sdpa_attend`, is swapped for a timed copy too (``approximate`` looks it up on
+    its module at each call): the :math:`m` landmark queries over all keys are the "landmark product", all
+    queries over the :math:`m` landmark keys the "output product". Only those calls are intercepted, so the
+    other stages run at full speed.
 
     Parameters
     ----------
@@ -77,8 +77,8 @@ def stage_times(Q, K, V, strategy, m, device, solver=DEFAULT_SOLVER):
     strategy, solver = get_strategy(strategy), get_solver(solver)
     select = _timing_wrapper(type(strategy).select, "selection", seconds, device)
     solve = _timing_wrapper(type(solver).solve, "solve", seconds, device)
-    sdpa = _timing_wrapper(F.scaled_dot_product_attention,
-                           lambda q: "landmark_product" if q.shape[-2] == m else "output_product", seconds, device)
+    attend = _timing_wrapper(attention.sdpa_attend,
+                             lambda q: "landmark_product" if q.shape[-2] == m else "output_product", seconds, device)
     started = []
 
     def checked_then_select(self, selection):
@@ -91,7 +91,7 @@ def stage_times(Q, K, V, strategy, m, device, solver=DEFAULT_SOLVER):
         started[:] = [time.perf_counter()]
         return approximate(Q, K, V, strategy=strategy, num_landmarks=m, solver=solver, seed=0)
 
-    with (mock.patch.object(F, "scaled_dot_product_attention", sdpa),
+    with (mock.patch.object(attention, "sdpa_attend", attend),
           mock.patch.object(type(strategy), "select", checked_then_select),
           mock.patch.object(type(solver), "solve", solve)):
         seconds["total"] = timed_call(call, device)
