@@ -25,6 +25,7 @@ from nystrom.experiments.bench.e2e import e2e_figure  # noqa: E402
 from nystrom.experiments.bench.inputs import sink_inputs  # noqa: E402
 from nystrom.experiments.bench.plan import DEFAULT_SOLVER, SECTIONS, plan_for  # noqa: E402
 from nystrom.experiments.bench.scaling import _scaling_configs, log_log_slope, scaling_figures  # noqa: E402
+from nystrom.experiments.bench.threads import all_cores, threads_figure, threads_summary  # noqa: E402
 from nystrom.experiments.report import format_ratio  # noqa: E402
 from nystrom.experiments.stamp import busy_warning, caption  # noqa: E402
 from nystrom.experiments.timing import PeakMemory, measure  # noqa: E402
@@ -149,6 +150,37 @@ def test_e2e_measures_agreement(results):
     assert record["exact_s"] > 0 and record["fna_s"] > 0
     assert -1 <= record["patch_cosine_min"] <= record["patch_cosine_mean"] <= 1 + 1e-6
     assert -1 <= record["cls_cosine"] <= 1 + 1e-6
+
+
+def test_threads_times_every_method_and_stage_at_one_thread_and_all_cores(results):
+    payload = _load(results, "threads")
+    counts = payload["thread_counts"]
+    assert counts == sorted({1, all_cores()})
+    methods = {"exact", *STRATEGIES, "given"}
+    assert {(r["method"], r["threads"]) for r in payload["totals"]} == {(m, c) for m in methods for c in counts}
+    assert {(r["strategy"], r["threads"]) for r in payload["stages"]} == {(s, c) for s in STRATEGIES for c in counts}
+    assert all(r["min_s"] > 0 for r in payload["totals"])
+    assert unreadable_axes(threads_figure(payload["summary"], counts, payload["stamp"], tuple(payload["shape"]),
+                                          payload["m"])) == []
+
+
+def test_parallel_efficiency_and_the_target_from_known_times():
+    # Exact SDPA 2x faster on 2 cores, norm 1.6x: norm keeps 0.8 of its speed-up, and its stages' efficiencies
+    # are t1 / (2 t2).
+    totals = [{"threads": c, "method": m, "min_s": t} for c, m, t in
+              [(1, "exact", 20.0), (2, "exact", 10.0), (1, "norm", 0.08), (2, "norm", 0.05)]]
+    stage = dict.fromkeys(("validation", "selection", "landmark_product", "solve", "output_product", "rest"), 0.01)
+    stages = [{"threads": 1, "strategy": "norm", **{f"{k}_s": v for k, v in stage.items()}, "total_s": 0.06},
+              {"threads": 2, "strategy": "norm", **{f"{k}_s": v for k, v in stage.items()}, "selection_s": 0.0025,
+               "total_s": 0.0525}]
+    summary = threads_summary(totals, stages, [1, 2], 1, 65536, 64)
+    norm = next(r for r in summary["methods"] if r["method"] == "norm")
+    assert norm["speedup"] == {1: 250.0, 2: 200.0} and norm["efficiency"] == pytest.approx(0.8)
+    eff = summary["stages"][0]["efficiency"]
+    assert eff["selection"] == pytest.approx(2.0) and eff["solve"] == pytest.approx(0.5)
+    retained, absolute = summary["targets"]
+    assert retained["value"] == pytest.approx(0.8) and retained["met"] is False
+    assert absolute["value"] == pytest.approx(200) and absolute["met"] is True
 
 
 def test_peak_memory_sees_a_known_allocation():

@@ -12,6 +12,8 @@ Sections (all by default, or a subset with ``--only``):
     Where the time of one call goes: input validation, landmark selection, the two attention products
     (:math:`m` landmark queries over :math:`n` keys, :math:`n` queries over :math:`m` landmark keys) and
     the :math:`m \times m` pseudo-inverse.
+``threads``
+    Every method at one thread and at all cores, and the parallel efficiency of each stage (CPU only).
 ``accuracy``
     Relative output error :math:`\lVert \hat O - O\rVert_F / \lVert O\rVert_F` against :math:`m` and
     against time, per strategy and solver, on attention inputs captured from DINOv2-S (224 and 518 px)

@@ -16,8 +16,10 @@ from .breakdown import run_breakdown
 from .e2e import run_e2e
 from .plan import SECTIONS, Context, plan_for
 from .scaling import run_scaling
+from .threads import run_threads
 
-RUNNERS = {"scaling": run_scaling, "breakdown": run_breakdown, "accuracy": run_accuracy, "e2e": run_e2e}
+RUNNERS = {"scaling": run_scaling, "breakdown": run_breakdown, "threads": run_threads, "accuracy": run_accuracy,
+           "e2e": run_e2e}
 
 
 def _parse_sections(text):

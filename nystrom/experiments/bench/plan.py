@@ -12,7 +12,7 @@ from nystrom.linalg.landmarks import STRATEGIES
 from ..report import progress_bar
 from ..stamp import git_commit, make_stamp
 
-SECTIONS = ("scaling", "breakdown", "accuracy", "e2e")
+SECTIONS = ("scaling", "breakdown", "threads", "accuracy", "e2e")
 DEFAULT_STRATEGY = "norm"
 DEFAULT_SOLVER = "newton_schulz"
 # Scaling "method": fna_attention on landmarks chosen before the clock starts, i.e. the two attention
@@ -45,6 +45,8 @@ class Plan:
         ``(H, n)`` shapes of the breakdown.
     slope_range : (int, int)
         ``n`` range of the fitted log-log slope.
+    thread_shape : (int, int)
+        ``(H, n)`` of the thread-scaling section.
     accuracy_landmarks : tuple of int
     dinov2_sizes : tuple of int
         Image sides (px) at which DINOv2-S attention is captured.
@@ -72,6 +74,7 @@ class Plan:
     head_dim: int
     breakdown: tuple
     slope_range: tuple
+    thread_shape: tuple
     accuracy_landmarks: tuple
     dinov2_sizes: tuple
     minilm_tokens: int
@@ -94,11 +97,12 @@ def plan_for(device: torch.device, quick: bool = False) -> Plan:
     """The sweep for ``device``; ``quick`` is a seconds-long smoke run at tiny sizes."""
     if quick:
         return Plan(seq_lens={1: (128, 256), 2: (256,)}, exact_max_n={1: 256, 2: 256}, landmarks=(8, 16),
-                    head_dim=16, breakdown=((1, 256),), slope_range=(128, 256), accuracy_landmarks=(8, 16),
+                    head_dim=16, breakdown=((1, 256),), slope_range=(128, 256), thread_shape=(1, 512),
+                    accuracy_landmarks=(8, 16),
                     dinov2_sizes=(), minilm_tokens=48, synthetic_n=256,
                     capture_layers={"dinov2": (11,), "minilm": (2,)}, e2e_sizes=(112,), e2e_landmarks=16,
                     gemm_size=512, copy_bytes=2**22, budget_s=0.02, smoke_run=True)
-    common = dict(landmarks=(32, 64, 128, 256), head_dim=64, slope_range=(4096, 65536),
+    common = dict(landmarks=(32, 64, 128, 256), head_dim=64, slope_range=(4096, 65536), thread_shape=(1, 65536),
                   accuracy_landmarks=(8, 16, 32, 64, 128, 256), dinov2_sizes=(224, 518), minilm_tokens=512,
                   synthetic_n=4096, capture_layers={"dinov2": (3, 7, 11), "minilm": (1, 3, 5)},
                   e2e_sizes=(224, 518, 1036), e2e_landmarks=64)
