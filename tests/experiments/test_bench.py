@@ -230,3 +230,13 @@ def test_unknown_section_is_rejected(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "--only", "scaling,speed"])
     assert "unknown section" in capsys.readouterr().err
+
+
+def test_exact_call_forces_the_named_kernel():
+    from nystrom.experiments.bench.scaling import exact_call
+
+    Q, K, V = torch.randn(3, 1, 2, 64, 16).unbind(0)
+    default = exact_call(Q, K, V)()
+    torch.testing.assert_close(exact_call(Q, K, V, "MATH")(), default, rtol=1e-5, atol=1e-6)
+    with pytest.raises(RuntimeError, match="No available kernel"):
+        exact_call(Q, K, V, "EFFICIENT_ATTENTION")()  # CUDA only

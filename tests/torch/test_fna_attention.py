@@ -118,6 +118,7 @@ def test_per_head_and_shared_landmarks():
     assert not (per_head.landmarks.assignment == per_head.landmarks.assignment[:, :1]).all()
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_matches_cpu():
     Q, K, V = (torch.from_numpy(x).float() for x in qkv_np(7))
@@ -126,9 +127,9 @@ def test_cuda_matches_cpu():
     torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_device_mismatch_is_an_error():
-    if not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
     Q, K, V = (torch.zeros(1, 4, 2) for _ in range(3))
     with pytest.raises(ValueError, match="K is on device"):
         nystrom.approximate(Q, K.cuda(), V, num_landmarks=2)

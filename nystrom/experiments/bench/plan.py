@@ -21,6 +21,10 @@ DEFAULT_SOLVER = "newton_schulz"
 GIVEN = "given"
 # What the scaling section times besides exact SDPA.
 METHODS = (*STRATEGIES, GIVEN)
+# Exact SDPA as timed: "exact" is PyTorch's own choice of kernel (flash on CPU, and on CUDA in bfloat16/float16),
+# the reference of every speed-up; on CUDA "exact_efficient" forces the memory-efficient kernel, the other fused
+# one, for comparison.
+EXACT_BACKENDS = {"exact": None, "exact_efficient": "EFFICIENT_ATTENTION"}
 # The CPU targets (float32, (1, 1, n, 64), m = 64, default strategy): speed-up over SDPA at each n, FLOP
 # rate as a fraction of the GEMM's at n = 65,536, and the log-log slope. benchmarks/ checks the same.
 CPU_SPEEDUP_TARGETS = ((16384, 100), (65536, 300))
@@ -66,6 +70,8 @@ class Plan:
         Seconds of timed calls per measurement (see :func:`nystrom.experiments.timing.measure`).
     smoke_run : bool
         A ``--quick`` plan: its outputs are marked as a smoke run, not a benchmark.
+    exact_methods : tuple of str
+        The exact SDPA kernels timed (keys of :data:`EXACT_BACKENDS`).
     """
 
     seq_lens: dict
@@ -86,6 +92,7 @@ class Plan:
     copy_bytes: int
     budget_s: float = 1.0
     smoke_run: bool = False
+    exact_methods: tuple = ("exact",)
 
     @property
     def default_landmarks(self):
@@ -109,7 +116,7 @@ def plan_for(device: torch.device, quick: bool = False) -> Plan:
     if device.type == "cuda":
         return Plan(seq_lens={1: tuple(2**k for k in range(8, 19)), 12: tuple(4**k for k in range(4, 10))},
                     exact_max_n={1: 2**18, 12: 2**18}, breakdown=((1, 2**18), (12, 2**16)), gemm_size=8192,
-                    copy_bytes=2**30, **common)
+                    copy_bytes=2**30, exact_methods=tuple(EXACT_BACKENDS), **common)
     # Exact SDPA for 12 heads costs 12 x 7.7 s per call at n = 65,536 on 2 cores: capped at 16,384 so the whole
     # suite stays under 15 minutes; one head is timed over the full range.
     return Plan(seq_lens={1: tuple(2**k for k in range(8, 17)), 12: tuple(4**k for k in range(4, 9))},

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from nystrom import NewtonSchulz, approximate, get_strategy
 from nystrom.linalg.flops import exact_attention_flops, nystrom_attention_flops
@@ -26,6 +27,7 @@ from .plan import (
     CPU_SPEEDUP_TARGETS,
     DEFAULT_SOLVER,
     DEFAULT_STRATEGY,
+    EXACT_BACKENDS,
     GIVEN,
     METHODS,
 )
@@ -66,13 +68,26 @@ def given_landmarks_call(Q, K, V, m):
                                  check_values=False)
 
 
+def exact_call(Q, K, V, backend=None):
+    """``fn()`` computing exact SDPA, by PyTorch's own choice of kernel or by the named ``backend``."""
+    if backend is None:
+        return lambda: F.scaled_dot_product_attention(Q, K, V)
+
+    def call():
+        with sdpa_kernel(getattr(SDPBackend, backend)):
+            return F.scaled_dot_product_attention(Q, K, V)
+
+    return call
+
+
 def _scaling_configs(plan):
-    """``(H, n, method, m)`` in sweep order; ``method`` is ``"exact"``, a strategy name or :data:`GIVEN`."""
+    """``(H, n, method, m)`` in sweep order; ``method`` is one of :data:`EXACT_BACKENDS` (those of the plan), a
+    strategy name or :data:`GIVEN`."""
     configs = []
     for heads, lengths in plan.seq_lens.items():
         for n in lengths:
             if n <= plan.exact_max_n[heads]:
-                configs.append((heads, n, "exact", None))
+                configs += [(heads, n, exact, None) for exact in plan.exact_methods]
             configs += [(heads, n, s, m) for s in METHODS for m in plan.landmarks if m <= n]
     return configs
 
@@ -91,8 +106,8 @@ def run_scaling(ctx):
                 inputs = random_qkv(shape, device, ctx.dtype)
             Q, K, V = inputs
             d = plan.head_dim
-            if method == "exact":
-                meas = measure(lambda: F.scaled_dot_product_attention(Q, K, V), device, budget_s=plan.budget_s)
+            if method in EXACT_BACKENDS:
+                meas = measure(exact_call(Q, K, V, EXACT_BACKENDS[method]), device, budget_s=plan.budget_s)
                 flops = exact_attention_flops(heads, n, n, d, d)
             elif method == GIVEN:
                 meas = measure(given_landmarks_call(Q, K, V, m), device, budget_s=plan.budget_s)
@@ -209,6 +224,9 @@ def scaling_tables(records, summary, plan, roof, stamp):
         for n in lengths:
             exact = _lookup(records, heads=heads, n=n, method="exact")
             row = [f"{n:,}", format_ms(exact and exact["min_s"])]
+            for other in plan.exact_methods[1:]:
+                r = _lookup(records, heads=heads, n=n, method=other)
+                row.append(format_ms(r and r["min_s"]))
             for s in METHODS:
                 r = _lookup(records, heads=heads, n=n, method=s, m=m)
                 if r is None:
@@ -217,7 +235,8 @@ def scaling_tables(records, summary, plan, roof, stamp):
                 speedup = f" ({format_ratio(exact['min_s'] / r['min_s'])})" if exact else ""
                 row.append(f"{format_ms(r['min_s'])}{speedup}")
             rows.append(row)
-        parts.append(markdown_table(["n", "exact SDPA"] + [f"`{s}`" for s in METHODS], rows))
+        parts.append(markdown_table(["n", "exact SDPA"] + [f"SDPA, {EXACT_BACKENDS[e]}" for e in plan.exact_methods[1:]]
+                                    + [f"`{s}`" for s in METHODS], rows))
         n_max = lengths[-1]
         parts.append(f"### Shape (1, {heads}, {n_max:,}, {plan.head_dim}): time (ms, min), FLOP rate as % of "
                      f"the GEMM's, peak memory above the inputs (MiB) by m\n")
@@ -249,7 +268,7 @@ def scaling_tables(records, summary, plan, roof, stamp):
 def scaling_figures(records, plan, roof, stamp):
     """The section's figures by file name: time per call by strategy and by m, peak memory, FLOP rate."""
     figures = {}
-    by_strategy = [("exact", None)] + [(s, plan.default_landmarks) for s in METHODS]
+    by_strategy = [(e, None) for e in plan.exact_methods] + [(s, plan.default_landmarks) for s in METHODS]
     by_landmarks = [("exact", None)] + [(DEFAULT_STRATEGY, m) for m in plan.landmarks]
     for name, lines, key, unit, ylabel, title in (
         ("scaling_time", by_strategy, "min_s", 1, "seconds", "time per call"),
@@ -266,7 +285,8 @@ def scaling_figures(records, plan, roof, stamp):
                 ax.plot([n for n, _ in pts], [v / unit if v > 0 else np.nan for _, v in pts],
                         "k-o" if method == "exact" else ("k--" if method == GIVEN else "-o"), ms=3,
                         label="exact SDPA" if method == "exact" else (
-                            f"landmarks given, m={m}" if method == GIVEN else f"{method}, m={m}"))
+                            f"exact SDPA, {EXACT_BACKENDS[method]}" if method in EXACT_BACKENDS else (
+                                f"landmarks given, m={m}" if method == GIVEN else f"{method}, m={m}")))
             if key == "flops_per_s":
                 ax.axhline(roof["gemm_flops_per_s"] / unit, color="r", ls="--", label=f"{roof['gemm_size']}² GEMM")
             ax.set(title=f"{title}, shape (1, {heads}, n, {plan.head_dim})", xlabel="n", ylabel=ylabel)

@@ -1,0 +1,75 @@
+"""The one GPU command: the CUDA tests, then the benchmark suite in bfloat16 and float16, with a summary.
+
+::
+
+    python benchmarks/gpu.py                  # on a CUDA machine: results under results/gpu/
+    python benchmarks/gpu.py --device cpu     # dry run: the same steps on the CPU at --quick sizes
+
+Steps, each run as its own process (one failing does not stop the others; the exit status is non-zero if any
+failed):
+
+1. ``pytest -m cuda tests``: every test marked ``cuda`` or run on the ``"cuda"`` device
+   (``tests/torch/test_cuda.py``: every strategy and dtype on the device, no host synchronisation with
+   ``check_values=False``, gradients, a patched model). On the CPU dry run they are collected and skipped.
+2. ``python -m nystrom bench --only scaling,breakdown`` in bfloat16 and in float16: shapes (1, 1, n, 64) and
+   (1, 12, n, 64) up to n = 262,144, every strategy and m, exact SDPA by PyTorch's kernel choice (flash in
+   half precision) and forced to the memory-efficient kernel, CUDA events, ``max_memory_allocated``, the
+   roofline (8192² GEMM, 1 GiB copy) and the GPU targets (at least 10× SDPA at (1, 12, 65,536, 64), within 2×
+   of the bytes-over-bandwidth floor).
+3. ``python -m nystrom bench --only e2e`` in bfloat16: DINOv2-S forward passes, exact against FNA.
+
+Results: ``<out>/<dtype>/<device>/<section>.{json,md,png}`` (the CPU suite's form) and ``<out>/gpu_summary.json``
+(each step's command, exit status and seconds). ``docs/scripts/benchmark_tables.py`` copies the tables into the
+docs. Budget: under 8 minutes on one H200 (the sections' own time budgets cap each measurement at 10 calls).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DTYPES = ("bfloat16", "float16")
+
+
+def steps(device, out):
+    """``(name, argv)`` of every step for ``device`` (``"cuda"``, or ``"cpu"`` for the dry run)."""
+    quick = ["--quick"] if device == "cpu" else []
+    bench = [sys.executable, "-m", "nystrom", "bench", "--device", device, "--no-progress", *quick]
+    yield "cuda tests", [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "cuda", "tests"]
+    for dtype in DTYPES:
+        yield f"bench {dtype}", [*bench, "--only", "scaling,breakdown", "--dtype", dtype, "--out", str(out / dtype)]
+    yield "bench e2e bfloat16", [*bench, "--only", "e2e", "--dtype", "bfloat16", "--out", str(out / "bfloat16")]
+
+
+def main(argv=None):
+    """Run every step; returns 0 when all of them succeeded."""
+    parser = argparse.ArgumentParser(prog="python benchmarks/gpu.py", description=__doc__.split("\n")[0])
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                        help="cuda (default), or cpu for a dry run at --quick sizes")
+    parser.add_argument("--out", type=Path, default=ROOT / "results" / "gpu")
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    summary, begin = [], time.perf_counter()
+    for name, command in steps(args.device, args.out):
+        print(f"gpu.py: {name}: {' '.join(command)}", flush=True)
+        started = time.perf_counter()
+        rc = subprocess.run(command, cwd=ROOT).returncode
+        summary.append({"step": name, "command": command, "returncode": rc,
+                        "seconds": round(time.perf_counter() - started, 1)})
+        print(f"gpu.py: {name}: exit {rc} after {summary[-1]['seconds']} s", flush=True)
+    total = round(time.perf_counter() - begin, 1)
+    (args.out / "gpu_summary.json").write_text(json.dumps({"device": args.device, "seconds": total,
+                                                          "steps": summary}, indent=1) + "\n")
+    failed = [s["step"] for s in summary if s["returncode"] != 0]
+    print(f"gpu.py: {len(summary) - len(failed)} of {len(summary)} steps passed in {total} s"
+          + (f"; failed: {', '.join(failed)}" if failed else ""), flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""``benchmarks/gpu.py``, the one GPU command: its steps are valid commands of this checkout, and its summary
+reports each step's exit status. (Its full dry run, ``python benchmarks/gpu.py --device cpu``, takes about a
+minute and a half on 2 cores; the quick bench it runs is what ``test_bench.py`` runs, in float32.)"""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from nystrom.experiments.bench.cli import build_parser
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("gpu_script", ROOT / "benchmarks" / "gpu.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("device", ["cuda", "cpu"])
+def test_every_step_is_a_valid_command(device, tmp_path):
+    steps = list(load_script().steps(device, tmp_path))
+    (_, tests), *benches = steps
+    assert tests[:3] == [sys.executable, "-m", "pytest"] and "cuda" in tests and (ROOT / tests[-1]).is_dir()
+    dtypes = set()
+    for _, command in benches:
+        assert command[:4] == [sys.executable, "-m", "nystrom", "bench"]
+        args = build_parser().parse_args(command[4:])
+        assert args.device == device and args.quick == (device == "cpu")
+        dtypes.add(args.dtype)
+    assert dtypes == {"bfloat16", "float16"}
+
+
+def test_summary_reports_each_step_and_fails_when_one_fails(tmp_path, monkeypatch):
+    script = load_script()
+    ran = []
+
+    def fake_run(command, cwd):
+        ran.append(command)
+        return subprocess.CompletedProcess(command, 3 if "float16" in command else 0)
+
+    monkeypatch.setattr(script.subprocess, "run", fake_run)
+    assert script.main(["--device", "cpu", "--out", str(tmp_path)]) == 1
+    summary = json.loads((tmp_path / "gpu_summary.json").read_text())
+    assert [s["command"] for s in summary["steps"]] == ran and len(ran) == 4
+    assert [s["step"] for s in summary["steps"] if s["returncode"]] == ["bench float16"]
