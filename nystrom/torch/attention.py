@@ -117,7 +117,8 @@ def split_key_sdpa(q, k, v, mask=None, *, scale, blocks):
 
     Returns
     -------
-    Tensor, shape (..., n_q, d_v), dtype of ``v``
+    Tensor, shape (..., n_q, d_v)
+        In the dtype of ``v``.
 
     Notes
     -----
