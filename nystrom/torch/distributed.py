@@ -5,26 +5,28 @@ rank order, :math:`n = \sum_r n_r`, sizes free) of ``Q``, ``K`` and ``V`` (self-
 
 .. math:: \hat O = \mathrm{softmax}(\tau Q \tilde k^\top)\, A^{+}\, \mathrm{softmax}(\tau \tilde q K^\top + M)\, V .
 
-Three steps, each with messages whose size does not grow with :math:`n`:
+Three steps, each with messages whose size does not grow with :math:`n`.
 
-1. **Landmarks**, the ones the concatenated sequence gets from the same strategy: the selection reads the token
-   axis through :class:`ShardedSequence` (:mod:`nystrom.linalg.sequence`). The default ``"norm"`` gathers its
-   probe queries and the evenly spaced k-means sample from the processes that hold them (an all-reduce of rows
-   that one process fills and the others leave 0), normalises the probes' attention over all keys with an
-   all-reduced maximum and sum, finds the sink candidates among each shard's top-k, and adds the per-cluster
-   sums of ``Q`` and ``K`` over the shards; the clustering itself runs on the gathered sample, identically on
-   every process.
-2. **Landmark product** :math:`BV = \mathrm{softmax}(\tau\tilde q K^\top + M)V`, split over the shards' keys:
-   each process reduces its keys to the partial results :math:`(o_r, \mu_r, s_r)` of
-   :func:`nystrom.linalg.split_keys.partial_attention`, and with :math:`\mu = \max_r \mu_r` (one all-reduce) and
-   :math:`w_r = e^{\mu_r - \mu}`
+**Landmarks**, the ones the concatenated sequence gets from the same strategy: the selection reads the token
+axis through :class:`ShardedSequence` (:mod:`nystrom.linalg.sequence`). The default ``"norm"`` gathers its
+probe queries and the evenly spaced k-means sample from the processes that hold them (an all-reduce of rows
+that one process fills and the others leave 0), normalises the probes' attention over all keys with an
+all-reduced maximum and sum, finds the sink candidates among each shard's top-k, and adds the per-cluster
+sums of ``Q`` and ``K`` over the shards; the clustering itself runs on the gathered sample, identically on
+every process.
 
-   .. math:: BV = \frac{\sum_r w_r\, o_r}{\sum_r w_r\, s_r}
+**Landmark product** :math:`BV = \mathrm{softmax}(\tau\tilde q K^\top + M)V`, split over the shards' keys:
+each process reduces its keys to the partial results :math:`(o_r, \mu_r, s_r)` of
+:func:`nystrom.linalg.split_keys.partial_attention`, and with :math:`\mu = \max_r \mu_r` (one all-reduce) and
+:math:`w_r = e^{\mu_r - \mu}`
 
-   (one all-reduce of the stacked numerator and denominator): the exact softmax over all keys.
-3. **Solve and output**: :math:`A` (:math:`m\times m`) and its pseudo-inverse are computed on every process
-   from the same landmarks, and :math:`\hat O_{\mathcal S_r} = \mathrm{softmax}(\tau Q_{\mathcal S_r}
-   \tilde k^\top) A^+ (BV)` needs only the shard's queries.
+.. math:: BV = \frac{\sum_r w_r\, o_r}{\sum_r w_r\, s_r}
+
+(one all-reduce of the stacked numerator and denominator): the exact softmax over all keys.
+
+**Solve and output**: :math:`A` (:math:`m\times m`) and its pseudo-inverse are computed on every process from
+the same landmarks, and :math:`\hat O_{\mathcal S_r} = \mathrm{softmax}(\tau Q_{\mathcal S_r} \tilde k^\top)
+A^+ (BV)` needs only the shard's queries.
 
 The docs' page "Sequence parallelism" lists the bytes each step sends and how to run it under ``torchrun``.
 """
