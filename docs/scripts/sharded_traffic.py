@@ -30,7 +30,7 @@ def run(rank, world, port, queue):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=120))
     rows = []
-    for strategy in ("norm", "kmeans", "uniform"):
+    for strategy in ("norm", "kmeans", "segment_means", "uniform"):
         for n in LENGTHS:
             gen = torch.Generator().manual_seed(0)
             Q, K, V = (torch.randn(SHAPE[0], SHAPE[1], n, SHAPE[3], generator=gen) for _ in range(3))
@@ -55,7 +55,7 @@ def main(worlds):
         print(f"P = {world} processes, (B, H, d) = (1, 4, 32) float32, m = {M}: bytes sent by process 0")
         for strategy, n, total, calls in queue.get():
             detail = " + ".join(f"{op} {size}" for op, size in calls)
-            print(f"  {strategy:8s} n = {n:6d}: {total:8d} bytes in {len(calls):2d} collectives ({detail})")
+            print(f"  {strategy:13s} n = {n:6d}: {total:8d} bytes in {len(calls):2d} collectives ({detail})")
 
 
 if __name__ == "__main__":

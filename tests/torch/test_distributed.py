@@ -97,7 +97,7 @@ def test_sharded_equals_single_process(groups, world, name):
 ERRORS = {
     "error_d_differs": "agree on the feature size d",
     "error_nan_on_one_process": "NaN",
-    "error_strategy": "those that can: 'kmeans', 'norm', 'uniform'",
+    "error_strategy": "those that can: 'kmeans', 'norm', 'segment_means', 'uniform'",
     "error_too_many_landmarks": "at most the number of keys n=96",
     "error_every_key_masked": "masks every key",
     "error_tol": "tol cannot be used with group=",
@@ -124,10 +124,12 @@ def test_bad_calls_raise_on_every_process(groups, world, name):
 def test_bytes_sent_do_not_grow_with_n(groups, world):
     for result in groups[world]:
         sent = result["traffic"]
-        assert sent[2048] == sent[4096], sent
-        size, calls = sent[2048]
+        assert sent[2048][:2] == sent[4096][:2], sent
+        size, calls, settings = sent[2048]
         # The k-means sample dominates: 1024 rows of 32 float32 features are 131,072 bytes.
         assert 131_072 < size < 250_000 and calls < 20, sent
+        # One small settings check per call.
+        assert len(settings) == 1 and settings[0] < 1000, sent
 
 
 def test_group_needs_an_initialised_process_group():
