@@ -222,9 +222,6 @@ def _shard_attend(xp, axis, q, k, v, mask=None, *, scale):
     return xp.astype(merge_partials(xp, o, mu, s, across=axis), v.dtype)
 
 
-UNSUPPORTED = ("return_info", "features", "tol", "max_landmarks", "strict_tol")
-
-
 def sharded_approximate(Q, K, V, *, group, strategy="norm", num_landmarks=64, solver="newton_schulz", scale=None,
                         attn_mask=None, seed=None, share_landmarks_across_heads=True, query_chunk_size=None,
                         check_values=True, unsupported=None, is_causal=False, dropout_p=0.0, **unknown):
@@ -268,18 +265,23 @@ def sharded_approximate(Q, K, V, *, group, strategy="norm", num_landmarks=64, so
         As :func:`nystrom.approximate`, on every process when any process's arguments are wrong (its message says
         which process and why) or when the processes' shapes or settings disagree; ``ValueError`` also for a
         strategy that cannot select over shards (the message lists those that can) and for the arguments a
-        sharded call does not take (``return_info``, ``features``, ``tol``). No process is left waiting.
+        sharded call does not take (``return_info``, ``features``, ``tol``) and for inputs that require grad while
+        autograd records. No process is left waiting.
     RuntimeError
         Without an initialised ``torch.distributed``.
 
     Notes
     -----
-    Sent per process and call (payload into the collectives; :func:`traffic` records them), for :math:`B` leading
-    rows (batch times heads), :math:`P` processes and :math:`m` landmarks: the setting check
-    :math:`O(P)`, then for ``"norm"`` about :math:`8(s_p d + 4 s_p + 2k) B + 8 s D B + 16 m d B`
-    bytes in float64 with :math:`s_p` probes, :math:`s = \min(n, \max(1024, 16m))` sampled tokens and :math:`k`
-    sink candidates, and :math:`8 m (d_v + 2) B` for the landmark product: nothing grows with :math:`n`
-    beyond :math:`s`.
+    Sent per process and call (payload into the collectives; :func:`traffic` records them): a settings check of a
+    few hundred bytes, then for ``"norm"``, with :math:`B` sequences of :math:`H` heads sharing landmarks and
+    :math:`b` bytes per element (float32 or wider), about
+
+    .. math:: B H s_p (d + 2 + k)\, b + 20 B k + B s d\, b + 2 B H m d\, b + B H m (d_v + 2)\, b
+
+    bytes: the :math:`s_p = 8` probe queries, their softmax, the :math:`k` sink candidates, the k-means sample of
+    :math:`s = \min(n, \max(1024, 16m))` tokens, the landmarks' sums and the landmark product. Nothing grows with
+    :math:`n` beyond :math:`s`; the docs' page "Sequence parallelism" lists every strategy. Forward only:
+    ``torch.distributed``'s collectives carry no gradient.
     """
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError("group= needs torch.distributed initialised (torch.distributed.init_process_group)")
@@ -335,6 +337,9 @@ def _check_shard(Q, K, V, strategy, num_landmarks, solver, scale, attn_mask, see
     for name, a in (("Q", Q), ("K", K), ("V", V)):
         if not isinstance(a, torch.Tensor):
             raise TypeError(f"{name} must be a torch tensor with group=, got {type(a).__name__}")
+    if torch.is_grad_enabled() and any(a.requires_grad for a in (Q, K, V)):
+        raise ValueError("group= computes the forward pass only (torch.distributed's collectives carry no gradient), "
+                         "and Q, K or V requires grad; call it under torch.no_grad() or pass detached tensors")
     xp, keys = check_attention_inputs(Q, K, V, attn_mask, check_values=check_values, shard=True)
     if Q.shape[-2] != K.shape[-2]:
         raise ValueError(f"group= takes self-attention shards (the queries sharded like the keys), got {Q.shape[-2]} "

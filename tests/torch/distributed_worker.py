@@ -127,6 +127,7 @@ def error_cases(rank, world):
     if rank == 1:
         nan_q[0, 0, 0, 0] = float("nan")
     all_padding = torch.zeros(2, 1, 1, k.shape[-2], dtype=torch.bool)
+    grad_q = q.clone().requires_grad_(rank == 0)
     return {
         "error_d_differs": error_of(lambda: nystrom.approximate(*bad_d, group=group)),
         "error_nan_on_one_process": error_of(lambda: nystrom.approximate(nan_q, k, v, group=group)),
@@ -136,6 +137,7 @@ def error_cases(rank, world):
         "error_tol": error_of(lambda: nystrom.approximate(q, k, v, tol=0.1, group=group)),
         "error_m_differs": error_of(lambda: nystrom.approximate(q, k, v, num_landmarks=8 + rank, group=group)),
         "error_cross_attention": error_of(lambda: nystrom.approximate(q[..., :1, :], k, v, group=group)),
+        "error_requires_grad": error_of(lambda: nystrom.approximate(grad_q, k, v, group=group)),
     }
 
 

@@ -103,6 +103,7 @@ ERRORS = {
     "error_tol": "tol cannot be used with group=",
     "error_m_differs": "agree on the settings",
     "error_cross_attention": "self-attention",
+    "error_requires_grad": "forward pass only",
 }
 
 
