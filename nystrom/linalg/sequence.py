@@ -87,6 +87,11 @@ class WholeSequence:
             positions = xp.broadcast_to(positions[..., None, :], (*a.shape[:-1], positions.shape[-1]))
         return xp.take_along_axis(a, positions, axis=-1)
 
+    def argmax(self, xp, values):
+        """Global position ``(...)`` of the largest entry of ``values (..., n)`` over the sequence, the first one on
+        ties."""
+        return xp.argmax(values, axis=-1)
+
     def top_k(self, xp, values, k: int):
         """Global positions ``(..., k)`` of the ``k`` largest entries of ``values (..., n)`` over the sequence,
         largest first."""

@@ -197,6 +197,16 @@ class ShardedSequence(WholeSequence):
             return self.sum(xp.astype(picked & held, xp.int32)) > 0
         return self.sum(xp.where(held, picked, xp.zeros_like(picked)))
 
+    def argmax(self, xp, values):
+        # Each shard's first largest entry as a (value, position) pair; the first shard wins a tie, as the lowest
+        # position does in one array.
+        best = xp.argmax(values, axis=-1)
+        value = xp.take_along_axis(values, best[..., None], axis=-1)[..., 0]
+        own = xp.stack([xp.astype(value, xp.float64), xp.astype(best + self.offset, xp.float64)], axis=-1)
+        pairs = xp.stack(self._gather(own), axis=-2)
+        winner = xp.argmax(pairs[..., 0], axis=-1)
+        return xp.astype(xp.take_along_axis(pairs[..., 1], winner[..., None], axis=-1)[..., 0], xp.int64)
+
     def top_k(self, xp, values, k):
         # Each shard's k largest with their global positions, one message of (value, position) pairs in float64
         # (exact for both); short shards pad with -inf. Ties go to the lowest position.
@@ -205,7 +215,9 @@ class ShardedSequence(WholeSequence):
         pairs = xp.stack([xp.astype(best.values, xp.float64), xp.astype(best.indices + self.offset, xp.float64)],
                          axis=-1)
         if own < k:
+            # Padding: value -inf at position n, which no process holds.
             pad = xp.full((*pairs.shape[:-2], k - own, 2), -math.inf, dtype=xp.float64, device=pairs.device)
+            pad[..., 1] = self.total
             pairs = xp.concat([pairs, pad], axis=-2)
         pairs = xp.concat(self._gather(pairs), axis=-2)
         value, position = pairs[..., 0], pairs[..., 1]

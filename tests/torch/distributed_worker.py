@@ -81,6 +81,9 @@ CASES = {
     "kmeans_f32": case("kmeans", dtype=torch.float32),
     "uniform_f64": case("uniform", mask=("bool", [70, 96]), seed=3),
     "segment_means_f64": case("segment_means", mask=("int", [70, 96])),
+    "fps_f64": case("fps", mask=("bool", [70, 96])),
+    "fps_f64_authors": case(nystrom.FPS(first=0, from_guaranteed=False, use_queries=True)),
+    "fps_f32_per_head": case("fps", dtype=torch.float32, share_landmarks_across_heads=False),
     "segment_means_f32": case("segment_means", dtype=torch.float32),
     "uniform_f32": case("uniform", dtype=torch.float32, seed=4),
 }
@@ -131,7 +134,7 @@ def error_cases(rank, world):
     return {
         "error_d_differs": error_of(lambda: nystrom.approximate(*bad_d, group=group)),
         "error_nan_on_one_process": error_of(lambda: nystrom.approximate(nan_q, k, v, group=group)),
-        "error_strategy": error_of(lambda: nystrom.approximate(q, k, v, strategy="fps", group=group)),
+        "error_strategy": error_of(lambda: nystrom.approximate(q, k, v, strategy="rpcholesky", group=group)),
         "error_too_many_landmarks": error_of(lambda: nystrom.approximate(q, k, v, num_landmarks=97, group=group)),
         "error_every_key_masked": error_of(lambda: nystrom.approximate(q, k, v, attn_mask=all_padding, group=group)),
         "error_tol": error_of(lambda: nystrom.approximate(q, k, v, tol=0.1, group=group)),

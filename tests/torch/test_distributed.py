@@ -97,7 +97,7 @@ def test_sharded_equals_single_process(groups, world, name):
 ERRORS = {
     "error_d_differs": "agree on the feature size d",
     "error_nan_on_one_process": "NaN",
-    "error_strategy": "those that can: 'kmeans', 'norm', 'segment_means', 'uniform'",
+    "error_strategy": "those that can: 'fps', 'kmeans', 'norm', 'segment_means', 'uniform'",
     "error_too_many_landmarks": "at most the number of keys n=96",
     "error_every_key_masked": "masks every key",
     "error_tol": "tol cannot be used with group=",
