@@ -241,7 +241,7 @@ def approximate(
         this shard's. The landmarks are those of the whole sequence and the result equals the single-process one
         up to rounding; the messages do not grow with :math:`n`. Every process calls with the same settings;
         ``strategy`` must be one that selects over shards (``"norm"``, ``"kmeans"``, ``"segment_means"``,
-        ``"uniform"``), and
+        ``"uniform"``, ``"fps"``), and
         ``return_info``, ``features`` and ``tol`` are not taken.
         See :func:`nystrom.torch.distributed.sharded_approximate`.
 

@@ -30,7 +30,7 @@ def run(rank, world, port, queue):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=120))
     rows = []
-    for strategy in ("norm", "kmeans", "segment_means", "uniform"):
+    for strategy in ("norm", "kmeans", "segment_means", "uniform", "fps"):
         for n in LENGTHS:
             gen = torch.Generator().manual_seed(0)
             Q, K, V = (torch.randn(SHAPE[0], SHAPE[1], n, SHAPE[3], generator=gen) for _ in range(3))

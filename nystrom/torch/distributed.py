@@ -253,8 +253,8 @@ def sharded_approximate(Q, K, V, *, group, strategy="norm", num_landmarks=64, so
     group : ProcessGroup
         The processes holding the sequence (``torch.distributed.group.WORLD`` for all).
     strategy : str or Strategy
-        A strategy declared ``sharded``: ``"norm"`` (default), ``"kmeans"``, ``"segment_means"``, ``"uniform"``
-        or such an object.
+        A strategy declared ``sharded``: ``"norm"`` (default), ``"kmeans"``, ``"segment_means"``, ``"uniform"``,
+        ``"fps"`` or such an object (``"rpcholesky"`` is not).
     num_landmarks, solver, scale, seed, share_landmarks_across_heads, query_chunk_size, check_values
         As for :func:`nystrom.approximate`; ``num_landmarks`` is checked against the whole sequence. Without a
         ``seed``, ``"uniform"`` uses process 0's fresh one on every process.
