@@ -28,10 +28,10 @@ TIMEOUT = 120
 
 # The sharded call chooses the landmarks the whole sequence gets and computes the same products; only sums over
 # the shards (the probes' softmax, the clusters' sums, the split-key merge of B V) are added in another order. In
-# float64 that moves the output by a few units of 1e-16, times the solver's amplification (6 Newton-Schulz steps:
-# about 10; the exact pseudo-inverse of an ill-conditioned A: up to 100): 1e-12 leaves a margin of 1e2 to 1e3.
-# In float32 the same reordering is worth about 1e-7 relative (measured: at most 1.2e-6 in max-abs, 7e-7 in the
-# Frobenius norm used here), so 1e-6 bounds the reordering, not an approximation error.
+# float64 that moves the output by a few units of 1e-16, times the solver's amplification (measured: at most 2e-15
+# with 6 Newton-Schulz steps, 3e-14 with the exact pseudo-inverse of an ill-conditioned A), so 1e-12 leaves a margin
+# of 30 or more. In float32 the same reordering is worth a few units of 1e-7 (measured: at most 7.5e-7 in the
+# Frobenius norm used here, 1.4e-6 in max-abs), so 1e-6 bounds the reordering, not an approximation error.
 TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-6}
 
 
