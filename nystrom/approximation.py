@@ -133,6 +133,7 @@ def approximate(
     tol=None,
     max_landmarks=None,
     strict_tol=False,
+    group=None,
     **unknown,
 ):
     r"""Approximate softmax attention with the Nyström method.
@@ -234,6 +235,15 @@ def approximate(
         (the solver's floor: six Newton–Schulz steps regularise, and their error does not vanish even at
         :math:`m = n`): ``False`` (default) warns (``UserWarning``) and returns the output with the lowest
         bound, ``True`` raises ``RuntimeError``.
+    group : torch.distributed ProcessGroup, optional
+        The inputs are this process's shard of a sequence sharded along the token axis across ``group``
+        (self-attention, shards in rank order, sizes free; ``attn_mask`` the shard's key mask), and the output is
+        this shard's. The landmarks are those of the whole sequence and the result equals the single-process one
+        up to rounding; the messages do not grow with :math:`n`. Every process calls with the same settings;
+        ``strategy`` must be one that selects over shards (``"norm"``, ``"kmeans"``, ``"segment_means"``,
+        ``"uniform"``, ``"fps"``), and
+        ``return_info``, ``features`` and ``tol`` are not taken.
+        See :func:`nystrom.torch.distributed.sharded_approximate`.
 
     Returns
     -------
@@ -273,6 +283,18 @@ def approximate(
     >>> out.shape
     (2, 4, 512, 32)
     """
+    if group is not None:
+        from .torch.distributed import sharded_approximate
+
+        # Every check of a sharded call runs inside it: a process with wrong arguments must not leave the others
+        # waiting in a collective.
+        return sharded_approximate(
+            Q, K, V, group=group, strategy=strategy, num_landmarks=num_landmarks, solver=solver, scale=scale,
+            attn_mask=attn_mask, seed=seed, share_landmarks_across_heads=share_landmarks_across_heads,
+            query_chunk_size=query_chunk_size, check_values=check_values, is_causal=is_causal, dropout_p=dropout_p,
+            unsupported={"return_info": return_info, "features": features, "tol": tol, "max_landmarks": max_landmarks,
+                         "strict_tol": strict_tol},
+            **unknown)
     check_unknown_arguments("approximate", unknown)
     check_bidirectional(is_causal, dropout_p)
     check_values = check_bool("check_values", check_values)

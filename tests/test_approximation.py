@@ -56,12 +56,13 @@ def test_each_argument_is_checked_once(strategy):
 
 def test_the_default_path_stays_short():
     # The modules a default call crosses (10 before the architecture change), as a regression guard: a new hop
-    # shows here first. The checks all run in validation.py, before any of the math.
+    # shows here first. The checks all run in validation.py, before any of the math. sequence.py is the token
+    # axis that selection reads (whole here, sharded across processes with group=).
     calls = profile(masked_call())
     files = {file for file, _ in calls}
     assert files <= {"approximation.py", "linalg/validation.py", "linalg/numerics.py", "linalg/attention.py",
                      "linalg/solvers.py", "linalg/landmarks/base.py", "linalg/landmarks/norm.py",
-                     "linalg/landmarks/kmeans.py", "linalg/landmarks/fps.py"}, files
+                     "linalg/landmarks/kmeans.py", "linalg/landmarks/fps.py", "linalg/sequence.py"}, files
     checks = {name for file, name in calls if file != "linalg/validation.py" and name.startswith("check_")}
     assert not checks, checks
 

@@ -160,7 +160,7 @@ def landmark_kernel(xp, q_landmarks, k_landmarks, scale, log_weights=None):
     return softmax(xp, logits)
 
 
-def nystrom_product(xp, Q, K, V, landmarks, invert, *, scale, mask=None, attend=None):
+def nystrom_product(xp, Q, K, V, landmarks, invert, *, scale, mask=None, attend=None, landmark_attend=None):
     r""":math:`F A^+ (B V)` for checked inputs: the trusted core of every Nyström attention call.
 
     Parameters
@@ -182,6 +182,9 @@ def nystrom_product(xp, Q, K, V, landmarks, invert, *, scale, mask=None, attend=
     attend : callable, optional
         ``attend(q, k, v, mask) -> softmax(scale q k^T + M) v`` with a bool or additive ``mask`` (as
         ``scaled_dot_product_attention``); default :func:`softmax_attention`.
+    landmark_attend : callable, optional
+        The attention call of :math:`BV` (landmark queries over all keys), default ``attend``: a sequence sharded
+        across processes merges its shards' partial results here (:mod:`nystrom.torch.distributed`).
 
     Returns
     -------
@@ -200,7 +203,7 @@ def nystrom_product(xp, Q, K, V, landmarks, invert, *, scale, mask=None, attend=
     if attend is None:
         attend = functools.partial(softmax_attention, xp, scale=scale)
     q_l, k_l, log_c = landmarks.queries, landmarks.keys, landmarks.log_weights
-    BV = attend(q_l, K, V, mask)
+    BV = (attend if landmark_attend is None else landmark_attend)(q_l, K, V, mask)
     result = invert(landmark_kernel(xp, q_l, k_l, scale, log_c))
     vp = result.inverse @ xp.astype(BV, result.inverse.dtype)
     # Weighted landmarks: log c_j is added to every logit against landmark key j (an additive SDPA mask).

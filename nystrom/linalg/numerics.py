@@ -191,6 +191,22 @@ def put_along_axis(xp, array, indices, values):
     return xp.where(xp.any(hit, axis=-2), chosen, array)
 
 
+def put_where(xp, array, indices, values, where=None):
+    """:func:`put_along_axis` of the entries where ``where (..., k)`` is True (``None``: all, which must then be
+    distinct); the other entries write nothing, whatever their ``indices`` (repeats included).
+
+    They are sent to one extra slot past the end, which is then dropped, so the written positions need only be
+    distinct among themselves.
+    """
+    if where is None:
+        return put_along_axis(xp, array, indices, values)
+    n = array.shape[-1]
+    spare = xp.zeros((*array.shape[:-1], 1), dtype=array.dtype, device=array_api_compat.device(array))
+    slots = xp.where(where, indices, xp.asarray(n, dtype=indices.dtype, device=array_api_compat.device(indices)))
+    values = xp.broadcast_to(values, tuple(slots.shape))
+    return put_along_axis(xp, xp.concat([array, spare], axis=-1), slots, values)[..., :n]
+
+
 def searchsorted_rows(xp, sorted_rows, values):
     """Per row, the number of entries of ``sorted_rows (..., n)`` (non-decreasing) that are ``<= values (..., k)``:
     ``searchsorted(side="right")`` batched over the leading dimensions: torch's is batched already, numpy's takes

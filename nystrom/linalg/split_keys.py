@@ -73,8 +73,9 @@ def partial_attention(xp, q, k, v, mask=None, *, scale):
     return p @ xp.astype(v, p.dtype), mu, xp.sum(p, axis=-1, keepdims=True)
 
 
-def merge_partials(xp, o, mu, s, axis):
-    r"""Merge partial results along ``axis`` (the block axis): :math:`\sum_b w_b o_b / \sum_b w_b s_b`.
+def merge_partials(xp, o, mu, s, axis=-3, *, across=None):
+    r"""Merge partial results along ``axis`` (the block axis): :math:`\sum_b w_b o_b / \sum_b w_b s_b`,
+    :math:`w_b = e^{\mu_b - \max_c \mu_c}`.
 
     Parameters
     ----------
@@ -84,15 +85,30 @@ def merge_partials(xp, o, mu, s, axis):
         Stacked partial results of :func:`partial_attention`, shapes ``(..., p, ..., n_q, d_v)``,
         ``(..., p, ..., n_q, 1)`` and the same, with the blocks along ``axis`` (negative, counted from the end).
         At least one block of every row must hold a key.
+    axis : int
+        The block axis, when the blocks are stacked here.
+    across : object, optional
+        The blocks are held by other processes instead (one each, no block axis): an object whose ``max(a)`` and
+        ``sum(a)`` reduce over them (:class:`nystrom.torch.distributed.ShardedSequence`, an all-reduce each).
+        The maximum is one all-reduce of ``(..., n_q, 1)``, the two sums one of ``(..., n_q, d_v + 1)``.
 
     Returns
     -------
     array
-        ``o``'s shape without ``axis``: the attention output.
+        ``o``'s shape without the block axis: the attention output.
     """
-    top = xp.max(mu, axis=axis, keepdims=True)
-    w = xp.exp(mu - top)
-    return xp.sum(w * o, axis=axis) / xp.sum(w * s, axis=axis)
+    if across is None:
+        def largest(a):
+            return xp.max(a, axis=axis, keepdims=True)
+
+        def total(a):
+            return xp.sum(a, axis=axis)
+    else:
+        largest, total = across.max, across.sum
+    w = xp.exp(mu - largest(mu))
+    # The numerator and the denominator in one reduction (one message when the blocks are on other processes).
+    both = total(xp.concat([w * o, w * s], axis=-1))
+    return both[..., :-1] / both[..., -1:]
 
 
 def split_key_attention(xp, q, k, v, mask=None, *, scale, blocks):

@@ -94,7 +94,7 @@ def check_bool(name: str, value) -> bool:
     return value
 
 
-def check_attention_inputs(Q, K, V=None, attn_mask=None, *, check_values=True):
+def check_attention_inputs(Q, K, V=None, attn_mask=None, *, check_values=True, shard=False):
     """Validate ``(Q, K, V, attn_mask)`` in the attention convention; return the namespace and the key mask.
 
     Shapes: ``Q (..., n_q, d)``, ``K (..., n, d)``, ``V (..., n, d_v)``; ``attn_mask`` as
@@ -106,6 +106,9 @@ def check_attention_inputs(Q, K, V=None, attn_mask=None, *, check_values=True):
     attn_mask : array, optional
     check_values : bool
         Also run the checks that read the data (finite values, mask values, no fully masked sequence).
+    shard : bool
+        The keys are one process's shard of a sequence (:mod:`nystrom.torch.distributed`): the mask may hide all
+        of them (the caller checks the whole sequence).
 
     Returns
     -------
@@ -155,7 +158,7 @@ def check_attention_inputs(Q, K, V=None, attn_mask=None, *, check_values=True):
         )
     if check_values:
         check_finite(xp, **named)
-    keys = None if attn_mask is None else check_attn_mask(xp, attn_mask, Q, K, check_values=check_values)
+    keys = None if attn_mask is None else check_attn_mask(xp, attn_mask, Q, K, check_values=check_values, shard=shard)
     return xp, keys
 
 
@@ -170,7 +173,7 @@ BIDIRECTIONAL = (
 )
 
 
-def check_attn_mask(xp, attn_mask, Q, K, *, check_values=True):
+def check_attn_mask(xp, attn_mask, Q, K, *, check_values=True, shard=False):
     r"""Validate a key mask given the way SDPA or transformers users hold it; return it as bool ``(..., n)``.
 
     Accepted, for ``Q (..., n_q, d)`` and ``K (..., n, d)``:
@@ -195,6 +198,8 @@ def check_attn_mask(xp, attn_mask, Q, K, *, check_values=True):
     check_values : bool
         Read the data: mask values, rows equal across queries (and, for ``(B, H, ...)`` inputs, across
         heads, which then share one mask row), a real key in every sequence.
+    shard : bool
+        ``K`` is a shard of the key axis: it may hold no real key (the caller checks the whole sequence).
 
     Returns
     -------
@@ -275,7 +280,7 @@ def check_attn_mask(xp, attn_mask, Q, K, *, check_values=True):
                 "are an attention bias, which Nyström landmarks do not approximate"
             )
     if check_values:
-        if not bool(xp.all(xp.any(keys, axis=-1))):
+        if not shard and not bool(xp.all(xp.any(keys, axis=-1))):
             raise ValueError("attn_mask masks every key of at least one sequence; each needs a real key")
         if len(lead) >= 2 and keys.shape[-2] > 1 and bool(xp.all(keys == keys[..., :1, :])):
             # The same row for every head (an expanded mask): one row lets the heads share landmarks.

@@ -34,6 +34,7 @@ import array_api_compat
 import numpy as np
 
 from ..numerics import at_least_float32, detached, segment_sum, without_padding
+from ..sequence import WHOLE
 from ..validation import (
     check_attention_inputs,
     check_bool,
@@ -58,6 +59,8 @@ CAPABILITIES = {
     "per_head": "it can choose a separate set per head (head_axis=None)",
     "masks": "it honours attn_mask: padding never enters a landmark",
     "weighted": "it returns landmark weights (the number of tokens each landmark stands for)",
+    "sharded": ("it selects over a sequence sharded across processes (approximate(group=...)): the landmarks of the "
+                "whole sequence, with communication that does not grow with n"),
 }
 
 
@@ -146,6 +149,9 @@ class Selection:
         it ``K``'s without the head axis.
     scale : float
         Softmax temperature :math:`\\tau` of the attention being approximated.
+    axis : WholeSequence
+        Where the token axis lives (:mod:`nystrom.linalg.sequence`): whole in these arrays, or sharded across
+        processes, ``Q``, ``K`` and ``real_keys`` then being this process's shard (strategies declared ``sharded``).
     """
 
     xp: Any
@@ -157,9 +163,11 @@ class Selection:
     head_axis: int | None = None
     features: Any = None
     scale: float = 1.0
+    axis: Any = WHOLE
 
     @classmethod
-    def of(cls, xp, Q, K, num_landmarks, keys=None, seed=None, head_axis=None, features=None, scale=1.0):
+    def of(cls, xp, Q, K, num_landmarks, keys=None, seed=None, head_axis=None, features=None, scale=1.0,
+           axis=WHOLE):
         """A selection for checked arguments, per head when the heads' key masks differ.
 
         Shared landmarks must be real keys in every head, and a head whose mask hides keys that another
@@ -174,7 +182,7 @@ class Selection:
                 features = xp.broadcast_to(xp.expand_dims(features, axis=head_axis),
                                            (*K.shape[:-1], features.shape[-1]))
             head_axis = None
-        return cls(xp, Q, K, num_landmarks, keys, seed, head_axis, features, scale)
+        return cls(xp, Q, K, num_landmarks, keys, seed, head_axis, features, scale, axis)
 
     @functools.cached_property
     def points(self):
@@ -211,7 +219,9 @@ class Strategy:
     * ``picks_tokens`` -- landmarks are real tokens and :attr:`Landmarks.indices` is set;
     * ``per_head`` -- supports ``head_axis=None`` (a separate set per head);
     * ``masks`` -- honours ``attn_mask``;
-    * ``weighted`` -- returns landmark weights.
+    * ``weighted`` -- returns landmark weights;
+    * ``sharded`` -- selects over a sharded sequence: :meth:`select` reads the token axis only through
+      ``selection.axis`` (:mod:`nystrom.linalg.sequence`).
     """
 
     name: ClassVar[str]
@@ -220,6 +230,7 @@ class Strategy:
     per_head: ClassVar[bool] = True
     masks: ClassVar[bool] = True
     weighted: ClassVar[bool] = False
+    sharded: ClassVar[bool] = False
 
     def __init_subclass__(cls, *, name: str | None = None, **capabilities):
         super().__init_subclass__()
@@ -265,7 +276,7 @@ class TokenStrategy(Strategy, picks_tokens=True):
         xp, Q, K, head_axis = selection.xp, selection.Q, selection.K, selection.head_axis
         idx = unfold_indices(xp, self.pick(selection, selection.points, selection.mask), K, head_axis)
         if not selection.cross:
-            return landmarks_at(xp, Q, K, idx)
+            return landmarks_at(xp, Q, K, idx, axis=selection.axis)
         q_idx = unfold_indices(xp, self.pick_queries(selection, selection.query_points), Q, head_axis)
         return landmarks_at(xp, Q, K, idx, q_idx)
 
@@ -292,7 +303,7 @@ class ClusterStrategy(Strategy, picks_tokens=False):
         xp, Q, K, head_axis, m = selection.xp, selection.Q, selection.K, selection.head_axis, selection.num_landmarks
         grouping = self.assign(selection, queries=False)
         if not selection.cross:
-            return grouped_landmarks(xp, Q, K, grouping, m, head_axis, weighted=self.weighted)
+            return grouped_landmarks(xp, Q, K, grouping, m, head_axis, weighted=self.weighted, axis=selection.axis)
         # Cross-attention: the queries are grouped on their own.
         queries = grouped_landmarks(xp, None, Q, self.assign(selection, queries=True), m, head_axis).keys
         keys = grouped_landmarks(xp, None, K, grouping, m, head_axis, weighted=self.weighted)
@@ -305,46 +316,49 @@ class ClusterStrategy(Strategy, picks_tokens=False):
         raise NotImplementedError
 
 
-def grouped_landmarks(xp, Q, K, grouping, m, head_axis=None, *, weighted=True):
+def grouped_landmarks(xp, Q, K, grouping, m, head_axis=None, *, weighted=True, axis=WHOLE):
     """Landmarks that are the group means of ``Q (..., n, d)`` (``None``: left unset) and ``K`` for a
     :class:`Grouping` on the selection rows (without the head axis when ``head_axis`` is shared), weighted by
     the number of tokens each group stands for when ``weighted``. Model patching uses it to reuse one grouping
     with each layer's own queries and keys.
 
     The sums run over the listed tokens only (a sample): :math:`O(r d)`, or :math:`O(n d)` for a full grouping.
+    On a sharded ``axis`` each process sums the tokens of its shard and the sums are added over the processes
+    (:math:`O(m d)` sent per array).
     """
     labels = grouping.labels if grouping.tokens is None else grouping.token_labels
     if grouping.tokens is not None:
         rows = unfold_indices(xp, grouping.tokens, K, head_axis)
         K = gather_rows(xp, K, rows)
         Q = None if Q is None else gather_rows(xp, Q, rows)
-    keys, counts = group_means(xp, K, labels, m, head_axis)
-    queries = None if Q is None else group_means(xp, Q, labels, m, head_axis, counts)[0]
+    keys, counts = group_means(xp, K, labels, m, head_axis, axis=axis)
+    queries = None if Q is None else group_means(xp, Q, labels, m, head_axis, counts, axis=axis)[0]
     log_weights = None
     if weighted:
         if grouping.weights is not None:
             tokens = xp.broadcast_to(xp.astype(grouping.weights, counts.dtype), tuple(labels.shape))
-            counts = segment_sum(xp, tokens[..., None], labels, m)[..., 0]
+            counts = axis.sum(segment_sum(xp, tokens[..., None], labels, m)[..., 0])
         log_weights = xp.log(xp.astype(counts, xp.float64 if K.dtype == xp.float64 else xp.float32))
         log_weights = unfold_indices(xp, log_weights, K, head_axis)
     return Landmarks(queries, keys, log_weights=log_weights, grouping=grouping)
 
 
-def group_means(xp, X, labels, m, head_axis=None, counts=None):
+def group_means(xp, X, labels, m, head_axis=None, counts=None, axis=WHOLE):
     """Means ``(..., m, d)`` of the rows of ``X (..., n, d)`` by ``labels`` (on the selection rows: without the head
     axis when ``head_axis`` is shared) and the group sizes ``(..., m)`` of the selection rows (``counts``, when the
     caller has them already from the same labels).
 
     Sums run in float32 or wider (a half-precision sum of many tokens loses the digits of the mean); a group with
-    no member would give 0/0 and counts as one token of value 0 (callers keep every group non-empty).
+    no member would give 0/0 and counts as one token of value 0 (callers keep every group non-empty). On a sharded
+    ``axis`` the sums and sizes are added over the processes before the division.
     """
     wide = at_least_float32(xp, X)
     if counts is None:
         ones = xp.ones((*labels.shape, 1), dtype=wide.dtype, device=array_api_compat.device(X))
-        counts = segment_sum(xp, ones, labels, m)[..., 0]
+        counts = axis.sum(segment_sum(xp, ones, labels, m)[..., 0])
     per_head = counts if head_axis is None else xp.expand_dims(counts, axis=head_axis + 1)
     labels = labels if head_axis is None else xp.expand_dims(labels, axis=head_axis + 1)
-    sums = segment_sum(xp, wide, labels, m)
+    sums = axis.sum(segment_sum(xp, wide, labels, m))
     means = sums / xp.maximum(per_head, xp.ones_like(per_head))[..., None]
     return xp.astype(means, X.dtype), counts
 
@@ -462,8 +476,12 @@ def gather_rows(xp, X, idx):
     return xp.take_along_axis(X, xp.broadcast_to(idx[..., None], (*idx.shape, X.shape[-1])), axis=-2)
 
 
-def landmarks_at(xp, Q, K, idx, query_idx=None) -> Landmarks:
-    """Landmarks that are real tokens: keys ``K[idx]`` and queries ``Q[query_idx]`` (default ``idx``)."""
+def landmarks_at(xp, Q, K, idx, query_idx=None, axis=WHOLE) -> Landmarks:
+    """Landmarks that are real tokens: keys ``K[idx]`` and queries ``Q[query_idx]`` (default ``idx``); on a sharded
+    ``axis`` (self-attention), global positions ``idx`` whose rows the processes holding them contribute."""
+    if axis.sharded:
+        rows, held = axis.local(xp, idx, K.shape[-2])
+        return Landmarks(axis.gather(xp, Q, rows, held), axis.gather(xp, K, rows, held), idx, idx)
     query_idx = idx if query_idx is None else query_idx
     return Landmarks(gather_rows(xp, Q, query_idx), gather_rows(xp, K, idx), idx, query_idx)
 

@@ -24,13 +24,14 @@ from types import MappingProxyType
 import array_api_compat
 import numpy as np
 
-from ..numerics import put_along_axis
+from ..numerics import put_where
+from ..sequence import WHOLE
 from ..solvers import NewtonSchulz
 from .base import TokenStrategy, host_view
 
 
 def farthest_point_sampling(X, num_points, *, mask=None, guarantee_score=None, max_guaranteed=None,
-                            from_guaranteed=True):
+                            from_guaranteed=True, axis=WHOLE):
     r"""Indices chosen by exact farthest-point sampling,
     :math:`s_{t+1} = \arg\max_i \min_{j \le t} \lVert x_i - x_{s_j}\rVert^2`.
 
@@ -52,6 +53,11 @@ def farthest_point_sampling(X, num_points, *, mask=None, guarantee_score=None, m
         ``True``: the farthest points are measured from the guaranteed ones too. ``False``: the guaranteed
         points stay out of the sampling, which starts at the first eligible point that is not guaranteed
         and measures distances from the sampled points alone (the FNA authors' rule).
+    axis : WholeSequence
+        The token axis (:mod:`nystrom.linalg.sequence`). On a sharded one, ``X``, ``mask`` and ``guarantee_score``
+        are this process's shard, and every step takes the farthest point of the whole sequence: each shard's
+        farthest candidate is gathered (:math:`O(P)` values) and the chosen point's row is sent to every process
+        (:math:`O(D)`), two collectives a step, :math:`m` steps. The indices returned are global positions.
 
     Returns
     -------
@@ -68,9 +74,9 @@ def farthest_point_sampling(X, num_points, *, mask=None, guarantee_score=None, m
     step). Both paths make the same choices.
     """
     xp = array_api_compat.array_namespace(X)
-    host = host_view(X)
+    host = None if axis.sharded else host_view(X)
     if host is None:
-        return _fps_on_device(xp, X, num_points, mask, guarantee_score, max_guaranteed, from_guaranteed)
+        return _fps_on_device(xp, X, num_points, mask, guarantee_score, max_guaranteed, from_guaranteed, axis)
     lead, (n, D) = tuple(X.shape[:-2]), tuple(X.shape[-2:])
     points = np.reshape(host, (-1, n, D))
     rows = points.shape[0]
@@ -132,11 +138,11 @@ def _fps_host(X, m, eligible, score, max_guaranteed, from_guaranteed=True):
     return chosen
 
 
-def _fps_on_device(xp, X, num_points, mask, guarantee_score, max_guaranteed, from_guaranteed=True):
-    """The same loop in array-API operations, batched, for arrays outside host memory."""
+def _fps_on_device(xp, X, num_points, mask, guarantee_score, max_guaranteed, from_guaranteed=True, axis=WHOLE):
+    """The same loop in array-API operations, batched, for arrays outside host memory and sharded sequences."""
     n = X.shape[-2]
     device = array_api_compat.device(X)
-    positions = xp.arange(n, device=device)
+    positions = axis.positions(xp, n, device)
     sq_norms = xp.sum(X * X, axis=-1)
     eligible = xp.ones(X.shape[:-1], dtype=xp.bool, device=device) if mask is None else mask
     neg = xp.asarray(-float("inf"), dtype=X.dtype, device=device)
@@ -146,25 +152,32 @@ def _fps_on_device(xp, X, num_points, mask, guarantee_score, max_guaranteed, fro
     if guarantee_score is not None and budget > 0:
         pending = eligible & (guarantee_score > -float("inf"))
         # Guaranteed points in the host loop's order: highest score first, ties to the lowest index (stable).
-        key = xp.where(pending, -guarantee_score, xp.asarray(float("inf"), dtype=guarantee_score.dtype, device=device))
-        order = xp.argsort(key, axis=-1, stable=True)[..., :budget]
-        count = xp.sum(xp.astype(pending, xp.int64), axis=-1)
+        if axis.sharded:
+            order = axis.top_k(xp, xp.where(pending, guarantee_score, neg), budget)
+        else:
+            key = xp.where(pending, -guarantee_score,
+                           xp.asarray(float("inf"), dtype=guarantee_score.dtype, device=device))
+            order = xp.argsort(key, axis=-1, stable=True)[..., :budget]
+        count = axis.sum(xp.sum(xp.astype(pending, xp.int64), axis=-1))
         if not from_guaranteed:
             # The guaranteed points are taken in order below and never sampled: out of the distances now.
             taken = xp.arange(budget, device=device) < count[..., None]
-            dist = xp.where(put_along_axis(xp, xp.zeros(dist.shape, dtype=xp.bool, device=device), order, taken),
-                            neg, dist)
+            rows, held = axis.local(xp, order, n)
+            taken_here = put_where(xp, xp.zeros(dist.shape, dtype=xp.bool, device=device), rows, taken,
+                                   None if held is None else held & taken)
+            dist = xp.where(taken_here, neg, dist)
     ones = xp.ones_like(sq_norms)
     augmented = xp.concat([xp.matrix_transpose(X), sq_norms[..., None, :], ones[..., None, :]], axis=-2)
     chosen = []
     for step in range(num_points):
-        idx = xp.argmax(dist, axis=-1)
+        idx = axis.argmax(xp, dist)
         guaranteed_step = None
         if order is not None and step < order.shape[-1]:
             guaranteed_step = step < count
             idx = xp.where(guaranteed_step, order[..., step], idx)
         chosen.append(idx)
-        point = xp.take_along_axis(X, xp.broadcast_to(idx[..., None, None], (*idx.shape, 1, X.shape[-1])), axis=-2)
+        rows, held = axis.local(xp, idx[..., None], n)
+        point = axis.gather(xp, X, rows, held)
         coeff = xp.concat([-2 * point, ones[..., :1, None], xp.sum(point * point, axis=-1)[..., None]], axis=-1)
         d_new = xp.clip((coeff @ augmented)[..., 0, :], min=0)
         updated = xp.minimum(dist, d_new)
@@ -175,7 +188,7 @@ def _fps_on_device(xp, X, num_points, mask, guarantee_score, max_guaranteed, fro
 
 
 @dataclass(frozen=True)
-class FPS(TokenStrategy, name="fps"):
+class FPS(TokenStrategy, name="fps", sharded=True):
     """Farthest-point sampling over per-token features.
 
     Parameters
@@ -211,9 +224,9 @@ class FPS(TokenStrategy, name="fps"):
     def pick(self, selection, X, mask):
         if self.use_queries and not selection.cross:
             X = selection.query_points
-        score = first_token_score(selection.xp, X, self.first)
+        score = first_token_score(selection.xp, X, self.first, selection.axis)
         return farthest_point_sampling(X, selection.num_landmarks, mask=mask, guarantee_score=score,
-                                       from_guaranteed=self.from_guaranteed)
+                                       from_guaranteed=self.from_guaranteed, axis=selection.axis)
 
 
 FNA_AUTHORS = MappingProxyType({
@@ -227,15 +240,16 @@ scaled per matrix. One landmark set per sequence shared by the heads, chosen onc
 library's default too. Where the defaults depart from it, and why: the docs' landmark page."""
 
 
-def first_token_score(xp, X, first):
-    """A guarantee score that is finite (0) at token ``first`` only, or ``None`` when ``first`` is None."""
+def first_token_score(xp, X, first, axis=WHOLE):
+    """A guarantee score that is finite (0) at token ``first`` only (a position of the whole sequence on a sharded
+    ``axis``), or ``None`` when ``first`` is None."""
     if first is None:
         return None
-    n = X.shape[-2]
+    n = axis.length(X.shape[-2])
     if not (-n <= first < n):
         raise ValueError(f"first={first} is not a token position for n={n}")
     device = array_api_compat.device(X)
-    hit = xp.arange(n, device=device) == (first % n)
+    hit = axis.positions(xp, X.shape[-2], device) == (first % n)
     score = xp.where(hit, xp.asarray(0.0, dtype=X.dtype, device=device),
                      xp.asarray(-float("inf"), dtype=X.dtype, device=device))
     return xp.broadcast_to(score, X.shape[:-1])

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 
 import array_api_compat
 
-from ..numerics import put_along_axis, searchsorted_rows, segment_sum
+from ..numerics import put_along_axis, put_where, segment_sum
+from ..sequence import WHOLE
 from .base import ClusterStrategy, Grouping, gather_rows
 from .fps import farthest_point_sampling
 
@@ -37,26 +38,39 @@ def nearest(xp, X, C, active=None):
     return xp.argmin(d, axis=-1)
 
 
-def evenly_spaced(xp, shape, k, mask=None, device=None):
-    r"""Positions ``(..., k)`` of ``k`` evenly spaced eligible tokens and which of them are real picks ``(..., k)``.
+def evenly_spaced(xp, shape, k, mask=None, device=None, axis=WHOLE):
+    r"""Rows ``(..., k)`` of ``k`` evenly spaced eligible tokens, which of them are real picks ``(..., k)`` and which
+    this array holds ``(..., k)``.
 
     Among the :math:`n_v` eligible tokens of a row (``mask``, default all of ``shape = (..., n)``), rank
     :math:`\lfloor i \max(n_v, k) / k \rfloor` for :math:`i < k`: every eligible token when :math:`n_v \le k`
     (the other picks are marked unreal), a stride of :math:`n_v / k` otherwise. Padding at the end of a sequence
-    changes nothing.
+    changes nothing. On a sharded ``axis`` (:mod:`nystrom.linalg.sequence`) the ranks are those of the whole
+    sequence, and each process holds the picks in its shard.
+
+    Returns
+    -------
+    rows : int array, shape (..., k)
+        Rows of this array (for picks it does not hold: some row).
+    real : bool array, shape (..., k), or None
+        Picks that are eligible tokens (``None``: all).
+    held : bool array, shape (..., k), or None
+        Real picks held by this array (``None``: every real pick, as for a whole sequence).
     """
     n = shape[-1]
     positions = xp.arange(k, dtype=xp.int64, device=device)
     if mask is None:
-        return xp.broadcast_to((positions * max(n, k)) // k, (*shape[:-1], k)), None
-    filled = xp.cumulative_sum(xp.astype(mask, xp.int64), axis=-1)
-    n_valid = filled[..., -1:]
+        total = axis.length(n)
+        rows, held = axis.local(xp, xp.broadcast_to((positions * max(total, k)) // k, (*shape[:-1], k)), n)
+        return rows, None, held
+    filled, before, n_valid = axis.cumulative_count(xp, mask)
     ranks = (positions * xp.maximum(n_valid, xp.asarray(k, device=device))) // k
-    rows = xp.minimum(searchsorted_rows(xp, filled, ranks), xp.asarray(n - 1, device=device))
-    return rows, ranks < n_valid
+    real = ranks < n_valid
+    rows, held = axis.rows_of_ranks(xp, filled, before, ranks, real)
+    return rows, real, held
 
 
-def sampled_kmeans(xp, X, m, mask=None, *, iters=3, sample_size=None, active=None, assign_all=False):
+def sampled_kmeans(xp, X, m, mask=None, *, iters=3, sample_size=None, active=None, assign_all=False, axis=WHOLE):
     r"""Cluster labels ``(..., n)`` of the rows of ``X (..., n, D)`` by k-means on a sample, and the number of tokens
     each labelled row stands for.
 
@@ -90,10 +104,11 @@ def sampled_kmeans(xp, X, m, mask=None, *, iters=3, sample_size=None, active=Non
         :math:`n_v / s_v` points.
     """
     n = X.shape[-2]
+    total = axis.length(n)
     device = array_api_compat.device(X)
-    s = min(n, sample_size or max(1024, 16 * m))
-    rows, in_sample = evenly_spaced(xp, X.shape[:-1], s, mask, device)
-    sample = gather_rows(xp, X, rows)
+    s = min(total, sample_size or max(1024, 16 * m))
+    rows, in_sample, held = evenly_spaced(xp, X.shape[:-1], s, mask, device, axis)
+    sample = axis.gather(xp, X, rows, held)
     # Deterministic throughout: an evenly spaced sample and farthest-point seeds (a random sample with k-means++
     # seeds moved the error on real attention by up to 40 % from one seed to another; docs' landmark page).
     seeds = farthest_point_sampling(sample, m, mask=in_sample)
@@ -115,23 +130,27 @@ def sampled_kmeans(xp, X, m, mask=None, *, iters=3, sample_size=None, active=Non
     if active is not None:
         seeds = xp.where(active, seeds, seeds[..., :1])
         own = xp.where(active, own, xp.zeros_like(own))
-    if assign_all or s == n:
+    if assign_all or s == total:
         seed_tokens = xp.take_along_axis(rows, seeds, axis=-1)
-        labels = put_along_axis(xp, nearest(xp, X, centroids, active), seed_tokens, own)
+        seed_held = None if held is None else xp.take_along_axis(held, seeds, axis=-1)
+        labels = put_where(xp, nearest(xp, X, centroids, active), seed_tokens, own, seed_held)
         return Grouping(labels if mask is None else xp.where(mask, labels, -xp.ones_like(labels)))
     labels = put_along_axis(xp, nearest(xp, sample, centroids, active), seeds, own)
     if in_sample is None:
-        stands_for = xp.full((*X.shape[:-2], 1), n / s, dtype=X.dtype, device=device)
+        stands_for = xp.full((*X.shape[:-2], 1), total / s, dtype=X.dtype, device=device)
     else:
         labels = xp.where(in_sample, labels, -xp.ones_like(labels))
-        n_valid = xp.sum(xp.astype(mask, X.dtype), axis=-1, keepdims=True)
+        n_valid = axis.sum(xp.sum(xp.astype(mask, X.dtype), axis=-1, keepdims=True))
         stands_for = n_valid / xp.sum(xp.astype(in_sample, X.dtype), axis=-1, keepdims=True)
-    full = put_along_axis(xp, -xp.ones(X.shape[:-1], dtype=labels.dtype, device=device), rows, labels)
+    if held is not None:
+        # The listed tokens are the picks this array holds (on a sharded axis, the others are summed elsewhere).
+        labels = xp.where(held, labels, -xp.ones_like(labels))
+    full = put_where(xp, -xp.ones(X.shape[:-1], dtype=labels.dtype, device=device), rows, labels, held)
     return Grouping(full, tokens=rows, token_labels=labels, weights=stands_for)
 
 
 @dataclass(frozen=True)
-class KMeans(ClusterStrategy, name="kmeans", weighted=True):
+class KMeans(ClusterStrategy, name="kmeans", weighted=True, sharded=True):
     """Clusters of the tokens (sampled k-means), each landmark weighted by the tokens it stands for.
 
     Parameters
@@ -164,4 +183,4 @@ class KMeans(ClusterStrategy, name="kmeans", weighted=True):
     def assign(self, selection, queries):
         X, mask = (selection.query_points, None) if queries else (selection.points, selection.mask)
         return sampled_kmeans(selection.xp, X, selection.num_landmarks, mask, iters=self.iters,
-                              sample_size=self.sample_size, assign_all=self.assign_all)
+                              sample_size=self.sample_size, assign_all=self.assign_all, axis=selection.axis)

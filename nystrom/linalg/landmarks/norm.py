@@ -33,12 +33,13 @@ from dataclasses import dataclass
 
 import array_api_compat
 
-from ..numerics import at_least_float32, masked_median, put_along_axis, softmax, top_k
+from ..numerics import at_least_float32, masked_median, put_where, softmax
+from ..sequence import WHOLE
 from .base import ClusterStrategy, Grouping
 from .kmeans import sampled_kmeans
 
 
-def probe_logits(xp, Q, K, scale, mask=None, num_probes=16):
+def probe_logits(xp, Q, K, scale, mask=None, num_probes=16, axis=WHOLE):
     r"""Attention logits of evenly spaced probe queries, :math:`\tau\, q_p K^\top + M`.
 
     Parameters
@@ -52,6 +53,10 @@ def probe_logits(xp, Q, K, scale, mask=None, num_probes=16):
     num_probes : int
         Probe queries :math:`s`: ranks :math:`\lfloor i (n_v - 1)/(s - 1)\rfloor`, :math:`i < s`, among the
         :math:`n_v` real queries (deterministic; a sequence with fewer real queries repeats some).
+    axis : WholeSequence
+        The token axis (:mod:`nystrom.linalg.sequence`): on a sharded one, ``Q``, ``K`` and ``mask`` are this
+        process's shard, the probes are those of the whole sequence (gathered from the processes that hold them,
+        :math:`O(s d)` sent) and the logits are those of the shard's keys.
 
     Returns
     -------
@@ -62,22 +67,22 @@ def probe_logits(xp, Q, K, scale, mask=None, num_probes=16):
     Q, K = at_least_float32(xp, Q), at_least_float32(xp, K)
     device = array_api_compat.device(Q)
     n_q = Q.shape[-2]
+    total = axis.length(n_q)
     real_queries = mask is not None and n_q == K.shape[-2]
     if real_queries:
         mask = xp.broadcast_to(mask, tuple(K.shape[:-1]))
-        filled = xp.cumulative_sum(xp.astype(mask, xp.int64), axis=-1)
-        n_valid = filled[..., -1:]
+        filled, before, n_valid = axis.cumulative_count(xp, mask)
     else:
-        n_valid = xp.full(tuple(Q.shape[:-2]) + (1,), n_q, dtype=xp.int64, device=device)
+        n_valid = xp.full(tuple(Q.shape[:-2]) + (1,), total, dtype=xp.int64, device=device)
     # The probe count never depends on the data: no host synchronisation.
-    s = min(num_probes, n_q)
+    s = min(num_probes, total)
     ranks = (xp.arange(s, device=device) * (n_valid - 1)) // max(s - 1, 1)
     if real_queries:
-        # Position of the real query of rank r: the number of positions holding at most r real ones.
-        positions = xp.sum(xp.astype(filled[..., None, :] <= ranks[..., :, None], xp.int64), axis=-1)
+        # Row of the real query of rank r: the number of rows holding at most r real ones.
+        rows, held = axis.rows_of_ranks(xp, filled, before, ranks)
     else:
-        positions = ranks
-    probes = xp.take_along_axis(Q, xp.broadcast_to(positions[..., None], (*positions.shape, Q.shape[-1])), axis=-2)
+        rows, held = axis.local(xp, ranks, n_q)
+    probes = axis.gather(xp, Q, rows, held)
     logits = (scale * probes) @ xp.matrix_transpose(K)
     if mask is not None:
         logits = xp.where(mask[..., None, :], logits, xp.asarray(-float("inf"), dtype=logits.dtype, device=device))
@@ -102,7 +107,7 @@ def attention_share(xp, Q, K, scale, mask=None, num_probes=16):
 
 
 @dataclass(frozen=True)
-class Norm(ClusterStrategy, name="norm", weighted=True):
+class Norm(ClusterStrategy, name="norm", weighted=True, sharded=True):
     """High-norm tokens, attention sinks and CLS as one-token landmarks; weighted k-means clusters for the rest.
 
     Parameters
@@ -166,25 +171,29 @@ class Norm(ClusterStrategy, name="norm", weighted=True):
         X, mask = selection.points, selection.mask
         device = array_api_compat.device(X)
         budget = min(max(1, int(self.max_singleton_fraction * m)), m - 1)
+        axis = selection.axis
         if budget == 0:
             return sampled_kmeans(xp, X, m, mask, iters=self.iters, sample_size=self.sample_size,
-                                  assign_all=self.assign_all)
+                                  assign_all=self.assign_all, axis=axis)
         candidates, real = self.singletons(selection, budget)
         # Real singletons come first among the candidates, so row r has g_r of them, and they take the last g_r
         # slots while k-means fills the first m - g_r: no row waits for another.
         count = xp.sum(xp.astype(real, xp.int64), axis=-1, keepdims=True)
         slot = xp.where(real, (m - count) + xp.arange(budget, device=device), -xp.ones_like(candidates))
-        single = put_along_axis(xp, xp.zeros(X.shape[:-1], dtype=xp.bool, device=device), candidates, real)
+        # The candidates are global positions; rows of this array, and whether it holds them (None: all).
+        rows, held = axis.local(xp, candidates, X.shape[-2])
+        single = put_where(xp, xp.zeros(X.shape[:-1], dtype=xp.bool, device=device), rows, real, held)
         eligible = ~single if mask is None else mask & ~single
         active = xp.arange(m, device=device) < (m - count)
         clusters = sampled_kmeans(xp, X, m, eligible, iters=self.iters, sample_size=self.sample_size,
-                                  active=active, assign_all=self.assign_all)
-        labels = put_along_axis(xp, clusters.labels, candidates,
-                                xp.where(real, slot, xp.take_along_axis(clusters.labels, candidates, axis=-1)))
+                                  active=active, assign_all=self.assign_all, axis=axis)
+        labels = put_where(xp, clusters.labels, rows, slot, real if held is None else real & held)
         if clusters.tokens is None:
             return Grouping(labels)
         ones = xp.ones(candidates.shape, dtype=X.dtype, device=device)
-        return Grouping(labels, tokens=xp.concat([clusters.tokens, candidates], axis=-1),
+        if held is not None:
+            slot = xp.where(held, slot, -xp.ones_like(slot))
+        return Grouping(labels, tokens=xp.concat([clusters.tokens, rows], axis=-1),
                         token_labels=xp.concat([clusters.token_labels, slot], axis=-1),
                         weights=xp.concat([xp.broadcast_to(clusters.weights, clusters.tokens.shape), ones], axis=-1))
 
@@ -198,12 +207,13 @@ class Norm(ClusterStrategy, name="norm", weighted=True):
         xp, K, mask, head_axis = selection.xp, selection.K, selection.mask, selection.head_axis
         padding = selection.real_keys
         padding = None if padding is None else xp.broadcast_to(padding, tuple(K.shape[:-1]))
-        attention = softmax(xp, probe_logits(xp, selection.Q, K, selection.scale, padding, self.num_probes))
+        axis = selection.axis
+        attention = axis.softmax(xp, probe_logits(xp, selection.Q, K, selection.scale, padding, self.num_probes, axis))
         share = xp.mean(attention, axis=-2)
         if head_axis is not None:
             share = xp.mean(share, axis=head_axis + 1)
         device = array_api_compat.device(share)
-        n = share.shape[-1]
+        n = axis.length(share.shape[-1])
         forced = xp.zeros(share.shape, dtype=xp.bool, device=device)
         if selection.features is not None:
             points = selection.points
@@ -213,24 +223,24 @@ class Norm(ClusterStrategy, name="norm", weighted=True):
         if self.first is not None:
             if not (-n <= self.first < n):
                 raise ValueError(f"first={self.first} is not a token position for n={n}")
-            is_first = xp.arange(n, device=device) == (self.first % n)
+            is_first = axis.positions(xp, share.shape[-1], device) == (self.first % n)
             forced = forced | is_first
             priority = xp.where(is_first, xp.asarray(4.0, dtype=share.dtype, device=device), priority)
         if mask is not None:
             priority = xp.where(mask, priority, xp.asarray(-1.0, dtype=share.dtype, device=device))
-        candidates = top_k(xp, priority, budget)
+        candidates = axis.top_k(xp, priority, budget)
         # The quorum: the fraction of probes in which each candidate takes at least the threshold share.
         columns = candidates if head_axis is None else xp.expand_dims(candidates, axis=head_axis + 1)
         columns = xp.broadcast_to(columns[..., None, :], (*attention.shape[:-1], budget))
-        rows = xp.take_along_axis(attention, columns, axis=-1)
+        rows = axis.take(xp, attention, columns)
         if head_axis is not None:
             rows = xp.mean(rows, axis=head_axis)
-        n_valid = n if mask is None else xp.sum(xp.astype(mask, share.dtype), axis=-1, keepdims=True)
+        n_valid = n if mask is None else axis.sum(xp.sum(xp.astype(mask, share.dtype), axis=-1, keepdims=True))
         threshold = xp.minimum(self.sink_ratio / n_valid, xp.asarray(self.sink_share, dtype=share.dtype,
                                                                         device=device))
         votes = xp.mean(xp.astype(rows >= threshold[..., None], share.dtype), axis=-2)
-        real = (votes >= self.sink_quorum) | xp.take_along_axis(forced, candidates, axis=-1)
+        real = (votes >= self.sink_quorum) | axis.take(xp, forced, candidates)
         if mask is not None:
-            real = real & xp.take_along_axis(mask, candidates, axis=-1)
+            real = real & axis.take(xp, mask, candidates)
         order = xp.argsort(xp.astype(~real, xp.int64), axis=-1, stable=True)
         return xp.take_along_axis(candidates, order, axis=-1), xp.take_along_axis(real, order, axis=-1)

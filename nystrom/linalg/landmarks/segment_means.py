@@ -12,21 +12,23 @@ from dataclasses import dataclass
 
 import array_api_compat
 
+from ..sequence import WHOLE
 from .base import ClusterStrategy, Grouping
 
 
-def segment_labels(xp, n, m, mask=None, device=None):
+def segment_labels(xp, n, m, mask=None, device=None, axis=WHOLE):
     r"""Segment of each token ``(..., n)``, :math:`\lfloor r m / n_v\rfloor` for the real token of rank :math:`r`;
-    ``-1`` for padding. Without a mask, shape ``(n,)``."""
+    ``-1`` for padding. Without a mask, shape ``(n,)``. On a sharded ``axis`` (:mod:`nystrom.linalg.sequence`) the
+    ranks are those of the whole sequence and the labels those of this shard's tokens."""
     if mask is None:
-        return (xp.arange(n, device=device) * m) // n
-    rank = xp.cumulative_sum(xp.astype(mask, xp.int64), axis=-1) - 1
-    n_valid = xp.sum(xp.astype(mask, xp.int64), axis=-1, keepdims=True)
+        return (axis.positions(xp, n, device) * m) // axis.length(n)
+    filled, before, n_valid = axis.cumulative_count(xp, mask)
+    rank = before + filled - 1
     return xp.where(mask, (rank * m) // n_valid, -xp.ones_like(rank))
 
 
 @dataclass(frozen=True)
-class SegmentMeans(ClusterStrategy, name="segment_means"):
+class SegmentMeans(ClusterStrategy, name="segment_means", sharded=True):
     """Means of contiguous segments (Xiong et al., 2021). Deterministic; :math:`O(n d)` time. Padded tokens are
     left out of every mean. Unweighted, as published: segment sizes differ by at most one.
 
@@ -40,4 +42,4 @@ class SegmentMeans(ClusterStrategy, name="segment_means"):
         tokens = selection.Q if queries else selection.K
         mask = None if queries else selection.mask
         return Grouping(segment_labels(selection.xp, tokens.shape[-2], selection.num_landmarks, mask,
-                                       array_api_compat.device(tokens)))
+                                       array_api_compat.device(tokens), selection.axis))

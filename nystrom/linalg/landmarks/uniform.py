@@ -8,10 +8,11 @@ from dataclasses import dataclass
 import array_api_compat
 import numpy as np
 
+from ..sequence import WHOLE
 from .base import TokenStrategy, host_view
 
 
-def random_subset(xp, shape, k, seed, mask=None, device=None):
+def random_subset(xp, shape, k, seed, mask=None, device=None, axis=WHOLE):
     """Positions ``(..., k)``, ascending, of ``k`` distinct tokens drawn uniformly among the eligible ones.
 
     ``shape`` is ``(..., n)``; ``mask (..., n)`` marks the eligible tokens (at least ``k`` per row, or the
@@ -21,7 +22,18 @@ def random_subset(xp, shape, k, seed, mask=None, device=None):
     accelerator arrays sort on the device, so the mask is never read back to the host. With a seed, each row
     draws from its own stream, so padding at the end of a sequence leaves the keys of its real tokens, and the
     subset, unchanged.
+
+    On a sharded ``axis`` (:mod:`nystrom.linalg.sequence`; ``seed`` then required, the same on every process)
+    each process draws the keys of the whole row and keeps those of its shard: the global positions of the ``k``
+    smallest come from each shard's ``k`` smallest, :math:`O(pk)` sent.
     """
+    if axis.sharded:
+        n = shape[-1]
+        keys = row_draws(seed, (*shape[:-1], axis.length(n)))[..., axis.offset:axis.offset + n]
+        keys = xp.asarray(keys, dtype=xp.float64, device=device)
+        if mask is not None:
+            keys = xp.where(mask, keys, 2 + keys)
+        return xp.sort(axis.top_k(xp, -keys, k), axis=-1)
     keys = row_draws(seed, shape)
     host_mask = None if mask is None else host_view(mask)
     if mask is None or host_mask is not None:
@@ -44,7 +56,7 @@ def row_draws(seed, shape):
 
 
 @dataclass(frozen=True)
-class Uniform(TokenStrategy, name="uniform", random=True):
+class Uniform(TokenStrategy, name="uniform", random=True, sharded=True):
     """Tokens sampled uniformly without replacement among the real (unpadded) keys.
 
     Each sequence draws its own set. Deterministic for a given ``seed`` (the same seed gives
@@ -54,4 +66,4 @@ class Uniform(TokenStrategy, name="uniform", random=True):
 
     def pick(self, selection, X, mask):
         return random_subset(selection.xp, X.shape[:-1], selection.num_landmarks, selection.seed, mask,
-                             array_api_compat.device(X))
+                             array_api_compat.device(X), selection.axis)

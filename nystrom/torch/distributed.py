@@ -1,0 +1,399 @@
+r"""Sequence-parallel Nyström attention: the token axis sharded across the processes of a ``torch.distributed`` group.
+
+Process :math:`r` of :math:`P` holds the contiguous shard :math:`\mathcal S_r` of :math:`n_r` tokens (shards in
+rank order, :math:`n = \sum_r n_r`, sizes free) of ``Q``, ``K`` and ``V`` (self-attention), and gets its shard of
+
+.. math:: \hat O = \mathrm{softmax}(\tau Q \tilde k^\top)\, A^{+}\, \mathrm{softmax}(\tau \tilde q K^\top + M)\, V .
+
+Three steps, each with messages whose size does not grow with :math:`n`.
+
+**Landmarks**, the ones the concatenated sequence gets from the same strategy: the selection reads the token
+axis through :class:`ShardedSequence` (:mod:`nystrom.linalg.sequence`). The default ``"norm"`` gathers its
+probe queries and the evenly spaced k-means sample from the processes that hold them (an all-reduce of rows
+that one process fills and the others leave 0), normalises the probes' attention over all keys with an
+all-reduced maximum and sum, finds the sink candidates among each shard's top-k, and adds the per-cluster
+sums of ``Q`` and ``K`` over the shards; the clustering itself runs on the gathered sample, identically on
+every process.
+
+**Landmark product** :math:`BV = \mathrm{softmax}(\tau\tilde q K^\top + M)V`, split over the shards' keys:
+each process reduces its keys to the partial results :math:`(o_r, \mu_r, s_r)` of
+:func:`nystrom.linalg.split_keys.partial_attention`, and with :math:`\mu = \max_r \mu_r` (one all-reduce) and
+:math:`w_r = e^{\mu_r - \mu}`
+
+.. math:: BV = \frac{\sum_r w_r\, o_r}{\sum_r w_r\, s_r}
+
+(one all-reduce of the stacked numerator and denominator): the exact softmax over all keys.
+
+**Solve and output**: :math:`A` (:math:`m\times m`) and its pseudo-inverse are computed on every process from
+the same landmarks, and :math:`\hat O_{\mathcal S_r} = \mathrm{softmax}(\tau Q_{\mathcal S_r} \tilde k^\top)
+A^+ (BV)` needs only the shard's queries.
+
+The docs' page "Sequence parallelism" lists the bytes each step sends and how to run it under ``torchrun``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import math
+import pickle
+import secrets
+
+import torch
+import torch.distributed as dist
+
+from ..linalg.attention import in_query_chunks, nystrom_product
+from ..linalg.landmarks.base import STRATEGIES, Selection, Strategy, gather_rows, get_strategy
+from ..linalg.numerics import without_padding
+from ..linalg.sequence import WholeSequence
+from ..linalg.solvers import get_solver, unchecked
+from ..linalg.split_keys import merge_partials, partial_attention
+from ..linalg.validation import (
+    check_attention_inputs,
+    check_bidirectional,
+    check_bool,
+    check_num_landmarks,
+    check_query_chunk_size,
+    check_scale,
+    check_seed,
+    check_unknown_arguments,
+)
+from .attention import sdpa_attend
+
+__all__ = ["ShardedSequence", "Traffic", "sharded_approximate", "traffic"]
+
+
+@dataclasses.dataclass
+class Traffic:
+    """Payload of the collectives one process entered, as :func:`traffic` records them.
+
+    Attributes
+    ----------
+    calls : list of (str, int)
+        ``(collective, bytes)`` in call order: the bytes of the tensor this process passed in (for an
+        ``all_gather``, its own contribution; for ``all_gather_object``, its pickled object).
+    """
+
+    calls: list = dataclasses.field(default_factory=list)
+
+    @property
+    def bytes(self) -> int:
+        """Total payload bytes."""
+        return sum(size for _, size in self.calls)
+
+
+_RECORDERS: list[Traffic] = []
+
+
+@contextlib.contextmanager
+def traffic():
+    """Record the collectives of :mod:`nystrom.torch.distributed` on this process while the block runs.
+
+    Yields
+    ------
+    Traffic
+
+    Examples
+    --------
+    >>> with traffic() as sent:  # doctest: +SKIP
+    ...     out = nystrom.approximate(Q, K, V, group=dist.group.WORLD)
+    >>> sent.bytes, len(sent.calls)  # doctest: +SKIP
+    """
+    record = Traffic()
+    _RECORDERS.append(record)
+    try:
+        yield record
+    finally:
+        _RECORDERS.remove(record)
+
+
+def _note(op, size):
+    for record in _RECORDERS:
+        record.calls.append((op, int(size)))
+
+
+class ShardedSequence(WholeSequence):
+    """The token axis sharded across the processes of a group: :class:`~nystrom.linalg.sequence.WholeSequence`'s
+    operations as collectives, each of a size independent of :math:`n`.
+
+    Parameters
+    ----------
+    group : ProcessGroup
+        The processes holding the sequence, shards in rank order.
+    lengths : sequence of int
+        :math:`n_r`, the tokens of each process's shard.
+    """
+
+    sharded = True
+
+    def __init__(self, group, lengths):
+        self.group = group
+        self.lengths = tuple(int(n) for n in lengths)
+        self.index = dist.get_rank(group)
+        self.offset = sum(self.lengths[:self.index])
+        self.total = sum(self.lengths)
+
+    def _reduce(self, a, op):
+        a = a.clone(memory_format=torch.contiguous_format)
+        _note("all_reduce", a.numel() * a.element_size())
+        dist.all_reduce(a, op=op, group=self.group)
+        return a
+
+    def _gather(self, a):
+        """All processes' ``a`` (equal shapes), in rank order."""
+        a = a.contiguous()
+        parts = [torch.empty_like(a) for _ in self.lengths]
+        _note("all_gather", a.numel() * a.element_size())
+        dist.all_gather(parts, a, group=self.group)
+        return parts
+
+    def length(self, n):
+        return self.total
+
+    def positions(self, xp, n, device=None):
+        return xp.arange(n, device=device) + self.offset
+
+    def sum(self, a):
+        return self._reduce(a, dist.ReduceOp.SUM)
+
+    def max(self, a):
+        return self._reduce(a, dist.ReduceOp.MAX)
+
+    def softmax(self, xp, logits):
+        # Every row has a real key somewhere, so the global maximum is finite; a shard of padding adds 0.
+        e = xp.exp(logits - self.max(xp.max(logits, axis=-1, keepdims=True)))
+        return e / self.sum(xp.sum(e, axis=-1, keepdims=True))
+
+    def cumulative_count(self, xp, mask):
+        filled = xp.cumulative_sum(xp.astype(mask, xp.int64), axis=-1)
+        counts = self._gather(filled[..., -1:])
+        return filled, sum(counts[:self.index], xp.zeros_like(counts[0])), sum(counts[1:], counts[0])
+
+    def rows_of_ranks(self, xp, filled, before, ranks, real=None):
+        local = ranks - before
+        held = (local >= 0) & (local < filled[..., -1:])
+        if real is not None:
+            held = held & real
+        rows, _ = super().rows_of_ranks(xp, filled, 0, xp.clip(local, min=0))
+        return rows, held
+
+    def local(self, xp, positions, n):
+        rows = positions - self.offset
+        return xp.clip(rows, min=0, max=n - 1), (rows >= 0) & (rows < n)
+
+    def gather(self, xp, X, rows, held=None):
+        picked = gather_rows(xp, X, rows)
+        if held is not None:
+            picked = xp.where(held[..., None], picked, xp.zeros_like(picked))
+        return self.sum(picked)
+
+    def take(self, xp, a, positions):
+        if positions.ndim < a.ndim:
+            positions = xp.broadcast_to(positions[..., None, :], (*a.shape[:-1], positions.shape[-1]))
+        rows, held = self.local(xp, positions, a.shape[-1])
+        picked = xp.take_along_axis(a, rows, axis=-1)
+        if picked.dtype == xp.bool:
+            return self.sum(xp.astype(picked & held, xp.int32)) > 0
+        return self.sum(xp.where(held, picked, xp.zeros_like(picked)))
+
+    def argmax(self, xp, values):
+        # Each shard's first largest entry as a (value, position) pair; the first shard wins a tie, as the lowest
+        # position does in one array.
+        best = xp.argmax(values, axis=-1)
+        value = xp.take_along_axis(values, best[..., None], axis=-1)[..., 0]
+        own = xp.stack([xp.astype(value, xp.float64), xp.astype(best + self.offset, xp.float64)], axis=-1)
+        pairs = xp.stack(self._gather(own), axis=-2)
+        winner = xp.argmax(pairs[..., 0], axis=-1)
+        return xp.astype(xp.take_along_axis(pairs[..., 1], winner[..., None], axis=-1)[..., 0], xp.int64)
+
+    def top_k(self, xp, values, k):
+        # Each shard's k largest with their global positions, one message of (value, position) pairs in float64
+        # (exact for both); short shards pad with -inf. Ties go to the lowest position.
+        own = min(k, values.shape[-1])
+        best = values.topk(own, dim=-1)
+        pairs = xp.stack([xp.astype(best.values, xp.float64), xp.astype(best.indices + self.offset, xp.float64)],
+                         axis=-1)
+        if own < k:
+            # Padding: value -inf at position n, which no process holds.
+            pad = xp.full((*pairs.shape[:-2], k - own, 2), -math.inf, dtype=xp.float64, device=pairs.device)
+            pad[..., 1] = self.total
+            pairs = xp.concat([pairs, pad], axis=-2)
+        pairs = xp.concat(self._gather(pairs), axis=-2)
+        value, position = pairs[..., 0], pairs[..., 1]
+        order = xp.argsort(position, axis=-1, stable=True)
+        value, position = xp.take_along_axis(value, order, axis=-1), xp.take_along_axis(position, order, axis=-1)
+        order = xp.argsort(-value, axis=-1, stable=True)[..., :k]
+        return xp.astype(xp.take_along_axis(position, order, axis=-1), xp.int64)
+
+
+def _shard_attend(xp, axis, q, k, v, mask=None, *, scale):
+    """:math:`\\mathrm{softmax}(\\tau q K^\\top + M) V` over the keys of every shard: this shard's partial results,
+    merged over the group by :func:`~nystrom.linalg.split_keys.merge_partials`."""
+    o, mu, s = partial_attention(xp, q, k, v, mask, scale=scale)
+    return xp.astype(merge_partials(xp, o, mu, s, across=axis), v.dtype)
+
+
+def sharded_approximate(Q, K, V, *, group, strategy="norm", num_landmarks=64, solver="newton_schulz", scale=None,
+                        attn_mask=None, seed=None, share_landmarks_across_heads=True, query_chunk_size=None,
+                        check_values=True, unsupported=None, is_causal=False, dropout_p=0.0, **unknown):
+    r"""Nyström attention of a sequence sharded along its token axis across ``group``: this process's shard of
+    :func:`nystrom.approximate`'s output on the concatenated shards.
+
+    ``nystrom.approximate(Q, K, V, group=group, ...)`` calls it. Every process of ``group`` must call it, with
+    the same settings; the result equals that of one process holding the whole sequence up to rounding (the
+    landmarks are the same; sums over the shards are added in another order).
+
+    Parameters
+    ----------
+    Q, K, V : Tensor, shapes (..., n_r, d), (..., n_r, d), (..., n_r, d_v)
+        This process's shard (self-attention: queries sharded like the keys), on the device its backend
+        communicates from (CPU for gloo, the process's GPU for NCCL). Shards are in rank order; :math:`n_r \ge 1`
+        may differ between processes, the leading dimensions, :math:`d`, :math:`d_v` and the dtype may not.
+    group : ProcessGroup
+        The processes holding the sequence (``torch.distributed.group.WORLD`` for all).
+    strategy : str or Strategy
+        A strategy declared ``sharded``: ``"norm"`` (default), ``"kmeans"``, ``"segment_means"``, ``"uniform"``,
+        ``"fps"`` or such an object (``"rpcholesky"`` is not).
+    num_landmarks, solver, scale, seed, share_landmarks_across_heads, query_chunk_size, check_values
+        As for :func:`nystrom.approximate`; ``num_landmarks`` is checked against the whole sequence. Without a
+        ``seed``, ``"uniform"`` uses process 0's fresh one on every process.
+    attn_mask : Tensor, optional
+        This shard's key mask ``(..., 1, n_r)`` (or ``(n_r,)``, transformers' ``(B, n_r)``), as
+        :func:`nystrom.approximate` takes it; a shard may be all padding, the sequence may not.
+    unsupported : dict, optional
+        :func:`nystrom.approximate`'s arguments that a sharded call does not take, by name, as given.
+    is_causal, dropout_p
+        SDPA's, accepted at ``False`` and 0 only, as by :func:`nystrom.approximate`.
+
+    Returns
+    -------
+    Tensor, shape (..., n_r, d_v)
+        This process's shard of the output.
+
+    Raises
+    ------
+    TypeError, ValueError
+        As :func:`nystrom.approximate`, on every process when any process's arguments are wrong (its message says
+        which process and why) or when the processes' shapes or settings disagree; ``ValueError`` also for a
+        strategy that cannot select over shards (the message lists those that can) and for the arguments a
+        sharded call does not take (``return_info``, ``features``, ``tol``) and for inputs that require grad while
+        autograd records. No process is left waiting.
+    RuntimeError
+        Without an initialised ``torch.distributed``.
+
+    Notes
+    -----
+    Sent per process and call (payload into the collectives; :func:`traffic` records them): a settings check of a
+    few hundred bytes, then for ``"norm"``, with :math:`B` sequences of :math:`H` heads sharing landmarks and
+    :math:`b` bytes per element (float32 or wider), about
+
+    .. math:: B H s_p (d + 2 + k)\, b + 20 B k + B s d\, b + 2 B H m d\, b + B H m (d_v + 2)\, b
+
+    bytes: the :math:`s_p = 8` probe queries, their softmax, the :math:`k` sink candidates, the k-means sample of
+    :math:`s = \min(n, \max(1024, 16m))` tokens, the landmarks' sums and the landmark product. Nothing grows with
+    :math:`n` beyond :math:`s`; the docs' page "Sequence parallelism" lists every strategy. Forward only:
+    ``torch.distributed``'s collectives carry no gradient.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("group= needs torch.distributed initialised (torch.distributed.init_process_group)")
+    size = dist.get_world_size(group)
+    try:
+        check_unknown_arguments("approximate", unknown)
+        check_bidirectional(is_causal, dropout_p)
+        checked = _check_shard(Q, K, V, strategy, num_landmarks, solver, scale, attn_mask, seed,
+                               share_landmarks_across_heads, query_chunk_size, check_values, unsupported or {})
+        error = None
+    except (TypeError, ValueError) as exc:
+        checked, error = None, exc
+    report = {"error": None if error is None else f"{type(error).__name__}: {error}"}
+    if checked is not None:
+        report.update(checked["report"])
+    reports = [None] * size
+    _note("all_gather_object", len(pickle.dumps(report)))
+    dist.all_gather_object(reports, report, group=group)
+    _agree(reports, error)
+    xp, keys, tau, select, solve, m, head_axis, chunk = (checked[name] for name in (
+        "xp", "keys", "tau", "select", "solve", "m", "head_axis", "chunk"))
+    axis = ShardedSequence(group, [r["n"] for r in reports])
+    seed = reports[0]["seed"]
+    if keys is not None:
+        rows = tuple(max(r["mask_rows"][i] for r in reports) for i in range(len(reports[0]["mask_rows"])))
+        keys = xp.broadcast_to(keys, (*rows, keys.shape[-1]))
+        real = axis.sum(xp.sum(xp.astype(keys, xp.int64), axis=-1))
+        fewest = int(xp.min(real)) if check_values else None
+        if check_values and fewest == 0:
+            raise ValueError("attn_mask masks every key of at least one sequence (over all shards); each needs a "
+                             "real key")
+    else:
+        fewest = None
+    check_num_landmarks(m, axis.total, fewest)
+    K, V = without_padding(xp, keys, K, V)
+    selection = Selection.of(xp, Q, K, m, keys, seed, head_axis, None, tau, axis=axis)
+    landmarks = select.select(selection)
+    attend = in_query_chunks(functools.partial(sdpa_attend, scale=tau), chunk)
+    out, _ = nystrom_product(xp, Q, K, V, landmarks, unchecked(solve), scale=tau,
+                             mask=None if keys is None else keys[..., None, :], attend=attend,
+                             landmark_attend=functools.partial(_shard_attend, xp, axis, scale=tau))
+    return out
+
+
+def _check_shard(Q, K, V, strategy, num_landmarks, solver, scale, attn_mask, seed, share_landmarks_across_heads,
+                 query_chunk_size, check_values, unsupported):
+    """This process's checks of a sharded call (no communication); returns the checked values and the report
+    that the processes compare."""
+    given = sorted(name for name, value in unsupported.items() if value not in (None, False))
+    if given:
+        raise ValueError(f"{', '.join(given)} cannot be used with group= (a sharded sequence); leave them out")
+    check_values = check_bool("check_values", check_values)
+    for name, a in (("Q", Q), ("K", K), ("V", V)):
+        if not isinstance(a, torch.Tensor):
+            raise TypeError(f"{name} must be a torch tensor with group=, got {type(a).__name__}")
+    if torch.is_grad_enabled() and any(a.requires_grad for a in (Q, K, V)):
+        raise ValueError("group= computes the forward pass only (torch.distributed's collectives carry no gradient), "
+                         "and Q, K or V requires grad; call it under torch.no_grad() or pass detached tensors")
+    xp, keys = check_attention_inputs(Q, K, V, attn_mask, check_values=check_values, shard=True)
+    if Q.shape[-2] != K.shape[-2]:
+        raise ValueError(f"group= takes self-attention shards (the queries sharded like the keys), got {Q.shape[-2]} "
+                         f"queries and {K.shape[-2]} keys")
+    check_bool("share_landmarks_across_heads", share_landmarks_across_heads)
+    chunk = check_query_chunk_size(query_chunk_size)
+    tau = check_scale(scale, Q.shape[-1])
+    seed = check_seed(seed)
+    select = get_strategy(strategy)
+    if not (isinstance(select, Strategy) and select.sharded):
+        names = ", ".join(repr(name) for name, cls in STRATEGIES.items() if cls.sharded)
+        raise ValueError(f"strategy {strategy!r} cannot select over a sharded sequence; those that can: {names} "
+                         "(or such a strategy object)")
+    solve = get_solver(solver)
+    m = check_num_landmarks(num_landmarks, None)
+    head_axis = -3 if (share_landmarks_across_heads and K.ndim >= 4) else None
+    report = {
+        "n": K.shape[-2], "lead": tuple(K.shape[:-2]), "d": Q.shape[-1], "d_v": V.shape[-1], "dtype": str(Q.dtype),
+        "mask_rows": None if keys is None else tuple(keys.shape[:-1]),
+        "settings": (repr(select), m, tau, head_axis, check_values, None if seed is None else seed),
+        # Without a seed the random strategies take process 0's fresh one.
+        "seed": secrets.randbelow(2**63) if seed is None else seed,
+    }
+    return {"xp": xp, "keys": keys, "tau": tau, "select": select, "solve": solve, "m": m, "head_axis": head_axis,
+            "chunk": chunk, "report": report}
+
+
+def _agree(reports, error):
+    """Raise on every process when any process's arguments were wrong or the processes disagree."""
+    failed = [(rank, r["error"]) for rank, r in enumerate(reports) if r["error"] is not None]
+    if error is not None:
+        raise error
+    if failed:
+        rank, message = failed[0]
+        raise ValueError(f"process {rank} of the group rejected its arguments: {message}")
+    first = reports[0]
+    for field, what in (("lead", "leading (batch/head) dimensions"), ("d", "feature size d"),
+                        ("d_v", "value size d_v"), ("dtype", "dtype"), ("settings", "settings")):
+        values = [r[field] for r in reports]
+        if any(v != values[0] for v in values):
+            raise ValueError(f"the processes of the group must agree on the {what}, got {values} (in rank order)")
+    if len({r["mask_rows"] is None for r in reports}) > 1:
+        raise ValueError("attn_mask must be given on every process of the group or on none")
+    if first["mask_rows"] is not None and len({len(r["mask_rows"]) for r in reports}) > 1:
+        raise ValueError(f"the key masks' shapes differ between processes: {[r['mask_rows'] for r in reports]}")

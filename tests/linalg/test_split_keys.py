@@ -1,0 +1,49 @@
+"""Attention split along the key axis (``nystrom.linalg.split_keys``): the log-sum-exp merge of the blocks is exact.
+
+The merge across processes (``merge_partials(across=...)``) runs in ``tests/torch/test_distributed.py``."""
+
+import array_api_compat
+import numpy as np
+import pytest
+import torch
+
+from nystrom.linalg.attention import softmax_attention
+from nystrom.linalg.split_keys import merge_partials, partial_attention, split_key_attention
+
+# float64 throughout: the merge reorders sums of at most n terms, a few units of 1e-16 each.
+TIGHT = {"rtol": 1e-13, "atol": 1e-14}
+
+
+def inputs(seed=0, shape=(2, 3, 50, 8), n_q=7):
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((*shape[:-2], n_q, shape[-1]))
+    k, v = rng.standard_normal(shape), rng.standard_normal(shape)
+    return q, k, v
+
+
+@pytest.mark.parametrize("blocks", [1, 2, 3, 7, 50])
+def test_split_equals_one_block(blocks):
+    q, k, v = inputs()
+    np.testing.assert_allclose(split_key_attention(np, q, k, v, scale=0.4, blocks=blocks),
+                               softmax_attention(np, q, k, v, scale=0.4), **TIGHT)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_split_with_a_mask_equals_one_block_in_torch(dtype):
+    q, k, v = (torch.as_tensor(a, dtype=dtype) for a in inputs(1))
+    mask = torch.ones(2, 1, 1, 50, dtype=torch.bool)
+    mask[0, ..., 20:] = False  # blocks 3 to 6 of 7 hold only padding for the first sequence
+    xp = array_api_compat.array_namespace(q)
+    got = split_key_attention(xp, q, k, v, mask, scale=0.3, blocks=7)
+    ref = softmax_attention(xp, q, k, v, mask, scale=0.3)
+    tol = TIGHT if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-6}
+    np.testing.assert_allclose(got.numpy(), ref.numpy(), **tol)
+
+
+def test_an_all_masked_block_contributes_nothing():
+    q, k, v = inputs(2)
+    o, mu, s = partial_attention(np, q, k[..., :10, :], v[..., :10, :], np.zeros((1, 10), dtype=bool), scale=1.0)
+    assert np.all(mu == -np.inf) and np.all(s == 0) and np.all(o == 0)
+    whole = partial_attention(np, q, k, v, scale=1.0)
+    merged = merge_partials(np, *(np.stack([a, b], axis=-3) for a, b in zip((o, mu, s), whole)), axis=-3)
+    np.testing.assert_allclose(merged, softmax_attention(np, q, k, v, scale=1.0), **TIGHT)

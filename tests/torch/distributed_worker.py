@@ -1,0 +1,186 @@
+"""One process of the sequence-parallel tests (``tests/torch/test_distributed.py`` starts ``world`` of them).
+
+:func:`worker` (or ``python tests/torch/distributed_worker.py RANK WORLD PORT OUT``) joins a gloo group on
+127.0.0.1, runs every case of :data:`CASES` on its shard of the token axis and pickles ``{case: result}`` to
+``OUT``: its shard of the output (the test compares the shards with the single-process call on the whole
+sequence), the errors the bad calls raised (type and message), and the bytes it sent.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import pickle
+import sys
+import traceback
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import nystrom
+from nystrom.torch.distributed import traffic
+
+
+def split(n, world, rank, sizes=None):
+    """Shard ``rank``'s slice of ``n`` tokens: ragged ``sizes`` when given (per world size), else equal parts."""
+    if sizes is None:
+        sizes = [n // world + (r < n % world) for r in range(world)]
+    start = sum(sizes[:rank])
+    return slice(start, start + sizes[rank])
+
+
+def inputs(shape, dtype, seed=0, sink=False):
+    rng = np.random.default_rng(seed)
+    Q, K, V = (torch.as_tensor(rng.standard_normal(shape), dtype=dtype) for _ in range(3))
+    if sink:
+        # A strong sink at position 5 (every query's key product with it is large), so Norm keeps a singleton.
+        K[..., 5, :] = 4 * Q.mean(dim=-2)
+    return Q, K, V
+
+
+def padding(B, n, lengths, kind):
+    """Key masks for real lengths ``lengths`` (one per batch element) in SDPA's or transformers' convention."""
+    real = torch.arange(n)[None, :] < torch.as_tensor(lengths)[:, None]
+    if kind == "bool":
+        return real[:, None, None, :]
+    if kind == "int":
+        return real.to(torch.int64)
+    bias = torch.zeros(real.shape, dtype=torch.float64).masked_fill(~real, torch.finfo(torch.float64).min)
+    return bias[:, None, None, :]
+
+
+def shard_mask(mask, part):
+    return None if mask is None else mask[..., part]
+
+
+# Ragged shard sizes per world size (rank order), including a shard of one token.
+RAGGED_96 = {2: [37, 59], 4: [10, 41, 1, 44]}
+RAGGED_1200 = {2: [700, 500], 4: [1, 600, 299, 300]}
+
+
+def case(strategy="norm", shape=(2, 3, 96, 16), dtype=torch.float64, m=16, mask=None, sizes=RAGGED_96, sink=True,
+         **kwargs):
+    return {"strategy": strategy, "shape": shape, "dtype": dtype, "m": m, "mask": mask, "sizes": sizes, "sink": sink,
+            "kwargs": kwargs}
+
+
+CASES = {
+    "norm_f64": case(),
+    "norm_f64_bool_mask": case(mask=("bool", [70, 96])),
+    "norm_f64_int_mask": case(mask=("int", [96, 50])),
+    "norm_f64_float_mask": case(mask=("float", [33, 90])),
+    "norm_f64_equal_shards": case(sizes=None),
+    "norm_f64_per_head": case(share_landmarks_across_heads=False),
+    "norm_f64_sampled": case(shape=(1, 2, 1200, 8), mask=("bool", [1100]), sizes=RAGGED_1200),
+    "norm_f64_query_chunks": case(query_chunk_size=7, solver="pinv"),
+    "norm_f32": case(dtype=torch.float32, mask=("bool", [70, 96])),
+    "norm_f32_sampled": case(dtype=torch.float32, shape=(1, 2, 1200, 8), sizes=RAGGED_1200),
+    "kmeans_f64": case("kmeans", mask=("bool", [70, 96])),
+    "kmeans_f64_sampled": case("kmeans", shape=(1, 2, 1200, 8), mask=("int", [1100]), sizes=RAGGED_1200),
+    "kmeans_f32": case("kmeans", dtype=torch.float32),
+    "uniform_f64": case("uniform", mask=("bool", [70, 96]), seed=3),
+    "segment_means_f64": case("segment_means", mask=("int", [70, 96])),
+    "fps_f64": case("fps", mask=("bool", [70, 96])),
+    "fps_f64_authors": case(nystrom.FPS(first=0, from_guaranteed=False, use_queries=True)),
+    "fps_f32_per_head": case("fps", dtype=torch.float32, share_landmarks_across_heads=False),
+    "segment_means_f32": case("segment_means", dtype=torch.float32),
+    "uniform_f32": case("uniform", dtype=torch.float32, seed=4),
+}
+
+
+def case_inputs(spec):
+    """The whole sequence of a case: ``Q, K, V, attn_mask`` and the options of ``approximate``."""
+    Q, K, V = inputs(spec["shape"], spec["dtype"], sink=spec["sink"])
+    B, n = spec["shape"][0], spec["shape"][-2]
+    mask = None if spec["mask"] is None else padding(B, n, spec["mask"][1], spec["mask"][0])
+    if mask is not None and mask.dtype.is_floating_point:
+        mask = mask.to(spec["dtype"])
+    return Q, K, V, mask, {"strategy": spec["strategy"], "num_landmarks": spec["m"], **spec["kwargs"]}
+
+
+def case_part(spec, world, rank):
+    return split(spec["shape"][-2], world, rank, spec["sizes"] and spec["sizes"][world])
+
+
+def run_case(spec, rank, world):
+    """This process's shard of the sharded call's output."""
+    Q, K, V, mask, options = case_inputs(spec)
+    part = case_part(spec, world, rank)
+    return nystrom.approximate(Q[..., part, :], K[..., part, :], V[..., part, :], attn_mask=shard_mask(mask, part),
+                               group=dist.group.WORLD, **options)
+
+
+def error_of(call):
+    try:
+        call()
+    except (TypeError, ValueError) as exc:
+        return (type(exc).__name__, str(exc))
+    return None
+
+
+def error_cases(rank, world):
+    """Calls that must raise on every process at once (the test fails on a hang by its timeout)."""
+    Q, K, V = inputs((2, 3, 96, 16), torch.float64)
+    part = split(96, world, rank)
+    q, k, v = Q[..., part, :], K[..., part, :], V[..., part, :]
+    group = dist.group.WORLD
+    bad_d = (q[..., :8], k[..., :8], v) if rank == world - 1 else (q, k, v)
+    nan_q = q.clone()
+    if rank == 1:
+        nan_q[0, 0, 0, 0] = float("nan")
+    all_padding = torch.zeros(2, 1, 1, k.shape[-2], dtype=torch.bool)
+    grad_q = q.clone().requires_grad_(rank == 0)
+    return {
+        "error_d_differs": error_of(lambda: nystrom.approximate(*bad_d, group=group)),
+        "error_nan_on_one_process": error_of(lambda: nystrom.approximate(nan_q, k, v, group=group)),
+        "error_strategy": error_of(lambda: nystrom.approximate(q, k, v, strategy="rpcholesky", group=group)),
+        "error_too_many_landmarks": error_of(lambda: nystrom.approximate(q, k, v, num_landmarks=97, group=group)),
+        "error_every_key_masked": error_of(lambda: nystrom.approximate(q, k, v, attn_mask=all_padding, group=group)),
+        "error_tol": error_of(lambda: nystrom.approximate(q, k, v, tol=0.1, group=group)),
+        "error_m_differs": error_of(lambda: nystrom.approximate(q, k, v, num_landmarks=8 + rank, group=group)),
+        "error_cross_attention": error_of(lambda: nystrom.approximate(q[..., :1, :], k, v, group=group)),
+        "error_requires_grad": error_of(lambda: nystrom.approximate(grad_q, k, v, group=group)),
+    }
+
+
+def traffic_cases(rank, world):
+    """Bytes this process sends for the default call at two sequence lengths past the k-means sample."""
+    sent = {}
+    for n in (2048, 4096):
+        Q, K, V = inputs((1, 4, n, 32), torch.float32)
+        part = split(n, world, rank)
+        with traffic() as record:
+            nystrom.approximate(Q[..., part, :], K[..., part, :], V[..., part, :], num_landmarks=32,
+                                group=dist.group.WORLD)
+        # The settings check pickles a few hundred bytes whose length varies with the values (the seed drawn).
+        tensors = [size for op, size in record.calls if op != "all_gather_object"]
+        settings = [size for op, size in record.calls if op == "all_gather_object"]
+        sent[n] = (sum(tensors), len(tensors), settings)
+    return sent
+
+
+def worker(rank, world, port, out):
+    """Join the gloo group on 127.0.0.1:``port`` and pickle ``{case: shard of the output, or the error}`` to ``out``."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    results = {}
+    try:
+        for name, spec in CASES.items():
+            try:
+                results[name] = run_case(spec, rank, world)
+            except Exception:  # noqa: BLE001 - reported to the test, which shows the traceback
+                results[name] = ("crash", traceback.format_exc())
+        results.update(error_cases(rank, world))
+        results["traffic"] = traffic_cases(rank, world)
+    finally:
+        with open(out + ".part", "wb") as f:
+            pickle.dump(results, f)
+        os.replace(out + ".part", out)
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    worker(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])

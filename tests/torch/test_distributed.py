@@ -1,0 +1,139 @@
+"""Sequence-parallel Nyström attention (``approximate(..., group=...)``) on 2 and 4 gloo processes on 127.0.0.1.
+
+Each world size is one process group, started once for the module: its processes fork from a ``forkserver`` that
+has imported torch and nystrom once, run every case of ``distributed_worker.CASES`` (ragged shards, one of a
+single token, shards that are all padding, every mask convention, each strategy that selects over shards) and the
+bad calls, and pickle their shards. The tests then compare the concatenated shards with the single-process call
+on the whole sequence. A process group that does not finish within its timeout is killed and the tests fail.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import pickle
+import socket
+import sys
+
+import pytest
+import torch
+
+import nystrom
+
+sys.path.insert(0, os.path.dirname(__file__))
+import distributed_worker as worker  # noqa: E402
+
+WORLDS = (2, 4)
+TIMEOUT = 120
+
+# The sharded call chooses the landmarks the whole sequence gets and computes the same products; only sums over
+# the shards (the probes' softmax, the clusters' sums, the split-key merge of B V) are added in another order. In
+# float64 that moves the output by a few units of 1e-16, times the solver's amplification (measured: at most 2e-15
+# with 6 Newton-Schulz steps, 3e-14 with the exact pseudo-inverse of an ill-conditioned A), so 1e-12 leaves a margin
+# of 30 or more. In float32 the same reordering is worth a few units of 1e-7 (measured: at most 7.5e-7 in the
+# Frobenius norm used here, 1.4e-6 in max-abs), so 1e-6 bounds the reordering, not an approximation error.
+TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-6}
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_group(world, tmp_path):
+    """Start ``world`` processes, wait for all of them (killing them after TIMEOUT s) and load their results."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["torch", "torch.distributed", "nystrom", "nystrom.torch.distributed",
+                                    "distributed_worker"])
+    port = free_port()
+    outs = [str(tmp_path / f"rank{rank}.pkl") for rank in range(world)]
+    procs = [context.Process(target=worker.worker, args=(rank, world, port, outs[rank])) for rank in range(world)]
+    for p in procs:
+        p.start()
+    try:
+        for p in procs:
+            p.join(TIMEOUT)
+    finally:
+        hung = [p for p in procs if p.is_alive()]
+        for p in hung:
+            p.kill()
+            p.join()
+    if hung:
+        pytest.fail(f"{len(hung)} of {world} processes did not finish within {TIMEOUT} s")
+    codes = [p.exitcode for p in procs]
+    assert codes == [0] * world, f"process exit codes {codes}"
+    results = []
+    for out in outs:
+        with open(out, "rb") as f:
+            results.append(pickle.load(f))
+    return results
+
+
+@pytest.fixture(scope="module")
+def groups(tmp_path_factory):
+    return {world: run_group(world, tmp_path_factory.mktemp(f"world{world}")) for world in WORLDS}
+
+
+@pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("name", sorted(worker.CASES))
+def test_sharded_equals_single_process(groups, world, name):
+    spec = worker.CASES[name]
+    shards = []
+    for rank, result in enumerate(groups[world]):
+        got = result[name]
+        if isinstance(got, tuple):
+            pytest.fail(f"process {rank} raised:\n{got[1]}")
+        part = worker.case_part(spec, world, rank)
+        assert got.shape[-2] == part.stop - part.start and got.dtype == spec["dtype"]
+        shards.append(got)
+    Q, K, V, mask, options = worker.case_inputs(spec)
+    ref = nystrom.approximate(Q, K, V, attn_mask=mask, **options)
+    out = torch.cat(shards, dim=-2)
+    error = float(torch.linalg.vector_norm(out - ref) / torch.linalg.vector_norm(ref))
+    assert error <= TOLERANCE[spec["dtype"]], error
+
+
+ERRORS = {
+    "error_d_differs": "agree on the feature size d",
+    "error_nan_on_one_process": "NaN",
+    "error_strategy": "those that can: 'fps', 'kmeans', 'norm', 'segment_means', 'uniform'",
+    "error_too_many_landmarks": "at most the number of keys n=96",
+    "error_every_key_masked": "masks every key",
+    "error_tol": "tol cannot be used with group=",
+    "error_m_differs": "agree on the settings",
+    "error_cross_attention": "self-attention",
+    "error_requires_grad": "forward pass only",
+}
+
+
+@pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("name", sorted(ERRORS))
+def test_bad_calls_raise_on_every_process(groups, world, name):
+    # Every process raises (none is left waiting in a collective: the group went on to the next call).
+    for rank, result in enumerate(groups[world]):
+        assert result[name] is not None, f"process {rank} did not raise"
+        kind, message = result[name]
+        assert kind == "ValueError" and ERRORS[name] in message, (rank, kind, message)
+    # The process whose own arguments were wrong says so; the others name it.
+    if name == "error_nan_on_one_process":
+        assert "Q contains NaN" in groups[world][1][name][1]
+        assert "process 1 of the group" in groups[world][0][name][1]
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_bytes_sent_do_not_grow_with_n(groups, world):
+    for result in groups[world]:
+        sent = result["traffic"]
+        assert sent[2048][:2] == sent[4096][:2], sent
+        size, calls, settings = sent[2048]
+        # The k-means sample dominates: 1024 rows of 32 float32 features are 131,072 bytes.
+        assert 131_072 < size < 250_000 and calls < 20, sent
+        # One small settings check per call.
+        assert len(settings) == 1 and settings[0] < 1000, sent
+
+
+def test_group_needs_an_initialised_process_group():
+    Q = torch.randn(1, 8, 4)
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        nystrom.approximate(Q, Q, Q, num_landmarks=2, group=object())
