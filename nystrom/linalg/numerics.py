@@ -28,7 +28,7 @@ def without_padding(xp, keys, *arrays):
     """
     if keys is None:
         return arrays
-    zero = xp.asarray(0, dtype=arrays[0].dtype, device=array_api_compat.device(arrays[0]))
+    zero = xp.full((), 0, dtype=arrays[0].dtype, device=array_api_compat.device(arrays[0]))
     return tuple(xp.where(keys[..., None], a, zero) for a in arrays)
 
 
@@ -72,7 +72,7 @@ def softmax(xp, logits, mask=None):
     to 1 would overflow a float16 sum.
     """
     if mask is not None:
-        neg = xp.asarray(-float("inf"), dtype=logits.dtype, device=array_api_compat.device(logits))
+        neg = xp.full((), -float("inf"), dtype=logits.dtype, device=array_api_compat.device(logits))
         logits = xp.where(mask, logits, neg)
     if array_api_compat.is_torch_array(logits):
         # One fused kernel instead of four passes (max, subtract-exp, sum, divide): on long rows the passes are
@@ -103,7 +103,7 @@ def masked_median(xp, values, mask=None):
         count = values.shape[-1]
         ordered = xp.sort(values, axis=-1)
         return ordered[..., (count - 1) // 2]
-    big = xp.asarray(float("inf"), dtype=values.dtype, device=array_api_compat.device(values))
+    big = xp.full((), float("inf"), dtype=values.dtype, device=array_api_compat.device(values))
     ordered = xp.sort(xp.where(mask, values, big), axis=-1)
     middle = (xp.sum(xp.astype(mask, xp.int64), axis=-1, keepdims=True) - 1) // 2
     return xp.take_along_axis(ordered, middle, axis=-1)[..., 0]
@@ -202,7 +202,7 @@ def put_where(xp, array, indices, values, where=None):
         return put_along_axis(xp, array, indices, values)
     n = array.shape[-1]
     spare = xp.zeros((*array.shape[:-1], 1), dtype=array.dtype, device=array_api_compat.device(array))
-    slots = xp.where(where, indices, xp.asarray(n, dtype=indices.dtype, device=array_api_compat.device(indices)))
+    slots = xp.where(where, indices, xp.full((), n, dtype=indices.dtype, device=array_api_compat.device(indices)))
     values = xp.broadcast_to(values, tuple(slots.shape))
     return put_along_axis(xp, xp.concat([array, spare], axis=-1), slots, values)[..., :n]
 

@@ -65,7 +65,7 @@ class WholeSequence:
         :meth:`cumulative_count`'s ``filled`` and ``before``) and whether this array holds them (``None``: all
         ``real`` ones, ``real=None``: all). Ranks past the last eligible token give the last row."""
         n = filled.shape[-1]
-        last = xp.asarray(n - 1, device=array_api_compat.device(ranks))
+        last = xp.full((), n - 1, dtype=xp.int64, device=array_api_compat.device(ranks))
         return xp.minimum(searchsorted_rows(xp, filled, ranks), last), real
 
     def local(self, xp, positions, n: int):

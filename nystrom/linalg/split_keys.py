@@ -63,7 +63,7 @@ def partial_attention(xp, q, k, v, mask=None, *, scale):
     logits = scale * (q @ xp.matrix_transpose(xp.astype(k, q.dtype)))
     if mask is not None:
         if mask.dtype == xp.bool:
-            neg = xp.asarray(-math.inf, dtype=logits.dtype, device=array_api_compat.device(logits))
+            neg = xp.full((), -math.inf, dtype=logits.dtype, device=array_api_compat.device(logits))
             logits = xp.where(mask, logits, neg)
         else:
             logits = logits + xp.astype(mask, logits.dtype)

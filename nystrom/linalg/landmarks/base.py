@@ -25,7 +25,6 @@ already (``nystrom.approximate``, model patching) calls :func:`run_strategy`, wh
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -126,6 +125,24 @@ class Grouping:
     weights: Any = None
 
 
+class cached:  # noqa: N801 (a decorator, named like functools.cached_property)
+    """``functools.cached_property`` without its lock: on Python 3.11 the lock is an ``RLock``, which
+    ``torch.compile`` cannot trace (a graph break). The value lands in the instance ``__dict__``, which a
+    non-data descriptor defers to on the next access, frozen dataclasses included."""
+
+    def __init__(self, method):
+        self.method = method
+        self.name = method.__name__
+        self.__doc__ = method.__doc__
+
+    def __get__(self, instance, owner=None):
+        if instance is None:
+            return self
+        value = self.method(instance)
+        instance.__dict__[self.name] = value
+        return value
+
+
 @dataclass(frozen=True)
 class Selection:
     """One checked strategy call: the inputs and settings every strategy reads.
@@ -184,7 +201,7 @@ class Selection:
             head_axis = None
         return cls(xp, Q, K, num_landmarks, keys, seed, head_axis, features, scale, axis)
 
-    @functools.cached_property
+    @cached
     def points(self):
         """Selection features ``(..., n, D)``: ``features`` if given, else the keys with shared heads averaged;
         float32 or wider."""
@@ -192,12 +209,12 @@ class Selection:
             return at_least_float32(self.xp, self.features)
         return fold_heads(self.xp, self.K, self.head_axis)
 
-    @functools.cached_property
+    @cached
     def query_points(self):
         """Query features ``(..., n_q, d)`` for cross-attention: the queries with shared heads averaged."""
         return fold_heads(self.xp, self.Q, self.head_axis)
 
-    @functools.cached_property
+    @cached
     def mask(self):
         """Eligible keys ``(..., n)`` of the selection rows (real in every shared head), or None."""
         return fold_mask(self.xp, self.real_keys, self.K, self.head_axis)
@@ -508,17 +525,27 @@ def host_view(a):
     Returns
     -------
     numpy.ndarray or None
-        A zero-copy DLPack view for host arrays (detached from autograd), ``None`` on accelerators and
-        for dtypes numpy lacks.
+        A zero-copy DLPack view for host arrays (detached from autograd), ``None`` on accelerators, for
+        dtypes numpy lacks, and for torch tensors traced by ``torch.compile``: numpy calls cannot enter its
+        graph, so the callers' array-API paths (those of accelerators) run instead.
     """
     if array_api_compat.is_numpy_array(a):
         return a
-    if str(array_api_compat.device(a)) != "cpu":
+    if str(array_api_compat.device(a)) != "cpu" or compiling(a):
         return None
     try:
         return np.from_dlpack(detached(a))
     except (BufferError, RuntimeError, TypeError):
         return None  # a dtype numpy does not have (torch.bfloat16): the caller's array-API path handles it
+
+
+def compiling(a) -> bool:
+    """Whether ``a`` is a torch tensor that ``torch.compile`` is tracing (its graph takes no numpy call)."""
+    if not array_api_compat.is_torch_array(a):
+        return False
+    import torch  # already imported: ``a`` is a tensor
+
+    return torch.compiler.is_compiling()
 
 
 def sample_by_weight(xp, weights, u):

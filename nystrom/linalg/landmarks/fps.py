@@ -145,8 +145,8 @@ def _fps_on_device(xp, X, num_points, mask, guarantee_score, max_guaranteed, fro
     positions = axis.positions(xp, n, device)
     sq_norms = xp.sum(X * X, axis=-1)
     eligible = xp.ones(X.shape[:-1], dtype=xp.bool, device=device) if mask is None else mask
-    neg = xp.asarray(-float("inf"), dtype=X.dtype, device=device)
-    dist = xp.where(eligible, xp.asarray(float("inf"), dtype=X.dtype, device=device), neg)
+    neg = xp.full((), -float("inf"), dtype=X.dtype, device=device)
+    dist = xp.where(eligible, xp.full((), float("inf"), dtype=X.dtype, device=device), neg)
     order = None
     budget = num_points if max_guaranteed is None else min(max_guaranteed, num_points)
     if guarantee_score is not None and budget > 0:
@@ -156,7 +156,7 @@ def _fps_on_device(xp, X, num_points, mask, guarantee_score, max_guaranteed, fro
             order = axis.top_k(xp, xp.where(pending, guarantee_score, neg), budget)
         else:
             key = xp.where(pending, -guarantee_score,
-                           xp.asarray(float("inf"), dtype=guarantee_score.dtype, device=device))
+                           xp.full((), float("inf"), dtype=guarantee_score.dtype, device=device))
             order = xp.argsort(key, axis=-1, stable=True)[..., :budget]
         count = axis.sum(xp.sum(xp.astype(pending, xp.int64), axis=-1))
         if not from_guaranteed:
@@ -250,6 +250,6 @@ def first_token_score(xp, X, first, axis=WHOLE):
         raise ValueError(f"first={first} is not a token position for n={n}")
     device = array_api_compat.device(X)
     hit = axis.positions(xp, X.shape[-2], device) == (first % n)
-    score = xp.where(hit, xp.asarray(0.0, dtype=X.dtype, device=device),
-                     xp.asarray(-float("inf"), dtype=X.dtype, device=device))
+    score = xp.where(hit, xp.full((), 0.0, dtype=X.dtype, device=device),
+                     xp.full((), -float("inf"), dtype=X.dtype, device=device))
     return xp.broadcast_to(score, X.shape[:-1])

@@ -33,7 +33,7 @@ def nearest(xp, X, C, active=None):
     """
     d = xp.sum(C * C, axis=-1)[..., None, :] - 2 * (X @ xp.matrix_transpose(C))
     if active is not None:
-        d = xp.where(active[..., None, :], d, xp.asarray(float("inf"), dtype=d.dtype,
+        d = xp.where(active[..., None, :], d, xp.full((), float("inf"), dtype=d.dtype,
                                                           device=array_api_compat.device(d)))
     return xp.argmin(d, axis=-1)
 
@@ -64,7 +64,7 @@ def evenly_spaced(xp, shape, k, mask=None, device=None, axis=WHOLE):
         rows, held = axis.local(xp, xp.broadcast_to((positions * max(total, k)) // k, (*shape[:-1], k)), n)
         return rows, None, held
     filled, before, n_valid = axis.cumulative_count(xp, mask)
-    ranks = (positions * xp.maximum(n_valid, xp.asarray(k, device=device))) // k
+    ranks = (positions * xp.maximum(n_valid, xp.full((), k, dtype=xp.int64, device=device))) // k
     real = ranks < n_valid
     rows, held = axis.rows_of_ranks(xp, filled, before, ranks, real)
     return rows, real, held

@@ -85,7 +85,7 @@ def probe_logits(xp, Q, K, scale, mask=None, num_probes=16, axis=WHOLE):
     probes = axis.gather(xp, Q, rows, held)
     logits = (scale * probes) @ xp.matrix_transpose(K)
     if mask is not None:
-        logits = xp.where(mask[..., None, :], logits, xp.asarray(-float("inf"), dtype=logits.dtype, device=device))
+        logits = xp.where(mask[..., None, :], logits, xp.full((), -float("inf"), dtype=logits.dtype, device=device))
     return logits
 
 
@@ -225,9 +225,9 @@ class Norm(ClusterStrategy, name="norm", weighted=True, sharded=True):
                 raise ValueError(f"first={self.first} is not a token position for n={n}")
             is_first = axis.positions(xp, share.shape[-1], device) == (self.first % n)
             forced = forced | is_first
-            priority = xp.where(is_first, xp.asarray(4.0, dtype=share.dtype, device=device), priority)
+            priority = xp.where(is_first, xp.full((), 4.0, dtype=share.dtype, device=device), priority)
         if mask is not None:
-            priority = xp.where(mask, priority, xp.asarray(-1.0, dtype=share.dtype, device=device))
+            priority = xp.where(mask, priority, xp.full((), -1.0, dtype=share.dtype, device=device))
         candidates = axis.top_k(xp, priority, budget)
         # The quorum: the fraction of probes in which each candidate takes at least the threshold share.
         columns = candidates if head_axis is None else xp.expand_dims(candidates, axis=head_axis + 1)
@@ -235,10 +235,14 @@ class Norm(ClusterStrategy, name="norm", weighted=True, sharded=True):
         rows = axis.take(xp, attention, columns)
         if head_axis is not None:
             rows = xp.mean(rows, axis=head_axis)
-        n_valid = n if mask is None else axis.sum(xp.sum(xp.astype(mask, share.dtype), axis=-1, keepdims=True))
-        threshold = xp.minimum(self.sink_ratio / n_valid, xp.asarray(self.sink_share, dtype=share.dtype,
-                                                                        device=device))
-        votes = xp.mean(xp.astype(rows >= threshold[..., None], share.dtype), axis=-2)
+        if mask is None:
+            # A Python number: the array library would copy it to the device as a tensor of its own.
+            threshold = min(self.sink_ratio / n, self.sink_share)
+        else:
+            n_valid = axis.sum(xp.sum(xp.astype(mask, share.dtype), axis=-1, keepdims=True))
+            threshold = xp.minimum(self.sink_ratio / n_valid, xp.full((), self.sink_share, dtype=share.dtype,
+                                                                        device=device))[..., None]
+        votes = xp.mean(xp.astype(rows >= threshold, share.dtype), axis=-2)
         real = (votes >= self.sink_quorum) | axis.take(xp, forced, candidates)
         if mask is not None:
             real = real & axis.take(xp, mask, candidates)
