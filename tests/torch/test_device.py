@@ -1,0 +1,118 @@
+"""The GPU path, proven on a CPU-only machine.
+
+With ``check_values=False`` :func:`nystrom.approximate` runs only trusted computation (every check that reads the
+data is skipped). Two claims about that path are tested here, without a GPU:
+
+* under ``FakeTensorMode`` with fake CUDA inputs it runs for every strategy, masked or not and in every dtype:
+  fake tensors have no values, so any data-dependent operation (``.item()``, ``bool(tensor)``, ``nonzero``, a copy
+  to the host) raises. A dispatch mode records every tensor the path creates: all are on the input's device, except
+  the seeded draws of the random strategies, which come from the host by design (one seed gives the same landmarks
+  on every device) and are copied to the device, never read back;
+* ``torch.compile(..., fullgraph=True)`` traces it into one graph (a graph break raises) and the compiled call gives
+  the eager output.
+"""
+
+import ctypes
+import os
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensor, FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+import nystrom
+
+STRATEGIES = sorted(nystrom.STRATEGIES)
+DETERMINISTIC = sorted(set(nystrom.STRATEGIES) - nystrom.RANDOM_STRATEGIES)
+CUDA, META = 1, 14  # c10::DeviceType
+
+
+@pytest.fixture(scope="module")
+def fake_cuda():
+    """Let fake CUDA tensors be indexed on a torch built without CUDA.
+
+    ``Tensor.__getitem__`` opens a device guard for its tensor's device in C++ (``THPVariable_getitem``), below any
+    mode. A CUDA build without a device gets a no-op CUDA guard from ``FakeTensorMode`` itself
+    (``torch._C._ensureCUDADeviceGuardSet``), but a CPU-only build has no CUDA guard to replace, and that call leaves
+    it absent: indexing raises "PyTorch is not linked with support for cuda devices". This fixture registers the
+    meta device's guard, a no-op, as the CUDA one for the module's tests (through c10's exported
+    ``registerDeviceGuard``), and unregisters it after. Nothing else changes: CUDA calls outside a fake mode still
+    fail as before.
+    """
+    if torch.cuda._is_compiled():
+        yield  # a CUDA build: FakeTensorMode installs its own guard when no device is present
+        return
+    try:
+        c10 = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libc10.so"))
+        slots = (ctypes.c_void_p * (META + 1)).in_dll(c10, "_ZN3c104impl26device_guard_impl_registryE")
+        register = c10._ZN3c104impl19registerDeviceGuardENS_10DeviceTypeEPKNS0_24DeviceGuardImplInterfaceE
+    except (OSError, AttributeError, ValueError) as error:
+        pytest.skip(f"cannot register a CUDA device guard in this torch build: {error}")
+    register.argtypes, register.restype = [ctypes.c_int8, ctypes.c_void_p], None
+    assert slots[CUDA] is None, "a CPU-only build has no CUDA device guard"
+    register(CUDA, slots[META])
+    try:
+        yield
+    finally:
+        register(CUDA, None)
+
+
+class Placement(TorchDispatchMode):
+    """Records every tensor an operator returns that is not on ``device``, with the operator."""
+
+    def __init__(self, device):
+        super().__init__()
+        self.device = torch.device(device)
+        self.elsewhere = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.elsewhere += [(str(func), t.device, tuple(t.shape), t.dtype) for t in tree_leaves(out)
+                           if isinstance(t, torch.Tensor) and t.device != self.device]
+        return out
+
+
+def fake_call(strategy, dtype=torch.float32, masked=False, **kwargs):
+    """``approximate`` on fake CUDA inputs ``(2, 4, 256, 32)``: the output and the tensors created off the device."""
+    with FakeTensorMode():
+        Q, K, V = (torch.empty(2, 4, 256, 32, device="cuda", dtype=dtype) for _ in range(3))
+        mask = torch.ones(2, 1, 1, 256, dtype=torch.bool, device="cuda") if masked else None
+        with Placement(Q.device) as placement:
+            out = nystrom.approximate(Q, K, V, strategy=strategy, num_landmarks=8, attn_mask=mask, seed=0,
+                                      check_values=False, **kwargs)
+    return out, placement.elsewhere
+
+
+# Half precision takes other paths (selection and the solve widen to float32), so one of them is in; float16 runs
+# them as bfloat16 does, and the meta-tensor test of tests/test_approximation.py covers every dtype for data reads.
+@pytest.mark.parametrize(("dtype", "masked"), [(torch.float32, False), (torch.float32, True),
+                                               (torch.bfloat16, True)])
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_every_strategy_runs_on_fake_cuda_and_stays_there(fake_cuda, strategy, dtype, masked):
+    out, elsewhere = fake_call(strategy, dtype, masked)
+    assert isinstance(out, FakeTensor)
+    assert out.device == torch.device("cuda", 0) and out.shape == (2, 4, 256, 32) and out.dtype == dtype
+    if strategy in nystrom.RANDOM_STRATEGIES:
+        # Only tensors made from the seeded host draws (the draws, or the positions they select, turned into a tensor
+        # by lift_fresh before the copy to the device); no scalar, and nothing read back from the device.
+        assert elsewhere and {func for func, *_ in elsewhere} == {"aten.lift_fresh.default"}, elsewhere
+        assert all(shape for *_, shape, _ in elsewhere), elsewhere
+    else:
+        assert elsewhere == []
+
+
+@pytest.mark.parametrize("solver", sorted(nystrom.SOLVERS))
+def test_every_solver_runs_on_fake_cuda(fake_cuda, solver):
+    out, elsewhere = fake_call("norm", solver=solver)
+    assert out.device == torch.device("cuda", 0) and out.shape == (2, 4, 256, 32)
+    assert elsewhere == []
+
+
+def test_a_data_dependent_operation_would_fail(fake_cuda):
+    # What makes the runs above a proof: the value checks read the data, and on fake tensors they cannot.
+    with FakeTensorMode():
+        Q = torch.empty(1, 2, 64, 8, device="cuda")
+        # The finiteness check asks the host for one bool: aten._local_scalar_dense, which fake tensors refuse.
+        with pytest.raises(DataDependentOutputException, match="_local_scalar_dense"):
+            nystrom.approximate(Q, Q, Q, num_landmarks=8)
