@@ -504,14 +504,29 @@ def landmarks_at(xp, Q, K, idx, query_idx=None, axis=WHOLE) -> Landmarks:
 
 
 def uniform_draws(xp, shape, seed, like):
-    """Uniform ``[0, 1)`` draws of ``shape`` from ``numpy.random.default_rng(seed)``, on ``like``'s device.
+    """Uniform ``[0, 1)`` draws of ``shape`` from ``numpy.random.default_rng(seed)``, on ``like``'s device, in
+    float64 for float64 ``like`` and float32 otherwise (:func:`host_draws`)."""
+    return host_draws(xp, generator_draws, seed, shape, xp.float64 if like.dtype == xp.float64 else xp.float32, like)
 
-    Drawing on the host with numpy makes a given seed give the same landmarks for numpy and
-    torch inputs, on CPU and CUDA alike.
+
+def generator_draws(seed, shape):
+    """Uniform ``[0, 1)`` numpy draws of ``shape`` from one stream, ``numpy.random.default_rng(seed)``."""
+    return np.random.default_rng(seed).random(shape)
+
+
+def host_draws(xp, draw, seed, shape, dtype, like):
+    """``draw(seed, shape)``, numpy draws on the host, as an array of ``dtype`` on ``like``'s device.
+
+    Drawing on the host with numpy makes a given seed give the same landmarks for numpy and torch inputs, on CPU
+    and CUDA alike; the draws depend on the seed and the shape alone, so on a device they are one copy from the
+    host and nothing is read back. While ``torch.compile`` traces, the draw is a custom operator of the graph
+    (:mod:`nystrom.torch.draws`): ``draw`` must then be a module-level function.
     """
-    draws = np.random.default_rng(seed).random(shape)
-    dtype = xp.float64 if like.dtype == xp.float64 else xp.float32
-    return xp.asarray(draws, dtype=dtype, device=array_api_compat.device(like))
+    if compiling(like):
+        from ...torch.draws import traced_host_draws
+
+        return traced_host_draws(draw, seed, shape, dtype, like.device)
+    return xp.asarray(draw(seed, shape), dtype=dtype, device=array_api_compat.device(like))
 
 
 def host_view(a):

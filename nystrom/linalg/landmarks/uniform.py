@@ -9,39 +9,43 @@ import array_api_compat
 import numpy as np
 
 from ..sequence import WHOLE
-from .base import TokenStrategy, host_view
+from .base import TokenStrategy, compiling, host_draws, host_view
 
 
-def random_subset(xp, shape, k, seed, mask=None, device=None, axis=WHOLE):
-    """Positions ``(..., k)``, ascending, of ``k`` distinct tokens drawn uniformly among the eligible ones.
+def random_subset(xp, X, k, seed, mask=None, axis=WHOLE):
+    """Positions ``(..., k)``, ascending, of ``k`` distinct rows of ``X (..., n, D)`` drawn uniformly among the
+    eligible ones, on ``X``'s device (only its shape and device matter).
 
-    ``shape`` is ``(..., n)``; ``mask (..., n)`` marks the eligible tokens (at least ``k`` per row, or the
-    subset runs into ineligible ones). The ``k`` smallest of ``n`` i.i.d. uniform keys form a uniformly random
-    ``k``-subset, and ineligible tokens get keys above 1. Keys are drawn on the host, so one seed gives the same
-    tokens on every device; host arrays take an O(n) partial selection (sorting took 10 ms at n = 65,536),
-    accelerator arrays sort on the device, so the mask is never read back to the host. With a seed, each row
-    draws from its own stream, so padding at the end of a sequence leaves the keys of its real tokens, and the
-    subset, unchanged.
+    ``mask (..., n)`` marks the eligible rows (at least ``k`` per row of the batch, or the subset runs into
+    ineligible ones). The ``k`` smallest of ``n`` i.i.d. uniform keys form a uniformly random ``k``-subset, and
+    ineligible rows get keys above 1. Keys are drawn on the host, so one seed gives the same tokens on every
+    device; host arrays take an O(n) partial selection (sorting took 10 ms at n = 65,536), accelerator arrays sort
+    on the device, so the mask is never read back to the host, and so do tensors that ``torch.compile`` traces
+    (numpy cannot enter its graph). With a seed, each batch row draws from its own stream, so padding at the end
+    of a sequence leaves the keys of its real tokens, and the subset, unchanged.
 
     On a sharded ``axis`` (:mod:`nystrom.linalg.sequence`; ``seed`` then required, the same on every process)
     each process draws the keys of the whole row and keeps those of its shard: the global positions of the ``k``
     smallest come from each shard's ``k`` smallest, :math:`O(pk)` sent.
     """
+    shape = tuple(X.shape[:-1])
     if axis.sharded:
         n = shape[-1]
         keys = row_draws(seed, (*shape[:-1], axis.length(n)))[..., axis.offset:axis.offset + n]
-        keys = xp.asarray(keys, dtype=xp.float64, device=device)
+        keys = xp.asarray(keys, dtype=xp.float64, device=array_api_compat.device(X))
         if mask is not None:
             keys = xp.where(mask, keys, 2 + keys)
         return xp.sort(axis.top_k(xp, -keys, k), axis=-1)
-    keys = row_draws(seed, shape)
     host_mask = None if mask is None else host_view(mask)
-    if mask is None or host_mask is not None:
+    if host_mask is not None or (mask is None and not compiling(X)):
+        keys = row_draws(seed, shape)
         if host_mask is not None:
             keys = np.where(host_mask, keys, 2 + keys)
-        return xp.asarray(np.sort(np.argpartition(keys, k - 1, axis=-1)[..., :k], axis=-1), device=device)
-    keys = xp.asarray(keys, dtype=xp.float64, device=device)
-    keys = xp.where(mask, keys, 2 + keys)
+        return xp.asarray(np.sort(np.argpartition(keys, k - 1, axis=-1)[..., :k], axis=-1),
+                          device=array_api_compat.device(X))
+    keys = host_draws(xp, row_draws, seed, shape, xp.float64, X)
+    if mask is not None:
+        keys = xp.where(mask, keys, 2 + keys)
     return xp.sort(xp.argsort(keys, axis=-1)[..., :k], axis=-1)
 
 
@@ -65,5 +69,4 @@ class Uniform(TokenStrategy, name="uniform", random=True, sharded=True):
     """
 
     def pick(self, selection, X, mask):
-        return random_subset(selection.xp, X.shape[:-1], selection.num_landmarks, selection.seed, mask,
-                             array_api_compat.device(X), selection.axis)
+        return random_subset(selection.xp, X, selection.num_landmarks, selection.seed, mask, selection.axis)
