@@ -116,3 +116,45 @@ def test_a_data_dependent_operation_would_fail(fake_cuda):
         # The finiteness check asks the host for one bool: aten._local_scalar_dense, which fake tensors refuse.
         with pytest.raises(DataDependentOutputException, match="_local_scalar_dense"):
             nystrom.approximate(Q, Q, Q, num_landmarks=8)
+
+
+def small_inputs():
+    """``(1, 2, 32, 8)`` float32 queries, keys and values, and a key mask with 8 padded keys: compile time grows with
+    the traced operations, not with the shapes, so the shapes stay small."""
+    generator = torch.Generator().manual_seed(0)
+    Q, K, V = (torch.randn(1, 2, 32, 8, generator=generator) for _ in range(3))
+    mask = torch.ones(1, 1, 1, 32, dtype=torch.bool)
+    mask[..., 24:] = False
+    return Q, K, V, mask
+
+
+@pytest.mark.filterwarnings("ignore:Dynamo detected a call to a `functools.lru_cache`")
+def test_every_strategy_compiles_into_one_graph():
+    # fullgraph=True raises at the first graph break. One compiled function calls every strategy, masked, so Dynamo's
+    # fixed cost is paid once; the eager backend runs the traced graph as it is (inductor's code generation would
+    # add minutes on two cores and prove nothing more about graph breaks).
+    def every_strategy(Q, K, V, mask):
+        return [nystrom.approximate(Q, K, V, strategy=strategy, num_landmarks=4, attn_mask=mask, seed=0,
+                                    check_values=False) for strategy in STRATEGIES]
+
+    Q, K, V, mask = small_inputs()
+    compiled = torch.compile(every_strategy, fullgraph=True, backend="eager")(Q, K, V, mask)
+    # The graph runs the eager kernels; what differs is that selection's host fast paths (numpy, for tensors in host
+    # memory) give way to the device paths, which choose the same landmarks. So the outputs agree to float32
+    # rounding, float32's default tolerance.
+    for strategy, out, eager in zip(STRATEGIES, compiled, every_strategy(Q, K, V, mask)):
+        torch.testing.assert_close(out, eager, msg=lambda message, strategy=strategy: f"{strategy}: {message}")
+
+
+@pytest.mark.filterwarnings("ignore:Dynamo detected a call to a `functools.lru_cache`")
+def test_compiled_draws_are_drawn_on_every_call():
+    # The random strategies' host draws are a custom operator in the graph, not constants baked in at trace time:
+    # without a seed, two calls of one compiled function choose different landmarks.
+    def landmarks(Q, K, V):
+        return nystrom.approximate(Q, K, V, strategy="uniform", num_landmarks=4, check_values=False,
+                                   return_info=True)[1].landmarks.indices
+
+    Q, K, V, _ = small_inputs()
+    compiled = torch.compile(landmarks, fullgraph=True, backend="eager")
+    draws = [compiled(Q, K, V) for _ in range(4)]
+    assert any(not torch.equal(draws[0], other) for other in draws[1:])

@@ -88,14 +88,16 @@ def test_query_chunking_changes_nothing():
 
 @pytest.mark.filterwarnings("ignore:Dynamo detected a call to a `functools.lru_cache`")
 def test_torch_compile():
-    if not hasattr(torch, "compile"):
-        pytest.skip("torch.compile unavailable")
+    # Inductor's generated code, in one graph (fullgraph=True raises at a graph break; every strategy is traced in
+    # tests/torch/test_device.py with the cheaper eager backend). segment_means has the fewest operations to compile.
     Q, K, V = (torch.from_numpy(x).float() for x in qkv_np(4, shape=(1, 2, 32, 8)))
 
     def f(q, k, v):
-        return nystrom.approximate(q, k, v, strategy="segment_means", num_landmarks=8)
+        return nystrom.approximate(q, k, v, strategy="segment_means", num_landmarks=8, check_values=False)
 
-    compiled = torch.compile(f)
+    compiled = torch.compile(f, fullgraph=True)
+    # Fused kernels reassociate the float32 sums (softmax, the products, six Newton-Schulz steps): rounding, a few
+    # units in the last place of the output, well inside 1e-5.
     torch.testing.assert_close(compiled(Q, K, V), f(Q, K, V), rtol=1e-5, atol=1e-6)
 
 
