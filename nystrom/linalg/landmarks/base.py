@@ -47,6 +47,13 @@ from ..validation import (
     summary,
 )
 
+COMPILERS: list = []
+"""The compilers that trace Python code into graphs of array operations, numpy calls excluded, each with
+``tracing(a) -> bool`` (is it tracing the array ``a`` now?) and ``host_draws(draw, seed, shape, dtype, like)``
+(:func:`host_draws` as one operation of its graph). The backend of an array library registers its compiler on
+import, as :mod:`nystrom.torch.tracing` does for ``torch.compile``: ``linalg`` imports no backend. While one traces,
+the host fast paths (:func:`host_view`) give way to the array-API paths, and host draws become graph operations."""
+
 STRATEGIES: dict[str, type] = {}
 """Strategy names accepted by :func:`get_strategy` and ``nystrom.approximate``, derived from the
 :class:`Strategy` subclasses' declared ``name``."""
@@ -519,13 +526,12 @@ def host_draws(xp, draw, seed, shape, dtype, like):
 
     Drawing on the host with numpy makes a given seed give the same landmarks for numpy and torch inputs, on CPU
     and CUDA alike; the draws depend on the seed and the shape alone, so on a device they are one copy from the
-    host and nothing is read back. While ``torch.compile`` traces, the draw is a custom operator of the graph
-    (:mod:`nystrom.torch.draws`): ``draw`` must then be a module-level function.
+    host and nothing is read back. While a compiler traces ``like``, its :data:`COMPILERS` entry makes the draw one
+    operation of the graph (for ``torch.compile``, a custom operator): ``draw`` must then be a module-level function.
     """
-    if compiling(like):
-        from ...torch.draws import traced_host_draws
-
-        return traced_host_draws(draw, seed, shape, dtype, like.device)
+    for compiler in COMPILERS:
+        if compiler.tracing(like):
+            return compiler.host_draws(draw, seed, shape, dtype, like)
     return xp.asarray(draw(seed, shape), dtype=dtype, device=array_api_compat.device(like))
 
 
@@ -555,12 +561,8 @@ def host_view(a):
 
 
 def compiling(a) -> bool:
-    """Whether ``a`` is a torch tensor that ``torch.compile`` is tracing (its graph takes no numpy call)."""
-    if not array_api_compat.is_torch_array(a):
-        return False
-    import torch  # already imported: ``a`` is a tensor
-
-    return torch.compiler.is_compiling()
+    """Whether a compiler of :data:`COMPILERS` is tracing ``a`` now (its graph takes no numpy call)."""
+    return any(compiler.tracing(a) for compiler in COMPILERS)
 
 
 def sample_by_weight(xp, weights, u):

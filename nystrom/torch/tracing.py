@@ -1,0 +1,46 @@
+"""``torch.compile`` as a compiler of :data:`nystrom.linalg.landmarks.base.COMPILERS`, registered on import.
+
+While ``torch.compile`` traces, the host fast paths of selection (numpy on a view of a CPU tensor) give way to the
+array-API paths, which it can trace. The random strategies draw on the host with numpy, so that one seed gives the
+same landmarks for numpy and torch inputs on every device; numpy's generators cannot enter a graph (Dynamo has no
+rule for ``numpy.random.default_rng``: a graph break). Wrapped in a custom operator, ``nystrom::host_draws``, a draw
+is one call of the graph that runs on every call of the compiled function, so ``seed=None`` still draws afresh, and
+its fake implementation gives the tracer the shape, dtype and device without drawing.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+from ..linalg.landmarks.base import COMPILERS
+
+
+@torch.library.custom_op("nystrom::host_draws", mutates_args=())
+def _host_draws(draw: str, seed: int | None, shape: list[int], dtype: torch.dtype,
+                device: torch.device) -> torch.Tensor:
+    module, name = draw.split(":")
+    values = getattr(importlib.import_module(module), name)(seed, tuple(shape))
+    return torch.asarray(values, dtype=dtype, device=device)
+
+
+@_host_draws.register_fake
+def _(draw, seed, shape, dtype, device):
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+class TorchCompile:
+    """The hooks of ``torch.compile`` (see :data:`~nystrom.linalg.landmarks.base.COMPILERS`)."""
+
+    @staticmethod
+    def tracing(a) -> bool:
+        return isinstance(a, torch.Tensor) and torch.compiler.is_compiling()
+
+    @staticmethod
+    def host_draws(draw, seed, shape, dtype, like):
+        # The operator names ``draw`` by module and name: a graph holds strings, not Python functions.
+        return _host_draws(f"{draw.__module__}:{draw.__name__}", seed, list(shape), dtype, like.device)
+
+
+COMPILERS.append(TorchCompile)
