@@ -35,10 +35,13 @@ class TorchCompile:
 
     @staticmethod
     def tracing(a) -> bool:
+        """Whether ``a`` is a tensor and ``torch.compile`` is tracing (Dynamo evaluates this to True in a trace)."""
         return isinstance(a, torch.Tensor) and torch.compiler.is_compiling()
 
     @staticmethod
     def host_draws(draw, seed, shape, dtype, like):
+        """``draw(seed, shape)`` as a tensor of ``dtype`` on ``like``'s device, by the ``nystrom::host_draws``
+        operator."""
         # The operator names ``draw`` by module and name: a graph holds strings, not Python functions.
         return _host_draws(f"{draw.__module__}:{draw.__name__}", seed, list(shape), dtype, like.device)
 
