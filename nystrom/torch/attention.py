@@ -44,8 +44,10 @@ def key_blocks(q, k, v):
     one head with :math:`m \le 32` queries is one task on one core, however many threads there are. Splitting
     the :math:`n` keys into :math:`p` blocks makes :math:`p` times as many tasks; :math:`p` is the smallest
     count that gives every thread a task, and 1 on CUDA, when gradients are needed (the kernel's log-sum-exp
-    carries none), in float64, when values and keys differ in width (the kernel takes one head size), or when a
-    block would hold fewer than :data:`MIN_KEYS_PER_BLOCK` keys.
+    carries none), in float64, when values and keys differ in width (the kernel takes one head size), when a
+    block would hold fewer than :data:`MIN_KEYS_PER_BLOCK` keys, or while ``torch.compile`` traces (the thread
+    count is a run-time setting that Dynamo cannot put in a graph, ``torch.get_num_threads`` being a graph break,
+    and the compiled kernels divide the work among threads themselves).
 
     Parameters
     ----------
@@ -60,6 +62,7 @@ def key_blocks(q, k, v):
     # The kernel's float64 results are off by ~1e-9 (measured against SDPA in float64), too far for the library's
     # float64 reference results.
     if (q.device.type != "cpu" or q.dtype == torch.float64 or v.shape[-1] != q.shape[-1]
+            or torch.compiler.is_compiling()
             or (torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)))):
         return 1
     tasks = math.prod(q.shape[:-2]) * -(-q.shape[-2] // _CPU_QUERY_ROWS_PER_TASK)
