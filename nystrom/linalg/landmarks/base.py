@@ -132,7 +132,7 @@ class Grouping:
     weights: Any = None
 
 
-class cached:  # noqa: N801 (a decorator, named like functools.cached_property)
+class cached:
     """``functools.cached_property`` without its lock: on Python 3.11 the lock is an ``RLock``, which
     ``torch.compile`` cannot trace (a graph break). The value lands in the instance ``__dict__``, which a
     non-data descriptor defers to on the next access, frozen dataclasses included."""
@@ -547,8 +547,8 @@ def host_view(a):
     -------
     numpy.ndarray or None
         A zero-copy DLPack view for host arrays (detached from autograd), ``None`` on accelerators, for
-        dtypes numpy lacks, and for torch tensors traced by ``torch.compile``: numpy calls cannot enter its
-        graph, so the callers' array-API paths (those of accelerators) run instead.
+        dtypes numpy lacks, and for arrays a compiler traces (:func:`compiling`; ``torch.compile``): numpy calls
+        cannot enter its graph, so the callers' array-API paths (those of accelerators) run instead.
     """
     if array_api_compat.is_numpy_array(a):
         return a
