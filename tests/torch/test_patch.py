@@ -527,7 +527,7 @@ def test_tol_calibrates_m_per_layer_on_the_first_pass_and_keeps_it(dinov2):
     for layer, record in calibration.items():
         steps = record.tol_steps
         m = handle.num_landmarks_per_layer[layer]
-        assert steps[0][0] == 16 and steps[-1][0] == m and steps[-1][1].high <= 0.1
+        assert steps[0].m == 16 and steps[-1].m == m and steps[-1].estimate.high <= 0.1
         assert record.counts.shape[-1] == m
         # The later pass reuses m without searching again.
         assert handle.records[layer].tol_steps == () and handle.records[layer].counts.shape[-1] == m
