@@ -3,7 +3,8 @@ r"""``fna(model, tol=...)`` end to end: ``python -m nystrom.experiments.tol_fna_
 For each ``tol``, FNA with ``tol`` on every layer (default) of the bundled DINOv2-S (images astronaut, coffee and
 rocket at 518 px, :math:`n = 1{,}370`, one batch) and all-MiniLM-L6-v2 (the 60 example sentences in one padded
 batch, 10-22 tokens): the first forward pass calibrates :math:`m` per layer (the search of
-``approximate(tol=...)`` from ``--num-landmarks``), the second reuses it and is measured. Per model and ``tol``:
+``approximate(tol=...)`` from ``--num-landmarks``, default 16 for DINOv2 and 4 for MiniLM), the second reuses it
+and is measured. Per model and ``tol``:
 
 * the :math:`m` each layer calibrated (``exact``: the layer ran the model's own attention because :math:`m`
   covered every token), and the layers whose search escalated the solver or warned (``tol`` not reached);
@@ -43,6 +44,8 @@ from .timing import timed_call
 TOLS = (0.05, 0.1, 0.2)
 IMAGES = ("astronaut", "coffee", "rocket")
 MODELS = ("dinov2", "minilm")
+#: Where each layer's search starts by default: MiniLM's shortest example sentence has 10 tokens.
+FIRST_M = {"dinov2": 16, "minilm": 4}
 CPU = torch.device("cpu")
 
 
@@ -158,7 +161,8 @@ def main(argv=None):
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
     parser.add_argument("--tols", type=float, nargs="+", default=list(TOLS))
     parser.add_argument("--layers", type=int, nargs="+", help="FNA layers (default all)")
-    parser.add_argument("--num-landmarks", type=int, default=16, help="m where each layer's search starts")
+    parser.add_argument("--num-landmarks", type=int, default=None,
+                        help="m where each layer's search starts (default 16 for DINOv2, 4 for MiniLM, as tol_report)")
     parser.add_argument("--images", nargs="+", default=list(IMAGES), help="DINOv2: natural images")
     parser.add_argument("--size", type=int, default=518, help="DINOv2: image side in pixels (multiple of 14)")
     parser.add_argument("--sentences", type=int, default=None, help="MiniLM: the first N example sentences")
@@ -175,8 +179,9 @@ def main(argv=None):
         model, forward, compare = setup()
         layers = None if args.layers is None else [layer for layer in args.layers
                                                    if layer < len(attention_layers(model))]
-        results[key] = evaluate(model, forward, compare, tols=args.tols, layers=layers,
-                                num_landmarks=args.num_landmarks, timing=args.timing)
+        first = args.num_landmarks or FIRST_M[key]
+        results[key] = {"num_landmarks": first, **evaluate(model, forward, compare, tols=args.tols, layers=layers,
+                                                            num_landmarks=first, timing=args.timing)}
         rows += table_rows(name, results[key])
     settings = {key: value for key, value in vars(args).items() if key != "out"}
     markdown = caption(stamp) + "\n" + markdown_table(HEADER, rows)

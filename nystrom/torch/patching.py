@@ -179,11 +179,15 @@ class FNAHandle(Handle):
             landmarks, sampled, out, result = attempt(m, self.solver_per_layer.get(layer, self.solver))
         else:
             # Calibration, on this layer's first pass: the doubling search of approximate(tol=...), on 128 exact
-            # rows of this layer's own attention; later passes reuse the m it found.
-            largest = ceiling(m, n if real is None else fewest_real_keys(xp, real), self.max_landmarks)
+            # rows of this layer's own attention; later passes reuse the m it found. It starts from num_landmarks
+            # clipped to the real tokens of the shortest sequence, as selection clips it, so that the m recorded is
+            # the m used and never more than the real keys.
+            fewest = n if real is None else fewest_real_keys(xp, real)
+            first = min(m, fewest)
+            largest = ceiling(first, fewest, self.max_landmarks)
             rows = sample_rows(xp, query, key, value, num_samples=SAMPLED_ROWS, seed=0, scale=scale, keys=keys)
             (landmarks, sampled, out, result), steps = search_landmarks(
-                attempt, lambda attempted: rows.estimate(xp, attempted[2], CONFIDENCE), m, largest, self.tol,
+                attempt, lambda attempted: rows.estimate(xp, attempted[2], CONFIDENCE), first, largest, self.tol,
                 self.strict_tol, self.solver)
             self.num_landmarks_per_layer[layer], self.solver_per_layer[layer] = steps[-1].m, steps[-1].solver
         assignment = landmarks.assignment

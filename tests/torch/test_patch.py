@@ -538,6 +538,21 @@ def test_tol_calibrates_m_per_layer_on_the_first_pass_and_keeps_it(dinov2):
     assert len(set(handle.num_landmarks_per_layer.values())) > 1
 
 
+@pytest.mark.parametrize("num_landmarks, ceiling", [(2, 4), (10, 9)])
+def test_tol_never_calibrates_more_landmarks_than_the_real_keys(num_landmarks, ceiling):
+    # The tiny BERT batch: 12 tokens, the second sequence 9 real. The search starts at num_landmarks clipped to 9
+    # (as selection clips it) and stops at half of 9, or at 9 where it starts above that; an unreachable tol drives
+    # it to that ceiling in every layer, the escalation included.
+    model, inputs = tiny_model("bert"), tiny_inputs("bert")
+    with pytest.warns(UserWarning, match="not reached"):
+        with fna(model, layers=range(4), num_landmarks=num_landmarks, tol=1e-9) as handle:
+            run(model, inputs)
+    assert handle.num_landmarks_per_layer == dict.fromkeys(range(4), ceiling)
+    for record in handle.records.values():
+        assert max(step.m for step in record.tol_steps) == ceiling
+        assert record.counts.shape[-1] == ceiling
+
+
 def test_a_layer_whose_search_escalated_keeps_the_stronger_solver(dinov2):
     # Measured at 224 px (n = 257, ceiling 128): layer 0 misses 0.1 with six Newton-Schulz steps at every m up to
     # 128 and the search escalates to ten steps there; layer 10 reaches 0.1 at m = 32 without escalating.
