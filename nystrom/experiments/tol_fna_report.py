@@ -97,7 +97,8 @@ def layer_error(c):
     return float(torch.linalg.vector_norm((c.output.double() - exact) * keep) / torch.linalg.vector_norm(exact * keep))
 
 
-def evaluate(model, forward, compare, *, tols=TOLS, layers=None, num_landmarks=16, timing=False):
+def evaluate(model, forward, compare, *, tols=TOLS, layers=None, num_landmarks=16, max_landmarks=None,
+             timing=False):
     """Per ``tol``: calibrate FNA on one pass, measure the next (see the module docstring).
 
     Returns
@@ -115,7 +116,8 @@ def evaluate(model, forward, compare, *, tols=TOLS, layers=None, num_landmarks=1
         for tol in tols:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", UserWarning)  # a layer that misses tol is counted, not printed
-                with nystrom.fna(model, layers=layers, num_landmarks=num_landmarks, tol=tol) as handle:
+                with nystrom.fna(model, layers=layers, num_landmarks=num_landmarks, tol=tol,
+                                 max_landmarks=max_landmarks) as handle:
                     forward()  # calibration
                     with capturing(model, layers) as captures:
                         out = forward()
@@ -163,6 +165,8 @@ def main(argv=None):
     parser.add_argument("--layers", type=int, nargs="+", help="FNA layers (default all)")
     parser.add_argument("--num-landmarks", type=int, default=None,
                         help="m where each layer's search starts (default 16 for DINOv2, 4 for MiniLM, as tol_report)")
+    parser.add_argument("--max-landmarks", type=int, default=None,
+                        help="largest m of each layer's search (default half the real tokens of the shortest sequence)")
     parser.add_argument("--images", nargs="+", default=list(IMAGES), help="DINOv2: natural images")
     parser.add_argument("--size", type=int, default=518, help="DINOv2: image side in pixels (multiple of 14)")
     parser.add_argument("--sentences", type=int, default=None, help="MiniLM: the first N example sentences")
@@ -181,7 +185,8 @@ def main(argv=None):
                                                    if layer < len(attention_layers(model))]
         first = args.num_landmarks or FIRST_M[key]
         results[key] = {"num_landmarks": first, **evaluate(model, forward, compare, tols=args.tols, layers=layers,
-                                                            num_landmarks=first, timing=args.timing)}
+                                                            num_landmarks=first, max_landmarks=args.max_landmarks,
+                                                            timing=args.timing)}
         rows += table_rows(name, results[key])
     settings = {key: value for key, value in vars(args).items() if key != "out"}
     markdown = caption(stamp) + "\n" + markdown_table(HEADER, rows)
