@@ -57,9 +57,10 @@ class Info:
         objects declare their cost).
     exact_flops : int
         Those of exact attention on the same shapes, for the ratio.
-    tol_steps : tuple of (int, ErrorEstimate)
-        With ``approximate(tol=...)``: every :math:`m` tried, in order, with its estimated error; the last is
-        the one returned (listed twice when a larger m did not lower the bound). Empty otherwise.
+    tol_steps : tuple of TolStep
+        With ``approximate(tol=...)``: every step of the search, in order, as ``(m, estimate, solver)``
+        (:class:`~nystrom.linalg.tolerance.TolStep`); the last is the one returned (listed twice when it was not
+        the last tried). A solver other than the one passed marks an escalation (see ``tol``). Empty otherwise.
     """
 
     landmarks: Landmarks
@@ -80,8 +81,8 @@ class Info:
         ratio = self.flops["total"] / self.exact_flops if self.exact_flops else float("nan")
         tol = ""
         if self.tol_steps:
-            last = self.tol_steps[-1][1]
-            tol = (f", tol: m tried {[step for step, _ in self.tol_steps]}, error {last.estimate:.3g} "
+            last = self.tol_steps[-1].estimate
+            tol = (f", tol: m tried {[step.m for step in self.tol_steps]}, error {last.estimate:.3g} "
                    f"[{last.low:.3g}, {last.high:.3g}]")
         return (f"Info(m={m} landmarks ({kind}{weighted}) for batch {tuple(lm.keys.shape[:-2])}, "
                 f"residual max {residual.max():.3g} / median {np.median(residual):.3g} over {residual.size} "
@@ -227,9 +228,13 @@ def approximate(
         from 128 exact query rows (one sample for every step, :func:`nystrom.linalg.estimate_relative_error`),
         is at most ``tol``, or until ``max_landmarks``. The output of the last :math:`m` is returned, and
         ``Info.tol_steps`` lists the steps (when a later step did not lower the bound, the step with the lowest
-        bound is returned and listed again last). Reads the data (the estimate is computed on the host). The
-        interval's coverage is measured, not guaranteed (docs' error-bounds page: at least 93.5 % on 25
-        families of synthetic and real attention); the cost is that of the steps plus :math:`O(128\, n\, d)`.
+        bound is returned and listed again last). When the doubling misses ``tol`` (at ``max_landmarks``, or
+        after two doublings that did not lower the bound) and the solver is a fixed-step Newton–Schulz, the
+        search escalates to four more steps at the :math:`m` it tried, from the largest down, and returns the
+        smallest that meets ``tol`` (:func:`nystrom.linalg.tolerance.search_landmarks`). Reads the data (the
+        estimate is computed on the host). The interval's coverage is measured, not guaranteed (docs'
+        error-bounds page: at least 93.5 % on 25 families of synthetic and real attention); the cost is that of
+        the steps plus :math:`O(128\, n\, d)`.
     max_landmarks : int, optional
         Largest :math:`m` for ``tol``; default half the real keys of the shortest sequence (at most
         :math:`n_q` for cross-attention), and at least ``num_landmarks``: beyond :math:`n/2` landmarks
@@ -237,16 +242,15 @@ def approximate(
     strict_tol : bool
         When the bound is still above ``tol`` at ``max_landmarks``, or two doublings in a row do not lower it
         (the solver's floor: six Newton–Schulz steps regularise, and their error does not vanish even at
-        :math:`m = n`): ``False`` (default) warns (``UserWarning``) and returns the output with the lowest
-        bound, ``True`` raises ``RuntimeError``.
+        :math:`m = n`), also after the escalation: ``False`` (default) warns (``UserWarning``) and returns the
+        output with the lowest bound, ``True`` raises ``RuntimeError``.
     group : torch.distributed ProcessGroup, optional
         The inputs are this process's shard of a sequence sharded along the token axis across ``group``
         (self-attention, shards in rank order, sizes free; ``attn_mask`` the shard's key mask), and the output is
         this shard's. The landmarks are those of the whole sequence and the result equals the single-process one
         up to rounding; the messages do not grow with :math:`n`. Every process calls with the same settings;
         ``strategy`` must be one that selects over shards (``"norm"``, ``"kmeans"``, ``"segment_means"``,
-        ``"uniform"``, ``"fps"``), and
-        ``return_info``, ``features`` and ``tol`` are not taken.
+        ``"uniform"``, ``"fps"``), and ``return_info``, ``features`` and ``tol`` are not taken.
         See :func:`nystrom.torch.distributed.sharded_approximate`.
 
     Returns
@@ -322,20 +326,20 @@ def approximate(
         attend = functools.partial(softmax_attention, xp, scale=tau)
     attend = in_query_chunks(attend, query_chunk_size)
 
-    def attempt(m):
+    def attempt(m, solve):
         landmarks = run_strategy(select, Selection.of(xp, Q, K, m, keys, seed, head_axis, features, tau))
         return (landmarks, *nystrom_product(xp, Q, K, V, landmarks, unchecked(solve), scale=tau,
                                             mask=None if keys is None else keys[..., None, :], attend=attend))
 
     steps = ()
     if tol is None:
-        landmarks, out, result = attempt(m)
+        landmarks, out, result = attempt(m, solve)
     else:
         rows = sample_rows(xp, Q, K, V, num_samples=SAMPLED_ROWS, seed=0 if seed is None else seed, scale=tau,
                            keys=keys)
         (landmarks, out, result), steps = search_landmarks(
-            attempt, lambda attempted: rows.estimate(xp, attempted[1], CONFIDENCE), m, m_max, tol, strict_tol)
-        m = steps[-1][0]
+            attempt, lambda attempted: rows.estimate(xp, attempted[1], CONFIDENCE), m, m_max, tol, strict_tol, solve)
+        m, solve = steps[-1].m, steps[-1].solver
     if not return_info:
         return out
     batch = math.prod(Q.shape[:-2])

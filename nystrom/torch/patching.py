@@ -77,9 +77,9 @@ class LayerRecord:
         For strategies that group tokens: the landmark each token belongs to (``-1``: none, e.g. padding).
     counts : Tensor, shape (B, m), or None
         For strategies that group tokens: how many tokens each landmark stands for (1 for a singleton).
-    tol_steps : tuple of (int, ErrorEstimate)
-        With ``patch(tol=...)``, in the pass that calibrated this layer: every :math:`m` tried with its estimated
-        error (see ``approximate(tol=...)``); empty in the other passes.
+    tol_steps : tuple of TolStep
+        With ``patch(tol=...)``, in the pass that calibrated this layer: every step of the search, ``(m, estimate,
+        solver)`` (see ``approximate(tol=...)``); empty in the other passes.
     """
 
     indices: torch.Tensor | None
@@ -102,6 +102,9 @@ class FNAHandle(Handle):
         solver residual. Replaced by a new dict at the start of every forward pass.
     num_landmarks_per_layer : dict of int to int
         With ``tol``: the :math:`m` each FNA layer calibrated on the first forward pass, used by the later ones.
+    solver_per_layer : dict of int to Solver
+        With ``tol``: the solver each FNA layer calibrated with (``solver``, or a stronger one where the search
+        escalated, see ``approximate(tol=...)``), used by the later passes.
     """
 
     def __init__(self, model, *, layers, num_landmarks, strategy, solver, resample, features, guarantee, exclude,
@@ -118,6 +121,7 @@ class FNAHandle(Handle):
         self.tol, self.max_landmarks = check_error_control(tol, max_landmarks, strict_tol, self.num_landmarks)
         self.strict_tol = strict_tol
         self.num_landmarks_per_layer: dict[int, int] = {}
+        self.solver_per_layer: dict = {}
         if features not in FEATURES:
             raise ValueError(f"features must be one of {FEATURES}, got {features!r}")
         for name, spec in (("guarantee", guarantee), ("exclude", exclude)):
@@ -164,24 +168,28 @@ class FNAHandle(Handle):
         key, value = without_padding(xp, keys, key, value)
         attend = in_query_chunks(functools.partial(sdpa_attend, scale=scale), self.query_chunk_size)
 
-        def attempt(m):
+        def attempt(m, solver):
             landmarks, sampled = self._landmarks(layer, query, key, value, real, scale, m)
-            return (landmarks, sampled, *nystrom_product(xp, query, key, value, landmarks, unchecked(self.solver),
+            return (landmarks, sampled, *nystrom_product(xp, query, key, value, landmarks, unchecked(solver),
                                                          scale=scale, mask=None if keys is None else keys[..., None, :],
                                                          attend=attend))
 
         steps = ()
         if self.tol is None or layer in self.num_landmarks_per_layer:
-            landmarks, sampled, out, result = attempt(m)
+            landmarks, sampled, out, result = attempt(m, self.solver_per_layer.get(layer, self.solver))
         else:
             # Calibration, on this layer's first pass: the doubling search of approximate(tol=...), on 128 exact
-            # rows of this layer's own attention; later passes reuse the m it found.
-            largest = ceiling(m, n if real is None else fewest_real_keys(xp, real), self.max_landmarks)
+            # rows of this layer's own attention; later passes reuse the m it found. It starts from num_landmarks
+            # clipped to the real tokens of the shortest sequence, as selection clips it, so that the m recorded is
+            # the m used and never more than the real keys.
+            fewest = n if real is None else fewest_real_keys(xp, real)
+            first = min(m, fewest)
+            largest = ceiling(first, fewest, self.max_landmarks)
             rows = sample_rows(xp, query, key, value, num_samples=SAMPLED_ROWS, seed=0, scale=scale, keys=keys)
             (landmarks, sampled, out, result), steps = search_landmarks(
-                attempt, lambda attempted: rows.estimate(xp, attempted[2], CONFIDENCE), m, largest, self.tol,
-                self.strict_tol)
-            self.num_landmarks_per_layer[layer] = steps[-1][0]
+                attempt, lambda attempted: rows.estimate(xp, attempted[2], CONFIDENCE), first, largest, self.tol,
+                self.strict_tol, self.solver)
+            self.num_landmarks_per_layer[layer], self.solver_per_layer[layer] = steps[-1].m, steps[-1].solver
         assignment = landmarks.assignment
         counts = None
         if landmarks.log_weights is not None:
@@ -348,7 +356,8 @@ def patch(model, *, layers=None, num_landmarks=64, strategy="norm", solver="newt
     tol : float, optional
         Error-controlled :math:`m` per layer: on the first forward pass each FNA layer runs the doubling search of
         ``nystrom.approximate(tol=...)`` from ``num_landmarks`` on its own attention (128 exact query rows) and
-        keeps the :math:`m` it finds for the later passes (``handle.num_landmarks_per_layer``; the steps are in
+        keeps the :math:`m` it finds, and the solver where the search escalated it, for the later passes
+        (``handle.num_landmarks_per_layer``, ``handle.solver_per_layer``; the steps are in
         that pass's ``records[layer].tol_steps``). Each layer then chooses its own landmarks (``resample`` must
         be ``"every_layer"``). Calibrate on a representative batch: the error of later batches is not checked.
     max_landmarks : int, optional

@@ -7,6 +7,7 @@ Those checks run in float64, where the only error left is the pseudo-inverse's (
 
 import importlib.util
 import os
+import warnings
 
 import array_api_compat
 import numpy as np
@@ -29,7 +30,7 @@ from test_capture import (  # noqa: E402  (pytest puts this directory on sys.pat
 
 import nystrom  # noqa: E402
 import nystrom.linalg.landmarks.base  # noqa: E402
-from nystrom import FPS, PInv, SegmentMeans  # noqa: E402
+from nystrom import FPS, NewtonSchulz, PInv, SegmentMeans  # noqa: E402
 from nystrom.torch import dispatch  # noqa: E402
 from nystrom.torch.capture import capturing  # noqa: E402
 from nystrom.torch.masking import mask_keys  # noqa: E402
@@ -527,7 +528,7 @@ def test_tol_calibrates_m_per_layer_on_the_first_pass_and_keeps_it(dinov2):
     for layer, record in calibration.items():
         steps = record.tol_steps
         m = handle.num_landmarks_per_layer[layer]
-        assert steps[0][0] == 16 and steps[-1][0] == m and steps[-1][1].high <= 0.1
+        assert steps[0].m == 16 and steps[-1].m == m and steps[-1].estimate.high <= 0.1
         assert record.counts.shape[-1] == m
         # The later pass reuses m without searching again.
         assert handle.records[layer].tol_steps == () and handle.records[layer].counts.shape[-1] == m
@@ -535,6 +536,39 @@ def test_tol_calibrates_m_per_layer_on_the_first_pass_and_keeps_it(dinov2):
     torch.testing.assert_close(first, second, rtol=0, atol=0)
     # Layers differ in how many landmarks they need (measured: 32 in layer 10, 64 in 11, 128 in 6-9).
     assert len(set(handle.num_landmarks_per_layer.values())) > 1
+
+
+@pytest.mark.parametrize("num_landmarks, ceiling", [(2, 4), (10, 9)])
+def test_tol_never_calibrates_more_landmarks_than_the_real_keys(num_landmarks, ceiling):
+    # The tiny BERT batch: 12 tokens, the second sequence 9 real. The search starts at num_landmarks clipped to 9
+    # (as selection clips it) and stops at half of 9, or at 9 where it starts above that; an unreachable tol drives
+    # it to that ceiling in every layer, the escalation included.
+    model, inputs = tiny_model("bert"), tiny_inputs("bert")
+    with pytest.warns(UserWarning, match="not reached"):
+        with fna(model, layers=range(4), num_landmarks=num_landmarks, tol=1e-9) as handle:
+            run(model, inputs)
+    assert handle.num_landmarks_per_layer == dict.fromkeys(range(4), ceiling)
+    for record in handle.records.values():
+        assert max(step.m for step in record.tol_steps) == ceiling
+        assert record.counts.shape[-1] == ceiling
+
+
+def test_a_layer_whose_search_escalated_keeps_the_stronger_solver(dinov2):
+    # Measured at 224 px (n = 257, ceiling 128): layer 0 misses 0.1 with six Newton-Schulz steps at every m up to
+    # 128 and the search escalates to ten steps there; layer 10 reaches 0.1 at m = 32 without escalating.
+    model, inputs = dinov2
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        with fna(model, layers=[0, 10], num_landmarks=16, tol=0.1) as handle:
+            first = run(model, inputs)
+            calibration = dict(handle.records)
+            second = run(model, inputs)
+    assert handle.solver_per_layer == {0: NewtonSchulz(iters=10), 10: NewtonSchulz()}
+    for layer in (0, 10):
+        assert calibration[layer].tol_steps[-1].solver == handle.solver_per_layer[layer]
+        assert calibration[layer].tol_steps[-1].m == handle.num_landmarks_per_layer[layer]
+    # The later pass reuses m and the solver: it repeats the calibration pass exactly.
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("kwargs, match", [

