@@ -29,12 +29,13 @@ from ..linalg.validation import check_query_chunk_size, check_unknown_arguments
 _FLASH_CPU = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
 
-# A CPU flash-attention task is one (batch, head, block of queries): 32 query rows below 192 queries (measured
-# with the kernel: m = 32 runs on one core, m = 64 on two; docs' benchmarks page, "thread scaling").
+# A CPU flash-attention task is one (batch, head, block of queries): 32 query rows below 192 queries. Measured
+# (docs/scripts/split_key_crossover.py, one head over 65,536 keys, 1 -> 2 threads): m = 32 takes 12.3 -> 12.5 ms
+# (one task), m = 64 takes 25.0 -> 12.7 ms (two tasks).
 _CPU_QUERY_ROWS_PER_TASK = 32
-# Below this many keys per block a split costs more (its extra kernel call and merge) than the core it adds
-# gains (measured crossover, docs' benchmarks page).
-MIN_KEYS_PER_BLOCK = 4096
+# The split's extra call and merge cost ~0.15 ms: with 2 threads, 2 blocks win from 8,192 keys per block up (m = 16,
+# 16,384 keys: 1.56 ms split vs 1.85 ms whole; 8,192 keys: 0.90 vs 0.80 ms), same script.
+MIN_KEYS_PER_BLOCK = 8192
 
 
 def key_blocks(q, k, v):

@@ -214,12 +214,12 @@ def test_key_blocks_gives_every_thread_a_task(monkeypatch):
 
 
 def test_approximate_is_the_same_with_split_keys(monkeypatch):
-    # The landmark product of one head, m = 16, over n = 8192 keys splits in 2 blocks with 2 threads.
+    # The landmark product of one head, m = 16, over n = 16,384 keys splits in 2 blocks with 2 threads.
     import nystrom.torch.attention as attention
 
     g = torch.Generator().manual_seed(0)
-    Q, K, V = (torch.randn(1, 1, 8192, 32, generator=g) for _ in range(3))
-    mask = torch.ones(1, 1, 1, 8192, dtype=torch.bool)
+    Q, K, V = (torch.randn(1, 1, 16384, 32, generator=g) for _ in range(3))
+    mask = torch.ones(1, 1, 1, 16384, dtype=torch.bool)
     mask[..., 5000:] = False
     calls = []
     split = attention.split_key_sdpa
