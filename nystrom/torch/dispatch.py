@@ -167,6 +167,10 @@ def padding_mask_from_attention_mask(attention_mask, batch_size, num_keys):
     # transformers builds the mask once per forward pass and hands the same tensor to every layer; the
     # checks below read all B x n_q x n entries (28 ms at B = 2, n = 4,096 on one core), so the last
     # answer is kept, tied to that tensor object (a weak reference: no id reuse) and its version counter.
+    # A tensor made under torch.inference_mode() has no version counter, so an in-place edit could not be seen:
+    # it is checked afresh every time.
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.is_inference():
+        return _padding_mask_of(attention_mask, batch_size, num_keys)
     global _last_padding_mask
     last = _last_padding_mask
     if (last is not None and last[0]() is attention_mask and last[1] == attention_mask._version

@@ -516,6 +516,26 @@ def test_padding_mask_answer_follows_the_mask_tensor_and_its_edits():
     assert padding_mask_from_attention_mask(other, 2, 5).tolist() == [[True, True, False, True, True]] * 2
     with pytest.raises(ValueError, match="attention bias"):
         padding_mask_from_attention_mask(torch.full((1, 1, 5, 5), 0.5), 1, 5)
+    with torch.inference_mode():
+        # Inference tensors have no version counter: each call reads the mask, and sees its edits.
+        mask = torch.ones(1, 1, 5, 5, dtype=torch.bool)
+        assert padding_mask_from_attention_mask(mask, 1, 5).tolist() == [[True] * 5]
+        mask[..., 1] = False
+        assert padding_mask_from_attention_mask(mask, 1, 5).tolist() == [[True, False, True, True, True]]
+
+
+def test_fna_runs_on_a_padded_batch_under_inference_mode():
+    model = tiny_model("bert", dtype=torch.float32)
+    inputs = tiny_inputs("bert")
+    with torch.no_grad():
+        want = model(**inputs).last_hidden_state
+        with fna(model, num_landmarks=9, solver=EXACT):
+            want_fna = model(**inputs).last_hidden_state
+    with torch.inference_mode(), fna(model, num_landmarks=9, solver=EXACT):
+        got = model(**inputs).last_hidden_state
+    # The same computation as under no_grad, bit for bit: only the mask's caching differs.
+    torch.testing.assert_close(got, want_fna, rtol=0, atol=0)
+    assert not torch.equal(got, want)  # FNA did run
 
 
 def test_tol_calibrates_m_per_layer_on_the_first_pass_and_keeps_it(dinov2):
