@@ -83,7 +83,9 @@ def probe_logits(xp, Q, K, scale, mask=None, num_probes=16, axis=WHOLE):
     else:
         rows, held = axis.local(xp, ranks, n_q)
     probes = axis.gather(xp, Q, rows, held)
-    logits = (scale * probes) @ xp.matrix_transpose(K)
+    # K (s q^T) rather than (s q) K^T: the same product, but BLAS splits its n rows over threads (measured at
+    # n = 65,536, d = 64, 8 probes: 3.9 -> 1.9 ms on 2 threads, against 4.1 -> 2.9 ms for the other orientation).
+    logits = xp.matrix_transpose(K @ xp.matrix_transpose(scale * probes))
     if mask is not None:
         logits = xp.where(mask[..., None, :], logits, xp.full((), -float("inf"), dtype=logits.dtype, device=device))
     return logits
