@@ -197,5 +197,8 @@ def threads_figure(summary, counts, stamp, shape, m):
     ax.set_xticks(x + 0.4 - width / 2, [s.replace("_", " ") for s in stages])
     ax.set(title=f"parallel efficiency at {hi} threads, shape {shape}, m = {m}", ylabel="t₁ / (p · t_p), %")
     value_axis(ax, "y", log=False)
-    ax.legend(fontsize=7, ncol=2)
+    # Room above 100 % (a stage can exceed it when the one-thread run was disturbed), legend below the bars.
+    top = max([100.0] + [100 * r["efficiency"][s] for r in rows for s in stages if r["efficiency"][s] is not None])
+    ax.set_ylim(0, 1.12 * top)
+    ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.12))
     return fig
