@@ -19,7 +19,8 @@ are all masked has :math:`\mu_b = -\infty`, hence :math:`w_b = 0`. The block hol
 
 The blocks are independent until the merge, which costs :math:`O(p\, n_q d_v)`. This is what lets the
 landmark product :math:`\mathrm{softmax}(\tau\tilde q K^\top + M)V`, which has only :math:`m` query rows,
-use many cores or thread blocks (flash-decoding's split-K), and what lets it run over a sequence sharded
+use many cores or thread blocks (flash-decoding's split-K: :func:`nystrom.torch.attention.split_key_sdpa` on
+CPU cores, with PyTorch's flash kernel reducing each block), and what lets it run over a sequence sharded
 across processes: each process reduces its own keys to :math:`(\mu_b, s_b, o_b)`, and the merge needs only
 their maximum and two sums (:mod:`nystrom.torch.distributed`).
 """
@@ -109,52 +110,3 @@ def merge_partials(xp, o, mu, s, axis=-3, *, across=None):
     # The numerator and the denominator in one reduction (one message when the blocks are on other processes).
     both = total(xp.concat([w * o, w * s], axis=-1))
     return both[..., :-1] / both[..., -1:]
-
-
-def split_key_attention(xp, q, k, v, mask=None, *, scale, blocks):
-    r""":math:`\mathrm{softmax}(\tau q k^\top + M)\, v` with the keys split into ``blocks`` contiguous blocks, reduced
-    independently (one batched product over the blocks) and merged by :func:`merge_partials`.
-
-    Parameters
-    ----------
-    xp
-        Array namespace.
-    q : array, shape (..., n_q, d)
-    k : array, shape (..., n, d)
-    v : array, shape (..., n, d_v)
-    mask : bool or floating array, shape broadcastable to (..., n_q, n) with an explicit key axis, optional
-        As :func:`partial_attention`.
-    scale : float
-        :math:`\tau`.
-    blocks : int
-        :math:`p \ge 1`. The first :math:`p` blocks hold :math:`\lfloor n/p\rfloor` keys each (views, no copy of
-        ``k`` or ``v``); the :math:`n \bmod p` keys left over form one more block.
-
-    Returns
-    -------
-    array, shape (..., n_q, d_v)
-        In ``v``'s dtype.
-
-    Notes
-    -----
-    The :math:`p` score blocks :math:`n_q \times n/p` are formed at once: :math:`O(n_q n)` memory, as the
-    :math:`n_q\times m` scores of the output product for :math:`n_q = m`. Each block's products are GEMMs with
-    :math:`n/p` columns, which a BLAS or a GPU spreads over its cores whatever :math:`n_q`.
-    """
-    n = k.shape[-2]
-    size = n // blocks
-    cut = size * blocks
-    lead_k, lead_v = k.shape[:-2], v.shape[:-2]
-    kb = xp.reshape(k[..., :cut, :], (*lead_k, blocks, size, k.shape[-1]))
-    vb = xp.reshape(v[..., :cut, :], (*lead_v, blocks, size, v.shape[-1]))
-    mb = None
-    if mask is not None:
-        rows = mask.shape[-2]
-        mb = xp.moveaxis(xp.reshape(mask[..., :cut], (*mask.shape[:-2], rows, blocks, size)), -2, -3)
-    o, mu, s = partial_attention(xp, q[..., None, :, :], kb, vb, mb, scale=scale)
-    if cut < n:
-        rest = partial_attention(xp, q, k[..., cut:, :], v[..., cut:, :],
-                                 None if mask is None else mask[..., cut:], scale=scale)
-        o, mu, s = (xp.concat([whole, xp.expand_dims(part, axis=-3)], axis=-3)
-                    for whole, part in zip((o, mu, s), rest))
-    return xp.astype(merge_partials(xp, o, mu, s, axis=-3), v.dtype)
