@@ -7,7 +7,8 @@ over three rounds that alternate the thread counts (exact SDPA, seconds per call
 parallel efficiency is :math:`t_1 / (p\, t_p)`: 1 when :math:`p` cores make it :math:`p` times faster, :math:`1/p`
 when the extra cores do nothing. The target (issue "Scale", default strategy): the speed-up over exact SDPA with
 :math:`p` cores is at least 0.9 times the one with one core, and at least 200 at :math:`n = 65{,}536`.
-CPU only: on a GPU the thread count is not the user's to choose.
+CPU only: on a GPU the thread count is not the user's to choose. The section sets its own thread counts, whatever
+``--threads`` sets for the other sections.
 """
 
 from __future__ import annotations
