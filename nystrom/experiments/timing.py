@@ -16,6 +16,7 @@ Memory
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import statistics
 import time
@@ -28,6 +29,24 @@ def synchronize(device):
     """Wait for the device's queued kernels (a no-op on CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+@contextlib.contextmanager
+def thread_limit(count):
+    """torch and the process's BLAS libraries limited to ``count`` threads, torch's count restored on exit.
+
+    Farthest-point sampling runs its loop in numpy on CPU; numpy's BLAS (OpenBLAS) has its own thread pool, which
+    would otherwise use every core while torch uses ``count``.
+    """
+    import threadpoolctl
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        with threadpoolctl.threadpool_limits(count):
+            yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def timed_call(fn, device):

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from ..stamp import busy_warning, device_name
+from ..timing import thread_limit
 from .accuracy import run_accuracy
 from .breakdown import run_breakdown
 from .e2e import run_e2e
@@ -61,35 +62,24 @@ def main(argv=None):
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     ctx = Context(device=device, dtype=dtype, plan=plan_for(device, args.quick), out=args.out / device.type,
                   progress=not args.no_progress)
-    default_threads = torch.get_num_threads()
-    blas_limit = contextlib.nullcontext()
-    if args.threads is not None:
-        if args.threads < 1:
-            print(f"nystrom bench: --threads must be at least 1, got {args.threads}", file=sys.stderr)
-            return 2
-        torch.set_num_threads(args.threads)
-        # Farthest-point sampling runs its loop in numpy on CPU; its BLAS (OpenBLAS) has its own
-        # thread pool, which would otherwise use every core while torch uses one.
-        import threadpoolctl
-
-        blas_limit = threadpoolctl.threadpool_limits(args.threads)
-    print(f"nystrom bench: {', '.join(args.only)} on {device_name(device)} ({str(dtype).removeprefix('torch.')}, "
-          f"{torch.get_num_threads()} threads) -> {ctx.out}", file=sys.stderr)
-    if args.quick:
-        print("nystrom bench: --quick is a smoke run at tiny sizes; its numbers are not benchmarks", file=sys.stderr)
-    warning = busy_warning(torch.get_num_threads()) if device.type == "cpu" else None
-    if warning:
-        print(f"nystrom bench: warning: {warning}", file=sys.stderr)
-    try:
-        with blas_limit:
-            for section in args.only:
-                begin = time.perf_counter()
-                payload = RUNNERS[section](ctx)
-                print(f"  {section}: {time.perf_counter() - begin:.0f} s", file=sys.stderr)
-                # The load while the section ran (its stamp is taken at the end), not only before it.
-                warning = (payload.get("stamp") or {}).get("load_warning")
-                if warning:
-                    print(f"  {section}: warning: {warning}", file=sys.stderr)
-    finally:
-        torch.set_num_threads(default_threads)
+    if args.threads is not None and args.threads < 1:
+        print(f"nystrom bench: --threads must be at least 1, got {args.threads}", file=sys.stderr)
+        return 2
+    with contextlib.nullcontext() if args.threads is None else thread_limit(args.threads):
+        print(f"nystrom bench: {', '.join(args.only)} on {device_name(device)} ({str(dtype).removeprefix('torch.')}, "
+              f"{torch.get_num_threads()} threads) -> {ctx.out}", file=sys.stderr)
+        if args.quick:
+            print("nystrom bench: --quick is a smoke run at tiny sizes; its numbers are not benchmarks",
+                  file=sys.stderr)
+        warning = busy_warning(torch.get_num_threads()) if device.type == "cpu" else None
+        if warning:
+            print(f"nystrom bench: warning: {warning}", file=sys.stderr)
+        for section in args.only:
+            begin = time.perf_counter()
+            payload = RUNNERS[section](ctx)
+            print(f"  {section}: {time.perf_counter() - begin:.0f} s", file=sys.stderr)
+            # The load while the section ran (its stamp is taken at the end), not only before it.
+            warning = (payload.get("stamp") or {}).get("load_warning")
+            if warning:
+                print(f"  {section}: warning: {warning}", file=sys.stderr)
     return 0

@@ -13,11 +13,9 @@ CPU only: on a GPU the thread count is not the user's to choose. The section set
 
 from __future__ import annotations
 
-import contextlib
 import os
 
 import numpy as np
-import threadpoolctl
 import torch
 import torch.nn.functional as F
 
@@ -26,7 +24,7 @@ from nystrom import approximate
 from ..plotting import value_axis
 from ..report import format_ratio, markdown_table
 from ..stamp import caption
-from ..timing import measure
+from ..timing import measure, thread_limit
 from .breakdown import STAGES, stage_times
 from .inputs import random_qkv
 from .output import figure, format_ms, save
@@ -45,18 +43,6 @@ _EXACT_ROUNDS = 2
 def all_cores():
     """The cores this process may run on (its CPU affinity), the thread count of "all cores"."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-@contextlib.contextmanager
-def threads(count):
-    """torch and the BLAS libraries of the process (numpy's OpenBLAS) limited to ``count`` threads."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        with threadpoolctl.threadpool_limits(count):
-            yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def run_threads(ctx):
@@ -84,13 +70,13 @@ def run_threads(ctx):
                     if method == "exact" and round_ >= _EXACT_ROUNDS:
                         bar.update()
                         continue
-                    with threads(count):
+                    with thread_limit(count):
                         t = measure(call, device, budget_s=plan.budget_s).min
                     fastest[method, count] = min(t, fastest.get((method, count), t))
                     bar.update()
             for strategy in strategies:
                 for count in counts:
-                    with threads(count):
+                    with thread_limit(count):
                         best = min((stage_times(Q, K, V, strategy, m, device) for _ in range(_STAGE_CALLS)),
                                    key=lambda t: t["total"])
                     if (strategy, count) not in stage_best or best["total"] < stage_best[strategy, count]["total"]:
