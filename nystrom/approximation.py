@@ -22,7 +22,7 @@ from .linalg.flops import exact_attention_flops, nystrom_attention_flops
 from .linalg.landmarks.base import Landmarks, Selection, get_strategy, run_strategy
 from .linalg.numerics import float64_numpy, without_padding
 from .linalg.solvers import Solver, get_solver, unchecked
-from .linalg.tolerance import CONFIDENCE, SAMPLED_ROWS, search_landmarks
+from .linalg.tolerance import CONFIDENCE, SAMPLED_ROWS, nystrom_pays, search_landmarks, search_range
 from .linalg.validation import (
     check_attention_inputs,
     check_bidirectional,
@@ -42,19 +42,20 @@ class Info:
 
     Attributes
     ----------
-    landmarks : Landmarks
+    landmarks : Landmarks or None
         The landmark queries/keys; ``landmarks.indices`` ``(..., m)`` holds token positions for
-        strategies that pick real tokens (``None`` for segment means and k-means).
-    residual : array, shape (...)
+        strategies that pick real tokens (``None`` for segment means and k-means). ``None`` when ``tol`` was
+        answered by exact attention (the last of ``tol_steps`` has solver ``"exact"``).
+    residual : array, shape (...), or None
         Relative Moore–Penrose residual :math:`\\lVert AZA-A\\rVert_F/\\lVert A\\rVert_F` of the
-        pseudo-inverse :math:`Z` of each landmark kernel :math:`A`.
+        pseudo-inverse :math:`Z` of each landmark kernel :math:`A` (``None`` for exact attention).
     solver_iterations : int
-        Iterations the solver ran (0 for direct solvers).
+        Iterations the solver ran (0 for direct solvers and exact attention).
     flops : dict
         Floating-point operations of the approximation by stage (``"landmark_products"``,
         ``"solve"``, ``"output_product"``, ``"total"``); landmark *selection* is not counted, nor
         the solve of a solver that is a plain callable (only :class:`~nystrom.linalg.solvers.Solver`
-        objects declare their cost).
+        objects declare their cost). For exact attention ``"exact"`` and ``"total"``.
     exact_flops : int
         Those of exact attention on the same shapes, for the ratio.
     tol_steps : tuple of TolStep
@@ -73,17 +74,19 @@ class Info:
 
     def __repr__(self) -> str:
         # The fields hold whole arrays (landmarks, residuals); a summary of their shapes and ranges reads better.
-        lm = self.landmarks
-        m = lm.keys.shape[-2]
-        kind = "tokens" if lm.indices is not None else "group means"
-        weighted = ", weighted" if lm.log_weights is not None else ""
-        residual = float64_numpy(self.residual)
-        ratio = self.flops["total"] / self.exact_flops if self.exact_flops else float("nan")
         tol = ""
         if self.tol_steps:
             last = self.tol_steps[-1].estimate
             tol = (f", tol: m tried {[step.m for step in self.tol_steps]}, error {last.estimate:.3g} "
                    f"[{last.low:.3g}, {last.high:.3g}]")
+        lm = self.landmarks
+        if lm is None:
+            return f"Info(exact attention, flops={self.flops['total']:.4g}{tol})"
+        m = lm.keys.shape[-2]
+        kind = "tokens" if lm.indices is not None else "group means"
+        weighted = ", weighted" if lm.log_weights is not None else ""
+        residual = float64_numpy(self.residual)
+        ratio = self.flops["total"] / self.exact_flops if self.exact_flops else float("nan")
         return (f"Info(m={m} landmarks ({kind}{weighted}) for batch {tuple(lm.keys.shape[:-2])}, "
                 f"residual max {residual.max():.3g} / median {np.median(residual):.3g} over {residual.size} "
                 f"kernel(s), solver_iterations={self.solver_iterations}, flops={self.flops['total']:.4g} "
@@ -226,24 +229,31 @@ def approximate(
         :math:`\lVert\hat O - O\rVert_F / \lVert O\rVert_F` (over the real rows) to accept. Starting at
         ``num_landmarks``, :math:`m` doubles until the upper end of the 95 % interval of the error, estimated
         from 128 exact query rows (one sample for every step, :func:`nystrom.linalg.estimate_relative_error`),
-        is at most ``tol``, or until ``max_landmarks``. The output of the last :math:`m` is returned, and
-        ``Info.tol_steps`` lists the steps (when a later step did not lower the bound, the step with the lowest
-        bound is returned and listed again last). When the doubling misses ``tol`` (at ``max_landmarks``, or
-        after two doublings that did not lower the bound) and the solver is a fixed-step Newton–Schulz, the
-        search escalates to four more steps at the :math:`m` it tried, from the largest down, and returns the
-        smallest that meets ``tol`` (:func:`nystrom.linalg.tolerance.search_landmarks`). Reads the data (the
-        estimate is computed on the host). The interval's coverage is measured, not guaranteed (docs'
+        is at most ``tol``, up to the last :math:`m` at which Nyström attention takes at most half the FLOPs of
+        exact attention (:func:`nystrom.linalg.tolerance.nystrom_pays`; :math:`m = 138` at :math:`n = 1{,}370`,
+        :math:`d = 64` with six Newton–Schulz steps). The output of the last :math:`m` is returned, and
+        ``Info.tol_steps`` lists the steps. When the doubling misses ``tol`` (at that :math:`m`, or after two
+        doublings that did not lower the bound), the output is **exact attention**: the answer with every key as
+        a landmark, of error 0 (its step has solver ``"exact"`` and ``Info.landmarks`` is ``None``); the whole
+        search then costs at most about twice exact attention. Where even ``num_landmarks`` costs more than half
+        of exact attention, or there are at most 128 queries (the estimate's exact rows would be all of them),
+        exact attention is the first and only step (:func:`nystrom.linalg.tolerance.search_landmarks`). Reads the
+        data (the estimate is computed on the host). The interval's coverage is measured, not guaranteed (docs'
         error-bounds page: at least 93.5 % on 25 families of synthetic and real attention); the cost is that of
         the steps plus :math:`O(128\, n\, d)`.
     max_landmarks : int, optional
-        Largest :math:`m` for ``tol``; default half the real keys of the shortest sequence (at most
-        :math:`n_q` for cross-attention), and at least ``num_landmarks``: beyond :math:`n/2` landmarks
-        self-attention costs more than exact attention.
+        A budget on :math:`m` for ``tol``, between ``num_landmarks`` and the real keys of the shortest sequence
+        (at most :math:`n_q` for cross-attention); default none, as described under ``tol`` (a budget of every
+        real key is the same). A budget below the real keys rules exact attention out: :math:`m` doubles up to it,
+        whatever the cost; when that misses ``tol`` and the solver is a fixed-step Newton–Schulz, the search
+        escalates to four more steps at the :math:`m` it tried, from the largest down, and returns the smallest
+        that meets ``tol``; when the bound is still above ``tol``, the step with the lowest bound is returned
+        (listed again last in ``Info.tol_steps``), and the call warns or raises (``strict_tol``).
     strict_tol : bool
-        When the bound is still above ``tol`` at ``max_landmarks``, or two doublings in a row do not lower it
-        (the solver's floor: six Newton–Schulz steps regularise, and their error does not vanish even at
-        :math:`m = n`), also after the escalation: ``False`` (default) warns (``UserWarning``) and returns the
-        output with the lowest bound, ``True`` raises ``RuntimeError``.
+        With a ``max_landmarks`` budget below the real keys, when ``tol`` is missed (the bound still above it at
+        the budget, or two doublings in a row that do not lower it, also after the escalation): ``False``
+        (default) warns (``UserWarning``) and returns the output with the lowest bound, ``True`` raises
+        ``RuntimeError``. Without a budget a miss is answered by exact attention and neither happens.
     group : torch.distributed ProcessGroup, optional
         The inputs are this process's shard of a sequence sharded along the token axis across ``group``
         (self-attention, shards in rank order, sizes free; ``attn_mask`` the shard's key mask), and the output is
@@ -316,7 +326,7 @@ def approximate(
     solve = get_solver(solver)
     head_axis = -3 if (share_landmarks_across_heads and K.ndim >= 4) else None
     m = check_selection(xp, Q, K, num_landmarks, keys, head_axis, features, check_values=check_values)
-    tol, m_max = check_tolerance(xp, tol, max_landmarks, strict_tol, m, Q, K, keys)
+    tol, max_landmarks, largest = check_tolerance(xp, tol, max_landmarks, strict_tol, m, Q, K, keys)
     K, V = without_padding(xp, keys, K, V)
     if array_api_compat.is_torch_array(Q):
         from .torch.attention import sdpa_attend
@@ -335,14 +345,24 @@ def approximate(
     if tol is None:
         landmarks, out, result = attempt(m, solve)
     else:
-        rows = sample_rows(xp, Q, K, V, num_samples=SAMPLED_ROWS, seed=0 if seed is None else seed, scale=tau,
-                           keys=keys)
+        pays = nystrom_pays(Q.shape[-2], K.shape[-2], Q.shape[-1], V.shape[-1])
+        top, exact_allowed = search_range(m, largest, Q.shape[-2], max_landmarks, pays, solve)
+        # Where the search answers with exact attention at once, no row is sampled.
+        rows = None if top < m else sample_rows(xp, Q, K, V, num_samples=SAMPLED_ROWS,
+                                                seed=0 if seed is None else seed, scale=tau, keys=keys)
         (landmarks, out, result), steps = search_landmarks(
-            attempt, lambda attempted: rows.estimate(xp, attempted[1], CONFIDENCE), m, m_max, tol, strict_tol, solve)
+            attempt, lambda attempted: rows.estimate(xp, attempted[1], CONFIDENCE), m, top, tol, strict_tol, solve,
+            exact=(lambda: (None, attend(Q, K, V, None if keys is None else keys[..., None, :]), None))
+            if exact_allowed else None, keys=largest)
         m, solve = steps[-1].m, steps[-1].solver
     if not return_info:
         return out
     batch = math.prod(Q.shape[:-2])
+    exact_flops = exact_attention_flops(batch, Q.shape[-2], K.shape[-2], Q.shape[-1], V.shape[-1])
+    if landmarks is None:
+        return out, Info(landmarks=None, residual=None, solver_iterations=0,
+                         flops={"exact": exact_flops, "total": exact_flops}, exact_flops=exact_flops,
+                         tol_steps=steps, _inputs=(xp, Q, K, V, out, tau, keys))
     solve_flops = solve.flops(m, result.iterations) if isinstance(solve, Solver) else 0
     info = Info(
         landmarks=landmarks,
@@ -350,7 +370,7 @@ def approximate(
         solver_iterations=result.iterations,
         flops=nystrom_attention_flops(batch, Q.shape[-2], K.shape[-2], Q.shape[-1], V.shape[-1], m,
                                       solve_flops=solve_flops),
-        exact_flops=exact_attention_flops(batch, Q.shape[-2], K.shape[-2], Q.shape[-1], V.shape[-1]),
+        exact_flops=exact_flops,
         tol_steps=steps,
         _inputs=(xp, Q, K, V, out, tau, keys),
     )

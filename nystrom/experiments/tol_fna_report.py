@@ -6,8 +6,9 @@ batch, 10-22 tokens): the first forward pass calibrates :math:`m` per layer (the
 ``approximate(tol=...)`` from ``--num-landmarks``, default 16 for DINOv2 and 4 for MiniLM), the second reuses it
 and is measured. Per model and ``tol``:
 
-* the :math:`m` each layer calibrated (``exact``: the layer ran the model's own attention because :math:`m`
-  covered every token), and the layers whose search escalated the solver or warned (``tol`` not reached);
+* * the :math:`m` each layer calibrated (``exact``: the layer ran the model's own attention, because Nyström
+  attention could not reach ``tol`` with at most half the FLOPs, or :math:`m` covered every token), and the layers
+  whose search escalated the solver or warned (``tol`` not reached: only with a ``--max-landmarks`` budget);
 * the achieved layer error of the second pass: :math:`\lVert \hat O_\ell - O_\ell\rVert_F / \lVert O_\ell\rVert_F`
   with :math:`O_\ell` exact attention (float64) on the layer's own queries, keys and values as FNA saw them
   (:func:`~nystrom.torch.capture.capturing` inside :func:`~nystrom.fna`), real rows only; how many layers are
@@ -33,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 import nystrom
+from nystrom.linalg.tolerance import EXACT
 from nystrom.torch.capture import capturing
 from nystrom.torch.dispatch import attention_layers
 
@@ -126,8 +128,10 @@ def evaluate(model, forward, compare, *, tols=TOLS, layers=None, num_landmarks=1
             errors = {c.layer: layer_error(c) for c in captures}
             records.append({
                 "tol": tol,
-                "num_landmarks_per_layer": {layer: handle.num_landmarks_per_layer.get(layer) for layer in layers},
-                "escalated": sorted(layer for layer, solver in handle.solver_per_layer.items() if solver != default),
+                "num_landmarks_per_layer": {layer: None if layer in handle.exact_layers
+                                            else handle.num_landmarks_per_layer.get(layer) for layer in layers},
+                "escalated": sorted(layer for layer, solver in handle.solver_per_layer.items()
+                                    if solver not in (default, EXACT)),
                 "warned": sum("not reached" in str(w.message) for w in caught),
                 "layer_error": errors,
                 **compare(out, exact),
@@ -166,7 +170,8 @@ def main(argv=None):
     parser.add_argument("--num-landmarks", type=int, default=None,
                         help="m where each layer's search starts (default 16 for DINOv2, 4 for MiniLM, as tol_report)")
     parser.add_argument("--max-landmarks", type=int, default=None,
-                        help="largest m of each layer's search (default half the real tokens of the shortest sequence)")
+                        help="budget on each layer's m (default none: a layer that Nyström attention cannot bring "
+                             "within tol with at most half the FLOPs of exact attention runs exact attention)")
     parser.add_argument("--images", nargs="+", default=list(IMAGES), help="DINOv2: natural images")
     parser.add_argument("--size", type=int, default=518, help="DINOv2: image side in pixels (multiple of 14)")
     parser.add_argument("--sentences", type=int, default=None, help="MiniLM: the first N example sentences")

@@ -22,11 +22,67 @@ class TolStep(NamedTuple):
     solver: Any
 
 
-def ceiling(m, largest, max_landmarks=None):
-    """The largest :math:`m` a search from ``m`` may try: ``max_landmarks`` (clipped to ``largest``, the most the
-    keys allow), by default half of ``largest``, beyond which self-attention costs more than exact attention;
-    never below ``m``."""
-    return max(m, largest // 2 if max_landmarks is None else min(max_landmarks, largest))
+#: The solver of an exact step of the search: exact attention, the answer with every key as a landmark.
+EXACT = "exact"
+
+#: Without a budget, Nyström attention is tried only at an :math:`m` that takes at most this fraction of exact
+#: attention's FLOPs. Then a search that ends in exact attention costs at most about twice exact attention: its
+#: doubling steps sum to under one exact call (each step costs at most this fraction, and each earlier one at most
+#: half the next), plus the 128 sampled rows, plus the exact call itself.
+NYSTROM_COST_FRACTION = 0.5
+
+
+def solve_flops(solver, m):
+    """FLOPs of one :math:`m\\times m` solve by ``solver`` at its set step count (0 for a plain callable, which
+    declares no cost)."""
+    from .solvers import Solver  # solvers imports validation, which imports this module
+
+    return solver.flops(m, getattr(solver, "iters", 0)) if isinstance(solver, Solver) else 0
+
+
+def nystrom_pays(n_q, n, d, d_v, fraction=NYSTROM_COST_FRACTION):
+    r"""``pays(m, solver)``: whether Nyström attention with :math:`m` landmarks and ``solver`` takes at most
+    ``fraction`` of the FLOPs of exact attention on the same shapes (:mod:`nystrom.linalg.flops`), per sequence:
+
+    .. math:: 2 m (n + m)(d + d_v) + 2 n_q m (d + d_v) + F_{\mathrm{solve}}(m) \le
+              \mathrm{fraction} \cdot 2 n_q n (d + d_v).
+
+    Six Newton–Schulz steps cost :math:`52 m^3`, so at :math:`n = 1{,}370`, :math:`d = 64` and the default
+    fraction the last such :math:`m` is 138, a tenth of :math:`n`."""
+    from .flops import exact_attention_flops, nystrom_attention_flops
+
+    exact = exact_attention_flops(1, n_q, n, d, d_v)
+
+    def pays(m, solver):
+        return nystrom_attention_flops(1, n_q, n, d, d_v, m, solve_flops(solver, m))["total"] <= fraction * exact
+
+    return pays
+
+
+def crossover(largest, pays, solver):
+    r"""The largest :math:`m \le` ``largest`` with ``pays(m, solver)`` (the cost grows with :math:`m`), or 0."""
+    low, high = 0, largest
+    while low < high:
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if pays(mid, solver) else (low, mid - 1)
+    return low
+
+
+def search_range(first, keys, queries, max_landmarks, pays, solver):
+    r"""``(largest, exact)``: the largest :math:`m` the search tries with Nyström attention, and whether it may
+    return exact attention instead.
+
+    ``max_landmarks`` is a budget on :math:`m`; exact attention is the answer with every key as a landmark
+    (:math:`m` = ``keys``, the real keys of the shortest sequence). Without a budget, or with one that holds every
+    key, Nyström attention is tried up to the :func:`crossover` of ``pays`` (:func:`nystrom_pays`), and exact
+    attention answers where it misses ``tol``. Exact attention answers at once (``largest`` 0) where that crossover
+    lies below ``first``, or where the ``queries`` are at most :data:`SAMPLED_ROWS`: the estimate's exact rows
+    would be all of them, exact attention itself. A smaller budget caps :math:`m` at it and rules exact attention
+    out.
+    """
+    if max_landmarks is None or max_landmarks >= keys:
+        return (0 if queries <= SAMPLED_ROWS else crossover(keys, pays, solver)), True
+    return max(first, max_landmarks), False
 
 
 def stronger(solver):
@@ -46,19 +102,24 @@ def stronger(solver):
     return None
 
 
-def search_landmarks(attempt, estimate, first, largest, tol, strict, solver):
+def search_landmarks(attempt, estimate, first, largest, tol, strict, solver, exact=None, keys=None):
     r"""Double :math:`m` from ``first`` until the estimated error's upper bound is at most ``tol``; where the solver
-    is the limit, escalate it.
+    is the limit, escalate it; where Nyström attention does not pay, return exact attention.
 
     1. Doubling: :math:`m = m_0, 2m_0, 4m_0, \dots` up to ``largest``, with ``solver``, until a bound is at most
        ``tol``. It stops early after two doublings in a row that do not lower the best bound (the solver's floor:
        six Newton–Schulz steps regularise, and their error does not vanish even at :math:`m = n`). Geometric
        growth makes the steps before the last cost at most about as much as the last, for costs linear in
        :math:`m`.
-    2. Escalation, only when 1. missed ``tol`` and :func:`stronger` gives a solver: the stronger solver at the
-       :math:`m` tried in 1., from the largest down, while its bound is at most ``tol``; the smallest such
+    2. With ``exact``, when 1. missed ``tol`` (or ``first > largest``): exact attention, of error 0, and at most
+       about twice the cost of the largest :math:`m` tried (:data:`NYSTROM_COST_FRACTION`).
+    3. Without it, escalation when 1. missed ``tol`` and :func:`stronger` gives a solver: the stronger solver at
+       the :math:`m` tried in 1., from the largest down, while its bound is at most ``tol``; the smallest such
        :math:`m` is returned (so :math:`m` is within a factor 2 of the smallest on that grid that meets ``tol``
-       with the stronger solver). It costs at most about two calls at the largest :math:`m` tried.
+       with the stronger solver). It costs at most about two calls at the largest :math:`m` tried. A miss then
+       warns or raises. (The escalation pays at large :math:`m`, where six Newton–Schulz steps leave an error
+       floor; below the crossover of 2. it reached ``tol`` in none of the 52 DINOv2-S layers, at 518 px, that
+       ended in exact attention: docs' choosing-m page.)
 
     Parameters
     ----------
@@ -67,24 +128,37 @@ def search_landmarks(attempt, estimate, first, largest, tol, strict, solver):
     estimate : callable
         ``estimate(result) -> ErrorEstimate``, from one sample of exact rows for every step.
     first, largest : int
-        Starting and largest :math:`m`, ``first <= largest``.
+        Starting and largest :math:`m` (:func:`search_range`).
     tol : float
     strict : bool
         On a miss, raise ``RuntimeError`` instead of warning (``UserWarning``).
     solver : Solver or callable
         The solver of the doubling.
+    exact : callable, optional
+        ``exact() -> result`` (exact attention), the answer to a miss; ``None``: a miss warns or raises.
+    keys : int, optional
+        With ``exact``: the :math:`m` its step records, every real key.
 
     Returns
     -------
     result
-        That of the returned step: the last step within ``tol``, else the one with the lowest bound.
+        That of the returned step: the last step within ``tol``, else exact attention, else the one with the
+        lowest bound.
     steps : tuple of TolStep
-        Every step tried, in order, then the returned one again when it is not the last.
+        Every step tried, in order, then the returned one again when it is not the last. An exact step has
+        ``solver`` :data:`EXACT`, ``m = keys`` and an estimate of 0 from no sampled row.
     """
     def step(m, with_solver):
         result = attempt(m, with_solver)
         return result, TolStep(m, estimate(result), with_solver)
 
+    def exactly(steps):
+        from .bounds import ErrorEstimate  # bounds imports validation, which imports this module
+
+        return exact(), steps + (TolStep(keys, ErrorEstimate(0.0, 0.0, 0.0, CONFIDENCE, 0), EXACT),)
+
+    if exact is not None and first > largest:
+        return exactly(())
     best_result, first_step = step(first, solver)
     steps = (first_step,)
     best = 0
@@ -96,6 +170,8 @@ def search_landmarks(attempt, estimate, first, largest, tol, strict, solver):
         if tried.estimate.high < steps[best].estimate.high:
             best, best_result = len(steps) - 1, result
     stalled = len(steps) - 1 - best >= 2
+    if steps[best].estimate.high > tol and exact is not None:
+        return exactly(steps)
     escalated = stronger(solver) if steps[best].estimate.high > tol else None
     if escalated is not None:
         # Down from the largest m: the stronger solver pays where the solver, not m, limited the error.

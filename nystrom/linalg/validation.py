@@ -24,7 +24,6 @@ import array_api_compat
 import numpy as np
 
 from .numerics import float64_numpy, sum_dtype
-from .tolerance import ceiling
 
 
 def namespace(**arrays):
@@ -395,19 +394,18 @@ def check_error_control(tol, max_landmarks, strict_tol, m, largest=None):
 
 
 def check_tolerance(xp, tol, max_landmarks, strict_tol, m, Q, K, keys=None):
-    r""":func:`check_error_control` for ``approximate``'s inputs; return ``(tol, largest m of the search)``, or
-    ``(None, m)`` without ``tol``.
-
-    The most landmarks the keys allow is :math:`\min(n, n_q)`, and at most the real keys of the shortest sequence
-    (read from the mask, only when ``tol`` is given); the default is :func:`~nystrom.linalg.tolerance.ceiling`'s.
+    r""":func:`check_error_control` for ``approximate``'s inputs; return ``(tol, max_landmarks, largest)``, with
+    ``largest`` the most landmarks the keys allow: :math:`\min(n, n_q)`, and at most the real keys of the shortest
+    sequence (read from the mask, only when ``tol`` is given). ``(None, None, None)`` without ``tol``.
     """
-    largest = None
-    if tol is not None:
-        largest = min(K.shape[-2], Q.shape[-2])
-        if keys is not None:
-            largest = min(largest, fewest_real_keys(xp, keys))
+    if tol is None:
+        check_error_control(tol, max_landmarks, strict_tol, m)
+        return None, None, None
+    largest = min(K.shape[-2], Q.shape[-2])
+    if keys is not None:
+        largest = min(largest, fewest_real_keys(xp, keys))
     tol, top = check_error_control(tol, max_landmarks, strict_tol, m, largest)
-    return (None, m) if tol is None else (tol, ceiling(m, largest, top))
+    return tol, top, largest
 
 
 def check_head_axis(head_axis, K) -> None:

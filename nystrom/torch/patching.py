@@ -38,7 +38,14 @@ from ..linalg.landmarks.base import (
 )
 from ..linalg.numerics import segment_sum, without_padding
 from ..linalg.solvers import get_solver, unchecked
-from ..linalg.tolerance import CONFIDENCE, SAMPLED_ROWS, ceiling, search_landmarks
+from ..linalg.tolerance import (
+    CONFIDENCE,
+    EXACT,
+    SAMPLED_ROWS,
+    nystrom_pays,
+    search_landmarks,
+    search_range,
+)
 from ..linalg.validation import (
     check_error_control,
     check_num_landmarks,
@@ -72,7 +79,8 @@ class LayerRecord:
         ``True`` if chosen in this layer, ``False`` if reused from the first FNA layer (``resample="once"``).
     residual : Tensor, shape (B, H), or None
         Relative Moore–Penrose residual of the pseudo-inverse of each head's landmark kernel; ``None`` when the
-        layer ran the model's exact attention because every token would have been a landmark.
+        layer ran the model's exact attention, because every token would have been a landmark or because
+        ``tol`` chose it.
     assignment : int64 Tensor, shape (B, n), or None
         For strategies that group tokens: the landmark each token belongs to (``-1``: none, e.g. padding).
     counts : Tensor, shape (B, m), or None
@@ -101,10 +109,15 @@ class FNAHandle(Handle):
         Per FNA layer of the last forward pass: the landmark indices, whether they were sampled there, and the
         solver residual. Replaced by a new dict at the start of every forward pass.
     num_landmarks_per_layer : dict of int to int
-        With ``tol``: the :math:`m` each FNA layer calibrated on the first forward pass, used by the later ones.
-    solver_per_layer : dict of int to Solver
+        With ``tol``: the :math:`m` each FNA layer calibrated on the first forward pass, used by the later ones
+        (for a layer in ``exact_layers``, the real keys of the calibration batch's shortest sequence).
+    solver_per_layer : dict of int to Solver or str
         With ``tol``: the solver each FNA layer calibrated with (``solver``, or a stronger one where the search
-        escalated, see ``approximate(tol=...)``), used by the later passes.
+        escalated, see ``approximate(tol=...)``; ``"exact"`` for a layer in ``exact_layers``), used by the later
+        passes.
+    exact_layers : set of int
+        With ``tol``: the layers where Nyström attention could not reach ``tol`` with at most half the FLOPs of
+        exact attention; they run the model's own attention in every pass.
     """
 
     def __init__(self, model, *, layers, num_landmarks, strategy, solver, resample, features, guarantee, exclude,
@@ -122,6 +135,7 @@ class FNAHandle(Handle):
         self.strict_tol = strict_tol
         self.num_landmarks_per_layer: dict[int, int] = {}
         self.solver_per_layer: dict = {}
+        self.exact_layers: set[int] = set()
         if features not in FEATURES:
             raise ValueError(f"features must be one of {FEATURES}, got {features!r}")
         for name, spec in (("guarantee", guarantee), ("exclude", exclude)):
@@ -158,7 +172,7 @@ class FNAHandle(Handle):
         real = padding_mask_from_attention_mask(attention_mask, batch, n)
         longest = n if real is None else int(real.sum(dim=-1).max())
         m = self.num_landmarks_per_layer.get(layer, self.num_landmarks)
-        if self.exclude is None and m >= longest:
+        if layer in self.exact_layers or (self.exclude is None and m >= longest):
             self.records[layer] = LayerRecord(None, False, None)
             if is_causal is not None:
                 kwargs["is_causal"] = is_causal
@@ -184,12 +198,25 @@ class FNAHandle(Handle):
             # the m used and never more than the real keys.
             fewest = n if real is None else fewest_real_keys(xp, real)
             first = min(m, fewest)
-            largest = ceiling(first, fewest, self.max_landmarks)
-            rows = sample_rows(xp, query, key, value, num_samples=SAMPLED_ROWS, seed=0, scale=scale, keys=keys)
+            pays = nystrom_pays(query.shape[-2], n, d, value.shape[-1])
+            top, exact_allowed = search_range(first, fewest, query.shape[-2], self.max_landmarks, pays,
+                                              self.solver)
+            # Where the search answers with exact attention at once, no row is sampled.
+            rows = None if top < first else sample_rows(xp, query, key, value, num_samples=SAMPLED_ROWS, seed=0,
+                                                        scale=scale, keys=keys)
             (landmarks, sampled, out, result), steps = search_landmarks(
-                attempt, lambda attempted: rows.estimate(xp, attempted[2], CONFIDENCE), first, largest, self.tol,
-                self.strict_tol, self.solver)
+                attempt, lambda attempted: rows.estimate(xp, attempted[2], CONFIDENCE), first, top, self.tol,
+                self.strict_tol, self.solver, exact=(lambda: (None, False, None, None)) if exact_allowed else None,
+                keys=fewest)
             self.num_landmarks_per_layer[layer], self.solver_per_layer[layer] = steps[-1].m, steps[-1].solver
+            if steps[-1].solver == EXACT:
+                # Nyström attention does not reach tol here where it pays: this layer runs the model's own attention.
+                self.exact_layers.add(layer)
+                self.records[layer] = LayerRecord(None, False, None, tol_steps=steps)
+                if is_causal is not None:
+                    kwargs["is_causal"] = is_causal
+                return call_next(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                 **kwargs)
         assignment = landmarks.assignment
         counts = None
         if landmarks.log_weights is not None:
@@ -357,13 +384,16 @@ def patch(model, *, layers=None, num_landmarks=64, strategy="norm", solver="newt
         Error-controlled :math:`m` per layer: on the first forward pass each FNA layer runs the doubling search of
         ``nystrom.approximate(tol=...)`` from ``num_landmarks`` on its own attention (128 exact query rows) and
         keeps the :math:`m` it finds, and the solver where the search escalated it, for the later passes
-        (``handle.num_landmarks_per_layer``, ``handle.solver_per_layer``; the steps are in
-        that pass's ``records[layer].tol_steps``). Each layer then chooses its own landmarks (``resample`` must
-        be ``"every_layer"``). Calibrate on a representative batch: the error of later batches is not checked.
+        (``handle.num_landmarks_per_layer``, ``handle.solver_per_layer``; the steps are in that pass's
+        ``records[layer].tol_steps``). Each layer then chooses its own landmarks (``resample`` must be
+        ``"every_layer"``). A layer where Nyström attention cannot reach ``tol`` with at most half the FLOPs of
+        exact attention runs the model's own attention from then on (``handle.exact_layers``). Calibrate on a
+        representative batch: the error of later batches is not checked.
     max_landmarks : int, optional
-        Largest :math:`m` of the search; default half the real tokens of the shortest sequence.
+        A budget on the :math:`m` of the search, as for ``approximate``: below the real tokens of the
+        calibration batch's shortest sequence it rules exact attention out.
     strict_tol : bool
-        As for ``approximate``: raise instead of warning when a layer cannot reach ``tol``.
+        As for ``approximate``: with such a budget, raise instead of warning when a layer cannot reach ``tol``.
 
     Returns
     -------

