@@ -74,14 +74,16 @@ def search_range(first, keys, queries, max_landmarks, pays, solver):
 
     ``max_landmarks`` is a budget on :math:`m`; exact attention is the answer with every key as a landmark
     (:math:`m` = ``keys``, the real keys of the shortest sequence). Without a budget, or with one that holds every
-    key, Nyström attention is tried up to the :func:`crossover` of ``pays`` (:func:`nystrom_pays`), and exact
-    attention answers where it misses ``tol``. Exact attention answers at once (``largest`` 0) where that crossover
-    lies below ``first``, or where the ``queries`` are at most :data:`SAMPLED_ROWS`: the estimate's exact rows
-    would be all of them, exact attention itself. A smaller budget caps :math:`m` at it and rules exact attention
-    out.
+    key, Nyström attention is tried at :math:`m = 2^k` ``first`` up to the :func:`crossover` of ``pays``
+    (:func:`nystrom_pays`), and exact attention answers where it misses ``tol``: a last, shorter step to the
+    crossover itself would cost nearly as much as the step before it and lower the error little. Exact attention
+    answers at once (``largest`` 0) where that crossover lies below ``first``, or where the ``queries`` are at most
+    :data:`SAMPLED_ROWS`: the estimate's exact rows would be all of them, exact attention itself. A smaller budget
+    caps :math:`m` at it (the last step reaching it) and rules exact attention out.
     """
     if max_landmarks is None or max_landmarks >= keys:
-        return (0 if queries <= SAMPLED_ROWS else crossover(keys, pays, solver)), True
+        top = 0 if queries <= SAMPLED_ROWS else crossover(keys, pays, solver)
+        return (0 if top < first else first * 2 ** (top // first).bit_length() // 2), True
     return max(first, max_landmarks), False
 
 
