@@ -75,11 +75,11 @@ def search_range(first, keys, queries, max_landmarks, pays, solver):
     ``max_landmarks`` is a budget on :math:`m`; exact attention is the answer with every key as a landmark
     (:math:`m` = ``keys``, the real keys of the shortest sequence). Without a budget, or with one that holds every
     key, Nyström attention is tried at :math:`m = 2^k` ``first`` up to the :func:`crossover` of ``pays``
-    (:func:`nystrom_pays`), and exact attention answers where it misses ``tol``: a last, shorter step to the
-    crossover itself would cost nearly as much as the step before it and lower the error little. Exact attention
-    answers at once (``largest`` 0) where that crossover lies below ``first``, or where the ``queries`` are at most
-    :data:`SAMPLED_ROWS`: the estimate's exact rows would be all of them, exact attention itself. A smaller budget
-    caps :math:`m` at it (the last step reaching it) and rules exact attention out.
+    (:func:`nystrom_pays`), and exact attention answers where it misses ``tol`` (a last step to the crossover
+    itself, less than a doubling, would cost more than the step before it and lower the error little). Exact
+    attention answers at once (``largest`` 0) where that crossover lies below ``first``, or where the ``queries``
+    are at most :data:`SAMPLED_ROWS`: the estimate's exact rows would be all of them, exact attention itself. A
+    smaller budget caps :math:`m` at it (the last step reaching it) and rules exact attention out.
     """
     if max_landmarks is None or max_landmarks >= keys:
         top = 0 if queries <= SAMPLED_ROWS else crossover(keys, pays, solver)
@@ -113,15 +113,17 @@ def search_landmarks(attempt, estimate, first, largest, tol, strict, solver, exa
        six Newton–Schulz steps regularise, and their error does not vanish even at :math:`m = n`). Geometric
        growth makes the steps before the last cost at most about as much as the last, for costs linear in
        :math:`m`.
-    2. With ``exact``, when 1. missed ``tol`` (or ``first > largest``): exact attention, of error 0, and at most
-       about twice the cost of the largest :math:`m` tried (:data:`NYSTROM_COST_FRACTION`).
+    2. With ``exact``, when 1. missed ``tol`` (or ``first > largest``): exact attention, of error 0; with
+       ``largest`` from :func:`search_range`, the whole search then costs at most about twice exact attention
+       (:data:`NYSTROM_COST_FRACTION`).
     3. Without it, escalation when 1. missed ``tol`` and :func:`stronger` gives a solver: the stronger solver at
        the :math:`m` tried in 1., from the largest down, while its bound is at most ``tol``; the smallest such
        :math:`m` is returned (so :math:`m` is within a factor 2 of the smallest on that grid that meets ``tol``
        with the stronger solver). It costs at most about two calls at the largest :math:`m` tried. A miss then
        warns or raises. (The escalation pays at large :math:`m`, where six Newton–Schulz steps leave an error
-       floor; below the crossover of 2. it reached ``tol`` in none of the 52 DINOv2-S layers, at 518 px, that
-       ended in exact attention: docs' choosing-m page.)
+       floor. In a version of this search that escalated before answering with exact attention, up to the
+       :math:`m` of exact attention's full cost, it reached ``tol`` in none of the 52 DINOv2-S cases at 518 px
+       that ended in exact attention: docs' choosing-m page.)
 
     Parameters
     ----------
