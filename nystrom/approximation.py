@@ -225,22 +225,21 @@ def approximate(
     dropout_p : float
         SDPA's argument, accepted as 0 only.
     tol : float, optional
-        Error-controlled :math:`m`: the largest relative error
-        :math:`\lVert\hat O - O\rVert_F / \lVert O\rVert_F` (over the real rows) to accept. Starting at
-        ``num_landmarks``, :math:`m` doubles until the upper end of the 95 % interval of the error, estimated
-        from 128 exact query rows (one sample for every step, :func:`nystrom.linalg.estimate_relative_error`),
-        is at most ``tol``, while :math:`m` stays within the last :math:`m` at which Nyström attention takes at
-        most half the FLOPs of exact attention (:func:`nystrom.linalg.tolerance.nystrom_pays`; :math:`m = 138` at
-        :math:`n = 1{,}370`, :math:`d = 64` with six Newton–Schulz steps). The output of the last :math:`m` is
-        returned, and ``Info.tol_steps`` lists the steps. When the doubling misses ``tol`` (or two doublings in a
-        row did not lower the bound), the output is **exact attention**: the answer with every key as
-        a landmark, of error 0 (its step has solver ``"exact"`` and ``Info.landmarks`` is ``None``); the whole
-        search then costs at most about twice exact attention. Where even ``num_landmarks`` costs more than half
-        of exact attention, or there are at most 128 queries (the estimate's exact rows would be all of them),
-        exact attention is the first and only step (:func:`nystrom.linalg.tolerance.search_landmarks`). Reads the
-        data (the estimate is computed on the host). The interval's coverage is measured, not guaranteed (docs'
-        error-bounds page: at least 93.5 % on 25 families of synthetic and real attention); the cost is that of
-        the steps plus :math:`O(128\, n\, d)`.
+        Error-controlled :math:`m`: the largest relative error :math:`\lVert\hat O - O\rVert_F / \lVert O\rVert_F`
+        (over the real rows) to accept. Starting at ``num_landmarks``, :math:`m` doubles until the upper end of the
+        95 % interval of the error, estimated from 128 exact query rows (one sample for every step,
+        :func:`nystrom.linalg.estimate_relative_error`), is at most ``tol``, while :math:`m` stays within the last
+        :math:`m` at which Nyström attention takes at most half the FLOPs of exact attention
+        (:func:`nystrom.linalg.tolerance.nystrom_pays`; :math:`m = 138` at :math:`n = 1{,}370`, :math:`d = 64` with
+        six Newton–Schulz steps). The output of the last :math:`m` is returned, and ``Info.tol_steps`` lists the
+        steps. When the doubling misses ``tol`` (or two doublings in a row did not lower the bound), the output is
+        **exact attention**: the answer with every key as a landmark, of error 0 (its step has solver ``"exact"``
+        and ``Info.landmarks`` is ``None``); the whole search then takes at most about twice the FLOPs of exact
+        attention. Where even ``num_landmarks`` costs more than half of exact attention, or there are at most 128
+        queries (the estimate's exact rows would be all of them), exact attention is the first and only step
+        (:func:`nystrom.linalg.tolerance.search_landmarks`). Reads the data (the estimate is computed on the host).
+        The interval's coverage is measured, not guaranteed (docs' error-bounds page: at least 93.5 % on 25 families
+        of synthetic and real attention); the cost is that of the steps plus :math:`O(128\, n\, d)`.
     max_landmarks : int, optional
         A budget on :math:`m` for ``tol``, between ``num_landmarks`` and the real keys of the shortest sequence
         (at most :math:`n_q` for cross-attention); default none, as described under ``tol`` (a budget of every

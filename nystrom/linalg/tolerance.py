@@ -26,7 +26,7 @@ class TolStep(NamedTuple):
 EXACT = "exact"
 
 #: Without a budget, Nyström attention is tried only at an :math:`m` that takes at most this fraction of exact
-#: attention's FLOPs. Then a search that ends in exact attention costs at most about twice exact attention: its
+#: attention's FLOPs. Then a search that ends in exact attention takes at most about twice its FLOPs: its
 #: doubling steps sum to under one exact call (each step costs at most this fraction, and each earlier one at most
 #: half the next), plus the 128 sampled rows, plus the exact call itself.
 NYSTROM_COST_FRACTION = 0.5
@@ -114,7 +114,7 @@ def search_landmarks(attempt, estimate, first, largest, tol, strict, solver, exa
        growth makes the steps before the last cost at most about as much as the last, for costs linear in
        :math:`m`.
     2. With ``exact``, when 1. missed ``tol`` (or ``first > largest``): exact attention, of error 0; with
-       ``largest`` from :func:`search_range`, the whole search then costs at most about twice exact attention
+       ``largest`` from :func:`search_range`, the whole search then takes at most about twice its FLOPs
        (:data:`NYSTROM_COST_FRACTION`).
     3. Without it, escalation when 1. missed ``tol`` and :func:`stronger` gives a solver: the stronger solver at
        the :math:`m` tried in 1., from the largest down, while its bound is at most ``tol``; the smallest such
