@@ -32,7 +32,7 @@ from typing import Any, ClassVar
 import array_api_compat
 import numpy as np
 
-from ..numerics import at_least_float32, detached, segment_sum, without_padding
+from ..numerics import at_least_float32, detached, put_where, segment_sum, without_padding
 from ..sequence import WHOLE
 from ..validation import (
     check_attention_inputs,
@@ -346,17 +346,26 @@ def grouped_landmarks(xp, Q, K, grouping, m, head_axis=None, *, weighted=True, a
     the number of tokens each group stands for when ``weighted``. Model patching uses it to reuse one grouping
     with each layer's own queries and keys.
 
-    The sums run over the listed tokens only (a sample): :math:`O(r d)`, or :math:`O(n d)` for a full grouping.
+    The sums run over the listed tokens only (a sample): :math:`O(r d)`, or :math:`O(n d)` for a full grouping or a
+    list of at least half the tokens (then every token is read, the unlisted ones dropped).
     On a sharded ``axis`` each process sums the tokens of its shard and the sums are added over the processes
     (:math:`O(m d)` sent per array).
     """
     labels = grouping.labels if grouping.tokens is None else grouping.token_labels
-    if grouping.tokens is not None:
+    members = labels
+    if grouping.tokens is not None and 2 * grouping.tokens.shape[-1] >= K.shape[-2]:
+        # A list of half the tokens or more: summing over every token, the others labelled -1, beats gathering the
+        # listed rows of Q and K (at (1, 6, 1,370, 64) with 1,028 listed, 0.86 against 2.9 ms, mostly the page
+        # faults of two fresh gathered arrays; about even at a quarter, 0.64 against 0.53 ms at n = 4,096).
+        empty = -xp.ones(tuple(grouping.tokens.shape[:-1]) + (K.shape[-2],), dtype=labels.dtype,
+                         device=array_api_compat.device(labels))
+        members = put_where(xp, empty, grouping.tokens, labels, labels >= 0)
+    elif grouping.tokens is not None:
         rows = unfold_indices(xp, grouping.tokens, K, head_axis)
         K = gather_rows(xp, K, rows)
         Q = None if Q is None else gather_rows(xp, Q, rows)
-    keys, counts = group_means(xp, K, labels, m, head_axis, axis=axis)
-    queries = None if Q is None else group_means(xp, Q, labels, m, head_axis, counts, axis=axis)[0]
+    keys, counts = group_means(xp, K, members, m, head_axis, axis=axis)
+    queries = None if Q is None else group_means(xp, Q, members, m, head_axis, counts, axis=axis)[0]
     log_weights = None
     if weighted:
         if grouping.weights is not None:
