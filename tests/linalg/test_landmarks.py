@@ -337,3 +337,35 @@ def test_gather_rows_takes_the_indexed_rows(case):
         (out * torch.arange(out.numel(), dtype=out.dtype).reshape(out.shape)).sum().backward()
         grads.append(Xt.grad)
     torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("library", ["numpy", "torch"])
+@pytest.mark.parametrize("listed", [30, 99, 100, 180])
+def test_group_means_over_a_token_list_equal_the_means_of_its_members(library, listed):
+    # A token list of fewer than half the tokens is gathered, one of half or more is summed over every token with
+    # the others dropped (n = 200 here): both must give the mean of each group's listed members, the weights'
+    # sums as log-weights, and ignore entries labelled -1 (a repeat of a listed token among them).
+    from nystrom.linalg.landmarks.base import Grouping, grouped_landmarks
+
+    rng = np.random.default_rng(listed)
+    heads, n, d, m = 3, 200, 8, 5
+    Q, K = rng.standard_normal((2, heads, n, d)), rng.standard_normal((2, heads, n, d))
+    tokens = np.stack([rng.choice(n, listed, replace=False) for _ in range(2)])
+    labels = np.stack([np.concatenate([np.arange(m), rng.integers(0, m, listed - m)]) for _ in range(2)])
+    labels[:, -1], tokens[:, -1] = -1, tokens[:, 0]  # an ignored repeat
+    weights = rng.uniform(1, 3, (2, listed))
+    xp = array_api_compat.array_namespace(np.empty(0) if library == "numpy" else torch.empty(0))
+    as_array = (lambda a: a) if library == "numpy" else torch.from_numpy
+    full = -np.ones((2, n), dtype=np.int64)
+    grouping = Grouping(as_array(full), tokens=as_array(tokens), token_labels=as_array(labels),
+                        weights=as_array(weights))
+    landmarks = grouped_landmarks(xp, as_array(Q), as_array(K), grouping, m, head_axis=-3)
+    for b in range(2):
+        for j in range(m):
+            members = tokens[b][labels[b] == j]
+            np.testing.assert_allclose(np.asarray(landmarks.keys[b, :, j]), K[b][:, members].mean(axis=1),
+                                       rtol=1e-12, atol=1e-12)
+            np.testing.assert_allclose(np.asarray(landmarks.queries[b, :, j]), Q[b][:, members].mean(axis=1),
+                                       rtol=1e-12, atol=1e-12)
+            np.testing.assert_allclose(np.asarray(landmarks.log_weights[b, :, j]),
+                                       np.log(weights[b][labels[b] == j].sum()), rtol=1e-12)
