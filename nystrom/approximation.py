@@ -17,12 +17,12 @@ import array_api_compat
 import numpy as np
 
 from .linalg.attention import in_query_chunks, nystrom_product, softmax_attention
-from .linalg.bounds import ErrorEstimate, check_sampling, sample_rows, sampled_relative_error
+from .linalg.bounds import ErrorEstimate, check_sampling, sampled_relative_error
 from .linalg.flops import exact_attention_flops, nystrom_attention_flops
 from .linalg.landmarks.base import Landmarks, Selection, get_strategy, run_strategy
 from .linalg.numerics import float64_numpy, without_padding
 from .linalg.solvers import Solver, get_solver, unchecked
-from .linalg.tolerance import CONFIDENCE, SAMPLED_ROWS, nystrom_pays, search_landmarks, search_range
+from .linalg.tolerance import search_for_tol
 from .linalg.validation import (
     check_attention_inputs,
     check_bidirectional,
@@ -344,15 +344,11 @@ def approximate(
     if tol is None:
         landmarks, out, result = attempt(m, solve)
     else:
-        pays = nystrom_pays(Q.shape[-2], K.shape[-2], Q.shape[-1], V.shape[-1])
-        top, exact_allowed = search_range(m, largest, Q.shape[-2], max_landmarks, pays, solve)
-        # Where the search answers with exact attention at once, no row is sampled.
-        rows = None if top < m else sample_rows(xp, Q, K, V, num_samples=SAMPLED_ROWS,
-                                                seed=0 if seed is None else seed, scale=tau, keys=keys)
-        (landmarks, out, result), steps = search_landmarks(
-            attempt, lambda attempted: rows.estimate(xp, attempted[1], CONFIDENCE), m, top, tol, strict_tol, solve,
-            exact=(lambda: (None, attend(Q, K, V, None if keys is None else keys[..., None, :]), None))
-            if exact_allowed else None, keys=largest)
+        (landmarks, out, result), steps = search_for_tol(
+            xp, Q, K, V, attempt, lambda attempted: attempted[1],
+            lambda: (None, attend(Q, K, V, None if keys is None else keys[..., None, :]), None), first=m,
+            num_keys=largest, key_mask=keys, max_landmarks=max_landmarks, tol=tol, strict=strict_tol, solver=solve,
+            scale=tau, seed=0 if seed is None else seed)
         m, solve = steps[-1].m, steps[-1].solver
     if not return_info:
         return out

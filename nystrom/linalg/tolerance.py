@@ -5,6 +5,10 @@ from __future__ import annotations
 import warnings
 from typing import Any, NamedTuple
 
+from .bounds import ErrorEstimate, sample_rows
+from .flops import exact_attention_flops, nystrom_attention_flops
+from .solvers import NewtonSchulz, Solver
+
 #: Exact query rows behind every estimate of a search, and the level of its interval: the measured coverage of
 #: the 95 % interval is at least 93.5 % from 128 rows (docs' error-bounds page).
 SAMPLED_ROWS = 128
@@ -18,8 +22,8 @@ class TolStep(NamedTuple):
     """One step of the search: the :math:`m` tried, the estimated error there, and the solver used."""
 
     m: int
-    estimate: Any  # ErrorEstimate (bounds imports validation, which imports this module)
-    solver: Any
+    estimate: ErrorEstimate
+    solver: Any  # a Solver, a callable, or EXACT
 
 
 #: The solver of an exact step of the search: exact attention, the answer with every key as a landmark.
@@ -35,8 +39,6 @@ NYSTROM_COST_FRACTION = 0.5
 def solve_flops(solver, m):
     """FLOPs of one :math:`m\\times m` solve by ``solver`` at its set step count (0 for a plain callable, which
     declares no cost)."""
-    from .solvers import Solver  # solvers imports validation, which imports this module
-
     return solver.flops(m, getattr(solver, "iters", 0)) if isinstance(solver, Solver) else 0
 
 
@@ -49,8 +51,6 @@ def nystrom_pays(n_q, n, d, d_v, fraction=NYSTROM_COST_FRACTION):
 
     Six Newton–Schulz steps cost :math:`52 m^3`, so at :math:`n = 1{,}370`, :math:`d = 64` and the default
     fraction the last such :math:`m` is 138, a tenth of :math:`n`."""
-    from .flops import exact_attention_flops, nystrom_attention_flops
-
     exact = exact_attention_flops(1, n_q, n, d, d_v)
 
     def pays(m, solver):
@@ -97,8 +97,6 @@ def stronger(solver):
     the search keeps the escalated step only where the estimate says it is better. Only a fixed-step
     :class:`~nystrom.linalg.solvers.NewtonSchulz` escalates, to ``iters + EXTRA_ITERATIONS`` steps.
     """
-    from .solvers import NewtonSchulz  # solvers imports validation, which imports this module
-
     if isinstance(solver, NewtonSchulz) and solver.tol is None:
         return NewtonSchulz(iters=solver.iters + EXTRA_ITERATIONS, max_iters=solver.max_iters)
     return None
@@ -157,8 +155,6 @@ def search_landmarks(attempt, estimate, first, largest, tol, strict, solver, exa
         return result, TolStep(m, estimate(result), with_solver)
 
     def exactly(steps):
-        from .bounds import ErrorEstimate  # bounds imports validation, which imports this module
-
         return exact(), steps + (TolStep(keys, ErrorEstimate(0.0, 0.0, 0.0, CONFIDENCE, 0), EXACT),)
 
     if exact is not None and first > largest:
@@ -200,3 +196,46 @@ def search_landmarks(attempt, estimate, first, largest, tol, strict, solver, exa
             raise RuntimeError(message)
         warnings.warn(message, UserWarning, stacklevel=3)
     return best_result, steps
+
+
+def search_for_tol(xp, Q, K, V, attempt, output_of, exact, *, first, num_keys, key_mask, max_landmarks, tol, strict,
+                   solver, scale, seed):
+    r"""The whole search of ``tol=`` (``approximate`` and ``patch``), on checked inputs.
+
+    Sets the range (:func:`nystrom_pays`, :func:`search_range`), samples the 128 exact rows once
+    (:func:`~nystrom.linalg.bounds.sample_rows`; none where exact attention answers at once) and runs
+    :func:`search_landmarks`.
+
+    Parameters
+    ----------
+    Q : array, shape (..., n_q, d)
+    K, V : arrays, shape (..., n, d) and (..., n, d_v)
+        Padded rows zeroed.
+    attempt : callable
+        ``attempt(m, solver) -> result``.
+    output_of : callable
+        ``output_of(result)``: the output ``(..., n_q, d_v)`` of an attempt.
+    exact : callable
+        ``exact() -> result``: exact attention, used where the range allows it.
+    first, num_keys : int
+        The starting :math:`m` and the most landmarks the keys allow.
+    key_mask : bool array, shape broadcastable to (..., n), or None
+    max_landmarks : int or None
+        The budget, or ``None``.
+    tol, strict, solver
+        As :func:`search_landmarks` takes them.
+    scale : float
+    seed : int
+        Of the row sample.
+
+    Returns
+    -------
+    result, steps
+        As :func:`search_landmarks`.
+    """
+    pays = nystrom_pays(Q.shape[-2], K.shape[-2], Q.shape[-1], V.shape[-1])
+    top, exact_allowed = search_range(first, num_keys, Q.shape[-2], max_landmarks, pays, solver)
+    rows = None if top < first else sample_rows(xp, Q, K, V, num_samples=SAMPLED_ROWS, seed=seed, scale=scale,
+                                                keys=key_mask)
+    return search_landmarks(attempt, lambda result: rows.estimate(xp, output_of(result), CONFIDENCE), first, top,
+                            tol, strict, solver, exact=exact if exact_allowed else None, keys=num_keys)

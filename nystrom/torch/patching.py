@@ -24,7 +24,6 @@ import array_api_compat
 import torch
 
 from ..linalg.attention import in_query_chunks, nystrom_product
-from ..linalg.bounds import sample_rows
 from ..linalg.landmarks.base import (
     Grouping,
     Selection,
@@ -38,14 +37,7 @@ from ..linalg.landmarks.base import (
 )
 from ..linalg.numerics import segment_sum, without_padding
 from ..linalg.solvers import get_solver, unchecked
-from ..linalg.tolerance import (
-    CONFIDENCE,
-    EXACT,
-    SAMPLED_ROWS,
-    nystrom_pays,
-    search_landmarks,
-    search_range,
-)
+from ..linalg.tolerance import EXACT, search_for_tol
 from ..linalg.validation import (
     check_error_control,
     check_num_landmarks,
@@ -198,16 +190,11 @@ class FNAHandle(Handle):
             # the m used and never more than the real keys.
             fewest = n if real is None else fewest_real_keys(xp, real)
             first = min(m, fewest)
-            pays = nystrom_pays(query.shape[-2], n, d, value.shape[-1])
-            top, exact_allowed = search_range(first, fewest, query.shape[-2], self.max_landmarks, pays,
-                                              self.solver)
-            # Where the search answers with exact attention at once, no row is sampled.
-            rows = None if top < first else sample_rows(xp, query, key, value, num_samples=SAMPLED_ROWS, seed=0,
-                                                        scale=scale, keys=keys)
-            (landmarks, sampled, out, result), steps = search_landmarks(
-                attempt, lambda attempted: rows.estimate(xp, attempted[2], CONFIDENCE), first, top, self.tol,
-                self.strict_tol, self.solver, exact=(lambda: (None, False, None, None)) if exact_allowed else None,
-                keys=fewest)
+            # The model's own attention answers for an exact step, below.
+            (landmarks, sampled, out, result), steps = search_for_tol(
+                xp, query, key, value, attempt, lambda attempted: attempted[2], lambda: (None, False, None, None),
+                first=first, num_keys=fewest, key_mask=keys, max_landmarks=self.max_landmarks, tol=self.tol,
+                strict=self.strict_tol, solver=self.solver, scale=scale, seed=0)
             self.num_landmarks_per_layer[layer], self.solver_per_layer[layer] = steps[-1].m, steps[-1].solver
             if steps[-1].solver == EXACT:
                 # Nyström attention does not reach tol here where it pays: this layer runs the model's own attention.
