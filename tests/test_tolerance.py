@@ -61,8 +61,10 @@ def test_m_doubles_from_num_landmarks_and_stops_at_the_first_bound_within_tol():
 
 def test_an_unreachable_tol_warns_or_raises_at_max_landmarks():
     Q, K, V = smooth_tokens(0)
-    with pytest.warns(UserWarning, match="tol=0.0001 not reached, max_landmarks=32 reached"):
+    with pytest.warns(UserWarning, match="tol=0.0001 not reached, max_landmarks=32 reached") as caught:
         out, info = nystrom.approximate(Q, K, V, num_landmarks=8, tol=1e-4, max_landmarks=32, return_info=True)
+    # The warning points at the caller's line, not inside the library.
+    assert caught[0].filename == __file__
     # Doubling to the cap with six Newton-Schulz steps, then the escalation (ten steps) at the cap, which fails
     # too and stops the descent; the step with the lowest bound is returned and listed again.
     *tried, returned = info.tol_steps

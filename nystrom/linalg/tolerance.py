@@ -194,7 +194,8 @@ def search_landmarks(attempt, estimate, first, largest, tol, strict, solver, exa
                    f"95% interval [{last.low:.3g}, {last.high:.3g}]")
         if strict:
             raise RuntimeError(message)
-        warnings.warn(message, UserWarning, stacklevel=3)
+        # approximate -> search_for_tol -> here: the warning points at the caller of approximate.
+        warnings.warn(message, UserWarning, stacklevel=4)
     return best_result, steps
 
 
