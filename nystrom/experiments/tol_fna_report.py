@@ -41,7 +41,7 @@ from nystrom.torch.dispatch import attention_layers
 from . import pretrained
 from .report import markdown_table
 from .stamp import caption, make_stamp
-from .timing import timed_call
+from .timing import best_time
 
 TOLS = (0.05, 0.1, 0.2)
 IMAGES = ("astronaut", "coffee", "rocket")
@@ -49,12 +49,6 @@ MODELS = ("dinov2", "minilm")
 #: Where each layer's search starts by default: MiniLM's shortest example sentence has 10 tokens.
 FIRST_M = {"dinov2": 16, "minilm": 4}
 CPU = torch.device("cpu")
-
-
-def best_time(call, repeats=3):
-    """Best of ``repeats`` :func:`~nystrom.experiments.timing.timed_call` times of ``call()`` on the CPU, in
-    seconds."""
-    return min(timed_call(call, CPU) for _ in range(repeats))
 
 
 def dinov2_setup(images=IMAGES, size=518):
@@ -113,7 +107,7 @@ def evaluate(model, forward, compare, *, tols=TOLS, layers=None, num_landmarks=1
     layers = list(range(len(attention_layers(model)))) if layers is None else list(layers)
     with torch.no_grad():
         exact = forward()
-        exact_seconds = best_time(forward) if timing else None
+        exact_seconds = best_time(forward, CPU) if timing else None
         records = []
         for tol in tols:
             with warnings.catch_warnings(record=True) as caught:
@@ -123,7 +117,7 @@ def evaluate(model, forward, compare, *, tols=TOLS, layers=None, num_landmarks=1
                     forward()  # calibration
                     with capturing(model, layers) as captures:
                         out = forward()
-                    seconds = best_time(forward) if timing else None
+                    seconds = best_time(forward, CPU) if timing else None
             default = handle.solver
             errors = {c.layer: layer_error(c) for c in captures}
             records.append({

@@ -38,17 +38,11 @@ from nystrom.torch.capture import capture_attention
 from .pretrained import example_sentences, imagenet_pixel_values, load_dinov2_small, load_minilm, natural_images
 from .report import markdown_table
 from .stamp import busy_warning, load_average
-from .timing import timed_call
+from .timing import best_time
 
 TOLS = (0.05, 0.1, 0.2)
 IMAGES = ("astronaut", "coffee", "rocket")
 CPU = torch.device("cpu")
-
-
-def best_time(call, repeats=3):
-    """Best of ``repeats`` :func:`~nystrom.experiments.timing.timed_call` times of ``call()`` on the CPU, in
-    seconds."""
-    return min(timed_call(call, CPU) for _ in range(repeats))
 
 
 def layer_cases(models=("dinov2", "minilm"), images=IMAGES, layers=None):
@@ -142,7 +136,7 @@ def run(tols=TOLS, models=("dinov2", "minilm"), images=IMAGES, layers=None, timi
                 one = ((lambda: F.scaled_dot_product_attention(Q, K, V, attn_mask=mask, scale=scale))
                        if answered_exactly else (lambda: nystrom.approximate(
                            Q, K, V, num_landmarks=returned.m, solver=returned.solver, scale=scale, attn_mask=mask)))
-                seconds = best_time(call) / best_time(one)
+                seconds = best_time(call, CPU) / best_time(one, CPU)
             steps, rows = search_flops(Q, K, V, info.tol_steps)
             one_call = step_flops(Q, K, V, returned)
             records.setdefault((name, tol), []).append(dict(
