@@ -164,11 +164,13 @@ class FNAHandle(Handle):
         real = padding_mask_from_attention_mask(attention_mask, batch, n)
         longest = n if real is None else int(real.sum(dim=-1).max())
         m = self.num_landmarks_per_layer.get(layer, self.num_landmarks)
+        if is_causal is not None:
+            kwargs["is_causal"] = is_causal
+        own_attention = functools.partial(call_next, module, query, key, value, attention_mask, scaling=scaling,
+                                          dropout=dropout, **kwargs)
         if layer in self.exact_layers or (self.exclude is None and m >= longest):
             self.records[layer] = LayerRecord(None, False, None)
-            if is_causal is not None:
-                kwargs["is_causal"] = is_causal
-            return call_next(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+            return own_attention()
         xp = array_api_compat.array_namespace(key)
         keys = None if real is None else real[:, None, :]
         key, value = without_padding(xp, keys, key, value)
@@ -200,10 +202,7 @@ class FNAHandle(Handle):
                 # Nyström attention does not reach tol here where it pays: this layer runs the model's own attention.
                 self.exact_layers.add(layer)
                 self.records[layer] = LayerRecord(None, False, None, tol_steps=steps)
-                if is_causal is not None:
-                    kwargs["is_causal"] = is_causal
-                return call_next(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
-                                 **kwargs)
+                return own_attention()
         assignment = landmarks.assignment
         counts = None
         if landmarks.log_weights is not None:
