@@ -9,8 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import nystrom
+from nystrom.linalg.bounds import ErrorEstimate
 from nystrom.linalg.flops import exact_attention_flops, nystrom_attention_flops
-from nystrom.linalg.tolerance import crossover, nystrom_pays, solve_flops
+from nystrom.linalg.tolerance import EXACT, crossover, nystrom_pays, search_landmarks, solve_flops
 
 
 def smooth_tokens(seed, side=24, width=48):
@@ -190,18 +191,42 @@ def test_m_never_exceeds_the_real_keys_of_any_sequence(lengths):
 
 def test_a_miss_is_answered_by_exact_attention_without_a_warning():
     # Smooth tokens, n = 1,024, d = 64: Nyström attention with six Newton-Schulz steps takes at most half the FLOPs
-    # of exact attention up to m = 111. 1e-4 is out of reach below it: the doubling goes 16, 32, 64 (128 would
-    # cost more), and the answer is exact attention, error 0, with no escalation.
+    # of exact attention up to m = 111, so the doubling may go 16, 32, 64 (128 would cost more). The bound is 0.082
+    # at m = 32, 0.044 at 64: 1e-4 is out of reach, and the search gives up at 32 (0.02 below, where it goes on).
+    # The answer is exact attention, error 0, with no escalation.
     Q, K, V = smooth_tokens(0, side=32, width=64)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         out, info = nystrom.approximate(Q, K, V, num_landmarks=16, tol=1e-4, return_info=True)
     *tried, returned = info.tol_steps
-    assert [(step.m, step.solver) for step in tried] == [(m, nystrom.NewtonSchulz()) for m in (16, 32, 64)]
+    assert [(step.m, step.solver) for step in tried] == [(m, nystrom.NewtonSchulz()) for m in (16, 32)]
     assert returned.solver == "exact" and returned.m == 1024 and returned.estimate.high == 0
     assert info.landmarks is None and info.flops["total"] == info.exact_flops
     assert "exact attention" in repr(info)
     np.testing.assert_allclose(out, nystrom.exact_attention(Q, K, V), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("highs, tol, tried", [
+    # Falls of 1.25x per doubling: even 2.5x per doubling from 32 leaves 0.064 at 128, so it gives up at 32.
+    ((0.5, 0.4, 0.3, 0.2), 0.05, (16, 32)),
+    # A 2x fall from 16 to 32: 4x per doubling could reach 0.016 at 128; from 64 (a 4.2x fall) 0.007: it goes on.
+    ((0.5, 0.25, 0.06, 0.04), 0.05, (16, 32, 64, 128)),
+    # The first step alone says nothing of the fall: never a give-up there.
+    ((0.9, 0.05), 0.05, (16, 32)),
+])
+def test_the_doubling_gives_up_once_tol_is_out_of_reach(highs, tol, tried):
+    def estimate(m):
+        high = dict(zip((16, 32, 64, 128), highs))[m]
+        return ErrorEstimate(high, high, high, 0.95, 128)
+
+    result, steps = search_landmarks(lambda m, solver: m, estimate, 16, 128, tol, False, nystrom.NewtonSchulz(),
+                                     exact=lambda: "exact", keys=1000)
+    assert tuple(step.m for step in steps if step.solver != EXACT) == tried
+    assert result == ("exact" if highs[len(tried) - 1] > tol else tried[-1])
+    # With a budget (no exact answer) the doubling never gives up: it runs to the budget, then warns.
+    with pytest.warns(UserWarning) if highs[-1] > tol else warnings.catch_warnings():
+        _, budgeted = search_landmarks(lambda m, solver: m, estimate, 16, 128, tol, False, nystrom.PInv())
+    assert tuple(step.m for step in budgeted) == (16, 32, 64, 128)[:len(highs)]
 
 
 @pytest.mark.parametrize("n, num_landmarks", [(6, 6), (20, 8), (200, 64)])

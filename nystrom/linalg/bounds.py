@@ -347,9 +347,13 @@ def ratio_interval(e, o, sizes, confidence):
         return ratio, ratio, ratio
     z = sizes * (e - ratio * o)
     s = z.size
-    groups = [z[i:i + 2] for i in range(0, s - 3 if s % 2 else s, 2)] + ([z[-3:]] if s % 2 else [])
-    var = sum(g.size / (g.size - 1) * np.sum((g - g.mean()) ** 2) for g in groups) / total**2
-    t = float(scipy.stats.t.ppf(0.5 + confidence / 2, df=s - len(groups)))
+    paired = s - 3 if s % 2 else s
+    pairs = z[:paired].reshape(-1, 2)
+    var = 2 * np.sum((pairs - pairs.mean(axis=1, keepdims=True)) ** 2)
+    if s % 2:
+        var += 1.5 * np.sum((z[-3:] - z[-3:].mean()) ** 2)
+    var /= total**2
+    t = float(scipy.stats.t.ppf(0.5 + confidence / 2, df=s - paired // 2 - s % 2))
     spread = math.exp(t * math.sqrt(var) / ratio)
     return ratio, ratio / spread, ratio * spread
 
