@@ -232,7 +232,9 @@ def approximate(
         :math:`m` at which Nyström attention takes at most half the FLOPs of exact attention
         (:func:`nystrom.linalg.tolerance.nystrom_pays`; :math:`m = 138` at :math:`n = 1{,}370`, :math:`d = 64` with
         six Newton–Schulz steps). The output of the last :math:`m` is returned, and ``Info.tol_steps`` lists the
-        steps. When the doubling misses ``tol`` (or two doublings in a row did not lower the bound), the output is
+        steps. When the doubling misses ``tol`` (or two doublings in a row did not lower the bound, or the last fall
+        of the bound, even doubled at every step left, cannot reach ``tol``:
+        :func:`nystrom.linalg.tolerance.out_of_reach`), the output is
         **exact attention**: the answer with every key as a landmark, of error 0 (its step has solver ``"exact"``
         and ``Info.landmarks`` is ``None``); the whole search then takes at most about twice the FLOPs of exact
         attention. Where even ``num_landmarks`` costs more than half of exact attention, or there are at most 128

@@ -1,0 +1,99 @@
+"""The data behind the doubling of ``tol=``: how fast its bound falls, and what each of its steps costs.
+
+    .venv/bin/python docs/scripts/tol_doubling.py
+
+1. **Falls.** On 54 doubling curves (every layer of the bundled DINOv2-S at 518 px for images astronaut, coffee and
+   rocket, from m = 16 to the half-cost m = 128; smooth, clustered and Gaussian tokens of the tests, 6 seeds each,
+   from m = 8), the 95 % upper bound of the error at every m of the doubling (the search's own row sample), and
+   for every step i >= 1 and later step j the fall per doubling from i to j over the fall of the doubling before i,
+   ``(high_i / high_j) ** (1 / (j - i)) / max(high_{i-1} / high_i, 1)``. The search gives up once ``tol`` is out of
+   reach by the largest m assuming at most ``FASTEST_FALL`` times the last fall
+   (``nystrom.linalg.tolerance.out_of_reach``); prints the largest ratios, to the last m and to any m.
+2. **Step costs.** One thread, DINOv2-S layer 3 of astronaut (1, 6, 1370, 64): one ``approximate`` call at each m
+   of the doubling, exact SDPA and the 128 exact rows of the estimate, best of 10 each.
+"""
+
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import array_api_compat
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import nystrom
+from nystrom.experiments.tol_report import layer_cases
+from nystrom.linalg.bounds import sample_rows
+from nystrom.linalg.tolerance import FASTEST_FALL, SAMPLED_ROWS, nystrom_pays, search_range
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
+from test_tolerance import clustered_tokens, smooth_tokens  # noqa: E402
+
+
+def bounds(Q, K, V, scale, first):
+    """The upper bounds at every m of the doubling up to the half-cost m, with a ``tol`` no m reaches and that m as
+    the budget (so that the search neither gives up nor answers with exact attention)."""
+    n_q, n, d, d_v = Q.shape[-2], K.shape[-2], Q.shape[-1], V.shape[-1]
+    solver = nystrom.NewtonSchulz()
+    top, _ = search_range(first, n, n_q, None, nystrom_pays(n_q, n, d, d_v), solver)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _, info = nystrom.approximate(Q, K, V, num_landmarks=first, tol=1e-9, max_landmarks=top, scale=scale,
+                                      return_info=True)
+    doubling = [step for step in info.tol_steps if step.solver == solver]
+    # Escalated steps and the returned one listed again come after the doubling, which only grows m.
+    count = next((i for i in range(1, len(doubling)) if doubling[i].m <= doubling[i - 1].m), len(doubling))
+    return [step.estimate.high for step in doubling[:count]]
+
+
+def curves():
+    """``(name, bounds)`` of every curve of part 1."""
+    for i, (_, Q, K, V, scale, _, _, _) in enumerate(layer_cases(models=("dinov2",))):
+        yield f"DINOv2-S image {i // 12} layer {i % 12}", bounds(Q, K, V, scale, 16)
+    for seed in range(6):
+        rng = np.random.default_rng(seed)
+        yield f"smooth {seed}", bounds(*smooth_tokens(seed), None, 8)
+        yield f"clustered {seed}", bounds(*clustered_tokens(seed), None, 8)
+        yield f"Gaussian {seed}", bounds(*(rng.standard_normal((1, 4, 1024, 32)) for _ in range(3)), None, 8)
+
+
+def falls(high):
+    """``(ratio, i, j)`` for every step i >= 1 and later step j of one curve."""
+    return [((high[i] / high[j]) ** (1 / (j - i)) / max(high[i - 1] / high[i], 1.0), i, j)
+            for i in range(1, len(high)) for j in range(i + 1, len(high))]
+
+
+def best_ms(fn, repeats=10):
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1e3 * min(times)
+
+
+def main():
+    torch.set_num_threads(1)
+    ratios = [(ratio, name, i, j, j == len(high) - 1) for name, high in curves() for ratio, i, j in falls(high)]
+    curves_count = len({r[1] for r in ratios})
+    to_last = max(r for r in ratios if r[4])
+    print(f"{curves_count} curves; FASTEST_FALL = {FASTEST_FALL}")
+    print(f"largest fall over the rest of a search, relative to the last: {to_last[0]:.2f} ({to_last[1]}, "
+          f"steps {to_last[2]} -> {to_last[3]})")
+    print("largest over any later step: " + ", ".join(f"{r[0]:.2f} ({r[1]}, {r[2]} -> {r[3]})"
+                                                        for r in sorted(ratios, reverse=True)[:3]))
+    _, Q, K, V, scale, _, _, _ = next(iter(layer_cases(models=("dinov2",), images=("astronaut",), layers=[3])))
+    xp = array_api_compat.array_namespace(Q)
+    costs = {f"m = {m}": best_ms(lambda m=m: nystrom.approximate(Q, K, V, num_landmarks=m, scale=scale))
+             for m in (16, 32, 64, 128)}
+    costs["exact SDPA"] = best_ms(lambda: F.scaled_dot_product_attention(Q, K, V, scale=scale))
+    costs[f"{SAMPLED_ROWS} exact rows"] = best_ms(
+        lambda: sample_rows(xp, Q, K, V, num_samples=SAMPLED_ROWS, seed=0, scale=scale))
+    print("one thread, (1, 6, 1370, 64): " + ", ".join(f"{k} {v:.1f} ms" for k, v in costs.items()))
+
+
+if __name__ == "__main__":
+    main()
