@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 import nystrom
 from nystrom.linalg.bounds import ErrorEstimate
 from nystrom.linalg.flops import exact_attention_flops, nystrom_attention_flops
-from nystrom.linalg.tolerance import EXACT, crossover, nystrom_pays, search_landmarks, solve_flops
+from nystrom.linalg.tolerance import EXACT, FASTEST_FALL, crossover, nystrom_pays, search_landmarks, solve_flops
 
 
 def smooth_tokens(seed, side=24, width=48):
@@ -227,6 +227,41 @@ def test_the_doubling_gives_up_once_tol_is_out_of_reach(highs, tol, tried):
     with pytest.warns(UserWarning) if highs[-1] > tol else warnings.catch_warnings():
         _, budgeted = search_landmarks(lambda m, solver: m, estimate, 16, 128, tol, False, nystrom.PInv())
     assert tuple(step.m for step in budgeted) == (16, 32, 64, 128)[:len(highs)]
+
+
+@settings(max_examples=200, deadline=None)
+@given(highs=st.lists(st.floats(1e-3, 1.0), min_size=4, max_size=4), tol=st.sampled_from([0.01, 0.05, 0.1, 0.2]))
+def test_a_give_up_happens_only_where_tol_is_out_of_reach_at_the_fastest_fall(highs, tol):
+    # Property of the rule the docs state: the search gives up at step i >= 1 only where
+    # h_i / (FASTEST_FALL * max(h_{i-1} / h_i, 1))^k > tol, so a later step within tol means a faster fall than that
+    # from i on; without a give-up it returns what the doubling without the rule returns.
+    ms = (16, 32, 64, 128)
+    bound = dict(zip(ms, highs))
+
+    def estimate(m):
+        return ErrorEstimate(bound[m], bound[m], bound[m], 0.95, 128)
+
+    def attempt(m, solver):
+        return m
+
+    _, steps = search_landmarks(attempt, estimate, 16, 128, tol, False, nystrom.NewtonSchulz(),
+                                exact=lambda: "exact", keys=1000)
+    tried = [step.m for step in steps if step.solver != EXACT]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _, full = search_landmarks(attempt, estimate, 16, 128, tol, False, nystrom.NewtonSchulz())
+    doubled = [step.m for step in full if step.solver == nystrom.NewtonSchulz()]
+    doubled = doubled[:next((i for i in range(1, len(doubled)) if doubled[i] <= doubled[i - 1]), len(doubled))]
+    assert tried == doubled[:len(tried)] and len(tried) >= min(2, len(doubled))
+    if len(tried) < len(doubled):
+        i = len(tried) - 1
+        last_fall = FASTEST_FALL * max(highs[i - 1] / highs[i], 1.0)
+        assert highs[i] / last_fall ** (len(ms) - 1 - i) > tol
+        for j in range(i + 1, len(ms)):
+            if highs[j] <= tol:
+                assert (highs[i] / highs[j]) ** (1 / (j - i)) > last_fall
+    else:
+        assert steps[-1].m == full[-1].m or full[-1].estimate.high > tol
 
 
 @pytest.mark.parametrize("n, num_landmarks", [(6, 6), (20, 8), (200, 64)])
