@@ -40,7 +40,7 @@ NYSTROM_COST_FRACTION = 0.5
 #: :math:`m`, assuming each doubling left lowers the bound at most this many times as much as the last one did
 #: (:func:`out_of_reach`). The most a bound fell faster than that, over the rest of a search, was 1.88 times, on
 #: 54 doubling curves (DINOv2-S 518 px, 3 images x 12 layers, from m = 16 to 128; smooth, clustered and Gaussian
-#: tokens): docs' choosing-m page. A wrong give-up costs no accuracy, only exact attention in place of the last step.
+#: tokens): docs' choosing-m page. A wrong give-up costs no accuracy, only exact attention in place of the steps left.
 FASTEST_FALL = 2.0
 
 
