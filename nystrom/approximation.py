@@ -327,7 +327,7 @@ def approximate(
     solve = get_solver(solver)
     head_axis = -3 if (share_landmarks_across_heads and K.ndim >= 4) else None
     m = check_selection(xp, Q, K, num_landmarks, keys, head_axis, features, check_values=check_values)
-    tol, max_landmarks, largest = check_tolerance(xp, tol, max_landmarks, strict_tol, m, Q, K, keys)
+    tol, max_landmarks, largest, real_keys = check_tolerance(xp, tol, max_landmarks, strict_tol, m, Q, K, keys)
     K, V = without_padding(xp, keys, K, V)
     if array_api_compat.is_torch_array(Q):
         from .torch.attention import sdpa_attend
@@ -349,8 +349,8 @@ def approximate(
         (landmarks, out, result), steps = search_for_tol(
             xp, Q, K, V, attempt, lambda attempted: attempted[1],
             lambda: (None, attend(Q, K, V, None if keys is None else keys[..., None, :]), None), first=m,
-            num_keys=largest, key_mask=keys, max_landmarks=max_landmarks, tol=tol, strict=strict_tol, solver=solve,
-            scale=tau, seed=0 if seed is None else seed)
+            num_keys=largest, real_keys=real_keys, key_mask=keys, max_landmarks=max_landmarks, tol=tol,
+            strict=strict_tol, solver=solve, scale=tau, seed=0 if seed is None else seed)
         m, solve = steps[-1].m, steps[-1].solver
     if not return_info:
         return out

@@ -326,6 +326,15 @@ def test_solvers_reject_bad_input(call, mutation, solver):
     (lambda: nystrom.KMeans(iters=-1), "iters"), (lambda: nystrom.Norm(sink_ratio=0), "sink_ratio"),
     (lambda: nystrom.Norm(max_guaranteed_fraction=0), "max_guaranteed_fraction"),
     (lambda: nystrom.Norm(num_probes=0), "num_probes"),
+    # Wrong kinds name the option too (they once failed on a bare comparison), as do values that silently broke a
+    # call: an infinite ridge (all-NaN output), a token position that is no int, a k-means sample of no token.
+    (lambda: nystrom.NewtonSchulz(tol="a"), "tol"), (lambda: nystrom.PInv(rtol="a"), "rtol"),
+    (lambda: nystrom.Ridge(lam="a"), "lam"), (lambda: nystrom.Ridge(lam=math.inf), "lam"),
+    (lambda: nystrom.Norm(sink_ratio="a"), "sink_ratio"), (lambda: nystrom.Norm(sink_quorum=math.nan), "sink_quorum"),
+    (lambda: nystrom.FPS(first="a"), "first"), (lambda: nystrom.FPS(first=1.5), "first"),
+    (lambda: nystrom.FPS(first=True), "first"), (lambda: nystrom.Norm(first=0.5), "first"),
+    (lambda: nystrom.Norm(sample_size=0), "sample_size"), (lambda: nystrom.Norm(assign_all="no"), "assign_all"),
+    (lambda: nystrom.KMeans(assign_all="no"), "assign_all"),
 ])
 def test_object_constructors_reject_bad_options(make, name):
     expect_named_error(make, {}, name)

@@ -229,3 +229,15 @@ def test_per_head_masks_with_shared_features():
         out = nystrom.approximate(Q, K, V, strategy=strategy, num_landmarks=15, solver=EXACT, attn_mask=mask,
                                   features=features, seed=0)
         assert rel(out, F.scaled_dot_product_attention(Q, K, V, attn_mask=mask)) < RTOL64, strategy
+
+
+def test_a_nan_in_an_additive_mask_is_refused():
+    # NaN is neither 0 (attend) nor a masked value; SDPA would return NaN rows, and reading it as "masked" (it
+    # fails the masked-value comparison) would silently drop the key.
+    Q = torch.randn(2, 2, 20, 8, dtype=torch.float64)
+    mask = torch.zeros(2, 1, 1, 20, dtype=torch.float64)
+    mask[0, ..., 3] = float("nan")
+    for call in (lambda: nystrom.exact_attention(Q, Q, Q, attn_mask=mask),
+                 lambda: nystrom.approximate(Q, Q, Q, num_landmarks=8, attn_mask=mask)):
+        with pytest.raises(ValueError, match="NaN included"):
+            call()

@@ -113,3 +113,20 @@ def test_extreme_sizes(n, d, m, strategy):
     assert out.shape == (n, d) and np.all(np.isfinite(out))
     if m == n:
         np.testing.assert_allclose(out, nystrom.exact_attention(Q, K, V), rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.parametrize("library", ["torch", "numpy"])
+def test_half_precision_exact_attention_does_not_overflow(library):
+    # Entries of 50 at d = 32 make q.k reach ~8e4 > 65,504: float16 logits overflow unless accumulated in float32
+    # (as SDPA does). The reference and the numpy Nyström path (whose attention products are this function) must
+    # stay finite and agree with float64 to float16's precision.
+    g = torch.Generator().manual_seed(0)
+    Q, K, V = ((50 * torch.randn(1, 2, 256, 32, generator=g)).half() for _ in range(3))
+    reference = torch.nn.functional.scaled_dot_product_attention(Q.double(), K.double(), V.double())
+    inputs = (Q, K, V) if library == "torch" else tuple(x.numpy() for x in (Q, K, V))
+    exact = torch.as_tensor(nystrom.exact_attention(*inputs))
+    assert exact.dtype == torch.float16
+    # float16 rounding of an output of size ~|V|: a few eps of the output norm.
+    assert float((exact.double() - reference).norm() / reference.norm()) < 4 * torch.finfo(torch.float16).eps
+    approx = torch.as_tensor(nystrom.approximate(*inputs, num_landmarks=32))
+    assert torch.isfinite(approx).all()

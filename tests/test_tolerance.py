@@ -229,6 +229,32 @@ def test_the_doubling_gives_up_once_tol_is_out_of_reach(highs, tol, tried):
     assert tuple(step.m for step in budgeted) == (16, 32, 64, 128)[:len(highs)]
 
 
+def test_a_nan_estimate_is_never_within_tol():
+    # A NaN bound (a non-finite output, or exact rows that overflowed) is no evidence: with exact attention allowed
+    # the search ends there; with a budget it warns, and a finite step is returned where there is one.
+    highs = {16: float("nan"), 32: float("nan"), 64: 0.01}
+
+    def estimate(m):
+        return ErrorEstimate(highs[m], highs[m], highs[m], 0.95, 128)
+
+    result, steps = search_landmarks(lambda m, solver: m, estimate, 16, 32, 0.1, False, nystrom.NewtonSchulz(),
+                                     exact=lambda: "exact", keys=100)
+    assert result == "exact" and steps[-1].solver == EXACT
+    result, steps = search_landmarks(lambda m, solver: m, estimate, 16, 64, 0.1, False, nystrom.PInv())
+    assert result == 64 and [step.m for step in steps] == [16, 32, 64]
+    with pytest.warns(UserWarning, match="tol=0.1 not reached"):
+        search_landmarks(lambda m, solver: m, estimate, 16, 32, 0.1, False, nystrom.PInv())
+
+
+def test_an_exact_answer_to_cross_attention_records_every_real_key():
+    # 100 queries over 300 keys: at most 100 landmarks, but exact attention reads all 300 keys.
+    rng = np.random.default_rng(0)
+    Q, K, V = rng.standard_normal((1, 100, 16)), rng.standard_normal((1, 300, 16)), rng.standard_normal((1, 300, 16))
+    out, info = nystrom.approximate(Q, K, V, num_landmarks=8, tol=1e-6, return_info=True)
+    assert info.tol_steps[-1].solver == EXACT and info.tol_steps[-1].m == 300
+    np.testing.assert_allclose(out, nystrom.exact_attention(Q, K, V), rtol=1e-12, atol=1e-12)
+
+
 @settings(max_examples=200, deadline=None)
 @given(highs=st.lists(st.floats(1e-3, 1.0), min_size=4, max_size=4), tol=st.sampled_from([0.01, 0.05, 0.1, 0.2]))
 def test_a_give_up_happens_only_where_tol_is_out_of_reach_at_the_fastest_fall(highs, tol):
@@ -297,7 +323,8 @@ def test_the_crossover_is_the_last_m_within_the_cost_fraction(n_q, n, d, d_v, fr
 @pytest.mark.parametrize("kwargs, error, match", [
     (dict(tol=0), ValueError, "tol must be a positive finite number"),
     (dict(tol=float("inf")), ValueError, "tol must be a positive finite number"),
-    (dict(tol="0.1"), ValueError, "tol must be a positive finite number"),
+    (dict(tol="0.1"), TypeError, "tol must be a real number"),
+    (dict(tol=float("nan")), ValueError, "tol must be a number"),
     (dict(max_landmarks=32), ValueError, "max_landmarks only applies with tol"),
     (dict(tol=0.1, max_landmarks=4), ValueError, "max_landmarks must be between num_landmarks=8 and 576"),
     (dict(tol=0.1, max_landmarks=577), ValueError, "max_landmarks must be between"),

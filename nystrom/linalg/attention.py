@@ -60,11 +60,21 @@ def softmax_attention(xp, Q, K, V, mask=None, *, scale):
     Returns
     -------
     array, shape (..., n_q, d_v)
+        In ``V``'s dtype.
+
+    Notes
+    -----
+    Half-precision inputs are computed in float32: a float16 logit :math:`q\cdot k` overflows once the entries
+    reach about 50 at :math:`d = 32` (:math:`50^2\cdot 32 > 65{,}504`), and SDPA accumulates in float32 too. The
+    output, a convex combination of rows of ``V``, fits ``V``'s dtype.
     """
-    logits = scale * (Q @ xp.matrix_transpose(K))
+    Q, K, V_wide = at_least_float32(xp, Q), at_least_float32(xp, K), at_least_float32(xp, V)
+    logits = scale * (Q @ xp.matrix_transpose(xp.astype(K, Q.dtype, copy=False)))
     if mask is not None and mask.dtype != xp.bool:
-        return softmax(xp, logits + xp.astype(mask, logits.dtype)) @ V
-    return softmax(xp, logits, mask) @ V
+        weights = softmax(xp, logits + xp.astype(mask, logits.dtype))
+    else:
+        weights = softmax(xp, logits, mask)
+    return xp.astype(weights @ xp.astype(V_wide, weights.dtype, copy=False), V.dtype, copy=False)
 
 
 def in_query_chunks(attend, query_chunk_size=None):

@@ -35,8 +35,10 @@ from .validation import (
     check_eigenvalues,
     check_finite,
     check_indices,
+    check_int,
     check_num_landmarks,
     check_points,
+    check_real,
     check_scale,
     check_seed,
     check_unknown_arguments,
@@ -224,9 +226,9 @@ def estimate_relative_error(Q, K, V, approx, *, num_samples=128, confidence=0.95
 
 def check_sampling(num_samples, confidence, seed) -> dict:
     """Validate the sampling settings of :func:`estimate_relative_error`; return them as keyword arguments."""
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 2:
-        raise ValueError(f"num_samples must be an int >= 2, got {num_samples!r}")
-    if isinstance(confidence, bool) or not isinstance(confidence, (int, float)) or not (0 < confidence < 1):
+    num_samples = check_int("num_samples", num_samples, minimum=2)
+    confidence = check_real("confidence", confidence)
+    if not (0 < confidence < 1):
         raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
     return {"num_samples": num_samples, "confidence": confidence, "seed": check_seed(seed)}
 
@@ -326,7 +328,8 @@ def ratio_interval(e, o, sizes, confidence):
     \bar z_G)^2 / (\sum_h N_h o_h)^2`, which over-estimates rather than under-estimates when neighbouring
     strata differ. The interval is :math:`\hat R \exp(\pm t\, \hat\sigma / \hat R)` with :math:`t` of
     Student's distribution at :math:`s - \#G` degrees of freedom. With every :math:`N_h = 1` (all rows
-    computed) it is exact, of width 0.
+    computed) it is exact, of width 0; so is it where every sampled row is exact (:math:`\hat R = 0`), which only
+    says that no sampled row showed an error (a single wrong row outside the sample goes unseen).
 
     Parameters
     ----------
@@ -342,6 +345,10 @@ def ratio_interval(e, o, sizes, confidence):
         :math:`(\hat R, \text{low}, \text{high})`.
     """
     total = sizes @ o
+    if total == 0:
+        # The exact rows are all zero (V = 0 on them): the error is 0 where the approximation is too, else unbounded.
+        ratio = 0.0 if sizes @ e == 0 else math.inf
+        return ratio, ratio, ratio
     ratio = float(sizes @ e / total)
     if np.all(sizes == 1) or ratio <= 0:
         return ratio, ratio, ratio

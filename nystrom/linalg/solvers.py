@@ -14,13 +14,14 @@ per matrix, which is 0 for the exact pseudo-inverse of any (also singular) :math
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import array_api_compat
 
 from .numerics import detached
-from .validation import check_finite, namespace, resolve
+from .validation import check_finite, check_real, namespace, resolve
 
 
 @dataclass(frozen=True)
@@ -170,7 +171,7 @@ class NewtonSchulz(Solver, name="newton_schulz", iterative=True):
         for field, value in (("iters", self.iters), ("max_iters", self.max_iters)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"NewtonSchulz {field} must be a non-negative int, got {value!r}")
-        if self.tol is not None and not (self.tol > 0):
+        if check_real("NewtonSchulz tol", self.tol, optional=True) is not None and not (0 < self.tol < math.inf):
             raise ValueError(f"NewtonSchulz tol must be positive or None, got {self.tol!r}")
 
     def solve(self, A) -> SolveResult:
@@ -239,7 +240,7 @@ class PInv(Solver, name="pinv"):
     rtol: float | None = None
 
     def __post_init__(self):
-        if self.rtol is not None and not (0 <= self.rtol < 1):
+        if check_real("PInv rtol", self.rtol, optional=True) is not None and not (0 <= self.rtol < 1):
             raise ValueError(f"PInv rtol must be None or in [0, 1), got {self.rtol!r}")
 
     def solve(self, A) -> SolveResult:
@@ -289,8 +290,8 @@ class Ridge(Solver, name="ridge"):
     lam: float = 1e-2
 
     def __post_init__(self):
-        if not (self.lam >= 0):
-            raise ValueError(f"Ridge lam must be non-negative, got {self.lam!r}")
+        if not (0 <= check_real("Ridge lam", self.lam) < math.inf):
+            raise ValueError(f"Ridge lam must be non-negative and finite, got {self.lam!r}")
 
     def solve(self, A) -> SolveResult:
         xp = array_api_compat.array_namespace(A)

@@ -177,6 +177,11 @@ def search_landmarks(attempt, estimate, first, largest, tol, strict, solver, exa
         result = attempt(m, with_solver)
         return result, TolStep(m, estimate(result), with_solver)
 
+    def bound(tried):
+        # A NaN estimate (a non-finite output, or exact rows that overflowed) is no evidence of any error: +inf.
+        high = tried.estimate.high
+        return math.inf if math.isnan(high) else high
+
     def exactly(steps):
         return exact(), steps + (TolStep(keys, ErrorEstimate(0.0, 0.0, 0.0, CONFIDENCE, 0), EXACT),)
 
@@ -186,31 +191,31 @@ def search_landmarks(attempt, estimate, first, largest, tol, strict, solver, exa
     steps = (first_step,)
     best = 0
     m = first
-    while steps[best].estimate.high > tol and m < largest and len(steps) - 1 - best < 2:
-        if exact is not None and len(steps) > 1 and out_of_reach(steps[-1].estimate.high,
-                                                                 steps[-2].estimate.high, m, largest, tol):
+    while bound(steps[best]) > tol and m < largest and len(steps) - 1 - best < 2:
+        if exact is not None and len(steps) > 1 and out_of_reach(bound(steps[-1]), bound(steps[-2]), m, largest,
+                                                                 tol):
             break
         m = min(2 * m, largest)
         result, tried = step(m, solver)
         steps += (tried,)
-        if tried.estimate.high < steps[best].estimate.high:
+        if bound(tried) < bound(steps[best]):
             best, best_result = len(steps) - 1, result
     stalled = len(steps) - 1 - best >= 2
-    if steps[best].estimate.high > tol and exact is not None:
+    if bound(steps[best]) > tol and exact is not None:
         return exactly(steps)
-    escalated = stronger(solver) if steps[best].estimate.high > tol else None
+    escalated = stronger(solver) if bound(steps[best]) > tol else None
     if escalated is not None:
         # Down from the largest m: the stronger solver pays where the solver, not m, limited the error.
         for m in sorted({tried.m for tried in steps}, reverse=True):
             result, tried = step(m, escalated)
             steps += (tried,)
-            if tried.estimate.high <= tol or tried.estimate.high < steps[best].estimate.high:
+            if bound(tried) <= tol or bound(tried) < bound(steps[best]):
                 best, best_result = len(steps) - 1, result
-            if tried.estimate.high > tol:
+            if bound(tried) > tol:
                 break
     if best != len(steps) - 1:
         steps += (steps[best],)
-    if steps[-1].estimate.high > tol:
+    if bound(steps[-1]) > tol:
         m, last = steps[-1].m, steps[-1].estimate
         why = (f"the error stopped falling after m={m} (the solver's floor: try solver='pinv' or "
                f"NewtonSchulz(iters=...))" if stalled else f"max_landmarks={largest} reached")
@@ -226,7 +231,7 @@ def search_landmarks(attempt, estimate, first, largest, tol, strict, solver, exa
 
 
 def search_for_tol(xp, Q, K, V, attempt, output_of, exact, *, first, num_keys, key_mask, max_landmarks, tol, strict,
-                   solver, scale, seed):
+                   solver, scale, seed, real_keys=None):
     r"""The whole search of ``tol=`` (``approximate`` and ``patch``), on checked inputs.
 
     Sets the range (:func:`nystrom_pays`, :func:`search_range`), samples the 128 exact rows once
@@ -246,6 +251,9 @@ def search_for_tol(xp, Q, K, V, attempt, output_of, exact, *, first, num_keys, k
         ``exact() -> result``: exact attention, used where the range allows it.
     first, num_keys : int
         The starting :math:`m` and the most landmarks the keys allow.
+    real_keys : int, optional
+        The real keys of the shortest sequence, the :math:`m` an exact step records (default ``num_keys``; more
+        for cross-attention with fewer queries than keys).
     key_mask : bool array, shape broadcastable to (..., n), or None
     max_landmarks : int or None
         The budget, or ``None``.
@@ -265,4 +273,5 @@ def search_for_tol(xp, Q, K, V, attempt, output_of, exact, *, first, num_keys, k
     rows = None if top < first else sample_rows(xp, Q, K, V, num_samples=SAMPLED_ROWS, seed=seed, scale=scale,
                                                 keys=key_mask)
     return search_landmarks(attempt, lambda result: rows.estimate(xp, output_of(result), CONFIDENCE), first, top,
-                            tol, strict, solver, exact=exact if exact_allowed else None, keys=num_keys)
+                            tol, strict, solver, exact=exact if exact_allowed else None,
+                            keys=num_keys if real_keys is None else real_keys)

@@ -274,12 +274,14 @@ def check_attn_mask(xp, attn_mask, Q, K, *, check_values=True, shard=False):
         if check_values and not bool(xp.all((mask == 0) | (mask == 1))):
             raise ValueError("attn_mask as an integer mask must hold 0 (padding) and 1 (real token), got other values")
     else:
-        keys = mask > MASKED_FRACTION_OF_MIN * xp.finfo(mask.dtype).min
-        if check_values and not bool(xp.all((mask == 0) | ~keys)):
+        threshold = MASKED_FRACTION_OF_MIN * xp.finfo(mask.dtype).min
+        keys = mask > threshold
+        # Tested as "0 or masked", not "0 or not a key": a NaN is neither (SDPA would return NaN rows).
+        if check_values and not bool(xp.all((mask == 0) | (mask <= threshold))):
             raise ValueError(
                 "attn_mask as an additive float mask must hold 0 (attend) and -inf or a large negative number "
                 "(masked, at most half the dtype's most negative value, as transformers' finfo.min); other values "
-                "are an attention bias, which Nyström landmarks do not approximate"
+                "(NaN included) are an attention bias, which Nyström landmarks do not approximate"
             )
     if check_values:
         if not shard and not bool(xp.all(xp.any(keys, axis=-1))):
@@ -379,10 +381,11 @@ def check_error_control(tol, max_landmarks, strict_tol, m, largest=None):
         if max_landmarks is not None:
             raise ValueError("max_landmarks only applies with tol; pass tol=... or leave max_landmarks out")
         return None, None
-    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not (0 < tol < math.inf):
+    tol = check_real("tol", tol)
+    if not (0 < tol < math.inf):
         raise ValueError(f"tol must be a positive finite number (a relative error), got {tol!r}")
     if max_landmarks is None:
-        return float(tol), None
+        return tol, None
     top = check_int("max_landmarks", max_landmarks, minimum=1)
     if largest is None:
         if top < m:
@@ -390,22 +393,21 @@ def check_error_control(tol, max_landmarks, strict_tol, m, largest=None):
     elif not (m <= top <= largest):
         raise ValueError(f"max_landmarks must be between num_landmarks={m} and {largest} (the most landmarks "
                          f"these keys allow), got {top}")
-    return float(tol), top
+    return tol, top
 
 
 def check_tolerance(xp, tol, max_landmarks, strict_tol, m, Q, K, keys=None):
-    r""":func:`check_error_control` for ``approximate``'s inputs; return ``(tol, max_landmarks, largest)``, with
-    ``largest`` the most landmarks the keys allow: :math:`\min(n, n_q)`, and at most the real keys of the shortest
-    sequence (read from the mask, only when ``tol`` is given). ``(None, None, None)`` without ``tol``.
+    r""":func:`check_error_control` for ``approximate``'s inputs; return ``(tol, max_landmarks, largest, real)``:
+    ``real`` the real keys of the shortest sequence (read from the mask, only when ``tol`` is given), ``largest``
+    the most landmarks the keys allow, :math:`\min(\text{real}, n_q)`. ``(None,) * 4`` without ``tol``.
     """
     if tol is None:
         check_error_control(tol, max_landmarks, strict_tol, m)
-        return None, None, None
-    largest = min(K.shape[-2], Q.shape[-2])
-    if keys is not None:
-        largest = min(largest, fewest_real_keys(xp, keys))
+        return None, None, None, None
+    real = K.shape[-2] if keys is None else fewest_real_keys(xp, keys)
+    largest = min(real, Q.shape[-2])
     tol, top = check_error_control(tol, max_landmarks, strict_tol, m, largest)
-    return tol, top, largest
+    return tol, top, largest, real
 
 
 def check_head_axis(head_axis, K) -> None:
@@ -453,6 +455,9 @@ def check_selection(xp, Q, K, num_landmarks, keys=None, head_axis=None, features
 
 def check_landmarks(landmarks, K, m) -> None:
     """Landmark queries and keys must be arrays like ``K``, of shape ``(..., m, d)`` (no data read)."""
+    if not all(hasattr(landmarks, field) for field in ("queries", "keys", "log_weights")):
+        raise TypeError(f"a strategy must return Landmarks (queries, keys, log_weights), got "
+                        f"{type(landmarks).__name__}")
     expected = (*K.shape[:-2], m, K.shape[-1])
     for name, got in (("queries", landmarks.queries), ("keys", landmarks.keys)):
         namespace(K=K, **{f"landmark {name}": got})
@@ -473,13 +478,25 @@ def check_landmarks(landmarks, K, m) -> None:
             raise ValueError(f"landmark log_weights have shape {shape}, expected one that broadcasts to {target}")
 
 
+def check_real(name: str, value, *, optional: bool = False) -> float | None:
+    """Return ``value`` as a float if it is a real number (numpy scalars included, bools not; ``None`` when
+    ``optional``): ``TypeError`` naming ``name`` otherwise, ``ValueError`` for NaN. Ranges are the caller's."""
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        what = "None or a real number" if optional else "a real number"
+        raise TypeError(f"{name} must be {what}, got {type(value).__name__} {value!r}")
+    if math.isnan(value):
+        raise ValueError(f"{name} must be a number, got NaN")
+    return float(value)
+
+
 def check_positive(name: str, value) -> float:
     """Return ``value`` as a float if it is a finite positive real number; raise naming ``name`` otherwise."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    if not (0 < float(value) < float("inf")):
+    value = check_real(name, value)
+    if not (0 < value < float("inf")):
         raise ValueError(f"{name} must be a finite positive number, got {value!r}")
-    return float(value)
+    return value
 
 
 def check_scale(scale, d: int) -> float:
@@ -494,15 +511,15 @@ def check_scale(scale, d: int) -> float:
     return scale
 
 
-def check_int(name: str, value, *, minimum: int, optional: bool = False) -> int | None:
-    """Return ``value`` as an int ``>= minimum`` (or None when ``optional``): ``TypeError`` for a non-int (bools
-    included), ``ValueError`` below ``minimum``."""
+def check_int(name: str, value, *, minimum: int | None, optional: bool = False) -> int | None:
+    """Return ``value`` as an int ``>= minimum`` (any int for ``None``; or None when ``optional``): ``TypeError``
+    for a non-int (bools included), ``ValueError`` below ``minimum``."""
     if value is None and optional:
         return None
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        what = f"None or an int >= {minimum}" if optional else f"an int >= {minimum}"
-        raise TypeError(f"{name} must be {what}, got {type(value).__name__} {value!r}")
-    if value < minimum:
+        what = "an int" if minimum is None else f"an int >= {minimum}"
+        raise TypeError(f"{name} must be {'None or ' if optional else ''}{what}, got {type(value).__name__} {value!r}")
+    if minimum is not None and value < minimum:
         raise ValueError(f"{name} must be at least {minimum}, got {value}")
     return int(value)
 

@@ -1,5 +1,7 @@
 """Error certificates, estimates and a-priori bounds hold on random inputs."""
 
+import math
+
 import numpy as np
 import pytest
 import scipy.stats
@@ -185,3 +187,23 @@ def test_ratio_interval_collapses_an_odd_last_stratum_into_a_triple():
     spread = np.exp(scipy.stats.t.ppf(0.975, 2) * np.sqrt(var) / ratio)
     assert ratio == pytest.approx(7 / 3)
     assert (low, high) == (pytest.approx(ratio / spread), pytest.approx(ratio * spread))
+
+
+def test_ratio_interval_of_all_zero_exact_rows():
+    # V = 0 on the sampled rows: the relative error is 0 where the approximation is 0 too, else unbounded; no
+    # division by zero (it once returned inf with a NaN interval and RuntimeWarnings).
+    sizes, zero = np.full(4, 3.0), np.zeros(4)
+    with np.errstate(all="raise"):
+        assert ratio_interval(zero, zero, sizes, 0.95) == (0.0, 0.0, 0.0)
+        assert ratio_interval(np.array([0, 1.0, 0, 0]), zero, sizes, 0.95) == (math.inf,) * 3
+
+
+def test_sampling_options_take_numpy_scalars_and_name_wrong_kinds():
+    rng = np.random.default_rng(0)
+    Q, K, V = (rng.standard_normal((2, 60, 8)) for _ in range(3))
+    out, info = nystrom.approximate(Q, K, V, num_landmarks=8, return_info=True)
+    assert info.estimate_error(num_samples=np.int64(16), confidence=np.float32(0.9)).num_samples == 16
+    with pytest.raises(TypeError, match="num_samples must be an int"):
+        info.estimate_error(num_samples=16.0)
+    with pytest.raises(TypeError, match="confidence must be a real number"):
+        info.estimate_error(confidence="0.9")

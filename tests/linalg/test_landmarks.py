@@ -369,3 +369,19 @@ def test_group_means_over_a_token_list_equal_the_means_of_its_members(library, l
                                        rtol=1e-12, atol=1e-12)
             np.testing.assert_allclose(np.asarray(landmarks.log_weights[b, :, j]),
                                        np.log(weights[b][labels[b] == j].sum()), rtol=1e-12)
+
+
+@pytest.mark.parametrize("strategy", [nystrom.KMeans(sample_size=1), nystrom.Norm(sample_size=5)])
+def test_a_kmeans_sample_below_m_is_widened_to_m(strategy):
+    # k-means cannot make m non-empty clusters of fewer than m points: the sample takes at least m tokens, so with
+    # every token a landmark the call is still exact (it once left empty clusters, error 0.75 and 2.7).
+    Q, K, V = (torch.randn(1, 2, 30, 16, dtype=torch.float64) for _ in range(3))
+    out = nystrom.approximate(Q, K, V, strategy=strategy, num_landmarks=30, solver="pinv")
+    exact = nystrom.exact_attention(Q, K, V)
+    assert float((out - exact).norm() / exact.norm()) < 1e-10
+
+
+def test_a_callable_strategy_must_return_landmarks():
+    Q = np.random.default_rng(0).standard_normal((2, 30, 8))
+    with pytest.raises(TypeError, match="must return Landmarks"):
+        nystrom.approximate(Q, Q, Q, num_landmarks=4, strategy=lambda *args, **kwargs: None)

@@ -27,6 +27,7 @@ import numpy as np
 from ..numerics import put_where
 from ..sequence import WHOLE
 from ..solvers import NewtonSchulz
+from ..validation import check_int
 from .base import TokenStrategy, host_view
 
 
@@ -220,6 +221,7 @@ class FPS(TokenStrategy, name="fps", sharded=True):
         for field in ("from_guaranteed", "use_queries"):
             if not isinstance(getattr(self, field), bool):
                 raise TypeError(f"FPS {field} must be a bool, got {getattr(self, field)!r}")
+        check_int("FPS first", self.first, minimum=None, optional=True)
 
     def pick(self, selection, X, mask):
         if self.use_queries and not selection.cross:

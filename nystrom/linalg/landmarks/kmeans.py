@@ -20,6 +20,7 @@ import array_api_compat
 
 from ..numerics import put_along_axis, put_where, segment_sum
 from ..sequence import WHOLE
+from ..validation import check_bool
 from .base import ClusterStrategy, Grouping, gather_rows
 from .fps import farthest_point_sampling
 
@@ -87,7 +88,7 @@ def sampled_kmeans(xp, X, m, mask=None, *, iters=3, sample_size=None, active=Non
     iters : int
         Lloyd steps on the sample after farthest-point seeding.
     sample_size : int, optional
-        :math:`s`, default :math:`\max(1024, 16m)` (all points when fewer).
+        :math:`s`, default :math:`\max(1024, 16m)`, at least :math:`m` (all points when fewer).
     active : bool array, shape (..., m), optional
         Clusters in use per row (default all): rows may use fewer than ``m`` (the others stay empty).
     assign_all : bool
@@ -106,7 +107,8 @@ def sampled_kmeans(xp, X, m, mask=None, *, iters=3, sample_size=None, active=Non
     n = X.shape[-2]
     total = axis.length(n)
     device = array_api_compat.device(X)
-    s = min(total, sample_size or max(1024, 16 * m))
+    # At least m sampled tokens: k-means cannot make m non-empty clusters of fewer points.
+    s = min(total, max(sample_size or max(1024, 16 * m), m))
     rows, in_sample, held = evenly_spaced(xp, X.shape[:-1], s, mask, device, axis)
     sample = axis.gather(xp, X, rows, held)
     # Deterministic throughout: an evenly spaced sample and farthest-point seeds (a random sample with k-means++
@@ -158,7 +160,7 @@ class KMeans(ClusterStrategy, name="kmeans", weighted=True, sharded=True):
     iters : int
         Lloyd steps on the sample after farthest-point seeding.
     sample_size : int or None
-        Tokens in the sample, default :math:`\\max(1024, 16m)`.
+        Tokens in the sample, default :math:`\\max(1024, 16m)`, at least :math:`m`.
     assign_all : bool
         Assign every token to its nearest centroid (one :math:`n\\times m` distance product) instead of
         letting the sample stand for the sequence; see :func:`sampled_kmeans`.
@@ -179,6 +181,7 @@ class KMeans(ClusterStrategy, name="kmeans", weighted=True, sharded=True):
         if self.sample_size is not None and (isinstance(self.sample_size, bool) or not isinstance(
                 self.sample_size, int) or self.sample_size < 1):
             raise ValueError(f"KMeans sample_size must be None or a positive int, got {self.sample_size!r}")
+        check_bool("KMeans assign_all", self.assign_all)
 
     def assign(self, selection, queries):
         X, mask = (selection.query_points, None) if queries else (selection.points, selection.mask)

@@ -36,6 +36,7 @@ import array_api_compat
 
 from ..numerics import at_least_float32, masked_median, put_where, softmax
 from ..sequence import WHOLE
+from ..validation import check_bool, check_int, check_real
 from .base import ClusterStrategy, Grouping
 from .kmeans import sampled_kmeans
 
@@ -162,15 +163,18 @@ class Norm(ClusterStrategy, name="norm", weighted=True, sharded=True):
 
     def __post_init__(self):
         for field in ("sink_ratio", "sink_share", "norm_ratio"):
-            if not (getattr(self, field) > 0):
+            if not (check_real(f"Norm {field}", getattr(self, field)) > 0):
                 raise ValueError(f"Norm {field} must be positive, got {getattr(self, field)!r}")
         for field in ("sink_quorum", "max_singleton_fraction"):
-            if not (0 < getattr(self, field) <= 1):
+            if not (0 < check_real(f"Norm {field}", getattr(self, field)) <= 1):
                 raise ValueError(f"Norm {field} must be in (0, 1], got {getattr(self, field)!r}")
         for field, low in (("num_probes", 1), ("iters", 0)):
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"Norm {field} must be an int >= {low}, got {value!r}")
+        check_int("Norm first", self.first, minimum=None, optional=True)
+        check_int("Norm sample_size", self.sample_size, minimum=1, optional=True)
+        check_bool("Norm assign_all", self.assign_all)
 
     def assign(self, selection, queries):
         xp, m = selection.xp, selection.num_landmarks
