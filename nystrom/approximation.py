@@ -188,7 +188,7 @@ def approximate(
         ``attn_mask=~key_padding_mask``; the former ``key_padding_mask=`` argument raises a ``TypeError``
         that says so.
     seed : int, optional
-        Makes the random strategies (``uniform``, ``kmeans``, ``rpcholesky``) deterministic; the
+        Makes the random strategies (``uniform``, ``rpcholesky``) deterministic; the
         same seed gives the same landmarks for numpy and torch inputs.
     return_info : bool
         Also return an :class:`Info` (landmark indices, solver residual, flop counts, and an

@@ -146,8 +146,9 @@ class Norm(ClusterStrategy, name="norm", weighted=True, sharded=True):
 
     Notes
     -----
-    Deterministic (``seed`` is not used). Cost :math:`O(s n d)` for the probes,
-    :math:`O(n m D)` for the clusters' assignment, :math:`O(n d)` for the means.
+    Deterministic (``seed`` is not used). Cost :math:`O(s n d)` for the probes, :math:`O(s_k m D)` per Lloyd
+    step on the k-means sample of :math:`s_k = \\max(1024, 16m)` tokens (:math:`O(n m D)` with ``assign_all``),
+    and for the means :math:`O(s_k d)`, or :math:`O(n d)` where the sample holds at least half the tokens.
     """
 
     sink_ratio: float = 16.0
