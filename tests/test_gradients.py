@@ -104,3 +104,18 @@ def test_issue_example_pinv_gradient():
     Q, K, V = Q0.clone().requires_grad_(), Q0.clone().requires_grad_(), torch.randn(2, 16, 16, requires_grad=True)
     g = torch.autograd.grad(nystrom.approximate(Q, K, V, num_landmarks=16, solver="pinv").sum(), (Q, K, V))
     assert all(torch.isfinite(x).all() for x in g)
+
+
+@pytest.mark.parametrize("strategy", ["norm", "segment_means", "kmeans", "uniform"])
+@pytest.mark.parametrize("dtype,solver", [(torch.float16, "newton_schulz"), (torch.bfloat16, "pinv")])
+def test_half_precision_gradients_are_finite_for_huge_logits(strategy, dtype, solver):
+    # Entries of 30 (logits in the thousands): the documented half-precision limit is float16 with an exact
+    # pseudo-inverse, which amplifies v' past 65,504 (docs' reliability page); the default solver in float16 and
+    # bfloat16 (float32's range) keep the output and the gradients finite.
+    for seed in range(2):
+        g = torch.Generator().manual_seed(seed)
+        Q, K, V = ((30 * torch.randn(1, 2, 200, 32, generator=g)).to(dtype).requires_grad_() for _ in range(3))
+        out = nystrom.approximate(Q, K, V, strategy=strategy, num_landmarks=16, solver=solver, seed=seed)
+        assert torch.isfinite(out).all()
+        for name, grad in zip("QKV", torch.autograd.grad(out.float().pow(2).mean(), (Q, K, V))):
+            assert torch.isfinite(grad).all(), name
