@@ -241,7 +241,11 @@ def approximate(
         queries (the estimate's exact rows would be all of them), exact attention is the first and only step
         (:func:`nystrom.linalg.tolerance.search_landmarks`). Reads the data (the estimate is computed on the host).
         The interval's coverage is measured, not guaranteed (docs' error-bounds page: at least 93.5 % on 25 families
-        of synthetic and real attention); the cost is that of the steps plus :math:`O(128\, n\, d)`.
+        of synthetic and real attention); the cost is that of the steps plus :math:`O(128\, n\, d)`. With a key
+        mask and as many queries as keys the call is taken for self-attention, as in
+        :func:`nystrom.linalg.estimate_relative_error`: the rows at padded positions are padded queries, left out
+        of the error (for cross-attention of equal lengths whose queries there are real, pass ``max_landmarks``
+        and check the error yourself, or let ``tol`` be and pick ``num_landmarks``).
     max_landmarks : int, optional
         A budget on :math:`m` for ``tol``, between ``num_landmarks`` and the real keys of the shortest sequence
         (at most :math:`n_q` for cross-attention); default none, as described under ``tol`` (a budget of every
