@@ -244,8 +244,8 @@ def approximate(
         of synthetic and real attention); the cost is that of the steps plus :math:`O(128\, n\, d)`. With a key
         mask and as many queries as keys the call is taken for self-attention, as in
         :func:`nystrom.linalg.estimate_relative_error`: the rows at padded positions are padded queries, left out
-        of the error (for cross-attention of equal lengths whose queries there are real, pass ``max_landmarks``
-        and check the error yourself, or let ``tol`` be and pick ``num_landmarks``).
+        of the error (so cross-attention of equal lengths with real queries at padded key positions has those rows
+        unassessed).
     max_landmarks : int, optional
         A budget on :math:`m` for ``tol``, between ``num_landmarks`` and the real keys of the shortest sequence
         (at most :math:`n_q` for cross-attention); default none, as described under ``tol`` (a budget of every
