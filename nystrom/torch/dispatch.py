@@ -68,11 +68,23 @@ def _dispatch(original, module, query, key, value, attention_mask, **kwargs):
     return call(module, query, key, value, attention_mask, **kwargs)
 
 
-def _add_handler(module, handler):
+def _add_handler(module, handler, layer):
+    """Install ``handler`` on ``module``: outermost, unless it is *terminal* (it may answer without calling the
+    next handler, as FNA does), which goes innermost, so that every other handler (key masking, capture) wraps it
+    whatever the order of installation. A module takes one terminal handler."""
+    handlers = _HANDLERS.get(module, [])
+    terminal = getattr(handler, "terminal", False)
+    if terminal and any(getattr(other, "terminal", False) for other in handlers):
+        raise ValueError(f"encoder layer {layer} already runs FNA from another patch() or fna(); remove that one "
+                         "first (two approximations of one attention cannot be chained)")
     if not _HANDLERS:
         # An instance attribute shadows the class method, so deleting it restores transformers exactly.
         _attention_functions().get_interface = _dispatching_get_interface
-    _HANDLERS.setdefault(module, []).append(handler)
+    _HANDLERS.setdefault(module, [])
+    if terminal:
+        _HANDLERS[module].insert(0, handler)
+    else:
+        _HANDLERS[module].append(handler)
 
 
 def _remove_handler(module, handler):
@@ -284,7 +296,8 @@ class Handle:
 
     def install(self, *handlers):
         """Install each ``handler(layer, call_next, module, query, key, value, attention_mask, **kwargs)`` on every
-        layer; later handlers run first (outermost). Undoes everything if installing fails."""
+        layer; later handlers run first (outermost), except that a handler with a true ``terminal`` attribute runs
+        innermost (:func:`_add_handler`). Undoes everything if installing fails."""
         try:
             for layer in self.layers:
                 block, attention = self._blocks[layer]
@@ -293,7 +306,8 @@ class Handle:
                 self._hooks.append(block.register_forward_hook(functools.partial(self._drop_input, layer)))
                 for handler in handlers:
                     bound = functools.partial(handler, layer)
-                    _add_handler(attention, bound)
+                    bound.terminal = getattr(handler, "terminal", False)
+                    _add_handler(attention, bound, layer)
                     self._installed.append((attention, bound))
         except BaseException:
             self.remove()

@@ -43,7 +43,8 @@ def mask_keys(model, layers, select):
 
     Queries, values and the rest of the model are untouched; the masked tokens still attend to others. Works
     under every attention implementation that takes masks (``eager``, ``sdpa``), on top of the model's own
-    padding mask, and composes with :func:`fna` (inside an FNA layer masked keys are also never landmarks).
+    padding mask, and composes with :func:`fna` in either order (FNA runs innermost, so the masking always reaches
+    it; inside an FNA layer masked keys are also never landmarks).
 
     Parameters
     ----------

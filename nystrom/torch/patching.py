@@ -215,10 +215,19 @@ class FNAHandle(Handle):
         self.records[layer] = LayerRecord(indices, sampled, result.residual, assignment, counts, steps)
         return out.transpose(1, 2).contiguous(), None
 
+    # It may answer without calling the model's own attention: it runs innermost, inside key masking and capture.
+    _attend.terminal = True
+
     def _landmarks(self, layer, query, key, value, real, scale, m):
         """``(Landmarks, sampled)`` of ``m`` landmarks for one layer."""
         xp = array_api_compat.array_namespace(key)
-        hidden = self.inputs[layer]
+        hidden = self.inputs.get(layer)
+        if hidden is None:
+            raise RuntimeError(
+                f"FNA layer {layer}: its attention ran outside its encoder block's forward call, so the block's "
+                "input hidden states are unknown (gradient checkpointing recomputes blocks this way); call "
+                "model.gradient_checkpointing_disable() to use FNA"
+            )
         eligible = torch.ones(hidden.shape[:2], dtype=torch.bool, device=key.device) if real is None else real
         if self.exclude is not None:
             eligible = eligible & ~token_mask("exclude", self.exclude, layer, hidden)
@@ -391,9 +400,12 @@ def patch(model, *, layers=None, num_landmarks=64, strategy="norm", solver="newt
     ------
     TypeError, ValueError
         For bad arguments (named in the message), at the call; also for a ``guarantee`` with a strategy that
-        does not pick tokens (the message lists which do). In the forward pass: ``ValueError`` for a model
-        in training mode with attention dropout, causal attention, attention masks that are not key padding,
-        or a ``guarantee`` larger than the landmark budget.
+        does not pick tokens (the message lists which do), and for a layer that already runs FNA from another
+        handle (one approximation per attention; :func:`~nystrom.torch.masking.mask_keys` and
+        :func:`~nystrom.torch.capture.capturing` wrap FNA in either order). In the forward pass: ``ValueError``
+        for a model in training mode with attention dropout, causal attention, attention masks that are not key
+        padding, or a ``guarantee`` larger than the landmark budget; ``RuntimeError`` under gradient
+        checkpointing, which calls the attention outside its block.
 
     See Also
     --------

@@ -630,3 +630,46 @@ def test_bad_error_control_of_patch_is_named(kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match):
         patch(model, num_landmarks=16, **kwargs)
     assert_restored(model)
+
+
+class TestComposition:
+    """FNA answers without calling the model's attention, so it runs innermost whatever the order of installation:
+    key masking and capture wrap it (a handler installed before it was once skipped silently)."""
+
+    def test_key_masking_outside_or_inside_fna_is_the_same(self):
+        model = tiny_model("vit")
+        inputs = tiny_inputs("vit")
+        select = torch.zeros(17, dtype=torch.bool)
+        select[:6] = True
+        with fna(model, layers=[2, 3], num_landmarks=8):
+            plain = run(model, inputs)
+            with mask_keys(model, [2, 3], select):
+                inside = run(model, inputs)
+        with mask_keys(model, [2, 3], select):
+            with fna(model, layers=[2, 3], num_landmarks=8):
+                outside = run(model, inputs)
+        assert torch.equal(inside, outside) and not torch.allclose(inside, plain)
+
+    def test_capture_entered_before_fna_records_the_fna_layers(self):
+        model = tiny_model("vit")
+        with capturing(model) as caps, fna(model, layers=[2, 3], num_landmarks=8):
+            run(model, tiny_inputs("vit"))
+        assert sorted(c.layer for c in caps) == [0, 1, 2, 3]
+
+    def test_one_layer_takes_one_fna(self):
+        model = tiny_model("vit")
+        with fna(model, layers=[2, 3], num_landmarks=8):
+            with pytest.raises(ValueError, match="encoder layer 3 already runs FNA"):
+                patch(model, layers=[3], num_landmarks=4)
+            with fna(model, layers=[0, 1], num_landmarks=4) as inner:
+                run(model, tiny_inputs("vit"))
+            assert sorted(inner.records) == [0, 1]
+        assert_restored(model)
+
+    def test_gradient_checkpointing_is_named(self):
+        model = tiny_model("vit")
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        with fna(model, num_landmarks=8), pytest.raises(RuntimeError, match="gradient_checkpointing_disable"):
+            model(**tiny_inputs("vit")).last_hidden_state.sum().backward()
+        assert_restored(model)
