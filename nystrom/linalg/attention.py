@@ -274,7 +274,7 @@ def check_nystrom_call(Q, K, V, landmarks, solver, scale, attn_mask, check_value
         :func:`nystrom_product` takes it and the keys and values with padded rows zeroed.
     """
     xp, keys = check_attention_inputs(Q, K, V, attn_mask, check_values=check_bool("check_values", check_values))
-    check_landmarks(landmarks, K, landmarks.keys.shape[-2])
+    check_landmarks(landmarks, K)
     K, V = without_padding(xp, keys, K, V)
     mask = None if keys is None else keys[..., None, :]
     return xp, check_scale(scale, Q.shape[-1]), unchecked(get_solver(solver)), mask, K, V

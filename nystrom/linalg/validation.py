@@ -453,11 +453,15 @@ def check_selection(xp, Q, K, num_landmarks, keys=None, head_axis=None, features
     return m
 
 
-def check_landmarks(landmarks, K, m) -> None:
-    """Landmark queries and keys must be arrays like ``K``, of shape ``(..., m, d)`` (no data read)."""
+def check_landmarks(landmarks, K, m=None) -> None:
+    """Landmark queries and keys must be arrays like ``K``, of shape ``(..., m, d)`` (no data read); ``m=None``:
+    as many as ``landmarks.keys`` holds."""
     if not all(hasattr(landmarks, field) for field in ("queries", "keys", "log_weights")):
-        raise TypeError(f"a strategy must return Landmarks (queries, keys, log_weights), got "
+        raise TypeError(f"landmarks must be Landmarks (queries, keys, log_weights), as a strategy returns, got "
                         f"{type(landmarks).__name__}")
+    if m is None:
+        namespace(K=K, **{"landmark keys": landmarks.keys})
+        m = landmarks.keys.shape[-2]
     expected = (*K.shape[:-2], m, K.shape[-1])
     for name, got in (("queries", landmarks.queries), ("keys", landmarks.keys)):
         namespace(K=K, **{f"landmark {name}": got})

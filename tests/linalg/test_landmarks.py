@@ -383,5 +383,5 @@ def test_a_kmeans_sample_below_m_is_widened_to_m(strategy):
 
 def test_a_callable_strategy_must_return_landmarks():
     Q = np.random.default_rng(0).standard_normal((2, 30, 8))
-    with pytest.raises(TypeError, match="must return Landmarks"):
+    with pytest.raises(TypeError, match="landmarks must be Landmarks"):
         nystrom.approximate(Q, Q, Q, num_landmarks=4, strategy=lambda *args, **kwargs: None)

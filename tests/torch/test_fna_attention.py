@@ -151,6 +151,9 @@ def test_fna_attention_checks_like_approximate():
         nystrom.torch.fna_attention(Q, K.clone().fill_(float("nan")), V, landmarks)
     with pytest.raises(ValueError, match="query_chunk_size"):
         nystrom.torch.fna_attention(Q, K, V, landmarks, query_chunk_size=0)
+    for wrong in (None, "fps", landmarks.keys):
+        with pytest.raises(TypeError, match="landmarks must be Landmarks"):
+            nystrom.torch.fna_attention(Q, K, V, wrong)
 
 
 def test_fna_attention_equals_the_array_api_product():
