@@ -24,6 +24,7 @@ from plot_checks import unreadable_axes  # noqa: E402
 
 from nystrom import FNA_AUTHORS, NewtonSchulz, Norm, PInv  # noqa: E402
 from nystrom.__main__ import main  # noqa: E402
+from nystrom.experiments import pretrained  # noqa: E402
 from nystrom.experiments.evaluate.dinov2 import random_crops  # noqa: E402
 from nystrom.experiments.evaluate.report import evaluation_figures, markdown_report  # noqa: E402
 from nystrom.experiments.evaluate.specs import parse_layers, parse_spec  # noqa: E402
@@ -167,11 +168,27 @@ class TestArguments:
             with pytest.raises(ValueError, match="layers"):
                 parse_layers(bad)
 
-    @pytest.mark.parametrize("argv", [["--solvers", "pinv:rtol=2"], ["--layers", "a"], ["--strategies", "nrm"]])
-    def test_cli_rejects_bad_specs_before_loading_a_model(self, argv, capsys):
+    @pytest.mark.parametrize("argv", [
+        ["--solvers", "pinv:rtol=2"], ["--layers", "a"], ["--strategies", "nrm"],
+        # Values, not only specs: each was once a traceback, some only after a whole DINOv2 evaluation had run.
+        ["--layers", "20"], ["--layers", "8"], ["--num-landmarks", "0"], ["--threads", "0"], ["--seed", "-1"],
+        ["--model", "dinov2", "--size", "100"], ["--crops", "0"], ["--images", "nope"], ["--sentences", "3"],
+    ])
+    def test_cli_rejects_bad_options_before_loading_a_model(self, argv, capsys, tmp_path):
+        out = tmp_path / "never"
         with pytest.raises(SystemExit) as exit_info:
-            main(["eval", *argv])
+            main(["eval", "--out", str(out), *argv])
         assert exit_info.value.code == 2 and "error:" in capsys.readouterr().err
+        assert not out.exists()
+
+    def test_layer_counts_are_the_models(self):
+        from nystrom.experiments.evaluate import dinov2, minilm
+        from nystrom.torch.dispatch import attention_layers
+
+        if HAS_MINILM:
+            assert len(attention_layers(pretrained.load_minilm()[0])) == minilm.NUM_LAYERS
+        if HAS_DINOV2:
+            assert len(attention_layers(pretrained.load_dinov2_small())) == dinov2.NUM_LAYERS
 
 
 class TestMetrics:

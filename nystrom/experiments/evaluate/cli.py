@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from .runner import MODELS, run_evaluation
-from .specs import DEFAULT_LANDMARKS, DEFAULT_SOLVERS, DEFAULT_STRATEGIES, parse_layers, parse_spec
+from .runner import MODELS, check_evaluation, run_evaluation
+from .specs import DEFAULT_LANDMARKS, DEFAULT_SOLVERS, DEFAULT_STRATEGIES, parse_layers
 
 
 def build_parser():
@@ -41,13 +41,12 @@ def main(argv=None):
     """Parse ``argv``, evaluate and write the files; returns the process exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    # Bad specs are usage errors, reported before any model loads.
+    # Bad options are usage errors, reported before any model loads or any file is written.
     try:
         layers = parse_layers(args.layers)
-        for spec in args.strategies:
-            parse_spec(spec, "strategy")
-        for spec in args.solvers:
-            parse_spec(spec, "solver")
+        check_evaluation(args.model, layers=layers, num_landmarks=args.num_landmarks, strategies=args.strategies,
+                         solvers=args.solvers, images=args.images, crops=args.crops, size=args.size,
+                         sentences=args.sentences, seed=args.seed, threads=args.threads)
     except (TypeError, ValueError) as err:
         parser.error(str(err))
     run_evaluation(args.model, out=args.out, layers=layers, num_landmarks=args.num_landmarks,

@@ -18,6 +18,24 @@ from .sweep import Grid, fna_layers, sweep
 #: torchvision's RandomResizedCrop default range of the crop's share of the image area.
 CROP_SCALE = (0.08, 1.0)
 
+#: Encoder layers of the bundled DINOv2-S (checked against the loaded model by the tests).
+NUM_LAYERS = 12
+
+
+def check_options(images, crops, size):
+    """``(pictures, names)``: the natural images and the chosen names, after checking the DINOv2 options of
+    :func:`evaluate_dinov2`; ``ValueError`` naming the bad one."""
+    if isinstance(crops, bool) or not isinstance(crops, int) or crops < 1:
+        raise ValueError(f"crops must be a positive int, got {crops!r}")
+    if isinstance(size, bool) or not isinstance(size, int) or size < 14 or size % 14:
+        raise ValueError(f"size must be a positive multiple of 14 (the patch size), got {size!r}")
+    pictures = pretrained.natural_images()
+    names = tuple(pictures) if images is None else check_names("images", images)
+    unknown = [name for name in names if name not in pictures]
+    if unknown:
+        raise ValueError(f"unknown images {unknown}; choose from {sorted(pictures)}")
+    return pictures, names
+
 
 def random_crops(image, num_crops, size, rng):
     """Deterministic random-resized square crops with random horizontal flips, as model input.
@@ -107,15 +125,7 @@ def evaluate_dinov2(*, layers=None, num_landmarks=DEFAULT_LANDMARKS, strategies=
         For bad arguments, named in the message.
     """
     grid = Grid(num_landmarks, strategies, solvers, seed)
-    if isinstance(crops, bool) or not isinstance(crops, int) or crops < 1:
-        raise ValueError(f"crops must be a positive int, got {crops!r}")
-    if isinstance(size, bool) or not isinstance(size, int) or size < 14 or size % 14:
-        raise ValueError(f"size must be a positive multiple of 14 (the patch size), got {size!r}")
-    pictures = pretrained.natural_images()
-    names = tuple(pictures) if images is None else check_names("images", images)
-    unknown = [name for name in names if name not in pictures]
-    if unknown:
-        raise ValueError(f"unknown images {unknown}; choose from {sorted(pictures)}")
+    pictures, names = check_options(images, crops, size)
     model = pretrained.load_dinov2_small()
     decoder = pretrained.load_dinov2_saliency_decoder()
     layers = fna_layers(model, layers)

@@ -12,6 +12,20 @@ from ..metrics import nearest_neighbours
 from .specs import DEFAULT_LANDMARKS, DEFAULT_SOLVERS, DEFAULT_STRATEGIES
 from .sweep import Grid, fna_layers, sweep
 
+#: Encoder layers of the bundled all-MiniLM-L6-v2 (checked against the loaded model by the tests).
+NUM_LAYERS = 6
+
+
+def check_options(sentences):
+    """The example sentences :func:`evaluate_minilm` reads, after checking ``sentences``; ``ValueError`` naming
+    it."""
+    text = pretrained.example_sentences()
+    count = len(text) if sentences is None else sentences
+    if isinstance(count, bool) or not isinstance(count, int) or not 2 <= count <= len(text) or count % 2:
+        raise ValueError(f"sentences must be an even int in [2, {len(text)}] (whole paraphrase pairs), got "
+                         f"{sentences!r}")
+    return text[:count]
+
 
 def evaluate_minilm(*, layers=None, num_landmarks=DEFAULT_LANDMARKS, strategies=DEFAULT_STRATEGIES,
                     solvers=DEFAULT_SOLVERS, sentences=None, seed=0, progress=True):
@@ -54,12 +68,8 @@ def evaluate_minilm(*, layers=None, num_landmarks=DEFAULT_LANDMARKS, strategies=
         For bad arguments, named in the message.
     """
     grid = Grid(num_landmarks, strategies, solvers, seed)
-    text = pretrained.example_sentences()
-    count = len(text) if sentences is None else sentences
-    if isinstance(count, bool) or not isinstance(count, int) or not 2 <= count <= len(text) or count % 2:
-        raise ValueError(f"sentences must be an even int in [2, {len(text)}] (whole paraphrase pairs), got "
-                         f"{sentences!r}")
-    text = text[:count]
+    text = check_options(sentences)
+    count = len(text)
     model, tokenizer = pretrained.load_minilm()
     layers = fna_layers(model, layers)
 

@@ -10,12 +10,39 @@ from pathlib import Path
 import torch
 
 from ..stamp import busy_warning, make_stamp
+from . import dinov2, minilm
 from .dinov2 import evaluate_dinov2
 from .minilm import evaluate_minilm
 from .report import markdown_report, plot_evaluation
 from .specs import DEFAULT_LANDMARKS, DEFAULT_SOLVERS, DEFAULT_STRATEGIES, check_names
+from .sweep import Grid
 
 MODELS = ("dinov2", "minilm")
+
+
+def check_evaluation(models=MODELS, *, layers=None, num_landmarks=DEFAULT_LANDMARKS, strategies=DEFAULT_STRATEGIES,
+                     solvers=DEFAULT_SOLVERS, images=None, crops=4, size=224, sentences=None, seed=0, threads=None):
+    """The models of :func:`run_evaluation`, after checking all its options before any model loads: ``ValueError``
+    (or ``TypeError``) naming the bad one, so that no model runs for nothing (layers are checked against every
+    chosen model)."""
+    models = check_names("models", [models] if isinstance(models, str) else models)
+    unknown = [m for m in models if m not in MODELS]
+    if unknown:
+        raise ValueError(f"unknown models {unknown}; choose from {list(MODELS)}")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"threads must be None or a positive int, got {threads!r}")
+    Grid(num_landmarks, strategies, solvers, seed)
+    module = {"dinov2": dinov2, "minilm": minilm}
+    if layers is not None:
+        fewest = min(module[name].NUM_LAYERS for name in models)
+        if any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < fewest for i in layers) or not layers:
+            raise ValueError(f"layers must be layer indices in [0, {fewest}) for {' and '.join(models)}, "
+                             f"got {list(layers)}")
+    if "dinov2" in models:
+        dinov2.check_options(images, crops, size)
+    if "minilm" in models:
+        minilm.check_options(sentences)
+    return models
 
 
 def run_evaluation(models=MODELS, *, out="results", layers=None, num_landmarks=DEFAULT_LANDMARKS,
@@ -51,12 +78,9 @@ def run_evaluation(models=MODELS, *, out="results", layers=None, num_landmarks=D
         :func:`~nystrom.experiments.evaluate.minilm.evaluate_minilm` plus ``stamp`` (date, library versions, machine,
         load average; see :func:`nystrom.experiments.stamp.make_stamp`) and ``total_seconds``.
     """
-    models = check_names("models", [models] if isinstance(models, str) else models)
-    unknown = [m for m in models if m not in MODELS]
-    if unknown:
-        raise ValueError(f"unknown models {unknown}; choose from {list(MODELS)}")
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-        raise ValueError(f"threads must be None or a positive int, got {threads!r}")
+    models = check_evaluation(models, layers=layers, num_landmarks=num_landmarks, strategies=strategies,
+                              solvers=solvers, images=images, crops=crops, size=size, sentences=sentences, seed=seed,
+                              threads=threads)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     common = dict(layers=layers, num_landmarks=num_landmarks, strategies=strategies, solvers=solvers, seed=seed,
