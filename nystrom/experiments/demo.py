@@ -17,6 +17,7 @@ import torch.nn.functional as F
 import nystrom
 from nystrom.torch.capture import capture_attention
 
+from .evaluate.dinov2 import NUM_LAYERS
 from .pretrained import imagenet_pixel_values, load_dinov2_small, natural_images
 from .report import format_ratio
 from .stamp import busy_warning, load_average
@@ -63,6 +64,23 @@ def _ties(infos, errors):
     return lines
 
 
+def check_demo(image, sizes, layer, num_landmarks):
+    """Check the options of :func:`run_demo` before the model loads; ``ValueError`` naming the bad one."""
+    pictures = natural_images()
+    if image not in pictures:
+        raise ValueError(f"image must be one of {sorted(pictures)}, got {image!r}")
+    if isinstance(num_landmarks, bool) or not isinstance(num_landmarks, int) or num_landmarks < 1:
+        raise ValueError(f"num_landmarks must be a positive int, got {num_landmarks!r}")
+    for size in sizes:
+        if isinstance(size, bool) or not isinstance(size, int) or size < 14 or size % 14:
+            raise ValueError(f"sizes must be positive multiples of 14 (the patch size), got {size!r}")
+        if (size // 14) ** 2 + 1 < num_landmarks:
+            raise ValueError(f"size {size} gives {(size // 14) ** 2 + 1} tokens, fewer than num_landmarks="
+                             f"{num_landmarks}")
+    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < NUM_LAYERS:
+        raise ValueError(f"layer must be an encoder layer in [0, {NUM_LAYERS}), got {layer!r}")
+
+
 def run_demo(*, image="astronaut", sizes=(518, 1036), layer=9, num_landmarks=64,
              strategies=("norm", "fps", "segment_means", "uniform"), repeats=3, out=print):
     """Print error and speed of Nyström attention on real DINOv2-S attention, with a legend of what they mean.
@@ -92,6 +110,7 @@ def run_demo(*, image="astronaut", sizes=(518, 1036), layer=9, num_landmarks=64,
     The load average is printed with the header, and a warning when it exceeds the threads in use: other
     processes then inflate the times.
     """
+    check_demo(image, sizes, layer, num_landmarks)
     model = load_dinov2_small()
     picture = natural_images()[image]
     rows = []
@@ -146,5 +165,9 @@ def main(argv=None):
                         help="encoder layer (0-11) whose attention is approximated (default 9)")
     parser.add_argument("--num-landmarks", type=int, default=64, help="landmarks m per sequence (default 64)")
     args = parser.parse_args(argv)
+    try:
+        check_demo(args.image, args.sizes, args.layer, args.num_landmarks)
+    except ValueError as err:
+        parser.error(str(err))
     run_demo(image=args.image, sizes=tuple(args.sizes), layer=args.layer, num_landmarks=args.num_landmarks)
     return 0

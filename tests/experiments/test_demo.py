@@ -52,3 +52,13 @@ def test_every_demo_option_has_help(capsys):
         # argparse prints the help on the option's line or, when the option is long, on the next one.
         following = help_text.split(line, 1)[1].splitlines()[1:2]
         assert line.split(maxsplit=2)[2:] or following and following[0].startswith(" " * 10), option
+
+
+@pytest.mark.parametrize("argv", [["--image", "nope"], ["--layer", "12"], ["--layer", "-1"], ["--num-landmarks", "0"],
+                                  ["--sizes", "0"], ["--sizes", "27"], ["--sizes", "56"]])
+def test_bad_demo_options_are_usage_errors_before_the_model_loads(argv, capsys, monkeypatch):
+    # Each was a traceback after the model had loaded (or, for a size not a multiple of 14, a wrong n).
+    monkeypatch.setattr("nystrom.experiments.demo.load_dinov2_small", lambda: pytest.fail("the model loaded"))
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2 and "error:" in capsys.readouterr().err
