@@ -229,9 +229,15 @@ class FNAHandle(Handle):
                 "model.gradient_checkpointing_disable() to use FNA"
             )
         eligible = torch.ones(hidden.shape[:2], dtype=torch.bool, device=key.device) if real is None else real
+        guaranteed = None if self.guarantee is None else token_mask("guarantee", self.guarantee, layer, hidden)
         if self.exclude is not None:
-            eligible = eligible & ~token_mask("exclude", self.exclude, layer, hidden)
-        forced = None if self.guarantee is None else token_mask("guarantee", self.guarantee, layer, hidden) & eligible
+            excluded = token_mask("exclude", self.exclude, layer, hidden)
+            if guaranteed is not None and bool(torch.any(guaranteed & excluded)):
+                raise ValueError(f"guarantee and exclude select the same token in layer {layer}: a token cannot "
+                                 "be both always and never a landmark")
+            eligible = eligible & ~excluded
+        # Guaranteed tokens that are padding (or keys masked by mask_tokens) are no tokens to attend to: dropped.
+        forced = None if guaranteed is None else guaranteed & eligible
         # Reused landmarks must still be eligible here and hold this layer's guaranteed tokens (exclusions,
         # guarantees and key masks given as functions may change per layer). A reused grouping takes this
         # layer's own queries and keys: only the assignment is shared, the means are this layer's (O(n d)).
@@ -367,7 +373,9 @@ def patch(model, *, layers=None, num_landmarks=64, strategy="norm", solver="newt
         ``select(layer_index, hidden_states) -> bool (B, n)``. The strategy fills the remaining slots. Needs a
         strategy that picks tokens.
     exclude : bool Tensor or callable, optional
-        Tokens that are never landmarks (FNA's ``exclude_mask``); same forms. They are still attended to.
+        Tokens that are never landmarks (FNA's ``exclude_mask``); same forms. They are still attended to. A token
+        both guaranteed and excluded is a ``ValueError`` in the forward pass; a guaranteed token that is padding
+        is dropped.
     mask_tokens : bool Tensor or callable, optional
         As :func:`~nystrom.torch.masking.mask_keys` inside the FNA layers: the selected keys get no attention and
         are never landmarks.

@@ -361,6 +361,11 @@ class TestLandmarkChoice:
                 chosen = record.indices
                 assert chosen.shape == (2, 6) and torch.all(chosen[:, :2] == torch.tensor([4, 9]))
                 assert not torch.any(chosen < 3) and all(len(set(row.tolist())) == 6 for row in chosen)
+        # A token both guaranteed and excluded was once dropped from the guarantee silently.
+        exclude[1, 9] = True
+        with fna(model, num_landmarks=6, strategy=FPS(), guarantee=guarantee, exclude=exclude), \
+                pytest.raises(ValueError, match="guarantee and exclude select the same token in layer 2"):
+            run(model, inputs)
 
     def test_once_resamples_when_a_layer_guarantees_a_token_the_shared_set_lacks(self):
         model = tiny_model("vit", num_layers=4)
