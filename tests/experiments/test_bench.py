@@ -230,6 +230,15 @@ def test_unknown_section_is_rejected(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "--only", "scaling,speed"])
     assert "unknown section" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["bench", "--only", ","])
+    assert "no section named" in capsys.readouterr().err
+
+
+def test_a_section_named_twice_runs_once():
+    from nystrom.experiments.bench.cli import build_parser
+
+    assert build_parser().parse_args(["--only", "threads,scaling,threads"]).only == ["threads", "scaling"]
 
 
 def test_exact_call_forces_the_named_kernel():

@@ -24,9 +24,12 @@ RUNNERS = {"scaling": run_scaling, "breakdown": run_breakdown, "threads": run_th
 
 
 def _parse_sections(text):
-    sections = [s.strip() for s in text.split(",") if s.strip()]
+    # In the order given, each once: a repeated section would run (and be timed) twice.
+    sections = list(dict.fromkeys(s.strip() for s in text.split(",") if s.strip()))
+    if not sections:
+        raise argparse.ArgumentTypeError(f"no section named; choose from {', '.join(SECTIONS)}")
     unknown = [s for s in sections if s not in SECTIONS]
-    if unknown or not sections:
+    if unknown:
         raise argparse.ArgumentTypeError(f"unknown section(s) {unknown}; choose from {', '.join(SECTIONS)}")
     return sections
 
