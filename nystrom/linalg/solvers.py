@@ -185,13 +185,16 @@ class NewtonSchulz(Solver, name="newton_schulz", iterative=True):
         Z = xp.matrix_transpose(A) / denom[..., None, None]
         steps = self.iters if self.tol is None else self.max_iters
         done = 0
+        # The scaled identities once, not in every step: on m x m matrices each small operation costs more in
+        # dispatch than in arithmetic.
+        eye7, eye13, eye15 = 7 * eye, 13 * eye, 15 * eye
         for _ in range(steps):
             if self.tol is not None:
                 residual = moore_penrose_residual(A, Z)
                 if bool(xp.all(residual <= self.tol)):
                     return SolveResult(Z, residual, done)
             AZ = A @ Z
-            Z = 0.25 * Z @ (13 * eye - AZ @ (15 * eye - AZ @ (7 * eye - AZ)))
+            Z = 0.25 * Z @ (eye13 - AZ @ (eye15 - AZ @ (eye7 - AZ)))
             done += 1
         return SolveResult(Z, moore_penrose_residual(A, Z), done)
 
