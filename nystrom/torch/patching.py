@@ -225,8 +225,8 @@ class FNAHandle(Handle):
         if hidden is None:
             raise RuntimeError(
                 f"FNA layer {layer}: its attention ran outside its encoder block's forward call, so the block's "
-                "input hidden states are unknown (gradient checkpointing recomputes blocks this way); call "
-                "model.gradient_checkpointing_disable() to use FNA"
+                "input hidden states are unknown (activation, or gradient, checkpointing recomputes blocks this way); "
+                "call model.activation_checkpointing_disable() to use FNA"
             )
         eligible = torch.ones(hidden.shape[:2], dtype=torch.bool, device=key.device) if real is None else real
         guaranteed = None if self.guarantee is None else token_mask("guarantee", self.guarantee, layer, hidden)

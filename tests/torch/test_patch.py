@@ -673,8 +673,8 @@ class TestComposition:
 
     def test_gradient_checkpointing_is_named(self):
         model = tiny_model("vit")
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.train()
-        with fna(model, num_landmarks=8), pytest.raises(RuntimeError, match="gradient_checkpointing_disable"):
+        with fna(model, num_landmarks=8), pytest.raises(RuntimeError, match="activation_checkpointing_disable"):
             model(**tiny_inputs("vit")).last_hidden_state.sum().backward()
         assert_restored(model)
