@@ -31,7 +31,7 @@ def check_evaluation(models=MODELS, *, layers=None, num_landmarks=DEFAULT_LANDMA
         raise ValueError(f"unknown models {unknown}; choose from {list(MODELS)}")
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise ValueError(f"threads must be None or a positive int, got {threads!r}")
-    Grid(num_landmarks, strategies, solvers, seed)
+    Grid(num_landmarks, strategies, solvers, seed)  # checks m, the specs and the seed
     module = {"dinov2": dinov2, "minilm": minilm}
     if layers is not None:
         fewest = min(module[name].NUM_LAYERS for name in models)
