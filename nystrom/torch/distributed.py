@@ -47,7 +47,7 @@ from ..linalg.attention import in_query_chunks, nystrom_product
 from ..linalg.landmarks.base import STRATEGIES, Selection, Strategy, gather_rows, get_strategy
 from ..linalg.numerics import without_padding
 from ..linalg.sequence import WholeSequence
-from ..linalg.solvers import get_solver, unchecked
+from ..linalg.solvers import Solver, get_solver, unchecked
 from ..linalg.split_keys import merge_partials, partial_attention
 from ..linalg.validation import (
     check_attention_inputs,
@@ -297,6 +297,9 @@ def sharded_approximate(Q, K, V, *, group, strategy="norm", num_landmarks=64, so
     """
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError("group= needs torch.distributed initialised (torch.distributed.init_process_group)")
+    if not isinstance(group, dist.ProcessGroup):
+        raise TypeError(f"group must be a torch.distributed ProcessGroup (e.g. torch.distributed.group.WORLD), got "
+                        f"{type(group).__name__}")
     size = dist.get_world_size(group)
     try:
         check_unknown_arguments("approximate", unknown)
@@ -304,7 +307,7 @@ def sharded_approximate(Q, K, V, *, group, strategy="norm", num_landmarks=64, so
         checked = _check_shard(Q, K, V, strategy, num_landmarks, solver, scale, attn_mask, seed,
                                share_landmarks_across_heads, query_chunk_size, check_values, unsupported or {})
         error = None
-    except (TypeError, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001 - whatever this process's checks raise, the others must hear of it
         checked, error = None, exc
     report = {"error": None if error is None else f"{type(error).__name__}: {error}"}
     if checked is not None:
@@ -342,7 +345,8 @@ def _check_shard(Q, K, V, strategy, num_landmarks, solver, scale, attn_mask, see
                  query_chunk_size, check_values, unsupported):
     """This process's checks of a sharded call (no communication); returns the checked values and the report
     that the processes compare."""
-    given = sorted(name for name, value in unsupported.items() if value not in (None, False))
+    # "is", not "in (None, False)": a tensor compared with == is no bool, and 0 is a value given.
+    given = sorted(name for name, value in unsupported.items() if value is not None and value is not False)
     if given:
         raise ValueError(f"{', '.join(given)} cannot be used with group= (a sharded sequence); leave them out")
     check_values = check_bool("check_values", check_values)
@@ -371,7 +375,9 @@ def _check_shard(Q, K, V, strategy, num_landmarks, solver, scale, attn_mask, see
     report = {
         "n": K.shape[-2], "lead": tuple(K.shape[:-2]), "d": Q.shape[-1], "d_v": V.shape[-1], "dtype": str(Q.dtype),
         "mask_rows": None if keys is None else tuple(keys.shape[:-1]),
-        "settings": (repr(select), m, tau, head_axis, check_values, None if seed is None else seed),
+        # A callable solver's repr holds its address, different on every process: its name stands for it.
+        "settings": (repr(select), repr(solve) if isinstance(solve, Solver) else getattr(solve, "__qualname__", ""),
+                     m, tau, head_axis, check_values, None if seed is None else seed),
         # Without a seed the random strategies take process 0's fresh one.
         "seed": secrets.randbelow(2**63) if seed is None else seed,
     }

@@ -141,6 +141,14 @@ def error_cases(rank, world):
         "error_m_differs": error_of(lambda: nystrom.approximate(q, k, v, num_landmarks=8 + rank, group=group)),
         "error_cross_attention": error_of(lambda: nystrom.approximate(q[..., :1, :], k, v, group=group)),
         "error_requires_grad": error_of(lambda: nystrom.approximate(grad_q, k, v, group=group)),
+        # A features tensor on one process once raised a RuntimeError outside the shared check (the others waited),
+        # a solver that differed went unnoticed (each process's rows used its own), and tol=0 was ignored.
+        "error_features_on_one_process": error_of(lambda: nystrom.approximate(
+            q, k, v, group=group, features=torch.ones(2, k.shape[-2], 16, dtype=k.dtype) if rank == 1 else None)),
+        "error_solver_differs": error_of(lambda: nystrom.approximate(
+            q, k, v, group=group, solver="pinv" if rank == 0 else "newton_schulz")),
+        "error_tol_zero": error_of(lambda: nystrom.approximate(q, k, v, tol=0, group=group)),
+        "error_group_type": error_of(lambda: nystrom.approximate(q, k, v, group=True)),
     }
 
 
