@@ -28,7 +28,7 @@ import scipy.stats
 from .attention import softmax_attention
 from .landmarks.base import gather_rows
 from .landmarks.rpcholesky import exp_kernel_shift
-from .numerics import float64_numpy, without_padding
+from .numerics import at_least_float32, float64_numpy, without_padding
 from .solvers import PInv
 from .validation import (
     check_attention_inputs,
@@ -128,6 +128,8 @@ def nystrom_trace_error(X, indices, *, scale=None):
     check_points("X", X, xp)
     check_indices(xp, "indices", indices, X.shape[-2], X.shape[:-2])
     tau = check_scale(scale, X.shape[-1])
+    # The kernel and its SVD in float32 at least: no SVD takes half precision, and exp(tau x.y) needs the range.
+    X = at_least_float32(xp, X)
     shift = exp_kernel_shift(xp, X, tau)
     landmarks = gather_rows(xp, X, indices)
     C = exp_kernel(xp, landmarks, X, tau, shift)  # (..., m, n)

@@ -93,8 +93,19 @@ class Solver:
 
 def unchecked(solver):
     """The callable that inverts an ``A`` the library built itself: :meth:`Solver.solve` for a :class:`Solver`
-    (no second check of ``A``), the callable itself otherwise."""
-    return solver.solve if isinstance(solver, Solver) else solver
+    (no second check of ``A``); for a plain callable, the callable with its result's type checked (a tensor has an
+    ``inverse`` method, so an array returned instead of a :class:`SolveResult` would fail far from here)."""
+    if isinstance(solver, Solver):
+        return solver.solve
+
+    def solve(A):
+        result = solver(A)
+        if not isinstance(result, SolveResult):
+            raise TypeError(f"a solver callable must return a SolveResult(inverse, residual, iterations), got "
+                            f"{type(result).__name__}; e.g. lambda A: SolveResult(f(A), None, 0)")
+        return result
+
+    return solve
 
 
 def _eye(xp, A):

@@ -30,7 +30,7 @@ import array_api_compat
 import numpy as np
 
 from .numerics import masked_median
-from .validation import check_positive, check_real_floating, check_token_mask, namespace
+from .validation import check_finite, check_positive, check_real_floating, check_token_mask, namespace
 
 __all__ = [
     "MassiveActivations", "detect_high_norm_tokens", "detect_massive_activations", "detect_sinks", "excluded_tokens",
@@ -66,6 +66,8 @@ def _check_tokens(xp, name, hidden, attention_mask, min_ndim):
     if hidden.ndim < min_ndim or hidden.shape[-1] == 0 or (min_ndim == 2 and hidden.shape[-2] == 0):
         what = "(..., n, D)" if min_ndim == 2 else "(..., n)"
         raise ValueError(f"{name} must have shape {what} with at least one token, got {tuple(hidden.shape)}")
+    # A NaN compares False with every threshold: it would flag nothing, silently.
+    check_finite(xp, **{name: hidden})
     if attention_mask is None:
         return None
     return check_token_mask(xp, attention_mask, tuple(hidden.shape[:-1]) if min_ndim == 2 else tuple(hidden.shape))
@@ -144,7 +146,8 @@ def excluded_tokens(xp, exclude, shape, device):
         return xp.broadcast_to(xp.asarray(flags, device=device), shape)
     if exclude.dtype != xp.bool:
         raise TypeError(f"exclude must be a sequence of token positions or a bool array, got dtype {exclude.dtype}")
-    if exclude.ndim > len(shape) or exclude.shape[-1] != n:
+    if exclude.ndim > len(shape) or any(s not in (1, t) for s, t in zip(exclude.shape[::-1], shape[::-1])) \
+            or exclude.shape[-1] != n:
         raise ValueError(f"exclude must be a bool array broadcastable to {shape}, got {tuple(exclude.shape)}")
     return xp.broadcast_to(exclude, shape)
 

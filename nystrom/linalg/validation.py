@@ -459,6 +459,9 @@ def check_landmarks(landmarks, K, m=None) -> None:
     if not all(hasattr(landmarks, field) for field in ("queries", "keys", "log_weights")):
         raise TypeError(f"landmarks must be Landmarks (queries, keys, log_weights), as a strategy returns, got "
                         f"{type(landmarks).__name__}")
+    for name in ("queries", "keys"):
+        if getattr(landmarks, name) is None:
+            raise TypeError(f"landmark {name} must be an array like K, got None")
     if m is None:
         namespace(K=K, **{"landmark keys": landmarks.keys})
         m = landmarks.keys.shape[-2]
@@ -479,7 +482,8 @@ def check_landmarks(landmarks, K, m=None) -> None:
         shape = tuple(log_c.shape)
         target = (*K.shape[:-2], m)
         if len(shape) != len(target) or shape[-1] != m or any(s not in (1, t) for s, t in zip(shape, target)):
-            raise ValueError(f"landmark log_weights have shape {shape}, expected one that broadcasts to {target}")
+            raise ValueError(f"landmark log_weights have shape {shape}, expected {target} with 1 allowed for any "
+                             f"leading dimension (as many dimensions as K less one, the last of size m = {m})")
 
 
 def check_real(name: str, value, *, optional: bool = False) -> float | None:
@@ -566,6 +570,8 @@ def check_eigenvalues(eigenvalues):
     Small negative values are round-off of a PSD matrix's spectrum and are clipped; a clearly
     negative one (below ``-1e-8`` times the largest magnitude) means the matrix is not PSD.
     """
+    if np.iscomplexobj(eigenvalues) or getattr(eigenvalues, "is_complex", lambda: False)():
+        raise TypeError("eigenvalues must be a 1-D array of real numbers, got complex ones")
     try:
         lam = float64_numpy(eigenvalues)
     except (TypeError, ValueError):

@@ -197,3 +197,31 @@ def test_bad_log_weights_are_named():
     landmarks = nystrom.Landmarks(Q[:, :3], Q[:, :3], log_weights=np.zeros((2, 4)))
     with pytest.raises(ValueError, match="landmark log_weights have shape"):
         nystrom_attention(Q, Q, Q, landmarks)
+
+
+def test_hand_made_landmarks_are_checked():
+    # Landmarks built by hand (not by a strategy) are checked like Q, K and V: NaN or inf (which came out as a NaN
+    # output and residual), None fields, and log_weights of a shape that says what it must be.
+    rng = np.random.default_rng(0)
+    Q, K, V = (rng.standard_normal((2, 20, 8)) for _ in range(3))
+    idx = np.arange(5)
+    good = nystrom.Landmarks(Q[:, idx], K[:, idx])
+    bad_weights = np.zeros((2, 5))
+    bad_weights[0, 1] = np.nan
+    bad_keys = K[:, idx].copy()
+    bad_keys[1, 2, 3] = np.inf
+    for landmarks, error, match in [
+        (nystrom.Landmarks(Q[:, idx], K[:, idx], log_weights=bad_weights), ValueError, "log_weights contains NaN"),
+        (nystrom.Landmarks(Q[:, idx], bad_keys), ValueError, "landmark keys contains NaN or infinite"),
+        (nystrom.Landmarks(None, K[:, idx]), TypeError, "landmark queries must be an array"),
+        (nystrom.Landmarks(Q[:, idx], K[:, idx], log_weights=np.zeros(5)), ValueError, r"expected \(2, 5\) with 1"),
+    ]:
+        with pytest.raises(error, match=match):
+            nystrom_attention(Q, K, V, landmarks)
+    # A plain solver callable must return a SolveResult: an array (whose torch twin has an ``inverse`` method)
+    # once failed far from here.
+    with pytest.raises(TypeError, match="must return a SolveResult"):
+        nystrom_attention(Q, K, V, good, solver=np.linalg.pinv)
+    with pytest.raises(TypeError, match="must return a SolveResult"):
+        nystrom.approximate(torch.from_numpy(Q), torch.from_numpy(K), torch.from_numpy(V), num_landmarks=5,
+                            solver=torch.linalg.pinv)

@@ -207,3 +207,20 @@ def test_sampling_options_take_numpy_scalars_and_name_wrong_kinds():
         info.estimate_error(num_samples=16.0)
     with pytest.raises(TypeError, match="confidence must be a real number"):
         info.estimate_error(confidence="0.9")
+
+
+def test_trace_error_of_half_precision_points_is_computed_in_float32():
+    # No SVD takes half precision (it raised NotImplementedError): the kernel is built from the points widened.
+    X = torch.randn(50, 4, generator=torch.Generator().manual_seed(0)).half()
+    idx = torch.arange(0, 50, 5)
+    for dtype in (torch.float16, torch.bfloat16):
+        half = nystrom_trace_error(X.to(dtype), idx)
+        assert float(half.relative) == pytest.approx(float(nystrom_trace_error(X.to(dtype).float(), idx).relative))
+
+
+def test_complex_eigenvalues_are_refused():
+    for eigenvalues in (np.array([1 + 1j, 2.0]), torch.tensor([1 + 1j, 2.0])):
+        with pytest.raises(TypeError, match="real numbers"):
+            best_rank_trace_floor(eigenvalues, 1)
+        with pytest.raises(TypeError, match="real numbers"):
+            rpcholesky_trace_bound(eigenvalues, 1)

@@ -385,3 +385,17 @@ def test_a_callable_strategy_must_return_landmarks():
     Q = np.random.default_rng(0).standard_normal((2, 30, 8))
     with pytest.raises(TypeError, match="landmarks must be Landmarks"):
         nystrom.approximate(Q, Q, Q, num_landmarks=4, strategy=lambda *args, **kwargs: None)
+
+
+def test_farthest_point_sampling_checks_its_arguments():
+    # The public function; the library's own calls go through farthest_points, unchecked (k-means seeding asks for
+    # m seeds where singletons left fewer eligible tokens).
+    X = np.random.default_rng(0).standard_normal((10, 3))
+    mask = np.zeros(10, dtype=bool)
+    mask[:3] = True
+    for kwargs, match in [(dict(num_points=12), "exceeds the 10 points"), (dict(num_points=0), "at least 1"),
+                          (dict(num_points=5, mask=mask), r"eligible points of a row of mask \(3\)"),
+                          (dict(num_points=4, max_guaranteed=-1), "max_guaranteed must be at least 0")]:
+        with pytest.raises(ValueError, match=match):
+            farthest_point_sampling(X, **kwargs)
+    assert len(set(farthest_point_sampling(X, 3, mask=mask).tolist())) == 3

@@ -455,3 +455,18 @@ def test_plots_write_pngs(minilm, minilm_analysis, minilm_suppression, tmp_path,
         plots.plot_attention_share(minilm_analysis, tmp_path / "share.pdf")
     with pytest.raises(TypeError, match="analysis"):
         plots.plot_token_norms(result, tmp_path / "norms.png")
+
+
+def test_detectors_refuse_nan_and_name_a_bad_exclude():
+    # A NaN compares False with every threshold, so it flagged nothing, silently.
+    from nystrom.linalg.tokens import detect_high_norm_tokens, detect_massive_activations, detect_sinks
+
+    hidden = np.random.default_rng(0).standard_normal((2, 10, 16))
+    hidden[0, 3, 2] = np.nan
+    for detect in (detect_massive_activations, detect_high_norm_tokens):
+        with pytest.raises(ValueError, match="hidden contains NaN"):
+            detect(hidden)
+    with pytest.raises(ValueError, match="attention_share contains NaN"):
+        detect_sinks(np.array([[0.5, np.nan, 0.5]]))
+    with pytest.raises(ValueError, match=r"broadcastable to \(2, 10\), got \(3, 10\)"):
+        detect_high_norm_tokens(np.zeros((2, 10, 16)), exclude=np.zeros((3, 10), dtype=bool))

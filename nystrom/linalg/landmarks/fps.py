@@ -39,7 +39,7 @@ def farthest_point_sampling(X, num_points, *, mask=None, guarantee_score=None, m
     Parameters
     ----------
     X : array, shape (..., n, D)
-        Points (one per token).
+        Points (one per token), finite (not checked: NaN distances make the choice arbitrary).
     num_points : int
         How many to choose, ``m <= number of eligible points``.
     mask : bool array, shape (..., n), optional
@@ -74,6 +74,25 @@ def farthest_point_sampling(X, num_points, *, mask=None, guarantee_score=None, m
     page). Arrays on an accelerator keep every step on the device (no host synchronisation per
     step). Both paths make the same choices.
     """
+    check_int("num_points", num_points, minimum=1)
+    check_int("max_guaranteed", max_guaranteed, minimum=0, optional=True)
+    if num_points > axis.length(X.shape[-2]):
+        raise ValueError(f"num_points={num_points} exceeds the {axis.length(X.shape[-2])} points")
+    if mask is not None and not axis.sharded:
+        # Reads the mask (on an accelerator, one host synchronisation): the library's own calls skip this.
+        xm = array_api_compat.array_namespace(mask)
+        fewest = int(xm.min(xm.sum(xm.astype(mask, xm.int64), axis=-1)))
+        if fewest < num_points:
+            raise ValueError(f"num_points={num_points} exceeds the eligible points of a row of mask ({fewest})")
+    return farthest_points(X, num_points, mask=mask, guarantee_score=guarantee_score, max_guaranteed=max_guaranteed,
+                           from_guaranteed=from_guaranteed, axis=axis)
+
+
+def farthest_points(X, num_points, *, mask=None, guarantee_score=None, max_guaranteed=None, from_guaranteed=True,
+                    axis=WHOLE):
+    """:func:`farthest_point_sampling` for arguments its callers have checked: no check of its own. A row with
+    fewer eligible points than ``num_points`` repeats its first point in the picks left over (k-means seeding
+    asks for ``m`` seeds where singletons left fewer eligible tokens, and drops the extra ones)."""
     xp = array_api_compat.array_namespace(X)
     host = None if axis.sharded else host_view(X)
     if host is None:
@@ -227,7 +246,7 @@ class FPS(TokenStrategy, name="fps", sharded=True):
         if self.use_queries and not selection.cross:
             X = selection.query_points
         score = first_token_score(selection.xp, X, self.first, selection.axis)
-        return farthest_point_sampling(X, selection.num_landmarks, mask=mask, guarantee_score=score,
+        return farthest_points(X, selection.num_landmarks, mask=mask, guarantee_score=score,
                                        from_guaranteed=self.from_guaranteed, axis=selection.axis)
 
 

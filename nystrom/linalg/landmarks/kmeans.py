@@ -22,7 +22,7 @@ from ..numerics import put_along_axis, put_where, segment_sum
 from ..sequence import WHOLE
 from ..validation import check_bool
 from .base import ClusterStrategy, Grouping, gather_rows
-from .fps import farthest_point_sampling
+from .fps import farthest_points
 
 
 def nearest(xp, X, C, active=None):
@@ -113,7 +113,7 @@ def sampled_kmeans(xp, X, m, mask=None, *, iters=3, sample_size=None, active=Non
     sample = axis.gather(xp, X, rows, held)
     # Deterministic throughout: an evenly spaced sample and farthest-point seeds (a random sample with k-means++
     # seeds moved the error on real attention by up to 40 % from one seed to another; docs' landmark page).
-    seeds = farthest_point_sampling(sample, m, mask=in_sample)
+    seeds = farthest_points(sample, m, mask=in_sample)
     centroids = gather_rows(xp, sample, seeds)
     # One scatter-add per Lloyd step gives the sums and, in an appended column of ones, the counts.
     with_ones = xp.concat([sample, xp.ones((*sample.shape[:-1], 1), dtype=sample.dtype, device=device)], axis=-1)
