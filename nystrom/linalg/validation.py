@@ -21,9 +21,8 @@ import numbers
 import re
 
 import array_api_compat
-import numpy as np
 
-from .numerics import float64_numpy, sum_dtype
+from .numerics import sum_dtype
 
 
 def namespace(**arrays):
@@ -540,49 +539,6 @@ def check_seed(seed) -> int | None:
 def check_query_chunk_size(query_chunk_size) -> int | None:
     """Validate ``query_chunk_size`` (``None`` or a positive int)."""
     return check_int("query_chunk_size", query_chunk_size, minimum=1, optional=True)
-
-
-def check_points(name: str, X, xp=None):
-    """Validate a ``(..., n, D)`` real floating, finite, non-empty array; return its namespace."""
-    xp = xp or namespace(**{name: X})
-    check_real_floating(xp, name, X)
-    if X.ndim < 2 or any(size == 0 for size in X.shape):
-        raise ValueError(f"{name} must have shape (..., n, D) with no empty dimension, got {tuple(X.shape)}")
-    check_finite(xp, **{name: X})
-    return xp
-
-
-def check_indices(xp, name: str, idx, n: int, batch_shape) -> None:
-    """Validate landmark positions ``(..., m)``: integer dtype, batch dims matching, values in ``[0, n)``."""
-    if not xp.isdtype(idx.dtype, "integral"):
-        raise TypeError(f"{name} must have an integer dtype, got {idx.dtype}")
-    if idx.ndim < 1 or idx.shape[-1] == 0 or tuple(idx.shape[:-1]) != tuple(batch_shape):
-        raise ValueError(
-            f"{name} must have shape {tuple(batch_shape) + ('m',)} with m >= 1, got {tuple(idx.shape)}"
-        )
-    if bool(xp.any(idx < 0)) or bool(xp.any(idx >= n)):
-        raise ValueError(f"{name} must hold positions in [0, {n}), got values outside")
-
-
-def check_eigenvalues(eigenvalues):
-    """Validate a 1-D finite real spectrum; return it as float64 numpy, sorted decreasingly, clipped at 0.
-
-    Small negative values are round-off of a PSD matrix's spectrum and are clipped; a clearly
-    negative one (below ``-1e-8`` times the largest magnitude) means the matrix is not PSD.
-    """
-    if np.iscomplexobj(eigenvalues) or getattr(eigenvalues, "is_complex", lambda: False)():
-        raise TypeError("eigenvalues must be a 1-D array of real numbers, got complex ones")
-    try:
-        lam = float64_numpy(eigenvalues)
-    except (TypeError, ValueError):
-        raise TypeError(f"eigenvalues must be a 1-D array of real numbers, got {type(eigenvalues).__name__}") from None
-    if lam.ndim != 1 or lam.size == 0:
-        raise ValueError(f"eigenvalues must be a non-empty 1-D array, got shape {lam.shape}")
-    if not np.all(np.isfinite(lam)):
-        raise ValueError("eigenvalues contains NaN or infinite values")
-    if lam.min() < -1e-8 * np.abs(lam).max():
-        raise ValueError(f"eigenvalues must be those of a PSD matrix (>= 0), got minimum {lam.min():.3g}")
-    return np.sort(np.clip(lam, 0, None))[::-1]
 
 
 def resolve(argument: str, registry: dict, value, base: type):
