@@ -247,7 +247,7 @@ class FPS(TokenStrategy, name="fps", sharded=True):
             X = selection.query_points
         score = first_token_score(selection.xp, X, self.first, selection.axis)
         return farthest_points(X, selection.num_landmarks, mask=mask, guarantee_score=score,
-                                       from_guaranteed=self.from_guaranteed, axis=selection.axis)
+                               from_guaranteed=self.from_guaranteed, axis=selection.axis)
 
 
 FNA_AUTHORS = MappingProxyType({
