@@ -330,8 +330,9 @@ def approximate(
     select = get_strategy(strategy)
     solve = get_solver(solver)
     head_axis = -3 if (share_landmarks_across_heads and K.ndim >= 4) else None
-    m = check_selection(xp, Q, K, num_landmarks, keys, head_axis, features, check_values=check_values)
-    tol, max_landmarks, largest, real_keys = check_tolerance(xp, tol, max_landmarks, strict_tol, m, Q, K, keys)
+    m, fewest = check_selection(xp, Q, K, num_landmarks, keys, head_axis, features, check_values=check_values)
+    tol, max_landmarks, largest, real_keys = check_tolerance(xp, tol, max_landmarks, strict_tol, m, Q, K, keys,
+                                                             fewest)
     K, V = without_padding(xp, keys, K, V)
     if array_api_compat.is_torch_array(Q):
         from .torch.attention import sdpa_attend

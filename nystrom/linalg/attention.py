@@ -70,12 +70,12 @@ def softmax_attention(xp, Q, K, V, mask=None, *, scale):
     output, a convex combination of rows of ``V``, fits ``V``'s dtype.
     """
     Q, K, V_wide = at_least_float32(xp, Q), at_least_float32(xp, K), at_least_float32(xp, V)
-    logits = scale * (Q @ xp.matrix_transpose(xp.astype(K, Q.dtype, copy=False)))
+    logits = scale * (Q @ xp.matrix_transpose(K))
     if mask is not None and mask.dtype != xp.bool:
         weights = softmax(xp, logits + xp.astype(mask, logits.dtype))
     else:
         weights = softmax(xp, logits, mask)
-    return xp.astype(weights @ xp.astype(V_wide, weights.dtype, copy=False), V.dtype, copy=False)
+    return xp.astype(weights @ V_wide, V.dtype, copy=False)
 
 
 def in_query_chunks(attend, query_chunk_size=None):

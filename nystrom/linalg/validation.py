@@ -395,15 +395,19 @@ def check_error_control(tol, max_landmarks, strict_tol, m, largest=None):
     return tol, top
 
 
-def check_tolerance(xp, tol, max_landmarks, strict_tol, m, Q, K, keys=None):
+def check_tolerance(xp, tol, max_landmarks, strict_tol, m, Q, K, keys=None, fewest=None):
     r""":func:`check_error_control` for ``approximate``'s inputs; return ``(tol, max_landmarks, largest, real)``:
-    ``real`` the real keys of the shortest sequence (read from the mask, only when ``tol`` is given), ``largest``
-    the most landmarks the keys allow, :math:`\min(\text{real}, n_q)`. ``(None,) * 4`` without ``tol``.
+    ``real`` the real keys of the shortest sequence (``fewest`` where :func:`check_selection` read it, else read
+    from the mask, only when ``tol`` is given), ``largest`` the most landmarks the keys allow,
+    :math:`\min(\text{real}, n_q)`. ``(None,) * 4`` without ``tol``.
     """
     if tol is None:
         check_error_control(tol, max_landmarks, strict_tol, m)
         return None, None, None, None
-    real = K.shape[-2] if keys is None else fewest_real_keys(xp, keys)
+    if keys is None:
+        real = K.shape[-2]
+    else:
+        real = fewest if fewest is not None else fewest_real_keys(xp, keys)
     largest = min(real, Q.shape[-2])
     tol, top = check_error_control(tol, max_landmarks, strict_tol, m, largest)
     return tol, top, largest, real
@@ -420,8 +424,9 @@ def check_head_axis(head_axis, K) -> None:
         )
 
 
-def check_selection(xp, Q, K, num_landmarks, keys=None, head_axis=None, features=None, *, check_values=True) -> int:
-    """Validate what a landmark strategy is asked for, given checked ``Q``, ``K`` and key mask ``keys``; return ``m``.
+def check_selection(xp, Q, K, num_landmarks, keys=None, head_axis=None, features=None, *, check_values=True):
+    """Validate what a landmark strategy is asked for, given checked ``Q``, ``K`` and key mask ``keys``; return
+    ``(m, fewest)``: ``fewest`` the real keys of the shortest sequence where the mask was read, else ``None``.
 
     Checks ``head_axis``, ``features (..., n, D)`` (the leading dimensions of ``K``, without the head
     axis when heads share landmarks), ``1 <= m <= n``, ``m <= n_q`` for cross-attention and, when
@@ -449,7 +454,7 @@ def check_selection(xp, Q, K, num_landmarks, keys=None, head_axis=None, features
             )
         if check_values:
             check_finite(xp, features=features)
-    return m
+    return m, n_valid
 
 
 def check_landmarks(landmarks, K, m=None) -> None:
