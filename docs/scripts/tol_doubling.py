@@ -16,7 +16,6 @@
 """
 
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 import nystrom
+from nystrom.experiments.timing import best_time
 from nystrom.experiments.tol_report import layer_cases
 from nystrom.linalg.bounds import sample_rows
 from nystrom.linalg.tolerance import FASTEST_FALL, SAMPLED_ROWS, nystrom_pays, out_of_reach, search_range
@@ -77,16 +77,6 @@ def falls(high):
             for i in range(1, len(high)) for j in range(i + 1, len(high))]
 
 
-def best_ms(fn, repeats=10):
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * min(times)
-
-
 def main():
     torch.set_num_threads(1)
     every = list(curves())
@@ -105,6 +95,9 @@ def main():
               f"{sum(a for _, a in outcomes)} of them with a later bound within tol")
     _, Q, K, V, scale, _, _, _ = next(iter(layer_cases(models=("dinov2",), images=("astronaut",), layers=[3])))
     xp = array_api_compat.array_namespace(Q)
+    def best_ms(fn):
+        return 1e3 * best_time(fn, torch.device("cpu"), repeats=10)
+
     costs = {f"m = {m}": best_ms(lambda m=m: nystrom.approximate(Q, K, V, num_landmarks=m, scale=scale))
              for m in (16, 32, 64, 128)}
     costs["exact SDPA"] = best_ms(lambda: F.scaled_dot_product_attention(Q, K, V, scale=scale))

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import nystrom
 from nystrom.torch.capture import capture_attention
 
-from .evaluate.dinov2 import NUM_LAYERS
+from .evaluate.dinov2 import NUM_LAYERS, check_size
 from .pretrained import imagenet_pixel_values, load_dinov2_small, natural_images
 from .report import format_ratio
 from .stamp import busy_warning, load_average
@@ -72,8 +72,7 @@ def check_demo(image, sizes, layer, num_landmarks):
     if isinstance(num_landmarks, bool) or not isinstance(num_landmarks, int) or num_landmarks < 1:
         raise ValueError(f"num_landmarks must be a positive int, got {num_landmarks!r}")
     for size in sizes:
-        if isinstance(size, bool) or not isinstance(size, int) or size < 14 or size % 14:
-            raise ValueError(f"sizes must be positive multiples of 14 (the patch size), got {size!r}")
+        check_size("sizes", size)
         if (size // 14) ** 2 + 1 < num_landmarks:
             raise ValueError(f"size {size} gives {(size // 14) ** 2 + 1} tokens, fewer than num_landmarks="
                              f"{num_landmarks}")

@@ -22,13 +22,19 @@ CROP_SCALE = (0.08, 1.0)
 NUM_LAYERS = 12
 
 
+def check_size(name, size):
+    """``ValueError`` naming ``name`` unless ``size`` (an image side in pixels) is a positive multiple of 14, the
+    patch size."""
+    if isinstance(size, bool) or not isinstance(size, int) or size < 14 or size % 14:
+        raise ValueError(f"{name} must be a positive multiple of 14 (the patch size), got {size!r}")
+
+
 def check_options(images, crops, size):
     """``(pictures, names)``: the natural images and the chosen names, after checking the DINOv2 options of
     :func:`evaluate_dinov2`; ``ValueError`` naming the bad one."""
     if isinstance(crops, bool) or not isinstance(crops, int) or crops < 1:
         raise ValueError(f"crops must be a positive int, got {crops!r}")
-    if isinstance(size, bool) or not isinstance(size, int) or size < 14 or size % 14:
-        raise ValueError(f"size must be a positive multiple of 14 (the patch size), got {size!r}")
+    check_size("size", size)
     pictures = pretrained.natural_images()
     names = tuple(pictures) if images is None else check_names("images", images)
     unknown = [name for name in names if name not in pictures]
