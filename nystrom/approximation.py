@@ -16,7 +16,7 @@ from typing import Any
 import array_api_compat
 import numpy as np
 
-from .linalg.attention import in_query_chunks, nystrom_product, softmax_attention
+from .linalg.attention import in_query_chunks, nystrom_factors, nystrom_output, nystrom_product, softmax_attention
 from .linalg.bounds import ErrorEstimate, check_sampling, sampled_relative_error
 from .linalg.flops import exact_attention_flops, nystrom_attention_flops
 from .linalg.landmarks.base import Landmarks, Selection, get_strategy, run_strategy
@@ -342,21 +342,26 @@ def approximate(
         attend = functools.partial(softmax_attention, xp, scale=tau)
     attend = in_query_chunks(attend, query_chunk_size)
 
-    def attempt(m, solve):
-        landmarks = run_strategy(select, Selection.of(xp, Q, K, m, keys, seed, head_axis, features, tau))
-        return (landmarks, *nystrom_product(xp, Q, K, V, landmarks, unchecked(solve), scale=tau,
-                                            mask=None if keys is None else keys[..., None, :], attend=attend))
-
+    mask = None if keys is None else keys[..., None, :]
     steps = ()
     if tol is None:
-        landmarks, out, result = attempt(m, solve)
+        landmarks = run_strategy(select, Selection.of(xp, Q, K, m, keys, seed, head_axis, features, tau))
+        out, result = nystrom_product(xp, Q, K, V, landmarks, unchecked(solve), scale=tau, mask=mask, attend=attend)
     else:
-        (landmarks, out, result), steps = search_for_tol(
-            xp, Q, K, V, attempt, lambda attempted: attempted[1],
-            lambda: (None, attend(Q, K, V, None if keys is None else keys[..., None, :]), None), first=m,
-            num_keys=largest, real_keys=real_keys, key_mask=keys, max_landmarks=max_landmarks, tol=tol,
-            strict=strict_tol, solver=solve, scale=tau, seed=0 if seed is None else seed)
+        def attempt(m, solve):
+            landmarks = run_strategy(select, Selection.of(xp, Q, K, m, keys, seed, head_axis, features, tau))
+            return landmarks, nystrom_factors(xp, K, V, landmarks, unchecked(solve), scale=tau, mask=mask,
+                                              attend=attend)
+
+        (landmarks, factors), steps = search_for_tol(
+            xp, Q, K, V, attempt, lambda attempted, rows: nystrom_output(xp, xp.take(Q, rows, axis=-2),
+                                                                         attempted[1], attend),
+            lambda: (None, None), first=m, num_keys=largest, real_keys=real_keys, key_mask=keys,
+            max_landmarks=max_landmarks, tol=tol, strict=strict_tol, solver=solve, scale=tau,
+            seed=0 if seed is None else seed, attend=attend)
         m, solve = steps[-1].m, steps[-1].solver
+        out, result = (attend(Q, K, V, mask), None) if landmarks is None else (
+            nystrom_output(xp, Q, factors, attend), factors.solve)
     if not return_info:
         return out
     batch = math.prod(Q.shape[:-2])

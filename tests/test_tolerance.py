@@ -11,7 +11,15 @@ from hypothesis import strategies as st
 import nystrom
 from nystrom.linalg.bounds import ErrorEstimate
 from nystrom.linalg.flops import exact_attention_flops, nystrom_attention_flops
-from nystrom.linalg.tolerance import EXACT, FASTEST_FALL, crossover, nystrom_pays, search_landmarks, solve_flops
+from nystrom.linalg.tolerance import (
+    EXACT,
+    FASTEST_FALL,
+    SAMPLED_ROWS,
+    crossover,
+    nystrom_pays,
+    search_landmarks,
+    solve_flops,
+)
 
 
 def smooth_tokens(seed, side=24, width=48):
@@ -58,6 +66,26 @@ def test_m_doubles_from_num_landmarks_and_stops_at_the_first_bound_within_tol():
     assert info.landmarks.keys.shape[-2] == ms[-1]
     # The output is the plain call at the final m.
     np.testing.assert_array_equal(out, nystrom.approximate(Q, K, V, num_landmarks=ms[-1]))
+
+
+def test_each_step_computes_its_output_at_the_sampled_rows_only(monkeypatch):
+    # The whole output, n_q rows, is computed once, for the step returned; every step before it only at the 128 rows
+    # of the estimate (about half a step's FLOPs at n_q = n).
+    import nystrom.approximation
+
+    rows = []
+    output = nystrom.approximation.nystrom_output
+
+    def counted(xp, Q, factors, attend):
+        rows.append(Q.shape[-2])
+        return output(xp, Q, factors, attend)
+
+    monkeypatch.setattr(nystrom.approximation, "nystrom_output", counted)
+    Q, K, V = smooth_tokens(0)
+    out, info = nystrom.approximate(Q, K, V, num_landmarks=8, tol=0.05, return_info=True)
+    assert len(info.tol_steps) > 2
+    assert rows == [SAMPLED_ROWS] * len(info.tol_steps) + [Q.shape[-2]]
+    np.testing.assert_array_equal(out, nystrom.approximate(Q, K, V, num_landmarks=info.tol_steps[-1].m))
 
 
 def test_an_unreachable_tol_warns_or_raises_at_max_landmarks():

@@ -11,10 +11,13 @@
    (``nystrom.linalg.tolerance.out_of_reach``); prints the largest ratios, to the last m and to any m, and, replaying
    the rule on the DINOv2-S curves at tol = 0.05, 0.1 and 0.2, how many searches give up and how many of those had
    a later bound within tol (an exact answer where the doubling would have found a Nyström one).
-2. **Step costs.** One thread, DINOv2-S layer 3 of astronaut (1, 6, 1370, 64): one ``approximate`` call at each m
-   of the doubling, exact SDPA and the 128 exact rows of the estimate, best of 10 each.
+2. **Step costs.** One thread, DINOv2-S layer 3 of astronaut (1, 6, 1370, 64), best of 10 each: at each m of the
+   doubling one ``approximate`` call and one step of the search (landmark selection, ``nystrom_factors`` and the
+   output at the 128 sampled rows, as ``approximate(tol=...)`` runs it); exact SDPA; the 128 exact rows of the
+   estimate.
 """
 
+import functools
 import sys
 import warnings
 from pathlib import Path
@@ -27,8 +30,12 @@ import torch.nn.functional as F
 import nystrom
 from nystrom.experiments.timing import best_time
 from nystrom.experiments.tol_report import layer_cases
+from nystrom.linalg.attention import nystrom_factors, nystrom_output
 from nystrom.linalg.bounds import sample_rows
+from nystrom.linalg.landmarks.base import Selection, get_strategy, run_strategy
+from nystrom.linalg.solvers import get_solver, unchecked
 from nystrom.linalg.tolerance import FASTEST_FALL, SAMPLED_ROWS, nystrom_pays, out_of_reach, search_range
+from nystrom.torch.attention import sdpa_attend
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
 from test_tolerance import clustered_tokens, smooth_tokens  # noqa: E402
@@ -98,11 +105,22 @@ def main():
     def best_ms(fn):
         return 1e3 * best_time(fn, torch.device("cpu"), repeats=10)
 
-    costs = {f"m = {m}": best_ms(lambda m=m: nystrom.approximate(Q, K, V, num_landmarks=m, scale=scale))
-             for m in (16, 32, 64, 128)}
+    attend = functools.partial(sdpa_attend, scale=scale)
+    rows = xp.asarray(sample_rows(xp, Q, K, V, num_samples=SAMPLED_ROWS, seed=0, scale=scale, attend=attend).rows)
+
+    def step(m):
+        landmarks = run_strategy(get_strategy("norm"), Selection.of(xp, Q, K, m, None, None, -3, None, scale))
+        factors = nystrom_factors(xp, K, V, landmarks, unchecked(get_solver("newton_schulz")), scale=scale,
+                                  attend=attend)
+        return nystrom_output(xp, xp.take(Q, rows, axis=-2), factors, attend)
+
+    costs = {}
+    for m in (16, 32, 64, 128):
+        costs[f"m = {m}: call"] = best_ms(lambda m=m: nystrom.approximate(Q, K, V, num_landmarks=m, scale=scale))
+        costs[f"m = {m}: step"] = best_ms(lambda m=m: step(m))
     costs["exact SDPA"] = best_ms(lambda: F.scaled_dot_product_attention(Q, K, V, scale=scale))
     costs[f"{SAMPLED_ROWS} exact rows"] = best_ms(
-        lambda: sample_rows(xp, Q, K, V, num_samples=SAMPLED_ROWS, seed=0, scale=scale))
+        lambda: sample_rows(xp, Q, K, V, num_samples=SAMPLED_ROWS, seed=0, scale=scale, attend=attend))
     print("one thread, (1, 6, 1370, 64): " + ", ".join(f"{k} {v:.1f} ms" for k, v in costs.items()))
 
 

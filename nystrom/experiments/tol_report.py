@@ -15,8 +15,9 @@ on the true relative error (float64 exact attention, real rows only):
   attention stops taking at most half the FLOPs of exact attention (:func:`~nystrom.linalg.tolerance.nystrom_pays`;
   median and largest, over the cases where some m of the grid meets ``tol``);
 * the cost of the search over that of one call at the m it returned (exact attention for an exact answer), in
-  FLOPs (:mod:`nystrom.linalg.flops`: every step tried plus the 128 exact rows of the estimate, and without those
-  rows; landmark selection not counted), and over exact attention; with ``--timing``, in time (best of 3
+  FLOPs (:mod:`nystrom.linalg.flops`: every step tried, with its output at the 128 sampled rows only, the whole
+  output of the returned one, plus the 128 exact rows of the estimate, and without those rows; landmark selection
+  not counted), and over exact attention; with ``--timing``, in time (best of 3
   :func:`~nystrom.experiments.timing.timed_call` each, one thread).
 """
 
@@ -63,22 +64,26 @@ def layer_cases(models=("dinov2", "minilm"), images=IMAGES, layers=None):
         yield "MiniLM", c.query, c.key, c.value, c.scaling, c.attn_mask, c.attention_mask.bool(), 4
 
 
-def step_flops(Q, K, V, step):
+def step_flops(Q, K, V, step, queries=None):
     """FLOPs of one plain call at a search step's m and solver (as ``Info.flops["total"]``; exact attention's for an
-    exact step)."""
-    batch, n_q, n, d, d_v = math.prod(Q.shape[:-2]), Q.shape[-2], K.shape[-2], Q.shape[-1], V.shape[-1]
+    exact step), with its output at ``queries`` query rows (default all)."""
+    batch, n, d, d_v = math.prod(Q.shape[:-2]), K.shape[-2], Q.shape[-1], V.shape[-1]
+    n_q = Q.shape[-2] if queries is None else queries
     if step.solver == EXACT:
         return exact_attention_flops(batch, n_q, n, d, d_v)
     return nystrom_attention_flops(batch, n_q, n, d, d_v, step.m, solve_flops=solve_flops(step.solver, step.m))["total"]
 
 
 def search_flops(Q, K, V, steps):
-    """FLOPs of a whole search: ``(every step tried, the exact attention of the sampled rows)`` (the returned step
-    is listed again when it is not the last, and counted once; no row is sampled when exact attention is the only
-    step)."""
+    """FLOPs of a whole search: ``(every step tried with its output at the sampled rows, then the whole output of
+    the returned one; the exact attention of the sampled rows)`` (the returned step is listed again when it is not
+    the last, and counted once; no row is sampled when exact attention is the only step)."""
     tried = steps[:-1] if steps[-1] in steps[:-1] else steps
-    rows = 0 if all(step.solver == EXACT for step in tried) else min(SAMPLED_ROWS, Q.shape[-2])
-    return (sum(step_flops(Q, K, V, step) for step in tried),
+    sampled = [step for step in tried if step.solver != EXACT]
+    rows = min(SAMPLED_ROWS, Q.shape[-2]) if sampled else 0
+    # The returned step's output at every row, less the sampled rows it was already counted at (exact: whole).
+    last = step_flops(Q, K, V, steps[-1]) - (step_flops(Q, K, V, steps[-1], rows) if steps[-1] in sampled else 0)
+    return (sum(step_flops(Q, K, V, step, rows) for step in sampled) + last,
             exact_attention_flops(math.prod(Q.shape[:-2]), rows, K.shape[-2], Q.shape[-1], V.shape[-1]))
 
 

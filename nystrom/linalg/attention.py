@@ -25,6 +25,7 @@ is :math:`n \times m`. Time :math:`O((n_q + n) m (d + d_v) + m^3)`.
 from __future__ import annotations
 
 import functools
+from typing import Any, NamedTuple
 
 import array_api_compat
 
@@ -171,6 +172,54 @@ def landmark_kernel(xp, q_landmarks, k_landmarks, scale, log_weights=None):
     return softmax(xp, logits)
 
 
+class NystromFactors(NamedTuple):
+    r"""What :math:`\hat O = F v'` needs besides the queries: the landmark keys :math:`\tilde k`, the values
+    :math:`v' = A^+ (BV)` (for float16 divided by ``rescale``), the logit bias :math:`\log c_j` and the solve.
+
+    ``rescale`` is ``None`` except for float16, where it is :math:`c = \max|v'|` per matrix (float32): the output
+    is multiplied back by it (:func:`nystrom_product`'s notes)."""
+
+    keys: Any
+    values: Any
+    bias: Any
+    rescale: Any
+    solve: Any
+
+
+def nystrom_factors(xp, K, V, landmarks, invert, *, scale, mask=None, attend):
+    r""":math:`v' = A^+ (BV)` and what else :math:`F v'` takes (:class:`NystromFactors`), for checked inputs.
+
+    Everything in :math:`\hat O = F A^+ (BV)` that does not depend on the queries: with it, the output at any set
+    of query rows costs :math:`O(n_q m (d + d_v))` (:func:`nystrom_output`). ``attend`` computes :math:`BV`; the
+    other arguments are :func:`nystrom_product`'s.
+    """
+    q_l, k_l, log_c = landmarks.queries, landmarks.keys, landmarks.log_weights
+    BV = attend(q_l, K, V, mask)
+    result = invert(landmark_kernel(xp, q_l, k_l, scale, log_c))
+    vp = result.inverse @ xp.astype(BV, result.inverse.dtype)
+    # Weighted landmarks: log c_j is added to every logit against landmark key j (an additive SDPA mask).
+    bias = None if log_c is None else xp.astype(log_c, V.dtype)[..., None, :]
+    if V.dtype != xp.float16:
+        return NystromFactors(k_l, xp.astype(vp, V.dtype), bias, None, result)
+    # float16: v' can exceed the format's range (A^+ grows like 1/sigma_min). The product is linear in v', so
+    # v' / c with c = max |v'| per matrix runs in float16 and the output is rescaled in float32; no branch
+    # on the values, hence no host synchronisation.
+    c = xp.max(xp.abs(vp), axis=(-2, -1), keepdims=True)
+    c = xp.where(c > 0, c, xp.ones_like(c))
+    return NystromFactors(k_l, xp.astype(vp / c, V.dtype), bias, c, result)
+
+
+def nystrom_output(xp, Q, factors, attend):
+    r""":math:`F v'`, the Nyström output at the queries ``Q (..., n_q, d)``, from :func:`nystrom_factors`: attention
+    of ``Q`` over the :math:`m` pairs :math:`(\tilde k, v')`, in the dtype of :math:`v'`."""
+    out = attend(Q, factors.keys, factors.values, factors.bias)
+    if factors.rescale is None:
+        # copy=False: the array API's astype copies by default, and a copy of the (n_q, d_v) output is a fresh
+        # allocation whose page faults alone took 15-30 ms at n_q = 65,536, d_v = 64 on the benchmark VM.
+        return xp.astype(out, factors.values.dtype, copy=False)
+    return xp.astype(xp.astype(out, factors.rescale.dtype) * factors.rescale, factors.values.dtype)
+
+
 def nystrom_product(xp, Q, K, V, landmarks, invert, *, scale, mask=None, attend=None, landmark_attend=None):
     r""":math:`F A^+ (B V)` for checked inputs: the trusted core of every Nyström attention call.
 
@@ -204,6 +253,10 @@ def nystrom_product(xp, Q, K, V, landmarks, invert, *, scale, mask=None, attend=
 
     Notes
     -----
+    The two halves are :func:`nystrom_factors` (:math:`v'`, independent of the queries) and
+    :func:`nystrom_output` (:math:`F v'`): ``approximate(tol=...)`` evaluates the second only at its sampled rows
+    until it has chosen :math:`m`.
+
     For float16, :math:`v'` can exceed the format's range when :math:`A` is ill-conditioned
     (entries of :math:`A^+` grow like :math:`1/\sigma_{\min}`). The final product is linear in
     :math:`v'`, so it runs on :math:`v'/c` with :math:`c = \max|v'|` per matrix and the output is
@@ -213,23 +266,9 @@ def nystrom_product(xp, Q, K, V, landmarks, invert, *, scale, mask=None, attend=
     """
     if attend is None:
         attend = functools.partial(softmax_attention, xp, scale=scale)
-    q_l, k_l, log_c = landmarks.queries, landmarks.keys, landmarks.log_weights
-    BV = (attend if landmark_attend is None else landmark_attend)(q_l, K, V, mask)
-    result = invert(landmark_kernel(xp, q_l, k_l, scale, log_c))
-    vp = result.inverse @ xp.astype(BV, result.inverse.dtype)
-    # Weighted landmarks: log c_j is added to every logit against landmark key j (an additive SDPA mask).
-    bias = None if log_c is None else xp.astype(log_c, Q.dtype)[..., None, :]
-    if V.dtype != xp.float16:
-        # copy=False: the array API's astype copies by default, and a copy of the (n_q, d_v) output is a fresh
-        # allocation whose page faults alone took 15-30 ms at n_q = 65,536, d_v = 64 on the benchmark VM.
-        return xp.astype(attend(Q, k_l, xp.astype(vp, V.dtype), bias), V.dtype, copy=False), result
-    # float16: v' can exceed the format's range (A^+ grows like 1/sigma_min). The product is linear in v', so
-    # v' / c with c = max |v'| per matrix runs in float16 and the output is rescaled in float32; no branch
-    # on the values, hence no host synchronisation.
-    c = xp.max(xp.abs(vp), axis=(-2, -1), keepdims=True)
-    c = xp.where(c > 0, c, xp.ones_like(c))
-    out = attend(Q, k_l, xp.astype(vp / c, V.dtype), bias)
-    return xp.astype(xp.astype(out, c.dtype) * c, V.dtype), result
+    factors = nystrom_factors(xp, K, V, landmarks, invert, scale=scale, mask=mask,
+                              attend=attend if landmark_attend is None else landmark_attend)
+    return nystrom_output(xp, Q, factors, attend), factors.solve
 
 
 def nystrom_attention(Q, K, V, landmarks, solver="newton_schulz", *, scale=None, attn_mask=None,

@@ -17,6 +17,7 @@ Three kinds, each derived on the docs' error-bounds page:
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -280,8 +281,9 @@ def check_sampling(num_samples, confidence, seed) -> dict:
 def sampled_relative_error(xp, Q, K, V, approx, *, num_samples, confidence, seed, scale, keys=None):
     """:func:`estimate_relative_error` for checked arguments (no checks of its own); ``keys (..., n)`` is the
     checked key mask."""
-    return sample_rows(xp, Q, K, V, num_samples=num_samples, seed=seed, scale=scale, keys=keys).estimate(
-        xp, approx, confidence)
+    sample = sample_rows(xp, Q, K, V, num_samples=num_samples, seed=seed, scale=scale, keys=keys)
+    rows = xp.asarray(sample.rows, device=array_api_compat.device(approx))
+    return sample.estimate(xp.take(approx, rows, axis=-2), confidence)
 
 
 @dataclass(frozen=True)
@@ -306,11 +308,11 @@ class RowSample:
     weight: Any
     exact: Any
 
-    def estimate(self, xp, approx, confidence) -> ErrorEstimate:
-        """The :class:`ErrorEstimate` of ``approx (..., n_q, d_v)`` from these rows (:func:`ratio_interval`)."""
+    def estimate(self, approx_rows, confidence) -> ErrorEstimate:
+        """The :class:`ErrorEstimate` of an approximation from its output at these rows, ``approx_rows (..., s, d_v)``
+        (:func:`ratio_interval`)."""
         s = self.rows.size
-        rows = xp.asarray(self.rows, device=array_api_compat.device(approx))
-        diff = float64_numpy(xp.take(approx, rows, axis=-2)) - self.exact
+        diff = float64_numpy(approx_rows) - self.exact
         # Per sampled position, summed over the batch/head dimensions (over the sequences where it is real).
         e = ((diff * diff).sum(axis=-1).reshape(-1, s) * self.weight).sum(axis=0)
         o = ((self.exact * self.exact).sum(axis=-1).reshape(-1, s) * self.weight).sum(axis=0)
@@ -319,9 +321,13 @@ class RowSample:
                              confidence=confidence, num_samples=s)
 
 
-def sample_rows(xp, Q, K, V, *, num_samples, seed, scale, keys=None) -> RowSample:
+def sample_rows(xp, Q, K, V, *, num_samples, seed, scale, keys=None, attend=None) -> RowSample:
     r"""Draw :func:`stratified_rows` among the real query positions and compute their exact attention, for checked
-    arguments; ``keys (..., n)`` is the checked key mask. Cost :math:`O(s\, n\, d)` per batch element."""
+    arguments; ``keys (..., n)`` is the checked key mask. Cost :math:`O(s\, n\, d)` per batch element.
+
+    ``attend(q, k, v, mask)`` computes the rows' attention, as :func:`~nystrom.linalg.attention.nystrom_product`
+    takes it (default :func:`~nystrom.linalg.attention.softmax_attention`; the torch backend's fused kernel took
+    5.0 against 8.3 ms for 128 rows of DINOv2-S layer 7 at (1, 6, 1370, 64) on one thread)."""
     n_q = Q.shape[-2]
     real = None
     if keys is not None and n_q == K.shape[-2]:
@@ -332,7 +338,9 @@ def sample_rows(xp, Q, K, V, *, num_samples, seed, scale, keys=None) -> RowSampl
     rows_x = xp.asarray(rows, device=array_api_compat.device(Q))
     K, V = without_padding(xp, keys, K, V)
     mask = None if keys is None else keys[..., None, :]
-    exact = float64_numpy(softmax_attention(xp, xp.take(Q, rows_x, axis=-2), K, V, mask, scale=scale))
+    if attend is None:
+        attend = functools.partial(softmax_attention, xp, scale=scale)
+    exact = float64_numpy(attend(xp.take(Q, rows_x, axis=-2), K, V, mask))
     return RowSample(rows, sizes, 1.0 if real is None else real[:, rows], exact)
 
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import array_api_compat
 import torch
 
-from ..linalg.attention import in_query_chunks, nystrom_product
+from ..linalg.attention import in_query_chunks, nystrom_factors, nystrom_output
 from ..linalg.landmarks.base import (
     Grouping,
     Selection,
@@ -178,13 +178,12 @@ class FNAHandle(Handle):
 
         def attempt(m, solver):
             landmarks, sampled = self._landmarks(layer, query, key, value, real, scale, m)
-            return (landmarks, sampled, *nystrom_product(xp, query, key, value, landmarks, unchecked(solver),
-                                                         scale=scale, mask=None if keys is None else keys[..., None, :],
-                                                         attend=attend))
+            return landmarks, sampled, nystrom_factors(xp, key, value, landmarks, unchecked(solver), scale=scale,
+                                                       mask=None if keys is None else keys[..., None, :], attend=attend)
 
         steps = ()
         if self.tol is None or layer in self.num_landmarks_per_layer:
-            landmarks, sampled, out, result = attempt(m, self.solver_per_layer.get(layer, self.solver))
+            landmarks, sampled, factors = attempt(m, self.solver_per_layer.get(layer, self.solver))
         else:
             # Calibration, on this layer's first pass: the doubling search of approximate(tol=...), on 128 exact
             # rows of this layer's own attention; later passes reuse the m it found. It starts from num_landmarks
@@ -193,10 +192,13 @@ class FNAHandle(Handle):
             fewest = n if real is None else fewest_real_keys(xp, real)
             first = min(m, fewest)
             # The model's own attention answers for an exact step, below.
-            (landmarks, sampled, out, result), steps = search_for_tol(
-                xp, query, key, value, attempt, lambda attempted: attempted[2], lambda: (None, False, None, None),
+            (landmarks, sampled, factors), steps = search_for_tol(
+                xp, query, key, value, attempt,
+                lambda attempted, rows: nystrom_output(xp, xp.take(query, rows, axis=-2), attempted[2], attend),
+                lambda: (None, False, None),
                 first=first, num_keys=fewest, key_mask=keys, max_landmarks=self.max_landmarks, tol=self.tol,
-                strict=self.strict_tol, solver=self.solver, scale=scale, seed=0)
+                strict=self.strict_tol, solver=self.solver, scale=scale, seed=0,
+                attend=attend)
             self.num_landmarks_per_layer[layer], self.solver_per_layer[layer] = steps[-1].m, steps[-1].solver
             if steps[-1].solver == EXACT:
                 # Nyström attention does not reach tol here where it pays: this layer runs the model's own attention.
@@ -212,8 +214,8 @@ class FNAHandle(Handle):
             counts = segment_sum(array_api_compat.array_namespace(key), ones, assignment, landmarks.keys.shape[-2])
             counts = counts[..., 0]
         indices = None if landmarks.indices is None else landmarks.indices[:, 0]
-        self.records[layer] = LayerRecord(indices, sampled, result.residual, assignment, counts, steps)
-        return out.transpose(1, 2).contiguous(), None
+        self.records[layer] = LayerRecord(indices, sampled, factors.solve.residual, assignment, counts, steps)
+        return nystrom_output(xp, query, factors, attend).transpose(1, 2).contiguous(), None
 
     # It may answer without calling the model's own attention: it runs innermost, inside key masking and capture.
     _attend.terminal = True

@@ -1,6 +1,7 @@
 """Exact attention against an independent scipy reference, and the properties of the Nyström formula that the
 docs claim."""
 
+import array_api_compat
 import numpy as np
 import pytest
 import scipy.special
@@ -225,3 +226,27 @@ def test_hand_made_landmarks_are_checked():
     with pytest.raises(TypeError, match="must return a SolveResult"):
         nystrom.approximate(torch.from_numpy(Q), torch.from_numpy(K), torch.from_numpy(V), num_landmarks=5,
                             solver=torch.linalg.pinv)
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), m=st.integers(1, 10), dtype=st.sampled_from(["float64", "float32", "float16"]),
+       weighted=st.booleans())
+def test_the_output_at_some_rows_is_those_rows_of_the_whole_output(seed, m, dtype, weighted):
+    # approximate(tol=...) evaluates F v' only at its sampled rows until it has chosen m: the factors v' do not
+    # depend on the queries, and each output row depends on its own query only. float16 takes the rescaled path.
+    from nystrom.linalg.attention import nystrom_factors, nystrom_output, nystrom_product
+    from nystrom.linalg.solvers import NewtonSchulz
+    from nystrom.torch.attention import sdpa_attend
+
+    rng = np.random.default_rng(seed)
+    Q, K, V = (torch.from_numpy(rng.standard_normal((2, 30, 8))).to(getattr(torch, dtype)) for _ in range(3))
+    log_c = torch.from_numpy(np.log(rng.integers(1, 9, size=(2, m)).astype(float))) if weighted else None
+    landmarks = nystrom.Landmarks(Q[:, :m], K[:, :m], log_weights=log_c)
+    xp = array_api_compat.array_namespace(Q)
+    attend = lambda q, k, v, mask: sdpa_attend(q, k, v, mask, scale=0.35)  # noqa: E731
+    whole, _ = nystrom_product(xp, Q, K, V, landmarks, NewtonSchulz(), scale=0.35, attend=attend)
+    rows = torch.from_numpy(rng.choice(30, size=7, replace=False))
+    factors = nystrom_factors(xp, K, V, landmarks, NewtonSchulz(), scale=0.35, attend=attend)
+    # Only the order of the sums in the fused kernel's blocks of query rows differs: a few ulps of the output's scale.
+    ulps = {"float64": 1e-13, "float32": 1e-5, "float16": 4e-3}[dtype] * float(whole.abs().max())
+    torch.testing.assert_close(nystrom_output(xp, Q[:, rows], factors, attend), whole[:, rows], rtol=0, atol=ulps)
