@@ -173,11 +173,22 @@ def landmark_kernel(xp, q_landmarks, k_landmarks, scale, log_weights=None):
 
 
 class NystromFactors(NamedTuple):
-    r"""What :math:`\hat O = F v'` needs besides the queries: the landmark keys :math:`\tilde k`, the values
-    :math:`v' = A^+ (BV)` (for float16 divided by ``rescale``), the logit bias :math:`\log c_j` and the solve.
+    r"""Everything of :math:`\hat O = F v'` but the queries (:func:`nystrom_factors`).
 
-    ``rescale`` is ``None`` except for float16, where it is :math:`c = \max|v'|` per matrix (float32): the output
-    is multiplied back by it (:func:`nystrom_product`'s notes)."""
+    Attributes
+    ----------
+    keys : array, shape (..., m, d)
+        The landmark keys :math:`\tilde k`.
+    values : array, shape (..., m, d_v), dtype of ``V``
+        :math:`v' = A^+ (BV)`; for float16 divided by ``rescale``.
+    bias : array, shape (..., 1, m), or None
+        :math:`\log c_j` of weighted landmarks, added to every logit against landmark key :math:`j`.
+    rescale : array, shape (..., 1, 1), or None
+        ``None`` except for float16: :math:`c = \max|v'|` per matrix in the solve's dtype (float32 or wider), by
+        which the output is multiplied back (:func:`nystrom_product`'s notes).
+    solve : SolveResult
+        The pseudo-inverse of :math:`A` and its residual.
+    """
 
     keys: Any
     values: Any
@@ -210,8 +221,24 @@ def nystrom_factors(xp, K, V, landmarks, invert, *, scale, mask=None, attend):
 
 
 def nystrom_output(xp, Q, factors, attend):
-    r""":math:`F v'`, the Nyström output at the queries ``Q (..., n_q, d)``, from :func:`nystrom_factors`: attention
-    of ``Q`` over the :math:`m` pairs :math:`(\tilde k, v')`, in the dtype of :math:`v'`."""
+    r""":math:`F v'`: the Nyström output at the queries ``Q``, attention of ``Q`` over the :math:`m` pairs
+    :math:`(\tilde k_j, v'_j)` with the logit bias :math:`\log c_j`. Each output row depends on its own query only,
+    so ``Q`` may be any subset of the rows. Time :math:`O(n_q m (d + d_v))`.
+
+    Parameters
+    ----------
+    xp
+        Array namespace.
+    Q : array, shape (..., n_q, d)
+    factors : NystromFactors
+        From :func:`nystrom_factors`.
+    attend : callable
+        As :func:`nystrom_product` takes it.
+
+    Returns
+    -------
+    array, shape (..., n_q, d_v), dtype of ``V``
+    """
     out = attend(Q, factors.keys, factors.values, factors.bias)
     if factors.rescale is None:
         # copy=False: the array API's astype copies by default, and a copy of the (n_q, d_v) output is a fresh

@@ -279,8 +279,7 @@ def search_for_tol(xp, Q, K, V, attempt, output_at, exact, *, first, num_keys, k
     top, exact_allowed = search_range(first, num_keys, Q.shape[-2], max_landmarks, pays, solver)
     rows = None if top < first else sample_rows(xp, Q, K, V, num_samples=SAMPLED_ROWS, seed=seed, scale=scale,
                                                 keys=key_mask, attend=attend)
-    if rows is not None:
-        at = xp.asarray(rows.rows, device=array_api_compat.device(Q))
+    at = None if rows is None else xp.asarray(rows.rows, device=array_api_compat.device(Q))
     return search_landmarks(attempt, lambda result: rows.estimate(output_at(result, at), CONFIDENCE), first, top,
                             tol, strict, solver, exact=exact if exact_allowed else None,
                             keys=num_keys if real_keys is None else real_keys)

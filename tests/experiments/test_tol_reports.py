@@ -46,7 +46,16 @@ def test_search_flops_count_each_step_once_and_the_exact_rows():
     for info in (budgeted, answered):
         steps, rows = search_flops(Q, K, V, info.tol_steps)
         tried = info.tol_steps[:-1] if info.tol_steps[-1] in info.tol_steps[:-1] else info.tol_steps
-        assert steps == sum(step_flops(Q, K, V, step) for step in tried)
+        # Each Nyström step with its output at the sampled rows, then the returned step's output at every other
+        # row (exact attention: the whole call).
+        sampled = [step for step in tried if step.solver != "exact"]
+        last = info.tol_steps[-1]
+        rest = (step_flops(Q, K, V, last) - step_flops(Q, K, V, last, SAMPLED_ROWS) if last.solver != "exact"
+                else step_flops(Q, K, V, last))
+        assert steps == sum(step_flops(Q, K, V, step, SAMPLED_ROWS) for step in sampled) + rest
+        # The difference between a whole call and one at the sampled rows is the output product at the other rows.
+        assert step_flops(Q, K, V, sampled[0]) - step_flops(Q, K, V, sampled[0], SAMPLED_ROWS) == (
+            2 * 2 * (300 - SAMPLED_ROWS) * sampled[0].m * 32)
         # One call's FLOPs as approximate reports them, and 2 s n (d + d_v) per head for the sampled rows.
         assert step_flops(Q, K, V, info.tol_steps[-1]) == info.flops["total"]
         assert rows == 2 * 2 * SAMPLED_ROWS * 300 * 32
