@@ -221,18 +221,30 @@ def _padding_mask_of(attention_mask, batch_size, num_keys):
     return keys[:, 0, 0, :].expand(batch_size, num_keys).clone()
 
 
+def _as_index(value):
+    """``value`` as a Python int if it is an integer (a Python, numpy or zero-dimensional integer torch one; not a
+    bool), else ``None``."""
+    if isinstance(value, torch.Tensor):
+        if value.ndim != 0 or value.dtype == torch.bool or value.is_floating_point() or value.is_complex():
+            return None
+        return int(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        return None
+    return int(value)
+
+
 def _layer_indices(layers, num_layers, default):
     if layers is None:
         return default
-    if isinstance(layers, numbers.Integral) and not isinstance(layers, bool):
+    if _as_index(layers) is not None:
         layers = [layers]
     if isinstance(layers, str) or not isinstance(layers, Iterable):
         raise TypeError(f"layers must be None, an int or an iterable of ints, got {type(layers).__name__}")
     layers = list(layers)
-    bad = [i for i in layers if isinstance(i, bool) or not isinstance(i, numbers.Integral) or not 0 <= i < num_layers]
-    if bad or not layers:
+    indices = [_as_index(i) for i in layers]
+    if not layers or any(i is None or not 0 <= i < num_layers for i in indices):
         raise ValueError(f"layers must be non-empty layer indices in [0, {num_layers}), got {layers!r}")
-    return tuple(sorted({int(i) for i in layers}))
+    return tuple(sorted(set(indices)))
 
 
 def check_token_spec(name, spec):

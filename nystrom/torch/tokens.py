@@ -252,6 +252,11 @@ def analyze_tokens(model, inputs, *, massive_threshold=100.0, massive_ratio=1000
                          f"{type(model).__name__}; analyze_tokens needs pre- or post-LayerNorm blocks")
     if any(recorder.share.get(layer) is None for layer in layers):
         implementation = getattr(getattr(model, "config", None), "_attn_implementation", None)
+        if implementation == "eager":
+            # Eager attention returns its probabilities: a patch that answers the attention itself is active.
+            raise ValueError(f"the attention of {type(model).__name__} returned no probabilities although it is "
+                             "eager: a patch that computes the attention itself (nystrom.fna) is active; call "
+                             "analyze_tokens outside it")
         raise ValueError(f"the attention of {type(model).__name__} returned no probabilities (attn_implementation="
                          f"{implementation!r}); load the model with attn_implementation='eager'")
     # float32: half-precision norms of massive tokens lose the digits the ratios are read from.

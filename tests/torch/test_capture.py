@@ -153,6 +153,21 @@ def test_capture_rejects_bad_arguments():
     assert_restored(model)
 
 
+def test_layers_take_python_numpy_and_torch_integers():
+    # Layer indices as users hold them: a range, numpy integers, a torch index tensor; bools and floats are refused.
+    import numpy as np
+
+    model, inputs = tiny_model("vit"), tiny_inputs("vit")
+    for layers in (2, [1, 2], range(1, 3), np.array([1, 2]), np.int64(2), torch.tensor([1, 2]), torch.tensor(2)):
+        expected = [2] if np.ndim(np.asarray(layers)) == 0 else [1, 2]
+        assert [c.layer for c in capture_attention(model, inputs, layers=layers)] == expected
+    for bad in ([True], [1.0], torch.tensor([1.0]), torch.tensor([True]), [4], []):
+        with pytest.raises(ValueError, match=r"layers must be non-empty layer indices in \[0, 4\)"):
+            capture_attention(model, inputs, layers=bad)
+    with pytest.raises(TypeError, match="layers must be None, an int or an iterable of ints, got str"):
+        capture_attention(model, inputs, layers="1")
+
+
 def test_attention_layers_finds_each_architectures_blocks():
     names = {"vit": "ViTAttention", "dinov2": "Dinov2Attention", "clip": "CLIPAttention", "bert": "BertSelfAttention"}
     for kind, name in names.items():

@@ -20,6 +20,7 @@ pytest.importorskip("matplotlib")
 from model_packages import requires_dinov2, requires_minilm  # noqa: E402
 from plot_checks import unreadable_axes  # noqa: E402
 
+import nystrom  # noqa: E402
 from nystrom.experiments import pretrained  # noqa: E402
 from nystrom.experiments import token_plots as plots  # noqa: E402
 from nystrom.linalg import tokens as detectors  # noqa: E402
@@ -294,8 +295,14 @@ def test_pre_layernorm_fields_match_transformers(name):
 
 def test_analyze_tokens_rejects_bad_models_and_inputs():
     ids = {"input_ids": torch.ones(1, 4, dtype=torch.long)}
-    with pytest.raises(ValueError, match="eager"):
+    with pytest.raises(ValueError, match="load the model with attn_implementation='eager'"):
         tokens.analyze_tokens(tiny_bert("sdpa"), ids)
+    # An eager model inside FNA: FNA answers the attention itself, so the message names it, not the loading.
+    eager = tiny_bert()
+    with nystrom.fna(eager, num_landmarks=2, layers=[1]):
+        with pytest.raises(ValueError, match=r"although it is eager: .*nystrom\.fna"):
+            tokens.analyze_tokens(eager, ids)
+    tokens.analyze_tokens(eager, ids)
     model = tiny_bert()
     with pytest.raises(TypeError, match="inputs"):
         tokens.analyze_tokens(model, [ids["input_ids"]])
