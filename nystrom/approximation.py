@@ -242,7 +242,8 @@ def approximate(
         (:func:`nystrom.linalg.tolerance.search_landmarks`). Reads the data (the estimate is computed on the host).
         The interval's coverage is measured, not guaranteed (docs' error-bounds page: at least 93.5 % on 25 families
         of synthetic and real attention); the cost is that of the steps, each without its output product (a step
-        evaluates the output at the 128 sampled rows only), plus one output product and :math:`O(128\, n\, d)`.
+        evaluates the output at the 128 sampled rows only), plus :math:`O(128\, n\, d)` and one output product (one
+        exact attention call for an exact answer).
         With a key mask and as many queries as keys the call is taken for self-attention, as in
         :func:`nystrom.linalg.estimate_relative_error`: the rows at padded positions are padded queries, left out
         of the error (so cross-attention of equal lengths with real queries at padded key positions has those rows

@@ -76,15 +76,18 @@ def step_flops(Q, K, V, step, queries=None):
 
 def search_flops(Q, K, V, steps):
     """FLOPs of a whole search: ``(every step tried with its output at the sampled rows, then the whole output of
-    the returned one; the exact attention of the sampled rows)`` (the returned step is listed again when it is not
-    the last, and counted once; no row is sampled when exact attention is the only step)."""
+    the returned one, sampled rows included, or exact attention; the exact attention of the sampled rows)`` (the
+    returned step is listed again when it is not the last, and counted once; no row is sampled when exact attention
+    is the only step)."""
     tried = steps[:-1] if steps[-1] in steps[:-1] else steps
     sampled = [step for step in tried if step.solver != EXACT]
     rows = min(SAMPLED_ROWS, Q.shape[-2]) if sampled else 0
-    # The returned step's output at every row, less the sampled rows it was already counted at (exact: whole).
-    last = step_flops(Q, K, V, steps[-1]) - (step_flops(Q, K, V, steps[-1], rows) if steps[-1] in sampled else 0)
-    return (sum(step_flops(Q, K, V, step, rows) for step in sampled) + last,
-            exact_attention_flops(math.prod(Q.shape[:-2]), rows, K.shape[-2], Q.shape[-1], V.shape[-1]))
+    last = steps[-1]
+    batch, n_q, n, d, d_v = math.prod(Q.shape[:-2]), Q.shape[-2], K.shape[-2], Q.shape[-1], V.shape[-1]
+    whole = (exact_attention_flops(batch, n_q, n, d, d_v) if last.solver == EXACT
+             else nystrom_attention_flops(batch, n_q, n, d, d_v, last.m)["output_product"])
+    return (sum(step_flops(Q, K, V, step, rows) for step in sampled) + whole,
+            exact_attention_flops(batch, rows, n, d, d_v))
 
 
 def sweep_grid(first, largest):

@@ -27,10 +27,11 @@ dispatcher receives as the lookup's default.
 from __future__ import annotations
 
 import functools
-import numbers
+import operator
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -221,30 +222,36 @@ def _padding_mask_of(attention_mask, batch_size, num_keys):
     return keys[:, 0, 0, :].expand(batch_size, num_keys).clone()
 
 
-def _as_index(value):
-    """``value`` as a Python int if it is an integer (a Python, numpy or zero-dimensional integer torch one; not a
-    bool), else ``None``."""
-    if isinstance(value, torch.Tensor):
-        if value.ndim != 0 or value.dtype == torch.bool or value.is_floating_point() or value.is_complex():
-            return None
-        return int(value)
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+def layer_index(value):
+    """``value`` as a Python int if it is an integer that is not a bool (anything with ``__index__``: Python, numpy
+    and zero-dimensional integer torch or numpy arrays), else ``None``."""
+    if isinstance(value, (bool, np.bool_)) or getattr(value, "dtype", None) in (torch.bool, np.bool_):
         return None
-    return int(value)
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
 
 
 def _layer_indices(layers, num_layers, default):
     if layers is None:
         return default
-    if _as_index(layers) is not None:
+    if layer_index(layers) is not None:
         layers = [layers]
-    if isinstance(layers, str) or not isinstance(layers, Iterable):
-        raise TypeError(f"layers must be None, an int or an iterable of ints, got {type(layers).__name__}")
+    if (isinstance(layers, (str, bytes, bytearray, Mapping)) or not isinstance(layers, Iterable)
+            or getattr(layers, "ndim", 1) == 0):
+        raise TypeError(f"layers must be None, an int or an iterable of ints, got {layers!r}")
     layers = list(layers)
-    indices = [_as_index(i) for i in layers]
+    indices = [layer_index(i) for i in layers]
     if not layers or any(i is None or not 0 <= i < num_layers for i in indices):
         raise ValueError(f"layers must be non-empty layer indices in [0, {num_layers}), got {layers!r}")
     return tuple(sorted(set(indices)))
+
+
+def answers_itself(module) -> bool:
+    """Whether a terminal handler (FNA, from :func:`nystrom.fna` or :func:`~nystrom.torch.patch`) answers the
+    attention of ``module`` without calling the model's own attention function."""
+    return any(getattr(handler, "terminal", False) for handler in _HANDLERS.get(module, ()))
 
 
 def check_token_spec(name, spec):

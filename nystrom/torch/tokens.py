@@ -14,7 +14,6 @@ everywhere in the library.
 from __future__ import annotations
 
 import functools
-import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -25,7 +24,7 @@ from torch import nn
 
 from ..linalg.tokens import detect_high_norm_tokens, detect_massive_activations, detect_sinks, excluded_tokens
 from ..linalg.validation import check_positive
-from .dispatch import attention_layers, block_input
+from .dispatch import answers_itself, attention_layers, block_input, layer_index
 from .masking import mask_keys
 
 __all__ = ["MASK_KINDS", "SuppressionResult", "TokenAnalysis", "analyze_tokens", "suppression_experiment"]
@@ -231,7 +230,7 @@ def analyze_tokens(model, inputs, *, massive_threshold=100.0, massive_ratio=1000
         ``model`` not a module, ``inputs`` not a mapping, non-real thresholds.
     ValueError
         Non-positive thresholds, a model in training mode, a model whose attention returns no probabilities
-        (not ``eager``), or whose blocks do not read a LayerNorm of the residual stream.
+        (not ``eager``, or run by FNA), or whose blocks do not read a LayerNorm of the residual stream.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -251,12 +250,11 @@ def analyze_tokens(model, inputs, *, massive_threshold=100.0, massive_ratio=1000
         raise ValueError(f"could not find the LayerNorm that feeds the attention of layers {missing} of "
                          f"{type(model).__name__}; analyze_tokens needs pre- or post-LayerNorm blocks")
     if any(recorder.share.get(layer) is None for layer in layers):
+        patched = [layer for layer, (_, core) in enumerate(attention_layers(model)) if answers_itself(core)]
+        if patched:
+            raise ValueError(f"FNA (nystrom.fna or nystrom.torch.patch) computes the attention of layers {patched} "
+                             "itself, without probabilities; call analyze_tokens outside it")
         implementation = getattr(getattr(model, "config", None), "_attn_implementation", None)
-        if implementation == "eager":
-            # Eager attention returns its probabilities: a patch that answers the attention itself is active.
-            raise ValueError(f"the attention of {type(model).__name__} returned no probabilities although it is "
-                             "eager: a patch that computes the attention itself (nystrom.fna) is active; call "
-                             "analyze_tokens outside it")
         raise ValueError(f"the attention of {type(model).__name__} returned no probabilities (attn_implementation="
                          f"{implementation!r}); load the model with attn_implementation='eager'")
     # float32: half-precision norms of massive tokens lose the digits the ratios are read from.
@@ -378,8 +376,10 @@ def suppression_experiment(model, inputs, *, mask_kind, mask_layer, persistent=F
     if mask_kind not in MASK_KINDS:
         raise ValueError(f"mask_kind must be one of {MASK_KINDS}, got {mask_kind!r}")
     num_layers = len(attention_layers(model))
-    if isinstance(mask_layer, bool) or not isinstance(mask_layer, numbers.Integral) or not 0 <= mask_layer < num_layers:
+    index = layer_index(mask_layer)
+    if index is None or not 0 <= index < num_layers:
         raise ValueError(f"mask_layer must be a layer index in [0, {num_layers}), got {mask_layer!r}")
+    mask_layer = index
     options = dict(massive_threshold=massive_threshold, massive_ratio=massive_ratio, artifact_ratio=artifact_ratio,
                    sink_ratio=sink_ratio, exclude=exclude)
     baseline = analyze_tokens(model, inputs, **options)

@@ -300,7 +300,8 @@ def test_analyze_tokens_rejects_bad_models_and_inputs():
     # An eager model inside FNA: FNA answers the attention itself, so the message names it, not the loading.
     eager = tiny_bert()
     with nystrom.fna(eager, num_landmarks=2, layers=[1]):
-        with pytest.raises(ValueError, match=r"although it is eager: .*nystrom\.fna"):
+        with pytest.raises(ValueError, match=r"FNA \(nystrom\.fna or nystrom\.torch\.patch\) computes the "
+                                             r"attention of layers \[1\] itself"):
             tokens.analyze_tokens(eager, ids)
     tokens.analyze_tokens(eager, ids)
     model = tiny_bert()
@@ -388,8 +389,11 @@ def test_suppression_arguments(minilm):
     model, _, batch = minilm
     with pytest.raises(ValueError, match="mask_kind"):
         tokens.suppression_experiment(model, batch, mask_kind="register", mask_layer=1)
-    with pytest.raises(ValueError, match="mask_layer"):
-        tokens.suppression_experiment(model, batch, mask_kind="cls", mask_layer=6)
+    for bad in (6, True, 1.0, torch.tensor(1.0)):
+        with pytest.raises(ValueError, match=r"mask_layer must be a layer index in \[0, 6\)"):
+            tokens.suppression_experiment(model, batch, mask_kind="cls", mask_layer=bad)
+    # An index as layers= takes it: numpy and torch integers too.
+    assert tokens.suppression_experiment(model, batch, mask_kind="cls", mask_layer=torch.tensor(1)).mask_layers == (1,)
     with pytest.raises(ValueError, match="no massive token"):
         tokens.suppression_experiment(model, batch, mask_kind="massive", mask_layer=1)  # Sun's default 1000x
 
