@@ -179,7 +179,7 @@ class NystromFactors(NamedTuple):
     ----------
     keys : array, shape (..., m, d)
         The landmark keys :math:`\tilde k`.
-    values : array, shape (..., m, d_v), dtype of ``V``
+    values : array, shape (..., m, d_v), dtype of V
         :math:`v' = A^+ (BV)`; for float16 divided by ``rescale``.
     bias : array, shape (..., 1, m), or None
         :math:`\log c_j` of weighted landmarks, added to every logit against landmark key :math:`j`.
@@ -237,7 +237,7 @@ def nystrom_output(xp, Q, factors, attend):
 
     Returns
     -------
-    array, shape (..., n_q, d_v), dtype of ``V``
+    array, shape (..., n_q, d_v), dtype of V
     """
     out = attend(Q, factors.keys, factors.values, factors.bias)
     if factors.rescale is None:
