@@ -142,8 +142,8 @@ def segment_sum(xp, values, labels, num_segments):
     lead, (n, D) = tuple(values.shape[:-2]), tuple(values.shape[-2:])
     if array_api_compat.is_torch_array(values) and math.prod(labels.shape[:-1]) == 1:
         # One labelling for every row (shared heads of one sequence): a scatter along the token axis of values as
-        # they lie, without the flat copy below (a strided (1, 6, 1370, 64) of a model's projections: 0.19 against
-        # 0.39 ms on one thread).
+        # they lie, without the flat copy below (a strided (1, 6, 1370, 64) of a model's projections: 0.40 against
+        # 0.71 ms for the keys of DINOv2-S layer 7 on one thread, labels of its norm selection).
         index = xp.reshape(labels, (n,))
         inside = (index >= 0) & (index < num_segments)
         index = xp.where(inside, index, xp.full_like(index, num_segments))
