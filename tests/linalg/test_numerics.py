@@ -37,3 +37,22 @@ def test_segment_sum_adds_the_rows_of_each_label(seed, heads, n, segments, share
         tensor = tensor.transpose(1, 2).contiguous().transpose(1, 2)
     out = segment_sum(array_api_compat.array_namespace(tensor), tensor, torch.from_numpy(labels), segments)
     np.testing.assert_allclose(out.numpy(), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_segment_sum_keeps_half_precision_sums_in_float32():
+    # 3,000 ones in one segment: rounded to the half dtype once at the end (float16 holds 3,000 exactly, bfloat16
+    # rounds it to 3,008), not after every addition (which stops float16 at 2,048 and bfloat16 at 256).
+    xp = array_api_compat.array_namespace(torch.zeros(1))
+    for dtype in (torch.float16, torch.bfloat16):
+        ones = torch.ones(1, 2, 3000, 1, dtype=dtype)
+        out = segment_sum(xp, ones, torch.zeros(1, 1, 3000, dtype=torch.int64), 1)
+        assert torch.equal(out, torch.full((1, 2, 1, 1), 3000.0).to(dtype)), (dtype, out.flatten())
+
+
+def test_segment_sum_takes_labels_that_broadcast_and_narrow_integer_labels():
+    xp = array_api_compat.array_namespace(torch.zeros(1))
+    values = torch.arange(12.0).reshape(2, 3, 2)
+    np.testing.assert_array_equal(segment_sum(xp, values, torch.zeros(1, dtype=torch.int64), 1).numpy(),
+                                  values.sum(-2, keepdim=True).numpy())
+    np.testing.assert_array_equal(segment_sum(xp, values, torch.tensor([0, 1, 0], dtype=torch.int16), 2).numpy(),
+                                  brute_segment_sum(values.numpy(), np.array([0, 1, 0]), 2))
