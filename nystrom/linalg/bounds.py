@@ -265,6 +265,7 @@ def estimate_relative_error(Q, K, V, approx, *, num_samples=128, confidence=0.95
     if not xp.isdtype(approx.dtype, "real floating"):
         raise TypeError(f"approx must have a real floating dtype, got {approx.dtype}")
     check_finite(xp, approx=approx)
+    K, V = without_padding(xp, keys, K, V)
     return sampled_relative_error(xp, Q, K, V, approx, **check_sampling(num_samples, confidence, seed), scale=tau,
                                   keys=keys)
 
@@ -280,10 +281,9 @@ def check_sampling(num_samples, confidence, seed) -> dict:
 
 def sampled_relative_error(xp, Q, K, V, approx, *, num_samples, confidence, seed, scale, keys=None):
     """:func:`estimate_relative_error` for checked arguments (no checks of its own); ``keys (..., n)`` is the
-    checked key mask."""
+    checked key mask, and the rows of ``K`` and ``V`` at padded keys are zero."""
     sample = sample_rows(xp, Q, K, V, num_samples=num_samples, seed=seed, scale=scale, keys=keys)
-    rows = xp.asarray(sample.rows, device=array_api_compat.device(approx))
-    return sample.estimate(xp.take(approx, rows, axis=-2), confidence)
+    return sample.estimate(xp.take(approx, sample.at, axis=-2), confidence)
 
 
 @dataclass(frozen=True)
@@ -295,6 +295,8 @@ class RowSample:
     ----------
     rows : int ndarray, shape (s,)
         Sampled query positions (:func:`stratified_rows`).
+    at : int array, shape (s,)
+        The same positions as an index array of the inputs' library, on their device.
     sizes : float ndarray, shape (s,)
         Positions each sampled row stands for.
     weight : float or bool ndarray, shape (B, s)
@@ -304,6 +306,7 @@ class RowSample:
     """
 
     rows: Any
+    at: Any
     sizes: Any
     weight: Any
     exact: Any
@@ -323,7 +326,8 @@ class RowSample:
 
 def sample_rows(xp, Q, K, V, *, num_samples, seed, scale, keys=None, attend=None) -> RowSample:
     r"""Draw :func:`stratified_rows` among the real query positions and compute their exact attention, for checked
-    arguments; ``keys (..., n)`` is the checked key mask. Cost :math:`O(s\, n\, d)` per batch element.
+    arguments; ``keys (..., n)`` is the checked key mask, and the rows of ``K`` and ``V`` at padded keys are zero
+    (:func:`~nystrom.linalg.numerics.without_padding`). Cost :math:`O(s\, n\, d)` per batch element.
 
     ``attend(q, k, v, mask)`` computes the rows' attention, as :func:`~nystrom.linalg.attention.nystrom_product`
     takes it (default :func:`~nystrom.linalg.attention.softmax_attention`; the torch backend's fused kernel took
@@ -335,13 +339,12 @@ def sample_rows(xp, Q, K, V, *, num_samples, seed, scale, keys=None, attend=None
         real = np.broadcast_to(float64_numpy(keys) > 0, tuple(Q.shape[:-1])).reshape(-1, n_q)
     positions = np.arange(n_q) if real is None else np.flatnonzero(real.any(axis=0))
     rows, sizes = stratified_rows(positions, min(num_samples, positions.size), np.random.default_rng(seed))
-    rows_x = xp.asarray(rows, device=array_api_compat.device(Q))
-    K, V = without_padding(xp, keys, K, V)
+    at = xp.asarray(rows, device=array_api_compat.device(Q))
     mask = None if keys is None else keys[..., None, :]
     if attend is None:
         attend = functools.partial(softmax_attention, xp, scale=scale)
-    exact = float64_numpy(attend(xp.take(Q, rows_x, axis=-2), K, V, mask))
-    return RowSample(rows, sizes, 1.0 if real is None else real[:, rows], exact)
+    exact = float64_numpy(attend(xp.take(Q, at, axis=-2), K, V, mask))
+    return RowSample(rows, at, sizes, 1.0 if real is None else real[:, rows], exact)
 
 
 def stratified_rows(positions, num_samples, rng):

@@ -6,8 +6,6 @@ import math
 import warnings
 from typing import Any, NamedTuple
 
-import array_api_compat
-
 from .bounds import ErrorEstimate, sample_rows
 from .flops import exact_attention_flops, nystrom_attention_flops
 from .solvers import NewtonSchulz, Solver
@@ -283,7 +281,6 @@ def search_for_tol(xp, Q, K, V, attempt, output_at, exact, *, first, num_keys, k
     top, exact_allowed = search_range(first, num_keys, Q.shape[-2], max_landmarks, pays, solver)
     rows = None if top < first else sample_rows(xp, Q, K, V, num_samples=SAMPLED_ROWS, seed=seed, scale=scale,
                                                 keys=key_mask, attend=attend)
-    at = None if rows is None else xp.asarray(rows.rows, device=array_api_compat.device(Q))
-    return search_landmarks(attempt, lambda result: rows.estimate(output_at(result, at), CONFIDENCE), first, top,
+    return search_landmarks(attempt, lambda result: rows.estimate(output_at(result, rows.at), CONFIDENCE), first, top,
                             tol, strict, solver, exact=exact if exact_allowed else None,
                             keys=num_keys if real_keys is None else real_keys)
