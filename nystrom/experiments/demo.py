@@ -65,7 +65,8 @@ def _ties(infos, errors):
 
 
 def check_demo(image, sizes, layer, num_landmarks):
-    """Check the options of :func:`run_demo` before the model loads; ``ValueError`` naming the bad one."""
+    """Check the options of :func:`run_demo` before the model loads; ``ValueError`` naming the bad one. Returns the
+    image, so that it is decoded once."""
     pictures = natural_images()
     if image not in pictures:
         raise ValueError(f"image must be one of {sorted(pictures)}, got {image!r}")
@@ -78,6 +79,7 @@ def check_demo(image, sizes, layer, num_landmarks):
                              f"{num_landmarks}")
     if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < NUM_LAYERS:
         raise ValueError(f"layer must be an encoder layer in [0, {NUM_LAYERS}), got {layer!r}")
+    return pictures[image]
 
 
 def run_demo(*, image="astronaut", sizes=(518, 1036), layer=9, num_landmarks=64,
@@ -109,9 +111,8 @@ def run_demo(*, image="astronaut", sizes=(518, 1036), layer=9, num_landmarks=64,
     The load average is printed with the header, and a warning when it exceeds the threads in use: other
     processes then inflate the times.
     """
-    check_demo(image, sizes, layer, num_landmarks)
+    picture = check_demo(image, sizes, layer, num_landmarks)
     model = load_dinov2_small()
-    picture = natural_images()[image]
     rows = []
     threads = torch.get_num_threads()
     loads = load_average()
