@@ -140,6 +140,8 @@ def segment_sum(xp, values, labels, num_segments):
         Same dtype as ``values``.
     """
     lead, (n, D) = tuple(values.shape[:-2]), tuple(values.shape[-2:])
+    # Slot S collects the rows labelled outside [0, S): it is dropped at the end.
+    slots = xp.where((labels >= 0) & (labels < num_segments), labels, num_segments)
     if (array_api_compat.is_torch_array(values) and values.dtype in (xp.float32, xp.float64)
             and math.prod(labels.shape[:-1]) == 1 and labels.shape[-1] == n):
         # One labelling for every row (shared heads of one sequence): a scatter along the token axis of values as
@@ -147,18 +149,14 @@ def segment_sum(xp, values, labels, num_segments):
         # 0.71 ms for the keys of DINOv2-S layer 7 on one thread, labels of its norm selection). Not for half
         # precision: index_add_ along an inner axis rounds to it after every addition (float16 ones summed 3,000
         # times give 2,048), the flat scatter does not.
-        index = xp.astype(xp.reshape(labels, (n,)), xp.int64)
-        inside = (index >= 0) & (index < num_segments)
-        index = xp.where(inside, index, xp.full_like(index, num_segments))
+        index = xp.astype(xp.reshape(slots, (n,)), xp.int64)
         out = values.new_zeros((*lead, num_segments + 1, D)).index_add_(-2, index, values)
         return out[..., :num_segments, :]
     rows = math.prod(lead)
-    labels = xp.broadcast_to(labels, (*lead, n))
-    inside = (labels >= 0) & (labels < num_segments)
-    # One flat index per row: segment j of row r is r * (S + 1) + j, and slot S of each row collects the dropped ones.
+    # One flat index per row: segment j of row r is r * (S + 1) + j.
     offsets = xp.reshape(xp.arange(rows, dtype=xp.int64, device=array_api_compat.device(values)) * (num_segments + 1),
                          (*lead, 1))
-    flat = xp.reshape(xp.where(inside, labels, num_segments) + offsets, (-1,))
+    flat = xp.reshape(xp.broadcast_to(slots, (*lead, n)) + offsets, (-1,))
     source = xp.reshape(values, (rows * n, D))
     size = rows * (num_segments + 1)
     if array_api_compat.is_torch_array(values):
