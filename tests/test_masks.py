@@ -144,6 +144,25 @@ def test_padding_contents_change_nothing(strategy, fill):
     assert torch.equal(out, ref)
 
 
+@pytest.mark.parametrize("fill", [1e4, 3e38])
+def test_padding_contents_change_no_error_estimate(fill):
+    # Large finite padding changes neither the sampled estimate of estimate_relative_error nor the search of tol=
+    # (whose exact rows reuse approximate's keys and values, zeroed at padding), bit for bit.
+    Q, K, V = qkv(7, (2, 2, 200, 8), torch.float32)
+    real = torch.ones(2, 200, dtype=torch.bool)
+    real[1, 150:] = False
+    pad = ~real[:, None, :, None]
+    mask = real[:, None, None, :]
+    (Kf, Vf), (Kz, Vz) = ((K.masked_fill(pad, x), V.masked_fill(pad, x)) for x in (fill, 0.0))
+    out = nystrom.approximate(Q, Kz, Vz, num_landmarks=8, attn_mask=mask)
+    filled = nystrom.estimate_relative_error(Q, Kf, Vf, out, attn_mask=mask, seed=1)
+    assert filled == nystrom.estimate_relative_error(Q, Kz, Vz, out, attn_mask=mask, seed=1)
+    assert math.isfinite(filled.high)
+    out_f, info_f = nystrom.approximate(Q, Kf, Vf, num_landmarks=8, attn_mask=mask, tol=0.5, return_info=True)
+    out_z, info_z = nystrom.approximate(Q, Kz, Vz, num_landmarks=8, attn_mask=mask, tol=0.5, return_info=True)
+    assert info_f.tol_steps == info_z.tol_steps and torch.equal(out_f, out_z)
+
+
 @pytest.mark.parametrize("strategy", ["fps", "norm", "segment_means", "kmeans", "uniform", "rpcholesky"])
 def test_padded_call_equals_the_call_without_padding(strategy):
     Q, K, V = qkv(6, (1, 2, 30, 8))
