@@ -238,10 +238,10 @@ def search_for_tol(xp, Q, K, V, attempt, output_at, exact, *, first, num_keys, k
     Sets the range (:func:`nystrom_pays`, :func:`search_range`), samples the 128 exact rows once
     (:func:`~nystrom.linalg.bounds.sample_rows`; none where exact attention answers at once) and runs
     :func:`search_landmarks`. A step computes its output only at the sampled rows (``output_at``): the caller
-    computes the whole output once, for the result returned. That leaves the output product,
-    :math:`2 n_q m (d + d_v)`, out of every step: at DINOv2-S's shape (:math:`n_q = n = 1{,}370`, :math:`d = 64`,
-    six Newton–Schulz steps) 44 % of a step's FLOPs at :math:`m = 16`, 34 % at 64 and 20 % at 128, where the
-    solve weighs most.
+    computes the whole output once, for the result returned. A step so computes the output product,
+    :math:`2 n_q m (d + d_v)`, at 128 rows instead of :math:`n_q`: at DINOv2-S's shape (:math:`n_q = n = 1{,}370`,
+    :math:`d = 64`, six Newton–Schulz steps) that leaves out 44 % of a whole call's FLOPs at :math:`m = 16`, 34 % at
+    64 and 20 % at 128, where the solve weighs most.
 
     Parameters
     ----------
