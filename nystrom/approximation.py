@@ -346,12 +346,13 @@ def approximate(
 
     mask = None if keys is None else keys[..., None, :]
     steps = ()
+    selection = Selection.of(xp, Q, K, m, keys, seed, head_axis, features, tau)
     if tol is None:
-        landmarks = run_strategy(select, Selection.of(xp, Q, K, m, keys, seed, head_axis, features, tau))
+        landmarks = run_strategy(select, selection)
         out, result = nystrom_product(xp, Q, K, V, landmarks, unchecked(solve), scale=tau, mask=mask, attend=attend)
     else:
         def attempt(m, solve):
-            landmarks = run_strategy(select, Selection.of(xp, Q, K, m, keys, seed, head_axis, features, tau))
+            landmarks = run_strategy(select, selection.resized(m))
             return landmarks, nystrom_factors(xp, K, V, landmarks, unchecked(solve), scale=tau, mask=mask,
                                               attend=attend)
 

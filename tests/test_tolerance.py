@@ -88,6 +88,24 @@ def test_each_step_computes_its_output_at_the_sampled_rows_only(monkeypatch):
     np.testing.assert_array_equal(out, nystrom.approximate(Q, K, V, num_landmarks=info.tol_steps[-1].m))
 
 
+def test_the_sink_analysis_runs_once_per_search(monkeypatch):
+    # The probes' attention does not depend on m: every step of a search reads the first step's, and the landmarks
+    # are still those of a plain call at the returned m (the output is, bit for bit).
+    calls = []
+    analysis = nystrom.Norm.analysis
+
+    def counted(self, selection):
+        calls.append(selection.num_landmarks)
+        return analysis(self, selection)
+
+    monkeypatch.setattr(nystrom.Norm, "analysis", counted)
+    Q, K, V = (np.stack([x, x[::-1]])[:, None] for x in smooth_tokens(0))
+    out, info = nystrom.approximate(Q, K, V, num_landmarks=8, tol=0.05, return_info=True)
+    assert len(info.tol_steps) > 2 and calls == [8]
+    np.testing.assert_array_equal(out, nystrom.approximate(Q, K, V, num_landmarks=info.tol_steps[-1].m))
+    assert len(calls) == 2
+
+
 def test_an_unreachable_tol_warns_or_raises_at_max_landmarks():
     Q, K, V = smooth_tokens(0)
     with pytest.warns(UserWarning, match="tol=0.0001 not reached, max_landmarks=32 reached") as caught:

@@ -176,8 +176,10 @@ class FNAHandle(Handle):
         key, value = without_padding(xp, keys, key, value)
         attend = in_query_chunks(functools.partial(sdpa_attend, scale=scale), self.query_chunk_size)
 
+        memo = {}  # what selection computes whatever m, shared by the steps of a tol search
+
         def attempt(m, solver):
-            landmarks, sampled = self._landmarks(layer, query, key, value, real, scale, m)
+            landmarks, sampled = self._landmarks(layer, query, key, value, real, scale, m, memo)
             return landmarks, sampled, nystrom_factors(xp, key, value, landmarks, unchecked(solver), scale=scale,
                                                        mask=None if keys is None else keys[..., None, :], attend=attend)
 
@@ -220,8 +222,9 @@ class FNAHandle(Handle):
     # It may answer without calling the model's own attention: it runs innermost, inside key masking and capture.
     _attend.terminal = True
 
-    def _landmarks(self, layer, query, key, value, real, scale, m):
-        """``(Landmarks, sampled)`` of ``m`` landmarks for one layer."""
+    def _landmarks(self, layer, query, key, value, real, scale, m, memo):
+        """``(Landmarks, sampled)`` of ``m`` landmarks for one layer; ``memo`` holds what selection computes whatever
+        ``m`` (:attr:`~nystrom.linalg.landmarks.Selection.memo`), for the steps of a search on the same inputs."""
         xp = array_api_compat.array_namespace(key)
         hidden = self.inputs.get(layer)
         if hidden is None:
@@ -250,7 +253,7 @@ class FNAHandle(Handle):
                 weighted = shared.log_weights is not None
                 return grouped_landmarks(xp, query, key, shared.grouping, m, -3, weighted=weighted), False
             return landmarks_at(xp, query, key, shared.indices), False
-        landmarks = self._select(layer, query, key, value, hidden, eligible, forced, scale, m)
+        landmarks = self._select(layer, query, key, value, hidden, eligible, forced, scale, m, memo)
         if self.resample == "once" and layer == self.layers[0]:
             self._shared, self._shared_eligible, self._shared_forced = landmarks, eligible, forced
         return landmarks, True
@@ -269,7 +272,7 @@ class FNAHandle(Handle):
         picked = torch.zeros_like(eligible).scatter_(-1, indices, True)
         return forced is None or not bool(torch.any(forced & ~picked))
 
-    def _select(self, layer, query, key, value, hidden, eligible, forced, scale, m):
+    def _select(self, layer, query, key, value, hidden, eligible, forced, scale, m, memo):
         xp = array_api_compat.array_namespace(key)
         features = hidden if self.features == "input" else fold_heads(
             xp, {"query": query, "key": key, "value": value}[self.features], -3)
@@ -281,7 +284,7 @@ class FNAHandle(Handle):
         seed = None if self.seed is None else self.seed + layer
         if forced is None:
             return run_strategy(self.strategy, Selection(xp, query, key, m, eligible[:, None, :], seed, -3, features,
-                                                         scale))
+                                                         scale, memo=memo))
         # Guaranteed tokens take their own landmarks; the strategy chooses the other m - P for the other tokens,
         # sequence by sequence (P differs between them).
         rows, groupings, weighted = [], [], False
@@ -294,7 +297,7 @@ class FNAHandle(Handle):
             if pinned.numel() < m:
                 rest = run_strategy(self.strategy, Selection(
                     xp, query[b:b + 1], key[b:b + 1], m - pinned.numel(), (eligible[b] & ~forced[b])[None, None, :],
-                    seed, -3, features[b:b + 1], scale))
+                    seed, -3, features[b:b + 1], scale, memo=memo.setdefault(b, {})))
                 weighted = weighted or rest.log_weights is not None
             if rest is not None and rest.indices is None and rest.assignment is None:
                 raise ValueError(f"guarantee needs a strategy that picks or groups tokens, got {self.strategy!r}, "

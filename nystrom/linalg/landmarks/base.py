@@ -133,9 +133,9 @@ class Grouping:
 
 
 class cached:
-    """``functools.cached_property`` without its lock: on Python 3.11 the lock is an ``RLock``, which
-    ``torch.compile`` cannot trace (a graph break). The value lands in the instance ``__dict__``, which a
-    non-data descriptor defers to on the next access, frozen dataclasses included."""
+    """``functools.cached_property`` without its lock (on Python 3.11 the lock is an ``RLock``, which
+    ``torch.compile`` cannot trace: a graph break), for a value that does not depend on the number of landmarks:
+    it is computed once per :class:`Selection` and the selections derived from it (:meth:`Selection.resized`)."""
 
     def __init__(self, method):
         self.method = method
@@ -145,9 +145,7 @@ class cached:
     def __get__(self, instance, owner=None):
         if instance is None:
             return self
-        value = self.method(instance)
-        instance.__dict__[self.name] = value
-        return value
+        return instance.once(self.name, lambda: self.method(instance))
 
 
 @dataclass(frozen=True)
@@ -176,6 +174,9 @@ class Selection:
     axis : WholeSequence
         Where the token axis lives (:mod:`nystrom.linalg.sequence`): whole in these arrays, or sharded across
         processes, ``Q``, ``K`` and ``real_keys`` then being this process's shard (strategies declared ``sharded``).
+    memo : dict
+        The values :meth:`once` computed, shared with the selections :meth:`resized` derives (a search over
+        :math:`m` selects on the same inputs at each step).
     """
 
     xp: Any
@@ -188,6 +189,7 @@ class Selection:
     features: Any = None
     scale: float = 1.0
     axis: Any = WHOLE
+    memo: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def of(cls, xp, Q, K, num_landmarks, keys=None, seed=None, head_axis=None, features=None, scale=1.0,
@@ -207,6 +209,19 @@ class Selection:
                                            (*K.shape[:-1], features.shape[-1]))
             head_axis = None
         return cls(xp, Q, K, num_landmarks, keys, seed, head_axis, features, scale, axis)
+
+    def resized(self, num_landmarks):
+        """This selection with another :math:`m` (checked by the caller), sharing :attr:`memo`: what does not depend
+        on :math:`m` is computed once for every step of a search."""
+        return dataclasses.replace(self, num_landmarks=num_landmarks)
+
+    def once(self, key, compute):
+        """``compute()``, a value that depends on the inputs but not on :math:`m`, computed once for this selection
+        and those :meth:`resized` derives from it, under ``key`` (a tuple of constants that names the value and what
+        it depends on)."""
+        if key not in self.memo:
+            self.memo[key] = compute()
+        return self.memo[key]
 
     @cached
     def points(self):

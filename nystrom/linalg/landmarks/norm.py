@@ -216,9 +216,41 @@ class Norm(ClusterStrategy, name="norm", weighted=True, sharded=True):
         r"""The ``budget`` candidate singletons ``(..., budget)`` of the selection rows and which of them are real
         ``(..., budget)``, real ones first: ``first``, high-norm tokens, then sinks, by attention share.
 
-        The probes' attention is one :math:`s\times n` product and one softmax; the quorum test reads only the
-        candidates' columns.
+        The probes' attention is one :math:`s\times n` product and one softmax (:meth:`analysis`, once per search
+        over :math:`m`); the quorum test reads only the candidates' columns.
         """
+        xp, mask, head_axis, axis = selection.xp, selection.mask, selection.head_axis, selection.axis
+        # Keyed by what the analysis reads of this rule (constants: a compiler traces them as such).
+        key = ("Norm.analysis", self.num_probes, self.norm_ratio, self.first)
+        attention, forced, priority = selection.once(key, lambda: self.analysis(selection))
+        device, dtype = array_api_compat.device(priority), priority.dtype
+        n = axis.length(priority.shape[-1])
+        candidates = axis.top_k(xp, priority, budget)
+        # The quorum: the fraction of probes in which each candidate takes at least the threshold share.
+        columns = candidates if head_axis is None else xp.expand_dims(candidates, axis=head_axis + 1)
+        columns = xp.broadcast_to(columns[..., None, :], (*attention.shape[:-1], budget))
+        rows = axis.take(xp, attention, columns)
+        if head_axis is not None:
+            rows = xp.mean(rows, axis=head_axis)
+        if mask is None:
+            # A Python number: the array library would copy it to the device as a tensor of its own.
+            threshold = min(self.sink_ratio / n, self.sink_share)
+        else:
+            n_valid = axis.sum(xp.sum(xp.astype(mask, dtype), axis=-1, keepdims=True))
+            threshold = xp.minimum(self.sink_ratio / n_valid, xp.full((), self.sink_share, dtype=dtype,
+                                                                        device=device))[..., None]
+        votes = xp.mean(xp.astype(rows >= threshold, dtype), axis=-2)
+        real = (votes >= self.sink_quorum) | axis.take(xp, forced, candidates)
+        if mask is not None:
+            real = real & axis.take(xp, mask, candidates)
+        order = xp.argsort(xp.astype(~real, xp.int64), axis=-1, stable=True)
+        return xp.take_along_axis(candidates, order, axis=-1), xp.take_along_axis(real, order, axis=-1)
+
+    def analysis(self, selection):
+        """What the singleton test reads, whatever the number of landmarks: the probes' attention rows
+        ``(..., s, n)``, the tokens forced in as singletons (``first`` and high-norm tokens, ``(..., n)``) and the
+        candidates' priority ``(..., n)``: ``first``, then high-norm tokens, then the others, each by its share of
+        the probes' attention (heads averaged when shared), padding last."""
         xp, K, mask, head_axis = selection.xp, selection.K, selection.mask, selection.head_axis
         padding = selection.real_keys
         padding = None if padding is None else xp.broadcast_to(padding, tuple(K.shape[:-1]))
@@ -243,23 +275,4 @@ class Norm(ClusterStrategy, name="norm", weighted=True, sharded=True):
             priority = xp.where(is_first, xp.full((), 4.0, dtype=share.dtype, device=device), priority)
         if mask is not None:
             priority = xp.where(mask, priority, xp.full((), -1.0, dtype=share.dtype, device=device))
-        candidates = axis.top_k(xp, priority, budget)
-        # The quorum: the fraction of probes in which each candidate takes at least the threshold share.
-        columns = candidates if head_axis is None else xp.expand_dims(candidates, axis=head_axis + 1)
-        columns = xp.broadcast_to(columns[..., None, :], (*attention.shape[:-1], budget))
-        rows = axis.take(xp, attention, columns)
-        if head_axis is not None:
-            rows = xp.mean(rows, axis=head_axis)
-        if mask is None:
-            # A Python number: the array library would copy it to the device as a tensor of its own.
-            threshold = min(self.sink_ratio / n, self.sink_share)
-        else:
-            n_valid = axis.sum(xp.sum(xp.astype(mask, share.dtype), axis=-1, keepdims=True))
-            threshold = xp.minimum(self.sink_ratio / n_valid, xp.full((), self.sink_share, dtype=share.dtype,
-                                                                        device=device))[..., None]
-        votes = xp.mean(xp.astype(rows >= threshold, share.dtype), axis=-2)
-        real = (votes >= self.sink_quorum) | axis.take(xp, forced, candidates)
-        if mask is not None:
-            real = real & axis.take(xp, mask, candidates)
-        order = xp.argsort(xp.astype(~real, xp.int64), axis=-1, stable=True)
-        return xp.take_along_axis(candidates, order, axis=-1), xp.take_along_axis(real, order, axis=-1)
+        return attention, forced, priority
