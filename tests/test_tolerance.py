@@ -275,6 +275,29 @@ def test_the_doubling_gives_up_once_tol_is_out_of_reach(highs, tol, tried):
     assert tuple(step.m for step in budgeted) == (16, 32, 64, 128)[:len(highs)]
 
 
+@pytest.mark.parametrize("highs, answer", [
+    # Met at 64 after a miss at 32: the mid-point 45 meets tol too and answers.
+    ({16: 0.5, 32: 0.2, 45: 0.09, 64: 0.06}, 45),
+    # The mid-point misses: 64 answers, listed again last.
+    ({16: 0.5, 32: 0.2, 45: 0.12, 64: 0.06}, 64),
+])
+def test_refine_tries_the_mid_point_of_the_last_doubling(highs, answer):
+    def estimate(m):
+        return ErrorEstimate(highs[m], highs[m], highs[m], 0.95, 128)
+
+    result, steps = search_landmarks(lambda m, solver: m, estimate, 16, 128, 0.1, False, nystrom.NewtonSchulz(),
+                                     exact=lambda: "exact", keys=1000, refine=True)
+    assert result == answer and steps[-1].m == answer
+    assert [step.m for step in steps] == [16, 32, 64, 45] + ([64] if answer == 64 else [])
+    # Without refine, or where the first step meets tol (no miss below it), no mid-point is tried.
+    _, plain = search_landmarks(lambda m, solver: m, estimate, 16, 128, 0.1, False, nystrom.NewtonSchulz(),
+                                exact=lambda: "exact", keys=1000)
+    assert [step.m for step in plain] == [16, 32, 64]
+    _, first = search_landmarks(lambda m, solver: m, estimate, 64, 128, 0.1, False, nystrom.NewtonSchulz(),
+                                exact=lambda: "exact", keys=1000, refine=True)
+    assert [step.m for step in first] == [64]
+
+
 def test_a_nan_estimate_is_never_within_tol():
     # A NaN bound (a non-finite output, or exact rows that overflowed) is no evidence: with exact attention allowed
     # the search ends there; with a budget it warns, and a finite step is returned where there is one.

@@ -200,7 +200,7 @@ class FNAHandle(Handle):
                 lambda: (None, False, None),
                 first=first, num_keys=fewest, key_mask=keys, max_landmarks=self.max_landmarks, tol=self.tol,
                 strict=self.strict_tol, solver=self.solver, scale=scale, seed=0,
-                attend=attend)
+                attend=attend, refine=True)
             self.num_landmarks_per_layer[layer], self.solver_per_layer[layer] = steps[-1].m, steps[-1].solver
             if steps[-1].solver == EXACT:
                 # Nyström attention does not reach tol here where it pays: this layer runs the model's own attention.
@@ -390,7 +390,9 @@ def patch(model, *, layers=None, num_landmarks=64, strategy="norm", solver="newt
         Bound the memory of the final product; see :func:`~nystrom.torch.attention.fna_attention`.
     tol : float, optional
         Error-controlled :math:`m` per layer: on the first forward pass each FNA layer runs the doubling search of
-        ``nystrom.approximate(tol=...)`` from ``num_landmarks`` on its own attention (128 exact query rows) and
+        ``nystrom.approximate(tol=...)`` from ``num_landmarks`` on its own attention (128 exact query rows), with
+        one more step between the last two doublings (:func:`~nystrom.linalg.tolerance.search_landmarks`'s
+        ``refine``: the later passes run at that :math:`m`, so landing within :math:`\sqrt2` of the smallest pays), and
         keeps the :math:`m` it finds, and the solver where the search escalated it, for the later passes
         (``handle.num_landmarks_per_layer``, ``handle.solver_per_layer``; the steps are in that pass's
         ``records[layer].tol_steps``). Each layer then chooses its own landmarks (``resample`` must be

@@ -545,8 +545,9 @@ def test_fna_runs_on_a_padded_batch_under_inference_mode():
 
 def test_tol_calibrates_m_per_layer_on_the_first_pass_and_keeps_it(dinov2):
     # At 224 px (n = 257) Nyström attention with six Newton-Schulz steps takes at most half the FLOPs of exact
-    # attention up to m = 38, so the doubling stops at 32. Measured: layer 10 reaches 0.1 at m = 32; layers 6-9
-    # and 11 do not (bounds 0.13-0.33), so they run exact attention, now and in the later passes.
+    # attention up to m = 38, so the doubling stops at 32. Measured: layer 10 reaches 0.1 at m = 32, and the
+    # calibration's mid-point step, m = 23, does not (bound 0.12); layers 6-9 and 11 do not reach it (bounds
+    # 0.13-0.33), so they run exact attention, now and in the later passes.
     model, inputs = dinov2
     with fna(model, layers=range(6, 12), num_landmarks=16, tol=0.1) as handle:
         first = run(model, inputs)
@@ -562,6 +563,7 @@ def test_tol_calibrates_m_per_layer_on_the_first_pass_and_keeps_it(dinov2):
             assert steps[-1].solver == "exact" and m == 257 and max(step.m for step in steps[:-1]) == 32
             assert record.residual is None and handle.records[layer].residual is None
         else:
+            assert [step.m for step in steps] == [16, 32, 23, 32] and steps[2].estimate.high > 0.1
             assert m <= 32 and record.counts.shape[-1] == m
             # The later pass reuses m without searching again.
             assert handle.records[layer].tol_steps == () and handle.records[layer].counts.shape[-1] == m
