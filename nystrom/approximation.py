@@ -346,11 +346,12 @@ def approximate(
 
     mask = None if keys is None else keys[..., None, :]
     steps = ()
-    selection = Selection.of(xp, Q, K, m, keys, seed, head_axis, features, tau)
     if tol is None:
-        landmarks = run_strategy(select, selection)
+        landmarks = run_strategy(select, Selection.of(xp, Q, K, m, keys, seed, head_axis, features, tau))
         out, result = nystrom_product(xp, Q, K, V, landmarks, unchecked(solve), scale=tau, mask=mask, attend=attend)
     else:
+        selection = Selection.of(xp, Q, K, m, keys, seed, head_axis, features, tau)
+
         def attempt(m, solve):
             landmarks = run_strategy(select, selection.resized(m))
             return landmarks, nystrom_factors(xp, K, V, landmarks, unchecked(solve), scale=tau, mask=mask,
@@ -362,6 +363,8 @@ def approximate(
             lambda: (None, None), first=m, num_keys=largest, real_keys=real_keys, key_mask=keys,
             max_landmarks=max_landmarks, tol=tol, strict=strict_tol, solver=solve, scale=tau,
             seed=0 if seed is None else seed, attend=attend)
+        # What the steps shared (float32 features, the probes' attention) is not needed for the output.
+        selection.memo.clear()
         m, solve = steps[-1].m, steps[-1].solver
         out, result = (attend(Q, K, V, mask), None) if landmarks is None else (
             nystrom_output(xp, Q, factors, attend), factors.solve)

@@ -106,6 +106,27 @@ def test_the_sink_analysis_runs_once_per_search(monkeypatch):
     assert len(calls) == 2
 
 
+def test_what_the_steps_shared_is_freed_before_the_whole_output(monkeypatch):
+    # The memo holds float32 features (a copy of K for half-precision inputs) and the probes' attention: the
+    # search's steps share it, the whole output of the returned step does not need it.
+    import gc
+
+    import nystrom.approximation
+    from nystrom.linalg.landmarks import Selection
+
+    held = []
+    output = nystrom.approximation.nystrom_output
+
+    def counted(xp, Q, factors, attend):
+        held.append(sum(len(x.memo) for x in gc.get_objects() if type(x) is Selection))
+        return output(xp, Q, factors, attend)
+
+    monkeypatch.setattr(nystrom.approximation, "nystrom_output", counted)
+    Q, K, V = smooth_tokens(0)
+    nystrom.approximate(Q, K, V, num_landmarks=8, tol=0.05)
+    assert held[0] > 0 and held[-1] == 0
+
+
 def test_an_unreachable_tol_warns_or_raises_at_max_landmarks():
     Q, K, V = smooth_tokens(0)
     with pytest.warns(UserWarning, match="tol=0.0001 not reached, max_landmarks=32 reached") as caught:

@@ -146,11 +146,12 @@ def search_landmarks(attempt, estimate, first, largest, tol, strict, solver, exa
        :math:`m` of exact attention's full cost, it reached ``tol`` in none of the 52 DINOv2-S cases at 518 px
        that ended in exact attention: docs' choosing-m page.)
 
-    With ``refine``, when 1. met ``tol`` at :math:`m` after a miss at :math:`m/2`, one more step at the geometric
-    mid-point :math:`\mathrm{round}(m/\sqrt2)` answers where its bound is within ``tol`` too: where the bound falls
-    with :math:`m`, the :math:`m` returned then overshoots the smallest that meets ``tol`` by less than
-    :math:`\sqrt2` instead of 2. The step costs about 0.7 of the last one: it pays where :math:`m` is reused
-    (``patch(tol=...)`` calibrates it once for every later batch), not for one call.
+    With ``refine``, when 1. met ``tol`` at :math:`m` after a miss at the :math:`m'` before it, one more step at the
+    geometric mid-point :math:`\mathrm{round}(\sqrt{m' m})` (:math:`m/\sqrt2` after a doubling) answers where its
+    bound is within ``tol`` too: where the bound falls with :math:`m`, the :math:`m` returned then overshoots the
+    smallest that meets ``tol`` by less than :math:`\sqrt{m/m'}` (:math:`\sqrt2`) instead of :math:`m/m'` (2). The
+    step costs about 0.7 of the last one: it pays where :math:`m` is reused (``patch(tol=...)`` calibrates it once
+    for every later batch), not for one call.
 
     Parameters
     ----------

@@ -186,6 +186,7 @@ class FNAHandle(Handle):
         steps = ()
         if self.tol is None or layer in self.num_landmarks_per_layer:
             landmarks, sampled, factors = attempt(m, self.solver_per_layer.get(layer, self.solver))
+            memo.clear()  # what selection kept is not needed for the output
         else:
             # Calibration, on this layer's first pass: the doubling search of approximate(tol=...), on 128 exact
             # rows of this layer's own attention; later passes reuse the m it found. It starts from num_landmarks
@@ -201,6 +202,7 @@ class FNAHandle(Handle):
                 first=first, num_keys=fewest, key_mask=keys, max_landmarks=self.max_landmarks, tol=self.tol,
                 strict=self.strict_tol, solver=self.solver, scale=scale, seed=0,
                 attend=attend, refine=True)
+            memo.clear()
             self.num_landmarks_per_layer[layer], self.solver_per_layer[layer] = steps[-1].m, steps[-1].solver
             if steps[-1].solver == EXACT:
                 # Nyström attention does not reach tol here where it pays: this layer runs the model's own attention.
@@ -287,7 +289,7 @@ class FNAHandle(Handle):
                                                          scale, memo=memo))
         # Guaranteed tokens take their own landmarks; the strategy chooses the other m - P for the other tokens,
         # sequence by sequence (P differs between them).
-        rows, groupings, weighted = [], [], False
+        chosen, weighted = [], False
         for b in range(key.shape[0]):
             pinned = torch.nonzero(forced[b])[:, 0]
             if pinned.numel() > m:
@@ -302,12 +304,16 @@ class FNAHandle(Handle):
             if rest is not None and rest.indices is None and rest.assignment is None:
                 raise ValueError(f"guarantee needs a strategy that picks or groups tokens, got {self.strategy!r}, "
                                  "which returned landmarks with neither indices nor an assignment")
-            if rest is None or rest.indices is not None:
-                rows.append(pinned if rest is None else torch.cat([pinned, rest.indices[0, 0]]))
-            else:
-                groupings.append(_with_singletons(rest.grouping, pinned, m, key.shape[-2]))
-        if groupings:
+            chosen.append((pinned, rest))
+        n = key.shape[-2]
+        if any(rest is not None and rest.indices is None for _, rest in chosen):
+            # A grouping strategy: a sequence whose guaranteed tokens fill all m landmarks is a grouping of those
+            # singletons alone (every other token unlabelled), so that every sequence of the batch is one.
+            nobody = Grouping(torch.full((1, n), -1, dtype=torch.int64, device=key.device))
+            groupings = [_with_singletons(nobody if rest is None else rest.grouping, pinned, m, n)
+                         for pinned, rest in chosen]
             return grouped_landmarks(xp, query, key, _stack(groupings), m, -3, weighted=weighted)
+        rows = [pinned if rest is None else torch.cat([pinned, rest.indices[0, 0]]) for pinned, rest in chosen]
         return landmarks_at(xp, query, key, unfold_indices(xp, torch.stack(rows), key, -3))
 
 

@@ -398,6 +398,24 @@ class TestLandmarkChoice:
                 assert torch.all(record.counts[torch.arange(2), record.assignment[:, token]] == 1)
             torch.testing.assert_close(record.counts.sum(-1), torch.full((2,), 17.0, dtype=record.counts.dtype))
 
+    @pytest.mark.parametrize("strategy", ["norm", "segment_means"])
+    def test_a_sequence_whose_guarantee_fills_m_groups_like_the_others(self, strategy):
+        # Sequence 0 guarantees 4 tokens with m = 4, the others 2 and 1: sequence 0 is its four singletons alone
+        # (every other token unlabelled), not another sequence's grouping (once broadcast from a batch of 2, and a
+        # shape error with 3).
+        model = tiny_model("vit")
+        forced = torch.zeros(3, 17, dtype=torch.bool)
+        forced[0, :4] = forced[1, :2] = forced[2, 5] = True
+        with fna(model, num_landmarks=4, strategy=strategy, guarantee=lambda layer, hidden: forced) as handle:
+            run(model, tiny_inputs("vit", batch=3))
+        for record in handle.records.values():
+            assert record.assignment.shape == (3, 17)
+            assert record.assignment[0].tolist() == [0, 1, 2, 3] + [-1] * 13
+            for b in (1, 2):
+                pinned = torch.nonzero(forced[b])[:, 0]
+                assert torch.all(record.counts[b, record.assignment[b, pinned]] == 1)
+                assert torch.all(record.assignment[b] >= 0)
+
     def test_patch_checks_capabilities_when_called(self):
         # A strategy that ignores masks would put landmarks on padding; patch() refuses it before any forward pass.
         class Maskless(nystrom.Uniform, name="maskless_test", masks=False):

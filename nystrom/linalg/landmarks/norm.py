@@ -220,8 +220,9 @@ class Norm(ClusterStrategy, name="norm", weighted=True, sharded=True):
         over :math:`m`); the quorum test reads only the candidates' columns.
         """
         xp, mask, head_axis, axis = selection.xp, selection.mask, selection.head_axis, selection.axis
-        # Keyed by what the analysis reads of this rule (constants: a compiler traces them as such).
-        key = ("Norm.analysis", self.num_probes, self.norm_ratio, self.first)
+        # Keyed by the class (a subclass may analyse otherwise) and what the analysis reads of this rule, as
+        # constants, which a compiler traces as such.
+        key = (type(self).__qualname__ + ".analysis", self.num_probes, self.norm_ratio, self.first)
         attention, forced, priority = selection.once(key, lambda: self.analysis(selection))
         device, dtype = array_api_compat.device(priority), priority.dtype
         n = axis.length(priority.shape[-1])
