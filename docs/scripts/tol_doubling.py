@@ -84,6 +84,22 @@ def falls(high):
             for i in range(1, len(high)) for j in range(i + 1, len(high))]
 
 
+def search_step(Q, K, V, scale):
+    """``step(m)``: one step of ``approximate(tol=...)``'s search on self-attention inputs without padding (landmark
+    selection, ``nystrom_factors``, the output at the 128 sampled rows), as the search runs it."""
+    xp = array_api_compat.array_namespace(Q)
+    attend = functools.partial(sdpa_attend, scale=scale)
+    rows = sample_rows(xp, Q, K, V, num_samples=SAMPLED_ROWS, seed=0, scale=scale, attend=attend).at
+
+    def step(m):
+        landmarks = run_strategy(get_strategy("norm"), Selection.of(xp, Q, K, m, None, None, -3, None, scale))
+        factors = nystrom_factors(xp, K, V, landmarks, unchecked(get_solver("newton_schulz")), scale=scale,
+                                  attend=attend)
+        return nystrom_output(xp, xp.take(Q, rows, axis=-2), factors, attend)
+
+    return step
+
+
 def main():
     torch.set_num_threads(1)
     every = list(curves())
@@ -106,14 +122,7 @@ def main():
         return 1e3 * best_time(fn, torch.device("cpu"), repeats=10)
 
     attend = functools.partial(sdpa_attend, scale=scale)
-    rows = sample_rows(xp, Q, K, V, num_samples=SAMPLED_ROWS, seed=0, scale=scale, attend=attend).at
-
-    def step(m):
-        landmarks = run_strategy(get_strategy("norm"), Selection.of(xp, Q, K, m, None, None, -3, None, scale))
-        factors = nystrom_factors(xp, K, V, landmarks, unchecked(get_solver("newton_schulz")), scale=scale,
-                                  attend=attend)
-        return nystrom_output(xp, xp.take(Q, rows, axis=-2), factors, attend)
-
+    step = search_step(Q, K, V, scale)
     costs = {}
     for m in (16, 32, 64, 128):
         costs[f"m = {m}: call"] = best_ms(lambda m=m: nystrom.approximate(Q, K, V, num_landmarks=m, scale=scale))
