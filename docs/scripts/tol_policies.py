@@ -12,8 +12,8 @@ modeled as the rows, plus its steps, plus the returned call's whole output (call
 
 Policies, each from m = 16, with the library's give-up rule (``out_of_reach``) and exact attention on a miss:
 
-* ``doubling``: ``approximate(tol=...)``'s search;
-* ``refine``: doubling, then the mid-point of the last doubling (``search_landmarks(refine=True)``, as ``fna``
+* ``doubling``: ``approximate(tol=...)``'s search, ``search_landmarks`` itself on the grid's bounds;
+* ``refine``: the same with the mid-point of the last doubling (``search_landmarks(refine=True)``, as ``fna``
   calibrates);
 * ``near miss``: after a step whose estimate is within 5 % of ``tol`` (its bound above it), grow by sqrt(2) instead
   of 2.
@@ -23,6 +23,7 @@ that meets ``tol`` (median, largest; Nyström answers), and the modeled search t
 (exact attention for an exact answer; median, largest).
 """
 
+import functools
 import math
 import sys
 import warnings
@@ -36,8 +37,16 @@ import torch.nn.functional as F
 import nystrom
 from nystrom.experiments.timing import best_time
 from nystrom.experiments.tol_report import layer_cases, sweep_grid
-from nystrom.linalg.bounds import sample_rows
-from nystrom.linalg.tolerance import SAMPLED_ROWS, crossover, nystrom_pays, out_of_reach
+from nystrom.linalg.bounds import ErrorEstimate, sample_rows
+from nystrom.linalg.tolerance import (
+    CONFIDENCE,
+    EXACT,
+    SAMPLED_ROWS,
+    crossover,
+    nystrom_pays,
+    out_of_reach,
+    search_landmarks,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tol_doubling import search_step  # noqa: E402
@@ -60,31 +69,34 @@ def layer_grid(Q, K, V, scale):
     return grid, FIRST * 2 ** (top // FIRST).bit_length() // 2
 
 
-def replay(grid, largest, tol, policy):
-    """``(m returned or None for exact attention, steps)`` of one search on one layer's grid."""
+def library(grid, largest, tol, refine=False):
+    """``(m returned or None for exact attention, the m tried)``: the library's own search
+    (:func:`~nystrom.linalg.tolerance.search_landmarks`) on one layer's grid of bounds."""
+    def estimate(m):
+        return ErrorEstimate(grid[m][0], grid[m][0], grid[m][1], CONFIDENCE, SAMPLED_ROWS)
+
+    result, steps = search_landmarks(lambda m, solver: m, estimate, FIRST, largest, tol, False,
+                                     nystrom.NewtonSchulz(), exact=lambda: None, keys=0, refine=refine)
+    # The returned step listed again last is not tried twice (as tol_report counts it).
+    tried = steps[:-1] if steps[-1] in steps[:-1] else steps
+    return result, [step.m for step in tried if step.solver != EXACT]
+
+
+def near_miss(grid, largest, tol, near=1.05):
+    """``(m returned or None, the m tried)`` of the library's doubling, except that a step whose estimate is within
+    ``near`` times ``tol`` grows m by sqrt(2) (to the nearest m of the grid) instead of 2."""
     ms = sorted(grid)
-
-    def nearest(x):
-        return min(ms, key=lambda y: abs(y - x))
-
     steps, best, m = [FIRST], FIRST, FIRST
-    # The library's doubling: stop within tol, at the largest m, after two steps that did not lower the best bound
-    # (the solver's floor), or when out_of_reach gives up.
+    # As the library: stop within tol, at the largest m, after two steps that did not lower the best bound (the
+    # solver's floor), or when out_of_reach gives up.
     while grid[best][1] > tol and m < largest and steps.index(best) >= len(steps) - 2:
         if len(steps) > 1 and out_of_reach(grid[m][1], grid[steps[-2]][1], m, largest, tol):
             break
-        grow = math.sqrt(2) if policy == "near miss" and grid[m][0] <= 1.05 * tol else 2
-        m = min(nearest(m * grow), largest)
+        grow = math.sqrt(2) if grid[m][0] <= near * tol else 2
+        m = min(min(ms, key=lambda x: abs(x - m * grow)), largest)
         steps.append(m)
         best = m if grid[m][1] < grid[best][1] else best
-    if grid[best][1] > tol:
-        return None, steps
-    if policy == "refine" and len(steps) > 1:
-        mid = nearest(math.sqrt(steps[-2] * steps[-1]))
-        if steps[-2] < mid < steps[-1]:
-            steps.append(mid)
-            return (mid if grid[mid][1] <= tol else steps[-2]), steps
-    return best, steps
+    return (best if grid[best][1] <= tol else None), steps
 
 
 def main():
@@ -93,12 +105,12 @@ def main():
         warnings.simplefilter("ignore")
         layers = [(layer_grid(Q, K, V, scale), Q, K, V, scale, i)
                   for i, (_, Q, K, V, scale, _, _, _) in enumerate(layer_cases(models=("dinov2",)))]
-        # The replay of the library's policy must be the library's search, step for step.
+        # The grid holds the search's own bounds, and the near-miss loop without a near miss is the library's.
         for ((grid, largest), Q, K, V, scale, i) in layers:
             for tol in TOLS:
                 _, info = nystrom.approximate(Q, K, V, num_landmarks=FIRST, tol=tol, scale=scale, return_info=True)
-                tried = [step.m for step in info.tol_steps if step.solver != "exact"]
-                assert tried == replay(grid, largest, tol, "doubling")[1], (i, tol, tried)
+                tried = [step.m for step in info.tol_steps if step.solver != EXACT]
+                assert tried == library(grid, largest, tol)[1] == near_miss(grid, largest, tol, near=0)[1], (i, tol)
     (grid, largest), Q, K, V, scale, _ = layers[3]
     step, cpu = search_step(Q, K, V, scale), torch.device("cpu")
     call = {m: best_time(lambda m=m: nystrom.approximate(Q, K, V, num_landmarks=m, scale=scale), cpu, 5) for m in grid}
@@ -109,11 +121,12 @@ def main():
     print("one thread, (1, 6, 1370, 64), ms: " + ", ".join(f"m = {m}: call {1e3 * call[m]:.1f}, step "
                                                              f"{1e3 * cost[m]:.1f}" for m in grid)
           + f"; exact {1e3 * exact:.1f}; {SAMPLED_ROWS} rows {1e3 * rows:.1f}")
-    for policy in ("doubling", "refine", "near miss"):
+    policies = {"doubling": library, "refine": functools.partial(library, refine=True), "near miss": near_miss}
+    for policy, search in policies.items():
         for tol in TOLS:
             within, answers, ratios, times = 0, 0, [], []
             for (grid, largest), *_ in layers:
-                m, steps = replay(grid, largest, tol, policy)
+                m, steps = search(grid, largest, tol)
                 spent = rows + sum(cost[s] for s in steps)
                 if m is None:
                     within += 1

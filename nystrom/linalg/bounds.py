@@ -68,7 +68,6 @@ class TraceCertificate:
     log_scale: Any
 
 
-
 def check_points(name: str, X, xp=None):
     """Validate a ``(..., n, D)`` real floating, finite, non-empty array; return its namespace."""
     xp = xp or namespace(**{name: X})
