@@ -358,9 +358,7 @@ def approximate(
                                               attend=attend)
 
         (landmarks, factors), steps = search_for_tol(
-            xp, Q, K, V, attempt, lambda attempted, rows: nystrom_output(xp, xp.take(Q, rows, axis=-2),
-                                                                         attempted[1], attend),
-            lambda: (None, None), first=m, num_keys=largest, real_keys=real_keys, key_mask=keys,
+            xp, Q, K, V, attempt, lambda: (None, None), first=m, num_keys=largest, real_keys=real_keys, key_mask=keys,
             max_landmarks=max_landmarks, tol=tol, strict=strict_tol, solver=solve, scale=tau,
             seed=0 if seed is None else seed, attend=attend)
         # What the steps shared (float32 features, the probes' attention) is not needed for the output.

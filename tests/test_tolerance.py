@@ -73,6 +73,7 @@ def test_each_step_computes_its_output_at_the_sampled_rows_only(monkeypatch):
     # The whole output, n_q rows, is computed once, for the step returned; every step before it only at the 128 rows
     # of the estimate (about half a step's FLOPs at n_q = n).
     import nystrom.approximation
+    import nystrom.linalg.tolerance
 
     rows = []
     output = nystrom.approximation.nystrom_output
@@ -81,6 +82,8 @@ def test_each_step_computes_its_output_at_the_sampled_rows_only(monkeypatch):
         rows.append(Q.shape[-2])
         return output(xp, Q, factors, attend)
 
+    # The search's steps and approximate's whole output.
+    monkeypatch.setattr(nystrom.linalg.tolerance, "nystrom_output", counted)
     monkeypatch.setattr(nystrom.approximation, "nystrom_output", counted)
     Q, K, V = smooth_tokens(0)
     out, info = nystrom.approximate(Q, K, V, num_landmarks=8, tol=0.05, return_info=True)
@@ -113,6 +116,7 @@ def test_what_the_steps_shared_is_freed_before_the_whole_output(monkeypatch):
     import gc
 
     import nystrom.approximation
+    import nystrom.linalg.tolerance
     from nystrom.linalg.landmarks import Selection
 
     held = []
@@ -122,6 +126,7 @@ def test_what_the_steps_shared_is_freed_before_the_whole_output(monkeypatch):
         held.append(sum(len(x.memo) for x in gc.get_objects() if type(x) is Selection))
         return output(xp, Q, factors, attend)
 
+    monkeypatch.setattr(nystrom.linalg.tolerance, "nystrom_output", counted)
     monkeypatch.setattr(nystrom.approximation, "nystrom_output", counted)
     Q, K, V = smooth_tokens(0)
     nystrom.approximate(Q, K, V, num_landmarks=8, tol=0.05)

@@ -6,6 +6,7 @@ import math
 import warnings
 from typing import Any, NamedTuple
 
+from .attention import nystrom_output
 from .bounds import ErrorEstimate, sample_rows
 from .flops import exact_attention_flops, nystrom_attention_flops
 from .solvers import NewtonSchulz, Solver
@@ -248,14 +249,15 @@ def search_landmarks(attempt, estimate, first, largest, tol, strict, solver, exa
     return best_result, steps
 
 
-def search_for_tol(xp, Q, K, V, attempt, output_at, exact, *, first, num_keys, key_mask, max_landmarks, tol, strict,
-                   solver, scale, seed, real_keys=None, attend=None, refine=False):
+def search_for_tol(xp, Q, K, V, attempt, exact, *, first, num_keys, key_mask, max_landmarks, tol, strict,
+                   solver, scale, seed, attend, real_keys=None, refine=False):
     r"""The whole search of ``tol=`` (``approximate`` and ``patch``), on checked inputs.
 
     Sets the range (:func:`nystrom_pays`, :func:`search_range`), samples the 128 exact rows once
     (:func:`~nystrom.linalg.bounds.sample_rows`; none where exact attention answers at once) and runs
-    :func:`search_landmarks`. A step computes its output only at the sampled rows (``output_at``): the caller
-    computes the whole output once, for the result returned. A step so computes the output product,
+    :func:`search_landmarks`. A step computes its output only at the sampled rows
+    (:func:`~nystrom.linalg.attention.nystrom_output` of its factors): the caller computes the whole output once,
+    for the result returned. A step so computes the output product,
     :math:`2 n_q m (d + d_v)`, at 128 rows instead of :math:`n_q`: at DINOv2-S's shape (:math:`n_q = n = 1{,}370`,
     :math:`d = 64`, six Newton–Schulz steps) that leaves out 44 % of a whole call's FLOPs at :math:`m = 16`, 34 % at
     64 and 20 % at 128, where the solve weighs most.
@@ -266,13 +268,12 @@ def search_for_tol(xp, Q, K, V, attempt, output_at, exact, *, first, num_keys, k
     K, V : arrays, shape (..., n, d) and (..., n, d_v)
         Padded rows zeroed.
     attempt : callable
-        ``attempt(m, solver) -> result``, everything of the approximation at :math:`m` but its output.
-    output_at : callable
-        ``output_at(result, rows)``: the output ``(..., s, d_v)`` of an attempt at the query rows ``rows``, an
-        integer array of shape (s,) on the device of ``Q``.
+        ``attempt(m, solver) -> (result, factors)``, everything of the approximation at :math:`m` but its output:
+        whatever the caller keeps, and the :class:`~nystrom.linalg.attention.NystromFactors` whose output at the
+        sampled rows the estimate reads.
     exact : callable
-        ``exact() -> result``: the result that stands for exact attention, used where the range allows it (a
-        marker: the caller computes exact attention itself when the search returns it).
+        ``exact() -> (result, None)``: what stands for exact attention, used where the range allows it (a marker:
+        the caller computes exact attention itself when the search returns it).
     first, num_keys : int
         The starting :math:`m` and the most landmarks the keys allow.
     real_keys : int, optional
@@ -286,20 +287,24 @@ def search_for_tol(xp, Q, K, V, attempt, output_at, exact, *, first, num_keys, k
     scale : float
     seed : int
         Of the row sample.
-    attend : callable, optional
-        The exact attention of the sampled rows, as :func:`~nystrom.linalg.bounds.sample_rows` takes it.
+    attend : callable
+        Attention as :func:`~nystrom.linalg.attention.nystrom_product` takes it: of the sampled rows, exact and
+        through the factors.
     refine : bool
         As :func:`search_landmarks` takes it.
 
     Returns
     -------
-    result, steps
-        As :func:`search_landmarks`.
+    (result, factors), steps
+        As :func:`search_landmarks` returns them.
     """
     pays = nystrom_pays(Q.shape[-2], K.shape[-2], Q.shape[-1], V.shape[-1])
     top, exact_allowed = search_range(first, num_keys, Q.shape[-2], max_landmarks, pays, solver)
     rows = None if top < first else sample_rows(xp, Q, K, V, num_samples=SAMPLED_ROWS, seed=seed, scale=scale,
                                                 keys=key_mask, attend=attend)
-    return search_landmarks(attempt, lambda result: rows.estimate(output_at(result, rows.at), CONFIDENCE), first, top,
+    def estimate(attempted):
+        return rows.estimate(nystrom_output(xp, xp.take(Q, rows.at, axis=-2), attempted[1], attend), CONFIDENCE)
+
+    return search_landmarks(attempt, estimate, first, top,
                             tol, strict, solver, exact=exact if exact_allowed else None,
                             keys=num_keys if real_keys is None else real_keys, refine=refine)

@@ -180,12 +180,13 @@ class FNAHandle(Handle):
 
         def attempt(m, solver):
             landmarks, sampled = self._landmarks(layer, query, key, value, real, scale, m, memo)
-            return landmarks, sampled, nystrom_factors(xp, key, value, landmarks, unchecked(solver), scale=scale,
-                                                       mask=None if keys is None else keys[..., None, :], attend=attend)
+            return (landmarks, sampled), nystrom_factors(xp, key, value, landmarks, unchecked(solver), scale=scale,
+                                                         mask=None if keys is None else keys[..., None, :],
+                                                         attend=attend)
 
         steps = ()
         if self.tol is None or layer in self.num_landmarks_per_layer:
-            landmarks, sampled, factors = attempt(m, self.solver_per_layer.get(layer, self.solver))
+            (landmarks, sampled), factors = attempt(m, self.solver_per_layer.get(layer, self.solver))
             memo.clear()  # what selection kept is not needed for the output
         else:
             # Calibration, on this layer's first pass: the doubling search of approximate(tol=...), on 128 exact
@@ -195,10 +196,8 @@ class FNAHandle(Handle):
             fewest = n if real is None else fewest_real_keys(xp, real)
             first = min(m, fewest)
             # The model's own attention answers for an exact step, below.
-            (landmarks, sampled, factors), steps = search_for_tol(
-                xp, query, key, value, attempt,
-                lambda attempted, rows: nystrom_output(xp, xp.take(query, rows, axis=-2), attempted[2], attend),
-                lambda: (None, False, None),
+            ((landmarks, sampled), factors), steps = search_for_tol(
+                xp, query, key, value, attempt, lambda: ((None, False), None),
                 first=first, num_keys=fewest, key_mask=keys, max_landmarks=self.max_landmarks, tol=self.tol,
                 strict=self.strict_tol, solver=self.solver, scale=scale, seed=0,
                 attend=attend, refine=True)
