@@ -335,6 +335,8 @@ def test_solvers_reject_bad_input(call, mutation, solver):
     (lambda: nystrom.FPS(first=True), "first"), (lambda: nystrom.Norm(first=0.5), "first"),
     (lambda: nystrom.Norm(sample_size=0), "sample_size"), (lambda: nystrom.Norm(assign_all="no"), "assign_all"),
     (lambda: nystrom.KMeans(assign_all="no"), "assign_all"),
+    (lambda: nystrom.KMeans(sample_size=1.5), "sample_size"), (lambda: nystrom.Norm(iters=1.5), "iters"),
+    (lambda: nystrom.NewtonSchulz(max_iters=-1), "max_iters"), (lambda: nystrom.FPS(use_queries=1), "use_queries"),
 ])
 def test_object_constructors_reject_bad_options(make, name):
     expect_named_error(make, {}, name)

@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 import array_api_compat
 
 from .numerics import detached
-from .validation import check_finite, check_real, namespace, resolve
+from .validation import check_finite, check_int, check_real, namespace, resolve
 
 
 @dataclass(frozen=True)
@@ -179,9 +179,8 @@ class NewtonSchulz(Solver, name="newton_schulz", iterative=True):
     max_iters: int = 100
 
     def __post_init__(self):
-        for field, value in (("iters", self.iters), ("max_iters", self.max_iters)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"NewtonSchulz {field} must be a non-negative int, got {value!r}")
+        check_int("NewtonSchulz iters", self.iters, minimum=0)
+        check_int("NewtonSchulz max_iters", self.max_iters, minimum=0)
         if check_real("NewtonSchulz tol", self.tol, optional=True) is not None and not (0 < self.tol < math.inf):
             raise ValueError(f"NewtonSchulz tol must be positive or None, got {self.tol!r}")
 

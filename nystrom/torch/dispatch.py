@@ -38,7 +38,8 @@ from torch import nn
 from ..linalg.validation import MASKED_FRACTION_OF_MIN
 
 __all__ = [
-    "Handle", "attention_layers", "block_input", "check_token_spec", "padding_mask_from_attention_mask", "token_mask",
+    "Handle", "attention_layers", "block_input", "check_token_spec", "layer_indices",
+    "padding_mask_from_attention_mask", "token_mask",
 ]
 
 # Attention module -> its handlers, innermost (closest to the original attention function) first.
@@ -233,7 +234,9 @@ def layer_index(value):
         return None
 
 
-def _layer_indices(layers, num_layers, default):
+def layer_indices(layers, num_layers, default):
+    """The sorted distinct layers of ``layers`` (an int or an iterable of ints, each in ``[0, num_layers)``), or
+    ``default`` for ``None``: ``TypeError`` or ``ValueError`` naming ``layers`` otherwise."""
     if layers is None:
         return default
     if layer_index(layers) is not None:
@@ -303,7 +306,7 @@ class Handle:
 
     def __init__(self, model, layers=None):
         self._blocks = attention_layers(model)
-        self.layers = _layer_indices(layers, len(self._blocks), self.default_layers(len(self._blocks)))
+        self.layers = layer_indices(layers, len(self._blocks), self.default_layers(len(self._blocks)))
         self.inputs: dict[int, torch.Tensor] = {}
         self._installed: list[tuple[nn.Module, Callable]] = []
         self._hooks = []

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from nystrom.torch.dispatch import layer_indices
+
 from ..stamp import busy_warning, make_stamp
 from . import dinov2, minilm
 from .dinov2 import evaluate_dinov2
@@ -34,10 +36,8 @@ def check_evaluation(models=MODELS, *, layers=None, num_landmarks=DEFAULT_LANDMA
     Grid(num_landmarks, strategies, solvers, seed)  # checks m, the specs and the seed
     module = {"dinov2": dinov2, "minilm": minilm}
     if layers is not None:
-        fewest = min(module[name].NUM_LAYERS for name in models)
-        if any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < fewest for i in layers) or not layers:
-            raise ValueError(f"layers must be layer indices in [0, {fewest}) for {' and '.join(models)}, "
-                             f"got {list(layers)}")
+        # The rule patching applies, against the model with the fewest layers.
+        layer_indices(layers, min(module[name].NUM_LAYERS for name in models), None)
     if "dinov2" in models:
         dinov2.check_options(images, crops, size)
     if "minilm" in models:

@@ -27,7 +27,7 @@ import numpy as np
 from ..numerics import put_where
 from ..sequence import WHOLE
 from ..solvers import NewtonSchulz
-from ..validation import check_int
+from ..validation import check_bool, check_int
 from .base import TokenStrategy, host_view
 
 
@@ -237,9 +237,8 @@ class FPS(TokenStrategy, name="fps", sharded=True):
     use_queries: bool = False
 
     def __post_init__(self):
-        for field in ("from_guaranteed", "use_queries"):
-            if not isinstance(getattr(self, field), bool):
-                raise TypeError(f"FPS {field} must be a bool, got {getattr(self, field)!r}")
+        check_bool("FPS from_guaranteed", self.from_guaranteed)
+        check_bool("FPS use_queries", self.use_queries)
         check_int("FPS first", self.first, minimum=None, optional=True)
 
     def pick(self, selection, X, mask):

@@ -21,7 +21,7 @@ import numpy as np
 
 from ..numerics import put_along_axis, put_where, segment_sum
 from ..sequence import WHOLE
-from ..validation import check_bool
+from ..validation import check_bool, check_int
 from .base import ClusterStrategy, Grouping, gather_rows, host_view
 from .fps import farthest_points
 
@@ -187,11 +187,8 @@ class KMeans(ClusterStrategy, name="kmeans", weighted=True, sharded=True):
     assign_all: bool = False
 
     def __post_init__(self):
-        if isinstance(self.iters, bool) or not isinstance(self.iters, int) or self.iters < 0:
-            raise ValueError(f"KMeans iters must be a non-negative int, got {self.iters!r}")
-        if self.sample_size is not None and (isinstance(self.sample_size, bool) or not isinstance(
-                self.sample_size, int) or self.sample_size < 1):
-            raise ValueError(f"KMeans sample_size must be None or a positive int, got {self.sample_size!r}")
+        check_int("KMeans iters", self.iters, minimum=0)
+        check_int("KMeans sample_size", self.sample_size, minimum=1, optional=True)
         check_bool("KMeans assign_all", self.assign_all)
 
     def assign(self, selection, queries):

@@ -169,10 +169,8 @@ class Norm(ClusterStrategy, name="norm", weighted=True, sharded=True):
         for field in ("sink_quorum", "max_singleton_fraction"):
             if not (0 < check_real(f"Norm {field}", getattr(self, field)) <= 1):
                 raise ValueError(f"Norm {field} must be in (0, 1], got {getattr(self, field)!r}")
-        for field, low in (("num_probes", 1), ("iters", 0)):
-            value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"Norm {field} must be an int >= {low}, got {value!r}")
+        check_int("Norm num_probes", self.num_probes, minimum=1)
+        check_int("Norm iters", self.iters, minimum=0)
         check_int("Norm first", self.first, minimum=None, optional=True)
         check_int("Norm sample_size", self.sample_size, minimum=1, optional=True)
         check_bool("Norm assign_all", self.assign_all)
