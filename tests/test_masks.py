@@ -144,6 +144,26 @@ def test_padding_contents_change_nothing(strategy, fill):
     assert torch.equal(out, ref)
 
 
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("fill", [1e4, 1e38])
+def test_padded_features_change_nothing(strategy, fill):
+    # Selection features (the hidden states patching passes) are padded like the keys: padded rows holding large
+    # finite numbers once overflowed fps's and k-means's distances, which put landmarks on padding (a review finding,
+    # up to 2.6 of difference in a real row's output).
+    Q, K, V = qkv(8, (2, 2, 64, 8), torch.float32)
+    features = torch.randn(2, 64, 12, generator=torch.Generator().manual_seed(8))
+    mask = torch.ones(2, 1, 1, 64, dtype=torch.bool)
+    mask[1, ..., 48:] = False
+    filled = features.clone()
+    filled[1, 48:] = fill
+    zeroed = features.clone()
+    zeroed[1, 48:] = 0
+    out, ref = (nystrom.approximate(Q, K, V, strategy=strategy, num_landmarks=8, attn_mask=mask, features=f, seed=0)
+                for f in (filled, zeroed))
+    assert torch.isfinite(out).all()
+    assert torch.equal(out, ref)
+
+
 @pytest.mark.parametrize("fill", [1e4, 3e38])
 def test_padding_contents_change_no_error_estimate(fill):
     # Large finite padding changes neither the sampled estimate of estimate_relative_error nor the search of tol=

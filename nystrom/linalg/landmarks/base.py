@@ -226,9 +226,10 @@ class Selection:
     @cached
     def points(self):
         """Selection features ``(..., n, D)``: ``features`` if given, else the keys with shared heads averaged;
-        float32 or wider."""
+        float32 or wider, zero on padding (the keys' padding is zeroed before selection; padded ``features`` rows may
+        hold anything finite, up to 3e38, which would overflow the distances of every rule)."""
         if self.features is not None:
-            return at_least_float32(self.xp, self.features)
+            return without_padding(self.xp, self.mask, at_least_float32(self.xp, self.features))[0]
         return fold_heads(self.xp, self.K, self.head_axis)
 
     @cached
