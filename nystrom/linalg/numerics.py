@@ -216,7 +216,12 @@ def put_where(xp, array, indices, values, where=None):
     spare = xp.zeros((*array.shape[:-1], 1), dtype=array.dtype, device=array_api_compat.device(array))
     slots = xp.where(where, indices, xp.full((), n, dtype=indices.dtype, device=array_api_compat.device(indices)))
     values = xp.broadcast_to(values, tuple(slots.shape))
-    return put_along_axis(xp, xp.concat([array, spare], axis=-1), slots, values)[..., :n]
+    padded = xp.concat([array, spare], axis=-1)
+    if array_api_compat.is_torch_array(padded):
+        # In place into the fresh padded copy: put_along_axis would copy it once more (page faults of an (..., n)
+        # array per call, three calls per norm selection).
+        return padded.scatter_(-1, slots, values)[..., :n]
+    return put_along_axis(xp, padded, slots, values)[..., :n]
 
 
 def searchsorted_rows(xp, sorted_rows, values):
