@@ -36,6 +36,9 @@ V = rng.standard_normal((2, 10, 3))
         (dict(solver="svd"), ValueError, "unknown solver 'svd'; candidates are:\n  'newton_schulz': "),
         (dict(solver="solve"), ValueError, "(?s)unknown solver 'solve'; candidates are:.*'ridge': "),
         (dict(strategy=3), TypeError, "strategy must be"),
+        # A class is callable too: it was called with the call's arguments as its options.
+        (dict(strategy=nystrom.FPS), TypeError, r"strategy must be a Strategy object, not the class: pass FPS\(\)"),
+        (dict(solver=nystrom.PInv), TypeError, r"solver must be a Solver object, not the class: pass PInv\(\)"),
         (dict(scale=-1.0), ValueError, "scale must be a finite positive"),
         (dict(scale="big"), TypeError, "scale must be a real number"),
         (dict(seed=-1), ValueError, "seed must be at least 0"),

@@ -564,12 +564,15 @@ def resolve(argument: str, registry: dict, value, base: type):
     ValueError
         For an unknown name; the message lists each candidate with what it does.
     TypeError
-        For anything that is neither a string nor callable.
+        For anything that is neither a string nor callable, and for a class of the family instead of an object.
     """
     if isinstance(value, str):
         if value in registry:
             return registry[value]()
         raise ValueError(f"unknown {argument} {value!r}; candidates are:\n{describe(registry)}")
+    if isinstance(value, type) and issubclass(value, base):
+        # The class itself is callable, with the call's arguments taken as its options: a confusing error later.
+        raise TypeError(f"{argument} must be a {base.__name__} object, not the class: pass {value.__name__}()")
     if callable(value):
         return value
     raise TypeError(
