@@ -149,6 +149,38 @@ def test_landmarks_never_on_padding(strategy):
         assert np.abs(lm.keys).max() < 50.0  # no centroid touched the padding
 
 
+@pytest.mark.parametrize("xp_name", ["numpy", "torch"])
+@pytest.mark.parametrize("strategy", [FPS(), KMeans(), KMeans(assign_all=True)])
+def test_distance_rules_pick_the_same_under_power_of_two_scaling(strategy, xp_name):
+    # Picks and labels depend on distances only, which a power of two scales exactly: keys times 2**64 (about 2e19,
+    # where float32's squared norms overflow and once made the distances NaN and the picks repeat) must give the
+    # same landmarks as the keys themselves, bit for bit, and 2**-64 too.
+    Q, K, _ = qkv(21, (2, 2, 300, 8))
+    Q, K = Q.astype(np.float32), K.astype(np.float32)
+    if xp_name == "torch":
+        Q, K = torch.from_numpy(Q), torch.from_numpy(K)
+    plain = strategy(Q, K, 16, head_axis=-3)
+    for factor in (2.0**64, 2.0**-64):
+        scaled = strategy(Q, K * factor, 16, head_axis=-3)
+        if plain.indices is not None:
+            np.testing.assert_array_equal(np.asarray(scaled.indices), np.asarray(plain.indices))
+        else:
+            np.testing.assert_array_equal(np.asarray(scaled.grouping.labels), np.asarray(plain.grouping.labels))
+        np.testing.assert_array_equal(np.asarray(scaled.keys), np.asarray(plain.keys * factor))
+
+
+@pytest.mark.parametrize("strategy", ALL)
+def test_huge_finite_keys_are_exact_at_m_equals_n(strategy):
+    # Keys of about 1e19 in float32 are finite and float32 SDPA is exact on them (one-hot attention); so must every
+    # rule be with every token a landmark (fps, kmeans and norm once gave errors near 1).
+    Q, K, V = (torch.from_numpy(x.astype(np.float32)) for x in qkv(22, (1, 2, 24, 8)))
+    K = K * 1e19
+    out = nystrom.approximate(Q, K, V, strategy=strategy, num_landmarks=24, solver="pinv", seed=0)
+    ref = torch.nn.functional.scaled_dot_product_attention(Q.double(), K.double(), V.double())
+    # One-hot rows: the output is a row of V, up to float32 rounding.
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("strategy", ["fps", "norm", "segment_means"])
 def test_padding_changes_nothing_for_real_tokens(strategy):
     Q, K, V = qkv(3, shape=(1, 2, 13, 4))

@@ -525,6 +525,24 @@ def gather_rows(xp, X, idx):
     return xp.take_along_axis(X, xp.broadcast_to(idx[..., None], (*idx.shape, X.shape[-1])), axis=-2)
 
 
+def unit_scale(xp, X, axis=WHOLE):
+    r"""A power of two :math:`2^{-e}` per row ``(..., 1, 1)`` of ``X (..., n, D)`` (the whole sequence's on a sharded
+    ``axis``) that brings its largest magnitude into :math:`[1, 2)`; :math:`e` is kept within the dtype's normal
+    exponents, so an all-zero row gets a finite factor.
+
+    Distance rules (farthest points, k-means) square the points: past about 1e18 in float32 the squared norms
+    overflow, :math:`\infty - \infty` makes the distances NaN, and the picks repeat (float32 SDPA is exact there).
+    Points times :math:`2^{-e}` scale every distance by an exact power of four, so the picks and labels are those of
+    the points themselves, bit for bit, short of subnormals.
+    """
+    # Two reductions rather than one of |X|, which would be an (n, D) array of its own.
+    largest = axis.max(xp.maximum(xp.max(X, axis=(-2, -1), keepdims=True), -xp.min(X, axis=(-2, -1), keepdims=True)))
+    info = xp.finfo(X.dtype)
+    low, high = math.log2(info.smallest_normal), math.floor(math.log2(info.max))
+    exponent = xp.clip(xp.floor(xp.log2(largest)), min=low, max=high)
+    return xp.pow(xp.full((), 2.0, dtype=X.dtype, device=array_api_compat.device(X)), -exponent)
+
+
 def landmarks_at(xp, Q, K, idx, query_idx=None, axis=WHOLE) -> Landmarks:
     """Landmarks that are real tokens: keys ``K[idx]`` and queries ``Q[query_idx]`` (default ``idx``); on a sharded
     ``axis`` (self-attention), global positions ``idx`` whose rows the processes holding them contribute."""

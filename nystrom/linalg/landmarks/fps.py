@@ -28,7 +28,7 @@ from ..numerics import put_where
 from ..sequence import WHOLE
 from ..solvers import NewtonSchulz
 from ..validation import check_bool, check_int
-from .base import TokenStrategy, host_view
+from .base import TokenStrategy, host_view, unit_scale
 
 
 def farthest_point_sampling(X, num_points, *, mask=None, guarantee_score=None, max_guaranteed=None,
@@ -94,6 +94,7 @@ def farthest_points(X, num_points, *, mask=None, guarantee_score=None, max_guara
     fewer eligible points than ``num_points`` repeats its first point in the picks left over (k-means seeding
     asks for ``m`` seeds where singletons left fewer eligible tokens, and drops the extra ones)."""
     xp = array_api_compat.array_namespace(X)
+    X = X * unit_scale(xp, X, axis)
     host = None if axis.sharded else host_view(X)
     if host is None:
         return _fps_on_device(xp, X, num_points, mask, guarantee_score, max_guaranteed, from_guaranteed, axis)

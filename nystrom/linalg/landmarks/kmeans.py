@@ -22,7 +22,7 @@ import numpy as np
 from ..numerics import put_along_axis, put_where, segment_sum
 from ..sequence import WHOLE
 from ..validation import check_bool, check_int
-from .base import ClusterStrategy, Grouping, gather_rows, host_view
+from .base import ClusterStrategy, Grouping, gather_rows, host_view, unit_scale
 from .fps import farthest_points
 
 
@@ -124,6 +124,9 @@ def sampled_kmeans(xp, X, m, mask=None, *, iters=3, sample_size=None, active=Non
     s = min(total, max(sample_size or max(1024, 16 * m), m))
     rows, in_sample, held = evenly_spaced(xp, X.shape[:-1], s, mask, device, axis)
     sample = axis.gather(xp, X, rows, held)
+    # Distances in units where the sample's largest entry is about 1: labels unchanged, no overflow.
+    unit = unit_scale(xp, sample)
+    sample = sample * unit
     # Deterministic throughout: an evenly spaced sample and farthest-point seeds (a random sample with k-means++
     # seeds moved the error on real attention by up to 40 % from one seed to another; docs' landmark page).
     seeds = farthest_points(sample, m, mask=in_sample)
@@ -148,7 +151,7 @@ def sampled_kmeans(xp, X, m, mask=None, *, iters=3, sample_size=None, active=Non
     if assign_all or s == total:
         seed_tokens = xp.take_along_axis(rows, seeds, axis=-1)
         seed_held = None if held is None else xp.take_along_axis(held, seeds, axis=-1)
-        labels = put_where(xp, nearest(xp, X, centroids, active), seed_tokens, own, seed_held)
+        labels = put_where(xp, nearest(xp, X * unit, centroids, active), seed_tokens, own, seed_held)
         return Grouping(labels if mask is None else xp.where(mask, labels, -xp.ones_like(labels)))
     labels = put_along_axis(xp, nearest(xp, sample, centroids, active), seeds, own)
     if in_sample is None:
