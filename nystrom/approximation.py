@@ -33,6 +33,7 @@ from .linalg.validation import (
     check_selection,
     check_tolerance,
     check_unknown_arguments,
+    every_key_a_landmark,
 )
 
 
@@ -44,8 +45,9 @@ class Info:
     ----------
     landmarks : Landmarks or None
         The landmark queries/keys; ``landmarks.indices`` ``(..., m)`` holds token positions for
-        strategies that pick real tokens (``None`` for segment means and k-means). ``None`` when ``tol`` was
-        answered by exact attention (the last of ``tol_steps`` has solver ``"exact"``).
+        strategies that pick real tokens (``None`` for segment means and k-means). ``None`` when the call was
+        answered by exact attention: with ``tol`` (the last of ``tol_steps`` has solver ``"exact"``), and for
+        cross-attention with every real key a landmark (see ``num_landmarks``).
     residual : array, shape (...), or None
         Relative Moore–Penrose residual :math:`\\lVert AZA-A\\rVert_F/\\lVert A\\rVert_F` of the
         pseudo-inverse :math:`Z` of each landmark kernel :math:`A` (``None`` for exact attention).
@@ -164,7 +166,12 @@ def approximate(
         ``"kmeans"``, ``"rpcholesky"``, a strategy object such as ``nystrom.Norm(sink_ratio=8)``, or
         any callable with the strategy signature (:mod:`nystrom.linalg.landmarks.base`).
     num_landmarks : int
-        :math:`m`, with ``1 <= m <= n`` (and at most the real keys of every padded sequence).
+        :math:`m`, with ``1 <= m <= n`` (and at most the real keys of every padded sequence). With every token a
+        landmark, self-attention is exact through the formula (:math:`A A^+ A = A`). Cross-attention
+        (:math:`n_q \ne n`) is exact there only through :math:`A^+ A = I`, which rounding loses when attention is
+        peaked, so a cross-attention call whose every real key is a landmark (:math:`m = n`, or :math:`m` = the
+        real keys of every sequence) returns exact attention, which costs less (``Info.landmarks`` is ``None``).
+        Padded query rows of self-attention are such queries too, and only approximately exact at :math:`m = n`.
     solver : str or callable
         ``"newton_schulz"`` (default, 6 iterations, as in FNA/Nyströmformer), ``"pinv"``,
         ``"ridge"``, or a solver object such as ``nystrom.NewtonSchulz(tol=1e-10)``.
@@ -346,7 +353,12 @@ def approximate(
 
     mask = None if keys is None else keys[..., None, :]
     steps = ()
-    if tol is None:
+    if tol is None and every_key_a_landmark(xp, Q, K, m, keys, fewest):
+        # Cross-attention with every real key a landmark: exact only through A^+ A = I, which a peaked landmark
+        # kernel loses in rounding (a review found 0.16 of error in float32 at m = n); exact attention is exact and
+        # cheaper. Self-attention needs no such step: its landmark queries are tokens, and A A^+ A = A.
+        landmarks, out = None, attend(Q, K, V, mask)
+    elif tol is None:
         landmarks = run_strategy(select, Selection.of(xp, Q, K, m, keys, seed, head_axis, features, tau))
         out, result = nystrom_product(xp, Q, K, V, landmarks, unchecked(solve), scale=tau, mask=mask, attend=attend)
     else:

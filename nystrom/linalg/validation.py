@@ -368,6 +368,17 @@ def fewest_real_keys(xp, keys) -> int:
     return int(xp.min(xp.sum(xp.astype(keys, xp.int64), axis=-1)))
 
 
+def every_key_a_landmark(xp, Q, K, m, keys, fewest) -> bool:
+    """Whether a checked cross-attention call (``n_q != n``) makes every real key of every sequence a landmark:
+    ``m = n`` without a key mask, or ``m`` the real keys of the shortest sequence (``fewest``, read by
+    :func:`check_selection`) and of the longest (read here, only then)."""
+    if Q.shape[-2] == K.shape[-2]:
+        return False
+    if keys is None:
+        return m == K.shape[-2]
+    return fewest == m and int(xp.max(xp.sum(xp.astype(keys, xp.int64), axis=-1))) == m
+
+
 def check_error_control(tol, max_landmarks, strict_tol, m, largest=None):
     """Validate the error control of ``approximate`` and ``patch``; return ``(tol, max_landmarks)`` (``None`` where
     not given).

@@ -288,6 +288,37 @@ def test_norm_makes_massive_feature_tokens_and_cls_singletons():
     assert np.exp(plain.log_weights).sum() == 40
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("strategy", ALL)
+def test_cross_attention_with_every_key_a_landmark_is_exact_attention(strategy, padded, dtype):
+    # Peaked cross-attention (logits up to ~90): through the formula m = n keys was exact only through A^+ A = I,
+    # which rounding loses (0.16-0.24 of error in float32 with pinv, a review finding); the call answers with exact
+    # attention, and Info says so.
+    gen = torch.Generator().manual_seed(23)
+    Q = torch.randn(2, 2, 50, 16, generator=gen, dtype=dtype)
+    K = 20 * torch.randn(2, 2, 32, 16, generator=gen, dtype=dtype)
+    V = torch.randn(2, 2, 32, 16, generator=gen, dtype=dtype)
+    mask, m = None, 32
+    if padded:
+        mask = torch.ones(2, 1, 1, 32, dtype=torch.bool)
+        mask[..., 27:] = False
+        m = 27
+    out, info = nystrom.approximate(Q, K, V, strategy=strategy, num_landmarks=m, attn_mask=mask, solver="pinv",
+                                    seed=0, return_info=True)
+    ref = torch.nn.functional.scaled_dot_product_attention(Q.double(), K.double(), V.double(), attn_mask=mask)
+    # Exact attention in the input's dtype: float32 rounding of the softmax and the product.
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol)
+    assert info.landmarks is None and info.flops["total"] == info.exact_flops
+    # One real key fewer in one sequence: no longer every key, the formula answers.
+    if padded:
+        mask[1, ..., 26] = False
+        _, info = nystrom.approximate(Q, K, V, strategy=strategy, num_landmarks=26, attn_mask=mask, seed=0,
+                                      return_info=True)
+        assert info.landmarks is not None
+
+
 def test_cross_attention_landmarks():
     rng = np.random.default_rng(10)
     Q, K, V = rng.standard_normal((2, 9, 4)), rng.standard_normal((2, 21, 4)), rng.standard_normal((2, 21, 3))
