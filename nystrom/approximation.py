@@ -156,8 +156,10 @@ def approximate(
     ----------
     Q : array, shape (..., n_q, d)
         Queries: numpy array or torch tensor (CPU or CUDA; float16/bfloat16/float32/float64).
-        Leading dimensions are batch/heads, as in ``scaled_dot_product_attention`` ``(B, H, n, d)``.
-        ``n_q`` may differ from ``n`` (cross-attention).
+        Leading dimensions are batch/heads, as in ``scaled_dot_product_attention`` ``(B, H, n, d)``, and the same
+        for ``Q``, ``K`` and ``V``: unlike SDPA, no broadcasting (for key/value heads shared across query heads,
+        expand them: ``K.expand(*Q.shape[:-2], *K.shape[-2:])``, a view). ``n_q`` may differ from ``n``
+        (cross-attention).
     K : array, shape (..., n, d)
     V : array, shape (..., n, d_v)
     strategy : str or callable

@@ -156,6 +156,9 @@ def check_attention_inputs(Q, K, V=None, attn_mask=None, *, check_values=True, s
         raise ValueError(
             f"{', '.join(named)} must have the same leading (batch/head) dimensions, got "
             + ", ".join(str(tuple(a.shape[:-2])) for a in named.values())
+            # SDPA broadcasts them (grouped-query attention's shared K/V heads); here they are explicit.
+            + "; unlike scaled_dot_product_attention, no broadcasting: expand them to Q's, e.g. "
+            "K.expand(*Q.shape[:-2], *K.shape[-2:])"
         )
     if check_values:
         check_finite(xp, **named)
@@ -264,7 +267,11 @@ def check_attn_mask(xp, attn_mask, Q, K, *, check_values=True, shard=False):
                     f"mask mask[..., :1, :] (shape (..., 1, n)). {BIDIRECTIONAL}"
                 )
             if not bool(xp.all(attn_mask == attn_mask[..., :1, :])):
-                raise ValueError(f"attn_mask differs between queries (a causal or per-query mask). {BIDIRECTIONAL}")
+                raise ValueError(
+                    "attn_mask differs between queries (a causal or per-query mask, or padding masked along both "
+                    "axes, such as pad[..., :, None] & pad[..., None, :], whose key mask is a real query's row, "
+                    f"mask[..., i:i + 1, :]). {BIDIRECTIONAL}"
+                )
         mask = xp.reshape(attn_mask[..., :1, :], (*(1,) * (len(lead) + 2 - len(shape)), *shape[:-2], n))
     if kind == "bool":
         keys = mask
