@@ -325,7 +325,9 @@ class Handle:
                 block, attention = self._blocks[layer]
                 self._hooks.append(block.register_forward_pre_hook(
                     functools.partial(self._keep_input, layer), with_kwargs=True))
-                self._hooks.append(block.register_forward_hook(functools.partial(self._drop_input, layer)))
+                # always_call: a forward pass that raises must not leave the block's input (and its graph) held.
+                self._hooks.append(block.register_forward_hook(functools.partial(self._drop_input, layer),
+                                                               always_call=True))
                 for handler in handlers:
                     bound = functools.partial(handler, layer)
                     bound.terminal = getattr(handler, "terminal", False)

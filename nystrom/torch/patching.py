@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import array_api_compat
 import torch
@@ -150,6 +150,11 @@ class FNAHandle(Handle):
         """The later half, ``range(L // 2, L)``: FNA leaves the early layers exact."""
         return tuple(range(num_layers // 2, num_layers))
 
+    def remove(self):
+        """Uninstall (:meth:`Handle.remove`) and drop the landmarks shared across layers; :attr:`records` stay."""
+        super().remove()
+        self._shared = self._shared_eligible = self._shared_forced = None
+
     def _attend(self, layer, call_next, module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                 is_causal=None, **kwargs):
         if dropout:
@@ -217,7 +222,8 @@ class FNAHandle(Handle):
             counts = segment_sum(array_api_compat.array_namespace(key), ones, assignment, landmarks.keys.shape[-2])
             counts = counts[..., 0]
         indices = None if landmarks.indices is None else landmarks.indices[:, 0]
-        self.records[layer] = LayerRecord(indices, sampled, factors.solve.residual, assignment, counts, steps)
+        # Detached: a record outlives the pass, and must not keep its autograd graph (the whole forward's activations).
+        self.records[layer] = LayerRecord(indices, sampled, factors.solve.residual.detach(), assignment, counts, steps)
         return nystrom_output(xp, query, factors, attend).transpose(1, 2).contiguous(), None
 
     # It may answer without calling the model's own attention: it runs innermost, inside key masking and capture.
@@ -256,7 +262,11 @@ class FNAHandle(Handle):
             return landmarks_at(xp, query, key, shared.indices), False
         landmarks = self._select(layer, query, key, value, hidden, eligible, forced, scale, m, memo)
         if self.resample == "once" and layer == self.layers[0]:
-            self._shared, self._shared_eligible, self._shared_forced = landmarks, eligible, forced
+            # Later layers reuse the grouping or the indices only, with their own queries and keys: the shared copy
+            # holds no autograd graph, which would keep this pass's activations alive after it.
+            shared = replace(landmarks, queries=None, keys=landmarks.keys.detach(),
+                              log_weights=None if landmarks.log_weights is None else landmarks.log_weights.detach())
+            self._shared, self._shared_eligible, self._shared_forced = shared, eligible, forced
         return landmarks, True
 
     def _reusable(self, eligible, forced):
