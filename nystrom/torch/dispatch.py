@@ -189,10 +189,11 @@ def padding_mask_from_attention_mask(attention_mask, batch_size, num_keys):
     last = _last_padding_mask
     if (last is not None and last[0]() is attention_mask and last[1] == attention_mask._version
             and last[2] == (batch_size, num_keys)):
-        return last[3]
+        # A copy: a caller that edits its answer in place (a captured mask) must not edit the next layer's.
+        return last[3].clone()
     result = _padding_mask_of(attention_mask, batch_size, num_keys)
     _last_padding_mask = (weakref.ref(attention_mask), attention_mask._version, (batch_size, num_keys), result)
-    return result
+    return result.clone()
 
 
 _last_padding_mask = None
@@ -339,6 +340,11 @@ class Handle:
         return self
 
     def _keep_input(self, layer, block, args, kwargs):
+        if layer == self.layers[0]:
+            # The padding-mask answer lasts one forward pass: a mask buffer edited where torch's version counter does
+            # not see it (through .data, or a numpy array it shares memory with) is read afresh on the next pass.
+            global _last_padding_mask
+            _last_padding_mask = None
         self.inputs[layer] = block_input(args, kwargs)
 
     def _drop_input(self, layer, block, args, output):

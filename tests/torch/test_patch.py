@@ -578,6 +578,31 @@ def test_padding_mask_answer_follows_the_mask_tensor_and_its_edits():
         assert padding_mask_from_attention_mask(mask, 1, 5).tolist() == [[True, False, True, True, True]]
 
 
+def test_the_padding_mask_answer_lasts_one_pass_and_is_a_copy():
+    # Review findings: a mask buffer shared with numpy, edited between passes (no version bump), kept the first
+    # pass's padding; and a caller editing its answer in place (a captured mask) edited the next layer's.
+    model = tiny_model("bert", dtype=torch.float32)
+    inputs = tiny_inputs("bert")
+    # A 4-D additive mask reaches the layers as it is (a 2-D one becomes a new 4-D tensor every pass).
+    buffer = np.zeros((2, 1, 1, 12), dtype=np.float32)
+    mask = torch.from_numpy(buffer)
+    with torch.no_grad(), fna(model, num_landmarks=4, strategy="segment_means") as handle:
+        model(input_ids=inputs["input_ids"], attention_mask=mask)
+        # Batch 2 is padded; torch's version counter does not see an edit through numpy.
+        buffer[:] = np.where(inputs["attention_mask"].numpy()[:, None, None, :] == 1, 0, np.finfo(np.float32).min)
+        edited = model(input_ids=inputs["input_ids"], attention_mask=mask).last_hidden_state
+        counts = [record.counts.sum(-1).tolist() for record in handle.records.values()]
+        fresh = model(input_ids=inputs["input_ids"], attention_mask=mask.clone()).last_hidden_state
+    assert counts == [[12.0, 9.0]] * len(counts)
+    assert torch.equal(edited, fresh)
+    from nystrom.torch.dispatch import padding_mask_from_attention_mask
+
+    four_d = inputs["attention_mask"].bool()[:, None, None, :]
+    answer = padding_mask_from_attention_mask(four_d, 2, 12)
+    answer.fill_(True)
+    assert padding_mask_from_attention_mask(four_d, 2, 12).tolist()[1] == [True] * 9 + [False] * 3
+
+
 def test_fna_runs_on_a_padded_batch_under_inference_mode():
     model = tiny_model("bert", dtype=torch.float32)
     inputs = tiny_inputs("bert")
