@@ -125,7 +125,8 @@ def out_of_reach(high, before, m, largest, tol):
     return high / fall ** math.log2(largest / m) > tol
 
 
-def search_landmarks(attempt, estimate, first, largest, tol, strict, solver, exact=None, keys=None, refine=False):
+def search_landmarks(attempt, estimate, first, largest, tol, strict, solver, exact=None, keys=None, refine=False,
+                     where=""):
     r"""Double :math:`m` from ``first`` until the estimated error's upper bound is at most ``tol``; where the solver
     is the limit, escalate it; where Nyström attention does not pay, return exact attention.
 
@@ -174,6 +175,8 @@ def search_landmarks(attempt, estimate, first, largest, tol, strict, solver, exa
         With ``exact``: the :math:`m` its step records, every real key.
     refine : bool
         Try the mid-point between the last two doublings (above).
+    where : str
+        What the search is for, leading the message of a miss (``"FNA layer 7: "``; empty for a plain call).
 
     Returns
     -------
@@ -240,7 +243,7 @@ def search_landmarks(attempt, estimate, first, largest, tol, strict, solver, exa
                f"NewtonSchulz(iters=...))" if stalled else f"max_landmarks={largest} reached")
         if escalated is not None:
             why += f", also with {escalated!r}"
-        message = (f"tol={tol} not reached, {why}: estimated error {last.estimate:.3g}, "
+        message = (f"{where}tol={tol} not reached, {why}: estimated error {last.estimate:.3g}, "
                    f"95% interval [{last.low:.3g}, {last.high:.3g}]")
         if strict:
             raise RuntimeError(message)
@@ -250,7 +253,7 @@ def search_landmarks(attempt, estimate, first, largest, tol, strict, solver, exa
 
 
 def search_for_tol(xp, Q, K, V, attempt, exact, *, first, num_keys, key_mask, max_landmarks, tol, strict,
-                   solver, scale, seed, attend, real_keys=None, refine=False):
+                   solver, scale, seed, attend, real_keys=None, refine=False, where=""):
     r"""The whole search of ``tol=`` (``approximate`` and ``patch``), on checked inputs.
 
     Sets the range (:func:`nystrom_pays`, :func:`search_range`), samples the 128 exact rows once
@@ -290,8 +293,8 @@ def search_for_tol(xp, Q, K, V, attempt, exact, *, first, num_keys, key_mask, ma
     attend : callable
         Attention as :func:`~nystrom.linalg.attention.nystrom_product` takes it: of the sampled rows, exact and
         through the factors.
-    refine : bool
-        As :func:`search_landmarks` takes it.
+    refine, where
+        As :func:`search_landmarks` takes them.
 
     Returns
     -------
@@ -307,4 +310,4 @@ def search_for_tol(xp, Q, K, V, attempt, exact, *, first, num_keys, key_mask, ma
 
     return search_landmarks(attempt, estimate, first, top,
                             tol, strict, solver, exact=exact if exact_allowed else None,
-                            keys=num_keys if real_keys is None else real_keys, refine=refine)
+                            keys=num_keys if real_keys is None else real_keys, refine=refine, where=where)

@@ -205,7 +205,7 @@ class FNAHandle(Handle):
                 xp, query, key, value, attempt, lambda: ((None, False), None),
                 first=first, num_keys=fewest, key_mask=keys, max_landmarks=self.max_landmarks, tol=self.tol,
                 strict=self.strict_tol, solver=self.solver, scale=scale, seed=0,
-                attend=attend, refine=True)
+                attend=attend, refine=True, where=f"FNA layer {layer}: ")
             memo.clear()
             self.num_landmarks_per_layer[layer], self.solver_per_layer[layer] = steps[-1].m, steps[-1].solver
             if steps[-1].solver == EXACT:
@@ -390,8 +390,9 @@ def patch(model, *, layers=None, num_landmarks=64, strategy="norm", solver="newt
         activations show there), or the head-mean of the layer's queries, keys or values ``(B, n, d)``.
     guarantee : bool Tensor or callable, optional
         Tokens that are always landmarks (FNA's ``guarantee_mask``): a bool tensor ``(n,)`` or ``(B, n)``, or
-        ``select(layer_index, hidden_states) -> bool (B, n)``. The strategy fills the remaining slots. Needs a
-        strategy that picks tokens.
+        ``select(layer_index, hidden_states) -> bool (B, n)``. Each is a landmark of its own (a one-token group for
+        strategies that group tokens); the strategy fills the remaining slots. A strategy whose landmarks neither
+        pick nor group tokens is a ``ValueError`` in the forward pass.
     exclude : bool Tensor or callable, optional
         Tokens that are never landmarks (FNA's ``exclude_mask``); same forms. They are still attended to. A token
         both guaranteed and excluded is a ``ValueError`` in the forward pass; a guaranteed token that is padding
@@ -429,13 +430,19 @@ def patch(model, *, layers=None, num_landmarks=64, strategy="norm", solver="newt
     Raises
     ------
     TypeError, ValueError
-        For bad arguments (named in the message), at the call; also for a ``guarantee`` with a strategy that
-        does not pick tokens (the message lists which do), and for a layer that already runs FNA from another
+        For bad arguments (named in the message), at the call; also for a layer that already runs FNA from another
         handle (one approximation per attention; :func:`~nystrom.torch.masking.mask_keys` and
         :func:`~nystrom.torch.capture.capturing` wrap FNA in either order). In the forward pass: ``ValueError``
         for a model in training mode with attention dropout, causal attention, attention masks that are not key
         padding, or a ``guarantee`` larger than the landmark budget; ``RuntimeError`` under gradient
         checkpointing, which calls the attention outside its block.
+
+    Notes
+    -----
+    An FNA layer never forms the :math:`n \times n` attention matrix, so it returns no attention weights: with
+    ``output_attentions=True``, transformers leaves the FNA layers out of ``outputs.attentions``, whose entries then
+    no longer line up with layer indices. :func:`~nystrom.torch.capture.capture_attention` records the queries and
+    keys of any layer instead.
 
     See Also
     --------

@@ -668,12 +668,13 @@ def test_tol_on_a_sequence_too_short_for_nystrom_runs_the_models_attention():
 def test_tol_with_a_budget_never_calibrates_more_landmarks_than_it(num_landmarks, budget):
     # A budget below the 9 real keys of the shortest sequence rules exact attention out: the search starts at
     # num_landmarks clipped to 9 (as selection clips it, then to the budget), an unreachable tol drives it to the
-    # budget in every layer, the escalation included, and it warns.
+    # budget in every layer, the escalation included, and it warns, once per layer, naming it.
     model, inputs = tiny_model("bert"), tiny_inputs("bert")
-    with pytest.warns(UserWarning, match="not reached"):
+    with pytest.warns(UserWarning, match="not reached") as caught:
         with fna(model, layers=range(4), num_landmarks=min(num_landmarks, budget), tol=1e-9,
                  max_landmarks=budget) as handle:
             run(model, inputs)
+    assert [str(w.message).split(":")[0] for w in caught] == [f"FNA layer {layer}" for layer in range(4)]
     assert handle.num_landmarks_per_layer == dict.fromkeys(range(4), budget) and not handle.exact_layers
     for record in handle.records.values():
         assert max(step.m for step in record.tol_steps) == budget
