@@ -681,6 +681,26 @@ def test_tol_with_a_budget_never_calibrates_more_landmarks_than_it(num_landmarks
         assert record.counts.shape[-1] == budget
 
 
+@pytest.mark.parametrize("budget", [None, 12])
+def test_tol_never_records_more_landmarks_than_eligible_tokens(budget):
+    # Excluded tokens are never landmarks: the search stops at the eligible ones, so the m recorded is the m used
+    # (a review found steps [16, 32, 23] and 23 recorded with 20 eligible tokens, 20 used).
+    model = tiny_model("vit", dtype=torch.float32)
+    pixels = tiny_inputs("vit", dtype=torch.float32)["pixel_values"]
+    with torch.no_grad():
+        n = model(pixel_values=pixels).last_hidden_state.shape[1]
+    exclude = torch.ones(n, dtype=torch.bool)
+    exclude[:6] = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        with torch.no_grad(), fna(model, num_landmarks=4, tol=1e-9, exclude=exclude, max_landmarks=budget) as handle:
+            model(pixel_values=pixels)
+    for layer, m in handle.num_landmarks_per_layer.items():
+        assert all(step.m <= 6 or step.solver == "exact" for step in handle.records[layer].tol_steps)
+        if layer not in handle.exact_layers:
+            assert m <= 6 and handle.records[layer].counts.shape[-1] == m
+
+
 def test_a_layer_whose_search_escalated_keeps_the_stronger_solver(dinov2):
     # Measured at 224 px (n = 257) with a budget of 128 landmarks, which rules exact attention out: layer 0 misses
     # 0.1 with six Newton-Schulz steps at every m up to 128 and the search escalates to ten steps there; layer 10
