@@ -447,6 +447,7 @@ def test_the_crossover_is_the_last_m_within_the_cost_fraction(n_q, n, d, d_v, fr
     (dict(tol="0.1"), TypeError, "tol must be a real number"),
     (dict(tol=float("nan")), ValueError, "tol must be a number"),
     (dict(max_landmarks=32), ValueError, "max_landmarks only applies with tol"),
+    (dict(strict_tol=True), ValueError, "strict_tol only applies with tol"),
     (dict(tol=0.1, max_landmarks=4), ValueError, "max_landmarks must be between num_landmarks=8 and 576"),
     (dict(tol=0.1, max_landmarks=577), ValueError, "max_landmarks must be between"),
     (dict(tol=0.1, max_landmarks=32.0), TypeError, "max_landmarks"),

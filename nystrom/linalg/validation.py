@@ -391,12 +391,15 @@ def check_error_control(tol, max_landmarks, strict_tol, m, largest=None):
     not given).
 
     ``tol`` is a positive finite number; ``max_landmarks`` (only with ``tol``) an int from the starting ``m`` to
-    ``largest``, the most landmarks the keys allow, when that is known (``patch`` learns it per batch).
+    ``largest``, the most landmarks the keys allow, when that is known (``patch`` learns it per batch);
+    ``strict_tol`` a bool, true only with ``tol``.
     """
     check_bool("strict_tol", strict_tol)
     if tol is None:
         if max_landmarks is not None:
             raise ValueError("max_landmarks only applies with tol; pass tol=... or leave max_landmarks out")
+        if strict_tol:
+            raise ValueError("strict_tol only applies with tol; pass tol=... or leave strict_tol out")
         return None, None
     tol = check_real("tol", tol)
     if not (0 < tol < math.inf):

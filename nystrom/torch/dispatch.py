@@ -247,7 +247,9 @@ def layer_indices(layers, num_layers, default):
         raise TypeError(f"layers must be None, an int or an iterable of ints, got {layers!r}")
     layers = list(layers)
     indices = [layer_index(i) for i in layers]
-    if not layers or any(i is None or not 0 <= i < num_layers for i in indices):
+    if any(i is None for i in indices):
+        raise TypeError(f"layers must hold ints (layer indices), got {layers!r}")
+    if not layers or any(not 0 <= i < num_layers for i in indices):
         raise ValueError(f"layers must be non-empty layer indices in [0, {num_layers}), got {layers!r}")
     return tuple(sorted(set(indices)))
 

@@ -726,6 +726,7 @@ def test_a_layer_whose_search_escalated_keeps_the_stronger_solver(dinov2):
     (dict(tol=0), "tol must be a positive finite number"),
     (dict(tol=0.1, max_landmarks=8), "max_landmarks must be at least num_landmarks=16"),
     (dict(tol=0.1, strict_tol="yes"), "strict_tol must be a bool"),
+    (dict(strict_tol=True), "strict_tol only applies with tol"),
 ])
 def test_bad_error_control_of_patch_is_named(kwargs, match):
     model = tiny_model("vit")
