@@ -527,8 +527,7 @@ def gather_rows(xp, X, idx):
 
 def unit_scale(xp, X, axis=WHOLE):
     r"""A power of two :math:`2^{-e}` per row ``(..., 1, 1)`` of ``X (..., n, D)`` (the whole sequence's on a sharded
-    ``axis``) that brings its largest magnitude into :math:`[1, 2)`; :math:`e` is kept within the dtype's normal
-    exponents, so an all-zero row gets a finite factor.
+    ``axis``) that brings its largest magnitude into about :math:`[1, 2)` (an all-zero row gets a finite one).
 
     Distance rules (farthest points, k-means) square the points: past about 1e18 in float32 the squared norms
     overflow, :math:`\infty - \infty` makes the distances NaN, and the picks repeat (float32 SDPA is exact there).
@@ -537,10 +536,9 @@ def unit_scale(xp, X, axis=WHOLE):
     """
     # Two reductions rather than one of |X|, which would be an (n, D) array of its own.
     largest = axis.max(xp.maximum(xp.max(X, axis=(-2, -1), keepdims=True), -xp.min(X, axis=(-2, -1), keepdims=True)))
-    info = xp.finfo(X.dtype)
-    low, high = math.log2(info.smallest_normal), math.floor(math.log2(info.max))
-    exponent = xp.clip(xp.floor(xp.log2(largest)), min=low, max=high)
-    return xp.pow(xp.full((), 2.0, dtype=X.dtype, device=array_api_compat.device(X)), -exponent)
+    # + the smallest normal number: a positive argument for the logarithm, and 2**-e finite; any power of two is
+    # exact, so the rounding of the sum does not matter.
+    return 2.0 ** -xp.floor(xp.log2(largest + xp.finfo(X.dtype).smallest_normal))
 
 
 def landmarks_at(xp, Q, K, idx, query_idx=None, axis=WHOLE) -> Landmarks:

@@ -18,6 +18,7 @@ Astro-85/fast_nystrom_attention @9363d38). :data:`FNA_AUTHORS` reproduces their 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from types import MappingProxyType
 
@@ -94,10 +95,11 @@ def farthest_points(X, num_points, *, mask=None, guarantee_score=None, max_guara
     fewer eligible points than ``num_points`` repeats its first point in the picks left over (k-means seeding
     asks for ``m`` seeds where singletons left fewer eligible tokens, and drops the extra ones)."""
     xp = array_api_compat.array_namespace(X)
-    X = X * unit_scale(xp, X, axis)
     host = None if axis.sharded else host_view(X)
     if host is None:
-        return _fps_on_device(xp, X, num_points, mask, guarantee_score, max_guaranteed, from_guaranteed, axis)
+        # In units of a power of two (exact): squared norms past the dtype's range would make the distances NaN.
+        return _fps_on_device(xp, X * unit_scale(xp, X, axis), num_points, mask, guarantee_score, max_guaranteed,
+                              from_guaranteed, axis)
     lead, (n, D) = tuple(X.shape[:-2]), tuple(X.shape[-2:])
     points = np.reshape(host, (-1, n, D))
     rows = points.shape[0]
@@ -126,12 +128,20 @@ def _fps_host(X, m, eligible, score, max_guaranteed, from_guaranteed=True):
         candidates = np.flatnonzero(eligible & (score > -np.inf))
         # Stable sort: equal scores go to the lowest index, as argmax does.
         guaranteed = candidates[np.argsort(-score[candidates], kind="stable")][:max_guaranteed]
+    sq_norms = np.einsum("ij,ij->i", X, X)
+    # A distance is at most 4 max ||x||^2; past the dtype's range (points beyond about 1e18 in float32) it would
+    # overflow into inf - inf = NaN: then the points are measured in units of a power of two, which scales every
+    # distance exactly (unit_scale's rule) and leaves the picks as they are.
+    if not np.all(sq_norms <= np.finfo(X.dtype).max / 4):
+        largest = max(float(X.max()), -float(X.min())) + float(np.finfo(X.dtype).smallest_normal)
+        X = X * X.dtype.type(2.0 ** -math.floor(math.log2(largest)))
+        sq_norms = np.einsum("ij,ij->i", X, X)
     # Transposed and augmented, (D + 2, n): one vector-matrix product per step gives
     # ||x_i||^2 - 2 x_i.p + ||p||^2 for every i, streaming the points once in row order.
     augmented = np.empty((D + 2, n), dtype=X.dtype)
     for start in range(0, n, _TRANSPOSE_ROWS):
         augmented[:D, start:start + _TRANSPOSE_ROWS] = X[start:start + _TRANSPOSE_ROWS].T
-    augmented[D] = np.einsum("ij,ij->i", X, X)
+    augmented[D] = sq_norms
     augmented[D + 1] = 1
     # Unchosen eligible points start at +inf so the first pick is the first eligible point;
     # chosen and ineligible points sit at -inf and are never picked again.
