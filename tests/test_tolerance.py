@@ -457,3 +457,15 @@ def test_bad_error_control_is_named(kwargs, error, match):
     Q, K, V = smooth_tokens(0)
     with pytest.raises(error, match=match):
         nystrom.approximate(Q, K, V, num_landmarks=8, **kwargs)
+
+
+def test_a_tol_below_the_dtype_rounding_warns_at_the_call():
+    # The reference of the estimate is exact attention in the inputs' dtype: below its eps, tol cannot mean what it
+    # says (float16 with tol=1e-4 was answered "exactly", 3e-4 from float64, a review finding).
+    Q, K, V = (torch.from_numpy(x).to(torch.float16) for x in smooth_tokens(0))
+    with pytest.warns(UserWarning, match=r"tol=0.0001 is below the rounding of torch.float16") as caught:
+        nystrom.approximate(Q, K, V, num_landmarks=8, tol=1e-4)
+    assert caught[0].filename == __file__
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        nystrom.approximate(Q.float(), K.float(), V.float(), num_landmarks=8, tol=1e-2)

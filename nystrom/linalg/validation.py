@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import numbers
 import re
+import warnings
 
 import array_api_compat
 
@@ -431,6 +432,13 @@ def check_tolerance(xp, tol, max_landmarks, strict_tol, m, Q, K, keys=None, fewe
         real = fewest if fewest is not None else fewest_real_keys(xp, keys)
     largest = min(real, Q.shape[-2])
     tol, top = check_error_control(tol, max_landmarks, strict_tol, m, largest)
+    eps = float(xp.finfo(Q.dtype).eps)
+    if tol < eps:
+        # The reference is exact attention in the inputs' dtype, itself off by about eps: a review found float16
+        # calls with tol=1e-4 answered "exactly" with 3e-4 of error against float64.
+        warnings.warn(f"tol={tol} is below the rounding of {Q.dtype} (eps {eps:.3g}): the error is measured against "
+                      f"exact attention computed in {Q.dtype}, which is itself about that far from exact",
+                      UserWarning, stacklevel=3)
     return tol, top, largest, real
 
 
