@@ -196,18 +196,19 @@ class FNAHandle(Handle):
         else:
             # Calibration, on this layer's first pass: the doubling search of approximate(tol=...), on 128 exact
             # rows of this layer's own attention; later passes reuse the m it found. It starts from num_landmarks
-            # clipped to the eligible tokens (real, not excluded) of the shortest sequence, as selection clips it,
-            # and never goes past them, so that the m recorded is the m used; an exact step records the real keys.
+            # clipped to the real tokens of the shortest sequence, as selection clips it, and never goes past them.
             fewest = n if real is None else fewest_real_keys(xp, real)
-            most = fewest if self.exclude is None else fewest_real_keys(xp, self._eligible(layer, real, key.device)[1])
             # The model's own attention answers for an exact step, below.
             ((landmarks, sampled), factors), steps = search_for_tol(
                 xp, query, key, value, attempt, lambda: ((None, False), None),
-                first=min(m, most), num_keys=most, real_keys=fewest, key_mask=keys, max_landmarks=self.max_landmarks,
-                tol=self.tol, strict=self.strict_tol, solver=self.solver, scale=scale, seed=0, attend=attend,
-                refine=True, where=f"FNA layer {layer}: ")
+                first=min(m, fewest), num_keys=fewest, key_mask=keys, max_landmarks=self.max_landmarks, tol=self.tol,
+                strict=self.strict_tol, solver=self.solver, scale=scale, seed=0, attend=attend, refine=True,
+                where=f"FNA layer {layer}: ")
             memo.clear()
-            self.num_landmarks_per_layer[layer], self.solver_per_layer[layer] = steps[-1].m, steps[-1].solver
+            # The m used: selection clips m to the eligible tokens (exclude= may leave fewer than the real keys; an
+            # exact step records the real keys).
+            used = steps[-1].m if landmarks is None else landmarks.keys.shape[-2]
+            self.num_landmarks_per_layer[layer], self.solver_per_layer[layer] = used, steps[-1].solver
             if steps[-1].solver == EXACT:
                 # Nyström attention does not reach tol here where it pays: this layer runs the model's own attention.
                 self.exact_layers.add(layer)
@@ -233,7 +234,23 @@ class FNAHandle(Handle):
         """``(Landmarks, sampled)`` of ``m`` landmarks for one layer; ``memo`` holds what selection computes whatever
         ``m`` (:attr:`~nystrom.linalg.landmarks.Selection.memo`), for the steps of a search on the same inputs."""
         xp = array_api_compat.array_namespace(key)
-        hidden, eligible, forced = self._eligible(layer, real, key.device)
+        hidden = self.inputs.get(layer)
+        if hidden is None:
+            raise RuntimeError(
+                f"FNA layer {layer}: its attention ran outside its encoder block's forward call, so the block's "
+                "input hidden states are unknown (activation, or gradient, checkpointing recomputes blocks this way); "
+                "call model.activation_checkpointing_disable() to use FNA"
+            )
+        eligible = torch.ones(hidden.shape[:2], dtype=torch.bool, device=key.device) if real is None else real
+        guaranteed = None if self.guarantee is None else token_mask("guarantee", self.guarantee, layer, hidden)
+        if self.exclude is not None:
+            excluded = token_mask("exclude", self.exclude, layer, hidden)
+            if guaranteed is not None and bool(torch.any(guaranteed & excluded)):
+                raise ValueError(f"guarantee and exclude select the same token in layer {layer}: a token cannot "
+                                 "be both always and never a landmark")
+            eligible = eligible & ~excluded
+        # Guaranteed tokens that are padding (or keys masked by mask_tokens) are no tokens to attend to: dropped.
+        forced = None if guaranteed is None else guaranteed & eligible
         # Reused landmarks must still be eligible here and hold this layer's guaranteed tokens (exclusions,
         # guarantees and key masks given as functions may change per layer). A reused grouping takes this
         # layer's own queries and keys: only the assignment is shared, the means are this layer's (O(n d)).
@@ -252,27 +269,6 @@ class FNAHandle(Handle):
                               log_weights=None if landmarks.log_weights is None else landmarks.log_weights.detach())
             self._shared, self._shared_eligible, self._shared_forced = shared, eligible, forced
         return landmarks, True
-
-    def _eligible(self, layer, real, device):
-        """``(hidden, eligible, forced)``: the block's input hidden states ``(B, n, D)``, the tokens that may be
-        landmarks ``(B, n)`` (real, not excluded) and the guaranteed ones among them ``(B, n)`` or ``None``."""
-        hidden = self.inputs.get(layer)
-        if hidden is None:
-            raise RuntimeError(
-                f"FNA layer {layer}: its attention ran outside its encoder block's forward call, so the block's "
-                "input hidden states are unknown (activation, or gradient, checkpointing recomputes blocks this way); "
-                "call model.activation_checkpointing_disable() to use FNA"
-            )
-        eligible = torch.ones(hidden.shape[:2], dtype=torch.bool, device=device) if real is None else real
-        guaranteed = None if self.guarantee is None else token_mask("guarantee", self.guarantee, layer, hidden)
-        if self.exclude is not None:
-            excluded = token_mask("exclude", self.exclude, layer, hidden)
-            if guaranteed is not None and bool(torch.any(guaranteed & excluded)):
-                raise ValueError(f"guarantee and exclude select the same token in layer {layer}: a token cannot "
-                                 "be both always and never a landmark")
-            eligible = eligible & ~excluded
-        # Guaranteed tokens that are padding (or keys masked by mask_tokens) are no tokens to attend to: dropped.
-        return hidden, eligible, None if guaranteed is None else guaranteed & eligible
 
     def _reusable(self, eligible, forced):
         """Whether the shared landmarks fit this layer: the same eligible and guaranteed tokens for a grouping,

@@ -1,6 +1,7 @@
 """Landmark strategies: exactness at m = n, FPS reference, padding, determinism, equivariance."""
 
 import itertools
+import warnings
 
 import array_api_compat
 import numpy as np
@@ -167,6 +168,43 @@ def test_distance_rules_pick_the_same_under_power_of_two_scaling(strategy, xp_na
         else:
             np.testing.assert_array_equal(np.asarray(scaled.grouping.labels), np.asarray(plain.grouping.labels))
         np.testing.assert_array_equal(np.asarray(scaled.keys), np.asarray(plain.keys * factor))
+
+
+@pytest.mark.parametrize("dtype, factor", [(torch.float32, 1e-24), (torch.float32, 1.0), (torch.float32, 1e20),
+                                           (torch.float16, 1.0)])
+def test_fps_host_and_device_paths_pick_alike_at_the_ends_of_the_range(dtype, factor):
+    # The host loop rescales only out of its safe range, the device loop always; padded rows holding 1e30 set no
+    # scale. Both must pick what the points at scale 1 give (a review found tiny points collapsing to 0, 1, 2, ...
+    # on the host, and float16 picks that differed between the paths).
+    rng = np.random.default_rng(24)
+    X = torch.from_numpy(rng.standard_normal((1, 64, 8)))
+    mask = torch.ones(1, 64, dtype=torch.bool)
+    mask[:, 50:] = False
+    reference = farthest_point_sampling(X, 10, mask=mask)
+    scaled = (X * factor).to(dtype).masked_fill(~mask[..., None], 1e30 if dtype == torch.float32 else 6e4)
+    host = farthest_point_sampling(scaled, 10, mask=mask)
+    xp = array_api_compat.array_namespace(scaled)
+    from nystrom.linalg.landmarks.base import unit_scaled
+    device = _fps_on_device(xp, unit_scaled(xp, scaled.float(), mask)[0], 10, mask, None, None)
+    np.testing.assert_array_equal(host, reference)
+    np.testing.assert_array_equal(device, reference)
+
+
+@pytest.mark.parametrize("fill", [1e25, 3e38])
+def test_padded_queries_change_nothing_for_the_fna_authors_recipe(fill):
+    # FPS on the queries (nystrom.FNA_AUTHORS): padded query rows are not zeroed, and holding huge values they
+    # once set the scale (shrinking the real points: error 3.0) or overflowed into a NaN farthest point.
+    gen = torch.Generator().manual_seed(5)
+    Q, K, V = (torch.randn(2, 2, 40, 8, generator=gen) for _ in range(3))
+    real = torch.ones(2, 40, dtype=torch.bool)
+    real[1, 30:] = False
+    mask, pad = real[:, None, None, :], ~real[:, None, :, None]
+    ref = nystrom.approximate(Q.masked_fill(pad, 0.0), K, V, num_landmarks=8, attn_mask=mask, **nystrom.FNA_AUTHORS)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = nystrom.approximate(Q.masked_fill(pad, fill), K, V, num_landmarks=8, attn_mask=mask,
+                                  **nystrom.FNA_AUTHORS)
+    assert torch.equal(out[1, :, :30], ref[1, :, :30])
 
 
 @pytest.mark.parametrize("strategy", ALL)

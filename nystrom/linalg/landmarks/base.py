@@ -525,20 +525,28 @@ def gather_rows(xp, X, idx):
     return xp.take_along_axis(X, xp.broadcast_to(idx[..., None], (*idx.shape, X.shape[-1])), axis=-2)
 
 
-def unit_scale(xp, X, axis=WHOLE):
-    r"""A power of two :math:`2^{-e}` per row ``(..., 1, 1)`` of ``X (..., n, D)`` (the whole sequence's on a sharded
-    ``axis``) that brings its largest magnitude into about :math:`[1, 2)` (an all-zero row gets a finite one).
+def unit_scaled(xp, X, mask=None, axis=WHOLE):
+    r"""``(X * u, u)``: the points ``X (..., n, D)`` in units of a power of two :math:`u = 2^{-e}` per row
+    ``(..., 1, 1)`` that brings the largest magnitude of its ``mask`` rows (``(..., n)``, default all; the whole
+    sequence's on a sharded ``axis``) into about :math:`[1, 2)`, and the rows outside ``mask`` set to 0. :math:`u` is
+    1 where that magnitude is not finite (unchecked inputs), and finite for an all-zero row.
 
     Distance rules (farthest points, k-means) square the points: past about 1e18 in float32 the squared norms
-    overflow, :math:`\infty - \infty` makes the distances NaN, and the picks repeat (float32 SDPA is exact there).
-    Points times :math:`2^{-e}` scale every distance by an exact power of four, so the picks and labels are those of
-    the points themselves, bit for bit, short of subnormals.
+    overflow, :math:`\infty - \infty` makes the distances NaN, and the picks repeat (float32 SDPA is exact there);
+    below about 1e-16 they underflow, and distinct points tie. A power of two scales every distance exactly (a power
+    of four), so the picks and labels are those of the points themselves, bit for bit, short of subnormals. Only the
+    rows that may be picked set the scale, and the others, which padding may fill with anything, are zeroed: scaled,
+    they could overflow.
     """
+    if mask is not None:
+        X = xp.where(mask[..., None], X, xp.zeros_like(X))
     # Two reductions rather than one of |X|, which would be an (n, D) array of its own.
     largest = axis.max(xp.maximum(xp.max(X, axis=(-2, -1), keepdims=True), -xp.min(X, axis=(-2, -1), keepdims=True)))
     # + the smallest normal number: a positive argument for the logarithm, and 2**-e finite; any power of two is
     # exact, so the rounding of the sum does not matter.
-    return 2.0 ** -xp.floor(xp.log2(largest + xp.finfo(X.dtype).smallest_normal))
+    unit = 2.0 ** -xp.floor(xp.log2(largest + xp.finfo(X.dtype).smallest_normal))
+    unit = xp.where(unit > 0, unit, xp.ones_like(unit))
+    return X * unit, unit
 
 
 def landmarks_at(xp, Q, K, idx, query_idx=None, axis=WHOLE) -> Landmarks:

@@ -18,18 +18,17 @@ Astro-85/fast_nystrom_attention @9363d38). :data:`FNA_AUTHORS` reproduces their 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from types import MappingProxyType
 
 import array_api_compat
 import numpy as np
 
-from ..numerics import put_where
+from ..numerics import at_least_float32, put_where
 from ..sequence import WHOLE
 from ..solvers import NewtonSchulz
 from ..validation import check_bool, check_int
-from .base import TokenStrategy, host_view, unit_scale
+from .base import TokenStrategy, host_view, unit_scaled
 
 
 def farthest_point_sampling(X, num_points, *, mask=None, guarantee_score=None, max_guaranteed=None,
@@ -40,7 +39,10 @@ def farthest_point_sampling(X, num_points, *, mask=None, guarantee_score=None, m
     Parameters
     ----------
     X : array, shape (..., n, D)
-        Points (one per token), finite (not checked: NaN distances make the choice arbitrary).
+        Points (one per token), finite (not checked: NaN distances make the choice arbitrary); half precision is
+        measured in float32. Distances are measured in units of a power of two set by the eligible points, so points
+        near the ends of the dtype's range (about 1e18 and 1e-16 in float32) neither overflow nor tie, and padding
+        rows may hold anything finite.
     num_points : int
         How many to choose, ``m <= number of eligible points``.
     mask : bool array, shape (..., n), optional
@@ -59,7 +61,8 @@ def farthest_point_sampling(X, num_points, *, mask=None, guarantee_score=None, m
         The token axis (:mod:`nystrom.linalg.sequence`). On a sharded one, ``X``, ``mask`` and ``guarantee_score``
         are this process's shard, and every step takes the farthest point of the whole sequence: each shard's
         farthest candidate is gathered (:math:`O(P)` values) and the chosen point's row is sent to every process
-        (:math:`O(D)`), two collectives a step, :math:`m` steps. The indices returned are global positions.
+        (:math:`O(D)`), two collectives a step, :math:`m` steps, and one for the units. The indices returned are
+        global positions.
 
     Returns
     -------
@@ -95,11 +98,13 @@ def farthest_points(X, num_points, *, mask=None, guarantee_score=None, max_guara
     fewer eligible points than ``num_points`` repeats its first point in the picks left over (k-means seeding
     asks for ``m`` seeds where singletons left fewer eligible tokens, and drops the extra ones)."""
     xp = array_api_compat.array_namespace(X)
+    # Half precision would round the distances (and overflow them past norms of about 250): float32 at least.
+    X = at_least_float32(xp, X)
     host = None if axis.sharded else host_view(X)
     if host is None:
         # In units of a power of two (exact): squared norms past the dtype's range would make the distances NaN.
-        return _fps_on_device(xp, X * unit_scale(xp, X, axis), num_points, mask, guarantee_score, max_guaranteed,
-                              from_guaranteed, axis)
+        return _fps_on_device(xp, unit_scaled(xp, X, mask, axis)[0], num_points, mask, guarantee_score,
+                              max_guaranteed, from_guaranteed, axis)
     lead, (n, D) = tuple(X.shape[:-2]), tuple(X.shape[-2:])
     points = np.reshape(host, (-1, n, D))
     rows = points.shape[0]
@@ -129,12 +134,13 @@ def _fps_host(X, m, eligible, score, max_guaranteed, from_guaranteed=True):
         # Stable sort: equal scores go to the lowest index, as argmax does.
         guaranteed = candidates[np.argsort(-score[candidates], kind="stable")][:max_guaranteed]
     sq_norms = np.einsum("ij,ij->i", X, X)
-    # A distance is at most 4 max ||x||^2; past the dtype's range (points beyond about 1e18 in float32) it would
-    # overflow into inf - inf = NaN: then the points are measured in units of a power of two, which scales every
-    # distance exactly (unit_scale's rule) and leaves the picks as they are.
-    if not np.all(sq_norms <= np.finfo(X.dtype).max / 4):
-        largest = max(float(X.max()), -float(X.min())) + float(np.finfo(X.dtype).smallest_normal)
-        X = X * X.dtype.type(2.0 ** -math.floor(math.log2(largest)))
+    # A distance is at most 4 max ||x||^2. Where the eligible points' squared norms leave the dtype's safe range
+    # (overflow into inf - inf = NaN past about 1e18 in float32, ties in subnormals below about 1e-16), the points are
+    # measured in unit_scaled's units, as the device path always does: every distance scales exactly, the picks stay.
+    info = np.finfo(X.dtype)
+    largest = np.max(sq_norms, where=eligible, initial=0.0)
+    if not (info.smallest_normal / info.eps <= largest <= info.max / 4):
+        X = unit_scaled(array_api_compat.array_namespace(X), X, eligible)[0]
         sq_norms = np.einsum("ij,ij->i", X, X)
     # Transposed and augmented, (D + 2, n): one vector-matrix product per step gives
     # ||x_i||^2 - 2 x_i.p + ||p||^2 for every i, streaming the points once in row order.
@@ -151,21 +157,25 @@ def _fps_host(X, m, eligible, score, max_guaranteed, from_guaranteed=True):
     coeff = np.empty(D + 2, dtype=X.dtype)
     d_new = np.empty(n, dtype=X.dtype)
     chosen = np.empty(m, dtype=np.int64)
-    for step in range(m):
-        idx = int(guaranteed[step]) if step < guaranteed.size else int(np.argmax(dist))
-        chosen[step] = idx
-        if step == m - 1:
-            break
-        if step < guaranteed.size and not from_guaranteed:
-            continue
-        point = X[idx]
-        coeff[:D] = -2 * point
-        coeff[D] = 1
-        coeff[D + 1] = point @ point
-        np.dot(coeff, augmented, out=d_new)
-        np.maximum(d_new, 0, out=d_new)
-        np.minimum(dist, d_new, out=dist)
-        dist[idx] = -np.inf
+    # Padding rows may hold anything finite: their distances may overflow (and are never used, see fmin below).
+    with np.errstate(over="ignore", invalid="ignore"):
+        for step in range(m):
+            idx = int(guaranteed[step]) if step < guaranteed.size else int(np.argmax(dist))
+            chosen[step] = idx
+            if step == m - 1:
+                break
+            if step < guaranteed.size and not from_guaranteed:
+                continue
+            point = X[idx]
+            coeff[:D] = -2 * point
+            coeff[D] = 1
+            coeff[D + 1] = point @ point
+            np.dot(coeff, augmented, out=d_new)
+            np.maximum(d_new, 0, out=d_new)
+            # fmin, not minimum: an ineligible row (-inf) stays so whatever it holds; an overflowing padding row's
+            # NaN distance must not become the farthest point.
+            np.fmin(dist, d_new, out=dist)
+            dist[idx] = -np.inf
     return chosen
 
 

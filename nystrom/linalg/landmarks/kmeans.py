@@ -22,7 +22,7 @@ import numpy as np
 from ..numerics import put_along_axis, put_where, segment_sum
 from ..sequence import WHOLE
 from ..validation import check_bool, check_int
-from .base import ClusterStrategy, Grouping, gather_rows, host_view, unit_scale
+from .base import ClusterStrategy, Grouping, gather_rows, host_view, unit_scaled
 from .fps import farthest_points
 
 
@@ -125,8 +125,7 @@ def sampled_kmeans(xp, X, m, mask=None, *, iters=3, sample_size=None, active=Non
     rows, in_sample, held = evenly_spaced(xp, X.shape[:-1], s, mask, device, axis)
     sample = axis.gather(xp, X, rows, held)
     # Distances in units where the sample's largest entry is about 1: labels unchanged, no overflow.
-    unit = unit_scale(xp, sample)
-    sample = sample * unit
+    sample, unit = unit_scaled(xp, sample, in_sample)
     # Deterministic throughout: an evenly spaced sample and farthest-point seeds (a random sample with k-means++
     # seeds moved the error on real attention by up to 40 % from one seed to another; docs' landmark page).
     seeds = farthest_points(sample, m, mask=in_sample)
