@@ -172,7 +172,8 @@ def approximate(
         landmark, self-attention is exact through the formula (:math:`A A^+ A = A`). Cross-attention
         (:math:`n_q \ne n`) is exact there only through :math:`A^+ A = I`, which rounding loses when attention is
         peaked, so a cross-attention call whose every real key is a landmark (:math:`m = n`, or :math:`m` = the
-        real keys of every sequence) returns exact attention, which costs less (``Info.landmarks`` is ``None``).
+        real keys of every sequence, read from the mask unless ``check_values=False``) returns exact attention,
+        which costs less (``Info.landmarks`` is ``None``).
         Padded query rows of self-attention are such queries too, and only approximately exact at :math:`m = n`.
     solver : str or callable
         ``"newton_schulz"`` (default, 6 iterations, as in FNA/Nyströmformer), ``"pinv"``,

@@ -158,8 +158,8 @@ def check_attention_inputs(Q, K, V=None, attn_mask=None, *, check_values=True, s
             f"{', '.join(named)} must have the same leading (batch/head) dimensions, got "
             + ", ".join(str(tuple(a.shape[:-2])) for a in named.values())
             # SDPA broadcasts them (grouped-query attention's shared K/V heads); here they are explicit.
-            + "; unlike scaled_dot_product_attention, no broadcasting: expand them to Q's, e.g. "
-            "K.expand(*Q.shape[:-2], *K.shape[-2:])"
+            + "; unlike scaled_dot_product_attention, they are not broadcast against each other (for key/value "
+            "heads shared by several query heads: K.expand(*Q.shape[:-2], *K.shape[-2:]), and V alike)"
         )
     if check_values:
         check_finite(xp, **named)

@@ -24,9 +24,9 @@ MODELS = ("dinov2", "minilm")
 
 def check_evaluation(models=MODELS, *, layers=None, num_landmarks=DEFAULT_LANDMARKS, strategies=DEFAULT_STRATEGIES,
                      solvers=DEFAULT_SOLVERS, images=None, crops=4, size=224, sentences=None, seed=0, threads=None):
-    """The models of :func:`run_evaluation`, after checking all its options before any model loads: ``ValueError``
-    (or ``TypeError``) naming the bad one, so that no model runs for nothing (layers are checked against every
-    chosen model)."""
+    """``(models, layers)`` of :func:`run_evaluation`, after checking all its options before any model loads:
+    ``ValueError`` (or ``TypeError``) naming the bad one, so that no model runs for nothing (layers are checked
+    against every chosen model, and returned as a sorted tuple, or ``None``)."""
     models = check_names("models", [models] if isinstance(models, str) else models)
     unknown = [m for m in models if m not in MODELS]
     if unknown:
@@ -37,12 +37,12 @@ def check_evaluation(models=MODELS, *, layers=None, num_landmarks=DEFAULT_LANDMA
     module = {"dinov2": dinov2, "minilm": minilm}
     if layers is not None:
         # The rule patching applies, against the model with the fewest layers.
-        layer_indices(layers, min(module[name].NUM_LAYERS for name in models), None)
+        layers = layer_indices(layers, min(module[name].NUM_LAYERS for name in models), None)
     if "dinov2" in models:
         dinov2.check_options(images, crops, size)
     if "minilm" in models:
         minilm.check_options(sentences)
-    return models
+    return models, layers
 
 
 def run_evaluation(models=MODELS, *, out="results", layers=None, num_landmarks=DEFAULT_LANDMARKS,
@@ -78,7 +78,7 @@ def run_evaluation(models=MODELS, *, out="results", layers=None, num_landmarks=D
         :func:`~nystrom.experiments.evaluate.minilm.evaluate_minilm` plus ``stamp`` (date, library versions, machine,
         load average; see :func:`nystrom.experiments.stamp.make_stamp`) and ``total_seconds``.
     """
-    models = check_evaluation(models, layers=layers, num_landmarks=num_landmarks, strategies=strategies,
+    models, layers = check_evaluation(models, layers=layers, num_landmarks=num_landmarks, strategies=strategies,
                               solvers=solvers, images=images, crops=crops, size=size, sentences=sentences, seed=seed,
                               threads=threads)
     out = Path(out)
