@@ -529,7 +529,8 @@ def unit_scaled(xp, X, mask=None, axis=WHOLE):
     r"""``(X * u, u)``: the points ``X (..., n, D)`` in units of a power of two :math:`u = 2^{-e}` per row
     ``(..., 1, 1)`` that brings the largest magnitude of its ``mask`` rows (``(..., n)``, default all; the whole
     sequence's on a sharded ``axis``) into about :math:`[1, 2)`, and the rows outside ``mask`` set to 0. :math:`u` is
-    1 where that magnitude is not finite (unchecked inputs), and finite for an all-zero row.
+    1 where that magnitude is not finite (unchecked inputs), and finite for an all-zero row. ``(X, None)`` for points
+    in host memory whose magnitudes lie well inside the range, where any unit picks alike.
 
     Distance rules (farthest points, k-means) square the points: past about 1e18 in float32 the squared norms
     overflow, :math:`\infty - \infty` makes the distances NaN, and the picks repeat (float32 SDPA is exact there);
@@ -538,6 +539,16 @@ def unit_scaled(xp, X, mask=None, axis=WHOLE):
     rows that may be picked set the scale, and the others, which padding may fill with anything, are zeroed: scaled,
     they could overflow.
     """
+    host = None if axis.sharded else host_view(X)
+    if host is not None:
+        # In host memory the common case costs two reductions and no array operation: points whose largest
+        # magnitude lies well inside the range (2**-40 to 2**40, squared norms far from both ends) are left as they
+        # are, which gives the same picks as any power of two would.
+        where = True if mask is None else host_view(mask)[..., None]
+        largest = np.maximum(np.max(host, axis=(-2, -1), where=where, initial=0.0),
+                             -np.min(host, axis=(-2, -1), where=where, initial=0.0))
+        if np.all((largest >= 2.0**-40) & (largest <= 2.0**40)):
+            return X, None
     if mask is not None:
         X = xp.where(mask[..., None], X, xp.zeros_like(X))
     # Two reductions rather than one of |X|, which would be an (n, D) array of its own.

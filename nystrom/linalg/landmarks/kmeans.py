@@ -150,7 +150,8 @@ def sampled_kmeans(xp, X, m, mask=None, *, iters=3, sample_size=None, active=Non
     if assign_all or s == total:
         seed_tokens = xp.take_along_axis(rows, seeds, axis=-1)
         seed_held = None if held is None else xp.take_along_axis(held, seeds, axis=-1)
-        labels = put_where(xp, nearest(xp, X * unit, centroids, active), seed_tokens, own, seed_held)
+        labels = put_where(xp, nearest(xp, X if unit is None else X * unit, centroids, active), seed_tokens, own,
+                           seed_held)
         return Grouping(labels if mask is None else xp.where(mask, labels, -xp.ones_like(labels)))
     labels = put_along_axis(xp, nearest(xp, sample, centroids, active), seeds, own)
     if in_sample is None:
