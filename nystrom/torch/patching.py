@@ -167,13 +167,17 @@ class FNAHandle(Handle):
         batch, _, n, d = key.shape
         scale = check_scale(scaling, d)
         real = padding_mask_from_attention_mask(attention_mask, batch, n)
-        longest = n if real is None else int(real.sum(dim=-1).max())
+        lengths = None if real is None else real.sum(dim=-1)
+        longest = n if lengths is None else int(lengths.max())
         m = self.num_landmarks_per_layer.get(layer, self.num_landmarks)
         if is_causal is not None:
             kwargs["is_causal"] = is_causal
         own_attention = functools.partial(call_next, module, query, key, value, attention_mask, scaling=scaling,
                                           dropout=dropout, **kwargs)
-        if layer in self.exact_layers or (self.exclude is None and m >= longest):
+        # A sequence of padding alone (an empty row of a batch) has no token a landmark could stand for: the model's
+        # own attention answers that pass, as it does without FNA.
+        if (layer in self.exact_layers or (self.exclude is None and m >= longest)
+                or (lengths is not None and int(lengths.min()) == 0)):
             self.records[layer] = LayerRecord(None, False, None)
             return own_attention()
         xp = array_api_compat.array_namespace(key)
@@ -440,10 +444,11 @@ def patch(model, *, layers=None, num_landmarks=64, strategy="norm", solver="newt
 
     Notes
     -----
-    An FNA layer never forms the :math:`n \times n` attention matrix, so it returns no attention weights: with
-    ``output_attentions=True``, transformers leaves the FNA layers out of ``outputs.attentions``, whose entries then
-    no longer line up with layer indices. :func:`~nystrom.torch.capture.capture_attention` records the queries and
-    keys of any layer instead.
+    A batch holding a sequence of padding alone runs the model's own attention in that pass (no token to stand for),
+    as does a layer whose every token would be a landmark. An FNA layer never forms the :math:`n \times n` attention
+    matrix, so it returns no attention weights: with ``output_attentions=True``, transformers leaves the FNA layers
+    out of ``outputs.attentions``, whose entries then no longer line up with layer indices.
+    :func:`~nystrom.torch.capture.capture_attention` records the queries and keys of any layer instead.
 
     See Also
     --------

@@ -482,6 +482,17 @@ class TestLandmarkChoice:
 
 
 class TestPadding:
+    def test_a_sequence_of_padding_alone_runs_the_models_attention(self):
+        # An all-zero attention_mask row: the unpatched model answers (finite), so must the patched one, rather than
+        # raise that no token is eligible (a review finding). That pass runs the model's own attention.
+        model, inputs = tiny_model("bert", dtype=torch.float32), tiny_inputs("bert")
+        inputs["attention_mask"][1] = 0
+        exact = run(model, inputs)
+        with fna(model, num_landmarks=4) as handle:
+            out = run(model, inputs)
+        assert torch.equal(out, exact)
+        assert all(record.residual is None for record in handle.records.values())
+
     @requires_minilm
     @pytest.mark.parametrize("strategy", ["norm", "fps"])
     def test_real_minilm_outputs_do_not_depend_on_padding(self, strategy):
