@@ -224,6 +224,18 @@ def _padding_mask_of(attention_mask, batch_size, num_keys):
     return keys[:, 0, 0, :].expand(batch_size, num_keys).clone()
 
 
+def attentions_requested() -> bool:
+    """Whether the running forward pass records attention weights (``output_attentions=True``): transformers keeps
+    what it records in a context variable (``transformers.utils.output_capturing``, 5.x). ``False`` where that is not
+    found, and an FNA layer then returns no weights, as SDPA does."""
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:
+        return False
+    recording = _active_collector.get()
+    return recording is not None and "attentions" in recording
+
+
 def layer_index(value):
     """``value`` as a Python int if it is an integer that is not a bool (anything with ``__index__``: Python, numpy
     and zero-dimensional integer torch or numpy arrays), else ``None``."""

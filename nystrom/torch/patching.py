@@ -47,7 +47,7 @@ from ..linalg.validation import (
     fewest_real_keys,
 )
 from .attention import sdpa_attend
-from .dispatch import Handle, check_token_spec, padding_mask_from_attention_mask, token_mask
+from .dispatch import Handle, attentions_requested, check_token_spec, padding_mask_from_attention_mask, token_mask
 from .masking import masking_handler
 
 __all__ = ["FNAHandle", "LayerRecord", "fna", "patch"]
@@ -229,7 +229,16 @@ class FNAHandle(Handle):
         indices = None if landmarks.indices is None else landmarks.indices[:, 0]
         # Detached: a record outlives the pass, and must not keep its autograd graph (the whole forward's activations).
         self.records[layer] = LayerRecord(indices, sampled, factors.solve.residual.detach(), assignment, counts, steps)
-        return nystrom_output(xp, query, factors, attend).transpose(1, 2).contiguous(), None
+        weights = None
+        if attentions_requested():
+            # The attention FNA applies, F A^+ B (B, H, n, n): its output with the identity for values, so that the
+            # weights times V are the output. Only on request (output_attentions=True): n x n per head.
+            identity = torch.eye(n, dtype=value.dtype, device=value.device).expand(*value.shape[:-2], n, n)
+            implied = nystrom_factors(xp, key, without_padding(xp, keys, identity)[0], landmarks,
+                                      unchecked(self.solver_per_layer.get(layer, self.solver)), scale=scale,
+                                      mask=None if keys is None else keys[..., None, :], attend=attend)
+            weights = nystrom_output(xp, query, implied, attend)
+        return nystrom_output(xp, query, factors, attend).transpose(1, 2).contiguous(), weights
 
     # It may answer without calling the model's own attention: it runs innermost, inside key masking and capture.
     _attend.terminal = True
@@ -445,10 +454,10 @@ def patch(model, *, layers=None, num_landmarks=64, strategy="norm", solver="newt
     Notes
     -----
     A batch holding a sequence of padding alone runs the model's own attention in that pass (no token to stand for),
-    as does a layer whose every token would be a landmark. An FNA layer never forms the :math:`n \times n` attention
-    matrix, so it returns no attention weights: with ``output_attentions=True``, transformers leaves the FNA layers
-    out of ``outputs.attentions``, whose entries then no longer line up with layer indices.
-    :func:`~nystrom.torch.capture.capture_attention` records the queries and keys of any layer instead.
+    as does a layer whose every token would be a landmark. With ``output_attentions=True`` an FNA layer returns the
+    attention it applies, :math:`F A^+ B` ``(B, H, n, n)`` (rows sum to 1, entries may be negative; the weights times
+    ``V`` are its output), formed only then, at :math:`O(n^2 m)`; otherwise it never forms an :math:`n \times n`
+    matrix.
 
     See Also
     --------

@@ -766,6 +766,23 @@ class TestComposition:
                 outside = run(model, inputs)
         assert torch.equal(inside, outside) and not torch.allclose(inside, plain)
 
+    @pytest.mark.parametrize("kind", ["dinov2", "bert"])
+    def test_output_attentions_of_fna_layers_are_the_attention_they_apply(self, kind):
+        # transformers left FNA layers (no weights) out of outputs.attentions, so its entries no longer lined up with
+        # layers (a review finding). They now return F A^+ B: rows sum to 1 (PInv: A^+ A = I on these full-rank
+        # kernels), nothing goes to padding, and the weights times V are the layer's output.
+        model, inputs = tiny_model(kind, "eager"), tiny_inputs(kind)
+        with capturing(model, layers=[2]) as caps, fna(model, layers=[1, 2], num_landmarks=8, solver=EXACT):
+            with torch.no_grad():
+                out = model(**inputs, output_attentions=True)
+        assert len(out.attentions) == 4
+        weights, seen = out.attentions[2], caps[0]
+        assert weights.shape == (2, 4, *weights.shape[-2:]) and weights.shape[-1] == seen.key.shape[-2]
+        torch.testing.assert_close(weights @ seen.value, seen.output, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(weights.sum(-1), torch.ones_like(weights[..., 0]), rtol=1e-8, atol=1e-8)
+        if seen.attention_mask is not None:
+            assert torch.all(weights.masked_select(~seen.attention_mask[:, None, None, :]) == 0)
+
     def test_capture_entered_before_fna_records_the_fna_layers(self):
         model = tiny_model("vit")
         with capturing(model) as caps, fna(model, layers=[2, 3], num_landmarks=8):
