@@ -356,6 +356,10 @@ def _check_shard(Q, K, V, strategy, num_landmarks, solver, scale, attn_mask, see
     if torch.is_grad_enabled() and any(a.requires_grad for a in (Q, K, V)):
         raise ValueError("group= computes the forward pass only (torch.distributed's collectives carry no gradient), "
                          "and Q, K or V requires grad; call it under torch.no_grad() or pass detached tensors")
+    if K.ndim >= 2 and K.shape[-2] == 0:
+        raise ValueError(f"with group=, every process's shard needs at least one token; this one's K has shape "
+                         f"{tuple(K.shape)} (split the sequence over fewer processes, or pad each shard, masking the "
+                         "padding)")
     xp, keys = check_attention_inputs(Q, K, V, attn_mask, check_values=check_values, shard=True)
     if Q.shape[-2] != K.shape[-2]:
         raise ValueError(f"group= takes self-attention shards (the queries sharded like the keys), got {Q.shape[-2]} "
@@ -376,8 +380,10 @@ def _check_shard(Q, K, V, strategy, num_landmarks, solver, scale, attn_mask, see
         "n": K.shape[-2], "lead": tuple(K.shape[:-2]), "d": Q.shape[-1], "d_v": V.shape[-1], "dtype": str(Q.dtype),
         "mask_rows": None if keys is None else tuple(keys.shape[:-1]),
         # A callable solver's repr holds its address, different on every process: its name stands for it.
-        "settings": (repr(select), repr(solve) if isinstance(solve, Solver) else getattr(solve, "__qualname__", ""),
-                     m, tau, head_axis, check_values, None if seed is None else seed),
+        "settings": {"strategy": repr(select),
+                     "solver": repr(solve) if isinstance(solve, Solver) else getattr(solve, "__qualname__", ""),
+                     "num_landmarks": m, "scale": tau, "share_landmarks_across_heads": head_axis is not None,
+                     "check_values": check_values, "seed": seed},
         # Without a seed the random strategies take process 0's fresh one.
         "seed": secrets.randbelow(2**63) if seed is None else seed,
     }
@@ -395,10 +401,17 @@ def _agree(reports, error):
         raise ValueError(f"process {rank} of the group rejected its arguments: {message}")
     first = reports[0]
     for field, what in (("lead", "leading (batch/head) dimensions"), ("d", "feature size d"),
-                        ("d_v", "value size d_v"), ("dtype", "dtype"), ("settings", "settings")):
+                        ("d_v", "value size d_v"), ("dtype", "dtype")):
         values = [r[field] for r in reports]
         if any(v != values[0] for v in values):
             raise ValueError(f"the processes of the group must agree on the {what}, got {values} (in rank order)")
+    # Named, and only the settings that differ: a whole settings tuple per process was hundreds of characters to
+    # compare by eye.
+    settings = [r["settings"] for r in reports]
+    differ = [name for name in settings[0] if any(other[name] != settings[0][name] for other in settings)]
+    if differ:
+        raise ValueError("the processes of the group must agree on " + "; ".join(
+            f"{name}, got {[other[name] for other in settings]}" for name in differ) + " (in rank order)")
     if len({r["mask_rows"] is None for r in reports}) > 1:
         raise ValueError("attn_mask must be given on every process of the group or on none")
     if first["mask_rows"] is not None and len({len(r["mask_rows"]) for r in reports}) > 1:

@@ -101,13 +101,14 @@ ERRORS = {
     "error_too_many_landmarks": "at most the number of keys n=96",
     "error_every_key_masked": "masks every key",
     "error_tol": "tol cannot be used with group=",
-    "error_m_differs": "agree on the settings",
+    "error_m_differs": "agree on num_landmarks, got [8, 9",
     "error_cross_attention": "self-attention",
     "error_requires_grad": "forward pass only",
     "error_features_on_one_process": "features cannot be used with group=",
-    "error_solver_differs": "agree on the settings",
+    "error_solver_differs": "agree on solver, got",
     "error_tol_zero": "tol cannot be used with group=",
     "error_group_type": "group must be a torch.distributed ProcessGroup",
+    "error_empty_shard": "every process's shard needs at least one token",
 }
 KINDS = {"error_group_type": "TypeError"}
 
