@@ -323,6 +323,7 @@ def test_solvers_reject_bad_input(call, mutation, solver):
     (lambda: nystrom.NewtonSchulz(tol=0.0), "tol"), (lambda: nystrom.NewtonSchulz(max_iters=True), "max_iters"),
     (lambda: nystrom.PInv(rtol=-1e-3), "rtol"), (lambda: nystrom.PInv(rtol=1.0), "rtol"),
     (lambda: nystrom.Ridge(lam=-1.0), "lam"), (lambda: nystrom.Ridge(lam=math.nan), "lam"),
+    (lambda: nystrom.Ridge(lam=0.0), "lam"),
     (lambda: nystrom.KMeans(iters=-1), "iters"), (lambda: nystrom.Norm(sink_ratio=0), "sink_ratio"),
     (lambda: nystrom.Norm(max_guaranteed_fraction=0), "max_guaranteed_fraction"),
     (lambda: nystrom.Norm(num_probes=0), "num_probes"),

@@ -94,8 +94,14 @@ def check_eigenvalues(eigenvalues):
     """Validate a 1-D finite real spectrum; return it as float64 numpy, sorted decreasingly, clipped at 0.
 
     Small negative values are round-off of a PSD matrix's spectrum and are clipped; a clearly
-    negative one (below ``-1e-8`` times the largest magnitude) means the matrix is not PSD.
+    negative one (below ``-max(1e-8, n eps)`` times the largest magnitude, ``eps`` of the eigenvalues' own dtype:
+    a float32 ``eigvalsh`` rounds at about ``n eps`` of the largest) means the matrix is not PSD.
     """
+    dtype = getattr(eigenvalues, "dtype", None)
+    try:
+        eps = float(array_api_compat.array_namespace(eigenvalues).finfo(dtype).eps)
+    except (TypeError, ValueError):
+        eps = float(np.finfo(np.float64).eps)  # a list, or a dtype of no floating kind
     if np.iscomplexobj(eigenvalues) or getattr(eigenvalues, "is_complex", lambda: False)():
         raise TypeError("eigenvalues must be a 1-D array of real numbers, got complex ones")
     try:
@@ -106,7 +112,7 @@ def check_eigenvalues(eigenvalues):
         raise ValueError(f"eigenvalues must be a non-empty 1-D array, got shape {lam.shape}")
     if not np.all(np.isfinite(lam)):
         raise ValueError("eigenvalues contains NaN or infinite values")
-    if lam.min() < -1e-8 * np.abs(lam).max():
+    if lam.min() < -max(1e-8, lam.size * eps) * np.abs(lam).max():
         raise ValueError(f"eigenvalues must be those of a PSD matrix (>= 0), got minimum {lam.min():.3g}")
     return np.sort(np.clip(lam, 0, None))[::-1]
 
@@ -314,10 +320,14 @@ class RowSample:
         """The :class:`ErrorEstimate` of an approximation from its output at these rows, ``approx_rows (..., s, d_v)``
         (:func:`ratio_interval`)."""
         s = self.rows.size
-        diff = float64_numpy(approx_rows) - self.exact
+        # In units of the largest exact entry (the ratio does not change): squares of outputs near 1e-170 or 1e160
+        # would underflow to a claimed exact 0, or overflow to NaN.
+        unit = float(np.max(np.abs(self.exact), initial=0.0)) or 1.0
+        exact = self.exact / unit
+        diff = float64_numpy(approx_rows) / unit - exact
         # Per sampled position, summed over the batch/head dimensions (over the sequences where it is real).
         e = ((diff * diff).sum(axis=-1).reshape(-1, s) * self.weight).sum(axis=0)
-        o = ((self.exact * self.exact).sum(axis=-1).reshape(-1, s) * self.weight).sum(axis=0)
+        o = ((exact * exact).sum(axis=-1).reshape(-1, s) * self.weight).sum(axis=0)
         ratio, low, high = ratio_interval(e, o, self.sizes, confidence)
         return ErrorEstimate(estimate=math.sqrt(ratio), low=math.sqrt(low), high=math.sqrt(high),
                              confidence=confidence, num_samples=s)
@@ -415,7 +425,9 @@ def ratio_interval(e, o, sizes, confidence):
         var += 1.5 * np.sum((z[-3:] - z[-3:].mean()) ** 2)
     var /= total**2
     t = float(scipy.stats.t.ppf(0.5 + confidence / 2, df=s - paired // 2 - s % 2))
-    spread = math.exp(t * math.sqrt(var) / ratio)
+    # Past float64's range (few rows at a confidence near 1) the interval is unbounded above, not an OverflowError.
+    exponent = t * math.sqrt(var) / ratio
+    spread = math.exp(exponent) if exponent < 700 else math.inf
     return ratio, ratio / spread, ratio * spread
 
 

@@ -199,7 +199,10 @@ class NewtonSchulz(Solver, name="newton_schulz", iterative=True):
         # dispatch than in arithmetic.
         eye7, eye13, eye15 = 7 * eye, 13 * eye, 15 * eye
         for _ in range(steps):
-            if self.tol is not None:
+            # At least one step before the test: the start A^T / (|A|_1 |A|_inf) may already meet tol (A near a
+            # scaled orthogonal matrix), and it differentiates as itself, not as the inverse; one step at the fixed
+            # point differentiates as -Z dA Z, the inverse's derivative (a review found the start's gradient).
+            if self.tol is not None and done > 0:
                 residual = moore_penrose_residual(A, Z)
                 if bool(xp.all(residual <= self.tol)):
                     return SolveResult(Z, residual, done)
@@ -261,7 +264,8 @@ class PInv(Solver, name="pinv"):
         A0 = detached(A)
         U, s, Vh = xp.linalg.svd(A0, full_matrices=False)
         rtol = self.rtol if self.rtol is not None else A.shape[-1] * xp.finfo(A.dtype).eps
-        keep = s > rtol * s[..., :1]
+        # Nor a singular value whose reciprocal overflows (a subnormal one, 1e-310 in float64): A^+ stays finite.
+        keep = (s > rtol * s[..., :1]) & (s > 1 / float(xp.finfo(A.dtype).max))
         s_inv = xp.where(keep, 1 / xp.where(keep, s, xp.ones_like(s)), xp.zeros_like(s))
         Z0 = xp.matrix_transpose(Vh) @ (s_inv[..., None] * xp.matrix_transpose(U))
         Z = Z0
@@ -289,7 +293,7 @@ class Ridge(Solver, name="ridge"):
     Parameters
     ----------
     lam : float
-        Regularisation :math:`\lambda \ge 0`, absolute. Softmax matrices satisfy
+        Regularisation :math:`\lambda > 0`, absolute. Softmax matrices satisfy
         :math:`1 \le \sigma_{\max} \le \sqrt{m}`, so an absolute value is on a known scale. The
         default ``1e-2`` was the best of 1e-6 ... 1e-1 in the measurement on the docs'
         pseudo-inverse page.
@@ -303,8 +307,9 @@ class Ridge(Solver, name="ridge"):
     lam: float = 1e-2
 
     def __post_init__(self):
-        if not (0 <= check_real("Ridge lam", self.lam) < math.inf):
-            raise ValueError(f"Ridge lam must be non-negative and finite, got {self.lam!r}")
+        # lam = 0 is the normal equations without regularisation: singular for a rank-deficient A (use PInv).
+        if not (0 < check_real("Ridge lam", self.lam) < math.inf):
+            raise ValueError(f"Ridge lam must be positive and finite (PInv for no regularisation), got {self.lam!r}")
 
     def solve(self, A) -> SolveResult:
         xp = array_api_compat.array_namespace(A)

@@ -224,3 +224,29 @@ def test_complex_eigenvalues_are_refused():
             best_rank_trace_floor(eigenvalues, 1)
         with pytest.raises(TypeError, match="real numbers"):
             rpcholesky_trace_bound(eigenvalues, 1)
+
+
+def test_a_float32_spectrum_of_a_psd_kernel_is_accepted():
+    # float32 eigvalsh rounds at about n eps of the largest eigenvalue: a fixed -1e-8 relative floor rejected real
+    # PSD kernels at n = 1,000 (minimum -1.3e-7 of the largest; a review finding). The floor follows the dtype.
+    X = np.random.default_rng(0).standard_normal((1000, 2))
+    eigenvalues = torch.linalg.eigvalsh(torch.exp(torch.tensor(X @ X.T / 2**0.5, dtype=torch.float32)))
+    assert eigenvalues.min() < 0  # round-off below zero, as measured
+    assert best_rank_trace_floor(eigenvalues, 30) >= 0
+    with pytest.raises(ValueError, match="PSD"):
+        best_rank_trace_floor(np.array([1.0, 0.5, -1e-3]), 1)
+
+
+def test_the_estimate_holds_at_the_ends_of_float64_and_at_any_confidence():
+    # Squares of outputs near 1e-170 underflowed to a claimed exact 0, near 1e160 overflowed to NaN; two rows at a
+    # confidence near 1 overflowed math.exp (review findings). The ratio does not depend on the outputs' scale.
+    rng = np.random.default_rng(0)
+    Q, K, V = (rng.standard_normal((1, 64, 8)) for _ in range(3))
+    out = nystrom.approximate(Q, K, V, num_landmarks=4)
+    plain = estimate_relative_error(Q, K, V, out, num_samples=64, seed=0)
+    for factor in (1e-170, 1e160):
+        scaled = estimate_relative_error(Q, K, V * factor, out * factor, num_samples=64, seed=0)
+        assert math.isclose(scaled.estimate, plain.estimate, rel_tol=1e-12)
+        assert math.isclose(scaled.high, plain.high, rel_tol=1e-12)
+    wide = estimate_relative_error(Q, K, V, out, num_samples=2, confidence=0.999999, seed=0)
+    assert wide.low <= wide.estimate <= wide.high and math.isfinite(wide.estimate)

@@ -204,3 +204,24 @@ def test_regularising_cut_off_is_a_named_choice():
     A = np.diag(s)
     np.testing.assert_allclose(np.diag(PInv(rtol=REGULARISING_RTOL)(A).inverse), [1.0, 10.0, 0.0])
     np.testing.assert_allclose(np.diag(PInv()(A).inverse), 1 / s)
+
+
+def test_newton_schulz_with_tol_differentiates_as_the_inverse_when_its_start_already_meets_tol():
+    # A near the identity: the start A^T / (|A|_1 |A|_inf) met tol at once, 0 steps, and autograd differentiated the
+    # start, not the inverse (a review finding: gradient [[-2, 4, 7], ...] for -ones). One step at the fixed point
+    # differentiates as -Z dA Z.
+    A = torch.eye(3, dtype=torch.float64) + 1e-8 * torch.randn(3, 3, dtype=torch.float64,
+                                                                generator=torch.Generator().manual_seed(0))
+    grads = []
+    for solver in (NewtonSchulz(tol=1e-6), PInv()):
+        leaf = A.clone().requires_grad_()
+        solver(leaf).inverse.sum().backward()
+        grads.append(leaf.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-6, atol=1e-6)
+
+
+def test_pinv_without_a_cutoff_stays_finite_on_a_subnormal_singular_value():
+    # 1 / 1e-310 overflows: such a singular value is dropped, as an exactly zero one is (a review finding: inf/NaN).
+    result = PInv(rtol=0)(np.diag([1.0, 1e-310]))
+    assert np.all(np.isfinite(result.inverse)) and np.isfinite(result.residual)
+    np.testing.assert_array_equal(result.inverse, np.diag([1.0, 0.0]))
