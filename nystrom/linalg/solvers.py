@@ -237,7 +237,8 @@ class PInv(Solver, name="pinv"):
         the signal; ``PInv(rtol=REGULARISING_RTOL)`` (3e-2, the best cut-off measured on the docs'
         pseudo-inverse page) regularises instead. ``rtol=0`` inverts every non-zero singular value,
         round-off included: finite for an exactly singular :math:`A`, but not its pseudo-inverse (with one
-        duplicated token at :math:`m = n`, relative output error 0.37 against 2e-15 for the default).
+        duplicated token at :math:`m = n`, relative output errors of 0.02-0.19 against at most 2e-14 for the
+        default on five Gaussian draws, n = 32, d = 8; the size depends on the data).
 
     Notes
     -----
