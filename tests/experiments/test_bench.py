@@ -115,7 +115,12 @@ def test_scaling_covers_the_grid_with_consistent_numbers(results):
     assert payload["roofline"]["gemm_flops_per_s"] > 0
     # The quick grid stops at n = 256, so none of the targets can be judged.
     assert [t["met"] for t in payload["summary"]["targets"]] == [None] * 4
-    assert "not measured" in (results / "scaling.md").read_text()
+    table = (results / "scaling.md").read_text()
+    assert "not measured" in table
+    # Every group of heads at the default m (a later group once took the last m of the per-m table's loop).
+    headers = [line for line in table.splitlines() if line.startswith("### Time per call")]
+    assert len(headers) == len(PLAN.seq_lens) > 1
+    assert all(line.endswith(f"m = {PLAN.default_landmarks}") for line in headers), headers
 
 
 def test_breakdown_stages_fit_inside_the_call(results):
