@@ -19,8 +19,10 @@ failed):
 3. ``python -m nystrom bench --only e2e`` in bfloat16: DINOv2-S forward passes, exact against FNA.
 
 Results: ``<out>/<dtype>/<device>/<section>.{json,md,png}`` (the CPU suite's form) and ``<out>/gpu_summary.json``
-(each step's command, exit status and seconds). ``docs/scripts/benchmark_tables.py`` copies the tables into the
-docs. Budget: under 8 minutes on one H200 (the sections' own time budgets cap each measurement at 10 calls).
+(each step's command, exit status and seconds). ``docs/scripts/benchmark_tables.py --prefix gpu_ <out>/<dtype>/cuda``
+copies the tables into the docs' own GPU blocks (``<!-- bench:gpu_SECTION -->``) and the plots as ``gpu_*.png``,
+leaving the CPU suite's alone. Budget: under 8 minutes on one H200 (the sections' own time budgets cap each
+measurement at 10 calls).
 """
 
 from __future__ import annotations

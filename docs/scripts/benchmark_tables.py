@@ -8,6 +8,11 @@ has to be re-read against the new tables.
 Usage::
 
     .venv/bin/python docs/scripts/benchmark_tables.py [RESULTS]   # default results/cpu
+    .venv/bin/python docs/scripts/benchmark_tables.py --prefix gpu_ results/gpu/bfloat16/cuda
+
+With ``--prefix P`` the tables go to the blocks ``<!-- bench:PSECTION -->`` and the plots to ``PNAME.png``, so a
+GPU run (``benchmarks/gpu.py``) fills its own blocks and never overwrites the CPU suite's tables or plots; the
+page needs those blocks first (a section without its block is left out, and named).
 """
 
 import re
@@ -28,20 +33,26 @@ def splice(page: str, section: str, table: str) -> str:
     return page
 
 
-def main(results: Path) -> None:
+def main(results: Path, prefix: str = "") -> None:
     page_path = DOCS / "benchmarks.md"
     page = page_path.read_text()
-    sections = sorted(set(re.findall(r"<!-- bench:(\w+) -->", page)))
-    for section in sections:
-        table = results / f"{section}.md"
-        if table.exists():
-            page = splice(page, section, table.read_text())
-            print(f"{section}: {table}")
+    blocks = set(re.findall(r"<!-- bench:(\w+) -->", page))
+    for table in sorted(results.glob("*.md")):
+        block = prefix + table.stem
+        if block in blocks:
+            page = splice(page, block, table.read_text())
+            print(f"{block}: {table}")
+        else:
+            print(f"{table.name}: no <!-- bench:{block} --> block in docs/benchmarks.md, left out")
     page_path.write_text(page)
     for png in sorted(results.glob("*.png")):
-        shutil.copy(png, DOCS / "img" / "benchmarks" / png.name)
-        print(f"copied {png.name}")
+        shutil.copy(png, DOCS / "img" / "benchmarks" / (prefix + png.name))
+        print(f"copied {png.name} as {prefix + png.name}")
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]) if len(sys.argv) > 1 else Path("results/cpu"))
+    args = sys.argv[1:]
+    prefix = ""
+    if args[:1] == ["--prefix"]:
+        prefix, args = args[1], args[2:]
+    main(Path(args[0]) if args else Path("results/cpu"), prefix)
