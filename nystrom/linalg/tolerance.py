@@ -305,8 +305,11 @@ def search_for_tol(xp, Q, K, V, attempt, exact, *, first, num_keys, key_mask, ma
     top, exact_allowed = search_range(first, num_keys, Q.shape[-2], max_landmarks, pays, solver)
     rows = None if top < first else sample_rows(xp, Q, K, V, num_samples=SAMPLED_ROWS, seed=seed, scale=scale,
                                                 keys=key_mask, attend=attend)
+    # The sampled queries once, for every step.
+    sampled = None if rows is None else xp.take(Q, rows.at, axis=-2)
+
     def estimate(attempted):
-        return rows.estimate(nystrom_output(xp, xp.take(Q, rows.at, axis=-2), attempted[1], attend), CONFIDENCE)
+        return rows.estimate(nystrom_output(xp, sampled, attempted[1], attend), CONFIDENCE)
 
     return search_landmarks(attempt, estimate, first, top,
                             tol, strict, solver, exact=exact if exact_allowed else None,

@@ -371,9 +371,14 @@ def check_num_landmarks(num_landmarks, n: int | None, n_valid: int | None = None
     return m
 
 
+def real_key_counts(xp, keys):
+    """The real keys ``(...)`` of each sequence (and head) of a bool key mask ``(..., n)``."""
+    return xp.sum(xp.astype(keys, xp.int64), axis=-1)
+
+
 def fewest_real_keys(xp, keys) -> int:
     """The real keys of the shortest sequence (and head) of a bool key mask ``(..., n)``. Reads the data."""
-    return int(xp.min(xp.sum(xp.astype(keys, xp.int64), axis=-1)))
+    return int(xp.min(real_key_counts(xp, keys)))
 
 
 def every_key_a_landmark(xp, Q, K, m, keys, fewest) -> bool:
@@ -384,7 +389,7 @@ def every_key_a_landmark(xp, Q, K, m, keys, fewest) -> bool:
         return False
     if keys is None:
         return m == K.shape[-2]
-    return fewest == m and int(xp.max(xp.sum(xp.astype(keys, xp.int64), axis=-1))) == m
+    return fewest == m and int(xp.max(real_key_counts(xp, keys))) == m
 
 
 def check_error_control(tol, max_landmarks, strict_tol, m, largest=None):

@@ -168,7 +168,8 @@ class FNAHandle(Handle):
         scale = check_scale(scaling, d)
         real = padding_mask_from_attention_mask(attention_mask, batch, n)
         lengths = None if real is None else real.sum(dim=-1)
-        longest = n if lengths is None else int(lengths.max())
+        # The real tokens of the longest and the shortest sequence, read once for the tests below and calibration.
+        longest, fewest = (n, n) if lengths is None else (int(lengths.max()), int(lengths.min()))
         m = self.num_landmarks_per_layer.get(layer, self.num_landmarks)
         if is_causal is not None:
             kwargs["is_causal"] = is_causal
@@ -176,12 +177,12 @@ class FNAHandle(Handle):
                                           dropout=dropout, **kwargs)
         # A sequence of padding alone (an empty row of a batch) has no token a landmark could stand for: the model's
         # own attention answers that pass, as it does without FNA.
-        if (layer in self.exact_layers or (self.exclude is None and m >= longest)
-                or (lengths is not None and int(lengths.min()) == 0)):
+        if layer in self.exact_layers or (self.exclude is None and m >= longest) or fewest == 0:
             self.records[layer] = LayerRecord(None, False, None)
             return own_attention()
         xp = array_api_compat.array_namespace(key)
         keys = None if real is None else real[:, None, :]
+        key_mask = None if keys is None else keys[..., None, :]
         key, value = without_padding(xp, keys, key, value)
         attend = in_query_chunks(functools.partial(sdpa_attend, scale=scale), self.query_chunk_size)
 
@@ -190,8 +191,7 @@ class FNAHandle(Handle):
         def attempt(m, solver):
             landmarks, sampled = self._landmarks(layer, query, key, value, real, scale, m, memo)
             return (landmarks, sampled), nystrom_factors(xp, key, value, landmarks, unchecked(solver), scale=scale,
-                                                         mask=None if keys is None else keys[..., None, :],
-                                                         attend=attend)
+                                                         mask=key_mask, attend=attend)
 
         steps = ()
         if self.tol is None or layer in self.num_landmarks_per_layer:
@@ -201,7 +201,6 @@ class FNAHandle(Handle):
             # Calibration, on this layer's first pass: the doubling search of approximate(tol=...), on 128 exact
             # rows of this layer's own attention; later passes reuse the m it found. It starts from num_landmarks
             # clipped to the real tokens of the shortest sequence, as selection clips it, and never goes past them.
-            fewest = n if real is None else fewest_real_keys(xp, real)
             # The model's own attention answers for an exact step, below.
             ((landmarks, sampled), factors), steps = search_for_tol(
                 xp, query, key, value, attempt, lambda: ((None, False), None),
@@ -236,7 +235,7 @@ class FNAHandle(Handle):
             identity = torch.eye(n, dtype=value.dtype, device=value.device).expand(*value.shape[:-2], n, n)
             implied = nystrom_factors(xp, key, without_padding(xp, keys, identity)[0], landmarks,
                                       unchecked(self.solver_per_layer.get(layer, self.solver)), scale=scale,
-                                      mask=None if keys is None else keys[..., None, :], attend=attend)
+                                      mask=key_mask, attend=attend)
             weights = nystrom_output(xp, query, implied, attend)
         return nystrom_output(xp, query, factors, attend).transpose(1, 2).contiguous(), weights
 
