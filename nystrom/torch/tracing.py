@@ -15,6 +15,7 @@ import importlib
 import torch
 
 from ..linalg.landmarks.base import COMPILERS
+from .transfer import to_device
 
 
 @torch.library.custom_op("nystrom::host_draws", mutates_args=())
@@ -22,7 +23,7 @@ def _host_draws(draw: str, seed: int | None, shape: list[int], dtype: torch.dtyp
                 device: torch.device) -> torch.Tensor:
     module, name = draw.split(":")
     values = getattr(importlib.import_module(module), name)(seed, tuple(shape))
-    return torch.asarray(values, dtype=dtype, device=device)
+    return to_device(values, dtype, device)
 
 
 @_host_draws.register_fake

@@ -15,6 +15,7 @@ data is skipped). Two claims about that path are tested here, without a GPU:
 import ctypes
 import os
 
+import numpy as np
 import pytest
 import torch
 from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensor, FakeTensorMode
@@ -68,7 +69,9 @@ class Placement(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        self.elsewhere += [(str(func), t.device, tuple(t.shape), t.dtype) for t in tree_leaves(out)
+        # An operator that takes a tensor on the device and returns one elsewhere reads the device back.
+        read_back = any(isinstance(t, torch.Tensor) and t.device == self.device for t in tree_leaves((args, kwargs)))
+        self.elsewhere += [(str(func), t.device, tuple(t.shape), t.dtype, read_back) for t in tree_leaves(out)
                            if isinstance(t, torch.Tensor) and t.device != self.device]
         return out
 
@@ -94,10 +97,14 @@ def test_every_strategy_runs_on_fake_cuda_and_stays_there(fake_cuda, strategy, d
     assert isinstance(out, FakeTensor)
     assert out.device == torch.device("cuda", 0) and out.shape == (2, 4, 256, 32) and out.dtype == dtype
     if strategy in nystrom.RANDOM_STRATEGIES:
-        # Only tensors made from the seeded host draws (the draws, or the positions they select, turned into a tensor
-        # by lift_fresh before the copy to the device); no scalar, and nothing read back from the device.
-        assert elsewhere and {func for func, *_ in elsewhere} == {"aten.lift_fresh.default"}, elsewhere
-        assert all(shape for *_, shape, _ in elsewhere), elsewhere
+        # Only tensors made from the seeded host draws: the draws, or the positions they select, turned into a tensor
+        # by lift_fresh, cast, and staged in page-locked memory (empty + copy_) for a copy that does not wait for the
+        # device. No scalar, and nothing read back from the device.
+        staging = {"aten.lift_fresh.default", "aten._to_copy.default", "aten.empty.memory_format", "aten.copy_.default"}
+        assert elsewhere and elsewhere[0][0] == "aten.lift_fresh.default", elsewhere
+        assert {func for func, *_ in elsewhere} <= staging, elsewhere
+        assert not any(read_back for *_, read_back in elsewhere), elsewhere
+        assert all(shape for _, _, shape, _, _ in elsewhere), elsewhere
     else:
         assert elsewhere == []
 
@@ -158,3 +165,20 @@ def test_compiled_draws_are_drawn_on_every_call():
     compiled = torch.compile(landmarks, fullgraph=True, backend="eager")
     draws = [compiled(Q, K, V) for _ in range(4)]
     assert any(not torch.equal(draws[0], other) for other in draws[1:])
+
+
+def test_host_draws_are_queued_copies_on_cuda_only(fake_cuda):
+    # The queued copy (page-locked staging, non_blocking) is the entry for CUDA tensors; a CPU tensor keeps the plain
+    # asarray, and the values arrive unchanged either way.
+    from nystrom.linalg.landmarks.base import HOST_COPIES
+    from nystrom.torch.transfer import QueuedCopy, to_device
+
+    assert QueuedCopy in HOST_COPIES
+    assert not QueuedCopy.handles(torch.zeros(1)) and not QueuedCopy.handles(np.zeros(1))
+    values = np.random.default_rng(0).random((3, 5))
+    assert torch.equal(to_device(values, torch.float64, torch.device("cpu")), torch.from_numpy(values))
+    with FakeTensorMode():
+        like = torch.empty(2, device="cuda")
+        assert QueuedCopy.handles(like)
+        out = QueuedCopy.copy(values, torch.float32, like)
+    assert out.device == torch.device("cuda", 0) and out.shape == (3, 5) and out.dtype == torch.float32

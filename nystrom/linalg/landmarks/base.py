@@ -54,6 +54,12 @@ COMPILERS: list = []
 import, as :mod:`nystrom.torch.tracing` does for ``torch.compile``: ``linalg`` imports no backend. While one traces,
 the host fast paths (:func:`host_view`) give way to the array-API paths, and host draws become graph operations."""
 
+HOST_COPIES: list = []
+"""Copies of host draws to a device that queue the copy rather than wait for it, each with ``handles(like) -> bool``
+(does it copy to ``like``'s device?) and ``copy(values, dtype, like)`` (the numpy array ``values`` as an array of
+``dtype`` there). A plain ``asarray`` onto a CUDA device copies from pageable memory, which waits for the device;
+:mod:`nystrom.torch.transfer` registers the torch one on import."""
+
 STRATEGIES: dict[str, type] = {}
 """Strategy names accepted by :func:`get_strategy` and ``nystrom.approximate``, derived from the
 :class:`Strategy` subclasses' declared ``name``."""
@@ -586,13 +592,18 @@ def host_draws(xp, draw, seed, shape, dtype, like):
 
     Drawing on the host with numpy makes a given seed give the same landmarks for numpy and torch inputs, on CPU
     and CUDA alike; the draws depend on the seed and the shape alone, so on a device they are one copy from the
-    host and nothing is read back. While a compiler traces ``like``, its :data:`COMPILERS` entry makes the draw one
-    operation of the graph (for ``torch.compile``, a custom operator): ``draw`` must then be a module-level function.
+    host, queued without waiting where a :data:`HOST_COPIES` entry handles the device, and nothing is read back.
+    While a compiler traces ``like``, its :data:`COMPILERS` entry makes the draw one operation of the graph (for
+    ``torch.compile``, a custom operator): ``draw`` must then be a module-level function.
     """
     for compiler in COMPILERS:
         if compiler.tracing(like):
             return compiler.host_draws(draw, seed, shape, dtype, like)
-    return xp.asarray(draw(seed, shape), dtype=dtype, device=array_api_compat.device(like))
+    values = draw(seed, shape)
+    for copier in HOST_COPIES:
+        if copier.handles(like):
+            return copier.copy(values, dtype, like)
+    return xp.asarray(values, dtype=dtype, device=array_api_compat.device(like))
 
 
 def host_view(a):

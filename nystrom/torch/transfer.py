@@ -1,0 +1,42 @@
+"""Host draws reach a CUDA device without waiting for it: an entry of
+:data:`nystrom.linalg.landmarks.base.HOST_COPIES`, registered on import.
+
+``torch.asarray(numpy_array, device="cuda")`` copies from pageable host memory, and such a copy returns only
+once the device has caught up with every kernel queued before it: the seeded draws of ``uniform`` and
+``rpcholesky`` made every call wait for the work before it (``torch.cuda.set_sync_debug_mode("error")`` raises
+there; found on an H200). Staged in page-locked memory, the copy is queued on the current stream like a kernel. The
+staging buffer comes from PyTorch's caching host allocator, which records the copy and does not hand the buffer
+out again before the copy has run, so it can be let go at once.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..linalg.landmarks.base import HOST_COPIES
+
+
+def to_device(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The numpy array ``values`` as a tensor of ``dtype`` on ``device``; on CUDA, a copy queued on the current
+    stream from page-locked memory, which does not wait for the device."""
+    host = torch.asarray(values, dtype=dtype)
+    if device.type != "cuda":
+        return host.to(device)
+    # empty(pin_memory=True) and copy_ rather than Tensor.pin_memory(), which FakeTensorMode does not implement.
+    staged = torch.empty(host.shape, dtype=dtype, pin_memory=True).copy_(host)
+    return staged.to(device, non_blocking=True)
+
+
+class QueuedCopy:
+    """The torch entry of :data:`~nystrom.linalg.landmarks.base.HOST_COPIES`: CUDA tensors."""
+
+    @staticmethod
+    def handles(like) -> bool:
+        return isinstance(like, torch.Tensor) and like.device.type == "cuda"
+
+    @staticmethod
+    def copy(values, dtype, like):
+        return to_device(values, dtype, like.device)
+
+
+HOST_COPIES.append(QueuedCopy)
