@@ -18,6 +18,9 @@ failed):
    of the bytes-over-bandwidth floor).
 3. ``python -m nystrom bench --only e2e`` in bfloat16: DINOv2-S forward passes, exact against FNA.
 4. Step 2 in float16.
+5. ``benchmarks/cuda_graphs.py`` in bfloat16: each deterministic strategy eager against the same call replayed
+   as a CUDA graph, at (1, 12, 65,536, 64) and (1, 1, 262,144, 64), m = 64: how much of a call is launch
+   overhead.
 
 Results: ``<out>/<dtype>/<device>/<section>.{json,md,png}`` (the CPU suite's form) and ``<out>/gpu_summary.json``
 (each step's command, exit status and seconds). ``docs/scripts/benchmark_tables.py --prefix gpu_ <out>/<dtype>/cuda``
@@ -51,6 +54,9 @@ def steps(device, out):
     yield f"bench e2e {first}", [*bench, "--only", "e2e", "--dtype", first, "--out", str(out / first)]
     for dtype in others:
         yield f"bench {dtype}", [*bench, "--only", "scaling,breakdown", "--dtype", dtype, "--out", str(out / dtype)]
+    yield f"cuda graphs {first}", [sys.executable, str(ROOT / "benchmarks" / "cuda_graphs.py"), "--device", device,
+                                   "--dtype", first, *(["--calls", "2"] if device == "cpu" else []),
+                                   "--out", str(out / first / device)]
 
 
 def main(argv=None):

@@ -23,7 +23,7 @@ def to_device(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     if device.type != "cuda":
         return host.to(device)
     # empty(pin_memory=True) and copy_ rather than Tensor.pin_memory(), which FakeTensorMode does not implement.
-    staged = torch.empty(host.shape, dtype=dtype, pin_memory=True).copy_(host)
+    staged = torch.empty(host.shape, dtype=host.dtype, pin_memory=True).copy_(host)
     return staged.to(device, non_blocking=True)
 
 

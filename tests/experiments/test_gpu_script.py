@@ -25,8 +25,9 @@ def load_script():
 @pytest.mark.parametrize("device", ["cuda", "cpu"])
 def test_every_step_is_a_valid_command(device, tmp_path):
     steps = list(load_script().steps(device, tmp_path))
-    (_, tests), *benches = steps
+    (_, tests), *benches, (_, graphs) = steps
     assert tests[:3] == [sys.executable, "-m", "pytest"] and "cuda" in tests and (ROOT / tests[-1]).is_dir()
+    assert graphs[:2] == [sys.executable, str(ROOT / "benchmarks" / "cuda_graphs.py")] and device in graphs
     dtypes = set()
     for _, command in benches:
         assert command[:4] == [sys.executable, "-m", "nystrom", "bench"]
@@ -47,5 +48,16 @@ def test_summary_reports_each_step_and_fails_when_one_fails(tmp_path, monkeypatc
     monkeypatch.setattr(script.subprocess, "run", fake_run)
     assert script.main(["--device", "cpu", "--out", str(tmp_path)]) == 1
     summary = json.loads((tmp_path / "gpu_summary.json").read_text())
-    assert [s["command"] for s in summary["steps"]] == ran and len(ran) == 4
+    assert [s["command"] for s in summary["steps"]] == ran and len(ran) == 5
     assert [s["step"] for s in summary["steps"] if s["returncode"]] == ["bench float16"]
+
+
+def test_cuda_graphs_dry_run_writes_its_table(tmp_path):
+    # The CPU dry run times the eager calls at a small size (no graph without CUDA) and writes the same files.
+    command = [sys.executable, str(ROOT / "benchmarks" / "cuda_graphs.py"), "--device", "cpu", "--calls", "1",
+               "--out", str(tmp_path)]
+    subprocess.run(command, check=True, cwd=ROOT, capture_output=True)
+    rows = json.loads((tmp_path / "cuda_graphs.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["exact SDPA", "norm", "kmeans", "fps", "segment_means", "given"]
+    assert all(r["eager_s"] > 0 and "graph_s" not in r for r in rows)
+    assert (tmp_path / "cuda_graphs.md").read_text().count("\n| (1, 2, 512, 16) |") == len(rows)

@@ -181,4 +181,8 @@ def test_host_draws_are_queued_copies_on_cuda_only(fake_cuda):
         like = torch.empty(2, device="cuda")
         assert QueuedCopy.handles(like)
         out = QueuedCopy.copy(values, torch.float32, like)
+        # Without a dtype the array's own is kept: positions stay integers (an H200 run caught them staged as
+        # float32, which index_select refused).
+        positions = QueuedCopy.copy(np.arange(4), None, like)
     assert out.device == torch.device("cuda", 0) and out.shape == (3, 5) and out.dtype == torch.float32
+    assert positions.device == torch.device("cuda", 0) and positions.dtype == torch.int64

@@ -599,7 +599,12 @@ def host_draws(xp, draw, seed, shape, dtype, like):
     for compiler in COMPILERS:
         if compiler.tracing(like):
             return compiler.host_draws(draw, seed, shape, dtype, like)
-    values = draw(seed, shape)
+    return to_device(xp, draw(seed, shape), like, dtype)
+
+
+def to_device(xp, values, like, dtype=None):
+    """The numpy array ``values`` as an array (of ``dtype``, default ``values``'s) on ``like``'s device, by the
+    :data:`HOST_COPIES` entry that handles it where there is one (a copy that does not wait for the device)."""
     for copier in HOST_COPIES:
         if copier.handles(like):
             return copier.copy(values, dtype, like)

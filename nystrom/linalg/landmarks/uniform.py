@@ -5,11 +5,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import array_api_compat
 import numpy as np
 
 from ..sequence import WHOLE
-from .base import TokenStrategy, compiling, host_draws, host_view
+from .base import TokenStrategy, compiling, host_draws, host_view, to_device
 
 
 def random_subset(xp, X, k, seed, mask=None, axis=WHOLE):
@@ -32,7 +31,7 @@ def random_subset(xp, X, k, seed, mask=None, axis=WHOLE):
     if axis.sharded:
         n = shape[-1]
         keys = row_draws(seed, (*shape[:-1], axis.length(n)))[..., axis.offset:axis.offset + n]
-        keys = xp.asarray(keys, dtype=xp.float64, device=array_api_compat.device(X))
+        keys = to_device(xp, keys, X, xp.float64)
         if mask is not None:
             keys = xp.where(mask, keys, 2 + keys)
         return xp.sort(axis.top_k(xp, -keys, k), axis=-1)
@@ -41,8 +40,7 @@ def random_subset(xp, X, k, seed, mask=None, axis=WHOLE):
         keys = row_draws(seed, shape)
         if host_mask is not None:
             keys = np.where(host_mask, keys, 2 + keys)
-        return xp.asarray(np.sort(np.argpartition(keys, k - 1, axis=-1)[..., :k], axis=-1),
-                          device=array_api_compat.device(X))
+        return to_device(xp, np.sort(np.argpartition(keys, k - 1, axis=-1)[..., :k], axis=-1), X)
     keys = host_draws(xp, row_draws, seed, shape, xp.float64, X)
     if mask is not None:
         keys = xp.where(mask, keys, 2 + keys)

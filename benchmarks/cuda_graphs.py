@@ -1,0 +1,139 @@
+"""How much of a GPU call is launch overhead: ``approximate`` eager against the same call replayed as a CUDA graph.
+
+::
+
+    python benchmarks/cuda_graphs.py                  # on a CUDA machine: a table on stdout (--out DIR: files)
+    python benchmarks/cuda_graphs.py --device cpu     # dry run: the eager calls only, at a small size
+
+On an H200 every strategy's time was flat in n up to n = 65,536 (``benchmarks/gpu.py``): eager PyTorch pays about
+10 µs of host time per operator, and a call issues 120 (``uniform``) to 1,300 (``norm``, m = 64) operators. A
+CUDA graph replays the recorded kernels with no Python and no per-operator launch, which is what a user gets from
+``torch.cuda.graphs`` (or ``torch.compile(mode="reduce-overhead")``); the difference between the two columns is
+the launch overhead, and the graph's time is what the kernels themselves cost.
+
+Capture needs a call that never waits for the device: ``check_values=False``, and a deterministic strategy. The
+seeded strategies (``uniform``, ``rpcholesky``) copy their host draws into the graph once, so a replay would reuse
+the draws of the capture rather than draw again; they are left out. Each graph's output is checked against the
+eager call's (the same kernels on the same inputs: equal up to the order of floating-point reductions).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import nystrom
+from nystrom.experiments.bench.scaling import given_landmarks_call
+from nystrom.experiments.timing import timed_call
+
+STRATEGIES = ("norm", "kmeans", "fps", "segment_means")
+
+
+def best(fn, device, calls):
+    """Fastest of ``calls`` timed calls of ``fn`` after one warm-up call, in seconds."""
+    fn()
+    return min(timed_call(fn, device) for _ in range(calls))
+
+
+def graphed(fn):
+    """``fn`` recorded into a CUDA graph after three warm-up calls on a side stream (as ``torch.cuda.graphs``
+    asks), and its output tensor, which every replay overwrites."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
+def measure(shape, m, dtype, device, calls):
+    """One row per method at ``shape``: exact SDPA, then each strategy and the given-landmarks ceiling, eager and
+    replayed."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    Q, K, V = (torch.randn(shape, device=device, dtype=dtype, generator=gen) for _ in range(3))
+    exact = best(lambda: F.scaled_dot_product_attention(Q, K, V), device, calls)
+    rows = [{"shape": list(shape), "method": "exact SDPA", "eager_s": exact}]
+    print(line(rows[0]), flush=True)
+    calls_by_method = {strategy: partial(nystrom.approximate, Q, K, V, strategy=strategy, num_landmarks=m,
+                                         check_values=False) for strategy in STRATEGIES}
+    given = given_landmarks_call(Q, K, V, m)  # the ceiling: landmarks chosen beforehand
+    calls_by_method["given"] = lambda: given()[0]  # fna_attention returns (out, solve)
+    for method, call in calls_by_method.items():
+        row = {"shape": list(shape), "method": method, "m": m, "eager_s": best(call, device, calls)}
+        if device.type == "cuda":
+            try:
+                graph, out = graphed(call)
+            except RuntimeError as err:  # an operation that capture refuses (a host read, a pageable copy)
+                row["graph_error"] = str(err).splitlines()[0]
+                print(f"{method}: capture failed: {row['graph_error']}", file=sys.stderr)
+            else:
+                row["graph_s"] = best(graph.replay, device, calls)
+                eager = call().float()
+                graph.replay()
+                row["graph_vs_eager"] = float((out.float() - eager).norm() / eager.norm())
+        row["speedup_eager"] = exact / row["eager_s"]
+        if "graph_s" in row:
+            row["speedup_graph"] = exact / row["graph_s"]
+        rows.append(row)
+        print(line(row), flush=True)
+    return rows
+
+
+HEADER = ("| shape | method | eager (ms) | CUDA graph (ms) | speed-up over SDPA, eager | speed-up, graph | "
+          "graph vs eager (rel.) |\n|---|---|---|---|---|---|---|")
+
+
+def line(row):
+    """``row`` as a line of the Markdown table under :data:`HEADER`; ``—`` where it has no such value (SDPA is not
+    replayed)."""
+    def cell(key, fmt):
+        return fmt(row[key]) if key in row else "—"
+
+    def ms(seconds):
+        return f"{seconds * 1e3:.3g}"
+
+    def times(ratio):
+        return f"{ratio:.2g}×"
+
+    return (f"| {tuple(row['shape'])} | {row['method']} | {ms(row['eager_s'])} | {cell('graph_s', ms)} | "
+            f"{cell('speedup_eager', times)} | {cell('speedup_graph', times)} | "
+            f"{cell('graph_vs_eager', '{:.1e}'.format)} |")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python benchmarks/cuda_graphs.py", description=__doc__.split("\n")[0])
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
+    parser.add_argument("--landmarks", type=int, default=64)
+    parser.add_argument("--calls", type=int, default=10, help="timed calls per method (the fastest is kept)")
+    parser.add_argument("--out", type=Path, help="also write cuda_graphs.json (the rows) and cuda_graphs.md (the "
+                        "table) into this folder")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.exit(2, "cuda_graphs.py: no CUDA device; --device cpu runs the eager calls as a dry run\n")
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    shapes = [(1, 12, 65536, 64), (1, 1, 262144, 64)] if device.type == "cuda" else [(1, 2, 512, 16)]
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+    title = f"_{name}, {args.dtype}, torch {torch.__version__}, m = {args.landmarks}, fastest of {args.calls} calls._"
+    print(title + "\n\n" + HEADER, flush=True)
+    rows = [row for shape in shapes for row in measure(shape, args.landmarks, dtype, device, args.calls)]
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "cuda_graphs.json").write_text(json.dumps(
+            {"device": name, "dtype": args.dtype, "torch": torch.__version__, "rows": rows}, indent=1) + "\n")
+        (args.out / "cuda_graphs.md").write_text("\n".join([title, "", HEADER, *map(line, rows)]) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
