@@ -16,9 +16,9 @@ import torch
 from ..linalg.landmarks.base import HOST_COPIES
 
 
-def to_device(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """The numpy array ``values`` as a tensor of ``dtype`` on ``device``; on CUDA, a copy queued on the current
-    stream from page-locked memory, which does not wait for the device."""
+def to_device(values, dtype: torch.dtype | None, device: torch.device) -> torch.Tensor:
+    """The numpy array ``values`` as a tensor of ``dtype`` (``None``: the array's own) on ``device``; on CUDA, a
+    copy queued on the current stream from page-locked memory, which does not wait for the device."""
     host = torch.asarray(values, dtype=dtype)
     if device.type != "cuda":
         return host.to(device)
@@ -32,10 +32,12 @@ class QueuedCopy:
 
     @staticmethod
     def handles(like) -> bool:
+        """Whether ``like`` is a CUDA tensor."""
         return isinstance(like, torch.Tensor) and like.device.type == "cuda"
 
     @staticmethod
     def copy(values, dtype, like):
+        """:func:`to_device` onto ``like``'s device (``dtype`` ``None`` keeps ``values``'s)."""
         return to_device(values, dtype, like.device)
 
 
