@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import array_api_compat
 
-from .numerics import searchsorted_rows, softmax, top_k
+from .numerics import searchsorted_rows, softmax, take_along_axis, top_k
 
 
 class WholeSequence:
@@ -85,7 +85,7 @@ class WholeSequence:
         (..., k)``, the same on every process."""
         if positions.ndim < a.ndim:
             positions = xp.broadcast_to(positions[..., None, :], (*a.shape[:-1], positions.shape[-1]))
-        return xp.take_along_axis(a, positions, axis=-1)
+        return take_along_axis(xp, a, positions)
 
     def argmax(self, xp, values):
         """Global position ``(...)`` of the largest entry of ``values (..., n)`` over the sequence, the first one on

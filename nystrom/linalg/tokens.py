@@ -29,7 +29,7 @@ from typing import Any
 import array_api_compat
 import numpy as np
 
-from .numerics import masked_median
+from .numerics import masked_median, take_along_axis
 from .validation import check_finite, check_positive, check_real_floating, check_token_mask, namespace
 
 __all__ = [
@@ -122,7 +122,7 @@ def detect_massive_activations(hidden, *, abs_threshold=100.0, median_ratio=1000
         flat_mask = xp.reshape(xp.broadcast_to(real[..., None], tuple(hidden.shape)), tuple(flat.shape))
     median = masked_median(xp, flat, flat_mask)
     channel = xp.argmax(magnitude, axis=-1)
-    value = xp.take_along_axis(hidden, channel[..., None], axis=-1)[..., 0]
+    value = take_along_axis(xp, hidden, channel[..., None])[..., 0]
     peak = xp.abs(value)
     mask = (peak > alpha) & (peak >= rho * median[..., None])
     if real is not None:

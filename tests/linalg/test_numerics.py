@@ -2,11 +2,12 @@
 
 import array_api_compat
 import numpy as np
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nystrom.linalg.numerics import segment_sum
+from nystrom.linalg.numerics import segment_sum, take_along_axis
 
 
 def brute_segment_sum(values, labels, num_segments):
@@ -56,3 +57,18 @@ def test_segment_sum_takes_labels_that_broadcast_and_narrow_integer_labels():
                                   values.sum(-2, keepdim=True).numpy())
     np.testing.assert_array_equal(segment_sum(xp, values, torch.tensor([0, 1, 0], dtype=torch.int16), 2).numpy(),
                                   brute_segment_sum(values.numpy(), np.array([0, 1, 0]), 2))
+
+
+@pytest.mark.parametrize("axis", [-1, -2])
+def test_take_along_axis_matches_numpy_for_both_libraries(axis):
+    # The torch branch is one Tensor.gather, without array-api-compat's wrapping of negative indices (indices here
+    # are non-negative, as every caller's are: positions from argmax, argsort and top_k).
+    rng = np.random.default_rng(0)
+    array = rng.standard_normal((2, 3, 7, 5))
+    size = array.shape[axis]
+    indices = rng.integers(0, size, (2, 3, 4, 5) if axis == -2 else (2, 3, 7, 4))
+    expected = np.take_along_axis(array, indices, axis=axis)
+    assert np.array_equal(take_along_axis(array_api_compat.array_namespace(array), array, indices, axis), expected)
+    tensor = torch.from_numpy(array)
+    got = take_along_axis(array_api_compat.array_namespace(tensor), tensor, torch.from_numpy(indices), axis)
+    assert np.array_equal(got.numpy(), expected)

@@ -116,6 +116,41 @@ def test_every_solver_runs_on_fake_cuda(fake_cuda, solver):
     assert elsewhere == []
 
 
+class Launches(TorchDispatchMode):
+    """Counts the operators that launch work on the device: every one but views and metadata queries
+    (``_unsafe_view``, the reshape after a batched product, is a view that is not marked as one)."""
+
+    METADATA = (torch.ops.aten.detach.default, torch.ops.aten._unsafe_view.default)
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += not (func.is_view or func.namespace == "prim" or func in self.METADATA)
+        return func(*args, **(kwargs or {}))
+
+
+def launches_per_farthest_point(num_points, masked):
+    from nystrom.linalg.landmarks.fps import farthest_points
+
+    with FakeTensorMode():
+        X = torch.empty(2, 4, 256, 32, device="cuda")
+        mask = torch.ones(2, 4, 256, dtype=torch.bool, device="cuda") if masked else None
+        with Launches() as launches:
+            farthest_points(X, num_points, mask=mask)
+    return launches.count
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_a_farthest_point_step_launches_six_operators(fake_cuda, masked):
+    # On an H200 eager selection cost about 10 us per operator whatever n was (docs/benchmarks.md, GPU): the
+    # step count times the operators per step is the time. Six: argmax, gather of the point's coefficients, the
+    # distance product, its clamp at zero, the running minimum, and the scatter that retires the point.
+    per_step = (launches_per_farthest_point(25, masked) - launches_per_farthest_point(9, masked)) / 16
+    assert per_step == 6, per_step
+
+
 def test_a_data_dependent_operation_would_fail(fake_cuda):
     # What makes the runs above a proof: the value checks read the data, and on fake tensors they cannot.
     with FakeTensorMode():

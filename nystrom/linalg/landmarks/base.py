@@ -32,7 +32,7 @@ from typing import Any, ClassVar
 import array_api_compat
 import numpy as np
 
-from ..numerics import at_least_float32, detached, put_where, segment_sum, without_padding
+from ..numerics import at_least_float32, detached, put_where, segment_sum, take_along_axis, without_padding
 from ..sequence import WHOLE
 from ..validation import (
     check_attention_inputs,
@@ -528,7 +528,7 @@ def gather_rows(xp, X, idx):
             rows = xp.reshape(X, (-1, d)).index_select(0, xp.reshape(idx + batch, (-1,)))
             return xp.reshape(rows, (*idx.shape, d))
         return X.gather(-2, xp.broadcast_to(idx[..., None], (*lead, idx.shape[-1], d)))
-    return xp.take_along_axis(X, xp.broadcast_to(idx[..., None], (*idx.shape, X.shape[-1])), axis=-2)
+    return take_along_axis(xp, X, xp.broadcast_to(idx[..., None], (*idx.shape, X.shape[-1])), axis=-2)
 
 
 def unit_scaled(xp, X, mask=None, axis=WHOLE):
@@ -653,6 +653,6 @@ def sample_by_weight(xp, weights, u):
     threshold = u * total
     idx = xp.sum(xp.astype(cdf <= threshold[..., None], xp.int64), axis=-1)
     idx = xp.clip(idx, max=weights.shape[-1] - 1)
-    picked = xp.take_along_axis(positive, idx[..., None], axis=-1)[..., 0]
+    picked = take_along_axis(xp, positive, idx[..., None])[..., 0]
     # Round-off can land on a zero-weight entry next to the boundary; take the heaviest instead.
     return xp.where((total > 0) & (picked > 0), idx, xp.argmax(weights, axis=-1))

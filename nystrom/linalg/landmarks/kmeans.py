@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import array_api_compat
 import numpy as np
 
-from ..numerics import put_along_axis, put_where, segment_sum
+from ..numerics import put_along_axis, put_where, segment_sum, take_along_axis
 from ..sequence import WHOLE
 from ..validation import check_bool, check_int
 from .base import ClusterStrategy, Grouping, gather_rows, host_view, unit_scaled
@@ -148,8 +148,8 @@ def sampled_kmeans(xp, X, m, mask=None, *, iters=3, sample_size=None, active=Non
         seeds = xp.where(active, seeds, seeds[..., :1])
         own = xp.where(active, own, xp.zeros_like(own))
     if assign_all or s == total:
-        seed_tokens = xp.take_along_axis(rows, seeds, axis=-1)
-        seed_held = None if held is None else xp.take_along_axis(held, seeds, axis=-1)
+        seed_tokens = take_along_axis(xp, rows, seeds)
+        seed_held = None if held is None else take_along_axis(xp, held, seeds)
         labels = put_where(xp, nearest(xp, X if unit is None else X * unit, centroids, active), seed_tokens, own,
                            seed_held)
         return Grouping(labels if mask is None else xp.where(mask, labels, -xp.ones_like(labels)))

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import array_api_compat
 
-from ..numerics import at_least_float32, masked_median, put_where, softmax
+from ..numerics import at_least_float32, masked_median, put_where, softmax, take_along_axis
 from ..sequence import WHOLE
 from ..validation import check_bool, check_int, check_real
 from .base import ClusterStrategy, Grouping
@@ -243,7 +243,7 @@ class Norm(ClusterStrategy, name="norm", weighted=True, sharded=True):
         if mask is not None:
             real = real & axis.take(xp, mask, candidates)
         order = xp.argsort(xp.astype(~real, xp.int64), axis=-1, stable=True)
-        return xp.take_along_axis(candidates, order, axis=-1), xp.take_along_axis(real, order, axis=-1)
+        return take_along_axis(xp, candidates, order), take_along_axis(xp, real, order)
 
     def analysis(self, selection):
         """What the singleton test reads, whatever the number of landmarks: the probes' attention rows

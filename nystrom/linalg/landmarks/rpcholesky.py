@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import array_api_compat
 
+from ..numerics import take_along_axis
 from .base import TokenStrategy, sample_by_weight, uniform_draws
 
 
@@ -88,12 +89,12 @@ def rpcholesky_pivots(X, num_pivots, *, scale, mask=None, u):
         weight = xp.where(exhausted & ~taken, xp.ones_like(weight), weight)
         s = sample_by_weight(xp, weight, u[..., t])
         chosen.append(s)
-        x_s = xp.take_along_axis(X, xp.broadcast_to(s[..., None, None], (*s.shape, 1, X.shape[-1])), axis=-2)
+        x_s = take_along_axis(xp, X, xp.broadcast_to(s[..., None, None], (*s.shape, 1, X.shape[-1])), axis=-2)
         g = xp.exp(scale * (X @ xp.matrix_transpose(x_s))[..., 0] - shift)
         for f in factors:
-            f_s = xp.take_along_axis(f, s[..., None], axis=-1)
+            f_s = take_along_axis(xp, f, s[..., None])
             g = g - f * f_s
-        g_s = xp.take_along_axis(g, s[..., None], axis=-1)
+        g_s = take_along_axis(xp, g, s[..., None])
         ok = g_s > 0
         f = xp.where(ok, g / xp.sqrt(xp.where(ok, g_s, xp.ones_like(g_s))), xp.zeros_like(g))
         factors.append(f)
