@@ -19,8 +19,8 @@ failed):
 3. ``python -m nystrom bench --only e2e`` in bfloat16: DINOv2-S forward passes, exact against FNA.
 4. Step 2 in float16.
 5. ``benchmarks/cuda_graphs.py`` in bfloat16: each deterministic strategy eager against the same call replayed
-   as a CUDA graph, at (1, 12, 65,536, 64) and (1, 1, 262,144, 64), m = 64: how much of a call is launch
-   overhead.
+   as a CUDA graph, at (1, 12, 65,536, 64) and (1, 1, 262,144, 64), m = 64 and 256: how much of a call is the
+   host's overhead. It fails if a capture is refused or a replay disagrees with the eager call.
 
 Results: ``<out>/<dtype>/<device>/<section>.{json,md,png}`` (the CPU suite's form) and ``<out>/gpu_summary.json``
 (each step's command, exit status and seconds). ``docs/scripts/benchmark_tables.py --prefix gpu_ <out>/<dtype>/cuda``

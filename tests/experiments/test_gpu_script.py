@@ -15,8 +15,8 @@ from nystrom.experiments.bench.cli import build_parser
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("gpu_script", ROOT / "benchmarks" / "gpu.py")
+def load_script(name="gpu.py"):
+    spec = importlib.util.spec_from_file_location(name.removesuffix(".py"), ROOT / "benchmarks" / name)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -57,7 +57,20 @@ def test_cuda_graphs_dry_run_writes_its_table(tmp_path):
     command = [sys.executable, str(ROOT / "benchmarks" / "cuda_graphs.py"), "--device", "cpu", "--calls", "1",
                "--out", str(tmp_path)]
     subprocess.run(command, check=True, cwd=ROOT, capture_output=True)
-    rows = json.loads((tmp_path / "cuda_graphs.json").read_text())["rows"]
-    assert [r["method"] for r in rows] == ["exact SDPA", "norm", "kmeans", "fps", "segment_means", "given"]
-    assert all(r["eager_s"] > 0 and "graph_s" not in r for r in rows)
-    assert (tmp_path / "cuda_graphs.md").read_text().count("\n| (1, 2, 512, 16) |") == len(rows)
+    for m in (64, 256):
+        result = json.loads((tmp_path / f"cuda_graphs_m{m}.json").read_text())
+        rows = result["rows"]
+        assert [r["method"] for r in rows] == ["exact SDPA", "norm", "kmeans", "fps", "segment_means", "given"]
+        assert all(r["eager_s"] > 0 and "graph_s" not in r for r in rows) and result["stamp"]["smoke_run"]
+        table = (tmp_path / f"cuda_graphs_m{m}.md").read_text()
+        assert table.startswith("_Measured on ") and table.count("\n| (1, 2, 512, 16) |") == len(rows)
+
+
+def test_cuda_graphs_fails_on_a_refused_capture_or_a_disagreeing_replay():
+    script = load_script("cuda_graphs.py")
+    rows = [{"shape": [1, 2], "method": "norm", "graph_error": "RuntimeError: operation not permitted"},
+            {"shape": [1, 2], "method": "fps", "graph_vs_eager": 0.5},
+            {"shape": [1, 2], "method": "kmeans", "graph_vs_eager": 0.0}]
+    problems = script.failures(rows)
+    assert len(problems) == 2 and "norm" in problems[0] and "fps" in problems[1]
+    assert "**capture failed**" in script.line({**rows[0], "eager_s": 1e-3})
