@@ -105,7 +105,9 @@ def masked_median(xp, values, mask=None):
         return ordered[..., (count - 1) // 2]
     big = xp.full((), float("inf"), dtype=values.dtype, device=array_api_compat.device(values))
     ordered = xp.sort(xp.where(mask, values, big), axis=-1)
-    middle = (xp.sum(xp.astype(mask, xp.int64), axis=-1, keepdims=True) - 1) // 2
+    # A row with no entry that counts (outside the contract, but reachable with check_values=False) gives inf, the
+    # filler, rather than an index of -1: a gather out of bounds on a GPU is a device-side assert.
+    middle = xp.clip((xp.sum(xp.astype(mask, xp.int64), axis=-1, keepdims=True) - 1) // 2, min=0)
     return take_along_axis(xp, ordered, middle)[..., 0]
 
 
@@ -175,14 +177,20 @@ def segment_sum(xp, values, labels, num_segments):
 
 
 def take_along_axis(xp, array, indices, axis=-1):
-    """``xp.take_along_axis`` for non-negative ``indices``: one ``Tensor.gather`` for torch.
+    """``xp.take_along_axis`` for non-negative ``indices`` (as many dimensions as ``array``, broadcast against it
+    outside ``axis``): for torch one ``Tensor.gather`` on broadcast views.
 
-    array-api-compat's torch version first wraps negative indices, four more operations per call; on a GPU each
-    operation costs a launch (about 10 us eager on an H200), which adds up in the per-step loops of selection.
+    array-api-compat's torch version first wraps negative indices, four more operations per call, and
+    ``torch.take_along_dim`` adds a copy where it broadcasts; on a GPU each operation costs a launch (about 10 us
+    eager on an H200), which adds up in the per-step loops of selection.
     """
-    if array_api_compat.is_torch_array(array):
-        return array.gather(axis, indices)
-    return xp.take_along_axis(array, indices, axis=axis)
+    if not array_api_compat.is_torch_array(array):
+        return xp.take_along_axis(array, indices, axis=axis)
+    axis %= array.ndim
+    lead = [max(a, i) for a, i in zip(array.shape, indices.shape)]
+    array = xp.broadcast_to(array, tuple(lead[:axis] + [array.shape[axis]] + lead[axis + 1:]))
+    indices = xp.broadcast_to(indices, tuple(lead[:axis] + [indices.shape[axis]] + lead[axis + 1:]))
+    return array.gather(axis, indices)
 
 
 def put_along_axis(xp, array, indices, values):

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nystrom.linalg.numerics import segment_sum, take_along_axis
+from nystrom.linalg.numerics import masked_median, segment_sum, take_along_axis
 
 
 def brute_segment_sum(values, labels, num_segments):
@@ -72,3 +72,22 @@ def test_take_along_axis_matches_numpy_for_both_libraries(axis):
     tensor = torch.from_numpy(array)
     got = take_along_axis(array_api_compat.array_namespace(tensor), tensor, torch.from_numpy(indices), axis)
     assert np.array_equal(got.numpy(), expected)
+
+
+@pytest.mark.parametrize(("array_lead", "indices_lead"), [((1, 3), (2, 3)), ((2, 3), (1, 3)), ((2, 1), (1, 3))])
+def test_take_along_axis_broadcasts_like_numpy(array_lead, indices_lead):
+    # Tensor.gather alone does not broadcast: a narrower index would silently return fewer rows, a wider one raise
+    # (rpcholesky_pivots with a (3, n) mask on (1, n, D) points did, in review).
+    rng = np.random.default_rng(1)
+    array = rng.standard_normal((*array_lead, 6))
+    indices = rng.integers(0, 6, (*indices_lead, 4))
+    expected = np.take_along_axis(array, indices, axis=-1)
+    got = take_along_axis(array_api_compat.torch, torch.from_numpy(array), torch.from_numpy(indices))
+    assert got.shape == expected.shape and np.array_equal(got.numpy(), expected)
+
+
+def test_masked_median_of_a_row_with_nothing_counted_is_inf_not_an_index_of_minus_one():
+    # Outside the contract, but reachable with check_values=False; on a GPU index -1 is a device-side assert.
+    values = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    mask = torch.tensor([[True, True, False], [False, False, False]])
+    assert masked_median(array_api_compat.torch, values, mask).tolist() == [1.0, float("inf")]
