@@ -9,11 +9,13 @@ sequence), the errors the bad calls raised (type and message), and the bytes it 
 from __future__ import annotations
 
 import datetime
+import math
 import os
 import pickle
 import sys
 import traceback
 
+import array_api_compat
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -171,6 +173,23 @@ def traffic_cases(rank, world):
     return sent
 
 
+# Values with ties inside and across shards (0 and 1 repeat; -inf stands for ineligible tokens) and the k asked for.
+TIED_VALUES = torch.tensor([[0.0, 1.0, 0.0, 1.0, 2.0, 0.0, 1.0, -math.inf, 0.0, 1.0, 2.0, 0.0],
+                            [-math.inf, 0.0, 0.0, 0.0, 0.0, 0.0, -math.inf, 0.0, 0.0, 0.0, 0.0, 0.0]])
+TIED_K = (1, 2, 3, 4, 5, 12)
+
+
+def top_k_cases(rank, world):
+    """``ShardedSequence.top_k`` of :data:`TIED_VALUES` on this process's shard for each k of :data:`TIED_K`."""
+    from nystrom.torch.distributed import ShardedSequence
+
+    n = TIED_VALUES.shape[-1]
+    axis = ShardedSequence(dist.group.WORLD, [split(n, world, r).stop - split(n, world, r).start
+                                              for r in range(world)])
+    xp = array_api_compat.array_namespace(TIED_VALUES)
+    return {k: axis.top_k(xp, TIED_VALUES[..., split(n, world, rank)], k) for k in TIED_K}
+
+
 def worker(rank, world, port, out):
     """Join the gloo group on 127.0.0.1:``port`` and pickle ``{case: shard of the output, or the error}`` to ``out``."""
     os.environ["HF_HUB_OFFLINE"] = "1"
@@ -186,6 +205,7 @@ def worker(rank, world, port, out):
                 results[name] = ("crash", traceback.format_exc())
         results.update(error_cases(rank, world))
         results["traffic"] = traffic_cases(rank, world)
+        results["top_k_ties"] = top_k_cases(rank, world)
     finally:
         with open(out + ".part", "wb") as f:
             pickle.dump(results, f)

@@ -151,6 +151,16 @@ def test_a_farthest_point_step_launches_six_operators(fake_cuda, masked):
     assert per_step == 6, per_step
 
 
+def test_device_farthest_points_broadcast_a_narrow_mask_as_the_host_does(fake_cuda):
+    # A (1, n) mask over (3, n, D) points: the host loop broadcasts it; the device loop failed at its final stack.
+    from nystrom.linalg.landmarks.fps import farthest_points
+
+    with FakeTensorMode():
+        picks = farthest_points(torch.empty(3, 40, 5, device="cuda"), 6,
+                                mask=torch.ones(1, 40, dtype=torch.bool, device="cuda"))
+    assert picks.shape == (3, 6) and picks.device == torch.device("cuda", 0)
+
+
 def test_a_data_dependent_operation_would_fail(fake_cuda):
     # What makes the runs above a proof: the value checks read the data, and on fake tensors they cannot.
     with FakeTensorMode():

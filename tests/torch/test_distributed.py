@@ -139,6 +139,17 @@ def test_bytes_sent_do_not_grow_with_n(groups, world):
         assert len(settings) == 1 and settings[0] < 1000, sent
 
 
+@pytest.mark.parametrize("world", WORLDS)
+def test_top_k_breaks_ties_by_the_lowest_position_as_one_process_does(groups, world):
+    # Tensor.topk breaks ties as it likes; the whole sequence's guaranteed order (FPS) is a stable sort, so the
+    # shards must agree with it on ties, across shards too.
+    expected = {k: torch.argsort(-worker.TIED_VALUES, dim=-1, stable=True)[..., :k] for k in worker.TIED_K}
+    for result in groups[world]:
+        got = result["top_k_ties"]
+        for k in worker.TIED_K:
+            assert torch.equal(got[k], expected[k]), (k, got[k], expected[k])
+
+
 def test_group_needs_an_initialised_process_group():
     Q = torch.randn(1, 8, 4)
     with pytest.raises(RuntimeError, match="init_process_group"):

@@ -184,7 +184,8 @@ def _fps_on_device(xp, X, num_points, mask, guarantee_score, max_guaranteed, fro
     n = X.shape[-2]
     device = array_api_compat.device(X)
     sq_norms = xp.sum(X * X, axis=-1)
-    eligible = xp.ones(X.shape[:-1], dtype=xp.bool, device=device) if mask is None else mask
+    eligible = (xp.ones(X.shape[:-1], dtype=xp.bool, device=device) if mask is None
+                else xp.broadcast_to(mask, tuple(X.shape[:-1])))  # a mask may broadcast, as on the host
     neg = xp.full((), -float("inf"), dtype=X.dtype, device=device)
     dist = xp.where(eligible, xp.full((), float("inf"), dtype=X.dtype, device=device), neg)
     order = None
