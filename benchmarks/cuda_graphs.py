@@ -12,8 +12,8 @@ CUDA graph replays the recorded kernels with no Python and no per-operator launc
 difference between the two columns is the host's overhead, and the graph's time is what the kernels cost.
 
 Capture needs a call that never waits for the device: ``check_values=False``, and a deterministic strategy. The
-seeded strategies (``uniform``, ``rpcholesky``) copy their host draws into the graph once, so a replay would reuse
-the draws of the capture rather than draw again; they are left out. Each graph's output is checked against the
+seeded strategies (``uniform``, ``rpcholesky``) draw on the host, which a replay would not do again, and refuse a
+capture (``nystrom/torch/transfer.py``); they are left out. Each graph's output is checked against the
 eager call's (the same kernels on the same inputs: equal up to the order of floating-point reductions); a failed
 capture or a replay that disagrees makes the exit status 1.
 """

@@ -22,6 +22,14 @@ def to_device(values, dtype: torch.dtype | None, device: torch.device) -> torch.
     host = torch.asarray(values, dtype=dtype)
     if device.type != "cuda":
         return host.to(device)
+    if torch.backends.cuda.is_built() and torch.cuda.is_current_stream_capturing():
+        # A graph records the copy from this staging buffer, not the draw: every replay would copy the buffer again,
+        # after the allocator may have handed it out for something else (indices read from it could fall outside
+        # the sequence). Loud here, rather than the capture's own error or stale draws.
+        raise RuntimeError(
+            "a seeded strategy ('uniform', 'rpcholesky') draws on the host and cannot be captured in a CUDA graph: "
+            "a replay would not draw again. Capture a deterministic strategy ('norm', 'kmeans', 'fps', "
+            "'segment_means') or landmarks chosen before the capture.")
     # empty(pin_memory=True) and copy_ rather than Tensor.pin_memory(), which FakeTensorMode does not implement.
     staged = torch.empty(host.shape, dtype=host.dtype, pin_memory=True).copy_(host)
     return staged.to(device, non_blocking=True)

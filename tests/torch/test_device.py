@@ -151,6 +151,18 @@ def test_a_farthest_point_step_launches_six_operators(fake_cuda, masked):
     assert per_step == 6, per_step
 
 
+def test_host_draws_refuse_a_cuda_graph_capture(monkeypatch):
+    # A replay would copy the capture's staging buffer again instead of drawing: the copy refuses while a capture
+    # is under way (simulated: there is no CUDA device here), before it touches the device.
+    from nystrom.torch.transfer import to_device
+
+    monkeypatch.setattr(torch.backends.cuda, "is_built", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(RuntimeError, match="cannot be captured in a CUDA graph"):
+        to_device(np.zeros(3), torch.float32, torch.device("cuda"))
+    assert torch.equal(to_device(np.zeros(3), torch.float32, torch.device("cpu")), torch.zeros(3))
+
+
 def test_device_farthest_points_broadcast_a_narrow_mask_as_the_host_does(fake_cuda):
     # A (1, n) mask over (3, n, D) points: the host loop broadcasts it; the device loop failed at its final stack.
     from nystrom.linalg.landmarks.fps import farthest_points
