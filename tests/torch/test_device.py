@@ -12,8 +12,8 @@ data is skipped). Two claims about that path are tested here, without a GPU:
   the eager output.
 """
 
-import ctypes
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -24,39 +24,25 @@ from torch.utils._pytree import tree_leaves
 
 import nystrom
 
+sys.path.insert(0, os.path.dirname(__file__))
+from fake_cuda import Launches, cuda_guard  # noqa: E402
+
 STRATEGIES = sorted(nystrom.STRATEGIES)
 DETERMINISTIC = sorted(set(nystrom.STRATEGIES) - nystrom.RANDOM_STRATEGIES)
-CUDA, META = 1, 14  # c10::DeviceType
 
 
 @pytest.fixture(scope="module")
 def fake_cuda():
-    """Let fake CUDA tensors be indexed on a torch built without CUDA.
-
-    ``Tensor.__getitem__`` opens a device guard for its tensor's device in C++ (``THPVariable_getitem``), below any
-    mode. A CUDA build without a device gets a no-op CUDA guard from ``FakeTensorMode`` itself
-    (``torch._C._ensureCUDADeviceGuardSet``), but a CPU-only build has no CUDA guard to replace, and that call leaves
-    it absent: indexing raises "PyTorch is not linked with support for cuda devices". This fixture registers the
-    meta device's guard, a no-op, as the CUDA one for the module's tests (through c10's exported
-    ``registerDeviceGuard``), and unregisters it after. Nothing else changes: CUDA calls outside a fake mode still
-    fail as before.
-    """
-    if torch.cuda._is_compiled():
-        yield  # a CUDA build: FakeTensorMode installs its own guard when no device is present
-        return
+    """:func:`fake_cuda.cuda_guard` for the module's tests, skipped where this torch build cannot register it."""
     try:
-        c10 = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libc10.so"))
-        slots = (ctypes.c_void_p * (META + 1)).in_dll(c10, "_ZN3c104impl26device_guard_impl_registryE")
-        register = c10._ZN3c104impl19registerDeviceGuardENS_10DeviceTypeEPKNS0_24DeviceGuardImplInterfaceE
+        guard = cuda_guard()
+        guard.__enter__()
     except (OSError, AttributeError, ValueError) as error:
         pytest.skip(f"cannot register a CUDA device guard in this torch build: {error}")
-    register.argtypes, register.restype = [ctypes.c_int8, ctypes.c_void_p], None
-    assert slots[CUDA] is None, "a CPU-only build has no CUDA device guard"
-    register(CUDA, slots[META])
     try:
         yield
     finally:
-        register(CUDA, None)
+        guard.__exit__(None, None, None)
 
 
 class Placement(TorchDispatchMode):
@@ -114,21 +100,6 @@ def test_every_solver_runs_on_fake_cuda(fake_cuda, solver):
     out, elsewhere = fake_call("norm", solver=solver)
     assert out.device == torch.device("cuda", 0) and out.shape == (2, 4, 256, 32)
     assert elsewhere == []
-
-
-class Launches(TorchDispatchMode):
-    """Counts the operators that launch work on the device: every one but views and metadata queries
-    (``_unsafe_view``, the reshape after a batched product, is a view that is not marked as one)."""
-
-    METADATA = (torch.ops.aten.detach.default, torch.ops.aten._unsafe_view.default)
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += not (func.is_view or func.namespace == "prim" or func in self.METADATA)
-        return func(*args, **(kwargs or {}))
 
 
 def launches_per_farthest_point(num_points, masked):
