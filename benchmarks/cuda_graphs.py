@@ -32,15 +32,16 @@ import torch.nn.functional as F
 import nystrom
 from nystrom.experiments.bench.scaling import given_landmarks_call
 from nystrom.experiments.stamp import caption, make_stamp
-from nystrom.experiments.timing import timed_call
+from nystrom.experiments.timing import best_time
 
 STRATEGIES = ("norm", "kmeans", "fps", "segment_means")
 
 
 def best(fn, device, calls):
-    """Fastest of ``calls`` timed calls of ``fn`` after one warm-up call, in seconds."""
+    """Fastest of ``calls`` timed calls of ``fn`` (:func:`~nystrom.experiments.timing.best_time`) after one warm-up
+    call, in seconds."""
     fn()
-    return min(timed_call(fn, device) for _ in range(calls))
+    return best_time(fn, device, repeats=calls)
 
 
 def graphed(fn):
