@@ -264,16 +264,60 @@ def searchsorted_rows(xp, sorted_rows, values):
 
 
 def top_k(xp, values, k):
-    """Positions ``(..., k)`` of the ``k`` largest entries of ``values (..., n)`` along the last axis, largest first.
+    """Positions ``(..., k)`` of the ``k`` largest entries of ``values (..., n)`` along the last axis, largest first,
+    ties to the lowest position: what a stable sort of the whole row gives, in every array library and over a sharded
+    sequence (whose shards send their :func:`top_k_candidates`).
 
     A partial selection instead of a full sort of ``n`` entries (65,536 of them took 7.8 ms to sort on one core):
-    ``Tensor.topk`` for torch, ``numpy.argpartition`` for numpy, a sort for other libraries. Ties are broken by
-    the library.
+    :func:`top_k_candidates`, then a stable sort of those :math:`2k`.
     """
+    value, position = top_k_candidates(xp, values, k)
+    if value is None:
+        return position
+    return stable_top_k(xp, value, position, k)
+
+
+def top_k_candidates(xp, values, k):
+    r"""``(value, position)``, each ``(..., 2k)``: entries among which the ``k`` largest of ``values (..., n)`` lie,
+    ties included, or ``(None, positions)`` with the answer itself for a library without a partial selection.
+
+    With :math:`t` the :math:`k`-th largest value, the entries above :math:`t` (fewer than :math:`k`) and, apart,
+    the :math:`k` lowest positions holding :math:`t`: ``Tensor.topk`` and ``numpy.argpartition`` break ties as they
+    like, so the ones at :math:`t` are taken by position. The list is padded with value :math:`-\infty` at position
+    :math:`n` (which a stable sort of the candidates puts after every entry of the row).
+    """
+    n = values.shape[-1]
     if array_api_compat.is_torch_array(values):
-        return values.topk(k, dim=-1).indices
-    if array_api_compat.is_numpy_array(values) and k < values.shape[-1]:
-        part = np.argpartition(-values, k - 1, axis=-1)[..., :k]
-        order = np.argsort(-np.take_along_axis(values, part, axis=-1), axis=-1, kind="stable")
-        return np.take_along_axis(part, order, axis=-1)
-    return xp.argsort(values, axis=-1, descending=True, stable=True)[..., :k]
+        above = values.topk(k, dim=-1)
+        above_value, above_at = above.values, above.indices
+    elif array_api_compat.is_numpy_array(values):
+        part = (np.argpartition(-values, k - 1, axis=-1)[..., :k] if k < n
+                else np.broadcast_to(np.arange(n), values.shape))
+        part_value = np.take_along_axis(values, part, axis=-1)
+        order = np.argsort(-part_value, axis=-1, kind="stable")
+        above_value, above_at = np.take_along_axis(part_value, order, axis=-1), np.take_along_axis(part, order, axis=-1)
+    else:
+        return None, xp.argsort(values, axis=-1, descending=True, stable=True)[..., :k]
+    device = array_api_compat.device(values)
+    threshold = above_value[..., -1:]
+    nowhere = xp.full((), n, dtype=xp.int64, device=device)
+    below = xp.full((), -math.inf, dtype=values.dtype, device=device)
+    keep = above_value > threshold
+    tied_at = xp.where(values == threshold, xp.arange(n, dtype=xp.int64, device=device), nowhere)
+    if array_api_compat.is_torch_array(tied_at):
+        lowest = tied_at.topk(k, dim=-1, largest=False).values
+    else:
+        lowest = np.sort(np.partition(tied_at, k - 1, axis=-1)[..., :k] if k < n else tied_at, axis=-1)
+    value = xp.concat([xp.where(keep, above_value, below),
+                       xp.where(lowest < n, xp.broadcast_to(threshold, tuple(lowest.shape)), below)], axis=-1)
+    position = xp.concat([xp.where(keep, xp.astype(above_at, xp.int64), nowhere), lowest], axis=-1)
+    return value, position
+
+
+def stable_top_k(xp, value, position, k):
+    """The positions of the ``k`` largest of candidate ``value (..., c)`` at ``position (..., c)``, largest first, ties
+    to the lowest position (a stable sort by position, then by value)."""
+    order = xp.argsort(position, axis=-1, stable=True)
+    value, position = take_along_axis(xp, value, order), take_along_axis(xp, position, order)
+    order = xp.argsort(-value, axis=-1, stable=True)[..., :k]
+    return take_along_axis(xp, position, order)

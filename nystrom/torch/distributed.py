@@ -45,7 +45,7 @@ import torch.distributed as dist
 
 from ..linalg.attention import in_query_chunks, nystrom_product
 from ..linalg.landmarks.base import STRATEGIES, Selection, Strategy, gather_rows, get_strategy
-from ..linalg.numerics import without_padding
+from ..linalg.numerics import stable_top_k, top_k_candidates, without_padding
 from ..linalg.sequence import WholeSequence
 from ..linalg.solvers import Solver, get_solver, unchecked
 from ..linalg.split_keys import merge_partials, partial_attention
@@ -208,42 +208,23 @@ class ShardedSequence(WholeSequence):
         return xp.astype(xp.take_along_axis(pairs[..., 1], winner[..., None], axis=-1)[..., 0], xp.int64)
 
     def top_k(self, xp, values, k):
-        # Each shard's candidates with their global positions, one message of (value, position) pairs in float64
-        # (exact for both); short shards pad with -inf at position n, which no process holds. Ties go to the lowest
-        # position, as a stable sort of the whole sequence would: Tensor.topk breaks ties as it likes, so a shard
-        # sends its entries above its k-th largest value t (fewer than k) and, apart, the k lowest positions that
-        # hold t itself. Every entry of the global answer is among them (the review of 2026-12-01 found 60 of 1,152
-        # tied cases that picked another position than one process did).
+        # Each shard sends its candidates (top_k_candidates: its entries above its k-th largest value t, and the k
+        # lowest positions holding t), which hold every entry of the global answer, ties included; the answer is a
+        # stable sort of them all, as one process holding the whole sequence makes it (the review of 2026-12-01 found
+        # 60 of 1,152 tied cases that picked another position than one process did when shards sent Tensor.topk's
+        # picks). One message of (value, position) pairs in float64, exact for both; short shards pad with -inf at
+        # position n, which no process holds.
         own = min(k, values.shape[-1])
-        n = values.shape[-1]
-        device = values.device
-        above = values.topk(own, dim=-1)
-        threshold = above.values[..., -1:]
-        dropped_value = xp.full((), -math.inf, dtype=xp.float64, device=device)
-        dropped_at = xp.full((), self.total, dtype=xp.int64, device=device)
-        # Entries above t, and apart from them the k lowest positions holding t; whatever is left out of either list
-        # becomes padding (value -inf at position n).
-        keep = above.values > threshold
-        above_pair = xp.stack([xp.where(keep, xp.astype(above.values, xp.float64), dropped_value),
-                               xp.astype(xp.where(keep, above.indices + self.offset, dropped_at), xp.float64)], axis=-1)
-        positions = xp.broadcast_to(xp.arange(n, device=device), tuple(values.shape))
-        tied_at = xp.where(values == threshold, positions, xp.full((), n, dtype=xp.int64, device=device))
-        tied_at = tied_at.topk(own, dim=-1, largest=False).values
-        real = tied_at < n
-        tied_pair = xp.stack([xp.where(real, xp.astype(xp.broadcast_to(threshold, tuple(real.shape)), xp.float64),
-                                       dropped_value),
-                              xp.astype(xp.where(real, tied_at + self.offset, dropped_at), xp.float64)], axis=-1)
-        pairs = xp.concat([above_pair, tied_pair], axis=-2)
+        value, position = top_k_candidates(xp, values, own)
+        position = xp.where(position < values.shape[-1], position + self.offset,
+                            xp.full((), self.total, dtype=xp.int64, device=values.device))
+        pairs = xp.stack([xp.astype(value, xp.float64), xp.astype(position, xp.float64)], axis=-1)
         if own < k:
-            pad = xp.full((*pairs.shape[:-2], 2 * (k - own), 2), -math.inf, dtype=xp.float64, device=device)
+            pad = xp.full((*pairs.shape[:-2], 2 * (k - own), 2), -math.inf, dtype=xp.float64, device=values.device)
             pad[..., 1] = self.total
             pairs = xp.concat([pairs, pad], axis=-2)
         pairs = xp.concat(self._gather(pairs), axis=-2)
-        value, position = pairs[..., 0], pairs[..., 1]
-        order = xp.argsort(position, axis=-1, stable=True)
-        value, position = xp.take_along_axis(value, order, axis=-1), xp.take_along_axis(position, order, axis=-1)
-        order = xp.argsort(-value, axis=-1, stable=True)[..., :k]
-        return xp.astype(xp.take_along_axis(position, order, axis=-1), xp.int64)
+        return xp.astype(stable_top_k(xp, pairs[..., 0], pairs[..., 1], k), xp.int64)
 
 
 def _shard_attend(xp, axis, q, k, v, mask=None, *, scale):

@@ -36,8 +36,10 @@ def inputs(shape, dtype, seed=0, sink=False):
     rng = np.random.default_rng(seed)
     Q, K, V = (torch.as_tensor(rng.standard_normal(shape), dtype=dtype) for _ in range(3))
     if sink:
-        # A strong sink at position 5 (every query's key product with it is large), so Norm keeps a singleton.
-        K[..., 5, :] = 4 * Q.mean(dim=-2)
+        # A strong sink at position 5 (every query's key product with it is large), so Norm keeps a singleton; or
+        # identical sinks at the positions given, more than Norm's singleton budget: which of them are singletons
+        # is a tie, broken by position on every shard layout.
+        K[..., (5,) if sink is True else sink, :] = 4 * Q.mean(dim=-2, keepdim=True)
     return Q, K, V
 
 
@@ -73,6 +75,7 @@ CASES = {
     "norm_f64_int_mask": case(mask=("int", [96, 50])),
     "norm_f64_float_mask": case(mask=("float", [33, 90])),
     "norm_f64_equal_shards": case(sizes=None),
+    "norm_f64_tied_sinks": case(sink=(5, 20, 40, 70, 90)),
     "norm_f64_per_head": case(share_landmarks_across_heads=False),
     "norm_f64_sampled": case(shape=(1, 2, 1200, 8), mask=("bool", [1100]), sizes=RAGGED_1200),
     "norm_f64_query_chunks": case(query_chunk_size=7, solver="pinv"),
