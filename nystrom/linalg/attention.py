@@ -244,7 +244,12 @@ def nystrom_output(xp, Q, factors, attend):
         # copy=False: the array API's astype copies by default, and a copy of the (n_q, d_v) output is a fresh
         # allocation whose page faults alone took 15-30 ms at n_q = 65,536, d_v = 64 on the benchmark VM.
         return xp.astype(out, factors.values.dtype, copy=False)
-    return xp.astype(xp.astype(out, factors.rescale.dtype) * factors.rescale, factors.values.dtype)
+    # The approximation is not a convex combination of V's rows, as exact attention is: where its error is large it
+    # can leave float16's range, which exact attention (|O| <= max |V| <= 65,504) never does. Clipping to the range
+    # moves no entry away from exact attention, and the cast does not overflow.
+    largest = float(xp.finfo(factors.values.dtype).max)
+    out = xp.clip(xp.astype(out, factors.rescale.dtype) * factors.rescale, min=-largest, max=largest)
+    return xp.astype(out, factors.values.dtype)
 
 
 def nystrom_product(xp, Q, K, V, landmarks, invert, *, scale, mask=None, attend=None, landmark_attend=None):
@@ -287,7 +292,8 @@ def nystrom_product(xp, Q, K, V, landmarks, invert, *, scale, mask=None, attend=
     For float16, :math:`v'` can exceed the format's range when :math:`A` is ill-conditioned
     (entries of :math:`A^+` grow like :math:`1/\sigma_{\min}`). The final product is linear in
     :math:`v'`, so it runs on :math:`v'/c` with :math:`c = \max|v'|` per matrix and the output is
-    multiplied by :math:`c` in float32: nothing overflows, and no value is read on the host.
+    multiplied by :math:`c` in float32, then clipped to the float16 range, in which exact attention lies (so the clip
+    never moves an entry away from it): nothing overflows, and no value is read on the host.
     bfloat16 shares float32's range and needs no such care. Reads no data: on an accelerator the
     product never synchronises with the host.
     """

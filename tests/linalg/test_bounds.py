@@ -90,6 +90,43 @@ def test_rpcholesky_expected_trace_error_within_bound(seed, k):
     assert np.mean(errs) >= best_rank_trace_floor(eig, k) * (1 - 1e-9)
 
 
+def test_rpcholesky_draws_each_pivot_from_the_residual_diagonal():
+    # The sampler itself, draw by draw: pivot t is the inverse CDF at u_t of the diagonal of the dense residual
+    # R_{t-1} = K - K[:, S] K[S, S]^+ K[S, :] (RPCholesky's law, p_i = R_ii / tr R), on the exact kernel. The
+    # Monte-Carlo test above checks only that the mean stays under Chen et al.'s bound, which also a sampler drawing
+    # from the wrong law would meet.
+    for seed in range(5):
+        X = clustered_points(seed, n=40, D=3)
+        scale = 0.7
+        u = np.random.default_rng(seed).random(12)
+        pivots = np.asarray(rpcholesky_pivots(X, 12, scale=scale, u=u))
+        residual = dense_kernel(X, scale)
+        for t, s in enumerate(pivots):
+            diagonal = np.clip(np.diag(residual), 0, None)
+            diagonal[pivots[:t]] = 0
+            cdf = np.cumsum(diagonal) / diagonal.sum()
+            # Round-off between the library's low-rank residual and this dense one may move a draw that falls within
+            # 1e-9 of a boundary of the CDF; none of these does.
+            assert np.min(np.abs(cdf - u[t])) > 1e-9
+            assert s == np.searchsorted(cdf, u[t], side="right"), (seed, t)
+            residual = residual - np.outer(residual[:, s], residual[s]) / residual[s, s]
+
+
+def test_rpcholesky_bound_matches_a_grid_search_of_its_definition():
+    # min over r of (1 + eps_r) tr(K - [K]_r), eps_r the smallest eps with k >= r/eps + r log(1/(eps eta_r)),
+    # capped at tr K: here by a dense grid of eps (relative step 1e-5) instead of the function's bisection.
+    eps = np.geomspace(1e-6, 1e6, 4_000_001)
+    for seed, k in [(0, 3), (1, 8), (2, 16)]:
+        eig = np.sort(np.random.default_rng(seed).gamma(0.5, size=40))[::-1]
+        total, best = eig.sum(), eig.sum()
+        for r in range(1, k + 1):
+            tail = eig[r:].sum()
+            admissible = eps[k >= r / eps + r * np.log(1 / (eps * tail / total))]
+            if admissible.size:
+                best = min(best, (1 + admissible[0]) * tail)
+        assert rpcholesky_trace_bound(eig, k) == pytest.approx(best, rel=1e-4)
+
+
 def test_rpcholesky_bound_is_zero_for_low_rank_and_at_most_the_trace():
     eig = np.array([5.0, 2.0, 1.0, 0.0, 0.0])
     assert rpcholesky_trace_bound(eig, 3) == 0.0
@@ -106,18 +143,21 @@ def coverage(Q, K, V, approx, num_samples, draws=200):
 
 
 def test_error_estimate_covers_at_its_rate_on_gaussian_tokens():
-    # Measured 93.5% for the nominal 95% at s = 64 (400 draws); the binomial sd over 200 draws is
-    # 1.7 points, so 0.88 is a 3-sigma floor. The seeds are fixed: the test is deterministic.
+    # Measured over these 200 seeded draws (deterministic): 93.5 % for the nominal 95 % at s = 64, 94.5 % at s = 128
+    # (the docs' error-bounds page: at least 93.5 % at s = 128 on every family measured). The floors sit 1.5 points
+    # under, three draws, so that a BLAS rounding the products otherwise cannot flip the test, while an interval a
+    # tenth narrower (93.5 -> about 90 %) fails it.
     rng = np.random.default_rng(0)
     Q, K, V = (rng.standard_normal((2, 400, 16)) for _ in range(3))
     approx = nystrom.approximate(Q, K, V, strategy="uniform", num_landmarks=32, seed=0)
-    assert coverage(Q, K, V, approx, 64) >= 0.88
+    assert coverage(Q, K, V, approx, 64) >= 0.92
+    assert coverage(Q, K, V, approx, 128) >= 0.93
 
 
 def test_error_estimate_covers_heavy_tailed_errors_with_enough_rows():
-    # Clustered low-rank tokens with FPS landmarks: the largest row error is 28x the mean and small
+    # Clustered low-rank tokens with FPS landmarks: the largest squared row error is 26x the mean and small
     # samples under-cover (documented: 80/84/92% at s = 32/64/128 over 400 draws; 90.5% over these 200).
-    # Pin s = 128 at >= 0.88, 1.3 binomial sd under the measurement; deterministic seeds.
+    # Pinned 1.5 points (three draws) under the measurement; deterministic seeds.
     rng = np.random.default_rng(0)
     n = 400
     U = rng.standard_normal((n, 3))
@@ -125,7 +165,7 @@ def test_error_estimate_covers_heavy_tailed_errors_with_enough_rows():
     K = 1.5 * U @ rng.standard_normal((3, 16)) + 0.2 * rng.standard_normal((n, 16))
     V = rng.standard_normal((n, 8))
     approx = nystrom.approximate(Q, K, V, strategy="fps", num_landmarks=16)
-    assert coverage(Q, K, V, approx, 128) >= 0.88
+    assert coverage(Q, K, V, approx, 128) >= 0.89
 
 
 def test_error_estimate_is_exact_with_all_rows():

@@ -72,6 +72,24 @@ def test_newton_schulz_error_recursion():
     assert np.linalg.norm(E0, 2) < 1  # the scaling A^T / (|A|_1 |A|_inf) guarantees this
 
 
+def test_newton_schulz_start_uses_both_norms():
+    # Z_0 = A^T / (|A|_1 |A|_inf) gives |I - A Z_0|_2 < 1 for every nonsingular A, since |A|_2^2 <= |A|_1 |A|_inf.
+    # A softmax matrix has |A|_inf = 1, so it cannot tell a start that drops a norm; its transpose with a sink column
+    # (|A|_1 = 1, |A|_inf about m/2) and unnormalised matrices can: a start of A^T / |A|_1^2 diverges on the first.
+    sink = softmax_matrix(3, 16, temperature=3.0)
+    sink[:, 0] += 8.0
+    sink /= sink.sum(-1, keepdims=True)
+    for A in (sink.T, 1e4 * sink.T, random_matrix(5, 16, cond=10.0), 1e-3 * random_matrix(6, 16, cond=10.0)):
+        Z0 = NewtonSchulz(iters=0)(A).inverse
+        np.testing.assert_allclose(Z0, A.T / (np.abs(A).sum(0).max() * np.abs(A).sum(1).max()), rtol=1e-14)
+        assert np.linalg.norm(np.eye(16) - A @ Z0, 2) < 1
+        result = NewtonSchulz(tol=1e-10, max_iters=200)(A)
+        assert float(result.residual) <= 1e-10
+        # The inverse to the accuracy the residual allows: 1e-10 times the condition number (5e3 for the sink).
+        inverse = np.linalg.inv(A)
+        assert np.linalg.norm(result.inverse - inverse) <= 1e-10 * np.linalg.cond(A) * np.linalg.norm(inverse)
+
+
 def test_newton_schulz_scaling_is_per_matrix():
     # A batch mixing a matrix with a huge norm and a small one: a batch-wide scale (the peers'
     # bug) would start the small one at ~0 and leave it unconverged after 6 steps.

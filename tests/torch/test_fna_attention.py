@@ -1,5 +1,6 @@
 """The torch backend: agreement with the numpy reference, dtypes, autograd, compile, devices."""
 
+import array_api_compat
 import numpy as np
 import pytest
 import torch
@@ -7,6 +8,7 @@ import torch
 import nystrom
 import nystrom.torch
 from nystrom import NewtonSchulz, PInv
+from nystrom.linalg.attention import landmark_kernel
 
 STRATEGIES = nystrom.STRATEGIES
 SOLVERS = nystrom.SOLVERS
@@ -66,6 +68,29 @@ def test_half_precision_large_logits_stay_finite(dtype):
     V = torch.randn(1, 2, 64, 16, generator=g)
     out = nystrom.approximate(Q.to(dtype), K.to(dtype), V.to(dtype), num_landmarks=16)
     assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("solver", ["pinv", "newton_schulz"])
+def test_float16_never_overflows_where_exact_attention_is_finite(solver):
+    # v' = A^+ B V is not an average of V: A^+ amplifies, and with V near float16's largest value (65,504) v' leaves
+    # the format (the rescaled path). The output itself may leave it too where the approximation is poor (pinv here,
+    # float32 output up to 1.1e5 against exact attention's 2.1e4; a review found 83 of 144 such float16 calls inf).
+    # Exact attention stays within the range, so clipping to it moves no entry away from exact attention.
+    g = torch.Generator().manual_seed(2)
+    Q, K = (torch.randn(1, 2, 64, 16, generator=g) for _ in range(2))
+    V = (torch.randn(1, 2, 64, 8, generator=g) * 3e4).clamp(-6e4, 6e4)
+    Q, K, V = (x.half().float() for x in (Q, K, V))  # the same inputs in both precisions
+    landmarks = nystrom.get_strategy("norm")(Q, K, 16, head_axis=-3)
+    A = landmark_kernel(array_api_compat.torch, landmarks.queries.double(), landmarks.keys.double(), 0.25,
+                        landmarks.log_weights.double())
+    vp = torch.linalg.pinv(A) @ nystrom.exact_attention(landmarks.queries.double(), K.double(), V.double())
+    assert vp.abs().max() > 65504  # the case of the rescaled path
+    exact = nystrom.exact_attention(Q.double(), K.double(), V.double())
+    single = nystrom.approximate(Q, K, V, num_landmarks=16, solver=solver).double()
+    half = nystrom.approximate(Q.half(), K.half(), V.half(), num_landmarks=16, solver=solver)
+    assert torch.isfinite(half).all()
+    # No farther from exact attention than float32 is, up to float16's rounding (2^-11 relative per entry).
+    assert torch.linalg.norm(half.double() - exact) <= torch.linalg.norm(single - exact) + 1e-3 * torch.linalg.norm(exact)
 
 
 def test_gradients_flow_and_match_finite_differences():
