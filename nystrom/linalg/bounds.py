@@ -267,8 +267,7 @@ def estimate_relative_error(Q, K, V, approx, *, num_samples=128, confidence=0.95
     tau = check_scale(scale, Q.shape[-1])
     if tuple(approx.shape) != (*Q.shape[:-1], V.shape[-1]):
         raise ValueError(f"approx must have shape {(*Q.shape[:-1], V.shape[-1])}, got {tuple(approx.shape)}")
-    if not xp.isdtype(approx.dtype, "real floating"):
-        raise TypeError(f"approx must have a real floating dtype, got {approx.dtype}")
+    check_real_floating(xp, "approx", approx)
     check_finite(xp, approx=approx)
     K, V = without_padding(xp, keys, K, V)
     return sampled_relative_error(xp, Q, K, V, approx, **check_sampling(num_samples, confidence, seed), scale=tau,

@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 import array_api_compat
 
 from .numerics import detached
-from .validation import check_finite, check_int, check_real, namespace, resolve
+from .validation import check_finite, check_int, check_real, check_real_floating, namespace, resolve
 
 
 @dataclass(frozen=True)
@@ -73,8 +73,7 @@ class Solver:
 
     def __call__(self, A) -> SolveResult:
         xp = namespace(A=A)
-        if not xp.isdtype(A.dtype, "real floating"):
-            raise TypeError(f"A must have a real floating dtype, got {A.dtype}")
+        check_real_floating(xp, "A", A)
         if A.ndim < 2 or A.shape[-1] != A.shape[-2] or A.shape[-1] == 0:
             raise ValueError(f"A must have shape (..., m, m) with m >= 1, got {tuple(A.shape)}")
         check_finite(xp, A=A)

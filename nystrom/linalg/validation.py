@@ -66,10 +66,17 @@ def _library(a) -> str:
     return "torch" if array_api_compat.is_torch_array(a) else type(a).__module__.split(".")[0]
 
 
+#: The floating dtypes the library computes in, by name: others (numpy's longdouble, a non-native byte order such as
+#: ``>f8``) compare unequal to all of them, and would otherwise be computed in float32 (``at_least_float32``) while
+#: claiming their own precision.
+FLOATING = ("float16", "bfloat16", "float32", "float64")
+
+
 def check_real_floating(xp, name: str, a) -> None:
-    """Raise ``TypeError`` unless ``a`` has a real floating dtype."""
-    if not xp.isdtype(a.dtype, "real floating"):
-        raise TypeError(f"{name} must have a real floating dtype, got {a.dtype}")
+    """Raise ``TypeError`` unless ``a`` has one of the :data:`FLOATING` dtypes (in native byte order)."""
+    if not any(hasattr(xp, kind) and a.dtype == getattr(xp, kind) for kind in FLOATING):
+        raise TypeError(f"{name} must have dtype float16, bfloat16, float32 or float64 in native byte order, got "
+                        f"{a.dtype!r}")
 
 
 def check_finite(xp, **arrays) -> None:
