@@ -219,6 +219,19 @@ def test_huge_finite_keys_are_exact_at_m_equals_n(strategy):
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("strategy", ALL)
+def test_logits_past_float32_choose_finite_landmarks(strategy):
+    # Q and K of about 1e19 in float32: finite, but q.k overflows, and float32 SDPA answers NaN on most rows. Selection
+    # must still choose m landmarks, not crash: norm's probe shares were NaN, ranked first by topk and read back as
+    # position n (an out-of-bounds gather; on a GPU a device-side assert).
+    generator = torch.Generator().manual_seed(0)
+    Q, K, V = (torch.randn(1, 2, 32, 8, generator=generator) for _ in range(3))
+    landmarks = nystrom.get_strategy(strategy)(Q * 1e19, K * 1e19, 8, head_axis=-3, seed=0)
+    assert landmarks.keys.shape == (1, 2, 8, 8) and torch.isfinite(landmarks.keys).all()
+    out = nystrom.approximate(Q * 1e19, K * 1e19, V, strategy=strategy, num_landmarks=8, seed=0)
+    assert out.shape == V.shape
+
+
 @pytest.mark.parametrize("strategy", ["fps", "norm", "segment_means"])
 def test_padding_changes_nothing_for_real_tokens(strategy):
     Q, K, V = qkv(3, shape=(1, 2, 13, 4))
