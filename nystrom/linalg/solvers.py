@@ -314,7 +314,14 @@ class Ridge(Solver, name="ridge"):
     def solve(self, A) -> SolveResult:
         xp = array_api_compat.array_namespace(A)
         At = xp.matrix_transpose(A)
-        Z = xp.linalg.solve(At @ A + self.lam * _eye(xp, A), At)
+        if self.lam <= 1:
+            Z = xp.linalg.solve(At @ A + self.lam * _eye(xp, A), At)
+        else:
+            # The same Z divided through by lam: lam I past float32's range (lam of 1e39 is positive and finite) would
+            # be inf on the diagonal and inf * 0 = NaN off it; here Z tends to A^T / lam, which rounds to 0. (A factor
+            # 1 / lam, not a division: numpy casts the divisor to float32 first, an overflow.)
+            inverse_lam = 1 / self.lam
+            Z = xp.linalg.solve((At @ A) * inverse_lam + _eye(xp, A), At * inverse_lam)
         return SolveResult(Z, moore_penrose_residual(A, Z), 0)
 
     def flops(self, m, iterations=0):

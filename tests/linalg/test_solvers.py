@@ -119,6 +119,22 @@ def test_ridge_tends_to_pinv(lam):
     np.testing.assert_allclose(Z, np.linalg.inv(A), atol=lam * 100**3 * 10 + 1e-9)
 
 
+@pytest.mark.parametrize("lam", [1e-30, 1e-2, 1.0, 7.0, 1e12, 1e39])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_ridge_matches_its_formula_at_every_scale_of_lam(lam, dtype):
+    # Z = V diag(sigma / (sigma^2 + lam)) U^T from the SVD, in float64. lam = 1e39 is positive and finite, but lam I
+    # is inf in float32 (and inf * 0 NaN off the diagonal): the output was all NaN there (review).
+    A = random_matrix(7, 10, cond=100.0)
+    U, sigma, Vt = np.linalg.svd(A)
+    expected = (Vt.T * (sigma / (sigma**2 + lam))) @ U.T
+    Z = Ridge(lam=lam)(A.astype(dtype)).inverse
+    assert np.all(np.isfinite(Z))
+    # The normal equations' rounding: eps times the condition number of A^T A + lam I, relative to the largest entry.
+    condition = (sigma[0] ** 2 + lam) / (sigma[-1] ** 2 + lam)
+    scale = max(np.abs(expected).max(), np.finfo(dtype).tiny)
+    np.testing.assert_allclose(Z, expected, rtol=0, atol=10 * np.finfo(dtype).eps * condition * scale)
+
+
 def test_pinv_exact_singularity_is_finite():
     A = np.zeros((2, 4, 4))
     A[0, 0, 0] = 1.0
