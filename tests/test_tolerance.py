@@ -376,6 +376,18 @@ def test_an_exact_answer_to_cross_attention_records_every_real_key():
     np.testing.assert_allclose(out, nystrom.exact_attention(Q, K, V), rtol=1e-12, atol=1e-12)
 
 
+def test_a_cross_attention_budget_below_the_real_keys_rules_exact_attention_out():
+    # 100 queries over 300 keys: the budget is at most n_q = 100, below the 300 real keys, so exact attention is out
+    # as the docstring says; a budget of n_q was compared with min(real keys, n_q) and answered exactly (review).
+    rng = np.random.default_rng(0)
+    Q, K, V = rng.standard_normal((1, 100, 16)), rng.standard_normal((1, 300, 16)), rng.standard_normal((1, 300, 16))
+    for budget in (99, 100):
+        with pytest.warns(UserWarning, match="not reached"):
+            _, info = nystrom.approximate(Q, K, V, num_landmarks=8, tol=1e-6, max_landmarks=budget, return_info=True)
+        assert info.landmarks is not None
+        assert all(step.solver != EXACT and step.m <= budget for step in info.tol_steps)
+
+
 @settings(max_examples=200, deadline=None)
 @given(highs=st.lists(st.floats(1e-3, 1.0), min_size=4, max_size=4), tol=st.sampled_from([0.01, 0.05, 0.1, 0.2]))
 def test_a_give_up_happens_only_where_tol_is_out_of_reach_at_the_fastest_fall(highs, tol):

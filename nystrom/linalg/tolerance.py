@@ -77,12 +77,13 @@ def crossover(largest, pays, solver):
     return low
 
 
-def search_range(first, keys, queries, max_landmarks, pays, solver):
+def search_range(first, keys, queries, max_landmarks, pays, solver, real_keys=None):
     r"""``(largest, exact)``: the largest :math:`m` the search tries with Nyström attention, and whether it may
     return exact attention instead.
 
-    ``max_landmarks`` is a budget on :math:`m`; exact attention is the answer with every key as a landmark
-    (:math:`m` = ``keys``, the real keys of the shortest sequence). Without a budget, or with one that holds every
+    ``max_landmarks`` is a budget on :math:`m`; exact attention is the answer with every key as a landmark (all
+    ``real_keys`` of the shortest sequence, default ``keys``, the most landmarks they allow: fewer for
+    cross-attention with fewer queries than keys). Without a budget, or with one that holds every real
     key, Nyström attention is tried at :math:`m = 2^k` ``first`` up to the :func:`crossover` of ``pays``
     (:func:`nystrom_pays`), and exact attention answers where it misses ``tol`` (a last step to the crossover
     itself, less than a doubling, would cost more than the step before it and lower the error little). Exact
@@ -90,7 +91,7 @@ def search_range(first, keys, queries, max_landmarks, pays, solver):
     are at most :data:`SAMPLED_ROWS`: the estimate's exact rows would be all of them, exact attention itself. A
     smaller budget caps :math:`m` at it (the last step reaching it) and rules exact attention out.
     """
-    if max_landmarks is None or max_landmarks >= keys:
+    if max_landmarks is None or max_landmarks >= (keys if real_keys is None else real_keys):
         top = 0 if queries <= SAMPLED_ROWS else crossover(keys, pays, solver)
         return (0 if top < first else first * 2 ** (top // first).bit_length() // 2), True
     return max(first, max_landmarks), False
@@ -302,7 +303,7 @@ def search_for_tol(xp, Q, K, V, attempt, exact, *, first, num_keys, key_mask, ma
         As :func:`search_landmarks` returns them.
     """
     pays = nystrom_pays(Q.shape[-2], K.shape[-2], Q.shape[-1], V.shape[-1])
-    top, exact_allowed = search_range(first, num_keys, Q.shape[-2], max_landmarks, pays, solver)
+    top, exact_allowed = search_range(first, num_keys, Q.shape[-2], max_landmarks, pays, solver, real_keys)
     rows = None if top < first else sample_rows(xp, Q, K, V, num_samples=SAMPLED_ROWS, seed=seed, scale=scale,
                                                 keys=key_mask, attend=attend)
     # The sampled queries once, for every step.
