@@ -236,6 +236,14 @@ def attentions_requested() -> bool:
     return recording is not None and "attentions" in recording
 
 
+def own_attention_returns_weights(module) -> bool:
+    """Whether ``module``'s own attention function returns attention weights: the eager one does; SDPA and flash
+    attention return ``None``, and transformers then leaves that layer out of ``outputs.attentions`` (the module
+    dispatches on ``config._attn_implementation``, as ``get_interface`` maps ``"eager"`` and ``None`` to the eager
+    default)."""
+    return getattr(getattr(module, "config", None), "_attn_implementation", None) in (None, "eager", "paged|eager")
+
+
 def layer_index(value):
     """``value`` as a Python int if it is an integer that is not a bool (anything with ``__index__``: Python, numpy
     and zero-dimensional integer torch or numpy arrays), else ``None``."""

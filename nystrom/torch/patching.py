@@ -47,7 +47,14 @@ from ..linalg.validation import (
     fewest_real_keys,
 )
 from .attention import sdpa_attend
-from .dispatch import Handle, attentions_requested, check_token_spec, padding_mask_from_attention_mask, token_mask
+from .dispatch import (
+    Handle,
+    attentions_requested,
+    check_token_spec,
+    own_attention_returns_weights,
+    padding_mask_from_attention_mask,
+    token_mask,
+)
 from .masking import masking_handler
 
 __all__ = ["FNAHandle", "LayerRecord", "fna", "patch"]
@@ -229,9 +236,12 @@ class FNAHandle(Handle):
         # Detached: a record outlives the pass, and must not keep its autograd graph (the whole forward's activations).
         self.records[layer] = LayerRecord(indices, sampled, factors.solve.residual.detach(), assignment, counts, steps)
         weights = None
-        if attentions_requested():
+        if attentions_requested() and own_attention_returns_weights(module):
             # The attention FNA applies, F A^+ B (B, H, n, n): its output with the identity for values, so that the
-            # weights times V are the output. Only on request (output_attentions=True): n x n per head.
+            # weights times V are the output. Only on request (output_attentions=True), and only where the model's
+            # own attention returns weights (eager): under SDPA the exact layers return none, transformers drops
+            # them from outputs.attentions, and FNA layers that kept theirs would take the exact layers' places.
+            # n x n per head.
             identity = torch.eye(n, dtype=value.dtype, device=value.device).expand(*value.shape[:-2], n, n)
             implied = nystrom_factors(xp, key, without_padding(xp, keys, identity)[0], landmarks,
                                       unchecked(self.solver_per_layer.get(layer, self.solver)), scale=scale,
@@ -453,10 +463,14 @@ def patch(model, *, layers=None, num_landmarks=64, strategy="norm", solver="newt
     Notes
     -----
     A batch holding a sequence of padding alone runs the model's own attention in that pass (no token to stand for),
-    as does a layer whose every token would be a landmark. With ``output_attentions=True`` an FNA layer returns the
-    attention it applies, :math:`F A^+ B` ``(B, H, n, n)`` (rows sum to 1, entries may be negative; the weights times
-    ``V`` are its output), formed only then, at :math:`O(n^2 m)`; otherwise it never forms an :math:`n \times n`
-    matrix.
+    as does a layer whose every token would be a landmark. With ``output_attentions=True`` and a model whose
+    attention is eager (``attn_implementation="eager"``), an FNA layer returns the attention it applies,
+    :math:`F A^+ B` ``(B, H, n, n)`` (entries may be negative; rows sum to 1 only where :math:`A^+` is exact, as with
+    ``solver="pinv"`` on a full-rank kernel: six Newton–Schulz steps leave them up to about 0.3–0.6 from 1 on
+    DINOv2-S and MiniLM; the weights times ``V`` are its output in every case), formed only then, at
+    :math:`O(n^2 m)`; otherwise it never forms an :math:`n \times n` matrix. Under SDPA or flash attention the exact
+    layers return no weights and transformers leaves them out of ``outputs.attentions``; FNA layers return none
+    either, so that the tuple does not hold FNA layers in the exact layers' places.
 
     See Also
     --------

@@ -783,6 +783,19 @@ class TestComposition:
         if seen.attention_mask is not None:
             assert torch.all(weights.masked_select(~seen.attention_mask[:, None, None, :]) == 0)
 
+    @pytest.mark.parametrize("kind", ["dinov2", "bert"])
+    def test_output_attentions_under_sdpa_line_up_as_without_fna(self, kind):
+        # Under SDPA the exact layers return no weights and transformers leaves them out of outputs.attentions: FNA
+        # layers that returned theirs came first, so attentions[0] was FNA layer 1 (a review found DINOv2-S's
+        # attentions[0] to be layer 6). Without weights from any layer the tuple is what the unpatched model gives.
+        model, inputs = tiny_model(kind, "sdpa"), tiny_inputs(kind)
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # transformers warns that SDPA returns no attention weights
+            plain = model(**inputs, output_attentions=True).attentions
+            with fna(model, layers=[1, 2], num_landmarks=8):
+                patched = model(**inputs, output_attentions=True).attentions
+        assert len(patched) == len(plain)
+
     def test_capture_entered_before_fna_records_the_fna_layers(self):
         model = tiny_model("vit")
         with capturing(model) as caps, fna(model, layers=[2, 3], num_landmarks=8):
