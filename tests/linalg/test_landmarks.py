@@ -232,15 +232,23 @@ def test_logits_past_float32_choose_finite_landmarks(strategy):
     assert out.shape == V.shape
 
 
-@pytest.mark.parametrize("strategy", ["fps", "norm", "segment_means"])
-def test_padding_changes_nothing_for_real_tokens(strategy):
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("strategy", ["fps", "norm", "segment_means", "kmeans"])
+def test_padding_changes_nothing_for_real_tokens(strategy, side):
+    # Left padding too (a batch of sentences padded on the left): the CLS that norm and fps keep is the first real
+    # token, not position 0, which is padding there (a review found norm's output off by 1.5 on MiniLM).
     Q, K, V = qkv(3, shape=(1, 2, 13, 4))
+    K[..., 0, :] = 3 * Q.mean(axis=-2)  # a sink at CLS, so that norm's singleton matters
     pad = 7
-    Qp, Kp, Vp = (np.concatenate([X, 9.0 * np.ones((1, 2, pad, X.shape[-1]))], axis=2) for X in (Q, K, V))
-    mask = np.arange(13 + pad)[None, None, :] < 13
+    def padded(X):
+        filler = 9.0 * np.ones((1, 2, pad, X.shape[-1]))
+        return np.concatenate([X, filler] if side == "right" else [filler, X], axis=2)
+
+    Qp, Kp, Vp = (padded(X) for X in (Q, K, V))
+    real = np.arange(13 + pad) < 13 if side == "right" else np.arange(13 + pad) >= pad
     ref = nystrom.approximate(Q, K, V, strategy=strategy, num_landmarks=5)
-    out = nystrom.approximate(Qp, Kp, Vp, strategy=strategy, num_landmarks=5, attn_mask=mask[..., None, :])
-    np.testing.assert_allclose(out[:, :, :13], ref, rtol=1e-12, atol=1e-13)
+    out = nystrom.approximate(Qp, Kp, Vp, strategy=strategy, num_landmarks=5, attn_mask=real[None, None, None, :])
+    np.testing.assert_allclose(out[:, :, real], ref, rtol=1e-12, atol=1e-13)
 
 
 @pytest.mark.parametrize("strategy", sorted(nystrom.RANDOM_STRATEGIES))

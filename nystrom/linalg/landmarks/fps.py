@@ -245,8 +245,9 @@ class FPS(TokenStrategy, name="fps", sharded=True):
     Parameters
     ----------
     first : int or None
-        Token that is always a landmark (``0``: the CLS token of ViTs and BERT, which the FNA authors
-        guarantee in their CLIP experiments). ``None`` forces none and starts from the first eligible token.
+        Token that is always a landmark, counted among the real tokens (``0``: the CLS token of ViTs and BERT,
+        also under left padding, which the FNA authors guarantee in their CLIP experiments; negative: from the
+        last real token). ``None`` forces none and starts from the first eligible token.
     from_guaranteed : bool
         ``True`` (default): ``first`` starts the sampling, so the farthest points are spread away from it
         too. ``False``: ``first`` stays out of the sampling, which starts at the first other eligible token
@@ -275,7 +276,7 @@ class FPS(TokenStrategy, name="fps", sharded=True):
     def pick(self, selection, X, mask):
         if self.use_queries and not selection.cross:
             X = selection.query_points
-        score = first_token_score(selection.xp, X, self.first, selection.axis)
+        score = first_token_score(selection.xp, X, self.first, mask, selection.axis)
         return farthest_points(X, selection.num_landmarks, mask=mask, guarantee_score=score,
                                from_guaranteed=self.from_guaranteed, axis=selection.axis)
 
@@ -291,16 +292,30 @@ scaled per matrix. One landmark set per sequence shared by the heads, chosen onc
 library's default too. Where the defaults depart from it, and why: the docs' landmark page."""
 
 
-def first_token_score(xp, X, first, axis=WHOLE):
-    """A guarantee score that is finite (0) at token ``first`` only (a position of the whole sequence on a sharded
-    ``axis``), or ``None`` when ``first`` is None."""
+def first_token(xp, n, first, mask=None, axis=WHOLE, device=None):
+    """Where the ``first``-th real token is: a bool array ``(n,)``, or ``(..., n)`` with ``mask (..., n)``, True at
+    that token of each row (a negative ``first`` counts from the last real token; a row with too few real tokens
+    has none). Without a mask every token is real. Counted among the real tokens, so that token 0 is a sequence's
+    [CLS] also under left padding, where position 0 is padding. On a sharded ``axis``, ranks and ``n`` are those
+    of the whole sequence and the array is this process's shard."""
+    total = axis.length(n)
+    if not (-total <= first < total):
+        raise ValueError(f"first={first} is not a token position for n={total}")
+    if mask is None:
+        return axis.positions(xp, n, device) == (first % total)
+    filled, before, n_valid = axis.cumulative_count(xp, mask)
+    rank = filled + before - 1
+    target = first if first >= 0 else n_valid + first
+    return mask & (rank == target)
+
+
+def first_token_score(xp, X, first, mask=None, axis=WHOLE):
+    """A guarantee score that is finite (0) at the ``first``-th real token of each row (:func:`first_token`) only, or
+    ``None`` when ``first`` is None."""
     if first is None:
         return None
-    n = axis.length(X.shape[-2])
-    if not (-n <= first < n):
-        raise ValueError(f"first={first} is not a token position for n={n}")
     device = array_api_compat.device(X)
-    hit = axis.positions(xp, X.shape[-2], device) == (first % n)
+    hit = first_token(xp, X.shape[-2], first, mask, axis, device)
     score = xp.where(hit, xp.full((), 0.0, dtype=X.dtype, device=device),
                      xp.full((), -float("inf"), dtype=X.dtype, device=device))
     return xp.broadcast_to(score, X.shape[:-1])

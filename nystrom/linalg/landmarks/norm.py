@@ -38,6 +38,7 @@ from ..numerics import at_least_float32, masked_median, put_where, softmax, take
 from ..sequence import WHOLE
 from ..validation import check_bool, check_int, check_real
 from .base import ClusterStrategy, Grouping
+from .fps import first_token
 from .kmeans import sampled_kmeans
 
 
@@ -140,7 +141,8 @@ class Norm(ClusterStrategy, name="norm", weighted=True, sharded=True):
     num_probes : int
         Probe queries for the sink test.
     first : int or None
-        A token that is always a singleton (``0``: CLS); ``None`` for none.
+        A token that is always a singleton, counted among the real tokens (``0``: CLS, also under left padding;
+        negative: from the last real token); ``None`` for none.
     iters, sample_size, assign_all
         Of the k-means behind the clusters (:class:`~nystrom.linalg.landmarks.KMeans`).
 
@@ -263,7 +265,6 @@ class Norm(ClusterStrategy, name="norm", weighted=True, sharded=True):
         if head_axis is not None:
             share = xp.mean(share, axis=head_axis + 1)
         device = array_api_compat.device(share)
-        n = axis.length(share.shape[-1])
         forced = xp.zeros(share.shape, dtype=xp.bool, device=device)
         if selection.features is not None:
             points = selection.points
@@ -271,9 +272,7 @@ class Norm(ClusterStrategy, name="norm", weighted=True, sharded=True):
             forced = norms >= self.norm_ratio * masked_median(xp, norms, mask)[..., None]
         priority = share + 2 * xp.astype(forced, share.dtype)
         if self.first is not None:
-            if not (-n <= self.first < n):
-                raise ValueError(f"first={self.first} is not a token position for n={n}")
-            is_first = axis.positions(xp, share.shape[-1], device) == (self.first % n)
+            is_first = first_token(xp, share.shape[-1], self.first, mask, axis, device)
             forced = forced | is_first
             priority = xp.where(is_first, xp.full((), 4.0, dtype=share.dtype, device=device), priority)
         if mask is not None:
