@@ -141,13 +141,26 @@ def test_landmarks_never_on_padding(strategy):
     Q, K, V = qkv(2, shape=(3, 2, 20, 4))
     lengths = np.array([20, 11, 6])
     mask = np.arange(20)[None, None, :] < lengths[:, None, None]  # (3, 1, 20)
-    K_pad = np.where(mask[..., None], K, 50.0)  # far-away padding: FPS/k-means would love it
+    K_pad = np.where(mask[..., None], K, 1e6)  # far-away padding: FPS/k-means would love it
     lm = nystrom.get_strategy(strategy)(Q, K_pad, 6, attn_mask=mask[..., None, :], seed=0, head_axis=-3)
     if lm.indices is not None:
         for b in range(3):
             assert (lm.indices[b] < lengths[b]).all()
     else:
-        assert np.abs(lm.keys).max() < 50.0  # no centroid touched the padding
+        # One padded member among at most 20 would move a mean by 5e4; the real keys are standard normal.
+        assert np.abs(lm.keys).max() < 10.0
+        for b in range(3):
+            assert (np.asarray(lm.grouping.labels)[b, lengths[b]:] == -1).all()
+
+
+@pytest.mark.parametrize("strategy", DETERMINISTIC)
+def test_deterministic_strategies_ignore_the_seed(strategy):
+    # The quickstart's claim: norm, kmeans, fps and segment_means are functions of the input alone.
+    Q, K, _ = qkv(24, shape=(2, 2, 300, 8))
+    first, second = (nystrom.get_strategy(strategy)(Q, K, 16, seed=seed, head_axis=-3) for seed in (0, 12345))
+    for name in ("queries", "keys", "indices", "log_weights"):
+        a, b = getattr(first, name), getattr(second, name)
+        assert (a is None and b is None) or np.array_equal(a, b), name
 
 
 @pytest.mark.parametrize("xp_name", ["numpy", "torch"])
@@ -533,3 +546,58 @@ def test_farthest_point_sampling_checks_its_arguments():
         with pytest.raises(ValueError, match=match):
             farthest_point_sampling(X, **kwargs)
     assert len(set(farthest_point_sampling(X, 3, mask=mask).tolist())) == 3
+
+
+def norm_singletons(Q, K, m, features=None, **settings):
+    """Norm's candidate singletons of one call and which of them are real, as its assign step sees them."""
+    from nystrom.linalg.landmarks.base import Selection
+
+    rule = Norm(**settings)
+    budget = min(max(1, int(rule.max_singleton_fraction * m)), m - 1)
+    selection = Selection.of(array_api_compat.array_namespace(K), Q, K, m, head_axis=-3, features=features,
+                             scale=Q.shape[-1] ** -0.5)
+    candidates, real = rule.singletons(selection, budget)
+    return np.asarray(candidates), np.asarray(real), budget
+
+
+@pytest.mark.parametrize("fraction", [0.1, 0.25, 0.5])
+def test_norm_singletons_stay_within_their_fraction_of_m(fraction):
+    # Ten high-norm tokens, each a singleton by the norm test: only max_singleton_fraction * m of them (at least one,
+    # never all m) become singletons, CLS first, then by attention share.
+    Q, K, _ = qkv(25, shape=(1, 2, 200, 8))
+    features = np.random.default_rng(25).standard_normal((1, 200, 16))
+    features[0, 50:60] *= 100
+    candidates, real, budget = norm_singletons(Q, K, 16, features, max_singleton_fraction=fraction)
+    assert budget == min(max(1, int(fraction * 16)), 15)
+    assert real.sum() == budget and candidates[0, 0] == 0
+    assert set(candidates[0, 1:budget]) <= set(range(50, 60))
+
+
+def test_norm_absolute_sink_share_makes_sinks_in_short_sequences():
+    # With 12 real keys no key can take sink_ratio / n = 16/12 of a probe's attention: the absolute share alpha
+    # (sink_share, default 0.25) is what lets a short sequence have a sink at all.
+    Q, K, _ = qkv(26, shape=(1, 1, 12, 8))
+    K[..., 5, :] = 10 * Q.mean(axis=-2)
+    share = np.asarray(attention_share(array_api_compat.array_namespace(Q), Q, K, 8 ** -0.5, num_probes=8))
+    assert share[0, 0, 5] > 0.25
+    candidates, real, _ = norm_singletons(Q, K, 8, first=None)
+    assert 5 in candidates[0][real[0]]
+    candidates, real, _ = norm_singletons(Q, K, 8, first=None, sink_share=0.99)
+    assert 5 not in candidates[0][real[0]]
+
+
+def test_uniform_draws_every_subset_equally_often():
+    # The landmarks page: every m-subset of the real tokens is equally likely. Seeds 0..2999 (deterministic) of 2 of 6
+    # tokens, one padded away: 10 subsets of the 5 real ones, 300 draws expected each; chi-square with 9 degrees of
+    # freedom, p above 0.001 (a rule that favoured low positions, as a sort of fewer keys than tokens would, fails).
+    import scipy.stats
+
+    Q, K, _ = qkv(27, shape=(1, 1, 6, 4))
+    mask = np.arange(6) != 3
+    counts = {}
+    for seed in range(3000):
+        picked = tuple(sorted(np.asarray(Uniform()(Q, K, 2, attn_mask=mask[None, None, None, :], seed=seed).indices)
+                              .ravel().tolist()))
+        counts[picked] = counts.get(picked, 0) + 1
+    assert set(counts) == set(itertools.combinations([0, 1, 2, 4, 5], 2))
+    assert scipy.stats.chisquare(list(counts.values())).pvalue > 1e-3

@@ -28,7 +28,6 @@ sys.path.insert(0, os.path.dirname(__file__))
 from fake_cuda import Launches, cuda_guard  # noqa: E402
 
 STRATEGIES = sorted(nystrom.STRATEGIES)
-DETERMINISTIC = sorted(set(nystrom.STRATEGIES) - nystrom.RANDOM_STRATEGIES)
 
 
 @pytest.fixture(scope="module")
