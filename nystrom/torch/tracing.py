@@ -1,4 +1,4 @@
-"""``torch.compile`` as a compiler of :data:`nystrom.linalg.landmarks.base.COMPILERS`, registered on import.
+"""``torch.compile`` as a compiler of :data:`nystrom.linalg.numerics.COMPILERS`, registered on import.
 
 While ``torch.compile`` traces, the host fast paths of selection (numpy on a view of a CPU tensor) give way to the
 array-API paths, which it can trace. The random strategies draw on the host with numpy, so that one seed gives the
@@ -14,7 +14,7 @@ import importlib
 
 import torch
 
-from ..linalg.landmarks.base import COMPILERS
+from ..linalg.numerics import COMPILERS
 from .transfer import to_device
 
 
@@ -32,7 +32,7 @@ def _(draw, seed, shape, dtype, device):
 
 
 class TorchCompile:
-    """The hooks of ``torch.compile`` (see :data:`~nystrom.linalg.landmarks.base.COMPILERS`)."""
+    """The hooks of ``torch.compile`` (see :data:`~nystrom.linalg.numerics.COMPILERS`)."""
 
     @staticmethod
     def tracing(a) -> bool:

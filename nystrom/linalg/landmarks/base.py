@@ -32,7 +32,15 @@ from typing import Any, ClassVar
 import array_api_compat
 import numpy as np
 
-from ..numerics import at_least_float32, detached, put_where, segment_sum, take_along_axis, without_padding
+from ..numerics import (
+    COMPILERS,
+    at_least_float32,
+    host_view,
+    put_where,
+    segment_sum,
+    take_along_axis,
+    without_padding,
+)
 from ..sequence import WHOLE
 from ..validation import (
     check_attention_inputs,
@@ -46,13 +54,6 @@ from ..validation import (
     resolve,
     summary,
 )
-
-COMPILERS: list = []
-"""The compilers that trace Python code into graphs of array operations, numpy calls excluded, each with
-``tracing(a) -> bool`` (is it tracing the array ``a`` now?) and ``host_draws(draw, seed, shape, dtype, like)``
-(:func:`host_draws` as one operation of its graph). The backend of an array library registers its compiler on
-import, as :mod:`nystrom.torch.tracing` does for ``torch.compile``: ``linalg`` imports no backend. While one traces,
-the host fast paths (:func:`host_view`) give way to the array-API paths, and host draws become graph operations."""
 
 HOST_COPIES: list = []
 """Copies of host draws to a device that queue the copy rather than wait for it, each with ``handles(like) -> bool``
@@ -609,36 +610,6 @@ def to_device(xp, values, like, dtype=None):
         if copier.handles(like):
             return copier.copy(values, dtype, like)
     return xp.asarray(values, dtype=dtype, device=array_api_compat.device(like))
-
-
-def host_view(a):
-    """``a`` as a numpy array sharing its memory when it lives in host memory, else ``None``.
-
-    Parameters
-    ----------
-    a : array
-        Any array-API array (numpy, torch, ...).
-
-    Returns
-    -------
-    numpy.ndarray or None
-        A zero-copy DLPack view for host arrays (detached from autograd), ``None`` on accelerators, for
-        dtypes numpy lacks, and for arrays a compiler traces (:func:`compiling`; ``torch.compile``): numpy calls
-        cannot enter its graph, so the callers' array-API paths (those of accelerators) run instead.
-    """
-    if array_api_compat.is_numpy_array(a):
-        return a
-    if str(array_api_compat.device(a)) != "cpu" or compiling(a):
-        return None
-    try:
-        return np.from_dlpack(detached(a))
-    except (BufferError, RuntimeError, TypeError):
-        return None  # a dtype numpy does not have (torch.bfloat16): the caller's array-API path handles it
-
-
-def compiling(a) -> bool:
-    """Whether a compiler of :data:`COMPILERS` is tracing ``a`` now (its graph takes no numpy call)."""
-    return any(compiler.tracing(a) for compiler in COMPILERS)
 
 
 def sample_by_weight(xp, weights, u):

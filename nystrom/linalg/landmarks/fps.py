@@ -24,11 +24,11 @@ from types import MappingProxyType
 import array_api_compat
 import numpy as np
 
-from ..numerics import at_least_float32, put_where, take_along_axis
+from ..numerics import at_least_float32, host_view, put_where, take_along_axis
 from ..sequence import WHOLE
 from ..solvers import NewtonSchulz
 from ..validation import check_bool, check_int
-from .base import TokenStrategy, host_view, unit_scaled
+from .base import TokenStrategy, unit_scaled
 
 
 def farthest_point_sampling(X, num_points, *, mask=None, guarantee_score=None, max_guaranteed=None,

@@ -19,10 +19,10 @@ from dataclasses import dataclass
 import array_api_compat
 import numpy as np
 
-from ..numerics import put_along_axis, put_where, segment_sum, take_along_axis
+from ..numerics import host_view, put_along_axis, put_where, segment_sum, take_along_axis
 from ..sequence import WHOLE
 from ..validation import check_bool, check_int
-from .base import ClusterStrategy, Grouping, gather_rows, host_view, unit_scaled
+from .base import ClusterStrategy, Grouping, gather_rows, unit_scaled
 from .fps import farthest_points
 
 

@@ -7,8 +7,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..numerics import compiling, host_view
 from ..sequence import WHOLE
-from .base import TokenStrategy, compiling, host_draws, host_view, to_device
+from .base import TokenStrategy, host_draws, to_device
 
 
 def random_subset(xp, X, k, seed, mask=None, axis=WHOLE):
