@@ -29,7 +29,7 @@ V = rng.standard_normal((2, 10, 3))
         (dict(Q=np.where(np.arange(4) == 2, np.nan, Q)), ValueError, "Q contains NaN"),
         (dict(V=np.where(np.arange(3) == 1, np.inf, V)), ValueError, "V contains NaN or infinite"),
         (dict(Q=Q[:, :0]), ValueError, "Q must have at least one token"),
-        (dict(Q=Q.tolist()), TypeError, "Q must be a numpy array or a torch tensor"),
+        (dict(Q=Q.tolist()), TypeError, "Q must be an array of an array-API library"),
         (dict(K=torch.from_numpy(K)), TypeError, "K is a torch array but Q is a numpy array"),
         (dict(num_landmarks=0), ValueError, "num_landmarks must be at least 1"),
         (dict(num_landmarks=-3), ValueError, "num_landmarks must be at least 1"),

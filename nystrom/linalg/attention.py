@@ -210,7 +210,7 @@ def nystrom_factors(xp, K, V, landmarks, invert, *, scale, mask=None, attend):
     vp = result.inverse @ xp.astype(BV, result.inverse.dtype)
     # Weighted landmarks: log c_j is added to every logit against landmark key j (an additive SDPA mask).
     bias = None if log_c is None else xp.astype(log_c, V.dtype)[..., None, :]
-    if V.dtype != xp.float16:
+    if V.dtype != getattr(xp, "float16", None):  # the array API has no float16; libraries that have it name it so
         return NystromFactors(k_l, xp.astype(vp, V.dtype), bias, None, result)
     # float16: v' can exceed the format's range (A^+ grows like 1/sigma_min). The product is linear in v', so
     # v' / c with c = max |v'| per matrix runs in float16 and the output is rescaled in float32; no branch

@@ -257,7 +257,10 @@ def put_along_axis(xp, array, indices, values):
         np.put_along_axis(out, indices, values, axis=-1)
         return out
     hit = indices[..., :, None] == xp.arange(array.shape[-1], device=array_api_compat.device(array))
-    chosen = xp.sum(xp.where(hit, values[..., :, None], xp.zeros_like(values)[..., :, None]), axis=-2)
+    if values.dtype == xp.bool:
+        chosen = xp.any(hit & values[..., :, None], axis=-2)  # the array API sums no booleans
+    else:
+        chosen = xp.sum(xp.where(hit, values[..., :, None], xp.zeros_like(values)[..., :, None]), axis=-2)
     return xp.where(xp.any(hit, axis=-2), chosen, array)
 
 
@@ -298,7 +301,7 @@ def searchsorted_rows(xp, sorted_rows, values):
     lead = tuple(sorted_rows.shape[:-1])
     flat_rows = xp.reshape(sorted_rows, (-1, sorted_rows.shape[-1]))
     flat_values = xp.reshape(xp.broadcast_to(values, (*lead, values.shape[-1])), (-1, values.shape[-1]))
-    found = [xp.searchsorted(flat_rows[r], flat_values[r], side="right") for r in range(flat_rows.shape[0])]
+    found = [xp.searchsorted(flat_rows[r, :], flat_values[r, :], side="right") for r in range(flat_rows.shape[0])]
     return xp.reshape(xp.astype(xp.stack(found), xp.int64), (*lead, values.shape[-1]))
 
 

@@ -45,7 +45,8 @@ def namespace(**arrays):
     present = {name: a for name, a in arrays.items() if a is not None}
     for name, a in present.items():
         if not array_api_compat.is_array_api_obj(a):
-            raise TypeError(f"{name} must be a numpy array or a torch tensor, got {type(a).__name__}")
+            raise TypeError(f"{name} must be an array of an array-API library (numpy, torch, array_api_strict, ...), "
+                            f"got {type(a).__name__}")
     names = list(present)
     first = names[0]
     kind = _library(present[first])

@@ -1,0 +1,58 @@
+"""The math on ``array_api_strict``, the array API's reference library, which offers nothing beyond the standard:
+every strategy and solver runs there unchanged and agrees with numpy (``nystrom.linalg`` is written once against
+the array API; numpy and torch reach it through array-api-compat, which tolerates more than the standard)."""
+
+import array_api_strict as xps
+import numpy as np
+import pytest
+
+import nystrom
+
+RNG = np.random.default_rng(0)
+Q, K, V = (RNG.standard_normal((2, 2, 40, 8)) for _ in range(3))
+#: Padding of the second sequence's last 9 keys.
+MASK = np.arange(40)[None, None, None, :] < np.array([40, 31])[:, None, None, None]
+
+
+def on_both(call, *arrays):
+    """``call`` on the numpy arrays and on their array_api_strict copies: (numpy result, strict result as numpy)."""
+    strict = call(*(xps.asarray(a) for a in arrays))
+    assert isinstance(strict, type(xps.asarray(0.0)))
+    return call(*arrays), np.asarray(strict)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("solver", sorted(nystrom.SOLVERS))
+@pytest.mark.parametrize("strategy", sorted(nystrom.STRATEGIES))
+def test_every_strategy_and_solver_runs_on_the_standard_alone(strategy, solver, masked):
+    # float64 on both sides with the same draws and the same order of operations but for the libraries' kernels:
+    # 1e-10 covers the rounding of the solves (condition numbers up to about 1e4 here) with room.
+    def call(q, k, v, *mask):
+        return nystrom.approximate(q, k, v, num_landmarks=8, strategy=strategy, solver=solver, seed=0,
+                                   attn_mask=mask[0] if mask else None)
+
+    expected, got = on_both(call, Q, K, V, *((MASK,) if masked else ()))
+    np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("strategy", sorted(nystrom.STRATEGIES))
+def test_every_key_a_landmark_is_exact_on_the_standard_alone(strategy):
+    def call(q, k, v):
+        return nystrom.approximate(q, k, v, num_landmarks=40, strategy=strategy, solver="pinv", seed=0)
+
+    _, got = on_both(call, Q, K, V)
+    np.testing.assert_allclose(got, nystrom.exact_attention(Q, K, V), rtol=1e-10, atol=1e-10)
+
+
+def test_tol_cross_attention_and_float32_on_the_standard_alone():
+    def searched(q, k, v, mask):
+        return nystrom.approximate(q, k, v, num_landmarks=8, tol=0.1, attn_mask=mask)
+
+    np.testing.assert_allclose(*on_both(searched, Q, K, V, MASK), rtol=1e-10, atol=1e-10)
+
+    def cross(q, k, v):
+        return nystrom.approximate(q, k, v, num_landmarks=8)
+
+    np.testing.assert_allclose(*on_both(cross, Q[..., :25, :], K, V), rtol=1e-10, atol=1e-10)
+    # float32: the same operations in the same precision, up to the kernels' summation order.
+    np.testing.assert_allclose(*on_both(cross, *(x.astype(np.float32) for x in (Q, K, V))), rtol=1e-4, atol=1e-5)
