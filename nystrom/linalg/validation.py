@@ -245,7 +245,9 @@ def check_attn_mask(xp, attn_mask, Q, K, *, check_values=True, shard=False):
     if not shape or shape[-1] != n:
         raise ValueError(f"attn_mask must have shape {expected} with n={n} keys, got {shape}")
     if len(shape) == 2 and lead and shape[0] == lead[0] and shape[0] > 1:
-        if n_q == shape[0]:
+        # A shard's n_q is its own length, which may equal the batch by chance: a sharded call is self-attention
+        # with transformers' (batch, n_r) mask (review: a 2-token shard of a batch of 2 was refused).
+        if n_q == shape[0] and not shard:
             raise ValueError(
                 f"attn_mask of shape {shape} is ambiguous: it is (batch, n) as transformers' attention_mask, and "
                 f"(n_q, n) as SDPA's attn_mask; pass mask[:, None, ..., None, :] with shape "

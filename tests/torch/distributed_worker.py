@@ -73,6 +73,8 @@ CASES = {
     "norm_f64": case(),
     "norm_f64_bool_mask": case(mask=("bool", [70, 96])),
     "norm_f64_int_mask": case(mask=("int", [96, 50])),
+    # Shards of 2 tokens in a batch of 2: a (2, 2) shard of transformers' (batch, n) mask is not SDPA's (n_q, n).
+    "norm_f64_int_mask_shards_of_batch": case(mask=("int", [96, 50]), sizes={2: [2, 94], 4: [2, 40, 2, 52]}),
     "norm_f64_float_mask": case(mask=("float", [33, 90])),
     "norm_f64_equal_shards": case(sizes=None),
     "norm_f64_tied_sinks": case(sink=(5, 20, 40, 70, 90)),
