@@ -379,8 +379,10 @@ def _check_shard(Q, K, V, strategy, num_landmarks, solver, scale, attn_mask, see
     report = {
         "n": K.shape[-2], "lead": tuple(K.shape[:-2]), "d": Q.shape[-1], "d_v": V.shape[-1], "dtype": str(Q.dtype),
         "mask_rows": None if keys is None else tuple(keys.shape[:-1]),
-        # A callable solver's repr holds its address, different on every process: its name stands for it.
-        "settings": {"strategy": repr(select),
+        # A callable solver's repr holds its address, different on every process: its name stands for it, as does
+        # the class's for a strategy object without a repr of its own (dataclasses have one, of their parameters).
+        "settings": {"strategy": repr(select) if type(select).__repr__ is not object.__repr__
+                     else f"{type(select).__module__}.{type(select).__qualname__}",
                      "solver": repr(solve) if isinstance(solve, Solver) else getattr(solve, "__qualname__", ""),
                      "num_landmarks": m, "scale": tau, "share_landmarks_across_heads": head_axis is not None,
                      "check_values": check_values, "seed": seed},

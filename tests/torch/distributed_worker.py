@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 import nystrom
+from nystrom.linalg.landmarks.base import ClusterStrategy
 from nystrom.torch.distributed import traffic
 
 
@@ -63,6 +64,13 @@ RAGGED_96 = {2: [37, 59], 4: [10, 41, 1, 44]}
 RAGGED_1200 = {2: [700, 500], 4: [1, 600, 299, 300]}
 
 
+class PlainSegments(ClusterStrategy, sharded=True):
+    """A strategy object that is no dataclass: its repr holds its address, which differs on every process."""
+
+    def assign(self, selection, queries):
+        return nystrom.SegmentMeans().assign(selection, queries)
+
+
 def case(strategy="norm", shape=(2, 3, 96, 16), dtype=torch.float64, m=16, mask=None, sizes=RAGGED_96, sink=True,
          **kwargs):
     return {"strategy": strategy, "shape": shape, "dtype": dtype, "m": m, "mask": mask, "sizes": sizes, "sink": sink,
@@ -92,6 +100,7 @@ CASES = {
     "fps_f64_authors": case(nystrom.FPS(first=0, from_guaranteed=False, use_queries=True)),
     "fps_f32_per_head": case("fps", dtype=torch.float32, share_landmarks_across_heads=False),
     "segment_means_f32": case("segment_means", dtype=torch.float32),
+    "plain_strategy_object_f64": case(PlainSegments(), mask=("bool", [70, 96])),
     "uniform_f32": case("uniform", dtype=torch.float32, seed=4),
 }
 

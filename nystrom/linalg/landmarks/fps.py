@@ -76,7 +76,8 @@ def farthest_point_sampling(X, num_points, *, mask=None, guarantee_score=None, m
     memory bandwidth and, for arrays in host memory, by the per-operation overhead of the array
     library: there it runs in numpy on a zero-copy DLPack view (timings on the docs' benchmarks
     page). Arrays on an accelerator keep every step on the device (no host synchronisation per
-    step). Both paths make the same choices.
+    step). Both paths make the same choices, except between distances equal on paper that they round differently
+    (duplicated points: which copy), where the libraries' rounding decides.
     """
     check_int("num_points", num_points, minimum=1)
     check_int("max_guaranteed", max_guaranteed, minimum=0, optional=True)
