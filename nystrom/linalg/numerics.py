@@ -314,7 +314,11 @@ def top_k(xp, values, k):
     library's top-:math:`k`, then a stable sort of those :math:`k`. Only where the :math:`k`-th largest value recurs
     outside them, which a host array shows at the cost of one comparison, or wherever the check would wait for a
     device, are the tied positions looked for (:func:`top_k_candidates`; 1.0 ms more at n = 65,536 on one core).
+    ``values`` should hold no NaN (callers replace it): a NaN is ranked as the library ranks it (first by
+    ``Tensor.topk``, last by numpy), and every position returned is one of the row's.
     """
+    if k == 0:
+        return xp.zeros((*values.shape[:-1], 0), dtype=xp.int64, device=array_api_compat.device(values))
     above = _library_top_k(xp, values, k)
     if above is None:
         return xp.argsort(values, axis=-1, descending=True, stable=True)[..., :k]
@@ -355,7 +359,8 @@ def top_k_candidates(xp, values, k, above=None):
     threshold = above_value[..., -1:]
     nowhere = xp.full((), n, dtype=xp.int64, device=device)
     below = xp.full((), -math.inf, dtype=values.dtype, device=device)
-    keep = above_value > threshold
+    # Not <=, rather than >: a NaN among the library's picks (which torch ranks first) stays one of them.
+    keep = ~(above_value <= threshold)
     tied_at = xp.where(values == threshold, xp.arange(n, dtype=xp.int64, device=device), nowhere)
     if array_api_compat.is_torch_array(tied_at):
         lowest = tied_at.topk(k, dim=-1, largest=False).values
@@ -372,5 +377,8 @@ def stable_top_k(xp, value, position, k):
     to the lowest position (a stable sort by position, then by value)."""
     order = xp.argsort(position, axis=-1, stable=True)
     value, position = take_along_axis(xp, value, order), take_along_axis(xp, position, order)
+    # A NaN candidate is one the library ranked first (a sort would put it last, behind the padding at position n).
+    value = xp.where(xp.isnan(value), xp.full((), math.inf, dtype=value.dtype, device=array_api_compat.device(value)),
+                     value)
     order = xp.argsort(-value, axis=-1, stable=True)[..., :k]
     return take_along_axis(xp, position, order)

@@ -36,11 +36,17 @@ def split(n, world, rank, sizes=None):
 def inputs(shape, dtype, seed=0, sink=False):
     rng = np.random.default_rng(seed)
     Q, K, V = (torch.as_tensor(rng.standard_normal(shape), dtype=dtype) for _ in range(3))
-    if sink:
-        # A strong sink at position 5 (every query's key product with it is large), so Norm keeps a singleton; or
-        # identical sinks at the positions given, more than Norm's singleton budget: which of them are singletons
-        # is a tie, broken by position on every shard layout.
-        K[..., (5,) if sink is True else sink, :] = 4 * Q.mean(dim=-2, keepdim=True)
+    if sink is True:
+        # A strong sink at position 5 (every query's key product with it is large), so Norm keeps a singleton.
+        K[..., 5, :] = 4 * Q.mean(dim=-2)
+    elif sink:
+        # Identical sinks at the positions given, more than Norm's singleton budget and each strong enough to pass its
+        # test (queries leaning towards one direction, the sinks' keys far along it: 5 sinks of 0.17 of the attention
+        # each at n = 96, m = 16): which of them are singletons is a tie, broken by position on every shard layout.
+        direction = Q.mean(dim=-2, keepdim=True)
+        direction = direction / torch.linalg.vector_norm(direction, dim=-1, keepdim=True)
+        Q += 1.5 * direction
+        K[..., sink, :] = 14 * direction
     return Q, K, V
 
 
