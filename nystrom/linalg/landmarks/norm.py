@@ -259,8 +259,8 @@ class Norm(ClusterStrategy, name="norm", weighted=True, sharded=True):
         attention = axis.softmax(xp, probe_logits(xp, selection.Q, K, selection.scale, padding, self.num_probes, axis))
         share = xp.mean(attention, axis=-2)
         # Logits past the dtype's range (float32 keys of about 1e19: float32 SDPA is NaN there too) make NaN shares,
-        # which would rank first in the top-k and come back as a position past the end: they count as no share (and
-        # the quorum, a comparison, gives NaN rows no vote).
+        # which torch's top-k ranks first, above CLS: they count as no share (and the quorum, a comparison, gives NaN
+        # rows no vote).
         share = xp.where(xp.isnan(share), xp.zeros_like(share), share)
         if head_axis is not None:
             share = xp.mean(share, axis=head_axis + 1)
