@@ -261,7 +261,7 @@ class Norm(ClusterStrategy, name="norm", weighted=True, sharded=True):
         # Logits past the dtype's range (float32 keys of about 1e19: float32 SDPA is NaN there too) make NaN shares,
         # which torch's top-k ranks first, above CLS: they count as no share (and the quorum, a comparison, gives NaN
         # rows no vote).
-        share = xp.where(xp.isnan(share), xp.zeros_like(share), share)
+        share = xp.where(xp.isnan(share), xp.zeros((), dtype=share.dtype, device=array_api_compat.device(share)), share)
         if head_axis is not None:
             share = xp.mean(share, axis=head_axis + 1)
         device = array_api_compat.device(share)
