@@ -605,3 +605,25 @@ def test_uniform_draws_every_subset_equally_often():
         counts[picked] = counts.get(picked, 0) + 1
     assert set(counts) == set(itertools.combinations([0, 1, 2, 4, 5], 2))
     assert scipy.stats.chisquare(list(counts.values())).pvalue > 1e-3
+
+
+def test_the_host_fps_loop_keeps_numpy_blas_on_one_thread(monkeypatch):
+    # OpenBLAS's workers spin after each product, and a flash-attention call right after the loop ran at half speed
+    # on a 2-core machine (26 against 15 ms). Inside the loop numpy's BLAS has one thread; after it, what it had.
+    from threadpoolctl import ThreadpoolController
+
+    from nystrom.linalg.landmarks import fps
+
+    blas = ThreadpoolController().select(user_api="blas")
+    before = [lib["num_threads"] for lib in blas.info()]
+    seen = []
+    loop = fps._fps_host
+
+    def recording(*args, **kwargs):
+        seen.append([lib["num_threads"] for lib in ThreadpoolController().select(user_api="blas").info()])
+        return loop(*args, **kwargs)
+
+    monkeypatch.setattr(fps, "_fps_host", recording)
+    farthest_point_sampling(torch.randn(2, 300, 8), 10)
+    assert seen and all(threads == [1] * len(before) for threads in seen)
+    assert [lib["num_threads"] for lib in ThreadpoolController().select(user_api="blas").info()] == before

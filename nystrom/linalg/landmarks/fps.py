@@ -24,7 +24,7 @@ from types import MappingProxyType
 import array_api_compat
 import numpy as np
 
-from ..numerics import at_least_float32, host_view, put_where, take_along_axis
+from ..numerics import at_least_float32, host_view, put_where, single_threaded_numpy_blas, take_along_axis
 from ..sequence import WHOLE
 from ..solvers import NewtonSchulz
 from ..validation import check_bool, check_int
@@ -113,11 +113,12 @@ def farthest_points(X, num_points, *, mask=None, guarantee_score=None, max_guara
                 else np.reshape(np.broadcast_to(host_view(mask), (*lead, n)), (rows, n)))
     score = (None if guarantee_score is None
              else np.reshape(np.broadcast_to(host_view(guarantee_score), (*lead, n)), (rows, n)))
-    chosen = np.stack([
-        _fps_host(points[r], num_points, eligible[r], None if score is None else score[r], max_guaranteed,
-                  from_guaranteed)
-        for r in range(rows)
-    ])
+    with single_threaded_numpy_blas():
+        chosen = np.stack([
+            _fps_host(points[r], num_points, eligible[r], None if score is None else score[r], max_guaranteed,
+                      from_guaranteed)
+            for r in range(rows)
+        ])
     return xp.asarray(np.reshape(chosen, (*lead, num_points)), device=array_api_compat.device(X))
 
 
