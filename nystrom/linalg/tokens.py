@@ -29,7 +29,7 @@ from typing import Any
 import array_api_compat
 import numpy as np
 
-from .numerics import masked_median, take_along_axis
+from .numerics import at_least_float32, masked_median, take_along_axis
 from .validation import check_finite, check_positive, check_real_floating, check_token_mask, namespace
 
 __all__ = [
@@ -195,7 +195,9 @@ def detect_high_norm_tokens(hidden, *, ratio=4.0, exclude=(0,), attention_mask=N
         eligible = eligible & xp.broadcast_to(attention_mask, shape)
     if not bool(xp.all(xp.any(eligible, axis=-1))):
         raise ValueError("exclude and attention_mask leave a sequence without any token to test")
-    norms = xp.sqrt(xp.sum(hidden * hidden, axis=-1))
+    # In float32 at least: a float16 sum of squares overflows past norms of 256, and an infinite median flags nothing.
+    wide = at_least_float32(xp, hidden)
+    norms = xp.sqrt(xp.sum(wide * wide, axis=-1))
     median = masked_median(xp, norms, eligible)
     return eligible & (norms > nu * median[..., None])
 

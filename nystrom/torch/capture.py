@@ -43,7 +43,10 @@ class CapturedAttention:
     query, key, value : Tensor, shape (B, H, n, d)
         As the attention function receives them (after the projections, before the softmax and scaling).
     attention_mask : bool Tensor, shape (B, n), or None
-        ``True`` for real tokens (transformers' meaning); ``None`` when the model passed no attention mask.
+        ``True`` for the keys the attention function sees as real (transformers' meaning); ``None`` when the model
+        passed no attention mask. Capture entered outside :func:`~nystrom.torch.masking.mask_keys` runs inside it
+        and sees its mask too: the masked tokens' keys read ``False`` there (the record stays consistent, ``attn_mask``
+        reproducing ``output``); entered inside, it sees the model's own mask.
     scaling : float
         The softmax temperature :math:`\\tau` the model uses.
     output : Tensor, shape (B, H, n, d)

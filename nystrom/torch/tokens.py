@@ -354,7 +354,7 @@ def suppression_experiment(model, inputs, *, mask_kind, mask_layer, persistent=F
         As for :func:`analyze_tokens`.
     mask_kind : {"massive", "artifact", "sink", "cls"}
         Which tokens to mask: the ``massive``, ``artifact`` or ``sink`` tokens of :class:`TokenAnalysis` at
-        ``mask_layer``, or the token at position 0 (``"cls"``).
+        ``mask_layer``, or each sequence's first real token (``"cls"``: [CLS], also under left padding).
     mask_layer : int
         Encoder layer where the keys are masked.
     persistent : bool, default False
@@ -384,8 +384,9 @@ def suppression_experiment(model, inputs, *, mask_kind, mask_layer, persistent=F
                    sink_ratio=sink_ratio, exclude=exclude)
     baseline = analyze_tokens(model, inputs, **options)
     if mask_kind == "cls":
+        # The first real token of each row: position 0 is padding under left padding.
         selected = np.zeros_like(baseline.token_mask)
-        selected[:, 0] = True
+        selected[np.arange(selected.shape[0]), np.argmax(baseline.token_mask, axis=1)] = True
     else:
         selected = getattr(baseline, mask_kind)[mask_layer]
     if not selected.any():

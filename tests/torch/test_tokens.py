@@ -108,6 +108,13 @@ class TestHighNorm:
         np.testing.assert_array_equal(
             as_numpy(detectors.detect_high_norm_tokens(to_array(hidden), exclude=to_array(by_mask))), expected)
 
+    def test_float16_norms_past_256_are_measured(self, to_array):
+        # A float16 sum of squares overflows past norms of 256: the median was inf and nothing was flagged.
+        hidden = np.random.default_rng(6).standard_normal((1, 20, 64)) * 39  # norms about 310
+        hidden[0, 5] *= 10
+        got = detectors.detect_high_norm_tokens(to_array(hidden.astype(np.float16)))
+        assert np.flatnonzero(as_numpy(got)[0]).tolist() == [5]
+
     def test_ratio_is_the_threshold(self):
         hidden = np.random.default_rng(4).standard_normal((1, 65, 256))  # norms within ~10 % of 16
         hidden[0, 9] *= 3
@@ -382,6 +389,22 @@ def test_minilm_suppression_cls_in_layer_1(minilm_suppression):
     assert not result.new_sinks[1].any()
     assert share[1, 2].mean() > share[0, 2].mean() + 0.05
     assert not np.allclose(result.norm_ratio[2], 1.0)
+
+
+@requires_minilm
+def test_suppression_of_cls_masks_the_first_real_token_under_left_padding(minilm):
+    # Position 0 is padding in the shorter rows of a left-padded batch: [CLS] is each row's first real token, and it
+    # takes a large share of layer 1's attention in every sentence (0.26-0.55 measured: the left padding shifts the
+    # position embeddings); masked from layer 1, it takes none. Position 0 took none in the padded rows.
+    model, tokenizer, _ = minilm
+    tokenizer.padding_side = "left"
+    try:
+        batch = dict(tokenizer(pretrained.example_sentences()[:4], padding=True, return_tensors="pt"))
+    finally:
+        tokenizer.padding_side = "right"
+    assert not batch["attention_mask"][:, 0].all()
+    share = tokens.suppression_experiment(model, batch, mask_kind="cls", mask_layer=1).masked_share
+    assert (share[0, 1] > 0.2).all() and share[1, 1].max() == 0.0
 
 
 @requires_minilm
