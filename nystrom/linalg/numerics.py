@@ -164,11 +164,12 @@ def _numpy_blas():
 def single_threaded_numpy_blas():
     """A context in which numpy's BLAS runs on the calling thread alone, for the host fast paths of torch tensors.
 
-    OpenBLAS's worker threads spin for a while after each call: on a 2-core machine a flash-attention call right
-    after a 66 x 1,024 matrix-vector product (one step of the k-means seeding's farthest points) took 26 instead of
-    15 ms at two threads, its second core busy spinning. Single-threaded, they never wake: the same product takes
-    6.5 against 6.0 us (in units of the whole step, 529 against 249 us at 65,536 points, where FPS is memory-bound).
-    It also keeps ``torch.set_num_threads(1)`` honest: numpy's BLAS follows its own thread count.
+    OpenBLAS's worker threads spin for a while after each call: on a 2-core machine the flash-attention call right
+    after farthest-point sampling of 65,536 tokens took 32-35 instead of 17 ms at two threads, its second core busy
+    spinning (64 products of 66 x 1,024, the k-means seeding's, slowed the call after them from 15 to 26 ms; within a
+    ``norm`` selection the operations between absorbed it). Single-threaded, the workers never wake: a 66 x 1,024
+    product takes 6.5 against 6.0 us, one of 66 x 65,536 529 against 249 us (the loop is memory-bound). It also keeps
+    ``torch.set_num_threads(1)`` honest: numpy's BLAS follows its own thread count.
     """
     return _numpy_blas().limit(limits=1)
 
