@@ -345,14 +345,12 @@ def top_k(xp, values, k):
         return xp.argsort(values, axis=-1, descending=True, stable=True)[..., :k]
     above_value, above_at = above
     if host_view(values) is not None:
-        # One read: whether the k-th value recurs outside the picks, and whether two picks tie (their order is then the
-        # library's). Neither, and the library's answer is the stable one.
-        outside = xp.sum(values >= above_value[..., -1:], axis=-1) > k
-        inside = above_value[..., 1:] == above_value[..., :-1]
-        if not bool(xp.any(outside) or xp.any(inside)):
+        # Where the k-th value does not recur outside the picks, they are the right set; unless two of them tie (their
+        # order is then the library's), also in the right order.
+        if not bool(xp.any(xp.sum(values >= above_value[..., -1:], axis=-1) > k)):
+            if bool(xp.any(above_value[..., 1:] == above_value[..., :-1])):
+                return stable_top_k(xp, above_value, above_at, k)
             return xp.astype(above_at, xp.int64)
-        if not bool(xp.any(outside)):
-            return stable_top_k(xp, above_value, above_at, k)
     return stable_top_k(xp, *top_k_candidates(xp, values, k, above), k)
 
 
