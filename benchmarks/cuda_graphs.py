@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 import nystrom
+from nystrom.experiments.bench.output import format_ms
 from nystrom.experiments.bench.scaling import given_landmarks_call
 from nystrom.experiments.stamp import caption, make_stamp
 from nystrom.experiments.timing import best_time
@@ -106,13 +107,10 @@ def line(row):
             return "**capture failed**"
         return fmt(row[key]) if key in row else "—"
 
-    def ms(seconds):
-        return f"{seconds * 1e3:.3g}"
-
     def times(ratio):
         return f"{ratio:.2g}×"
 
-    return (f"| {tuple(row['shape'])} | {row['method']} | {ms(row['eager_s'])} | {cell('graph_s', ms)} | "
+    return (f"| {tuple(row['shape'])} | {row['method']} | {format_ms(row['eager_s'])} | {cell('graph_s', format_ms)} | "
             f"{cell('speedup_eager', times)} | {cell('speedup_graph', times)} | "
             f"{cell('graph_vs_eager', '{:.1e}'.format)} |")
 
