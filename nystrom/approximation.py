@@ -37,6 +37,21 @@ from .linalg.validation import (
 )
 
 
+def follows_sdpa_under_autocast(function):
+    """``function(Q, K, V, ...)`` for torch inputs under ``torch.autocast``: inputs in the dtype autocast would give
+    SDPA, the library's computation with autocast off (:mod:`nystrom.torch.autocast`)."""
+
+    @functools.wraps(function)
+    def call(Q, K, V, *args, **kwargs):
+        if array_api_compat.is_torch_array(Q):
+            from .torch.autocast import as_sdpa_under_autocast
+
+            return as_sdpa_under_autocast(function, Q, K, V, *args, **kwargs)
+        return function(Q, K, V, *args, **kwargs)
+
+    return call
+
+
 @dataclass(frozen=True)
 class Info:
     """Diagnostics of one :func:`approximate` call.
@@ -118,6 +133,7 @@ class Info:
                                       keys=keys)
 
 
+@follows_sdpa_under_autocast
 def approximate(
     Q,
     K,
@@ -302,6 +318,10 @@ def approximate(
 
     Notes
     -----
+    Under ``torch.autocast`` the call runs as SDPA does there: ``Q``, ``K`` and ``V`` in the autocast dtype (float64
+    left as it is) and the output in it, with the library's float32 sections (the solve, :math:`A^+ (B V)`) kept in
+    float32 (:mod:`nystrom.torch.autocast`).
+
     Differentiable in ``Q``, ``K`` and ``V`` (torch autograd) through the landmark queries and keys, the
     solve and the two attention products; the *choice* of landmarks (indices, cluster labels) is piecewise
     constant and carries no gradient. With every real key a landmark and ``solver="pinv"`` the gradients

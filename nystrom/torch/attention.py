@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from ..linalg.attention import check_nystrom_call, in_query_chunks, nystrom_product
 from ..linalg.split_keys import merge_partials
 from ..linalg.validation import check_query_chunk_size, check_unknown_arguments
+from .autocast import as_sdpa_under_autocast, autocast_dtype
 
 _FLASH_CPU = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
@@ -203,6 +204,9 @@ def fna_attention(Q, K, V, landmarks, solver="newton_schulz", *, scale=None, att
     if not isinstance(Q, torch.Tensor):
         raise TypeError(f"Q, K and V must be torch tensors, got {type(Q).__name__}; "
                         "nystrom.linalg.nystrom_attention takes any array")
+    if autocast_dtype(Q.device) is not None:
+        return as_sdpa_under_autocast(fna_attention, Q, K, V, landmarks, solver, scale=scale, attn_mask=attn_mask,
+                                      query_chunk_size=query_chunk_size, check_values=check_values)
     xp, tau, invert, mask, K, V = check_nystrom_call(Q, K, V, landmarks, solver, scale, attn_mask, check_values)
     attend = in_query_chunks(functools.partial(sdpa_attend, scale=tau), check_query_chunk_size(query_chunk_size))
     return nystrom_product(xp, Q, K, V, landmarks, invert, scale=tau, mask=mask, attend=attend)

@@ -47,6 +47,7 @@ from ..linalg.validation import (
     fewest_real_keys,
 )
 from .attention import sdpa_attend
+from .autocast import autocast_dtype, without_autocast
 from .dispatch import (
     Handle,
     attentions_requested,
@@ -187,6 +188,12 @@ class FNAHandle(Handle):
         if layer in self.exact_layers or (self.exclude is None and m >= longest) or fewest == 0:
             self.records[layer] = LayerRecord(None, False, None)
             return own_attention()
+        if autocast_dtype(query.device) is not None:
+            # FNA keeps its solve and A^+ (B V) in float32 (nystrom.torch.autocast): autocast off for it, on for the
+            # model around it.
+            with without_autocast(query.device):
+                return self._attend(layer, call_next, module, query, key, value, attention_mask, scaling=scaling,
+                                    dropout=dropout, is_causal=is_causal, **kwargs)
         xp = array_api_compat.array_namespace(key)
         keys = None if real is None else real[:, None, :]
         key_mask = None if keys is None else keys[..., None, :]
