@@ -131,6 +131,11 @@ def moore_penrose_residual(A, Z):
     """
     xp = array_api_compat.array_namespace(A, Z)
     A = xp.astype(A, Z.dtype)
+    # In units of max|A| (A / t, Z t: the same ratio): squared entries of 1e-25 or 1e20 in float32 would underflow to
+    # a residual of 0 or overflow to NaN.
+    t = xp.max(xp.abs(A), axis=(-2, -1), keepdims=True)
+    t = xp.where(t > 0, t, xp.ones_like(t))
+    A, Z = A / t, Z * t
     norm = _frobenius(xp, A)
     # The zero matrix is its own pseudo-inverse's pseudo-inverse: report 0/1, not 0/0.
     return _frobenius(xp, A @ Z @ A - A) / xp.where(norm > 0, norm, xp.ones_like(norm))
@@ -186,12 +191,12 @@ class NewtonSchulz(Solver, name="newton_schulz", iterative=True):
     def solve(self, A) -> SolveResult:
         xp = array_api_compat.array_namespace(A)
         eye = _eye(xp, A)
-        norm_1 = xp.max(xp.sum(xp.abs(A), axis=-2), axis=-1)
-        norm_inf = xp.max(xp.sum(xp.abs(A), axis=-1), axis=-1)
-        denom = norm_1 * norm_inf
-        # An all-zero matrix has pseudo-inverse 0; avoid 0/0 by dividing by 1 there.
-        denom = xp.where(denom > 0, denom, xp.ones_like(denom))
-        Z = xp.matrix_transpose(A) / denom[..., None, None]
+        norm_1 = xp.max(xp.sum(xp.abs(A), axis=-2), axis=-1)[..., None, None]
+        norm_inf = xp.max(xp.sum(xp.abs(A), axis=-1), axis=-1)[..., None, None]
+        # One norm at a time: their product over- or underflows for entries past about 1e+-19 in float32. An all-zero
+        # matrix has pseudo-inverse 0; avoid 0/0 by dividing by 1 there.
+        Z = (xp.matrix_transpose(A) / xp.where(norm_1 > 0, norm_1, xp.ones_like(norm_1))
+             / xp.where(norm_inf > 0, norm_inf, xp.ones_like(norm_inf)))
         steps = self.iters if self.tol is None else self.max_iters
         done = 0
         # The scaled identities once, not in every step: on m x m matrices each small operation costs more in
@@ -300,8 +305,14 @@ class Ridge(Solver, name="ridge"):
 
     Notes
     -----
-    One batched linear solve of the normal equations, :math:`O(m^3)`. Squaring :math:`A` squares
-    its condition number, so ``lam`` well above ``eps * sigma_max**2`` is needed for accuracy.
+    One batched linear solve of the normal equations, :math:`O(m^3)`, in units of
+    :math:`\max(\max|A|, \sqrt\lambda)` (no overflow, whatever the scales of :math:`A` and ``lam``). Squaring
+    :math:`A` squares its condition number, so ``lam`` well above ``eps * sigma_max**2`` is needed for accuracy; a
+    smaller one acts as :math:`\varepsilon \lVert A\rVert_1 \lVert A\rVert_\infty` (the rounding of
+    :math:`A^\top A`, with a bound on :math:`\sigma_{\max}^2`), the least the working precision resolves, which
+    keeps the normal equations of a rank-deficient :math:`A` (duplicated landmarks) solvable: :math:`AZA = A` to
+    rounding, but :math:`Z` along the null space of :math:`A` is rounding noise (3 % of the pseudo-inverse on a rank-1
+    :math:`A` with ``lam=1e-9`` in float32; ``PInv`` is the solver for such kernels).
     """
 
     lam: float = 1e-2
@@ -313,15 +324,22 @@ class Ridge(Solver, name="ridge"):
 
     def solve(self, A) -> SolveResult:
         xp = array_api_compat.array_namespace(A)
-        At = xp.matrix_transpose(A)
-        if self.lam <= 1:
-            Z = xp.linalg.solve(At @ A + self.lam * _eye(xp, A), At)
-        else:
-            # The same Z divided through by lam: lam I past float32's range (lam of 1e39 is positive and finite) would
-            # be inf on the diagonal and inf * 0 = NaN off it; here Z tends to A^T / lam, which rounds to 0. (A factor
-            # 1 / lam, not a division: numpy casts the divisor to float32 first, an overflow.)
-            inverse_lam = 1 / self.lam
-            Z = xp.linalg.solve((At @ A) * inverse_lam + _eye(xp, A), At * inverse_lam)
+        # In units t = max(max|A|, sqrt(lam)) per matrix, Z = (Â^T Â + lam' I)^-1 Â^T / t with Â = A / t and
+        # lam' = lam / t^2 <= 1: the same Z, but A^T A cannot overflow (|A| of 1e20 in float32 gave NaN) and lam I
+        # cannot be inf (lam of 1e39 in float32). sqrt(lam) is clipped to the dtype's range (past it, A^T / lam is 0).
+        root = min(math.sqrt(self.lam), float(xp.finfo(A.dtype).max))
+        t = xp.maximum(xp.max(xp.abs(A), axis=(-2, -1), keepdims=True), xp.full((), root, dtype=A.dtype,
+                                                                                device=array_api_compat.device(A)))
+        # sqrt(lam) may round to 0 in float32 (lam below 1e-90) for an all-zero A: any unit will do there.
+        t = xp.where(t > 0, t, xp.ones_like(t))
+        unit = A / t
+        unit_t = xp.matrix_transpose(unit)
+        # A lam below the rounding of Â^T Â (eps ||Â||_1 ||Â||_inf, with a bound on sigma_max^2) would be lost in it,
+        # and a rank-deficient A (duplicated landmarks) would make the normal equations exactly singular (LinAlgError):
+        # it acts as that rounding, the least the working precision resolves.
+        bound = (xp.max(xp.sum(xp.abs(unit), axis=-2), axis=-1) * xp.max(xp.sum(xp.abs(unit), axis=-1), axis=-1))
+        lam = xp.maximum((root / t) ** 2, xp.finfo(A.dtype).eps * bound[..., None, None])
+        Z = xp.linalg.solve(unit_t @ unit + lam * _eye(xp, A), unit_t) / t
         return SolveResult(Z, moore_penrose_residual(A, Z), 0)
 
     def flops(self, m, iterations=0):

@@ -259,3 +259,51 @@ def test_pinv_without_a_cutoff_stays_finite_on_a_subnormal_singular_value():
     result = PInv(rtol=0)(np.diag([1.0, 1e-310]))
     assert np.all(np.isfinite(result.inverse)) and np.isfinite(result.residual)
     np.testing.assert_array_equal(result.inverse, np.diag([1.0, 0.0]))
+
+
+def reference_residual(A, Z):
+    """||AZA - A||_F / ||A||_F in float64, in units of max|A| (no overflow or underflow at any scale)."""
+    A, Z = A.astype(np.float64), Z.astype(np.float64)
+    t = np.max(np.abs(A))
+    A, Z = A / t, Z * t
+    return float(np.linalg.norm(A @ Z @ A - A) / np.linalg.norm(A))
+
+
+@pytest.mark.parametrize(("dtype", "scale"), [(np.float32, 1e-25), (np.float32, 1e-20), (np.float32, 1e20),
+                                              (np.float32, 1e30), (np.float64, 1e-160), (np.float64, 1e200)])
+def test_solvers_and_their_residuals_hold_at_every_scale(dtype, scale):
+    # A review found, past about 1e+-19 in float32 (1e+-154 in float64): Newton-Schulz's start ||A||_1 ||A||_inf
+    # over- or underflowed (a NaN inverse, or the unscaled transpose), Ridge's A^T A overflowed into NaN, and the
+    # reported residual squared the entries (0 reported for a true 1, NaN for a true 9e-8).
+    A0 = random_matrix(3, 6, cond=10.0)
+    A = (scale * A0).astype(dtype)
+    for solver in (NewtonSchulz(), NewtonSchulz(tol=1e-5), PInv()):
+        result = solver(A)
+        # The pseudo-inverse scales as 1 / scale: the same iterates in units of the scale, to rounding.
+        np.testing.assert_allclose(result.inverse * scale, solver(A0.astype(dtype)).inverse, rtol=1e-3, atol=1e-4)
+        # Within the rounding of the products behind either residual.
+        assert float(result.residual) == pytest.approx(reference_residual(A, result.inverse), rel=0.1,
+                                                       abs=10 * float(np.finfo(dtype).eps))
+    lam = 1e-2
+    Z = Ridge(lam=lam)(A).inverse
+    # sigma_A / (sigma_A^2 + lam) with sigma_A = scale * sigma, from the SVD of A in units of the scale.
+    U, sigma, Vt = np.linalg.svd(A.astype(np.float64) / scale)
+    expected = (Vt.T * (1 / (sigma * scale + lam / (sigma * scale)))) @ U.T
+    assert np.all(np.isfinite(Z))
+    np.testing.assert_allclose(Z, expected, rtol=1e-3, atol=1e-3 * float(np.abs(expected).max()))
+
+
+@pytest.mark.parametrize("library", ["numpy", "torch"])
+@pytest.mark.parametrize(("dtype", "lam"), [(np.float32, 1e-9), (np.float64, 1e-18)])
+def test_ridge_solves_a_rank_deficient_kernel_whatever_lam(library, dtype, lam):
+    # Two identical landmarks make A rank-deficient; a lam below the rounding of A^T A was lost in it and the normal
+    # equations raised LinAlgError (review). The answer is then the pseudo-inverse, 0.25 * ones for A = 0.25 * ones,
+    # on the range of A; along its null space Z holds the rounding of the normal equations at the least lam they
+    # resolve (documented).
+    A = np.full((4, 4), 0.25, dtype=dtype)
+    result = Ridge(lam=lam)(A if library == "numpy" else torch.from_numpy(A))
+    Z = np.asarray(result.inverse, dtype=np.float64)
+    assert np.all(np.isfinite(Z))
+    on_range = np.full((4, 4), 0.25)  # the orthogonal projector onto span(ones)
+    np.testing.assert_allclose(on_range @ Z @ on_range, np.full((4, 4), 0.25), rtol=1e-4)
+    assert float(result.residual) < 1e-5
