@@ -324,12 +324,17 @@ class RowSample:
         unit = float(np.max(np.abs(self.exact), initial=0.0)) or 1.0
         exact = self.exact / unit
         diff = float64_numpy(approx_rows) / unit - exact
+        # The differences in units of their own largest (the interval scales with them: its square roots are
+        # multiplied back): an approximation of 1e170 against exact rows near 1 would square to inf (low = NaN).
+        differences = float(np.max(np.abs(diff), initial=0.0))
+        differences = differences if 0 < differences < math.inf else 1.0
+        diff = diff / differences
         # Per sampled position, summed over the batch/head dimensions (over the sequences where it is real).
         e = ((diff * diff).sum(axis=-1).reshape(-1, s) * self.weight).sum(axis=0)
         o = ((exact * exact).sum(axis=-1).reshape(-1, s) * self.weight).sum(axis=0)
         ratio, low, high = ratio_interval(e, o, self.sizes, confidence)
-        return ErrorEstimate(estimate=math.sqrt(ratio), low=math.sqrt(low), high=math.sqrt(high),
-                             confidence=confidence, num_samples=s)
+        return ErrorEstimate(estimate=differences * math.sqrt(ratio), low=differences * math.sqrt(low),
+                             high=differences * math.sqrt(high), confidence=confidence, num_samples=s)
 
 
 def sample_rows(xp, Q, K, V, *, num_samples, seed, scale, keys=None, attend=None) -> RowSample:

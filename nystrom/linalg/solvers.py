@@ -163,9 +163,10 @@ class NewtonSchulz(Solver, name="newton_schulz", iterative=True):
     iters : int
         Fixed number of iterations (6 as in Nyströmformer/FNA) when ``tol`` is None.
     tol : float, optional
-        If given, iterate until every matrix's Moore–Penrose residual is ``<= tol`` or
-        ``max_iters`` is reached; the residual is reported either way, never raised. Each test
-        reads the residual: one host synchronisation per step on an accelerator.
+        If given, iterate until every matrix's Moore–Penrose residual is ``<= tol``, ``max_iters`` is
+        reached, or no matrix's residual fell in a step (the rounding floor); each matrix returns its iterate
+        of least residual, which is reported, never raised. Each test reads the residual: one host
+        synchronisation per step on an accelerator.
     max_iters : int
         Cap for the tolerance mode.
 
@@ -202,22 +203,36 @@ class NewtonSchulz(Solver, name="newton_schulz", iterative=True):
         # The scaled identities once, not in every step: on m x m matrices each small operation costs more in
         # dispatch than in arithmetic.
         eye7, eye13, eye15 = 7 * eye, 13 * eye, 15 * eye
+        best = best_residual = None
         for _ in range(steps):
             # At least one step before the test: the start A^T / (|A|_1 |A|_inf) may already meet tol (A near a
             # scaled orthogonal matrix), and it differentiates as itself, not as the inverse; one step at the fixed
             # point differentiates as -Z dA Z, the inverse's derivative (a review found the start's gradient).
             if self.tol is not None and done > 0:
                 residual = moore_penrose_residual(A, Z)
-                if bool(xp.all(residual <= self.tol)):
-                    return SolveResult(Z, residual, done)
+                # Each matrix keeps its best iterate: past 1/sigma_min of about 1/eps, A Z loses its digits and the
+                # cubic step diverges (a review found NaN after 100 steps in float32 at a condition number of 1e8).
+                better = residual < best_residual if best is not None else xp.ones_like(residual, dtype=xp.bool)
+                if best is not None and not bool(xp.any(better)):
+                    break  # no matrix improved: the rounding floor (or divergence) everywhere
+                best = Z if best is None else xp.where(better[..., None, None], Z, best)
+                best_residual = residual if best_residual is None else xp.where(better, residual, best_residual)
+                if bool(xp.all(best_residual <= self.tol)):
+                    return SolveResult(best, best_residual, done)
             AZ = A @ Z
             Z = 0.25 * Z @ (eye13 - AZ @ (eye15 - AZ @ (eye7 - AZ)))
             done += 1
-        return SolveResult(Z, moore_penrose_residual(A, Z), done)
+        if best is None:
+            return SolveResult(Z, moore_penrose_residual(A, Z), done)
+        residual = moore_penrose_residual(A, Z)
+        better = residual < best_residual
+        return SolveResult(xp.where(better[..., None, None], Z, best), xp.where(better, residual, best_residual), done)
 
     def flops(self, m, iterations):
-        """Four :math:`m^3` products per step plus two for the residual."""
-        return (4 * iterations + 2) * 2 * m**3
+        """Four :math:`m^3` products per step plus two for the residual; with ``tol``, two more per step for the
+        residual each step after the first reads."""
+        tests = 0 if self.tol is None else max(iterations - 1, 0)
+        return (4 * iterations + 2 * tests + 2) * 2 * m**3
 
 
 #: The regularising cut-off of :class:`PInv`, ``PInv(rtol=REGULARISING_RTOL)``: the best of 1e-12 ... 1e-1 for the

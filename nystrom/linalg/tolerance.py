@@ -10,6 +10,7 @@ from .attention import nystrom_output
 from .bounds import ErrorEstimate, sample_rows
 from .flops import exact_attention_flops, nystrom_attention_flops
 from .solvers import NewtonSchulz, Solver
+from .validation import outside_stacklevel
 
 #: Exact query rows behind every estimate of a search, and the level of its interval: the measured coverage of
 #: the 95 % interval is at least 93.5 % from 128 rows (docs' error-bounds page).
@@ -248,8 +249,8 @@ def search_landmarks(attempt, estimate, first, largest, tol, strict, solver, exa
                    f"95% interval [{last.low:.3g}, {last.high:.3g}]")
         if strict:
             raise RuntimeError(message)
-        # approximate -> search_for_tol -> here: the warning points at the caller of approximate.
-        warnings.warn(message, UserWarning, stacklevel=4)
+        # The warning points at the caller of approximate (or of the model that patch() changed).
+        warnings.warn(message, UserWarning, stacklevel=outside_stacklevel())
     return best_result, steps
 
 

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 import re
+import sys
 import warnings
 
 import array_api_compat
@@ -453,7 +455,7 @@ def check_tolerance(xp, tol, max_landmarks, strict_tol, m, Q, K, keys=None, fewe
         # calls with tol=1e-4 answered "exactly" with 3e-4 of error against float64.
         warnings.warn(f"tol={tol} is below the rounding of {Q.dtype} (eps {eps:.3g}): the error is measured against "
                       f"exact attention computed in {Q.dtype}, which is itself about that far from exact",
-                      UserWarning, stacklevel=3)
+                      UserWarning, stacklevel=outside_stacklevel())
     return tol, top, largest, real
 
 
@@ -638,3 +640,15 @@ def describe(registry: dict, why=None) -> str:
         text = why(cls) if why is not None else summary(cls)
         lines.append(f"  {name!r}: {text}")
     return "\n".join(lines)
+
+
+_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+
+
+def outside_stacklevel() -> int:
+    """The ``stacklevel`` at which ``warnings.warn``, called by the caller of this function, names the first frame
+    outside the ``nystrom`` package: the user's line, however many library frames (wrappers included) lie between."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE):
+        frame, level = frame.f_back, level + 1
+    return level

@@ -290,3 +290,20 @@ def test_the_estimate_holds_at_the_ends_of_float64_and_at_any_confidence():
         assert math.isclose(scaled.high, plain.high, rel_tol=1e-12)
     wide = estimate_relative_error(Q, K, V, out, num_samples=2, confidence=0.999999, seed=0)
     assert wide.low <= wide.estimate <= wide.high and math.isfinite(wide.estimate)
+
+
+@pytest.mark.parametrize("big", [1e150, 1e170, 1e200])
+def test_the_estimate_of_a_huge_error_is_finite_and_right(big):
+    # An approximation of 1e170 against exact rows near 1: the squared differences overflowed, the estimate was inf
+    # and its lower end NaN (review). Every row sampled: the estimate is the true error, to rounding.
+    rng = np.random.default_rng(0)
+    Q, K, V = (rng.standard_normal((64, 8)) for _ in range(3))
+    exact = nystrom.exact_attention(Q, K, V)
+    approx = exact.copy()
+    approx[5] = big
+    truth = np.linalg.norm((approx - exact) / big) * big / np.linalg.norm(exact)
+    every = estimate_relative_error(Q, K, V, approx, num_samples=64, seed=0)
+    assert every.estimate == pytest.approx(truth, rel=1e-9)
+    assert every.low == pytest.approx(truth, rel=1e-9) and every.high == pytest.approx(truth, rel=1e-9)
+    some = estimate_relative_error(Q, K, V, approx, num_samples=16, seed=0)
+    assert np.isfinite([some.low, some.estimate, some.high]).all() and some.low <= some.estimate <= some.high

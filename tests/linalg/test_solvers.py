@@ -307,3 +307,32 @@ def test_ridge_solves_a_rank_deficient_kernel_whatever_lam(library, dtype, lam):
     on_range = np.full((4, 4), 0.25)  # the orthogonal projector onto span(ones)
     np.testing.assert_allclose(on_range @ Z @ on_range, np.full((4, 4), 0.25), rtol=1e-4)
     assert float(result.residual) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_newton_schulz_with_tol_keeps_each_matrix_best_iterate(dtype):
+    # float32 at a condition number of 1e8 (float64: 1e17), tol out of reach: the iterate diverged to NaN over 100
+    # steps (review). Each matrix now returns its least-residual iterate, whatever the others in the batch do.
+    rng = np.random.default_rng(0)
+    U, V = (np.linalg.qr(rng.standard_normal((8, 8)))[0] for _ in range(2))
+    cond = 1e8 if dtype == np.float32 else 1e17
+    hard = U @ np.diag(np.logspace(0, -np.log10(cond), 8)) @ V.T
+    easy = random_matrix(1, 8, cond=10.0)
+    A = np.stack([hard, easy]).astype(dtype)
+    result = NewtonSchulz(tol=1e-12)(A)
+    assert np.all(np.isfinite(result.inverse)) and np.all(np.isfinite(result.residual))
+    assert np.all(np.asarray(result.residual) == moore_penrose_residual(A, result.inverse))
+    # Each at most its residual after one step, and the easy matrix converged to its rounding.
+    one = NewtonSchulz(iters=1)(A).residual
+    assert np.all(np.asarray(result.residual) <= one)
+    assert float(result.residual[1]) < 100 * np.finfo(dtype).eps
+
+
+def test_newton_schulz_counts_the_flops_it_runs():
+    # With tol every step after the first reads the residual, two more m x m products each: 13 steps ran 78 products
+    # (156 m^3) while flops() said 108 m^3 (review).
+    A = random_matrix(2, 16, cond=1e3)
+    fixed, tolerant = NewtonSchulz(iters=6), NewtonSchulz(tol=1e-10)
+    steps = tolerant(A).iterations
+    assert fixed.flops(16, 6) == 26 * 2 * 16**3
+    assert tolerant.flops(16, steps) == (4 * steps + 2 * (steps - 1) + 2) * 2 * 16**3
