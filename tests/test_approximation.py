@@ -175,3 +175,34 @@ def test_info_repr_is_a_summary():
     _, info = nystrom.approximate(Q, Q, Q, num_landmarks=16, return_info=True)
     text = repr(info)
     assert len(text) < 300 and "m=16" in text and "tensor" not in text
+
+
+def test_grouped_query_attention_follows_sdpa():
+    # SDPA's enable_gqa=True: 6 query heads served by 3 key/value heads, each by 2 consecutive query heads. A review
+    # found the keyword refused and the error's hint (K.expand(...)) raising for any group above 1.
+    generator = torch.Generator().manual_seed(0)
+    Q = torch.randn(2, 6, 40, 8, dtype=torch.float64, generator=generator)
+    K, V = (torch.randn(2, 3, 40, 8, dtype=torch.float64, generator=generator) for _ in range(2))
+    reference = torch.nn.functional.scaled_dot_product_attention(Q, K, V, enable_gqa=True)
+    out = nystrom.approximate(Q, K, V, num_landmarks=40, solver=nystrom.PInv(rtol=0.0), enable_gqa=True)
+    torch.testing.assert_close(out, reference, rtol=1e-8, atol=1e-10)
+    hint = "repeat_interleave"
+    with pytest.raises(ValueError, match=hint):
+        nystrom.approximate(Q, K, V, num_landmarks=8)
+    # The hint's recipe is the same call.
+    torch.testing.assert_close(nystrom.approximate(Q, K.repeat_interleave(2, -3), V.repeat_interleave(2, -3),
+                                                   num_landmarks=8), nystrom.approximate(Q, K, V, num_landmarks=8,
+                                                                                         enable_gqa=True))
+    assert nystrom.approximate(Q[:, :3], K, V, num_landmarks=8, enable_gqa=False).shape == (2, 3, 40, 8)
+    with pytest.raises(ValueError, match="multiple of the key/value heads"):
+        nystrom.approximate(Q[:, :5], K, V, num_landmarks=8, enable_gqa=True)
+    with pytest.raises(TypeError, match="enable_gqa"):
+        nystrom.approximate(Q, K, V, num_landmarks=8, enable_gqa="yes")
+
+
+def test_the_mask_may_be_passed_by_position_as_to_sdpa():
+    rng = np.random.default_rng(0)
+    Q, K, V = (rng.standard_normal((1, 2, 12, 4)) for _ in range(3))
+    mask = np.arange(12) < 9
+    np.testing.assert_array_equal(nystrom.approximate(Q, K, V, mask, num_landmarks=4),
+                                  nystrom.approximate(Q, K, V, attn_mask=mask, num_landmarks=4))

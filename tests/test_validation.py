@@ -93,3 +93,16 @@ def test_long_half_precision_inputs_pass_the_finite_check():
     # (pytest turns the overflow RuntimeWarning of a float16 sum into an error).
     Q = np.ones((8, 70_000, 1), dtype=np.float16)
     assert nystrom.approximate(Q, Q, Q, strategy="uniform", num_landmarks=4, seed=0).dtype == np.float16
+
+
+def test_candidate_lists_read_as_plain_whole_sentences():
+    # The message of an unknown name lists each candidate with its docstring's summary: it was the first line, which
+    # stopped mid-sentence ("... Padded tokens are") and showed raw LaTeX ("V \Sigma_r^{-1} U^\top") (review).
+    for registry, resolve in ((nystrom.linalg.landmarks.STRATEGIES, nystrom.get_strategy),
+                              (nystrom.linalg.solvers.SOLVERS, nystrom.get_solver)):
+        with pytest.raises(ValueError) as err:
+            resolve("no such name")
+        lines = str(err.value).splitlines()[1:]
+        assert len(lines) == len(registry)
+        for line in lines:
+            assert line.endswith(".") and "\\" not in line and "`" not in line and ":math:" not in line, line

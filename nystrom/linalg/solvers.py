@@ -242,9 +242,10 @@ REGULARISING_RTOL = 3e-2
 
 @dataclass(frozen=True)
 class PInv(Solver, name="pinv"):
-    r"""Moore–Penrose pseudo-inverse by SVD, :math:`Z = V \Sigma_r^{-1} U^\top`, as ``scipy.linalg.pinv``.
+    r"""Moore–Penrose pseudo-inverse by SVD, as ``scipy.linalg.pinv``.
 
-    Singular values :math:`\sigma_i \le \mathrm{rtol}\cdot\sigma_{\max}` are dropped.
+    :math:`Z = V \Sigma_r^{-1} U^\top`: singular values :math:`\sigma_i \le \mathrm{rtol}\cdot\sigma_{\max}` are
+    dropped.
 
     Parameters
     ----------
@@ -304,9 +305,9 @@ class PInv(Solver, name="pinv"):
 
 @dataclass(frozen=True)
 class Ridge(Solver, name="ridge"):
-    r"""Tikhonov-regularised pseudo-inverse :math:`Z = (A^\top A + \lambda I)^{-1} A^\top`.
+    r"""Tikhonov-regularised (ridge) pseudo-inverse, with an absolute regularisation ``lam``.
 
-    Each singular value :math:`\sigma` of :math:`A` is inverted as
+    :math:`Z = (A^\top A + \lambda I)^{-1} A^\top`: each singular value :math:`\sigma` of :math:`A` is inverted as
     :math:`\sigma / (\sigma^2 + \lambda)`: exact for :math:`\sigma^2 \gg \lambda`, damped to 0 for
     :math:`\sigma^2 \ll \lambda`, and :math:`Z \to A^+` as :math:`\lambda \to 0`.
 

@@ -169,7 +169,8 @@ def check_attention_inputs(Q, K, V=None, attn_mask=None, *, check_values=True, s
             + ", ".join(str(tuple(a.shape[:-2])) for a in named.values())
             # SDPA broadcasts them (grouped-query attention's shared K/V heads); here they are explicit.
             + "; unlike scaled_dot_product_attention, they are not broadcast against each other (for key/value "
-            "heads shared by several query heads: K.expand(*Q.shape[:-2], *K.shape[-2:]), and V alike)"
+            "heads shared by several query heads, grouped-query attention: approximate(..., enable_gqa=True), or "
+            "K.repeat_interleave(H_q // H_kv, dim=-3) and V alike)"
         )
     if check_values:
         check_finite(xp, **named)
@@ -628,9 +629,10 @@ def resolve(argument: str, registry: dict, value, base: type):
 
 
 def summary(cls) -> str:
-    """The first line of ``cls``'s docstring as plain text (Sphinx roles such as ``:math:`x``` reduced to ``x``)."""
-    first = (cls.__doc__ or cls.__name__).strip().splitlines()[0]
-    return re.sub(r":\w+:`([^`]*)`", r"\1", first).replace("``", "")
+    """The first paragraph of ``cls``'s docstring on one line, as plain text: a Sphinx role (math, mod, func) is
+    reduced to its content and double backquotes are dropped."""
+    first = (cls.__doc__ or cls.__name__).strip().split("\n\n")[0]
+    return " ".join(re.sub(r":\w+:`([^`]*)`", r"\1", first).replace("``", "").split())
 
 
 def describe(registry: dict, why=None) -> str:

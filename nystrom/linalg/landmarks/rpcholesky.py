@@ -105,7 +105,8 @@ def rpcholesky_pivots(X, num_pivots, *, scale, mask=None, u):
 
 @dataclass(frozen=True)
 class RPCholesky(TokenStrategy, name="rpcholesky", random=True):
-    """Randomly pivoted Cholesky on the exponential kernel of the keys; see the module docstring.
+    """Randomly pivoted Cholesky on the exponential kernel of the keys; how it draws is in
+    :mod:`nystrom.linalg.landmarks.rpcholesky`.
 
     Deterministic for a given ``seed``. The kernel temperature is the attention's ``scale``
     (default ``1/sqrt(d)``), so the kernel is the unnormalised attention kernel itself.
