@@ -349,8 +349,8 @@ def approximate(
     solve and the two attention products; the *choice* of landmarks (indices, cluster labels) is piecewise
     constant and carries no gradient. With every real key a landmark and ``solver="pinv"`` the gradients
     equal those of ``scaled_dot_product_attention`` (``tests/test_gradients.py``, every strategy, masked
-    and not); with a cut-off that drops singular values, ``PInv``'s gradient is that of the truncated
-    inverse at fixed rank (see :class:`~nystrom.linalg.solvers.PInv`).
+    and not); with a cut-off that drops singular values, ``PInv``'s gradient is the fixed-rank formula, not
+    the exact derivative of the truncated inverse (see :class:`~nystrom.linalg.solvers.PInv`).
 
     Examples
     --------

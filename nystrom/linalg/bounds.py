@@ -166,8 +166,9 @@ def nystrom_trace_error(X, indices, *, scale=None):
     Notes
     -----
     The kernel is evaluated as :math:`e^{\tau x_i^\top x_j - c}` with
-    :math:`c = \tau\max_i\lVert x_i\rVert^2`, which is at most 1 (Cauchy–Schwarz) and so never
-    overflows; the relative error does not depend on :math:`c`. :math:`W^+` is an SVD
+    :math:`c = \tau\max_i\lVert x_i\rVert^2`, so that every entry is at most 1 (Cauchy–Schwarz) and never
+    overflows; the relative error does not depend on :math:`c`. It is exact up to rounding, with a floor of about
+    :math:`\varepsilon\,\mathrm{cond}(W)` times the trace (docs' bounds page). :math:`W^+` is an SVD
     pseudo-inverse with cutoff :math:`m\,\varepsilon_{\text{dtype}}` (directions below it are
     numerically in the null space, where the residual is counted in full). Cost
     :math:`O(n m D + n m^2 + m^3)`, memory :math:`O(n m)`.
