@@ -99,8 +99,18 @@ def plot_token_norms(analysis: TokenAnalysis, path, *, sequence=0, labels=None) 
     ax.set_ylabel("layer")
     ax.set_yticks(range(analysis.num_layers))
     ax.set_title(f"Token norms per layer (sequence {sequence})")
-    fig.legend(loc="outside lower center", ncol=3, fontsize=8, facecolor="lightgray")
+    fig.legend(loc="outside lower center", ncol=3, fontsize=8, facecolor="lightgray", title=_settings(analysis),
+               title_fontsize=7)
     return _save(fig, path)
+
+
+def _settings(analysis):
+    """The detection settings of ``analysis`` as two lines of a legend title (``None`` when it recorded none)."""
+    t = analysis.thresholds
+    if not t:
+        return None
+    return (f"massive: |activation| ≥ {t['massive_threshold']:g} and ≥ {t['massive_ratio']:g}× the median\n"
+            f"artifact: norm ≥ {t['artifact_ratio']:g}× the median; sink: share ≥ {t['sink_ratio']:g}× uniform")
 
 
 def _sink_split(analysis):
@@ -115,8 +125,9 @@ def _sink_split(analysis):
 def plot_attention_share(analysis: TokenAnalysis, path) -> Path:
     """Per layer, the attention share of the first token (CLS), of the other sinks and of the rest.
 
-    Stacked bars, averaged over the sequences of the batch; black ticks mark what CLS, and CLS plus the
-    other sinks, would receive under uniform attention (:math:`1/n_v` per real token).
+    Stacked bars, averaged over the sequences of the batch; the number above each bar is the share of CLS and the
+    other sinks over what they would receive under uniform attention (:math:`1/n_v` per real token), which a
+    linear axis cannot show (0.004 at 257 tokens).
 
     Parameters
     ----------
@@ -138,14 +149,17 @@ def plot_attention_share(analysis: TokenAnalysis, path) -> Path:
     ax.bar(layers, cls, color="tab:red", label="first token (CLS)")
     ax.bar(layers, sinks, bottom=cls, color="tab:orange", label="other sinks")
     ax.bar(layers, 1 - cls - sinks, bottom=cls + sinks, color="lightgray", label="rest")
-    ax.scatter(layers, cls_uniform + sinks_uniform, marker="_", s=300, color="dimgray",
-               label="uniform share of CLS + sinks")
-    ax.scatter(layers, cls_uniform, marker="_", s=300, color="black", label="uniform share of CLS")
+    for layer, taken, uniform in zip(layers, cls + sinks, cls_uniform + sinks_uniform):
+        ax.annotate(f"{taken / uniform:.0f}×" if uniform > 0 else "", (layer, taken), xytext=(0, 2),
+                    textcoords="offset points", ha="center", va="bottom", fontsize=7)
     ax.set_xticks(layers)
     ax.set_xlabel("layer")
     ax.set_ylabel("share of attention received")
-    ax.set_ylim(0, 1)
-    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
+    ax.set_ylim(0, 1.08)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8,
+              title="above the bars: CLS + sinks\nover their uniform share" + (
+                  "" if "sink_ratio" not in analysis.thresholds
+                  else f"\n(sink: share ≥ {analysis.thresholds['sink_ratio']:g}× uniform)"), title_fontsize=7)
     ax.set_title("Where the attention goes")
     return _save(fig, path)
 

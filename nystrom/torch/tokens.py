@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import array_api_compat
 import numpy as np
@@ -78,6 +78,9 @@ class TokenAnalysis:
         Tokens left out of the artifact test (CLS, registers, special tokens).
     norm_placement : tuple of str
         Per layer, ``"pre"`` or ``"post"``: which of the two readings above applies.
+    thresholds : dict
+        The detection settings behind ``massive``, ``artifact`` and ``sink``: :func:`analyze_tokens`'s
+        ``massive_threshold``, ``massive_ratio``, ``artifact_ratio`` and ``sink_ratio`` (empty when not recorded).
     """
 
     residual_norms: np.ndarray
@@ -92,6 +95,7 @@ class TokenAnalysis:
     token_mask: np.ndarray
     excluded: np.ndarray
     norm_placement: tuple[str, ...]
+    thresholds: dict = field(default_factory=dict)
 
     @property
     def num_layers(self) -> int:
@@ -287,6 +291,8 @@ def analyze_tokens(model, inputs, *, massive_threshold=100.0, massive_ratio=1000
         token_mask=_numpy(token_mask),
         excluded=_numpy(excluded),
         norm_placement=tuple(recorder.placement[layer] for layer in layers),
+        thresholds=dict(massive_threshold=massive_threshold, massive_ratio=massive_ratio,
+                        artifact_ratio=artifact_ratio, sink_ratio=sink_ratio),
     )
 
 
