@@ -16,7 +16,18 @@ import textwrap
 import numpy as np
 from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullFormatter, NullLocator, ScalarFormatter
 
-__all__ = ["footer", "log_ticks", "plain_number", "swept_axis", "value_axis"]
+from nystrom.linalg.landmarks import STRATEGIES
+
+__all__ = ["footer", "log_ticks", "method_color", "plain_number", "swept_axis", "value_axis"]
+
+#: One colour per landmark strategy, the same in every figure (a figure that draws another line first, such as a
+#: second exact kernel, must not shift them): matplotlib's default cycle in the registry's alphabetical order.
+STRATEGY_COLORS = {name: f"C{i}" for i, name in enumerate(sorted(STRATEGIES))}
+
+
+def method_color(name):
+    """The colour of a strategy's lines in every figure; black for anything else (exact attention, references)."""
+    return STRATEGY_COLORS.get(name, "black")
 
 
 def plain_number(value, _position=None):
@@ -27,7 +38,7 @@ def plain_number(value, _position=None):
     return f"{value:.3g}"
 
 
-def footer(fig, text, fontsize=6):
+def footer(fig, text, fontsize=7):
     """Write ``text`` (a result's stamp) small and grey under the figure, broken into lines that fit its width.
 
     The lines are broken here, not by matplotlib's ``wrap``: the layout engine reserves room for the text as

@@ -114,6 +114,13 @@ def stamp_line(stamp):
             f"nystrom {v['nystrom']} | {stamp['date']} | commit {stamp['commit']}")
 
 
+def figure_stamp(stamp):
+    """A figure's footer: :func:`stamp_line`, the load average, and a busy machine's warning, as a table's caption
+    has them."""
+    busy = " | BUSY MACHINE: times inflated" if stamp.get("load_warning") else ""
+    return f"{stamp_line(stamp)} | load average {stamp.get('load_average')}{busy}"
+
+
 def caption(stamp):
     """The first lines of a results table: where, when and how busy, then a smoke run's or a busy machine's
     warning in bold."""

@@ -14,7 +14,7 @@ from nystrom.linalg.landmarks import STRATEGIES
 from nystrom.linalg.solvers import SOLVERS
 
 from ..metrics import relative_error
-from ..plotting import swept_axis, value_axis
+from ..plotting import method_color, swept_axis, value_axis
 from ..report import markdown_table
 from ..stamp import caption
 from ..timing import measure
@@ -125,8 +125,8 @@ def accuracy_figures(records, stamp):
                 for s in STRATEGIES:
                     errors = _mean_over_layers(records, dataset=dataset, strategy=s, solver=solver)
                     x = [t for _, t in errors.values()] if against_time else list(errors)
-                    ax.plot(x, [e for e, _ in errors.values()], "-o", ms=3, label=s)
-                ax.set(title=dataset, xlabel="seconds per call (min)" if against_time else "m (landmarks)",
+                    ax.plot(x, [e for e, _ in errors.values()], "-o", ms=3, color=method_color(s), label=s)
+                ax.set(title=dataset, xlabel="fastest call (s)" if against_time else "m (landmarks)",
                        ylabel="relative error")
                 value_axis(ax, "y")
                 if against_time:

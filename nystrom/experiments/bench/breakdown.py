@@ -126,7 +126,7 @@ def run_breakdown(ctx):
     stamp = ctx.stamp()
     payload = {"stamp": stamp, "roofline": roof, "records": records}
     save(ctx, "breakdown", payload=payload, tables=breakdown_tables(records, plan, stamp))
-    save(ctx, "breakdown", breakdown_figure(records, plan, stamp))
+    save(ctx, "breakdown", breakdown_figure(records, stamp))
     return payload
 
 
@@ -145,17 +145,18 @@ def breakdown_tables(records, plan, stamp):
     return "\n".join(parts)
 
 
-def breakdown_figure(records, plan, stamp):
+def breakdown_figure(records, stamp):
     """Stacked bars of each stage's share of the call, its total time written beside the bar, one panel per
-    breakdown shape.
+    breakdown shape (from the records alone, so that saved ones can be redrawn).
 
     Shares rather than milliseconds: totals span three orders of magnitude (2 s for ``rpcholesky`` at m = 256 on a
     GPU, 4 ms for ``uniform``), and on one linear time axis every fast strategy's bar is too short to read.
     """
-    fig, axes = figure(len(plan.breakdown), stamp, width=6.5, height=0.9 + 0.16 * len(STRATEGIES)
-                       * len(plan.landmarks))
-    for ax, (heads, n) in zip(axes, plan.breakdown):
-        rows = [r for r in records if (r["heads"], r["n"]) == (heads, n)]
+    shapes = list(dict.fromkeys((r["heads"], r["n"], r["d"]) for r in records))
+    bars = max(sum((r["heads"], r["n"], r["d"]) == shape for r in records) for shape in shapes)
+    fig, axes = figure(len(shapes), stamp, width=6.5, height=0.9 + 0.16 * bars)
+    for ax, (heads, n, d) in zip(axes, shapes):
+        rows = [r for r in records if (r["heads"], r["n"], r["d"]) == (heads, n, d)]
         labels = [f"{r['strategy']} m={r['m']}" for r in rows]
         times = np.array([[max(r[f"{stage}_s"], 0.0) for stage in STAGES] for r in rows])
         totals = times.sum(axis=1)
@@ -165,10 +166,10 @@ def breakdown_figure(records, plan, stamp):
             ax.barh(labels, widths, left=left, label=stage.replace("_", " "))
             left += widths
         for y, total in enumerate(totals):
-            ax.text(101, y, format_ms(total), va="center", fontsize=6)
+            ax.text(101, y, format_ms(total), va="center", fontsize=7)
         ax.invert_yaxis()
-        ax.set_title(f"where the time goes, (1, {heads}, {n:,}, {plan.head_dim})", pad=40)
+        ax.set_title(f"where the time goes, (1, {heads}, {n:,}, {d})", pad=40)
         ax.set(xlabel="share of the call's time (%); total (ms) beside each bar", xlim=(0, 112))
         ax.tick_params(axis="y", labelsize=7)
-        ax.legend(fontsize=6, loc="lower center", bbox_to_anchor=(0.5, 1.01), ncol=3)
+        ax.legend(fontsize=7, loc="lower center", bbox_to_anchor=(0.5, 1.01), ncol=3)
     return fig

@@ -16,6 +16,7 @@ from .accuracy import run_accuracy
 from .breakdown import run_breakdown
 from .e2e import run_e2e
 from .plan import SECTIONS, Context, plan_for
+from .replot import replot
 from .scaling import run_scaling
 from .threads import run_threads
 
@@ -50,12 +51,23 @@ def build_parser():
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for torch and for numpy's BLAS (default: their own choice, one per core)")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
+    parser.add_argument("--replot", type=Path, metavar="DIR",
+                        help="time nothing: redraw the figures of the run saved in DIR (e.g. results/cpu) from its "
+                             "JSON")
     return parser
 
 
 def main(argv=None):
     """Run the selected sections; returns the process exit status."""
     args = build_parser().parse_args(argv)
+    if args.replot is not None:
+        try:
+            written = replot(args.replot)
+        except (FileNotFoundError, KeyError, ValueError) as error:
+            print(f"nystrom bench: --replot {args.replot}: {error}", file=sys.stderr)
+            return 2
+        print(f"nystrom bench: redrew {len(written)} figures in {args.replot}", file=sys.stderr)
+        return 0
     if args.device == "cuda" and not torch.cuda.is_available():
         print("nystrom bench: --device cuda asked for, but torch.cuda.is_available() is False "
               f"(torch {torch.__version__}); run without --device or with --device cpu", file=sys.stderr)

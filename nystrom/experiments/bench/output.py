@@ -9,7 +9,10 @@ from pathlib import Path
 import numpy as np
 
 from ..plotting import footer
-from ..stamp import stamp_line
+from ..stamp import figure_stamp
+
+#: Resolution of every PNG the suite writes.
+DPI = 110
 
 
 def figure(panels, stamp, width=5.5, height=4.2, rows=1):
@@ -22,7 +25,7 @@ def figure(panels, stamp, width=5.5, height=4.2, rows=1):
     for ax in axes[panels:]:
         ax.set_visible(False)
     fig.get_layout_engine().set(h_pad=0.15)
-    footer(fig, stamp_line(stamp))
+    footer(fig, figure_stamp(stamp))
     return fig, axes
 
 
@@ -30,7 +33,7 @@ def save(ctx, name, fig=None, payload=None, tables=None):
     """Write whichever of the figure (PNG), payload (JSON) and tables (markdown) are given, as ``ctx.out/name.*``."""
     ctx.out.mkdir(parents=True, exist_ok=True)
     if fig is not None:
-        fig.savefig(ctx.out / f"{name}.png", dpi=110)
+        fig.savefig(ctx.out / f"{name}.png", dpi=DPI)
     if payload is not None:
         (ctx.out / f"{name}.json").write_text(json.dumps(payload, indent=1, default=_json_default) + "\n")
     if tables is not None:

@@ -15,7 +15,7 @@ from nystrom import NewtonSchulz, approximate, get_strategy
 from nystrom.linalg.flops import exact_attention_flops, nystrom_attention_flops
 from nystrom.torch import fna_attention
 
-from ..plotting import swept_axis, value_axis
+from ..plotting import method_color, swept_axis, value_axis
 from ..report import format_ratio, markdown_table
 from ..stamp import caption
 from ..timing import copy_bandwidth, gemm_flop_rate, measure
@@ -283,18 +283,29 @@ def scaling_figures(records, plan, roof, stamp):
             for method, m in lines:
                 pts = sorted((r["n"], r[key]) for r in records
                              if (r["heads"], r["method"], r["m"]) == (heads, method, m) and r[key] is not None)
+                # Each strategy in its colour of every figure; exact kernels black (the second one grey, squares), the
+                # given-landmarks ceiling dashed black. The m sweep of one strategy colours by m instead.
+                style = (dict(fmt="-o", color="black") if method == "exact" else
+                         dict(fmt="-s", color="0.55") if method in EXACT_BACKENDS else
+                         dict(fmt="--", color="black") if method == GIVEN else
+                         dict(fmt="-o", color=None) if lines is by_landmarks else
+                         dict(fmt="-o", color=method_color(method)))
                 # A zero (no measurable growth) cannot sit on a log axis.
-                ax.plot([n for n, _ in pts], [v / unit if v > 0 else np.nan for _, v in pts],
-                        "k-o" if method == "exact" else ("k--" if method == GIVEN else "-o"), ms=3,
+                ax.plot([n for n, _ in pts], [v / unit if v > 0 else np.nan for _, v in pts], style["fmt"],
+                        color=style["color"], ms=3,
                         label="exact SDPA" if method == "exact" else (
                             f"exact SDPA, {EXACT_BACKENDS[method]}" if method in EXACT_BACKENDS else (
                                 f"landmarks given, m={m}" if method == GIVEN else f"{method}, m={m}")))
             if key == "flops_per_s":
-                ax.axhline(roof["gemm_flops_per_s"] / unit, color="r", ls="--", label=f"{roof['gemm_size']}² GEMM")
+                ax.axhline(roof["gemm_flops_per_s"] / unit, color="dimgray", ls="-.",
+                           label=f"{roof['gemm_size']}² GEMM")
             ax.set(title=f"{title}, shape (1, {heads}, n, {plan.head_dim})", xlabel="n", ylabel=ylabel)
-            value_axis(ax, "y", log=key != "flops_per_s")
+            # Log for every quantity: the FLOP rates too span decades (a GPU's GEMM at 800 TFLOP/s against the
+            # Nyström products' few per cent, which a linear axis drew flat on 0).
+            value_axis(ax, "y")
             swept_axis(ax, lengths)
             ax.grid(True, which="both", alpha=0.3)
-            ax.legend(fontsize=7)
+            # Below the axes: inside, the legend hid the curves where they cross.
+            ax.legend(fontsize=7, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.2))
         figures[name] = fig
     return figures

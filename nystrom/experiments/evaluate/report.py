@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ..plotting import footer, swept_axis, value_axis
 from ..report import markdown_table
-from ..stamp import caption, stamp_line
+from ..stamp import caption, figure_stamp
 
 #: Per model, the downstream metrics reported: (key, label, key of the exact model's value or None).
 DOWNSTREAM = {
@@ -107,7 +107,7 @@ def evaluation_figures(result):
         fig = Figure(figsize=(3.6 * cols, 3.0 * rows + 0.4), layout="constrained")
         axes = fig.subplots(rows, cols, squeeze=False).ravel()
         fig.suptitle(f"{result['description']}: FNA in layers {settings['layers']}", fontsize=9)
-        footer(fig, stamp_line(result["stamp"]))
+        footer(fig, figure_stamp(result["stamp"]))
         for ax in axes[count:]:
             ax.set_visible(False)
         for i, ax in enumerate(axes[:count]):

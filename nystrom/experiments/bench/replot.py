@@ -1,0 +1,69 @@
+"""``python -m nystrom bench --replot DIR``: every figure of a run redrawn from its saved JSON, without timing anything.
+
+A figure's style (colours, scales, legends) can change after the run that measured it; the records cannot. Each
+section saves what its figures read (the scaling section its :class:`~nystrom.experiments.bench.plan.Plan`), so
+the PNGs of any saved run can be redrawn with the current code.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .accuracy import accuracy_figures
+from .breakdown import breakdown_figure
+from .e2e import e2e_figure
+from .output import DPI
+from .plan import Plan
+from .scaling import scaling_figures
+from .threads import threads_figure
+
+
+def saved_plan(payload) -> Plan:
+    """The :class:`Plan` a scaling payload saved, with JSON's lists and string keys turned back into its types."""
+    fields = dict(payload)
+    for key in ("seq_lens", "exact_max_n"):
+        fields[key] = {int(k): tuple(v) if isinstance(v, list) else v for k, v in fields[key].items()}
+    fields["capture_layers"] = {k: tuple(v) for k, v in fields["capture_layers"].items()}
+    for key in ("landmarks", "slope_range", "thread_shape", "accuracy_landmarks", "dinov2_sizes", "e2e_sizes",
+                "exact_methods"):
+        fields[key] = tuple(fields[key])
+    fields["breakdown"] = tuple(tuple(shape) for shape in fields["breakdown"])
+    return Plan(**fields)
+
+
+def section_figures(section, payload):
+    """The figures ``{file name: Figure}`` of one section's saved payload."""
+    records, stamp = payload.get("records"), payload["stamp"]
+    if section == "scaling":
+        return scaling_figures(records, saved_plan(payload["plan"]), payload["roofline"], stamp)
+    if section == "breakdown":
+        return {"breakdown": breakdown_figure(records, stamp)}
+    if section == "accuracy":
+        return accuracy_figures(records, stamp)
+    if section == "e2e":
+        return {"e2e": e2e_figure(records, stamp)} if records else {}
+    if section == "threads":
+        return {"threads": threads_figure(payload["summary"], payload["thread_counts"], stamp,
+                                          tuple(payload["shape"]), payload["m"])}
+    raise ValueError(f"unknown section {section!r}")
+
+
+def replot(directory) -> list[Path]:
+    """Redraw the figures of every section saved in ``directory`` (``<section>.json`` files) as PNGs beside them;
+    returns the files written."""
+    directory = Path(directory)
+    written = []
+    for section in ("scaling", "breakdown", "threads", "accuracy", "e2e"):
+        path = directory / f"{section}.json"
+        if not path.exists():
+            continue
+        payload = json.loads(path.read_text())
+        if "skipped" in payload:
+            continue
+        for name, fig in section_figures(section, payload).items():
+            fig.savefig(directory / f"{name}.png", dpi=DPI)
+            written.append(directory / f"{name}.png")
+    if not written:
+        raise FileNotFoundError(f"no saved section (<section>.json) in {directory}")
+    return written
