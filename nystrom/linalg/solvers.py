@@ -55,8 +55,8 @@ class Solver:
     synchronisation on accelerators) and runs :meth:`solve` in float32 or wider. Library code that
     builds ``A`` itself calls :meth:`solve` directly (see :func:`unchecked`).
 
-    Class attributes
-    ----------------
+    Attributes
+    ----------
     name : str
         The short form accepted by ``solver=...``; subclasses declare it as ``class X(Solver, name="x")``.
     iterative : bool
