@@ -108,14 +108,23 @@ def convert_roles(text: str, obj: griffe.Object) -> str:
     return _ROLE.sub(link, text)
 
 
+_DOUBLE_BACKQUOTED = re.compile(r"(``.+?``)", re.DOTALL)
+
+
+def outside_literals(text: str, rewrite) -> str:
+    """``rewrite`` applied to ``text`` outside its ````literal```` spans: a role written inside one (a docstring that
+    shows the markup itself) stays as written."""
+    return "".join(part if index % 2 else rewrite(part)
+                   for index, part in enumerate(_DOUBLE_BACKQUOTED.split(text)))
+
+
 def convert(text: str, obj: griffe.Object) -> str:
     """All rewrites, block math first (its bodies contain no roles)."""
     text = convert_math_blocks(text)
     text = _LITERAL_MARKER.sub(":", text)
     text = _TYPE_SHAPE.sub(r"\g<head> of \g<word> (", text)
     text = _TYPED_NAME.sub(lambda m: m["head"] + m["type"].replace("``", ""), text)
-    text = _INLINE_MATH.sub(lambda m: f"\\({m[1]}\\)", text)
-    return convert_roles(text, obj)
+    return outside_literals(text, lambda part: convert_roles(_INLINE_MATH.sub(lambda m: f"\\({m[1]}\\)", part), obj))
 
 
 class RstMarkup(griffe.Extension):
