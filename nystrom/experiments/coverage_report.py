@@ -3,28 +3,30 @@
 
 For each family of inputs the exact and approximate outputs are computed once, giving every query row's squared
 error :math:`e_i` and squared norm :math:`o_i` (summed over batch and heads). The estimator's own row sampler
-and interval (:func:`~nystrom.linalg.bounds.stratified_rows`, :func:`~nystrom.linalg.bounds.ratio_interval`) are
-then replayed on those rows for 1,000 seeds per sample size, and the table reports the share of 95 % intervals
+and interval (:func:`~nystrom.linalg.bounds.census_and_strata` with
+:func:`~nystrom.linalg.bounds.high_norm_queries`, :func:`~nystrom.linalg.bounds.ratio_interval`) are then
+replayed on those rows for 1,000 seeds per sample size, and the table reports the share of 95 % intervals
 that contain the true squared error ratio, with the median interval width (high / low of the reported error).
 For comparison it replays the estimator the library used before, a simple random sample with a delta-method
 log-scale interval.
 
-Families: Gaussian tokens, clustered tokens and clustered low-rank tokens, each with the default ``norm``, with
-``uniform`` and with ``fps`` landmarks, and real DINOv2-S attention at 518 px (images astronaut and coffee, layers
-3, 6, 9 and 11) with ``norm`` and ``uniform``.
+Families: Gaussian tokens, clustered tokens, clustered low-rank tokens and artifact-like queries (10 of 512 with 4
+times the others' norm), each with the default ``norm``, with ``uniform`` and with ``fps`` landmarks, and real
+DINOv2-S attention at 518 px (images astronaut and coffee, layers 3, 6, 9 and 11) with ``norm`` and ``uniform``.
 """
 
 from __future__ import annotations
 
 import argparse
 
+import array_api_compat
 import numpy as np
 import scipy.stats
 import torch
 import torch.nn.functional as F
 
 import nystrom
-from nystrom.linalg.bounds import ratio_interval, stratified_rows
+from nystrom.linalg.bounds import census_and_strata, high_norm_queries, ratio_interval
 from nystrom.torch.capture import capture_attention
 
 from .pretrained import imagenet_pixel_values, load_dinov2_small, natural_images
@@ -34,12 +36,13 @@ CONFIDENCE = 0.95
 
 
 def row_errors(Q, K, V, strategy, num_landmarks, scale=None):
-    """``(e, o)``: per query position, the squared error of ``approximate`` and the squared exact norm, float64."""
+    """``(e, o, Q)``: per query position, the squared error of ``approximate`` and the squared exact norm, float64,
+    and the queries (for the sampler's census of high-norm queries)."""
     out = nystrom.approximate(Q, K, V, strategy=strategy, num_landmarks=num_landmarks, scale=scale, seed=0)
     exact = F.scaled_dot_product_attention(Q.double(), K.double(), V.double(), scale=scale)
     e = ((out.double() - exact) ** 2).sum(-1)
     o = (exact**2).sum(-1)
-    return e.reshape(-1, e.shape[-1]).sum(0).numpy(), o.reshape(-1, o.shape[-1]).sum(0).numpy()
+    return e.reshape(-1, e.shape[-1]).sum(0).numpy(), o.reshape(-1, o.shape[-1]).sum(0).numpy(), Q
 
 
 def families():
@@ -54,8 +57,16 @@ def families():
     Ql, Kl = (1.5 * U @ torch.randn(3, 16, generator=g, dtype=torch.float64)
               + 0.2 * torch.randn(400, 16, generator=g, dtype=torch.float64) for _ in range(2))
     Vl = torch.randn(400, 8, generator=g, dtype=torch.float64)
+    # Artifact-like: 10 of 512 queries, scattered, with 4 times the norm of the others (smooth tokens otherwise).
+    t = torch.linspace(0, 6, 512, dtype=torch.float64)[:, None]
+    Qa, Ka = (2 * torch.sin(t * torch.randn(1, 16, generator=g, dtype=torch.float64)
+                            + torch.randn(1, 16, generator=g, dtype=torch.float64))
+              + 0.2 * torch.randn(512, 16, generator=g, dtype=torch.float64) for _ in range(2))
+    Qa[torch.randperm(512, generator=g)[:10]] *= 4
+    Va = torch.randn(512, 8, generator=g, dtype=torch.float64)
     for strategy in ("norm", "uniform", "fps"):
         rows[f"Gaussian, {strategy}, m = 32"] = row_errors(Q, K, V, strategy, 32)
+        rows[f"artifact-like queries, {strategy}, m = 24"] = row_errors(Qa, Ka, Va, strategy, 24)
         rows[f"clustered, {strategy}, m = 16"] = row_errors(Qc, Kc, Vc, strategy, 16)
         rows[f"low-rank, {strategy}, m = 16"] = row_errors(Ql, Kl, Vl, strategy, 16)
     model = load_dinov2_small()
@@ -79,15 +90,18 @@ def simple_random_interval(e, o, population):
     return ratio / spread, ratio * spread
 
 
-def coverage(e, o, num_samples, replications=1000):
-    """``(stratified coverage, its median width, simple-random coverage, its median width)`` over seeds."""
+def coverage(e, o, Q, num_samples, replications=1000):
+    """``(stratified coverage, its median width, simple-random coverage, its median width)`` over seeds; the
+    stratified sample is the library's (high-norm queries of ``Q`` with certainty, then strata)."""
     truth = e.sum() / o.sum()
     population = e.size
+    positions = np.arange(population)
+    census = high_norm_queries(array_api_compat.array_namespace(Q), Q, positions, num_samples)
     hits, widths = np.zeros(2), [[], []]
     for seed in range(replications):
         rng = np.random.default_rng(seed)
-        rows, sizes = stratified_rows(np.arange(population), num_samples, rng)
-        _, low, high = ratio_interval(e[rows], o[rows], sizes, CONFIDENCE)
+        rows, sizes, certain = census_and_strata(positions, census, num_samples, rng)
+        _, low, high = ratio_interval(e[rows], o[rows], sizes, CONFIDENCE, certain=certain)
         sample = rng.choice(population, num_samples, replace=False)
         for k, (lo, hi) in enumerate(((low, high), simple_random_interval(e[sample], o[sample], population))):
             hits[k] += lo <= truth <= hi
@@ -104,8 +118,8 @@ def main(argv=None):
     rows = families()
     for s in args.samples:
         table = []
-        for name, (e, o) in rows.items():
-            strat, strat_width, simple, simple_width = coverage(e, o, s)
+        for name, (e, o, Q) in rows.items():
+            strat, strat_width, simple, simple_width = coverage(e, o, Q, s)
             table.append([name, e.size, round(float(np.sqrt(e.sum() / o.sum())), 3), strat, round(strat_width, 2),
                           simple, round(simple_width, 2)])
         table.append(["lowest", "", "", min(r[3] for r in table), "", min(r[5] for r in table), ""])

@@ -9,7 +9,7 @@ def test_rows_with_one_error_ratio_are_covered_by_zero_width_intervals():
     # e_i = o_i / 4 for every row: every sample sees the true ratio, with no spread at all. Small integer o_i
     # keep every sum exact in binary, so the estimate equals the truth to the bit.
     o = np.random.default_rng(0).integers(1, 8, 300).astype(float)
-    strat, strat_width, simple, simple_width = coverage(o / 4, o, 32, replications=50)
+    strat, strat_width, simple, simple_width = coverage(o / 4, o, np.ones((300, 4)), 32, replications=50)
     assert (strat, simple) == (1.0, 1.0)
     assert abs(strat_width - 1) < 1e-6 and abs(simple_width - 1) < 1e-6
 
@@ -19,5 +19,10 @@ def test_one_huge_row_is_missed_by_most_small_samples():
     # interval (spread 0 among the other rows) lies below the truth.
     e, o = np.full(400, 1e-4), np.ones(400)
     e[123] = 4.0
-    strat, _, simple, _ = coverage(e, o, 8, replications=200)
+    queries = np.ones((400, 4))
+    strat, _, simple, _ = coverage(e, o, queries, 8, replications=200)
     assert strat < 0.2 and simple < 0.2
+    # Unless its query has an outlying norm: then the sampler computes it with certainty (and, with 32 rows, has
+    # room for it), and every interval holds the truth.
+    queries[123] *= 5
+    assert coverage(e, o, queries, 32, replications=200)[0] == 1.0
