@@ -256,8 +256,9 @@ def layer_index(value):
 
 
 def layer_indices(layers, num_layers, default):
-    """The sorted distinct layers of ``layers`` (an int or an iterable of ints, each in ``[0, num_layers)``), or
-    ``default`` for ``None``: ``TypeError`` or ``ValueError`` naming ``layers`` otherwise."""
+    """The sorted distinct layers of ``layers`` (an int or an iterable of ints, each in ``[-num_layers, num_layers)``,
+    a negative one counted from the last layer as Python indexes), or ``default`` for ``None``: ``TypeError`` or
+    ``ValueError`` naming ``layers`` otherwise."""
     if layers is None:
         return default
     if layer_index(layers) is not None:
@@ -269,9 +270,10 @@ def layer_indices(layers, num_layers, default):
     indices = [layer_index(i) for i in layers]
     if any(i is None for i in indices):
         raise TypeError(f"layers must hold ints (layer indices), got {layers!r}")
-    if not layers or any(not 0 <= i < num_layers for i in indices):
-        raise ValueError(f"layers must be non-empty layer indices in [0, {num_layers}), got {layers!r}")
-    return tuple(sorted(set(indices)))
+    if not layers or any(not -num_layers <= i < num_layers for i in indices):
+        raise ValueError(f"layers must be non-empty layer indices in [-{num_layers}, {num_layers}) (negative: from "
+                         f"the last), got {layers!r}")
+    return tuple(sorted({i % num_layers for i in indices}))
 
 
 def answers_itself(module) -> bool:

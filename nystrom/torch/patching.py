@@ -399,7 +399,8 @@ def patch(model, *, layers=None, num_landmarks=64, strategy="norm", solver="newt
         attention modules call ``ALL_ATTENTION_FUNCTIONS``; see :func:`~nystrom.torch.dispatch.attention_layers`),
         in eval mode.
     layers : int, iterable of int, or None
-        FNA layers; default the later half, ``range(L // 2, L)`` for ``L`` layers (FNA leaves early layers exact).
+        FNA layers (negative: counted from the last, ``-1`` the last layer); default the later half,
+        ``range(L // 2, L)`` for ``L`` layers (FNA leaves early layers exact).
     num_landmarks : int
         :math:`m`. Clipped to the number of eligible tokens (real, not excluded, not masked) of the shortest
         sequence of the batch. When it covers every real token of every sequence (and nothing is excluded), the

@@ -162,9 +162,11 @@ def test_layers_take_python_numpy_and_torch_integers():
                    torch.tensor(2)):
         expected = [2] if np.ndim(np.asarray(layers)) == 0 else [1, 2]
         assert [c.layer for c in capture_attention(model, inputs, layers=layers)] == expected
-    for bad in ([4], [], [-1]):
-        with pytest.raises(ValueError, match=r"layers must be non-empty layer indices in \[0, 4\)"):
+    for bad in ([4], [], [-5]):
+        with pytest.raises(ValueError, match=r"layers must be non-empty layer indices in \[-4, 4\)"):
             capture_attention(model, inputs, layers=bad)
+    # Negative indices count from the last layer, as Python's do (a review expected fna(layers=-1) to work).
+    assert [c.layer for c in capture_attention(model, inputs, layers=[-1, 1, -3])] == [1, 3]
     for bad in ([True], [1.0], [np.bool_(True)], torch.tensor([1.0]), torch.tensor([True]), np.array([True])):
         with pytest.raises(TypeError, match="layers must hold ints"):
             capture_attention(model, inputs, layers=bad)
