@@ -214,7 +214,9 @@ def approximate(
         ``"newton_schulz"`` (default, 6 iterations, as in FNA/Nyströmformer), ``"pinv"``,
         ``"ridge"``, or a solver object such as ``nystrom.NewtonSchulz(tol=1e-10)``.
     scale : float, optional
-        Softmax temperature :math:`\tau`, default ``1/sqrt(d)``.
+        Softmax temperature :math:`\tau`, default ``1/sqrt(d)``. Positive and finite: unlike SDPA, which takes any
+        float, 0 and negative temperatures are refused (``ValueError``); landmark rules that read attention
+        assume that a larger logit means more attention.
     attn_mask : array, optional
         Key mask, in the conventions of ``scaled_dot_product_attention`` and transformers:
 
