@@ -470,8 +470,10 @@ def ratio_interval(e, o, sizes, confidence, certain=None):
         return ratio, ratio, ratio
     ratio = float(sizes @ e / total)
     drawn = np.ones(sizes.shape, dtype=bool) if certain is None else ~certain
-    if np.all(sizes[drawn] == 1) or ratio <= 0 or drawn.sum() < 2:
+    if np.all(sizes[drawn] == 1) or ratio <= 0:
         return ratio, ratio, ratio
+    if drawn.sum() < 2:
+        return ratio, 0.0, math.inf  # one drawn stratum: no variance to estimate, so no bound
     z = (sizes * (e - ratio * o))[drawn]
     s = z.size
     paired = s - 3 if s % 2 else s
