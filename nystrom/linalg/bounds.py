@@ -357,7 +357,7 @@ def sample_rows(xp, Q, K, V, *, num_samples, seed, scale, keys=None, attend=None
         real = np.broadcast_to(float64_numpy(keys) > 0, tuple(Q.shape[:-1])).reshape(-1, n_q)
     positions = np.arange(n_q) if real is None else np.flatnonzero(real.any(axis=0))
     num_samples = min(num_samples, positions.size)
-    census = high_norm_queries(xp, Q, positions, num_samples)
+    census = high_norm_queries(xp, Q, positions, num_samples, real)
     rows, sizes, certain = census_and_strata(positions, census, num_samples, np.random.default_rng(seed))
     at = xp.asarray(rows, device=array_api_compat.device(Q))
     mask = None if keys is None else keys[..., None, :]
@@ -385,11 +385,12 @@ HIGH_NORM_RATIO = 3.0
 CENSUS_FRACTION = 0.25
 
 
-def high_norm_queries(xp, Q, positions, num_samples):
+def high_norm_queries(xp, Q, positions, num_samples, real=None):
     r"""The query positions the row sample computes with certainty: those whose norm (the largest over the batch
     and heads) is at least :data:`HIGH_NORM_RATIO` times the median over ``positions``, when they are at most
     :data:`CENSUS_FRACTION` of ``num_samples`` (else none: so many are drawn often enough; and none when every
-    position is sampled anyway).
+    position is sampled anyway). ``real`` (flattened leading dimensions by :math:`n_q`, bool) marks the rows whose
+    norms count: a padded query row, which may hold anything, never makes its position outlying.
 
     A few high-norm queries (a ViT's artifact tokens, a sink's query) can carry most of the error: their softmax
     is the sharpest, and the landmarks stand least for what they attend to. Drawn at random among :math:`n_q`,
@@ -401,7 +402,10 @@ def high_norm_queries(xp, Q, positions, num_samples):
     if budget == 0 or num_samples >= positions.size:
         return np.empty(0, dtype=np.int64)
     norms = float64_numpy(xp.sqrt(xp.sum(at_least_float32(xp, Q) ** 2, axis=-1)))
-    norms = np.max(np.reshape(norms, (-1, Q.shape[-2])), axis=0)[positions]
+    norms = np.reshape(norms, (-1, Q.shape[-2]))
+    if real is not None:
+        norms = np.where(real, norms, 0.0)
+    norms = np.max(norms, axis=0)[positions]
     outlying = np.flatnonzero(norms >= HIGH_NORM_RATIO * np.median(norms))
     # All or none: a census of some of them leaves the others rarer among the rows drawn, and the interval worse
     # than with none (the review's case at 64 rows with 8 of its 10 outliers computed: 21 % coverage).

@@ -250,7 +250,7 @@ def search_landmarks(attempt, estimate, first, largest, tol, strict, solver, exa
                    f"95% interval [{last.low:.3g}, {last.high:.3g}]")
         if strict:
             raise RuntimeError(message)
-        # The warning points at the caller of approximate (or of the model that patch() changed).
+        # The warning points at the caller of approximate, or at the line that called the model patch() changed.
         warnings.warn(message, UserWarning, stacklevel=outside_stacklevel())
     return best_result, steps
 

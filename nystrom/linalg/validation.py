@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import os
 import re
 import sys
 import warnings
@@ -644,13 +643,16 @@ def describe(registry: dict, why=None) -> str:
     return "\n".join(lines)
 
 
-_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+#: Packages whose frames a warning skips to reach the user's line: the library, and the model code it runs inside
+#: when it patches a model (torch's module calls, transformers' forward passes).
+_LIBRARY_PACKAGES = ("nystrom", "torch", "transformers")
 
 
 def outside_stacklevel() -> int:
     """The ``stacklevel`` at which ``warnings.warn``, called by the caller of this function, names the first frame
-    outside the ``nystrom`` package: the user's line, however many library frames (wrappers included) lie between."""
+    outside the library and the model code around it (:data:`_LIBRARY_PACKAGES`): the user's line, however many
+    library frames (wrappers included) lie between."""
     frame, level = sys._getframe(1), 1
-    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE):
+    while frame is not None and frame.f_globals.get("__name__", "").partition(".")[0] in _LIBRARY_PACKAGES:
         frame, level = frame.f_back, level + 1
     return level

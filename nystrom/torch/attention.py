@@ -15,6 +15,7 @@ formed a chunk at a time, so memory is :math:`O(n (m + d))`.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 from ..linalg.attention import check_nystrom_call, in_query_chunks, nystrom_product
 from ..linalg.split_keys import merge_partials
 from ..linalg.validation import check_query_chunk_size, check_unknown_arguments
-from .autocast import as_sdpa_under_autocast, autocast_dtype
+from .autocast import as_sdpa_under_autocast, autocast_cast, autocast_dtype
 
 _FLASH_CPU = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
@@ -204,7 +205,11 @@ def fna_attention(Q, K, V, landmarks, solver="newton_schulz", *, scale=None, att
     if not isinstance(Q, torch.Tensor):
         raise TypeError(f"Q, K and V must be torch tensors, got {type(Q).__name__}; "
                         "nystrom.linalg.nystrom_attention takes any array")
-    if autocast_dtype(Q.device) is not None:
+    dtype = autocast_dtype(Q.device)
+    if dtype is not None:
+        # The landmarks too, as autocast gives Q and K: chosen from the same float32 inputs they would not match them.
+        landmarks = dataclasses.replace(landmarks, queries=autocast_cast(landmarks.queries, dtype),
+                                        keys=autocast_cast(landmarks.keys, dtype))
         return as_sdpa_under_autocast(fna_attention, Q, K, V, landmarks, solver, scale=scale, attn_mask=attn_mask,
                                       query_chunk_size=query_chunk_size, check_values=check_values)
     xp, tau, invert, mask, K, V = check_nystrom_call(Q, K, V, landmarks, solver, scale, attn_mask, check_values)

@@ -31,15 +31,17 @@ def without_autocast(device):
     return torch.autocast(torch.device(device).type, enabled=False)
 
 
+def autocast_cast(x, dtype):
+    """``x`` as autocast casts an input of an op it runs in ``dtype``: float32 and half-precision tensors to ``dtype``,
+    anything else (float64, integers, ``None``) as it is."""
+    return x.to(dtype) if isinstance(x, torch.Tensor) and x.dtype in _CAST_BY_AUTOCAST else x
+
+
 def as_sdpa_under_autocast(function, Q, K, V, *args, **kwargs):
     """``function(Q, K, V, *args, **kwargs)``, with ``Q``, ``K`` and ``V`` in the dtype autocast would give SDPA and
     autocast off inside; a plain call when autocast is off for ``Q``'s device."""
     dtype = autocast_dtype(Q.device)
     if dtype is None:
         return function(Q, K, V, *args, **kwargs)
-
-    def cast(x):
-        return x.to(dtype) if isinstance(x, torch.Tensor) and x.dtype in _CAST_BY_AUTOCAST else x
-
     with without_autocast(Q.device):
-        return function(cast(Q), cast(K), cast(V), *args, **kwargs)
+        return function(autocast_cast(Q, dtype), autocast_cast(K, dtype), autocast_cast(V, dtype), *args, **kwargs)

@@ -47,7 +47,7 @@ from ..linalg.validation import (
     fewest_real_keys,
 )
 from .attention import sdpa_attend
-from .autocast import autocast_dtype, without_autocast
+from .autocast import autocast_cast, autocast_dtype, without_autocast
 from .dispatch import (
     Handle,
     attentions_requested,
@@ -188,12 +188,19 @@ class FNAHandle(Handle):
         if layer in self.exact_layers or (self.exclude is None and m >= longest) or fewest == 0:
             self.records[layer] = LayerRecord(None, False, None)
             return own_attention()
-        if autocast_dtype(query.device) is not None:
-            # FNA keeps its solve and A^+ (B V) in float32 (nystrom.torch.autocast): autocast off for it, on for the
-            # model around it.
+        dtype = autocast_dtype(query.device)
+        if dtype is not None:
+            # FNA keeps its solve and A^+ (B V) in float32 (nystrom.torch.autocast): its inputs as autocast gives them
+            # to SDPA and autocast off for it; on for the model's own attention (an exact step of calibration) as
+            # around it.
+            def own_under_autocast(*args, **options):
+                with torch.autocast(query.device.type, dtype=dtype):
+                    return call_next(*args, **options)
+
             with without_autocast(query.device):
-                return self._attend(layer, call_next, module, query, key, value, attention_mask, scaling=scaling,
-                                    dropout=dropout, is_causal=is_causal, **kwargs)
+                return self._attend(layer, own_under_autocast, module, autocast_cast(query, dtype),
+                                    autocast_cast(key, dtype), autocast_cast(value, dtype), attention_mask,
+                                    scaling=scaling, dropout=dropout, is_causal=is_causal, **kwargs)
         xp = array_api_compat.array_namespace(key)
         keys = None if real is None else real[:, None, :]
         key_mask = None if keys is None else keys[..., None, :]

@@ -174,6 +174,22 @@ def test_high_norm_queries_holding_most_of_the_error_are_computed_with_certainty
     assert set(outliers) <= set(sample.rows[sample.certain].tolist()) and sample.certain.sum() == 10
 
 
+def test_padded_query_rows_never_make_a_position_outlying():
+    # The norms of padded rows (which may hold anything) made their positions certain and moved the estimate (review).
+    rng = np.random.default_rng(0)
+    Q, K, V = (rng.standard_normal((2, 512, 8)) for _ in range(3))
+    keys = np.ones((2, 512), dtype=bool)
+    keys[1, 500:] = False
+    approx = nystrom.approximate(Q, K, V, num_landmarks=16, strategy="uniform", seed=0, attn_mask=keys[:, None, :])
+    garbage = Q.copy()
+    garbage[1, 500:] *= 1e3
+    estimates = [estimate_relative_error(q, K, V, approx, attn_mask=keys[:, None, :], seed=0) for q in (Q, garbage)]
+    # Equal to rounding (the padded rows' exact outputs still set the unit of the squares).
+    for field in ("estimate", "low", "high"):
+        assert getattr(estimates[0], field) == pytest.approx(getattr(estimates[1], field), rel=1e-12)
+    assert sample_rows(np, garbage, K, V, num_samples=64, seed=0, scale=0.35, keys=keys).certain is None
+
+
 def test_a_census_of_some_outliers_only_is_never_drawn():
     # More high-norm queries than a quarter of the sample: none is taken with certainty (a partial census left the
     # others rarer among the drawn rows, and the interval worse than none: 21 % coverage in the review's case).

@@ -1,6 +1,8 @@
 """Under ``torch.autocast`` the library runs as SDPA does there: inputs in the autocast dtype, its own float32
 sections kept in float32 (:mod:`nystrom.torch.autocast`)."""
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -43,13 +45,15 @@ def test_every_path_returns_the_autocast_dtype():
     # Exact attention (a tol search that gives up, cross-attention at m = n) returned SDPA's bfloat16 and the Nyström
     # path float32 under the same autocast.
     Q, K, V = (torch.randn(1, 2, 300, 16, generator=torch.Generator().manual_seed(1)) for _ in range(3))
+    many = torch.randn(1, 2, 600, 16, generator=torch.Generator().manual_seed(2))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         nystrom_out = nystrom.approximate(Q, K, V, num_landmarks=16)
         _, info = nystrom.approximate(Q, K, V, num_landmarks=16, tol=0.02, return_info=True)
         exact_out = nystrom.approximate(Q, K, V, num_landmarks=16, tol=0.02)
-        cross = nystrom.approximate(Q[..., :20, :], K, V, num_landmarks=20)
+        # Cross-attention with every key a landmark (n_q = 600 >= n = 300): exact attention.
+        cross, cross_info = nystrom.approximate(many, K, V, num_landmarks=300, return_info=True)
         sdpa = F.scaled_dot_product_attention(Q, K, V)
-    assert info.tol_steps[-1].solver == "exact"
+    assert info.tol_steps[-1].solver == "exact" and cross_info.landmarks is None
     assert {nystrom_out.dtype, exact_out.dtype, cross.dtype, sdpa.dtype} == {torch.bfloat16}
 
 
@@ -62,10 +66,14 @@ def test_float64_is_left_as_it_is():
     assert torch.equal(out, plain)
 
 
-def test_fna_attention_under_autocast_matches_bfloat16_inputs():
+@pytest.mark.parametrize("strategy", ["fps", "kmeans", "norm"])
+def test_fna_attention_under_autocast_matches_bfloat16_inputs(strategy):
+    # Landmarks chosen from the float32 inputs, inside or outside the autocast block, are float32: they are cast with
+    # Q, K and V (a review found a dtype TypeError after the first version of the autocast fix).
     Q, K, V = smooth_tokens()
-    landmarks = nystrom.get_strategy("fps")(Q.bfloat16(), K.bfloat16(), 128, head_axis=-3)
-    plain, _ = fna_attention(Q.bfloat16(), K.bfloat16(), V.bfloat16(), landmarks, solver="pinv")
+    landmarks = nystrom.get_strategy(strategy)(Q, K, 32, head_axis=-3)
+    cast = dataclasses.replace(landmarks, queries=landmarks.queries.bfloat16(), keys=landmarks.keys.bfloat16())
+    plain, _ = fna_attention(Q.bfloat16(), K.bfloat16(), V.bfloat16(), cast, solver="pinv")
     with torch.autocast("cpu", dtype=torch.bfloat16):
         under, _ = fna_attention(Q, K, V, landmarks, solver="pinv")
     assert torch.equal(under, plain)

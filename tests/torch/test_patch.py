@@ -819,3 +819,14 @@ class TestComposition:
         with fna(model, num_landmarks=8), pytest.raises(RuntimeError, match="activation_checkpointing_disable"):
             model(**tiny_inputs("vit")).last_hidden_state.sum().backward()
         assert_restored(model)
+
+
+def test_a_layer_that_misses_tol_warns_at_the_line_that_called_the_model():
+    # The warning named a line of transformers' ViT code (review): it skips the library's and the model's frames.
+    model, inputs = tiny_model("vit", dtype=torch.float32), tiny_inputs("vit", dtype=torch.float32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torch.no_grad(), fna(model, num_landmarks=2, tol=1e-9, max_landmarks=4):
+            model(**inputs)
+    missed = [w for w in caught if "not reached" in str(w.message)]
+    assert missed and {w.filename for w in missed} == {__file__}
