@@ -325,29 +325,30 @@ def test_refine_tries_the_mid_point_of_the_last_doubling(highs, answer):
     assert [step.m for step in first] == [64]
 
 
-@given(st.sampled_from([4, 8, 16]), st.integers(2, 5), st.floats(0.5, 4.0), st.floats(0.2, 1.5),
-       st.floats(0.01, 0.5))
+@given(st.sampled_from([4, 8, 16]), st.integers(2, 5), st.floats(0.5, 4.0), st.floats(0.2, 1.5), st.data())
 @settings(max_examples=60, deadline=None)
-def test_refine_overshoots_the_smallest_m_by_under_root_2_on_falling_bounds(first, doublings, scale, power, tol):
+def test_refine_overshoots_the_smallest_m_by_under_root_2_on_falling_bounds(first, doublings, scale, power, data):
     # A bound that falls with m, scale * m^-power: where the doubling meets tol at m after a miss at m', the m
     # returned overshoots the smallest integer m* within tol by less than sqrt(m / m') (sqrt 2), not by m / m'.
     def estimate(m):
         high = scale * m ** -power
         return ErrorEstimate(high, high, high, 0.95, 128)
 
+    # tol between the bounds of two successive doublings, so that every example meets it after a miss.
+    met = first * 2 ** data.draw(st.integers(1, doublings))
+    tol = estimate(met).high + data.draw(st.floats(0.05, 0.95)) * (estimate(met // 2).high - estimate(met).high)
     largest = first * 2**doublings
     result, steps = search_landmarks(lambda m, solver: m, estimate, first, largest, tol, False,
                                      nystrom.NewtonSchulz(), exact=lambda: None, keys=10**6, refine=True)
     tried = [step.m for step in steps]
     # The doubling's steps grow; the mid-point and the returned step listed again come after them.
     doubling = tried[:next((i for i in range(1, len(tried)) if tried[i] <= tried[i - 1]), len(tried))]
-    if result is None or len(doubling) < 2 or estimate(first).high <= tol:
-        return
+    assert doubling[-2:] == [met // 2, met]
     smallest = math.ceil((scale / tol) ** (1 / power) - 1e-9)
     while estimate(smallest).high > tol:
         smallest += 1
-    assert result / smallest < math.sqrt(doubling[-1] / doubling[-2])
-    assert result <= doubling[-1] and estimate(result).high <= tol
+    assert result / smallest < math.sqrt(2)
+    assert result <= met and estimate(result).high <= tol
 
 
 def test_a_nan_estimate_is_never_within_tol():
