@@ -335,6 +335,8 @@ class Handle:
         self.inputs: dict[int, torch.Tensor] = {}
         self._installed: list[tuple[nn.Module, Callable]] = []
         self._hooks = []
+        # The layers whose handlers ran during their block's forward pass, checked when the block returns.
+        self._reached: set[int] = set()
 
     @staticmethod
     def default_layers(num_layers):
@@ -353,8 +355,9 @@ class Handle:
                 # always_call: a forward pass that raises must not leave the block's input (and its graph) held.
                 self._hooks.append(block.register_forward_hook(functools.partial(self._drop_input, layer),
                                                                always_call=True))
+                self._hooks.append(block.register_forward_hook(functools.partial(self._check_reached, layer)))
                 for handler in handlers:
-                    bound = functools.partial(handler, layer)
+                    bound = functools.partial(self._reach, handler, layer)
                     bound.terminal = getattr(handler, "terminal", False)
                     _add_handler(attention, bound, layer)
                     self._installed.append((attention, bound))
@@ -370,10 +373,26 @@ class Handle:
             global _last_padding_mask
             _last_padding_mask = None
         self.inputs[layer] = block_input(args, kwargs)
+        self._reached.discard(layer)
 
     def _drop_input(self, layer, block, args, output):
         # Only held while the block runs, so a handle never keeps activations (or their graph) alive.
         self.inputs.pop(layer, None)
+
+    def _reach(self, handler, layer, *args, **kwargs):
+        self._reached.add(layer)
+        return handler(layer, *args, **kwargs)
+
+    def _check_reached(self, layer, block, args, output):
+        # A model whose attention module computes attention itself (DeBERTa, MPNet, Longformer, ...) never asks
+        # transformers' attention interface for a function: the handlers would never run, silently.
+        if layer not in self._reached:
+            raise ValueError(
+                f"encoder layer {layer} of this model ran without calling transformers' attention functions "
+                f"(ALL_ATTENTION_FUNCTIONS), so nystrom cannot reach its attention: its attention module "
+                f"{type(self._blocks[layer][1]).__name__} computes attention itself. Supported models dispatch "
+                "through that interface, as ViT, DINOv2, CLIP and BERT do"
+            )
 
     def remove(self):
         """Uninstall; safe to call more than once. Restores transformers' ``get_interface`` with the last handler."""

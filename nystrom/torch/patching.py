@@ -62,6 +62,14 @@ __all__ = ["FNAHandle", "LayerRecord", "fna", "patch"]
 
 #: Accepted values of ``patch(resample=...)`` and ``patch(features=...)``.
 RESAMPLE = ("once", "every_layer")
+#: Keywords a transformers model may pass its attention function that do not change the attention of ``query``,
+#: ``key`` and ``value`` (BERT passes ``position_ids``, already applied to its embeddings). Any other keyword that is
+#: not ``None`` or ``False`` (T5's ``position_bias``, a ``sliding_window``, ``softcap`` or attention sinks ``s_aux``)
+#: changes it, and FNA, which cannot honour it, refuses rather than silently drop it.
+HARMLESS_KEYWORDS = frozenset({
+    "position_ids", "cache_position", "token_type_ids", "encoder_hidden_states", "output_attentions",
+    "output_hidden_states", "return_dict", "use_cache",
+})
 FEATURES = ("input", "query", "key", "value")
 
 
@@ -169,6 +177,17 @@ class FNAHandle(Handle):
             raise ValueError(f"FNA has no attention dropout (got dropout={dropout}); call model.eval() first")
         if getattr(module, "is_causal", False) if is_causal is None else is_causal:
             raise ValueError(f"FNA approximates bidirectional attention; {type(module).__name__} is causal")
+        changing = sorted(name for name, value in kwargs.items()
+                          if name not in HARMLESS_KEYWORDS and value is not None and value is not False)
+        if changing:
+            raise ValueError(f"{type(module).__name__} passes its attention function {', '.join(changing)}, which "
+                             "changes the attention (a bias, a window, sinks) and which FNA cannot honour; this model "
+                             "is not supported")
+        if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
+            implementation = getattr(getattr(module, "config", None), "_attn_implementation", None)
+            raise ValueError(f"FNA reads the attention masks of the 'eager' and 'sdpa' attention implementations; "
+                             f"this model runs {implementation!r}, whose mask is a {type(attention_mask).__name__}: "
+                             "load it with attn_implementation='sdpa'")
         if layer == self.layers[0]:
             self.records = {}
             self._shared = None
@@ -404,7 +423,9 @@ def patch(model, *, layers=None, num_landmarks=64, strategy="norm", solver="newt
     model : torch.nn.Module
         ``ViTModel``, ``Dinov2Model``, ``CLIPVisionModel``, ``BertModel`` (or another transformers encoder whose
         attention modules call ``ALL_ATTENTION_FUNCTIONS``; see :func:`~nystrom.torch.dispatch.attention_layers`),
-        in eval mode.
+        in eval mode, with the ``"eager"`` or ``"sdpa"`` attention implementation. The first forward pass raises
+        ``ValueError`` for a layer whose attention never reaches those functions, or that passes them a keyword
+        changing the attention (``position_bias``, ``sliding_window``, ...).
     layers : int, iterable of int, or None
         FNA layers (negative: counted from the last, ``-1`` the last layer); default the later half,
         ``range(L // 2, L)`` for ``L`` layers (FNA leaves early layers exact).

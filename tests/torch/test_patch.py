@@ -564,6 +564,48 @@ class TestArguments:
             with fna(model, num_landmarks=2):
                 run(model, {"input_ids": torch.tensor([[1, 2, 3, 4]])})
 
+    @pytest.mark.parametrize("keyword", ["position_bias", "sliding_window", "s_aux"])
+    def test_a_keyword_that_changes_the_attention_raises(self, keyword):
+        # T5 hands its relative position bias to the attention function as position_bias= (FNA answered as if there
+        # were none: 0.07 off with every token a landmark). The layer's attention is called here as transformers
+        # would (importing T5 takes seconds); position_ids, which BERT passes, changes nothing and passes.
+        model = tiny_model("bert").eval()
+        attention = dispatch.attention_layers(model)[0][1]
+        q = torch.randn(1, 4, 6, 8, dtype=torch.float64)
+        # Every token a landmark: the model's own attention answers, after the keywords are checked.
+        with fna(model, layers=[0], num_landmarks=6):
+            call = dispatch._attention_functions().get_interface("sdpa", None)
+            out, _ = call(attention, q, q, q, None, scaling=0.35, dropout=0.0, position_ids=torch.arange(6)[None],
+                          output_attentions=False)
+            assert out.shape == (1, 6, 4, 8)
+            with pytest.raises(ValueError, match=f"passes its attention function {keyword}, which changes"):
+                call(attention, q, q, q, None, scaling=0.35, dropout=0.0, **{keyword: torch.zeros(1, 4, 6, 6)})
+        assert_restored(model)
+
+    @pytest.mark.parametrize("name", ["DebertaV2", "MPNet"])
+    def test_a_model_whose_attention_never_reaches_the_interface_raises(self, name):
+        # Their attention modules compute attention themselves: patching them was silently a no-op (exact output,
+        # no record) before.
+        config = getattr(transformers, f"{name}Config")(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                                        intermediate_size=64, vocab_size=100)
+        model = getattr(transformers, f"{name}Model")(config).eval()
+        with pytest.raises(ValueError, match="ran without calling transformers' attention functions"):
+            with fna(model, layers=[0, 1], num_landmarks=2):
+                run(model, {"input_ids": torch.randint(5, 90, (1, 16))})
+        assert_restored(model)
+
+    def test_an_implementation_whose_mask_fna_cannot_read_is_named(self):
+        # flex_attention hands the attention function a BlockMask (building one compiles for seconds, so the layer's
+        # attention is called here as transformers would, with a stand-in of another type).
+        model = tiny_model("bert").eval()
+        attention = dispatch.attention_layers(model)[0][1]
+        q = torch.randn(1, 4, 6, 8, dtype=torch.float64)
+        with fna(model, layers=[0], num_landmarks=2):
+            call = dispatch._attention_functions().get_interface("flex_attention", None)
+            with pytest.raises(ValueError, match="whose mask is a object: load it with attn_implementation='sdpa'"):
+                call(attention, q, q, q, object(), scaling=0.35, dropout=0.0)
+        assert_restored(model)
+
 
 def test_padding_mask_answer_follows_the_mask_tensor_and_its_edits():
     from nystrom.torch.dispatch import padding_mask_from_attention_mask
