@@ -280,3 +280,33 @@ def test_a_nan_in_an_additive_mask_is_refused():
                  lambda: nystrom.approximate(Q, Q, Q, num_landmarks=8, attn_mask=mask)):
         with pytest.raises(ValueError, match="NaN included"):
             call()
+    # Expanded over the queries, the NaN column is the same in every row: the NaN message too, not "per-query".
+    with pytest.raises(ValueError, match="NaN included"):
+        nystrom.approximate(Q, Q, Q, num_landmarks=8, attn_mask=mask.expand(2, 1, 20, 20))
+
+
+def test_rows_that_mask_the_same_keys_with_different_values_are_one_key_mask():
+    # -inf in some rows and finfo.min in others (a sum of two transformers masks mixes them) mask the same keys:
+    # SDPA takes it, and the raw values' comparison refused it as a per-query mask.
+    Q, K, V = qkv(1, (2, 1, 8, 4))
+    mask = torch.zeros(2, 1, 8, 8, dtype=torch.float64)
+    mask[..., 6:] = torch.finfo(torch.float64).min
+    mask[..., ::2, 6:] = float("-inf")
+    want = F.scaled_dot_product_attention(Q, K, V, attn_mask=mask)
+    assert rel(nystrom.approximate(Q, K, V, mask, num_landmarks=6, solver=EXACT), want) < RTOL64
+    assert rel(nystrom.exact_attention(Q, K, V, attn_mask=mask), want) < RTOL64
+    # A bias in a row other than the first is still a bias.
+    mask[..., 3, 0] = -1.0
+    with pytest.raises(ValueError, match="an attention bias"):
+        nystrom.approximate(Q, K, V, mask, num_landmarks=6)
+
+
+def test_a_float_mask_that_requires_grad_is_refused():
+    # SDPA differentiates an additive mask as a bias; a padding mask takes no gradient here, and the call returned
+    # an output detached from it without a word.
+    Q, K, V = qkv(2, (1, 1, 8, 4))
+    mask = torch.zeros(1, 1, 1, 8, dtype=torch.float64)
+    mask[..., 6:] = float("-inf")
+    with pytest.raises(ValueError, match="attn_mask requires grad"):
+        nystrom.approximate(Q, K, V, mask.requires_grad_(), num_landmarks=4)
+    nystrom.approximate(Q, K, V, mask.detach(), num_landmarks=4)

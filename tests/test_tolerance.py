@@ -476,9 +476,15 @@ def test_a_tol_below_the_dtype_rounding_warns_at_the_call():
     # The reference of the estimate is exact attention in the inputs' dtype: below its eps, tol cannot mean what it
     # says (float16 with tol=1e-4 was answered "exactly", 3e-4 from float64, a review finding).
     Q, K, V = (torch.from_numpy(x).to(torch.float16) for x in smooth_tokens(0))
-    with pytest.warns(UserWarning, match=r"tol=0.0001 is below the rounding of torch.float16") as caught:
+    with pytest.warns(UserWarning, match=r"tol=0.0001 is below the rounding of exact attention in torch.float16") \
+            as caught:
         nystrom.approximate(Q, K, V, num_landmarks=8, tol=1e-4)
     assert caught[0].filename == __file__
+    # float32 SDPA accumulates its rounding over the keys: 1.2-3.3 eps from float64 (a review answered tol=2.5e-7, two
+    # eps, "exactly" with 3.95e-7 of error, without a word).
+    with pytest.warns(UserWarning, match=r"tol=2.5e-07 is below the rounding of exact attention in torch.float32"):
+        nystrom.approximate(Q.float(), K.float(), V.float(), num_landmarks=8, tol=2.5e-7)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         nystrom.approximate(Q.float(), K.float(), V.float(), num_landmarks=8, tol=1e-2)
+        nystrom.approximate(Q.double(), K.double(), V.double(), num_landmarks=8, tol=1e-12)

@@ -73,6 +73,13 @@ def test_bad_input(kwargs, error, match):
         nystrom.approximate(args.pop("Q"), args.pop("K"), args.pop("V"), **args)
 
 
+def test_numpy_bools_are_bools():
+    # numpy 2 names np.bool_ "bool": refusing it read "return_info must be a bool, got bool".
+    out, info = nystrom.approximate(Q, K, V, num_landmarks=4, return_info=np.True_, check_values=np.True_)
+    assert info.landmarks.keys.shape[-2] == 4
+    nystrom.approximate(Q, K, V, num_landmarks=4, tol=0.5, strict_tol=np.False_)
+
+
 def test_per_key_mask_of_4d_inputs_needs_the_query_axis():
     # (B, H, n) was the former per-head form; as SDPA broadcasts it, H would be the query axis.
     q = rng.standard_normal((2, 3, 10, 4))

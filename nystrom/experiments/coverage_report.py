@@ -10,8 +10,9 @@ that contain the true squared error ratio, with the median interval width (high 
 For comparison it replays the estimator the library used before, a simple random sample with a delta-method
 log-scale interval.
 
-Families: Gaussian tokens, clustered tokens, clustered low-rank tokens and artifact-like queries (10 of 512 with 4
-times the others' norm), each with the default ``norm``, with ``uniform`` and with ``fps`` landmarks, and real
+Families: Gaussian tokens, clustered tokens, clustered low-rank tokens, sharper clusters (12 centres, larger logits)
+and artifact-like queries (10 of 512 with 4 times the others' norm), each with the default ``norm``, with ``uniform``
+and with ``fps`` landmarks, and real
 DINOv2-S attention at 518 px (images astronaut and coffee, layers 3, 6, 9 and 11) with ``norm`` and ``uniform``.
 """
 
@@ -64,11 +65,19 @@ def families():
               + 0.2 * torch.randn(512, 16, generator=g, dtype=torch.float64) for _ in range(2))
     Qa[torch.randperm(512, generator=g)[:10]] *= 4
     Va = torch.randn(512, 8, generator=g, dtype=torch.float64)
+    # Sharper clusters (a review's family): 12 centres and larger logits; a handful of rows with flat attention and
+    # small outputs holds most of the squared error.
+    sharp = 2 * torch.randn(12, 64, generator=g, dtype=torch.float64)
+    Xs = sharp[torch.randint(0, 12, (1024,), generator=g)] + 0.3 * torch.randn(1024, 64, generator=g,
+                                                                                dtype=torch.float64)
+    Qs, Ks, Vs = ((Xs @ (torch.randn(64, 64, generator=g, dtype=torch.float64) / 6)).expand(1, 2, 1024, 64)
+                  for _ in range(3))
     for strategy in ("norm", "uniform", "fps"):
         rows[f"Gaussian, {strategy}, m = 32"] = row_errors(Q, K, V, strategy, 32)
         rows[f"artifact-like queries, {strategy}, m = 24"] = row_errors(Qa, Ka, Va, strategy, 24)
         rows[f"clustered, {strategy}, m = 16"] = row_errors(Qc, Kc, Vc, strategy, 16)
         rows[f"low-rank, {strategy}, m = 16"] = row_errors(Ql, Kl, Vl, strategy, 16)
+        rows[f"sharp clusters, {strategy}, m = 16"] = row_errors(Qs, Ks, Vs, strategy, 16)
     model = load_dinov2_small()
     pictures = natural_images()
     for image in ("astronaut", "coffee"):

@@ -144,7 +144,7 @@ def coverage(Q, K, V, approx, num_samples, draws=200):
 
 def test_error_estimate_covers_at_its_rate_on_gaussian_tokens():
     # Measured over these 200 seeded draws (deterministic): 93.5 % for the nominal 95 % at s = 64, 94.5 % at s = 128
-    # (the docs' error-bounds page: at least 93.5 % at s = 128 on every family measured). The floors sit 1.5 points
+    # (the docs' error-bounds page measures other families). The floors sit 1.5 points
     # under, three draws, so that a BLAS rounding the products otherwise cannot flip the test, while an interval a
     # tenth narrower (93.5 -> about 90 %) fails it.
     rng = np.random.default_rng(0)
