@@ -201,9 +201,13 @@ def approximate(
         any callable with the strategy signature (:mod:`nystrom.linalg.landmarks.base`).
     num_landmarks : int
         :math:`m`, with ``1 <= m <= n``, at most the real keys of every padded sequence, and for cross-attention
-        (:math:`n_q \ne n`) at most :math:`n_q`. With every token a landmark and an exact pseudo-inverse
-        (``solver=PInv(rtol=0)``; ``"pinv"`` drops singular values below :math:`m\varepsilon\sigma_{\max}`),
-        self-attention is exact through the formula (:math:`A A^+ A = A`); the default six Newton–Schulz steps
+        (:math:`n_q \ne n`) at most :math:`n_q`. With every token a landmark and a pseudo-inverse
+        (``solver="pinv"``, which drops singular values below :math:`m\varepsilon\sigma_{\max}`), self-attention
+        is exact through the formula (:math:`A A^+ A = A`) up to rounding, which the kept singular values of
+        :math:`A` amplify: 5e-14 in float64 and 2e-5 in float32 on Gaussian tokens, but on numerically low-rank
+        kernels (head size 1, logits near 0) 1.8e-3 in float64 and 4e-5 in float32, and 3.5e-2 with ``PInv(rtol=0)``,
+        which inverts the round-off too; ``PInv(rtol=1e-10)`` brings the float64 case to 1.4e-9
+        (``docs/scripts/pinv_at_full_rank.py``). The default six Newton–Schulz steps
         regularise and are not exact there (a review measured 1.6e-2 on smooth tokens at :math:`n = 256`).
         Cross-attention is exact there only through :math:`A^+ A = I`, which rounding loses when attention is
         peaked, so a cross-attention call whose every real key is a landmark (:math:`m` = the real keys of every
@@ -292,9 +296,9 @@ def approximate(
         queries (the estimate's exact rows would be all of them), exact attention is the first and only step
         (:func:`nystrom.linalg.tolerance.search_landmarks`). Reads the data (the estimate is computed on the host).
         The interval's coverage is measured, not guaranteed (docs' error-bounds page: at least 92.3 % on 30 of 31
-        families of synthetic and real attention, 79.8 % on the last); the cost is that of the steps, each without its output product (a step
-        evaluates the output at the 128 sampled rows only), plus :math:`O(128\, n\, d)` and one output product (one
-        exact attention call for an exact answer).
+        families of synthetic and real attention, 79.8 % on the last); the cost is that of the steps, each without
+        its output product (a step evaluates the output at the 128 sampled rows only), plus :math:`O(128\, n\, d)`
+        and one output product (one exact attention call for an exact answer).
         With a key mask and as many queries as keys the call is taken for self-attention, as in
         :func:`nystrom.linalg.estimate_relative_error`: the rows at padded positions are padded queries, left out
         of the error (so cross-attention of equal lengths with real queries at padded key positions has those rows

@@ -165,3 +165,19 @@ def test_half_precision_exact_attention_does_not_overflow(library):
     assert float((exact.double() - reference).norm() / reference.norm()) < 4 * torch.finfo(torch.float16).eps
     approx = torch.as_tensor(nystrom.approximate(*inputs, num_landmarks=32))
     assert torch.isfinite(approx).all()
+
+
+def test_pinv_at_full_rank_on_a_numerically_low_rank_kernel():
+    # docs' pseudo-inverse page ("Exact on paper, rounded in practice"): with head size 1 the rows of A nearly
+    # coincide, and the singular values the default cut-off keeps amplify the rounding of the factored product to
+    # 1.8e-3; a cut-off of 1e-10 gives 1.4e-9 (1e-7 leaves margin for another BLAS's rounding).
+    g = torch.Generator().manual_seed(3)
+    Q, K, V = (torch.randn(10, d, generator=g, dtype=torch.float64) for d in (1, 1, 8))
+    exact = torch.nn.functional.scaled_dot_product_attention(Q, K, V)
+
+    def error(solver):
+        out = nystrom.approximate(Q, K, V, num_landmarks=10, solver=solver, strategy="uniform", seed=0)
+        return float((out - exact).norm() / exact.norm())
+
+    assert error(PInv()) > 1e-5
+    assert error(PInv(rtol=1e-10)) < 1e-7
