@@ -276,9 +276,12 @@ def check_attn_mask(xp, attn_mask, Q, K, *, check_values=True, shard=False):
             # SDPA aligns a mask with fewer dimensions to the right, so a former (B, 1, n) key mask of (B, H, n, d)
             # inputs would read B as the head axis: silently wrong whenever B == H.
             raise ValueError(
-                f"attn_mask of shape {shape} has fewer dimensions than Q {tuple(Q.shape)}, and aligned to the right "
-                f"(as SDPA does) its leading sizes fall on other axes; pass it with {len(lead) + 2} dimensions, "
-                f"e.g. {(*lead[:1], *(1,) * (len(lead) - 1), 1, n)} for one key mask per batch element"
+                f"attn_mask of shape {shape} has fewer dimensions than Q {tuple(Q.shape)}: aligned to the right (as "
+                f"SDPA does) its leading sizes {shape[:-2]} fall on Q's axes of sizes "
+                f"{lead[len(lead) + 2 - len(shape):]}, where a former (batch, 1, n) key mask would put its batch, so "
+                f"such masks are refused; pass it with {len(lead) + 2} dimensions, e.g. "
+                f"{(*lead[:1], *(1,) * (len(lead) - 1), 1, n)} for one key mask per batch element, or mask[None] for "
+                "one per head"
             )
         if len(shape) > len(lead) + 2 or shape[-2] not in (1, n_q) or any(
                 s not in (1, t) for s, t in zip(shape[-3::-1], lead[::-1])):
