@@ -328,3 +328,44 @@ def test_the_output_at_some_rows_is_those_rows_of_the_whole_output(seed, m, dtyp
     torch.testing.assert_close(part, whole[:, rows], rtol=0, atol=ROWS_TOL[dtype] * float(whole.abs().max()))
     np.testing.assert_allclose(part.double().numpy(), reference[:, rows.numpy()], rtol=0,
                                atol=DENSE_TOL[dtype] * largest)
+
+
+@pytest.mark.parametrize("strategy", ["segment_means", "kmeans", "norm"])
+def test_group_mean_landmarks_rows_sum_to_one(strategy):
+    # Docs' Nyström page: group-mean landmarks are not tokens, so interpolation does not apply, but the rows still sum
+    # to one (with norm's and kmeans' log-weights in A and F).
+    rng = np.random.default_rng(7)
+    Q, K = rng.standard_normal((2, 2, 60, 8)), rng.standard_normal((2, 2, 60, 8))
+    ones = np.ones((2, 2, 60, 1))
+    out, info = nystrom.approximate(Q, K, ones, strategy=strategy, num_landmarks=12, solver=PInv(rtol=1e-13),
+                                    return_info=True)
+    lm = info.landmarks
+    cond = landmark_kernel_condition(lm.queries, lm.keys, 8**-0.5, lm.log_weights)
+    # As in test_weighted_rows_still_sum_to_one: float64 rounding of the solve times cond(A), 50 cond eps.
+    np.testing.assert_allclose(out, ones, rtol=0, atol=50 * cond * np.finfo(np.float64).eps)
+
+
+@pytest.mark.parametrize("iters", [2, 6])
+def test_a_regularising_solver_keeps_the_properties_up_to_its_residual(iters):
+    # Docs' Nyström page: with Z only approximately A^{-1}, F rows being convex weights, the row sums F Z 1 are off
+    # from 1 by at most max |Z 1 - 1|, and a landmark row, A_i Z (B V), from B_i V by at most
+    # ||(A Z - I)_i||_1 max |B V|. Both bounds are reached up to rounding; the errors are far above it here.
+    from nystrom.linalg.attention import landmark_kernel
+
+    rng = np.random.default_rng(8)
+    Q, K, V = (rng.standard_normal((40, 8)) for _ in range(3))
+    landmarks = FPS()(Q, K, 10)
+    solver = nystrom.NewtonSchulz(iters=iters)
+    A = landmark_kernel(np, landmarks.queries, landmarks.keys, 8**-0.5)
+    Z = solver.solve(A).inverse
+    ones = np.ones((40, 1))
+    sums, _ = nystrom_attention(Q, K, ones, landmarks, solver)
+    off = np.max(np.abs(Z @ np.ones(10) - 1))
+    assert np.max(np.abs(sums - 1)) <= off * (1 + 1e-9) and off > 1e-6
+    out, _ = nystrom_attention(Q, K, V, landmarks, solver)
+    S = landmarks.indices
+    BV = scipy.special.softmax(8**-0.5 * landmarks.queries @ K.T, axis=-1) @ V
+    bound = np.sum(np.abs(A @ Z - np.eye(10)), axis=1)[:, None] * np.max(np.abs(BV))
+    exact = reference(Q, K, V, 8**-0.5)
+    assert np.all(np.abs(out[S] - exact[S]) <= bound * (1 + 1e-9) + 1e-12)
+    assert np.max(np.abs(out[S] - exact[S])) > 1e-6
