@@ -24,7 +24,8 @@ COMMANDS = {
 def main(argv=None):
     """Run one command with the rest of ``argv``; returns the process exit status."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    parser = argparse.ArgumentParser(prog="python -m nystrom", description=__doc__.split("\n\n")[0])
+    # The module docstring without its reStructuredText literals' backquotes.
+    parser = argparse.ArgumentParser(prog="python -m nystrom", description=__doc__.split("\n\n")[0].replace("``", ""))
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (_, help_text) in COMMANDS.items():
         # The command's own parser reads the rest, --help included.

@@ -231,6 +231,14 @@ def test_cuda_without_a_gpu_exits_with_a_message(tmp_path, capsys):
     assert not any(tmp_path.iterdir())
 
 
+def test_an_output_folder_that_cannot_be_made_exits_with_a_message(tmp_path, capsys):
+    # A file where the folder should be ended in a NotADirectoryError traceback from the first section.
+    taken = tmp_path / "a_file"
+    taken.write_text("")
+    assert main(["bench", "--quick", "--only", "breakdown", "--out", str(taken)]) == 2
+    assert "cannot create the output folder" in capsys.readouterr().err
+
+
 def test_unknown_section_is_rejected(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "--only", "scaling,speed"])

@@ -80,6 +80,12 @@ def main(argv=None):
     if args.threads is not None and args.threads < 1:
         print(f"nystrom bench: --threads must be at least 1, got {args.threads}", file=sys.stderr)
         return 2
+    try:
+        ctx.out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        print(f"nystrom bench: --out {args.out}: cannot create the output folder {ctx.out} "
+              f"({error.strerror or error})", file=sys.stderr)
+        return 2
     with contextlib.nullcontext() if args.threads is None else thread_limit(args.threads):
         print(f"nystrom bench: {', '.join(args.only)} on {device_name(device)} ({str(dtype).removeprefix('torch.')}, "
               f"{torch.get_num_threads()} threads) -> {ctx.out}", file=sys.stderr)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from .runner import MODELS, check_evaluation, run_evaluation
 from .specs import DEFAULT_LANDMARKS, DEFAULT_SOLVERS, DEFAULT_STRATEGIES, parse_layers
@@ -17,7 +18,8 @@ def build_parser():
     parser.add_argument("--model", nargs="+", choices=MODELS, default=list(MODELS),
                         help="models to evaluate (default both)")
     parser.add_argument("--layers", default=None,
-                        help="FNA layers, e.g. 6-11 or 3,5 (default: the later half of each model)")
+                        help="FNA layers, non-negative, e.g. 6-11 or 3,5 (DINOv2-S has 12 layers, MiniLM 6: pass "
+                             "--model with layers past 5; default: the later half of each model)")
     parser.add_argument("--num-landmarks", type=int, nargs="+", default=list(DEFAULT_LANDMARKS),
                         help=f"landmark counts m to sweep (default {' '.join(map(str, DEFAULT_LANDMARKS))})")
     parser.add_argument("--strategies", nargs="+", default=list(DEFAULT_STRATEGIES),
@@ -25,8 +27,9 @@ def build_parser():
     parser.add_argument("--solvers", nargs="+", default=list(DEFAULT_SOLVERS),
                         help="names, or name:key=value,... such as pinv:rtol=0 or newton_schulz:iters=12")
     parser.add_argument("--images", nargs="+", default=None, help="DINOv2: natural images (default all eight)")
-    parser.add_argument("--crops", type=int, default=4, help="DINOv2: retrieval crops per image")
-    parser.add_argument("--size", type=int, default=224, help="DINOv2: image side in pixels (multiple of 14)")
+    parser.add_argument("--crops", type=int, default=4, help="DINOv2: retrieval crops per image (default 4)")
+    parser.add_argument("--size", type=int, default=224,
+                        help="DINOv2: image side in pixels, a multiple of 14 (default 224)")
     parser.add_argument("--sentences", type=int, default=None,
                         help="MiniLM: the first N example sentences, N even (default all 60)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random strategies and crops (default 0)")
@@ -49,6 +52,10 @@ def main(argv=None):
                          sentences=args.sentences, seed=args.seed, threads=args.threads)
     except (TypeError, ValueError) as err:
         parser.error(str(err))
+    try:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        parser.error(f"--out {args.out}: cannot create the output folder ({err.strerror or err})")
     run_evaluation(args.model, out=args.out, layers=layers, num_landmarks=args.num_landmarks,
                    strategies=args.strategies, solvers=args.solvers, images=args.images, crops=args.crops,
                    size=args.size, sentences=args.sentences, seed=args.seed, threads=args.threads,

@@ -37,7 +37,12 @@ def check_evaluation(models=MODELS, *, layers=None, num_landmarks=DEFAULT_LANDMA
     module = {"dinov2": dinov2, "minilm": minilm}
     if layers is not None:
         # The rule patching applies, against the model with the fewest layers.
-        layers = layer_indices(layers, min(module[name].NUM_LAYERS for name in models), None)
+        fewest = min(models, key=lambda name: module[name].NUM_LAYERS)
+        try:
+            layers = layer_indices(layers, module[fewest].NUM_LAYERS, None)
+        except ValueError as err:
+            raise ValueError(f"{err} ({fewest} has {module[fewest].NUM_LAYERS} layers; pass --model to evaluate "
+                             "another model alone)") from None
     if "dinov2" in models:
         dinov2.check_options(images, crops, size)
     if "minilm" in models:

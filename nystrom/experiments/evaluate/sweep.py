@@ -61,7 +61,9 @@ def layer_errors(captures, *, strategy, solver, num_landmarks, seed):
     strategy, solver
         Objects as :func:`~nystrom.experiments.evaluate.specs.parse_spec` returns them.
     num_landmarks : int
-        :math:`m`, clipped to each capture's number of keys.
+        :math:`m`, as :func:`~nystrom.torch.patching.fna` takes it: where it holds every real token of the longest
+        sequence the patched model runs its own attention, and the layer's error is 0; otherwise it is clipped to
+        the real tokens of the shortest sequence.
     seed : int
         Layer ``l`` uses ``seed + l``.
 
@@ -72,10 +74,14 @@ def layer_errors(captures, *, strategy, solver, num_landmarks, seed):
     """
     approx, exact = {}, {}
     for cap in captures:
-        m = min(num_landmarks, cap.key.shape[-2])
-        out = approximate(cap.query, cap.key, cap.value, strategy=strategy, num_landmarks=m, solver=solver,
-                          scale=cap.scaling, attn_mask=cap.attn_mask, seed=seed + cap.layer,
-                          features=cap.hidden_states)
+        lengths = ([cap.key.shape[-2]] if cap.attention_mask is None
+                   else cap.attention_mask.sum(dim=-1).tolist())
+        if num_landmarks >= max(lengths):
+            out = cap.output
+        else:
+            out = approximate(cap.query, cap.key, cap.value, strategy=strategy, num_landmarks=min(num_landmarks,
+                              min(lengths)), solver=solver, scale=cap.scaling, attn_mask=cap.attn_mask,
+                              seed=seed + cap.layer, features=cap.hidden_states)
         approx.setdefault(cap.layer, []).append(out.flatten())
         exact.setdefault(cap.layer, []).append(cap.output.flatten())
     return {layer: relative_error(torch.cat(approx[layer]), torch.cat(exact[layer]).double()) for layer in approx}
