@@ -413,13 +413,14 @@ def approximate(
         # cheaper. Self-attention needs no such step: its landmark queries are tokens, and A A^+ A = A.
         landmarks, out = None, attend(Q, K, V, mask)
     elif tol is None:
-        landmarks = run_strategy(select, Selection.of(xp, Q, K, m, keys, seed, head_axis, features, tau))
+        landmarks = run_strategy(select, Selection.of(xp, Q, K, m, keys, seed, head_axis, features, tau),
+                                 check_values)
         out, result = nystrom_product(xp, Q, K, V, landmarks, unchecked(solve), scale=tau, mask=mask, attend=attend)
     else:
         selection = Selection.of(xp, Q, K, m, keys, seed, head_axis, features, tau)
 
         def attempt(m, solve):
-            landmarks = run_strategy(select, selection.resized(m))
+            landmarks = run_strategy(select, selection.resized(m), check_values)
             return landmarks, nystrom_factors(xp, K, V, landmarks, unchecked(solve), scale=tau, mask=mask,
                                               attend=attend)
 

@@ -34,7 +34,7 @@ from .solvers import get_solver, unchecked
 from .validation import (
     check_attention_inputs,
     check_bool,
-    check_finite,
+    check_finite_landmarks,
     check_landmarks,
     check_scale,
     check_unknown_arguments,
@@ -356,10 +356,7 @@ def check_nystrom_call(Q, K, V, landmarks, solver, scale, attn_mask, check_value
     xp, keys = check_attention_inputs(Q, K, V, attn_mask, check_values=check_bool("check_values", check_values))
     check_landmarks(landmarks, K)
     if check_values:
-        # Landmarks made by hand: a NaN or inf there would come out as a NaN output with a NaN residual.
-        check_finite(xp, **{"landmark queries": landmarks.queries, "landmark keys": landmarks.keys})
-        if landmarks.log_weights is not None:
-            check_finite(xp, **{"landmark log_weights": landmarks.log_weights})
+        check_finite_landmarks(xp, landmarks)
     K, V = without_padding(xp, keys, K, V)
     mask = None if keys is None else keys[..., None, :]
     return xp, check_scale(scale, Q.shape[-1]), unchecked(get_solver(solver)), mask, K, V

@@ -100,14 +100,17 @@ def check_eigenvalues(eigenvalues):
     dtype = getattr(eigenvalues, "dtype", None)
     try:
         eps = float(array_api_compat.array_namespace(eigenvalues).finfo(dtype).eps)
-    except (TypeError, ValueError):
-        eps = float(np.finfo(np.float64).eps)  # a list, or a dtype of no floating kind
+    except (TypeError, ValueError, AttributeError):
+        eps = float(np.finfo(np.float64).eps)  # a list, or a dtype of no floating kind (bool: AttributeError)
     if np.iscomplexobj(eigenvalues) or getattr(eigenvalues, "is_complex", lambda: False)():
         raise TypeError("eigenvalues must be a 1-D array of real numbers, got complex ones")
+    if str(dtype) in ("bool", "torch.bool"):
+        raise TypeError("eigenvalues must be a 1-D array of real numbers, got bools")
     try:
         lam = float64_numpy(eigenvalues)
     except (TypeError, ValueError):
-        raise TypeError(f"eigenvalues must be a 1-D array of real numbers, got {type(eigenvalues).__name__}") from None
+        raise TypeError(f"eigenvalues must be a 1-D array of real numbers, got {type(eigenvalues).__name__}"
+                        f"{'' if dtype is None else f' of dtype {dtype}'}") from None
     if lam.ndim != 1 or lam.size == 0:
         raise ValueError(f"eigenvalues must be a non-empty 1-D array, got shape {lam.shape}")
     if not np.all(np.isfinite(lam)):
@@ -541,9 +544,13 @@ def rpcholesky_trace_bound(eigenvalues, num_landmarks):
     """
     lam = check_eigenvalues(eigenvalues)
     k = check_num_landmarks(num_landmarks, lam.size)
-    total = float(lam.sum())
-    if total == 0:
+    if lam[0] == 0:
         return 0.0
+    # In units of the largest eigenvalue: a sum of eigenvalues near float64's largest would overflow to inf (and
+    # eta to 0, whose logarithm the condition takes). The bound scales with the spectrum.
+    unit = float(lam[0])
+    lam = lam / unit
+    total = float(lam.sum())
     best = total
     for r in range(1, k + 1):
         tail = float(lam[r:].sum())
@@ -569,4 +576,4 @@ def rpcholesky_trace_bound(eigenvalues, num_landmarks):
             else:
                 lo = mid
         best = min(best, (1 + hi) * tail)
-    return best
+    return best * unit

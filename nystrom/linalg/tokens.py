@@ -114,7 +114,8 @@ def detect_massive_activations(hidden, *, abs_threshold=100.0, median_ratio=1000
     alpha = check_positive("abs_threshold", abs_threshold)
     rho = check_positive("median_ratio", median_ratio)
     magnitude = xp.abs(hidden)
-    flat = xp.reshape(magnitude, tuple(hidden.shape[:-2]) + (-1,))
+    # The size, not -1: a reshape cannot infer -1 from an empty batch.
+    flat = xp.reshape(magnitude, tuple(hidden.shape[:-2]) + (hidden.shape[-2] * hidden.shape[-1],))
     flat_mask = None
     real = None
     if attention_mask is not None:
@@ -133,9 +134,12 @@ def detect_massive_activations(hidden, *, abs_threshold=100.0, median_ratio=1000
 def excluded_tokens(xp, exclude, shape, device):
     """Token exclusions of :func:`detect_high_norm_tokens` as a bool array of ``shape``.
 
-    ``exclude`` holds token positions or is a bool array broadcastable to ``shape`` (``True`` = excluded).
+    ``exclude`` holds token positions, is a bool array broadcastable to ``shape`` (``True`` = excluded), or is
+    ``None`` (no token excluded, as ``()``).
     """
     n = shape[-1]
+    if exclude is None:
+        exclude = ()
     if isinstance(exclude, Sequence):
         positions = list(exclude)
         bad = [p for p in positions if isinstance(p, bool) or not isinstance(p, numbers.Integral) or not -n <= p < n]
@@ -168,9 +172,9 @@ def detect_high_norm_tokens(hidden, *, ratio=4.0, exclude=(0,), attention_mask=N
         Residual-stream hidden states (numpy or torch, real floating).
     ratio : float, default 4
         :math:`\nu`.
-    exclude : sequence of int or bool array broadcastable to (..., n), default (0,)
+    exclude : sequence of int, bool array broadcastable to (..., n), or None, default (0,)
         Tokens that are never artifacts and do not enter the median: positions (``(0,)`` is the CLS token,
-        ``()`` none) or a bool mask (``True`` = excluded).
+        ``()`` or ``None`` none) or a bool mask (``True`` = excluded).
     attention_mask : bool or integer array, shape (..., n), optional
         ``True`` for real tokens; padding is never flagged and does not enter the median.
 

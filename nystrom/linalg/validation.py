@@ -529,6 +529,9 @@ def check_landmarks(landmarks, K, m=None) -> None:
             raise TypeError(f"landmark {name} must be an array like K, got None")
     if m is None:
         namespace(K=K, **{"landmark keys": landmarks.keys})
+        if landmarks.keys.ndim < 2 or landmarks.keys.shape[-2] < 1:
+            raise ValueError(f"landmark keys must have shape (..., m, d) with m >= 1, got "
+                             f"{tuple(landmarks.keys.shape)}")
         m = landmarks.keys.shape[-2]
     expected = (*K.shape[:-2], m, K.shape[-1])
     for name, got in (("queries", landmarks.queries), ("keys", landmarks.keys)):
@@ -549,6 +552,14 @@ def check_landmarks(landmarks, K, m=None) -> None:
         if len(shape) != len(target) or shape[-1] != m or any(s not in (1, t) for s, t in zip(shape, target)):
             raise ValueError(f"landmark log_weights have shape {shape}, expected {target} with 1 allowed for any "
                              f"leading dimension (as many dimensions as K less one, the last of size m = {m})")
+
+
+def check_finite_landmarks(xp, landmarks) -> None:
+    """Raise ``ValueError`` naming the landmark field that holds NaN or infinity (landmarks made by hand or by a
+    strategy callable: it would come out as a NaN output with a NaN residual). Reads the data."""
+    check_finite(xp, **{"landmark queries": landmarks.queries, "landmark keys": landmarks.keys})
+    if landmarks.log_weights is not None:
+        check_finite(xp, **{"landmark log_weights": landmarks.log_weights})
 
 
 def check_real(name: str, value, *, optional: bool = False) -> float | None:

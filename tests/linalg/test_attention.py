@@ -249,6 +249,9 @@ def test_hand_made_landmarks_are_checked():
         (nystrom.Landmarks(Q[:, idx], bad_keys), ValueError, "landmark keys contains NaN or infinite"),
         (nystrom.Landmarks(None, K[:, idx]), TypeError, "landmark queries must be an array"),
         (nystrom.Landmarks(Q[:, idx], K[:, idx], log_weights=np.zeros(5)), ValueError, r"expected \(2, 5\) with 1"),
+        # No landmark, or no landmark axis: a raw reduction error or IndexError from the kernels before.
+        (nystrom.Landmarks(Q[:, :0], K[:, :0]), ValueError, r"shape \(\.\.\., m, d\) with m >= 1, got \(2, 0, 8\)"),
+        (nystrom.Landmarks(np.ones(8), np.ones(8)), ValueError, r"shape \(\.\.\., m, d\) with m >= 1, got \(8,\)"),
     ]:
         with pytest.raises(error, match=match):
             nystrom_attention(Q, K, V, landmarks)
@@ -259,6 +262,22 @@ def test_hand_made_landmarks_are_checked():
     with pytest.raises(TypeError, match="must return a SolveResult"):
         nystrom.approximate(torch.from_numpy(Q), torch.from_numpy(K), torch.from_numpy(V), num_landmarks=5,
                             solver=torch.linalg.pinv)
+    # ... of A's shape: a wrong one failed in numpy's matmul.
+    with pytest.raises(ValueError, match=r"an inverse of the shape of A, \(2, 5, 5\)"):
+        nystrom_attention(Q, K, V, good, solver=lambda A: nystrom.linalg.solvers.SolveResult(A[..., :4, :4], None, 0))
+
+
+def test_a_strategy_callables_landmarks_are_checked_like_hand_made_ones():
+    # approximate(strategy=callable) returned an all-NaN output for NaN landmarks, which nystrom_attention refuses.
+    rng = np.random.default_rng(1)
+    Q, K, V = (rng.standard_normal((2, 20, 8)) for _ in range(3))
+
+    def nan_strategy(Q, K, m, **options):
+        return nystrom.Landmarks(Q[..., :m, :] * np.nan, K[..., :m, :])
+
+    with pytest.raises(ValueError, match="landmark queries contains NaN"):
+        nystrom.approximate(Q, K, V, num_landmarks=4, strategy=nan_strategy)
+    nystrom.approximate(Q, K, V, num_landmarks=4, strategy=nan_strategy, check_values=False)  # reads no data
 
 
 def dense_nystrom(Q, K, V, q_landmarks, k_landmarks, scale, log_c=None, keys=None):

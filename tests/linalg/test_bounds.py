@@ -309,11 +309,23 @@ def test_trace_error_of_half_precision_points_is_computed_in_float32():
 
 
 def test_complex_eigenvalues_are_refused():
-    for eigenvalues in (np.array([1 + 1j, 2.0]), torch.tensor([1 + 1j, 2.0])):
+    # Bools and objects too: they ended in an AttributeError from array-api-compat's finfo.
+    for eigenvalues in (np.array([1 + 1j, 2.0]), torch.tensor([1 + 1j, 2.0]), np.array([True, False]),
+                        torch.tensor([True, False]), np.array(["a", "b"], dtype=object)):
         with pytest.raises(TypeError, match="real numbers"):
             best_rank_trace_floor(eigenvalues, 1)
         with pytest.raises(TypeError, match="real numbers"):
             rpcholesky_trace_bound(eigenvalues, 1)
+
+
+def test_the_rpcholesky_bound_scales_with_the_spectrum():
+    # The bound is homogeneous of degree 1 in the eigenvalues; at 1e308 their sum overflowed and a ZeroDivisionError
+    # came from log(1 / (eps eta)) with eta = 0.
+    lam = np.array([3.0, 2.0, 1.0, 0.5, 0.1])
+    base = rpcholesky_trace_bound(lam, 2)
+    for unit in (1e-300, 1e300):
+        assert rpcholesky_trace_bound(lam * unit, 2) == pytest.approx(base * unit, rel=1e-12)
+    assert rpcholesky_trace_bound([1e308, 1e308], 1) == np.inf  # the trace itself overflows
 
 
 def test_a_float32_spectrum_of_a_psd_kernel_is_accepted():

@@ -504,3 +504,17 @@ def test_detectors_refuse_nan_and_name_a_bad_exclude():
         detect_sinks(np.array([[0.5, np.nan, 0.5]]))
     with pytest.raises(ValueError, match=r"broadcastable to \(2, 10\), got \(3, 10\)"):
         detect_high_norm_tokens(np.zeros((2, 10, 16)), exclude=np.zeros((3, 10), dtype=bool))
+
+
+def test_detectors_take_no_exclusion_and_empty_batches():
+    # exclude=None read None.dtype (AttributeError); an empty batch made a reshape to -1 fail in the massive test.
+    from nystrom.linalg.tokens import detect_high_norm_tokens, detect_massive_activations
+
+    hidden = np.ones((2, 10, 16))
+    hidden[1, 4] *= 10
+    none, empty = (detect_high_norm_tokens(hidden, exclude=e) for e in (None, ()))
+    np.testing.assert_array_equal(none, empty)
+    assert none[1, 4] and none.sum() == 1
+    for library in (np, torch):
+        result = detect_massive_activations(library.ones((0, 10, 8)))
+        assert tuple(result.mask.shape) == (0, 10) and tuple(result.median.shape) == (0,)

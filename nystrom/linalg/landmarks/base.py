@@ -45,6 +45,7 @@ from ..sequence import WHOLE
 from ..validation import (
     check_attention_inputs,
     check_bool,
+    check_finite_landmarks,
     check_landmarks,
     check_scale,
     check_seed,
@@ -466,9 +467,10 @@ def require(strategy, capability: str, purpose: str) -> None:
     )
 
 
-def run_strategy(strategy, selection: Selection) -> Landmarks:
+def run_strategy(strategy, selection: Selection, check_values: bool = False) -> Landmarks:
     """Landmarks for arguments the caller has checked: :meth:`Strategy.select` for a :class:`Strategy`; a plain
-    callable is called with the strategy signature and its result's shapes are checked."""
+    callable is called with the strategy signature and its result's shapes are checked (and, with ``check_values``,
+    its values: finite)."""
     if isinstance(strategy, Strategy):
         return strategy.select(selection)
     keys = selection.real_keys
@@ -476,6 +478,8 @@ def run_strategy(strategy, selection: Selection) -> Landmarks:
                          attn_mask=None if keys is None else keys[..., None, :], seed=selection.seed,
                          head_axis=selection.head_axis, features=selection.features, scale=selection.scale)
     check_landmarks(landmarks, selection.K, selection.num_landmarks)
+    if check_values:
+        check_finite_landmarks(selection.xp, landmarks)
     return landmarks
 
 
