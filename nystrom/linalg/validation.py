@@ -387,7 +387,8 @@ def check_num_landmarks(num_landmarks, n: int | None, n_valid: int | None = None
     checks only ``m >= 1``, for settings fixed before the sequence length is known."""
     m = check_int("num_landmarks", num_landmarks, minimum=1)
     if n is not None and m > n:
-        raise ValueError(f"num_landmarks must be at most the number of keys n={n}, got {m}")
+        raise ValueError(f"num_landmarks must be at most the number of keys n={n}, got {m} (approximate's default is "
+                         "64; where every key would be a landmark, nystrom.exact_attention costs no more)")
     if n_valid is not None and m > n_valid:
         raise ValueError(
             f"num_landmarks={m} exceeds the {n_valid} real keys of the shortest sequence (and head) in attn_mask; "
