@@ -549,18 +549,24 @@ def rpcholesky_trace_bound(eigenvalues, num_landmarks):
     # In units of the largest eigenvalue: a sum of eigenvalues near float64's largest would overflow to inf (and
     # eta to 0, whose logarithm the condition takes). The bound scales with the spectrum.
     unit = float(lam[0])
-    lam = lam / unit
-    total = float(lam.sum())
+    scaled = lam / unit
+    total = float(scaled.sum())
     best = total
     for r in range(1, k + 1):
-        tail = float(lam[r:].sum())
-        if tail <= 0:
+        if not np.any(lam[r:] > 0):
             # Rank <= r <= k: RPCholesky recovers the matrix exactly (almost surely).
             return 0.0
+        tail = float(scaled[r:].sum())
         eta = tail / total
+        if eta == 0:
+            # A positive tail below float64's range in these units: log(1 / (eps eta)) is infinite, no eps meets the
+            # condition at this r.
+            continue
+        log_eta = math.log(eta)
 
-        def needed(eps, r=r, eta=eta):
-            return r / eps + r * math.log(1 / (eps * eta))
+        def needed(eps, r=r, log_eta=log_eta):
+            # log(1 / (eps eta)) as a difference of logarithms: the product of a small eps and a subnormal eta is 0.
+            return r / eps - r * (math.log(eps) + log_eta)
 
         lo, hi = 1e-12, 1.0
         while needed(hi) > k:

@@ -464,8 +464,9 @@ def check_tolerance(xp, tol, max_landmarks, strict_tol, m, Q, K, keys=None, fewe
     largest = min(real, Q.shape[-2])
     tol, top = check_error_control(tol, max_landmarks, strict_tol, m, largest)
     # The reference is exact attention in the inputs' dtype, itself off by its rounding: the output's eps (a review
-    # found float16 calls with tol=1e-4 answered "exactly" with 3e-4 of error against float64), and in float32 the
-    # accumulation's (float32 SDPA measured 1.2-3.3 eps from float64 at n = 1,024-2,048; 8 eps leaves margin).
+    # found float16 calls with tol=1e-4 answered "exactly" with 3e-4 of error against float64), and that of the sums,
+    # 8 eps of the dtype they accumulate in (float64 for float64 inputs, else float32: float32 SDPA measured 1.2-3.3
+    # eps from float64 at n = 1,024-2,048).
     floor = max(float(xp.finfo(Q.dtype).eps), 8 * float(xp.finfo(xp.float64 if Q.dtype == xp.float64
                                                                    else xp.float32).eps))
     if tol < floor:

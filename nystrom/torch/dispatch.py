@@ -385,13 +385,16 @@ class Handle:
 
     def _check_reached(self, layer, block, args, output):
         # A model whose attention module computes attention itself (DeBERTa, MPNet, Longformer, ...) never asks
-        # transformers' attention interface for a function: the handlers would never run, silently.
+        # transformers' attention interface for a function, and a compiled graph or a copy of the model calls it for
+        # modules other than those the handlers are installed on: the handlers would never run, silently.
         if layer not in self._reached:
             raise ValueError(
-                f"encoder layer {layer} of this model ran without calling transformers' attention functions "
-                f"(ALL_ATTENTION_FUNCTIONS), so nystrom cannot reach its attention: its attention module "
-                f"{type(self._blocks[layer][1]).__name__} computes attention itself. Supported models dispatch "
-                "through that interface, as ViT, DINOv2, CLIP and BERT do"
+                f"encoder layer {layer} ran without nystrom's handlers on its attention module "
+                f"{type(self._blocks[layer][1]).__name__}: either that module computes attention itself instead of "
+                "calling transformers' attention functions (ALL_ATTENTION_FUNCTIONS; ViT, DINOv2, CLIP and BERT call "
+                "them), or the model runs as a compiled graph or a copy (torch.compile, copy.deepcopy, "
+                "DataParallel) of the modules the handlers were installed on: patch the model that runs, and "
+                "call it uncompiled"
             )
 
     def remove(self):

@@ -63,13 +63,25 @@ __all__ = ["FNAHandle", "LayerRecord", "fna", "patch"]
 #: Accepted values of ``patch(resample=...)`` and ``patch(features=...)``.
 RESAMPLE = ("once", "every_layer")
 #: Keywords a transformers model may pass its attention function that do not change the attention of ``query``,
-#: ``key`` and ``value`` (BERT passes ``position_ids``, already applied to its embeddings). Any other keyword that is
-#: not ``None`` or ``False`` (T5's ``position_bias``, a ``sliding_window``, ``softcap`` or attention sinks ``s_aux``)
-#: changes it, and FNA, which cannot honour it, refuses rather than silently drop it.
+#: ``key`` and ``value`` under the implementations FNA reads (BERT passes ``position_ids``, already applied to its
+#: embeddings; the Trainer's ``num_items_in_batch`` only scales the loss). Any other keyword that is not ``None`` or
+#: ``False`` (T5's ``position_bias``, a ``sliding_window``, ``softcap``, attention sinks ``s_aux``, packed sequences'
+#: ``cu_seq_lens_q``) changes it, and FNA, which cannot honour it, refuses rather than silently drop it.
 HARMLESS_KEYWORDS = frozenset({
     "position_ids", "cache_position", "token_type_ids", "encoder_hidden_states", "output_attentions",
-    "output_hidden_states", "return_dict", "use_cache",
+    "output_hidden_states", "output_router_logits", "return_dict", "use_cache", "num_items_in_batch",
 })
+
+#: The attention implementations whose masks FNA reads (``None``: transformers' eager default). Flash attention
+#: reads packed sequences from ``position_ids`` and flex attention takes a block mask: neither is a key padding mask.
+IMPLEMENTATIONS = (None, "eager", "sdpa")
+
+
+def own_attention_answers(num_landmarks, longest, fewest, exclude=None):
+    """Whether FNA leaves a layer's pass to the model's own attention: ``num_landmarks`` holds every real token of the
+    ``longest`` sequence (and nothing is excluded), or a sequence of padding alone (``fewest`` 0) has no token a
+    landmark could stand for. Otherwise FNA uses ``min(num_landmarks, fewest)`` landmarks."""
+    return (exclude is None and num_landmarks >= longest) or fewest == 0
 FEATURES = ("input", "query", "key", "value")
 
 
@@ -183,11 +195,10 @@ class FNAHandle(Handle):
             raise ValueError(f"{type(module).__name__} passes its attention function {', '.join(changing)}, which "
                              "changes the attention (a bias, a window, sinks) and which FNA cannot honour; this model "
                              "is not supported")
-        if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
-            implementation = getattr(getattr(module, "config", None), "_attn_implementation", None)
+        implementation = getattr(getattr(module, "config", None), "_attn_implementation", None)
+        if implementation not in IMPLEMENTATIONS:
             raise ValueError(f"FNA reads the attention masks of the 'eager' and 'sdpa' attention implementations; "
-                             f"this model runs {implementation!r}, whose mask is a {type(attention_mask).__name__}: "
-                             "load it with attn_implementation='sdpa'")
+                             f"this model runs {implementation!r}: load it with attn_implementation='sdpa'")
         if layer == self.layers[0]:
             self.records = {}
             self._shared = None
@@ -202,9 +213,7 @@ class FNAHandle(Handle):
             kwargs["is_causal"] = is_causal
         own_attention = functools.partial(call_next, module, query, key, value, attention_mask, scaling=scaling,
                                           dropout=dropout, **kwargs)
-        # A sequence of padding alone (an empty row of a batch) has no token a landmark could stand for: the model's
-        # own attention answers that pass, as it does without FNA.
-        if layer in self.exact_layers or (self.exclude is None and m >= longest) or fewest == 0:
+        if layer in self.exact_layers or own_attention_answers(m, longest, fewest, self.exclude):
             self.records[layer] = LayerRecord(None, False, None)
             return own_attention()
         dtype = autocast_dtype(query.device)

@@ -326,6 +326,10 @@ def test_the_rpcholesky_bound_scales_with_the_spectrum():
     for unit in (1e-300, 1e300):
         assert rpcholesky_trace_bound(lam * unit, 2) == pytest.approx(base * unit, rel=1e-12)
     assert rpcholesky_trace_bound([1e308, 1e308], 1) == np.inf  # the trace itself overflows
+    # A tail below float64's range next to the largest eigenvalue: no eps meets the condition there, so the bound is
+    # the trace (the rescaling first returned 0, as for an exact rank), and a subnormal tail is no ZeroDivisionError.
+    assert rpcholesky_trace_bound([1e300, 1e-30], 1) == pytest.approx(1e300, rel=1e-12)
+    assert 0 < rpcholesky_trace_bound([1.0, 1.0, 5e-324], 2) <= 2.0
 
 
 def test_a_float32_spectrum_of_a_psd_kernel_is_accepted():

@@ -5,6 +5,7 @@ pseudo-inverse (``PInv(rtol=0)``) FNA is exact attention, so the patched model m
 Those checks run in float64, where the only error left is the pseudo-inverse's (residuals ~1e-11 measured).
 """
 
+import copy
 import importlib.util
 import os
 import warnings
@@ -575,8 +576,9 @@ class TestArguments:
         # Every token a landmark: the model's own attention answers, after the keywords are checked.
         with fna(model, layers=[0], num_landmarks=6):
             call = dispatch._attention_functions().get_interface("sdpa", None)
+            # The Trainer's num_items_in_batch (a loss normaliser) passes too.
             out, _ = call(attention, q, q, q, None, scaling=0.35, dropout=0.0, position_ids=torch.arange(6)[None],
-                          output_attentions=False)
+                          output_attentions=False, num_items_in_batch=torch.tensor(2))
             assert out.shape == (1, 6, 4, 8)
             with pytest.raises(ValueError, match=f"passes its attention function {keyword}, which changes"):
                 call(attention, q, q, q, None, scaling=0.35, dropout=0.0, **{keyword: torch.zeros(1, 4, 6, 6)})
@@ -589,21 +591,32 @@ class TestArguments:
         config = getattr(transformers, f"{name}Config")(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                                         intermediate_size=64, vocab_size=100)
         model = getattr(transformers, f"{name}Model")(config).eval()
-        with pytest.raises(ValueError, match="ran without calling transformers' attention functions"):
+        with pytest.raises(ValueError, match="ran without nystrom's handlers on its attention module"):
             with fna(model, layers=[0, 1], num_landmarks=2):
                 run(model, {"input_ids": torch.randint(5, 90, (1, 16))})
         assert_restored(model)
 
+    def test_a_copy_of_a_patched_model_raises(self):
+        # The copy's blocks carry the hooks, its attention modules not the handlers: it ran exact attention, silently.
+        model = tiny_model("vit")
+        with fna(model, num_landmarks=4):
+            with pytest.raises(ValueError, match=r"a compiled graph or a copy \(torch.compile, copy.deepcopy"):
+                run(copy.deepcopy(model), tiny_inputs("vit"))
+        assert_restored(model)
+
     def test_an_implementation_whose_mask_fna_cannot_read_is_named(self):
-        # flex_attention hands the attention function a BlockMask (building one compiles for seconds, so the layer's
-        # attention is called here as transformers would, with a stand-in of another type).
+        # flex_attention hands the attention function a BlockMask, flash attention reads packed sequences from
+        # position_ids: neither is a key padding mask. The layer's attention is called here as transformers would
+        # (a forward pass builds a block mask, which compiles for seconds).
         model = tiny_model("bert").eval()
+        model.set_attn_implementation("flex_attention")
         attention = dispatch.attention_layers(model)[0][1]
         q = torch.randn(1, 4, 6, 8, dtype=torch.float64)
         with fna(model, layers=[0], num_landmarks=2):
             call = dispatch._attention_functions().get_interface("flex_attention", None)
-            with pytest.raises(ValueError, match="whose mask is a object: load it with attn_implementation='sdpa'"):
-                call(attention, q, q, q, object(), scaling=0.35, dropout=0.0)
+            with pytest.raises(ValueError, match="this model runs 'flex_attention': load it with "
+                                                 "attn_implementation='sdpa'"):
+                call(attention, q, q, q, None, scaling=0.35, dropout=0.0)
         assert_restored(model)
 
 

@@ -10,7 +10,7 @@ import torch
 from nystrom import approximate
 from nystrom.linalg.validation import check_int
 from nystrom.torch.dispatch import attention_layers
-from nystrom.torch.patching import FNAHandle, fna
+from nystrom.torch.patching import FNAHandle, fna, own_attention_answers
 
 from ..metrics import relative_error
 from ..report import progress_bar
@@ -61,9 +61,9 @@ def layer_errors(captures, *, strategy, solver, num_landmarks, seed):
     strategy, solver
         Objects as :func:`~nystrom.experiments.evaluate.specs.parse_spec` returns them.
     num_landmarks : int
-        :math:`m`, as :func:`~nystrom.torch.patching.fna` takes it: where it holds every real token of the longest
-        sequence the patched model runs its own attention, and the layer's error is 0; otherwise it is clipped to
-        the real tokens of the shortest sequence.
+        :math:`m`, as :func:`~nystrom.torch.patching.fna` takes it: where the patched model runs its own attention
+        (:func:`~nystrom.torch.patching.own_attention_answers`) the layer's error is 0; otherwise :math:`m` is
+        clipped to the real tokens of the shortest sequence.
     seed : int
         Layer ``l`` uses ``seed + l``.
 
@@ -76,7 +76,7 @@ def layer_errors(captures, *, strategy, solver, num_landmarks, seed):
     for cap in captures:
         lengths = ([cap.key.shape[-2]] if cap.attention_mask is None
                    else cap.attention_mask.sum(dim=-1).tolist())
-        if num_landmarks >= max(lengths):
+        if own_attention_answers(num_landmarks, max(lengths), min(lengths)):
             out = cap.output
         else:
             out = approximate(cap.query, cap.key, cap.value, strategy=strategy, num_landmarks=min(num_landmarks,
