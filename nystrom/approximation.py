@@ -349,7 +349,7 @@ def approximate(
     -----
     Under ``torch.autocast`` the call runs as SDPA does there: ``Q``, ``K`` and ``V`` in the autocast dtype (float64
     left as it is) and the output in it, with the library's float32 sections (the solve, :math:`A^+ (B V)`) kept in
-    float32 (:mod:`nystrom.torch.autocast`).
+    float32 (:mod:`nystrom.torch.autocast`), in the backward pass too, wherever ``.backward()`` is called.
 
     Differentiable in ``Q``, ``K`` and ``V`` (torch autograd) through the landmark queries and keys, the
     solve and the two attention products; the *choice* of landmarks (indices, cluster labels) is piecewise

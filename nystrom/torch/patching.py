@@ -47,7 +47,7 @@ from ..linalg.validation import (
     fewest_real_keys,
 )
 from .attention import sdpa_attend
-from .autocast import autocast_cast, autocast_dtype, without_autocast
+from .autocast import autocast_cast, autocast_dtype, with_own_backward, without_autocast
 from .dispatch import (
     Handle,
     attentions_requested,
@@ -225,10 +225,14 @@ class FNAHandle(Handle):
                 with torch.autocast(query.device.type, dtype=dtype):
                     return call_next(*args, **options)
 
-            with without_autocast(query.device):
-                return self._attend(layer, own_under_autocast, module, autocast_cast(query, dtype),
-                                    autocast_cast(key, dtype), autocast_cast(value, dtype), attention_mask,
-                                    scaling=scaling, dropout=dropout, is_causal=is_causal, **kwargs)
+            def run(q, k, v):
+                with without_autocast(q.device):
+                    return self._attend(layer, own_under_autocast, module, autocast_cast(q, dtype),
+                                        autocast_cast(k, dtype), autocast_cast(v, dtype), attention_mask,
+                                        scaling=scaling, dropout=dropout, is_causal=is_causal, **kwargs)
+
+            # Backward with autocast off too, wherever .backward() is called (nystrom.torch.autocast).
+            return with_own_backward(run, query, key, value)
         xp = array_api_compat.array_namespace(key)
         keys = None if real is None else real[:, None, :]
         key_mask = None if keys is None else keys[..., None, :]
