@@ -16,7 +16,14 @@ from typing import Any
 import array_api_compat
 import numpy as np
 
-from .linalg.attention import in_query_chunks, nystrom_factors, nystrom_output, nystrom_product, softmax_attention
+from .linalg.attention import (
+    grouped_query_heads,
+    in_query_chunks,
+    nystrom_factors,
+    nystrom_output,
+    nystrom_product,
+    softmax_attention,
+)
 from .linalg.bounds import ErrorEstimate, check_sampling, sampled_relative_error
 from .linalg.flops import exact_attention_flops, nystrom_attention_flops
 from .linalg.landmarks.base import Landmarks, Selection, get_strategy, run_strategy
@@ -50,22 +57,6 @@ def follows_sdpa_under_autocast(function):
         return function(Q, K, V, *args, **kwargs)
 
     return call
-
-
-def grouped_query_heads(Q, K, V):
-    """``K`` and ``V`` with each of their :math:`H_{kv}` heads (axis -3) repeated for the :math:`H_q / H_{kv}` query
-    heads it serves, as SDPA's ``enable_gqa=True``; unchanged when the head counts agree."""
-    if min(Q.ndim, K.ndim, V.ndim) < 3 or K.shape[-3] != V.shape[-3]:
-        raise ValueError(f"enable_gqa=True needs Q, K and V with a head axis (-3) and as many key as value heads, got "
-                         f"Q {tuple(Q.shape)}, K {tuple(K.shape)}, V {tuple(V.shape)}")
-    heads, kv_heads = Q.shape[-3], K.shape[-3]
-    if heads == kv_heads:
-        return K, V
-    if heads % kv_heads:
-        raise ValueError(f"enable_gqa=True needs the query heads ({heads}) to be a multiple of the key/value heads "
-                         f"({kv_heads})")
-    xp = array_api_compat.array_namespace(K, V)
-    return (xp.repeat(K, heads // kv_heads, axis=-3), xp.repeat(V, heads // kv_heads, axis=-3))
 
 
 @dataclass(frozen=True)
@@ -367,8 +358,6 @@ def approximate(
     >>> out.shape
     (2, 4, 512, 32)
     """
-    if check_bool("enable_gqa", enable_gqa):
-        K, V = grouped_query_heads(Q, K, V)
     if group is not None:
         from .torch.distributed import sharded_approximate
 
@@ -378,11 +367,13 @@ def approximate(
             Q, K, V, group=group, strategy=strategy, num_landmarks=num_landmarks, solver=solver, scale=scale,
             attn_mask=attn_mask, seed=seed, share_landmarks_across_heads=share_landmarks_across_heads,
             query_chunk_size=query_chunk_size, check_values=check_values, is_causal=is_causal, dropout_p=dropout_p,
-            unsupported={"return_info": return_info, "features": features, "tol": tol, "max_landmarks": max_landmarks,
-                         "strict_tol": strict_tol},
+            enable_gqa=enable_gqa, unsupported={"return_info": return_info, "features": features, "tol": tol,
+                                                "max_landmarks": max_landmarks, "strict_tol": strict_tol},
             **unknown)
     check_unknown_arguments("approximate", unknown)
     check_bidirectional(is_causal, dropout_p)
+    if check_bool("enable_gqa", enable_gqa):
+        K, V = grouped_query_heads(Q, K, V)
     check_values = check_bool("check_values", check_values)
     xp, keys = check_attention_inputs(Q, K, V, attn_mask, check_values=check_values)
     check_bool("return_info", return_info)

@@ -43,7 +43,7 @@ import secrets
 import torch
 import torch.distributed as dist
 
-from ..linalg.attention import in_query_chunks, nystrom_product
+from ..linalg.attention import grouped_query_heads, in_query_chunks, nystrom_product
 from ..linalg.landmarks.base import STRATEGIES, Selection, Strategy, gather_rows, get_strategy
 from ..linalg.numerics import stable_top_k, top_k_candidates, without_padding
 from ..linalg.sequence import WholeSequence
@@ -236,7 +236,8 @@ def _shard_attend(xp, axis, q, k, v, mask=None, *, scale):
 
 def sharded_approximate(Q, K, V, *, group, strategy="norm", num_landmarks=64, solver="newton_schulz", scale=None,
                         attn_mask=None, seed=None, share_landmarks_across_heads=True, query_chunk_size=None,
-                        check_values=True, unsupported=None, is_causal=False, dropout_p=0.0, **unknown):
+                        check_values=True, unsupported=None, is_causal=False, dropout_p=0.0, enable_gqa=False,
+                        **unknown):
     r"""Nyström attention of a sequence sharded along its token axis across ``group``: this process's shard of
     :func:`nystrom.approximate`'s output on the concatenated shards.
 
@@ -265,6 +266,9 @@ def sharded_approximate(Q, K, V, *, group, strategy="norm", num_landmarks=64, so
         :func:`nystrom.approximate`'s arguments that a sharded call does not take, by name, as given.
     is_causal, dropout_p
         SDPA's, accepted at ``False`` and 0 only, as by :func:`nystrom.approximate`.
+    enable_gqa : bool
+        SDPA's: repeat each of the shard's key/value heads for the query heads it serves, as
+        :func:`nystrom.approximate` does.
 
     Returns
     -------
@@ -304,8 +308,14 @@ def sharded_approximate(Q, K, V, *, group, strategy="norm", num_landmarks=64, so
     try:
         check_unknown_arguments("approximate", unknown)
         check_bidirectional(is_causal, dropout_p)
+        kv_heads = K.shape[-3] if K.ndim >= 3 else None
+        grouped = check_bool("enable_gqa", enable_gqa)
+        if grouped:
+            K, V = grouped_query_heads(Q, K, V)
         checked = _check_shard(Q, K, V, strategy, num_landmarks, solver, scale, attn_mask, seed,
                                share_landmarks_across_heads, query_chunk_size, check_values, unsupported or {})
+        # Shards that repeat different key/value head counts to the same shape are still different inputs.
+        checked["report"]["settings"].update(enable_gqa=grouped, kv_heads=kv_heads)
         error = None
     except Exception as exc:  # noqa: BLE001 - whatever this process's checks raise, the others must hear of it
         checked, error = None, exc

@@ -174,6 +174,13 @@ def error_cases(rank, world):
         # More processes than tokens leave a shard empty: named as such (it once read "Q must have at least one token").
         "error_empty_shard": error_of(lambda: nystrom.approximate(
             *((x[..., :0, :] if rank == 1 else x) for x in (q, k, v)), group=group)),
+        # enable_gqa was checked outside the shared report: a bad one on process 1 left the others waiting.
+        "error_gqa_on_one_process": error_of(lambda: nystrom.approximate(
+            q, k[:, :1], v[:, :1], group=group, enable_gqa=1 if rank == 1 else True)),
+        # Three query heads over three key/value heads on one process, over one repeated three times on the others:
+        # the same shapes after the repetition, different inputs.
+        "error_gqa_heads_differ": error_of(lambda: nystrom.approximate(
+            q, *((x if rank == 1 else x[:, :1]) for x in (k, v)), group=group, enable_gqa=True)),
     }
 
 

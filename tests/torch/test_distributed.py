@@ -109,8 +109,12 @@ ERRORS = {
     "error_tol_zero": "tol cannot be used with group=",
     "error_group_type": "group must be a torch.distributed ProcessGroup",
     "error_empty_shard": "every process's shard needs at least one token",
+    "error_gqa_on_one_process": "enable_gqa must be a bool",
+    "error_gqa_heads_differ": "agree on kv_heads",
 }
 KINDS = {"error_group_type": "TypeError"}
+# Errors of one process's own arguments: that process raises this kind, the others a ValueError that names it.
+OWN_KINDS = {"error_gqa_on_one_process": (1, "TypeError")}
 
 
 @pytest.mark.parametrize("world", WORLDS)
@@ -120,7 +124,9 @@ def test_bad_calls_raise_on_every_process(groups, world, name):
     for rank, result in enumerate(groups[world]):
         assert result[name] is not None, f"process {rank} did not raise"
         kind, message = result[name]
-        assert kind == KINDS.get(name, "ValueError") and ERRORS[name] in message, (rank, kind, message)
+        owner, own_kind = OWN_KINDS.get(name, (None, None))
+        expected = own_kind if rank == owner else KINDS.get(name, "ValueError")
+        assert kind == expected and ERRORS[name] in message, (rank, kind, message)
     # The process whose own arguments were wrong says so; the others name it.
     if name == "error_nan_on_one_process":
         assert "Q contains NaN" in groups[world][1][name][1]
