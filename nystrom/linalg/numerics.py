@@ -39,7 +39,8 @@ def detached(a):
     The array API has no gradients; libraries that track them (torch) expose ``detach``.
     """
     detach = getattr(a, "detach", None)
-    return detach() if callable(detach) else a
+    # "is not None", not callable(): torch.compile cannot trace the builtin callable (fullgraph broke on PInv).
+    return detach() if detach is not None else a
 
 
 def sum_dtype(xp, a):

@@ -181,6 +181,23 @@ def test_every_strategy_compiles_into_one_graph():
 
 
 @pytest.mark.filterwarnings("ignore:Dynamo detected a call to a `functools.lru_cache`")
+def test_every_solver_compiles_and_a_new_length_recompiles():
+    # PInv traced the builtin callable() (a graph break under fullgraph), and RPCholesky's draw clipped to a length
+    # that the second call's dynamic shapes make symbolic, which array-api-compat's clip cannot take.
+    def every_solver(Q, K, V):
+        return [nystrom.approximate(Q, K, V, strategy=strategy, num_landmarks=4, solver=solver, seed=0,
+                                    check_values=False)
+                for strategy, solver in (("uniform", "pinv"), ("rpcholesky", "newton_schulz"))]
+
+    compiled = torch.compile(every_solver, fullgraph=True, backend="eager")
+    generator = torch.Generator().manual_seed(1)
+    for n in (32, 40):
+        Q, K, V = (torch.randn(1, 2, n, 8, generator=generator) for _ in range(3))
+        for out, eager in zip(compiled(Q, K, V), every_solver(Q, K, V)):
+            torch.testing.assert_close(out, eager)
+
+
+@pytest.mark.filterwarnings("ignore:Dynamo detected a call to a `functools.lru_cache`")
 def test_compiled_draws_are_drawn_on_every_call():
     # The random strategies' host draws are a custom operator in the graph, not constants baked in at trace time:
     # without a seed, two calls of one compiled function choose different landmarks.

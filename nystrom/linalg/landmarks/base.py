@@ -627,7 +627,9 @@ def sample_by_weight(xp, weights, u):
     total = cdf[..., -1]
     threshold = u * total
     idx = xp.sum(xp.astype(cdf <= threshold[..., None], xp.int64), axis=-1)
-    idx = xp.clip(idx, max=weights.shape[-1] - 1)
+    # Not clip(max=n - 1): under torch.compile's dynamic shapes n is symbolic, which array-api-compat's clip can't take.
+    last = weights.shape[-1] - 1
+    idx = xp.where(idx <= last, idx, xp.zeros_like(idx) + last)
     picked = take_along_axis(xp, positive, idx[..., None])[..., 0]
     # Round-off can land on a zero-weight entry next to the boundary; take the heaviest instead.
     return xp.where((total > 0) & (picked > 0), idx, xp.argmax(weights, axis=-1))
