@@ -60,9 +60,11 @@ def as_sdpa_under_autocast(function, Q, K, V, *args, **kwargs):
 
 def with_own_backward(run, *inputs):
     """``run(*inputs)`` (a tensor, or a tuple whose first item is the differentiable output), whose backward runs with
-    autocast off for the inputs' device, whatever the state ``.backward()`` is called in. A plain call where no input
-    requires grad or grad mode is off."""
-    if not (torch.is_grad_enabled() and any(x.requires_grad for x in inputs)):
+    autocast off for the inputs' device, whatever the state ``.backward()`` is called in. First derivatives only (a
+    second one raises). A plain call where no input requires grad, grad mode is off, or ``torch.compile`` traces the
+    call (Dynamo cannot trace a backward that differentiates a graph of its own: there, run the backward outside the
+    autocast block, as PyTorch recommends)."""
+    if not (torch.is_grad_enabled() and any(x.requires_grad for x in inputs)) or torch.compiler.is_compiling():
         return run(*inputs)
     rest = []
 
@@ -91,11 +93,14 @@ class _OwnBackward(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        # The inner graph lives as long as this node: retained, so that a backward with retain_graph=True can run
+        # again. A second derivative would need the inner graph built on the caller's tensors, not on detached copies:
+        # an error rather than a silent None.
+        if torch.is_grad_enabled():
+            raise RuntimeError("nystrom under torch.autocast gives first derivatives only (create_graph=True asked for "
+                               "a second): call it outside the autocast block for higher derivatives")
         out, inner = ctx.graph
-        del ctx.graph  # the inner graph, once
         wanted = [x for x in inner if x.requires_grad]
         with torch.autocast(ctx.device_type, enabled=False):
-            # create_graph when the caller's backward builds one (a second derivative).
-            grads = iter(torch.autograd.grad(out, wanted, grad, allow_unused=True,
-                                             create_graph=torch.is_grad_enabled()))
+            grads = iter(torch.autograd.grad(out, wanted, grad, allow_unused=True, retain_graph=True))
         return (None, None, *(next(grads) if x.requires_grad else None for x in inner))

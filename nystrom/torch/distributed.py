@@ -308,7 +308,7 @@ def sharded_approximate(Q, K, V, *, group, strategy="norm", num_landmarks=64, so
     try:
         check_unknown_arguments("approximate", unknown)
         check_bidirectional(is_causal, dropout_p)
-        kv_heads = K.shape[-3] if K.ndim >= 3 else None
+        kv_heads = K.shape[-3] if getattr(K, "ndim", 0) >= 3 else None
         grouped = check_bool("enable_gqa", enable_gqa)
         if grouped:
             K, V = grouped_query_heads(Q, K, V)

@@ -154,3 +154,35 @@ def test_a_patched_models_gradients_do_not_depend_on_where_backward_runs():
         outside, inside = (gradients(lambda p: model(pixel_values=p).last_hidden_state, [pixels], where)
                            for where in (False, True))
     assert torch.equal(inside[0], outside[0])
+
+
+def test_a_retained_graph_runs_backward_again_and_a_second_derivative_is_an_error():
+    # The own-graph backward deleted its graph after one use (retain_graph=True then failed with an AttributeError),
+    # and a second derivative came out None or raised the same error: it is refused by name now.
+    Q, K, V = smooth_tokens()
+    q = Q.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = nystrom.approximate(q, K, V, num_landmarks=32, solver="pinv").float().sum()
+    loss.backward(retain_graph=True)
+    first = q.grad.clone()
+    loss.backward()
+    assert torch.equal(q.grad, 2 * first)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = nystrom.approximate(q, K, V, num_landmarks=32, solver="pinv")
+    with pytest.raises(RuntimeError, match="first derivatives only"):
+        torch.autograd.grad(out.float().square().sum(), q, create_graph=True)
+
+
+@pytest.mark.filterwarnings("ignore:Dynamo detected a call to a `functools.lru_cache`")
+def test_a_call_under_autocast_that_wants_gradients_compiles_into_one_graph():
+    # The own-graph backward cannot be traced (Dynamo refused its context's attribute deletion): a traced call is the
+    # plain one, as before it.
+    Q, K, V = smooth_tokens(n=64, d=16)
+
+    def call(q, k, v):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return nystrom.approximate(q, k, v, num_landmarks=16, strategy="uniform", solver="pinv", seed=0,
+                                       check_values=False)
+
+    compiled = torch.compile(call, fullgraph=True, backend="eager")(Q.clone().requires_grad_(), K, V)
+    assert torch.equal(compiled, call(Q.clone().requires_grad_(), K, V))
