@@ -47,7 +47,7 @@ from ..linalg.validation import (
     fewest_real_keys,
 )
 from .attention import sdpa_attend
-from .autocast import autocast_cast, autocast_dtype, with_own_backward, without_autocast
+from .autocast import as_sdpa_under_autocast, autocast_dtype
 from .dispatch import (
     Handle,
     attentions_requested,
@@ -62,6 +62,8 @@ __all__ = ["FNAHandle", "LayerRecord", "fna", "patch"]
 
 #: Accepted values of ``patch(resample=...)`` and ``patch(features=...)``.
 RESAMPLE = ("once", "every_layer")
+FEATURES = ("input", "query", "key", "value")
+
 #: Keywords a transformers model may pass its attention function that do not change the attention of ``query``,
 #: ``key`` and ``value`` under the implementations FNA reads (BERT passes ``position_ids``, already applied to its
 #: embeddings; the Trainer's ``num_items_in_batch`` only scales the loss). Any other keyword that is not ``None`` or
@@ -82,7 +84,6 @@ def own_attention_answers(num_landmarks, longest, fewest, exclude=None):
     ``longest`` sequence (and nothing is excluded), or a sequence of padding alone (``fewest`` 0) has no token a
     landmark could stand for. Otherwise FNA uses ``min(num_landmarks, fewest)`` landmarks."""
     return (exclude is None and num_landmarks >= longest) or fewest == 0
-FEATURES = ("input", "query", "key", "value")
 
 
 @dataclass(frozen=True)
@@ -225,14 +226,10 @@ class FNAHandle(Handle):
                 with torch.autocast(query.device.type, dtype=dtype):
                     return call_next(*args, **options)
 
-            def run(q, k, v):
-                with without_autocast(q.device):
-                    return self._attend(layer, own_under_autocast, module, autocast_cast(q, dtype),
-                                        autocast_cast(k, dtype), autocast_cast(v, dtype), attention_mask,
-                                        scaling=scaling, dropout=dropout, is_causal=is_causal, **kwargs)
-
-            # Backward with autocast off too, wherever .backward() is called (nystrom.torch.autocast).
-            return with_own_backward(run, query, key, value)
+            return as_sdpa_under_autocast(
+                lambda q, k, v: self._attend(layer, own_under_autocast, module, q, k, v, attention_mask,
+                                             scaling=scaling, dropout=dropout, is_causal=is_causal, **kwargs),
+                query, key, value)
         xp = array_api_compat.array_namespace(key)
         keys = None if real is None else real[:, None, :]
         key_mask = None if keys is None else keys[..., None, :]
