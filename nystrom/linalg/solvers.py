@@ -220,31 +220,34 @@ class NewtonSchulz(Solver, name="newton_schulz", iterative=True):
         # dispatch than in arithmetic.
         eye7, eye13, eye15 = 7 * eye, 13 * eye, 15 * eye
         best = best_residual = None
+
+        def kept(Z, residual):
+            # Each matrix keeps its best iterate: past 1/sigma_min of about 1/eps, A Z loses its digits and the cubic
+            # step diverges (a review found NaN after 100 steps in float32 at a condition number of 1e8). Returns the
+            # best iterates, their residuals and which matrices improved.
+            if best is None:
+                return Z, residual, xp.ones_like(residual, dtype=xp.bool)
+            better = residual < best_residual
+            return xp.where(better[..., None, None], Z, best), xp.where(better, residual, best_residual), better
+
         for _ in range(steps):
             # At least one step before the test: the start A^T / (|A|_1 |A|_inf) may already meet tol (A near a
             # scaled orthogonal matrix), and it differentiates as itself, not as the inverse; one step at the fixed
             # point differentiates as -Z dA Z, the inverse's derivative (a review found the start's gradient).
             if self.tol is not None and done > 0:
-                residual = moore_penrose_residual(A, Z)
-                # Each matrix keeps its best iterate: past 1/sigma_min of about 1/eps, A Z loses its digits and the
-                # cubic step diverges (a review found NaN after 100 steps in float32 at a condition number of 1e8).
-                better = residual < best_residual if best is not None else xp.ones_like(residual, dtype=xp.bool)
-                if best is not None and not bool(xp.any(better)):
+                candidate, candidate_residual, better = kept(Z, moore_penrose_residual(A, Z))
+                if not bool(xp.any(better)):
                     # No matrix improved: the rounding floor (or divergence) everywhere. The best iterates' residuals
                     # are known: none is computed again.
                     return SolveResult(best, best_residual, done)
-                best = Z if best is None else xp.where(better[..., None, None], Z, best)
-                best_residual = residual if best_residual is None else xp.where(better, residual, best_residual)
+                best, best_residual = candidate, candidate_residual
                 if bool(xp.all(best_residual <= self.tol)):
                     return SolveResult(best, best_residual, done)
             AZ = A @ Z
             Z = 0.25 * Z @ (eye13 - AZ @ (eye15 - AZ @ (eye7 - AZ)))
             done += 1
-        if best is None:
-            return SolveResult(Z, moore_penrose_residual(A, Z), done)
-        residual = moore_penrose_residual(A, Z)
-        better = residual < best_residual
-        return SolveResult(xp.where(better[..., None, None], Z, best), xp.where(better, residual, best_residual), done)
+        best, best_residual, _ = kept(Z, moore_penrose_residual(A, Z))
+        return SolveResult(best, best_residual, done)
 
     def flops(self, m, iterations):
         """Four :math:`m^3` products per step plus two for the residual; with ``tol``, two more per step for the
