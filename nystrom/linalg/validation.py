@@ -182,6 +182,12 @@ def check_attention_inputs(Q, K, V=None, attn_mask=None, *, check_values=True, s
 #: transformers, which fills masked entries with ``finfo(dtype).min`` (``-inf`` qualifies too).
 MASKED_FRACTION_OF_MIN = 0.5
 
+
+def masked_threshold(xp, dtype):
+    """The largest additive mask entry of ``dtype`` that masks its key (:data:`MASKED_FRACTION_OF_MIN` of
+    ``finfo(dtype).min``); larger entries, 0 included, attend."""
+    return MASKED_FRACTION_OF_MIN * xp.finfo(dtype).min
+
 BIDIRECTIONAL = (
     "Nyström attention here is bidirectional: every query sees the same keys, and landmarks summarise all of "
     "them. Pass a key mask (shape (..., 1, n): True or 0 where a key is real), or use exact attention "
@@ -248,7 +254,7 @@ def check_attn_mask(xp, attn_mask, Q, K, *, check_values=True, shard=False):
                          "takes no gradient; pass attn_mask.detach()")
     n, n_q, lead = K.shape[-2], Q.shape[-2], tuple(K.shape[:-2])
     shape = tuple(attn_mask.shape)
-    threshold = MASKED_FRACTION_OF_MIN * xp.finfo(attn_mask.dtype).min if kind == "float" else None
+    threshold = masked_threshold(xp, attn_mask.dtype) if kind == "float" else None
 
     def attending(values):
         return values if kind == "bool" else values != 0 if kind == "int" else values > threshold

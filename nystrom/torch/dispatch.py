@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..linalg.validation import MASKED_FRACTION_OF_MIN
+from ..linalg.validation import masked_threshold
 
 __all__ = [
     "Handle", "attention_layers", "block_input", "check_token_spec", "layer_indices",
@@ -208,7 +208,7 @@ def _padding_mask_of(attention_mask, batch_size, num_keys):
         attend = attention_mask
     else:
         attend = attention_mask == 0
-        blocked = attention_mask <= torch.finfo(attention_mask.dtype).min * MASKED_FRACTION_OF_MIN
+        blocked = attention_mask <= masked_threshold(torch, attention_mask.dtype)
         if not bool(torch.all(attend | blocked)):
             raise ValueError(
                 "the additive attention mask holds values other than 0 (attend) and a large negative number "
