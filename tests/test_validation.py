@@ -31,6 +31,11 @@ V = rng.standard_normal((2, 10, 3))
         (dict(Q=Q[:, :0]), ValueError, "Q must have at least one token"),
         (dict(Q=Q.tolist()), TypeError, "Q must be an array of an array-API library"),
         (dict(K=torch.from_numpy(K)), TypeError, "K is a torch array but Q is a numpy array"),
+        # numpy's masked arrays passed as arrays: Q failed in a broadcast deep inside, a mask's own mask was ignored.
+        (dict(Q=np.ma.masked_array(Q)), TypeError, r"Q is a numpy masked array.*\(Q.filled"),
+        (dict(attn_mask=np.ma.masked_array(np.ones((2, 1, 10), bool), mask=np.arange(20).reshape(2, 1, 10) >= 18)),
+         TypeError,
+         "attn_mask is a numpy masked array"),
         (dict(num_landmarks=0), ValueError, "num_landmarks must be at least 1"),
         (dict(num_landmarks=-3), ValueError, "num_landmarks must be at least 1"),
         (dict(num_landmarks=11), ValueError, "num_landmarks must be at most the number of keys n=10"),

@@ -96,8 +96,10 @@ def in_query_chunks(attend, query_chunk_size=None):
         xp = array_api_compat.array_namespace(q)
         parts = []
         for i in range(0, n_q, query_chunk_size):
-            rows = mask if mask is None or mask.shape[-2] == 1 else mask[..., i:i + query_chunk_size, :]
-            parts.append(attend(q[..., i:i + query_chunk_size, :], k, v, rows))
+            # The last stop clipped: the array API leaves slices past the end unspecified (array_api_strict raises).
+            end = min(i + query_chunk_size, n_q)
+            rows = mask if mask is None or mask.shape[-2] == 1 else mask[..., i:end, :]
+            parts.append(attend(q[..., i:end, :], k, v, rows))
         return xp.concat(parts, axis=-2)
 
     return chunked

@@ -35,7 +35,6 @@ from .validation import (
     check_attention_inputs,
     check_finite,
     check_int,
-    check_num_landmarks,
     check_real,
     check_real_floating,
     check_scale,
@@ -118,6 +117,14 @@ def check_eigenvalues(eigenvalues):
     if lam.min() < -max(1e-8, lam.size * eps) * np.abs(lam).max():
         raise ValueError(f"eigenvalues must be those of a PSD matrix (>= 0), got minimum {lam.min():.3g}")
     return np.sort(np.clip(lam, 0, None))[::-1]
+
+
+def check_spectrum_rank(num_landmarks, size):
+    """Validate the landmark count of a spectrum bound: ``1 <= num_landmarks <= size`` (its eigenvalues)."""
+    m = check_int("num_landmarks", num_landmarks, minimum=1)
+    if m > size:
+        raise ValueError(f"num_landmarks must be at most the number of eigenvalues ({size}), got {m}")
+    return m
 
 
 def exp_kernel(xp, X, Y, scale, shift):
@@ -514,7 +521,7 @@ def best_rank_trace_floor(eigenvalues, num_landmarks):
     float
     """
     lam = check_eigenvalues(eigenvalues)
-    m = check_num_landmarks(num_landmarks, lam.size)
+    m = check_spectrum_rank(num_landmarks, lam.size)
     return float(lam[m:].sum())
 
 
@@ -543,7 +550,7 @@ def rpcholesky_trace_bound(eigenvalues, num_landmarks):
     float
     """
     lam = check_eigenvalues(eigenvalues)
-    k = check_num_landmarks(num_landmarks, lam.size)
+    k = check_spectrum_rank(num_landmarks, lam.size)
     if lam[0] == 0:
         return 0.0
     # In units of the largest eigenvalue: a sum of eigenvalues near float64's largest would overflow to inf (and

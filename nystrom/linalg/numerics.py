@@ -115,10 +115,22 @@ def masked_median(xp, values, mask=None):
 
 def float64_numpy(a):
     """float64 numpy copy of a numpy array or torch tensor (any device; bfloat16 has no numpy dtype, so the
-    tensor is widened to float64 first). Other inputs go through ``numpy.asarray``."""
+    tensor is widened to float64 first). Other inputs go through ``numpy.asarray``, and arrays it cannot read
+    (another library's array on another device) through DLPack."""
     if array_api_compat.is_torch_array(a):
         return a.detach().cpu().double().numpy()
-    return np.asarray(a, dtype=np.float64)
+    try:
+        return np.asarray(a, dtype=np.float64)
+    except (RuntimeError, TypeError, ValueError, BufferError):
+        if array_api_compat.is_numpy_array(a) or not hasattr(a, "__dlpack__"):
+            raise
+    # ``__array__`` is not in the array API, and arrays off the host refuse it (array_api_strict's "device1"):
+    # DLPack asks their library for a host copy (numpy 2.1 added the device request; before it, host arrays only).
+    try:
+        host = np.from_dlpack(a, device="cpu", copy=True)
+    except TypeError:
+        host = np.from_dlpack(a)
+    return np.asarray(host, dtype=np.float64)
 
 
 COMPILERS: list = []
@@ -185,8 +197,8 @@ def segment_sum(xp, values, labels, num_segments):
     ``labels[..., i] == j``.
 
     The scatter-add behind cluster means, in :math:`O(nD)` without a dense :math:`m\\times n` membership matrix:
-    ``index_add_`` for torch, a sparse product for numpy (the array API has no scatter), a one-hot product for
-    other libraries.
+    ``index_add_`` for torch, a sparse product for numpy (the array API has no scatter); other libraries multiply
+    by one :math:`(m+1)\\times n` one-hot matrix per row, :math:`O(mnD)`.
 
     Parameters
     ----------
@@ -217,6 +229,12 @@ def segment_sum(xp, values, labels, num_segments):
         index = xp.astype(xp.reshape(slots, (n,)), xp.int64)
         out = values.new_zeros((*lead, num_segments + 1, D)).index_add_(-2, index, values)
         return out[..., :num_segments, :]
+    if not (array_api_compat.is_torch_array(values) or array_api_compat.is_numpy_array(values)):
+        # One (S + 1) x n one-hot matrix per row, multiplied as a batch: one block-diagonal matrix over the flat
+        # rows below would grow with the square of their number (a review: 16 rows of n = 200 made a 272 x 3,200).
+        segments = xp.arange(num_segments + 1, device=array_api_compat.device(values))[:, None]
+        one_hot = xp.astype(xp.expand_dims(slots, axis=-2) == segments, values.dtype)
+        return (one_hot @ values)[..., :num_segments, :]
     rows = math.prod(lead)
     # One flat index per row: segment j of row r is r * (S + 1) + j.
     offsets = xp.reshape(xp.arange(rows, dtype=xp.int64, device=array_api_compat.device(values)) * (num_segments + 1),
@@ -226,14 +244,10 @@ def segment_sum(xp, values, labels, num_segments):
     size = rows * (num_segments + 1)
     if array_api_compat.is_torch_array(values):
         out = source.new_zeros((size, D)).index_add_(0, flat, source)
-    elif array_api_compat.is_numpy_array(values):
+    else:
         member = scipy.sparse.csr_matrix((np.ones(rows * n, dtype=values.dtype), (flat, np.arange(rows * n))),
                                          shape=(size, rows * n))
         out = np.asarray(member @ source, dtype=values.dtype)
-    else:
-        one_hot = xp.astype(flat[None, :] == xp.arange(size, device=array_api_compat.device(values))[:, None],
-                            values.dtype)
-        out = one_hot @ source
     return xp.reshape(out, (*lead, num_segments + 1, D))[..., :num_segments, :]
 
 

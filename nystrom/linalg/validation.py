@@ -40,7 +40,7 @@ def namespace(**arrays):
     ------
     TypeError
         If an argument is not an array, or the arrays come from different libraries
-        (e.g. a numpy ``Q`` with a torch ``K``).
+        (e.g. a numpy ``Q`` with a torch ``K``), or one is a numpy masked array.
     ValueError
         If they live on different devices.
     """
@@ -49,6 +49,10 @@ def namespace(**arrays):
         if not array_api_compat.is_array_api_obj(a):
             raise TypeError(f"{name} must be an array of an array-API library (numpy, torch, array_api_strict, ...), "
                             f"got {type(a).__name__}")
+        if isinstance(a, np.ma.MaskedArray):
+            # numpy's functions on it ignore its mask, or fail deep inside with a broadcasting error.
+            raise TypeError(f"{name} is a numpy masked array, whose mask the library would not read: pass a plain "
+                            f"array ({name}.filled(...)), and mark padded keys with attn_mask")
     names = list(present)
     first = names[0]
     kind = _library(present[first])

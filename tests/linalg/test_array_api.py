@@ -56,3 +56,50 @@ def test_tol_cross_attention_and_float32_on_the_standard_alone():
     np.testing.assert_allclose(*on_both(cross, Q[..., :25, :], K, V), rtol=1e-10, atol=1e-10)
     # float32: the same operations in the same precision, up to the kernels' summation order.
     np.testing.assert_allclose(*on_both(cross, *(x.astype(np.float32) for x in (Q, K, V))), rtol=1e-4, atol=1e-5)
+
+
+def test_arrays_off_the_host_are_estimated_and_searched():
+    # array_api_strict's "device1" refuses numpy's __array__ (not part of the standard): the estimate, the tol search
+    # and Info's repr raised "Can't convert array on the 'device1' device to a NumPy array".
+    device = xps.Device("device1")
+    q, k, v = (xps.asarray(x[0, 0], device=device) for x in (Q, K, V))
+    out, info = nystrom.approximate(q, k, v, num_landmarks=8, return_info=True)
+    assert out.device == device
+    estimate = nystrom.estimate_relative_error(q, k, v, out, num_samples=40)
+    expected = nystrom.estimate_relative_error(Q[0, 0], K[0, 0], V[0, 0], np.asarray(out.to_device(xps.Device(
+        "CPU_DEVICE"))), num_samples=40)
+    assert estimate.estimate == pytest.approx(expected.estimate, rel=1e-12)
+    assert info.estimate_error(num_samples=40).estimate == pytest.approx(expected.estimate, rel=1e-12)
+    assert "m=8 landmarks" in repr(info)
+    searched = nystrom.approximate(q, k, v, num_landmarks=8, tol=0.5)
+    assert searched.device == device
+
+
+def test_query_chunks_that_do_not_divide_the_queries():
+    # The last chunk's slice ran past the end, which the standard leaves unspecified (array_api_strict raised).
+    def chunked(q, k, v):
+        return nystrom.approximate(q, k, v, num_landmarks=8, query_chunk_size=15, seed=0)
+
+    expected, got = on_both(chunked, Q, K, V)
+    np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(expected, nystrom.approximate(Q, K, V, num_landmarks=8, seed=0), rtol=1e-12,
+                               atol=1e-12)
+
+
+def test_cluster_means_multiply_one_membership_matrix_per_row(monkeypatch):
+    # Without a scatter, the sums by cluster were one block-diagonal one-hot product over every (batch, head) row:
+    # (rows (m + 1)) x (rows n) entries, 272 x 3,200 for 16 rows of 200 tokens. One (m + 1) x n matrix per row now.
+    array = type(xps.asarray(0.0))
+    largest = []
+    matmul = array.__matmul__
+
+    def recorded(a, b):
+        largest.append(max(a.shape[-2] * a.shape[-1], b.shape[-2] * b.shape[-1]))
+        return matmul(a, b)
+
+    monkeypatch.setattr(array, "__matmul__", recorded)
+    q, k, v = (xps.asarray(RNG.standard_normal((4, 4, 200, 8))) for _ in range(3))
+    for strategy in ("segment_means", "kmeans", "norm"):
+        largest.clear()
+        nystrom.approximate(q, k, v, num_landmarks=16, strategy=strategy, seed=0)
+        assert max(largest) <= 17 * 200, strategy

@@ -373,3 +373,12 @@ def test_the_estimate_of_a_huge_error_is_finite_and_right(big):
     assert every.low == pytest.approx(truth, rel=1e-9) and every.high == pytest.approx(truth, rel=1e-9)
     some = estimate_relative_error(Q, K, V, approx, num_samples=16, seed=0)
     assert np.isfinite([some.low, some.estimate, some.high]).all() and some.low <= some.estimate <= some.high
+
+
+def test_a_landmark_count_past_the_spectrum_is_named_as_such():
+    # The message was approximate's ("at most the number of keys ... exact_attention costs no more").
+    for bound in (best_rank_trace_floor, rpcholesky_trace_bound):
+        with pytest.raises(ValueError, match=r"at most the number of eigenvalues \(2\), got 3"):
+            bound(np.array([1.0, 1.0]), 3)
+        with pytest.raises(ValueError, match="num_landmarks"):
+            bound(np.array([1.0, 1.0]), 0)

@@ -343,8 +343,9 @@ class ClusterStrategy(Strategy, picks_tokens=False):
 
     Landmark :math:`j` is the mean of its group, :math:`\tilde k_j = \frac1{c_j}\sum_{i\in G_j} k_i` and
     :math:`\tilde q_j = \frac1{c_j}\sum_{i\in G_j} q_i` (per head, with one grouping shared by the heads when
-    they share landmarks), computed by a scatter-add in :math:`O(n d)` without a membership matrix. Declared
-    ``weighted`` strategies also return :math:`\log c_j`, the log of the group sizes (proportional attention).
+    they share landmarks), computed by a scatter-add in :math:`O(n d)` without a membership matrix for numpy and
+    torch (:func:`~nystrom.linalg.numerics.segment_sum`). Declared ``weighted`` strategies also return
+    :math:`\log c_j`, the log of the group sizes (proportional attention).
     """
 
     def select(self, selection):
