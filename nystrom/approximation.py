@@ -27,7 +27,7 @@ from .linalg.attention import (
 from .linalg.bounds import ErrorEstimate, check_sampling, sampled_relative_error
 from .linalg.flops import exact_attention_flops, nystrom_attention_flops
 from .linalg.landmarks.base import Landmarks, Selection, get_strategy, run_strategy
-from .linalg.numerics import float64_numpy, without_padding
+from .linalg.numerics import float64_numpy, quiet_numpy_overflow, without_padding
 from .linalg.solvers import Solver, get_solver, unchecked
 from .linalg.tolerance import search_for_tol
 from .linalg.validation import (
@@ -116,6 +116,7 @@ class Info:
                 f"kernel(s), solver_iterations={self.solver_iterations}, flops={self.flops['total']:.4g} "
                 f"({ratio:.3g} of exact){tol})")
 
+    @quiet_numpy_overflow
     def estimate_error(self, num_samples=128, confidence=0.95, seed=None) -> ErrorEstimate:
         """A-posteriori relative error of the returned output from ``num_samples`` exact query rows.
 
@@ -141,6 +142,7 @@ class Info:
 
 
 @follows_sdpa_under_autocast
+@quiet_numpy_overflow
 def approximate(
     Q,
     K,

@@ -29,7 +29,7 @@ from typing import Any, NamedTuple
 
 import array_api_compat
 
-from .numerics import at_least_float32, softmax, without_padding
+from .numerics import at_least_float32, quiet_numpy_overflow, softmax, without_padding
 from .solvers import get_solver, unchecked
 from .validation import (
     check_attention_inputs,
@@ -121,6 +121,7 @@ def grouped_query_heads(Q, K, V):
     return (xp.repeat(K, heads // kv_heads, axis=-3), xp.repeat(V, heads // kv_heads, axis=-3))
 
 
+@quiet_numpy_overflow
 def exact_attention(Q, K, V, *, scale=None, attn_mask=None, **unknown):
     r"""Exact scaled dot-product attention.
 

@@ -29,7 +29,7 @@ import scipy.stats
 from .attention import softmax_attention
 from .landmarks.base import gather_rows
 from .landmarks.rpcholesky import exp_kernel_shift
-from .numerics import at_least_float32, float64_numpy, without_padding
+from .numerics import at_least_float32, float64_numpy, quiet_numpy_overflow, without_padding
 from .solvers import PInv
 from .validation import (
     check_attention_inputs,
@@ -224,6 +224,7 @@ class ErrorEstimate:
     num_samples: int
 
 
+@quiet_numpy_overflow
 def estimate_relative_error(Q, K, V, approx, *, num_samples=128, confidence=0.95, seed=None, scale=None,
                             attn_mask=None, **unknown):
     r"""Estimate the relative Frobenius error of an approximate attention output from sampled rows.
@@ -258,7 +259,8 @@ def estimate_relative_error(Q, K, V, approx, *, num_samples=128, confidence=0.95
         Key mask, as :func:`nystrom.approximate` takes it. For self-attention (``n_q == n``) the padded
         positions are padded queries too: only real query rows are sampled, and the error is that of the
         real rows (:math:`e_i` and :math:`o_i` sum over the sequences in which row :math:`i` is real,
-        :math:`n_q` counts the positions real in some sequence).
+        :math:`n_q` counts the positions real in some sequence); ``approx`` may hold anything at the padded
+        rows, NaN included.
 
     Returns
     -------
@@ -279,7 +281,8 @@ def estimate_relative_error(Q, K, V, approx, *, num_samples=128, confidence=0.95
     if tuple(approx.shape) != (*Q.shape[:-1], V.shape[-1]):
         raise ValueError(f"approx must have shape {(*Q.shape[:-1], V.shape[-1])}, got {tuple(approx.shape)}")
     check_real_floating(xp, "approx", approx)
-    check_finite(xp, approx=approx)
+    check_finite(xp, approx=approx if keys is None or Q.shape[-2] != K.shape[-2] else xp.where(
+        keys[..., None], approx, xp.zeros((), dtype=approx.dtype, device=array_api_compat.device(approx))))
     K, V = without_padding(xp, keys, K, V)
     return sampled_relative_error(xp, Q, K, V, approx, **check_sampling(num_samples, confidence, seed), scale=tau,
                                   keys=keys)
@@ -338,7 +341,11 @@ class RowSample:
         # would underflow to a claimed exact 0, or overflow to NaN.
         unit = float(np.max(np.abs(self.exact), initial=0.0)) or 1.0
         exact = self.exact / unit
-        diff = float64_numpy(approx_rows) / unit - exact
+        approx = float64_numpy(approx_rows)
+        if not isinstance(self.weight, float):
+            # A padded query row may hold anything, infinities included (its inputs may): out of both sums.
+            approx = np.where(np.reshape(self.weight, approx.shape[:-1])[..., None], approx, 0.0)
+        diff = approx / unit - exact
         # The differences in units of their own largest (the interval scales with them: its square roots are
         # multiplied back): an approximation of 1e170 against exact rows near 1 would square to inf (low = NaN).
         differences = float(np.max(np.abs(diff), initial=0.0))
@@ -374,7 +381,11 @@ def sample_rows(xp, Q, K, V, *, num_samples, seed, scale, keys=None, attend=None
     if attend is None:
         attend = functools.partial(softmax_attention, xp, scale=scale)
     exact = float64_numpy(attend(xp.take(Q, at, axis=-2), K, V, mask))
-    return RowSample(rows, at, sizes, 1.0 if real is None else real[:, rows], exact, certain)
+    if real is None:
+        return RowSample(rows, at, sizes, 1.0, exact, certain)
+    # Zero at padded query rows, whose queries may overflow the logits.
+    exact = np.where(np.reshape(real[:, rows], exact.shape[:-1])[..., None], exact, 0.0)
+    return RowSample(rows, at, sizes, real[:, rows], exact, certain)
 
 
 def census_and_strata(positions, census, num_samples, rng):

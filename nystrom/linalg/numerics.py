@@ -113,6 +113,22 @@ def masked_median(xp, values, mask=None):
     return take_along_axis(xp, ordered, middle)[..., 0]
 
 
+def quiet_numpy_overflow(function):
+    """``function`` with numpy's overflow and invalid-value ``RuntimeWarning`` off: padding may hold any finite
+    values, up to the dtype's largest, and the padded rows' overflowing logits are computed (as SDPA computes them)
+    and never read. torch warns of none, so neither does numpy here. Calls with a torch tensor among the positional
+    arguments run as they are (``torch.compile`` traces them, and numpy's error state is not theirs)."""
+
+    @functools.wraps(function)
+    def call(*args, **kwargs):
+        if any(array_api_compat.is_torch_array(a) for a in args):
+            return function(*args, **kwargs)
+        with np.errstate(over="ignore", invalid="ignore"):
+            return function(*args, **kwargs)
+
+    return call
+
+
 def float64_numpy(a):
     """float64 numpy copy of a numpy array or torch tensor (any device; bfloat16 has no numpy dtype, so the
     tensor is widened to float64 first). Other inputs go through ``numpy.asarray``, and arrays it cannot read

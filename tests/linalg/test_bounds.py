@@ -1,6 +1,7 @@
 """Error certificates, estimates and a-priori bounds hold on random inputs."""
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from nystrom import best_rank_trace_floor, estimate_relative_error, nystrom_trac
 from nystrom.linalg.bounds import high_norm_queries, ratio_interval, sample_rows, stratified_rows
 from nystrom.linalg.landmarks import rpcholesky_pivots
 from nystrom.linalg.landmarks.base import uniform_draws
+from nystrom.linalg.validation import check_finite
 
 
 def clustered_points(seed, n=60, D=4, clusters=5, spread=0.3):
@@ -382,3 +384,24 @@ def test_a_landmark_count_past_the_spectrum_is_named_as_such():
             bound(np.array([1.0, 1.0]), 3)
         with pytest.raises(ValueError, match="num_landmarks"):
             bound(np.array([1.0, 1.0]), 0)
+
+
+def test_padded_rows_at_the_largest_float32_are_left_out_of_the_estimate():
+    # Padding may hold up to float32's largest values: the padded query rows of approximate's output are then
+    # non-finite, and estimate_relative_error refused that output ("approx contains NaN"), whose real rows are fine;
+    # the finiteness check's overflowing sum warned (an error under -W error).
+    rng = np.random.default_rng(0)
+    Q, K, V = (rng.standard_normal((2, 70, 8)).astype(np.float32) for _ in range(3))
+    real = np.arange(70)[None, :] < np.array([[60], [52]])
+    for X in (Q, K, V):
+        X[~real] = 3e38
+    out = nystrom.approximate(Q, K, V, num_landmarks=16, attn_mask=real)
+    assert np.isfinite(out[real]).all() and not np.isfinite(out[~real]).all()
+    clean = np.where(real[..., None], out, 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        check_finite(np, K=K)
+    for num_samples in (16, 60):
+        estimate = estimate_relative_error(Q, K, V, out, attn_mask=real, num_samples=num_samples, seed=0)
+        assert estimate == estimate_relative_error(Q, K, V, clean, attn_mask=real, num_samples=num_samples, seed=0)
+        assert 0 < estimate.estimate < 1
