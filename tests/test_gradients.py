@@ -119,3 +119,24 @@ def test_half_precision_gradients_are_finite_for_huge_logits(strategy, dtype, so
         assert torch.isfinite(out).all()
         for name, grad in zip("QKV", torch.autograd.grad(out.float().pow(2).mean(), (Q, K, V))):
             assert torch.isfinite(grad).all(), name
+
+
+@pytest.mark.parametrize("dtype,logit_scale,tolerance", [
+    # float64, peaked attention (logits x 16), cond(A) of 5e11-9e12 and no singular value dropped: the backward
+    # applies Z once per factor, rounding of about cond(A) eps = 1e-3 at most, measured 1e-14 for dQ and dK and
+    # 1e-8 for dV (which multiplies by F Z B as the output does). Through the explicit Z, dQ was 38 times its size.
+    (torch.float64, 4.0, 1e-6),
+    # float32 on Gaussian tokens (logits x 4, cond(A) about 1e4): measured 1e-6 against SDPA float32's 6e-7;
+    # through the explicit Z, dQ was off by 0.12 and dK by 0.15.
+    (torch.float32, 2.0, 1e-4),
+])
+def test_pinv_gradients_at_every_key_equal_sdpa_on_ill_conditioned_kernels(dtype, logit_scale, tolerance):
+    for seed in range(3):
+        g = torch.Generator().manual_seed(seed)
+        Q, K, V = (torch.randn(1, 1, 24, 8, generator=g, dtype=torch.float64) for _ in range(3))
+        Q, K = logit_scale * Q, logit_scale * K
+        exact = grads(F.scaled_dot_product_attention, *(x.clone().requires_grad_() for x in (Q, K, V)))
+        ours = grads(lambda q, k, v: nystrom.approximate(q, k, v, num_landmarks=24, solver="pinv"),
+                     *(x.to(dtype).requires_grad_() for x in (Q, K, V)))
+        for name, a, b in zip("QKV", ours, exact):
+            assert float((a.double() - b).norm() / b.norm()) < tolerance, (seed, name)

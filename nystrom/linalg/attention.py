@@ -226,7 +226,7 @@ def nystrom_factors(xp, K, V, landmarks, invert, *, scale, mask=None, attend):
     q_l, k_l, log_c = landmarks.queries, landmarks.keys, landmarks.log_weights
     BV = attend(q_l, K, V, mask)
     result = invert(landmark_kernel(xp, q_l, k_l, scale, log_c))
-    vp = result.inverse @ xp.astype(BV, result.inverse.dtype)
+    vp = result.times(xp.astype(BV, result.inverse.dtype))
     # Weighted landmarks: log c_j is added to every logit against landmark key j (an additive SDPA mask).
     bias = None if log_c is None else xp.astype(log_c, V.dtype)[..., None, :]
     if V.dtype != getattr(xp, "float16", None):  # the array API has no float16; libraries that have it name it so

@@ -15,7 +15,7 @@ per matrix, which is 0 for the exact pseudo-inverse of any (also singular) :math
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import array_api_compat
@@ -36,11 +36,20 @@ class SolveResult:
         Relative Moore–Penrose residual :math:`\\lVert AZA-A\\rVert_F/\\lVert A\\rVert_F` per matrix.
     iterations : int
         Iterations run (0 for direct solvers).
+    product : callable, optional
+        ``product(Y) -> Z @ Y``, for solvers whose derivative is better formed against ``Y`` than through
+        ``inverse`` (:meth:`times` uses it; ``None``: ``inverse @ Y``).
     """
 
     inverse: Any
     residual: Any
     iterations: int = 0
+    product: Any = field(default=None, repr=False, compare=False)
+
+    def times(self, Y):
+        """:math:`Z Y` for ``Y (..., m, k)``: ``inverse @ Y``, or where the solver gave one, its ``product``, equal
+        in value with a derivative that applies :math:`Z` once per factor (:class:`PInv`'s notes)."""
+        return self.inverse @ Y if self.product is None else self.product(Y)
 
 
 SOLVERS: dict[str, type] = {}
@@ -300,7 +309,11 @@ class PInv(Solver, name="pinv"):
     60 % for kept/dropped singular values of 0.5/0.001, 0.1/0.01, 0.05/0.02 and 0.04/0.025 (the closer they
     are, the larger), and 1.3 % end to end in :math:`\partial\hat O/\partial Q` with ``PInv(rtol=3e-2)``, which
     ``gradcheck`` fails. It is built from the SVD's value held constant (``Tensor.detach``) plus terms linear in
-    :math:`A - A_0`, which are 0 in value.
+    :math:`A - A_0`, which are 0 in value; :math:`I - AZ` and :math:`I - ZA` are the SVD's projectors on the
+    dropped singular vectors (0 when none is dropped). :attr:`SolveResult.product` applies the same derivative
+    to :math:`Y` in :math:`ZY`, so that :math:`\partial L/\partial A = -(Z^\top G)(ZY)^\top` meets :math:`Z` once per
+    factor (rounding like :math:`\kappa(A)\varepsilon`, not :math:`\kappa(A)^2\varepsilon`; the docs'
+    pseudo-inverse page).
     """
 
     rtol: float | None = None
@@ -317,15 +330,26 @@ class PInv(Solver, name="pinv"):
         # Nor a singular value whose reciprocal overflows (a subnormal one, 1e-310 in float64): A^+ stays finite.
         keep = (s > rtol * s[..., :1]) & (s > 1 / float(xp.finfo(A.dtype).max))
         s_inv = xp.where(keep, 1 / xp.where(keep, s, xp.ones_like(s)), xp.zeros_like(s))
-        Z0 = xp.matrix_transpose(Vh) @ (s_inv[..., None] * xp.matrix_transpose(U))
-        Z = Z0
-        if getattr(A, "requires_grad", False):
-            # Value Z0 (dA = A - A0 is exactly 0), derivative Golub-Pereyra's: see the class notes.
-            dA, eye = A - A0, _eye(xp, A)
-            Z0t = xp.matrix_transpose(Z0)
-            Z = (Z0 - Z0 @ dA @ Z0 + (Z0 @ Z0t) @ xp.matrix_transpose(dA) @ (eye - A0 @ Z0)
-                 + (eye - Z0 @ A0) @ xp.matrix_transpose(dA) @ (Z0t @ Z0))
-        return SolveResult(Z, moore_penrose_residual(A, Z), 0)
+        V, Ut = xp.matrix_transpose(Vh), xp.matrix_transpose(U)
+        Z0 = V @ (s_inv[..., None] * Ut)
+        if not getattr(A, "requires_grad", False):
+            return SolveResult(Z0, moore_penrose_residual(A, Z0), 0)
+        # Value Z0 (dA = A - A0 is exactly 0), derivative Golub-Pereyra's: see the class notes. I - AZ and I - ZA are
+        # the projectors on the dropped singular vectors, from the SVD: exactly 0 when none is dropped (formed as
+        # I - A0 Z0 they were rounding noise, which the products with Z0 Z0^T amplified).
+        dropped = xp.astype(~keep, A0.dtype)[..., None, :]
+        left, right = (U * dropped) @ Ut, (V * dropped) @ Vh
+        dAt, Z0t = xp.matrix_transpose(A - A0), xp.matrix_transpose(Z0)
+        Z = Z0 - Z0 @ (A - A0) @ Z0 + (Z0 @ Z0t) @ dAt @ left + right @ dAt @ (Z0t @ Z0)
+
+        def product(Y):
+            # The same derivative applied to Y right to left: the gradient of -Z0 dA (Z0 Y) is -(Z0^T G)(Z0 Y)^T, Z0
+            # once per factor; through Z's -Z0 dA Z0 it was Z0^T ((G Y^T) Z0^T), whose rounding grew like cond(A)^2
+            # (a review: dQ 38 times its size at m = n, cond(A) = 9e12, float64).
+            W0 = Z0 @ Y
+            return W0 - Z0 @ ((A - A0) @ W0) + (Z0 @ Z0t) @ (dAt @ (left @ Y)) + right @ (dAt @ (Z0t @ W0))
+
+        return SolveResult(Z, moore_penrose_residual(A, Z), 0, product)
 
     def flops(self, m, iterations=0):
         """Golub–Van Loan's ~:math:`21 m^3` for a full SVD, one product to form :math:`Z`, two for the residual."""
