@@ -45,15 +45,16 @@ from .linalg.validation import (
 
 
 def follows_sdpa_under_autocast(function):
-    """``function(Q, K, V, ...)`` for torch inputs under ``torch.autocast``: inputs in the dtype autocast would give
-    SDPA, the library's computation with autocast off (:mod:`nystrom.torch.autocast`)."""
+    """``function(Q, K, V, ...)`` for torch inputs under ``torch.autocast`` (inputs in the dtype autocast would give
+    SDPA, the library's computation with autocast off) and in float16 (a backward that keeps the gradients'
+    range): :mod:`nystrom.torch.autocast`."""
 
     @functools.wraps(function)
     def call(Q, K, V, *args, **kwargs):
         if array_api_compat.is_torch_array(Q):
             from .torch.autocast import as_sdpa_under_autocast
 
-            return as_sdpa_under_autocast(function, Q, K, V, *args, **kwargs)
+            return as_sdpa_under_autocast(lambda q, k, v: function(q, k, v, *args, **kwargs), Q, K, V)
         return function(Q, K, V, *args, **kwargs)
 
     return call
@@ -109,11 +110,16 @@ class Info:
         m = lm.keys.shape[-2]
         kind = "tokens" if lm.indices is not None else "group means"
         weighted = ", weighted" if lm.log_weights is not None else ""
-        residual = float64_numpy(self.residual)
+        if self.residual is None:
+            # A solver callable may report none.
+            residual = "no residual reported"
+        else:
+            values = float64_numpy(self.residual)
+            residual = (f"residual max {values.max():.3g} / median {np.median(values):.3g} over {values.size} "
+                        "kernel(s)")
         ratio = self.flops["total"] / self.exact_flops if self.exact_flops else float("nan")
         return (f"Info(m={m} landmarks ({kind}{weighted}) for batch {tuple(lm.keys.shape[:-2])}, "
-                f"residual max {residual.max():.3g} / median {np.median(residual):.3g} over {residual.size} "
-                f"kernel(s), solver_iterations={self.solver_iterations}, flops={self.flops['total']:.4g} "
+                f"{residual}, solver_iterations={self.solver_iterations}, flops={self.flops['total']:.4g} "
                 f"({ratio:.3g} of exact){tol})")
 
     @quiet_numpy_overflow

@@ -29,7 +29,7 @@ from typing import Any, NamedTuple
 
 import array_api_compat
 
-from .numerics import at_least_float32, quiet_numpy_overflow, softmax, without_padding
+from .numerics import at_least_float32, detached, quiet_numpy_overflow, softmax, without_padding
 from .solvers import get_solver, unchecked
 from .validation import (
     check_attention_inputs,
@@ -234,9 +234,23 @@ def nystrom_factors(xp, K, V, landmarks, invert, *, scale, mask=None, attend):
     # float16: v' can exceed the format's range (A^+ grows like 1/sigma_min). The product is linear in v', so
     # v' / c with c = max |v'| per matrix runs in float16 and the output is rescaled in float32; no branch
     # on the values, hence no host synchronisation.
-    c = xp.max(xp.abs(vp), axis=(-2, -1), keepdims=True)
+    # c carries no gradient: the output, F (v' / c) c, does not depend on it.
+    c = detached(xp.max(xp.abs(vp), axis=(-2, -1), keepdims=True))
     c = xp.where(c > 0, c, xp.ones_like(c))
-    return NystromFactors(k_l, xp.astype(vp / c, V.dtype), bias, c, result)
+    # v' / c in value; its gradient passes to v' undivided, as nystrom_output's product gets the output's cotangent
+    # undivided: a float16 gradient c times larger would not fit where the gradient of v' does.
+    scaled = vp / c if not getattr(vp, "requires_grad", False) else detached(vp) / c + (vp - detached(vp))
+    return NystromFactors(k_l, xp.astype(scaled, V.dtype), bias, c, result)
+
+
+def gradient_times(xp, x, c):
+    r"""``x`` in value and dtype, whose gradient is multiplied by ``c`` on the way back, in ``c``'s dtype; ``x`` itself
+    where it carries no gradient. Built as :math:`x_0 + (x - x_0)\,c` with :math:`x_0` held constant: the second
+    term is 0 in value."""
+    if not getattr(x, "requires_grad", False):
+        return x
+    x0 = detached(x)
+    return xp.astype(x0 + (x - x0) * c, x.dtype)
 
 
 def nystrom_output(xp, Q, factors, attend):
@@ -258,17 +272,25 @@ def nystrom_output(xp, Q, factors, attend):
     -------
     array, shape (..., n_q, d_v), dtype of V
     """
-    out = attend(Q, factors.keys, factors.values, factors.bias)
     if factors.rescale is None:
+        out = attend(Q, factors.keys, factors.values, factors.bias)
         # copy=False: the array API's astype copies by default, and a copy of the (n_q, d_v) output is a fresh
         # allocation whose page faults alone took 15-30 ms at n_q = 65,536, d_v = 64 on the benchmark VM.
         return xp.astype(out, factors.values.dtype, copy=False)
+    c = factors.rescale
+    # float16 gradients: the float16 product's cotangent would be the output's times c, and overflow where the
+    # gradients themselves fit (a review: all NaN with |dL/dO| 1,000 and |V| 30, whose float32 gradients are at most
+    # 8.7e3). It gets the output's cotangent unscaled; the gradients of the queries, keys and bias are multiplied
+    # by c in float32, and that of v' / c passes to v' undivided (nystrom_factors).
+    out = attend(*(None if x is None else gradient_times(xp, x, c) for x in (Q, factors.keys)), factors.values,
+                 None if factors.bias is None else gradient_times(xp, factors.bias, c))
+    out = xp.astype(out, c.dtype)
+    out = out * c if not getattr(out, "requires_grad", False) else detached(out) * c + (out - detached(out))
     # The approximation is not a convex combination of V's rows, as exact attention is: where its error is large it
     # can leave float16's range, which exact attention (|O| <= max |V| <= 65,504) never does. Clipping to the range
     # moves no entry away from exact attention, and the cast does not overflow.
     largest = float(xp.finfo(factors.values.dtype).max)
-    out = xp.clip(xp.astype(out, factors.rescale.dtype) * factors.rescale, min=-largest, max=largest)
-    return xp.astype(out, factors.values.dtype)
+    return xp.astype(xp.clip(out, min=-largest, max=largest), factors.values.dtype)
 
 
 def nystrom_product(xp, Q, K, V, landmarks, invert, *, scale, mask=None, attend=None, landmark_attend=None):

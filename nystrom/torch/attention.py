@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ..linalg.attention import check_nystrom_call, in_query_chunks, nystrom_product
+from ..linalg.landmarks.base import Landmarks
 from ..linalg.split_keys import merge_partials
 from ..linalg.validation import check_query_chunk_size, check_unknown_arguments
 from .autocast import as_sdpa_under_autocast, autocast_cast, autocast_dtype
@@ -205,13 +206,20 @@ def fna_attention(Q, K, V, landmarks, solver="newton_schulz", *, scale=None, att
     if not isinstance(Q, torch.Tensor):
         raise TypeError(f"Q, K and V must be torch tensors, got {type(Q).__name__}; "
                         "nystrom.linalg.nystrom_attention takes any array")
+    # The landmark tensors are inputs of the call's graph too (they may depend on Q and K), under autocast and for
+    # float16, whose backward differentiates a graph of its own; anything else is left to the checks.
+    fields = [name for name in ("queries", "keys", "log_weights")
+              if isinstance(landmarks, Landmarks) and isinstance(getattr(landmarks, name), torch.Tensor)]
     dtype = autocast_dtype(Q.device)
-    if dtype is not None:
+    if dtype is not None and fields:
         # The landmarks too, as autocast gives Q and K: chosen from the same float32 inputs they would not match them.
         landmarks = dataclasses.replace(landmarks, queries=autocast_cast(landmarks.queries, dtype),
                                         keys=autocast_cast(landmarks.keys, dtype))
-        return as_sdpa_under_autocast(fna_attention, Q, K, V, landmarks, solver, scale=scale, attn_mask=attn_mask,
-                                      query_chunk_size=query_chunk_size, check_values=check_values)
-    xp, tau, invert, mask, K, V = check_nystrom_call(Q, K, V, landmarks, solver, scale, attn_mask, check_values)
-    attend = in_query_chunks(functools.partial(sdpa_attend, scale=tau), check_query_chunk_size(query_chunk_size))
-    return nystrom_product(xp, Q, K, V, landmarks, invert, scale=tau, mask=mask, attend=attend)
+
+    def run(q, k, v, *parts):
+        given = dataclasses.replace(landmarks, **dict(zip(fields, parts))) if fields else landmarks
+        xp, tau, invert, mask, k, v = check_nystrom_call(q, k, v, given, solver, scale, attn_mask, check_values)
+        attend = in_query_chunks(functools.partial(sdpa_attend, scale=tau), check_query_chunk_size(query_chunk_size))
+        return nystrom_product(xp, q, k, v, given, invert, scale=tau, mask=mask, attend=attend)
+
+    return as_sdpa_under_autocast(run, Q, K, V, *(getattr(landmarks, name) for name in fields))

@@ -12,6 +12,12 @@ Turning autocast off covers the forward pass only: the backward of those float32
 state ``.backward()`` is called, and inside the region it ran them in bfloat16 (a review measured gradients off by
 5-70 relative with ``solver="pinv"``). So where gradients are wanted the call runs as a graph of its own
 (:func:`with_own_backward`), whose backward runs with autocast off, as the forward did.
+
+The same graph of its own serves float16, with or without autocast: its backward divides the incoming gradient by
+its largest magnitude and multiplies the input gradients back in float32. Inside, a landmark stands for many
+tokens, and the gradients of the landmark keys and queries, sums over those tokens, exceed float16's 65,504 where
+every input gradient fits (a review: 1.6e5 for landmark keys, input gradients at most 2.3e4, at n = 256, m = 32);
+with a loss scale of 2^16 (``GradScaler``) every step would overflow.
 """
 
 from __future__ import annotations
@@ -42,28 +48,31 @@ def autocast_cast(x, dtype):
     return x.to(dtype) if isinstance(x, torch.Tensor) and x.dtype in _CAST_BY_AUTOCAST else x
 
 
-def as_sdpa_under_autocast(function, Q, K, V, *args, **kwargs):
-    """``function(Q, K, V, *args, **kwargs)``, with ``Q``, ``K`` and ``V`` in the dtype autocast would give SDPA and
-    autocast off inside, forward and backward (:func:`with_own_backward`); a plain call when autocast is off for
-    ``Q``'s device."""
+def as_sdpa_under_autocast(function, Q, K, V, *inputs):
+    """``function(Q, K, V, *inputs)``, with ``Q``, ``K`` and ``V`` in the dtype autocast would give SDPA and autocast
+    off inside, forward and backward, and for float16 the gradient's range kept (:func:`with_own_backward`, which
+    differentiates ``inputs`` too: tensors such as given landmarks); a plain call when autocast is off for ``Q``'s
+    device and ``Q`` is not float16."""
     dtype = autocast_dtype(Q.device)
     if dtype is None:
-        return function(Q, K, V, *args, **kwargs)
+        if Q.dtype != torch.float16:
+            return function(Q, K, V, *inputs)
+        return with_own_backward(function, Q, K, V, *inputs)
 
-    def run(q, k, v):
+    def run(q, k, v, *rest):
         with without_autocast(q.device):
-            return function(autocast_cast(q, dtype), autocast_cast(k, dtype), autocast_cast(v, dtype), *args,
-                            **kwargs)
+            return function(autocast_cast(q, dtype), autocast_cast(k, dtype), autocast_cast(v, dtype), *rest)
 
-    return with_own_backward(run, Q, K, V)
+    return with_own_backward(run, Q, K, V, *inputs)
 
 
 def with_own_backward(run, *inputs):
     """``run(*inputs)`` (a tensor, or a tuple whose first item is the differentiable output), whose backward runs with
-    autocast off for the inputs' device, whatever the state ``.backward()`` is called in. First derivatives only (a
-    second one raises). A plain call where no input requires grad, grad mode is off, or ``torch.compile`` traces the
-    call (Dynamo cannot trace a backward that differentiates a graph of its own: there, run the backward outside the
-    autocast block, as PyTorch recommends)."""
+    autocast off for the inputs' device, whatever the state ``.backward()`` is called in, and, for a float16 output,
+    with the incoming gradient divided by its largest magnitude (the input gradients are multiplied back in float32:
+    the module notes). First derivatives only (a second one raises). A plain call where no input requires grad, grad
+    mode is off, or ``torch.compile`` traces the call (Dynamo cannot trace a backward that differentiates a graph of
+    its own: there, run the backward outside the autocast block, as PyTorch recommends)."""
     if not (torch.is_grad_enabled() and any(x.requires_grad for x in inputs)) or torch.compiler.is_compiling():
         return run(*inputs)
     rest = []
@@ -97,10 +106,21 @@ class _OwnBackward(torch.autograd.Function):
         # again. A second derivative would need the inner graph built on the caller's tensors, not on detached copies:
         # an error rather than a silent None.
         if torch.is_grad_enabled():
-            raise RuntimeError("nystrom under torch.autocast gives first derivatives only (create_graph=True asked for "
-                               "a second): call it outside the autocast block for higher derivatives")
+            raise RuntimeError("nystrom under torch.autocast or in float16 gives first derivatives only "
+                               "(create_graph=True asked for a second): call it in float32 or float64 outside the "
+                               "autocast block for higher derivatives")
         out, inner = ctx.graph
         wanted = [x for x in inner if x.requires_grad]
+        unit = None
+        if out.dtype == torch.float16:
+            # In units of the largest incoming entry (1 where there is none, or it is not finite: NaN and inf go on).
+            unit = grad.detach().abs().amax().float()
+            unit = torch.where(torch.isfinite(unit) & (unit > 0), unit, torch.ones_like(unit))
+            grad = (grad.float() / unit).to(grad.dtype)
         with torch.autocast(ctx.device_type, enabled=False):
-            grads = iter(torch.autograd.grad(out, wanted, grad, allow_unused=True, retain_graph=True))
+            grads = torch.autograd.grad(out, wanted, grad, allow_unused=True, retain_graph=True)
+        if unit is not None:
+            # In float32, then the input's dtype: inf only where the gradient itself does not fit.
+            grads = tuple(None if g is None else (g.float() * unit).to(g.dtype) for g in grads)
+        grads = iter(grads)
         return (None, None, *(next(grads) if x.requires_grad else None for x in inner))

@@ -101,7 +101,7 @@ class LayerRecord:
     residual : Tensor, shape (B, H), or None
         Relative Moore–Penrose residual of the pseudo-inverse of each head's landmark kernel; ``None`` when the
         layer ran the model's exact attention, because every token would have been a landmark or because
-        ``tol`` chose it.
+        ``tol`` chose it, and when a solver callable reports none.
     assignment : int64 Tensor, shape (B, n), or None
         For strategies that group tokens: the landmark each token belongs to (``-1``: none, e.g. padding).
     counts : Tensor, shape (B, m), or None
@@ -185,7 +185,7 @@ class FNAHandle(Handle):
         self._shared = self._shared_eligible = self._shared_forced = None
 
     def _attend(self, layer, call_next, module, query, key, value, attention_mask, scaling=None, dropout=0.0,
-                is_causal=None, **kwargs):
+                is_causal=None, nystrom_own_graph=False, **kwargs):
         if dropout:
             raise ValueError(f"FNA has no attention dropout (got dropout={dropout}); call model.eval() first")
         if getattr(module, "is_causal", False) if is_causal is None else is_causal:
@@ -229,6 +229,12 @@ class FNAHandle(Handle):
             return as_sdpa_under_autocast(
                 lambda q, k, v: self._attend(layer, own_under_autocast, module, q, k, v, attention_mask,
                                              scaling=scaling, dropout=dropout, is_causal=is_causal, **kwargs),
+                query, key, value)
+        if query.dtype == torch.float16 and not nystrom_own_graph:
+            # A graph of its own, whose backward keeps float16 gradients in range (nystrom.torch.autocast).
+            return as_sdpa_under_autocast(
+                lambda q, k, v: self._attend(layer, call_next, module, q, k, v, attention_mask, scaling=scaling,
+                                             dropout=dropout, is_causal=is_causal, nystrom_own_graph=True, **kwargs),
                 query, key, value)
         xp = array_api_compat.array_namespace(key)
         keys = None if real is None else real[:, None, :]
@@ -277,7 +283,9 @@ class FNAHandle(Handle):
             counts = counts[..., 0]
         indices = None if landmarks.indices is None else landmarks.indices[:, 0]
         # Detached: a record outlives the pass, and must not keep its autograd graph (the whole forward's activations).
-        self.records[layer] = LayerRecord(indices, sampled, factors.solve.residual.detach(), assignment, counts, steps)
+        residual = factors.solve.residual  # None from a solver callable that reports none
+        self.records[layer] = LayerRecord(indices, sampled, None if residual is None else residual.detach(), assignment,
+                                          counts, steps)
         weights = None
         if attentions_requested() and own_attention_returns_weights(module):
             # The attention FNA applies, F A^+ B (B, H, n, n): its output with the identity for values, so that the

@@ -186,3 +186,81 @@ def test_a_call_under_autocast_that_wants_gradients_compiles_into_one_graph():
 
     compiled = torch.compile(call, fullgraph=True, backend="eager")(Q.clone().requires_grad_(), K, V)
     assert torch.equal(compiled, call(Q.clone().requires_grad_(), K, V))
+
+
+def test_given_landmarks_that_depend_on_the_inputs_pass_their_gradient_under_autocast():
+    # The own graph took Q, K and V as its inputs and the landmarks as constants: the gradient that reaches Q and K
+    # through landmarks chosen from them was dropped.
+    Q, K, V = smooth_tokens()
+    at = torch.arange(0, 128, 8)
+
+    def gradient(q, k, v, autocast):
+        q, k = q.clone().requires_grad_(), k.clone().requires_grad_()
+        landmarks = nystrom.Landmarks(queries=q[..., at, :], keys=k[..., at, :])
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out, _ = fna_attention(q, k, v, landmarks)
+        return torch.autograd.grad(out.float().sum(), (q, k))
+
+    want = gradient(*(x.bfloat16() for x in (Q, K, V)), False)
+    got = gradient(Q, K, V, True)
+    for name, a, b in zip("QK", got, want):
+        # The same computation on the same bfloat16 values, up to the rounding of the gradients' last cast to
+        # bfloat16 (eps 7.8e-3) and of their sums over the landmark slices: 1.3e-3 measured.
+        assert relative_error(a, b.double()) < 2e-2, name
+
+
+@pytest.mark.parametrize("values,cotangent", [(30, 1000), (100, 300), (1000, 30)])
+def test_float16_gradients_are_finite_wherever_they_fit(values, cotangent):
+    # A review: with |dL/dO| of 1,000 (a loss scale) all float16 gradients were NaN, where the float32 ones are at
+    # most 8.7e3. Two causes: the float16 product's cotangent was the output's times c = max |v'|, and the gradients
+    # of the landmark means, sums over the tokens each stands for, passed 65,504 (1.6e5 for |dK| at most 2e4).
+    g = torch.Generator().manual_seed(0)
+    Q, K, V = (torch.randn(1, 4, 256, 64, generator=g) for _ in range(3))
+    V, G = values * V, cotangent * torch.randn(1, 4, 256, 64, generator=g)
+
+    def gradients(dtype):
+        q, k, v = (x.to(dtype).requires_grad_() for x in (Q, K, V))
+        nystrom.approximate(q, k, v, num_landmarks=32).backward(G.to(dtype))
+        return [x.grad.float() for x in (q, k, v)]
+
+    for name, half, full in zip("QKV", gradients(torch.float16), gradients(torch.float32)):
+        assert float(full.abs().max()) < 65504 / 2, name  # the case is one where they fit
+        assert torch.isfinite(half).all(), name
+        # float16's eps is 9.8e-4; measured 2.4e-3 at most, through the logits, the softmaxes and three products.
+        assert relative_error(half, full.double()) < 2e-2, name
+
+
+def test_float16_given_landmarks_pass_their_gradient():
+    # The float16 own graph differentiates given landmark tensors too (which the autocast one dropped, above).
+    Q, K, V = smooth_tokens()
+    at = torch.arange(0, 128, 8)
+
+    def gradient(dtype):
+        q, k, v = (x.to(dtype).requires_grad_() for x in (Q, K, V))
+        landmarks = nystrom.Landmarks(queries=q[..., at, :], keys=k[..., at, :])
+        fna_attention(q, k, v, landmarks, "newton_schulz")[0].float().sum().backward()
+        return [x.grad.float() for x in (q, k, v)]
+
+    for name, half, full in zip("QKV", gradient(torch.float16), gradient(torch.float32)):
+        # float16's eps 9.8e-4 through the products and the solve: 5.2e-3 measured.
+        assert relative_error(half, full.double()) < 2e-2, name
+
+
+def test_a_patched_float16_model_under_a_loss_scale_keeps_finite_gradients():
+    pytest.importorskip("transformers")
+    from test_capture import tiny_inputs, tiny_model
+
+    weight = torch.randn(2, 17, 32, generator=torch.Generator().manual_seed(3))
+
+    def gradient(dtype):
+        model = tiny_model("vit", dtype=dtype).eval()
+        pixels = tiny_inputs("vit", dtype=dtype)["pixel_values"].requires_grad_()
+        with nystrom.fna(model, num_landmarks=8):
+            # A loss scale of 2^12: the largest pixel gradient is 1.7e4, within float16's range.
+            (2.0**12 * (model(pixel_values=pixels).last_hidden_state.float() * weight).sum()).backward()
+        return pixels.grad.float()
+
+    half, full = gradient(torch.float16), gradient(torch.float32)
+    assert torch.isfinite(half).all()
+    # Four layers of float16 (eps 9.8e-4) around FNA: 3.0e-3 measured (1.4e-3 unpatched).
+    assert relative_error(half, full.double()) < 2e-2

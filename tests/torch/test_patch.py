@@ -885,3 +885,18 @@ def test_a_layer_that_misses_tol_warns_at_the_line_that_called_the_model():
             model(**inputs)
     missed = [w for w in caught if "not reached" in str(w.message)]
     assert missed and {w.filename for w in missed} == {__file__}
+
+
+def test_a_solver_callable_that_reports_no_residual_runs_in_a_model():
+    # SolveResult(inverse, None, 0), as the library's own message suggests for a callable: the layer record's
+    # residual.detach() raised an AttributeError, and Info's repr printed "residual max nan".
+    def solver(A):
+        return nystrom.SolveResult(torch.linalg.pinv(A), None, 0)
+
+    model = tiny_model("vit", dtype=torch.float32).eval()
+    with torch.no_grad(), nystrom.fna(model, num_landmarks=8, solver=solver) as handle:
+        model(**tiny_inputs("vit", dtype=torch.float32))
+    assert handle.records and all(record.residual is None for record in handle.records.values())
+    Q = torch.randn(1, 2, 32, 8)
+    _, info = nystrom.approximate(Q, Q, Q, num_landmarks=8, solver=solver, return_info=True)
+    assert "no residual reported" in repr(info) and "nan" not in repr(info)
