@@ -239,18 +239,22 @@ def nystrom_factors(xp, K, V, landmarks, invert, *, scale, mask=None, attend):
     c = xp.where(c > 0, c, xp.ones_like(c))
     # v' / c in value; its gradient passes to v' undivided, as nystrom_output's product gets the output's cotangent
     # undivided: a float16 gradient c times larger would not fit where the gradient of v' does.
-    scaled = vp / c if not getattr(vp, "requires_grad", False) else detached(vp) / c + (vp - detached(vp))
-    return NystromFactors(k_l, xp.astype(scaled, V.dtype), bias, c, result)
+    return NystromFactors(k_l, xp.astype(with_gradient(vp / c, vp), V.dtype), bias, c, result)
+
+
+def with_gradient(value, x, factor=1.0):
+    r"""``value``, with the gradient that ``x`` gets times ``factor`` (in the dtype of their product):
+    :math:`v_0 + (x - x_0)\,c` with :math:`v_0`, :math:`x_0` held constant, whose second term is 0 in value. ``value``
+    itself where ``x`` carries no gradient."""
+    if not getattr(x, "requires_grad", False):
+        return value
+    return detached(value) + (x - detached(x)) * factor
 
 
 def gradient_times(xp, x, c):
-    r"""``x`` in value and dtype, whose gradient is multiplied by ``c`` on the way back, in ``c``'s dtype; ``x`` itself
-    where it carries no gradient. Built as :math:`x_0 + (x - x_0)\,c` with :math:`x_0` held constant: the second
-    term is 0 in value."""
-    if not getattr(x, "requires_grad", False):
-        return x
-    x0 = detached(x)
-    return xp.astype(x0 + (x - x0) * c, x.dtype)
+    """``x`` in value and dtype, whose gradient is multiplied by ``c`` on the way back, in ``c``'s dtype
+    (:func:`with_gradient`)."""
+    return x if not getattr(x, "requires_grad", False) else xp.astype(with_gradient(x, x, c), x.dtype)
 
 
 def nystrom_output(xp, Q, factors, attend):
@@ -285,7 +289,7 @@ def nystrom_output(xp, Q, factors, attend):
     out = attend(*(None if x is None else gradient_times(xp, x, c) for x in (Q, factors.keys)), factors.values,
                  None if factors.bias is None else gradient_times(xp, factors.bias, c))
     out = xp.astype(out, c.dtype)
-    out = out * c if not getattr(out, "requires_grad", False) else detached(out) * c + (out - detached(out))
+    out = with_gradient(out * c, out)
     # The approximation is not a convex combination of V's rows, as exact attention is: where its error is large it
     # can leave float16's range, which exact attention (|O| <= max |V| <= 65,504) never does. Clipping to the range
     # moves no entry away from exact attention, and the cast does not overflow.
