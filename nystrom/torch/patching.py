@@ -79,11 +79,12 @@ HARMLESS_KEYWORDS = frozenset({
 IMPLEMENTATIONS = (None, "eager", "sdpa")
 
 
-def own_attention_answers(num_landmarks, longest, fewest, exclude=None):
+def own_attention_answers(num_landmarks, longest, fewest, excludes=False):
     """Whether FNA leaves a layer's pass to the model's own attention: ``num_landmarks`` holds every real token of the
-    ``longest`` sequence (and nothing is excluded), or a sequence of padding alone (``fewest`` 0) has no token a
-    landmark could stand for. Otherwise FNA uses ``min(num_landmarks, fewest)`` landmarks."""
-    return (exclude is None and num_landmarks >= longest) or fewest == 0
+    ``longest`` sequence (and ``excludes``, whether ``exclude=`` leaves out a real token in this pass, is false), or a
+    sequence of padding alone (``fewest`` 0) has no token a landmark could stand for. Otherwise FNA uses
+    ``min(num_landmarks, fewest)`` landmarks."""
+    return (not excludes and num_landmarks >= longest) or fewest == 0
 
 
 @dataclass(frozen=True)
@@ -214,7 +215,12 @@ class FNAHandle(Handle):
             kwargs["is_causal"] = is_causal
         own_attention = functools.partial(call_next, module, query, key, value, attention_mask, scaling=scaling,
                                           dropout=dropout, **kwargs)
-        if layer in self.exact_layers or own_attention_answers(m, longest, fewest, self.exclude):
+        # The exclusion of this pass (None where the block's input is unknown: selection then says why it cannot run);
+        # one that leaves out no real token changes nothing.
+        excluded = (None if self.exclude is None or layer not in self.inputs
+                    else token_mask("exclude", self.exclude, layer, self.inputs[layer]))
+        excludes = excluded is not None and bool(torch.any(excluded if real is None else excluded & real))
+        if layer in self.exact_layers or own_attention_answers(m, longest, fewest, excludes):
             self.records[layer] = LayerRecord(None, False, None)
             return own_attention()
         dtype = autocast_dtype(query.device)
@@ -245,7 +251,7 @@ class FNAHandle(Handle):
         memo = {}  # what selection computes whatever m, shared by the steps of a tol search
 
         def attempt(m, solver):
-            landmarks, sampled = self._landmarks(layer, query, key, value, real, scale, m, memo)
+            landmarks, sampled = self._landmarks(layer, query, key, value, real, excluded, scale, m, memo)
             return (landmarks, sampled), nystrom_factors(xp, key, value, landmarks, unchecked(solver), scale=scale,
                                                          mask=key_mask, attend=attend)
 
@@ -303,9 +309,10 @@ class FNAHandle(Handle):
     # It may answer without calling the model's own attention: it runs innermost, inside key masking and capture.
     _attend.terminal = True
 
-    def _landmarks(self, layer, query, key, value, real, scale, m, memo):
-        """``(Landmarks, sampled)`` of ``m`` landmarks for one layer; ``memo`` holds what selection computes whatever
-        ``m`` (:attr:`~nystrom.linalg.landmarks.Selection.memo`), for the steps of a search on the same inputs."""
+    def _landmarks(self, layer, query, key, value, real, excluded, scale, m, memo):
+        """``(Landmarks, sampled)`` of ``m`` landmarks for one layer, without the ``excluded`` tokens (``(B, n)`` or
+        ``None``); ``memo`` holds what selection computes whatever ``m``
+        (:attr:`~nystrom.linalg.landmarks.Selection.memo`), for the steps of a search on the same inputs."""
         xp = array_api_compat.array_namespace(key)
         hidden = self.inputs.get(layer)
         if hidden is None:
@@ -316,8 +323,7 @@ class FNAHandle(Handle):
             )
         eligible = torch.ones(hidden.shape[:2], dtype=torch.bool, device=key.device) if real is None else real
         guaranteed = None if self.guarantee is None else token_mask("guarantee", self.guarantee, layer, hidden)
-        if self.exclude is not None:
-            excluded = token_mask("exclude", self.exclude, layer, hidden)
+        if excluded is not None:
             if guaranteed is not None and bool(torch.any(guaranteed & excluded)):
                 raise ValueError(f"guarantee and exclude select the same token in layer {layer}: a token cannot "
                                  "be both always and never a landmark")
@@ -370,8 +376,13 @@ class FNAHandle(Handle):
         if forced is None:
             return run_strategy(self.strategy, Selection(xp, query, key, m, eligible[:, None, :], seed, -3, features,
                                                          scale, memo=memo))
-        # Guaranteed tokens take their own landmarks; the strategy chooses the other m - P for the other tokens,
-        # sequence by sequence (P differs between them).
+        # Guaranteed tokens take their own landmarks; the strategy chooses the other m - P, sequence by sequence (P
+        # differs between them). A strategy that picks tokens picks m among every eligible token, the guaranteed
+        # ones included, and its first m - P picks that are not guaranteed are kept: its own choice is what it would
+        # make without the guarantee (FPS starting from CLS as its `first`, as without guarantee=CLS; on the other
+        # tokens alone, FPS's first token was token 1, which guarantee=CLS moved into the picks). A grouping
+        # strategy groups the other tokens into m - P groups.
+        picks_tokens = getattr(self.strategy, "picks_tokens", False)
         chosen, weighted = [], False
         for b in range(key.shape[0]):
             pinned = torch.nonzero(forced[b])[:, 0]
@@ -381,8 +392,12 @@ class FNAHandle(Handle):
             rest = None
             if pinned.numel() < m:
                 rest = run_strategy(self.strategy, Selection(
-                    xp, query[b:b + 1], key[b:b + 1], m - pinned.numel(), (eligible[b] & ~forced[b])[None, None, :],
-                    seed, -3, features[b:b + 1], scale, memo=memo.setdefault(b, {})))
+                    xp, query[b:b + 1], key[b:b + 1], m if picks_tokens else m - pinned.numel(),
+                    (eligible[b] if picks_tokens else eligible[b] & ~forced[b])[None, None, :], seed, -3,
+                    features[b:b + 1], scale, memo=memo.setdefault(b, {})))
+                if picks_tokens:
+                    picks = rest.indices[0, 0]
+                    rest = replace(rest, indices=picks[~torch.isin(picks, pinned)][None, None, :m - pinned.numel()])
                 weighted = weighted or rest.log_weights is not None
             if rest is not None and rest.indices is None and rest.assignment is None:
                 raise ValueError(f"guarantee needs a strategy that picks or groups tokens, got {self.strategy!r}, "
@@ -468,12 +483,14 @@ def patch(model, *, layers=None, num_landmarks=64, strategy="norm", solver="newt
     guarantee : bool Tensor or callable, optional
         Tokens that are always landmarks (FNA's ``guarantee_mask``): a bool tensor ``(n,)`` or ``(B, n)``, or
         ``select(layer_index, hidden_states) -> bool (B, n)``. Each is a landmark of its own (a one-token group for
-        strategies that group tokens); the strategy fills the remaining slots. A strategy whose landmarks neither
-        pick nor group tokens is a ``ValueError`` in the forward pass.
+        strategies that group tokens); the strategy fills the remaining slots: one that picks tokens keeps its first
+        picks among all eligible tokens that are not guaranteed (so ``guarantee=`` CLS changes nothing for FPS, whose
+        ``first`` is CLS), one that groups tokens groups the others. A strategy whose landmarks neither pick nor
+        group tokens is a ``ValueError`` in the forward pass.
     exclude : bool Tensor or callable, optional
         Tokens that are never landmarks (FNA's ``exclude_mask``); same forms. They are still attended to. A token
         both guaranteed and excluded is a ``ValueError`` in the forward pass; a guaranteed token that is padding
-        is dropped.
+        is dropped. A pass in which it leaves out no real token runs as without it.
     mask_tokens : bool Tensor or callable, optional
         As :func:`~nystrom.torch.masking.mask_keys` inside the FNA layers: the selected keys get no attention and
         are never landmarks.

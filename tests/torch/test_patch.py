@@ -66,20 +66,23 @@ def assert_same_state(model, before):
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
 
 
-def NOTHING(layer, hidden_states):
-    """An exclusion that excludes nothing: it keeps FNA's Nyström path on when every token is a landmark."""
-    return torch.zeros(hidden_states.shape[:2], dtype=torch.bool)
+@pytest.fixture
+def nystrom_at_every_token(monkeypatch):
+    """FNA's Nyström path where every token is a landmark, whose answer is the model's own attention otherwise (an
+    exclusion that excludes nothing used to keep the path on: it no longer does)."""
+    monkeypatch.setattr(nystrom.torch.patching, "own_attention_answers",
+                        lambda num_landmarks, longest, fewest, excludes=False: fewest == 0)
 
 
 class TestExactWithAllTokensAsLandmarks:
     @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
     @pytest.mark.parametrize("kind", KINDS)
-    def test_tiny_models(self, kind, implementation):
+    def test_tiny_models(self, kind, implementation, nystrom_at_every_token):
         model = tiny_model(kind, implementation)
         inputs = tiny_inputs(kind)
         reference = run(model, inputs)
         # n = 17 (12 for BERT); 1000 is clipped to every real token of the shortest sequence.
-        with fna(model, layers=range(4), num_landmarks=1000, solver=EXACT, exclude=NOTHING) as handle:
+        with fna(model, layers=range(4), num_landmarks=1000, solver=EXACT) as handle:
             out = run(model, inputs)
         # ViT's and CLIP's eager attention take the softmax in float32 even in a float64 model, so the reference
         # is only float32-accurate there; elsewhere both sides are float64 (max error 6e-11 measured).
@@ -93,31 +96,31 @@ class TestExactWithAllTokensAsLandmarks:
             torch.testing.assert_close(out, reference, rtol=0, atol=tol)
         assert handle.layers == (0, 1, 2, 3)
 
-    def test_unpadded_bert_batch(self):
+    def test_unpadded_bert_batch(self, nystrom_at_every_token):
         model = tiny_model("bert")
         inputs = {"input_ids": tiny_inputs("bert")["input_ids"]}
-        with fna(model, num_landmarks=12, solver=EXACT, features="key", exclude=NOTHING):
+        with fna(model, num_landmarks=12, solver=EXACT, features="key"):
             out = run(model, inputs)
         torch.testing.assert_close(out, run(model, inputs), rtol=0, atol=1e-9)
 
-    def test_real_dinov2_at_224px(self, dinov2):
+    def test_real_dinov2_at_224px(self, dinov2, nystrom_at_every_token):
         model, inputs = dinov2
         reference = run(model, inputs)
-        with fna(model, num_landmarks=257, solver=EXACT, exclude=NOTHING) as handle:
+        with fna(model, num_landmarks=257, solver=EXACT) as handle:
             out = run(model, inputs)
         assert handle.layers == tuple(range(6, 12))
         # Outputs of size ~10; the all-landmark kernels of trained heads are ill-conditioned (error 1.2e-10 measured).
         torch.testing.assert_close(out, reference, rtol=0, atol=1e-8)
 
     @requires_minilm
-    def test_real_minilm(self):
+    def test_real_minilm(self, nystrom_at_every_token):
         from nystrom.experiments import pretrained
 
         model, tokenizer = pretrained.load_minilm()
         model = model.double()
         inputs = dict(tokenizer(pretrained.example_sentences()[:1], return_tensors="pt"))
         reference = run(model, inputs)
-        with fna(model, layers=range(6), num_landmarks=1000, solver=EXACT, exclude=NOTHING):
+        with fna(model, layers=range(6), num_landmarks=1000, solver=EXACT):
             out = run(model, inputs)
         torch.testing.assert_close(out, reference, rtol=0, atol=1e-10)
 
@@ -354,7 +357,7 @@ class TestMaskKeys:
                 run(model, tiny_inputs("vit"))
         assert_restored(model)
 
-    def test_fna_mask_tokens_equals_masked_exact_attention_at_full_rank(self):
+    def test_fna_mask_tokens_equals_masked_exact_attention_at_full_rank(self, nystrom_at_every_token):
         model = tiny_model("dinov2")
         inputs = tiny_inputs("dinov2")
 
@@ -363,7 +366,7 @@ class TestMaskKeys:
 
         with mask_keys(model, [2, 3], select):
             masked_exact = run(model, inputs)
-        with fna(model, num_landmarks=17, solver=EXACT, mask_tokens=select, exclude=NOTHING) as handle, \
+        with fna(model, num_landmarks=17, solver=EXACT, mask_tokens=select) as handle, \
                 capturing(model, [2, 3]) as caps:
             masked_fna = run(model, inputs)
         torch.testing.assert_close(masked_fna, masked_exact, rtol=0, atol=1e-9)
@@ -900,3 +903,36 @@ def test_a_solver_callable_that_reports_no_residual_runs_in_a_model():
     Q = torch.randn(1, 2, 32, 8)
     _, info = nystrom.approximate(Q, Q, Q, num_landmarks=8, solver=solver, return_info=True)
     assert "no residual reported" in repr(info) and "nan" not in repr(info)
+
+
+@pytest.mark.parametrize("recipe", [dict(strategy="fps"), dict(nystrom.FNA_AUTHORS)])
+def test_guaranteeing_the_token_fps_starts_from_changes_nothing(recipe):
+    # FPS's first=0 was counted among the tokens left after the guaranteed ones: with guarantee=CLS it forced token 1
+    # (and the authors' recipe, which keeps its first out of the sampling, token 2) into every layer's landmarks.
+    model = tiny_model("vit", dtype=torch.float32).eval()
+    inputs = tiny_inputs("vit", dtype=torch.float32)
+    cls = torch.arange(17) == 0
+    picked = []
+    for extra in ({}, {"guarantee": cls}):
+        with torch.no_grad(), nystrom.fna(model, num_landmarks=6, **recipe, **extra) as handle:
+            out = model(**inputs).last_hidden_state
+        picked.append((out, [record.indices for record in handle.records.values()]))
+    (out, indices), (out_guaranteed, indices_guaranteed) = picked
+    assert all(torch.equal(a, b) for a, b in zip(indices, indices_guaranteed))
+    torch.testing.assert_close(out_guaranteed, out, rtol=0, atol=0)
+
+
+def test_an_exclusion_that_excludes_nothing_keeps_the_exact_answer():
+    # exclude= turned the own-attention answer of num_landmarks >= n off whatever it held: an all-False mask (or a
+    # detector that finds nothing in a layer) added the solver's error, 0.030 on a MiniLM sentence.
+    model = tiny_model("vit", dtype=torch.float32).eval()
+    inputs = tiny_inputs("vit", dtype=torch.float32)
+    with torch.no_grad():
+        exact = model(**inputs).last_hidden_state
+        with nystrom.fna(model, num_landmarks=64, exclude=torch.zeros(17, dtype=torch.bool)) as handle:
+            out = model(**inputs).last_hidden_state
+        assert torch.equal(out, exact)
+        assert all(record.residual is None for record in handle.records.values())
+        with nystrom.fna(model, num_landmarks=64, exclude=torch.arange(17) == 5) as handle:
+            model(**inputs)
+        assert all(record.residual is not None for record in handle.records.values())
