@@ -205,6 +205,15 @@ class FNAHandle(Handle):
             self.records = {}
             self._shared = None
         batch, _, n, d = key.shape
+        hidden = self.inputs.get(layer)
+        if query.shape[-2] != n or (hidden is not None and tuple(hidden.shape[:-1]) != (batch, n)):
+            # Windowed or pooled attention (Hiera, SAM 2): the attention's sequences are not the block's, and its
+            # tokens are not the ones FNA selects, guarantees or excludes (a review: an IndexError deep in selection).
+            raise ValueError(
+                f"FNA layer {layer}: {type(module).__name__} attends over {query.shape[-2]} queries and {n} keys per "
+                f"sequence in a batch of {batch}, where its block's input has shape "
+                f"{tuple(getattr(hidden, 'shape', ()))} (batch, tokens, features): windowed or pooled attention, which "
+                "FNA does not support")
         scale = check_scale(scaling, d)
         real = padding_mask_from_attention_mask(attention_mask, batch, n)
         lengths = None if real is None else real.sum(dim=-1)
