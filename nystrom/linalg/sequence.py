@@ -100,3 +100,20 @@ class WholeSequence:
 
 WHOLE = WholeSequence()
 """The token axis of every single-process call."""
+
+
+def first_token(xp, n, first, mask=None, axis=WHOLE, device=None):
+    """Where the ``first``-th real token is: a bool array ``(n,)``, or ``(..., n)`` with ``mask (..., n)``, True at
+    that token of each row (a negative ``first`` counts from the last real token; a row with too few real tokens
+    has none). Without a mask every token is real. Counted among the real tokens, so that token 0 is a sequence's
+    [CLS] also under left padding, where position 0 is padding. On a sharded ``axis``, ranks and ``n`` are those
+    of the whole sequence and the array is this process's shard."""
+    total = axis.length(n)
+    if not (-total <= first < total):
+        raise ValueError(f"first={first} is not a token position for n={total}")
+    if mask is None:
+        return axis.positions(xp, n, device) == (first % total)
+    filled, before, n_valid = axis.cumulative_count(xp, mask)
+    rank = filled + before - 1
+    target = first if first >= 0 else n_valid + first
+    return mask & (rank == target)

@@ -27,9 +27,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import array_api_compat
-import numpy as np
 
 from .numerics import at_least_float32, masked_median, take_along_axis
+from .sequence import first_token
 from .validation import check_finite, check_positive, check_real_floating, check_token_mask, namespace
 
 __all__ = [
@@ -95,7 +95,7 @@ def detect_massive_activations(hidden, *, abs_threshold=100.0, median_ratio=1000
         :math:`\alpha`.
     median_ratio : float, default 1000
         :math:`\rho`.
-    attention_mask : bool or integer array, shape (..., n), optional
+    attention_mask : bool or integer array, broadcastable to (..., n), optional
         ``True`` for real tokens; padding is never flagged and does not enter the median.
 
     Returns
@@ -119,7 +119,7 @@ def detect_massive_activations(hidden, *, abs_threshold=100.0, median_ratio=1000
     flat_mask = None
     real = None
     if attention_mask is not None:
-        real = xp.broadcast_to(attention_mask, tuple(hidden.shape[:-1]))
+        real = attention_mask
         flat_mask = xp.reshape(xp.broadcast_to(real[..., None], tuple(hidden.shape)), tuple(flat.shape))
     median = masked_median(xp, flat, flat_mask)
     channel = xp.argmax(magnitude, axis=-1)
@@ -131,11 +131,13 @@ def detect_massive_activations(hidden, *, abs_threshold=100.0, median_ratio=1000
     return MassiveActivations(mask=mask, channel=channel, value=value, median=median)
 
 
-def excluded_tokens(xp, exclude, shape, device):
+def excluded_tokens(xp, exclude, shape, device, mask=None):
     """Token exclusions of :func:`detect_high_norm_tokens` as a bool array of ``shape``.
 
     ``exclude`` holds token positions, is a bool array broadcastable to ``shape`` (``True`` = excluded), or is
-    ``None`` (no token excluded, as ``()``).
+    ``None`` (no token excluded, as ``()``). With a token ``mask`` (bool, ``shape``) positions count among the real
+    tokens of each row (:func:`~nystrom.linalg.sequence.first_token`): 0 is a sequence's [CLS] under left padding
+    too, where position 0 is padding, and -1 its last real token; a row with too few real tokens has none there.
     """
     n = shape[-1]
     if exclude is None:
@@ -145,9 +147,10 @@ def excluded_tokens(xp, exclude, shape, device):
         bad = [p for p in positions if isinstance(p, bool) or not isinstance(p, numbers.Integral) or not -n <= p < n]
         if bad:
             raise ValueError(f"exclude must hold token positions in [-{n}, {n}), got {positions!r}")
-        flags = np.zeros(n, dtype=bool)
-        flags[[p % n for p in positions]] = True
-        return xp.broadcast_to(xp.asarray(flags, device=device), shape)
+        flags = xp.zeros(shape, dtype=xp.bool, device=device)
+        for p in positions:
+            flags = flags | first_token(xp, n, int(p), mask, device=device)
+        return xp.broadcast_to(flags, shape)
     if exclude.dtype != xp.bool:
         raise TypeError(f"exclude must be a sequence of token positions or a bool array, got dtype {exclude.dtype}")
     if exclude.ndim > len(shape) or any(s not in (1, t) for s, t in zip(exclude.shape[::-1], shape[::-1])) \
@@ -174,8 +177,10 @@ def detect_high_norm_tokens(hidden, *, ratio=4.0, exclude=(0,), attention_mask=N
         :math:`\nu`.
     exclude : sequence of int, bool array broadcastable to (..., n), or None, default (0,)
         Tokens that are never artifacts and do not enter the median: positions (``(0,)`` is the CLS token,
-        ``()`` or ``None`` none) or a bool mask (``True`` = excluded).
-    attention_mask : bool or integer array, shape (..., n), optional
+        ``()`` or ``None`` none) or a bool mask (``True`` = excluded). With ``attention_mask``, positions count
+        among the real tokens, as :class:`~nystrom.linalg.landmarks.Norm`'s ``first`` does: ``0`` is the CLS token
+        under left padding too, ``-1`` the last real token (BERT's [SEP]).
+    attention_mask : bool or integer array, broadcastable to (..., n), optional
         ``True`` for real tokens; padding is never flagged and does not enter the median.
 
     Returns
@@ -194,9 +199,9 @@ def detect_high_norm_tokens(hidden, *, ratio=4.0, exclude=(0,), attention_mask=N
     attention_mask = _check_tokens(xp, "hidden", hidden, attention_mask, 2)
     nu = check_positive("ratio", ratio)
     shape = tuple(hidden.shape[:-1])
-    eligible = ~excluded_tokens(xp, exclude, shape, array_api_compat.device(hidden))
+    eligible = ~excluded_tokens(xp, exclude, shape, array_api_compat.device(hidden), attention_mask)
     if attention_mask is not None:
-        eligible = eligible & xp.broadcast_to(attention_mask, shape)
+        eligible = eligible & attention_mask
     if not bool(xp.all(xp.any(eligible, axis=-1))):
         raise ValueError("exclude and attention_mask leave a sequence without any token to test")
     # In float32 at least: a float16 sum of squares overflows past norms of 256, and an infinite median flags nothing.
@@ -223,7 +228,7 @@ def detect_sinks(attention_share, *, ratio=4.0, attention_mask=None):
         :func:`nystrom.linalg.landmarks.norm.attention_share`.
     ratio : float, default 4
         :math:`\rho`.
-    attention_mask : bool or integer array, shape (..., n), optional
+    attention_mask : bool or integer array, broadcastable to (..., n), optional
         ``True`` for real keys; padding is never a sink and does not count in :math:`n_v`.
 
     Returns
@@ -242,6 +247,6 @@ def detect_sinks(attention_share, *, ratio=4.0, attention_mask=None):
     rho = check_positive("ratio", ratio)
     if attention_mask is None:
         return attention_share >= rho / attention_share.shape[-1]
-    real = xp.broadcast_to(attention_mask, tuple(attention_share.shape))
+    real = attention_mask
     n_valid = xp.sum(xp.astype(real, attention_share.dtype), axis=-1, keepdims=True)
     return real & (attention_share >= rho / n_valid)

@@ -340,22 +340,24 @@ def check_attn_mask(xp, attn_mask, Q, K, *, check_values=True, shard=False):
 def check_token_mask(xp, mask, shape):
     """Validate a per-token mask ``attention_mask`` against tokens of shape ``(..., n)``; return it as bool.
 
-    transformers' meaning: bool ``True`` or integer 1 = real token, 0 = padding. Its dimensions are those of
-    ``shape`` or 1. Reads the data: integer values must be 0/1, and every sequence needs a real token.
+    transformers' meaning: bool ``True`` or integer 1 = real token, 0 = padding. It broadcasts to ``shape`` (an
+    ``(n,)`` mask serves every sequence of a batch) and is returned broadcast to it. Reads the data: integer values
+    must be 0/1, and every sequence needs a real token.
     """
     if mask.dtype != xp.bool and not xp.isdtype(mask.dtype, "integral"):
         raise TypeError(f"attention_mask must be bool or integer 0/1 (1 = real token), got dtype {mask.dtype}")
     got = tuple(mask.shape)
-    if len(got) != len(shape) or got[-1] != shape[-1] or any(g not in (1, e) for g, e in zip(got, shape)):
-        raise ValueError(f"attention_mask must have shape {tuple(shape)} (1 = real token) or size-1 dimensions "
-                         f"that broadcast to it, got {got}")
+    if not 1 <= len(got) <= len(shape) or got[-1] != shape[-1] \
+            or any(g not in (1, e) for g, e in zip(got[::-1], shape[::-1])):
+        raise ValueError(f"attention_mask must have shape {tuple(shape)} (1 = real token) or one that broadcasts "
+                         f"to it, got {got}")
     if mask.dtype != xp.bool:
         if not bool(xp.all((mask == 0) | (mask == 1))):
             raise ValueError("attention_mask as an integer mask must hold 0 (padding) and 1 (real token)")
         mask = mask != 0
     if not bool(xp.all(xp.any(mask, axis=-1))):
         raise ValueError("attention_mask masks every token of at least one sequence; each needs a real token")
-    return mask
+    return xp.broadcast_to(mask, tuple(shape))
 
 
 def check_unknown_arguments(function: str, unknown: dict) -> None:

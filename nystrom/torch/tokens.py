@@ -222,7 +222,8 @@ def analyze_tokens(model, inputs, *, massive_threshold=100.0, massive_ratio=1000
     sink_ratio : float
         ``ratio`` of :func:`detect_sinks`.
     exclude : sequence of int or bool Tensor (B, n), default (0,)
-        Tokens never tested as artifacts (default: the CLS token at position 0).
+        Tokens never tested as artifacts (default: the CLS token). Positions count among the real tokens of
+        ``attention_mask``: ``0`` is the CLS token under left padding too, ``-1`` the last real token.
 
     Returns
     -------
@@ -277,7 +278,7 @@ def analyze_tokens(model, inputs, *, massive_threshold=100.0, massive_ratio=1000
     sink = detect_sinks(share, ratio=sink_ratio, attention_mask=mask)
     token_mask = torch.ones(residual.shape[1:3], dtype=torch.bool) if real is None else real
     excluded = excluded_tokens(array_api_compat.array_namespace(residual), exclude, tuple(residual.shape[1:3]),
-                          residual.device)
+                               residual.device, None if real is None else real.to(residual.device))
     return TokenAnalysis(
         residual_norms=_numpy(torch.linalg.vector_norm(residual, dim=-1)),
         normed_norms=_numpy(torch.linalg.vector_norm(normed, dim=-1)),

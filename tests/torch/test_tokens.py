@@ -129,6 +129,45 @@ class TestHighNorm:
         found = as_numpy(detectors.detect_high_norm_tokens(to_array(hidden), attention_mask=to_array(real)))
         assert np.flatnonzero(found[0]).tolist() == [7]
 
+    def test_positions_count_among_the_real_tokens(self, to_array):
+        # Left padding: position 0 of the shorter row is padding and its [CLS] (rank 0, ten times the others' norm,
+        # as CLS often is) sits at position 3. The default exclude=(0,) is [CLS] in both rows; it tested the CLS of
+        # the left-padded row as an artifact. -1 is each row's last real token (BERT's [SEP]), not the last position.
+        hidden = np.random.default_rng(7).standard_normal((2, 12, 32))
+        real = np.ones((2, 12), dtype=bool)
+        real[1, :3] = False
+        hidden[0, 0] *= 10
+        hidden[1, 3] *= 10
+        hidden[1, :3] *= 100  # padding with huge norms
+        found = as_numpy(detectors.detect_high_norm_tokens(to_array(hidden), attention_mask=to_array(real)))
+        assert not found.any()
+        hidden[:, -1] *= 10
+        right = np.ones((2, 12), dtype=bool)
+        right[0, 9:] = False  # right padding in row 0: its last real token is at 8
+        hidden[0, 8] *= 10
+        mask = to_array(right & real)
+        found = as_numpy(detectors.detect_high_norm_tokens(to_array(hidden), attention_mask=mask))
+        assert [np.flatnonzero(row).tolist() for row in found] == [[8], [11]]
+        assert not as_numpy(detectors.detect_high_norm_tokens(to_array(hidden), exclude=(0, -1),
+                                                              attention_mask=mask)).any()
+        # Without a mask positions are positions: the CLS at 3 is flagged (and the last token, 11).
+        found = as_numpy(detectors.detect_high_norm_tokens(to_array(hidden[1:, 3:]), exclude=(1,)))
+        assert np.flatnonzero(found[0]).tolist() == [0, 8]
+
+    def test_one_sequence_mask_serves_the_batch(self, to_array):
+        # An (n,) mask broadcasts over a batch (numpy's rule); the detectors refused it for (B, n, D) tokens.
+        hidden = np.random.default_rng(8).standard_normal((3, 20, 16))
+        hidden[:, 15:] *= 100
+        hidden[:, 4] *= 2000
+        share = softmax(np, hidden[..., 0], None)
+        real = np.arange(20) < 15
+        batched = np.broadcast_to(real, (3, 20)).copy()
+        for detect, x in ((detectors.detect_high_norm_tokens, hidden), (detectors.detect_sinks, share),
+                          (lambda h, **k: detectors.detect_massive_activations(h, **k).mask, hidden)):
+            one = as_numpy(detect(to_array(x), attention_mask=to_array(real)))
+            np.testing.assert_array_equal(one, as_numpy(detect(to_array(x), attention_mask=to_array(batched))))
+            assert one[:, 4].all() and not one[:, 15:].any()
+
     @pytest.mark.parametrize("seed", SEEDS)
     def test_nothing_on_gaussian_tokens(self, seed):
         # Over 50 seeds the largest norm of (4, 64, 128) standard normals is < 1.26x the median.
@@ -275,6 +314,17 @@ def test_post_layernorm_fields_match_transformers():
     np.testing.assert_allclose(analysis.attention_share.sum(axis=-1), 1.0, rtol=1e-5)
     assert not analysis.attention_share[:, 1, 7:].any()
     assert not (analysis.massive | analysis.artifact | analysis.sink)[:, ~analysis.token_mask].any()
+
+
+def test_analyze_tokens_excludes_the_cls_of_left_padded_rows():
+    # Left padding puts [CLS] at the first real position; the default exclude=(0,) named position 0, a pad in the
+    # shorter row, so that row's [CLS] was tested as an artifact and its padding excluded.
+    ids = torch.randint(1, 50, (2, 10), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(2, 10, dtype=torch.long)
+    mask[1, :4] = 0
+    analysis = tokens.analyze_tokens(tiny_bert(), {"input_ids": ids, "attention_mask": mask})
+    assert [np.flatnonzero(row).tolist() for row in analysis.excluded] == [[0], [4]]
+    assert not analysis.artifact[:, 1, 4].any()
 
 
 @pytest.mark.parametrize("name", TINY_VISION)

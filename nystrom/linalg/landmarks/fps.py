@@ -25,7 +25,7 @@ import array_api_compat
 import numpy as np
 
 from ..numerics import at_least_float32, host_view, put_where, single_threaded_numpy_blas, take_along_axis
-from ..sequence import WHOLE
+from ..sequence import WHOLE, first_token
 from ..solvers import NewtonSchulz
 from ..validation import check_bool, check_int
 from .base import TokenStrategy, unit_scaled
@@ -292,23 +292,6 @@ FNA_AUTHORS = MappingProxyType({
 landmark and kept out of the sampling, which starts at token 1, and 6 Newton–Schulz steps with the start
 scaled per matrix. One landmark set per sequence shared by the heads, chosen once per forward pass, is the
 library's default too. Where the defaults depart from it, and why: the docs' landmark page."""
-
-
-def first_token(xp, n, first, mask=None, axis=WHOLE, device=None):
-    """Where the ``first``-th real token is: a bool array ``(n,)``, or ``(..., n)`` with ``mask (..., n)``, True at
-    that token of each row (a negative ``first`` counts from the last real token; a row with too few real tokens
-    has none). Without a mask every token is real. Counted among the real tokens, so that token 0 is a sequence's
-    [CLS] also under left padding, where position 0 is padding. On a sharded ``axis``, ranks and ``n`` are those
-    of the whole sequence and the array is this process's shard."""
-    total = axis.length(n)
-    if not (-total <= first < total):
-        raise ValueError(f"first={first} is not a token position for n={total}")
-    if mask is None:
-        return axis.positions(xp, n, device) == (first % total)
-    filled, before, n_valid = axis.cumulative_count(xp, mask)
-    rank = filled + before - 1
-    target = first if first >= 0 else n_valid + first
-    return mask & (rank == target)
 
 
 def first_token_score(xp, X, first, mask=None, axis=WHOLE):

@@ -35,10 +35,9 @@ from dataclasses import dataclass
 import array_api_compat
 
 from ..numerics import at_least_float32, masked_median, put_where, softmax, take_along_axis
-from ..sequence import WHOLE
+from ..sequence import WHOLE, first_token
 from ..validation import check_bool, check_int, check_real
 from .base import ClusterStrategy, Grouping
-from .fps import first_token
 from .kmeans import sampled_kmeans
 
 
