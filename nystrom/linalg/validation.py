@@ -478,17 +478,23 @@ def check_tolerance(xp, tol, max_landmarks, strict_tol, m, Q, K, keys=None, fewe
         real = fewest if fewest is not None else fewest_real_keys(xp, keys)
     largest = min(real, Q.shape[-2])
     tol, top = check_error_control(tol, max_landmarks, strict_tol, m, largest)
+    warn_below_rounding(xp, tol, Q.dtype)
+    return tol, top, largest, real
+
+
+def warn_below_rounding(xp, tol, dtype, where=""):
+    """Warn when ``tol`` is below the rounding of exact attention in ``dtype``, the reference its error is measured
+    against (``where`` prefixes the message)."""
     # The reference is exact attention in the inputs' dtype, itself off by its rounding: the output's eps (a review
     # found float16 calls with tol=1e-4 answered "exactly" with 3e-4 of error against float64), and that of the sums,
     # 8 eps of the dtype they accumulate in (float64 for float64 inputs, else float32: float32 SDPA measured 1.2-3.3
     # eps from float64 at n = 1,024-2,048).
-    floor = max(float(xp.finfo(Q.dtype).eps), 8 * float(xp.finfo(xp.float64 if Q.dtype == xp.float64
-                                                                   else xp.float32).eps))
+    floor = max(float(xp.finfo(dtype).eps), 8 * float(xp.finfo(xp.float64 if dtype == xp.float64
+                                                                 else xp.float32).eps))
     if tol < floor:
-        warnings.warn(f"tol={tol} is below the rounding of exact attention in {Q.dtype} (about {floor:.3g}): the "
-                      f"error is measured against exact attention computed in {Q.dtype}, which is itself about that "
+        warnings.warn(f"{where}tol={tol} is below the rounding of exact attention in {dtype} (about {floor:.3g}): the "
+                      f"error is measured against exact attention computed in {dtype}, which is itself about that "
                       "far from exact", UserWarning, stacklevel=outside_stacklevel())
-    return tol, top, largest, real
 
 
 def check_head_axis(head_axis, K) -> None:

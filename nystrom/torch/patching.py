@@ -45,6 +45,7 @@ from ..linalg.validation import (
     check_scale,
     check_seed,
     fewest_real_keys,
+    warn_below_rounding,
 )
 from .attention import sdpa_attend
 from .autocast import as_sdpa_under_autocast, autocast_dtype
@@ -273,6 +274,7 @@ class FNAHandle(Handle):
             # rows of this layer's own attention; later passes reuse the m it found. It starts from num_landmarks
             # clipped to the real tokens of the shortest sequence, as selection clips it, and never goes past them.
             # The model's own attention answers for an exact step, below.
+            warn_below_rounding(xp, self.tol, query.dtype, where=f"FNA layer {layer}: ")
             ((landmarks, sampled), factors), steps = search_for_tol(
                 xp, query, key, value, attempt, lambda: ((None, False), None),
                 first=min(m, fewest), num_keys=fewest, key_mask=keys, max_landmarks=self.max_landmarks, tol=self.tol,
@@ -517,7 +519,8 @@ def patch(model, *, layers=None, num_landmarks=64, strategy="norm", solver="newt
         ``records[layer].tol_steps``). Each layer then chooses its own landmarks (``resample`` must be
         ``"every_layer"``). A layer where Nyström attention cannot reach ``tol`` with at most half the FLOPs of
         exact attention runs the model's own attention from then on (``handle.exact_layers``). Calibrate on a
-        representative batch: the error of later batches is not checked.
+        representative batch: the error of later batches is not checked. A ``tol`` below the rounding of exact
+        attention in the layer's dtype, the reference of the estimate, warns at calibration, as ``approximate`` does.
     max_landmarks : int, optional
         A budget on the :math:`m` of the search, as for ``approximate``: below the real tokens of the
         calibration batch's shortest sequence it rules exact attention out.

@@ -763,7 +763,7 @@ def test_tol_records_the_landmarks_used_where_exclude_leaves_fewer_than_the_real
     exclude = torch.ones(145, dtype=torch.bool)
     exclude[:20] = False
     with pytest.warns(UserWarning, match="not reached"):
-        with torch.no_grad(), fna(model, layers=[0, 1], num_landmarks=16, tol=1e-9, max_landmarks=32,
+        with torch.no_grad(), fna(model, layers=[0, 1], num_landmarks=16, tol=1e-5, max_landmarks=32,
                                   exclude=exclude) as handle:
             model(pixel_values=pixels)
     assert not handle.exact_layers
@@ -888,6 +888,20 @@ def test_a_layer_that_misses_tol_warns_at_the_line_that_called_the_model():
             model(**inputs)
     missed = [w for w in caught if "not reached" in str(w.message)]
     assert missed and {w.filename for w in missed} == {__file__}
+
+
+def test_a_tol_below_the_dtype_rounding_warns_at_calibration():
+    # As approximate(tol=...) does: the reference is exact attention in the layer's dtype (fna said nothing).
+    model, inputs = tiny_model("vit", dtype=torch.float32), tiny_inputs("vit", dtype=torch.float32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torch.no_grad(), fna(model, layers=[0, 1], num_landmarks=2, tol=1e-8):
+            model(**inputs)
+            model(**inputs)  # calibrated: no new warning
+    floor = [w for w in caught if "below the rounding" in str(w.message)]
+    assert [str(w.message).split(":")[0] for w in floor] == ["FNA layer 0", "FNA layer 1"]
+    assert "tol=1e-08 is below the rounding of exact attention in torch.float32" in str(floor[0].message)
+    assert {w.filename for w in floor} == {__file__}
 
 
 def test_a_solver_callable_that_reports_no_residual_runs_in_a_model():
