@@ -37,9 +37,11 @@ class CapturedAttention:
     ----------
     layer : int
         Encoder layer index.
-    hidden_states : Tensor, shape (B, n, D)
+    hidden_states : Tensor, shape (B, n, D), or None
         The block's input: the residual stream before the block's first LayerNorm (for post-LayerNorm models
-        such as BERT, the previous block's normalised output).
+        such as BERT, the previous block's normalised output). ``None`` where that input is not the attention's
+        tokens, one feature row per key: windowed or pooled attention (SAM 2's Hiera attends over windows of a
+        ``(B, H, W, C)`` input, some stages with pooled queries).
     query, key, value : Tensor, shape (B, H, n, d)
         As the attention function receives them (after the projections, before the softmax and scaling).
     attention_mask : bool Tensor, shape (B, n), or None
@@ -73,9 +75,13 @@ class CapturedAttention:
 def _record(records, handle, layer, call_next, module, query, key, value, attention_mask, **kwargs):
     output, weights = call_next(module, query, key, value, attention_mask, **kwargs)
     scaling = kwargs.get("scaling")
+    hidden = handle.inputs.get(layer)
+    batch, _, n, _ = key.shape
+    if hidden is not None and (query.shape[-2] != n or tuple(hidden.shape[:-1]) != (batch, n)):
+        hidden = None  # windowed or pooled attention: no feature row per key
     records.append(CapturedAttention(
         layer=layer,
-        hidden_states=handle.inputs[layer].detach(),
+        hidden_states=None if hidden is None else hidden.detach(),
         query=query.detach(),
         key=key.detach(),
         value=value.detach(),
