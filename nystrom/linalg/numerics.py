@@ -113,6 +113,12 @@ def masked_median(xp, values, mask=None):
     return take_along_axis(xp, ordered, middle)[..., 0]
 
 
+def numpy_overflow_ignored():
+    """numpy's error state with its overflow and invalid-value ``RuntimeWarning`` off, for computations whose padding
+    rows may overflow and are never read (under ``-W error`` the warning would be an error)."""
+    return np.errstate(over="ignore", invalid="ignore")
+
+
 def quiet_numpy_overflow(function):
     """``function`` with numpy's overflow and invalid-value ``RuntimeWarning`` off: padding may hold any finite
     values, up to the dtype's largest, and the padded rows' overflowing logits are computed (as SDPA computes them)
@@ -123,7 +129,7 @@ def quiet_numpy_overflow(function):
     def call(*args, **kwargs):
         if any(array_api_compat.is_torch_array(a) for a in args):
             return function(*args, **kwargs)
-        with np.errstate(over="ignore", invalid="ignore"):
+        with numpy_overflow_ignored():
             return function(*args, **kwargs)
 
     return call

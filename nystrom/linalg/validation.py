@@ -25,7 +25,7 @@ import warnings
 import array_api_compat
 import numpy as np
 
-from .numerics import sum_dtype
+from .numerics import numpy_overflow_ignored, sum_dtype
 
 
 def namespace(**arrays):
@@ -94,9 +94,8 @@ def check_finite(xp, **arrays) -> None:
     non-finite sum (a real NaN/Inf, or an overflow of large finite entries) needs the full test.
     The arrays' sums are tested together, one host read for all of them (on CUDA, one synchronisation).
     """
-    # An overflowing sum of finite entries is expected here (padding may hold up to the dtype's largest): numpy's
-    # RuntimeWarning about it would be an error under -W error.
-    with np.errstate(over="ignore", invalid="ignore"):
+    # An overflowing sum of finite entries is expected here (padding may hold up to the dtype's largest).
+    with numpy_overflow_ignored():
         sums = [xp.astype(xp.sum(a, dtype=sum_dtype(xp, a)), xp.float64 if a.dtype == xp.float64 else xp.float32)
                 for a in arrays.values()]
     if bool(xp.all(xp.isfinite(xp.stack(sums)))):

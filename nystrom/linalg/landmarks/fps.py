@@ -24,7 +24,14 @@ from types import MappingProxyType
 import array_api_compat
 import numpy as np
 
-from ..numerics import at_least_float32, host_view, put_where, single_threaded_numpy_blas, take_along_axis
+from ..numerics import (
+    at_least_float32,
+    host_view,
+    numpy_overflow_ignored,
+    put_where,
+    single_threaded_numpy_blas,
+    take_along_axis,
+)
 from ..sequence import WHOLE, first_token
 from ..solvers import NewtonSchulz
 from ..validation import check_bool, check_int
@@ -160,7 +167,7 @@ def _fps_host(X, m, eligible, score, max_guaranteed, from_guaranteed=True):
     d_new = np.empty(n, dtype=X.dtype)
     chosen = np.empty(m, dtype=np.int64)
     # Padding rows may hold anything finite: their distances may overflow (and are never used, see fmin below).
-    with np.errstate(over="ignore", invalid="ignore"):
+    with numpy_overflow_ignored():
         for step in range(m):
             idx = int(guaranteed[step]) if step < guaranteed.size else int(np.argmax(dist))
             chosen[step] = idx
