@@ -52,9 +52,9 @@ def follows_sdpa_under_autocast(function):
     @functools.wraps(function)
     def call(Q, K, V, *args, **kwargs):
         if array_api_compat.is_torch_array(Q):
-            from .torch.autocast import as_sdpa_under_autocast
+            from .torch.autocast import with_own_precision
 
-            return as_sdpa_under_autocast(lambda q, k, v: function(q, k, v, *args, **kwargs), Q, K, V)
+            return with_own_precision(lambda q, k, v: function(q, k, v, *args, **kwargs), Q, K, V)
         return function(Q, K, V, *args, **kwargs)
 
     return call

@@ -27,7 +27,7 @@ from ..linalg.attention import check_nystrom_call, in_query_chunks, nystrom_prod
 from ..linalg.landmarks.base import Landmarks
 from ..linalg.split_keys import merge_partials
 from ..linalg.validation import check_query_chunk_size, check_unknown_arguments
-from .autocast import as_sdpa_under_autocast, autocast_cast, autocast_dtype
+from .autocast import autocast_cast, autocast_dtype, with_own_precision
 
 _FLASH_CPU = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
@@ -222,4 +222,4 @@ def fna_attention(Q, K, V, landmarks, solver="newton_schulz", *, scale=None, att
         attend = in_query_chunks(functools.partial(sdpa_attend, scale=tau), check_query_chunk_size(query_chunk_size))
         return nystrom_product(xp, q, k, v, given, invert, scale=tau, mask=mask, attend=attend)
 
-    return as_sdpa_under_autocast(run, Q, K, V, *(getattr(landmarks, name) for name in fields))
+    return with_own_precision(run, Q, K, V, *(getattr(landmarks, name) for name in fields))

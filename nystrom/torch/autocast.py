@@ -48,11 +48,12 @@ def autocast_cast(x, dtype):
     return x.to(dtype) if isinstance(x, torch.Tensor) and x.dtype in _CAST_BY_AUTOCAST else x
 
 
-def as_sdpa_under_autocast(function, Q, K, V, *inputs):
-    """``function(Q, K, V, *inputs)``, with ``Q``, ``K`` and ``V`` in the dtype autocast would give SDPA and autocast
-    off inside, forward and backward, and for float16 the gradient's range kept (:func:`with_own_backward`, which
-    differentiates ``inputs`` too: tensors such as given landmarks); a plain call when autocast is off for ``Q``'s
-    device and ``Q`` is not float16."""
+def with_own_precision(function, Q, K, V, *inputs):
+    """``function(Q, K, V, *inputs)`` under the library's precision rules rather than the caller's: under autocast,
+    ``Q``, ``K`` and ``V`` in the dtype autocast would give SDPA and autocast off inside, forward and backward; for
+    float16, with or without autocast, the gradient's range kept (:func:`with_own_backward`, which differentiates
+    ``inputs`` too: tensors such as given landmarks). A plain call when autocast is off for ``Q``'s device and ``Q``
+    is not float16."""
     dtype = autocast_dtype(Q.device)
     if dtype is None:
         if Q.dtype != torch.float16:

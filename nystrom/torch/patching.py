@@ -48,7 +48,7 @@ from ..linalg.validation import (
     warn_below_rounding,
 )
 from .attention import sdpa_attend
-from .autocast import as_sdpa_under_autocast, autocast_dtype
+from .autocast import autocast_dtype, with_own_precision
 from .dispatch import (
     Handle,
     attentions_requested,
@@ -242,13 +242,13 @@ class FNAHandle(Handle):
                 with torch.autocast(query.device.type, dtype=dtype):
                     return call_next(*args, **options)
 
-            return as_sdpa_under_autocast(
+            return with_own_precision(
                 lambda q, k, v: self._attend(layer, own_under_autocast, module, q, k, v, attention_mask,
                                              scaling=scaling, dropout=dropout, is_causal=is_causal, **kwargs),
                 query, key, value)
         if query.dtype == torch.float16 and not nystrom_own_graph:
             # A graph of its own, whose backward keeps float16 gradients in range (nystrom.torch.autocast).
-            return as_sdpa_under_autocast(
+            return with_own_precision(
                 lambda q, k, v: self._attend(layer, call_next, module, q, k, v, attention_mask, scaling=scaling,
                                              dropout=dropout, is_causal=is_causal, nystrom_own_graph=True, **kwargs),
                 query, key, value)
