@@ -187,7 +187,7 @@ class FNAHandle(Handle):
         self._shared = self._shared_eligible = self._shared_forced = None
 
     def _attend(self, layer, call_next, module, query, key, value, attention_mask, scaling=None, dropout=0.0,
-                is_causal=None, nystrom_own_graph=False, **kwargs):
+                is_causal=None, **kwargs):
         if dropout:
             raise ValueError(f"FNA has no attention dropout (got dropout={dropout}); call model.eval() first")
         if getattr(module, "is_causal", False) if is_causal is None else is_causal:
@@ -223,8 +223,10 @@ class FNAHandle(Handle):
         m = self.num_landmarks_per_layer.get(layer, self.num_landmarks)
         if is_causal is not None:
             kwargs["is_causal"] = is_causal
-        own_attention = functools.partial(call_next, module, query, key, value, attention_mask, scaling=scaling,
-                                          dropout=dropout, **kwargs)
+
+        def own_attention(q, k, v):
+            return call_next(module, q, k, v, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+
         # The exclusion of this pass (None where the block's input is unknown: selection then says why it cannot run);
         # one that leaves out no real token changes nothing.
         excluded = (None if self.exclude is None or layer not in self.inputs
@@ -232,26 +234,31 @@ class FNAHandle(Handle):
         excludes = excluded is not None and bool(torch.any(excluded if real is None else excluded & real))
         if layer in self.exact_layers or own_attention_answers(m, longest, fewest, excludes):
             self.records[layer] = LayerRecord(None, False, None)
-            return own_attention()
+            return own_attention(query, key, value)
+        approximate = functools.partial(self._approximate, layer, module, real=real, fewest=fewest, excluded=excluded,
+                                        scale=scale, m=m)
         dtype = autocast_dtype(query.device)
         if dtype is not None:
             # FNA keeps its solve and A^+ (B V) in float32 (nystrom.torch.autocast): its inputs as autocast gives them
             # to SDPA and autocast off for it; on for the model's own attention (an exact step of calibration) as
             # around it.
-            def own_under_autocast(*args, **options):
+            def own_under_autocast(q, k, v):
                 with torch.autocast(query.device.type, dtype=dtype):
-                    return call_next(*args, **options)
+                    return own_attention(q, k, v)
 
-            return with_own_precision(
-                lambda q, k, v: self._attend(layer, own_under_autocast, module, q, k, v, attention_mask,
-                                             scaling=scaling, dropout=dropout, is_causal=is_causal, **kwargs),
-                query, key, value)
-        if query.dtype == torch.float16 and not nystrom_own_graph:
+            return with_own_precision(lambda q, k, v: approximate(own_under_autocast, q, k, v), query, key, value)
+        if query.dtype == torch.float16:
             # A graph of its own, whose backward keeps float16 gradients in range (nystrom.torch.autocast).
-            return with_own_precision(
-                lambda q, k, v: self._attend(layer, call_next, module, q, k, v, attention_mask, scaling=scaling,
-                                             dropout=dropout, is_causal=is_causal, nystrom_own_graph=True, **kwargs),
-                query, key, value)
+            return with_own_precision(lambda q, k, v: approximate(own_attention, q, k, v), query, key, value)
+        return approximate(own_attention, query, key, value)
+
+    # It may answer without calling the model's own attention: it runs innermost, inside key masking and capture.
+    _attend.terminal = True
+
+    def _approximate(self, layer, module, own_attention, query, key, value, *, real, fewest, excluded, scale, m):
+        """FNA's answer for one layer's checked call (:meth:`_attend`): ``(output (B, n, H, d), weights)``, or the
+        model's own, ``own_attention(query, key, value)``, where a ``tol`` search gives up on Nyström attention."""
+        batch, _, n, _ = key.shape
         xp = array_api_compat.array_namespace(key)
         keys = None if real is None else real[:, None, :]
         key_mask = None if keys is None else keys[..., None, :]
@@ -289,7 +296,7 @@ class FNAHandle(Handle):
                 # Nyström attention does not reach tol here where it pays: this layer runs the model's own attention.
                 self.exact_layers.add(layer)
                 self.records[layer] = LayerRecord(None, False, None, tol_steps=steps)
-                return own_attention()
+                return own_attention(query, key, value)
         assignment = landmarks.assignment
         counts = None
         if landmarks.log_weights is not None:
@@ -316,9 +323,6 @@ class FNAHandle(Handle):
                                       mask=key_mask, attend=attend)
             weights = nystrom_output(xp, query, implied, attend)
         return nystrom_output(xp, query, factors, attend).transpose(1, 2).contiguous(), weights
-
-    # It may answer without calling the model's own attention: it runs innermost, inside key masking and capture.
-    _attend.terminal = True
 
     def _landmarks(self, layer, query, key, value, real, excluded, scale, m, memo):
         """``(Landmarks, sampled)`` of ``m`` landmarks for one layer, without the ``excluded`` tokens (``(B, n)`` or

@@ -264,3 +264,28 @@ def test_a_patched_float16_model_under_a_loss_scale_keeps_finite_gradients():
     assert torch.isfinite(half).all()
     # Four layers of float16 (eps 9.8e-4) around FNA: 3.0e-3 measured (1.4e-3 unpatched).
     assert relative_error(half, full.double()) < 2e-2
+
+
+@pytest.mark.parametrize("dtype, autocast", [(torch.float16, False), (torch.float32, True)])
+def test_a_patched_layer_checks_its_call_once_in_a_graph_of_its_own(monkeypatch, dtype, autocast):
+    # The float16 and autocast branches re-entered the whole layer call inside their graph: every check and host read
+    # (the padding mask, the real-token counts, the exclusion) ran twice per layer and pass.
+    pytest.importorskip("transformers")
+    from test_capture import tiny_inputs, tiny_model
+
+    import nystrom.torch.patching as patching
+
+    calls = []
+    padding = patching.padding_mask_from_attention_mask
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return padding(*args, **kwargs)
+
+    monkeypatch.setattr(patching, "padding_mask_from_attention_mask", counted)
+    model = tiny_model("vit", dtype=dtype).eval()
+    pixels = tiny_inputs("vit", dtype=dtype)["pixel_values"].requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), nystrom.fna(model, layers=[2], num_landmarks=8):
+        out = model(pixel_values=pixels).last_hidden_state
+    out.float().sum().backward()
+    assert len(calls) == 1 and torch.isfinite(pixels.grad).all()
