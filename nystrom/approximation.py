@@ -193,6 +193,23 @@ def approximate(
         ``enable_gqa=True``). ``n_q`` may differ from ``n`` (cross-attention).
     K : array, shape (..., n, d)
     V : array, shape (..., n, d_v)
+    attn_mask : array, optional
+        Key mask, in the conventions of ``scaled_dot_product_attention`` and transformers:
+
+        * bool, ``True`` = attend (a real key); integer 0/1, 1 = real token (transformers'
+          ``attention_mask``); or floating, added to the logits: 0 = attend, ``-inf`` or at most half the
+          dtype's most negative value (transformers' ``finfo.min``) = masked;
+        * shape ``(..., 1, n)`` broadcasting to ``(..., n_q, n)`` as in SDPA (``(B, 1, 1, n)``,
+          ``(B, H, 1, n)``, ``(1, n)``), ``(n,)``, or transformers' ``(B, n)`` for inputs with a batch axis.
+          A ``(..., n_q, n)`` mask whose query rows are all equal (an expanded key mask) is taken too.
+
+        Masked keys get no attention and are never landmarks, and their contents (any finite values) do
+        not change the output. Nyström attention here is bidirectional: a mask that differs between
+        queries (causal) is rejected. A mask that differs between heads makes each head choose its own
+        landmarks (see ``share_landmarks_across_heads``). The name and meaning are SDPA's, so an
+        ``nn.MultiheadAttention`` ``key_padding_mask`` (``True`` = padding) is passed as
+        ``attn_mask=~key_padding_mask``; the former ``key_padding_mask=`` argument raises a ``TypeError``
+        that says so.
     strategy : str or callable
         ``"norm"`` (default: attention sinks, high-norm tokens and CLS as landmarks of their own,
         weighted k-means clusters for the rest), ``"fps"``, ``"segment_means"``, ``"uniform"``,
@@ -220,23 +237,6 @@ def approximate(
         Softmax temperature :math:`\tau`, default ``1/sqrt(d)``. Positive and finite: unlike SDPA, which takes any
         float, 0 and negative temperatures are refused (``ValueError``); landmark rules that read attention
         assume that a larger logit means more attention.
-    attn_mask : array, optional
-        Key mask, in the conventions of ``scaled_dot_product_attention`` and transformers:
-
-        * bool, ``True`` = attend (a real key); integer 0/1, 1 = real token (transformers'
-          ``attention_mask``); or floating, added to the logits: 0 = attend, ``-inf`` or at most half the
-          dtype's most negative value (transformers' ``finfo.min``) = masked;
-        * shape ``(..., 1, n)`` broadcasting to ``(..., n_q, n)`` as in SDPA (``(B, 1, 1, n)``,
-          ``(B, H, 1, n)``, ``(1, n)``), ``(n,)``, or transformers' ``(B, n)`` for inputs with a batch axis.
-          A ``(..., n_q, n)`` mask whose query rows are all equal (an expanded key mask) is taken too.
-
-        Masked keys get no attention and are never landmarks, and their contents (any finite values) do
-        not change the output. Nyström attention here is bidirectional: a mask that differs between
-        queries (causal) is rejected. A mask that differs between heads makes each head choose its own
-        landmarks (see ``share_landmarks_across_heads``). The name and meaning are SDPA's, so an
-        ``nn.MultiheadAttention`` ``key_padding_mask`` (``True`` = padding) is passed as
-        ``attn_mask=~key_padding_mask``; the former ``key_padding_mask=`` argument raises a ``TypeError``
-        that says so.
     seed : int, optional
         Makes the random strategies (``uniform``, ``rpcholesky``) deterministic; the
         same seed gives the same landmarks for numpy and torch inputs.

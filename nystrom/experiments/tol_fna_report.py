@@ -6,7 +6,7 @@ batch, 10-22 tokens): the first forward pass calibrates :math:`m` per layer (the
 ``approximate(tol=...)`` from ``--num-landmarks``, default 16 for DINOv2 and 4 for MiniLM), the second reuses it
 and is measured. Per model and ``tol``:
 
-* * the :math:`m` each layer calibrated (``exact``: the layer ran the model's own attention, because Nyström
+* the :math:`m` each layer calibrated (``exact``: the layer ran the model's own attention, because Nyström
   attention could not reach ``tol`` with at most half the FLOPs, or :math:`m` covered every token), and the layers
   whose search escalated the solver or warned (``tol`` not reached: only with a ``--max-landmarks`` budget);
 * the achieved layer error of the second pass: :math:`\lVert \hat O_\ell - O_\ell\rVert_F / \lVert O_\ell\rVert_F`

@@ -586,8 +586,18 @@ def patch(model, *, layers=None, num_landmarks=64, strategy="norm", solver="newt
 def fna(model, **options):
     """Context manager form of :func:`patch`: FNA inside the ``with`` block, exact attention after it.
 
-    Takes the same keyword arguments as :func:`patch` and yields its :class:`FNAHandle`. The model is restored
-    on exit, also when the block raises.
+    Parameters
+    ----------
+    model : torch.nn.Module
+        As for :func:`patch`.
+    **options
+        The keyword arguments of :func:`patch` (``layers``, ``num_landmarks``, ``strategy``, ``solver``, ``tol``,
+        ...), with its defaults and meaning.
+
+    Yields
+    ------
+    FNAHandle
+        :func:`patch`'s handle; the model is restored on exit, also when the block raises.
 
     Examples
     --------

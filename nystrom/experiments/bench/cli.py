@@ -47,7 +47,7 @@ def build_parser():
                         help="default float32 on CPU, bfloat16 on CUDA")
     parser.add_argument("--out", type=Path, default=Path("results"),
                         help="results go to OUT/<device>/ (default results/)")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes: a seconds-long smoke run")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of about half a minute")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for torch and for numpy's BLAS (default: their own choice, one per core)")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")

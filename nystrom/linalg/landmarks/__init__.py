@@ -12,6 +12,7 @@ from .base import (
     CAPABILITIES,
     STRATEGIES,
     ClusterStrategy,
+    Grouping,
     Landmarks,
     Selection,
     Strategy,
@@ -31,7 +32,7 @@ from .uniform import Uniform
 RANDOM_STRATEGIES = frozenset(name for name, cls in STRATEGIES.items() if cls.random)
 
 __all__ = [
-    "CAPABILITIES", "FNA_AUTHORS", "FPS", "ClusterStrategy", "KMeans", "Landmarks", "Norm", "RANDOM_STRATEGIES",
-    "RPCholesky", "STRATEGIES", "SegmentMeans", "Selection", "Strategy", "TokenStrategy", "Uniform", "attention_share",
-    "farthest_point_sampling", "get_strategy", "require", "rpcholesky_pivots",
+    "CAPABILITIES", "FNA_AUTHORS", "FPS", "ClusterStrategy", "Grouping", "KMeans", "Landmarks", "Norm",
+    "RANDOM_STRATEGIES", "RPCholesky", "STRATEGIES", "SegmentMeans", "Selection", "Strategy", "TokenStrategy",
+    "Uniform", "attention_share", "farthest_point_sampling", "get_strategy", "require", "rpcholesky_pivots",
 ]

@@ -46,6 +46,8 @@ def probe_logits(xp, Q, K, scale, mask=None, num_probes=16, axis=WHOLE):
 
     Parameters
     ----------
+    xp
+        Array namespace of the inputs.
     Q : array, shape (..., n_q, d)
     K : array, shape (..., n, d)
     scale : float
@@ -106,6 +108,8 @@ def attention_share(xp, Q, K, scale, mask=None, num_probes=16):
 
     Parameters
     ----------
+    xp
+        Array namespace of the inputs.
     Q, K, scale, mask, num_probes
         As for :func:`probe_logits`.
 
