@@ -204,7 +204,11 @@ def approximate(
           A ``(..., n_q, n)`` mask whose query rows are all equal (an expanded key mask) is taken too.
 
         Masked keys get no attention and are never landmarks, and their contents (any finite values) do
-        not change the output. Nyström attention here is bidirectional: a mask that differs between
+        not change the output. Of self-attention's padded query rows (the rows of masked keys), whose output
+        nobody reads, only the gradients are affected: queries near the dtype's largest value (1e37 and up in
+        float32, where their logits overflow) make every input's gradient NaN, real rows' included (SDPA's
+        output is NaN there already). The library cannot zero them: a masked key's query may be a real one
+        (key-masking experiments read its output). Nyström attention here is bidirectional: a mask that differs between
         queries (causal) is rejected. A mask that differs between heads makes each head choose its own
         landmarks (see ``share_landmarks_across_heads``). The name and meaning are SDPA's, so an
         ``nn.MultiheadAttention`` ``key_padding_mask`` (``True`` = padding) is passed as

@@ -24,8 +24,10 @@ def without_padding(xp, keys, *arrays):
     """``arrays (..., n, D)`` with the rows of padded keys (``keys (..., n)`` False) set to 0.
 
     Padding may hold anything finite, up to 3e38 in float32: zeroed, it takes part in no product, so no
-    overflow from padding reaches a real token, in selection or attention. ``keys=None`` returns the
-    arrays unchanged.
+    overflow from padding reaches a real token, in selection or attention. Only keys and values are zeroed: the
+    query rows at padded keys are computed as given (a masked key's query may be a real one), so queries near the
+    dtype's largest value there overflow their own logits, which the forward pass never reads but a backward pass
+    does (NaN gradients). ``keys=None`` returns the arrays unchanged.
     """
     if keys is None:
         return arrays
