@@ -282,7 +282,9 @@ def sharded_approximate(Q, K, V, *, group, strategy="norm", num_landmarks=64, so
         which process and why) or when the processes' shapes or settings disagree; ``ValueError`` also for a
         strategy that cannot select over shards (the message lists those that can) and for the arguments a
         sharded call does not take (``return_info``, ``features``, ``tol``) and for inputs that require grad while
-        autograd records. No process is left waiting.
+        autograd records. No process is left waiting, provided every process passes the same ``group``: the group
+        is what the processes compare their arguments over, so one process with another group (or none) leaves the
+        others waiting in that comparison until the backend's timeout.
     RuntimeError
         Without an initialised ``torch.distributed``.
 
@@ -292,15 +294,21 @@ def sharded_approximate(Q, K, V, *, group, strategy="norm", num_landmarks=64, so
     few hundred bytes, then for ``"norm"``, with :math:`B` sequences of :math:`H` heads sharing landmarks and
     :math:`b` bytes per element (float32 or wider), about
 
-    .. math:: B H s_p (d + 2 + k)\, b + 20 B k + B s d\, b + 2 B H m d\, b + B H m (d_v + 2)\, b
+    .. math:: B H s_p (d + 2 + k)\, b + 36 B k + (8 + b) B + B s d\, b + 2 B (H d + 1) m\, b + B H m (d_v + 2)\, b
 
-    bytes: the :math:`s_p = 8` probe queries, their softmax, the :math:`k` sink candidates, the k-means sample of
-    :math:`s = \min(n, \max(1024, 16m))` tokens, the landmarks' sums and the landmark product. Nothing grows with
+    bytes: the :math:`s_p = 8` probe queries, their softmax, the :math:`k` sink candidates (their columns, pairs and
+    flags), the ranks and the eligible count, the k-means sample of :math:`s = \min(n, \max(1024, 16m))` tokens, the
+    landmarks' sums and cluster sizes, and the landmark product (187,180 bytes at :math:`(B, H, d, m) = (1, 4, 32,
+    32)` in float32, as :func:`traffic` records). Nothing grows with
     :math:`n` beyond :math:`s`; the docs' page "Sequence parallelism" lists every strategy. Forward only:
     ``torch.distributed``'s collectives carry no gradient.
     """
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError("group= needs torch.distributed initialised (torch.distributed.init_process_group)")
+    if group is dist.GroupMember.NON_GROUP_MEMBER:
+        raise ValueError(f"group: this process (rank {dist.get_rank()}) is not a member of the group it was given "
+                         "(torch.distributed.new_group returns a placeholder to the other processes); call "
+                         "approximate with group= on the group's members only")
     if not isinstance(group, dist.ProcessGroup):
         raise TypeError(f"group must be a torch.distributed ProcessGroup (e.g. torch.distributed.group.WORLD), got "
                         f"{type(group).__name__}")

@@ -184,6 +184,16 @@ def error_cases(rank, world):
     }
 
 
+def non_member_case(rank, world):
+    """The last process calls with a group of the others, which hands it a placeholder: its error (the members do not
+    call)."""
+    others = dist.new_group(list(range(world - 1)))  # a collective of every process
+    if rank != world - 1:
+        return None
+    Q = inputs((1, 1, 8, 4), torch.float64)[0]
+    return error_of(lambda: nystrom.approximate(Q, Q, Q, num_landmarks=2, group=others))
+
+
 def traffic_cases(rank, world):
     """Bytes this process sends for the default call at two sequence lengths past the k-means sample."""
     sent = {}
@@ -231,6 +241,7 @@ def worker(rank, world, port, out):
             except Exception:  # noqa: BLE001 - reported to the test, which shows the traceback
                 results[name] = ("crash", traceback.format_exc())
         results.update(error_cases(rank, world))
+        results["non_member"] = non_member_case(rank, world)
         results["traffic"] = traffic_cases(rank, world)
         results["top_k_ties"] = top_k_cases(rank, world)
     finally:

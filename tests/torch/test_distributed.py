@@ -134,6 +134,15 @@ def test_bad_calls_raise_on_every_process(groups, world, name):
 
 
 @pytest.mark.parametrize("world", WORLDS)
+def test_a_process_outside_the_group_is_told_so(groups, world):
+    # new_group hands the processes outside it an int placeholder: the message said "got int".
+    *members, outside = groups[world]
+    assert all(result["non_member"] is None for result in members)
+    kind, message = outside["non_member"]
+    assert kind == "ValueError" and f"this process (rank {world - 1}) is not a member of the group" in message
+
+
+@pytest.mark.parametrize("world", WORLDS)
 def test_bytes_sent_do_not_grow_with_n(groups, world):
     for result in groups[world]:
         sent = result["traffic"]
