@@ -142,9 +142,9 @@ def test_capturing_restores_the_model_after_an_exception():
     assert_restored(model)
 
 
-def test_windowed_attention_records_no_hidden_states():
-    # Hiera (SAM 2) attends over windows of its (B, H, W, C) block input, some stages with pooled queries: that input
-    # is no feature row per key, and was recorded as (B, n, D) hidden states all the same.
+def tiny_hiera():
+    """A random-weight SAM 2 Hiera on 64 x 64 pixels: four stages of one block, windowed attention over its (B, H, W,
+    C) block input, pooled queries in the first two stages, global attention in the last (skips without the class)."""
     if not hasattr(transformers, "Sam2HieraDetModel"):
         pytest.skip("this transformers has no Sam2HieraDetModel")
     torch.manual_seed(0)
@@ -153,7 +153,13 @@ def test_windowed_attention_records_no_hidden_states():
         patch_padding=[3, 3], blocks_per_stage=[1, 1, 1, 1], embed_dim_per_stage=[16, 32, 64, 128],
         num_attention_heads_per_stage=[1, 2, 4, 8], window_size_per_stage=[4, 4, 2, 2], global_attention_blocks=[3],
         num_query_pool_stages=2, window_positional_embedding_background_size=[4, 4], attn_implementation="sdpa")
-    model = transformers.Sam2HieraDetModel(config).eval()
+    return transformers.Sam2HieraDetModel(config).eval()
+
+
+def test_windowed_attention_records_no_hidden_states():
+    # Hiera (SAM 2) attends over windows of its (B, H, W, C) block input, some stages with pooled queries: that input
+    # is no feature row per key, and was recorded as (B, n, D) hidden states all the same.
+    model = tiny_hiera()
     captured = capture_attention(model, {"pixel_values": torch.randn(1, 3, 64, 64)})
     assert len(captured) == 4 and all(c.hidden_states is None for c in captured)
     for c in captured:  # the attention itself is recorded as it ran

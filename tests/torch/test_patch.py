@@ -25,6 +25,7 @@ from test_capture import (  # noqa: E402  (pytest puts this directory on sys.pat
     assert_restored,
     hooks,
     requires_minilm,
+    tiny_hiera,
     tiny_inputs,
     tiny_model,
 )
@@ -955,16 +956,7 @@ def test_an_exclusion_that_excludes_nothing_keeps_the_exact_answer():
 def test_windowed_and_pooled_attention_is_refused_by_name():
     # Hiera (SAM 2) calls ALL_ATTENTION_FUNCTIONS on windows of its (B, H, W, C) block input, with pooled queries in
     # some stages: FNA failed inside selection (IndexError) or its masks (RuntimeError).
-    transformers = pytest.importorskip("transformers")
-    if not hasattr(transformers, "Sam2HieraDetModel"):
-        pytest.skip("this transformers has no Sam2HieraDetModel")
-    torch.manual_seed(0)
-    config = transformers.Sam2HieraDetConfig(
-        hidden_size=16, num_attention_heads=1, image_size=[64, 64], patch_kernel_size=[7, 7], patch_stride=[4, 4],
-        patch_padding=[3, 3], blocks_per_stage=[1, 1, 1, 1], embed_dim_per_stage=[16, 32, 64, 128],
-        num_attention_heads_per_stage=[1, 2, 4, 8], window_size_per_stage=[4, 4, 2, 2], global_attention_blocks=[3],
-        num_query_pool_stages=2, window_positional_embedding_background_size=[4, 4], attn_implementation="sdpa")
-    model = transformers.Sam2HieraDetModel(config).eval()
+    model = tiny_hiera()
     for layer in range(4):
         with torch.no_grad(), nystrom.fna(model, layers=[layer], num_landmarks=3):
             with pytest.raises(ValueError, match=f"FNA layer {layer}: .* windowed or pooled attention"):
