@@ -90,6 +90,26 @@ def test_newton_schulz_start_uses_both_norms():
         assert np.linalg.norm(result.inverse - inverse) <= 1e-10 * np.linalg.cond(A) * np.linalg.norm(inverse)
 
 
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 10_000), m=st.integers(1, 20), iters=st.integers(0, 12), softmax=st.booleans())
+def test_newton_schulz_is_the_documented_spectral_filter(seed, m, iters, softmax):
+    # Docs' pseudo-inverse page: Z_k = V diag(phi_k(sigma)) U^T with e_0 = 1 - alpha sigma^2,
+    # e_{k+1} = 3/4 e_k^3 + 1/4 e_k^4, phi_k = (1 - e_k) / sigma and alpha = 1 / (|A|_1 |A|_inf).
+    A = softmax_matrix(seed, m, temperature=3.0) if softmax else random_matrix(seed, m, cond=1e3)
+    U, sigma, Vt = np.linalg.svd(A)
+    e = 1 - sigma**2 / (np.abs(A).sum(axis=0).max() * np.abs(A).sum(axis=1).max())
+    for _ in range(iters):
+        e = 0.75 * e**3 + 0.25 * e**4
+    filtered = (Vt.T * ((1 - e) / sigma)) @ U.T
+    # The matrix iteration rounds I - A Z to about m eps absolute in every direction; along a small singular value
+    # that error grows by the map's slope 13/4 per step (as the inverted fraction does) and reaches Z divided by
+    # sigma_min: m eps (13/4)^k / sigma_min, with a factor 10 of margin (measured within it for cond up to 1e6).
+    Z = NewtonSchulz(iters=iters)(A).inverse
+    np.testing.assert_allclose(Z, filtered, rtol=0, atol=10 * m * EPS64 * (13 / 4) ** iters / sigma.min())
+    # Not a tolerance that passes anything: at least 100 times below the largest entry of the filtered inverse.
+    assert 10 * m * EPS64 * (13 / 4) ** iters / sigma.min() < 1e-2 * np.abs(filtered).max() or iters == 0
+
+
 def test_newton_schulz_scaling_is_per_matrix():
     # A batch mixing a matrix with a huge norm and a small one: a batch-wide scale (the peers'
     # bug) would start the small one at ~0 and leave it unconverged after 6 steps.
