@@ -270,7 +270,8 @@ def approximate(
         ``check_finite=False`` in scipy.linalg, and bad values then give undefined results. Also the mask
         checks read the data: its values, and whether a ``(..., n_q, n)`` mask repeats one row (without the
         check such a mask is rejected; pass its ``(..., 1, n)`` row).
-        With ``False`` the torch path of every strategy reads no data: it compiles into one graph,
+        With ``False`` the torch path of every strategy reads no data (but with ``tol``, whose search reads each
+        step's estimate, and ``NewtonSchulz(tol=...)``, which reads its residual each step): it compiles into one graph,
         ``torch.compile(..., fullgraph=True)`` (each check would be a graph break), and every tensor it makes is
         on the input's device but the random strategies' seeded host draws (``tests/torch/test_device.py``, on
         fake CUDA tensors; the docs' design page).

@@ -175,6 +175,7 @@ class FNAHandle(Handle):
         self.query_chunk_size = check_query_chunk_size(query_chunk_size)
         self.records: dict[int, LayerRecord] = {}
         self._shared = self._shared_eligible = self._shared_forced = None
+        self._pass_padding = None
 
     @staticmethod
     def default_layers(num_layers):
@@ -185,6 +186,7 @@ class FNAHandle(Handle):
         """Uninstall (:meth:`Handle.remove`) and drop the landmarks shared across layers; :attr:`records` stay."""
         super().remove()
         self._shared = self._shared_eligible = self._shared_forced = None
+        self._pass_padding = None
 
     def _attend(self, layer, call_next, module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                 is_causal=None, **kwargs):
@@ -204,7 +206,7 @@ class FNAHandle(Handle):
                              f"this model runs {implementation!r}: load it with attn_implementation='sdpa'")
         if layer == self.layers[0]:
             self.records = {}
-            self._shared = None
+            self._shared = self._pass_padding = None
         batch, _, n, d = key.shape
         hidden = self.inputs.get(layer)
         if query.shape[-2] != n or (hidden is not None and tuple(hidden.shape[:-1]) != (batch, n)):
@@ -216,10 +218,7 @@ class FNAHandle(Handle):
                 f"{tuple(getattr(hidden, 'shape', ()))} (batch, tokens, features): windowed or pooled attention, which "
                 "FNA does not support")
         scale = check_scale(scaling, d)
-        real = padding_mask_from_attention_mask(attention_mask, batch, n)
-        lengths = None if real is None else real.sum(dim=-1)
-        # The real tokens of the longest and the shortest sequence, read once for the tests below and calibration.
-        longest, fewest = (n, n) if lengths is None else (int(lengths.max()), int(lengths.min()))
+        real, longest, fewest, everything = self._padding(attention_mask, batch, n, key.device)
         m = self.num_landmarks_per_layer.get(layer, self.num_landmarks)
         if is_causal is not None:
             kwargs["is_causal"] = is_causal
@@ -236,7 +235,7 @@ class FNAHandle(Handle):
             self.records[layer] = LayerRecord(None, False, None)
             return own_attention(query, key, value)
         approximate = functools.partial(self._approximate, layer, module, real=real, fewest=fewest, excluded=excluded,
-                                        scale=scale, m=m)
+                                        everything=everything, scale=scale, m=m)
         dtype = autocast_dtype(query.device)
         if dtype is not None:
             # FNA keeps its solve and A^+ (B V) in float32 (nystrom.torch.autocast): its inputs as autocast gives them
@@ -255,7 +254,28 @@ class FNAHandle(Handle):
     # It may answer without calling the model's own attention: it runs innermost, inside key masking and capture.
     _attend.terminal = True
 
-    def _approximate(self, layer, module, own_attention, query, key, value, *, real, fewest, excluded, scale, m):
+    def _padding(self, attention_mask, batch, n, device):
+        """``(real, longest, fewest, everything)`` of this pass's ``attention_mask``: the real tokens ``(B, n)``
+        (``None`` without padding), the real tokens of the longest and of the shortest sequence, and the tokens
+        eligible before exclusions (``real``, or all). The mask is read once per forward pass, not per layer (one
+        host read of two ints, none without padding): the layers of a pass get the same mask object, and the
+        same ``everything`` object tells :meth:`_reusable` that nothing changed since the first layer."""
+        cached = self._pass_padding
+        if cached is not None and cached[0] is attention_mask and cached[1] == (batch, n, device):
+            return cached[2:]
+        real = padding_mask_from_attention_mask(attention_mask, batch, n)
+        if real is None:
+            longest = fewest = n
+            everything = torch.ones((batch, n), dtype=torch.bool, device=device)
+        else:
+            lengths = real.sum(dim=-1)
+            longest, fewest = (int(x) for x in torch.stack((lengths.max(), lengths.min())).tolist())
+            everything = real
+        self._pass_padding = (attention_mask, (batch, n, device), real, longest, fewest, everything)
+        return real, longest, fewest, everything
+
+    def _approximate(self, layer, module, own_attention, query, key, value, *, real, fewest, excluded, everything,
+                     scale, m):
         """FNA's answer for one layer's checked call (:meth:`_attend`): ``(output (B, n, H, d), weights)``, or the
         model's own, ``own_attention(query, key, value)``, where a ``tol`` search gives up on Nyström attention."""
         batch, _, n, _ = key.shape
@@ -268,7 +288,7 @@ class FNAHandle(Handle):
         memo = {}  # what selection computes whatever m, shared by the steps of a tol search
 
         def attempt(m, solver):
-            landmarks, sampled = self._landmarks(layer, query, key, value, real, excluded, scale, m, memo)
+            landmarks, sampled = self._landmarks(layer, query, key, value, everything, fewest, excluded, scale, m, memo)
             return (landmarks, sampled), nystrom_factors(xp, key, value, landmarks, unchecked(solver), scale=scale,
                                                          mask=key_mask, attend=attend)
 
@@ -324,9 +344,10 @@ class FNAHandle(Handle):
             weights = nystrom_output(xp, query, implied, attend)
         return nystrom_output(xp, query, factors, attend).transpose(1, 2).contiguous(), weights
 
-    def _landmarks(self, layer, query, key, value, real, excluded, scale, m, memo):
-        """``(Landmarks, sampled)`` of ``m`` landmarks for one layer, without the ``excluded`` tokens (``(B, n)`` or
-        ``None``); ``memo`` holds what selection computes whatever ``m``
+    def _landmarks(self, layer, query, key, value, everything, fewest, excluded, scale, m, memo):
+        """``(Landmarks, sampled)`` of ``m`` landmarks for one layer among ``everything`` (the real tokens
+        ``(B, n)``, :meth:`_padding`; ``fewest`` in the shortest sequence) without the ``excluded`` tokens (``(B, n)``
+        or ``None``); ``memo`` holds what selection computes whatever ``m``
         (:attr:`~nystrom.linalg.landmarks.Selection.memo`), for the steps of a search on the same inputs."""
         xp = array_api_compat.array_namespace(key)
         hidden = self.inputs.get(layer)
@@ -336,13 +357,14 @@ class FNAHandle(Handle):
                 "input hidden states are unknown (activation, or gradient, checkpointing recomputes blocks this way); "
                 "call model.activation_checkpointing_disable() to use FNA"
             )
-        eligible = torch.ones(hidden.shape[:2], dtype=torch.bool, device=key.device) if real is None else real
+        eligible = everything
         guaranteed = None if self.guarantee is None else token_mask("guarantee", self.guarantee, layer, hidden)
         if excluded is not None:
             if guaranteed is not None and bool(torch.any(guaranteed & excluded)):
                 raise ValueError(f"guarantee and exclude select the same token in layer {layer}: a token cannot "
                                  "be both always and never a landmark")
             eligible = eligible & ~excluded
+            fewest = fewest_real_keys(xp, eligible)  # a host read, only where tokens are excluded
         # Guaranteed tokens that are padding (or keys masked by mask_tokens) are no tokens to attend to: dropped.
         forced = None if guaranteed is None else guaranteed & eligible
         # Reused landmarks must still be eligible here and hold this layer's guaranteed tokens (exclusions,
@@ -355,7 +377,7 @@ class FNAHandle(Handle):
                 weighted = shared.log_weights is not None
                 return grouped_landmarks(xp, query, key, shared.grouping, m, -3, weighted=weighted), False
             return landmarks_at(xp, query, key, shared.indices), False
-        landmarks = self._select(layer, query, key, value, hidden, eligible, forced, scale, m, memo)
+        landmarks = self._select(layer, query, key, value, hidden, eligible, fewest, forced, scale, m, memo)
         if self.resample == "once" and layer == self.layers[0]:
             # Later layers reuse the grouping or the indices only, with their own queries and keys: the shared copy
             # holds no autograd graph, which would keep this pass's activations alive after it.
@@ -368,6 +390,9 @@ class FNAHandle(Handle):
         """Whether the shared landmarks fit this layer: the same eligible and guaranteed tokens for a grouping,
         eligible tokens that hold every guaranteed one for picked tokens."""
         shared = self._shared
+        if eligible is self._shared_eligible and forced is None and (shared.grouping is None
+                                                                     or self._shared_forced is None):
+            return True  # the first layer's own tokens (no exclusion, no guarantee): nothing to read on the host
         if shared.grouping is not None:
             same_forced = (forced is None) == (self._shared_forced is None) and (
                 forced is None or torch.equal(forced, self._shared_forced))
@@ -378,12 +403,12 @@ class FNAHandle(Handle):
         picked = torch.zeros_like(eligible).scatter_(-1, indices, True)
         return forced is None or not bool(torch.any(forced & ~picked))
 
-    def _select(self, layer, query, key, value, hidden, eligible, forced, scale, m, memo):
+    def _select(self, layer, query, key, value, hidden, eligible, fewest, forced, scale, m, memo):
         xp = array_api_compat.array_namespace(key)
         features = hidden if self.features == "input" else fold_heads(
             xp, {"query": query, "key": key, "value": value}[self.features], -3)
         # num_landmarks >= n makes every eligible token a landmark (exact attention with a converged solver).
-        m = min(m, fewest_real_keys(xp, eligible))
+        m = min(m, fewest)
         if m < 1:
             raise ValueError(f"a sequence has no token eligible as a landmark in layer {layer} (all padded, masked "
                              "or excluded)")

@@ -25,23 +25,9 @@ from torch.utils._pytree import tree_leaves
 import nystrom
 
 sys.path.insert(0, os.path.dirname(__file__))
-from fake_cuda import Launches, cuda_guard  # noqa: E402
+from fake_cuda import Launches  # noqa: E402
 
 STRATEGIES = sorted(nystrom.STRATEGIES)
-
-
-@pytest.fixture(scope="module")
-def fake_cuda():
-    """:func:`fake_cuda.cuda_guard` for the module's tests, skipped where this torch build cannot register it."""
-    try:
-        guard = cuda_guard()
-        guard.__enter__()
-    except (OSError, AttributeError, ValueError) as error:
-        pytest.skip(f"cannot register a CUDA device guard in this torch build: {error}")
-    try:
-        yield
-    finally:
-        guard.__exit__(None, None, None)
 
 
 class Placement(TorchDispatchMode):

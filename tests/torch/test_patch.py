@@ -961,3 +961,41 @@ def test_windowed_and_pooled_attention_is_refused_by_name():
         with torch.no_grad(), nystrom.fna(model, layers=[layer], num_landmarks=3):
             with pytest.raises(ValueError, match=f"FNA layer {layer}: .* windowed or pooled attention"):
                 model(pixel_values=torch.randn(1, 3, 64, 64))
+
+
+def test_the_padding_mask_is_read_once_per_pass_whatever_the_layers(monkeypatch):
+    # Each patched layer read the padding mask on the host (two ints) and its eligible tokens again in selection: a
+    # device synchronisation per layer on a GPU. The layers of a pass share one mask object and one read.
+    import nystrom.torch.patching as patching
+
+    calls = []
+    padding = patching.padding_mask_from_attention_mask
+    monkeypatch.setattr(patching, "padding_mask_from_attention_mask",
+                        lambda *args: calls.append(1) or padding(*args))
+    model = tiny_model("bert")
+    with nystrom.fna(model, layers=[1, 2, 3], num_landmarks=4, strategy="segment_means") as handle:
+        first = run(model, tiny_inputs("bert"))
+        second = run(model, tiny_inputs("bert"))
+    assert len(calls) == 2 and torch.equal(first, second) and sorted(handle.records) == [1, 2, 3]
+
+
+@pytest.mark.parametrize("resample", ["once", "every_layer"])
+@pytest.mark.parametrize("strategy", sorted(name for name, rule in nystrom.STRATEGIES.items()
+                                            if getattr(rule, "masks", False)))
+def test_a_patched_model_without_padding_runs_on_fake_cuda(fake_cuda, strategy, resample):
+    # The GPU path of patching: a forward pass with no padding mask reads nothing on the host (fake tensors have no
+    # values to read: a read raises DataDependentOutputException). Selection used to count each layer's eligible
+    # tokens, and resample="once" to compare them with the first layer's, on the host.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.func import functional_call
+
+    model = tiny_model("bert", dtype=torch.float32)
+    tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    with FakeTensorMode():
+        # Made on the device, not moved there: a fake CPU tensor's .to("cuda") lands on "meta" in a CPU-only build.
+        state = {name: torch.empty(t.shape, dtype=t.dtype, device="cuda") for name, t in tensors.items()}
+        ids = torch.zeros(2, 12, dtype=torch.long, device="cuda")
+        with torch.no_grad(), nystrom.fna(model, layers=[1, 2, 3], num_landmarks=4, strategy=strategy,
+                                          resample=resample, seed=0) as handle:
+            out = functional_call(model, state, (), {"input_ids": ids}).last_hidden_state
+    assert out.device.type == "cuda" and out.shape == (2, 12, 32) and sorted(handle.records) == [1, 2, 3]
