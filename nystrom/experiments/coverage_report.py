@@ -46,10 +46,9 @@ def row_errors(Q, K, V, strategy, num_landmarks, scale=None):
     return e.reshape(-1, e.shape[-1]).sum(0).numpy(), o.reshape(-1, o.shape[-1]).sum(0).numpy(), Q
 
 
-def families():
-    """``{name: (e, o)}`` for the synthetic and real inputs of the module docstring."""
+def synthetic_inputs():
+    """``{family: (Q, K, V, m)}`` of the synthetic families of the module docstring (landmark rule aside)."""
     g = torch.Generator().manual_seed(0)
-    rows = {}
     Q, K, V = (torch.randn(1, 4, 1024, 64, generator=g) for _ in range(3))
     centres = 2 * torch.randn(16, 64, generator=g)
     X = centres[torch.randint(0, 16, (1024,), generator=g)] + 0.3 * torch.randn(1024, 64, generator=g)
@@ -72,12 +71,17 @@ def families():
                                                                                 dtype=torch.float64)
     Qs, Ks, Vs = ((Xs @ (torch.randn(64, 64, generator=g, dtype=torch.float64) / 6)).expand(1, 2, 1024, 64)
                   for _ in range(3))
+    return {"Gaussian": (Q, K, V, 32), "artifact-like queries": (Qa, Ka, Va, 24), "clustered": (Qc, Kc, Vc, 16),
+            "low-rank": (Ql, Kl, Vl, 16), "sharp clusters": (Qs, Ks, Vs, 16)}
+
+
+def families():
+    """``{name: (e, o, Q)}`` for the synthetic and real inputs of the module docstring."""
+    rows = {}
+    synthetic = synthetic_inputs()
     for strategy in ("norm", "uniform", "fps"):
-        rows[f"Gaussian, {strategy}, m = 32"] = row_errors(Q, K, V, strategy, 32)
-        rows[f"artifact-like queries, {strategy}, m = 24"] = row_errors(Qa, Ka, Va, strategy, 24)
-        rows[f"clustered, {strategy}, m = 16"] = row_errors(Qc, Kc, Vc, strategy, 16)
-        rows[f"low-rank, {strategy}, m = 16"] = row_errors(Ql, Kl, Vl, strategy, 16)
-        rows[f"sharp clusters, {strategy}, m = 16"] = row_errors(Qs, Ks, Vs, strategy, 16)
+        for family, (Q, K, V, m) in synthetic.items():
+            rows[f"{family}, {strategy}, m = {m}"] = row_errors(Q, K, V, strategy, m)
     model = load_dinov2_small()
     pictures = natural_images()
     for image in ("astronaut", "coffee"):
