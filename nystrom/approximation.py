@@ -243,7 +243,8 @@ def approximate(
         assume that a larger logit means more attention.
     seed : int, optional
         Makes the random strategies (``uniform``, ``rpcholesky``) deterministic; the
-        same seed gives the same landmarks for numpy and torch inputs.
+        same seed gives the same landmarks for numpy and torch inputs. One draw serves the whole call: a
+        sequence's landmarks depend on the batch it is in (its size and its place there), not on the seed alone.
     return_info : bool
         Also return an :class:`Info` (landmark indices, solver residual, flop counts, and an
         ``estimate_error()`` method).
@@ -268,8 +269,11 @@ def approximate(
         synchronisation, and they are the only data reads of the default ``"norm"`` path in every
         dtype (``tests/test_approximation.py`` proves it on ``meta`` tensors); ``False`` skips them, like
         ``check_finite=False`` in scipy.linalg, and bad values then give undefined results. Also the mask
-        checks read the data: its values, and whether a ``(..., n_q, n)`` mask repeats one row (without the
-        check such a mask is rejected; pass its ``(..., 1, n)`` row).
+        checks read the data: its values, whether a ``(..., n_q, n)`` mask repeats one row (without the
+        check such a mask is rejected; pass its ``(..., 1, n)`` row), and whether a mask with a head axis holds one
+        row for every head. Without that check a per-head mask counts as differing between heads, so each head
+        selects its own landmarks (a different approximation, at heads times the selection), unless its head axis
+        has size 1 or is a broadcast or expanded view (stride 0): pass ``mask[:, :1]`` for one mask per sequence.
         With ``False`` the torch path of every strategy reads no data (but with ``tol``, whose search reads each
         step's estimate, and ``NewtonSchulz(tol=...)``, which reads its residual each step): it compiles into one graph,
         ``torch.compile(..., fullgraph=True)`` (each check would be a graph break), and every tensor it makes is

@@ -30,6 +30,15 @@ V = rng.standard_normal((2, 10, 3))
         (dict(V=np.where(np.arange(3) == 1, np.inf, V)), ValueError, "V contains NaN or infinite"),
         (dict(Q=Q[:, :0]), ValueError, "Q must have at least one token"),
         (dict(Q=Q.tolist()), TypeError, "Q must be an array of an array-API library"),
+        # None where an array is required: AttributeError or IndexError from inside the checks (review).
+        (dict(Q=None), TypeError, "Q must be an array of an array-API library .* got None"),
+        (dict(K=None), TypeError, "K must be an array of an array-API library .* got None"),
+        (dict(V=None), TypeError, "V must be an array of an array-API library .* got None"),
+        # enable_gqa repeated the heads before any check: AttributeError and ZeroDivisionError (review).
+        (dict(Q=Q[None].tolist(), enable_gqa=True), TypeError, "Q must be an array of an array-API library"),
+        (dict(K=None, enable_gqa=True), TypeError, "K must be an array .* got None"),
+        (dict(Q=Q[None], K=K[None, :0], V=V[None, :0], enable_gqa=True), ValueError,
+         r"enable_gqa=True needs .* as many key as value heads, at least one"),
         (dict(K=torch.from_numpy(K)), TypeError, "K is a torch array but Q is a numpy array"),
         # numpy's masked arrays passed as arrays: Q failed in a broadcast deep inside, a mask's own mask was ignored.
         (dict(Q=np.ma.masked_array(Q)), TypeError, r"Q is a numpy masked array.*\(Q.filled"),
@@ -76,6 +85,14 @@ def test_bad_input(kwargs, error, match):
     args.update(kwargs)
     with pytest.raises(error, match=match):
         nystrom.approximate(args.pop("Q"), args.pop("K"), args.pop("V"), **args)
+
+
+def test_none_where_an_array_is_required_is_named():
+    # AttributeError from inside the checks before (review).
+    with pytest.raises(TypeError, match="V must be an array .* got None"):
+        nystrom.exact_attention(Q, K, None)
+    with pytest.raises(TypeError, match="approx must be an array .* got None"):
+        nystrom.estimate_relative_error(Q, K, V, None)
 
 
 def test_numpy_bools_are_bools():

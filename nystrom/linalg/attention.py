@@ -35,9 +35,11 @@ from .validation import (
     check_attention_inputs,
     check_bool,
     check_finite_landmarks,
+    check_given,
     check_landmarks,
     check_scale,
     check_unknown_arguments,
+    namespace,
 )
 
 
@@ -108,16 +110,18 @@ def in_query_chunks(attend, query_chunk_size=None):
 def grouped_query_heads(Q, K, V):
     """``K`` and ``V`` with each of their :math:`H_{kv}` heads (axis -3) repeated for the :math:`H_q / H_{kv}` query
     heads it serves, as SDPA's ``enable_gqa=True``; unchanged when the head counts agree."""
-    if min(Q.ndim, K.ndim, V.ndim) < 3 or K.shape[-3] != V.shape[-3]:
-        raise ValueError(f"enable_gqa=True needs Q, K and V with a head axis (-3) and as many key as value heads, got "
-                         f"Q {tuple(Q.shape)}, K {tuple(K.shape)}, V {tuple(V.shape)}")
+    # Before the checks of the call, which compare the head counts this repeat makes equal: the types first.
+    check_given(Q=Q, K=K, V=V)
+    xp = namespace(Q=Q, K=K, V=V)
+    if min(Q.ndim, K.ndim, V.ndim) < 3 or K.shape[-3] != V.shape[-3] or K.shape[-3] == 0:
+        raise ValueError(f"enable_gqa=True needs Q, K and V with a head axis (-3) and as many key as value heads, at "
+                         f"least one, got Q {tuple(Q.shape)}, K {tuple(K.shape)}, V {tuple(V.shape)}")
     heads, kv_heads = Q.shape[-3], K.shape[-3]
     if heads == kv_heads:
         return K, V
     if heads % kv_heads:
         raise ValueError(f"enable_gqa=True needs the query heads ({heads}) to be a multiple of the key/value heads "
                          f"({kv_heads})")
-    xp = array_api_compat.array_namespace(K, V)
     return (xp.repeat(K, heads // kv_heads, axis=-3), xp.repeat(V, heads // kv_heads, axis=-3))
 
 

@@ -34,6 +34,7 @@ from .solvers import PInv
 from .validation import (
     check_attention_inputs,
     check_finite,
+    check_given,
     check_int,
     check_real,
     check_real_floating,
@@ -276,6 +277,7 @@ def estimate_relative_error(Q, K, V, approx, *, num_samples=128, confidence=0.95
     """
     check_unknown_arguments("estimate_relative_error", unknown)
     xp, keys = check_attention_inputs(Q, K, V, attn_mask)
+    check_given(approx=approx)
     namespace(Q=Q, approx=approx)
     tau = check_scale(scale, Q.shape[-1])
     if tuple(approx.shape) != (*Q.shape[:-1], V.shape[-1]):

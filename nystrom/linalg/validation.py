@@ -69,6 +69,24 @@ def namespace(**arrays):
     return array_api_compat.array_namespace(*present.values())
 
 
+def check_given(**arrays) -> None:
+    """Raise ``TypeError`` naming the first of ``arrays`` that is ``None`` where an array is required
+    (:func:`namespace` skips ``None``, the value of an optional argument)."""
+    for name, a in arrays.items():
+        if a is None:
+            raise TypeError(f"{name} must be an array of an array-API library (numpy, torch, array_api_strict, ...), "
+                            "got None")
+
+
+def repeats_along(a, axis: int) -> bool:
+    """Whether ``a`` is known, without reading it, to repeat one slice along ``axis``: a broadcast or expanded view
+    (stride 0 there, numpy or torch), or an axis of size 1."""
+    if a.shape[axis] == 1:
+        return True
+    strides = a.stride() if array_api_compat.is_torch_array(a) else getattr(a, "strides", None)
+    return strides is not None and strides[axis] == 0
+
+
 def _library(a) -> str:
     return "torch" if array_api_compat.is_torch_array(a) else type(a).__module__.split(".")[0]
 
@@ -112,16 +130,18 @@ def check_bool(name: str, value) -> bool:
     return bool(value)
 
 
-def check_attention_inputs(Q, K, V=None, attn_mask=None, *, check_values=True, shard=False):
+def check_attention_inputs(Q, K, V=None, attn_mask=None, *, check_values=True, shard=False, values=True):
     """Validate ``(Q, K, V, attn_mask)`` in the attention convention; return the namespace and the key mask.
 
     Shapes: ``Q (..., n_q, d)``, ``K (..., n, d)``, ``V (..., n, d_v)``; ``attn_mask`` as
-    :func:`check_attn_mask` takes it. ``V=None`` checks queries and keys alone (strategies).
+    :func:`check_attn_mask` takes it.
 
     Parameters
     ----------
     Q, K, V : arrays
     attn_mask : array, optional
+    values : bool
+        ``V`` is required; ``False``: ``V`` is ``None`` and queries and keys are checked alone (strategies).
     check_values : bool
         Also run the checks that read the data (finite values, mask values, no fully masked sequence).
     shard : bool
@@ -144,6 +164,7 @@ def check_attention_inputs(Q, K, V=None, attn_mask=None, *, check_values=True, s
         ``n`` or ``d``, NaN/Inf values, a mask of the wrong shape or values, one that depends on the
         query or hides every key.
     """
+    check_given(Q=Q, K=K, **({"V": V} if values else {}))
     xp = namespace(Q=Q, K=K, V=V, attn_mask=attn_mask)
     named = {"Q": Q, "K": K} if V is None else {"Q": Q, "K": K, "V": V}
     for name, a in named.items():
@@ -333,6 +354,9 @@ def check_attn_mask(xp, attn_mask, Q, K, *, check_values=True, shard=False):
         if len(lead) >= 2 and keys.shape[-2] > 1 and bool(xp.all(keys == keys[..., :1, :])):
             # The same row for every head (an expanded mask): one row lets the heads share landmarks.
             keys = keys[..., :1, :]
+    elif len(lead) >= 2 and keys.shape[-2] > 1 and repeats_along(mask, -2):
+        # Without reading the data, an expanded view (stride 0 along the heads) still says its rows are equal.
+        keys = keys[..., :1, :]
     return keys
 
 

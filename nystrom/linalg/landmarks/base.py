@@ -301,7 +301,7 @@ class Strategy:
         """
         check_unknown_arguments(type(self).__name__, unknown)
         check_values = check_bool("check_values", check_values)
-        xp, keys = check_attention_inputs(Q, K, None, attn_mask, check_values=check_values)
+        xp, keys = check_attention_inputs(Q, K, None, attn_mask, check_values=check_values, values=False)
         m, _ = check_selection(xp, Q, K, num_landmarks, keys, head_axis, features, check_values=check_values)
         (K,) = without_padding(xp, keys, K)
         return self.select(Selection.of(xp, Q, K, m, keys, check_seed(seed), head_axis, features,
