@@ -225,12 +225,13 @@ def approximate(
         (``solver="pinv"``, which drops singular values below :math:`m\varepsilon\sigma_{\max}`), self-attention
         is exact through the formula (:math:`A A^+ A = A`) up to rounding, which the kept singular values of
         :math:`A` amplify: 5e-14 in float64 and 2e-5 in float32 on Gaussian tokens, but on numerically low-rank
-        kernels (head size 1, logits near 0) 1.8e-3 in float64 and 4e-5 in float32, and 3.5e-2 with ``PInv(rtol=0)``,
-        which inverts the round-off too; ``PInv(rtol=1e-10)`` brings the float64 case to 1.4e-9
+        kernels (head size 1, logits near 0) 2e-3 in float64 and 4e-5 in float32, and 5e-2 with ``PInv(rtol=0)``,
+        which inverts the round-off too; ``PInv(rtol=1e-10)`` brings the float64 case to 2.6e-9
         (``docs/scripts/pinv_at_full_rank.py``). Near-uniform attention is the worst case in float32: 1.7e-4 to
         4.4e-4 with unit-norm queries and keys (:math:`n` = 24 to 128, a review), against 1e-5 to 3e-5 at norms 8 to
-        30; float16 and bfloat16 stay within 1.3 to 5 times SDPA's own rounding in those dtypes. The default six Newton–Schulz steps
-        regularise and are not exact there (a review measured 1.6e-2 on smooth tokens at :math:`n = 256`).
+        30; float16 and bfloat16 stay within 1.3 to 5 times SDPA's own rounding in those dtypes. The default six
+        Newton–Schulz steps regularise and are not exact there (a review measured 1.6e-2 on smooth tokens at
+        :math:`n = 256`).
         Cross-attention is exact there only through :math:`A^+ A = I`, which rounding loses when attention is
         peaked, so a cross-attention call whose every real key is a landmark (:math:`m` = the real keys of every
         sequence, read from the mask unless ``check_values=False``; possible where :math:`n_q` is at least that)
