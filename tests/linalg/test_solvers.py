@@ -40,13 +40,14 @@ def test_pinv_moore_penrose_identities(seed, m, rank_frac):
     A = random_matrix(seed, m, rank=rank, cond=1e4)
     Z = PInv(rtol=1e-10)(A).inverse
     # Exact singular values span [1e-4, 1] (cond 1e4) and the dropped ones are exactly 0, so the
-    # cutoff 1e-10 separates them; the identities then hold to ~cond * eps.
+    # cutoff 1e-10 separates them; the identities then hold to ~cond * eps (m-term sums, 10x margin; measured at most
+    # 9.6e-15, 8.0e-11, 1.4e-13, 1.0e-13 and 0). rtol=0: numpy's default 1e-7 would have allowed 1e-7 on O(1) entries.
     tol = 1e4 * m * EPS64 * 10
-    np.testing.assert_allclose(A @ Z @ A, A, atol=tol)
-    np.testing.assert_allclose(Z @ A @ Z, Z, atol=tol * 1e4)  # ||Z|| = 1e4 scales this identity
-    np.testing.assert_allclose(A @ Z, (A @ Z).T, atol=tol)
-    np.testing.assert_allclose(Z @ A, (Z @ A).T, atol=tol)
-    np.testing.assert_allclose(Z, np.linalg.pinv(A, rcond=1e-10), atol=tol * 1e4)
+    np.testing.assert_allclose(A @ Z @ A, A, rtol=0, atol=tol)
+    np.testing.assert_allclose(Z @ A @ Z, Z, rtol=0, atol=tol * 1e4)  # ||Z|| = 1e4 scales this identity
+    np.testing.assert_allclose(A @ Z, (A @ Z).T, rtol=0, atol=tol)
+    np.testing.assert_allclose(Z @ A, (Z @ A).T, rtol=0, atol=tol)
+    np.testing.assert_allclose(Z, np.linalg.pinv(A, rcond=1e-10), rtol=0, atol=tol * 1e4)  # Z's entries reach 1e4
 
 
 @settings(max_examples=30, deadline=None)
@@ -57,7 +58,9 @@ def test_newton_schulz_converges_to_pinv_on_well_conditioned(seed, m):
     # Third-order convergence from ||E0|| < 1: cond 10 needs ~10 steps to reach eps.
     assert result.iterations < 60
     assert float(result.residual) <= 1e-13
-    np.testing.assert_allclose(result.inverse, np.linalg.inv(A), atol=100 * m * EPS64 * 10)
+    # Z - A^-1 = A^-1 (AZA - A) A^-1, so |Z - A^-1|_2 <= |A^-1|_2^2 * 1e-13 |A|_F <= cond^2 * 1e-13 * sqrt(m) (sigma_max
+    # = 1); 2x for the rounding of the residual itself. Measured at most 2.0e-12, 10x below it at every m.
+    np.testing.assert_allclose(result.inverse, np.linalg.inv(A), rtol=0, atol=2 * 10.0**2 * 1e-13 * np.sqrt(m))
 
 
 def test_newton_schulz_error_recursion():
@@ -68,7 +71,8 @@ def test_newton_schulz_error_recursion():
     E0 = np.eye(12) - A @ Z0
     E1 = np.eye(12) - A @ Z1
     E0_2 = E0 @ E0
-    np.testing.assert_allclose(E1, 0.75 * E0_2 @ E0 + 0.25 * E0_2 @ E0_2, atol=1e-13)
+    # float64: both sides round m = 12-term products of O(1) entries, ~m eps = 2.7e-15; measured 2.2e-16; 10x the bound.
+    np.testing.assert_allclose(E1, 0.75 * E0_2 @ E0 + 0.25 * E0_2 @ E0_2, rtol=0, atol=10 * 12 * EPS64)
     assert np.linalg.norm(E0, 2) < 1  # the scaling A^T / (|A|_1 |A|_inf) guarantees this
 
 
@@ -81,6 +85,8 @@ def test_newton_schulz_start_uses_both_norms():
     sink /= sink.sum(-1, keepdims=True)
     for A in (sink.T, 1e4 * sink.T, random_matrix(5, 16, cond=10.0), 1e-3 * random_matrix(6, 16, cond=10.0)):
         Z0 = NewtonSchulz(iters=0)(A).inverse
+        # float64: the two 16-term norms and the two divisions round differently here and in the solver, at most about
+        # (2 * 15 + 4) eps / 2 = 3.8e-15 relative; measured 2.4e-16 (1 ulp).
         np.testing.assert_allclose(Z0, A.T / (np.abs(A).sum(0).max() * np.abs(A).sum(1).max()), rtol=1e-14)
         assert np.linalg.norm(np.eye(16) - A @ Z0, 2) < 1
         result = NewtonSchulz(tol=1e-10, max_iters=200)(A)
@@ -117,6 +123,9 @@ def test_newton_schulz_scaling_is_per_matrix():
     big = 1e4 * softmax_matrix(2, 16)
     batch = np.stack([small, big])
     together = NewtonSchulz(iters=6)(batch)
+    # float64: the same operations per matrix (measured bitwise equal); the tolerances leave room for a BLAS that blocks
+    # a batch differently (m eps ~ 4e-15 per product; the residual, about 1e-2, is a difference that rounds ~1e2 times
+    # worse relatively). A batch-wide scale is off by O(1).
     for i, A in enumerate((small, big)):
         alone = NewtonSchulz(iters=6)(A)
         np.testing.assert_allclose(together.inverse[i], alone.inverse, rtol=1e-12)
@@ -144,15 +153,17 @@ def test_newton_schulz_reports_nonconvergence_instead_of_exploding():
     result = NewtonSchulz(tol=1e-14, max_iters=8)(A)
     assert result.iterations == 8
     assert np.all(np.isfinite(result.inverse))
-    assert float(result.residual) > 1e-14  # honest report, no exception, no blow-up
+    assert float(result.residual) > 1e-14  # honest report, no exception, no blow-up (measured 6.6e-3)
 
 
 @pytest.mark.parametrize("lam", [1e-6, 1e-9, 1e-12])
 def test_ridge_tends_to_pinv(lam):
     A = random_matrix(4, 10, cond=100.0)
     Z = Ridge(lam=lam)(A).inverse
-    # sigma/(sigma^2+lam) - 1/sigma ~ lam / sigma^3 <= lam * cond^3 for sigma_min = 1/cond
-    np.testing.assert_allclose(Z, np.linalg.inv(A), atol=lam * 100**3 * 10 + 1e-9)
+    # |sigma/(sigma^2+lam) - 1/sigma| = lam / (sigma (sigma^2 + lam)) <= lam cond^3 (sigma_max = 1) bounds |Z - A^-1|_2,
+    # hence every entry: no margin needed (measured 0.31 of it for each lam). 1e-9: the normal equations' rounding,
+    # eps cond(A)^2 max|A^-1| = 2.2e-16 * 1e4 * 37 = 8e-11, 10x.
+    np.testing.assert_allclose(Z, np.linalg.inv(A), rtol=0, atol=lam * 100**3 + 1e-9)
 
 
 @pytest.mark.parametrize("lam", [1e-30, 1e-2, 1.0, 7.0, 1e12, 1e39])
@@ -177,8 +188,9 @@ def test_pinv_exact_singularity_is_finite():
     for solver in (PInv(), NewtonSchulz(), Ridge(), PInv(rtol=0.0)):
         result = solver(A)
         assert np.all(np.isfinite(result.inverse))
-    np.testing.assert_allclose(PInv()(A).inverse[0], A[0], atol=0)
-    np.testing.assert_allclose(PInv()(A).inverse[1], 0, atol=0)
+    # Exact: the SVD of a 0/1 diagonal matrix is exact in floating point.
+    np.testing.assert_array_equal(PInv()(A).inverse[0], A[0])
+    np.testing.assert_array_equal(PInv()(A).inverse[1], 0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
@@ -192,14 +204,19 @@ def test_half_precision_solves_in_float32(dtype):
 
 def test_numpy_and_torch_agree():
     A = np.stack([softmax_matrix(s, 8) for s in range(3)])
+    # float64: the libraries' BLAS and LAPACK sum in different orders, rounding Z by about cond(A) eps max|Z| (cond(A)
+    # up to 151 here); measured at most 0.12 of that (PInv: 2.6e-13 of entries up to 67); 10x.
+    cond = float(np.linalg.cond(A).max())
     for solver in (NewtonSchulz(), PInv(), Ridge()):
-        np.testing.assert_allclose(solver(torch.from_numpy(A)).inverse.numpy(), solver(A).inverse, rtol=1e-10,
-                                   atol=1e-12)
+        expected = solver(A).inverse
+        np.testing.assert_allclose(solver(torch.from_numpy(A)).inverse.numpy(), expected, rtol=0,
+                                   atol=10 * cond * EPS64 * np.abs(expected).max())
 
 
 def test_residual_is_zero_for_exact_pinv_of_singular():
     A = random_matrix(6, 9, rank=4, cond=10.0)
-    assert float(moore_penrose_residual(A, np.linalg.pinv(A))) < 1e-13
+    # float64: A Z A rounds by about m cond(A) eps = 9 * 10 * 2.2e-16 = 2e-14; measured 8.8e-16.
+    assert float(moore_penrose_residual(A, np.linalg.pinv(A))) < 2e-14
 
 
 @pytest.mark.parametrize("bad", ["newton", "svd", ""])
@@ -246,6 +263,7 @@ def test_pinv_at_m_equals_n_is_exact_attention():
     Q, K, V = (rng.standard_normal((2, 4, 64, 32)) for _ in range(3))
     out = nystrom.approximate(Q, K, V, strategy="fps", num_landmarks=64, solver="pinv")
     ref = nystrom.exact_attention(Q, K, V)
+    # float64 rounding amplified by cond(A), up to 1.6e4 here (worst case cond eps = 3.6e-12); measured 1.7e-14.
     assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < 1e-12
 
 
@@ -262,7 +280,9 @@ def test_pinv_rtol_zero_is_finite_but_not_the_pseudo_inverse():
         assert np.isfinite(out).all()
         return np.linalg.norm(out - ref) / np.linalg.norm(ref)
 
-    assert error(PInv()) < 1e-12
+    # float64: the kept singular values have condition 502, cond eps = 1.1e-13; measured 3.5e-15. The round-off
+    # inverse is measured 0.035 off, 35x above the floor below.
+    assert error(PInv()) < 1e-13
     assert error(PInv(rtol=0.0)) > 1e-3
 
 
@@ -272,8 +292,9 @@ def test_regularising_cut_off_is_a_named_choice():
     assert REGULARISING_RTOL == 3e-2
     s = np.array([1.0, 0.1, 0.02])
     A = np.diag(s)
-    np.testing.assert_allclose(np.diag(PInv(rtol=REGULARISING_RTOL)(A).inverse), [1.0, 10.0, 0.0])
-    np.testing.assert_allclose(np.diag(PInv()(A).inverse), 1 / s)
+    # float64, a diagonal A: one rounding of each 1 / s, 1 ulp (measured exact).
+    np.testing.assert_allclose(np.diag(PInv(rtol=REGULARISING_RTOL)(A).inverse), [1.0, 10.0, 0.0], rtol=EPS64, atol=0)
+    np.testing.assert_allclose(np.diag(PInv()(A).inverse), 1 / s, rtol=EPS64, atol=0)
 
 
 def test_newton_schulz_with_tol_differentiates_as_the_inverse_when_its_start_already_meets_tol():
@@ -287,7 +308,9 @@ def test_newton_schulz_with_tol_differentiates_as_the_inverse_when_its_start_alr
         leaf = A.clone().requires_grad_()
         solver(leaf).inverse.sum().backward()
         grads.append(leaf.grad)
-    torch.testing.assert_close(grads[0], grads[1], rtol=1e-6, atol=1e-6)
+    # float64: one step from a start 1e-8 off the fixed point; measured 1.4e-13 of O(1) entries, 70x below 1e-11. The
+    # start's own gradient was off by O(1).
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=1e-11)
 
 
 def test_pinv_without_a_cutoff_stays_finite_on_a_subnormal_singular_value():
@@ -380,6 +403,7 @@ def test_newton_schulz_with_tol_keeps_each_matrix_best_iterate(dtype):
     # Each at most its residual after one step, and the easy matrix converged to its rounding.
     one = NewtonSchulz(iters=1)(A).residual
     assert np.all(np.asarray(result.residual) <= one)
+    # Measured 1.5 eps (float32) and 35 eps (float64): the rounding of A Z A over m = 8 terms at cond(A) = 10.
     assert float(result.residual[1]) < 100 * np.finfo(dtype).eps
 
 

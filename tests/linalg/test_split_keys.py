@@ -45,6 +45,7 @@ def test_split_with_a_mask_equals_one_block_in_torch(dtype):
     xp = array_api_compat.array_namespace(q)
     got = split_key_attention(xp, q, k, v, mask, scale=0.3, blocks=7)
     ref = softmax_attention(xp, q, k, v, mask, scale=0.3)
+    # float32: the same reordered sums, a few ulps of O(1) outputs (measured 1.5e-7); about 10x. float64 measured 1e-15.
     tol = TIGHT if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-6}
     np.testing.assert_allclose(got.numpy(), ref.numpy(), **tol)
 
