@@ -4,6 +4,23 @@ from __future__ import annotations
 
 import math
 import sys
+import tempfile
+from pathlib import Path
+
+
+def output_folder(path):
+    """Create the folder ``path`` (and its parents) and check that a file can be written in it, before a run computes
+    anything: an existing read-only folder passes ``mkdir`` and failed only at the first write, after the run.
+
+    Raises
+    ------
+    OSError
+        The folder cannot be created or written to.
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryFile(dir=path):
+        pass
 
 
 def progress_bar(total, desc, *, enabled=True, leave=True):

@@ -21,6 +21,7 @@ from plot_checks import unreadable_axes  # noqa: E402
 from nystrom.__main__ import main  # noqa: E402
 from nystrom.experiments.bench.accuracy import accuracy_figures  # noqa: E402
 from nystrom.experiments.bench.breakdown import breakdown_figure  # noqa: E402
+from nystrom.experiments.bench.cli import RUNNERS  # noqa: E402
 from nystrom.experiments.bench.e2e import e2e_figure  # noqa: E402
 from nystrom.experiments.bench.inputs import sink_inputs  # noqa: E402
 from nystrom.experiments.bench.plan import DEFAULT_SOLVER, SECTIONS, plan_for  # noqa: E402
@@ -239,7 +240,26 @@ def test_an_output_folder_that_cannot_be_made_exits_with_a_message(tmp_path, cap
     taken = tmp_path / "a_file"
     taken.write_text("")
     assert main(["bench", "--quick", "--only", "breakdown", "--out", str(taken)]) == 2
-    assert "cannot create the output folder" in capsys.readouterr().err
+    assert "cannot create or write to the output folder" in capsys.readouterr().err
+
+
+def test_an_output_folder_that_cannot_be_written_exits_before_running(tmp_path, capsys, monkeypatch):
+    # An existing read-only folder passed mkdir and failed at the first write, after the run (review; /sys as root).
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr("nystrom.experiments.report.tempfile.TemporaryFile", refuse)
+    monkeypatch.setitem(RUNNERS, "breakdown", lambda ctx: pytest.fail("the section ran"))
+    assert main(["bench", "--quick", "--only", "breakdown", "--out", str(tmp_path)]) == 2
+    assert "cannot create or write to the output folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text", ["[]", "null", "{}", '{"stamp": {}, "records": 3}'])
+def test_replot_of_a_malformed_section_is_a_message(tmp_path, capsys, text):
+    # A list or null raised AttributeError / TypeError tracebacks (review).
+    (tmp_path / "threads.json").write_text(text)
+    assert main(["bench", "--replot", str(tmp_path)]) == 2
+    assert "threads.json is not a saved" in capsys.readouterr().err
 
 
 def test_unknown_section_is_rejected(capsys):

@@ -269,4 +269,4 @@ def test_an_output_folder_that_cannot_be_made_is_a_usage_error(tmp_path, capsys)
     taken.write_text("")
     with pytest.raises(SystemExit) as exit_info:
         main(["eval", "--model", "minilm", "--out", str(taken)])
-    assert exit_info.value.code == 2 and "cannot create the output folder" in capsys.readouterr().err
+    assert exit_info.value.code == 2 and "cannot create or write to the output folder" in capsys.readouterr().err

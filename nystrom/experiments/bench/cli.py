@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from ..report import output_folder
 from ..stamp import busy_warning, device_name
 from ..timing import thread_limit
 from .accuracy import run_accuracy
@@ -81,9 +82,9 @@ def main(argv=None):
         print(f"nystrom bench: --threads must be at least 1, got {args.threads}", file=sys.stderr)
         return 2
     try:
-        ctx.out.mkdir(parents=True, exist_ok=True)
+        output_folder(ctx.out)
     except OSError as error:
-        print(f"nystrom bench: --out {args.out}: cannot create the output folder {ctx.out} "
+        print(f"nystrom bench: --out {args.out}: cannot create or write to the output folder {ctx.out} "
               f"({error.strerror or error})", file=sys.stderr)
         return 2
     with contextlib.nullcontext() if args.threads is None else thread_limit(args.threads):

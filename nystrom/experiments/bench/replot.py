@@ -59,9 +59,18 @@ def replot(directory) -> list[Path]:
         if not path.exists():
             continue
         payload = json.loads(path.read_text())
+        if not isinstance(payload, dict):
+            raise ValueError(f"{path} is not a saved section (a JSON object with 'stamp' and 'records'), it holds "
+                             f"{json.dumps(payload)[:60]}")
         if "skipped" in payload:
             continue
-        for name, fig in section_figures(section, payload).items():
+        try:
+            figures = section_figures(section, payload)
+        except (KeyError, TypeError, AttributeError, IndexError) as error:
+            # A hand-edited or truncated record fails deep inside the figure code otherwise.
+            raise ValueError(f"{path} is not a saved {section} section as this version writes it "
+                             f"({type(error).__name__}: {error})") from error
+        for name, fig in figures.items():
             fig.savefig(directory / f"{name}.png", dpi=DPI)
             written.append(directory / f"{name}.png")
     if not written:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
+from ..report import output_folder
 from .runner import MODELS, check_evaluation, run_evaluation
 from .specs import DEFAULT_LANDMARKS, DEFAULT_SOLVERS, DEFAULT_STRATEGIES, parse_layers
 
@@ -53,9 +53,9 @@ def main(argv=None):
     except (TypeError, ValueError) as err:
         parser.error(str(err))
     try:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
+        output_folder(args.out)
     except OSError as err:
-        parser.error(f"--out {args.out}: cannot create the output folder ({err.strerror or err})")
+        parser.error(f"--out {args.out}: cannot create or write to the output folder ({err.strerror or err})")
     run_evaluation(args.model, out=args.out, layers=layers, num_landmarks=args.num_landmarks,
                    strategies=args.strategies, solvers=args.solvers, images=args.images, crops=args.crops,
                    size=args.size, sentences=args.sentences, seed=args.seed, threads=args.threads,
