@@ -203,7 +203,10 @@ def detect_high_norm_tokens(hidden, *, ratio=4.0, exclude=(0,), attention_mask=N
     if attention_mask is not None:
         eligible = eligible & attention_mask
     if not bool(xp.all(xp.any(eligible, axis=-1))):
-        raise ValueError("exclude and attention_mask leave a sequence without any token to test")
+        # Name only what the caller passed: a single-token sequence with the default exclude=(0,) has no mask.
+        left, verb = ("exclude", "leaves") if attention_mask is None else ("exclude and attention_mask", "leave")
+        detail = f" (exclude={exclude!r}, {shape[-1]} tokens)" if positions else ""
+        raise ValueError(f"{left} {verb} a sequence without any token to test{detail}")
     # In float32 at least: a float16 sum of squares overflows past norms of 256, and an infinite median flags nothing.
     wide = at_least_float32(xp, hidden)
     norms = xp.sqrt(xp.sum(wide * wide, axis=-1))

@@ -115,6 +115,13 @@ class TestHighNorm:
         got = detectors.detect_high_norm_tokens(to_array(hidden.astype(np.float16)))
         assert np.flatnonzero(as_numpy(got)[0]).tolist() == [5]
 
+    def test_a_sequence_left_without_tokens_names_what_was_passed(self):
+        # One token and the default exclude=(0,): the message named an attention_mask nobody passed (review).
+        with pytest.raises(ValueError, match=r"^exclude leaves a sequence without any token to test \(exclude=\(0,\)"):
+            detectors.detect_high_norm_tokens(np.ones((1, 1, 4)))
+        with pytest.raises(ValueError, match="^exclude and attention_mask leave a sequence without any token"):
+            detectors.detect_high_norm_tokens(np.ones((1, 3, 4)), attention_mask=np.array([[True, False, False]]))
+
     def test_ratio_is_the_threshold(self):
         hidden = np.random.default_rng(4).standard_normal((1, 65, 256))  # norms within ~10 % of 16
         hidden[0, 9] *= 3
