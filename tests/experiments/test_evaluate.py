@@ -175,7 +175,10 @@ class TestArguments:
         assert parse_layers("6-11") == (6, 7, 8, 9, 10, 11)
         assert parse_layers("3,1, 0-1") == (0, 1, 3)
         assert parse_layers(None) is None
-        for bad in ("6-x", "", "-1"):
+        # Negative single indices count from the last layer, as fna takes them and as the range check's message says
+        # (it was refused with "non-negative" while "--layers 20" was told of [-6, 6): review).
+        assert parse_layers("-1, 2") == (-1, 2)
+        for bad in ("6-x", "", "-x", "1,-", ","):
             with pytest.raises(ValueError, match="layers"):
                 parse_layers(bad)
 
@@ -184,6 +187,9 @@ class TestArguments:
         # Values, not only specs: each was once a traceback, some only after a whole DINOv2 evaluation had run.
         ["--layers", "20"], ["--layers", "8"], ["--num-landmarks", "0"], ["--threads", "0"], ["--seed", "-1"],
         ["--model", "dinov2", "--size", "100"], ["--crops", "0"], ["--images", "nope"], ["--sentences", "3"],
+        # An option of the model not evaluated was dropped without a word (review).
+        ["--model", "minilm", "--images", "astronaut"], ["--model", "minilm", "--crops", "2"],
+        ["--model", "dinov2", "--sentences", "4"],
     ])
     def test_cli_rejects_bad_options_before_loading_a_model(self, argv, capsys, tmp_path):
         out = tmp_path / "never"

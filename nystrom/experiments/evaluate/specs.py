@@ -12,25 +12,30 @@ DEFAULT_SOLVERS = ("newton_schulz",)
 
 
 def parse_layers(text):
-    """Layer indices from ``"6-11"``, ``"3,5"`` or ``"0-2,9"``; ``None`` for ``None`` (the model's later half).
+    """Layer indices from ``"6-11"``, ``"3,5"``, ``"0-2,9"`` or ``"-1"`` (negative: counted from the last layer, as
+    :func:`nystrom.fna` takes them; ranges are of non-negative ints); ``None`` for ``None`` (the model's later half).
 
     Raises
     ------
     ValueError
-        If ``text`` is not such a list of non-negative ints and ranges.
+        If ``text`` is not such a list of ints and ranges.
     """
     if text is None:
         return None
     layers = []
     try:
         for part in text.split(","):
-            first, dash, last = part.strip().partition("-")
+            part = part.strip()
+            if part.startswith("-"):
+                layers.append(int(part))
+                continue
+            first, dash, last = part.partition("-")
             layers.extend(range(int(first), int(last) + 1) if dash else [int(first)])
     except ValueError:
-        raise ValueError(f"layers must look like '6-11' or '3,5' (non-negative ints and ranges), got {text!r}") \
-            from None
-    if not layers or min(layers) < 0:
-        raise ValueError(f"layers must look like '6-11' or '3,5' (non-negative ints and ranges), got {text!r}")
+        layers = []
+    if not layers:
+        raise ValueError(f"layers must look like '6-11', '3,5' or '-1' (ints and ranges; negative: from the last "
+                         f"layer), got {text!r}")
     return tuple(sorted(set(layers)))
 
 
