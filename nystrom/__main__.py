@@ -30,6 +30,11 @@ def main(argv=None):
     for name, (_, help_text) in COMMANDS.items():
         # The command's own parser reads the rest, --help included.
         sub.add_parser(name, help=help_text, add_help=False)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+        # argparse would read the option's value as the command ("invalid choice: '2'" for --threads 2 eval).
+        parser.error(f"{argv[0]} comes before the command; options go after it: python -m nystrom "
+                     f"{{{','.join(COMMANDS)}}} {argv[0]} ...")
     args, rest = parser.parse_known_args(argv)
     return importlib.import_module(COMMANDS[args.command][0]).main(rest)
 

@@ -198,6 +198,12 @@ class TestArguments:
         assert exit_info.value.code == 2 and "error:" in capsys.readouterr().err
         assert not out.exists()
 
+    def test_an_option_before_the_command_is_named(self, capsys):
+        # argparse read --threads's value as the command: "invalid choice: '2'" (review).
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--threads", "2", "eval"])
+        assert exit_info.value.code == 2 and "--threads comes before the command" in capsys.readouterr().err
+
     def test_layer_counts_are_the_models(self):
         from nystrom.experiments.evaluate import dinov2, minilm
         from nystrom.torch.dispatch import attention_layers
