@@ -8,9 +8,10 @@ query positions by a quantity a call could compute for every row, and the replay
 stratum of that order (the library's sampler and interval, :func:`~nystrom.linalg.bounds.ratio_interval`), for
 1,000 seeds at s = 64, 128 and 256 rows. The quantities, summed over the two heads: the entropy of the query's
 attention over the weighted landmark keys, its largest logit there, its distance to the nearest landmark query
-(each one n x m product), the approximate output's squared norm, and, as an oracle no call has, the row's true
-squared error. It prints each order's coverage of a nominal 95 % interval and the Spearman correlation of the
-quantity with the row error.
+(each one n x m product), the approximate output's squared norm, its distance to a second approximation with half
+or twice the landmarks (half a call or two more), and, as an oracle no call has, the row's true squared error. It
+prints each order's coverage of a nominal 95 % interval and the Spearman correlation of the quantity with the row
+error.
 """
 
 import numpy as np
@@ -34,6 +35,12 @@ def replay(e, o, order, num_samples, replications=1000):
     return hits / replications
 
 
+def distance_to(out, Q, K, V, m):
+    """Each row's squared distance to the ``norm`` approximation with ``m`` landmarks, summed over the heads."""
+    other = nystrom.approximate(Q, K, V, strategy="norm", num_landmarks=m, seed=0)
+    return ((out - other) ** 2).sum(-1).sum((0, 1)).numpy()
+
+
 def main():
     torch.set_num_threads(1)
     Q, K, V, m = synthetic_inputs()["sharp clusters"]
@@ -50,6 +57,8 @@ def main():
         "largest logit over the landmark keys": logits.amax(-1).sum((0, 1)).numpy(),
         "distance to the nearest landmark query": torch.cdist(Q, landmarks.queries).amin(-1).sum((0, 1)).numpy(),
         "approximate output's squared norm": (out**2).sum(-1).sum((0, 1)).numpy(),
+        "distance to a second approximation at m/2": distance_to(out, Q, K, V, m // 2),
+        "distance to a second approximation at 2m": distance_to(out, Q, K, V, 2 * m),
         "true squared row error (oracle)": e,
     }
     print(f"true error {np.sqrt(e.sum() / o.sum()):.4f}; coverage of a nominal {CONFIDENCE:.0%} interval")
