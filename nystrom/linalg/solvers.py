@@ -296,6 +296,13 @@ class PInv(Solver, name="pinv"):
         duplicated token at :math:`m = n`, relative output errors of 0.02-0.19 against at most 2e-14 for the
         default on five Gaussian draws, n = 32, d = 8; the size depends on the data).
 
+    Raises
+    ------
+    ValueError
+        From :meth:`solve`, where the SVD fails on a kernel that holds NaN or infinity: with finite inputs, attention
+        logits past the working dtype's range, where exact attention overflows too. (``NewtonSchulz`` returns NaN
+        there without a word: telling would cost a read of the data, a host synchronisation on CUDA.)
+
     Notes
     -----
     Cost: one batched SVD, :math:`O(m^3)`. The gradient does not go through the SVD, whose backward
@@ -328,7 +335,15 @@ class PInv(Solver, name="pinv"):
     def solve(self, A) -> SolveResult:
         xp = array_api_compat.array_namespace(A)
         A0 = detached(A)
-        U, s, Vh = xp.linalg.svd(A0, full_matrices=False)
+        try:
+            U, s, Vh = xp.linalg.svd(A0, full_matrices=False)
+        except (RuntimeError, ValueError) as error:
+            # torch's _LinAlgError is a RuntimeError, numpy's LinAlgError a ValueError: both name no cause a user sets.
+            raise ValueError(
+                f"PInv: the SVD of the m x m landmark kernel failed ({error}). A kernel of finite inputs holds NaN or "
+                f"infinity where the attention logits passed the range of {A.dtype} (|q| |k| scale near or above "
+                f"{float(xp.finfo(A.dtype).max):.1e}, where exact attention overflows too): scale the inputs down"
+            ) from error
         rtol = self.rtol if self.rtol is not None else A.shape[-1] * xp.finfo(A.dtype).eps
         # Nor a singular value whose reciprocal overflows (a subnormal one, 1e-310 in float64): A^+ stays finite.
         keep = (s > rtol * s[..., :1]) & (s > 1 / float(xp.finfo(A.dtype).max))

@@ -267,6 +267,18 @@ def test_pinv_at_m_equals_n_is_exact_attention():
     assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < 1e-12
 
 
+@pytest.mark.parametrize("library,dtype,size", [("numpy", "float64", 1e160), ("torch", "float32", 1e19),
+                                                ("torch", "bfloat16", 1e19)])
+def test_pinv_names_logits_past_the_dtype_range(library, dtype, size):
+    # Finite inputs whose logits overflow make a non-finite kernel: torch's _LinAlgError or numpy's LinAlgError from
+    # inside the SVD, naming nothing the caller sets (review).
+    X = np.random.default_rng(0).standard_normal((1, 12, 4)) * size
+    if library == "torch":
+        X = torch.from_numpy(X).to(getattr(torch, dtype))
+    with pytest.raises(ValueError, match=r"PInv: the SVD of the m x m landmark kernel failed .* scale the inputs down"):
+        nystrom.approximate(X, X, X, num_landmarks=4, solver="pinv")
+
+
 def test_pinv_rtol_zero_is_finite_but_not_the_pseudo_inverse():
     # One duplicated token at m = n makes A exactly singular. rtol=0 inverts its round-off singular value
     # (about 1e-17) and the output is finite but off; the default cut-off drops it and is exact.
