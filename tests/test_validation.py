@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import nystrom
+from nystrom.linalg.tokens import detect_high_norm_tokens
 
 rng = np.random.default_rng(0)
 Q = rng.standard_normal((2, 10, 4))
@@ -93,6 +94,27 @@ def test_none_where_an_array_is_required_is_named():
         nystrom.exact_attention(Q, K, None)
     with pytest.raises(TypeError, match="approx must be an array .* got None"):
         nystrom.estimate_relative_error(Q, K, V, None)
+
+
+def test_landmark_counts_and_dtypes_that_do_not_fit_are_named():
+    # Cross-attention: m landmark queries are means or picks of the n_q queries.
+    with pytest.raises(ValueError, match="num_landmarks=4 exceeds the number of queries n_q=3"):
+        nystrom.approximate(Q[:, :3], K, V, num_landmarks=4)
+    landmarks = nystrom.Landmarks(Q[:, :4].astype(np.float32), K[:, :4].astype(np.float32))
+    with pytest.raises(TypeError, match="landmark queries must have the dtype of K, float64, got float32"):
+        nystrom.linalg.nystrom_attention(Q, K, V, landmarks)
+
+
+@pytest.mark.parametrize("mask,error,match", [
+    (np.ones((2, 10), np.float32), TypeError, "attention_mask must be bool or integer 0/1"),
+    (np.ones((2, 9), bool), ValueError, r"attention_mask must have shape \(2, 10\)"),
+    (np.full((2, 10), 2), ValueError, "integer mask must hold 0 .padding. and 1"),
+    (np.zeros((2, 10), bool), ValueError, "masks every token of at least one sequence"),
+], ids=["float", "shape", "integer 2", "all padding"])
+def test_token_masks_of_the_detectors_are_checked(mask, error, match):
+    hidden = rng.standard_normal((2, 10, 8))
+    with pytest.raises(error, match=match):
+        detect_high_norm_tokens(hidden, attention_mask=mask)
 
 
 def test_numpy_bools_are_bools():

@@ -80,9 +80,7 @@ def check_given(**arrays) -> None:
 
 def repeats_along(a, axis: int) -> bool:
     """Whether ``a`` is known, without reading it, to repeat one slice along ``axis``: a broadcast or expanded view
-    (stride 0 there, numpy or torch), or an axis of size 1."""
-    if a.shape[axis] == 1:
-        return True
+    (stride 0 there, numpy or torch)."""
     strides = a.stride() if array_api_compat.is_torch_array(a) else getattr(a, "strides", None)
     return strides is not None and strides[axis] == 0
 
