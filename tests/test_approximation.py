@@ -201,6 +201,9 @@ def test_grouped_query_attention_follows_sdpa():
                                                                                          enable_gqa=True),
                                rtol=0, atol=0)
     assert nystrom.approximate(Q[:, :3], K, V, num_landmarks=8, enable_gqa=False).shape == (2, 3, 40, 8)
+    # As many query as key/value heads: enable_gqa changes nothing, bit for bit (as in SDPA).
+    torch.testing.assert_close(nystrom.approximate(Q[:, :3], K, V, num_landmarks=8, enable_gqa=True),
+                               nystrom.approximate(Q[:, :3], K, V, num_landmarks=8), rtol=0, atol=0)
     with pytest.raises(ValueError, match="multiple of the key/value heads"):
         nystrom.approximate(Q[:, :5], K, V, num_landmarks=8, enable_gqa=True)
     with pytest.raises(TypeError, match="enable_gqa"):

@@ -674,3 +674,19 @@ def test_the_host_fps_loop_keeps_numpy_blas_on_one_thread(monkeypatch):
     farthest_point_sampling(torch.randn(2, 300, 8), 10)
     assert seen and all(threads == [1] * len(before) for threads in seen)
     assert [lib["num_threads"] for lib in ThreadpoolController().select(user_api="blas").info()] == before
+
+
+@pytest.mark.parametrize("library", ["numpy", "torch"])
+def test_kmeans_past_its_sample_is_the_same_without_a_mask_and_with_an_all_true_one(library):
+    # Past the sample (s = 1,024 of 3,000 tokens) the unmasked path weights every sampled token by n / s itself, and
+    # no test reached it: it must give the landmarks of an all-true mask bit for bit, and weights summing to n.
+    rng = np.random.default_rng(0)
+    Q, K = (rng.standard_normal((1, 2, 3000, 16)) for _ in range(2))
+    mask = np.ones((1, 1, 1, 3000), dtype=bool)
+    if library == "torch":
+        Q, K, mask = (torch.from_numpy(x) for x in (Q, K, mask))
+    plain, masked = KMeans()(Q, K, 32), KMeans()(Q, K, 32, attn_mask=mask)
+    for name in ("queries", "keys", "log_weights"):
+        np.testing.assert_array_equal(np.asarray(getattr(plain, name)), np.asarray(getattr(masked, name)))
+    # float64: 32 weights of 3000/1024 each, summed; 1e-12 is a hundred times their rounding.
+    np.testing.assert_allclose(np.exp(np.asarray(plain.log_weights)).sum(-1), 3000, rtol=1e-12)

@@ -429,7 +429,11 @@ class TestLandmarkChoice:
             with fna(model, num_landmarks=4, guarantee=torch.arange(17) < 5):
                 run(model, tiny_inputs("vit"))
 
-    @pytest.mark.parametrize("strategy", ["norm", "segment_means", "kmeans"])
+    # A sample smaller than the sequence makes the clustering list its sampled tokens, each standing for several: the
+    # guaranteed singletons join that list (a path no test reached).
+    @pytest.mark.parametrize("strategy", ["norm", "segment_means", "kmeans", nystrom.KMeans(sample_size=8),
+                                          nystrom.Norm(sample_size=8)],
+                             ids=["norm", "segment_means", "kmeans", "kmeans sampled", "norm sampled"])
     def test_guaranteed_tokens_are_their_own_landmarks_with_grouping_strategies(self, strategy):
         model = tiny_model("vit")
         forced = (torch.arange(17) == 3) | (torch.arange(17) == 11)
