@@ -376,6 +376,14 @@ def test_analyze_tokens_rejects_bad_models_and_inputs():
         tokens.analyze_tokens(model, ids, sink_ratio=0)
     with pytest.raises(ValueError, match="eval"):
         tokens.analyze_tokens(model.train(), ids)
+    model.eval()
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module, got dict"):
+        tokens.analyze_tokens({"model": model}, ids)
+    with pytest.raises(ValueError, match=r"inputs\['attention_mask'\] must be a \(B, n\) tensor"):
+        tokens.analyze_tokens(model, {**ids, "attention_mask": torch.ones(1, 1, 4)})
+    with pytest.raises(ValueError, match=r"inputs\['attention_mask'\] has shape \(2, 4\) but the model ran on "
+                                         r"\(1, 4\) tokens"):
+        tokens.analyze_tokens(model, {**ids, "attention_mask": torch.ones(2, 4)})
 
 
 # --------------------------------------------------------------------------------------------------------------
