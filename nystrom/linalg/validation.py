@@ -128,7 +128,7 @@ def check_bool(name: str, value) -> bool:
     return bool(value)
 
 
-def check_attention_inputs(Q, K, V=None, attn_mask=None, *, check_values=True, shard=False, values=True):
+def check_attention_inputs(Q, K, V, attn_mask=None, *, check_values=True, shard=False, values=True):
     """Validate ``(Q, K, V, attn_mask)`` in the attention convention; return the namespace and the key mask.
 
     Shapes: ``Q (..., n_q, d)``, ``K (..., n, d)``, ``V (..., n, d_v)``; ``attn_mask`` as
