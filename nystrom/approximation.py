@@ -292,7 +292,9 @@ def approximate(
         (j + 1) g - 1`; they are repeated to :math:`H_q` heads (``repeat_interleave``, as SDPA's reference does).
     tol : float, optional
         Error-controlled :math:`m`: the largest relative error :math:`\lVert\hat O - O\rVert_F / \lVert O\rVert_F`
-        (over the real rows) to accept. Starting at ``num_landmarks``, :math:`m` doubles until the upper end of the
+        (over the real rows) to accept. Starting at ``num_landmarks`` (lowered to the most landmarks the keys allow, the
+        real keys of the shortest sequence and :math:`n_q` for cross-attention, where it is above them: a short
+        input is answered, not refused), :math:`m` doubles until the upper end of the
         95 % interval of the error, estimated from 128 exact query rows (one sample for every step,
         :func:`nystrom.linalg.estimate_relative_error`), is at most ``tol``, while :math:`m` stays within the last
         :math:`m` at which Nyström attention takes at most half the FLOPs of exact attention
@@ -404,7 +406,8 @@ def approximate(
     select = get_strategy(strategy)
     solve = get_solver(solver)
     head_axis = -3 if (share_landmarks_across_heads and K.ndim >= 4) else None
-    m, fewest = check_selection(xp, Q, K, num_landmarks, keys, head_axis, features, check_values=check_values)
+    m, fewest = check_selection(xp, Q, K, num_landmarks, keys, head_axis, features, check_values=check_values,
+                                start=tol is not None)
     tol, max_landmarks, largest, real_keys = check_tolerance(xp, tol, max_landmarks, strict_tol, m, Q, K, keys,
                                                              fewest)
     K, V = without_padding(xp, keys, K, V)

@@ -448,6 +448,34 @@ def test_exact_attention_answers_at_once_where_nystrom_cannot_pay(n, num_landmar
     np.testing.assert_array_equal(out, nystrom.exact_attention(Q, K, V))  # the same call: equal (1e-12 before)
 
 
+@pytest.mark.parametrize("case", ["40 tokens", "a padded sequence of 30", "50 queries"])
+def test_a_start_above_the_keys_starts_at_the_most_they_allow(case):
+    # With tol, num_landmarks is where the search starts, not an m the caller needs: an input with fewer tokens than
+    # the default start of 64 answers (within tol, or exactly) instead of raising that 64 exceeds its keys; the padded
+    # case reads its mask for that even with check_values=False. Without tol an m above the keys still raises.
+    Q, K, V, mask = padded_batch(0, (256, 30))
+    if case == "40 tokens":
+        Q, K, V, mask = Q[..., :40, :], K[..., :40, :], V[..., :40, :], None
+    elif case == "50 queries":
+        Q, mask = Q[..., :50, :], None
+    out, info = nystrom.approximate(Q, K, V, attn_mask=mask, tol=0.1, check_values=case == "40 tokens",
+                                    return_info=True)
+    most = {"40 tokens": 40, "a padded sequence of 30": 30, "50 queries": 50}[case]
+    assert info.tol_steps[0].m == most or [(step.m, step.solver) for step in info.tol_steps] == [(K.shape[-2], "exact")]
+    assert all(step.m <= most for step in info.tol_steps if step.solver != "exact")
+    if info.landmarks is None:
+        # float64 exact attention, batched over sequences of other lengths: sums in another order, 2e-13 as in
+        # test_m_never_exceeds_the_real_keys_of_any_sequence.
+        torch.testing.assert_close(out, nystrom.exact_attention(Q, K, V, attn_mask=mask), rtol=0, atol=2e-13)
+    else:
+        # The padded batch answers at its start, m = 30 (measured: error bound 0.084).
+        assert case == "a padded sequence of 30" and len(info.tol_steps) == 1
+        assert relative_error(np.asarray(out), *(np.asarray(x) for x in (Q, K, V)), attn_mask=np.asarray(mask),
+                              real=mask) <= 0.1
+    with pytest.raises(ValueError, match="num_landmarks"):
+        nystrom.approximate(Q, K, V, attn_mask=mask, num_landmarks=most + 1)
+
+
 @settings(max_examples=60, deadline=None)
 @given(n_q=st.integers(1, 5000), n=st.integers(1, 5000), d=st.integers(1, 256), d_v=st.integers(1, 256),
        fraction=st.sampled_from([0.25, 0.5, 1.0]),

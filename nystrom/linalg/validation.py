@@ -529,7 +529,8 @@ def check_head_axis(head_axis, K) -> None:
         )
 
 
-def check_selection(xp, Q, K, num_landmarks, keys=None, head_axis=None, features=None, *, check_values=True):
+def check_selection(xp, Q, K, num_landmarks, keys=None, head_axis=None, features=None, *, check_values=True,
+                    start=False):
     """Validate what a landmark strategy is asked for, given checked ``Q``, ``K`` and key mask ``keys``; return
     ``(m, fewest)``: ``fewest`` the real keys of the shortest sequence where the mask was read, else ``None``.
 
@@ -537,13 +538,19 @@ def check_selection(xp, Q, K, num_landmarks, keys=None, head_axis=None, features
     axis when heads share landmarks), ``1 <= m <= n``, ``m <= n_q`` for cross-attention and, when
     ``check_values`` (reads the data), ``m`` at most the real keys of the shortest sequence and head:
     landmarks are never placed on padding (heads whose masks differ choose their own landmarks, see
-    :meth:`nystrom.linalg.landmarks.base.Selection.of`).
+    :meth:`nystrom.linalg.landmarks.base.Selection.of`). With ``start`` (``num_landmarks`` is where a search over
+    :math:`m` starts, ``approximate(tol=...)``) the mask is read whatever ``check_values``, and an ``m`` above those
+    bounds becomes the largest they allow: the search answers within ``tol`` from there, or by exact attention.
     """
     check_head_axis(head_axis, K)
     n_valid = None
-    if keys is not None and check_values:
+    if keys is not None and (check_values or start):
         n_valid = fewest_real_keys(xp, keys)
-    m = check_num_landmarks(num_landmarks, K.shape[-2], n_valid)
+    m = check_int("num_landmarks", num_landmarks, minimum=1)
+    if start:
+        cross = [Q.shape[-2]] if Q.shape[-2] != K.shape[-2] else []
+        m = min(m, K.shape[-2], *([] if n_valid is None else [n_valid]), *cross)
+    m = check_num_landmarks(m, K.shape[-2], n_valid)
     if Q.shape[-2] != K.shape[-2] and m > Q.shape[-2]:
         raise ValueError(f"num_landmarks={m} exceeds the number of queries n_q={Q.shape[-2]}")
     if features is not None:
