@@ -5,13 +5,11 @@ and pseudo-inverse solvers (as objects and by name, in :data:`STRATEGIES` and :d
 error bounds. The torch backend and the model tools live in :mod:`nystrom.torch`.
 """
 
-from .approximation import Info, approximate
-from .linalg.attention import exact_attention
+from .approximation import Info, approximate, estimate_relative_error, exact_attention
 from .linalg.bounds import (
     ErrorEstimate,
     TraceCertificate,
     best_rank_trace_floor,
-    estimate_relative_error,
     nystrom_trace_error,
     rpcholesky_trace_bound,
 )

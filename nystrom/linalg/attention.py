@@ -157,7 +157,9 @@ def exact_attention(Q, K, V, *, scale=None, attn_mask=None, **unknown):
     Notes
     -----
     Forms the full :math:`n_q \times n` matrix: :math:`O(n_q n)` memory and
-    :math:`O(n_q n (d + d_v))` time. Use it as ground truth (in float64) on moderate sizes.
+    :math:`O(n_q n (d + d_v))` time. Use it as ground truth (in float64) on moderate sizes. Array-API code, it
+    runs as the array library runs it: under ``torch.autocast`` its products take autocast's dtype;
+    :func:`nystrom.exact_attention` keeps the inputs' precision there.
     """
     check_unknown_arguments("exact_attention", unknown)
     xp, keys = check_attention_inputs(Q, K, V, attn_mask)

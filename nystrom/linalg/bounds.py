@@ -273,7 +273,9 @@ def estimate_relative_error(Q, K, V, approx, *, num_samples=128, confidence=0.95
     (rows near landmarks are almost exact, isolated rows far off), and small samples under-cover. The
     coverage measured on synthetic and real attention at :math:`s` = 64 and 128 is on the docs'
     error-bounds page (``python -m nystrom.experiments.coverage_report``), and ``tests/linalg/test_bounds.py``
-    pins it. Use :math:`s \ge 128` where the interval matters.
+    pins it. Use :math:`s \ge 128` where the interval matters. Under ``torch.autocast`` the exact rows take
+    autocast's dtype here (array-API code, run as the array library runs it); :func:`nystrom.estimate_relative_error`
+    and ``Info.estimate_error`` compute them in the inputs' precision.
     """
     check_unknown_arguments("estimate_relative_error", unknown)
     xp, keys = check_attention_inputs(Q, K, V, attn_mask)
