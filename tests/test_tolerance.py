@@ -474,6 +474,13 @@ def test_a_start_above_the_keys_starts_at_the_most_they_allow(case):
                               real=mask) <= 0.1
     with pytest.raises(ValueError, match="num_landmarks"):
         nystrom.approximate(Q, K, V, attn_mask=mask, num_landmarks=most + 1)
+    if mask is not None:
+        # A sequence without a real key: the mask's own error, not "num_landmarks must be at least 1" from a start
+        # lowered to its 0 keys (a review), with or without check_values.
+        for check_values in (False, True):
+            with pytest.raises(ValueError, match="masks every key"):
+                nystrom.approximate(Q, K, V, attn_mask=mask & (torch.arange(2) == 0)[:, None, None, None], tol=0.1,
+                                    check_values=check_values)
 
 
 @settings(max_examples=60, deadline=None)

@@ -1,5 +1,7 @@
 """Bad input raises ValueError/TypeError naming the argument (the systematic fuzz is in test_fuzz.py)."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -95,6 +97,27 @@ def test_none_where_an_array_is_required_is_named():
     with pytest.raises(TypeError, match="approx must be an array .* got None"):
         nystrom.estimate_relative_error(Q, K, V, None)
 
+
+
+def test_tensor_layouts_the_library_cannot_compute_on_are_named():
+    # Sparse, nested and float8 inputs failed deep inside (NotImplementedError / RuntimeError from gather, expand,
+    # reshape or a comparison), meta tensors in Tensor.item() (review).
+    q, k, v = (torch.from_numpy(x) for x in (Q, K, V))
+    with pytest.raises(TypeError, match="Q must be a dense .strided. tensor, got layout torch.sparse_coo"):
+        nystrom.approximate(q.to_sparse(), k, v, num_landmarks=4)
+    with pytest.raises(TypeError, match="attn_mask must be a dense .strided. tensor"):
+        nystrom.approximate(q, k, v, attn_mask=torch.ones(2, 10, dtype=torch.bool).to_sparse(), num_landmarks=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torch: nested tensors are a prototype
+        nested = torch.nested.nested_tensor([q[0], q[1, :5]])
+    with pytest.raises(TypeError, match="Q must be a dense .strided. tensor, got a nested tensor"):
+        nystrom.exact_attention(nested, k, v)
+    with pytest.raises(TypeError, match="attn_mask must be a bool mask"):
+        nystrom.approximate(q, k, v, attn_mask=torch.zeros(2, 10).to(torch.float8_e4m3fn), num_landmarks=4)
+    meta = [x.to("meta") for x in (q, k, v)]
+    with pytest.raises(ValueError, match="meta device, whose tensors hold no values to check: pass check_values=False"):
+        nystrom.approximate(*meta, num_landmarks=4)
+    assert nystrom.approximate(*meta, num_landmarks=4, check_values=False).shape == (2, 10, 3)
 
 def test_landmark_counts_and_dtypes_that_do_not_fit_are_named():
     # Cross-attention: m landmark queries are means or picks of the n_q queries.

@@ -111,7 +111,9 @@ def unchecked(solver):
         if not isinstance(result, SolveResult):
             raise TypeError(f"a solver callable must return a SolveResult(inverse, residual, iterations), got "
                             f"{type(result).__name__}; e.g. lambda A: SolveResult(f(A), None, 0)")
-        shape = tuple(getattr(result.inverse, "shape", ()))
+        # An inverse of another library or device (numpy for torch inputs) would fail deep in the next product.
+        namespace(A=A, **{"the solver callable's inverse": result.inverse})
+        shape = tuple(result.inverse.shape)
         if shape != tuple(A.shape):
             raise ValueError(f"a solver callable must return an inverse of the shape of A, {tuple(A.shape)} "
                              f"(..., m, m), got {shape}")

@@ -49,6 +49,10 @@ def namespace(**arrays):
         if not array_api_compat.is_array_api_obj(a):
             raise TypeError(f"{name} must be an array of an array-API library (numpy, torch, array_api_strict, ...), "
                             f"got {type(a).__name__}")
+        if str(getattr(a, "layout", "torch.strided")) != "torch.strided" or getattr(a, "is_nested", False):
+            # Sparse and nested tensors lack the dense operations the library runs (gather, expand, reshape).
+            raise TypeError(f"{name} must be a dense (strided) tensor, got "
+                            f"{'a nested tensor' if getattr(a, 'is_nested', False) else f'layout {a.layout}'}")
         if isinstance(a, np.ma.MaskedArray):
             # numpy's functions on it ignore its mask, or fail deep inside with a broadcasting error.
             raise TypeError(f"{name} is a numpy masked array, whose mask the library would not read: pass a plain "
@@ -198,6 +202,9 @@ def check_attention_inputs(Q, K, V, attn_mask=None, *, check_values=True, shard=
             "K.repeat_interleave(H_q // H_kv, dim=-3) and V alike)"
         )
     if check_values:
+        if str(array_api_compat.device(Q)) == "meta":
+            raise ValueError("Q, K and V are on torch's meta device, whose tensors hold no values to check: pass "
+                             "check_values=False (the call then reads no data, as for FakeTensorMode)")
         check_finite(xp, **named)
     keys = None if attn_mask is None else check_attn_mask(xp, attn_mask, Q, K, check_values=check_values, shard=shard)
     return xp, keys
@@ -218,6 +225,9 @@ BIDIRECTIONAL = (
     "them. Pass a key mask (shape (..., 1, n): True or 0 where a key is real), or use exact attention "
     "(torch.nn.functional.scaled_dot_product_attention) for causal or per-query masks"
 )
+
+
+EVERY_KEY_MASKED = "attn_mask masks every key of at least one sequence; each needs a real key"
 
 
 def check_attn_mask(xp, attn_mask, Q, K, *, check_values=True, shard=False):
@@ -266,7 +276,8 @@ def check_attn_mask(xp, attn_mask, Q, K, *, check_values=True, shard=False):
         kind = "bool"
     elif xp.isdtype(attn_mask.dtype, "integral"):
         kind = "int"
-    elif xp.isdtype(attn_mask.dtype, "real floating"):
+    elif any(hasattr(xp, name) and attn_mask.dtype == getattr(xp, name) for name in FLOATING):
+        # Not isdtype's "real floating": torch counts its float8 types there, on which comparisons are not implemented.
         kind = "float"
     else:
         raise TypeError(
@@ -348,7 +359,7 @@ def check_attn_mask(xp, attn_mask, Q, K, *, check_values=True, shard=False):
             )
     if check_values:
         if not shard and not bool(xp.all(xp.any(keys, axis=-1))):
-            raise ValueError("attn_mask masks every key of at least one sequence; each needs a real key")
+            raise ValueError(EVERY_KEY_MASKED)
         if len(lead) >= 2 and keys.shape[-2] > 1 and bool(xp.all(keys == keys[..., :1, :])):
             # The same row for every head (an expanded mask): one row lets the heads share landmarks.
             keys = keys[..., :1, :]
@@ -547,6 +558,9 @@ def check_selection(xp, Q, K, num_landmarks, keys=None, head_axis=None, features
     if keys is not None and (check_values or start):
         n_valid = fewest_real_keys(xp, keys)
     m = check_int("num_landmarks", num_landmarks, minimum=1)
+    if start and n_valid == 0:
+        # The check check_values=True would have made on reading the mask, which a search start reads anyway.
+        raise ValueError(EVERY_KEY_MASKED)
     if start:
         cross = [Q.shape[-2]] if Q.shape[-2] != K.shape[-2] else []
         m = min(m, K.shape[-2], *([] if n_valid is None else [n_valid]), *cross)

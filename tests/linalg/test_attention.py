@@ -272,6 +272,10 @@ def test_hand_made_landmarks_are_checked():
     # ... of A's shape: a wrong one failed in numpy's matmul.
     with pytest.raises(ValueError, match=r"an inverse of the shape of A, \(2, 5, 5\)"):
         nystrom_attention(Q, K, V, good, solver=lambda A: nystrom.linalg.solvers.SolveResult(A[..., :4, :4], None, 0))
+    # ... of A's library: a numpy inverse for torch inputs failed in torch's `to` with a message that named no solver.
+    with pytest.raises(TypeError, match="solver callable's inverse is a numpy array but A is a torch array"):
+        nystrom.approximate(torch.from_numpy(Q), torch.from_numpy(K), torch.from_numpy(V), num_landmarks=5,
+                            solver=lambda A: nystrom.SolveResult(A.numpy(), None, 0))
 
 
 def test_a_strategy_callables_landmarks_are_checked_like_hand_made_ones():

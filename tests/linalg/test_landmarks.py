@@ -329,6 +329,23 @@ def test_shared_landmarks_are_the_same_in_every_head():
             np.testing.assert_allclose(clustered.keys[0, h, j], K[0, h, members].mean(axis=0), rtol=0, atol=2e-14)
 
 
+
+@pytest.mark.parametrize("head_axis", [-3, -4, -5])
+@pytest.mark.parametrize("name", ALL)
+def test_heads_may_lie_on_any_leading_axis(name, head_axis):
+    # 5-D inputs with the shared head axis anywhere check_head_axis allows: every rule returns one landmark set per
+    # row, the same along that axis (segment means raised IndexError on -4 and -5 before: its one labelling, of shape
+    # (n,), was expanded at the head axis as if it had the selection rows' dimensions).
+    Q, K, _ = qkv(3, shape=(2, 3, 2, 12, 4))
+    landmarks = nystrom.get_strategy(name)(Q, K, 4, seed=0, head_axis=head_axis)
+    assert landmarks.keys.shape == (2, 3, 2, 4, 4)
+    if landmarks.indices is not None:
+        # Indices (..., m): K's head axis h is their axis h + 1.
+        assert (landmarks.indices == np.take(landmarks.indices, [0], axis=head_axis + 1)).all()
+    # Segment means depend on positions alone: sharing heads changes nothing.
+    if name == "segment_means":
+        np.testing.assert_array_equal(landmarks.keys, SegmentMeans()(Q, K, 4).keys)
+
 def singletons(landmarks, K):
     """Tokens that are landmarks of their own: weight 1 and the landmark key equal to the token's key."""
     labels = landmarks.assignment

@@ -39,7 +39,15 @@ class SegmentMeans(ClusterStrategy, name="segment_means", sharded=True):
     """
 
     def assign(self, selection, queries):
-        tokens = selection.Q if queries else selection.K
+        xp, tokens = selection.xp, selection.Q if queries else selection.K
         mask = None if queries else selection.mask
-        return Grouping(segment_labels(selection.xp, tokens.shape[-2], selection.num_landmarks, mask,
-                                       array_api_compat.device(tokens), selection.axis))
+        labels = segment_labels(xp, tokens.shape[-2], selection.num_landmarks, mask, array_api_compat.device(tokens),
+                                selection.axis)
+        if mask is None:
+            # One labelling for every selection row (the tokens' leading dimensions, less a shared head axis): the
+            # group means expand it along that axis, wherever it lies.
+            rows = list(tokens.shape[:-1])
+            if selection.head_axis is not None:
+                rows.pop(selection.head_axis + 1)
+            labels = xp.broadcast_to(labels, tuple(rows))
+        return Grouping(labels)
