@@ -68,41 +68,49 @@ def with_own_precision(function, Q, K, V, *inputs):
 
 
 def with_own_backward(run, *inputs):
-    """``run(*inputs)`` (a tensor, or a tuple whose first item is the differentiable output), whose backward runs with
-    autocast off for the inputs' device, whatever the state ``.backward()`` is called in, and, for a float16 output,
-    with the incoming gradient divided by its largest magnitude (the input gradients are multiplied back in float32:
-    the module notes). First derivatives only (a second one raises). A plain call where no input requires grad, grad
-    mode is off, or ``torch.compile`` traces the call (Dynamo cannot trace a backward that differentiates a graph of
-    its own: there, run the backward outside the autocast block, as PyTorch recommends)."""
+    """``run(*inputs)`` (a tensor, or a tuple of outputs such as an attention function's ``(output, weights)``),
+    whose backward runs with autocast off for the inputs' device, whatever the state ``.backward()`` is called in,
+    and, for float16 outputs, with the incoming gradients divided by their largest magnitude (the input gradients are
+    multiplied back in float32: the module notes). Every floating-point tensor of the result carries its gradient to
+    the inputs (the attention weights a model returns with ``output_attentions=True`` too); other items pass as they
+    are. First derivatives only (a second one raises). A plain call where no input requires grad, grad mode is off,
+    or ``torch.compile`` traces the call (Dynamo cannot trace a backward that differentiates a graph of its own:
+    there, run the backward outside the autocast block, as PyTorch recommends)."""
     if not (torch.is_grad_enabled() and any(x.requires_grad for x in inputs)) or torch.compiler.is_compiling():
         return run(*inputs)
-    rest = []
+    items = []
 
-    def output(*args):
+    def outputs(*args):
         result = run(*args)
-        if isinstance(result, tuple):
-            rest.extend(result[1:])
-            return result[0]
-        return result
+        items.extend(result if isinstance(result, tuple) else (result,))
+        return tuple(x for x in items if _differentiable(x))
 
-    out = _OwnBackward.apply(output, inputs[0].device.type, *inputs)
-    return (out, *rest) if rest else out
+    differentiable = iter(_OwnBackward.apply(outputs, inputs[0].device.type, *inputs))
+    result = tuple(next(differentiable) if _differentiable(x) else x for x in items)
+    return result if len(result) > 1 else result[0]
+
+
+def _differentiable(x) -> bool:
+    return isinstance(x, torch.Tensor) and x.is_floating_point()
 
 
 class _OwnBackward(torch.autograd.Function):
-    """The output of ``run(*inputs)`` built as a graph of its own in the forward pass, differentiated in the backward
-    pass with autocast off (``torch.autograd.grad`` through that graph)."""
+    """The outputs of ``run(*inputs)`` built as a graph of their own in the forward pass, differentiated in the
+    backward pass with autocast off (``torch.autograd.grad`` through that graph)."""
 
     @staticmethod
     def forward(ctx, run, device_type, *inputs):
         inner = tuple(x.detach().requires_grad_(x.requires_grad) for x in inputs)
+        # An output the loss does not use (the weights of a model called without output_attentions) gets None, not
+        # zeros to differentiate.
+        ctx.set_materialize_grads(False)
         with torch.enable_grad():
-            out = run(*inner)
-        ctx.graph, ctx.device_type = (out, inner), device_type
-        return out.detach()
+            outs = run(*inner)
+        ctx.graph, ctx.device_type = (outs, inner), device_type
+        return tuple(out.detach() for out in outs)
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, *grads):
         # The inner graph lives as long as this node: retained, so that a backward with retain_graph=True can run
         # again. A second derivative would need the inner graph built on the caller's tensors, not on detached copies:
         # an error rather than a silent None.
@@ -110,18 +118,25 @@ class _OwnBackward(torch.autograd.Function):
             raise RuntimeError("nystrom under torch.autocast or in float16 gives first derivatives only "
                                "(create_graph=True asked for a second): call it in float32 or float64 outside the "
                                "autocast block for higher derivatives")
-        out, inner = ctx.graph
+        outs, inner = ctx.graph
+        # The outputs that reach the inputs and receive a gradient (autograd passes zeros for unused outputs, or None
+        # where it materialises none).
+        pairs = [(out, grad) for out, grad in zip(outs, grads) if grad is not None and out.requires_grad]
         wanted = [x for x in inner if x.requires_grad]
         unit = None
-        if out.dtype == torch.float16:
+        if pairs and any(out.dtype == torch.float16 for out, _ in pairs):
             # In units of the largest incoming entry (1 where there is none, or it is not finite: NaN and inf go on).
-            unit = grad.detach().abs().amax().float()
+            unit = torch.stack([grad.detach().abs().amax().float() for _, grad in pairs]).amax()
             unit = torch.where(torch.isfinite(unit) & (unit > 0), unit, torch.ones_like(unit))
-            grad = (grad.float() / unit).to(grad.dtype)
-        with torch.autocast(ctx.device_type, enabled=False):
-            grads = torch.autograd.grad(out, wanted, grad, allow_unused=True, retain_graph=True)
+            pairs = [(out, (grad.float() / unit).to(grad.dtype)) for out, grad in pairs]
+        if pairs:
+            with torch.autocast(ctx.device_type, enabled=False):
+                found = torch.autograd.grad([out for out, _ in pairs], wanted, [grad for _, grad in pairs],
+                                            allow_unused=True, retain_graph=True)
+        else:
+            found = (None,) * len(wanted)
         if unit is not None:
             # In float32, then the input's dtype: inf only where the gradient itself does not fit.
-            grads = tuple(None if g is None else (g.float() * unit).to(g.dtype) for g in grads)
-        grads = iter(grads)
-        return (None, None, *(next(grads) if x.requires_grad else None for x in inner))
+            found = tuple(None if g is None else (g.float() * unit).to(g.dtype) for g in found)
+        found = iter(found)
+        return (None, None, *(next(found) if x.requires_grad else None for x in inner))
