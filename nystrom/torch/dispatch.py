@@ -305,6 +305,28 @@ def token_mask(name, spec, layer, hidden_states):
     return mask.to(hidden_states.device).expand(batch, n)
 
 
+def _detached_handle(kind, layers, origin=None):
+    """A handle of class ``kind`` that handles nothing, the one the hooks of a copy of a patched model belong to: they
+    refuse the copy's forward passes while ``origin`` (the handle of the model copied) is installed, whose handlers
+    the copy never reaches, and do nothing once it is removed or gone (a copy stayed broken for good before)."""
+    handle = object.__new__(kind)
+    handle.layers, handle.inputs, handle._installed, handle._hooks, handle._reached = layers, {}, [], [], set()
+    handle._detached, handle._origin = True, origin
+    return handle
+
+
+def unknown_block_input(where) -> RuntimeError:
+    """The error, prefixed by ``where`` (``"FNA layer 3"``), of a handler that needs its block's input hidden states
+    where they are unknown: the attention ran outside its block's forward call, as checkpointing's recompute runs it
+    (transformers' gradient checkpointing calls the block's ``forward``, past the hooks that record its input)."""
+    return RuntimeError(
+        f"{where}: its attention ran outside its encoder block's forward call, so the block's input hidden "
+        "states are unknown (activation, or gradient, checkpointing recomputes blocks this way, and a recompute that "
+        "chose otherwise than the forward pass would give gradients of another model); call "
+        "model.activation_checkpointing_disable() to use it"
+    )
+
+
 def block_input(args, kwargs):
     """The hidden states ``(B, n, D)`` a block or attention module was called with (first positional argument or
     ``hidden_states=``), from the ``args, kwargs`` of a forward pre-hook."""
@@ -337,6 +359,17 @@ class Handle:
         self._hooks = []
         # The layers whose handlers ran during their block's forward pass, checked when the block returns.
         self._reached: set[int] = set()
+        # A handle whose hooks a copy of the model carries (copy.deepcopy, pickling): it handles nothing.
+        self._detached, self._origin = False, None
+
+    def __deepcopy__(self, memo):
+        # The blocks' hooks travel with a copy of the model, the handlers (keyed by the original modules) do not: the
+        # copy's hooks belong to a detached handle instead of a copy of this one, which no remove() could reach.
+        return _detached_handle(type(self), self.layers, origin=self)
+
+    def __reduce__(self):
+        # Pickled with a model (torch.save): a detached handle, whose original does not outlive the process.
+        return _detached_handle, (type(self), self.layers)
 
     @staticmethod
     def default_layers(num_layers):
@@ -367,6 +400,8 @@ class Handle:
         return self
 
     def _keep_input(self, layer, block, args, kwargs):
+        if self._detached:
+            return
         if layer == self.layers[0]:
             # The padding-mask answer lasts one forward pass: a mask buffer edited where torch's version counter does
             # not see it (through .data, or a numpy array it shares memory with) is read afresh on the next pass.
@@ -387,6 +422,14 @@ class Handle:
         # A model whose attention module computes attention itself (DeBERTa, MPNet, Longformer, ...) never asks
         # transformers' attention interface for a function, and a compiled graph or a copy of the model calls it for
         # modules other than those the handlers are installed on: the handlers would never run, silently.
+        if self._detached:
+            if self._origin is not None and self._origin._hooks:
+                raise ValueError(
+                    f"encoder layer {layer} of a copy of a patched model ran without nystrom's handlers, which run on "
+                    "the modules they were installed on (copy.deepcopy copies the blocks' hooks, not the handlers): "
+                    "patch the copy itself, or copy the model before patching or after remove()"
+                )
+            return
         if layer not in self._reached:
             raise ValueError(
                 f"encoder layer {layer} ran without nystrom's handlers on its attention module "

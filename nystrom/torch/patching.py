@@ -56,6 +56,7 @@ from .dispatch import (
     own_attention_returns_weights,
     padding_mask_from_attention_mask,
     token_mask,
+    unknown_block_input,
 )
 from .masking import masking_handler
 
@@ -204,7 +205,10 @@ class FNAHandle(Handle):
         if implementation not in IMPLEMENTATIONS:
             raise ValueError(f"FNA reads the attention masks of the 'eager' and 'sdpa' attention implementations; "
                              f"this model runs {implementation!r}: load it with attn_implementation='sdpa'")
-        if layer == self.layers[0]:
+        # A checkpointed block's recompute runs its attention without the block's input: it must not start a new
+        # pass's records.
+        recompute = layer not in self.inputs
+        if layer == self.layers[0] and not recompute:
             self.records = {}
             self._shared = self._pass_padding = None
         batch, _, n, d = key.shape
@@ -226,10 +230,11 @@ class FNAHandle(Handle):
         def own_attention(q, k, v):
             return call_next(module, q, k, v, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
 
-        # The exclusion of this pass (None where the block's input is unknown: selection then says why it cannot run);
-        # one that leaves out no real token changes nothing.
-        excluded = (None if self.exclude is None or layer not in self.inputs
-                    else token_mask("exclude", self.exclude, layer, self.inputs[layer]))
+        if recompute and self.exclude is not None:
+            # Without the input the exclusion is unknown, and the recompute would choose otherwise than the forward.
+            raise unknown_block_input(f"FNA layer {layer}")
+        # The exclusion of this pass; one that leaves out no real token changes nothing.
+        excluded = None if self.exclude is None else token_mask("exclude", self.exclude, layer, self.inputs[layer])
         excludes = excluded is not None and bool(torch.any(excluded if real is None else excluded & real))
         if layer in self.exact_layers or own_attention_answers(m, longest, fewest, excludes):
             self.records[layer] = LayerRecord(None, False, None)
@@ -352,11 +357,7 @@ class FNAHandle(Handle):
         xp = array_api_compat.array_namespace(key)
         hidden = self.inputs.get(layer)
         if hidden is None:
-            raise RuntimeError(
-                f"FNA layer {layer}: its attention ran outside its encoder block's forward call, so the block's "
-                "input hidden states are unknown (activation, or gradient, checkpointing recomputes blocks this way); "
-                "call model.activation_checkpointing_disable() to use FNA"
-            )
+            raise unknown_block_input(f"FNA layer {layer}")
         eligible = everything
         guaranteed = None if self.guarantee is None else token_mask("guarantee", self.guarantee, layer, hidden)
         if excluded is not None:
