@@ -15,8 +15,11 @@ def output_folder(path):
     Raises
     ------
     OSError
-        The folder cannot be created or written to.
+        The folder cannot be created or written to, or ``path`` is empty (which ``Path`` reads as the current
+        folder: a run's files would land wherever it was started).
     """
+    if not str(path).strip():
+        raise OSError("an empty path names no folder")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryFile(dir=path):

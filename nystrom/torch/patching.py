@@ -74,6 +74,8 @@ FEATURES = ("input", "query", "key", "value")
 HARMLESS_KEYWORDS = frozenset({
     "position_ids", "cache_position", "token_type_ids", "encoder_hidden_states", "output_attentions",
     "output_hidden_states", "output_router_logits", "return_dict", "use_cache", "num_items_in_batch",
+    # A ViT's forward(interpolate_pos_encoding=True) reaches the attention function too; it acts on the embeddings.
+    "interpolate_pos_encoding",
 })
 
 #: The attention implementations whose masks FNA reads (``None``: transformers' eager default). Flash attention
@@ -429,7 +431,8 @@ class FNAHandle(Handle):
             pinned = torch.nonzero(forced[b])[:, 0]
             if pinned.numel() > m:
                 raise ValueError(f"guarantee selects {pinned.numel()} tokens of sequence {b} in layer {layer}, more "
-                                 f"than the {m} landmarks")
+                                 f"than the {m} landmarks of this batch (num_landmarks, or the real tokens of its "
+                                 "shortest sequence where that has fewer)")
             rest = None
             if pinned.numel() < m:
                 rest = run_strategy(self.strategy, Selection(

@@ -282,3 +282,7 @@ def test_an_output_folder_that_cannot_be_made_is_a_usage_error(tmp_path, capsys)
     with pytest.raises(SystemExit) as exit_info:
         main(["eval", "--model", "minilm", "--out", str(taken)])
     assert exit_info.value.code == 2 and "cannot create or write to the output folder" in capsys.readouterr().err
+    # An empty --out was the current folder, where a run wrote its files (a review).
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", "--model", "minilm", "--out", ""])
+    assert exit_info.value.code == 2 and "an empty path names no folder" in capsys.readouterr().err

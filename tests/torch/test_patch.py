@@ -593,8 +593,9 @@ class TestArguments:
         with fna(model, layers=[0], num_landmarks=6):
             call = dispatch._attention_functions().get_interface("sdpa", None)
             # The Trainer's num_items_in_batch (a loss normaliser) passes too.
+            # A ViT's interpolate_pos_encoding=True reaches it as well (refused as a change before, a review).
             out, _ = call(attention, q, q, q, None, scaling=0.35, dropout=0.0, position_ids=torch.arange(6)[None],
-                          output_attentions=False, num_items_in_batch=torch.tensor(2))
+                          output_attentions=False, num_items_in_batch=torch.tensor(2), interpolate_pos_encoding=True)
             assert out.shape == (1, 6, 4, 8)
             with pytest.raises(ValueError, match=f"passes its attention function {keyword}, which changes"):
                 call(attention, q, q, q, None, scaling=0.35, dropout=0.0, **{keyword: torch.zeros(1, 4, 6, 6)})
