@@ -30,7 +30,7 @@ from .linalg.bounds import ErrorEstimate, check_sampling, sampled_relative_error
 from .linalg.bounds import estimate_relative_error as array_api_estimate_relative_error
 from .linalg.flops import exact_attention_flops, nystrom_attention_flops
 from .linalg.landmarks.base import Landmarks, Selection, get_strategy, run_strategy
-from .linalg.numerics import float64_numpy, quiet_numpy_overflow, without_padding
+from .linalg.numerics import detached, float64_numpy, quiet_numpy_overflow, without_padding
 from .linalg.solvers import Solver, get_solver, unchecked
 from .linalg.tolerance import search_for_tol
 from .linalg.validation import (
@@ -75,12 +75,12 @@ def own_precision(Q):
     return contextlib.nullcontext()
 
 
-def exact_attention(Q, K, V, **options):
+def exact_attention(Q, K, V, attn_mask=None, **options):
     """Exact scaled dot-product attention, :func:`nystrom.linalg.attention.exact_attention` (the formula, the options
     ``scale`` and ``attn_mask``, the shapes), in the inputs' own precision whatever the caller's ``torch.autocast``
     (:func:`own_precision`): it is the reference, where SDPA under autocast runs in bfloat16."""
     with own_precision(Q):
-        return array_api_exact_attention(Q, K, V, **options)
+        return array_api_exact_attention(Q, K, V, attn_mask, **options)
 
 
 def estimate_relative_error(Q, K, V, approx, **options):
@@ -490,7 +490,8 @@ def approximate(
     solve_flops = solve.flops(m, result.iterations) if isinstance(solve, Solver) else 0
     info = Info(
         landmarks=landmarks,
-        residual=result.residual,
+        # A diagnostic: it must not hold the call's autograd graph for as long as the Info lives.
+        residual=None if result.residual is None else detached(result.residual),
         solver_iterations=result.iterations,
         flops=nystrom_attention_flops(batch, Q.shape[-2], K.shape[-2], Q.shape[-1], V.shape[-1], m,
                                       solve_flops=solve_flops),

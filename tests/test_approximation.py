@@ -125,10 +125,20 @@ def test_public_functions_share_one_contract():
             call()
 
 
-def test_exact_attention_takes_scale_by_keyword_only():
+def test_exact_attention_takes_the_mask_fourth_and_scale_by_keyword_only():
+    # As SDPA: attn_mask is the fourth argument (keyword-only before, unlike approximate and SDPA: a review), scale a
+    # keyword, and a number in the mask's place is refused by name.
     Q = np.ones((4, 2))
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="attn_mask must be an array"):
         nystrom.exact_attention(Q, Q, Q, 0.5)
+    rng = np.random.default_rng(0)
+    q, k, v = (torch.from_numpy(rng.standard_normal((2, 3, 6, 4))) for _ in range(3))
+    mask = torch.arange(6) < 4
+    torch.testing.assert_close(nystrom.exact_attention(q, k, v, mask), nystrom.exact_attention(q, k, v, attn_mask=mask),
+                               rtol=0, atol=0)
+    # float64, the same mask: SDPA's rows within rounding (summed in another order).
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v, mask[None, None, None])
+    torch.testing.assert_close(nystrom.exact_attention(q, k, v, mask), sdpa, rtol=0, atol=1e-14)
     # Equal rows, uniform weights 1/4: the output is 1 up to a rounding of the weights (measured exact).
     np.testing.assert_allclose(nystrom.exact_attention(Q, Q, Q, scale=0.5), Q, rtol=4 * np.finfo(float).eps, atol=0)
 
@@ -174,6 +184,14 @@ def test_query_chunk_size_is_honoured_for_numpy(monkeypatch):
     monkeypatch.undo()
     # float64 (measured bitwise equal); 1e-12 for a BLAS that blocks the rows differently.
     np.testing.assert_allclose(out, nystrom.approximate(Q, K, V, strategy="fps", num_landmarks=8), rtol=1e-12)
+
+
+def test_info_holds_no_autograd_graph():
+    # The residual is a diagnostic: it required grad, so an Info kept in a training loop kept each call's graph alive
+    # (a review). The output still carries its gradient.
+    Q, K, V = (torch.randn(1, 2, 20, 4, requires_grad=True) for _ in range(3))
+    out, info = nystrom.approximate(Q, K, V, num_landmarks=4, return_info=True)
+    assert out.requires_grad and not info.residual.requires_grad
 
 
 def test_info_repr_is_a_summary():

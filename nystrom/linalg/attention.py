@@ -126,7 +126,7 @@ def grouped_query_heads(Q, K, V):
 
 
 @quiet_numpy_overflow
-def exact_attention(Q, K, V, *, scale=None, attn_mask=None, **unknown):
+def exact_attention(Q, K, V, attn_mask=None, *, scale=None, **unknown):
     r"""Exact scaled dot-product attention.
 
     .. math:: O = \mathrm{softmax}(\tau\, Q K^\top + M)\, V, \qquad \tau = d^{-1/2} \text{ by default}
@@ -141,13 +141,12 @@ def exact_attention(Q, K, V, *, scale=None, attn_mask=None, **unknown):
         Keys.
     V : array, shape (..., n, d_v)
         Values.
-    scale : float, optional
-        Softmax temperature :math:`\tau`; default ``1/sqrt(d)``. Keyword-only, as in
-        ``torch.nn.functional.scaled_dot_product_attention``.
     attn_mask : array, optional
         Key mask, as :func:`nystrom.approximate` takes it (bool ``True`` = attend, integer 1 = real
         token, or additive 0 / ``-inf``; shape ``(..., 1, n)``, ``(n,)`` or ``(B, n)``); masked keys
-        receive zero attention.
+        receive zero attention. The fourth argument, as in ``torch.nn.functional.scaled_dot_product_attention``.
+    scale : float, optional
+        Softmax temperature :math:`\tau`; default ``1/sqrt(d)``. Keyword-only, as in SDPA.
 
     Returns
     -------
