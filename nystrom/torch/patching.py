@@ -552,7 +552,9 @@ def patch(model, *, layers=None, num_landmarks=64, strategy="norm", solver="newt
         ``records[layer].tol_steps``). Each layer then chooses its own landmarks (``resample`` must be
         ``"every_layer"``). A layer where Nyström attention cannot reach ``tol`` with at most half the FLOPs of
         exact attention runs the model's own attention from then on (``handle.exact_layers``). Calibrate on a
-        representative batch: the error of later batches is not checked. A ``tol`` below the rounding of exact
+        representative batch: the error of later batches is not checked, and the search's :math:`m` stops at the
+        real tokens of the batch's shortest sequence (a 3-token sentence in a batch of long ones can make a layer
+        exact for every later batch). A ``tol`` below the rounding of exact
         attention in the layer's dtype, the reference of the estimate, warns at calibration, as ``approximate`` does.
     max_landmarks : int, optional
         A budget on the :math:`m` of the search, as for ``approximate``: below the real tokens of the
