@@ -191,11 +191,10 @@ class NewtonSchulz(Solver, name="newton_schulz", iterative=True):
     iters : int
         Fixed number of iterations (6 as in Nyströmformer/FNA) when ``tol`` is None.
     tol : float, optional
-        If given, iterate until every matrix's Moore–Penrose residual is ``<= tol``, ``max_iters`` is
-        reached, or no matrix's residual fell in a step (the rounding floor); each matrix returns its first iterate
-        within ``tol``, or else its iterate of least residual, which is reported, never raised (so a batched solve
-        equals the solves one by one). Each test reads the residual: one host
-        synchronisation per step on an accelerator.
+        If given, each matrix stops at its first iterate whose Moore–Penrose residual is ``<= tol``, or at the first
+        step that does not lower its residual (its rounding floor), keeping its iterate of least residual, which is
+        reported, never raised; the batch steps on for the others up to ``max_iters``, so a batched solve equals the
+        solves one by one. Each test reads the residual: one host synchronisation per step on an accelerator.
     max_iters : int
         Cap for the tolerance mode.
 
@@ -231,35 +230,37 @@ class NewtonSchulz(Solver, name="newton_schulz", iterative=True):
         # The scaled identities once, not in every step: on m x m matrices each small operation costs more in
         # dispatch than in arithmetic.
         eye7, eye13, eye15 = 7 * eye, 13 * eye, 15 * eye
-        best = best_residual = None
+        best = best_residual = active = None
 
         def kept(Z, residual):
-            # Each matrix keeps its best iterate: past 1/sigma_min of about 1/eps, A Z loses its digits and the cubic
-            # step diverges (a review found NaN after 100 steps in float32 at a condition number of 1e8). A matrix
-            # that met tol keeps the iterate that met it, as it would alone: the batch steps on for the others (a
-            # review found an inverse 69 % off its own solve next to a matrix of condition 1e6). Returns the best
-            # iterates, their residuals and which matrices improved.
+            # Each matrix stops where it would alone: at its first iterate within tol, or at the first step that did
+            # not lower its residual, keeping its best iterate (past 1/sigma_min of about 1/eps, A Z loses its digits
+            # and the cubic step diverges: a review found NaN after 100 steps in float32 at a condition number of
+            # 1e8). The batch steps on for the others, and a stopped matrix takes none of their later iterates (a
+            # review found an inverse 69 % off its own solve next to a matrix of condition 1e6, and one 155 % off
+            # where a stalled matrix took a later improvement while another matrix still improved). Returns the best
+            # iterates, their residuals and which matrices go on.
             if best is None:
-                return Z, residual, xp.ones_like(residual, dtype=xp.bool)
-            better = (residual < best_residual) & (best_residual > self.tol)
-            return xp.where(better[..., None, None], Z, best), xp.where(better, residual, best_residual), better
+                return Z, residual, residual > self.tol
+            take = active & (residual < best_residual)
+            best_now = xp.where(take, residual, best_residual)
+            return xp.where(take[..., None, None], Z, best), best_now, take & (best_now > self.tol)
 
         for _ in range(steps):
             # At least one step before the test: the start A^T / (|A|_1 |A|_inf) may already meet tol (A near a
             # scaled orthogonal matrix), and it differentiates as itself, not as the inverse; one step at the fixed
             # point differentiates as -Z dA Z, the inverse's derivative (a review found the start's gradient).
             if self.tol is not None and done > 0:
-                candidate, candidate_residual, better = kept(Z, moore_penrose_residual(A, Z))
-                if not bool(xp.any(better)):
-                    # No matrix improved: the rounding floor (or divergence) everywhere. The best iterates' residuals
-                    # are known: none is computed again.
-                    return SolveResult(best, best_residual, done)
-                best, best_residual = candidate, candidate_residual
-                if bool(xp.all(best_residual <= self.tol)):
+                best, best_residual, active = kept(Z, moore_penrose_residual(A, Z))
+                if not bool(xp.any(active)):
+                    # Every matrix met tol or reached its rounding floor (or diverged): the best iterates' residuals
+                    # are known, none is computed again.
                     return SolveResult(best, best_residual, done)
             AZ = A @ Z
             Z = 0.25 * Z @ (eye13 - AZ @ (eye15 - AZ @ (eye7 - AZ)))
             done += 1
+        if self.tol is None:
+            return SolveResult(Z, moore_penrose_residual(A, Z), done)
         best, best_residual, _ = kept(Z, moore_penrose_residual(A, Z))
         return SolveResult(best, best_residual, done)
 
