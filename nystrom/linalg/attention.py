@@ -354,6 +354,7 @@ def nystrom_product(xp, Q, K, V, landmarks, invert, *, scale, mask=None, attend=
     return nystrom_output(xp, Q, factors, attend), factors.solve
 
 
+@quiet_numpy_overflow
 def nystrom_attention(Q, K, V, landmarks, solver="newton_schulz", *, scale=None, attn_mask=None,
                       check_values=True, **unknown):
     r"""Nyström attention :math:`F A^+ (B V)` for given landmarks.

@@ -102,7 +102,10 @@ def check_eigenvalues(eigenvalues):
         eps = float(array_api_compat.array_namespace(eigenvalues).finfo(dtype).eps)
     except (TypeError, ValueError, AttributeError):
         eps = float(np.finfo(np.float64).eps)  # a list, or a dtype of no floating kind (bool: AttributeError)
-    if np.iscomplexobj(eigenvalues) or getattr(eigenvalues, "is_complex", lambda: False)():
+    # An array library's own test first: np.iscomplexobj converts through numpy, which a torch tensor that requires
+    # grad, or lives on an accelerator, refuses (a review: RuntimeError on a differentiable spectrum).
+    is_complex = getattr(eigenvalues, "is_complex", None)
+    if is_complex() if callable(is_complex) else np.iscomplexobj(eigenvalues):
         raise TypeError("eigenvalues must be a 1-D array of real numbers, got complex ones")
     if str(dtype) in ("bool", "torch.bool"):
         raise TypeError("eigenvalues must be a 1-D array of real numbers, got bools")
@@ -420,9 +423,9 @@ HIGH_NORM_RATIO = 3.0
 
 def high_norm_queries(xp, Q, positions, num_samples, real=None):
     r"""The query positions the row sample takes apart (:func:`census_and_strata`): those whose norm (the largest over
-    the batch and heads) is at least :data:`HIGH_NORM_RATIO` times the median over ``positions`` (none when every
-    position is sampled anyway). ``real`` (flattened leading dimensions by :math:`n_q`, bool) marks the rows whose
-    norms count: a padded query row, which may hold anything, never makes its position outlying.
+    the batch and heads) is positive and at least :data:`HIGH_NORM_RATIO` times the median over ``positions`` (none
+    when every position is sampled anyway). ``real`` (flattened leading dimensions by :math:`n_q`, bool) marks the
+    rows whose norms count: a padded query row, which may hold anything, never makes its position outlying.
 
     A few high-norm queries (a ViT's artifact tokens, a sink's query) can carry most of the error: their softmax
     is the sharpest, and the landmarks stand least for what they attend to. Drawn at random among :math:`n_q`,
@@ -439,7 +442,8 @@ def high_norm_queries(xp, Q, positions, num_samples, real=None):
     if real is not None:
         norms = np.where(real, norms, 0.0)
     norms = np.max(norms, axis=0)[positions]
-    return positions[np.flatnonzero(norms >= HIGH_NORM_RATIO * np.median(norms))]
+    # Positive norms only: where most queries are zero (a median of 0) the zero ones are no outliers.
+    return positions[np.flatnonzero((norms >= HIGH_NORM_RATIO * np.median(norms)) & (norms > 0))]
 
 
 def stratified_rows(positions, num_samples, rng):
@@ -463,6 +467,8 @@ def stratified_rows(positions, num_samples, rng):
     sizes : float ndarray, shape (s,)
         :math:`N_h`, the positions each drawn row stands for.
     """
+    if num_samples == 0:
+        return positions[:0], np.zeros(0)
     edges = (np.arange(num_samples + 1) * positions.size) // num_samples
     sizes = np.diff(edges)
     return positions[edges[:-1] + (rng.random(num_samples) * sizes).astype(np.int64)], sizes.astype(np.float64)

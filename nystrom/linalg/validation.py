@@ -533,7 +533,7 @@ def check_head_axis(head_axis, K) -> None:
     """``head_axis`` is None or a negative leading axis of ``K (..., n, d)`` (``-3`` for ``(B, H, n, d)``)."""
     if head_axis is None:
         return
-    if isinstance(head_axis, bool) or not isinstance(head_axis, int) or not (-K.ndim <= head_axis <= -3):
+    if isinstance(head_axis, bool) or not isinstance(head_axis, numbers.Integral) or not (-K.ndim <= head_axis <= -3):
         raise ValueError(
             f"head_axis must be None or a negative int between {-K.ndim} and -3 (a leading axis "
             f"of K with shape {tuple(K.shape)}), got {head_axis!r}"

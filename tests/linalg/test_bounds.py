@@ -237,6 +237,19 @@ def test_a_census_of_some_outliers_only_is_never_drawn():
     assert not set(rows[16:]) & set(outlying) and sizes[16:].sum() == 300 - outlying.size
 
 
+
+def test_zero_queries_are_no_outliers():
+    # A median query norm of 0 made every query "high-norm" (0 >= 3 * 0), and the empty rest of the sample divided
+    # 0 by 0 (a RuntimeWarning, an error under -W error; a review). Only positive norms stand out; all-zero queries
+    # (uniform attention, which the estimate then computes exactly) raise nothing.
+    rng = np.random.default_rng(0)
+    Q, K = np.zeros((1, 300, 4)), rng.standard_normal((1, 300, 4))
+    V = K[..., :2].copy()
+    assert high_norm_queries(np, Q, np.arange(300), 64).size == 0
+    assert nystrom.estimate_relative_error(Q, K, V, nystrom.exact_attention(Q, K, V), num_samples=64).high == 0
+    Q[0, 200:] = rng.standard_normal((100, 4))
+    np.testing.assert_array_equal(high_norm_queries(np, Q, np.arange(300), 64), np.arange(200, 300))
+
 def test_many_outlying_queries_are_sampled_apart_and_covered():
     # 60 or 100 of 600 smooth queries scaled by 4 (a review's family), more than a quarter of the 128 rows: drawn
     # among the others, the true error was above the interval in 123 of these 1,200 draws (10 %); with half the
@@ -469,3 +482,12 @@ def test_padded_rows_at_the_largest_float32_are_left_out_of_the_estimate():
         estimate = estimate_relative_error(Q, K, V, out, attn_mask=real, num_samples=num_samples, seed=0)
         assert estimate == estimate_relative_error(Q, K, V, clean, attn_mask=real, num_samples=num_samples, seed=0)
         assert 0 < estimate.estimate < 1
+
+
+def test_a_differentiable_spectrum_is_read_like_any_other():
+    # The complex test converted through numpy first, which a tensor that requires grad refuses (a review:
+    # RuntimeError). The same bounds as for its detached values.
+    A = torch.randn(6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    lam = torch.linalg.eigvalsh(A @ A.T)
+    assert best_rank_trace_floor(lam, 2) == best_rank_trace_floor(lam.detach().numpy(), 2)
+    assert rpcholesky_trace_bound(lam, 3) == rpcholesky_trace_bound(lam.detach().numpy(), 3)

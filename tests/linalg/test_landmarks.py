@@ -338,6 +338,9 @@ def test_heads_may_lie_on_any_leading_axis(name, head_axis):
     # (n,), was expanded at the head axis as if it had the selection rows' dimensions).
     Q, K, _ = qkv(3, shape=(2, 3, 2, 12, 4))
     landmarks = nystrom.get_strategy(name)(Q, K, 4, seed=0, head_axis=head_axis)
+    # A numpy integer names the axis too (refused before: "must be ... between -5 and -3, got np.int64(-3)").
+    same = nystrom.get_strategy(name)(Q, K, 4, seed=0, head_axis=np.int64(head_axis))
+    np.testing.assert_array_equal(same.keys, landmarks.keys)
     assert landmarks.keys.shape == (2, 3, 2, 4, 4)
     if landmarks.indices is not None:
         # Indices (..., m): K's head axis h is their axis h + 1.

@@ -304,6 +304,7 @@ class Strategy:
         xp, keys = check_attention_inputs(Q, K, None, attn_mask, check_values=check_values, values=False)
         m, _ = check_selection(xp, Q, K, num_landmarks, keys, head_axis, features, check_values=check_values)
         (K,) = without_padding(xp, keys, K)
+        head_axis = None if head_axis is None else int(head_axis)  # a numpy integer passes the check too
         return self.select(Selection.of(xp, Q, K, m, keys, check_seed(seed), head_axis, features,
                                         check_scale(scale, K.shape[-1])))
 
