@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from ..linalg.validation import check_scale
-from .dispatch import Handle, padding_mask_from_attention_mask
+from .dispatch import Handle, check_not_causal, padding_mask_from_attention_mask
 
 __all__ = ["CapturedAttention", "capture_attention", "capturing"]
 
@@ -73,6 +73,8 @@ class CapturedAttention:
 
 
 def _record(records, handle, layer, call_next, module, query, key, value, attention_mask, **kwargs):
+    # A causal call without a mask (transformers' SDPA function) would record no mask for a causal output.
+    check_not_causal(module, kwargs.get("is_causal"), "capture")
     output, weights = call_next(module, query, key, value, attention_mask, **kwargs)
     scaling = kwargs.get("scaling")
     hidden = handle.inputs.get(layer)

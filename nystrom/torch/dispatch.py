@@ -315,6 +315,14 @@ def _detached_handle(kind, layers, origin=None):
     return handle
 
 
+def check_not_causal(module, is_causal, where) -> None:
+    """Refuse causal attention, prefixed by ``where``: an attention call is causal by its ``is_causal`` keyword or,
+    where that is ``None``, by its module's ``is_causal`` (transformers' SDPA function then makes a call without a mask
+    causal, so its ``attention_mask`` of ``None`` says nothing)."""
+    if getattr(module, "is_causal", False) if is_causal is None else is_causal:
+        raise ValueError(f"{where} takes bidirectional attention; {type(module).__name__} is causal")
+
+
 def unknown_block_input(where) -> RuntimeError:
     """The error, prefixed by ``where`` (``"FNA layer 3"``), of a handler that needs its block's input hidden states
     where they are unknown: the attention ran outside its block's forward call, as checkpointing's recompute runs it

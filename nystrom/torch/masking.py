@@ -7,7 +7,14 @@ import functools
 
 import torch
 
-from .dispatch import Handle, check_token_spec, padding_mask_from_attention_mask, token_mask, unknown_block_input
+from .dispatch import (
+    Handle,
+    check_not_causal,
+    check_token_spec,
+    padding_mask_from_attention_mask,
+    token_mask,
+    unknown_block_input,
+)
 
 __all__ = ["mask_keys", "masking_handler"]
 
@@ -28,6 +35,9 @@ def masking_handler(select, inputs, layer, call_next, module, query, key, value,
     """The handler behind :func:`mask_keys`: blocks the keys ``select`` picks, then calls the next handler."""
     if layer not in inputs:
         raise unknown_block_input(f"key masking in layer {layer}")
+    # Replacing a causal call's mask of None would make it bidirectional (transformers' SDPA function is causal only
+    # without a mask).
+    check_not_causal(module, kwargs.get("is_causal"), "key masking")
     masked = token_mask("select", select, layer, inputs[layer])
     real = padding_mask_from_attention_mask(attention_mask, key.shape[0], key.shape[-2])
     visible = ~masked if real is None else real & ~masked

@@ -52,6 +52,7 @@ from .autocast import autocast_dtype, with_own_precision
 from .dispatch import (
     Handle,
     attentions_requested,
+    check_not_causal,
     check_token_spec,
     own_attention_returns_weights,
     padding_mask_from_attention_mask,
@@ -195,8 +196,7 @@ class FNAHandle(Handle):
                 is_causal=None, **kwargs):
         if dropout:
             raise ValueError(f"FNA has no attention dropout (got dropout={dropout}); call model.eval() first")
-        if getattr(module, "is_causal", False) if is_causal is None else is_causal:
-            raise ValueError(f"FNA approximates bidirectional attention; {type(module).__name__} is causal")
+        check_not_causal(module, is_causal, "FNA")
         changing = sorted(name for name, value in kwargs.items()
                           if name not in HARMLESS_KEYWORDS and value is not None and value is not False)
         if changing:
