@@ -81,6 +81,8 @@ V = rng.standard_normal((2, 10, 3))
         (dict(query_chunk_size=0), ValueError, "query_chunk_size must be at least 1"),
         (dict(query_chunk_size=2.0), TypeError, "query_chunk_size must be None or an int"),
         (dict(features=np.ones((2, 9, 5))), ValueError, "features must have shape"),
+        # torch.compile hands the seed to its draw operator as a 64-bit signed integer: a larger one ran eagerly only.
+        (dict(seed=2**63, strategy="uniform"), ValueError, r"seed must be below 2\*\*63"),
     ],
 )
 def test_bad_input(kwargs, error, match):

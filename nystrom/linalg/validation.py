@@ -673,9 +673,17 @@ def check_int(name: str, value, *, minimum: int | None, optional: bool = False) 
     return int(value)
 
 
+#: Seeds are below this: a 64-bit signed integer, as ``torch.compile`` passes one to the graph's draw operator (a
+#: larger one worked eagerly and failed compiled; a review).
+SEED_LIMIT = 2**63
+
+
 def check_seed(seed) -> int | None:
-    """Validate ``seed`` (``None`` or a non-negative int)."""
-    return check_int("seed", seed, minimum=0, optional=True)
+    """Validate ``seed`` (``None`` or an int in ``[0, 2**63)``)."""
+    seed = check_int("seed", seed, minimum=0, optional=True)
+    if seed is not None and seed >= SEED_LIMIT:
+        raise ValueError(f"seed must be below 2**63 (a 64-bit signed integer), got {seed}")
+    return seed
 
 
 def check_query_chunk_size(query_chunk_size) -> int | None:

@@ -195,6 +195,8 @@ def fna_attention(Q, K, V, landmarks, solver="newton_schulz", *, scale=None, att
     -------
     out : Tensor, shape (..., n_q, d_v), dtype of ``V``
     solve : SolveResult
+        The solve's diagnostics, without autograd history (the inverse and residual of a float16 or autocast call,
+        computed in a graph of its own, would otherwise keep that graph alive and pass no gradient to the inputs).
 
     Raises
     ------
@@ -222,4 +224,6 @@ def fna_attention(Q, K, V, landmarks, solver="newton_schulz", *, scale=None, att
         attend = in_query_chunks(functools.partial(sdpa_attend, scale=tau), check_query_chunk_size(query_chunk_size))
         return nystrom_product(xp, q, k, v, given, invert, scale=tau, mask=mask, attend=attend)
 
-    return with_own_precision(run, Q, K, V, *(getattr(landmarks, name) for name in fields))
+    out, solve = with_own_precision(run, Q, K, V, *(getattr(landmarks, name) for name in fields))
+    return out, dataclasses.replace(solve, inverse=solve.inverse.detach(),
+                                    residual=None if solve.residual is None else solve.residual.detach(), product=None)

@@ -39,6 +39,7 @@ from ..linalg.numerics import segment_sum, without_padding
 from ..linalg.solvers import get_solver, unchecked
 from ..linalg.tolerance import EXACT, search_for_tol
 from ..linalg.validation import (
+    SEED_LIMIT,
     check_error_control,
     check_num_landmarks,
     check_query_chunk_size,
@@ -415,7 +416,7 @@ class FNAHandle(Handle):
         if m < 1:
             raise ValueError(f"a sequence has no token eligible as a landmark in layer {layer} (all padded, masked "
                              "or excluded)")
-        seed = None if self.seed is None else self.seed + layer
+        seed = None if self.seed is None else (self.seed + layer) % SEED_LIMIT
         if forced is None:
             return run_strategy(self.strategy, Selection(xp, query, key, m, eligible[:, None, :], seed, -3, features,
                                                          scale, memo=memo))
@@ -539,7 +540,7 @@ def patch(model, *, layers=None, num_landmarks=64, strategy="norm", solver="newt
         As :func:`~nystrom.torch.masking.mask_keys` inside the FNA layers: the selected keys get no attention and
         are never landmarks.
     seed : int, optional
-        For random strategies; layer ``l`` uses ``seed + l``.
+        For random strategies; layer ``l`` uses ``seed + l`` (modulo 2**63).
     query_chunk_size : int, optional
         Bound the memory of the final product; see :func:`~nystrom.torch.attention.fna_attention`.
     tol : float, optional

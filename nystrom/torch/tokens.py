@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..linalg.tokens import detect_high_norm_tokens, detect_massive_activations, detect_sinks, excluded_tokens
-from ..linalg.validation import check_positive
+from ..linalg.validation import check_bool, check_positive
 from .dispatch import answers_itself, attention_layers, block_input, layer_index
 from .masking import mask_keys
 
@@ -176,6 +176,8 @@ class _Recorder:
         if self.real is None:
             self.share[layer] = weights.mean(dim=(1, 2))
         else:
+            # Checked here, in the forward pass: the product below would fail with torch's own message first.
+            _check_mask_fits(self.real, (weights.shape[0], weights.shape[-1]))
             real = self.real.to(weights.device)
             count = weights.shape[1] * real.sum(dim=-1, keepdim=True).to(weights.dtype)
             self.share[layer] = (weights * real[:, None, :, None]).sum(dim=(1, 2)) / count
@@ -185,10 +187,20 @@ def _real_tokens(inputs):
     mask = inputs.get("attention_mask")
     if mask is None:
         return None
-    if not isinstance(mask, torch.Tensor) or mask.ndim != 2:
-        raise ValueError(f"inputs['attention_mask'] must be a (B, n) tensor (1 = real token), got "
-                         f"{tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__}")
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"inputs['attention_mask'] must be a (B, n) tensor (1 = real token), got "
+                        f"{type(mask).__name__}")
+    if mask.ndim != 2:
+        raise ValueError(f"inputs['attention_mask'] must be a (B, n) tensor (1 = real token), got shape "
+                         f"{tuple(mask.shape)}")
     return mask.bool()
+
+
+def _check_mask_fits(real, tokens):
+    """``inputs['attention_mask']`` ``real (B, n)`` must match the ``tokens = (B, n)`` the model ran on."""
+    if tuple(real.shape) != tuple(tokens):
+        raise ValueError(f"inputs['attention_mask'] has shape {tuple(real.shape)} but the model ran on "
+                         f"{tuple(tokens)} tokens")
 
 
 def _numpy(t):
@@ -266,9 +278,8 @@ def analyze_tokens(model, inputs, *, massive_threshold=100.0, massive_ratio=1000
     residual = torch.stack([recorder.residual[layer].float() for layer in layers])
     normed = torch.stack([recorder.normed[layer].float() for layer in layers])
     share = torch.stack([recorder.share[layer] for layer in layers])
-    if real is not None and tuple(real.shape) != tuple(residual.shape[1:3]):
-        raise ValueError(f"inputs['attention_mask'] has shape {tuple(real.shape)} but the model ran on "
-                         f"{tuple(residual.shape[1:3])} tokens")
+    if real is not None:
+        _check_mask_fits(real, residual.shape[1:3])
     mask = None if real is None else real.to(residual.device)[None]
     if isinstance(exclude, torch.Tensor):
         exclude = exclude.to(residual.device)
@@ -382,6 +393,7 @@ def suppression_experiment(model, inputs, *, mask_kind, mask_layer, persistent=F
     """
     if mask_kind not in MASK_KINDS:
         raise ValueError(f"mask_kind must be one of {MASK_KINDS}, got {mask_kind!r}")
+    persistent = check_bool("persistent", persistent)  # "no" was taken as True
     num_layers = len(attention_layers(model))
     index = layer_index(mask_layer)
     if index is None or not 0 <= index < num_layers:

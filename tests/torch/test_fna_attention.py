@@ -290,3 +290,13 @@ def test_approximate_is_the_same_with_split_keys(monkeypatch):
     # Same landmarks; the split changes only the summation order of the landmark product (see SPLIT_TOLERANCE),
     # which the 16 x 16 solve can amplify by cond(A) = 6e3. Measured bitwise equal.
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_the_solve_is_returned_without_autograd_history(dtype):
+    # Diagnostics, alike in every dtype: a float16 call's inverse and residual came from its graph of its own, which
+    # they kept alive while passing no gradient to the inputs (a float32 call's did pass one; a review).
+    Q, K, V = (torch.randn(1, 2, 20, 8, dtype=dtype, requires_grad=True) for _ in range(3))
+    out, solve = nystrom.torch.fna_attention(Q, K, V, nystrom.Landmarks(Q[..., :4, :], K[..., :4, :]))
+    assert out.requires_grad
+    assert not solve.inverse.requires_grad and not solve.residual.requires_grad and solve.product is None

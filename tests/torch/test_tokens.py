@@ -384,6 +384,12 @@ def test_analyze_tokens_rejects_bad_models_and_inputs():
     with pytest.raises(ValueError, match=r"inputs\['attention_mask'\] has shape \(2, 4\) but the model ran on "
                                          r"\(1, 4\) tokens"):
         tokens.analyze_tokens(model, {**ids, "attention_mask": torch.ones(2, 4)})
+    # A mask longer than the sequence, which the model itself accepts: torch's size-mismatch RuntimeError from inside
+    # the forward pass before (a review); a list is a TypeError.
+    with pytest.raises(ValueError, match=r"has shape \(1, 5\) but the model ran on \(1, 4\) tokens"):
+        tokens.analyze_tokens(model, {**ids, "attention_mask": torch.ones(1, 5, dtype=torch.long)})
+    with pytest.raises(TypeError, match=r"inputs\['attention_mask'\] must be a \(B, n\) tensor .* got list"):
+        tokens.analyze_tokens(model, {**ids, "attention_mask": [[1, 1, 1, 1]]})
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -485,6 +491,8 @@ def test_suppression_arguments(minilm):
     assert tokens.suppression_experiment(model, batch, mask_kind="cls", mask_layer=torch.tensor(1)).mask_layers == (1,)
     with pytest.raises(ValueError, match="no massive token"):
         tokens.suppression_experiment(model, batch, mask_kind="massive", mask_layer=1)  # Sun's default 1000x
+    with pytest.raises(TypeError, match="persistent must be a bool"):  # "no" ran as True (a review)
+        tokens.suppression_experiment(model, batch, mask_kind="cls", mask_layer=1, persistent="no")
 
 
 @pytest.fixture(scope="module")
