@@ -710,3 +710,23 @@ def test_kmeans_past_its_sample_is_the_same_without_a_mask_and_with_an_all_true_
         np.testing.assert_array_equal(np.asarray(getattr(plain, name)), np.asarray(getattr(masked, name)))
     # float64: 32 weights of 3000/1024 each, summed; 1e-12 is a hundred times their rounding.
     np.testing.assert_allclose(np.exp(np.asarray(plain.log_weights)).sum(-1), 3000, rtol=1e-12)
+
+
+def test_farthest_point_sampling_names_what_does_not_fit():
+    # The public function read X, mask and guarantee_score unchecked: a 1-D X was an IndexError, D = 0 or a mask of
+    # another length or dtype numpy's own errors, from_guaranteed=0 passed as False (a review).
+    X = np.random.default_rng(0).standard_normal((2, 10, 3))
+    for kwargs, error, match in [
+        (dict(X=X[0, 0]), ValueError, r"X must have shape \(\.\.\., n, D\) with D >= 1, got \(3,\)"),
+        (dict(X=X[..., :0]), ValueError, "D >= 1"),
+        (dict(mask=np.ones(9, bool)), ValueError, r"mask must broadcast to X's points \(2, 10\)"),
+        (dict(mask=np.ones(10, int)), TypeError, "mask must be a bool array"),
+        (dict(guarantee_score=np.zeros((3, 10))), ValueError, "guarantee_score must broadcast"),
+        (dict(from_guaranteed=0), TypeError, "from_guaranteed must be a bool"),
+    ]:
+        args = {"X": X, **kwargs}
+        with pytest.raises(error, match=match):
+            farthest_point_sampling(args.pop("X"), 3, **args)
+    # A mask that broadcasts over the batch is taken.
+    np.testing.assert_array_equal(farthest_point_sampling(X, 3, mask=np.ones((1, 10), bool)),
+                                  farthest_point_sampling(X, 3))

@@ -34,7 +34,7 @@ from ..numerics import (
 )
 from ..sequence import WHOLE, first_token
 from ..solvers import NewtonSchulz
-from ..validation import check_bool, check_int
+from ..validation import check_bool, check_int, check_real_floating, namespace
 from .base import TokenStrategy, unit_scaled
 
 
@@ -86,6 +86,19 @@ def farthest_point_sampling(X, num_points, *, mask=None, guarantee_score=None, m
     step). Both paths make the same choices, except between distances equal on paper that they round differently
     (duplicated points: which copy), where the libraries' rounding decides.
     """
+    xp = namespace(X=X, mask=mask, guarantee_score=guarantee_score)
+    check_real_floating(xp, "X", X)
+    if X.ndim < 2 or X.shape[-1] == 0:
+        raise ValueError(f"X must have shape (..., n, D) with D >= 1, got {tuple(X.shape)}")
+    points = tuple(X.shape[:-1])
+    for name, a in (("mask", mask), ("guarantee_score", guarantee_score)):
+        if a is not None and (a.ndim < 1 or a.shape[-1] != points[-1]
+                              or any(s not in (1, t) for s, t in zip(a.shape[::-1], points[::-1]))
+                              or a.ndim > len(points)):
+            raise ValueError(f"{name} must broadcast to X's points {points} (..., n), got {tuple(a.shape)}")
+    if mask is not None and mask.dtype != xp.bool:
+        raise TypeError(f"mask must be a bool array (True = eligible), got {mask.dtype}")
+    check_bool("from_guaranteed", from_guaranteed)
     check_int("num_points", num_points, minimum=1)
     check_int("max_guaranteed", max_guaranteed, minimum=0, optional=True)
     if num_points > axis.length(X.shape[-2]):
