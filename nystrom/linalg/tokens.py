@@ -153,8 +153,8 @@ def excluded_tokens(xp, exclude, shape, device, mask=None):
         return xp.broadcast_to(flags, shape)
     if exclude.dtype != xp.bool:
         raise TypeError(f"exclude must be a sequence of token positions or a bool array, got dtype {exclude.dtype}")
-    if exclude.ndim > len(shape) or any(s not in (1, t) for s, t in zip(exclude.shape[::-1], shape[::-1])) \
-            or exclude.shape[-1] != n:
+    # Broadcastable as the docstring says: a 0-d array (its shape[-1] was an IndexError) or a (B, 1) column too.
+    if exclude.ndim > len(shape) or any(s not in (1, t) for s, t in zip(exclude.shape[::-1], shape[::-1])):
         raise ValueError(f"exclude must be a bool array broadcastable to {shape}, got {tuple(exclude.shape)}")
     return xp.broadcast_to(exclude, shape)
 

@@ -578,6 +578,12 @@ def test_detectors_refuse_nan_and_name_a_bad_exclude():
         detect_sinks(np.array([[0.5, np.nan, 0.5]]))
     with pytest.raises(ValueError, match=r"broadcastable to \(2, 10\), got \(3, 10\)"):
         detect_high_norm_tokens(np.zeros((2, 10, 16)), exclude=np.zeros((3, 10), dtype=bool))
+    # Broadcastable as documented: a 0-d array (an IndexError before) and a (B, 1) column (refused before).
+    hidden = np.random.default_rng(1).standard_normal((2, 10, 16))
+    hidden[0, 3] *= 20
+    plain = detect_high_norm_tokens(hidden, exclude=())
+    for exclude in (np.array(False), np.zeros((2, 1), dtype=bool)):
+        np.testing.assert_array_equal(detect_high_norm_tokens(hidden, exclude=exclude), plain)
 
 
 def test_detectors_take_no_exclusion_and_empty_batches():
