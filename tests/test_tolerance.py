@@ -448,6 +448,21 @@ def test_exact_attention_answers_at_once_where_nystrom_cannot_pay(n, num_landmar
     np.testing.assert_array_equal(out, nystrom.exact_attention(Q, K, V))  # the same call: equal (1e-12 before)
 
 
+def test_a_padded_batch_of_few_real_rows_is_answered_exactly_at_once():
+    # At most 128 real query rows: the estimate's exact rows would be all of them, as for an unpadded input of that
+    # length; the padded one ran the Nyström search all the same, and returned an approximation beside the exact rows
+    # it had computed (a review).
+    Q, K, V, mask = padded_batch(0, (120, 100))
+    out, info = nystrom.approximate(Q, K, V, attn_mask=mask, num_landmarks=8, tol=0.2, return_info=True)
+    assert [(step.m, step.solver) for step in info.tol_steps] == [(100, "exact")]
+    # SDPA against the reference's float64 product, sums in another order: measured 1.2e-14; 2e-13 as above.
+    torch.testing.assert_close(out, nystrom.exact_attention(Q, K, V, attn_mask=mask), rtol=0, atol=2e-13)
+    # More real rows than the sample: the search runs.
+    Q, K, V, mask = padded_batch(0, (200, 100))
+    _, info = nystrom.approximate(Q, K, V, attn_mask=mask, num_landmarks=8, tol=0.2, return_info=True)
+    assert info.tol_steps[0].m == 8
+
+
 @pytest.mark.parametrize("case", ["40 tokens", "a padded sequence of 30", "50 queries"])
 def test_a_start_above_the_keys_starts_at_the_most_they_allow(case):
     # With tol, num_landmarks is where the search starts, not an m the caller needs: an input with fewer tokens than

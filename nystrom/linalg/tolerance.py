@@ -256,6 +256,16 @@ def search_landmarks(attempt, estimate, first, largest, tol, strict, solver, exa
     return best_result, steps
 
 
+def sampled_positions(xp, Q, K, key_mask) -> int:
+    """The query positions the row sample draws from (:func:`~nystrom.linalg.bounds.sample_rows`): for padded
+    self-attention those real in some sequence, else all :math:`n_q`. Reads the mask (one host read)."""
+    n_q = Q.shape[-2]
+    if key_mask is None or n_q != K.shape[-2]:
+        return n_q
+    real = xp.reshape(xp.broadcast_to(key_mask, tuple(K.shape[:-1])), (-1, n_q))
+    return int(xp.sum(xp.astype(xp.any(real, axis=0), xp.int64)))
+
+
 def search_for_tol(xp, Q, K, V, attempt, exact, *, first, num_keys, key_mask, max_landmarks, tol, strict,
                    solver, scale, seed, attend, real_keys=None, refine=False, where=""):
     r"""The whole search of ``tol=`` (``approximate`` and ``patch``), on checked inputs.
@@ -306,7 +316,8 @@ def search_for_tol(xp, Q, K, V, attempt, exact, *, first, num_keys, key_mask, ma
         As :func:`search_landmarks` returns them.
     """
     pays = nystrom_pays(Q.shape[-2], K.shape[-2], Q.shape[-1], V.shape[-1])
-    top, exact_allowed = search_range(first, num_keys, Q.shape[-2], max_landmarks, pays, solver, real_keys)
+    top, exact_allowed = search_range(first, num_keys, sampled_positions(xp, Q, K, key_mask), max_landmarks, pays,
+                                      solver, real_keys)
     rows = None if top < first else sample_rows(xp, Q, K, V, num_samples=SAMPLED_ROWS, seed=seed, scale=scale,
                                                 keys=key_mask, attend=attend)
     # The sampled queries once, for every step.
