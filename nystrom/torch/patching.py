@@ -310,11 +310,14 @@ class FNAHandle(Handle):
             # clipped to the real tokens of the shortest sequence, as selection clips it, and never goes past them.
             # The model's own attention answers for an exact step, below.
             warn_below_rounding(xp, self.tol, query.dtype, where=f"FNA layer {layer}: ")
+            # The eligible tokens bound m, as selection clips it: with exclude= fewer than the real ones (steps of an
+            # m selection could not take repeated the same landmarks, and the stall rule stopped there; a review).
+            eligible = fewest if excluded is None else int((everything & ~excluded).sum(dim=-1).min())
             ((landmarks, sampled), factors), steps = search_for_tol(
                 xp, query, key, value, attempt, lambda: ((None, False), None),
-                first=min(m, fewest), num_keys=fewest, key_mask=keys, max_landmarks=self.max_landmarks, tol=self.tol,
-                strict=self.strict_tol, solver=self.solver, scale=scale, seed=0, attend=attend, refine=True,
-                where=f"FNA layer {layer}: ")
+                first=min(m, eligible), num_keys=eligible, real_keys=fewest, key_mask=keys,
+                max_landmarks=self.max_landmarks, tol=self.tol, strict=self.strict_tol, solver=self.solver,
+                scale=scale, seed=0, attend=attend, refine=True, where=f"FNA layer {layer}: ")
             memo.clear()
             # The m used: selection clips m to the eligible tokens (exclude= may leave fewer than the real keys; an
             # exact step records the real keys).
