@@ -30,7 +30,14 @@ import array_api_compat
 
 from .numerics import at_least_float32, masked_median, take_along_axis
 from .sequence import first_token
-from .validation import check_finite, check_positive, check_real_floating, check_token_mask, namespace
+from .validation import (
+    broadcasts_to,
+    check_finite,
+    check_positive,
+    check_real_floating,
+    check_token_mask,
+    namespace,
+)
 
 __all__ = [
     "MassiveActivations", "detect_high_norm_tokens", "detect_massive_activations", "detect_sinks", "excluded_tokens",
@@ -154,7 +161,7 @@ def excluded_tokens(xp, exclude, shape, device, mask=None):
     if exclude.dtype != xp.bool:
         raise TypeError(f"exclude must be a sequence of token positions or a bool array, got dtype {exclude.dtype}")
     # Broadcastable as the docstring says: a 0-d array (its shape[-1] was an IndexError) or a (B, 1) column too.
-    if exclude.ndim > len(shape) or any(s not in (1, t) for s, t in zip(exclude.shape[::-1], shape[::-1])):
+    if exclude.ndim > len(shape) or any(not broadcasts_to(s, t) for s, t in zip(exclude.shape[::-1], shape[::-1])):
         raise ValueError(f"exclude must be a bool array broadcastable to {shape}, got {tuple(exclude.shape)}")
     return xp.broadcast_to(exclude, shape)
 

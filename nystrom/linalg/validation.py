@@ -28,6 +28,13 @@ import numpy as np
 from .numerics import numpy_overflow_ignored, sum_dtype
 
 
+def broadcasts_to(size, target) -> bool:
+    """Whether an axis of ``size`` broadcasts to one of ``target``: 1 or equal. Compared with ``==``, not ``in (1,
+    target)``: under ``torch.compile(dynamic=True)`` a symbolic size in a tuple compared unequal to an equal plain int
+    (a valid mask was refused, compiled only; a review)."""
+    return size == 1 or size == target
+
+
 def namespace(**arrays):
     """Return the array namespace shared by the named arrays.
 
@@ -311,7 +318,7 @@ def check_attn_mask(xp, attn_mask, Q, K, *, check_values=True, shard=False):
     else:
         if len(shape) == 1:
             attn_mask, shape = attn_mask[None, :], (1, n)
-        if len(shape) == len(lead) + 1 and shape[:-1] == lead and lead[-1] not in (1, n_q):
+        if len(shape) == len(lead) + 1 and shape[:-1] == lead and not broadcasts_to(lead[-1], n_q):
             raise ValueError(f"attn_mask must have shape {expected}, got {shape} (a per-key mask {shape} needs a "
                              "query axis: pass mask[..., None, :])")
         if 2 < len(shape) < len(lead) + 2 and any(size != 1 for size in shape[:-2]):
@@ -325,8 +332,8 @@ def check_attn_mask(xp, attn_mask, Q, K, *, check_values=True, shard=False):
                 f"{(*lead[:1], *(1,) * (len(lead) - 1), 1, n)} for one key mask per batch element, or mask[None] for "
                 "one per head"
             )
-        if len(shape) > len(lead) + 2 or shape[-2] not in (1, n_q) or any(
-                s not in (1, t) for s, t in zip(shape[-3::-1], lead[::-1])):
+        if len(shape) > len(lead) + 2 or not broadcasts_to(shape[-2], n_q) or any(
+                not broadcasts_to(s, t) for s, t in zip(shape[-3::-1], lead[::-1])):
             raise ValueError(f"attn_mask must have shape {expected}, got {shape}")
         if shape[-2] != 1:
             if not check_values:
@@ -380,7 +387,7 @@ def check_token_mask(xp, mask, shape):
         raise TypeError(f"attention_mask must be bool or integer 0/1 (1 = real token), got dtype {mask.dtype}")
     got = tuple(mask.shape)
     if not 1 <= len(got) <= len(shape) or got[-1] != shape[-1] \
-            or any(g not in (1, e) for g, e in zip(got[::-1], shape[::-1])):
+            or any(not broadcasts_to(g, e) for g, e in zip(got[::-1], shape[::-1])):
         raise ValueError(f"attention_mask must have shape {tuple(shape)} (1 = real token) or one that broadcasts "
                          f"to it, got {got}")
     if mask.dtype != xp.bool:
@@ -614,7 +621,7 @@ def check_landmarks(landmarks, K, m=None) -> None:
         check_real_floating(array_api_compat.array_namespace(K), "landmark log_weights", log_c)
         shape = tuple(log_c.shape)
         target = (*K.shape[:-2], m)
-        if len(shape) != len(target) or shape[-1] != m or any(s not in (1, t) for s, t in zip(shape, target)):
+        if len(shape) != len(target) or shape[-1] != m or any(not broadcasts_to(s, t) for s, t in zip(shape, target)):
             raise ValueError(f"landmark log_weights have shape {shape}, expected {target} with 1 allowed for any "
                              f"leading dimension (as many dimensions as K less one, the last of size m = {m})")
 

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..linalg.validation import masked_threshold
+from ..linalg.validation import broadcasts_to, masked_threshold
 
 __all__ = [
     "Handle", "attention_layers", "block_input", "check_token_spec", "layer_indices",
@@ -299,7 +299,7 @@ def token_mask(name, spec, layer, hidden_states):
     if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
         raise TypeError(f"{name} must give a bool tensor of shape (B, n), got {type(mask).__name__} "
                         f"{getattr(mask, 'dtype', '')}".rstrip())
-    if mask.ndim not in (1, 2) or mask.shape[-1] != n or (mask.ndim == 2 and mask.shape[0] not in (1, batch)):
+    if mask.ndim not in (1, 2) or mask.shape[-1] != n or (mask.ndim == 2 and not broadcasts_to(mask.shape[0], batch)):
         raise ValueError(f"{name} must give a bool tensor of shape ({batch}, {n}) or ({n},) in layer {layer}, "
                          f"got {tuple(mask.shape)}")
     return mask.to(hidden_states.device).expand(batch, n)

@@ -185,6 +185,22 @@ def test_every_solver_compiles_and_a_new_length_recompiles():
 
 
 @pytest.mark.filterwarnings("ignore:Dynamo detected a call to a `functools.lru_cache`")
+def test_a_mask_made_inside_a_dynamic_graph_passes_its_shape_check():
+    # dynamic=True makes the inputs' sizes symbolic, and a mask built in the graph keeps plain ones: the shape checks'
+    # `size in (1, target)` compared 4 with the symbolic 4 as unequal and refused a valid mask, compiled only (a
+    # review). The same output as eager.
+    Q, K, V, _ = small_inputs()
+
+    def call(Q, K, V):
+        mask = torch.ones(1, 1, 32, dtype=torch.bool).expand(2, 1, 32)  # plain sizes; the inputs' are symbolic
+        return nystrom.approximate(Q[0], K[0], V[0], mask, num_landmarks=4, check_values=False)
+
+    compiled = torch.compile(call, fullgraph=True, backend="eager", dynamic=True)
+    # float32's default tolerance, as above (measured bitwise equal).
+    torch.testing.assert_close(compiled(Q, K, V), call(Q, K, V))
+
+
+@pytest.mark.filterwarnings("ignore:Dynamo detected a call to a `functools.lru_cache`")
 def test_compiled_draws_are_drawn_on_every_call():
     # The random strategies' host draws are a custom operator in the graph, not constants baked in at trace time:
     # without a seed, two calls of one compiled function choose different landmarks.

@@ -43,6 +43,7 @@ from ..numerics import (
 )
 from ..sequence import WHOLE
 from ..validation import (
+    broadcasts_to,
     check_attention_inputs,
     check_bool,
     check_finite_landmarks,
@@ -525,7 +526,7 @@ def gather_rows(xp, X, idx):
     if array_api_compat.is_torch_array(X):
         n, d = X.shape[-2:]
         lead = X.shape[:-2]
-        if X.is_contiguous() and idx.ndim == X.ndim - 1 and all(i in (1, x) for i, x in zip(idx.shape, lead)):
+        if X.is_contiguous() and idx.ndim == X.ndim - 1 and all(broadcasts_to(i, x) for i, x in zip(idx.shape, lead)):
             # Whole rows copied by index_select on the flattened batch: 14x faster than Tensor.gather (which
             # indexes every element) for (1, 6, 1040) rows of 64, and gather was 11x faster than
             # array-api-compat's take_along_axis.

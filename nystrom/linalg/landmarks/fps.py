@@ -34,7 +34,7 @@ from ..numerics import (
 )
 from ..sequence import WHOLE, first_token
 from ..solvers import NewtonSchulz
-from ..validation import check_bool, check_int, check_real_floating, namespace
+from ..validation import broadcasts_to, check_bool, check_int, check_real_floating, namespace
 from .base import TokenStrategy, unit_scaled
 
 
@@ -93,7 +93,7 @@ def farthest_point_sampling(X, num_points, *, mask=None, guarantee_score=None, m
     points = tuple(X.shape[:-1])
     for name, a in (("mask", mask), ("guarantee_score", guarantee_score)):
         if a is not None and (a.ndim < 1 or a.shape[-1] != points[-1]
-                              or any(s not in (1, t) for s, t in zip(a.shape[::-1], points[::-1]))
+                              or any(not broadcasts_to(s, t) for s, t in zip(a.shape[::-1], points[::-1]))
                               or a.ndim > len(points)):
             raise ValueError(f"{name} must broadcast to X's points {points} (..., n), got {tuple(a.shape)}")
     if mask is not None and mask.dtype != xp.bool:
