@@ -67,6 +67,25 @@ def test_ill_conditioned_inputs_give_finite_output(case, solver):
         assert np.all(np.isfinite(info.residual))
 
 
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("solver", SOLVERS, ids=repr)
+def test_values_near_the_dtypes_largest_give_a_finite_answer(dtype, solver):
+    # A^+ (BV) sums terms of |V| / sigma_min that cancel to about |V|: with V at 1e37 in float32 (bfloat16 alike) they
+    # overflowed to inf - inf = NaN for every solver, where exact attention is V itself (a review). BV is now taken in
+    # units of a power of two near its largest entry. Every token a landmark, with the pinv: exact attention up to
+    # rounding, measured 1.9e-6 (float32), 3.0e-3 (bfloat16) and 3.3e-15 (float64) relative; the bounds leave 50x,
+    # 10x and 3000x (a few ulps of each dtype's rounding amplified by the 3 x 3 kernel's condition).
+    top = 1e307 if dtype == torch.float64 else 1e37
+    Q = torch.tensor([[[0.5], [0.0], [-0.5]]], dtype=dtype)
+    V = torch.tensor([[[1.0], [0.5], [0.25]]], dtype=torch.float64).mul(top).to(dtype)
+    out = nystrom.approximate(Q, Q, V, strategy="uniform", num_landmarks=3, solver=solver)
+    assert bool(torch.isfinite(out).all())
+    if solver == PInv():
+        exact = torch.nn.functional.scaled_dot_product_attention(Q.double(), Q.double(), V.double())
+        rtol = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float64: 1e-10}[dtype]
+        torch.testing.assert_close(out.double(), exact, rtol=rtol, atol=0)
+
 def test_duplicate_landmarks_with_exact_pinv_handle_singularity():
     # Landmark keys that repeat make A exactly singular (equal columns); pinv with rtol=0 inverts the round-off
     # singular value (docs' reliability page: not the pseudo-inverse, test_pinv_rtol_zero_is_finite_but_not_the_

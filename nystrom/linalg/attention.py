@@ -231,7 +231,14 @@ def nystrom_factors(xp, K, V, landmarks, invert, *, scale, mask=None, attend):
     q_l, k_l, log_c = landmarks.queries, landmarks.keys, landmarks.log_weights
     BV = attend(q_l, K, V, mask)
     result = invert(landmark_kernel(xp, q_l, k_l, scale, log_c))
-    vp = result.times(xp.astype(BV, result.inverse.dtype))
+    BV = xp.astype(BV, result.inverse.dtype)
+    # In units of a power of two near max |BV| per matrix (exact: the same bits wherever nothing over- or underflows).
+    # A^+ (BV) sums terms of about |V| / sigma_min(A) that cancel to about |V|: with values near the dtype's largest
+    # (1e37 in float32) they overflowed to inf - inf = NaN where v' itself fits (a review).
+    largest = detached(xp.max(xp.abs(BV), axis=(-2, -1), keepdims=True))
+    unit = 2.0 ** -xp.floor(xp.log2(largest + xp.finfo(BV.dtype).smallest_normal))
+    unit = xp.where(xp.isfinite(unit) & (unit > 0), unit, xp.ones_like(unit))  # unchecked inputs: NaN stays NaN
+    vp = result.times(BV * unit) / unit
     # Weighted landmarks: log c_j is added to every logit against landmark key j (an additive SDPA mask).
     bias = None if log_c is None else xp.astype(log_c, V.dtype)[..., None, :]
     if V.dtype != getattr(xp, "float16", None):  # the array API has no float16; libraries that have it name it so
