@@ -236,8 +236,8 @@ def nystrom_factors(xp, K, V, landmarks, invert, *, scale, mask=None, attend):
     # A^+ (BV) sums terms of about |V| / sigma_min(A) that cancel to about |V|: with values near the dtype's largest
     # (1e37 in float32) they overflowed to inf - inf = NaN where v' itself fits (a review).
     largest = detached(xp.max(xp.abs(BV), axis=(-2, -1), keepdims=True))
+    # + the smallest normal number: a finite unit for an all-zero BV (unchecked non-finite inputs stay non-finite).
     unit = 2.0 ** -xp.floor(xp.log2(largest + xp.finfo(BV.dtype).smallest_normal))
-    unit = xp.where(xp.isfinite(unit) & (unit > 0), unit, xp.ones_like(unit))  # unchecked inputs: NaN stays NaN
     vp = result.times(BV * unit) / unit
     # Weighted landmarks: log c_j is added to every logit against landmark key j (an additive SDPA mask).
     bias = None if log_c is None else xp.astype(log_c, V.dtype)[..., None, :]
