@@ -98,16 +98,18 @@ def check_eigenvalues(eigenvalues):
     a float32 ``eigvalsh`` rounds at about ``n eps`` of the largest) means the matrix is not PSD.
     """
     dtype = getattr(eigenvalues, "dtype", None)
+    # The array library's own dtype tests: numpy's convert the array to numpy first, which a torch tensor that
+    # requires grad and an array off the host refuse, and a string test of the dtype missed array_api_strict's bool
+    # (reviews). A list is numpy's to judge.
+    xp = array_api_compat.array_namespace(eigenvalues) if array_api_compat.is_array_api_obj(eigenvalues) else np
+    kind = dtype if dtype is not None else np.asarray(eigenvalues).dtype
     try:
-        eps = float(array_api_compat.array_namespace(eigenvalues).finfo(dtype).eps)
+        eps = float(xp.finfo(kind).eps)
     except (TypeError, ValueError, AttributeError):
-        eps = float(np.finfo(np.float64).eps)  # a list, or a dtype of no floating kind (bool: AttributeError)
-    # An array library's own test first: np.iscomplexobj converts through numpy, which a torch tensor that requires
-    # grad, or lives on an accelerator, refuses (a review: RuntimeError on a differentiable spectrum).
-    is_complex = getattr(eigenvalues, "is_complex", None)
-    if is_complex() if callable(is_complex) else np.iscomplexobj(eigenvalues):
+        eps = float(np.finfo(np.float64).eps)  # a dtype of no floating kind (bool, integers)
+    if xp.isdtype(kind, "complex floating"):
         raise TypeError("eigenvalues must be a 1-D array of real numbers, got complex ones")
-    if str(dtype) in ("bool", "torch.bool"):
+    if xp.isdtype(kind, "bool"):
         raise TypeError("eigenvalues must be a 1-D array of real numbers, got bools")
     try:
         lam = float64_numpy(eigenvalues)

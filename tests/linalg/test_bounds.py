@@ -491,3 +491,16 @@ def test_a_differentiable_spectrum_is_read_like_any_other():
     lam = torch.linalg.eigvalsh(A @ A.T)
     assert best_rank_trace_floor(lam, 2) == best_rank_trace_floor(lam.detach().numpy(), 2)
     assert rpcholesky_trace_bound(lam, 3) == rpcholesky_trace_bound(lam.detach().numpy(), 3)
+
+
+def test_a_spectrum_off_the_host_or_of_bools_is_read_by_its_own_library():
+    # The dtype tests went through numpy (np.iscomplexobj converts the array, which array_api_strict refuses off its
+    # host device: a RuntimeError) or a string ("array_api_strict.bool" passed as a spectrum of 0s and 1s; a review).
+    xps = pytest.importorskip("array_api_strict")
+    values = np.linspace(1, 0, 10)
+    off_host = xps.asarray(values, device=xps.Device("device1"))
+    assert best_rank_trace_floor(off_host, 3) == best_rank_trace_floor(values, 3)
+    assert rpcholesky_trace_bound(off_host, 3) == rpcholesky_trace_bound(values, 3)
+    for bools in (np.array([True, False]), xps.asarray(np.array([True, False]))):
+        with pytest.raises(TypeError, match="got bools"):
+            best_rank_trace_floor(bools, 1)
