@@ -330,8 +330,8 @@ class FNAHandle(Handle):
                 return own_attention(query, key, value)
         assignment = landmarks.assignment
         counts = None
-        if landmarks.log_weights is not None:
-            counts = torch.exp(landmarks.log_weights[:, 0])
+        if landmarks.counts is not None:
+            counts = landmarks.counts[:, 0]
         elif assignment is not None:
             ones = torch.ones((*assignment.shape, 1), dtype=torch.float32, device=key.device)
             counts = segment_sum(array_api_compat.array_namespace(key), ones, assignment, landmarks.keys.shape[-2])
@@ -389,7 +389,8 @@ class FNAHandle(Handle):
             # Later layers reuse the grouping or the indices only, with their own queries and keys: the shared copy
             # holds no autograd graph, which would keep this pass's activations alive after it.
             shared = replace(landmarks, queries=None, keys=landmarks.keys.detach(),
-                              log_weights=None if landmarks.log_weights is None else landmarks.log_weights.detach())
+                             log_weights=None if landmarks.log_weights is None else landmarks.log_weights.detach(),
+                             counts=None if landmarks.counts is None else landmarks.counts.detach())
             self._shared, self._shared_eligible, self._shared_forced = shared, eligible, forced
         return landmarks, True
 

@@ -822,6 +822,22 @@ def test_tol_searches_no_m_past_the_eligible_tokens():
         model(input_ids=torch.randint(1, 50, (1, 200), generator=torch.Generator().manual_seed(0)))
     assert [(step.m, step.solver) for step in handle.records[1].tol_steps] == [(6, NewtonSchulz()), (200, "exact")]
 
+
+@pytest.mark.parametrize("strategy", ["kmeans", "norm"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_recorded_counts_are_the_group_sizes_exactly(strategy, dtype):
+    # The counts were exp(log_weights), a rounding off the whole numbers (4.999999999999999 for 5, which int() reads as
+    # 4; a review). Every token grouped (60 of them, within the k-means sample): exactly the sizes of the assignment.
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
+                                     intermediate_size=64)
+    model = transformers.BertModel(config).eval().to(dtype)
+    with torch.no_grad(), fna(model, layers=[1], num_landmarks=4, strategy=strategy) as handle:
+        model(input_ids=torch.randint(5, 100, (1, 60), generator=torch.Generator().manual_seed(0)))
+    record = handle.records[1]
+    sizes = torch.bincount(record.assignment[0], minlength=4).to(record.counts.dtype)
+    assert torch.equal(record.counts[0], sizes) and int(sizes.sum()) == 60
+
 def test_a_layer_whose_search_escalated_keeps_the_stronger_solver(dinov2):
     # Measured at 224 px (n = 257) with a budget of 128 landmarks, which rules exact attention out: layer 0 misses
     # 0.1 with six Newton-Schulz steps at every m up to 128 and the search escalates to ten steps there; layer 10

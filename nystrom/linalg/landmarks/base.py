@@ -102,6 +102,9 @@ class Landmarks:
     grouping : Grouping or None
         For strategies that group tokens, how they did it (on the selection rows: heads folded when
         shared); it lets a model reuse one grouping across layers with each layer's own means.
+    counts : array, shape (..., m), or None
+        :math:`c_j` itself, where a strategy grouped the tokens: whole numbers for groups of every token, the
+        sample's estimate otherwise (``exp(log_weights)`` rounds a whole number off it, 4.999999999999999 for 5).
     """
 
     queries: Any
@@ -110,6 +113,7 @@ class Landmarks:
     query_indices: Any = None
     log_weights: Any = None
     grouping: Any = None
+    counts: Any = None
 
     @property
     def assignment(self):
@@ -393,14 +397,13 @@ def grouped_landmarks(xp, Q, K, grouping, m, head_axis=None, *, weighted=True, a
         Q = None if Q is None else gather_rows(xp, Q, rows)
     keys, counts = group_means(xp, K, members, m, head_axis, axis=axis)
     queries = None if Q is None else group_means(xp, Q, members, m, head_axis, counts, axis=axis)[0]
-    log_weights = None
-    if weighted:
-        if grouping.weights is not None:
-            tokens = xp.broadcast_to(xp.astype(grouping.weights, counts.dtype), tuple(labels.shape))
-            counts = axis.sum(segment_sum(xp, tokens[..., None], labels, m)[..., 0])
-        log_weights = xp.log(xp.astype(counts, xp.float64 if K.dtype == xp.float64 else xp.float32))
-        log_weights = unfold_indices(xp, log_weights, K, head_axis)
-    return Landmarks(queries, keys, log_weights=log_weights, grouping=grouping)
+    if not weighted:
+        return Landmarks(queries, keys, grouping=grouping)
+    if grouping.weights is not None:
+        tokens = xp.broadcast_to(xp.astype(grouping.weights, counts.dtype), tuple(labels.shape))
+        counts = axis.sum(segment_sum(xp, tokens[..., None], labels, m)[..., 0])
+    counts = unfold_indices(xp, xp.astype(counts, xp.float64 if K.dtype == xp.float64 else xp.float32), K, head_axis)
+    return Landmarks(queries, keys, log_weights=xp.log(counts), grouping=grouping, counts=counts)
 
 
 def group_means(xp, X, labels, m, head_axis=None, counts=None, axis=WHOLE):
