@@ -17,6 +17,7 @@ The attention functions are reached through the handler mechanism of :mod:`nystr
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 from dataclasses import dataclass, replace
 
@@ -36,6 +37,7 @@ from ..linalg.landmarks.base import (
     unfold_indices,
 )
 from ..linalg.numerics import segment_sum, without_padding
+from ..linalg.sequence import first_token
 from ..linalg.solvers import get_solver, unchecked
 from ..linalg.tolerance import EXACT, search_for_tol
 from ..linalg.validation import (
@@ -384,7 +386,8 @@ class FNAHandle(Handle):
                 weighted = shared.log_weights is not None
                 return grouped_landmarks(xp, query, key, shared.grouping, m, -3, weighted=weighted), False
             return landmarks_at(xp, query, key, shared.indices), False
-        landmarks = self._select(layer, query, key, value, hidden, eligible, fewest, forced, scale, m, memo)
+        landmarks = self._select(layer, query, key, value, hidden, everything, eligible, fewest, forced, scale, m,
+                                 memo)
         if self.resample == "once" and layer == self.layers[0]:
             # Later layers reuse the grouping or the indices only, with their own queries and keys: the shared copy
             # holds no autograd graph, which would keep this pass's activations alive after it.
@@ -411,7 +414,19 @@ class FNAHandle(Handle):
         picked = torch.zeros_like(eligible).scatter_(-1, indices, True)
         return forced is None or not bool(torch.any(forced & ~picked))
 
-    def _select(self, layer, query, key, value, hidden, eligible, fewest, forced, scale, m, memo):
+    def _strategy_for(self, xp, real, allowed):
+        """The strategy, without its ``first`` token where the first real token of ``real (B, n)`` is not among the
+        ``allowed (B, n)`` ones in some row (guaranteed: a landmark of its own already; excluded: never one). The
+        strategy counts ``first`` among the tokens its mask allows, so it moved to token 1 there (a review: CLS
+        guaranteed with ``norm`` made token 1 a singleton as well, CLS excluded made it FPS's first pick)."""
+        first = getattr(self.strategy, "first", None)
+        if first is None or allowed is real or not dataclasses.is_dataclass(self.strategy):
+            # Nothing excluded or guaranteed (the same tensor): no host read, as on a fake or CUDA device.
+            return self.strategy
+        at_first = first_token(xp, real.shape[-1], first, real, device=real.device)
+        return replace(self.strategy, first=None) if bool(torch.any(at_first & ~allowed)) else self.strategy
+
+    def _select(self, layer, query, key, value, hidden, real, eligible, fewest, forced, scale, m, memo):
         xp = array_api_compat.array_namespace(key)
         features = hidden if self.features == "input" else fold_heads(
             xp, {"query": query, "key": key, "value": value}[self.features], -3)
@@ -422,8 +437,8 @@ class FNAHandle(Handle):
                              "or excluded)")
         seed = None if self.seed is None else (self.seed + layer) % SEED_LIMIT
         if forced is None:
-            return run_strategy(self.strategy, Selection(xp, query, key, m, eligible[:, None, :], seed, -3, features,
-                                                         scale, memo=memo))
+            return run_strategy(self._strategy_for(xp, real, eligible), Selection(
+                xp, query, key, m, eligible[:, None, :], seed, -3, features, scale, memo=memo))
         # Guaranteed tokens take their own landmarks; the strategy chooses the other m - P, sequence by sequence (P
         # differs between them). A strategy that picks tokens picks m among every eligible token, the guaranteed
         # ones included, and its first m - P picks that are not guaranteed are kept: its own choice is what it would
@@ -440,10 +455,10 @@ class FNAHandle(Handle):
                                  "shortest sequence where that has fewer)")
             rest = None
             if pinned.numel() < m:
-                rest = run_strategy(self.strategy, Selection(
-                    xp, query[b:b + 1], key[b:b + 1], m if picks_tokens else m - pinned.numel(),
-                    (eligible[b] if picks_tokens else eligible[b] & ~forced[b])[None, None, :], seed, -3,
-                    features[b:b + 1], scale, memo=memo.setdefault(b, {})))
+                allowed = eligible[b:b + 1] if picks_tokens else eligible[b:b + 1] & ~forced[b:b + 1]
+                rest = run_strategy(self._strategy_for(xp, real[b:b + 1], allowed), Selection(
+                    xp, query[b:b + 1], key[b:b + 1], m if picks_tokens else m - pinned.numel(), allowed[:, None, :],
+                    seed, -3, features[b:b + 1], scale, memo=memo.setdefault(b, {})))
                 if picks_tokens:
                     picks = rest.indices[0, 0]
                     rest = replace(rest, indices=picks[~torch.isin(picks, pinned)][None, None, :m - pinned.numel()])
@@ -534,12 +549,14 @@ def patch(model, *, layers=None, num_landmarks=64, strategy="norm", solver="newt
         ``select(layer_index, hidden_states) -> bool (B, n)``. Each is a landmark of its own (a one-token group for
         strategies that group tokens); the strategy fills the remaining slots: one that picks tokens keeps its first
         picks among all eligible tokens that are not guaranteed (so ``guarantee=`` CLS changes nothing for FPS, whose
-        ``first`` is CLS), one that groups tokens groups the others. A strategy whose landmarks neither pick nor
-        group tokens is a ``ValueError`` in the forward pass.
+        ``first`` is CLS), one that groups tokens groups the others (with its ``first`` dropped where that token is
+        guaranteed: ``guarantee=`` CLS changes nothing for ``norm`` either). A strategy whose landmarks neither pick
+        nor group tokens is a ``ValueError`` in the forward pass.
     exclude : bool Tensor or callable, optional
         Tokens that are never landmarks (FNA's ``exclude_mask``); same forms. They are still attended to. A token
         both guaranteed and excluded is a ``ValueError`` in the forward pass; a guaranteed token that is padding
-        is dropped. A pass in which it leaves out no real token runs as without it.
+        is dropped. A pass in which it leaves out no real token runs as without it. Excluding a strategy's ``first``
+        token (CLS for ``norm`` and ``fps``) runs it with ``first=None``, not with the next token as its first.
     mask_tokens : bool Tensor or callable, optional
         As :func:`~nystrom.torch.masking.mask_keys` inside the FNA layers: the selected keys get no attention and
         are never landmarks.

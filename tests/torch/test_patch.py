@@ -6,6 +6,7 @@ Those checks run in float64, where the only error left is the pseudo-inverse's (
 """
 
 import copy
+import dataclasses
 import importlib.util
 import io
 import os
@@ -1004,7 +1005,7 @@ def test_a_solver_callable_that_reports_no_residual_runs_in_a_model():
     assert "no residual reported" in repr(info) and "nan" not in repr(info)
 
 
-@pytest.mark.parametrize("recipe", [dict(strategy="fps"), dict(nystrom.FNA_AUTHORS)])
+@pytest.mark.parametrize("recipe", [dict(strategy="fps"), dict(nystrom.FNA_AUTHORS), dict(strategy="norm")])
 def test_guaranteeing_the_token_fps_starts_from_changes_nothing(recipe):
     # FPS's first=0 was counted among the tokens left after the guaranteed ones: with guarantee=CLS it forced token 1
     # (and the authors' recipe, which keeps its first out of the sampling, token 2) into every layer's landmarks.
@@ -1017,8 +1018,24 @@ def test_guaranteeing_the_token_fps_starts_from_changes_nothing(recipe):
             out = model(**inputs).last_hidden_state
         picked.append((out, [record.indices for record in handle.records.values()]))
     (out, indices), (out_guaranteed, indices_guaranteed) = picked
-    assert all(torch.equal(a, b) for a, b in zip(indices, indices_guaranteed))
+    # norm groups the tokens (no indices): its first, CLS, moved to token 1 with guarantee=CLS, a second singleton
+    # that took a cluster's slot (a review). The same output now.
+    assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(indices, indices_guaranteed))
     torch.testing.assert_close(out_guaranteed, out, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("strategy", ["fps", "norm"])
+def test_an_excluded_first_token_is_not_replaced_by_the_next(strategy):
+    # Excluding CLS made the strategy's first=0 count among the remaining tokens: norm made token 1 a singleton of its
+    # own (a review). Without CLS among the candidates the strategy runs as with first=None.
+    model = tiny_model("vit", dtype=torch.float32).eval()
+    inputs = tiny_inputs("vit", dtype=torch.float32)
+    outputs = []
+    for chosen in (strategy, dataclasses.replace(nystrom.get_strategy(strategy), first=None)):
+        with torch.no_grad(), nystrom.fna(model, layers=[1], num_landmarks=6, strategy=chosen,
+                                          exclude=torch.arange(17) == 0):
+            outputs.append(model(**inputs).last_hidden_state)
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=0)
 
 
 def test_an_exclusion_that_excludes_nothing_keeps_the_exact_answer():
