@@ -7,7 +7,7 @@ import warnings
 from typing import Any, NamedTuple
 
 from .attention import nystrom_output
-from .bounds import ErrorEstimate, sample_rows
+from .bounds import ErrorEstimate, query_positions, sample_rows
 from .flops import exact_attention_flops, nystrom_attention_flops
 from .solvers import NewtonSchulz, Solver
 from .validation import outside_stacklevel
@@ -256,16 +256,6 @@ def search_landmarks(attempt, estimate, first, largest, tol, strict, solver, exa
     return best_result, steps
 
 
-def sampled_positions(xp, Q, K, key_mask) -> int:
-    """The query positions the row sample draws from (:func:`~nystrom.linalg.bounds.sample_rows`): for padded
-    self-attention those real in some sequence, else all :math:`n_q`. Reads the mask (one host read)."""
-    n_q = Q.shape[-2]
-    if key_mask is None or n_q != K.shape[-2]:
-        return n_q
-    real = xp.reshape(xp.broadcast_to(key_mask, tuple(K.shape[:-1])), (-1, n_q))
-    return int(xp.sum(xp.astype(xp.any(real, axis=0), xp.int64)))
-
-
 def search_for_tol(xp, Q, K, V, attempt, exact, *, first, num_keys, key_mask, max_landmarks, tol, strict,
                    solver, scale, seed, attend, real_keys=None, refine=False, where=""):
     r"""The whole search of ``tol=`` (``approximate`` and ``patch``), on checked inputs.
@@ -316,7 +306,7 @@ def search_for_tol(xp, Q, K, V, attempt, exact, *, first, num_keys, key_mask, ma
         As :func:`search_landmarks` returns them.
     """
     pays = nystrom_pays(Q.shape[-2], K.shape[-2], Q.shape[-1], V.shape[-1])
-    top, exact_allowed = search_range(first, num_keys, sampled_positions(xp, Q, K, key_mask), max_landmarks, pays,
+    top, exact_allowed = search_range(first, num_keys, query_positions(Q, K, key_mask)[1].size, max_landmarks, pays,
                                       solver, real_keys)
     rows = None if top < first else sample_rows(xp, Q, K, V, num_samples=SAMPLED_ROWS, seed=seed, scale=scale,
                                                 keys=key_mask, attend=attend)

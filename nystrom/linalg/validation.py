@@ -35,6 +35,13 @@ def broadcasts_to(size, target) -> bool:
     return size == 1 or size == target
 
 
+def per_token(got, shape) -> bool:
+    """Whether an array of shape ``got`` holds one value per token of ``shape (..., n)``: its last axis ``n``, at most
+    as many axes, each leading one broadcasting (:func:`broadcasts_to`)."""
+    return 1 <= len(got) <= len(shape) and got[-1] == shape[-1] and all(
+        broadcasts_to(g, e) for g, e in zip(got[::-1], shape[::-1]))
+
+
 def namespace(**arrays):
     """Return the array namespace shared by the named arrays.
 
@@ -386,8 +393,7 @@ def check_token_mask(xp, mask, shape):
     if mask.dtype != xp.bool and not xp.isdtype(mask.dtype, "integral"):
         raise TypeError(f"attention_mask must be bool or integer 0/1 (1 = real token), got dtype {mask.dtype}")
     got = tuple(mask.shape)
-    if not 1 <= len(got) <= len(shape) or got[-1] != shape[-1] \
-            or any(not broadcasts_to(g, e) for g, e in zip(got[::-1], shape[::-1])):
+    if not per_token(got, shape):
         raise ValueError(f"attention_mask must have shape {tuple(shape)} (1 = real token) or one that broadcasts "
                          f"to it, got {got}")
     if mask.dtype != xp.bool:
@@ -565,10 +571,10 @@ def check_selection(xp, Q, K, num_landmarks, keys=None, head_axis=None, features
     if keys is not None and (check_values or start):
         n_valid = fewest_real_keys(xp, keys)
     m = check_int("num_landmarks", num_landmarks, minimum=1)
-    if start and n_valid == 0:
-        # The check check_values=True would have made on reading the mask, which a search start reads anyway.
-        raise ValueError(EVERY_KEY_MASKED)
     if start:
+        if n_valid == 0:
+            # The check check_values=True would have made on reading the mask, which a search start reads anyway.
+            raise ValueError(EVERY_KEY_MASKED)
         cross = [Q.shape[-2]] if Q.shape[-2] != K.shape[-2] else []
         m = min(m, K.shape[-2], *([] if n_valid is None else [n_valid]), *cross)
     m = check_num_landmarks(m, K.shape[-2], n_valid)

@@ -314,7 +314,7 @@ class FNAHandle(Handle):
             warn_below_rounding(xp, self.tol, query.dtype, where=f"FNA layer {layer}: ")
             # The eligible tokens bound m, as selection clips it: with exclude= fewer than the real ones (steps of an
             # m selection could not take repeated the same landmarks, and the stall rule stopped there; a review).
-            eligible = fewest if excluded is None else int((everything & ~excluded).sum(dim=-1).min())
+            eligible = fewest if excluded is None else fewest_real_keys(xp, everything & ~excluded)
             ((landmarks, sampled), factors), steps = search_for_tol(
                 xp, query, key, value, attempt, lambda: ((None, False), None),
                 first=min(m, eligible), num_keys=eligible, real_keys=fewest, key_mask=keys,

@@ -34,7 +34,7 @@ from ..numerics import (
 )
 from ..sequence import WHOLE, first_token
 from ..solvers import NewtonSchulz
-from ..validation import broadcasts_to, check_bool, check_int, check_real_floating, namespace
+from ..validation import check_bool, check_int, check_real_floating, namespace, per_token
 from .base import TokenStrategy, unit_scaled
 
 
@@ -92,9 +92,7 @@ def farthest_point_sampling(X, num_points, *, mask=None, guarantee_score=None, m
         raise ValueError(f"X must have shape (..., n, D) with D >= 1, got {tuple(X.shape)}")
     points = tuple(X.shape[:-1])
     for name, a in (("mask", mask), ("guarantee_score", guarantee_score)):
-        if a is not None and (a.ndim < 1 or a.shape[-1] != points[-1]
-                              or any(not broadcasts_to(s, t) for s, t in zip(a.shape[::-1], points[::-1]))
-                              or a.ndim > len(points)):
+        if a is not None and not per_token(tuple(a.shape), points):
             raise ValueError(f"{name} must broadcast to X's points {points} (..., n), got {tuple(a.shape)}")
     if mask is not None and mask.dtype != xp.bool:
         raise TypeError(f"mask must be a bool array (True = eligible), got {mask.dtype}")
