@@ -173,8 +173,8 @@ def padding_mask_from_attention_mask(attention_mask, batch_size, num_keys):
     Raises
     ------
     ValueError
-        For a mask of another shape, an additive mask with other values (a bias), or one that differs between
-        queries or heads (causal or block-sparse attention): none of these is a key padding mask.
+        For a mask of another shape or of an integer dtype, an additive mask with other values (a bias), or one that
+        differs between queries or heads (causal or block-sparse attention): none of these is a key padding mask.
     """
     if attention_mask is None:
         return None
@@ -206,6 +206,11 @@ def _padding_mask_of(attention_mask, batch_size, num_keys):
         raise ValueError(f"expected an attention mask of shape (B, 1, n_q, {num_keys}), got {shape}")
     if attention_mask.dtype == torch.bool:
         attend = attention_mask
+    elif not attention_mask.is_floating_point():
+        # A 4-D mask reaches the attention function as given: an integer one is neither convention.
+        raise ValueError(f"expected a bool attention mask (True = attend) or an additive float one, got dtype "
+                         f"{attention_mask.dtype} (pass 0/1 integers as the 2-D attention_mask, which the model "
+                         "converts)")
     else:
         attend = attention_mask == 0
         blocked = attention_mask <= masked_threshold(torch, attention_mask.dtype)

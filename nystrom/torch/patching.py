@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import weakref
 from dataclasses import dataclass, replace
 
 import array_api_compat
@@ -106,7 +107,8 @@ class LayerRecord:
         strategies that group tokens, such as ``norm``, k-means and segment means, and for layers that ran exact
         attention).
     sampled : bool
-        ``True`` if chosen in this layer, ``False`` if reused from the first FNA layer (``resample="once"``).
+        ``True`` if chosen in this layer (in some sequence of the batch), ``False`` if reused from the first FNA
+        layer in every sequence (``resample="once"``).
     residual : Tensor, shape (B, H), or None
         Relative Moore–Penrose residual of the pseudo-inverse of each head's landmark kernel; ``None`` when the
         layer ran the model's exact attention, because every token would have been a landmark or because
@@ -203,13 +205,21 @@ class FNAHandle(Handle):
         changing = sorted(name for name, value in kwargs.items()
                           if name not in HARMLESS_KEYWORDS and value is not None and value is not False)
         if changing:
-            raise ValueError(f"{type(module).__name__} passes its attention function {', '.join(changing)}, which "
-                             "changes the attention (a bias, a window, sinks) and which FNA cannot honour; this model "
-                             "is not supported")
+            raise ValueError(f"the attention function of {type(module).__name__} received {', '.join(changing)}, "
+                             "which FNA does not know and cannot honour if it changes the attention (a bias, a window, "
+                             "sinks): a model that passes it is not supported, and a keyword passed to model(...) "
+                             "reaches the attention function too (transformers 5 forwards unknown keywords there: "
+                             "leave out one the model ignores, such as head_mask)")
         implementation = getattr(getattr(module, "config", None), "_attn_implementation", None)
         if implementation not in IMPLEMENTATIONS:
             raise ValueError(f"FNA reads the attention masks of the 'eager' and 'sdpa' attention implementations; "
                              f"this model runs {implementation!r}: load it with attn_implementation='sdpa'")
+        if implementation != "sdpa" and isinstance(attention_mask, torch.Tensor) and attention_mask.dtype == torch.bool:
+            # Eager attention adds its mask to the logits: a bool one adds 0 and 1 and masks nothing, where FNA would
+            # read key padding (a review: the patched model masked padding that the model itself attends to).
+            raise ValueError("this model runs 'eager' attention, which adds attention_mask to the logits, so a bool "
+                             "4-D mask there masks nothing; pass the 2-D 0/1 attention_mask, from which the model "
+                             "builds its additive mask, or an additive float mask (0 attend, -inf masked)")
         # A checkpointed block's recompute runs its attention without the block's input: it must not start a new
         # pass's records.
         recompute = layer not in self.inputs
@@ -271,7 +281,8 @@ class FNAHandle(Handle):
         host read of two ints, none without padding): the layers of a pass get the same mask object, and the
         same ``everything`` object tells :meth:`_reusable` that nothing changed since the first layer."""
         cached = self._pass_padding
-        if cached is not None and cached[0] is attention_mask and cached[1] == (batch, n, device):
+        if cached is not None and (cached[0] is None if attention_mask is None else cached[0]() is attention_mask) \
+                and cached[1] == (batch, n, device):
             return cached[2:]
         real = padding_mask_from_attention_mask(attention_mask, batch, n)
         if real is None:
@@ -281,7 +292,10 @@ class FNAHandle(Handle):
             lengths = real.sum(dim=-1)
             longest, fewest = (int(x) for x in torch.stack((lengths.max(), lengths.min())).tolist())
             everything = real
-        self._pass_padding = (attention_mask, (batch, n, device), real, longest, fewest, everything)
+        # A weak reference: the handle must not keep the model's B x n_q x n mask alive between passes (real is its
+        # (B, n) copy).
+        self._pass_padding = (None if attention_mask is None else weakref.ref(attention_mask), (batch, n, device),
+                              real, longest, fewest, everything)
         return real, longest, fewest, everything
 
     def _approximate(self, layer, module, own_attention, query, key, value, *, real, fewest, excluded, everything,
@@ -379,7 +393,10 @@ class FNAHandle(Handle):
         # Reused landmarks must still be eligible here and hold this layer's guaranteed tokens (exclusions,
         # guarantees and key masks given as functions may change per layer). A reused grouping takes this
         # layer's own queries and keys: only the assignment is shared, the means are this layer's (O(n d)).
-        if self._shared is not None and self._reusable(eligible, forced):
+        reuse = None if self._shared is None else self._reusable(eligible, forced)
+        # One host read: how many sequences keep the shared landmarks.
+        kept = key.shape[0] if reuse is True else 0 if reuse is None else int(torch.sum(reuse))
+        if kept == key.shape[0]:
             shared = self._shared
             if shared.grouping is not None:
                 m = shared.keys.shape[-2]
@@ -388,6 +405,11 @@ class FNAHandle(Handle):
             return landmarks_at(xp, query, key, shared.indices), False
         landmarks = self._select(layer, query, key, value, hidden, everything, eligible, fewest, forced, scale, m,
                                  memo)
+        if kept and landmarks.keys.shape[-2] == self._shared.keys.shape[-2]:
+            # Each sequence keeps or re-chooses its own landmarks, whatever the others do (a review: one sequence whose
+            # shared landmark was excluded made every sequence re-choose). A change of m is the batch's (m stops at the
+            # eligible tokens of its shortest sequence): then all re-choose.
+            return self._merged(xp, reuse, landmarks, query, key), True
         if self.resample == "once" and layer == self.layers[0]:
             # Later layers reuse the grouping or the indices only, with their own queries and keys: the shared copy
             # holds no autograd graph, which would keep this pass's activations alive after it.
@@ -398,33 +420,61 @@ class FNAHandle(Handle):
         return landmarks, True
 
     def _reusable(self, eligible, forced):
-        """Whether the shared landmarks fit this layer: the same eligible and guaranteed tokens for a grouping,
-        eligible tokens that hold every guaranteed one for picked tokens."""
+        """Per sequence ``(B,)``, whether the shared landmarks fit this layer: the same eligible and guaranteed tokens
+        for a grouping, eligible tokens that hold every guaranteed one for picked tokens; ``True`` for all without a
+        host read where this layer has the first layer's own tokens (no exclusion, no guarantee)."""
         shared = self._shared
         if eligible is self._shared_eligible and forced is None and (shared.grouping is None
                                                                      or self._shared_forced is None):
-            return True  # the first layer's own tokens (no exclusion, no guarantee): nothing to read on the host
+            return True
         if shared.grouping is not None:
-            same_forced = (forced is None) == (self._shared_forced is None) and (
-                forced is None or torch.equal(forced, self._shared_forced))
-            return same_forced and torch.equal(eligible, self._shared_eligible)
+            # No guarantee is no guaranteed token.
+            now, before = (torch.zeros_like(eligible) if f is None else f for f in (forced, self._shared_forced))
+            return torch.all((now == before) & (eligible == self._shared_eligible), dim=-1)
         indices = shared.indices[:, 0]
-        if not bool(torch.all(torch.gather(eligible, -1, indices))):
-            return False
+        fits = torch.all(torch.gather(eligible, -1, indices), dim=-1)
+        if forced is None:
+            return fits
         picked = torch.zeros_like(eligible).scatter_(-1, indices, True)
-        return forced is None or not bool(torch.any(forced & ~picked))
+        return fits & ~torch.any(forced & ~picked, dim=-1)
 
-    def _strategy_for(self, xp, real, allowed):
-        """The strategy, without its ``first`` token where the first real token of ``real (B, n)`` is not among the
-        ``allowed (B, n)`` ones in some row (guaranteed: a landmark of its own already; excluded: never one). The
-        strategy counts ``first`` among the tokens its mask allows, so it moved to token 1 there (a review: CLS
-        guaranteed with ``norm`` made token 1 a singleton as well, CLS excluded made it FPS's first pick)."""
+    def _merged(self, xp, reuse, chosen, query, key):
+        """Landmarks that are the shared ones in the sequences where ``reuse (B,)`` holds and ``chosen``'s (of the
+        same :math:`m`) in the others, with this layer's queries and keys."""
+        shared = self._shared
+        if shared.grouping is None:
+            return landmarks_at(xp, query, key, torch.where(reuse[:, None, None], shared.indices, chosen.indices))
+        m, n = shared.keys.shape[-2], key.shape[-2]
+        none = torch.zeros(0, dtype=torch.int64, device=key.device)
+
+        def row(grouping, b):
+            def part(x):
+                return x if x is None or x.shape[0] == 1 else x[b:b + 1]
+
+            return _with_singletons(Grouping(part(grouping.labels), part(grouping.tokens), part(grouping.token_labels),
+                                             part(grouping.weights)), none, m, n)
+
+        rows = [row(shared.grouping if keep else chosen.grouping, b) for b, keep in enumerate(reuse.tolist())]
+        return grouped_landmarks(xp, query, key, _stack(rows), m, -3, weighted=shared.log_weights is not None)
+
+    def _first_outside(self, xp, real, allowed):
+        """Per sequence ``(B,)``, whether the strategy's ``first`` token (the first real token of ``real (B, n)``) is
+        not among the ``allowed (B, n)`` ones (guaranteed: a landmark of its own already; excluded: never one); ``None``
+        for a strategy without ``first``, or where nothing is excluded or guaranteed (the same tensor: no host read,
+        as on a fake or CUDA device)."""
         first = getattr(self.strategy, "first", None)
         if first is None or allowed is real or not dataclasses.is_dataclass(self.strategy):
-            # Nothing excluded or guaranteed (the same tensor): no host read, as on a fake or CUDA device.
-            return self.strategy
+            return None
         at_first = first_token(xp, real.shape[-1], first, real, device=real.device)
-        return replace(self.strategy, first=None) if bool(torch.any(at_first & ~allowed)) else self.strategy
+        return torch.any(at_first & ~allowed, dim=-1)
+
+    def _strategy_for(self, outside):
+        """The strategy, without its ``first`` token where :meth:`_first_outside` says it is outside in every
+        sequence. The strategy counts ``first`` among the tokens its mask allows, so it moved to token 1 there (a
+        review: CLS guaranteed with ``norm`` made token 1 a singleton as well, CLS excluded made it FPS's first
+        pick)."""
+        return self.strategy if outside is None or not bool(torch.all(outside)) else replace(self.strategy,
+                                                                                            first=None)
 
     def _select(self, layer, query, key, value, hidden, real, eligible, fewest, forced, scale, m, memo):
         xp = array_api_compat.array_namespace(key)
@@ -436,9 +486,15 @@ class FNAHandle(Handle):
             raise ValueError(f"a sequence has no token eligible as a landmark in layer {layer} (all padded, masked "
                              "or excluded)")
         seed = None if self.seed is None else (self.seed + layer) % SEED_LIMIT
-        if forced is None:
-            return run_strategy(self._strategy_for(xp, real, eligible), Selection(
+        outside = self._first_outside(xp, real, eligible) if forced is None else None
+        if forced is None and (outside is None or int(torch.sum(outside)) in (0, outside.shape[0])):
+            return run_strategy(self._strategy_for(outside), Selection(
                 xp, query, key, m, eligible[:, None, :], seed, -3, features, scale, memo=memo))
+        if forced is None:
+            # The strategy's first token is excluded in some sequences only: sequence by sequence, as for guarantees
+            # below (with none), so that each keeps its own first token or not (a review: one sequence excluding its
+            # CLS took every sequence's CLS singleton away).
+            forced = torch.zeros_like(eligible)
         # Guaranteed tokens take their own landmarks; the strategy chooses the other m - P, sequence by sequence (P
         # differs between them). A strategy that picks tokens picks m among every eligible token, the guaranteed
         # ones included, and its first m - P picks that are not guaranteed are kept: its own choice is what it would
@@ -456,7 +512,7 @@ class FNAHandle(Handle):
             rest = None
             if pinned.numel() < m:
                 allowed = eligible[b:b + 1] if picks_tokens else eligible[b:b + 1] & ~forced[b:b + 1]
-                rest = run_strategy(self._strategy_for(xp, real[b:b + 1], allowed), Selection(
+                rest = run_strategy(self._strategy_for(self._first_outside(xp, real[b:b + 1], allowed)), Selection(
                     xp, query[b:b + 1], key[b:b + 1], m if picks_tokens else m - pinned.numel(), allowed[:, None, :],
                     seed, -3, features[b:b + 1], scale, memo=memo.setdefault(b, {})))
                 if picks_tokens:
@@ -538,9 +594,10 @@ def patch(model, *, layers=None, num_landmarks=64, strategy="norm", solver="newt
         Pseudo-inverse of :math:`A` (default 6 Newton–Schulz steps, as FNA).
     resample : {"once", "every_layer"}, optional
         Default ``"once"``, and ``"every_layer"`` with ``tol``. ``"once"`` (FNA's default): the landmarks chosen
-        at the first FNA layer of each forward pass are reused by the later FNA layers (re-chosen in a layer where
-        one of them is not eligible or a guaranteed token is missing). ``"every_layer"``: chosen anew in each
-        layer. Strategies that build centroids are recomputed in every layer either way.
+        at the first FNA layer of each forward pass are reused by the later FNA layers (re-chosen, sequence by
+        sequence, in a layer where one of a sequence's is not eligible or a guaranteed token is missing).
+        ``"every_layer"``: chosen anew in each layer. Strategies that build centroids are recomputed in every layer
+        either way.
     features : {"input", "query", "key", "value"}
         Per-token features for selection: the block's input hidden states ``(B, n, D)`` (FNA's default; massive
         activations show there), or the head-mean of the layer's queries, keys or values ``(B, n, d)``.

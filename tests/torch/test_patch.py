@@ -7,10 +7,12 @@ Those checks run in float64, where the only error left is the pseudo-inverse's (
 
 import copy
 import dataclasses
+import gc
 import importlib.util
 import io
 import os
 import warnings
+import weakref
 
 import array_api_compat
 import numpy as np
@@ -607,7 +609,7 @@ class TestArguments:
             out, _ = call(attention, q, q, q, None, scaling=0.35, dropout=0.0, position_ids=torch.arange(6)[None],
                           output_attentions=False, num_items_in_batch=torch.tensor(2), interpolate_pos_encoding=True)
             assert out.shape == (1, 6, 4, 8)
-            with pytest.raises(ValueError, match=f"passes its attention function {keyword}, which changes"):
+            with pytest.raises(ValueError, match=f"received {keyword}, which FNA does not know"):
                 call(attention, q, q, q, None, scaling=0.35, dropout=0.0, **{keyword: torch.zeros(1, 4, 6, 6)})
         assert_restored(model)
 
@@ -1036,6 +1038,112 @@ def test_an_excluded_first_token_is_not_replaced_by_the_next(strategy):
                                           exclude=torch.arange(17) == 0):
             outputs.append(model(**inputs).last_hidden_state)
     torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("strategy", ["fps", "norm"])
+def test_a_sequence_that_excludes_its_first_token_leaves_the_others_theirs(strategy):
+    # The strategy's first token was dropped for the whole batch where one sequence excluded its CLS: the other
+    # sequence's CLS, a singleton when run alone, became a member of a cluster of five (a review: 0.148 off).
+    model = tiny_model("vit").eval()
+    inputs = tiny_inputs("vit")
+    excluded = torch.zeros(2, 17, dtype=torch.bool)
+    excluded[0, 0] = True
+    with nystrom.fna(model, num_landmarks=4, strategy=strategy, exclude=excluded) as handle:
+        both = run(model, inputs)
+    together = handle.records
+    for b in range(2):
+        with nystrom.fna(model, num_landmarks=4, strategy=strategy, exclude=excluded[b:b + 1]) as handle:
+            alone = run(model, {"pixel_values": inputs["pixel_values"][b:b + 1]})
+        # float64: the per-sequence selection sums the same tokens in another order than the batched one.
+        torch.testing.assert_close(both[b:b + 1], alone, rtol=1e-12, atol=1e-12)
+        for layer, record in handle.records.items():
+            if record.assignment is not None:
+                assert torch.equal(together[layer].assignment[b:b + 1], record.assignment)
+    if strategy == "norm":
+        record = together[model.config.num_hidden_layers // 2]
+        assert record.counts[1, record.assignment[1, 0]] == 1 and record.assignment[0, 0] == -1
+
+
+@pytest.mark.parametrize("strategy", ["fps", "norm"])
+def test_reuse_across_layers_is_decided_sequence_by_sequence(strategy):
+    # resample="once" re-chose every sequence's landmarks in a layer where one sequence's shared landmarks no longer
+    # fitted (an exclusion that changes with the layer; a review: 0.086 off the sequence run alone).
+    model = tiny_model("vit").eval()
+    pixels = tiny_inputs("vit", batch=3)["pixel_values"]
+    with nystrom.fna(model, num_landmarks=4, strategy="fps") as handle:
+        run(model, {"pixel_values": pixels})
+    token = int(handle.records[2].indices[0, 1])  # a landmark of sequence 0 in the first FNA layer (layer 2)
+
+    def exclude(layer, hidden):
+        # Sequence 0 loses that token in layer 3; the others exclude nothing.
+        excluded = torch.zeros(hidden.shape[:2], dtype=torch.bool)
+        excluded[0, token] = layer == 3
+        return excluded
+
+    def fna_run(rows):
+        def rows_exclude(layer, hidden):
+            return exclude(layer, torch.zeros(3, hidden.shape[1]))[rows]
+
+        with nystrom.fna(model, num_landmarks=4, strategy=strategy, resample="once", exclude=rows_exclude) as handle:
+            return run(model, {"pixel_values": pixels[rows]}), handle.records[3].sampled
+
+    both, sampled = fna_run([0, 1, 2])
+    assert sampled
+    for b in range(3):
+        alone, sampled_alone = fna_run([b])
+        assert sampled_alone == (b == 0)
+        # float64: a merged grouping sums its tokens in another order than the shared one.
+        torch.testing.assert_close(both[b:b + 1], alone, rtol=1e-12, atol=1e-12)
+
+
+def test_the_handle_does_not_keep_the_models_attention_mask_alive():
+    # The handle's per-pass cache held the B x n x n mask transformers builds until the next pass (8 MiB at B = 8,
+    # n = 512 under eager float32; a review), where padding_mask_from_attention_mask keeps only a (B, n) copy.
+    model = tiny_model("bert", attn_implementation="eager").eval()
+    seen = []
+
+    def keep(module, args, kwargs):
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, torch.Tensor):
+            seen.append(weakref.ref(mask))
+
+    attention = dispatch.attention_layers(model)[-1][1]
+    hook = attention.register_forward_pre_hook(keep, with_kwargs=True)
+    with nystrom.fna(model, num_landmarks=4):
+        run(model, tiny_inputs("bert"))
+        gc.collect()
+        assert seen and all(ref() is None for ref in seen)
+    hook.remove()
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8])
+def test_an_integer_4d_attention_mask_is_refused_by_name(dtype):
+    # It reached torch.finfo (a TypeError from inside) under eager; the unpatched model adds it to the logits.
+    model = tiny_model("bert", attn_implementation="eager").eval()
+    inputs = tiny_inputs("bert")
+    mask = inputs["attention_mask"].to(dtype)[:, None, None, :]
+    with pytest.raises(ValueError, match=f"bool attention mask .* or an additive float one, got dtype {dtype}"):
+        with nystrom.fna(model, num_landmarks=4):
+            run(model, {**inputs, "attention_mask": mask})
+    assert_restored(model)
+
+
+def test_a_bool_4d_attention_mask_under_eager_attention_is_refused():
+    # Eager attention adds its mask to the logits, so a bool mask masks nothing in the model itself, where FNA read it
+    # as key padding (a review: at m < n the patched model masked what the model attends to).
+    model = tiny_model("bert", attn_implementation="eager").eval()
+    inputs = tiny_inputs("bert")
+    mask = inputs["attention_mask"].bool()[:, None, None, :]
+    for m in (4, 64):
+        with pytest.raises(ValueError, match="runs 'eager' attention, which adds attention_mask to the logits"):
+            with nystrom.fna(model, num_landmarks=m):
+                run(model, {**inputs, "attention_mask": mask})
+    assert_restored(model)
+    sdpa = tiny_model("bert").eval()
+    with nystrom.fna(sdpa, num_landmarks=4):
+        out = run(sdpa, {**inputs, "attention_mask": mask})
+    with nystrom.fna(sdpa, num_landmarks=4):
+        torch.testing.assert_close(out, run(sdpa, inputs), rtol=0, atol=0)
 
 
 def test_an_exclusion_that_excludes_nothing_keeps_the_exact_answer():
