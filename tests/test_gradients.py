@@ -146,3 +146,41 @@ def test_pinv_gradients_at_every_key_equal_sdpa_on_ill_conditioned_kernels(dtype
                      *(x.to(dtype).requires_grad_() for x in (Q, K, V)))
         for name, a, b in zip("QKV", ours, exact):
             assert float((a.double() - b).norm() / b.norm()) < tolerance, (seed, name)
+
+
+def hessian_vector_products(fn, Q, K, V):
+    """The gradient of the squared norm of the loss's gradient (with respect to Q, K and V together): a second
+    derivative (``create_graph=True``) in every input."""
+    out = fn(Q, K, V)
+    weight = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape)
+    first = torch.autograd.grad((out * weight).sum(), (Q, K, V), create_graph=True)
+    return torch.autograd.grad(sum(g.pow(2).sum() for g in first), (Q, K, V))
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("solver", ["pinv", "newton_schulz_converged"])
+def test_second_derivatives_equal_sdpa_with_every_key_a_landmark(strategy, solver):
+    # PInv's value-0 terms in A - A0 were linear: its second derivatives were 0 where A^{-1}'s are 2 Z dA Z dA Z (a
+    # review: a Hessian-vector product 17 times off, gradgradcheck failed).
+    # Three dimensions: SDPA's flash kernel for four has no double backward on CPU (math path here).
+    Q, K, V = inputs(2, (2, 6, 3))
+    chosen = nystrom.PInv() if solver == "pinv" else nystrom.NewtonSchulz(iters=100)
+    ours = hessian_vector_products(lambda q, k, v: nystrom.approximate(q, k, v, strategy=strategy, num_landmarks=6,
+                                                                       solver=chosen, seed=0), Q, K, V)
+    sdpa = hessian_vector_products(F.scaled_dot_product_attention, Q, K, V)
+    for name, a, b in zip("QKV", ours, sdpa):
+        # Second derivatives take the m x m products once more than the first: cond(A) eps as for GRAD_RTOL.
+        torch.testing.assert_close(a, b, rtol=0, atol=GRAD_RTOL * float(b.abs().max()), msg=name)
+
+
+def test_pinv_without_cutoff_is_as_finite_with_gradients_as_without():
+    # rtol=0 on duplicated tokens makes A^+ near 1e31 in float32: the gradient's value-0 terms formed Z0^T Z0 first,
+    # which overflowed, and inf * 0 made the output NaN once an input required grad (a review).
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(1, 8, 8, generator=g).repeat_interleave(8, dim=1)
+    V = torch.randn(1, 64, 8, generator=g)
+    options = dict(num_landmarks=16, strategy="fps", solver=nystrom.PInv(rtol=0))
+    plain = nystrom.approximate(X, X, V, **options)
+    tracked = nystrom.approximate(X.clone().requires_grad_(), X, V.clone().requires_grad_(), **options)
+    assert torch.isfinite(plain).all()
+    torch.testing.assert_close(tracked.detach(), plain, rtol=0, atol=0)

@@ -321,9 +321,12 @@ class PInv(Solver, name="pinv"):
     truncated inverse :math:`V\Sigma_r^{-1}U^\top`. A review measured the difference at 0.1 %, 8 %, 36 % and
     60 % for kept/dropped singular values of 0.5/0.001, 0.1/0.01, 0.05/0.02 and 0.04/0.025 (the closer they
     are, the larger), and 1.3 % end to end in :math:`\partial\hat O/\partial Q` with ``PInv(rtol=3e-2)``, which
-    ``gradcheck`` fails. It is built from the SVD's value held constant (``Tensor.detach``) plus terms linear in
+    ``gradcheck`` fails. It is built from the SVD's value held constant (``Tensor.detach``) plus terms in
     :math:`A - A_0`, which are 0 in value; :math:`I - AZ` and :math:`I - ZA` are the SVD's projectors on the
-    dropped singular vectors (0 when none is dropped). :attr:`SolveResult.product` applies the same derivative
+    dropped singular vectors (0 when none is dropped). The term :math:`Z\,dA\,Z\,dA\,Z` of second order makes
+    second derivatives (``create_graph=True``, Hessian-vector products) those of :math:`A^{-1}` where no singular
+    value is dropped; with dropped ones they lack the second-order terms of the projectors.
+    :attr:`SolveResult.product` applies the same derivative
     to :math:`Y` in :math:`ZY`, so that :math:`\partial L/\partial A = -(Z^\top G)(ZY)^\top` meets :math:`Z` once per
     factor (rounding like :math:`\kappa(A)\varepsilon`, not :math:`\kappa(A)^2\varepsilon`; the docs'
     pseudo-inverse page).
@@ -360,15 +363,24 @@ class PInv(Solver, name="pinv"):
         # I - A0 Z0 they were rounding noise, which the products with Z0 Z0^T amplified).
         dropped = xp.astype(~keep, A0.dtype)[..., None, :]
         left, right = (U * dropped) @ Ut, (V * dropped) @ Vh
-        dAt, Z0t = xp.matrix_transpose(A - A0), xp.matrix_transpose(Z0)
-        Z = Z0 - Z0 @ (A - A0) @ Z0 + (Z0 @ Z0t) @ dAt @ left + right @ dAt @ (Z0t @ Z0)
+        dA = A - A0
+        dAt, Z0t = xp.matrix_transpose(dA), xp.matrix_transpose(Z0)
+        # Every product takes dA (exactly 0 in value) before a second Z0: Z0 Z0^T overflows where Z0 is near the
+        # dtype's largest (rtol=0 on duplicated tokens), and inf * 0 made the value NaN (a review). The second-order
+        # term Z0 dA Z0 dA Z0 gives second derivatives (d^2 A^{-1} = 2 Z dA Z dA Z; a review: an HVP 17 times off
+        # without it).
+        first = Z0 @ dA
+        Z = (Z0 - first @ Z0 + first @ (first @ Z0) + Z0 @ (Z0t @ (dAt @ left))
+             + ((right @ dAt) @ Z0t) @ Z0)
 
         def product(Y):
             # The same derivative applied to Y right to left: the gradient of -Z0 dA (Z0 Y) is -(Z0^T G)(Z0 Y)^T, Z0
             # once per factor; through Z's -Z0 dA Z0 it was Z0^T ((G Y^T) Z0^T), whose rounding grew like cond(A)^2
             # (a review: dQ 38 times its size at m = n, cond(A) = 9e12, float64).
             W0 = Z0 @ Y
-            return W0 - Z0 @ ((A - A0) @ W0) + (Z0 @ Z0t) @ (dAt @ (left @ Y)) + right @ (dAt @ (Z0t @ W0))
+            step = Z0 @ (dA @ W0)
+            return (W0 - step + Z0 @ (dA @ step) + Z0 @ (Z0t @ (dAt @ (left @ Y)))
+                    + ((right @ dAt) @ Z0t) @ W0)
 
         return SolveResult(Z, moore_penrose_residual(A, Z), 0, product)
 
