@@ -260,15 +260,19 @@ def approximate(
         kernels (head size 1, logits near 0) 2e-3 in float64 and 4e-5 in float32, and 5e-2 with ``PInv(rtol=0)``,
         which inverts the round-off too; ``PInv(rtol=1e-10)`` brings the float64 case to 2.6e-9
         (``docs/scripts/pinv_at_full_rank.py``). Near-uniform attention is the worst case in float32: 1.7e-4 to
-        4.4e-4 with unit-norm queries and keys (:math:`n` = 24 to 128, a review), against 1e-5 to 3e-5 at norms 8 to
-        30; float16 and bfloat16 stay within 1.3 to 5 times SDPA's own rounding in those dtypes. The default six
+        4.4e-4 with unit-norm queries and keys (:math:`n` = 24 to 128, a review), and 1.3e-3 with norms near 0.4
+        (:math:`n = 24`, :math:`d = 16`, a later review), against 1e-5 to 3e-5 at norms 8 to 30 (1.8e-4 for some
+        draws at norm 16); in float64 on near-uniform attention (norms near 1e-3) up to 6e-4, where
+        ``PInv(rtol=1e-10)`` gives 4e-11. float16 and bfloat16 stay within 1.3 to 16 times SDPA's own rounding in
+        those dtypes, below their epsilon. The default six
         Newton–Schulz steps regularise and are not exact there (a review measured 1.6e-2 on smooth tokens at
         :math:`n = 256`).
         Cross-attention is exact there only through :math:`A^+ A = I`, which rounding loses when attention is
         peaked, so a cross-attention call whose every real key is a landmark (:math:`m` = the real keys of every
         sequence, read from the mask unless ``check_values=False``; possible where :math:`n_q` is at least that)
-        returns exact attention, which costs less (``Info.landmarks`` is ``None``).
-        Padded query rows of self-attention are such queries too, and only approximately exact at :math:`m = n`.
+        returns exact attention, which costs less (``Info.landmarks`` is ``None``). So does self-attention with a key
+        mask whose every real key is a landmark: its queries at masked keys are no landmark queries (a review
+        measured 0.12 of error in those rows through the formula in float32).
     solver : str or callable
         ``"newton_schulz"`` (default, 6 iterations, as in FNA/Nyströmformer), ``"pinv"``,
         ``"ridge"``, or a solver object such as ``nystrom.NewtonSchulz(tol=1e-10)``.
@@ -454,9 +458,11 @@ def approximate(
     mask = None if keys is None else keys[..., None, :]
     steps = ()
     if tol is None and every_key_a_landmark(xp, Q, K, m, keys, fewest):
-        # Cross-attention with every real key a landmark: exact only through A^+ A = I, which a peaked landmark
-        # kernel loses in rounding (a review found 0.16 of error in float32 at m = n); exact attention is exact and
-        # cheaper. Self-attention needs no such step: its landmark queries are tokens, and A A^+ A = A.
+        # Every real key a landmark, and queries that are no landmark queries (cross-attention, or self-attention's
+        # queries at masked keys): those rows are exact only through A^+ A = I, which a peaked landmark kernel loses
+        # in rounding (reviews: 0.16 of error in float32 at m = n in cross-attention, 0.12 in the rows at masked keys);
+        # exact attention is exact and cheaper. Unmasked self-attention needs no such step: its landmark queries are
+        # its tokens, and A A^+ A = A.
         landmarks, out = None, attend(Q, K, V, mask)
     elif tol is None:
         landmarks = run_strategy(select, Selection.of(xp, Q, K, m, keys, seed, head_axis, features, tau),

@@ -468,13 +468,12 @@ def fewest_real_keys(xp, keys) -> int:
 
 
 def every_key_a_landmark(xp, Q, K, m, keys, fewest) -> bool:
-    """Whether a checked cross-attention call (``n_q != n``) makes every real key of every sequence a landmark:
-    ``m = n`` without a key mask, or ``m`` the real keys of the shortest sequence (``fewest``, read by
-    :func:`check_selection`) and of the longest (read here, only then)."""
-    if Q.shape[-2] == K.shape[-2]:
-        return False
+    """Whether a checked call makes every real key of every sequence a landmark where some query is not a
+    landmark query: cross-attention (``n_q != n``) with ``m = n`` without a key mask, or, in either, ``m`` the real
+    keys of the shortest sequence (``fewest``, read by :func:`check_selection`) and of the longest (read here, only
+    then). Self-attention without a mask makes every query a landmark query there."""
     if keys is None:
-        return m == K.shape[-2]
+        return Q.shape[-2] != K.shape[-2] and m == K.shape[-2]
     return fewest == m and int(xp.max(real_key_counts(xp, keys))) == m
 
 
