@@ -143,6 +143,21 @@ def test_exact_attention_takes_the_mask_fourth_and_scale_by_keyword_only():
     np.testing.assert_allclose(nystrom.exact_attention(Q, Q, Q, scale=0.5), Q, rtol=4 * np.finfo(float).eps, atol=0)
 
 
+def test_exact_attention_takes_sdpas_neutral_keywords_and_grouped_query_heads():
+    # is_causal=False, dropout_p=0.0 and enable_gqa were a TypeError (a review), where approximate and SDPA take them:
+    # exact_attention was no drop-in for an SDPA call.
+    rng = np.random.default_rng(1)
+    q = torch.from_numpy(rng.standard_normal((2, 4, 6, 3)))
+    k, v = (torch.from_numpy(rng.standard_normal((2, 2, 6, 3))) for _ in range(2))
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=False, dropout_p=0.0, enable_gqa=True)
+    ours = nystrom.exact_attention(q, k, v, is_causal=False, dropout_p=0.0, enable_gqa=True)
+    torch.testing.assert_close(ours, sdpa, rtol=0, atol=1e-14)
+    with pytest.raises(ValueError, match="is_causal=True is not supported"):
+        nystrom.exact_attention(q, k, v, is_causal=True, enable_gqa=True)
+    with pytest.raises(ValueError, match="dropout"):
+        nystrom.exact_attention(q, q, q, dropout_p=0.1)
+
+
 def test_solvers_check_their_input_and_the_library_skips_it():
     A = np.eye(3)
     A[0, 0] = np.inf

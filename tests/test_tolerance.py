@@ -524,7 +524,8 @@ def test_the_crossover_is_the_last_m_within_the_cost_fraction(n_q, n, d, d_v, fr
     (dict(tol=float("nan")), ValueError, "tol must be a number"),
     (dict(max_landmarks=32), ValueError, "max_landmarks only applies with tol"),
     (dict(strict_tol=True), ValueError, "strict_tol only applies with tol"),
-    (dict(tol=0.1, max_landmarks=4), ValueError, "max_landmarks must be between num_landmarks=8 and 576"),
+    (dict(tol=0.1, max_landmarks=4), ValueError,
+     r"max_landmarks must be between the search's start, m=8 \(num_landmarks, .*\), and 576"),
     (dict(tol=0.1, max_landmarks=577), ValueError, "max_landmarks must be between"),
     (dict(tol=0.1, max_landmarks=32.0), TypeError, "max_landmarks"),
     (dict(tol=0.1, strict_tol=1), TypeError, "strict_tol must be a bool"),
@@ -533,6 +534,25 @@ def test_bad_error_control_is_named(kwargs, error, match):
     Q, K, V = smooth_tokens(0)
     with pytest.raises(error, match=match):
         nystrom.approximate(Q, K, V, num_landmarks=8, **kwargs)
+
+
+def test_tol_on_meta_tensors_is_refused_by_name():
+    # check_values=False lets meta tensors through; the tol search then failed in torch ("Cannot copy out of meta
+    # tensor", "Tensor.item() cannot be called on meta tensors"; a review).
+    Q = torch.empty(2, 2000, 16, device="meta")
+    mask = torch.ones(2000, dtype=torch.bool, device="meta")
+    for extra in ({}, {"attn_mask": mask}):
+        with pytest.raises(ValueError, match="tol estimates the error from exact rows of the data"):
+            nystrom.approximate(Q, Q, Q, check_values=False, tol=0.1, num_landmarks=8, **extra)
+
+
+def test_a_budget_below_a_clipped_start_names_the_clipping():
+    # The start, num_landmarks=64 by default, is clipped to the 50 real keys: the message named num_landmarks=50,
+    # which the caller never passed (a review).
+    Q = torch.randn(2, 1000, 16, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=r"the search's start, m=50 \(num_landmarks, at most the landmarks these keys "
+                                         r"allow\), and 50"):
+        nystrom.approximate(Q, Q, Q, tol=0.1, max_landmarks=40, attn_mask=torch.arange(1000) < 50)
 
 
 def test_a_tol_below_the_dtype_rounding_warns_at_the_call():

@@ -33,6 +33,7 @@ from .numerics import at_least_float32, detached, quiet_numpy_overflow, softmax,
 from .solvers import get_solver, unchecked
 from .validation import (
     check_attention_inputs,
+    check_bidirectional,
     check_bool,
     check_finite_landmarks,
     check_given,
@@ -126,7 +127,8 @@ def grouped_query_heads(Q, K, V):
 
 
 @quiet_numpy_overflow
-def exact_attention(Q, K, V, attn_mask=None, *, scale=None, **unknown):
+def exact_attention(Q, K, V, attn_mask=None, *, scale=None, is_causal=False, dropout_p=0.0, enable_gqa=False,
+                    **unknown):
     r"""Exact scaled dot-product attention.
 
     .. math:: O = \mathrm{softmax}(\tau\, Q K^\top + M)\, V, \qquad \tau = d^{-1/2} \text{ by default}
@@ -147,6 +149,10 @@ def exact_attention(Q, K, V, attn_mask=None, *, scale=None, **unknown):
         receive zero attention. The fourth argument, as in ``torch.nn.functional.scaled_dot_product_attention``.
     scale : float, optional
         Softmax temperature :math:`\tau`; default ``1/sqrt(d)``. Keyword-only, as in SDPA.
+    is_causal, dropout_p : bool, float
+        SDPA's, accepted at their neutral values (``False``, 0) only, as by :func:`nystrom.approximate`.
+    enable_gqa : bool
+        SDPA's grouped-query attention: ``K`` and ``V`` with fewer heads than ``Q``, repeated to its heads.
 
     Returns
     -------
@@ -161,6 +167,9 @@ def exact_attention(Q, K, V, attn_mask=None, *, scale=None, **unknown):
     :func:`nystrom.exact_attention` keeps the inputs' precision there.
     """
     check_unknown_arguments("exact_attention", unknown)
+    check_bidirectional(is_causal, dropout_p)
+    if check_bool("enable_gqa", enable_gqa):
+        K, V = grouped_query_heads(Q, K, V)
     xp, keys = check_attention_inputs(Q, K, V, attn_mask)
     tau = check_scale(scale, Q.shape[-1])
     K, V = without_padding(xp, keys, K, V)

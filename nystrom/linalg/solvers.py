@@ -82,9 +82,7 @@ class Solver:
 
     def __call__(self, A) -> SolveResult:
         xp = namespace(A=A)
-        check_real_floating(xp, "A", A)
-        if A.ndim < 2 or A.shape[-1] != A.shape[-2] or A.shape[-1] == 0:
-            raise ValueError(f"A must have shape (..., m, m) with m >= 1, got {tuple(A.shape)}")
+        check_square_matrices(xp, "A", A)
         check_finite(xp, A=A)
         # The m x m solve is cheap, so it always runs in float32 or float64: half precision would
         # lose the small singular values and overflow in the cubic Newton-Schulz products.
@@ -97,6 +95,13 @@ class Solver:
     def flops(self, m: int, iterations: int) -> int:
         """Floating-point operations of one solve of an ``m x m`` matrix that ran ``iterations`` steps."""
         raise NotImplementedError
+
+
+def check_square_matrices(xp, name, X):
+    r"""``X`` is a real floating ``(..., m, m)`` array with :math:`m \ge 1`."""
+    check_real_floating(xp, name, X)
+    if X.ndim < 2 or X.shape[-1] != X.shape[-2] or X.shape[-1] == 0:
+        raise ValueError(f"{name} must have shape (..., m, m) with m >= 1, got {tuple(X.shape)}")
 
 
 def unchecked(solver):
@@ -149,15 +154,31 @@ def moore_penrose_residual(A, Z):
     Parameters
     ----------
     A : array, shape (..., m, m)
+        Finite and real.
     Z : array, shape (..., m, m)
-        A candidate pseudo-inverse of ``A``.
+        A candidate pseudo-inverse of ``A``: finite, real, of the same library and shape.
 
     Returns
     -------
     array, shape (...)
         0 for the exact pseudo-inverse of any (also singular) ``A``; 0 for the zero matrix.
+
+    Raises
+    ------
+    TypeError, ValueError
+        For arrays of two libraries or devices, of a non-real dtype, of other shapes, or holding NaN or infinity.
     """
-    xp = array_api_compat.array_namespace(A, Z)
+    xp = namespace(A=A, Z=Z)
+    check_square_matrices(xp, "A", A)
+    check_square_matrices(xp, "Z", Z)
+    if tuple(A.shape) != tuple(Z.shape):
+        raise ValueError(f"A and Z must have the same shape, got {tuple(A.shape)} and {tuple(Z.shape)}")
+    check_finite(xp, A=A, Z=Z)
+    return residual_of(xp, A, Z)
+
+
+def residual_of(xp, A, Z):
+    """:func:`moore_penrose_residual` of checked arrays (the solvers' own, on every solve: no host read)."""
     A = xp.astype(A, Z.dtype)
     # In units of max|A| (A / t, Z t: the same ratio): squared entries of 1e-25 or 1e20 in float32 would underflow to
     # a residual of 0 or overflow to NaN.
@@ -251,7 +272,7 @@ class NewtonSchulz(Solver, name="newton_schulz", iterative=True):
             # scaled orthogonal matrix), and it differentiates as itself, not as the inverse; one step at the fixed
             # point differentiates as -Z dA Z, the inverse's derivative (a review found the start's gradient).
             if self.tol is not None and done > 0:
-                best, best_residual, active = kept(Z, moore_penrose_residual(A, Z))
+                best, best_residual, active = kept(Z, residual_of(xp, A, Z))
                 if not bool(xp.any(active)):
                     # Every matrix met tol or reached its rounding floor (or diverged): the best iterates' residuals
                     # are known, none is computed again.
@@ -260,8 +281,8 @@ class NewtonSchulz(Solver, name="newton_schulz", iterative=True):
             Z = 0.25 * Z @ (eye13 - AZ @ (eye15 - AZ @ (eye7 - AZ)))
             done += 1
         if self.tol is None:
-            return SolveResult(Z, moore_penrose_residual(A, Z), done)
-        best, best_residual, _ = kept(Z, moore_penrose_residual(A, Z))
+            return SolveResult(Z, residual_of(xp, A, Z), done)
+        best, best_residual, _ = kept(Z, residual_of(xp, A, Z))
         return SolveResult(best, best_residual, done)
 
     def flops(self, m, iterations):
@@ -357,7 +378,7 @@ class PInv(Solver, name="pinv"):
         V, Ut = xp.matrix_transpose(Vh), xp.matrix_transpose(U)
         Z0 = V @ (s_inv[..., None] * Ut)
         if not getattr(A, "requires_grad", False):
-            return SolveResult(Z0, moore_penrose_residual(A, Z0), 0)
+            return SolveResult(Z0, residual_of(xp, A, Z0), 0)
         # Value Z0 (dA = A - A0 is exactly 0), derivative Golub-Pereyra's: see the class notes. I - AZ and I - ZA are
         # the projectors on the dropped singular vectors, from the SVD: exactly 0 when none is dropped (formed as
         # I - A0 Z0 they were rounding noise, which the products with Z0 Z0^T amplified).
@@ -382,7 +403,7 @@ class PInv(Solver, name="pinv"):
             return (W0 - step + Z0 @ (dA @ step) + Z0 @ (Z0t @ (dAt @ (left @ Y)))
                     + ((right @ dAt) @ Z0t) @ W0)
 
-        return SolveResult(Z, moore_penrose_residual(A, Z), 0, product)
+        return SolveResult(Z, residual_of(xp, A, Z), 0, product)
 
     def flops(self, m, iterations=0):
         """Golub–Van Loan's ~:math:`21 m^3` for a full SVD, one product to form :math:`Z`, two for the residual."""
@@ -442,7 +463,7 @@ class Ridge(Solver, name="ridge"):
         norm_1, norm_inf = _norms_1_inf(xp, unit)
         lam = xp.maximum((root / t) ** 2, xp.finfo(A.dtype).eps * norm_1 * norm_inf)
         Z = xp.linalg.solve(unit_t @ unit + lam * _eye(xp, A), unit_t) / t
-        return SolveResult(Z, moore_penrose_residual(A, Z), 0)
+        return SolveResult(Z, residual_of(xp, A, Z), 0)
 
     def flops(self, m, iterations=0):
         r""":math:`A^\top A`, an LU solve with :math:`m` right-hand sides (~:math:`\tfrac83 m^3`), two residual

@@ -218,7 +218,8 @@ def check_attention_inputs(Q, K, V, attn_mask=None, *, check_values=True, shard=
     if check_values:
         if str(array_api_compat.device(Q)) == "meta":
             raise ValueError("Q, K and V are on torch's meta device, whose tensors hold no values to check: pass "
-                             "check_values=False (the call then reads no data, as for FakeTensorMode)")
+                             "check_values=False (the call then reads no data, as for FakeTensorMode; not with "
+                             "tol=, which reads exact rows)")
         check_finite(xp, **named)
     keys = None if attn_mask is None else check_attn_mask(xp, attn_mask, Q, K, check_values=check_values, shard=shard)
     return xp, keys
@@ -502,8 +503,8 @@ def check_error_control(tol, max_landmarks, strict_tol, m, largest=None):
         if top < m:
             raise ValueError(f"max_landmarks must be at least num_landmarks={m}, got {top}")
     elif not (m <= top <= largest):
-        raise ValueError(f"max_landmarks must be between num_landmarks={m} and {largest} (the most landmarks "
-                         f"these keys allow), got {top}")
+        raise ValueError(f"max_landmarks must be between the search's start, m={m} (num_landmarks, at most the "
+                         f"landmarks these keys allow), and {largest} (the most they allow), got {top}")
     return tol, top
 
 
@@ -566,6 +567,11 @@ def check_selection(xp, Q, K, num_landmarks, keys=None, head_axis=None, features
     bounds becomes the largest they allow: the search answers within ``tol`` from there, or by exact attention.
     """
     check_head_axis(head_axis, K)
+    if start and str(array_api_compat.device(Q)) == "meta":
+        # check_values=False lets meta tensors through; a search reads the mask and exact rows (torch's raw errors
+        # from inside, a review).
+        raise ValueError("tol estimates the error from exact rows of the data, which tensors on torch's meta device "
+                         "do not hold: pass num_landmarks without tol there")
     n_valid = None
     if keys is not None and (check_values or start):
         n_valid = fewest_real_keys(xp, keys)

@@ -452,3 +452,17 @@ def test_newton_schulz_counts_the_flops_it_runs(monkeypatch, cond, tol):
         residuals.clear()
         steps = solver(A).iterations
         assert solver.flops(16, steps) == (4 * steps + 2 * len(residuals)) * 2 * 16**3, (solver, steps)
+
+
+@pytest.mark.parametrize("A, Z, error, match", [
+    (np.eye(3), np.eye(4), ValueError, "A and Z must have the same shape"),
+    (np.eye(3), torch.eye(3, dtype=torch.float64), TypeError, "pass arrays from one library"),
+    (np.full((3, 3), np.nan), np.eye(3), ValueError, "A contains NaN or infinite values"),
+    (np.eye(3, dtype=int), np.eye(3), TypeError, "A must have dtype"),
+    (np.eye(3), np.ones((3, 2)), ValueError, r"Z must have shape \(..., m, m\)"),
+])
+def test_the_public_residual_checks_its_arguments(A, Z, error, match):
+    # It checked nothing: torch raised its own RuntimeError on mismatched shapes, numpy its ValueError, a mix of
+    # libraries array_api_compat's message, and NaN gave NaN (a review). The solvers call the unchecked residual_of.
+    with pytest.raises(error, match=match):
+        moore_penrose_residual(A, Z)
