@@ -10,9 +10,10 @@ that contain the true squared error ratio, with the median interval width (high 
 For comparison it replays the estimator the library used before, a simple random sample with a delta-method
 log-scale interval.
 
-Families: Gaussian tokens, clustered tokens, clustered low-rank tokens, sharper clusters (12 centres, larger logits)
-and artifact-like queries (10 of 512 with 4 times the others' norm), each with the default ``norm``, with ``uniform``
-and with ``fps`` landmarks, and real
+Families: Gaussian tokens, clustered tokens, clustered low-rank tokens, sharper clusters (12 centres, larger logits),
+artifact-like queries (10 of 512 with 4 times the others' norm) and aimed queries (16 of 1,024 with 2.9 times the
+others' norm, each aimed at one key), each with the default ``norm``, with ``uniform`` and with ``fps`` landmarks,
+and real
 DINOv2-S attention at 518 px (images astronaut and coffee, layers 3, 6, 9 and 11) with ``norm`` and ``uniform``.
 """
 
@@ -71,8 +72,15 @@ def synthetic_inputs():
                                                                                 dtype=torch.float64)
     Qs, Ks, Vs = ((Xs @ (torch.randn(64, 64, generator=g, dtype=torch.float64) / 6)).expand(1, 2, 1024, 64)
                   for _ in range(3))
+    # Aimed queries (a review's family): 16 of 1,024 unit-norm queries replaced by 2.9 times a key's direction, each
+    # attending to that one key, which the landmarks stand for least; just under a threshold of 3 times the median
+    # norm, the census left them to the draw.
+    Kt, Vt, Qt = (torch.randn(1024, 32, generator=g, dtype=torch.float64) for _ in range(3))
+    Qt = Qt / Qt.norm(dim=-1, keepdim=True)
+    aimed, targets = torch.randperm(1024, generator=g)[:16], torch.randperm(1024, generator=g)[:16]
+    Qt[aimed] = 2.9 * Kt[targets] / Kt[targets].norm(dim=-1, keepdim=True)
     return {"Gaussian": (Q, K, V, 32), "artifact-like queries": (Qa, Ka, Va, 24), "clustered": (Qc, Kc, Vc, 16),
-            "low-rank": (Ql, Kl, Vl, 16), "sharp clusters": (Qs, Ks, Vs, 16)}
+            "low-rank": (Ql, Kl, Vl, 16), "sharp clusters": (Qs, Ks, Vs, 16), "aimed queries": (1.5 * Qt, Kt, Vt, 32)}
 
 
 def families():
