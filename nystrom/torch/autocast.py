@@ -62,7 +62,17 @@ def with_own_precision(function, Q, K, V, *inputs):
 
     def run(q, k, v, *rest):
         with without_autocast(q.device):
-            return function(autocast_cast(q, dtype), autocast_cast(k, dtype), autocast_cast(v, dtype), *rest)
+            cast = [autocast_cast(x, dtype) for x in (q, k, v)]
+            try:
+                return function(*cast, *rest)
+            except ValueError as error:
+                if "contains NaN or infinite values" not in str(error) or all(x.dtype == y.dtype for x, y in
+                                                                               zip(cast, (q, k, v))):
+                    raise
+                # The caller's finite values may be past the autocast dtype's range (float32 padding of 1e30 under
+                # float16 autocast): the message must not say the caller passed infinity (a review).
+                raise ValueError(f"{error} in {dtype}, the dtype torch.autocast gives SDPA and so this call: finite "
+                                 f"values past its range become infinite there") from error
 
     return with_own_backward(run, Q, K, V, *inputs)
 

@@ -333,3 +333,19 @@ def test_a_patched_layer_checks_its_call_once_in_a_graph_of_its_own(monkeypatch,
         out = model(pixel_values=pixels).last_hidden_state
     out.float().sum().backward()
     assert len(calls) == 1 and torch.isfinite(pixels.grad).all()
+
+
+def test_finite_values_past_the_autocast_dtypes_range_are_named_as_such():
+    # float32 padding of 1e30 under float16 autocast is infinite in the dtype the call runs in: the message said "K
+    # contains NaN or infinite values" of a K that holds none (a review).
+    K = torch.randn(1, 2, 64, 8, generator=torch.Generator().manual_seed(0))
+    K[..., 60:, :] = 1e30
+    with torch.autocast("cpu", dtype=torch.float16):
+        with pytest.raises(ValueError, match="contains NaN or infinite values in torch.float16, the dtype "
+                                             "torch.autocast gives SDPA"):
+            nystrom.approximate(K, K, K, torch.arange(64) < 60, num_landmarks=8)
+    with torch.autocast("cpu", dtype=torch.float16):
+        # A caller's own infinity keeps the plain message.
+        K[0, 0, 0, 0] = float("inf")
+        with pytest.raises(ValueError, match="contains NaN or infinite values$"):
+            nystrom.approximate(K.half(), K.half(), K.half(), num_landmarks=8)
