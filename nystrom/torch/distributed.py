@@ -234,6 +234,17 @@ def _shard_attend(xp, axis, q, k, v, mask=None, *, scale):
     return xp.astype(merge_partials(xp, o, mu, s, across=axis), v.dtype)
 
 
+def _whole(axis, a, dim):
+    """Every process's ``a`` concatenated along ``dim``, its token axis (``axis.lengths`` long, one per process)."""
+    shape = list(a.shape)
+    shape[dim] = max(axis.lengths)
+    # gloo gathers no bools: as bytes.
+    padded = torch.zeros(shape, dtype=torch.uint8 if a.dtype == torch.bool else a.dtype, device=a.device)
+    padded.narrow(dim, 0, a.shape[dim]).copy_(a)
+    whole = torch.cat([part.narrow(dim, 0, n) for part, n in zip(axis._gather(padded), axis.lengths)], dim=dim)
+    return whole.bool() if a.dtype == torch.bool else whole
+
+
 def sharded_approximate(Q, K, V, *, group, strategy="norm", num_landmarks=64, solver="newton_schulz", scale=None,
                         attn_mask=None, seed=None, share_landmarks_across_heads=True, query_chunk_size=None,
                         check_values=True, unsupported=None, is_causal=False, dropout_p=0.0, enable_gqa=False,
@@ -258,7 +269,9 @@ def sharded_approximate(Q, K, V, *, group, strategy="norm", num_landmarks=64, so
         ``"fps"`` or such an object (``"rpcholesky"`` is not).
     num_landmarks, solver, scale, seed, share_landmarks_across_heads, query_chunk_size, check_values
         As for :func:`nystrom.approximate`; ``num_landmarks`` is checked against the whole sequence. Without a
-        ``seed``, ``"uniform"`` uses process 0's fresh one on every process.
+        ``seed``, ``"uniform"`` uses process 0's fresh one on every process. With a mask and every real key a
+        landmark (``num_landmarks`` the real keys of every sequence) the answer is exact attention, as
+        ``approximate``'s, over the shards' keys and values gathered (:math:`O(n (d + d_v))` sent).
     attn_mask : Tensor, optional
         This shard's key mask ``(..., 1, n_r)`` (or ``(n_r,)``, transformers' ``(B, n_r)``), as
         :func:`nystrom.approximate` takes it; a shard may be all padding, the sequence may not.
@@ -350,6 +363,12 @@ def sharded_approximate(Q, K, V, *, group, strategy="norm", num_landmarks=64, so
         fewest = None
     check_num_landmarks(m, axis.total, fewest)
     K, V = without_padding(xp, keys, K, V)
+    if fewest == m and int(xp.max(real)) == m:
+        # Every real key a landmark, as approximate answers it: exact attention (the queries at masked keys are no
+        # landmark queries, exact through the formula only by A^+ A = I; a review: 0.15 off the single process). The
+        # shards' keys and values are gathered: O(n (d + d_v)) sent, what the landmarks themselves send at this m.
+        attend = in_query_chunks(functools.partial(sdpa_attend, scale=tau), chunk)
+        return attend(Q, _whole(axis, K, -2), _whole(axis, V, -2), _whole(axis, keys, -1)[..., None, :])
     selection = Selection.of(xp, Q, K, m, keys, seed, head_axis, None, tau, axis=axis)
     landmarks = select.select(selection)
     attend = in_query_chunks(functools.partial(sdpa_attend, scale=tau), chunk)

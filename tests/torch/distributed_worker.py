@@ -108,6 +108,8 @@ CASES = {
     "segment_means_f32": case("segment_means", dtype=torch.float32),
     "plain_strategy_object_f64": case(PlainSegments(), mask=("bool", [70, 96])),
     "uniform_f32": case("uniform", dtype=torch.float32, seed=4),
+    # Every real key a landmark: exact attention, as one process answers (the Nyström formula was 0.15 off, a review).
+    "norm_f64_every_real_key": case(mask=("bool", [40, 40]), m=40),
 }
 
 
