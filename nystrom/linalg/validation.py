@@ -472,10 +472,12 @@ def every_key_a_landmark(xp, Q, K, m, keys, fewest) -> bool:
     """Whether a checked call makes every real key of every sequence a landmark where some query is not a
     landmark query: cross-attention (``n_q != n``) with ``m = n`` without a key mask, or, in either, ``m`` the real
     keys of the shortest sequence (``fewest``, read by :func:`check_selection`) and of the longest (read here, only
-    then). Self-attention without a mask makes every query a landmark query there."""
+    then), which self-attention needs below ``n`` (masked keys, whose queries are no landmark queries; a mask that
+    masks nothing is no mask)."""
+    cross = Q.shape[-2] != K.shape[-2]
     if keys is None:
-        return Q.shape[-2] != K.shape[-2] and m == K.shape[-2]
-    return fewest == m and int(xp.max(real_key_counts(xp, keys))) == m
+        return cross and m == K.shape[-2]
+    return (cross or m < K.shape[-2]) and fewest == m and int(xp.max(real_key_counts(xp, keys))) == m
 
 
 def check_error_control(tol, max_landmarks, strict_tol, m, largest=None):

@@ -66,8 +66,10 @@ def with_own_precision(function, Q, K, V, *inputs):
             try:
                 return function(*cast, *rest)
             except ValueError as error:
-                if "contains NaN or infinite values" not in str(error) or all(x.dtype == y.dtype for x, y in
-                                                                               zip(cast, (q, k, v))):
+                # Only where the caller's own values are finite (read on this error path alone).
+                if "contains NaN or infinite values" not in str(error) or all(
+                        x.dtype == y.dtype for x, y in zip(cast, (q, k, v))) or not all(
+                        bool(torch.isfinite(x).all()) for x in (q, k, v)):
                     raise
                 # The caller's finite values may be past the autocast dtype's range (float32 padding of 1e30 under
                 # float16 autocast): the message must not say the caller passed infinity (a review).

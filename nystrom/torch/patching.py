@@ -281,8 +281,8 @@ class FNAHandle(Handle):
         host read of two ints, none without padding): the layers of a pass get the same mask object, and the
         same ``everything`` object tells :meth:`_reusable` that nothing changed since the first layer."""
         cached = self._pass_padding
-        if cached is not None and (cached[0] is None if attention_mask is None else cached[0]() is attention_mask) \
-                and cached[1] == (batch, n, device):
+        if cached is not None and (attention_mask is None) == (cached[0] is None) and cached[1] == (batch, n, device) \
+                and (attention_mask is None or cached[0]() is attention_mask):
             return cached[2:]
         real = padding_mask_from_attention_mask(attention_mask, batch, n)
         if real is None:
@@ -468,13 +468,12 @@ class FNAHandle(Handle):
         at_first = first_token(xp, real.shape[-1], first, real, device=real.device)
         return torch.any(at_first & ~allowed, dim=-1)
 
-    def _strategy_for(self, outside):
-        """The strategy, without its ``first`` token where :meth:`_first_outside` says it is outside in every
-        sequence. The strategy counts ``first`` among the tokens its mask allows, so it moved to token 1 there (a
-        review: CLS guaranteed with ``norm`` made token 1 a singleton as well, CLS excluded made it FPS's first
-        pick)."""
-        return self.strategy if outside is None or not bool(torch.all(outside)) else replace(self.strategy,
-                                                                                            first=None)
+    def _strategy_for(self, without_first):
+        """The strategy, without its ``first`` token where that is outside the allowed tokens of every sequence
+        (:meth:`_first_outside`). The strategy counts ``first`` among the tokens its mask allows, so it moved to
+        token 1 there (a review: CLS guaranteed with ``norm`` made token 1 a singleton as well, CLS excluded made it
+        FPS's first pick)."""
+        return replace(self.strategy, first=None) if without_first else self.strategy
 
     def _select(self, layer, query, key, value, hidden, real, eligible, fewest, forced, scale, m, memo):
         xp = array_api_compat.array_namespace(key)
@@ -487,8 +486,10 @@ class FNAHandle(Handle):
                              "or excluded)")
         seed = None if self.seed is None else (self.seed + layer) % SEED_LIMIT
         outside = self._first_outside(xp, real, eligible) if forced is None else None
-        if forced is None and (outside is None or int(torch.sum(outside)) in (0, outside.shape[0])):
-            return run_strategy(self._strategy_for(outside), Selection(
+        # One host read: in how many sequences the first token is outside.
+        dropped = 0 if outside is None else int(torch.sum(outside))
+        if forced is None and dropped in (0, key.shape[0]):
+            return run_strategy(self._strategy_for(dropped > 0), Selection(
                 xp, query, key, m, eligible[:, None, :], seed, -3, features, scale, memo=memo))
         if forced is None:
             # The strategy's first token is excluded in some sequences only: sequence by sequence, as for guarantees
@@ -512,7 +513,8 @@ class FNAHandle(Handle):
             rest = None
             if pinned.numel() < m:
                 allowed = eligible[b:b + 1] if picks_tokens else eligible[b:b + 1] & ~forced[b:b + 1]
-                rest = run_strategy(self._strategy_for(self._first_outside(xp, real[b:b + 1], allowed)), Selection(
+                outside = self._first_outside(xp, real[b:b + 1], allowed)
+                rest = run_strategy(self._strategy_for(outside is not None and bool(outside[0])), Selection(
                     xp, query[b:b + 1], key[b:b + 1], m if picks_tokens else m - pinned.numel(), allowed[:, None, :],
                     seed, -3, features[b:b + 1], scale, memo=memo.setdefault(b, {})))
                 if picks_tokens:
@@ -548,8 +550,9 @@ def _with_singletons(grouping, pinned, m, n):
     else:
         tokens = torch.cat([grouping.tokens[0], pinned])
         token_labels = torch.cat([grouping.token_labels[0], singles])
-        weights = torch.cat([torch.broadcast_to(grouping.weights[0], grouping.tokens[0].shape).float(),
-                             torch.ones(pinned.numel(), device=pinned.device)])
+        # The sample's weights in their own dtype: float64 models kept them to 1e-8 in float32 (a review).
+        stands_for = torch.broadcast_to(grouping.weights[0], grouping.tokens[0].shape)
+        weights = torch.cat([stands_for, torch.ones(pinned.numel(), dtype=stands_for.dtype, device=pinned.device)])
     return labels, tokens, token_labels, weights
 
 

@@ -414,6 +414,14 @@ def test_self_attention_rows_at_masked_keys_are_exact_with_every_real_key_a_land
     row_errors = (out.double() - ref).norm(dim=-1) / ref.norm(dim=-1)
     assert float(row_errors.max()) < 1e-5
     assert info.landmarks is None
+    # A mask that masks nothing is no mask: the formula answers, as without one (a review: exact attention then,
+    # 0.033 from the unmasked call's six Newton-Schulz steps).
+    everything = torch.ones(128, dtype=torch.bool)
+    masked, info = nystrom.approximate(Q, K, V, everything, num_landmarks=128, strategy=strategy, seed=0,
+                                       return_info=True)
+    assert info.landmarks is not None
+    torch.testing.assert_close(masked, nystrom.approximate(Q, K, V, num_landmarks=128, strategy=strategy, seed=0),
+                               rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -344,8 +344,9 @@ def test_finite_values_past_the_autocast_dtypes_range_are_named_as_such():
         with pytest.raises(ValueError, match="contains NaN or infinite values in torch.float16, the dtype "
                                              "torch.autocast gives SDPA"):
             nystrom.approximate(K, K, K, torch.arange(64) < 60, num_landmarks=8)
-    with torch.autocast("cpu", dtype=torch.float16):
-        # A caller's own infinity keeps the plain message.
-        K[0, 0, 0, 0] = float("inf")
-        with pytest.raises(ValueError, match="contains NaN or infinite values$"):
-            nystrom.approximate(K.half(), K.half(), K.half(), num_landmarks=8)
+    # A caller's own infinity keeps the plain message, cast or not.
+    K[0, 0, 0, 0] = float("inf")
+    for dtype in (torch.float32, torch.float16):
+        with torch.autocast("cpu", dtype=torch.float16):
+            with pytest.raises(ValueError, match="contains NaN or infinite values$"):
+                nystrom.approximate(K.to(dtype), K.to(dtype), K.to(dtype), num_landmarks=8)
