@@ -287,12 +287,13 @@ def answers_itself(module) -> bool:
     return any(getattr(handler, "terminal", False) for handler in _HANDLERS.get(module, ()))
 
 
-def check_token_spec(name, spec):
-    """Raise ``TypeError`` unless ``spec`` is None, a bool tensor or a callable
-    ``(layer, hidden_states) -> bool (B, n)``."""
-    if spec is not None and not callable(spec) and not (isinstance(spec, torch.Tensor) and spec.dtype == torch.bool):
+def check_token_spec(name, spec, optional=True):
+    """Raise ``TypeError`` unless ``spec`` is a bool tensor, a callable ``(layer, hidden_states) -> bool (B, n)``, or
+    (where ``optional``) None."""
+    if (spec is None and not optional) or (spec is not None and not callable(spec) and not (
+            isinstance(spec, torch.Tensor) and spec.dtype == torch.bool)):
         raise TypeError(
-            f"{name} must be None, a bool tensor of shape (n,) or (B, n), or a callable "
+            f"{name} must be {'None, ' if optional else ''}a bool tensor of shape (n,) or (B, n), or a callable "
             f"(layer_index, hidden_states) -> bool (B, n); got {type(spec).__name__}"
         )
 

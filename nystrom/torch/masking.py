@@ -88,9 +88,7 @@ def mask_keys(model, layers, select):
     >>> with mask_keys(model, range(6, 12), massive):   # doctest: +SKIP
     ...     out = model(pixel_values=px)
     """
-    if select is None:
-        raise TypeError("select must be a callable or a bool tensor, got None")
-    check_token_spec("select", select)
+    check_token_spec("select", select, optional=False)
     handle = Handle(model, layers)
     handle.install(functools.partial(masking_handler, select, handle.inputs))
     try:

@@ -262,6 +262,13 @@ def test_replot_of_a_malformed_section_is_a_message(tmp_path, capsys, text):
     assert "threads.json is not a saved" in capsys.readouterr().err
 
 
+def test_replot_of_a_folder_where_a_file_should_be_is_a_message(tmp_path, capsys):
+    # A folder named scaling.json raised IsADirectoryError, a traceback (a review).
+    (tmp_path / "scaling.json").mkdir()
+    assert main(["bench", "--replot", str(tmp_path)]) == 2
+    assert "--replot" in capsys.readouterr().err
+
+
 def test_unknown_section_is_rejected(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "--only", "scaling,speed"])

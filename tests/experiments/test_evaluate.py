@@ -10,6 +10,7 @@ four sentences (14-18 tokens), one thread. At m = 32 every token is a landmark, 
 import importlib.util
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -273,6 +274,27 @@ def test_norm_comparison_marks():
     result["records"] = [r for r in result["records"] if r["strategy"] != "segment_means"]
     report = markdown_report(result)
     assert "Does `norm` beat `uniform`? (✓ better," in report and "both" not in report
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--seed", str(2**63)], "seed must be below 2\\*\\*63"),
+    (["--model", "minilm", "minilm"], "models lists minilm more than once"),
+    (["--strategies", "norm", "norm"], "strategies lists norm more than once"),
+])
+def test_bad_options_are_usage_errors_before_any_model_loads(argv, message, capsys, monkeypatch, tmp_path):
+    # A seed of 2**63 - 1 passed, then failed as seed + layer after the model loaded (a traceback); a repeated model
+    # ran twice, the second run's files over the first's (a review).
+    monkeypatch.setattr("nystrom.experiments.evaluate.runner.run_evaluation", lambda *a, **k: pytest.fail("ran"))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", *argv, "--out", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_a_seed_just_below_the_limit_wraps_by_layer_as_patching_does():
+    from nystrom.experiments.evaluate.sweep import Grid
+
+    assert Grid([4], ["uniform"], ["newton_schulz"], 2**63 - 1).seed == 2**63 - 1
 
 
 def test_an_output_folder_that_cannot_be_made_is_a_usage_error(tmp_path, capsys):

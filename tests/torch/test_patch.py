@@ -1220,3 +1220,14 @@ def test_a_patched_model_without_padding_runs_on_fake_cuda(fake_cuda, strategy, 
                                           resample=resample, seed=0) as handle:
             out = functional_call(model, state, (), {"input_ids": ids}).last_hidden_state
     assert out.device.type == "cuda" and out.shape == (2, 12, 32) and sorted(handle.records) == [1, 2, 3]
+
+
+def test_mask_keys_names_what_select_may_be():
+    # For None it said "a callable or a bool tensor"; for a numpy array "None, a bool tensor ... or a callable":
+    # None was valid in one message and not in the other (a review). mask_keys needs a selection.
+    model = tiny_model("bert")
+    for select in (None, np.zeros(12, dtype=bool)):
+        with pytest.raises(TypeError, match=r"select must be a bool tensor of shape \(n,\) or \(B, n\), or a callable"):
+            with mask_keys(model, None, select):
+                pass
+    assert_restored(model)

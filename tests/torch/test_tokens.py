@@ -207,6 +207,13 @@ class TestSinks:
         found = as_numpy(detectors.detect_sinks(to_array(share)))
         assert np.flatnonzero(found).tolist() == [7]
 
+    def test_a_float16_share_counts_more_real_keys_than_float16_holds(self):
+        # The real keys were counted in the share's dtype: past 65,504 the count was inf, the threshold 0, and every
+        # key a sink (a review).
+        n = 70000
+        share = torch.full((n,), 1 / n).half()
+        assert not detectors.detect_sinks(share, attention_mask=torch.ones(n, dtype=torch.bool)).any()
+
     def test_uniform_share_counts_real_keys_only(self, to_array):
         share = np.zeros(40)
         share[:20] = 0.85 / 19

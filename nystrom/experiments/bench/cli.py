@@ -64,7 +64,7 @@ def main(argv=None):
     if args.replot is not None:
         try:
             written = replot(args.replot)
-        except (FileNotFoundError, KeyError, ValueError) as error:
+        except (OSError, KeyError, ValueError) as error:
             print(f"nystrom bench: --replot {args.replot}: {error}", file=sys.stderr)
             return 2
         print(f"nystrom bench: redrew {len(written)} figures in {args.replot}", file=sys.stderr)

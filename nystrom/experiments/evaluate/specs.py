@@ -106,9 +106,13 @@ def check_positive_ints(name, values):
 
 
 def check_names(name, values):
-    """``values`` as a non-empty tuple of str; ``ValueError`` naming ``name`` otherwise."""
+    """``values`` as a non-empty tuple of distinct str; ``ValueError`` naming ``name`` otherwise (a repeated one
+    would be evaluated twice, the second run's files over the first's)."""
     values = tuple(values)
     if not values or any(not isinstance(v, str) for v in values):
         raise ValueError(f"{name} must be a non-empty list of str, got {values!r}")
+    repeated = sorted({v for v in values if values.count(v) > 1})
+    if repeated:
+        raise ValueError(f"{name} lists {', '.join(repeated)} more than once")
     return values
 

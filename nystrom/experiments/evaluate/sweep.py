@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from nystrom import approximate
-from nystrom.linalg.validation import check_int
+from nystrom.linalg.validation import SEED_LIMIT, check_int, check_seed
 from nystrom.torch.dispatch import attention_layers
 from nystrom.torch.patching import FNAHandle, fna, own_attention_answers
 
@@ -27,8 +27,9 @@ class Grid:
         self.num_landmarks = check_positive_ints("num_landmarks", num_landmarks)
         self.strategies = {s: parse_spec(s, "strategy") for s in check_names("strategies", strategies)}
         self.solvers = {s: parse_spec(s, "solver") for s in check_names("solvers", solvers)}
-        # Evaluations need an int seed (layer l uses seed + l); a bad one fails before any model runs.
-        self.seed = check_int("seed", seed, minimum=0)
+        # Evaluations need an int seed (layer l uses seed + l, wrapped below 2**63 as patching wraps it); a bad one
+        # fails before any model runs.
+        self.seed = check_seed(check_int("seed", seed, minimum=0))
 
     def __iter__(self):
         """``(strategy label, strategy, solver label, solver, m)``."""
@@ -65,7 +66,7 @@ def layer_errors(captures, *, strategy, solver, num_landmarks, seed):
         (:func:`~nystrom.torch.patching.own_attention_answers`) the layer's error is 0; otherwise :math:`m` is
         clipped to the real tokens of the shortest sequence.
     seed : int
-        Layer ``l`` uses ``seed + l``.
+        Layer ``l`` uses ``seed + l`` (modulo :math:`2^{63}`, as :func:`~nystrom.torch.patching.fna` wraps it).
 
     Returns
     -------
@@ -81,7 +82,7 @@ def layer_errors(captures, *, strategy, solver, num_landmarks, seed):
         else:
             out = approximate(cap.query, cap.key, cap.value, strategy=strategy, num_landmarks=min(num_landmarks,
                               min(lengths)), solver=solver, scale=cap.scaling, attn_mask=cap.attn_mask,
-                              seed=seed + cap.layer, features=cap.hidden_states)
+                              seed=(seed + cap.layer) % SEED_LIMIT, features=cap.hidden_states)
         approx.setdefault(cap.layer, []).append(out.flatten())
         exact.setdefault(cap.layer, []).append(cap.output.flatten())
     return {layer: relative_error(torch.cat(approx[layer]), torch.cat(exact[layer]).double()) for layer in approx}
