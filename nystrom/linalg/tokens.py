@@ -259,5 +259,5 @@ def detect_sinks(attention_share, *, ratio=4.0, attention_mask=None):
         return attention_share >= rho / attention_share.shape[-1]
     real = attention_mask
     # Counted in float32 or wider: float16 overflows past 65,504 keys (every key was then a sink; a review).
-    n_valid = xp.sum(xp.astype(real, xp.promote_types(attention_share.dtype, xp.float32)), axis=-1, keepdims=True)
+    n_valid = xp.sum(xp.astype(real, xp.result_type(attention_share.dtype, xp.float32)), axis=-1, keepdims=True)
     return real & (attention_share >= rho / n_valid)
