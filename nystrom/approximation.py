@@ -345,9 +345,9 @@ def approximate(
         queries (the estimate's exact rows would be all of them), exact attention is the first and only step
         (:func:`nystrom.linalg.tolerance.search_landmarks`). Reads the data (the estimate is computed on the host).
         The interval's coverage is measured, not guaranteed (docs' error-bounds page: at least 91.8 % on 33 of 34
-        families of synthetic and real attention, 79.8 % on the last, sharply clustered tokens with ``norm``); the cost is that of the steps, each without
-        its output product (a step evaluates the output at the 128 sampled rows only), plus :math:`O(128\, n\, d)`
-        and one output product (one exact attention call for an exact answer).
+        families of synthetic and real attention, 79.8 % on the last, sharply clustered tokens with ``norm``); the
+        cost is that of the steps, each without its output product (a step evaluates the output at the 128 sampled
+        rows only), plus :math:`O(128\, n\, d)` and one output product (one exact attention call for an exact answer).
         With a key mask and as many queries as keys the call is taken for self-attention, as in
         :func:`nystrom.linalg.estimate_relative_error`: the rows at padded positions are padded queries, left out
         of the error (so cross-attention of equal lengths with real queries at padded key positions has those rows

@@ -407,12 +407,17 @@ def census_and_strata(positions, outlying, num_samples, rng):
     """The rows of a sample of ``num_samples`` among ``positions``, of which the ``outlying`` ones
     (:func:`high_norm_queries`) are apart: when they are at most half the sample, all of them with certainty and
     :func:`stratified_rows` of the others; when more, strata of their own, which take half the sample, and strata of
-    the others, the other half. Never some of them with certainty and the rest among the others, where they would be
-    rarer still (a review: 21 % coverage with 8 of 10 taken at 64 rows). Returns ``(rows, sizes, certain)``;
-    ``certain`` marks the rows taken with certainty (``None`` without any), each of size 1."""
-    rest = np.setdiff1d(positions, outlying, assume_unique=True)
+    the others, the other half; below 4 rows, strata of all positions. Never some of them with certainty and the rest
+    among the others, where they would be rarer still (a review: 21 % coverage with 8 of 10 taken at 64 rows).
+    Returns ``(rows, sizes, certain)``; ``certain`` marks the rows taken with certainty (``None`` without any), each
+    of size 1."""
     # Even, so that the collapsed pairs of ratio_interval stay within one group.
     half = 2 * (num_samples // 4)
+    if outlying.size and not half:
+        # Fewer than 4 rows leave them no half of their own: strata of every position, theirs among them (a review:
+        # with 2 or 3 rows they had no stratum at all, and the estimate left them out, 0 with an interval of width 0).
+        return (*stratified_rows(positions, num_samples, rng), None)
+    rest = np.setdiff1d(positions, outlying, assume_unique=True)
     if outlying.size > half:
         drawn = min(rest.size, num_samples - half)
         rows, sizes = zip(stratified_rows(outlying, num_samples - drawn, rng), stratified_rows(rest, drawn, rng))

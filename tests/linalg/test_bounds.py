@@ -235,6 +235,11 @@ def test_a_census_of_some_outliers_only_is_never_drawn():
     # 16 strata of the outlying queries (which they fill, sizes summing to their count), 16 of the others.
     assert set(rows[:16]) <= set(outlying) and sizes[:16].sum() == outlying.size
     assert not set(rows[16:]) & set(outlying) and sizes[16:].sum() == 300 - outlying.size
+    # 2 or 3 rows leave them no half: they had no stratum at all (sizes summing to 300 - 24: their error left out of
+    # the estimate, 0 with width 0 where they held all of it; a review). Now strata of every position.
+    for num_samples in (2, 3):
+        rows, sizes, certain = census_and_strata(np.arange(300), outlying, num_samples, np.random.default_rng(0))
+        assert certain is None and rows.size == num_samples and sizes.sum() == 300
 
 
 
