@@ -72,7 +72,12 @@ def main(argv=None):
                         help="cuda (default), or cpu for a dry run at --quick sizes")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "gpu")
     args = parser.parse_args(argv)
-    args.out.mkdir(parents=True, exist_ok=True)
+    # Absolute: the steps run from the repository root, where a relative --out named another folder (a review).
+    args.out = args.out.resolve()
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        parser.error(f"--out {args.out}: cannot create the output folder ({error.strerror or error})")
     summary, begin = [], time.perf_counter()
     for name, command in steps(args.device, args.out):
         print(f"gpu.py: {name}: {' '.join(command)}", flush=True)

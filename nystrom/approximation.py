@@ -317,7 +317,9 @@ def approximate(
         step's estimate, and ``NewtonSchulz(tol=...)``, which reads its residual each step): it compiles into one graph,
         ``torch.compile(..., fullgraph=True)`` (each check would be a graph break), and every tensor it makes is
         on the input's device but the random strategies' seeded host draws (``tests/torch/test_device.py``, on
-        fake CUDA tensors; the docs' design page).
+        fake CUDA tensors; the docs' design page). The ``pinv`` and ``ridge`` solvers call ``torch.linalg.svd`` and
+        ``torch.linalg.solve``, which PyTorch documents as synchronising a CUDA device with the host to check for
+        errors; the default Newton–Schulz steps do not (a review; not measured here, where no GPU was lent).
     is_causal : bool
         SDPA's argument, accepted as ``False`` only: ``True`` raises ``ValueError`` (bidirectional only).
     dropout_p : float

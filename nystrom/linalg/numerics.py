@@ -159,7 +159,8 @@ def float64_numpy(a):
 
 COMPILERS: list = []
 """The compilers that trace Python code into graphs of array operations, numpy calls excluded, each with
-``tracing(a) -> bool`` (is it tracing the array ``a`` now?) and ``host_draws(draw, seed, shape, dtype, like)``
+``tracing(a) -> bool`` (is it tracing the array ``a`` now?), ``holds_no_data(a) -> bool`` (is ``a`` a stand-in without
+values, such as a fake tensor?) and ``host_draws(draw, seed, shape, dtype, like)``
 (:func:`~nystrom.linalg.landmarks.base.host_draws` as one operation of its graph). The backend of an array library
 registers its compiler on import, as :mod:`nystrom.torch.tracing` does for ``torch.compile``: ``linalg`` imports no
 backend. While one traces, the host fast paths (:func:`host_view`) give way to the array-API paths, and host draws
@@ -178,12 +179,13 @@ def host_view(a):
     -------
     numpy.ndarray or None
         A zero-copy DLPack view for host arrays (detached from autograd), ``None`` on accelerators, for
-        dtypes numpy lacks, and for arrays a compiler traces (:func:`compiling`; ``torch.compile``): numpy calls
-        cannot enter its graph, so the callers' array-API paths (those of accelerators) run instead.
+        dtypes numpy lacks, and for arrays a compiler traces (:func:`compiling`; ``torch.compile``) or that hold no
+        data (fake tensors): numpy calls cannot enter a graph nor read them, so the callers' array-API paths (those
+        of accelerators) run instead.
     """
     if array_api_compat.is_numpy_array(a):
         return a
-    if str(array_api_compat.device(a)) != "cpu" or compiling(a):
+    if str(array_api_compat.device(a)) != "cpu" or compiling(a) or any(c.holds_no_data(a) for c in COMPILERS):
         return None
     try:
         return np.from_dlpack(detached(a))

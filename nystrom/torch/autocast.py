@@ -22,6 +22,8 @@ with a loss scale of 2^16 (``GradScaler``) every step would overflow.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 # The dtypes autocast casts for an op that runs in lower precision (SDPA); float64 is left as it is.
@@ -38,8 +40,9 @@ def autocast_dtype(device):
 
 def without_autocast(device):
     """A context in which autocast is off for ``device``'s type (the library's computation, whatever the caller's
-    autocast)."""
-    return torch.autocast(torch.device(device).type, enabled=False)
+    autocast); none for a type autocast does not know (``meta``: torch.autocast raised "unsupported scalarType")."""
+    kind = torch.device(device).type
+    return torch.autocast(kind, enabled=False) if torch.amp.is_autocast_available(kind) else contextlib.nullcontext()
 
 
 def autocast_cast(x, dtype):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from ..linalg.numerics import COMPILERS
 from .transfer import to_device
@@ -38,6 +39,12 @@ class TorchCompile:
     def tracing(a) -> bool:
         """Whether ``a`` is a tensor and ``torch.compile`` is tracing (Dynamo evaluates this to True in a trace)."""
         return isinstance(a, torch.Tensor) and torch.compiler.is_compiling()
+
+    @staticmethod
+    def holds_no_data(a) -> bool:
+        """Whether ``a`` is a fake tensor (``FakeTensorMode``): on the CPU the host paths read whatever memory its
+        pointer named, or failed on a host read (a review)."""
+        return isinstance(a, torch.Tensor) and is_fake(a)
 
     @staticmethod
     def host_draws(draw, seed, shape, dtype, like):

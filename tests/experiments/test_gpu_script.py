@@ -92,3 +92,17 @@ def test_dinov2_half_copy_is_found_as_the_package(tmp_path):
                             "print(pretrained.dinov2_onnx_path())"], check=True, capture_output=True, text=True,
                            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(tmp_path)}).stdout.strip()
     assert Path(found) == path
+
+
+def test_a_relative_out_is_one_folder_whatever_the_current_directory(tmp_path, monkeypatch):
+    # The steps run from the repository root: a relative --out put the summary under the caller's folder and every
+    # table and plot under the root's (a review). It is resolved first now.
+    script = load_script()
+    ran = []
+    monkeypatch.setattr(script.subprocess, "run", lambda command, cwd: ran.append(command)
+                        or subprocess.CompletedProcess(command, 0))
+    monkeypatch.chdir(tmp_path)
+    assert script.main(["--device", "cpu", "--out", "rel"]) == 0
+    assert (tmp_path / "rel" / "gpu_summary.json").is_file()
+    outs = [command[command.index("--out") + 1] for command in ran if "--out" in command]
+    assert outs and all(Path(out).is_relative_to(tmp_path / "rel") for out in outs)

@@ -14,6 +14,7 @@ data is skipped). Two claims about that path are tested here, without a GPU:
 
 import os
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -233,3 +234,25 @@ def test_host_draws_are_queued_copies_on_cuda_only(fake_cuda):
         positions = QueuedCopy.copy(np.arange(4), None, like)
     assert out.device == torch.device("cuda", 0) and out.shape == (3, 5) and out.dtype == torch.float32
     assert positions.device == torch.device("cuda", 0) and positions.dtype == torch.int64
+
+
+@pytest.mark.parametrize("strategy", sorted(nystrom.STRATEGIES))
+def test_every_strategy_runs_on_fake_cpu_tensors_without_reading_them(strategy):
+    # FakeTensorMode's default device is the CPU, where the host fast paths handed the fake tensor to numpy: norm failed
+    # on a host read (DataDependentOutputException) and fps read whatever memory the pointer named, with torch's
+    # deprecation warning (a review). Fake tensors take the array-API paths, as a compiler's trace does.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with FakeTensorMode():
+            Q = torch.empty(2, 4, 256, 32)
+            out = nystrom.approximate(Q, Q, Q, num_landmarks=8, check_values=False, strategy=strategy, seed=0)
+    assert out.shape == (2, 4, 256, 32) and out.device.type == "cpu"
+
+
+def test_the_exact_reference_on_meta_tensors_gives_the_librarys_message():
+    # own_precision entered torch.autocast("meta", enabled=False): "unsupported scalarType" from inside (a review).
+    Q = torch.empty(2, 4, 64, 16, device="meta")
+    with pytest.raises(ValueError, match="meta device"):
+        nystrom.exact_attention(Q, Q, Q)
