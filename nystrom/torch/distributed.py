@@ -148,6 +148,16 @@ class ShardedSequence(WholeSequence):
         dist.all_gather(parts, a, group=self.group)
         return parts
 
+    def whole(self, a, dim):
+        """Every process's ``a`` concatenated along ``dim``, its token axis (``lengths``, one per process)."""
+        shape = list(a.shape)
+        shape[dim] = max(self.lengths)
+        # gloo gathers no bools: as bytes.
+        padded = torch.zeros(shape, dtype=torch.uint8 if a.dtype == torch.bool else a.dtype, device=a.device)
+        padded.narrow(dim, 0, a.shape[dim]).copy_(a)
+        whole = torch.cat([part.narrow(dim, 0, n) for part, n in zip(self._gather(padded), self.lengths)], dim=dim)
+        return whole.bool() if a.dtype == torch.bool else whole
+
     def length(self, n):
         return self.total
 
@@ -232,17 +242,6 @@ def _shard_attend(xp, axis, q, k, v, mask=None, *, scale):
     merged over the group by :func:`~nystrom.linalg.split_keys.merge_partials`."""
     o, mu, s = partial_attention(xp, q, k, v, mask, scale=scale)
     return xp.astype(merge_partials(xp, o, mu, s, across=axis), v.dtype)
-
-
-def _whole(axis, a, dim):
-    """Every process's ``a`` concatenated along ``dim``, its token axis (``axis.lengths`` long, one per process)."""
-    shape = list(a.shape)
-    shape[dim] = max(axis.lengths)
-    # gloo gathers no bools: as bytes.
-    padded = torch.zeros(shape, dtype=torch.uint8 if a.dtype == torch.bool else a.dtype, device=a.device)
-    padded.narrow(dim, 0, a.shape[dim]).copy_(a)
-    whole = torch.cat([part.narrow(dim, 0, n) for part, n in zip(axis._gather(padded), axis.lengths)], dim=dim)
-    return whole.bool() if a.dtype == torch.bool else whole
 
 
 def sharded_approximate(Q, K, V, *, group, strategy="norm", num_landmarks=64, solver="newton_schulz", scale=None,
@@ -368,7 +367,7 @@ def sharded_approximate(Q, K, V, *, group, strategy="norm", num_landmarks=64, so
         # landmark queries, exact through the formula only by A^+ A = I; a review: 0.15 off the single process). The
         # shards' keys and values are gathered: O(n (d + d_v)) sent, what the landmarks themselves send at this m.
         attend = in_query_chunks(functools.partial(sdpa_attend, scale=tau), chunk)
-        return attend(Q, _whole(axis, K, -2), _whole(axis, V, -2), _whole(axis, keys, -1)[..., None, :])
+        return attend(Q, axis.whole(K, -2), axis.whole(V, -2), axis.whole(keys, -1)[..., None, :])
     selection = Selection.of(xp, Q, K, m, keys, seed, head_axis, None, tau, axis=axis)
     landmarks = select.select(selection)
     attend = in_query_chunks(functools.partial(sdpa_attend, scale=tau), chunk)

@@ -394,8 +394,9 @@ class FNAHandle(Handle):
         # guarantees and key masks given as functions may change per layer). A reused grouping takes this
         # layer's own queries and keys: only the assignment is shared, the means are this layer's (O(n d)).
         reuse = None if self._shared is None else self._reusable(eligible, forced)
-        # One host read: how many sequences keep the shared landmarks.
-        kept = key.shape[0] if reuse is True else 0 if reuse is None else int(torch.sum(reuse))
+        # One host read: which sequences keep the shared landmarks.
+        keeps = None if reuse is None or reuse is True else reuse.tolist()
+        kept = key.shape[0] if reuse is True else 0 if keeps is None else sum(keeps)
         if kept == key.shape[0]:
             shared = self._shared
             if shared.grouping is not None:
@@ -409,7 +410,7 @@ class FNAHandle(Handle):
             # Each sequence keeps or re-chooses its own landmarks, whatever the others do (a review: one sequence whose
             # shared landmark was excluded made every sequence re-choose). A change of m is the batch's (m stops at the
             # eligible tokens of its shortest sequence): then all re-choose.
-            return self._merged(xp, reuse, landmarks, query, key), True
+            return self._merged(xp, reuse, keeps, landmarks, query, key), True
         if self.resample == "once" and layer == self.layers[0]:
             # Later layers reuse the grouping or the indices only, with their own queries and keys: the shared copy
             # holds no autograd graph, which would keep this pass's activations alive after it.
@@ -438,9 +439,9 @@ class FNAHandle(Handle):
         picked = torch.zeros_like(eligible).scatter_(-1, indices, True)
         return fits & ~torch.any(forced & ~picked, dim=-1)
 
-    def _merged(self, xp, reuse, chosen, query, key):
-        """Landmarks that are the shared ones in the sequences where ``reuse (B,)`` holds and ``chosen``'s (of the
-        same :math:`m`) in the others, with this layer's queries and keys."""
+    def _merged(self, xp, reuse, keeps, chosen, query, key):
+        """Landmarks that are the shared ones in the sequences where ``reuse (B,)`` holds (``keeps``, its values on the
+        host) and ``chosen``'s (of the same :math:`m`) in the others, with this layer's queries and keys."""
         shared = self._shared
         if shared.grouping is None:
             return landmarks_at(xp, query, key, torch.where(reuse[:, None, None], shared.indices, chosen.indices))
@@ -454,7 +455,7 @@ class FNAHandle(Handle):
             return _with_singletons(Grouping(part(grouping.labels), part(grouping.tokens), part(grouping.token_labels),
                                              part(grouping.weights)), none, m, n)
 
-        rows = [row(shared.grouping if keep else chosen.grouping, b) for b, keep in enumerate(reuse.tolist())]
+        rows = [row(shared.grouping if keep else chosen.grouping, b) for b, keep in enumerate(keeps)]
         return grouped_landmarks(xp, query, key, _stack(rows), m, -3, weighted=shared.log_weights is not None)
 
     def _first_outside(self, xp, real, allowed):
