@@ -174,24 +174,26 @@ def _fps_host(X, m, eligible, score, max_guaranteed, from_guaranteed=True):
     dist = np.where(eligible, np.inf, -np.inf).astype(X.dtype)
     if not from_guaranteed:
         dist[guaranteed] = -np.inf
+    # (-2p, 1, ||p||^2) for the point p of each step, with the squared norm the distances use (as on the device).
     coeff = np.empty(D + 2, dtype=X.dtype)
+    coeff[D] = 1
     d_new = np.empty(n, dtype=X.dtype)
+    zero = X.dtype.type(0)
     chosen = np.empty(m, dtype=np.int64)
     # Padding rows may hold anything finite: their distances may overflow (and are never used, see fmin below).
     with numpy_overflow_ignored():
         for step in range(m):
-            idx = int(guaranteed[step]) if step < guaranteed.size else int(np.argmax(dist))
+            # The method, not np.argmax: its wrapper costs more than the search of a sample's 1,024 distances.
+            idx = int(guaranteed[step]) if step < guaranteed.size else int(dist.argmax())
             chosen[step] = idx
             if step == m - 1:
                 break
             if step < guaranteed.size and not from_guaranteed:
                 continue
-            point = X[idx]
-            coeff[:D] = -2 * point
-            coeff[D] = 1
-            coeff[D + 1] = point @ point
+            np.multiply(X[idx], -2, out=coeff[:D])
+            coeff[D + 1] = sq_norms[idx]
             np.dot(coeff, augmented, out=d_new)
-            np.maximum(d_new, 0, out=d_new)
+            np.maximum(d_new, zero, out=d_new)
             # fmin, not minimum: an ineligible row (-inf) stays so whatever it holds; an overflowing padding row's
             # NaN distance must not become the farthest point.
             np.fmin(dist, d_new, out=dist)
