@@ -44,6 +44,7 @@ from .linalg.validation import (
     check_tolerance,
     check_unknown_arguments,
     every_key_a_landmark,
+    real_key_counts,
 )
 
 
@@ -459,7 +460,8 @@ def approximate(
 
     mask = None if keys is None else keys[..., None, :]
     steps = ()
-    if tol is None and every_key_a_landmark(xp, Q, K, m, keys, fewest):
+    if tol is None and every_key_a_landmark(m, K.shape[-2], Q.shape[-2] != K.shape[-2], keys is not None, fewest,
+                                            lambda: int(xp.max(real_key_counts(xp, keys)))):
         # Every real key a landmark, and queries that are no landmark queries (cross-attention, or self-attention's
         # queries at masked keys): those rows are exact only through A^+ A = I, which a peaked landmark kernel loses
         # in rounding (reviews: 0.16 of error in float32 at m = n in cross-attention, 0.12 in the rows at masked keys);

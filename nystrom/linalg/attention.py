@@ -29,7 +29,7 @@ from typing import Any, NamedTuple
 
 import array_api_compat
 
-from .numerics import at_least_float32, detached, quiet_numpy_overflow, softmax, without_padding
+from .numerics import at_least_float32, detached, holds_values, quiet_numpy_overflow, softmax, without_padding
 from .solvers import get_solver, unchecked
 from .validation import (
     check_attention_inputs,
@@ -170,7 +170,8 @@ def exact_attention(Q, K, V, attn_mask=None, *, scale=None, is_causal=False, dro
     check_bidirectional(is_causal, dropout_p)
     if check_bool("enable_gqa", enable_gqa):
         K, V = grouped_query_heads(Q, K, V)
-    xp, keys = check_attention_inputs(Q, K, V, attn_mask)
+    # As SDPA, it runs on tensors without values (meta, fake), of which only the shapes are checked.
+    xp, keys = check_attention_inputs(Q, K, V, attn_mask, check_values=holds_values(Q))
     tau = check_scale(scale, Q.shape[-1])
     K, V = without_padding(xp, keys, K, V)
     return softmax_attention(xp, Q, K, V, None if keys is None else keys[..., None, :], scale=tau)

@@ -283,7 +283,8 @@ def estimate_relative_error(Q, K, V, approx, *, num_samples=128, confidence=0.95
     and ``Info.estimate_error`` compute them in the inputs' precision.
     """
     check_unknown_arguments("estimate_relative_error", unknown)
-    xp, keys = check_attention_inputs(Q, K, V, attn_mask)
+    xp, keys = check_attention_inputs(Q, K, V, attn_mask, no_values_hint="the estimate computes exact rows of the "
+                                      "data: pass tensors that hold values")
     check_given(approx=approx)
     namespace(Q=Q, approx=approx)
     tau = check_scale(scale, Q.shape[-1])

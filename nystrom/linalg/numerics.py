@@ -167,6 +167,12 @@ backend. While one traces, the host fast paths (:func:`host_view`) give way to t
 become graph operations."""
 
 
+def holds_values(a) -> bool:
+    """Whether ``a`` holds values to read: not for torch's meta device, nor for the stand-ins a compiler traces with
+    (fake tensors, :data:`COMPILERS`), which have shapes, dtypes and devices only."""
+    return str(array_api_compat.device(a)) != "meta" and not any(c.holds_no_data(a) for c in COMPILERS)
+
+
 def host_view(a):
     """``a`` as a numpy array sharing its memory when it lives in host memory, else ``None``.
 
@@ -185,7 +191,7 @@ def host_view(a):
     """
     if array_api_compat.is_numpy_array(a):
         return a
-    if str(array_api_compat.device(a)) != "cpu" or compiling(a) or any(c.holds_no_data(a) for c in COMPILERS):
+    if str(array_api_compat.device(a)) != "cpu" or compiling(a) or not holds_values(a):
         return None
     try:
         return np.from_dlpack(detached(a))

@@ -120,8 +120,17 @@ def check_real_floating(xp, name: str, a) -> None:
                         f"{a.dtype!r}")
 
 
+class NonFiniteError(ValueError):
+    """The ``ValueError`` of :func:`check_finite`: the input ``name`` holds NaN or infinity (a type of its own, so that
+    a caller that knows more, such as the autocast wrapper, can tell it apart from other bad input)."""
+
+    def __init__(self, name):
+        super().__init__(f"{name} contains NaN or infinite values")
+        self.name = name
+
+
 def check_finite(xp, **arrays) -> None:
-    """Raise ``ValueError`` naming the first of ``arrays`` that holds NaN or infinity. Reads the data.
+    """Raise :class:`NonFiniteError` naming the first of ``arrays`` that holds NaN or infinity. Reads the data.
 
     A finite sum proves every entry finite (a NaN or an infinity makes the sum NaN or infinite),
     and one reduction is several times cheaper than an elementwise test on long inputs; only a
@@ -136,7 +145,7 @@ def check_finite(xp, **arrays) -> None:
         return
     for name, a in arrays.items():
         if not bool(xp.all(xp.isfinite(a))):
-            raise ValueError(f"{name} contains NaN or infinite values")
+            raise NonFiniteError(name)
 
 
 def check_bool(name: str, value) -> bool:
@@ -146,7 +155,13 @@ def check_bool(name: str, value) -> bool:
     return bool(value)
 
 
-def check_attention_inputs(Q, K, V, attn_mask=None, *, check_values=True, shard=False, values=True):
+#: What a call on tensors without values (meta) can do instead, by default: skip the checks that read the data.
+NO_VALUES_HINT = ("pass check_values=False (the call then reads no data, as for FakeTensorMode; not with tol=, which "
+                  "reads exact rows)")
+
+
+def check_attention_inputs(Q, K, V, attn_mask=None, *, check_values=True, shard=False, values=True,
+                           no_values_hint=NO_VALUES_HINT):
     """Validate ``(Q, K, V, attn_mask)`` in the attention convention; return the namespace and the key mask.
 
     Shapes: ``Q (..., n_q, d)``, ``K (..., n, d)``, ``V (..., n, d_v)``; ``attn_mask`` as
@@ -163,6 +178,8 @@ def check_attention_inputs(Q, K, V, attn_mask=None, *, check_values=True, shard=
     shard : bool
         The keys are one process's shard of a sequence (:mod:`nystrom.torch.distributed`): the mask may hide all
         of them (the caller checks the whole sequence).
+    no_values_hint : str
+        What the message for tensors on torch's meta device, which hold no values to check, tells the caller to do.
 
     Returns
     -------
@@ -217,9 +234,9 @@ def check_attention_inputs(Q, K, V, attn_mask=None, *, check_values=True, shard=
         )
     if check_values:
         if str(array_api_compat.device(Q)) == "meta":
-            raise ValueError("Q, K and V are on torch's meta device, whose tensors hold no values to check: pass "
-                             "check_values=False (the call then reads no data, as for FakeTensorMode; not with "
-                             "tol=, which reads exact rows)")
+            names = " and ".join([", ".join(list(named)[:-1]), list(named)[-1]])
+            raise ValueError(f"{names} are on torch's meta device, whose tensors hold no values to check: "
+                             f"{no_values_hint}")
         check_finite(xp, **named)
     keys = None if attn_mask is None else check_attn_mask(xp, attn_mask, Q, K, check_values=check_values, shard=shard)
     return xp, keys
@@ -468,16 +485,16 @@ def fewest_real_keys(xp, keys) -> int:
     return int(xp.min(real_key_counts(xp, keys)))
 
 
-def every_key_a_landmark(xp, Q, K, m, keys, fewest) -> bool:
+def every_key_a_landmark(m, n, cross, masked, fewest, longest) -> bool:
     """Whether a checked call makes every real key of every sequence a landmark where some query is not a
-    landmark query: cross-attention (``n_q != n``) with ``m = n`` without a key mask, or, in either, ``m`` the real
-    keys of the shortest sequence (``fewest``, read by :func:`check_selection`) and of the longest (read here, only
-    then), which self-attention needs below ``n`` (masked keys, whose queries are no landmark queries; a mask that
-    masks nothing is no mask)."""
-    cross = Q.shape[-2] != K.shape[-2]
-    if keys is None:
-        return cross and m == K.shape[-2]
-    return (cross or m < K.shape[-2]) and fewest == m and int(xp.max(real_key_counts(xp, keys))) == m
+    landmark query: cross-attention (``cross``, ``n_q != n``) with ``m = n`` without a key mask (``masked``), or, in
+    either, ``m`` the real keys of the shortest sequence (``fewest``, read by :func:`check_selection`; ``None`` if
+    unread) and of the longest (``longest()``, read only then), which self-attention needs below ``n`` (masked keys,
+    whose queries are no landmark queries; a mask that masks nothing is no mask). ``n`` and the counts are those of
+    the whole sequence (over every shard of a sharded one)."""
+    if not masked:
+        return cross and m == n
+    return (cross or m < n) and fewest == m and longest() == m
 
 
 def check_error_control(tol, max_landmarks, strict_tol, m, largest=None):

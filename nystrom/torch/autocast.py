@@ -26,6 +26,8 @@ import contextlib
 
 import torch
 
+from ..linalg.validation import NonFiniteError
+
 # The dtypes autocast casts for an op that runs in lower precision (SDPA); float64 is left as it is.
 _CAST_BY_AUTOCAST = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -68,9 +70,9 @@ def with_own_precision(function, Q, K, V, *inputs):
             cast = [autocast_cast(x, dtype) for x in (q, k, v)]
             try:
                 return function(*cast, *rest)
-            except ValueError as error:
+            except NonFiniteError as error:
                 # Only where the caller's own values are finite (read on this error path alone).
-                if "contains NaN or infinite values" not in str(error) or all(
+                if all(
                         x.dtype == y.dtype for x, y in zip(cast, (q, k, v))) or not all(
                         bool(torch.isfinite(x).all()) for x in (q, k, v)):
                     raise

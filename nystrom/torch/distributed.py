@@ -58,6 +58,7 @@ from ..linalg.validation import (
     check_scale,
     check_seed,
     check_unknown_arguments,
+    every_key_a_landmark,
 )
 from .attention import sdpa_attend
 
@@ -362,7 +363,7 @@ def sharded_approximate(Q, K, V, *, group, strategy="norm", num_landmarks=64, so
         fewest = None
     check_num_landmarks(m, axis.total, fewest)
     K, V = without_padding(xp, keys, K, V)
-    if fewest == m < axis.total and int(xp.max(real)) == m:
+    if every_key_a_landmark(m, axis.total, False, keys is not None, fewest, lambda: int(xp.max(real))):
         # Every real key a landmark, as approximate answers it: exact attention (the queries at masked keys are no
         # landmark queries, exact through the formula only by A^+ A = I; a review: 0.15 off the single process). The
         # shards' keys and values are gathered: O(n (d + d_v)) sent, what the landmarks themselves send at this m.

@@ -12,6 +12,7 @@ data is skipped). Two claims about that path are tested here, without a GPU:
   the eager output.
 """
 
+import contextlib
 import os
 import sys
 import warnings
@@ -19,6 +20,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensor, FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
@@ -251,8 +253,27 @@ def test_every_strategy_runs_on_fake_cpu_tensors_without_reading_them(strategy):
     assert out.shape == (2, 4, 256, 32) and out.device.type == "cpu"
 
 
-def test_the_exact_reference_on_meta_tensors_gives_the_librarys_message():
-    # own_precision entered torch.autocast("meta", enabled=False): "unsupported scalarType" from inside (a review).
-    Q = torch.empty(2, 4, 64, 16, device="meta")
-    with pytest.raises(ValueError, match="meta device"):
-        nystrom.exact_attention(Q, Q, Q)
+@pytest.mark.parametrize("fake", [False, True])
+def test_the_exact_reference_runs_on_tensors_without_values_as_sdpa_does(fake):
+    # SDPA gives meta and fake tensors their output's shape; the reference refused them ("pass check_values=False",
+    # an option it does not take) and, before that, own_precision entered torch.autocast("meta", enabled=False):
+    # "unsupported scalarType" from inside (two reviews). Only the shapes are checked.
+    with FakeTensorMode() if fake else contextlib.nullcontext():
+        Q = torch.empty(2, 4, 64, 16, device="cpu" if fake else "meta")
+        V = torch.empty(2, 4, 48, 8, device=Q.device)
+        mask = torch.ones(2, 1, 1, 48, dtype=torch.bool, device=Q.device)
+        out = nystrom.exact_attention(Q, V.new_empty(2, 4, 48, 16), V, mask)
+        expected = F.scaled_dot_product_attention(Q, V.new_empty(2, 4, 48, 16), V, attn_mask=mask)
+        assert (out.shape, out.dtype, out.device) == (expected.shape, expected.dtype, expected.device)
+        with pytest.raises(ValueError, match="same number of tokens"):
+            nystrom.exact_attention(Q, Q, V)
+
+
+def test_calls_that_read_values_refuse_meta_tensors_with_what_to_do_instead():
+    # The message offered check_values=False to calls that do not take it (a review).
+    Q = torch.empty(1, 2, 300, 8, device="meta")
+    with pytest.raises(ValueError, match="meta device.*estimate computes exact rows") as refused:
+        nystrom.estimate_relative_error(Q, Q, Q, Q)
+    assert "check_values" not in str(refused.value)
+    with pytest.raises(ValueError, match="^Q and K are on torch's meta device.*check_values=False"):
+        nystrom.get_strategy("norm")(Q, Q, 8)

@@ -114,7 +114,7 @@ ERRORS = {
 }
 KINDS = {"error_group_type": "TypeError"}
 # Errors of one process's own arguments: that process raises this kind, the others a ValueError that names it.
-OWN_KINDS = {"error_gqa_on_one_process": (1, "TypeError")}
+OWN_KINDS = {"error_gqa_on_one_process": (1, "TypeError"), "error_nan_on_one_process": (1, "NonFiniteError")}
 
 
 @pytest.mark.parametrize("world", WORLDS)
