@@ -524,15 +524,23 @@ def load_minilm(
     set unless already set; it only takes effect if ``huggingface_hub`` has not been imported yet.
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoModel
 
     if path is None:
         path = minilm_model_path()
     elif not Path(path).is_dir():
         raise FileNotFoundError(f"No model directory at {path}.")
     model = AutoModel.from_pretrained(os.fspath(path), attn_implementation=attn_implementation)
-    tokenizer = AutoTokenizer.from_pretrained(os.fspath(path))
-    return model.eval(), tokenizer
+    return model.eval(), minilm_tokenizer(path)
+
+
+def minilm_tokenizer(path: str | os.PathLike | None = None):
+    """The uncased WordPiece tokenizer of all-MiniLM-L6-v2, from ``path`` (default the bundled checkpoint), without
+    the model: :func:`load_minilm`'s second result."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(os.fspath(minilm_model_path() if path is None else path))
 
 
 @torch.no_grad()

@@ -280,6 +280,11 @@ def test_norm_comparison_marks():
     (["--seed", str(2**63)], "seed must be below 2\\*\\*63"),
     (["--model", "minilm", "minilm"], "models lists minilm more than once"),
     (["--strategies", "norm", "norm"], "strategies lists norm more than once"),
+    # Settings the sequences cannot take: a traceback after the model loaded (a review).
+    (["--model", "minilm", "--strategies", "fps:first=100", "--num-landmarks", "4"],
+     "'fps:first=100' with m=4 cannot run on MiniLM's shortest sequence of 10 tokens: first=100 is not a token"),
+    (["--model", "dinov2", "--strategies", "norm:first=-258", "--size", "224"],
+     "'norm:first=-258' with m=16 cannot run on DINOv2-S's shortest sequence of 257 tokens"),
 ])
 def test_bad_options_are_usage_errors_before_any_model_loads(argv, message, capsys, monkeypatch, tmp_path):
     # A seed of 2**63 - 1 passed, then failed as seed + layer after the model loaded (a traceback); a repeated model

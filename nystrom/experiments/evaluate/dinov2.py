@@ -29,6 +29,11 @@ def check_size(name, size):
         raise ValueError(f"{name} must be a positive multiple of 14 (the patch size), got {size!r}")
 
 
+def tokens(size):
+    """Tokens of DINOv2-S for a square input of ``size`` pixels: CLS and one per 14 x 14 patch."""
+    return (size // 14) ** 2 + 1
+
+
 def check_options(images, crops, size):
     """``(pictures, names)``: the natural images and the chosen names, after checking the DINOv2 options of
     :func:`evaluate_dinov2`; ``ValueError`` naming the bad one."""

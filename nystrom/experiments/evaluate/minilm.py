@@ -27,6 +27,12 @@ def check_options(sentences):
     return text[:count]
 
 
+def shortest_sentence(text):
+    """Tokens of the shortest sentence of ``text`` ([CLS] and [SEP] included), by the tokenizer alone (no model
+    loads)."""
+    return min(len(ids) for ids in pretrained.minilm_tokenizer()(text)["input_ids"])
+
+
 def evaluate_minilm(*, layers=None, num_landmarks=DEFAULT_LANDMARKS, strategies=DEFAULT_STRATEGIES,
                     solvers=DEFAULT_SOLVERS, sentences=None, seed=0, progress=True):
     r"""FNA on the bundled all-MiniLM-L6-v2: attention error per layer, embedding cosine, neighbour agreement.

@@ -33,7 +33,7 @@ def check_evaluation(models=MODELS, *, layers=None, num_landmarks=DEFAULT_LANDMA
         raise ValueError(f"unknown models {unknown}; choose from {list(MODELS)}")
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise ValueError(f"threads must be None or a positive int, got {threads!r}")
-    Grid(num_landmarks, strategies, solvers, seed)  # checks m, the specs and the seed
+    grid = Grid(num_landmarks, strategies, solvers, seed)  # checks m, the specs and the seed
     module = {"dinov2": dinov2, "minilm": minilm}
     if layers is not None:
         # The rule patching applies, against the model with the fewest layers.
@@ -45,8 +45,9 @@ def check_evaluation(models=MODELS, *, layers=None, num_landmarks=DEFAULT_LANDMA
                              "another model alone)") from None
     if "dinov2" in models:
         dinov2.check_options(images, crops, size)
+        grid.check_length(dinov2.tokens(size), "DINOv2-S")
     if "minilm" in models:
-        minilm.check_options(sentences)
+        grid.check_length(minilm.shortest_sentence(minilm.check_options(sentences)), "MiniLM")
     return models, layers
 
 

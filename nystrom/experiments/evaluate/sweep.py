@@ -31,6 +31,20 @@ class Grid:
         # fails before any model runs.
         self.seed = check_seed(check_int("seed", seed, minimum=0))
 
+    def check_length(self, n, model):
+        """Run every strategy once at ``n`` tokens, the shortest sequence of ``model`` (on random data, with
+        :math:`\min(m, n)` landmarks as the evaluation clips them), so that a setting the sequence cannot take
+        (``fps:first=100`` for 14 tokens) is a ``ValueError`` naming it before the model loads."""
+        generator = torch.Generator().manual_seed(0)
+        Q, K, V = (torch.randn(1, 2, n, 8, generator=generator) for _ in range(3))
+        for label, strategy in self.strategies.items():
+            for m in self.num_landmarks:
+                try:
+                    approximate(Q, K, V, strategy=strategy, num_landmarks=min(m, n), seed=self.seed)
+                except (TypeError, ValueError) as err:
+                    raise ValueError(f"strategy {label!r} with m={m} cannot run on {model}'s shortest sequence of "
+                                     f"{n} tokens: {err}") from None
+
     def __iter__(self):
         """``(strategy label, strategy, solver label, solver, m)``."""
         for s, strategy in self.strategies.items():
