@@ -324,3 +324,10 @@ def test_replot_redraws_every_saved_figure_with_one_colour_per_strategy(results,
                         checked += 1
     assert checked >= 6 * 5
     assert main(["bench", "--replot", str(tmp_path / "nothing")]) == 2
+
+
+def test_values_only_the_run_judges_are_usage_errors_as_argparse_reports_them(tmp_path, capsys):
+    # "nystrom bench: --threads must be ..." had no usage line and another prefix than argparse's own errors.
+    assert main(["bench", "--threads", "0", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: python -m nystrom bench") and "bench: error: --threads must be at least 1" in err

@@ -58,35 +58,40 @@ def build_parser():
     return parser
 
 
+def usage_error(parser, message):
+    """Report a bad option as argparse does (the usage line, then ``prog: error: message`` on stderr), for values only
+    the run can judge; returns the exit status, 2."""
+    parser.print_usage(sys.stderr)
+    print(f"{parser.prog}: error: {message}", file=sys.stderr)
+    return 2
+
+
 def main(argv=None):
     """Run the selected sections; returns the process exit status."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.replot is not None:
         try:
             written = replot(args.replot)
         except (OSError, KeyError, ValueError) as error:
-            print(f"nystrom bench: --replot {args.replot}: {error}", file=sys.stderr)
-            return 2
+            return usage_error(parser, f"--replot {args.replot}: {error}")
         print(f"nystrom bench: redrew {len(written)} figures in {args.replot}", file=sys.stderr)
         return 0
     if args.device == "cuda" and not torch.cuda.is_available():
-        print("nystrom bench: --device cuda asked for, but torch.cuda.is_available() is False "
-              f"(torch {torch.__version__}); run without --device or with --device cpu", file=sys.stderr)
-        return 2
+        return usage_error(parser, "--device cuda asked for, but torch.cuda.is_available() is False "
+                           f"(torch {torch.__version__}); run without --device or with --device cpu")
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
                           else "cpu")
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     ctx = Context(device=device, dtype=dtype, plan=plan_for(device, args.quick), out=args.out / device.type,
                   progress=not args.no_progress)
     if args.threads is not None and args.threads < 1:
-        print(f"nystrom bench: --threads must be at least 1, got {args.threads}", file=sys.stderr)
-        return 2
+        return usage_error(parser, f"--threads must be at least 1, got {args.threads}")
     try:
         output_folder(ctx.out)
     except OSError as error:
-        print(f"nystrom bench: --out {args.out}: cannot create or write to the output folder {ctx.out} "
-              f"({error.strerror or error})", file=sys.stderr)
-        return 2
+        return usage_error(parser, f"--out {args.out}: cannot create or write to the output folder {ctx.out} "
+                                   f"({error.strerror or error})")
     with contextlib.nullcontext() if args.threads is None else thread_limit(args.threads):
         print(f"nystrom bench: {', '.join(args.only)} on {device_name(device)} ({str(dtype).removeprefix('torch.')}, "
               f"{torch.get_num_threads()} threads) -> {ctx.out}", file=sys.stderr)
