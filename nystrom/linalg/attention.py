@@ -29,7 +29,15 @@ from typing import Any, NamedTuple
 
 import array_api_compat
 
-from .numerics import at_least_float32, detached, holds_values, quiet_numpy_overflow, softmax, without_padding
+from .numerics import (
+    at_least_float32,
+    detached,
+    holds_values,
+    power_of_two_unit,
+    quiet_numpy_overflow,
+    softmax,
+    without_padding,
+)
 from .solvers import get_solver, unchecked
 from .validation import (
     check_attention_inputs,
@@ -251,8 +259,7 @@ def nystrom_factors(xp, K, V, landmarks, invert, *, scale, mask=None, attend):
     # A^+ (BV) sums terms of about |V| / sigma_min(A) that cancel to about |V|: with values near the dtype's largest
     # (1e37 in float32) they overflowed to inf - inf = NaN where v' itself fits (a review).
     largest = detached(xp.max(xp.abs(BV), axis=(-2, -1), keepdims=True))
-    # + the smallest normal number: a finite unit for an all-zero BV (unchecked non-finite inputs stay non-finite).
-    unit = 2.0 ** -xp.floor(xp.log2(largest + xp.finfo(BV.dtype).smallest_normal))
+    unit = power_of_two_unit(xp, largest)
     vp = result.times(BV * unit) / unit
     # Weighted landmarks: log c_j is added to every logit against landmark key j (an additive SDPA mask).
     bias = None if log_c is None else log_c[..., None, :]

@@ -35,6 +35,16 @@ def without_padding(xp, keys, *arrays):
     return tuple(xp.where(keys[..., None], a, zero) for a in arrays)
 
 
+def power_of_two_unit(xp, largest):
+    r"""The power of two :math:`u = 2^{-e}` that brings a magnitude ``largest`` (:math:`\ge 0`, any shape) into about
+    :math:`[1, 2)`: a unit in which products and squares neither over- nor underflow, and by which scaling is exact
+    (the same bits, short of subnormals). Finite for 0 and subnormal magnitudes (the smallest normal number is added
+    first, so :math:`u \le 2^{1022}` in float64), and 1 where ``largest`` is not finite (unchecked inputs stay as
+    they are)."""
+    unit = 2.0 ** -xp.floor(xp.log2(largest + xp.finfo(largest.dtype).smallest_normal))
+    return xp.where(unit > 0, unit, xp.ones_like(unit))
+
+
 def detached(a):
     """``a`` without autograd history (torch's ``Tensor.detach``), unchanged for arrays that have none.
 

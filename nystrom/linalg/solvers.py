@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 
 import array_api_compat
 
-from .numerics import detached
+from .numerics import detached, power_of_two_unit
 from .validation import check_finite, check_int, check_real, check_real_floating, namespace, resolve
 
 
@@ -86,7 +86,12 @@ class Solver:
         check_finite(xp, A=A)
         # The m x m solve is cheap, so it always runs in float32 or float64: half precision would
         # lose the small singular values and overflow in the cubic Newton-Schulz products.
-        return self.solve(xp.astype(A, xp.float64 if A.dtype == xp.float64 else xp.float32))
+        return self.solve_any(xp.astype(A, xp.float64 if A.dtype == xp.float64 else xp.float32))
+
+    def solve_any(self, A) -> SolveResult:
+        """:meth:`solve` of a checked float32/float64 ``A`` of any scale (``solver(A)``); the library's own kernels,
+        softmax matrices of entries in [0, 1], go to :meth:`solve` directly."""
+        return self.solve(A)
 
     def solve(self, A) -> SolveResult:
         """Pseudo-inverse of a checked float32/float64 ``A (..., m, m)``."""
@@ -237,6 +242,20 @@ class NewtonSchulz(Solver, name="newton_schulz", iterative=True):
         check_int("NewtonSchulz max_iters", self.max_iters, minimum=0)
         if check_real("NewtonSchulz tol", self.tol, optional=True) is not None and not (0 < self.tol < math.inf):
             raise ValueError(f"NewtonSchulz tol must be positive or None, got {self.tol!r}")
+
+    def solve_any(self, A) -> SolveResult:
+        r"""The iterations in units of a power of two near :math:`\max|A|` per matrix: exact, the same iterates bit
+        for bit, where the norms and products of a matrix of entries near 1e38 in float32 overflowed to a zero start
+        (an inverse of 0, a residual of 1) and subnormal entries gave NaN. An inverse past the dtype's range (that
+        of a subnormal matrix) is infinite, with a NaN residual. (A softmax kernel, the library's, needs none of
+        this: :meth:`solve`.)"""
+        xp = array_api_compat.array_namespace(A)
+        unit = detached(power_of_two_unit(xp, _largest_entry(xp, A)))
+        result = self.solve(A * unit)
+        Z = result.inverse * unit
+        fits = xp.all(xp.isfinite(Z), axis=(-2, -1))
+        residual = xp.where(fits, result.residual, xp.full_like(result.residual, float("nan")))
+        return SolveResult(Z, residual, result.iterations)
 
     def solve(self, A) -> SolveResult:
         xp = array_api_compat.array_namespace(A)

@@ -372,7 +372,8 @@ SCALE_TOL = {np.float32: dict(inverse=4e-6, residual=5e-7, ridge=4e-4),
 
 
 @pytest.mark.parametrize(("dtype", "scale"), [(np.float32, 1e-25), (np.float32, 1e-20), (np.float32, 1e20),
-                                              (np.float32, 1e30), (np.float64, 1e-160), (np.float64, 1e200)])
+                                              (np.float32, 1e30), (np.float32, 1e37), (np.float64, 1e-160),
+                                              (np.float64, 1e200), (np.float64, 1e305)])
 def test_solvers_and_their_residuals_hold_at_every_scale(dtype, scale):
     # A review found, past about 1e+-19 in float32 (1e+-154 in float64): Newton-Schulz's start ||A||_1 ||A||_inf
     # over- or underflowed (a NaN inverse, or the unscaled transpose), Ridge's A^T A overflowed into NaN, and the
@@ -466,3 +467,31 @@ def test_the_public_residual_checks_its_arguments(A, Z, error, match):
     # libraries array_api_compat's message, and NaN gave NaN (a review). The solvers call the unchecked residual_of.
     with pytest.raises(error, match=match):
         moore_penrose_residual(A, Z)
+
+
+@pytest.mark.parametrize("solver", [NewtonSchulz(), NewtonSchulz(tol=1e-5)])
+@pytest.mark.parametrize(("dtype", "exponent"), [(np.float32, 126), (np.float64, 1022), (np.float32, -120)])
+def test_newton_schulz_is_exactly_scale_equivariant_to_the_ends_of_the_range(solver, dtype, exponent):
+    # The row sums of an 8 x 8 matrix of entries near 1e38 overflow float32: the start A^T / (|A|_1 |A|_inf) was 0, and
+    # so was the "inverse", with a residual of 1 (a review). The iterates run in units of a power of two: scaled by
+    # one, the matrix gets the same inverse, scaled back, bit for bit but where that inverse is subnormal (entries of
+    # 2**-127 at the top of the range, exact to the subnormals' spacing).
+    A = (np.random.default_rng(0).random((2, 8, 8)) + 0.5 + np.eye(8)).astype(dtype)
+    scale = dtype(2.0**exponent)
+    with np.errstate(over="raise"):
+        result = solver(A * scale)
+    unscaled = solver(A)
+    spacing = float(np.finfo(dtype).smallest_subnormal) * float(scale)
+    np.testing.assert_allclose(result.inverse * scale, unscaled.inverse, rtol=0, atol=spacing)
+    np.testing.assert_array_equal(result.residual, unscaled.residual)
+
+
+@pytest.mark.parametrize(("dtype", "scale"), [(np.float32, 1e-42), (np.float64, 1e-310)])
+def test_newton_schulz_of_a_subnormal_matrix_reports_the_inverse_it_cannot_hold(dtype, scale):
+    # The inverse of a matrix of subnormal entries exceeds the dtype's largest number: infinite, with a NaN residual,
+    # not NaN entries (as before) nor the small residual of the problem in units of a power of two.
+    A = (scale * (np.random.default_rng(0).random((8, 8)) + np.eye(8))).astype(dtype)
+    with np.errstate(over="ignore", invalid="ignore"):
+        result = NewtonSchulz()(A)
+    assert not np.any(np.isnan(result.inverse)) and np.all(np.isinf(result.inverse).any(axis=-1))
+    assert np.isnan(result.residual)

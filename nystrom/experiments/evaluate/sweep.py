@@ -32,7 +32,7 @@ class Grid:
         self.seed = check_seed(check_int("seed", seed, minimum=0))
 
     def check_length(self, n, model):
-        """Run every strategy once at ``n`` tokens, the shortest sequence of ``model`` (on random data, with
+        r"""Run every strategy once at ``n`` tokens, the shortest sequence of ``model`` (on random data, with
         :math:`\min(m, n)` landmarks as the evaluation clips them), so that a setting the sequence cannot take
         (``fps:first=100`` for 14 tokens) is a ``ValueError`` naming it before the model loads."""
         generator = torch.Generator().manual_seed(0)

@@ -36,6 +36,7 @@ from ..numerics import (
     COMPILERS,
     at_least_float32,
     host_view,
+    power_of_two_unit,
     put_where,
     segment_sum,
     take_along_axis,
@@ -572,8 +573,7 @@ def unit_scaled(xp, X, mask=None, axis=WHOLE):
     largest = axis.max(xp.maximum(xp.max(X, axis=(-2, -1), keepdims=True), -xp.min(X, axis=(-2, -1), keepdims=True)))
     # + the smallest normal number: a positive argument for the logarithm, and 2**-e finite; any power of two is
     # exact, so the rounding of the sum does not matter.
-    unit = 2.0 ** -xp.floor(xp.log2(largest + xp.finfo(X.dtype).smallest_normal))
-    unit = xp.where(unit > 0, unit, xp.ones_like(unit))
+    unit = power_of_two_unit(xp, largest)
     return X * unit, unit
 
 
