@@ -243,8 +243,11 @@ def search_landmarks(attempt, estimate, first, largest, tol, strict, solver, exa
         steps += (steps[best],)
     if bound(steps[-1]) > tol:
         m, last = steps[-1].m, steps[-1].estimate
-        why = (f"the error stopped falling after m={m} (the solver's floor: try solver='pinv' or "
-               f"NewtonSchulz(iters=...))" if stalled else f"max_landmarks={largest} reached")
+        # No plain solver='pinv' in the advice (it said so): an exact pseudo-inverse raised the error tenfold or more
+        # on most DINOv2-S layers (docs' pseudo-inverse page).
+        why = (f"the error stopped falling after m={m} (the floor of solver {solver!r}, which inverts too little of "
+               f"the landmark kernel: more Newton-Schulz steps or a lower PInv cut-off invert more, though an exact "
+               f"pseudo-inverse is often worse on real attention)" if stalled else f"max_landmarks={largest} reached")
         if escalated is not None:
             why += f", also with {escalated!r}"
         message = (f"{where}tol={tol} not reached, {why}: estimated error {last.estimate:.3g}, "
