@@ -283,6 +283,21 @@ def test_random_strategies_are_seeded(strategy):
     assert not np.array_equal(a.keys, c.keys)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("seed", range(4))
+def test_numpy_and_torch_pick_the_same_past_the_distinct_tokens(seed, dtype):
+    # Three copies of 10 tokens: once the 10 are pivots, rpcholesky's residual is rounding, which numpy left at about
+    # eps and torch clipped to 0 (or the other way), and the libraries' picks parted (a review). Rounding is 0 now.
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((10, 8)) * rng.uniform(0.2, 3)
+    X = np.concatenate([X, X, X])[rng.permutation(30)][None, None].astype(dtype)
+    s = nystrom.get_strategy("rpcholesky")
+    for m in (15, 25, 30):
+        picks = s(X, X, m, seed=seed).indices
+        assert len(set(picks[0, 0].tolist())) == m
+        np.testing.assert_array_equal(s(torch.from_numpy(X), torch.from_numpy(X), m, seed=seed).indices.numpy(), picks)
+
+
 @pytest.mark.parametrize("strategy", ALL)
 def test_numpy_and_torch_select_the_same(strategy):
     Q, K, _ = qkv(5)

@@ -76,6 +76,10 @@ def rpcholesky_pivots(X, num_pivots, *, scale, mask=None, u):
     positions = xp.arange(n, device=device)
     shift = exp_kernel_shift(xp, X, scale, mask)[..., None]
     residual = xp.exp(scale * xp.sum(X * X, axis=-1) - shift)
+    # Below this the residual is rounding: 0. A duplicate of a pivot keeps a residual of about eps times its diagonal,
+    # which one library's rounding leaves positive and another's clips to 0, so that numpy and torch picked
+    # differently once the distinct tokens ran out (a review); each of the m updates may add about eps.
+    floor = (16 * num_pivots * xp.finfo(residual.dtype).eps) * residual
     eligible = xp.ones(X.shape[:-1], dtype=xp.bool, device=device) if mask is None else mask
     minus_one = -xp.ones_like(residual)
     factors = []
@@ -98,7 +102,8 @@ def rpcholesky_pivots(X, num_pivots, *, scale, mask=None, u):
         ok = g_s > 0
         f = xp.where(ok, g / xp.sqrt(xp.where(ok, g_s, xp.ones_like(g_s))), xp.zeros_like(g))
         factors.append(f)
-        residual = xp.clip(residual - f * f, min=0)
+        residual = residual - f * f
+        residual = xp.where(residual > floor, residual, xp.zeros_like(residual))
         taken = taken | (positions == s[..., None])
     return xp.stack(chosen, axis=-1)
 
