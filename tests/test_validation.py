@@ -182,3 +182,18 @@ def test_candidate_lists_read_as_plain_whole_sentences():
         assert len(lines) == len(registry)
         for line in lines:
             assert line.endswith(".") and "\\" not in line and "`" not in line and ":math:" not in line, line
+
+
+def test_the_non_finite_error_survives_pickling_and_a_rebuild_from_its_message():
+    # Built from the input's name, it came back from pickle (or a DataLoader worker's re-raise, which passes the whole
+    # message) as "<message> contains NaN or infinite values" (a review).
+    import pickle
+
+    from nystrom.linalg.validation import NonFiniteError, check_finite
+
+    with pytest.raises(NonFiniteError) as raised:
+        check_finite(np, Q=np.array([1.0, np.nan]))
+    assert raised.value.name == "Q" and str(raised.value) == "Q contains NaN or infinite values"
+    again = pickle.loads(pickle.dumps(raised.value))
+    assert type(again) is NonFiniteError and str(again) == "Q contains NaN or infinite values"
+    assert str(NonFiniteError("Caught it in a worker: Q contains NaN")) == "Caught it in a worker: Q contains NaN"

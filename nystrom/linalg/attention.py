@@ -169,6 +169,7 @@ def exact_attention(Q, K, V, attn_mask=None, *, scale=None, is_causal=False, dro
 
     Notes
     -----
+    As SDPA, it runs on tensors that hold no values (torch's meta device, fake tensors), checking shapes only.
     Forms the full :math:`n_q \times n` matrix: :math:`O(n_q n)` memory and
     :math:`O(n_q n (d + d_v))` time. Use it as ground truth (in float64) on moderate sizes. Array-API code, it
     runs as the array library runs it: under ``torch.autocast`` its products take autocast's dtype;
@@ -178,8 +179,14 @@ def exact_attention(Q, K, V, attn_mask=None, *, scale=None, is_causal=False, dro
     check_bidirectional(is_causal, dropout_p)
     if check_bool("enable_gqa", enable_gqa):
         K, V = grouped_query_heads(Q, K, V)
+    values = holds_values(Q)
+    if (not values and attn_mask is not None and attn_mask.ndim == Q.ndim >= 3 and attn_mask.shape[-2] > 1
+            and attn_mask.shape[-2] == Q.shape[-2]):
+        # Rows of a per-query mask that hold no values cannot be compared (check_attn_mask reduces equal ones to one
+        # row): their shape is what counts, and the first row has it.
+        attn_mask = attn_mask[..., :1, :]
     # As SDPA, it runs on tensors without values (meta, fake), of which only the shapes are checked.
-    xp, keys = check_attention_inputs(Q, K, V, attn_mask, check_values=holds_values(Q))
+    xp, keys = check_attention_inputs(Q, K, V, attn_mask, check_values=values)
     tau = check_scale(scale, Q.shape[-1])
     K, V = without_padding(xp, keys, K, V)
     return softmax_attention(xp, Q, K, V, None if keys is None else keys[..., None, :], scale=tau)

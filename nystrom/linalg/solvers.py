@@ -34,6 +34,7 @@ class SolveResult:
         The (approximate, regularised or truncated) pseudo-inverse, in float32 or float64.
     residual : array, shape (...)
         Relative Moore–Penrose residual :math:`\\lVert AZA-A\\rVert_F/\\lVert A\\rVert_F` per matrix.
+        NaN where the inverse does not fit the dtype (:class:`NewtonSchulz` on a matrix of subnormal entries).
     iterations : int
         Iterations run (0 for direct solvers).
     product : callable, optional
@@ -61,8 +62,8 @@ class Solver:
     """Base class of the pseudo-inverse solvers: a solver implements :meth:`solve` and :meth:`flops`.
 
     ``solver(A)`` checks ``A`` (a finite real ``(..., m, m)`` array; reading the values is a host
-    synchronisation on accelerators) and runs :meth:`solve` in float32 or wider. Library code that
-    builds ``A`` itself calls :meth:`solve` directly (see :func:`unchecked`).
+    synchronisation on accelerators) and runs :meth:`solve_any` (:meth:`solve`, for a matrix of any scale) in float32
+    or wider. Library code that builds ``A`` itself calls :meth:`solve` directly (see :func:`unchecked`).
 
     Attributes
     ----------

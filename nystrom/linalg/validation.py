@@ -122,10 +122,11 @@ def check_real_floating(xp, name: str, a) -> None:
 
 class NonFiniteError(ValueError):
     """The ``ValueError`` of :func:`check_finite`: the input ``name`` holds NaN or infinity (a type of its own, so that
-    a caller that knows more, such as the autocast wrapper, can tell it apart from other bad input)."""
+    a caller that knows more, such as the autocast wrapper, can tell it apart from other bad input). Built from its
+    message, as every exception is rebuilt when pickled or re-raised from a worker process; ``name`` is ``None`` there."""
 
-    def __init__(self, name):
-        super().__init__(f"{name} contains NaN or infinite values")
+    def __init__(self, message, name=None):
+        super().__init__(message)
         self.name = name
 
 
@@ -145,7 +146,7 @@ def check_finite(xp, **arrays) -> None:
         return
     for name, a in arrays.items():
         if not bool(xp.all(xp.isfinite(a))):
-            raise NonFiniteError(name)
+            raise NonFiniteError(f"{name} contains NaN or infinite values", name)
 
 
 def check_bool(name: str, value) -> bool:

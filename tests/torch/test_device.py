@@ -261,10 +261,14 @@ def test_the_exact_reference_runs_on_tensors_without_values_as_sdpa_does(fake):
     with FakeTensorMode() if fake else contextlib.nullcontext():
         Q = torch.empty(2, 4, 64, 16, device="cpu" if fake else "meta")
         V = torch.empty(2, 4, 48, 8, device=Q.device)
-        mask = torch.ones(2, 1, 1, 48, dtype=torch.bool, device=Q.device)
-        out = nystrom.exact_attention(Q, V.new_empty(2, 4, 48, 16), V, mask)
-        expected = F.scaled_dot_product_attention(Q, V.new_empty(2, 4, 48, 16), V, attn_mask=mask)
-        assert (out.shape, out.dtype, out.device) == (expected.shape, expected.dtype, expected.device)
+        K = V.new_empty(2, 4, 48, 16)
+        # Key masks, and transformers' per-query (B, 1, n_q, n) masks, whose rows cannot be compared without values.
+        for mask in (torch.ones(2, 1, 1, 48, dtype=torch.bool, device=Q.device),
+                     torch.zeros(2, 1, 64, 48, device=Q.device), torch.ones(2, 4, 64, 48, dtype=torch.bool,
+                                                                             device=Q.device)):
+            out = nystrom.exact_attention(Q, K, V, mask)
+            expected = F.scaled_dot_product_attention(Q, K, V, attn_mask=mask)
+            assert (out.shape, out.dtype, out.device) == (expected.shape, expected.dtype, expected.device)
         with pytest.raises(ValueError, match="same number of tokens"):
             nystrom.exact_attention(Q, Q, V)
 
