@@ -162,8 +162,8 @@ def test_a_bound_that_stops_falling_returns_the_best_step():
         warnings.simplefilter("always")
         out, info = nystrom.approximate(Q, K, V, num_landmarks=16, tol=0.005, solver=solver, max_landmarks=512,
                                         return_info=True)
-    assert any("stopped falling after m=" in str(w.message) and "the floor of solver PInv(rtol=0.03)" in str(w.message)
-               for w in caught)
+    assert any("stopped falling after m=" in str(w.message) and "the floor of PInv(rtol=0.03): a lower cut-off" in
+               str(w.message) for w in caught)
     *tried, returned = info.tol_steps
     best = min(tried, key=lambda step: step.estimate.high)
     assert returned == best and tried[-3] == best
@@ -572,3 +572,22 @@ def test_a_tol_below_the_dtype_rounding_warns_at_the_call():
         warnings.simplefilter("error")
         nystrom.approximate(Q.float(), K.float(), V.float(), num_landmarks=8, tol=1e-2)
         nystrom.approximate(Q.double(), K.double(), V.double(), num_landmarks=8, tol=1e-12)
+
+
+@pytest.mark.parametrize(("solver", "advice"), [
+    (nystrom.NewtonSchulz(), "the floor of 6 Newton-Schulz steps, which leave the landmark kernel's small singular "
+                             "values uninverted: more than iters=6 may go lower"),
+    (nystrom.NewtonSchulz(tol=1e-3), "the floor of its Newton-Schulz steps, which leave the landmark kernel's small "
+                                     "singular values uninverted: a smaller tol or a larger max_iters may go lower"),
+    (nystrom.PInv(), "the floor of an exact pseudo-inverse, which amplifies the landmark kernel's small singular values: "
+                     "a regularising solver (the default NewtonSchulz(), or PInv(rtol=3e-2)) may go lower"),
+    (nystrom.PInv(rtol=0.03), "the floor of PInv(rtol=0.03): a lower cut-off may go lower"),
+    (nystrom.linalg.solvers.Ridge(lam=0.1), "the floor of Ridge(lam=0.1): a smaller lam may go lower"),
+    (lambda A: None, "the solver's floor"),
+])
+def test_a_stall_is_explained_by_what_moves_the_solvers_floor(solver, advice):
+    # One text for every solver advised more steps or a lower cut-off to an exact pseudo-inverse, whose floor comes from
+    # inverting too much, and once solver='pinv' to all (two reviews).
+    from nystrom.linalg.tolerance import stall_advice
+
+    assert stall_advice(solver) == advice

@@ -9,7 +9,7 @@ from typing import Any, NamedTuple
 from .attention import nystrom_output
 from .bounds import ErrorEstimate, query_positions, sample_rows
 from .flops import exact_attention_flops, nystrom_attention_flops
-from .solvers import NewtonSchulz, Solver
+from .solvers import NewtonSchulz, PInv, Ridge, Solver
 from .validation import outside_stacklevel
 
 #: Exact query rows behind every estimate of a search, and the level of its interval: the measured coverage of
@@ -113,6 +113,24 @@ def stronger(solver):
     if isinstance(solver, NewtonSchulz) and solver.tol is None:
         return NewtonSchulz(iters=solver.iters + EXTRA_ITERATIONS, max_iters=solver.max_iters)
     return None
+
+
+def stall_advice(solver):
+    """What a warning says of a doubling that stopped lowering the error: the floor ``solver`` leaves, and what moves it.
+    Never a plain exact pseudo-inverse (the advice once was ``solver='pinv'``): it raised the error tenfold or more on
+    most DINOv2-S layers (docs' pseudo-inverse page)."""
+    if isinstance(solver, NewtonSchulz):
+        more = "a smaller tol or a larger max_iters" if solver.tol is not None else f"more than iters={solver.iters}"
+        return (f"the floor of {solver.iters if solver.tol is None else 'its'} Newton-Schulz steps, which leave the "
+                f"landmark kernel's small singular values uninverted: {more} may go lower")
+    if isinstance(solver, PInv):
+        if not solver.rtol:
+            return ("the floor of an exact pseudo-inverse, which amplifies the landmark kernel's small singular "
+                    "values: a regularising solver (the default NewtonSchulz(), or PInv(rtol=3e-2)) may go lower")
+        return f"the floor of PInv(rtol={solver.rtol}): a lower cut-off may go lower"
+    if isinstance(solver, Ridge):
+        return f"the floor of Ridge(lam={solver.lam}): a smaller lam may go lower"
+    return "the solver's floor"
 
 
 def out_of_reach(high, before, m, largest, tol, fastest_fall=FASTEST_FALL):
@@ -219,6 +237,7 @@ def search_landmarks(attempt, estimate, first, largest, tol, strict, solver, exa
         if bound(tried) < bound(steps[best]):
             best, best_result = len(steps) - 1, result
     stalled = len(steps) - 1 - best >= 2
+    floor_m = steps[best].m
     if refine and bound(steps[-1]) <= tol and len(steps) > 1:
         # The last step met tol and the one before missed it: every earlier bound is above tol.
         mid = round(math.sqrt(steps[-2].m * steps[-1].m))
@@ -243,14 +262,11 @@ def search_landmarks(attempt, estimate, first, largest, tol, strict, solver, exa
         steps += (steps[best],)
     if bound(steps[-1]) > tol:
         m, last = steps[-1].m, steps[-1].estimate
-        # No plain solver='pinv' in the advice (it said so): an exact pseudo-inverse raised the error tenfold or more
-        # on most DINOv2-S layers (docs' pseudo-inverse page).
-        why = (f"the error stopped falling after m={m} (the floor of solver {solver!r}, which inverts too little of "
-               f"the landmark kernel: more Newton-Schulz steps or a lower PInv cut-off invert more, though an exact "
-               f"pseudo-inverse is often worse on real attention)" if stalled else f"max_landmarks={largest} reached")
+        why = (f"the error stopped falling after m={floor_m}, {stall_advice(solver)}" if stalled
+               else f"max_landmarks={largest} reached")
         if escalated is not None:
-            why += f", also with {escalated!r}"
-        message = (f"{where}tol={tol} not reached, {why}: estimated error {last.estimate:.3g}, "
+            why += f"; also with {escalated!r}"
+        message = (f"{where}tol={tol} not reached, {why}; returned m={m}, estimated error {last.estimate:.3g}, "
                    f"95% interval [{last.low:.3g}, {last.high:.3g}]")
         if strict:
             raise RuntimeError(message)
