@@ -579,8 +579,8 @@ def test_a_tol_below_the_dtype_rounding_warns_at_the_call():
                              "values uninverted: more than iters=6 may go lower"),
     (nystrom.NewtonSchulz(tol=1e-3), "the floor of its Newton-Schulz steps, which leave the landmark kernel's small "
                                      "singular values uninverted: a smaller tol or a larger max_iters may go lower"),
-    (nystrom.PInv(), "the floor of an exact pseudo-inverse, which amplifies the landmark kernel's small singular values: "
-                     "a regularising solver (the default NewtonSchulz(), or PInv(rtol=3e-2)) may go lower"),
+    (nystrom.PInv(), "the floor of an exact pseudo-inverse, which amplifies the landmark kernel's small singular "
+                     "values: a regularising solver (the default NewtonSchulz(), or PInv(rtol=3e-2)) may go lower"),
     (nystrom.PInv(rtol=0.03), "the floor of PInv(rtol=0.03): a lower cut-off may go lower"),
     (nystrom.linalg.solvers.Ridge(lam=0.1), "the floor of Ridge(lam=0.1): a smaller lam may go lower"),
     (lambda A: None, "the solver's floor"),

@@ -116,9 +116,9 @@ def stronger(solver):
 
 
 def stall_advice(solver):
-    """What a warning says of a doubling that stopped lowering the error: the floor ``solver`` leaves, and what moves it.
-    Never a plain exact pseudo-inverse (the advice once was ``solver='pinv'``): it raised the error tenfold or more on
-    most DINOv2-S layers (docs' pseudo-inverse page)."""
+    """What a warning says of a doubling that stopped lowering the error: the floor ``solver`` leaves, and what moves
+    it. Never a plain exact pseudo-inverse (the advice once was ``solver='pinv'``): it raised the error tenfold or more
+    on most DINOv2-S layers (docs' pseudo-inverse page)."""
     if isinstance(solver, NewtonSchulz):
         more = "a smaller tol or a larger max_iters" if solver.tol is not None else f"more than iters={solver.iters}"
         return (f"the floor of {solver.iters if solver.tol is None else 'its'} Newton-Schulz steps, which leave the "

@@ -123,7 +123,8 @@ def check_real_floating(xp, name: str, a) -> None:
 class NonFiniteError(ValueError):
     """The ``ValueError`` of :func:`check_finite`: the input ``name`` holds NaN or infinity (a type of its own, so that
     a caller that knows more, such as the autocast wrapper, can tell it apart from other bad input). Built from its
-    message, as every exception is rebuilt when pickled or re-raised from a worker process; ``name`` is ``None`` there."""
+    message, as every exception is rebuilt when pickled or re-raised from a worker process; ``name`` is ``None``
+    there."""
 
     def __init__(self, message, name=None):
         super().__init__(message)

@@ -282,9 +282,13 @@ def test_norm_comparison_marks():
     (["--strategies", "norm", "norm"], "strategies lists norm more than once"),
     # Settings the sequences cannot take: a traceback after the model loaded (a review).
     (["--model", "minilm", "--strategies", "fps:first=100", "--num-landmarks", "4"],
-     "'fps:first=100' with m=4 cannot run on MiniLM's shortest sequence of 10 tokens: first=100 is not a token"),
+     "'fps:first=100' with m=4 cannot run on MiniLM's sequences of 10 tokens: first=100 is not a token"),
+    # m = 12: the sentences of 10 to 12 tokens are exact attention, so the shortest the strategy sees has 13 (a
+    # review: first=12 with m = 16 was refused, though no sentence of at most 12 tokens runs the strategy there).
+    (["--model", "minilm", "--strategies", "fps:first=13", "--num-landmarks", "12"],
+     "'fps:first=13' with m=12 cannot run on MiniLM's sequences of 13 tokens"),
     (["--model", "dinov2", "--strategies", "norm:first=-258", "--size", "224"],
-     "'norm:first=-258' with m=16 cannot run on DINOv2-S's shortest sequence of 257 tokens"),
+     "'norm:first=-258' with m=16 cannot run on DINOv2-S's sequences of 257 tokens"),
 ])
 def test_bad_options_are_usage_errors_before_any_model_loads(argv, message, capsys, monkeypatch, tmp_path):
     # A seed of 2**63 - 1 passed, then failed as seed + layer after the model loaded (a traceback); a repeated model

@@ -27,10 +27,9 @@ def check_options(sentences):
     return text[:count]
 
 
-def shortest_sentence(text):
-    """Tokens of the shortest sentence of ``text`` ([CLS] and [SEP] included), by the tokenizer alone (no model
-    loads)."""
-    return min(len(ids) for ids in pretrained.minilm_tokenizer()(text)["input_ids"])
+def sentence_lengths(text):
+    """Tokens of each sentence of ``text`` ([CLS] and [SEP] included), by the tokenizer alone (no model loads)."""
+    return [len(ids) for ids in pretrained.minilm_tokenizer()(text)["input_ids"]]
 
 
 def evaluate_minilm(*, layers=None, num_landmarks=DEFAULT_LANDMARKS, strategies=DEFAULT_STRATEGIES,

@@ -45,9 +45,9 @@ def check_evaluation(models=MODELS, *, layers=None, num_landmarks=DEFAULT_LANDMA
                              "another model alone)") from None
     if "dinov2" in models:
         dinov2.check_options(images, crops, size)
-        grid.check_length(dinov2.tokens(size), "DINOv2-S")
+        grid.check_lengths([dinov2.tokens(size)], "DINOv2-S")
     if "minilm" in models:
-        grid.check_length(minilm.shortest_sentence(minilm.check_options(sentences)), "MiniLM")
+        grid.check_lengths(minilm.sentence_lengths(minilm.check_options(sentences)), "MiniLM")
     return models, layers
 
 

@@ -31,19 +31,24 @@ class Grid:
         # fails before any model runs.
         self.seed = check_seed(check_int("seed", seed, minimum=0))
 
-    def check_length(self, n, model):
-        r"""Run every strategy once at ``n`` tokens, the shortest sequence of ``model`` (on random data, with
-        :math:`\min(m, n)` landmarks as the evaluation clips them), so that a setting the sequence cannot take
-        (``fps:first=100`` for 14 tokens) is a ``ValueError`` naming it before the model loads."""
+    def check_lengths(self, lengths, model):
+        r"""Run every strategy once per :math:`m` on random data of the shortest of ``lengths`` (the token counts of
+        ``model``'s sequences) longer than :math:`m`, so that a setting the sequences cannot take (``fps:first=100``
+        for 14 tokens) is a ``ValueError`` naming it before the model loads. A sequence of at most :math:`m` tokens
+        is answered by exact attention, without the strategy, and checks nothing."""
         generator = torch.Generator().manual_seed(0)
-        Q, K, V = (torch.randn(1, 2, n, 8, generator=generator) for _ in range(3))
-        for label, strategy in self.strategies.items():
-            for m in self.num_landmarks:
+        for m in self.num_landmarks:
+            longer = [n for n in lengths if n > m]
+            if not longer:
+                continue
+            n = min(longer)
+            Q, K, V = (torch.randn(1, 2, n, 8, generator=generator) for _ in range(3))
+            for label, strategy in self.strategies.items():
                 try:
-                    approximate(Q, K, V, strategy=strategy, num_landmarks=min(m, n), seed=self.seed)
+                    approximate(Q, K, V, strategy=strategy, num_landmarks=m, seed=self.seed)
                 except (TypeError, ValueError) as err:
-                    raise ValueError(f"strategy {label!r} with m={m} cannot run on {model}'s shortest sequence of "
-                                     f"{n} tokens: {err}") from None
+                    raise ValueError(f"strategy {label!r} with m={m} cannot run on {model}'s sequences of {n} "
+                                     f"tokens: {err}") from None
 
     def __iter__(self):
         """``(strategy label, strategy, solver label, solver, m)``."""
