@@ -114,8 +114,8 @@ def farthest_point_sampling(X, num_points, *, mask=None, guarantee_score=None, m
 def farthest_points(X, num_points, *, mask=None, guarantee_score=None, max_guaranteed=None, from_guaranteed=True,
                     axis=WHOLE):
     """:func:`farthest_point_sampling` for arguments its callers have checked: no check of its own. A row with
-    fewer eligible points than ``num_points`` repeats its first point in the picks left over (k-means seeding
-    asks for ``m`` seeds where singletons left fewer eligible tokens, and drops the extra ones)."""
+    fewer eligible points than ``num_points`` fills the picks left over with position 0, eligible or not (k-means
+    seeding asks for ``m`` seeds where singletons left fewer eligible tokens, and drops the extra ones)."""
     xp = array_api_compat.array_namespace(X)
     # Half precision would round the distances (and overflow them past norms of about 250): float32 at least.
     X = at_least_float32(xp, X)
