@@ -331,3 +331,12 @@ def test_values_only_the_run_judges_are_usage_errors_as_argparse_reports_them(tm
     assert main(["bench", "--threads", "0", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("usage: python -m nystrom bench") and "bench: error: --threads must be at least 1" in err
+
+
+def test_replot_names_a_missing_folder_and_a_file_that_is_not_json(tmp_path, capsys):
+    # "no saved section" for a folder that does not exist, and a JSON error that named no file (a review).
+    assert main(["bench", "--replot", str(tmp_path / "nowhere")]) == 2
+    assert "no folder" in capsys.readouterr().err
+    (tmp_path / "scaling.json").write_text("{bad")
+    assert main(["bench", "--replot", str(tmp_path)]) == 2
+    assert "scaling.json is not JSON" in capsys.readouterr().err

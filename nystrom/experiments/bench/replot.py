@@ -53,12 +53,17 @@ def replot(directory) -> list[Path]:
     """Redraw the figures of every section saved in ``directory`` (``<section>.json`` files) as PNGs beside them;
     returns the files written."""
     directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"no folder {directory}")
     written = []
     for section in ("scaling", "breakdown", "threads", "accuracy", "e2e"):
         path = directory / f"{section}.json"
         if not path.exists():
             continue
-        payload = json.loads(path.read_text())
+        try:
+            payload = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path} is not JSON ({error})") from error
         if not isinstance(payload, dict):
             raise ValueError(f"{path} is not a saved section (a JSON object with 'stamp' and 'records'), it holds "
                              f"{json.dumps(payload)[:60]}")
