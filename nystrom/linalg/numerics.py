@@ -278,10 +278,14 @@ def segment_sum(xp, values, labels, num_segments):
         one_hot = xp.astype(xp.expand_dims(slots, axis=-2) == segments, values.dtype)
         return (one_hot @ values)[..., :num_segments, :]
     rows = math.prod(lead)
-    # One flat index per row: segment j of row r is r * (S + 1) + j.
-    offsets = xp.reshape(xp.arange(rows, dtype=xp.int64, device=array_api_compat.device(values)) * (num_segments + 1),
-                         (*lead, 1))
-    flat = xp.reshape(xp.broadcast_to(slots, (*lead, n)) + offsets, (-1,))
+    if rows == 1:
+        # The labels are the flat indices (a Lloyd step's scatter, the cluster sizes): four operations fewer.
+        flat = xp.reshape(xp.broadcast_to(slots, (*lead, n)), (-1,))
+    else:
+        # One flat index per row: segment j of row r is r * (S + 1) + j.
+        offsets = xp.reshape(xp.arange(rows, dtype=xp.int64, device=array_api_compat.device(values))
+                             * (num_segments + 1), (*lead, 1))
+        flat = xp.reshape(xp.broadcast_to(slots, (*lead, n)) + offsets, (-1,))
     source = xp.reshape(values, (rows * n, D))
     size = rows * (num_segments + 1)
     if array_api_compat.is_torch_array(values):

@@ -535,10 +535,11 @@ def gather_rows(xp, X, idx):
             # indexes every element) for (1, 6, 1040) rows of 64, and gather was 11x faster than
             # array-api-compat's take_along_axis.
             idx = xp.broadcast_to(idx, (*lead, idx.shape[-1]))
-            batch = xp.reshape(xp.arange(math.prod(idx.shape[:-1]), device=idx.device) * n,
-                               (*idx.shape[:-1], 1))
-            rows = xp.reshape(X, (-1, d)).index_select(0, xp.reshape(idx + batch, (-1,)))
-            return xp.reshape(rows, (*idx.shape, d))
+            if math.prod(lead) > 1:
+                # Row j of batch element b is row b n + j of the flattened batch.
+                idx = idx + xp.reshape(xp.arange(math.prod(lead), device=idx.device) * n, (*lead, 1))
+            rows = xp.reshape(X, (-1, d)).index_select(0, xp.reshape(idx, (-1,)))
+            return xp.reshape(rows, (*lead, idx.shape[-1], d))
         return X.gather(-2, xp.broadcast_to(idx[..., None], (*lead, idx.shape[-1], d)))
     return take_along_axis(xp, X, xp.broadcast_to(idx[..., None], (*idx.shape, X.shape[-1])), axis=-2)
 
