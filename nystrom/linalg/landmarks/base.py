@@ -572,8 +572,6 @@ def unit_scaled(xp, X, mask=None, axis=WHOLE):
         X = xp.where(mask[..., None], X, xp.zeros_like(X))
     # Two reductions rather than one of |X|, which would be an (n, D) array of its own.
     largest = axis.max(xp.maximum(xp.max(X, axis=(-2, -1), keepdims=True), -xp.min(X, axis=(-2, -1), keepdims=True)))
-    # + the smallest normal number: a positive argument for the logarithm, and 2**-e finite; any power of two is
-    # exact, so the rounding of the sum does not matter.
     unit = power_of_two_unit(xp, largest)
     return X * unit, unit
 
