@@ -279,8 +279,10 @@ def segment_sum(xp, values, labels, num_segments):
         return (one_hot @ values)[..., :num_segments, :]
     rows = math.prod(lead)
     if rows == 1:
-        # The labels are the flat indices (a Lloyd step's scatter, the cluster sizes): four operations fewer.
-        flat = xp.reshape(xp.broadcast_to(slots, (*lead, n)), (-1,))
+        # The labels are the flat indices (a Lloyd step's scatter, the cluster sizes): four operations fewer. In int64,
+        # as the offsets made them: torch's index_add_ with an int32 index rounds float16 sums after every addition
+        # (a review: 3,000 ones gave 2,048).
+        flat = xp.reshape(xp.broadcast_to(xp.astype(slots, xp.int64, copy=False), (*lead, n)), (-1,))
     else:
         # One flat index per row: segment j of row r is r * (S + 1) + j.
         offsets = xp.reshape(xp.arange(rows, dtype=xp.int64, device=array_api_compat.device(values))

@@ -115,21 +115,28 @@ def stronger(solver):
     return None
 
 
-def stall_advice(solver):
-    """What a warning says of a doubling that stopped lowering the error: the floor ``solver`` leaves, and what moves
-    it. Never a plain exact pseudo-inverse (the advice once was ``solver='pinv'``): it raised the error tenfold or more
-    on most DINOv2-S layers (docs' pseudo-inverse page)."""
+def stall_advice(solver, escalated=None):
+    """What a warning says of a doubling that stopped lowering the error: the floor ``solver`` leaves (and
+    ``escalated``, the stronger solver tried after it), and what moves it. Never a plain exact pseudo-inverse (the
+    advice once was ``solver='pinv'``): it raised the error tenfold or more on most DINOv2-S layers, where the best
+    cut-off of a truncated one was 3e-2 (docs' pseudo-inverse page)."""
+    if isinstance(solver, NewtonSchulz) and escalated is not None:
+        return (f"the floor of {solver.iters} and of {escalated.iters} Newton-Schulz steps: more steps may go lower "
+                f"where the landmark kernel is well conditioned and raise the error where it is not; without "
+                f"max_landmarks, exact attention answers where tol is missed")
     if isinstance(solver, NewtonSchulz):
         more = "a smaller tol or a larger max_iters" if solver.tol is not None else f"more than iters={solver.iters}"
         return (f"the floor of {solver.iters if solver.tol is None else 'its'} Newton-Schulz steps, which leave the "
                 f"landmark kernel's small singular values uninverted: {more} may go lower")
     if isinstance(solver, PInv):
-        if not solver.rtol:
+        if not solver.rtol or solver.rtol < 1e-6:
             return ("the floor of an exact pseudo-inverse, which amplifies the landmark kernel's small singular "
                     "values: a regularising solver (the default NewtonSchulz(), or PInv(rtol=3e-2)) may go lower")
-        return f"the floor of PInv(rtol={solver.rtol}): a lower cut-off may go lower"
+        return (f"the floor of PInv(rtol={solver.rtol}): another cut-off may go lower (a lower one inverts more of the "
+                f"landmark kernel, a higher one regularises more; 3e-2 was the best on real attention)")
     if isinstance(solver, Ridge):
-        return f"the floor of Ridge(lam={solver.lam}): a smaller lam may go lower"
+        return (f"the floor of Ridge(lam={solver.lam}): another lam may go lower (a smaller one inverts more of the "
+                f"landmark kernel, a larger one regularises more)")
     return "the solver's floor"
 
 
@@ -262,9 +269,9 @@ def search_landmarks(attempt, estimate, first, largest, tol, strict, solver, exa
         steps += (steps[best],)
     if bound(steps[-1]) > tol:
         m, last = steps[-1].m, steps[-1].estimate
-        why = (f"the error stopped falling after m={floor_m}, {stall_advice(solver)}" if stalled
+        why = (f"the error stopped falling after m={floor_m}, {stall_advice(solver, escalated)}" if stalled
                else f"max_landmarks={largest} reached")
-        if escalated is not None:
+        if escalated is not None and not stalled:
             why += f"; also with {escalated!r}"
         message = (f"{where}tol={tol} not reached, {why}; returned m={m}, estimated error {last.estimate:.3g}, "
                    f"95% interval [{last.low:.3g}, {last.high:.3g}]")

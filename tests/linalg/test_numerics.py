@@ -48,6 +48,12 @@ def test_segment_sum_keeps_half_precision_sums_in_float32():
         ones = torch.ones(1, 2, 3000, 1, dtype=dtype)
         out = segment_sum(xp, ones, torch.zeros(1, 1, 3000, dtype=torch.int64), 1)
         assert torch.equal(out, torch.full((1, 2, 1, 1), 3000.0).to(dtype)), (dtype, out.flatten())
+        # One row with int32 labels: torch's index_add_ rounds after every addition with an int32 index (a review).
+        for values, labels in ((torch.ones(3000, 1, dtype=dtype), torch.zeros(3000, dtype=torch.int32)),
+                               (torch.ones(1, 3000, 1, dtype=dtype), torch.zeros(1, 3000, dtype=torch.int16))):
+            out = segment_sum(xp, values, labels, 2)
+            expected = torch.tensor(3000.0).to(dtype).item()
+            assert out.flatten()[0].item() == expected, (dtype, labels.dtype, out.flatten())
 
 
 def test_segment_sum_takes_labels_that_broadcast_and_narrow_integer_labels():

@@ -534,7 +534,8 @@ def gather_rows(xp, X, idx):
             # Whole rows copied by index_select on the flattened batch: 14x faster than Tensor.gather (which
             # indexes every element) for (1, 6, 1040) rows of 64, and gather was 11x faster than
             # array-api-compat's take_along_axis.
-            idx = xp.broadcast_to(idx, (*lead, idx.shape[-1]))
+            # index_select takes int64 (or int32) only; the batch offsets below promoted smaller ints (a review).
+            idx = xp.broadcast_to(xp.astype(idx, xp.int64, copy=False), (*lead, idx.shape[-1]))
             if math.prod(lead) > 1:
                 # Row j of batch element b is row b n + j of the flattened batch.
                 idx = idx + xp.reshape(xp.arange(math.prod(lead), device=idx.device) * n, (*lead, 1))

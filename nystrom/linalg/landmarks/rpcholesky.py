@@ -76,10 +76,14 @@ def rpcholesky_pivots(X, num_pivots, *, scale, mask=None, u):
     positions = xp.arange(n, device=device)
     shift = exp_kernel_shift(xp, X, scale, mask)[..., None]
     residual = xp.exp(scale * xp.sum(X * X, axis=-1) - shift)
-    # Below this the residual is rounding: 0. A duplicate of a pivot keeps a residual of about eps times its diagonal,
-    # which one library's rounding leaves positive and another's clips to 0, so that numpy and torch picked
-    # differently once the distinct tokens ran out (a review); each of the m updates may add about eps.
-    floor = (16 * num_pivots * xp.finfo(residual.dtype).eps) * residual
+    # The residual's rounding, relative to its diagonal: a kernel column's exponent tau x_i.x_s - c carries an error of
+    # about D eps c (a product of D terms up to c in size), which exp turns into a relative one, and each of the t
+    # updates adds about eps. Below 4 (t + 1 + D c) eps the residual is that rounding: 0. A duplicate of a pivot kept
+    # such a residual, which one library's rounding left positive and another's clipped to 0, so that numpy and torch
+    # picked differently once the distinct tokens ran out (a review); 16 m eps, a first floor, also zeroed true
+    # residuals of smooth float32 kernels (another).
+    rounding = (4 * xp.finfo(residual.dtype).eps) * residual
+    exponent = X.shape[-1] * xp.abs(shift[..., 0])[..., None]
     eligible = xp.ones(X.shape[:-1], dtype=xp.bool, device=device) if mask is None else mask
     minus_one = -xp.ones_like(residual)
     factors = []
@@ -103,7 +107,7 @@ def rpcholesky_pivots(X, num_pivots, *, scale, mask=None, u):
         f = xp.where(ok, g / xp.sqrt(xp.where(ok, g_s, xp.ones_like(g_s))), xp.zeros_like(g))
         factors.append(f)
         residual = residual - f * f
-        residual = xp.where(residual > floor, residual, xp.zeros_like(residual))
+        residual = xp.where(residual > (t + 1 + exponent) * rounding, residual, xp.zeros_like(residual))
         taken = taken | (positions == s[..., None])
     return xp.stack(chosen, axis=-1)
 
