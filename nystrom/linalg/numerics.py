@@ -177,10 +177,16 @@ backend. While one traces, the host fast paths (:func:`host_view`) give way to t
 become graph operations."""
 
 
+def stand_in(a) -> bool:
+    """Whether ``a`` is a stand-in a compiler of :data:`COMPILERS` traces with (a fake tensor): a shape, a dtype and a
+    device, no values."""
+    return any(c.holds_no_data(a) for c in COMPILERS)
+
+
 def holds_values(a) -> bool:
-    """Whether ``a`` holds values to read: not for torch's meta device, nor for the stand-ins a compiler traces with
-    (fake tensors, :data:`COMPILERS`), which have shapes, dtypes and devices only."""
-    return str(array_api_compat.device(a)) != "meta" and not any(c.holds_no_data(a) for c in COMPILERS)
+    """Whether ``a`` holds values to read: not on torch's meta device, nor as a compiler's stand-in
+    (:func:`stand_in`)."""
+    return str(array_api_compat.device(a)) != "meta" and not stand_in(a)
 
 
 def host_view(a):
@@ -201,7 +207,8 @@ def host_view(a):
     """
     if array_api_compat.is_numpy_array(a):
         return a
-    if str(array_api_compat.device(a)) != "cpu" or compiling(a) or not holds_values(a):
+    # On the CPU, so not on the meta device: a stand-in is the only array without values left.
+    if str(array_api_compat.device(a)) != "cpu" or compiling(a) or stand_in(a):
         return None
     try:
         return np.from_dlpack(detached(a))

@@ -27,9 +27,10 @@ def check_options(sentences):
     return text[:count]
 
 
-def sentence_lengths(text):
-    """Tokens of each sentence of ``text`` ([CLS] and [SEP] included), by the tokenizer alone (no model loads)."""
-    return [len(ids) for ids in pretrained.minilm_tokenizer()(text)["input_ids"]]
+def sentence_lengths(text, tokenizer=None):
+    """Tokens of each sentence of ``text`` ([CLS] and [SEP] included), by ``tokenizer`` (default MiniLM's, loaded
+    alone: no model loads)."""
+    return [len(ids) for ids in (tokenizer or pretrained.minilm_tokenizer())(text)["input_ids"]]
 
 
 def evaluate_minilm(*, layers=None, num_landmarks=DEFAULT_LANDMARKS, strategies=DEFAULT_STRATEGIES,
@@ -78,7 +79,7 @@ def evaluate_minilm(*, layers=None, num_landmarks=DEFAULT_LANDMARKS, strategies=
     model, tokenizer = pretrained.load_minilm()
     layers = fna_layers(model, layers)
 
-    lengths = [len(ids) for ids in tokenizer(text)["input_ids"]]
+    lengths = sentence_lengths(text, tokenizer)
     groups = {}
     for i, length in enumerate(lengths):
         groups.setdefault(length, []).append(i)

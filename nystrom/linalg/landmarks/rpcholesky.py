@@ -83,7 +83,7 @@ def rpcholesky_pivots(X, num_pivots, *, scale, mask=None, u):
     # picked differently once the distinct tokens ran out (a review); 16 m eps, a first floor, also zeroed true
     # residuals of smooth float32 kernels (another).
     rounding = (4 * xp.finfo(residual.dtype).eps) * residual
-    exponent = X.shape[-1] * xp.abs(shift[..., 0])[..., None]
+    exponent = X.shape[-1] * xp.abs(shift)
     eligible = xp.ones(X.shape[:-1], dtype=xp.bool, device=device) if mask is None else mask
     minus_one = -xp.ones_like(residual)
     factors = []
