@@ -102,6 +102,31 @@ def test_pinv_gradients_are_finite_for_strongly_diagonal_attention(dtype, logit,
             torch.testing.assert_close(a, b, rtol=0, atol=GRAD_RTOL * float(b.abs().max()), msg=name)
 
 
+def test_nearly_uniform_float32_attention_at_m_equal_n_is_the_documented_limit():
+    # approximate's notes: logits of about +-0.3 make A ill-conditioned (8e5) at m = n, where the default cut-off
+    # drops singular values in float32, so the gradient is the fixed-rank one, about 1e-3 off SDPA's (a review). The
+    # float64 call, in which nothing is dropped, gives SDPA's gradient; float32 without a cut-off is close to it.
+    g = torch.Generator().manual_seed(10)
+    Q, K = (0.3 * torch.randn(1, 2, 64, 16, generator=g, dtype=torch.float64) for _ in range(2))
+    V = torch.randn(1, 2, 64, 16, generator=g, dtype=torch.float64)
+
+    def gradient_of_q(dtype, fn):
+        q, k, v = (x.to(dtype).requires_grad_() for x in (Q, K, V))
+        return grads(fn, q, k, v)[0].double()
+
+    reference = gradient_of_q(torch.float64, F.scaled_dot_product_attention)
+
+    def off(dtype, solver):
+        ours = gradient_of_q(dtype, lambda q, k, v: nystrom.approximate(q, k, v, num_landmarks=64, solver=solver))
+        return float((ours - reference).norm() / reference.norm())
+
+    assert off(torch.float64, "pinv") < 1e-12
+    # Measured 1.8e-4 with the default cut-off and 9.6e-6 without (SDPA in float32: 2.6e-7; the review's draw gave
+    # 9.4e-4 and 2.7e-6): about 3x either way.
+    assert 5e-5 < off(torch.float32, "pinv") < 3e-3
+    assert off(torch.float32, nystrom.PInv(rtol=1e-30)) < 3e-5
+
+
 def test_issue_example_pinv_gradient():
     torch.manual_seed(0)
     Q0 = torch.randn(2, 16, 16)
