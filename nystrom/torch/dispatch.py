@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import operator
+import threading
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 
@@ -57,9 +58,24 @@ def _attention_functions():
     return ALL_ATTENTION_FUNCTIONS
 
 
+# The get_interface that _dispatching_get_interface shadows: ALL_ATTENTION_FUNCTIONS's own attribute, where another
+# tool had set one before the first handler (a profiler's wrapper), else None for transformers' method.
+_shadowed: Callable | None = None
+# Set while the shadowed attribute runs: one that calls back into this lookup (a wrapper of it, set after it and
+# shadowed by a later installation) gets transformers' method there instead of an endless recursion.
+_in_shadowed = threading.local()
+
+
 def _dispatching_get_interface(attn_implementation, default):
     functions = _attention_functions()
-    original = type(functions).get_interface(functions, attn_implementation, default)
+    if _shadowed is None or getattr(_in_shadowed, "active", False):
+        original = type(functions).get_interface(functions, attn_implementation, default)
+    else:
+        _in_shadowed.active = True
+        try:
+            original = _shadowed(attn_implementation, default)
+        finally:
+            _in_shadowed.active = False
     return functools.partial(_dispatch, original)
 
 
@@ -80,8 +96,12 @@ def _add_handler(module, handler, layer):
         raise ValueError(f"encoder layer {layer} already runs FNA from another patch() or fna(); remove that one "
                          "first (two approximations of one attention cannot be chained)")
     if not _HANDLERS:
-        # An instance attribute shadows the class method, so deleting it restores transformers exactly.
-        _attention_functions().get_interface = _dispatching_get_interface
+        # An instance attribute shadows the class method (and calls through to another tool's attribute, which the
+        # last handler's removal puts back: a review found it skipped while patched, then deleted for good).
+        global _shadowed
+        functions = _attention_functions()
+        _shadowed = vars(functions).get("get_interface")
+        functions.get_interface = _dispatching_get_interface
     _HANDLERS.setdefault(module, [])
     if terminal:
         _HANDLERS[module].insert(0, handler)
@@ -96,8 +116,13 @@ def _remove_handler(module, handler):
         del _HANDLERS[module]
     if not _HANDLERS:
         functions = _attention_functions()
+        # Where another tool has set its own attribute since, it stays (it may call through to this one, which then
+        # dispatches to no handler).
         if vars(functions).get("get_interface") is _dispatching_get_interface:
-            del functions.get_interface
+            if _shadowed is None:
+                del functions.get_interface
+            else:
+                functions.get_interface = _shadowed
 
 
 def _is_attention(module):
@@ -316,7 +341,7 @@ def _detached_handle(kind, layers, origin=None):
     refuse the copy's forward passes while ``origin`` (the handle of the model copied) is installed, whose handlers
     the copy never reaches, and do nothing once it is removed or gone (a copy stayed broken for good before)."""
     handle = object.__new__(kind)
-    handle.layers, handle.inputs, handle._installed, handle._hooks, handle._reached = layers, {}, [], [], set()
+    handle.layers, handle._pass, handle._installed, handle._hooks = layers, PassState(**kind.PASS_STATE), [], []
     handle._detached, handle._origin = True, origin
     return handle
 
@@ -347,6 +372,17 @@ def block_input(args, kwargs):
     return args[0] if args else kwargs["hidden_states"]
 
 
+class PassState(threading.local):
+    """What one forward pass keeps between its layers, a fresh set per thread: a model patched once and called from
+    several threads at a time runs each pass on its own state (a review: passes in two threads took each other's
+    block inputs and landmarks, outputs off by 10 where the model's own were exact). Each keyword names an attribute
+    and the callable that makes its starting value in every thread."""
+
+    def __init__(self, **starts):
+        for name, start in starts.items():
+            setattr(self, name, start())
+
+
 class Handle:
     """Handlers installed on some encoder layers of one model; :meth:`remove` uninstalls them.
 
@@ -362,17 +398,21 @@ class Handle:
     layers : tuple of int
         The layers handled, ascending.
     inputs : dict of int to Tensor
-        During a block's forward: its input hidden states ``(B, n, D)``, keyed by layer index.
+        During a block's forward: its input hidden states ``(B, n, D)``, keyed by layer index (those of the calling
+        thread's forward pass).
     """
+
+    #: The per-pass state (:class:`PassState`): attribute names and the callables that start them.
+    PASS_STATE: Mapping[str, Callable] = {"inputs": dict, "reached": set}
 
     def __init__(self, model, layers=None):
         self._blocks = attention_layers(model)
         self.layers = layer_indices(layers, len(self._blocks), self.default_layers(len(self._blocks)))
-        self.inputs: dict[int, torch.Tensor] = {}
+        # The block inputs, and the layers whose handlers ran during their block's forward pass (checked when the
+        # block returns), of the calling thread's pass.
+        self._pass = PassState(**self.PASS_STATE)
         self._installed: list[tuple[nn.Module, Callable]] = []
         self._hooks = []
-        # The layers whose handlers ran during their block's forward pass, checked when the block returns.
-        self._reached: set[int] = set()
         # A handle whose hooks a copy of the model carries (copy.deepcopy, pickling): it handles nothing.
         self._detached, self._origin = False, None
 
@@ -384,6 +424,10 @@ class Handle:
     def __reduce__(self):
         # Pickled with a model (torch.save): a detached handle, whose original does not outlive the process.
         return _detached_handle, (type(self), self.layers)
+
+    @property
+    def inputs(self) -> dict[int, torch.Tensor]:
+        return self._pass.inputs
 
     @staticmethod
     def default_layers(num_layers):
@@ -422,14 +466,14 @@ class Handle:
             global _last_padding_mask
             _last_padding_mask = None
         self.inputs[layer] = block_input(args, kwargs)
-        self._reached.discard(layer)
+        self._pass.reached.discard(layer)
 
     def _drop_input(self, layer, block, args, output):
         # Only held while the block runs, so a handle never keeps activations (or their graph) alive.
         self.inputs.pop(layer, None)
 
     def _reach(self, handler, layer, *args, **kwargs):
-        self._reached.add(layer)
+        self._pass.reached.add(layer)
         return handler(layer, *args, **kwargs)
 
     def _check_reached(self, layer, block, args, output):
@@ -444,7 +488,7 @@ class Handle:
                     "patch the copy itself, or copy the model before patching or after remove()"
                 )
             return
-        if layer not in self._reached:
+        if layer not in self._pass.reached:
             raise ValueError(
                 f"encoder layer {layer} ran without nystrom's handlers on its attention module "
                 f"{type(self._blocks[layer][1]).__name__}: either that module computes attention itself instead of "

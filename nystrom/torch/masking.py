@@ -31,8 +31,9 @@ def _masked_attention_mask(attention_mask, masked, dtype):
                        attention_mask)
 
 
-def masking_handler(select, inputs, layer, call_next, module, query, key, value, attention_mask, **kwargs):
+def masking_handler(select, handle, layer, call_next, module, query, key, value, attention_mask, **kwargs):
     """The handler behind :func:`mask_keys`: blocks the keys ``select`` picks, then calls the next handler."""
+    inputs = handle.inputs
     if layer not in inputs:
         raise unknown_block_input(f"key masking in layer {layer}")
     # Replacing a causal call's mask of None would make it bidirectional (transformers' SDPA function is causal only
@@ -90,7 +91,7 @@ def mask_keys(model, layers, select):
     """
     check_token_spec("select", select, optional=False)
     handle = Handle(model, layers)
-    handle.install(functools.partial(masking_handler, select, handle.inputs))
+    handle.install(functools.partial(masking_handler, select, handle))
     try:
         yield handle
     finally:

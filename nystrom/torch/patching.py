@@ -130,6 +130,10 @@ class LayerRecord:
     tol_steps: tuple = ()
 
 
+def _nothing():
+    return None
+
+
 class FNAHandle(Handle):
     """FNA installed on some layers of a model; returned by :func:`patch`, yielded by :func:`fna`.
 
@@ -139,7 +143,8 @@ class FNAHandle(Handle):
         The FNA layers, ascending.
     records : dict of int to LayerRecord
         Per FNA layer of the last forward pass: the landmark indices, whether they were sampled there, and the
-        solver residual. Replaced by a new dict at the start of every forward pass.
+        solver residual. Replaced by a new dict at the start of every forward pass. Each thread has its own: the
+        records of the last pass that the calling thread ran (passes in several threads at a time run apart).
     num_landmarks_per_layer : dict of int to int
         With ``tol``: the :math:`m` each FNA layer calibrated on the first forward pass, used by the later ones
         (for a layer in ``exact_layers``, the real keys of the calibration batch's shortest sequence).
@@ -182,9 +187,15 @@ class FNAHandle(Handle):
         self.exclude = exclude
         self.seed = check_seed(seed)
         self.query_chunk_size = check_query_chunk_size(query_chunk_size)
-        self.records: dict[int, LayerRecord] = {}
-        self._shared = self._shared_eligible = self._shared_forced = None
-        self._pass_padding = None
+
+    # Besides the block inputs, a pass keeps its records, the landmarks its layers share (with the eligible and forced
+    # tokens they were chosen for) and its padding, read once per pass.
+    PASS_STATE = {**Handle.PASS_STATE, "records": dict, "shared": _nothing, "shared_eligible": _nothing,
+                  "shared_forced": _nothing, "padding": _nothing}
+
+    @property
+    def records(self) -> dict[int, LayerRecord]:
+        return self._pass.records
 
     @staticmethod
     def default_layers(num_layers):
@@ -194,8 +205,7 @@ class FNAHandle(Handle):
     def remove(self):
         """Uninstall (:meth:`Handle.remove`) and drop the landmarks shared across layers; :attr:`records` stay."""
         super().remove()
-        self._shared = self._shared_eligible = self._shared_forced = None
-        self._pass_padding = None
+        self._pass.shared = self._pass.shared_eligible = self._pass.shared_forced = self._pass.padding = None
 
     def _attend(self, layer, call_next, module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                 is_causal=None, **kwargs):
@@ -224,8 +234,8 @@ class FNAHandle(Handle):
         # pass's records.
         recompute = layer not in self.inputs
         if layer == self.layers[0] and not recompute:
-            self.records = {}
-            self._shared = self._pass_padding = None
+            self._pass.records = {}
+            self._pass.shared = self._pass.padding = None
         batch, _, n, d = key.shape
         hidden = self.inputs.get(layer)
         if query.shape[-2] != n or (hidden is not None and tuple(hidden.shape[:-1]) != (batch, n)):
@@ -252,7 +262,7 @@ class FNAHandle(Handle):
         excluded = None if self.exclude is None else token_mask("exclude", self.exclude, layer, self.inputs[layer])
         excludes = excluded is not None and bool(torch.any(excluded if real is None else excluded & real))
         if layer in self.exact_layers or own_attention_answers(m, longest, fewest, excludes):
-            self.records[layer] = LayerRecord(None, False, None)
+            self._pass.records[layer] = LayerRecord(None, False, None)
             return own_attention(query, key, value)
         approximate = functools.partial(self._approximate, layer, module, real=real, fewest=fewest, excluded=excluded,
                                         everything=everything, scale=scale, m=m)
@@ -280,7 +290,7 @@ class FNAHandle(Handle):
         eligible before exclusions (``real``, or all). The mask is read once per forward pass, not per layer (one
         host read of two ints, none without padding): the layers of a pass get the same mask object, and the
         same ``everything`` object tells :meth:`_reusable` that nothing changed since the first layer."""
-        cached = self._pass_padding
+        cached = self._pass.padding
         if cached is not None and (attention_mask is None) == (cached[0] is None) and cached[1] == (batch, n, device) \
                 and (attention_mask is None or cached[0]() is attention_mask):
             return cached[2:]
@@ -294,7 +304,7 @@ class FNAHandle(Handle):
             everything = real
         # A weak reference: the handle must not keep the model's B x n_q x n mask alive between passes (real is its
         # (B, n) copy).
-        self._pass_padding = (None if attention_mask is None else weakref.ref(attention_mask), (batch, n, device),
+        self._pass.padding = (None if attention_mask is None else weakref.ref(attention_mask), (batch, n, device),
                               real, longest, fewest, everything)
         return real, longest, fewest, everything
 
@@ -342,7 +352,7 @@ class FNAHandle(Handle):
             if steps[-1].solver == EXACT:
                 # Nyström attention does not reach tol here where it pays: this layer runs the model's own attention.
                 self.exact_layers.add(layer)
-                self.records[layer] = LayerRecord(None, False, None, tol_steps=steps)
+                self._pass.records[layer] = LayerRecord(None, False, None, tol_steps=steps)
                 return own_attention(query, key, value)
         assignment = landmarks.assignment
         counts = None
@@ -355,8 +365,8 @@ class FNAHandle(Handle):
         indices = None if landmarks.indices is None else landmarks.indices[:, 0]
         # Detached: a record outlives the pass, and must not keep its autograd graph (the whole forward's activations).
         residual = factors.solve.residual  # None from a solver callable that reports none
-        self.records[layer] = LayerRecord(indices, sampled, None if residual is None else residual.detach(), assignment,
-                                          counts, steps)
+        self._pass.records[layer] = LayerRecord(indices, sampled, None if residual is None else residual.detach(),
+                                                assignment, counts, steps)
         weights = None
         if attentions_requested() and own_attention_returns_weights(module):
             # The attention FNA applies, F A^+ B (B, H, n, n): its output with the identity for values, so that the
@@ -393,12 +403,12 @@ class FNAHandle(Handle):
         # Reused landmarks must still be eligible here and hold this layer's guaranteed tokens (exclusions,
         # guarantees and key masks given as functions may change per layer). A reused grouping takes this
         # layer's own queries and keys: only the assignment is shared, the means are this layer's (O(n d)).
-        reuse = None if self._shared is None else self._reusable(eligible, forced)
+        reuse = None if self._pass.shared is None else self._reusable(eligible, forced)
         # One host read: which sequences keep the shared landmarks.
         keeps = None if reuse is None or reuse is True else reuse.tolist()
         kept = key.shape[0] if reuse is True else 0 if keeps is None else sum(keeps)
         if kept == key.shape[0]:
-            shared = self._shared
+            shared = self._pass.shared
             if shared.grouping is not None:
                 m = shared.keys.shape[-2]
                 weighted = shared.log_weights is not None
@@ -406,7 +416,7 @@ class FNAHandle(Handle):
             return landmarks_at(xp, query, key, shared.indices), False
         landmarks = self._select(layer, query, key, value, hidden, everything, eligible, fewest, forced, scale, m,
                                  memo)
-        if kept and landmarks.keys.shape[-2] == self._shared.keys.shape[-2]:
+        if kept and landmarks.keys.shape[-2] == self._pass.shared.keys.shape[-2]:
             # Each sequence keeps or re-chooses its own landmarks, whatever the others do (a review: one sequence whose
             # shared landmark was excluded made every sequence re-choose). A change of m is the batch's (m stops at the
             # eligible tokens of its shortest sequence): then all re-choose.
@@ -417,21 +427,21 @@ class FNAHandle(Handle):
             shared = replace(landmarks, queries=None, keys=landmarks.keys.detach(),
                              log_weights=None if landmarks.log_weights is None else landmarks.log_weights.detach(),
                              counts=None if landmarks.counts is None else landmarks.counts.detach())
-            self._shared, self._shared_eligible, self._shared_forced = shared, eligible, forced
+            self._pass.shared, self._pass.shared_eligible, self._pass.shared_forced = shared, eligible, forced
         return landmarks, True
 
     def _reusable(self, eligible, forced):
         """Per sequence ``(B,)``, whether the shared landmarks fit this layer: the same eligible and guaranteed tokens
         for a grouping, eligible tokens that hold every guaranteed one for picked tokens; ``True`` for all without a
         host read where this layer has the first layer's own tokens (no exclusion, no guarantee)."""
-        shared = self._shared
-        if eligible is self._shared_eligible and forced is None and (shared.grouping is None
-                                                                     or self._shared_forced is None):
+        shared = self._pass.shared
+        if eligible is self._pass.shared_eligible and forced is None and (shared.grouping is None
+                                                                     or self._pass.shared_forced is None):
             return True
         if shared.grouping is not None:
             # No guarantee is no guaranteed token.
-            now, before = (torch.zeros_like(eligible) if f is None else f for f in (forced, self._shared_forced))
-            return torch.all((now == before) & (eligible == self._shared_eligible), dim=-1)
+            now, before = (torch.zeros_like(eligible) if f is None else f for f in (forced, self._pass.shared_forced))
+            return torch.all((now == before) & (eligible == self._pass.shared_eligible), dim=-1)
         indices = shared.indices[:, 0]
         fits = torch.all(torch.gather(eligible, -1, indices), dim=-1)
         if forced is None:
@@ -442,7 +452,7 @@ class FNAHandle(Handle):
     def _merged(self, xp, reuse, keeps, chosen, query, key):
         """Landmarks that are the shared ones in the sequences where ``reuse (B,)`` holds (``keeps``, its values on the
         host) and ``chosen``'s (of the same :math:`m`) in the others, with this layer's queries and keys."""
-        shared = self._shared
+        shared = self._pass.shared
         if shared.grouping is None:
             return landmarks_at(xp, query, key, torch.where(reuse[:, None, None], shared.indices, chosen.indices))
         m, n = shared.keys.shape[-2], key.shape[-2]
@@ -692,7 +702,7 @@ def patch(model, *, layers=None, num_landmarks=64, strategy="norm", solver="newt
                        strict_tol=strict_tol)
     handlers = [handle._attend]
     if mask_tokens is not None:
-        handlers.append(functools.partial(masking_handler, mask_tokens, handle.inputs))
+        handlers.append(functools.partial(masking_handler, mask_tokens, handle))
     return handle.install(*handlers)
 
 
