@@ -464,6 +464,26 @@ def test_a_padded_batch_of_few_real_rows_is_answered_exactly_at_once():
     assert info.tol_steps[0].m == 8
 
 
+def test_padding_past_the_longest_sequence_changes_no_search():
+    # The cost rule counted padded positions: exact attention's n^2 outgrows Nystrom's n m, so padding to a fixed length
+    # let Nystrom attention "pay" at m where the same sequences alone are answered exactly (a review: MiniLM layer 5,
+    # m = 32 padded to 376 tokens against exact attention at its own 176). Padded to 3 times their longest, the same
+    # two sequences take the same steps and give the same real rows.
+    Q, K, V, mask = padded_batch(0, (200, 150))
+    longer = [torch.cat([x, torch.zeros(*x.shape[:-2], 2 * x.shape[-2], x.shape[-1], dtype=x.dtype)], dim=-2)
+              for x in (Q, K, V)]
+    wider = torch.cat([mask, torch.zeros(*mask.shape[:-1], 2 * mask.shape[-1], dtype=torch.bool)], dim=-1)
+    # Alone, the search gives up after m = 16 (tol out of reach by the largest m the cost rule allows) and answers
+    # exactly; padded, it went on to m = 32 and 64 and answered with those.
+    out, info = nystrom.approximate(Q, K, V, attn_mask=mask, num_landmarks=8, tol=0.02, return_info=True)
+    padded, padded_info = nystrom.approximate(*longer, attn_mask=wider, num_landmarks=8, tol=0.02, return_info=True)
+    assert [step.m for step in padded_info.tol_steps] == [step.m for step in info.tol_steps]
+    assert info.tol_steps[-1].solver == "exact"
+    real = mask[:, 0, 0, :, None]
+    # Exact attention both times, over the same real keys: measured equal; float64 rounding's tolerance.
+    torch.testing.assert_close(padded[..., :Q.shape[-2], :] * real, out * real, rtol=0, atol=1e-13)
+
+
 @pytest.mark.parametrize("case", ["40 tokens", "a padded sequence of 30", "50 queries"])
 def test_a_start_above_the_keys_starts_at_the_most_they_allow(case):
     # With tol, num_landmarks is where the search starts, not an m the caller needs: an input with fewer tokens than

@@ -10,7 +10,7 @@ from .attention import nystrom_output
 from .bounds import ErrorEstimate, query_positions, sample_rows
 from .flops import exact_attention_flops, nystrom_attention_flops
 from .solvers import NewtonSchulz, PInv, Ridge, Solver
-from .validation import outside_stacklevel
+from .validation import outside_stacklevel, real_key_counts
 
 #: Exact query rows behind every estimate of a search, and the level of its interval: the measured coverage of
 #: the 95 % interval is at least 91.8 % from 128 rows on 33 of 34 families, and 79.8 % on sharply clustered tokens
@@ -331,9 +331,13 @@ def search_for_tol(xp, Q, K, V, attempt, exact, *, first, num_keys, key_mask, ma
     (result, factors), steps
         As :func:`search_landmarks` returns them.
     """
-    pays = nystrom_pays(Q.shape[-2], K.shape[-2], Q.shape[-1], V.shape[-1])
-    top, exact_allowed = search_range(first, num_keys, query_positions(Q, K, key_mask)[1].size, max_landmarks, pays,
-                                      solver, real_keys)
+    # The costs of the sequences as padded to the longest one alone: padding past it (to a fixed length) would make
+    # exact attention's n^2 outgrow Nystrom's n m and change the answer for the same sequences (a review: MiniLM
+    # layer 5 took m = 32 padded to 376 tokens, exact attention at its own 176, 6.3 % apart).
+    queries = query_positions(Q, K, key_mask)[1].size
+    keys = K.shape[-2] if key_mask is None else int(xp.max(real_key_counts(xp, key_mask)))
+    pays = nystrom_pays(queries, keys, Q.shape[-1], V.shape[-1])
+    top, exact_allowed = search_range(first, num_keys, queries, max_landmarks, pays, solver, real_keys)
     rows = None if top < first else sample_rows(xp, Q, K, V, num_samples=SAMPLED_ROWS, seed=seed, scale=scale,
                                                 keys=key_mask, attend=attend)
     # The sampled queries once, for every step.
