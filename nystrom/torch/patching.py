@@ -339,6 +339,11 @@ class FNAHandle(Handle):
             # The eligible tokens bound m, as selection clips it: with exclude= fewer than the real ones (steps of an
             # m selection could not take repeated the same landmarks, and the stall rule stopped there; a review).
             eligible = fewest if excluded is None else fewest_real_keys(xp, everything & ~excluded)
+            if self.guarantee is not None and layer in self.inputs:
+                # Guaranteed tokens are landmarks of their own: the search starts where they fit (a review: six
+                # guaranteed with num_landmarks=4 raised, where the search would have raised m anyway).
+                pinned = token_mask("guarantee", self.guarantee, layer, self.inputs[layer]) & everything
+                m = max(m, int(pinned.sum(dim=-1).max()))
             ((landmarks, sampled), factors), steps = search_for_tol(
                 xp, query, key, value, attempt, lambda: ((None, False), None),
                 first=min(m, eligible), num_keys=eligible, real_keys=fewest, key_mask=keys,
@@ -637,7 +642,8 @@ def patch(model, *, layers=None, num_landmarks=64, strategy="norm", solver="newt
         Bound the memory of the final product; see :func:`~nystrom.torch.attention.fna_attention`.
     tol : float, optional
         Error-controlled :math:`m` per layer: on the first forward pass each FNA layer runs the doubling search of
-        ``nystrom.approximate(tol=...)`` from ``num_landmarks`` on its own attention (128 exact query rows), with
+        ``nystrom.approximate(tol=...)`` from ``num_landmarks`` (or the most ``guarantee`` tokens of a sequence, where
+        more) on its own attention (128 exact query rows), with
         one more step between the last two doublings (:func:`~nystrom.linalg.tolerance.search_landmarks`'s
         ``refine``: the later passes run at that :math:`m`, so landing within :math:`\sqrt2` of the smallest pays), and
         keeps the :math:`m` it finds, and the solver where the search escalated it, for the later passes
@@ -668,7 +674,7 @@ def patch(model, *, layers=None, num_landmarks=64, strategy="norm", solver="newt
         handle (one approximation per attention; :func:`~nystrom.torch.masking.mask_keys` and
         :func:`~nystrom.torch.capture.capturing` wrap FNA in either order). In the forward pass: ``ValueError``
         for a model in training mode with attention dropout, causal attention, attention masks that are not key
-        padding, or a ``guarantee`` larger than the landmark budget; ``RuntimeError`` under gradient
+        padding, or a ``guarantee`` larger than the landmark budget (without ``tol``); ``RuntimeError`` under gradient
         checkpointing, which calls the attention outside its block.
 
     Notes

@@ -515,6 +515,20 @@ class TestLandmarkChoice:
             with fna(model, num_landmarks=4, guarantee=torch.arange(17) < 5):
                 run(model, tiny_inputs("vit"))
 
+    def test_a_tol_search_starts_where_the_guaranteed_tokens_fit(self):
+        # A review: six guaranteed tokens with num_landmarks=4 and tol raised at the search's first step, where the
+        # search would have raised m anyway. 145 tokens: more than the estimate's 128 rows, so the search runs.
+        model = tiny_model("dinov2", num_layers=4)
+        pixels = torch.randn(1, 3, 84, 84, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        guarantee = torch.arange(145) % 24 == 1  # six tokens
+        with fna(model, layers=[2, 3], num_landmarks=4, tol=0.3, guarantee=guarantee) as handle:
+            run(model, {"pixel_values": pixels})
+        for layer in (2, 3):
+            steps = handle.records[layer].tol_steps
+            assert steps[0].m == 6
+            if layer not in handle.exact_layers:
+                assert handle.num_landmarks_per_layer[layer] >= 6
+
     # A sample smaller than the sequence makes the clustering list its sampled tokens, each standing for several: the
     # guaranteed singletons join that list (a path no test reached).
     @pytest.mark.parametrize("strategy", ["norm", "segment_means", "kmeans", nystrom.KMeans(sample_size=8),
