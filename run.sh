@@ -33,7 +33,9 @@ case "${1:-}" in
     test)
         setup
         set +e
-        "$PY" -m pytest "${@:2}"
+        # Two workers, one test file each at a time (module fixtures run once): 275 against 310 s for the whole suite
+        # on the 2-core CI machine (2026-12-02).
+        "$PY" -m pytest -n 2 --dist loadfile "${@:2}"
         rc=$?
         set -e
         if [ "$rc" -eq 5 ]; then

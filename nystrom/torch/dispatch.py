@@ -427,6 +427,8 @@ class Handle:
 
     @property
     def inputs(self) -> dict[int, torch.Tensor]:
+        """During a block's forward: its input hidden states ``(B, n, D)`` by layer index, of the calling thread's
+        pass."""
         return self._pass.inputs
 
     @staticmethod

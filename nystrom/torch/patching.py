@@ -195,6 +195,7 @@ class FNAHandle(Handle):
 
     @property
     def records(self) -> dict[int, LayerRecord]:
+        """Per FNA layer, the :class:`LayerRecord` of the last forward pass the calling thread ran."""
         return self._pass.records
 
     @staticmethod
