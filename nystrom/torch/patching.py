@@ -157,6 +157,11 @@ class FNAHandle(Handle):
         exact attention; they run the model's own attention in every pass.
     """
 
+    # Besides the block inputs, a pass keeps its records, the landmarks its layers share (with the eligible and forced
+    # tokens they were chosen for) and its padding, read once per pass.
+    PASS_STATE = {**Handle.PASS_STATE, "records": dict, "shared": _nothing, "shared_eligible": _nothing,
+                  "shared_forced": _nothing, "padding": _nothing}
+
     def __init__(self, model, *, layers, num_landmarks, strategy, solver, resample, features, guarantee, exclude,
                  seed, query_chunk_size, tol=None, max_landmarks=None, strict_tol=False):
         super().__init__(model, layers)
@@ -187,11 +192,6 @@ class FNAHandle(Handle):
         self.exclude = exclude
         self.seed = check_seed(seed)
         self.query_chunk_size = check_query_chunk_size(query_chunk_size)
-
-    # Besides the block inputs, a pass keeps its records, the landmarks its layers share (with the eligible and forced
-    # tokens they were chosen for) and its padding, read once per pass.
-    PASS_STATE = {**Handle.PASS_STATE, "records": dict, "shared": _nothing, "shared_eligible": _nothing,
-                  "shared_forced": _nothing, "padding": _nothing}
 
     @property
     def records(self) -> dict[int, LayerRecord]:
