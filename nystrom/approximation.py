@@ -264,7 +264,9 @@ def approximate(
         4.4e-4 with unit-norm queries and keys (:math:`n` = 24 to 128, a review), and 1.3e-3 with norms near 0.4
         (:math:`n = 24`, :math:`d = 16`, a later review), against 1e-5 to 3e-5 at norms 8 to 30 (1.8e-4 for some
         draws at norm 16); in float64 on near-uniform attention (norms near 1e-3) up to 6e-4, where
-        ``PInv(rtol=1e-10)`` gives 4e-11. float16 and bfloat16 stay within 1.3 to 16 times SDPA's own rounding in
+        ``PInv(rtol=1e-10)`` gives 4e-11, and 1.2e-2 with norms near 1e-6 (:math:`n = 8`, :math:`d = 32`, logits
+        near 1e-12, a review: a singular value of 1.9e-15, rounding itself, just above the cut-off; 2.5e-14 with
+        ``PInv(rtol=1e-10)``). float16 and bfloat16 stay within 1.3 to 16 times SDPA's own rounding in
         those dtypes, below their epsilon. The default six
         Newton–Schulz steps regularise and are not exact there (a review measured 1.6e-2 on smooth tokens at
         :math:`n = 256`).
@@ -425,6 +427,11 @@ def approximate(
     (2, 4, 512, 32)
     """
     if group is not None:
+        if not all(array_api_compat.is_torch_array(x) for x in (Q, K, V)):
+            # Before torch is imported: without torch installed, numpy inputs met a ModuleNotFoundError (a review).
+            kinds = sorted({f"{type(x).__module__}.{type(x).__qualname__}" for x in (Q, K, V)})
+            raise TypeError(f"group= shards a sequence across torch.distributed processes: Q, K and V must be torch "
+                            f"tensors, got {', '.join(kinds)}")
         from .torch.distributed import sharded_approximate
 
         # Every check of a sharded call runs inside it: a process with wrong arguments must not leave the others

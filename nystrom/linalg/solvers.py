@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 import array_api_compat
 
 from .numerics import detached, power_of_two_unit
-from .validation import check_finite, check_int, check_real, check_real_floating, namespace, resolve
+from .validation import check_finite, check_int, check_real, check_real_floating, namespace, register, resolve
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,8 @@ class Solver:
     Attributes
     ----------
     name : str
-        The short form accepted by ``solver=...``; subclasses declare it as ``class X(Solver, name="x")``.
+        The short form accepted by ``solver=...``; subclasses declare it as ``class X(Solver, name="x")`` (one not
+        taken; a subclass without one is not registered).
     iterative : bool
         Whether :attr:`SolveResult.iterations` can be non-zero.
     """
@@ -76,10 +77,14 @@ class Solver:
     name: ClassVar[str]
     iterative: ClassVar[bool] = False
 
-    def __init_subclass__(cls, *, name: str, iterative: bool = False, **kwargs):
+    def __init_subclass__(cls, *, name: str | None = None, iterative: bool | None = None, **kwargs):
         super().__init_subclass__(**kwargs)
-        cls.name, cls.iterative = name, iterative
-        SOLVERS[name] = cls
+        if iterative is not None:
+            cls.iterative = iterative
+        if name is not None:
+            # A subclass without a name (a helper of a user's) is not registered, and keeps its parent's.
+            cls.name = name
+            register(SOLVERS, name, cls, "solver")
 
     def __call__(self, A) -> SolveResult:
         xp = namespace(A=A)

@@ -567,7 +567,10 @@ def check_head_axis(head_axis, K) -> None:
     """``head_axis`` is None or a negative leading axis of ``K (..., n, d)`` (``-3`` for ``(B, H, n, d)``)."""
     if head_axis is None:
         return
-    if isinstance(head_axis, bool) or not isinstance(head_axis, numbers.Integral) or not (-K.ndim <= head_axis <= -3):
+    if isinstance(head_axis, bool) or not isinstance(head_axis, numbers.Integral):
+        # A TypeError, as check_int gives for num_landmarks=2.0 (a review).
+        raise TypeError(f"head_axis must be None or an int, got {type(head_axis).__qualname__} {head_axis!r}")
+    if not (-K.ndim <= head_axis <= -3):
         raise ValueError(
             f"head_axis must be None or a negative int between {-K.ndim} and -3 (a leading axis "
             f"of K with shape {tuple(K.shape)}), got {head_axis!r}"
@@ -728,6 +731,17 @@ def check_seed(seed) -> int | None:
 def check_query_chunk_size(query_chunk_size) -> int | None:
     """Validate ``query_chunk_size`` (``None`` or a positive int)."""
     return check_int("query_chunk_size", query_chunk_size, minimum=1, optional=True)
+
+
+def register(registry: dict, name: str, cls: type, family: str) -> None:
+    """Add ``cls`` to ``registry`` under ``name``: ``ValueError`` where another class holds that name (a subclass
+    named as a built-in silently replaced it for every caller, a review), except the same class defined again (a
+    module reloaded), which replaces its earlier self. ``family`` names the registry in the message."""
+    held = registry.get(name)
+    if held is not None and (held.__module__, held.__qualname__) != (cls.__module__, cls.__qualname__):
+        raise ValueError(f"the {family} name {name!r} is taken by {held.__module__}.{held.__qualname__}: give "
+                         f"{cls.__qualname__} a name of its own, or none to leave it unregistered")
+    registry[name] = cls
 
 
 def resolve(argument: str, registry: dict, value, base: type):

@@ -501,6 +501,23 @@ def test_capabilities_are_declared_and_registries_derived_from_them():
         type("Bad", (nystrom.Strategy,), {}, name="bad", fast=True)
 
 
+def test_a_name_taken_by_another_class_is_refused_and_an_unnamed_subclass_registers_nothing():
+    # A review: `class Shadow(PInv, name="pinv")` silently replaced the built-in for every solver="pinv" (strategies
+    # alike), and a helper subclass of a solver without a name was a TypeError.
+    for family, base, name, registry in (("strategy", nystrom.Uniform, "fps", nystrom.STRATEGIES),
+                                         ("solver", nystrom.PInv, "pinv", nystrom.SOLVERS)):
+        before = dict(registry)
+        with pytest.raises(ValueError, match=f"the {family} name '{name}' is taken by .*: give Shadow a name"):
+            type("Shadow", (base,), {}, name=name)
+        helper = type("Helper", (base,), {})
+        assert registry == before and helper.name == base.name
+    # The same class defined again (a module reloaded) replaces its earlier self.
+    first = type("Reloaded", (nystrom.PInv,), {"__module__": "a_module"}, name="reloaded_solver_test")
+    again = type("Reloaded", (nystrom.PInv,), {"__module__": "a_module"}, name="reloaded_solver_test")
+    assert nystrom.SOLVERS["reloaded_solver_test"] is again is not first
+    del nystrom.SOLVERS["reloaded_solver_test"]
+
+
 @pytest.mark.parametrize("name", sorted(STRATEGIES))
 def test_declared_capabilities_hold(name):
     # Each declaration is checked against behaviour: random strategies differ between seeds (and repeat for one),

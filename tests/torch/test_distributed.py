@@ -15,6 +15,7 @@ import pickle
 import socket
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -168,4 +169,12 @@ def test_top_k_breaks_ties_by_the_lowest_position_as_one_process_does(groups, wo
 def test_group_needs_an_initialised_process_group():
     Q = torch.randn(1, 8, 4)
     with pytest.raises(RuntimeError, match="init_process_group"):
+        nystrom.approximate(Q, Q, Q, num_landmarks=2, group=object())
+
+
+def test_group_refuses_arrays_that_are_not_torch_tensors():
+    # A review: numpy inputs reached the torch path, a RuntimeError about the process group (a ModuleNotFoundError
+    # without torch installed) instead of what was wrong.
+    Q = np.zeros((1, 8, 4))
+    with pytest.raises(TypeError, match="Q, K and V must be torch tensors, got numpy.ndarray"):
         nystrom.approximate(Q, Q, Q, num_landmarks=2, group=object())

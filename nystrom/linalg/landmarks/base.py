@@ -54,6 +54,7 @@ from ..validation import (
     check_selection,
     check_unknown_arguments,
     describe,
+    register,
     resolve,
     summary,
 )
@@ -295,7 +296,7 @@ class Strategy:
             setattr(cls, key, bool(value))
         if name is not None:
             cls.name = name
-            STRATEGIES[name] = cls
+            register(STRATEGIES, name, cls, "strategy")
 
     def __call__(self, Q, K, num_landmarks, *, attn_mask=None, seed=None, head_axis=None, features=None,
                  scale=None, check_values=True, **unknown) -> Landmarks:
