@@ -39,7 +39,7 @@ from nystrom.torch.capture import capturing
 from nystrom.torch.dispatch import attention_layers
 
 from . import pretrained
-from .report import markdown_table
+from .report import markdown_table, output_folder
 from .stamp import caption, make_stamp
 from .timing import best_time
 
@@ -172,6 +172,11 @@ def main(argv=None):
     parser.add_argument("--timing", action="store_true", help="also time a calibrated forward pass against exact")
     parser.add_argument("--out", default="results", help="output folder (default results/)")
     args = parser.parse_args(argv)
+    try:
+        # Before any model runs; an empty --out would write into the current folder (a review).
+        output_folder(args.out)
+    except OSError as err:
+        parser.error(f"--out {args.out!r}: cannot create or write to the output folder ({err.strerror or err})")
     torch.set_num_threads(1)
     stamp = make_stamp(CPU, torch.float32)
     setups = {"dinov2": ("DINOv2-S", lambda: dinov2_setup(args.images, args.size)),

@@ -243,6 +243,13 @@ def test_an_output_folder_that_cannot_be_made_exits_with_a_message(tmp_path, cap
     assert "cannot create or write to the output folder" in capsys.readouterr().err
 
 
+def test_an_empty_output_folder_is_refused(tmp_path, capsys, monkeypatch):
+    # A review: --out '' became Path(''), the current folder, and a run wrote cpu/ into the repository.
+    monkeypatch.chdir(tmp_path)
+    assert main(["bench", "--quick", "--only", "breakdown", "--out", ""]) == 2
+    assert "an empty path names no folder" in capsys.readouterr().err and not any(tmp_path.iterdir())
+
+
 def test_an_output_folder_that_cannot_be_written_exits_before_running(tmp_path, capsys, monkeypatch):
     # An existing read-only folder passed mkdir and failed at the first write, after the run (review; /sys as root).
     def refuse(*args, **kwargs):

@@ -205,6 +205,17 @@ class TestArguments:
             main(["--threads", "2", "eval"])
         assert exit_info.value.code == 2 and "--threads comes before the command" in capsys.readouterr().err
 
+    def test_a_negative_layer_counts_from_each_models_own_last(self):
+        # A review: -1 was resolved against MiniLM's 6 layers and DINOv2-S ran FNA in its layer 5, not 11.
+        from nystrom.experiments.evaluate.runner import check_evaluation
+
+        models, layers = check_evaluation(["dinov2", "minilm"], layers=(-3, -1))
+        assert layers == {"dinov2": (9, 11), "minilm": (3, 5)}
+        assert check_evaluation(["minilm"], layers=iter([0, -1]))[1] == {"minilm": (0, 5)}
+        assert check_evaluation(["dinov2", "minilm"])[1] == {"dinov2": None, "minilm": None}
+        with pytest.raises(ValueError, match="minilm has 6 layers"):
+            check_evaluation(["dinov2", "minilm"], layers=[8])
+
     def test_layer_counts_are_the_models(self):
         from nystrom.experiments.evaluate import dinov2, minilm
         from nystrom.torch.dispatch import attention_layers

@@ -104,6 +104,14 @@ def test_tol_fna_report_with_a_budget_runs_nystrom_and_counts_the_misses(tmp_pat
 
 
 @pytest.mark.skipif(not HAS_MINILM, reason="needs the MiniLM weights")
+def test_tol_fna_report_refuses_an_empty_output_folder_before_running(tmp_path, capsys, monkeypatch):
+    # A review: --out '' wrote tol_fna.json and tol_fna.md into the current folder, after the whole run.
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        tol_fna_report.main(["--models", "minilm", "--out", ""])
+    assert exit_info.value.code == 2 and "empty path" in capsys.readouterr().err and not any(tmp_path.iterdir())
+
+
 def test_tol_report_runs_on_minilm(capsys):
     # The example sentences in one padded batch have 22 rows, at most 128: every call is exact attention at once,
     # within tol, and none had a cheaper Nyström answer at m <= the crossover.

@@ -46,7 +46,8 @@ def build_parser():
                         help="auto: CUDA when present, else CPU")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                         help="default float32 on CPU, bfloat16 on CUDA")
-    parser.add_argument("--out", type=Path, default=Path("results"),
+    # A string, checked below: Path("") is the current folder (a review: --out '' wrote into the repository).
+    parser.add_argument("--out", default="results",
                         help="results go to OUT/<device>/ (default results/)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of about half a minute")
     parser.add_argument("--threads", type=int, default=None,
@@ -83,7 +84,9 @@ def main(argv=None):
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
                           else "cpu")
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
-    ctx = Context(device=device, dtype=dtype, plan=plan_for(device, args.quick), out=args.out / device.type,
+    if not args.out.strip():
+        return usage_error(parser, "--out: an empty path names no folder")
+    ctx = Context(device=device, dtype=dtype, plan=plan_for(device, args.quick), out=Path(args.out) / device.type,
                   progress=not args.no_progress)
     if args.threads is not None and args.threads < 1:
         return usage_error(parser, f"--threads must be at least 1, got {args.threads}")

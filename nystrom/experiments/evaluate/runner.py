@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -26,7 +27,8 @@ def check_evaluation(models=MODELS, *, layers=None, num_landmarks=DEFAULT_LANDMA
                      solvers=DEFAULT_SOLVERS, images=None, crops=4, size=224, sentences=None, seed=0, threads=None):
     """``(models, layers)`` of :func:`run_evaluation`, after checking all its options before any model loads:
     ``ValueError`` (or ``TypeError``) naming the bad one, so that no model runs for nothing (layers are checked
-    against every chosen model, and returned as a sorted tuple, or ``None``)."""
+    against every chosen model and returned per model, ``{model: sorted tuple or None}``: a negative layer counts
+    from each model's own last one)."""
     models = check_names("models", [models] if isinstance(models, str) else models)
     unknown = [m for m in models if m not in MODELS]
     if unknown:
@@ -35,20 +37,23 @@ def check_evaluation(models=MODELS, *, layers=None, num_landmarks=DEFAULT_LANDMA
         raise ValueError(f"threads must be None or a positive int, got {threads!r}")
     grid = Grid(num_landmarks, strategies, solvers, seed)  # checks m, the specs and the seed
     module = {"dinov2": dinov2, "minilm": minilm}
+    per_model = dict.fromkeys(models)
     if layers is not None:
-        # The rule patching applies, against the model with the fewest layers.
-        fewest = min(models, key=lambda name: module[name].NUM_LAYERS)
-        try:
-            layers = layer_indices(layers, module[fewest].NUM_LAYERS, None)
-        except ValueError as err:
-            raise ValueError(f"{err} ({fewest} has {module[fewest].NUM_LAYERS} layers; pass --model to evaluate "
-                             "another model alone)") from None
+        # The rule patching applies, for each model (a review: layer -1 resolved against MiniLM's 6 layers ran DINOv2's
+        # layer 5 instead of its 11).
+        layers = list(layers) if isinstance(layers, Iterator) else layers  # read once per model
+        for name in models:
+            try:
+                per_model[name] = layer_indices(layers, module[name].NUM_LAYERS, None)
+            except ValueError as err:
+                raise ValueError(f"{err} ({name} has {module[name].NUM_LAYERS} layers; pass --model to evaluate "
+                                 "another model alone)") from None
     if "dinov2" in models:
         dinov2.check_options(images, crops, size)
         grid.check_lengths([dinov2.tokens(size)], "DINOv2-S")
     if "minilm" in models:
         grid.check_lengths(minilm.sentence_lengths(minilm.check_options(sentences)), "MiniLM")
-    return models, layers
+    return models, per_model
 
 
 def run_evaluation(models=MODELS, *, out="results", layers=None, num_landmarks=DEFAULT_LANDMARKS,
@@ -89,8 +94,7 @@ def run_evaluation(models=MODELS, *, out="results", layers=None, num_landmarks=D
                               threads=threads)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    common = dict(layers=layers, num_landmarks=num_landmarks, strategies=strategies, solvers=solvers, seed=seed,
-                  progress=progress)
+    common = dict(num_landmarks=num_landmarks, strategies=strategies, solvers=solvers, seed=seed, progress=progress)
     previous = torch.get_num_threads()
     try:
         if threads is not None:
@@ -100,7 +104,7 @@ def run_evaluation(models=MODELS, *, out="results", layers=None, num_landmarks=D
         if warning:
             print(f"nystrom eval: warning: {warning}", file=sys.stderr)
         return {name: _evaluate_and_write(name, out, echo, images=images, crops=crops, size=size,
-                                          sentences=sentences, **common) for name in models}
+                                          sentences=sentences, layers=layers[name], **common) for name in models}
     finally:
         torch.set_num_threads(previous)
 
