@@ -32,7 +32,7 @@ from nystrom.linalg.bounds import census_and_strata, high_norm_queries, ratio_in
 from nystrom.torch.capture import capture_attention
 
 from .pretrained import imagenet_pixel_values, load_dinov2_small, natural_images
-from .report import markdown_table
+from .report import markdown_table, positive
 
 CONFIDENCE = 0.95
 
@@ -133,7 +133,7 @@ def coverage(e, o, Q, num_samples, replications=1000):
 def main(argv=None):
     """Print one coverage table per sample size."""
     parser = argparse.ArgumentParser(prog="python -m nystrom.experiments.coverage_report", description=__doc__)
-    parser.add_argument("--samples", type=int, nargs="+", default=[64, 128], help="row sample sizes s")
+    parser.add_argument("--samples", type=positive(int), nargs="+", default=[64, 128], help="row sample sizes s")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     rows = families()

@@ -2,10 +2,27 @@
 
 from __future__ import annotations
 
+import argparse
 import math
 import sys
 import tempfile
 from pathlib import Path
+
+
+def positive(kind):
+    """An argparse ``type``: ``kind(text)`` where that is finite and above 0, else an argparse error naming the value
+    (a review: ``--tols 0`` and ``--samples 0`` were tracebacks from deep inside the reports)."""
+    def convert(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an int' if kind is int else 'a number'}") from None
+        if not (math.isfinite(value) and value > 0):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'positive' if kind is int else 'positive and finite'}")
+        return value
+
+    convert.__name__ = f"positive {kind.__name__}"  # argparse names the type by it in its messages
+    return convert
 
 
 def output_folder(path):

@@ -39,7 +39,7 @@ from nystrom.torch.capture import capturing
 from nystrom.torch.dispatch import attention_layers
 
 from . import pretrained
-from .report import markdown_table, output_folder
+from .report import markdown_table, output_folder, positive
 from .stamp import caption, make_stamp
 from .timing import best_time
 
@@ -159,15 +159,15 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m nystrom.experiments.tol_fna_report", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
-    parser.add_argument("--tols", type=float, nargs="+", default=list(TOLS))
+    parser.add_argument("--tols", type=positive(float), nargs="+", default=list(TOLS))
     parser.add_argument("--layers", type=int, nargs="+", help="FNA layers (default all)")
-    parser.add_argument("--num-landmarks", type=int, default=None,
+    parser.add_argument("--num-landmarks", type=positive(int), default=None,
                         help="m where each layer's search starts (default 16 for DINOv2, 4 for MiniLM, as tol_report)")
-    parser.add_argument("--max-landmarks", type=int, default=None,
+    parser.add_argument("--max-landmarks", type=positive(int), default=None,
                         help="budget on each layer's m (default none: a layer that Nyström attention cannot bring "
                              "within tol with at most half the FLOPs of exact attention runs exact attention)")
     parser.add_argument("--images", nargs="+", default=list(IMAGES), help="DINOv2: natural images")
-    parser.add_argument("--size", type=int, default=518, help="DINOv2: image side in pixels (multiple of 14)")
+    parser.add_argument("--size", type=positive(int), default=518, help="DINOv2: image side in pixels (multiple of 14)")
     parser.add_argument("--sentences", type=int, default=None, help="MiniLM: the first N example sentences")
     parser.add_argument("--timing", action="store_true", help="also time a calibrated forward pass against exact")
     parser.add_argument("--out", default="results", help="output folder (default results/)")

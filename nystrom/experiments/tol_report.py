@@ -37,7 +37,7 @@ from nystrom.linalg.tolerance import EXACT, SAMPLED_ROWS, TolStep, crossover, ny
 from nystrom.torch.capture import capture_attention
 
 from .pretrained import example_sentences, imagenet_pixel_values, load_dinov2_small, load_minilm, natural_images
-from .report import markdown_table
+from .report import markdown_table, positive
 from .stamp import busy_warning, load_average
 from .timing import best_time
 
@@ -186,7 +186,7 @@ def main(argv=None):
     parser.add_argument("--models", nargs="+", choices=("dinov2", "minilm"), default=["dinov2", "minilm"])
     parser.add_argument("--images", nargs="+", choices=IMAGES, default=list(IMAGES))
     parser.add_argument("--layers", type=int, nargs="+", help="captured layers (default all)")
-    parser.add_argument("--tols", type=float, nargs="+", default=list(TOLS))
+    parser.add_argument("--tols", type=positive(float), nargs="+", default=list(TOLS))
     parser.add_argument("--timing", action="store_true", help="also time the search against one call")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)

@@ -112,6 +112,19 @@ def test_tol_fna_report_refuses_an_empty_output_folder_before_running(tmp_path, 
     assert exit_info.value.code == 2 and "empty path" in capsys.readouterr().err and not any(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("report, argv", [("tol_report", ["--tols", "0"]), ("tol_report", ["--tols", "nan"]),
+                                          ("tol_fna_report", ["--tols", "-1"]), ("tol_fna_report", ["--size", "0"]),
+                                          ("tol_fna_report", ["--max-landmarks", "0"]),
+                                          ("coverage_report", ["--samples", "0"])])
+def test_reports_refuse_values_that_are_not_positive_as_usage_errors(report, argv, capsys):
+    # A review: each was a traceback from inside the run (ValueError, RuntimeError, ZeroDivisionError).
+    import importlib
+
+    with pytest.raises(SystemExit) as exit_info:
+        importlib.import_module(f"nystrom.experiments.{report}").main(argv)
+    assert exit_info.value.code == 2 and "is not positive" in capsys.readouterr().err
+
+
 def test_tol_report_runs_on_minilm(capsys):
     # The example sentences in one padded batch have 22 rows, at most 128: every call is exact attention at once,
     # within tol, and none had a cheaper Nyström answer at m <= the crossover.
