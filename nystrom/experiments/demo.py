@@ -144,7 +144,8 @@ def run_demo(*, image="astronaut", sizes=(518, 1036), layer=9, num_landmarks=64,
             out(line)
         if "norm" in infos:
             est = infos["norm"].estimate_error(num_samples=128, seed=0)
-            out(f"{'':>6} sampled estimate for 'norm' from 128 exact rows: {est.estimate:.4f} "
+            # est.num_samples: a sequence of fewer query rows is sampled whole (a review: n = 2 said "128").
+            out(f"{'':>6} sampled estimate for 'norm' from {est.num_samples} exact rows: {est.estimate:.4f} "
                 f"(95% interval {est.low:.4f} to {est.high:.4f})")
     warning = busy_warning(threads)
     if warning:

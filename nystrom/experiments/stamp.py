@@ -110,7 +110,8 @@ def stamp_line(stamp):
     """One-line form of a stamp for figure footers and table captions; a smoke run says so first."""
     v = stamp["versions"]
     smoke = "SMOKE RUN (--quick), not a benchmark | " if stamp.get("smoke_run") else ""
-    return (f"{smoke}{stamp['device_name']} | {stamp['dtype']}, {stamp['threads']} threads | torch {v['torch']}, "
+    threads = f"{stamp['threads']} thread{'' if stamp['threads'] == 1 else 's'}"
+    return (f"{smoke}{stamp['device_name']} | {stamp['dtype']}, {threads} | torch {v['torch']}, "
             f"nystrom {v['nystrom']} | {stamp['date']} | commit {stamp['commit']}")
 
 

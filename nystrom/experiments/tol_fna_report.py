@@ -39,6 +39,7 @@ from nystrom.torch.capture import capturing
 from nystrom.torch.dispatch import attention_layers
 
 from . import pretrained
+from .evaluate import dinov2, minilm
 from .report import markdown_table, output_folder, positive
 from .stamp import caption, make_stamp
 from .timing import best_time
@@ -48,6 +49,7 @@ IMAGES = ("astronaut", "coffee", "rocket")
 MODELS = ("dinov2", "minilm")
 #: Where each layer's search starts by default: MiniLM's shortest example sentence has 10 tokens.
 FIRST_M = {"dinov2": 16, "minilm": 4}
+NUM_LAYERS = {"dinov2": dinov2.NUM_LAYERS, "minilm": minilm.NUM_LAYERS}
 CPU = torch.device("cpu")
 
 
@@ -160,7 +162,8 @@ def main(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
     parser.add_argument("--tols", type=positive(float), nargs="+", default=list(TOLS))
-    parser.add_argument("--layers", type=int, nargs="+", help="FNA layers (default all)")
+    parser.add_argument("--layers", type=int, nargs="+",
+                        help="FNA layers (default all); each model takes those it has, a negative one from its last")
     parser.add_argument("--num-landmarks", type=positive(int), default=None,
                         help="m where each layer's search starts (default 16 for DINOv2, 4 for MiniLM, as tol_report)")
     parser.add_argument("--max-landmarks", type=positive(int), default=None,
@@ -168,12 +171,29 @@ def main(argv=None):
                              "within tol with at most half the FLOPs of exact attention runs exact attention)")
     parser.add_argument("--images", nargs="+", default=list(IMAGES), help="DINOv2: natural images")
     parser.add_argument("--size", type=positive(int), default=518, help="DINOv2: image side in pixels (multiple of 14)")
-    parser.add_argument("--sentences", type=int, default=None, help="MiniLM: the first N example sentences")
+    parser.add_argument("--sentences", type=positive(int), default=None, help="MiniLM: the first N example sentences")
     parser.add_argument("--timing", action="store_true", help="also time a calibrated forward pass against exact")
     parser.add_argument("--out", default="results", help="output folder (default results/)")
     args = parser.parse_args(argv)
+    # Usage errors before any model runs (a review: an unknown image was a KeyError after DINOv2-S had loaded, a
+    # side of 15 pixels ran, layers that no model has ran none).
+    layers = {}
     try:
-        # Before any model runs; an empty --out would write into the current folder (a review).
+        if "dinov2" in args.models:
+            dinov2.check_size("--size", args.size)
+            dinov2.check_images(args.images)
+        for key in args.models:
+            count = NUM_LAYERS[key]
+            # Each model takes the layers it has, a negative one counted from its own last.
+            layers[key] = None if args.layers is None else sorted({layer % count for layer in args.layers
+                                                                   if -count <= layer < count})
+            if layers[key] == []:
+                raise ValueError(f"--layers {args.layers}: {key} has layers 0 to {count - 1}; pass --models to leave "
+                                 f"it out")
+    except ValueError as err:
+        parser.error(str(err))
+    try:
+        # An empty --out would write into the current folder (a review).
         output_folder(args.out)
     except OSError as err:
         parser.error(f"--out {args.out!r}: cannot create or write to the output folder ({err.strerror or err})")
@@ -185,17 +205,14 @@ def main(argv=None):
     for key in args.models:
         name, setup = setups[key]
         model, forward, compare = setup()
-        layers = None if args.layers is None else [layer for layer in args.layers
-                                                   if layer < len(attention_layers(model))]
         first = args.num_landmarks or FIRST_M[key]
-        results[key] = {"num_landmarks": first, **evaluate(model, forward, compare, tols=args.tols, layers=layers,
+        results[key] = {"num_landmarks": first, **evaluate(model, forward, compare, tols=args.tols, layers=layers[key],
                                                             num_landmarks=first, max_landmarks=args.max_landmarks,
                                                             timing=args.timing)}
         rows += table_rows(name, results[key])
     settings = {key: value for key, value in vars(args).items() if key != "out"}
     markdown = caption(stamp) + "\n" + markdown_table(HEADER, rows)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     (out / "tol_fna.json").write_text(json.dumps({"stamp": stamp, "settings": settings, "results": results},
                                                  indent=1))
     (out / "tol_fna.md").write_text(markdown)

@@ -114,7 +114,9 @@ class LayerRecord:
         layer ran the model's exact attention, because every token would have been a landmark or because
         ``tol`` chose it, and when a solver callable reports none.
     assignment : int64 Tensor, shape (B, n), or None
-        For strategies that group tokens: the landmark each token belongs to (``-1``: none, e.g. padding).
+        For strategies that group tokens: the landmark each token belongs to; ``-1`` for padding and, where the
+        grouping ran on a sample (``norm`` and ``kmeans`` past max(1024, 16 m) tokens), for the tokens left out
+        of it (each sampled token stands for several, as ``counts`` says).
     counts : Tensor, shape (B, m), or None
         For strategies that group tokens: how many tokens each landmark stands for (1 for a singleton).
     tol_steps : tuple of TolStep
@@ -142,9 +144,11 @@ class FNAHandle(Handle):
     layers : tuple of int
         The FNA layers, ascending.
     records : dict of int to LayerRecord
-        Per FNA layer of the last forward pass: the landmark indices, whether they were sampled there, and the
-        solver residual. Replaced by a new dict at the start of every forward pass. Each thread has its own: the
-        records of the last pass that the calling thread ran (passes in several threads at a time run apart).
+        Per FNA layer of the last forward pass (:class:`LayerRecord`): the landmark indices (strategies that pick
+        tokens) or the grouping and its counts (strategies that group them, as the default ``norm``), whether they
+        were sampled there, and the solver residual. Replaced by a new dict at the start of every forward pass.
+        Each thread has its own: the records of the last pass that the calling thread ran (passes in several
+        threads at a time run apart).
     num_landmarks_per_layer : dict of int to int
         With ``tol``: the :math:`m` each FNA layer calibrated on the first forward pass, used by the later ones
         (for a layer in ``exact_layers``, the real keys of the calibration batch's shortest sequence).
@@ -665,8 +669,8 @@ def patch(model, *, layers=None, num_landmarks=64, strategy="norm", solver="newt
     Returns
     -------
     FNAHandle
-        ``handle.records`` holds the landmark indices of each FNA layer of the last forward pass;
-        ``handle.remove()`` restores exact attention.
+        ``handle.records`` holds what each FNA layer of the last forward pass did (:class:`LayerRecord`: its
+        landmark indices or grouping); ``handle.remove()`` restores exact attention.
 
     Raises
     ------
@@ -698,7 +702,7 @@ def patch(model, *, layers=None, num_landmarks=64, strategy="norm", solver="newt
     --------
     >>> handle = patch(model, layers=range(6, 12), num_landmarks=64)   # doctest: +SKIP
     >>> out = model(pixel_values=px).last_hidden_state                  # doctest: +SKIP
-    >>> handle.records[6].indices.shape                                  # doctest: +SKIP
+    >>> handle.records[6].counts.shape         # norm: tokens per landmark  # doctest: +SKIP
     torch.Size([1, 64])
     >>> handle.remove()                                                 # doctest: +SKIP
     """

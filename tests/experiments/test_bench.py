@@ -86,6 +86,27 @@ def test_quick_outputs_say_they_are_a_smoke_run(results, section):
     payload = _load(results, section)
     assert payload["stamp"]["smoke_run"] is True
     assert "Smoke run (`--quick`)" in (results / f"{section}.md").read_text().split("\n###")[0]
+    # One thread is "1 thread" (a review: "1 threads").
+    assert "float32, 1 thread |" in (results / f"{section}.md").read_text()
+
+
+def test_a_smoke_run_judges_no_target(results):
+    # A review: --quick marked the target at 65,536 tokens "missed" from its own tiny shape.
+    table = (results / "threads.md").read_text()
+    assert "not judged (smoke run)" in table and "**missed**" not in table and "**met**" not in table
+
+
+def test_a_dtype_other_than_the_devices_default_has_its_own_folder(tmp_path, monkeypatch):
+    # A review: a --dtype bfloat16 run overwrote the float32 run's files under OUT/cpu.
+    from nystrom.experiments.bench.cli import results_folder
+
+    assert [results_folder("cpu"), results_folder("cpu", "float32"), results_folder("cpu", "bfloat16"),
+            results_folder("cuda", "bfloat16"), results_folder("cuda", "float16")] == [
+        "cpu", "cpu", "cpu-bfloat16", "cuda", "cuda-float16"]
+    ran = []
+    monkeypatch.setitem(RUNNERS, "breakdown", lambda ctx: ran.append(ctx.out) or {})
+    assert main(["bench", "--quick", "--only", "breakdown", "--dtype", "bfloat16", "--out", str(tmp_path)]) == 0
+    assert ran == [tmp_path / "cpu-bfloat16"]
 
 
 def test_ratios_have_two_significant_figures():
@@ -338,6 +359,25 @@ def test_values_only_the_run_judges_are_usage_errors_as_argparse_reports_them(tm
     assert main(["bench", "--threads", "0", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("usage: python -m nystrom bench") and "bench: error: --threads must be at least 1" in err
+
+
+def test_replot_redraws_the_sections_it_can_and_names_the_others(results, tmp_path, capsys):
+    # A review: a run saved before the plan had "thread_shape" stopped at its scaling section, and the sections
+    # after it were not redrawn.
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(results, copy)
+    for png in copy.glob("*.png"):
+        png.unlink()
+    payload = _load(copy, "scaling")
+    del payload["plan"]["thread_shape"]
+    (copy / "scaling.json").write_text(json.dumps(payload))
+    assert main(["bench", "--replot", str(copy)]) == 2
+    err = capsys.readouterr().err
+    assert "scaling.json is not a saved scaling section" in err and "thread_shape" in err
+    assert (copy / "breakdown.png").exists() and (copy / "threads.png").exists()
+    assert "breakdown.png" in err and not list(copy.glob("scaling*.png"))
 
 
 def test_replot_names_a_missing_folder_and_a_file_that_is_not_json(tmp_path, capsys):

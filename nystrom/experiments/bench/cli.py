@@ -23,6 +23,8 @@ from .threads import run_threads
 
 RUNNERS = {"scaling": run_scaling, "breakdown": run_breakdown, "threads": run_threads, "accuracy": run_accuracy,
            "e2e": run_e2e}
+#: The dtype of a run without ``--dtype``, per device type.
+DEFAULT_DTYPE = {"cpu": "float32", "cuda": "bfloat16"}
 
 
 def _parse_sections(text):
@@ -48,7 +50,8 @@ def build_parser():
                         help="default float32 on CPU, bfloat16 on CUDA")
     # A string, checked below: Path("") is the current folder (a review: --out '' wrote into the repository).
     parser.add_argument("--out", default="results",
-                        help="results go to OUT/<device>/ (default results/)")
+                        help="results go to OUT/<device>/, or OUT/<device>-<dtype>/ for a --dtype other than the "
+                             "device's default (default results/)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of about half a minute")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for torch and for numpy's BLAS (default: their own choice, one per core)")
@@ -57,6 +60,13 @@ def build_parser():
                         help="time nothing: redraw the figures of the run saved in DIR (e.g. results/cpu) from its "
                              "JSON")
     return parser
+
+
+def results_folder(device_type, dtype=None):
+    """The folder of a run under ``--out``: the device type (``"cpu"``, ``"cuda"``) for its default dtype, and the
+    type and the dtype (``cpu-bfloat16``) for another one (a review: a ``--dtype`` run overwrote the default one's
+    files)."""
+    return device_type if dtype in (None, DEFAULT_DTYPE[device_type]) else f"{device_type}-{dtype}"
 
 
 def usage_error(parser, message):
@@ -83,11 +93,11 @@ def main(argv=None):
                            f"(torch {torch.__version__}); run without --device or with --device cpu")
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
                           else "cpu")
-    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    dtype = getattr(torch, args.dtype or DEFAULT_DTYPE[device.type])
     if not args.out.strip():
         return usage_error(parser, "--out: an empty path names no folder")
-    ctx = Context(device=device, dtype=dtype, plan=plan_for(device, args.quick), out=Path(args.out) / device.type,
-                  progress=not args.no_progress)
+    ctx = Context(device=device, dtype=dtype, plan=plan_for(device, args.quick),
+                  out=Path(args.out) / results_folder(device.type, args.dtype), progress=not args.no_progress)
     if args.threads is not None and args.threads < 1:
         return usage_error(parser, f"--threads must be at least 1, got {args.threads}")
     try:

@@ -51,33 +51,52 @@ def section_figures(section, payload):
 
 def replot(directory) -> list[Path]:
     """Redraw the figures of every section saved in ``directory`` (``<section>.json`` files) as PNGs beside them;
-    returns the files written."""
+    returns the files written.
+
+    A section that cannot be redrawn (not JSON, or not as this version saves it) leaves the others to be redrawn
+    (a review: a run saved before the plan's ``thread_shape`` existed stopped at its scaling section); then a
+    ``ValueError`` names every such section and what was redrawn.
+    """
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"no folder {directory}")
-    written = []
+    written, problems, found = [], [], False
     for section in ("scaling", "breakdown", "threads", "accuracy", "e2e"):
         path = directory / f"{section}.json"
         if not path.exists():
             continue
+        found = True
         try:
-            payload = json.loads(path.read_text())
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path} is not JSON ({error})") from error
-        if not isinstance(payload, dict):
-            raise ValueError(f"{path} is not a saved section (a JSON object with 'stamp' and 'records'), it holds "
-                             f"{json.dumps(payload)[:60]}")
-        if "skipped" in payload:
-            continue
-        try:
-            figures = section_figures(section, payload)
-        except (KeyError, TypeError, AttributeError, IndexError) as error:
-            # A hand-edited or truncated record fails deep inside the figure code otherwise.
-            raise ValueError(f"{path} is not a saved {section} section as this version writes it "
-                             f"({type(error).__name__}: {error})") from error
-        for name, fig in figures.items():
-            fig.savefig(directory / f"{name}.png", dpi=DPI)
-            written.append(directory / f"{name}.png")
-    if not written:
+            written += redraw(path, section)
+        except (OSError, ValueError) as error:
+            problems.append(str(error))
+    if problems:
+        redrawn = ", ".join(p.name for p in written) or "none"
+        raise ValueError(f"{'; '.join(problems)} (figures redrawn: {redrawn})")
+    if not found:
         raise FileNotFoundError(f"no saved section (<section>.json) in {directory}")
+    return written
+
+
+def redraw(path, section) -> list[Path]:
+    """Redraw one saved section's figures beside ``path``; returns the files written."""
+    try:
+        payload = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not JSON ({error})") from error
+    if not isinstance(payload, dict):
+        raise ValueError(f"{path} is not a saved section (a JSON object with 'stamp' and 'records'), it holds "
+                         f"{json.dumps(payload)[:60]}")
+    if "skipped" in payload:
+        return []
+    try:
+        figures = section_figures(section, payload)
+    except (KeyError, TypeError, AttributeError, IndexError) as error:
+        # A hand-edited or truncated record fails deep inside the figure code otherwise.
+        raise ValueError(f"{path} is not a saved {section} section as this version writes it "
+                         f"({type(error).__name__}: {error})") from error
+    written = []
+    for name, fig in figures.items():
+        fig.savefig(path.parent / f"{name}.png", dpi=DPI)
+        written.append(path.parent / f"{name}.png")
     return written

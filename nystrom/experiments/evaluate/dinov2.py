@@ -40,6 +40,12 @@ def check_options(images, crops, size):
     if isinstance(crops, bool) or not isinstance(crops, int) or crops < 1:
         raise ValueError(f"crops must be a positive int, got {crops!r}")
     check_size("size", size)
+    return check_images(images)
+
+
+def check_images(images):
+    """``(pictures, names)``: the natural images and the chosen ``images`` (default all), distinct and among them;
+    ``ValueError`` naming the unknown ones."""
     pictures = pretrained.natural_images()
     names = tuple(pictures) if images is None else check_names("images", images)
     unknown = [name for name in names if name not in pictures]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..plotting import footer, swept_axis, value_axis
+from ..plotting import footer, method_color, swept_axis, value_axis
 from ..report import markdown_table
 from ..stamp import caption, figure_stamp
 
@@ -90,8 +90,8 @@ def plot_evaluation(result, out):
 def evaluation_figures(result):
     """The figures of one result: ``"error"`` (per-layer error against m) and ``"downstream"`` (metrics against m).
 
-    Lines: one colour per strategy, one line style per solver; a dashed black line marks the exact model's value
-    where the metric has one.
+    Lines: one colour per strategy (as in the benchmark figures), one line style per solver; a dashed black line
+    marks the exact model's value where the metric has one. One legend, right of the panels.
     """
     from matplotlib.figure import Figure
 
@@ -123,16 +123,22 @@ def evaluation_figures(result):
                     # Hollow markers of different shapes keep strategies with equal results (norm, fps) visible.
                     index = settings["strategies"].index(strategy)
                     ax.plot(ms, ys, styles[solver], marker="osv^Dx"[index % 6], ms=6 - index % 3, mfc="none",
-                            color=f"C{index}", label=strategy if len(styles) == 1 else f"{strategy}, {solver}")
+                            color=method_color(strategy),
+                            label=strategy if len(styles) == 1 else f"{strategy}, {solver}")
             if name == "error":
                 ax.set_ylabel("relative error")
-            elif metrics[i][2] is not None:
-                ax.axhline(result["exact"][metrics[i][2]], color="k", ls="--", lw=1, label="exact model")
-                ax.legend(handles=ax.get_lines()[-1:], fontsize=7)
+            else:
+                ax.set_ylabel(title)
+                if metrics[i][2] is not None:
+                    ax.axhline(result["exact"][metrics[i][2]], color="k", ls="--", lw=1, label="exact model")
             value_axis(ax, "y", log=name == "error")
             swept_axis(ax, settings["num_landmarks"])
             ax.set(title=title, xlabel="m (landmarks)")
             ax.grid(True, which="both", alpha=0.3)
-        axes[0].legend(fontsize=7)
+        # One legend for every panel, outside them: inside one it hid a point (a review).
+        handles, labels = axes[0].get_legend_handles_labels()
+        exact = [line for ax in axes[:count] for line in ax.get_lines() if line.get_label() == "exact model"][:1]
+        fig.legend(handles + exact, labels + [line.get_label() for line in exact], loc="outside right upper",
+                   fontsize=7)
         figures[name] = fig
     return figures

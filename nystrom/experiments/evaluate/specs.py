@@ -98,11 +98,12 @@ def parse_spec(text, kind):
 
 
 def check_positive_ints(name, values):
-    """``values`` as a non-empty tuple of positive ints; ``ValueError`` naming ``name`` otherwise."""
+    """``values`` as a non-empty tuple of distinct positive ints; ``ValueError`` naming ``name`` otherwise (a repeated
+    one would be evaluated twice, as :func:`check_names` says)."""
     values = tuple(values)
     if not values or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
         raise ValueError(f"{name} must be positive ints, got {values!r}")
-    return values
+    return distinct(name, values)
 
 
 def check_names(name, values):
@@ -111,8 +112,13 @@ def check_names(name, values):
     values = tuple(values)
     if not values or any(not isinstance(v, str) for v in values):
         raise ValueError(f"{name} must be a non-empty list of str, got {values!r}")
+    return distinct(name, values)
+
+
+def distinct(name, values):
+    """``values`` (a tuple) if no value repeats; ``ValueError`` naming ``name`` and the repeated ones otherwise."""
     repeated = sorted({v for v in values if values.count(v) > 1})
     if repeated:
-        raise ValueError(f"{name} lists {', '.join(repeated)} more than once")
+        raise ValueError(f"{name} lists {', '.join(map(str, repeated))} more than once")
     return values
 

@@ -119,7 +119,8 @@ class Landmarks:
 
     @property
     def assignment(self):
-        """int array, shape (..., n), or None: the landmark each key belongs to (``-1``: none), from the grouping."""
+        """int array, shape (..., n), or None: the landmark each key belongs to (``-1``: none: padding, or a token
+        left out of a sample), from the grouping."""
         return None if self.grouping is None else self.grouping.labels
 
 

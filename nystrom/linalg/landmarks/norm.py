@@ -140,7 +140,7 @@ class Norm(ClusterStrategy, name="norm", weighted=True, sharded=True):
         singleton (only when ``features`` are passed).
     max_singleton_fraction : float
         At most this fraction of the ``m`` landmarks (at least one, and never all) are singletons: ``first``,
-        then sinks and high-norm tokens by attention share.
+        then high-norm tokens, then sinks, each by attention share.
     num_probes : int
         Probe queries for the sink test.
     first : int or None
