@@ -17,6 +17,21 @@ def _labelled_ticks(axis):
     return shown
 
 
+def _overlapping_labels(axis, renderer):
+    """Pairs of neighbouring tick labels in view whose boxes overlap (a review: the bar labels of a breakdown figure
+    drawn too short for its bars were printed over each other)."""
+    lo, hi = sorted(axis.get_view_interval())
+    shown = [label for locs, labels in ((axis.get_majorticklocs(), axis.get_majorticklabels()),
+                                        (axis.get_minorticklocs(), axis.get_minorticklabels()))
+             for loc, label in zip(locs, labels)
+             if lo <= loc <= hi and label.get_visible() and label.get_text().strip()]
+    boxes = sorted(((label.get_window_extent(renderer), label.get_text()) for label in shown),
+                   key=lambda item: (item[0].y0, item[0].x0))
+    # Boxes overlap by at least a pixel in both directions: touching glyph boxes are not yet unreadable.
+    return [(a, b) for (box, a), (other, b) in zip(boxes, boxes[1:])
+            if min(box.x1, other.x1) - max(box.x0, other.x0) > 1 and min(box.y1, other.y1) - max(box.y0, other.y0) > 1]
+
+
 def unreadable_axes(fig):
     """Descriptions of the problems of ``fig``: an axis with fewer than two labelled ticks, an offset or shared
     exponent printed beside an axis, a title wider than its axes or outside the figure, a figure text
@@ -42,6 +57,9 @@ def unreadable_axes(fig):
                 problems.append(f"{name}: {which} axis labels {labels}")
             if axis.get_offset_text().get_text().strip():
                 problems.append(f"{name}: {which} axis offset {axis.get_offset_text().get_text()!r}")
+            overlapping = _overlapping_labels(axis, renderer)
+            if overlapping:
+                problems.append(f"{name}: {which} tick labels overlap: {overlapping}")
         title = ax.title if ax.get_title() else None
         if title is not None:
             box, frame = title.get_window_extent(renderer), ax.get_window_extent(renderer)

@@ -28,6 +28,11 @@ def test_the_check_sees_what_matplotlib_leaves_unreadable():
     fig, ax = _figure([1, 2])
     ax.set_title("a title far too long for an axes this narrow, cut off at its edge")
     assert any("title" in p for p in unreadable_axes(fig))
+    # Twelve bar labels on an axes about an inch high print over each other; at three inches they do not.
+    for height, overlap in ((1.6, True), (4.0, False)):
+        fig = Figure(figsize=(4.0, height), layout="constrained")
+        fig.subplots().barh([f"strategy m={m}" for m in range(12)], range(12))
+        assert any("tick labels overlap" in p for p in unreadable_axes(fig)) == overlap
 
 
 @pytest.mark.parametrize("ys", [[0.12, 0.35], [0.15, 1.6], [1e-5, 0.4], [1e-7, 1e4], [0.99991, 0.99998], [5, 5]])

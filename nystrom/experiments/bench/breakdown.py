@@ -154,7 +154,9 @@ def breakdown_figure(records, stamp):
     """
     shapes = list(dict.fromkeys((r["heads"], r["n"], r["d"]) for r in records))
     bars = max(sum((r["heads"], r["n"], r["d"]) == shape for r in records) for shape in shapes)
-    fig, axes = figure(len(shapes), stamp, width=6.5, height=0.9 + 0.16 * bars)
+    # About 2 inches for the title, legend, axis label and stamp, and a fifth of one per bar: with 0.9 + 0.16 per
+    # bar the 12 bars of a smoke run overlapped their labels (a review).
+    fig, axes = figure(len(shapes), stamp, width=6.5, height=2.2 + 0.2 * bars)
     for ax, (heads, n, d) in zip(axes, shapes):
         rows = [r for r in records if (r["heads"], r["n"], r["d"]) == (heads, n, d)]
         labels = [f"{r['strategy']} m={r['m']}" for r in rows]
