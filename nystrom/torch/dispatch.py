@@ -178,14 +178,16 @@ def attention_layers(model: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
 
 
 def padding_mask_from_attention_mask(attention_mask, batch_size, num_keys):
-    """The key padding mask ``(B, n)`` (``True`` = real key) behind a transformers attention mask, or None.
+    r"""The key padding mask ``(B, n)`` (``True`` = real key) behind a transformers attention mask, or None.
 
     Parameters
     ----------
     attention_mask : Tensor or None
         What transformers 5 passes to attention functions for bidirectional models: ``None``, a bool mask of
         shape ``(B or 1, 1 or H, n_q, n)`` (``True`` = attend; ``sdpa``) or an additive float mask of that shape
-        (0 = attend, ``-inf`` or at most half the dtype's most negative value = masked; ``eager``).
+        (0 = attend, ``-inf`` or at most half the dtype's most negative value = masked; ``eager``). Every query row
+        holds the same key mask, but for the rows of padded queries, which may attend to no key (a mask that pads
+        both axes, :math:`b_q \wedge b_k`).
     batch_size : int
         ``B``.
     num_keys : int
@@ -244,11 +246,17 @@ def _padding_mask_of(attention_mask, batch_size, num_keys):
                 "the additive attention mask holds values other than 0 (attend) and a large negative number "
                 "(masked): an attention bias, not a key padding mask"
             )
-    keys = attend[:, :1, :1, :]
-    if not torch.equal(attend, keys.expand_as(attend)):
+    # The keys some query attends to. A query row may also attend to none: a padded query of a mask that pads both
+    # axes (b_q & b_k, which the model answers on its real rows as it does the 2-D mask; a review found it refused).
+    keys = attend.any(dim=-2, keepdim=True)[:, :1]
+    empty = ~attend.any(dim=-1)
+    padded_queries = empty.any() and attend.shape[-2] == num_keys and not torch.any(empty & keys[:, :, 0, :])
+    rows = torch.where(empty[..., None], keys, attend) if padded_queries else attend
+    if not torch.equal(rows, keys.expand_as(attend)):
         raise ValueError(
             "the attention mask differs between queries or heads (causal or block-sparse attention); only "
-            "bidirectional attention with a key padding mask is supported"
+            "bidirectional attention with a key padding mask is supported (a query row may attend to no key where "
+            "that query's own key is padding)"
         )
     # A (B, n) copy, not a view: the cache in padding_mask_from_attention_mask must not keep the B x n_q x n mask alive.
     return keys[:, 0, 0, :].expand(batch_size, num_keys).clone()

@@ -146,7 +146,8 @@ class FNAHandle(Handle):
     records : dict of int to LayerRecord
         Per FNA layer of the last forward pass (:class:`LayerRecord`): the landmark indices (strategies that pick
         tokens) or the grouping and its counts (strategies that group them, as the default ``norm``), whether they
-        were sampled there, and the solver residual. Replaced by a new dict at the start of every forward pass.
+        were sampled there, and the solver residual. Replaced by a new dict at the start of every forward pass (at
+        the first FNA layer it runs: a later block called on its own starts a pass of its own).
         Each thread has its own: the records of the last pass that the calling thread ran (passes in several
         threads at a time run apart).
     num_landmarks_per_layer : dict of int to int
@@ -162,9 +163,9 @@ class FNAHandle(Handle):
     """
 
     # Besides the block inputs, a pass keeps its records, the landmarks its layers share (with the eligible and forced
-    # tokens they were chosen for) and its padding, read once per pass.
+    # tokens they were chosen for), its padding, read once per pass, and the last FNA layer it ran.
     PASS_STATE = {**Handle.PASS_STATE, "records": dict, "shared": _nothing, "shared_eligible": _nothing,
-                  "shared_forced": _nothing, "padding": _nothing}
+                  "shared_forced": _nothing, "padding": _nothing, "last": _nothing}
 
     def __init__(self, model, *, layers, num_landmarks, strategy, solver, resample, features, guarantee, exclude,
                  seed, query_chunk_size, tol=None, max_landmarks=None, strict_tol=False):
@@ -211,6 +212,7 @@ class FNAHandle(Handle):
         """Uninstall (:meth:`Handle.remove`) and drop the landmarks shared across layers; :attr:`records` stay."""
         super().remove()
         self._pass.shared = self._pass.shared_eligible = self._pass.shared_forced = self._pass.padding = None
+        self._pass.last = None
 
     def _attend(self, layer, call_next, module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                 is_causal=None, **kwargs):
@@ -238,9 +240,13 @@ class FNAHandle(Handle):
         # A checkpointed block's recompute runs its attention without the block's input: it must not start a new
         # pass's records.
         recompute = layer not in self.inputs
-        if layer == self.layers[0] and not recompute:
+        if not recompute and (self._pass.last is None or layer <= self._pass.last):
+            # A pass starts at the first FNA layer it reaches: the first one, or a later block called on its own (a
+            # review: block 4 run alone after a whole pass reused that pass's landmarks, or failed on another shape).
             self._pass.records = {}
             self._pass.shared = self._pass.padding = None
+        if not recompute:
+            self._pass.last = layer
         batch, _, n, d = key.shape
         hidden = self.inputs.get(layer)
         if query.shape[-2] != n or (hidden is not None and tuple(hidden.shape[:-1]) != (batch, n)):
@@ -679,7 +685,10 @@ def patch(model, *, layers=None, num_landmarks=64, strategy="norm", solver="newt
         handle (one approximation per attention; :func:`~nystrom.torch.masking.mask_keys` and
         :func:`~nystrom.torch.capture.capturing` wrap FNA in either order). In the forward pass: ``ValueError``
         for a model in training mode with attention dropout, causal attention, attention masks that are not key
-        padding, or a ``guarantee`` larger than the landmark budget (without ``tol``); ``RuntimeError`` under gradient
+        padding, a keyword that reaches the attention function and that FNA does not know (``head_mask``, which
+        transformers 5 forwards there and its own attention ignores: leave it out), or a ``guarantee`` larger than
+        the landmark budget (with ``tol``, larger than the :math:`m` a layer calibrated, in the passes after the
+        calibration, whose search starts where the guaranteed tokens fit); ``RuntimeError`` under gradient
         checkpointing, which calls the attention outside its block.
 
     Notes

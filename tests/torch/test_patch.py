@@ -211,6 +211,23 @@ class TestResample:
         assert torch.isfinite(out).all()
 
 
+    @pytest.mark.parametrize("strategy", ["norm", "fps"])
+    def test_a_later_block_called_alone_starts_a_pass_of_its_own(self, strategy):
+        # A review: after a whole pass, block 2 called on its own reused that pass's landmarks (sampled=False, the
+        # records of both passes mixed), or failed inside selection on another batch or length.
+        model = tiny_model("bert").eval()
+        block = dispatch.attention_layers(model)[2][0]
+        hidden = torch.randn(1, 7, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad(), fna(model, layers=[1, 2, 3], num_landmarks=4, strategy=strategy) as handle:
+            run(model, tiny_inputs("bert"))
+            alone = block(hidden)
+            records = dict(handle.records)
+        with torch.no_grad(), fna(model, layers=[2, 3], num_landmarks=4, strategy=strategy):
+            fresh = block(hidden)
+        assert list(records) == [2] and records[2].sampled
+        torch.testing.assert_close(alone, fresh, rtol=0, atol=0)
+
+
 class TestThreads:
     @pytest.mark.parametrize("kind", ["dinov2", "bert"])
     def test_passes_in_several_threads_at_a_time_run_apart(self, kind):
@@ -1252,6 +1269,28 @@ def test_a_bool_4d_attention_mask_under_eager_attention_is_refused():
         out = run(sdpa, {**inputs, "attention_mask": mask})
     with nystrom.fna(sdpa, num_landmarks=4):
         torch.testing.assert_close(out, run(sdpa, inputs), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+def test_a_4d_mask_that_pads_queries_and_keys_is_the_key_padding(implementation):
+    # b_q & b_k: the padded queries' rows attend to nothing. The model answers its real rows as with the 2-D mask,
+    # and FNA refused the mask as "differing between queries" (a review).
+    model = tiny_model("bert", attn_implementation=implementation).eval()
+    inputs = tiny_inputs("bert")
+    real = inputs["attention_mask"].bool()
+    both = real[:, None, :, None] & real[:, None, None, :]
+    if implementation == "eager":
+        both = torch.zeros(both.shape, dtype=torch.float64).masked_fill(~both, torch.finfo(torch.float64).min)
+    with fna(model, num_landmarks=4):
+        out = run(model, {**inputs, "attention_mask": both})
+        torch.testing.assert_close(out[real], run(model, inputs)[real], rtol=0, atol=0)
+    # A real query that attends to nothing is no key padding.
+    if implementation == "sdpa":
+        both[0, 0, 3] = False
+        with pytest.raises(ValueError, match="differs between queries or heads"):
+            with fna(model, num_landmarks=4):
+                run(model, {**inputs, "attention_mask": both})
+    assert_restored(model)
 
 
 def test_an_exclusion_that_excludes_nothing_keeps_the_exact_answer():
