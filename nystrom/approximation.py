@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,7 +30,7 @@ from .linalg.attention import (
 from .linalg.bounds import ErrorEstimate, check_sampling, sampled_relative_error
 from .linalg.bounds import estimate_relative_error as array_api_estimate_relative_error
 from .linalg.flops import exact_attention_flops, nystrom_attention_flops
-from .linalg.landmarks.base import Landmarks, Selection, get_strategy, run_strategy
+from .linalg.landmarks.base import Landmarks, Selection, Strategy, get_strategy, run_strategy
 from .linalg.numerics import detached, float64_numpy, quiet_numpy_overflow, without_padding
 from .linalg.solvers import Solver, get_solver, unchecked
 from .linalg.tolerance import search_for_tol
@@ -53,15 +54,30 @@ def follows_sdpa_under_autocast(function):
     SDPA, the library's computation with autocast off) and in float16 (a backward that keeps the gradients'
     range): :mod:`nystrom.torch.autocast`."""
 
+    defaults = {name: p.default for name, p in inspect.signature(function).parameters.items()}
+
     @functools.wraps(function)
     def call(Q, K, V, *args, **kwargs):
         if array_api_compat.is_torch_array(Q):
             from .torch.autocast import with_own_precision
 
-            return with_own_precision(lambda q, k, v: function(q, k, v, *args, **kwargs), Q, K, V)
+            return with_own_precision(lambda q, k, v: function(q, k, v, *args, **kwargs), Q, K, V,
+                                      replayable=replayable({**defaults, **kwargs}))
         return function(Q, K, V, *args, **kwargs)
 
     return call
+
+
+def replayable(arguments):
+    """Whether a call with these keyword ``arguments`` makes the same choices when run again on the same values: a
+    strategy object that draws nothing, or draws from a given seed, a :class:`Solver`, and no process group (a
+    backward that ran a call again on one process alone would wait for the others in a collective)."""
+    try:
+        strategy, solver = get_strategy(arguments["strategy"]), get_solver(arguments["solver"])
+    except (TypeError, ValueError):
+        return False  # the call itself says why
+    return (arguments["group"] is None and isinstance(strategy, Strategy) and isinstance(solver, Solver)
+            and (not strategy.random or arguments["seed"] is not None))
 
 
 def own_precision(Q):

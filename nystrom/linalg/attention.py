@@ -31,6 +31,7 @@ import array_api_compat
 
 from .numerics import (
     at_least_float32,
+    carries_derivatives,
     detached,
     holds_values,
     power_of_two_unit,
@@ -287,7 +288,7 @@ def with_gradient(value, x, factor=1.0):
     r"""``value``, with the gradient that ``x`` gets times ``factor`` (in the dtype of their product):
     :math:`v_0 + (x - x_0)\,c` with :math:`v_0`, :math:`x_0` held constant, whose second term is 0 in value. ``value``
     itself where ``x`` carries no gradient."""
-    if not getattr(x, "requires_grad", False):
+    if not carries_derivatives(x):
         return value
     return detached(value) + (x - detached(x)) * factor
 
@@ -295,7 +296,7 @@ def with_gradient(value, x, factor=1.0):
 def gradient_times(xp, x, c):
     """``x`` in value and dtype, whose gradient is multiplied by ``c`` on the way back, in ``c``'s dtype
     (:func:`with_gradient`)."""
-    return x if not getattr(x, "requires_grad", False) else xp.astype(with_gradient(x, x, c), x.dtype)
+    return x if not carries_derivatives(x) else xp.astype(with_gradient(x, x, c), x.dtype)
 
 
 def nystrom_output(xp, Q, factors, attend):

@@ -55,6 +55,19 @@ def detached(a):
     return detach() if detach is not None else a
 
 
+TANGENTS: list = []
+"""How an array library's arrays carry derivatives besides ``requires_grad``: callables ``carries(a) -> bool``, such as
+torch's forward-mode tangents, which :mod:`nystrom.torch.forward_mode` registers on import (``linalg`` imports no
+backend)."""
+
+
+def carries_derivatives(a) -> bool:
+    """Whether ``a`` carries derivatives to propagate: reverse mode (``requires_grad``) or a registered forward mode
+    (:data:`TANGENTS`). A branch that skips derivative terms for arrays without them must ask this: a forward-mode
+    dual tensor does not require grad (a review: ``PInv`` under ``torch.func.jvp`` gave a tangent 0.93 off)."""
+    return bool(getattr(a, "requires_grad", False)) or any(carries(a) for carries in TANGENTS)
+
+
 def sum_dtype(xp, a):
     """Accumulator dtype for sums over ``a``: its own for float32/float64, float32 for half precision,
     whose sums of ordinary values overflow past 65,504 (float16) or stop growing (bfloat16)."""

@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 
 import array_api_compat
 
-from .numerics import detached, power_of_two_unit
+from .numerics import carries_derivatives, detached, power_of_two_unit
 from .validation import check_finite, check_int, check_real, check_real_floating, namespace, register, resolve
 
 
@@ -402,7 +402,7 @@ class PInv(Solver, name="pinv"):
         s_inv = xp.where(keep, 1 / xp.where(keep, s, xp.ones_like(s)), xp.zeros_like(s))
         V, Ut = xp.matrix_transpose(Vh), xp.matrix_transpose(U)
         Z0 = V @ (s_inv[..., None] * Ut)
-        if not getattr(A, "requires_grad", False):
+        if not carries_derivatives(A):
             return SolveResult(Z0, residual_of(xp, A, Z0), 0)
         # Value Z0 (dA = A - A0 is exactly 0), derivative Golub-Pereyra's: see the class notes. I - AZ and I - ZA are
         # the projectors on the dropped singular vectors, from the SVD: exactly 0 when none is dropped (formed as

@@ -5,9 +5,9 @@ analysis.
 Nothing here imports transformers at import time; the model tools import it when they are used.
 """
 
-# Register torch.compile and the queued host-to-device copy with the array-API core (nystrom.linalg imports no
-# backend); for torch inputs approximate() loads this package before it selects landmarks.
-from . import tracing, transfer  # noqa: F401
+# Register torch.compile, the queued host-to-device copy and forward-mode tangents with the array-API core
+# (nystrom.linalg imports no backend); for torch inputs approximate() loads this package before it selects landmarks.
+from . import forward_mode, tracing, transfer  # noqa: F401
 from .attention import fna_attention, sdpa_attend
 from .capture import CapturedAttention, capture_attention, capturing
 from .dispatch import attention_layers, padding_mask_from_attention_mask

@@ -53,17 +53,19 @@ def autocast_cast(x, dtype):
     return x.to(dtype) if isinstance(x, torch.Tensor) and x.dtype in _CAST_BY_AUTOCAST else x
 
 
-def with_own_precision(function, Q, K, V, *inputs):
+def with_own_precision(function, Q, K, V, *inputs, replayable=False):
     """``function(Q, K, V, *inputs)`` under the library's precision rules rather than the caller's: under autocast,
     ``Q``, ``K`` and ``V`` in the dtype autocast would give SDPA and autocast off inside, forward and backward; for
     float16, with or without autocast, the gradient's range kept (:func:`with_own_backward`, which differentiates
     ``inputs`` too: tensors such as given landmarks). A plain call when autocast is off for ``Q``'s device and ``Q``
-    is not float16."""
+    is not float16. ``replayable``: ``function`` makes the same choices when called again on the same values (no
+    unseeded random draw, no collective, no state it writes), so that a float16 backward that overflows inside may
+    run again in float32 (:class:`_OwnBackward`); without autocast only, where float32 inputs stay float32."""
     dtype = autocast_dtype(Q.device)
     if dtype is None:
         if Q.dtype != torch.float16:
             return function(Q, K, V, *inputs)
-        return with_own_backward(function, Q, K, V, *inputs)
+        return with_own_backward(function, Q, K, V, *inputs, replayable=replayable)
 
     def run(q, k, v, *rest):
         with without_autocast(q.device):
@@ -84,7 +86,7 @@ def with_own_precision(function, Q, K, V, *inputs):
     return with_own_backward(run, Q, K, V, *inputs)
 
 
-def with_own_backward(run, *inputs):
+def with_own_backward(run, *inputs, replayable=False):
     """``run(*inputs)`` (a tensor, or a tuple of outputs such as an attention function's ``(output, weights)``),
     whose backward runs with autocast off for the inputs' device, whatever the state ``.backward()`` is called in,
     and, for float16 outputs, with the incoming gradients divided by their largest magnitude (the input gradients are
@@ -92,17 +94,21 @@ def with_own_backward(run, *inputs):
     the inputs (the attention weights a model returns with ``output_attentions=True`` too); other items pass as they
     are. First derivatives only (a second one raises). A plain call where no input requires grad, grad mode is off,
     or ``torch.compile`` traces the call (Dynamo cannot trace a backward that differentiates a graph of its own:
-    there, run the backward outside the autocast block, as PyTorch recommends)."""
+    there, run the backward outside the autocast block, as PyTorch recommends). With ``replayable``
+    (:func:`with_own_precision`), a float16 backward that overflows inside is run again in float32."""
     if not (torch.is_grad_enabled() and any(x.requires_grad for x in inputs)) or torch.compiler.is_compiling():
         return run(*inputs)
     items = []
 
     def outputs(*args):
         result = run(*args)
-        items.extend(result if isinstance(result, tuple) else (result,))
-        return tuple(x for x in items if _differentiable(x))
+        result = result if isinstance(result, tuple) else (result,)
+        if not items:
+            # The forward's items; a float32 recompute in the backward (_OwnBackward) keeps none.
+            items.extend(result)
+        return tuple(x for x in result if _differentiable(x))
 
-    differentiable = iter(_OwnBackward.apply(outputs, inputs[0].device.type, *inputs))
+    differentiable = iter(_OwnBackward.apply(outputs, inputs[0].device.type, replayable, *inputs))
     result = tuple(next(differentiable) if _differentiable(x) else x for x in items)
     return result if len(result) > 1 else result[0]
 
@@ -116,14 +122,14 @@ class _OwnBackward(torch.autograd.Function):
     backward pass with autocast off (``torch.autograd.grad`` through that graph)."""
 
     @staticmethod
-    def forward(ctx, run, device_type, *inputs):
+    def forward(ctx, run, device_type, replayable, *inputs):
         inner = tuple(x.detach().requires_grad_(x.requires_grad) for x in inputs)
         # An output the loss does not use (the weights of a model called without output_attentions) gets None, not
         # zeros to differentiate.
         ctx.set_materialize_grads(False)
         with torch.enable_grad():
             outs = run(*inner)
-        ctx.graph, ctx.device_type = (outs, inner), device_type
+        ctx.graph, ctx.device_type, ctx.run = (outs, inner), device_type, run if replayable else None
         return tuple(out.detach() for out in outs)
 
     @staticmethod
@@ -153,7 +159,27 @@ class _OwnBackward(torch.autograd.Function):
         else:
             found = (None,) * len(wanted)
         if unit is not None:
+            if ctx.run is not None and not all(g is None or bool(torch.isfinite(g).all()) for g in found) and all(
+                    bool(torch.isfinite(grad).all()) for _, grad in pairs):
+                # A sum inside overflowed float16 (a landmark's gradient over the tokens it stands for, amplified by
+                # A^+: a review found 9.3e4 for landmark queries where every input gradient was at most 1.7e4): the
+                # backward again through the graph built in float32 on the same values (one host read of the
+                # gradients, in float16 only; the recompute only where something overflowed).
+                found = _float32_gradients(ctx, pairs, inner)
             # In float32, then the input's dtype: inf only where the gradient itself does not fit.
-            found = tuple(None if g is None else (g.float() * unit).to(g.dtype) for g in found)
+            found = tuple(None if g is None else (g.float() * unit).to(x.dtype) for g, x in zip(found, wanted))
         found = iter(found)
-        return (None, None, *(next(found) if x.requires_grad else None for x in inner))
+        return (None, None, None, *(next(found) if x.requires_grad else None for x in inner))
+
+
+def _float32_gradients(ctx, pairs, inner):
+    """The gradients of :class:`_OwnBackward`'s inputs that require one, for the incoming gradients of ``pairs``
+    (already in units), from a float32 recompute of its graph: the float16 inputs cast to float32 (exactly), the
+    outputs run again and differentiated in float32."""
+    wide = tuple(x.detach().float().requires_grad_(x.requires_grad) if x.dtype == torch.float16 else x for x in inner)
+    incoming = {id(out): grad for out, grad in pairs}
+    with torch.enable_grad(), torch.autocast(ctx.device_type, enabled=False):
+        again = [(new, incoming[id(old)].float()) for old, new in zip(ctx.graph[0], ctx.run(*wide))
+                 if id(old) in incoming]
+        return torch.autograd.grad([new for new, _ in again], [x for x in wide if x.requires_grad],
+                                   [grad for _, grad in again], allow_unused=True)
