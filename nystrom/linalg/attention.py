@@ -36,6 +36,7 @@ from .numerics import (
     holds_values,
     power_of_two_unit,
     quiet_numpy_overflow,
+    scaled_logits,
     softmax,
     without_padding,
 )
@@ -83,7 +84,7 @@ def softmax_attention(xp, Q, K, V, mask=None, *, scale):
     output, a convex combination of rows of ``V``, fits ``V``'s dtype.
     """
     Q, K, V_wide = at_least_float32(xp, Q), at_least_float32(xp, K), at_least_float32(xp, V)
-    logits = scale * (Q @ xp.matrix_transpose(K))
+    logits = scaled_logits(xp, Q, K, scale)
     if mask is not None and mask.dtype != xp.bool:
         weights = softmax(xp, logits + xp.astype(mask, logits.dtype))
     else:
@@ -216,7 +217,7 @@ def landmark_kernel(xp, q_landmarks, k_landmarks, scale, log_weights=None):
     array, shape (..., m, m)
     """
     q, k = at_least_float32(xp, q_landmarks), at_least_float32(xp, k_landmarks)
-    logits = scale * (q @ xp.matrix_transpose(xp.astype(k, q.dtype)))
+    logits = scaled_logits(xp, q, xp.astype(k, q.dtype), scale)
     if log_weights is not None:
         logits = logits + xp.astype(log_weights, q.dtype)[..., None, :]
     return softmax(xp, logits)

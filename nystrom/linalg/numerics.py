@@ -68,6 +68,17 @@ def carries_derivatives(a) -> bool:
     return bool(getattr(a, "requires_grad", False)) or any(carries(a) for carries in TANGENTS)
 
 
+def scaled_logits(xp, q, k, scale):
+    r""":math:`\tau\, q k^\top` for ``q (..., n_q, d)``, ``k (..., n, d)`` of one dtype and a Python float ``scale``,
+    with :math:`\tau` applied first to the queries where it is at most 1 (as SDPA does): applied to the product, the
+    product of keys and queries of logits up to the dtype's largest overflowed first, :math:`\tau^{-1} = \sqrt d`
+    times larger (a review: exact attention NaN for float32 logits of 3e38, where SDPA was finite). A ``scale`` above
+    1 goes on the product, which it can only enlarge."""
+    if scale <= 1:
+        return (scale * q) @ xp.matrix_transpose(k)
+    return scale * (q @ xp.matrix_transpose(k))
+
+
 def sum_dtype(xp, a):
     """Accumulator dtype for sums over ``a``: its own for float32/float64, float32 for half precision,
     whose sums of ordinary values overflow past 65,504 (float16) or stop growing (bfloat16)."""

@@ -108,6 +108,20 @@ class Solver:
         raise NotImplementedError
 
 
+def solve_in_units(solver, A) -> SolveResult:
+    r"""``solver.solve`` of ``A`` in units of a power of two :math:`u` near :math:`\max|A|` per matrix,
+    :math:`(uA)^+ u = A^+`: exact, the same steps bit for bit wherever nothing over- or underflows, for a matrix of
+    any scale. An inverse past the dtype's range (that of a subnormal matrix) is infinite, with a NaN residual. (A
+    softmax kernel, the library's, needs none of this: :meth:`Solver.solve`.)"""
+    xp = array_api_compat.array_namespace(A)
+    unit = detached(power_of_two_unit(xp, _largest_entry(xp, A)))
+    result = solver.solve(A * unit)
+    Z = result.inverse * unit
+    fits = xp.all(xp.isfinite(Z), axis=(-2, -1))
+    residual = xp.where(fits, result.residual, xp.full_like(result.residual, float("nan")))
+    return SolveResult(Z, residual, result.iterations)
+
+
 def check_square_matrices(xp, name, X):
     r"""``X`` is a real floating ``(..., m, m)`` array with :math:`m \ge 1`."""
     check_real_floating(xp, name, X)
@@ -250,18 +264,10 @@ class NewtonSchulz(Solver, name="newton_schulz", iterative=True):
             raise ValueError(f"NewtonSchulz tol must be positive or None, got {self.tol!r}")
 
     def solve_any(self, A) -> SolveResult:
-        r"""The iterations in units of a power of two near :math:`\max|A|` per matrix: exact, the same iterates bit
-        for bit, where the norms and products of a matrix of entries near 1e38 in float32 overflowed to a zero start
-        (an inverse of 0, a residual of 1) and subnormal entries gave NaN. An inverse past the dtype's range (that
-        of a subnormal matrix) is infinite, with a NaN residual. (A softmax kernel, the library's, needs none of
-        this: :meth:`solve`.)"""
-        xp = array_api_compat.array_namespace(A)
-        unit = detached(power_of_two_unit(xp, _largest_entry(xp, A)))
-        result = self.solve(A * unit)
-        Z = result.inverse * unit
-        fits = xp.all(xp.isfinite(Z), axis=(-2, -1))
-        residual = xp.where(fits, result.residual, xp.full_like(result.residual, float("nan")))
-        return SolveResult(Z, residual, result.iterations)
+        r"""The iterations in units of a power of two near :math:`\max|A|` (:func:`solve_in_units`): the norms and
+        products of a matrix of entries near 1e38 in float32 overflowed to a zero start (an inverse of 0, a residual
+        of 1) and subnormal entries gave NaN."""
+        return solve_in_units(self, A)
 
     def solve(self, A) -> SolveResult:
         xp = array_api_compat.array_namespace(A)
@@ -383,6 +389,12 @@ class PInv(Solver, name="pinv"):
     def __post_init__(self):
         if check_real("PInv rtol", self.rtol, optional=True) is not None and not (0 <= self.rtol < 1):
             raise ValueError(f"PInv rtol must be None or in [0, 1), got {self.rtol!r}")
+
+    def solve_any(self, A) -> SolveResult:
+        r"""The SVD in units of a power of two near :math:`\max|A|` (:func:`solve_in_units`): a well-conditioned
+        matrix of entries near 1e308 in float64 (2e38 in float32) had an infinite largest singular value, kept none
+        and gave an inverse of 0 (a review)."""
+        return solve_in_units(self, A)
 
     def solve(self, A) -> SolveResult:
         xp = array_api_compat.array_namespace(A)

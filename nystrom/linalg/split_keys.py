@@ -31,7 +31,7 @@ import math
 
 import array_api_compat
 
-from .numerics import at_least_float32
+from .numerics import at_least_float32, scaled_logits
 
 
 def partial_attention(xp, q, k, v, mask=None, *, scale):
@@ -61,7 +61,7 @@ def partial_attention(xp, q, k, v, mask=None, *, scale):
     """
     # Logits and sums in float32 or wider: half-precision exponent sums overflow (float16) or stop growing.
     q = at_least_float32(xp, q)
-    logits = scale * (q @ xp.matrix_transpose(xp.astype(k, q.dtype)))
+    logits = scaled_logits(xp, q, xp.astype(k, q.dtype), scale)
     if mask is not None:
         if mask.dtype == xp.bool:
             neg = xp.full((), -math.inf, dtype=logits.dtype, device=array_api_compat.device(logits))

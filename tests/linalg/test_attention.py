@@ -414,3 +414,19 @@ def test_padded_rows_of_huge_values_raise_no_numpy_warning():
     Q[0, -3:] = 3e38
     out = nystrom_attention(Q, K, V, landmarks, attn_mask=mask)[0]
     np.testing.assert_array_equal(out[:, :7], clean[:, :7])
+
+
+@pytest.mark.parametrize("library", ["numpy", "torch"])
+def test_exact_attention_takes_logits_up_to_the_dtypes_largest(library):
+    # A review: float32 logits of up to 3.2e38 fit, but the unscaled product q.k, sqrt(d) = 2 times larger, overflowed
+    # first and exact attention, the library's reference, was NaN where SDPA was finite. The scale goes on the
+    # queries first, as SDPA's does.
+    rng = np.random.default_rng(21)
+    Q, K, V = (rng.standard_normal((1, 12, 4)) for _ in range(3))
+    Q, K, V = (Q * 1e19).astype(np.float32), (K * 1e19).astype(np.float32), V.astype(np.float32)
+    assert np.abs(Q[0].astype(np.float64) @ K[0].T.astype(np.float64)).max() > np.finfo(np.float32).max
+    sdpa = torch.nn.functional.scaled_dot_product_attention(*(torch.from_numpy(x) for x in (Q, K, V))).numpy()
+    args = (Q, K, V) if library == "numpy" else tuple(torch.from_numpy(x) for x in (Q, K, V))
+    out = np.asarray(nystrom.exact_attention(*args))
+    # float32 logits of 1e38 round to 2e31: the softmax of such logits is one-hot or a tie broken alike in both.
+    np.testing.assert_allclose(out, sdpa, rtol=0, atol=1e-6)
