@@ -28,7 +28,7 @@ from typing import Any
 
 import array_api_compat
 
-from .numerics import at_least_float32, masked_median, take_along_axis
+from .numerics import masked_median, relative_norms, take_along_axis
 from .sequence import first_token
 from .validation import (
     broadcasts_to,
@@ -138,6 +138,17 @@ def detect_massive_activations(hidden, *, abs_threshold=100.0, median_ratio=1000
     return MassiveActivations(mask=mask, channel=channel, value=value, median=median)
 
 
+def holds_positions(exclude) -> bool:
+    """Whether ``exclude`` is a sequence of token positions (else ``None`` or an array); ``TypeError`` for anything
+    else (a review: ``exclude=0`` was told to be "an array of an array-API library", positions being the usual form)."""
+    if isinstance(exclude, Sequence):
+        return True
+    if exclude is not None and not array_api_compat.is_array_api_obj(exclude):
+        raise TypeError(f"exclude must be a sequence of token positions (such as (0,)) or a bool array, got "
+                        f"{type(exclude).__name__}")
+    return False
+
+
 def excluded_tokens(xp, exclude, shape, device, mask=None):
     """Token exclusions of :func:`detect_high_norm_tokens` as a bool array of ``shape``.
 
@@ -149,7 +160,7 @@ def excluded_tokens(xp, exclude, shape, device, mask=None):
     n = shape[-1]
     if exclude is None:
         exclude = ()
-    if isinstance(exclude, Sequence):
+    if holds_positions(exclude):
         positions = list(exclude)
         bad = [p for p in positions if isinstance(p, bool) or not isinstance(p, numbers.Integral) or not -n <= p < n]
         if bad:
@@ -201,7 +212,7 @@ def detect_high_norm_tokens(hidden, *, ratio=4.0, exclude=(0,), attention_mask=N
     ValueError
         Wrong shapes, non-positive ``ratio``, bad positions, or a sequence without any eligible token.
     """
-    positions = isinstance(exclude, Sequence)
+    positions = holds_positions(exclude)
     xp = namespace(hidden=hidden, attention_mask=attention_mask, exclude=None if positions else exclude)
     attention_mask = _check_tokens(xp, "hidden", hidden, attention_mask, 2)
     nu = check_positive("ratio", ratio)
@@ -214,9 +225,9 @@ def detect_high_norm_tokens(hidden, *, ratio=4.0, exclude=(0,), attention_mask=N
         left, verb = ("exclude", "leaves") if attention_mask is None else ("exclude and attention_mask", "leave")
         detail = f" (exclude={exclude!r}, {shape[-1]} tokens)" if positions else ""
         raise ValueError(f"{left} {verb} a sequence without any token to test{detail}")
-    # In float32 at least: a float16 sum of squares overflows past norms of 256, and an infinite median flags nothing.
-    wide = at_least_float32(xp, hidden)
-    norms = xp.sqrt(xp.sum(wide * wide, axis=-1))
+    # In float32 at least and in a unit near the largest entry: a float16 sum of squares overflows past norms of 256,
+    # a float32 one past entries of 1e19, and an infinite median flags nothing.
+    norms = relative_norms(xp, hidden, eligible)
     median = masked_median(xp, norms, eligible)
     return eligible & (norms > nu * median[..., None])
 

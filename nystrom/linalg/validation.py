@@ -416,6 +416,12 @@ def check_token_mask(xp, mask, shape):
     if not per_token(got, shape):
         raise ValueError(f"attention_mask must have shape {tuple(shape)} (1 = real token) or one that broadcasts "
                          f"to it, got {got}")
+    if len(got) < len(shape) and any(size != 1 for size in got[:-1]):
+        # Broadcasting aligns it to the right: a (B, n) mask of per-head values (B, H, n) would read B as the head
+        # axis, silently where B == H (a review: a sink of batch 0 lost in head 1).
+        raise ValueError(f"attention_mask of shape {got} for tokens of shape {tuple(shape)} would be aligned to the "
+                         f"right, its first axis read as axis {len(shape) - len(got)} of the tokens; give it the "
+                         f"tokens' number of dimensions (for per-head values (B, H, n): attention_mask[:, None, :])")
     if mask.dtype != xp.bool:
         if not bool(xp.all((mask == 0) | (mask == 1))):
             raise ValueError("attention_mask as an integer mask must hold 0 (padding) and 1 (real token)")

@@ -283,13 +283,15 @@ def analyze_tokens(model, inputs, *, massive_threshold=100.0, massive_ratio=1000
     mask = None if real is None else real.to(residual.device)[None]
     if isinstance(exclude, torch.Tensor):
         exclude = exclude.to(residual.device)
+    # Checked against the batch's (B, n) first: the detectors see it beside (layers, B, n), whose shape a message
+    # would name instead (a review).
+    excluded = excluded_tokens(array_api_compat.array_namespace(residual), exclude, tuple(residual.shape[1:3]),
+                               residual.device, None if real is None else real.to(residual.device))
     massive = detect_massive_activations(residual, abs_threshold=massive_threshold, median_ratio=massive_ratio,
                                          attention_mask=mask)
     artifact = detect_high_norm_tokens(residual, ratio=artifact_ratio, exclude=exclude, attention_mask=mask)
     sink = detect_sinks(share, ratio=sink_ratio, attention_mask=mask)
     token_mask = torch.ones(residual.shape[1:3], dtype=torch.bool) if real is None else real
-    excluded = excluded_tokens(array_api_compat.array_namespace(residual), exclude, tuple(residual.shape[1:3]),
-                               residual.device, None if real is None else real.to(residual.device))
     return TokenAnalysis(
         residual_norms=_numpy(torch.linalg.vector_norm(residual, dim=-1)),
         normed_norms=_numpy(torch.linalg.vector_norm(normed, dim=-1)),

@@ -75,3 +75,12 @@ def test_recipe_options_are_checked():
         FPS(from_guaranteed=1)
     with pytest.raises(TypeError, match="use_queries"):
         FPS(use_queries="q")
+
+
+@pytest.mark.parametrize("dtype", [bool, np.int64])
+def test_a_guarantee_score_must_be_floating(dtype):
+    # A review: an integer 0/1 score guaranteed every token (no -inf to say "not guaranteed"), a bool one failed inside
+    # numpy; the array API named a promotion rule.
+    points = np.random.default_rng(0).standard_normal((10, 3))
+    with pytest.raises(TypeError, match="guarantee_score must have dtype float"):
+        farthest_point_sampling(points, 3, guarantee_score=np.zeros(10, dtype=dtype))

@@ -403,6 +403,20 @@ def test_a_local_attention_peak_is_no_sink():
     assert 9 in singletons(Norm(first=None, sink_ratio=2.0, num_probes=16, sink_quorum=1 / 16)(Q, K, 8), K)
 
 
+@pytest.mark.parametrize("scale", [1e-25, 1e20, 1e30])
+def test_norm_finds_the_same_massive_tokens_at_any_scale_of_the_features(scale):
+    # A review: float32 features near 1e-25 or 1e30 had sums of squares that vanished or overflowed, the median norm
+    # went to 0 or inf, and every token counted as high-norm (3 singletons became 6). Norms are compared in a unit
+    # near the largest entry now.
+    rng = np.random.default_rng(9)
+    Q, K = rng.standard_normal((64, 8)), rng.standard_normal((64, 8))
+    feats = rng.standard_normal((64, 16)).astype(np.float32)
+    feats[9] *= 40
+    expected = singletons(Norm()(Q, K, 16, features=feats), K)
+    assert 9 in expected
+    assert singletons(Norm()(Q, K, 16, features=(feats * np.float32(scale)).astype(np.float32)), K) == expected
+
+
 def test_norm_makes_massive_feature_tokens_and_cls_singletons():
     rng = np.random.default_rng(9)
     Q, K = rng.standard_normal((40, 8)), rng.standard_normal((40, 8))
@@ -800,3 +814,29 @@ def test_gather_rows_takes_any_integer_index_for_one_sequence(dtype):
     idx = torch.tensor([[3, 0, 7]], dtype=dtype)
     xp = array_api_compat.array_namespace(X)
     torch.testing.assert_close(gather_rows(xp, X, idx), X[:, [3, 0, 7]], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(num_pivots=4, mask=np.arange(10) < 3, u=np.full(4, 0.5)), ValueError, "num_pivots=4 exceeds the 3 eligible"),
+    (dict(num_pivots=3, u=np.full(2, 0.5)), ValueError, r"u must have shape \(3,\)"),
+    (dict(num_pivots=3, u=np.full(3, 0.5), X=np.ones((10, 3), dtype=np.int64)), TypeError, "X must have dtype"),
+    (dict(num_pivots=0, u=np.full(0, 0.5)), ValueError, "num_pivots"),
+])
+def test_rpcholesky_pivots_checks_its_arguments(kwargs, error, match):
+    # A review: more pivots than eligible points came back repeated and masked ([..., 0, 0]), a short u was an
+    # IndexError, and integer points were taken.
+    from nystrom.linalg.landmarks import rpcholesky_pivots
+
+    X = kwargs.pop("X", np.random.default_rng(0).standard_normal((10, 3)))
+    with pytest.raises(error, match=match):
+        rpcholesky_pivots(X, scale=0.5, **kwargs)
+
+
+def test_a_strategy_called_directly_warns_of_no_numpy_overflow():
+    # A review: RPCholesky on keys of 1e10 (float64) warned of overflow in exp and of an invalid divide, an error
+    # under -W error, where approximate() on the same inputs is quiet.
+    Q = np.random.default_rng(0).standard_normal((1, 20, 4)) * 1e10
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for name in sorted(STRATEGIES):
+            nystrom.get_strategy(name)(Q, Q, 3, seed=0)

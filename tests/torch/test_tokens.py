@@ -92,6 +92,14 @@ class TestMassive:
 
 
 class TestHighNorm:
+    @pytest.mark.parametrize("scale", [1e-25, 1e20, 1e30])
+    def test_the_same_tokens_at_any_scale(self, scale):
+        # A review: [7] at scale 1 but none at 1e20 or 1e-25 in float32, whose sums of squares overflowed or vanished.
+        hidden = np.random.default_rng(0).standard_normal((1, 20, 16)).astype(np.float32)
+        hidden[0, 7] *= 30
+        scaled = (hidden * np.float32(scale)).astype(np.float32)
+        assert np.flatnonzero(detectors.detect_high_norm_tokens(scaled)[0]).tolist() == [7]
+
     def test_finds_injected_patch_tokens_but_not_cls(self, to_array):
         hidden = np.random.default_rng(3).standard_normal((2, 65, 64))
         hidden[0, [3, 17, 40]] *= 10
@@ -198,6 +206,17 @@ def gaussian_share(seed, n=64, d=64, bias=None):
 
 
 class TestSinks:
+    def test_a_batch_mask_of_per_head_shares_must_name_the_head_axis(self):
+        # A review: a (B, n) mask of (B, H, n) shares broadcast to the right, B read as H; with B == H the sink of
+        # batch 0, head 1 was lost silently. The mask must have the shares' dimensions.
+        share = np.full((2, 2, 6), 0.04)
+        share[0, :, 5] = 0.8
+        mask = np.array([[1] * 6, [1, 1, 1, 0, 0, 0]])
+        with pytest.raises(ValueError, match="would be aligned to the right"):
+            detectors.detect_sinks(share, attention_mask=mask)
+        found = detectors.detect_sinks(share, attention_mask=mask[:, None, :])
+        assert found[0, :, 5].all() and found.sum() == 2
+
     def test_finds_a_token_that_takes_half_the_attention(self, to_array):
         bias = np.zeros(48)
         # Equal odds against the 47 other keys, whose N(0, 1) logits weigh E[e^x] = e^(1/2) each.
@@ -386,6 +405,12 @@ def test_analyze_tokens_rejects_bad_models_and_inputs():
     model.eval()
     with pytest.raises(TypeError, match="model must be a torch.nn.Module, got dict"):
         tokens.analyze_tokens({"model": model}, ids)
+    # A review: exclude=0 was told to be "an array of an array-API library", and a wrong-shaped bool exclude was
+    # measured against (layers, B, n), a shape the caller never made.
+    with pytest.raises(TypeError, match=r"exclude must be a sequence of token positions \(such as \(0,\)\) or a bool"):
+        tokens.analyze_tokens(model, ids, exclude=0)
+    with pytest.raises(ValueError, match=r"broadcastable to \(1, 4\), got \(2, 4\)"):
+        tokens.analyze_tokens(model, ids, exclude=torch.zeros(2, 4, dtype=torch.bool))
     with pytest.raises(ValueError, match=r"inputs\['attention_mask'\] must be a \(B, n\) tensor"):
         tokens.analyze_tokens(model, {**ids, "attention_mask": torch.ones(1, 1, 4)})
     with pytest.raises(ValueError, match=r"inputs\['attention_mask'\] has shape \(2, 4\) but the model ran on "

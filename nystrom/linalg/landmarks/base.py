@@ -38,6 +38,7 @@ from ..numerics import (
     host_view,
     power_of_two_unit,
     put_where,
+    quiet_numpy_overflow,
     segment_sum,
     take_along_axis,
     without_padding,
@@ -299,6 +300,9 @@ class Strategy:
             cls.name = name
             register(STRATEGIES, name, cls, "strategy")
 
+    # As approximate: padding may hold any finite values, and no numpy overflow warning escapes (a review: a direct
+    # RPCholesky call on keys of 1e10 warned of overflow in exp, an error under -W error).
+    @quiet_numpy_overflow
     def __call__(self, Q, K, num_landmarks, *, attn_mask=None, seed=None, head_axis=None, features=None,
                  scale=None, check_values=True, **unknown) -> Landmarks:
         """Check the arguments once, then :meth:`select`.

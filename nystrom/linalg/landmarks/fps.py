@@ -96,6 +96,9 @@ def farthest_point_sampling(X, num_points, *, mask=None, guarantee_score=None, m
             raise ValueError(f"{name} must broadcast to X's points {points} (..., n), got {tuple(a.shape)}")
     if mask is not None and mask.dtype != xp.bool:
         raise TypeError(f"mask must be a bool array (True = eligible), got {mask.dtype}")
+    if guarantee_score is not None:
+        # A bool or integer score has no -inf for "not guaranteed": every token counted as guaranteed (a review).
+        check_real_floating(xp, "guarantee_score", guarantee_score)
     check_bool("from_guaranteed", from_guaranteed)
     check_int("num_points", num_points, minimum=1)
     check_int("max_guaranteed", max_guaranteed, minimum=0, optional=True)

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import array_api_compat
 
-from ..numerics import at_least_float32, masked_median, put_where, softmax, take_along_axis
+from ..numerics import at_least_float32, masked_median, put_where, relative_norms, softmax, take_along_axis
 from ..sequence import WHOLE, first_token
 from ..validation import check_bool, check_int, check_real
 from .base import ClusterStrategy, Grouping
@@ -270,8 +270,7 @@ class Norm(ClusterStrategy, name="norm", weighted=True, sharded=True):
         device = array_api_compat.device(share)
         forced = xp.zeros(share.shape, dtype=xp.bool, device=device)
         if selection.features is not None:
-            points = selection.points
-            norms = xp.sqrt(xp.sum(points * points, axis=-1))
+            norms = relative_norms(xp, selection.points, mask)
             forced = norms >= self.norm_ratio * masked_median(xp, norms, mask)[..., None]
         priority = share + 2 * xp.astype(forced, share.dtype)
         if self.first is not None:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import array_api_compat
 
 from ..numerics import take_along_axis
+from ..validation import check_int, check_real_floating, check_scale, namespace, per_token
 from .base import TokenStrategy, sample_by_weight, uniform_draws
 
 
@@ -69,7 +70,33 @@ def rpcholesky_pivots(X, num_pivots, *, scale, mask=None, u):
     -------
     int64 array, shape (..., m)
         Distinct pivots in selection order.
+
+    Raises
+    ------
+    TypeError, ValueError
+        Arguments of the wrong kind or shape, or ``num_pivots`` above the eligible points of a row (a review: it
+        returned repeated and masked pivots there); the strategy's own calls skip these checks.
     """
+    xp = namespace(X=X, mask=mask, u=u)
+    check_real_floating(xp, "X", X)
+    if X.ndim < 2 or X.shape[-1] == 0:
+        raise ValueError(f"X must have shape (..., n, D) with D >= 1, got {tuple(X.shape)}")
+    check_int("num_pivots", num_pivots, minimum=1)
+    scale = check_scale(scale, X.shape[-1])
+    if mask is not None and (mask.dtype != xp.bool or not per_token(tuple(mask.shape), tuple(X.shape[:-1]))):
+        raise ValueError(f"mask must be a bool array broadcastable to {tuple(X.shape[:-1])}, got dtype {mask.dtype} "
+                         f"and shape {tuple(mask.shape)}")
+    check_real_floating(xp, "u", u)
+    if tuple(u.shape) != (*X.shape[:-2], num_pivots):
+        raise ValueError(f"u must have shape {(*X.shape[:-2], num_pivots)} (one draw per pivot), got {tuple(u.shape)}")
+    eligible = X.shape[-2] if mask is None else int(xp.min(xp.sum(xp.astype(mask, xp.int64), axis=-1)))
+    if num_pivots > eligible:
+        raise ValueError(f"num_pivots={num_pivots} exceeds the {eligible} eligible points of a row")
+    return pivots(X, num_pivots, scale=scale, mask=mask, u=u)
+
+
+def pivots(X, num_pivots, *, scale, mask=None, u):
+    """:func:`rpcholesky_pivots` for arguments its callers have checked."""
     xp = array_api_compat.array_namespace(X)
     n = X.shape[-2]
     device = array_api_compat.device(X)
@@ -124,4 +151,4 @@ class RPCholesky(TokenStrategy, name="rpcholesky", random=True):
     def pick(self, selection, X, mask):
         m = selection.num_landmarks
         u = uniform_draws(selection.xp, (*X.shape[:-2], m), selection.seed, X)
-        return rpcholesky_pivots(X, m, scale=selection.scale, mask=mask, u=u)
+        return pivots(X, m, scale=selection.scale, mask=mask, u=u)
