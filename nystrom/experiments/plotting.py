@@ -18,7 +18,7 @@ from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullForma
 
 from nystrom.linalg.landmarks import STRATEGIES
 
-__all__ = ["footer", "log_ticks", "method_color", "plain_number", "swept_axis", "value_axis"]
+__all__ = ["footer", "log_ticks", "method_color", "plain_number", "strategy_colors", "swept_axis", "value_axis"]
 
 #: One colour per landmark strategy, the same in every figure (a figure that draws another line first, such as a
 #: second exact kernel, must not shift them): matplotlib's default cycle in the registry's alphabetical order.
@@ -28,6 +28,18 @@ STRATEGY_COLORS = {name: f"C{i}" for i, name in enumerate(sorted(STRATEGIES))}
 def method_color(name):
     """The colour of a strategy's lines in every figure; black for anything else (exact attention, references)."""
     return STRATEGY_COLORS.get(name, "black")
+
+
+def strategy_colors(labels):
+    """Colours for the strategy ``labels`` of one figure: a registered name keeps its own (:func:`method_color`), and
+    a spec such as ``norm:sink_ratio=8`` takes a colour no other label of the figure has (a review: specs were drawn
+    in black, the exact model's colour), from matplotlib's cycle, then ``tab20``."""
+    import matplotlib
+
+    taken = {STRATEGY_COLORS[label] for label in labels if label in STRATEGY_COLORS}
+    tab20 = matplotlib.colormaps["tab20"]
+    spare = iter([c for c in (f"C{i}" for i in range(10)) if c not in taken] + [tab20(i) for i in range(20)])
+    return {label: STRATEGY_COLORS[label] if label in STRATEGY_COLORS else next(spare) for label in labels}
 
 
 def plain_number(value, _position=None):

@@ -64,8 +64,14 @@ backend)."""
 def carries_derivatives(a) -> bool:
     """Whether ``a`` carries derivatives to propagate: reverse mode (``requires_grad``) or a registered forward mode
     (:data:`TANGENTS`). A branch that skips derivative terms for arrays without them must ask this: a forward-mode
-    dual tensor does not require grad (a review: ``PInv`` under ``torch.func.jvp`` gave a tangent 0.93 off)."""
-    return bool(getattr(a, "requires_grad", False)) or any(carries(a) for carries in TANGENTS)
+    dual tensor does not require grad (a review: ``PInv`` under ``torch.func.jvp`` gave a tangent 0.93 off). An array
+    of a library that tracks derivatives (it has ``requires_grad``) is taken to carry them while no forward mode is
+    registered (``nystrom.torch`` not yet imported: a solver called on its own in a fresh process, another review)."""
+    if getattr(a, "requires_grad", False):
+        return True
+    if not TANGENTS:
+        return hasattr(a, "requires_grad")
+    return any(carries(a) for carries in TANGENTS)
 
 
 def relative_norms(xp, X, mask=None):

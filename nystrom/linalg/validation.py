@@ -416,12 +416,15 @@ def check_token_mask(xp, mask, shape):
     if not per_token(got, shape):
         raise ValueError(f"attention_mask must have shape {tuple(shape)} (1 = real token) or one that broadcasts "
                          f"to it, got {got}")
-    if len(got) < len(shape) and any(size != 1 for size in got[:-1]):
-        # Broadcasting aligns it to the right: a (B, n) mask of per-head values (B, H, n) would read B as the head
-        # axis, silently where B == H (a review: a sink of batch 0 lost in head 1).
-        raise ValueError(f"attention_mask of shape {got} for tokens of shape {tuple(shape)} would be aligned to the "
-                         f"right, its first axis read as axis {len(shape) - len(got)} of the tokens; give it the "
-                         f"tokens' number of dimensions (for per-head values (B, H, n): attention_mask[:, None, :])")
+    lead = got[:-1]
+    if len(got) < len(shape) and any(size != 1 for size in lead) and lead == tuple(shape[:len(lead)]):
+        # It broadcasts aligned to the right, and would fit aligned to the left too: a (B, n) mask of per-head values
+        # (B, H, n) with B == H reads B as the head axis, silently (a review: a sink of batch 0 lost in head 1). A
+        # (B, n) mask of (layers, B, n) values, which fits only to the right, is taken.
+        raise ValueError(f"attention_mask of shape {got} for tokens of shape {tuple(shape)} is ambiguous: broadcasting "
+                         f"aligns it to the right (its first axis as axis {len(shape) - len(got)} of the tokens), and "
+                         f"it would fit from the left too; give it the tokens' number of dimensions (for per-head "
+                         f"values (B, H, n): attention_mask[:, None, :])")
     if mask.dtype != xp.bool:
         if not bool(xp.all((mask == 0) | (mask == 1))):
             raise ValueError("attention_mask as an integer mask must hold 0 (padding) and 1 (real token)")

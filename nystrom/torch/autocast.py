@@ -159,8 +159,7 @@ class _OwnBackward(torch.autograd.Function):
         else:
             found = (None,) * len(wanted)
         if unit is not None:
-            if ctx.run is not None and not all(g is None or bool(torch.isfinite(g).all()) for g in found) and all(
-                    bool(torch.isfinite(grad).all()) for _, grad in pairs):
+            if ctx.run is not None and _overflowed_inside(found, [grad for _, grad in pairs]):
                 # A sum inside overflowed float16 (a landmark's gradient over the tokens it stands for, amplified by
                 # A^+: a review found 9.3e4 for landmark queries where every input gradient was at most 1.7e4): the
                 # backward again through the graph built in float32 on the same values (one host read of the
@@ -170,6 +169,15 @@ class _OwnBackward(torch.autograd.Function):
             found = tuple(None if g is None else (g.float() * unit).to(x.dtype) for g, x in zip(found, wanted))
         found = iter(found)
         return (None, None, None, *(next(found) if x.requires_grad else None for x in inner))
+
+
+def _overflowed_inside(found, incoming):
+    """Whether a gradient ``found`` is not finite where every ``incoming`` one is: one host read in all."""
+    finite = [torch.isfinite(g).all() for g in found if g is not None]
+    if not finite:
+        return False
+    ok_in = torch.stack([torch.isfinite(g).all() for g in incoming]).all()
+    return bool(ok_in & ~torch.stack(finite).all())
 
 
 def _float32_gradients(ctx, pairs, inner):

@@ -61,6 +61,7 @@ from ..linalg.validation import (
     every_key_a_landmark,
 )
 from .attention import sdpa_attend
+from .forward_mode import has_tangent
 
 __all__ = ["ShardedSequence", "Traffic", "sharded_approximate", "traffic"]
 
@@ -390,9 +391,10 @@ def _check_shard(Q, K, V, strategy, num_landmarks, solver, scale, attn_mask, see
     for name, a in (("Q", Q), ("K", K), ("V", V)):
         if not isinstance(a, torch.Tensor):
             raise TypeError(f"{name} must be a torch tensor with group=, got {type(a).__name__}")
-    if torch.is_grad_enabled() and any(a.requires_grad for a in (Q, K, V)):
+    if (torch.is_grad_enabled() and any(a.requires_grad for a in (Q, K, V))) or any(has_tangent(a) for a in (Q, K, V)):
         raise ValueError("group= computes the forward pass only (torch.distributed's collectives carry no gradient), "
-                         "and Q, K or V requires grad; call it under torch.no_grad() or pass detached tensors")
+                         "and Q, K or V requires grad or carries a forward-mode tangent; call it under "
+                         "torch.no_grad() or pass detached tensors")
     if K.ndim >= 2 and K.shape[-2] == 0:
         raise ValueError(f"with group=, every process's shard needs at least one token; this one's K has shape "
                          f"{tuple(K.shape)} (split the sequence over fewer processes, or pad each shard, masking the "

@@ -163,9 +163,9 @@ class FNAHandle(Handle):
     """
 
     # Besides the block inputs, a pass keeps its records, the landmarks its layers share (with the eligible and forced
-    # tokens they were chosen for), its padding, read once per pass, and the last FNA layer it ran.
+    # tokens they were chosen for), its padding, read once per pass, and the first and last FNA layers it ran.
     PASS_STATE = {**Handle.PASS_STATE, "records": dict, "shared": _nothing, "shared_eligible": _nothing,
-                  "shared_forced": _nothing, "padding": _nothing, "last": _nothing}
+                  "shared_forced": _nothing, "padding": _nothing, "first": _nothing, "last": _nothing}
 
     def __init__(self, model, *, layers, num_landmarks, strategy, solver, resample, features, guarantee, exclude,
                  seed, query_chunk_size, tol=None, max_landmarks=None, strict_tol=False):
@@ -212,7 +212,7 @@ class FNAHandle(Handle):
         """Uninstall (:meth:`Handle.remove`) and drop the landmarks shared across layers; :attr:`records` stay."""
         super().remove()
         self._pass.shared = self._pass.shared_eligible = self._pass.shared_forced = self._pass.padding = None
-        self._pass.last = None
+        self._pass.first = self._pass.last = None
 
     def _attend(self, layer, call_next, module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                 is_causal=None, **kwargs):
@@ -245,6 +245,7 @@ class FNAHandle(Handle):
             # review: block 4 run alone after a whole pass reused that pass's landmarks, or failed on another shape).
             self._pass.records = {}
             self._pass.shared = self._pass.padding = None
+            self._pass.first = layer
         if not recompute:
             self._pass.last = layer
         batch, _, n, d = key.shape
@@ -437,8 +438,9 @@ class FNAHandle(Handle):
             # shared landmark was excluded made every sequence re-choose). A change of m is the batch's (m stops at the
             # eligible tokens of its shortest sequence): then all re-choose.
             return self._merged(xp, reuse, keeps, landmarks, query, key), True
-        if self.resample == "once" and layer == self.layers[0]:
-            # Later layers reuse the grouping or the indices only, with their own queries and keys: the shared copy
+        if self.resample == "once" and layer == self._pass.first:
+            # The pass's first FNA layer (a later block called on its own starts a pass too). Later layers reuse the
+            # grouping or the indices only, with their own queries and keys: the shared copy
             # holds no autograd graph, which would keep this pass's activations alive after it.
             shared = replace(landmarks, queries=None, keys=landmarks.keys.detach(),
                              log_weights=None if landmarks.log_weights is None else landmarks.log_weights.detach(),

@@ -66,3 +66,16 @@ def test_a_long_footer_is_broken_into_lines_that_fit():
     fig, _ = _figure([0.1, 0.2])
     fig.supxlabel("a stamp far too long for a figure this narrow " * 4, fontsize=6)
     assert any("leaves the figure" in p for p in unreadable_axes(fig))
+
+
+def test_strategy_specs_get_colours_of_their_own():
+    # A review: eval drew `norm:sink_ratio=8` and `fps:use_queries=true` in black, the exact model's line colour.
+    from matplotlib.colors import to_rgba
+
+    from nystrom.experiments.plotting import STRATEGY_COLORS, strategy_colors
+
+    labels = ["norm", "norm:sink_ratio=8", "fps:use_queries=true", "uniform", "fps"]
+    colors = strategy_colors(labels)
+    assert colors["norm"] == STRATEGY_COLORS["norm"] and colors["fps"] == STRATEGY_COLORS["fps"]
+    rgba = [to_rgba(colors[label]) for label in labels]
+    assert len(set(rgba)) == len(labels) and to_rgba("black") not in rgba

@@ -226,6 +226,11 @@ class TestResample:
             fresh = block(hidden)
         assert list(records) == [2] and records[2].sampled
         torch.testing.assert_close(alone, fresh, rtol=0, atol=0)
+        # Blocks 2 and 3 in turn: a pass from block 2, whose landmarks block 3 reuses (resample="once", the default).
+        with torch.no_grad(), fna(model, layers=[1, 2, 3], num_landmarks=4, strategy=strategy) as handle:
+            run(model, tiny_inputs("bert"))
+            dispatch.attention_layers(model)[3][0](block(hidden))
+        assert {layer: record.sampled for layer, record in handle.records.items()} == {2: True, 3: False}
 
 
 class TestThreads:

@@ -212,10 +212,14 @@ class TestSinks:
         share = np.full((2, 2, 6), 0.04)
         share[0, :, 5] = 0.8
         mask = np.array([[1] * 6, [1, 1, 1, 0, 0, 0]])
-        with pytest.raises(ValueError, match="would be aligned to the right"):
+        with pytest.raises(ValueError, match="is ambiguous: broadcasting aligns it to the right"):
             detectors.detect_sinks(share, attention_mask=mask)
         found = detectors.detect_sinks(share, attention_mask=mask[:, None, :])
         assert found[0, :, 5].all() and found.sum() == 2
+        # A (B, n) mask of (layers, B, n) values fits only aligned to the right, as documented: taken.
+        stacked = np.stack([share[:, 0]] * 3)
+        np.testing.assert_array_equal(detectors.detect_sinks(stacked, attention_mask=mask),
+                                      detectors.detect_sinks(stacked, attention_mask=np.stack([mask] * 3)))
 
     def test_finds_a_token_that_takes_half_the_attention(self, to_array):
         bias = np.zeros(48)

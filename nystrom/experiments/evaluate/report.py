@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..plotting import footer, method_color, swept_axis, value_axis
+from ..plotting import footer, strategy_colors, swept_axis, value_axis
 from ..report import markdown_table
 from ..stamp import caption, figure_stamp
 
@@ -97,6 +97,7 @@ def evaluation_figures(result):
 
     records, settings, model = result["records"], result["settings"], result["model"]
     styles = dict(zip(settings["solvers"], ("-", "--", ":", "-.")))
+    colors = strategy_colors(settings["strategies"])
     layers = [str(layer) for layer in settings["layers"]]
     panels = [("mean over layers", "mean_layer_error", None)] + [(f"layer {layer}", None, layer) for layer in layers]
     metrics = DOWNSTREAM[model]
@@ -123,7 +124,7 @@ def evaluation_figures(result):
                     # Hollow markers of different shapes keep strategies with equal results (norm, fps) visible.
                     index = settings["strategies"].index(strategy)
                     ax.plot(ms, ys, styles[solver], marker="osv^Dx"[index % 6], ms=6 - index % 3, mfc="none",
-                            color=method_color(strategy),
+                            color=colors[strategy],
                             label=strategy if len(styles) == 1 else f"{strategy}, {solver}")
             if name == "error":
                 ax.set_ylabel("relative error")
