@@ -22,11 +22,9 @@ Downstream agreement
     :func:`~nystrom.experiments.evaluate.minilm.evaluate_minilm`.
 
 :math:`m` is clipped to the number of tokens :math:`n` of each sequence. With :math:`m \ge n` every token is a
-landmark. The per-layer errors are then those of :func:`~nystrom.approximate` with all tokens as landmarks,
-exact up to the solver (the exact pseudo-inverse, ``pinv``, reproduces the attention to float32 round-off;
-six Newton–Schulz steps, the default, leave a few percent), while the patched model runs its own exact attention
-in such layers (see :func:`~nystrom.torch.patching.fna`), so the end-to-end metrics of a record with
-``all_tokens_fraction`` 1 are the exact model's. The records say how many sequences had :math:`m \ge n`
+landmark, and the patched model runs its own exact attention in such layers (see
+:func:`~nystrom.torch.patching.fna`): their per-layer error is 0 whatever the solver, and the end-to-end metrics of
+a record with ``all_tokens_fraction`` 1 are the exact model's. The records say how many sequences had :math:`m \ge n`
 (``all_tokens_fraction``).
 
 Modules: :mod:`~nystrom.experiments.evaluate.specs` (the arguments), :mod:`~nystrom.experiments.evaluate.sweep`

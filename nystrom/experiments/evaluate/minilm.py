@@ -41,7 +41,7 @@ def evaluate_minilm(*, layers=None, num_landmarks=DEFAULT_LANDMARKS, strategies=
     ``2k``, ``2k + 1``), 10–22 tokens each. Sentences of equal token count are encoded together, so no batch
     holds padding and :math:`m` is clipped to each sentence's own length (in one padded batch FNA would clip it
     to the shortest sentence of the batch). Since the longest sentence has 22 tokens, :math:`m \ge 32` makes
-    every token a landmark in every sentence: the remaining error is the solver's
+    every token a landmark in every sentence: the model's own attention answers there, of error 0
     (see :mod:`nystrom.experiments.evaluate`).
 
     Metrics per (strategy, solver, m), FNA in ``layers``:

@@ -32,7 +32,7 @@ def markdown_report(result):
     parts = [f"### {result['description']}\n", caption(result["stamp"]),
              f"FNA in layers {settings['layers']}, n = {n} tokens; exact model: {exact}. \"m ≥ n\" is the share of "
              "sequences with at least as many landmarks as tokens: every token is a landmark there, and the "
-             "result is exact up to the solver.\n"]
+             "model's own attention answers, exactly.\n"]
     metrics = DOWNSTREAM[model]
     header = ["strategy", "solver", "m", "m ≥ n", "mean layer error"] + [label for _, label, _ in metrics]
     rows = [[f"`{r['strategy']}`", f"`{r['solver']}`", r["m"], f"{r['all_tokens_fraction']:.0%}",
