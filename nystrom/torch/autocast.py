@@ -61,6 +61,10 @@ def with_own_precision(function, Q, K, V, *inputs, replayable=False):
     is not float16. ``replayable``: ``function`` makes the same choices when called again on the same values (no
     unseeded random draw, no collective, no state it writes), so that a float16 backward that overflows inside may
     run again in float32 (:class:`_OwnBackward`); without autocast only, where float32 inputs stay float32."""
+    if not all(isinstance(x, torch.Tensor) for x in (K, V)):
+        # The call's own checks name what is wrong (a review: a numpy V beside float16 torch queries was an
+        # AttributeError from here).
+        return function(Q, K, V, *inputs)
     dtype = autocast_dtype(Q.device)
     if dtype is None:
         if Q.dtype != torch.float16:

@@ -1,6 +1,7 @@
 """Under ``torch.autocast`` the library runs as SDPA does there: inputs in the autocast dtype, its own float32
 sections kept in float32 (:mod:`nystrom.torch.autocast`)."""
 
+import contextlib
 import dataclasses
 
 import pytest
@@ -373,3 +374,16 @@ def test_finite_values_past_the_autocast_dtypes_range_are_named_as_such():
         with torch.autocast("cpu", dtype=torch.float16):
             with pytest.raises(ValueError, match="contains NaN or infinite values$"):
                 nystrom.approximate(K.to(dtype), K.to(dtype), K.to(dtype), num_landmarks=8)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("bad", ["numpy", "none", "list"])
+def test_keys_or_values_of_another_kind_are_named_in_float16_and_under_autocast(autocast, bad):
+    # A fuzzing review: float16 torch queries (or any under autocast) with a numpy V, a list or None reached the
+    # graph-of-its-own wrapper, which read .requires_grad: an AttributeError from inside, where float32 gave the
+    # argument check's TypeError.
+    Q = torch.randn(6, 3, dtype=torch.float32 if autocast else torch.float16)
+    V = {"numpy": Q.float().numpy(), "none": None, "list": Q.tolist()}[bad]
+    context = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+    with context, pytest.raises(TypeError, match="V "):
+        nystrom.approximate(Q, Q, V, num_landmarks=3)
