@@ -319,7 +319,8 @@ def approximate(
     features : array, shape (..., n, D), optional
         Per-token features for selection (e.g. the layer's input hidden states, where massive
         activations show); default the keys. Without head sharing their leading dimensions are
-        ``K``'s; with it, ``K``'s without the head axis.
+        ``K``'s; with it, ``K``'s without the head axis. With ``enable_gqa=True`` ``K`` counts after its heads are
+        repeated to ``Q``'s: without head sharing, ``features`` has the query heads.
     query_chunk_size : int, optional
         Process queries in chunks of this many rows (numpy and torch) to bound the :math:`n_q \times m`
         buffer of the output product, for very long sequences.
