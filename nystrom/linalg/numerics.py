@@ -84,9 +84,14 @@ def relative_norms(xp, X, mask=None):
     wide = at_least_float32(xp, X)
     if mask is not None:
         wide = xp.where(mask[..., None], wide, xp.zeros_like(wide))
-    largest = xp.maximum(xp.max(wide, axis=(-2, -1), keepdims=True), -xp.min(wide, axis=(-2, -1), keepdims=True))
-    scaled = wide * power_of_two_unit(xp, largest)
+    scaled = wide * power_of_two_unit(xp, largest_magnitude(xp, wide))
     return xp.sqrt(xp.sum(scaled * scaled, axis=-1))
+
+
+def largest_magnitude(xp, X):
+    r""":math:`\max|X|` over the last two axes, shape ``(..., 1, 1)``, by two reductions rather than one of
+    :math:`|X|`, which would be an array of ``X``'s size of its own."""
+    return xp.maximum(xp.max(X, axis=(-2, -1), keepdims=True), -xp.min(X, axis=(-2, -1), keepdims=True))
 
 
 def scaled_logits(xp, q, k, scale):

@@ -36,6 +36,7 @@ from ..numerics import (
     COMPILERS,
     at_least_float32,
     host_view,
+    largest_magnitude,
     power_of_two_unit,
     put_where,
     quiet_numpy_overflow,
@@ -577,9 +578,7 @@ def unit_scaled(xp, X, mask=None, axis=WHOLE):
             return X, None
     if mask is not None:
         X = xp.where(mask[..., None], X, xp.zeros_like(X))
-    # Two reductions rather than one of |X|, which would be an (n, D) array of its own.
-    largest = axis.max(xp.maximum(xp.max(X, axis=(-2, -1), keepdims=True), -xp.min(X, axis=(-2, -1), keepdims=True)))
-    unit = power_of_two_unit(xp, largest)
+    unit = power_of_two_unit(xp, axis.max(largest_magnitude(xp, X)))
     return X * unit, unit
 
 
