@@ -62,7 +62,7 @@ def follows_sdpa_under_autocast(function):
             from .torch.autocast import with_own_precision
 
             return with_own_precision(lambda q, k, v: function(q, k, v, *args, **kwargs), Q, K, V,
-                                      replayable=replayable({**defaults, **kwargs}))
+                                      replayable=functools.partial(replayable, {**defaults, **kwargs}))
         return function(Q, K, V, *args, **kwargs)
 
     return call

@@ -53,14 +53,15 @@ def autocast_cast(x, dtype):
     return x.to(dtype) if isinstance(x, torch.Tensor) and x.dtype in _CAST_BY_AUTOCAST else x
 
 
-def with_own_precision(function, Q, K, V, *inputs, replayable=False):
+def with_own_precision(function, Q, K, V, *inputs, replayable=None):
     """``function(Q, K, V, *inputs)`` under the library's precision rules rather than the caller's: under autocast,
     ``Q``, ``K`` and ``V`` in the dtype autocast would give SDPA and autocast off inside, forward and backward; for
     float16, with or without autocast, the gradient's range kept (:func:`with_own_backward`, which differentiates
     ``inputs`` too: tensors such as given landmarks). A plain call when autocast is off for ``Q``'s device and ``Q``
-    is not float16. ``replayable``: ``function`` makes the same choices when called again on the same values (no
-    unseeded random draw, no collective, no state it writes), so that a float16 backward that overflows inside may
-    run again in float32 (:class:`_OwnBackward`); without autocast only, where float32 inputs stay float32."""
+    is not float16. ``replayable``: ``None``, or a callable that says whether ``function`` makes the same choices when
+    called again on the same values (no unseeded random draw, no collective, no state it writes), so that a float16
+    backward that overflows inside may run again in float32 (:class:`_OwnBackward`); asked only where that backward
+    is built, and without autocast only, where float32 inputs stay float32."""
     if not all(isinstance(x, torch.Tensor) for x in (K, V)):
         # The call's own checks name what is wrong (a review: a numpy V beside float16 torch queries was an
         # AttributeError from here).
@@ -90,7 +91,7 @@ def with_own_precision(function, Q, K, V, *inputs, replayable=False):
     return with_own_backward(run, Q, K, V, *inputs)
 
 
-def with_own_backward(run, *inputs, replayable=False):
+def with_own_backward(run, *inputs, replayable=None):
     """``run(*inputs)`` (a tensor, or a tuple of outputs such as an attention function's ``(output, weights)``),
     whose backward runs with autocast off for the inputs' device, whatever the state ``.backward()`` is called in,
     and, for float16 outputs, with the incoming gradients divided by their largest magnitude (the input gradients are
@@ -133,7 +134,8 @@ class _OwnBackward(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         with torch.enable_grad():
             outs = run(*inner)
-        ctx.graph, ctx.device_type, ctx.run = (outs, inner), device_type, run if replayable else None
+        ctx.graph, ctx.device_type = (outs, inner), device_type
+        ctx.run = run if replayable is not None and replayable() else None
         return tuple(out.detach() for out in outs)
 
     @staticmethod
