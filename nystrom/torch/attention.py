@@ -41,23 +41,26 @@ _CPU_QUERY_ROWS_PER_TASK = 32
 MIN_KEYS_PER_BLOCK = 8192
 
 
-def key_blocks(q, k, v):
+def key_blocks(q, k, v, mask=None):
     r"""The number :math:`p` of key blocks :func:`sdpa_attend` splits attention of ``q`` over ``k`` into.
 
     PyTorch's CPU flash kernel runs one task per (batch, head, block of 32 queries): the landmark product of
     one head with :math:`m \le 32` queries is one task on one core, however many threads there are. Splitting
     the :math:`n` keys into :math:`p` blocks makes :math:`p` times as many tasks; :math:`p` is the smallest
     count that gives every thread a task, and 1 on CUDA, when gradients are needed (the kernel's log-sum-exp
-    carries none), in float64, when values and keys differ in width (the kernel takes one head size), when a
-    block would hold fewer than :data:`MIN_KEYS_PER_BLOCK` keys, or while ``torch.compile`` traces (the thread
-    count is a run-time setting that Dynamo cannot put in a graph, ``torch.get_num_threads`` being a graph break,
-    and the compiled kernels divide the work among threads themselves).
+    carries none, and it takes no gradient to a floating ``mask``), in float64, when values and keys differ in
+    width (the kernel takes one head size), when a block would hold fewer than :data:`MIN_KEYS_PER_BLOCK` keys, or
+    while ``torch.compile`` traces (the thread count is a run-time setting that Dynamo cannot put in a graph,
+    ``torch.get_num_threads`` being a graph break, and the compiled kernels divide the work among threads
+    themselves).
 
     Parameters
     ----------
     q : Tensor, shape (..., n_q, d)
     k : Tensor, shape (..., n, d)
     v : Tensor, shape (..., n, d_v)
+    mask : Tensor, optional
+        As :func:`sdpa_attend` takes it.
 
     Returns
     -------
@@ -67,7 +70,7 @@ def key_blocks(q, k, v):
     # float64 reference results.
     if (q.device.type != "cpu" or q.dtype == torch.float64 or v.shape[-1] != q.shape[-1]
             or torch.compiler.is_compiling()
-            or (torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)))):
+            or (torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k, v, mask)))):
         return 1
     tasks = math.prod(q.shape[:-2]) * -(-q.shape[-2] // _CPU_QUERY_ROWS_PER_TASK)
     threads = torch.get_num_threads()
@@ -98,7 +101,7 @@ def sdpa_attend(q, k, v, mask=None, *, scale):
     -------
     Tensor, shape (..., n_q, d_v)
     """
-    blocks = key_blocks(q, k, v)
+    blocks = key_blocks(q, k, v, mask)
     if blocks > 1:
         return split_key_sdpa(q, k, v, mask, scale=scale, blocks=blocks)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
@@ -112,7 +115,8 @@ def split_key_sdpa(q, k, v, mask=None, *, scale, blocks):
 
     (the merge of :mod:`nystrom.linalg.split_keys` with :math:`o_b = O_b`, :math:`\mu_b = \lambda_b`,
     :math:`s_b = 1`). A block with no allowed key gets :math:`\lambda_b = -\infty`, hence weight 0 (the kernel
-    reports :math:`\lambda_b = 0` and :math:`O_b = 0` for it).
+    reports :math:`\lambda_b = 0` and :math:`O_b = 0` for it); a query row with no allowed key at all gets 0, as
+    from ``scaled_dot_product_attention``.
 
     Parameters
     ----------
@@ -132,6 +136,9 @@ def split_key_sdpa(q, k, v, mask=None, *, scale, blocks):
     No gradient: the kernel's log-sum-exp output is not differentiable (:func:`key_blocks` never splits when
     one is needed).
     """
+    # The kernel reads the feature axis as unit-stride, whatever the strides say (scaled_dot_product_attention copies
+    # first): a transposed or expanded K gave another answer than its contiguous copy, 1.31 apart (a review).
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     lead = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
     n_q, n, d, d_v = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
     size = n // blocks
@@ -162,6 +169,8 @@ def split_key_sdpa(q, k, v, mask=None, *, scale, blocks):
     # The kernel's output for a block is already normalised by its own sum, e^{lambda_b}: s_b = 1.
     merged = merge_partials(array_api_compat.torch, out.float(), lse[..., None], torch.ones_like(lse[..., None]),
                             axis=-3)
+    # A row with no allowed key in any block merges 0 / 0.
+    merged = merged.masked_fill(torch.isneginf(lse).all(dim=1)[..., None], 0)
     return merged.reshape(*lead, n_q, d_v).to(v.dtype)
 
 

@@ -199,6 +199,8 @@ def padding_mask_from_attention_mask(attention_mask, batch_size, num_keys):
 
     Raises
     ------
+    TypeError
+        For a mask that is not a torch tensor.
     ValueError
         For a mask of another shape or of an integer dtype, an additive mask with other values (a bias), or one that
         differs between queries or heads (causal or block-sparse attention): none of these is a key padding mask.
@@ -228,9 +230,12 @@ _last_padding_mask = None
 
 def _padding_mask_of(attention_mask, batch_size, num_keys):
     """:func:`padding_mask_from_attention_mask` without its cache."""
-    if not isinstance(attention_mask, torch.Tensor) or attention_mask.ndim != 4 or attention_mask.shape[-1] != num_keys:
-        shape = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask)
-        raise ValueError(f"expected an attention mask of shape (B, 1, n_q, {num_keys}), got {shape}")
+    if not isinstance(attention_mask, torch.Tensor):
+        raise TypeError(f"expected the attention mask as a torch tensor, got {type(attention_mask).__name__}")
+    shape = tuple(attention_mask.shape)
+    if len(shape) != 4 or shape[-1] != num_keys or shape[0] not in (1, batch_size):
+        raise ValueError(f"expected an attention mask of shape ({batch_size} or 1, 1, n_q, {num_keys}), got "
+                         f"{shape}")
     if attention_mask.dtype == torch.bool:
         attend = attention_mask
     elif not attention_mask.is_floating_point():

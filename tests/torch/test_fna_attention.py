@@ -300,3 +300,74 @@ def test_the_solve_is_returned_without_autograd_history(dtype):
     out, solve = nystrom.torch.fna_attention(Q, K, V, nystrom.Landmarks(Q[..., :4, :], K[..., :4, :]))
     assert out.requires_grad
     assert not solve.inverse.requires_grad and not solve.residual.requires_grad and solve.product is None
+
+
+def _layouts(g, n, d):
+    """Equal values of K (and V) in layouts other than contiguous: transposed storage, an expanded feature axis."""
+    transposed = torch.randn(1, 1, d, n, generator=g).transpose(-1, -2)
+    expanded = torch.randn(1, 1, n, 1, generator=g).expand(1, 1, n, d)
+    return {"transposed": transposed, "expanded": expanded}
+
+
+@pytest.mark.parametrize("layout", ["transposed", "expanded"])
+@pytest.mark.parametrize("which", ["q", "k", "v"])
+def test_split_key_sdpa_reads_inputs_of_any_strides(layout, which):
+    # The CPU kernel reads the feature axis as unit-stride whatever the strides say: a transposed K gave an answer
+    # 1.31 away from its contiguous copy's, and a strided q values near 1e27 (a review).
+    from nystrom.torch.attention import split_key_sdpa
+
+    g = torch.Generator().manual_seed(0)
+    n, d = 4096, 8
+    inputs = dict(q=torch.randn(1, 1, 16, d, generator=g), k=torch.randn(1, 1, n, d, generator=g),
+                  v=torch.randn(1, 1, n, d, generator=g))
+    rows = inputs[which].shape[-2]
+    inputs[which] = _layouts(g, rows, d)[layout]
+    assert inputs[which].stride(-1) != 1
+    got = split_key_sdpa(*inputs.values(), scale=0.3, blocks=2)
+    want = torch.nn.functional.scaled_dot_product_attention(*(x.double() for x in inputs.values()), scale=0.3)
+    torch.testing.assert_close(got.double(), want, **SPLIT_TOLERANCE[torch.float32])
+
+
+def test_approximate_with_split_keys_reads_a_transposed_key_matrix(monkeypatch):
+    g = torch.Generator().manual_seed(1)
+    n, d = 16384, 8
+    Q, V = torch.randn(1, 1, n, d, generator=g), torch.randn(1, 1, n, d, generator=g)
+    K = torch.randn(1, 1, d, n, generator=g).transpose(-1, -2)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    got = nystrom.approximate(Q, K, V, num_landmarks=8)
+    want = nystrom.approximate(Q, K.contiguous(), V, num_landmarks=8)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("boolean", [True, False])
+def test_split_key_sdpa_gives_a_query_row_with_no_key_zero_as_sdpa_does(boolean):
+    from nystrom.torch.attention import split_key_sdpa
+
+    g = torch.Generator().manual_seed(2)
+    n = 4096
+    q, k, v = (torch.randn(1, 1, rows, 8, generator=g) for rows in (8, n, n))
+    mask = torch.ones(1, 1, 8, n, dtype=torch.bool)
+    mask[..., 3, :] = False
+    if not boolean:
+        mask = torch.zeros(mask.shape).masked_fill(~mask, -torch.inf)
+    got = split_key_sdpa(q, k, v, mask, scale=0.3, blocks=3)
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3)
+    assert torch.equal(got[..., 3, :], torch.zeros_like(got[..., 3, :]))
+    torch.testing.assert_close(got, want, **SPLIT_TOLERANCE[torch.float32])
+
+
+def test_sdpa_attend_differentiates_a_floating_mask_with_any_thread_count(monkeypatch):
+    # The split kernel takes no gradient to its mask: a bias requiring grad raised "not differentiable" with two
+    # threads (a review).
+    from nystrom.torch.attention import sdpa_attend
+
+    g = torch.Generator().manual_seed(3)
+    n = 16384
+    q, k, v = (torch.randn(1, 1, rows, 8, generator=g) for rows in (8, n, n))
+    grads = []
+    for threads in (1, 2):
+        monkeypatch.setattr(torch, "get_num_threads", lambda threads=threads: threads)
+        bias = torch.zeros(1, 1, 8, n, requires_grad=True)
+        sdpa_attend(q, k, v, bias, scale=0.3).square().sum().backward()
+        grads.append(bias.grad)
+    torch.testing.assert_close(grads[0], grads[1])

@@ -797,6 +797,11 @@ def test_padding_mask_answer_follows_the_mask_tensor_and_its_edits():
     assert padding_mask_from_attention_mask(other, 2, 5).tolist() == [[True, True, False, True, True]] * 2
     with pytest.raises(ValueError, match="attention bias"):
         padding_mask_from_attention_mask(torch.full((1, 1, 5, 5), 0.5), 1, 5)
+    # A mask of another batch size failed inside expand with a RuntimeError; a numpy one was a ValueError (a review).
+    with pytest.raises(ValueError, match=r"shape \(3 or 1, 1, n_q, 5\), got \(2, 1, 5, 5\)"):
+        padding_mask_from_attention_mask(torch.ones(2, 1, 5, 5, dtype=torch.bool), 3, 5)
+    with pytest.raises(TypeError, match="torch tensor, got ndarray"):
+        padding_mask_from_attention_mask(np.ones((2, 1, 5, 5), dtype=bool), 2, 5)
     with torch.inference_mode():
         # Inference tensors have no version counter: each call reads the mask, and sees its edits.
         mask = torch.ones(1, 1, 5, 5, dtype=torch.bool)
