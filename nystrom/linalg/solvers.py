@@ -404,8 +404,9 @@ class PInv(Solver, name="pinv"):
         except (RuntimeError, ValueError) as error:
             # torch's _LinAlgError is a RuntimeError, numpy's LinAlgError a ValueError: both name no cause a user sets.
             raise ValueError(
-                f"PInv: the SVD of the m x m landmark kernel failed ({error}). A kernel of finite inputs holds NaN or "
-                f"infinity where the attention logits passed the range of {A.dtype} (|q| |k| scale near or above "
+                f"PInv: the SVD of the m x m landmark kernel failed ({error}). The kernel holds NaN or infinity: the "
+                f"queries or keys hold some (in a patched model, an earlier layer's output may have overflowed), or "
+                f"the attention logits passed the range of {A.dtype} (|q| |k| scale near or above "
                 f"{float(xp.finfo(A.dtype).max):.1e}, where exact attention overflows too): scale the inputs down"
             ) from error
         rtol = self.rtol if self.rtol is not None else A.shape[-1] * xp.finfo(A.dtype).eps

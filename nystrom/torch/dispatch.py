@@ -170,9 +170,12 @@ def attention_layers(model: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
                 found[name] = list(zip(child, cores))
     if len(found) != 1:
         what = "no list of encoder blocks" if not found else f"several lists of encoder blocks {sorted(found)}"
+        # Nested lists (ALBERT's shared layer groups) are patched through the submodule that holds one of them.
+        holder = max(found, key=len).rpartition(".")[0] if len(found) > 1 else ""
+        inner = f", or the module that holds the list to patch (model.get_submodule({holder!r}))" if holder else ""
         raise ValueError(
             f"found {what} in {type(model).__name__}; pass a single encoder such as ViTModel, Dinov2Model, "
-            "CLIPVisionModel or BertModel (for CLIPModel pass model.vision_model)"
+            f"CLIPVisionModel or BertModel (for CLIPModel pass model.vision_model){inner}"
         )
     return next(iter(found.values()))
 

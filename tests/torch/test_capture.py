@@ -220,6 +220,16 @@ def test_attention_layers_refuses_a_model_with_two_encoders():
     assert len(attention_layers(model.vision_model)) == 2
 
 
+def test_attention_layers_names_the_module_that_holds_one_of_nested_lists():
+    # ALBERT shares its blocks through a list of layer groups, each a list: the message named neither (a review).
+    config = transformers.AlbertConfig(vocab_size=50, embedding_size=16, hidden_size=32, num_hidden_layers=3,
+                                       num_attention_heads=4, intermediate_size=64)
+    model = transformers.AlbertModel(config)
+    with pytest.raises(ValueError, match=r"model.get_submodule\('encoder.albert_layer_groups.0'\)"):
+        attention_layers(model)
+    assert len(attention_layers(model.get_submodule("encoder.albert_layer_groups.0"))) == 1
+
+
 class TestKeyPaddingMask:
     def test_bool_and_additive_masks(self):
         real = torch.tensor([[True, True, True, False], [True, True, False, False]])
