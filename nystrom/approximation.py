@@ -448,12 +448,15 @@ def approximate(
     (2, 4, 512, 32)
     """
     if group is not None:
-        if not all(array_api_compat.is_torch_array(x) for x in (Q, K, V)):
-            # Before torch is imported: without torch installed, numpy inputs met a ModuleNotFoundError (a review).
+        try:
+            from .torch.distributed import sharded_approximate
+        except ModuleNotFoundError as error:
+            # Without torch installed, numpy inputs met a ModuleNotFoundError (a review); with it, the check of the
+            # inputs' type runs inside, as every other: one process's numpy Q left the others waiting in their
+            # collective until the backend's timeout (another review).
             kinds = sorted({f"{type(x).__module__}.{type(x).__qualname__}" for x in (Q, K, V)})
             raise TypeError(f"group= shards a sequence across torch.distributed processes: Q, K and V must be torch "
-                            f"tensors, got {', '.join(kinds)}")
-        from .torch.distributed import sharded_approximate
+                            f"tensors, got {', '.join(kinds)} (and torch is not installed)") from error
 
         # Every check of a sharded call runs inside it: a process with wrong arguments must not leave the others
         # waiting in a collective.

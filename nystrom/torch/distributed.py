@@ -318,6 +318,8 @@ def sharded_approximate(Q, K, V, *, group, strategy="norm", num_landmarks=64, so
     ``torch.distributed``'s collectives carry no gradient.
     """
     if not (dist.is_available() and dist.is_initialized()):
+        # No collective can run: this process's own error is safe to raise alone, and says more.
+        _check_tensors(Q, K, V)
         raise RuntimeError("group= needs torch.distributed initialised (torch.distributed.init_process_group)")
     if group is dist.GroupMember.NON_GROUP_MEMBER:
         raise ValueError(f"group: this process (rank {dist.get_rank()}) is not a member of the group it was given "
@@ -379,6 +381,13 @@ def sharded_approximate(Q, K, V, *, group, strategy="norm", num_landmarks=64, so
     return out
 
 
+def _check_tensors(Q, K, V):
+    """``TypeError`` unless ``Q``, ``K`` and ``V`` are torch tensors."""
+    for name, a in (("Q", Q), ("K", K), ("V", V)):
+        if not isinstance(a, torch.Tensor):
+            raise TypeError(f"{name} must be a torch tensor with group=, got {type(a).__name__}")
+
+
 def _check_shard(Q, K, V, strategy, num_landmarks, solver, scale, attn_mask, seed, share_landmarks_across_heads,
                  query_chunk_size, check_values, unsupported):
     """This process's checks of a sharded call (no communication); returns the checked values and the report
@@ -388,9 +397,7 @@ def _check_shard(Q, K, V, strategy, num_landmarks, solver, scale, attn_mask, see
     if given:
         raise ValueError(f"{', '.join(given)} cannot be used with group= (a sharded sequence); leave them out")
     check_values = check_bool("check_values", check_values)
-    for name, a in (("Q", Q), ("K", K), ("V", V)):
-        if not isinstance(a, torch.Tensor):
-            raise TypeError(f"{name} must be a torch tensor with group=, got {type(a).__name__}")
+    _check_tensors(Q, K, V)
     if (torch.is_grad_enabled() and any(a.requires_grad for a in (Q, K, V))) or any(has_tangent(a) for a in (Q, K, V)):
         raise ValueError("group= computes the forward pass only (torch.distributed's collectives carry no gradient), "
                          "and Q, K or V requires grad or carries a forward-mode tangent; call it under "

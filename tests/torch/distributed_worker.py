@@ -181,6 +181,9 @@ def error_cases(rank, world):
             q, k[:, :1], v[:, :1], group=group, enable_gqa=1 if rank == 1 else True)),
         # Three query heads over three key/value heads on one process, over one repeated three times on the others:
         # the same shapes after the repetition, different inputs.
+        # A numpy Q on one process raised before the shared check: the others waited until the backend's timeout.
+        "error_numpy_on_one_process": error_of(lambda: nystrom.approximate(
+            q.numpy() if rank == 1 else q, k, v, group=group)),
         "error_gqa_heads_differ": error_of(lambda: nystrom.approximate(
             q, *((x if rank == 1 else x[:, :1]) for x in (k, v)), group=group, enable_gqa=True)),
     }

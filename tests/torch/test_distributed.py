@@ -13,7 +13,9 @@ import multiprocessing
 import os
 import pickle
 import socket
+import subprocess
 import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -112,10 +114,12 @@ ERRORS = {
     "error_empty_shard": "every process's shard needs at least one token",
     "error_gqa_on_one_process": "enable_gqa must be a bool",
     "error_gqa_heads_differ": "agree on kv_heads",
+    "error_numpy_on_one_process": "must be a torch tensor with group=",
 }
 KINDS = {"error_group_type": "TypeError"}
 # Errors of one process's own arguments: that process raises this kind, the others a ValueError that names it.
-OWN_KINDS = {"error_gqa_on_one_process": (1, "TypeError"), "error_nan_on_one_process": (1, "NonFiniteError")}
+OWN_KINDS = {"error_gqa_on_one_process": (1, "TypeError"), "error_numpy_on_one_process": (1, "TypeError"),
+             "error_nan_on_one_process": (1, "NonFiniteError")}
 
 
 @pytest.mark.parametrize("world", WORLDS)
@@ -176,5 +180,25 @@ def test_group_refuses_arrays_that_are_not_torch_tensors():
     # A review: numpy inputs reached the torch path, a RuntimeError about the process group (a ModuleNotFoundError
     # without torch installed) instead of what was wrong.
     Q = np.zeros((1, 8, 4))
-    with pytest.raises(TypeError, match="Q, K and V must be torch tensors, got numpy.ndarray"):
+    with pytest.raises(TypeError, match="Q must be a torch tensor with group=, got ndarray"):
         nystrom.approximate(Q, Q, Q, num_landmarks=2, group=object())
+
+
+def test_group_without_torch_installed_names_the_inputs():
+    # A fresh interpreter where importing torch fails, as where it is not installed.
+    script = textwrap.dedent("""
+        import importlib.abc, sys
+        class NoTorch(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path, target=None):
+                if name.partition(".")[0] == "torch":
+                    raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        sys.meta_path.insert(0, NoTorch())
+        import numpy as np, nystrom
+        Q = np.zeros((1, 8, 4))
+        try:
+            nystrom.approximate(Q, Q, Q, num_landmarks=2, group=object())
+        except TypeError as error:
+            print(error)
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert "Q, K and V must be torch tensors, got numpy.ndarray (and torch is not installed)" in result.stdout, result
