@@ -840,3 +840,36 @@ def test_a_strategy_called_directly_warns_of_no_numpy_overflow():
         warnings.simplefilter("error")
         for name in sorted(STRATEGIES):
             nystrom.get_strategy(name)(Q, Q, 3, seed=0)
+
+
+@pytest.mark.parametrize("library", ["numpy", "torch"])
+@pytest.mark.parametrize("distinct", [5, 12])
+def test_kmeans_gives_a_repeated_seed_only_itself(library, distinct):
+    # Fewer distinct tokens than clusters: farthest-point seeds repeat one another, and equal centroids tied for their
+    # tokens, a tie that the product's rounding broke otherwise for a shard's rows than for the whole sequence's (a
+    # review: 1.5e-3 between a sharded call and one process). Now a repeated seed's cluster is that seed alone, and
+    # every other token joins the first cluster of its value, whatever rows the product saw.
+    from nystrom.linalg.landmarks.kmeans import repeated_rows, sampled_kmeans
+
+    rng = np.random.default_rng(distinct)
+    values = rng.standard_normal((distinct, 8))
+    X = values[rng.permutation(np.arange(96) % distinct)]
+    if library == "torch":
+        X = torch.from_numpy(X)
+    xp = array_api_compat.array_namespace(X)
+    labels = np.asarray(sampled_kmeans(xp, X, 16, iters=2).labels)
+    assert sorted(np.unique(labels)) == list(range(16))
+    sizes = np.bincount(labels, minlength=16)
+    X = np.asarray(X)
+    first_of_value = {}
+    for j in range(16):
+        value = X[labels == j][0].tobytes()
+        assert all(row.tobytes() == value for row in X[labels == j])
+        if value in first_of_value:
+            assert sizes[j] == 1, (j, sizes)
+        first_of_value.setdefault(value, j)
+    assert len(first_of_value) == distinct and sizes.sum() == 96
+    centroids = xp.asarray(X[[0, 1, 0, 2, 1]])
+    assert np.asarray(repeated_rows(xp, centroids)).tolist() == [False, False, True, False, True]
+    active = xp.asarray([False, True, True, True, True])
+    assert np.asarray(repeated_rows(xp, centroids, active)).tolist() == [False, False, False, False, True]

@@ -62,6 +62,29 @@ def inactive_penalty(xp, C, active):
     return xp.where(active[..., None], C, xp.zeros_like(C)), penalty
 
 
+def repeated_rows(xp, C, active=None):
+    r"""Rows ``(..., m)`` of ``C (..., m, D)`` that repeat an earlier row (an ``active (..., m)`` one, default any)
+    up to rounding: :math:`\lVert c_i - c_j\rVert^2 \le D\,\varepsilon\,(\lVert c_i\rVert^2 + \lVert c_j\rVert^2)`
+    for some :math:`i < j`, from the Gram matrix (:math:`O(m^2 D)`, no :math:`m\times m\times D` array).
+
+    Farthest-point seeds repeat one another where a sequence has fewer distinct tokens than clusters. Equal
+    centroids tie for their tokens in value but not in the rounding of :func:`nearest`'s product, which differs with
+    the rows it is given (one process's shard or the whole sequence): the tie then broke otherwise on each (a review:
+    1.5e-3 between a sharded call and one process). A repeated seed is kept out of the assignment as an inactive
+    one (:func:`inactive_penalty`), its cluster its seed alone.
+    """
+    m, D = C.shape[-2], C.shape[-1]
+    device = array_api_compat.device(C)
+    norms = xp.sum(C * C, axis=-1)
+    both = norms[..., :, None] + norms[..., None, :]
+    close = both - 2 * (C @ xp.matrix_transpose(C)) <= (D * float(xp.finfo(C.dtype).eps)) * both
+    order = xp.arange(m, device=device)
+    close = close & (order[:, None] < order[None, :])
+    if active is not None:
+        close = close & active[..., :, None]
+    return xp.any(close, axis=-2)
+
+
 def evenly_spaced(xp, shape, k, mask=None, device=None, axis=WHOLE):
     r"""Rows ``(..., k)`` of ``k`` evenly spaced eligible tokens, which of them are real picks ``(..., k)`` and which
     this array holds ``(..., k)``.
@@ -139,9 +162,9 @@ def sampled_kmeans(xp, X, m, mask=None, *, iters=3, sample_size=None, active=Non
     # Deterministic throughout: an evenly spaced sample and farthest-point seeds (a random sample with k-means++
     # seeds moved the error on real attention by up to 40 % from one seed to another; docs' landmark page).
     seeds = farthest_points(sample, m, mask=in_sample)
-    centroids, penalty = gather_rows(xp, sample, seeds), None
-    if active is not None:
-        centroids, penalty = inactive_penalty(xp, centroids, active)
+    centroids = gather_rows(xp, sample, seeds)
+    repeated = repeated_rows(xp, centroids, active)
+    centroids, penalty = inactive_penalty(xp, centroids, ~repeated if active is None else active & ~repeated)
     # One scatter-add per Lloyd step gives the sums and, in an appended column of ones, the counts.
     with_ones = xp.concat([sample, xp.ones((*sample.shape[:-1], 1), dtype=sample.dtype, device=device)], axis=-1)
     for _ in range(iters):
