@@ -253,3 +253,37 @@ print(float((ours - exact).norm() / exact.norm()))
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     # float64 products of a well-conditioned 4 x 4 inverse: measured 9e-16.
     assert float(result.stdout) < 1e-12
+
+
+def matrix_with_singular_values(seed, values):
+    g = torch.Generator().manual_seed(seed)
+    U, V = (torch.linalg.qr(torch.randn(len(values), len(values), generator=g, dtype=torch.float64))[0]
+            for _ in range(2))
+    return U @ torch.diag(torch.tensor(values, dtype=torch.float64)) @ V.T
+
+
+@pytest.mark.parametrize("through", ["inverse", "product"])
+def test_pinv_derivative_with_dropped_singular_values_is_the_truncated_inverses(through):
+    # Golub-Pereyra: d(A^+) = -Z dA Z + Z Z^T dA^T (I - A Z) + (I - Z A) dA^T Z^T Z at constant rank; the last two
+    # terms vanish where nothing is dropped, so only a matrix below rtol checks them. Two values of 0 stay dropped
+    # under gradcheck's 1e-6 steps (their perturbation, about 1e-6, is far below rtol 1e-3 times 3), and the truncated
+    # inverse's derivative differs from the constant-rank one by O(1e-6), inside gradcheck's atol 1e-5.
+    from torch.autograd import gradcheck
+
+    A = matrix_with_singular_values(0, [3.0, 2.0, 1.0, 0.5, 0.0, 0.0]).requires_grad_()
+    Y = torch.randn(6, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    solver = nystrom.PInv(rtol=1e-3)
+    assert (torch.linalg.svdvals(A.detach()) < 1e-3 * 3).sum() == 2
+    f = (lambda a: solver(a).inverse) if through == "inverse" else (lambda a: solver(a).times(Y))
+    assert gradcheck(f, (A,))
+
+
+@pytest.mark.parametrize("through", ["inverse", "product"])
+def test_pinv_second_derivatives_are_the_inverses(through):
+    # d^2(A^{-1}) = 2 Z dA Z dA Z on a full-rank A (condition number 6): PInv's value-0 terms carry it.
+    from torch.autograd import gradgradcheck
+
+    A = matrix_with_singular_values(2, [3.0, 2.0, 1.0, 0.5]).requires_grad_()
+    Y = torch.randn(4, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    f = (lambda a: nystrom.PInv()(a).inverse) if through == "inverse" else (lambda a: nystrom.PInv()(a).times(Y))
+    assert gradgradcheck(f, (A,))
