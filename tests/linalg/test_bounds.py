@@ -359,6 +359,60 @@ def test_ratio_interval_collapses_an_odd_last_stratum_into_a_triple():
     assert (low, high) == (pytest.approx(ratio / spread, rel=1e-14), pytest.approx(ratio * spread, rel=1e-14))
 
 
+def reference_ratio_interval(e, o, sizes, confidence, certain):
+    # The docstring's formula, written out group by group: certain rows in both sums and nowhere else.
+    total = sizes @ o
+    ratio = (sizes @ e) / total
+    z = (sizes * (e - ratio * o))[~certain]
+    groups = [z[i:i + 2] for i in range(0, z.size - 3, 2)] if z.size % 2 else [z[i:i + 2] for i in range(0, z.size, 2)]
+    if z.size % 2:
+        groups.append(z[-3:])
+    var = sum(g.size / (g.size - 1) * np.sum((g - g.mean()) ** 2) for g in groups) / total**2
+    spread = np.exp(scipy.stats.t.ppf(0.5 + confidence / 2, z.size - len(groups)) * np.sqrt(var) / ratio)
+    return ratio, ratio / spread, ratio * spread
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.integers(2, 14), st.integers(0, 6), st.integers(0, 10**6), st.floats(0.5, 0.99))
+def test_ratio_interval_is_its_formula_with_certain_rows_out_of_the_variance(drawn, certain_rows, seed, confidence):
+    # Every drawn count (pairs, a last triple for odd ones: degrees of freedom s - #G) and certain rows anywhere,
+    # whose errors (here 100 times the others') must not widen the interval: they add no variance.
+    rng = np.random.default_rng(seed)
+    s = drawn + certain_rows
+    certain = np.zeros(s, dtype=bool)
+    certain[rng.choice(s, certain_rows, replace=False)] = True
+    e, o = rng.random(s) ** 3, 0.5 + rng.random(s)
+    e[certain] *= 100
+    sizes = np.where(certain, 1.0, rng.integers(2, 9, s).astype(float))
+    expected = reference_ratio_interval(e, o, sizes, confidence, certain)
+    # Sums of <= 20 terms in another order: 1e-13 relative (measured equal to 4 eps).
+    assert ratio_interval(e, o, sizes, confidence, certain if certain_rows else None) == pytest.approx(expected,
+                                                                                                      rel=1e-13)
+
+
+def test_queries_at_the_high_norm_ratio_are_taken_apart():
+    # The ratio is 2: a query 2.5 times the median norm is taken with certainty (at 3 such queries, each aimed at one
+    # key, were left to the draw and the interval covered 43-64 %), one at 1.9 times is not.
+    rng = np.random.default_rng(0)
+    Q = rng.standard_normal((1, 300, 8))
+    Q /= np.linalg.norm(Q, axis=-1, keepdims=True)
+    Q[0, [10, 200]] *= 2.5
+    Q[0, 100] *= 1.9
+    np.testing.assert_array_equal(high_norm_queries(np, Q, np.arange(300), 64), [10, 200])
+
+
+def test_outlying_queries_past_an_even_half_of_the_sample_get_strata():
+    # 6 rows: their half is 2 rows (even, so that ratio_interval's pairs stay within one group), so 3 outlying queries
+    # get 2 strata of their own and the others 4, never a census of 3 and 3 strata (a triple mixing both groups).
+    outlying = np.array([5, 50, 95])
+    rows, sizes, certain = census_and_strata(np.arange(300), outlying, 6, np.random.default_rng(0))
+    assert certain is None and set(rows[:2]) <= set(outlying) and sizes[:2].sum() == 3
+    assert not set(rows[2:]) & set(outlying) and sizes[2:].sum() == 297
+    # 2 of them fit the half of 6 rows: a census.
+    rows, sizes, certain = census_and_strata(np.arange(300), outlying[:2], 6, np.random.default_rng(0))
+    assert certain.sum() == 2 and set(rows[certain]) == {5, 50}
+
+
 def test_ratio_interval_of_all_zero_exact_rows():
     # V = 0 on the sampled rows: the relative error is 0 where the approximation is 0 too, else unbounded; no
     # division by zero (it once returned inf with a NaN interval and RuntimeWarnings).
