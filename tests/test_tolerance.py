@@ -6,7 +6,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import nystrom
@@ -19,6 +19,7 @@ from nystrom.linalg.tolerance import (
     crossover,
     nystrom_pays,
     search_landmarks,
+    search_range,
     solve_flops,
 )
 
@@ -317,6 +318,38 @@ def test_the_doubling_gives_up_once_tol_is_out_of_reach(highs, tol, tried):
     assert tuple(step.m for step in budgeted) == (16, 32, 64, 128)[:len(highs)]
 
 
+def test_two_doublings_without_a_lower_bound_stop_the_search():
+    # The solver's floor: 32 is the best bound, 64 and 128 do not lower it, so 256 (which would meet tol) is never
+    # tried; the best step is returned, listed again, and the warning names where the error stopped falling.
+    highs = {16: 0.5, 32: 0.3, 64: 0.35, 128: 0.31, 256: 0.01}
+
+    def estimate(m):
+        return ErrorEstimate(highs[m], highs[m], highs[m], 0.95, 128)
+
+    with pytest.warns(UserWarning, match="the error stopped falling after m=32"):
+        result, steps = search_landmarks(lambda m, solver: m, estimate, 16, 256, 0.1, False, nystrom.PInv())
+    assert [step.m for step in steps] == [16, 32, 64, 128, 32] and result == 32
+    # One doubling without a lower bound is no stall: 128 lowers it again, and 256 meets tol.
+    highs[128] = 0.29
+    result, steps = search_landmarks(lambda m, solver: m, estimate, 16, 256, 0.1, False, nystrom.PInv())
+    assert [step.m for step in steps] == [16, 32, 64, 128, 256] and result == 256
+
+
+def test_the_range_at_the_crossover_and_the_sampled_rows():
+    # nystrom_pays's docstring: six Newton-Schulz steps at n = 1,370, d = 64 pay (half of exact attention's FLOPs)
+    # up to m = 138, so a search from 16 doubles to 128.
+    pays = nystrom_pays(1370, 1370, 64, 64)
+    assert crossover(1370, pays, nystrom.NewtonSchulz()) == 138
+    assert search_range(16, 1370, 1370, None, pays, nystrom.NewtonSchulz()) == (128, True)
+    # At most SAMPLED_ROWS queries: the estimate's exact rows would be all of them, so exact attention answers at once;
+    # one query more and the search runs.
+    assert search_range(16, 1370, SAMPLED_ROWS, None, pays, nystrom.NewtonSchulz()) == (0, True)
+    assert search_range(16, 1370, SAMPLED_ROWS + 1, None, nystrom_pays(SAMPLED_ROWS + 1, 1370, 64, 64),
+                        nystrom.NewtonSchulz())[0] > 0
+    # A budget below the keys caps m and rules exact attention out.
+    assert search_range(16, 1370, 1370, 100, pays, nystrom.NewtonSchulz()) == (100, False)
+
+
 @pytest.mark.parametrize("highs, answer", [
     # Met at 64 after a miss at 32: the mid-point 45 meets tol too and answers.
     ({16: 0.5, 32: 0.2, 45: 0.09, 64: 0.06}, 45),
@@ -410,6 +443,9 @@ def test_a_cross_attention_budget_below_the_real_keys_rules_exact_attention_out(
 
 @settings(max_examples=200, deadline=None)
 @given(highs=st.lists(st.floats(1e-3, 1.0), min_size=4, max_size=4), tol=st.sampled_from([0.01, 0.05, 0.1, 0.2]))
+# A bound that rose over the last doubling: the fall assumed for the rest is FASTEST_FALL itself, not less (0.4 / 2^2
+# is within 0.1, so no give-up at 32, and 64 meets tol; an assumed fall of 0.5 * 2 gave up).
+@example(highs=[0.2, 0.4, 0.1, 0.05], tol=0.1)
 def test_a_give_up_happens_only_where_tol_is_out_of_reach_at_the_fastest_fall(highs, tol):
     # Property of the rule the docs state: the search gives up at step i >= 1 only where
     # h_i / (FASTEST_FALL * max(h_{i-1} / h_i, 1))^k > tol, so a later step within tol means a faster fall than that
