@@ -327,3 +327,19 @@ def test_a_float_mask_that_requires_grad_is_refused():
     with pytest.raises(ValueError, match="attn_mask requires grad"):
         nystrom.approximate(Q, K, V, mask.requires_grad_(), num_landmarks=4)
     nystrom.approximate(Q, K, V, mask.detach(), num_landmarks=4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_half_the_most_negative_value_masks_and_a_step_above_it_is_refused(dtype):
+    # transformers fills masked entries with finfo.min; down to half of it an entry masks, exactly half included. The
+    # next value up is a large bias, neither 0 nor masked: refused, never read as a mask or as a key.
+    Q, K, V = qkv(3, (1, 1, 8, 4))
+    threshold = torch.tensor(0.5 * torch.finfo(dtype).min, dtype=dtype)
+    mask = torch.zeros(1, 1, 1, 8, dtype=dtype)
+    mask[..., 6:] = threshold
+    want = nystrom.approximate(Q, K, V, torch.arange(8) < 6, num_landmarks=6, solver=EXACT)
+    torch.testing.assert_close(nystrom.approximate(Q, K, V, mask, num_landmarks=6, solver=EXACT), want, rtol=0,
+                               atol=0)
+    mask[..., 6:] = torch.nextafter(threshold, torch.tensor(0, dtype=dtype))
+    with pytest.raises(ValueError, match="attn_mask"):
+        nystrom.approximate(Q, K, V, mask, num_landmarks=6)

@@ -430,3 +430,23 @@ def test_exact_attention_takes_logits_up_to_the_dtypes_largest(library):
     out = np.asarray(nystrom.exact_attention(*args))
     # float32 logits of 1e38 round to 2e31: the softmax of such logits is one-hot or a tie broken alike in both.
     np.testing.assert_allclose(out, sdpa, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("rows", [1, 10])
+def test_query_chunks_cut_a_mask_with_a_row_per_query_and_pass_a_key_mask_whole(rows):
+    # Chunks of 3 of 10 queries, the last one short: each chunk gets its own rows of a per-query mask, and the one
+    # row of a key mask.
+    from functools import partial
+
+    from nystrom.linalg.attention import in_query_chunks, softmax_attention
+
+    rng = np.random.default_rng(0)
+    Q, K, V = rng.standard_normal((2, 10, 4)), rng.standard_normal((2, 7, 4)), rng.standard_normal((2, 7, 3))
+    mask = rng.random((2, rows, 7)) < 0.7
+    mask[..., 0] = True
+    attend = partial(softmax_attention, np, scale=0.5)
+    whole = attend(Q, K, V, mask)
+    want = scipy.special.softmax(np.where(mask, 0.5 * Q @ np.swapaxes(K, -1, -2), -np.inf), axis=-1) @ V
+    np.testing.assert_allclose(whole, want, rtol=RTOL64)
+    # The chunks' products round otherwise than the whole one's (another BLAS blocking): RTOL64, not bit for bit.
+    np.testing.assert_allclose(in_query_chunks(attend, 3)(Q, K, V, mask), whole, rtol=RTOL64)
