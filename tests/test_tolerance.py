@@ -117,8 +117,8 @@ def test_the_sink_analysis_runs_once_per_search(monkeypatch):
 def test_what_the_steps_shared_is_freed_before_the_whole_output(monkeypatch):
     # The memo holds float32 features (a copy of K for half-precision inputs) and the probes' attention: the
     # search's steps share it, the whole output of the returned step does not need it. The selections are those the
-    # search resized (scanning the garbage collector's objects also found half-built ones that other tests' traced
-    # graphs left, without a memo).
+    # search resized: a scan of the garbage collector's objects met, in one CI run, a Selection without a memo that an
+    # earlier test in the same worker had left half-built (not reproduced with the files in order, alone).
     import nystrom.approximation
     import nystrom.linalg.tolerance
     from nystrom.linalg.landmarks import Selection
