@@ -7,7 +7,8 @@ Time
     :math:`n`) is the only call and its time the only sample. CPU: wall clock; CUDA: CUDA events
     around each call.
 Memory
-    Peak bytes allocated during these calls above what was live before them (inputs excluded).
+    Peak bytes allocated during the timed calls above what was live before them (the inputs, and what the warm-up
+    keeps for good), or during the only call where the warm-up is the only one.
     CUDA: :func:`torch.cuda.max_memory_allocated`. CPU: the resident-set high-water mark (``VmHWM``),
     reset through ``/proc/self/clear_refs`` right before the calls, after ``malloc_trim`` has handed
     freed heap pages back to the kernel so that every new allocation must touch fresh pages (Linux
@@ -133,14 +134,18 @@ class Measurement:
 def measure(fn, device, *, min_calls=3, max_calls=10, budget_s=1.0) -> Measurement:
     """Time ``fn()`` after one warm-up call and record its peak memory (see the module docstring).
 
-    A warm-up call that already takes ``budget_s`` or longer is the only one: at that length one-time
-    costs no longer show, and it keeps exact attention at large ``n`` to a single call.
+    The peak is that of the timed calls: what the warm-up keeps for good (lazily built kernels, thread pools, a
+    first call's caches) is live before them, as the inputs are. A warm-up call that already takes ``budget_s`` or
+    longer is the only one, and its peak the one recorded: at that length one-time costs no longer show, and it
+    keeps exact attention at large ``n`` to a single call.
     """
-    with PeakMemory(device) as peak:
+    with PeakMemory(device) as warm_up:
         first = timed_call(fn, device)
-        long_call = first >= budget_s
-        times = [first] if long_call else []
-        while not long_call and len(times) < max_calls and (len(times) < min_calls or sum(times) < budget_s):
+    if first >= budget_s:
+        return Measurement((first,), warm_up.bytes)
+    times = []
+    with PeakMemory(device) as peak:
+        while len(times) < max_calls and (len(times) < min_calls or sum(times) < budget_s):
             times.append(timed_call(fn, device))
     return Measurement(tuple(times), peak.bytes)
 
