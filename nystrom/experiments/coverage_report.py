@@ -32,7 +32,7 @@ from nystrom.linalg.bounds import census_and_strata, high_norm_queries, ratio_in
 from nystrom.torch.capture import capture_attention
 
 from .pretrained import imagenet_pixel_values, load_dinov2_small, natural_images
-from .report import markdown_table, positive
+from .report import check_distinct, markdown_table, positive
 
 CONFIDENCE = 0.95
 
@@ -83,10 +83,10 @@ def synthetic_inputs():
             "low-rank": (Ql, Kl, Vl, 16), "sharp clusters": (Qs, Ks, Vs, 16), "aimed queries": (1.5 * Qt, Kt, Vt, 32)}
 
 
-def families():
-    """``{name: (e, o, Q)}`` for the synthetic and real inputs of the module docstring."""
+def families(synthetic):
+    """``{name: (e, o, Q)}`` for the ``synthetic`` inputs (:func:`synthetic_inputs`) and the real ones of the module
+    docstring."""
     rows = {}
-    synthetic = synthetic_inputs()
     for strategy in ("norm", "uniform", "fps"):
         for family, (Q, K, V, m) in synthetic.items():
             rows[f"{family}, {strategy}, m = {m}"] = row_errors(Q, K, V, strategy, m)
@@ -135,8 +135,19 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m nystrom.experiments.coverage_report", description=__doc__)
     parser.add_argument("--samples", type=positive(int), nargs="+", default=[64, 128], help="row sample sizes s")
     args = parser.parse_args(argv)
+    synthetic = synthetic_inputs()
+    # Two rows at least (the interval's variance), at most every query of the smallest family (DINOv2-S's 1,370 are
+    # more); checked before any model runs (a review: --samples 1 and 500 were tracebacks after the families).
+    fewest = min(Q.shape[-2] for Q, *_ in synthetic.values())
+    try:
+        check_distinct("--samples", args.samples)
+        if not all(2 <= s <= fewest for s in args.samples):
+            raise ValueError(f"--samples {' '.join(map(str, args.samples))}: each must be in [2, {fewest}] (the "
+                             f"queries of the smallest family)")
+    except ValueError as err:
+        parser.error(str(err))
     torch.set_num_threads(1)
-    rows = families()
+    rows = families(synthetic)
     for s in args.samples:
         table = []
         for name, (e, o, Q) in rows.items():

@@ -71,3 +71,25 @@ def format_ratio(ratio):
     if rounded >= 10:
         return f"{ratio:,.0f}×"
     return f"{rounded:.{max(0, 1 - math.floor(math.log10(rounded)))}f}×"
+
+
+def check_distinct(flag, values):
+    """``ValueError`` naming ``flag`` where ``values`` repeat one (a review: ``--tols 0.1 0.1`` ran each case twice and
+    counted both in one table row)."""
+    repeated = sorted({v for v in values if list(values).count(v) > 1})
+    if repeated:
+        raise ValueError(f"{flag} {' '.join(map(str, values))}: {', '.join(map(str, repeated))} given more than once")
+
+
+def layers_per_model(flag, layers, counts):
+    """``{model: sorted layers, or None for all}`` from a ``--layers`` list (``None``: every model all of its layers):
+    each model in ``counts`` (its number of layers) takes those it has, a negative one counted from its own last.
+    ``ValueError`` naming ``flag`` where a model has none of them."""
+    per_model = {}
+    for model, count in counts.items():
+        per_model[model] = None if layers is None else sorted({layer % count for layer in layers
+                                                               if -count <= layer < count})
+        if per_model[model] == []:
+            raise ValueError(f"{flag} {' '.join(map(str, layers))}: {model} has layers 0 to {count - 1}; pass "
+                             f"--models to leave it out")
+    return per_model

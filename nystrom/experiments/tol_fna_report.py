@@ -40,7 +40,7 @@ from nystrom.torch.dispatch import attention_layers
 
 from . import pretrained
 from .evaluate import dinov2, minilm
-from .report import markdown_table, output_folder, positive
+from .report import check_distinct, layers_per_model, markdown_table, output_folder, positive
 from .stamp import caption, make_stamp
 from .timing import best_time
 
@@ -177,19 +177,22 @@ def main(argv=None):
     args = parser.parse_args(argv)
     # Usage errors before any model runs (a review: an unknown image was a KeyError after DINOv2-S had loaded, a
     # side of 15 pixels ran, layers that no model has ran none).
-    layers = {}
+    # --max-landmarks below a start, --sentences past the examples, repeated --tols: tracebacks or corrupt tables.
     try:
+        check_distinct("--tols", args.tols)
         if "dinov2" in args.models:
             dinov2.check_size("--size", args.size)
             dinov2.check_images(args.images)
-        for key in args.models:
-            count = NUM_LAYERS[key]
-            # Each model takes the layers it has, a negative one counted from its own last.
-            layers[key] = None if args.layers is None else sorted({layer % count for layer in args.layers
-                                                                   if -count <= layer < count})
-            if layers[key] == []:
-                raise ValueError(f"--layers {args.layers}: {key} has layers 0 to {count - 1}; pass --models to leave "
-                                 f"it out")
+        if "minilm" in args.models and args.sentences is not None:
+            try:
+                minilm.check_options(args.sentences)
+            except ValueError as err:
+                raise ValueError(f"--{err}") from None
+        layers = layers_per_model("--layers", args.layers, {key: NUM_LAYERS[key] for key in args.models})
+        starts = {key: args.num_landmarks or FIRST_M[key] for key in args.models}
+        if args.max_landmarks is not None and args.max_landmarks < max(starts.values()):
+            raise ValueError(f"--max-landmarks {args.max_landmarks}: below where a search starts, m = "
+                             f"{max(starts.values())} (--num-landmarks, default {FIRST_M})")
     except ValueError as err:
         parser.error(str(err))
     try:
@@ -205,12 +208,15 @@ def main(argv=None):
     for key in args.models:
         name, setup = setups[key]
         model, forward, compare = setup()
-        first = args.num_landmarks or FIRST_M[key]
+        first = starts[key]
         results[key] = {"num_landmarks": first, **evaluate(model, forward, compare, tols=args.tols, layers=layers[key],
                                                             num_landmarks=first, max_landmarks=args.max_landmarks,
                                                             timing=args.timing)}
         rows += table_rows(name, results[key])
-    settings = {key: value for key, value in vars(args).items() if key != "out"}
+    # The options that applied: --images and --size only with DINOv2, --sentences only with MiniLM.
+    unused = {"out"} | ({"images", "size"} if "dinov2" not in args.models else set()) | (
+        {"sentences"} if "minilm" not in args.models else set())
+    settings = {key: value for key, value in vars(args).items() if key not in unused}
     markdown = caption(stamp) + "\n" + markdown_table(HEADER, rows)
     out = Path(args.out)
     (out / "tol_fna.json").write_text(json.dumps({"stamp": stamp, "settings": settings, "results": results},

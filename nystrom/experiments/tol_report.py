@@ -36,13 +36,15 @@ from nystrom.linalg.flops import exact_attention_flops, nystrom_attention_flops
 from nystrom.linalg.tolerance import EXACT, SAMPLED_ROWS, TolStep, crossover, nystrom_pays, solve_flops
 from nystrom.torch.capture import capture_attention
 
+from .evaluate import dinov2, minilm
 from .pretrained import example_sentences, imagenet_pixel_values, load_dinov2_small, load_minilm, natural_images
-from .report import markdown_table, positive
+from .report import check_distinct, layers_per_model, markdown_table, positive
 from .stamp import busy_warning, load_average
 from .timing import best_time
 
 TOLS = (0.05, 0.1, 0.2)
 IMAGES = ("astronaut", "coffee", "rocket")
+NUM_LAYERS = {"dinov2": dinov2.NUM_LAYERS, "minilm": minilm.NUM_LAYERS}
 CPU = torch.device("cpu")
 #: Calls behind each time (the fastest counts). With 3, the largest ratio of a run moved by up to 0.5 between two
 #: runs on the same code (2.60-2.90 against 3.01-3.16 at the three tols, 2026-11-30, nothing else running).
@@ -50,20 +52,21 @@ TIMING_REPEATS = 7
 
 
 def layer_cases(models=("dinov2", "minilm"), images=IMAGES, layers=None):
-    """``(model, Q, K, V, scale, attn_mask, real rows, first m)`` for every captured layer (those in ``layers`` only,
-    when given)."""
+    """``(model, Q, K, V, scale, attn_mask, real rows, first m)`` for every captured layer (with ``layers``, a list of
+    layer indices, each model those it has: :func:`~nystrom.experiments.report.layers_per_model`)."""
+    per_model = layers_per_model("layers", layers, {model: NUM_LAYERS[model] for model in models})
     if "dinov2" in models:
         model = load_dinov2_small()
         pictures = natural_images()
         for image in images:
             for c in capture_attention(model, {"pixel_values": imagenet_pixel_values(pictures[image], 518)},
-                                       layers=layers):
+                                       layers=per_model["dinov2"]):
                 yield "DINOv2-S 518 px", c.query, c.key, c.value, c.scaling, None, None, 16
     if "minilm" not in models:
         return
     minilm, tokenizer = load_minilm()
     inputs = dict(tokenizer(example_sentences(), padding=True, return_tensors="pt"))
-    for c in capture_attention(minilm, inputs, layers=None if layers is None else [x for x in layers if x < 6]):
+    for c in capture_attention(minilm, inputs, layers=per_model["minilm"]):
         yield "MiniLM", c.query, c.key, c.value, c.scaling, c.attn_mask, c.attention_mask.bool(), 4
 
 
@@ -185,10 +188,18 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m nystrom.experiments.tol_report", description=__doc__)
     parser.add_argument("--models", nargs="+", choices=("dinov2", "minilm"), default=["dinov2", "minilm"])
     parser.add_argument("--images", nargs="+", choices=IMAGES, default=list(IMAGES))
-    parser.add_argument("--layers", type=int, nargs="+", help="captured layers (default all)")
+    parser.add_argument("--layers", type=int, nargs="+",
+                        help="captured layers (default all); each model takes those it has, a negative one from "
+                             "its last")
     parser.add_argument("--tols", type=positive(float), nargs="+", default=list(TOLS))
     parser.add_argument("--timing", action="store_true", help="also time the search against one call")
     args = parser.parse_args(argv)
+    # Usage errors before any model loads (a review: --layers 20 ran nothing, --tols 0.1 0.1 counted each case twice).
+    try:
+        check_distinct("--tols", args.tols)
+        layers_per_model("--layers", args.layers, {model: NUM_LAYERS[model] for model in args.models})
+    except ValueError as err:
+        parser.error(str(err))
     torch.set_num_threads(1)
     print(f"load average {load_average()}")
     warning = busy_warning(1)

@@ -131,6 +131,10 @@ def test_reports_refuse_values_that_are_not_positive_as_usage_errors(report, arg
     (["--layers", "12"], "dinov2 has layers 0 to 11"),
     (["--models", "minilm", "--layers", "6", "7"], "minilm has layers 0 to 5"),
     (["--sentences", "0"], "is not positive"),
+    (["--sentences", "61"], "--sentences must be an even int in [2, 60]"),
+    (["--max-landmarks", "8"], "--max-landmarks 8: below where a search starts, m = 16"),
+    (["--models", "minilm", "--num-landmarks", "6", "--max-landmarks", "5"], "below where a search starts, m = 6"),
+    (["--tols", "0.1", "0.2", "0.1"], "--tols 0.1 0.2 0.1: 0.1 given more than once"),
 ])
 def test_tol_fna_report_refuses_bad_options_before_a_model_loads(argv, message, capsys, monkeypatch):
     # A review: an unknown image was a KeyError after DINOv2-S had loaded, a 15 px side ran, and layers no model has
@@ -159,3 +163,41 @@ def test_tol_report_runs_on_minilm(capsys):
     row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| MiniLM"))
     cells = [cell.strip() for cell in row.strip("|").split("|")]
     assert cells[:7] == ["MiniLM", "0.1", "1", "100%", "0", "1", "0"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--layers", "12"], "dinov2 has layers 0 to 11"),
+    (["--models", "minilm", "--layers", "6"], "minilm has layers 0 to 5"),
+    (["--tols", "0.05", "0.05"], "0.05 given more than once"),
+])
+def test_tol_report_refuses_bad_options_before_a_model_loads(argv, message, capsys, monkeypatch):
+    # A review: --layers 20 captured nothing and printed an empty table, --tols 0.1 0.1 counted every case twice.
+    monkeypatch.setattr(tol_report, "load_dinov2_small", lambda *a: pytest.fail("a model loaded"))
+    monkeypatch.setattr(tol_report, "load_minilm", lambda *a: pytest.fail("a model loaded"))
+    with pytest.raises(SystemExit) as exit_info:
+        tol_report.main(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--samples", "1"], "--samples 1: each must be in [2, 400]"),
+    (["--samples", "64", "401"], "each must be in [2, 400]"),
+    (["--samples", "64", "64"], "64 given more than once"),
+])
+def test_coverage_report_refuses_sample_sizes_outside_every_family(argv, message, capsys, monkeypatch):
+    from nystrom.experiments import coverage_report
+
+    monkeypatch.setattr(coverage_report, "families", lambda *a: pytest.fail("the families were computed"))
+    with pytest.raises(SystemExit) as exit_info:
+        coverage_report.main(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not HAS_MINILM, reason="needs the MiniLM weights")
+def test_tol_fna_report_records_only_the_options_that_applied(tmp_path, capsys):
+    # A review: a MiniLM-only run recorded --images and --size, which it never read, as its settings.
+    tol_fna_report.main(["--models", "minilm", "--sentences", "4", "--layers", "0", "--tols", "0.1",
+                         "--out", str(tmp_path)])
+    capsys.readouterr()
+    settings = json.loads((tmp_path / "tol_fna.json").read_text())["settings"]
+    assert settings["sentences"] == 4 and not {"images", "size", "out"} & set(settings)
