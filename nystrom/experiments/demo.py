@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -40,12 +41,22 @@ def _best_time(fn, repeats):
     return measure(fn, torch.device("cpu"), min_calls=repeats, max_calls=repeats).min
 
 
+def _landmark_rows(landmarks):
+    """Each landmark's key, query and log-weight (0 where it stands for itself) as one row, ``(sequences, m, 2d + 1)``
+    float64, the rows of each sequence in lexicographic order: equal for the same landmarks in any order."""
+    keys, queries = torch.broadcast_tensors(landmarks.keys, landmarks.queries)
+    weights = (torch.zeros(keys.shape[:-1], dtype=keys.dtype) if landmarks.log_weights is None
+               else landmarks.log_weights.broadcast_to(keys.shape[:-1]))
+    rows = torch.cat([keys, queries, weights[..., None]], dim=-1).detach().double()
+    rows = rows.reshape(-1, *rows.shape[-2:]).numpy()
+    return np.stack([r[np.lexsort(r.T[::-1])] for r in rows])
+
+
 def _same_landmarks(a, b):
-    """Whether two :class:`~nystrom.Info` hold the same landmark tokens, in any order, each standing for itself."""
-    ia, ib = a.landmarks.indices, b.landmarks.indices
-    if ia is None or ib is None or a.landmarks.log_weights is not None or b.landmarks.log_weights is not None:
-        return False
-    return torch.equal(torch.sort(ia, dim=-1).values, torch.sort(ib, dim=-1).values)
+    """Whether two :class:`~nystrom.Info` hold the same landmarks in any order: the same keys and queries, each
+    standing for as many tokens (tokens, cluster means, or weighted ones alike)."""
+    rows_a, rows_b = _landmark_rows(a.landmarks), _landmark_rows(b.landmarks)
+    return rows_a.shape == rows_b.shape and np.array_equal(rows_a, rows_b)
 
 
 def _ties(infos, errors):
@@ -57,7 +68,7 @@ def _ties(infos, errors):
             if f"{errors[a]:.4f}" != f"{errors[b]:.4f}":
                 continue
             if _same_landmarks(infos[a], infos[b]):
-                why = "both chose the same landmark tokens on this input, so the approximations are the same"
+                why = "both chose the same landmarks on this input, so the approximations are the same"
             else:
                 why = "different landmarks, equal errors to the 4 digits shown"
             lines.append(f"{'':>6} '{a}' and '{b}' tie: {why}")

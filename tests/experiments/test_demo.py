@@ -29,21 +29,30 @@ def test_demo_prints_a_legend_rows_and_the_estimate():
     assert "from 17 exact rows" in text
     assert [r["strategy"] for r in rows] == ["fps", "uniform", "norm"] and all(r["n"] == 17 for r in rows)
     # With every token a landmark both strategies take all 17: the same output, and the demo says why they tie.
-    assert "'fps' and 'uniform' tie: both chose the same landmark tokens" in text
+    assert "'fps' and 'uniform' tie: both chose the same landmarks" in text
 
 
 def test_ties_tell_the_same_landmarks_from_equal_digits():
-    def info(indices, log_weights=None):
-        return SimpleNamespace(landmarks=Landmarks(queries=None, keys=None, indices=indices, log_weights=log_weights))
+    X = torch.randn(1, 10, 4, generator=torch.Generator().manual_seed(0))
 
-    tokens = torch.tensor([[0, 5, 9]])
-    infos = {"a": info(tokens), "b": info(tokens.flip(-1)), "c": info(torch.tensor([[0, 5, 8]])),
-             "d": info(None)}
-    lines = _ties(infos, {"a": 0.12341, "b": 0.12341, "c": 0.12342, "d": 0.5})
-    assert len(lines) == 3
-    assert "'a' and 'b' tie: both chose the same landmark tokens" in lines[0]
+    def info(indices, log_weights=None):
+        chosen = X[:, indices]
+        return SimpleNamespace(landmarks=Landmarks(queries=chosen, keys=chosen, indices=torch.tensor([indices]),
+                                                   log_weights=log_weights))
+
+    weights = torch.tensor([[0.0, 1.1, 0.7]])
+    infos = {"a": info([0, 5, 9]), "b": info([9, 0, 5]), "c": info([0, 5, 8]),
+             # Weighted landmarks: the same rows and weights in another order tie as the same; other weights do not.
+             "w": info([0, 5, 9], weights), "v": info([9, 0, 5], weights[:, [2, 0, 1]]),
+             "u": info([0, 5, 9], weights.flip(-1))}
+    errors = {"a": 0.12341, "b": 0.12341, "c": 0.12342, "w": 0.3, "v": 0.3, "u": 0.3}
+    lines = _ties(infos, errors)
+    assert "'a' and 'b' tie: both chose the same landmarks" in lines[0]
     assert "'a' and 'c' tie: different landmarks" in lines[1] and "'b' and 'c'" in lines[2]
-    assert _ties(infos, {"a": 0.1, "b": 0.2, "c": 0.3, "d": 0.4}) == []
+    assert "'w' and 'v' tie: both chose the same landmarks" in lines[3]
+    assert "'w' and 'u' tie: different landmarks" in lines[4] and "'v' and 'u' tie: different" in lines[5]
+    assert len(lines) == 6
+    assert _ties(infos, dict(zip(infos, (0.1, 0.2, 0.3, 0.4, 0.5, 0.6)))) == []
 
 
 def test_every_demo_option_has_help(capsys):
