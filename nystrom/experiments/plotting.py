@@ -90,7 +90,9 @@ def value_axis(ax, which="y", *, log=True):
     which : {"x", "y"}
     log : bool
         Whether a log scale is wanted. It is used only when the positive data span at least a decade; below
-        that a log axis would have no labelled tick, and the axis stays linear.
+        that a log axis would have no labelled tick, and the axis stays linear. Values of 0 or below (an exact
+        answer's error) then lie on the axis's lower edge, labelled 0, half a decade under the smallest positive
+        value.
 
     Notes
     -----
@@ -99,10 +101,29 @@ def value_axis(ax, which="y", *, log=True):
     """
     axis = _axis(ax, which)
     lo, hi = ax.dataLim.intervalx if which == "x" else ax.dataLim.intervaly
+    lines = [line for line in ax.get_lines() if line.get_transform() == ax.transData]
+    data = [np.asarray(line.get_xdata() if which == "x" else line.get_ydata(), dtype=float) for line in lines]
+    if log and lo <= 0 < hi:
+        # A single 0 made the axis linear, which pressed every error but the largest onto it (a review).
+        values = np.concatenate(data)
+        values = values[np.isfinite(values) & (values > 0)]
+        lo = values.min() if values.size else lo
     positive = bool(np.isfinite([lo, hi]).all()) and lo > 0
     if log and positive and hi / lo >= 10:
+        # Half a decade under the smallest positive value: the lower edge, labelled 0, where values of 0 lie.
+        edge = lo / 10**0.5
+        for line, values in zip(lines, data):
+            if (values <= 0).any():
+                # Marker and all on the edge (a log axis would leave the point out).
+                (line.set_xdata if which == "x" else line.set_ydata)(np.where(values <= 0, edge, values))
+                line.set_clip_on(False)
         (ax.set_xscale if which == "x" else ax.set_yscale)("log")
         log_ticks(axis, lo, hi)
+        if any((values <= 0).any() for values in data):
+            (ax.set_xlim if which == "x" else ax.set_ylim)(edge, None)
+            ticks = [t for t in axis.get_major_locator().tick_values(lo, hi) if t >= lo * (1 - 1e-9)]
+            axis.set_major_locator(FixedLocator([edge, *ticks]))
+            axis.set_major_formatter(FuncFormatter(lambda v, _: "0" if v == edge else plain_number(v)))
     else:
         (ax.set_xscale if which == "x" else ax.set_yscale)("linear")
         formatter = ScalarFormatter(useOffset=False)

@@ -45,6 +45,27 @@ def test_value_axis_always_labels_two_ticks(ys):
     assert ax.get_yscale() == ("log" if max(ys) >= 10 * min(ys) else "linear")
 
 
+def test_an_error_of_zero_keeps_the_log_axis_of_the_others():
+    # An exact answer's error of 0 among errors from 1e-3 to 0.5: the axis stays log (a linear one pressed every
+    # error but the largest onto 0), its lower edge, labelled 0, half a decade under the smallest positive error, where
+    # the 0 is drawn.
+    fig = Figure(figsize=(3.6, 3.0), layout="constrained")
+    ax = fig.subplots()
+    ax.plot([8, 16, 32, 64], [0.5, 0.05, 1e-3, 0.0], "-o")
+    ax.axhline(0.2, color="k")
+    value_axis(ax, "y")
+    swept_axis(ax, [8, 16, 32, 64])
+    assert ax.get_yscale() == "log" and ax.get_ylim()[0] == pytest.approx(1e-3 / 10**0.5)
+    assert ax.get_lines()[0].get_ydata()[-1] == pytest.approx(1e-3 / 10**0.5)
+    fig.canvas.draw()
+    labels = [t.get_text() for t in ax.get_yticklabels() if t.get_visible()]
+    assert labels[0] == "0" and "0.001" in labels and unreadable_axes(fig) == []
+    # Within a decade the axis is linear, and the 0 on it.
+    fig, ax = _figure([0.0, 0.3])
+    value_axis(ax, "y")
+    assert ax.get_yscale() == "linear" and unreadable_axes(fig) == []
+
+
 def test_swept_axis_labels_every_value_and_gives_a_single_one_neighbours():
     fig, ax = _figure([0.1, 0.2], xs=(8, 16))
     swept_axis(ax, [8, 16])
