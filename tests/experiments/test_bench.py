@@ -185,6 +185,8 @@ def test_threads_times_every_method_and_stage_at_one_thread_and_all_cores(result
     payload = _load(results, "threads")
     counts = payload["thread_counts"]
     assert counts == sorted({1, all_cores()})
+    # Stamped with the most threads it ran, whatever --threads (1 here) set for the other sections.
+    assert payload["stamp"]["threads"] == counts[-1]
     methods = {"exact", *STRATEGIES, "given"}
     assert {(r["method"], r["threads"]) for r in payload["totals"]} == {(m, c) for m in methods for c in counts}
     assert {(r["strategy"], r["threads"]) for r in payload["stages"]} == {(s, c) for s in STRATEGIES for c in counts}
@@ -372,6 +374,13 @@ def test_replot_redraws_every_saved_figure_with_one_colour_per_strategy(results,
                         checked += 1
     assert checked >= 6 * 5
     assert main(["bench", "--replot", str(tmp_path / "nothing")]) == 2
+
+
+def test_replot_refuses_the_options_of_a_timed_run(tmp_path, capsys):
+    # A review: --replot with --only scaling redrew every section, silently.
+    assert main(["bench", "--replot", str(tmp_path), "--only", "scaling", "--threads", "2"]) == 2
+    assert "--only, --threads do not apply to it" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
 
 
 def test_values_only_the_run_judges_are_usage_errors_as_argparse_reports_them(tmp_path, capsys):

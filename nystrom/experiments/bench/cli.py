@@ -82,6 +82,14 @@ def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.replot is not None:
+        # What times a run means nothing to a redraw: refused, not ignored (a review: --replot with --only scaling
+        # redrew every section).
+        defaults = vars(parser.parse_args([]))
+        timing = [f"--{name.replace('_', '-')}" for name, value in vars(args).items()
+                  if name not in ("replot", "no_progress") and value != defaults[name]]
+        if timing:
+            return usage_error(parser, f"--replot redraws every figure of the saved run and times nothing; "
+                                       f"{', '.join(timing)} do not apply to it")
         try:
             written = replot(args.replot)
         except (OSError, KeyError, ValueError) as error:

@@ -88,7 +88,10 @@ def run_threads(ctx):
         accounted = sum(best[s] for s in STAGES if s != "rest")
         stages.append({"threads": count, "strategy": strategy, **{f"{k}_s": v for k, v in best.items()},
                        "rest_s": best["total"] - accounted})
-    stamp = ctx.stamp()
+    # Stamped with the most threads it ran (its load warning judged against them): under --threads 1 the stamp said
+    # "1 thread" of a section that ran both counts (a review).
+    with thread_limit(counts[-1]):
+        stamp = ctx.stamp()
     summary = threads_summary(totals, stages, counts, heads, n, m, d)
     payload = {"stamp": stamp, "shape": [1, heads, n, d], "m": m, "thread_counts": counts, "summary": summary,
                "totals": totals, "stages": stages}
