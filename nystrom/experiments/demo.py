@@ -20,7 +20,7 @@ from nystrom.torch.capture import capture_attention
 
 from .evaluate.dinov2 import NUM_LAYERS, check_size
 from .pretrained import imagenet_pixel_values, load_dinov2_small, natural_images
-from .report import format_ratio
+from .report import format_ratio, with_flags
 from .stamp import busy_warning, load_average
 from .timing import measure
 
@@ -180,6 +180,6 @@ def main(argv=None):
     try:
         check_demo(args.image, args.sizes, args.layer, args.num_landmarks)
     except ValueError as err:
-        parser.error(str(err))
+        parser.error(with_flags(parser, str(err)))
     run_demo(image=args.image, sizes=tuple(args.sizes), layer=args.layer, num_landmarks=args.num_landmarks)
     return 0

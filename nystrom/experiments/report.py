@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -93,3 +94,17 @@ def layers_per_model(flag, layers, counts):
             raise ValueError(f"{flag} {' '.join(map(str, layers))}: {model} has layers 0 to {count - 1}; pass "
                              f"--models to leave it out")
     return per_model
+
+
+def with_flags(parser, message):
+    """``message`` (a check's, which names Python parameters) with each parameter of an option of ``parser`` that it
+    opens or that it says "must" of named by the option's flag: ``num_landmarks must be`` becomes
+    ``--num-landmarks must be``, ``num_landmarks=64`` ``--num-landmarks 64`` (a review: a command line's user read
+    names it has no option for)."""
+    for action in parser._actions:
+        flag = next((option for option in action.option_strings if option.startswith("--")), None)
+        if flag is not None:
+            message = re.sub(rf"(^|(?<=[\s(]))({re.escape(action.dest)})(?= must\b)|^{re.escape(action.dest)}\b",
+                             flag, message)
+            message = re.sub(rf"(?<![\w-]){re.escape(action.dest)}=", f"{flag} ", message)
+    return message

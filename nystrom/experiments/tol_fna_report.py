@@ -40,7 +40,7 @@ from nystrom.torch.dispatch import attention_layers
 
 from . import pretrained
 from .evaluate import dinov2, minilm
-from .report import check_distinct, layers_per_model, markdown_table, output_folder, positive
+from .report import check_distinct, layers_per_model, markdown_table, output_folder, positive, with_flags
 from .stamp import caption, make_stamp
 from .timing import best_time
 
@@ -194,7 +194,7 @@ def main(argv=None):
             raise ValueError(f"--max-landmarks {args.max_landmarks}: below where a search starts, m = "
                              f"{max(starts.values())} (--num-landmarks, default {FIRST_M})")
     except ValueError as err:
-        parser.error(str(err))
+        parser.error(with_flags(parser, str(err)))
     try:
         # An empty --out would write into the current folder (a review).
         output_folder(args.out)

@@ -73,4 +73,7 @@ def test_bad_demo_options_are_usage_errors_before_the_model_loads(argv, capsys, 
     monkeypatch.setattr("nystrom.experiments.demo.load_dinov2_small", lambda: pytest.fail("the model loaded"))
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
-    assert exit_info.value.code == 2 and "error:" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "error:" in err
+    # The message names the flag, not the Python parameter behind it (a review: "num_landmarks must be ...").
+    assert f"error: {argv[0]}" in err or "--num-landmarks 64" in err, err

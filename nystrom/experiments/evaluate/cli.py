@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..report import output_folder
+from ..report import output_folder, with_flags
 from .runner import MODELS, check_evaluation, run_evaluation
 from .specs import DEFAULT_LANDMARKS, DEFAULT_SOLVERS, DEFAULT_STRATEGIES, parse_layers
 
@@ -60,7 +60,7 @@ def main(argv=None):
         check_evaluation(args.model, layers=layers, num_landmarks=args.num_landmarks, strategies=args.strategies,
                          solvers=args.solvers, seed=args.seed, threads=args.threads, **given)
     except (TypeError, ValueError) as err:
-        parser.error(str(err))
+        parser.error(with_flags(parser, str(err)))
     try:
         output_folder(args.out)
     except OSError as err:
