@@ -292,7 +292,7 @@ def test_norm_comparison_marks():
     (["--model", "minilm", "minilm"], "models lists minilm more than once"),
     (["--strategies", "norm", "norm"], "strategies lists norm more than once"),
     # A review: m = 2 ran twice, the second run's record beside the first's.
-    (["--num-landmarks", "2", "4", "2"], "num_landmarks lists 2 more than once"),
+    (["--num-landmarks", "2", "4", "2"], "--num-landmarks lists 2 more than once"),
     # Settings the sequences cannot take: a traceback after the model loaded (a review).
     (["--model", "minilm", "--strategies", "fps:first=100", "--num-landmarks", "4"],
      "'fps:first=100' with m=4 cannot run on MiniLM's sequences of 10 tokens: first=100 is not a token"),
