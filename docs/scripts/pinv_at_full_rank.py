@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import nystrom
 from nystrom import PInv
 
-CUTOFFS = (None, 0.0, 1e-12, 1e-10, 1e-8, 1e-6, 1e-4)
+CUTOFFS = (None, 0.0, 1e-12, 1e-10, 1e-8, 1e-6, 1e-4, 1e-3)
 
 
 def cases():
@@ -29,6 +29,11 @@ def cases():
         "Gaussian (1, 2, 256, 16), float32": draw(2, gaussian, torch.float32),
         "head size 1, n = 10, float64": draw(3, ((10, 1), (10, 1), (10, 8)), torch.float64),
         "logits near 0 (entries 0.1, d = 64), float32": draw(0, ((1, 4, 128, 64),) * 3, torch.float32, 0.1),
+        # The worst draws of a review's sweep (d of 1, 4, 16; n of 10 to 128; entries 0.1 to 3; five seeds each).
+        "head size 1, n = 10, float32": draw(1, ((1, 2, 10, 1),) * 2 + ((1, 2, 10, 8),), torch.float32),
+        "logits near 0 (entries 0.1, d = 4, n = 10), float32": draw(2, ((1, 2, 10, 4),) * 3, torch.float32, 0.1),
+        "logits near 0 (entries 0.1, d = 4, n = 10), float16": draw(3, ((1, 2, 10, 4),) * 3, torch.float16, 0.1),
+        "logits near 0 (entries 0.1, d = 4, n = 10), bfloat16": draw(3, ((1, 2, 10, 4),) * 3, torch.bfloat16, 0.1),
     }
 
 
