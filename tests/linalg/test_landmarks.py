@@ -890,3 +890,34 @@ def test_kmeans_gives_a_repeated_seed_only_itself(library, distinct):
     assert np.asarray(repeated_rows(xp, centroids)).tolist() == [False, False, True, False, True]
     active = xp.asarray([False, True, True, True, True])
     assert np.asarray(repeated_rows(xp, centroids, active)).tolist() == [False, False, False, False, True]
+
+
+def test_a_local_peak_never_takes_a_sinks_singleton_slot():
+    # Key 20 is a local peak: the whole attention of 3 of the 8 probes (it fails the quorum of half), a mean share of
+    # 0.38; key 40 is a sink, about 0.42 of 5 of the 8 probes (it passes), a smaller mean share. With m = 8 the budget
+    # is 2: CLS and the sink. When the quorum read only the top candidates by share, the peak took the slot, failed,
+    # and the sink was left to the clusters (a review).
+    n, d = 64, 16
+    g = torch.Generator().manual_seed(0)
+    K = 0.1 * torch.randn(1, 1, n, d, generator=g)
+    K[..., 20, :], K[..., 40, :] = 0, 0
+    K[..., 20, 0], K[..., 40, 1] = 1, 1
+    Q = 0.1 * torch.randn(1, 1, n, d, generator=g)
+    Q[..., 1] += 16.0
+    for rows in (range(7, 12), range(16, 21), range(25, 30)):
+        Q[..., list(rows), :] = 0.1 * torch.randn(1, 1, len(rows), d, generator=g)
+        Q[..., list(rows), 0] = 40.0
+    candidates, real, budget = norm_singletons(Q, K, 8)
+    assert budget == 2 and sorted(candidates[real].tolist()) == [0, 40]
+
+
+def test_features_of_median_norm_zero_force_only_the_nonzero_tokens():
+    # Most feature rows 0 (a median of 0): every token passed norm >= ratio * median, zeros included, ahead of the
+    # sinks (a review). Only positive norms stand out: the 3 nonzero rows, then CLS first.
+    n = 64
+    g = torch.Generator().manual_seed(0)
+    Q, K = (torch.randn(1, 1, n, 8, generator=g) for _ in range(2))
+    features = torch.zeros(1, n, 16)
+    features[0, [5, 17, 33]] = torch.randn(3, 16, generator=g)
+    candidates, real, budget = norm_singletons(Q, K, 32, features=features)
+    assert budget == 8 and sorted(candidates[real].tolist()) == [0, 5, 17, 33]

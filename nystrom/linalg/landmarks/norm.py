@@ -140,7 +140,7 @@ class Norm(ClusterStrategy, name="norm", weighted=True, sharded=True):
         singleton (only when ``features`` are passed).
     max_singleton_fraction : float
         At most this fraction of the ``m`` landmarks (at least one, and never all) are singletons: ``first``,
-        then high-norm tokens, then sinks, each by attention share.
+        then high-norm tokens, then sinks (those that pass the quorum), each by attention share.
     num_probes : int
         Probe queries for the sink test.
     first : int or None
@@ -217,25 +217,46 @@ class Norm(ClusterStrategy, name="norm", weighted=True, sharded=True):
 
     def singletons(self, selection, budget):
         r"""The ``budget`` candidate singletons ``(..., budget)`` of the selection rows and which of them are real
-        ``(..., budget)``, real ones first: ``first``, high-norm tokens, then sinks, by attention share.
+        ``(..., budget)``, real ones first: ``first``, high-norm tokens, then sinks (the tokens that pass the quorum),
+        by attention share.
 
-        The probes' attention is one :math:`s\times n` product and one softmax (:meth:`analysis`, once per search
-        over :math:`m`); the quorum test reads only the candidates' columns.
+        The probes' attention is one :math:`s\times n` product and one softmax, and the quorum one comparison of it
+        (:meth:`analysis`, once per search over :math:`m`).
         """
-        xp, mask, head_axis, axis = selection.xp, selection.mask, selection.head_axis, selection.axis
+        xp, axis = selection.xp, selection.axis
         # Keyed by the class (a subclass may analyse otherwise) and what the analysis reads of this rule, as
         # constants, which a compiler traces as such.
-        key = (type(self).__qualname__ + ".analysis", self.num_probes, self.norm_ratio, self.first)
-        attention, forced, priority = selection.once(key, lambda: self.analysis(selection))
-        device, dtype = array_api_compat.device(priority), priority.dtype
-        n = axis.length(priority.shape[-1])
+        key = (type(self).__qualname__ + ".analysis", self.num_probes, self.norm_ratio, self.first, self.sink_ratio,
+               self.sink_share, self.sink_quorum)
+        single, priority = selection.once(key, lambda: self.analysis(selection))
         candidates = axis.top_k(xp, priority, budget)
-        # The quorum: the fraction of probes in which each candidate takes at least the threshold share.
-        columns = candidates if head_axis is None else xp.expand_dims(candidates, axis=head_axis + 1)
-        columns = xp.broadcast_to(columns[..., None, :], (*attention.shape[:-1], budget))
-        rows = axis.take(xp, attention, columns)
+        real = axis.take(xp, single, candidates)
+        order = xp.argsort(xp.astype(~real, xp.int64), axis=-1, stable=True)
+        return take_along_axis(xp, candidates, order), take_along_axis(xp, real, order)
+
+    def analysis(self, selection):
+        """What the singleton choice reads, whatever the number of landmarks: the tokens that are singletons when
+        the budget allows (``first``, high-norm tokens and sinks, ``(..., n)``) and their priority ``(..., n)``:
+        ``first``, then high-norm tokens, then sinks, then the others, each by its share of the probes' attention
+        (heads averaged when shared), padding last.
+
+        A sink passes the quorum: in at least ``sink_quorum`` of the probes it takes the threshold share. The quorum
+        is tested on every token before the ranking, so a local peak (a large mean share from a few probes) never
+        takes the place of a sink (a review: it did when the quorum read only the top candidates by share)."""
+        xp, K, mask, head_axis = selection.xp, selection.K, selection.mask, selection.head_axis
+        padding = selection.real_keys
+        padding = None if padding is None else xp.broadcast_to(padding, tuple(K.shape[:-1]))
+        axis = selection.axis
+        attention = axis.softmax(xp, probe_logits(xp, selection.Q, K, selection.scale, padding, self.num_probes, axis))
         if head_axis is not None:
-            rows = xp.mean(rows, axis=head_axis)
+            attention = xp.mean(attention, axis=head_axis)
+        share = xp.mean(attention, axis=-2)
+        # Logits past the dtype's range (float32 keys of about 1e19: float32 SDPA is NaN there too) make NaN shares,
+        # which torch's top-k ranks first, above CLS: they count as no share (and the quorum, a comparison, gives NaN
+        # rows no vote).
+        device, dtype = array_api_compat.device(share), share.dtype
+        share = xp.where(xp.isnan(share), xp.zeros((), dtype=dtype, device=device), share)
+        n = axis.length(share.shape[-1])
         if mask is None:
             # A Python number: the array library would copy it to the device as a tensor of its own.
             threshold = min(self.sink_ratio / n, self.sink_share)
@@ -243,40 +264,19 @@ class Norm(ClusterStrategy, name="norm", weighted=True, sharded=True):
             n_valid = axis.sum(xp.sum(xp.astype(mask, dtype), axis=-1, keepdims=True))
             threshold = xp.minimum(self.sink_ratio / n_valid, xp.full((), self.sink_share, dtype=dtype,
                                                                         device=device))[..., None]
-        votes = xp.mean(xp.astype(rows >= threshold, dtype), axis=-2)
-        real = (votes >= self.sink_quorum) | axis.take(xp, forced, candidates)
-        if mask is not None:
-            real = real & axis.take(xp, mask, candidates)
-        order = xp.argsort(xp.astype(~real, xp.int64), axis=-1, stable=True)
-        return take_along_axis(xp, candidates, order), take_along_axis(xp, real, order)
-
-    def analysis(self, selection):
-        """What the singleton test reads, whatever the number of landmarks: the probes' attention rows
-        ``(..., s, n)``, the tokens forced in as singletons (``first`` and high-norm tokens, ``(..., n)``) and the
-        candidates' priority ``(..., n)``: ``first``, then high-norm tokens, then the others, each by its share of
-        the probes' attention (heads averaged when shared), padding last."""
-        xp, K, mask, head_axis = selection.xp, selection.K, selection.mask, selection.head_axis
-        padding = selection.real_keys
-        padding = None if padding is None else xp.broadcast_to(padding, tuple(K.shape[:-1]))
-        axis = selection.axis
-        attention = axis.softmax(xp, probe_logits(xp, selection.Q, K, selection.scale, padding, self.num_probes, axis))
-        share = xp.mean(attention, axis=-2)
-        # Logits past the dtype's range (float32 keys of about 1e19: float32 SDPA is NaN there too) make NaN shares,
-        # which torch's top-k ranks first, above CLS: they count as no share (and the quorum, a comparison, gives NaN
-        # rows no vote).
-        share = xp.where(xp.isnan(share), xp.zeros((), dtype=share.dtype, device=array_api_compat.device(share)), share)
-        if head_axis is not None:
-            share = xp.mean(share, axis=head_axis + 1)
-        device = array_api_compat.device(share)
+        sinks = xp.mean(xp.astype(attention >= threshold, dtype), axis=-2) >= self.sink_quorum
         forced = xp.zeros(share.shape, dtype=xp.bool, device=device)
         if selection.features is not None:
             norms = relative_norms(xp, selection.points, mask)
-            forced = norms >= self.norm_ratio * masked_median(xp, norms, mask)[..., None]
-        priority = share + 2 * xp.astype(forced, share.dtype)
+            # Positive norms only: with a median of 0 (most features zero) every token passed (a review).
+            forced = (norms >= self.norm_ratio * masked_median(xp, norms, mask)[..., None]) & (norms > 0)
+        priority = share + xp.astype(sinks, dtype) + 2 * xp.astype(forced, dtype)
         if self.first is not None:
             is_first = first_token(xp, share.shape[-1], self.first, mask, axis, device)
             forced = forced | is_first
-            priority = xp.where(is_first, xp.full((), 4.0, dtype=share.dtype, device=device), priority)
+            priority = xp.where(is_first, xp.full((), 4.0, dtype=dtype, device=device), priority)
+        single = forced | sinks
         if mask is not None:
-            priority = xp.where(mask, priority, xp.full((), -1.0, dtype=share.dtype, device=device))
-        return attention, forced, priority
+            single = single & mask
+            priority = xp.where(mask, priority, xp.full((), -1.0, dtype=dtype, device=device))
+        return single, priority
