@@ -403,34 +403,35 @@ def check_attn_mask(xp, attn_mask, Q, K, *, check_values=True, shard=False):
     return keys
 
 
-def check_token_mask(xp, mask, shape):
-    """Validate a per-token mask ``attention_mask`` against tokens of shape ``(..., n)``; return it as bool.
+def check_token_mask(xp, mask, shape, name="attention_mask"):
+    """Validate a per-token mask ``attention_mask`` (named ``name`` in the messages) against tokens of shape
+    ``(..., n)``; return it as bool.
 
     transformers' meaning: bool ``True`` or integer 1 = real token, 0 = padding. It broadcasts to ``shape`` (an
     ``(n,)`` mask serves every sequence of a batch) and is returned broadcast to it. Reads the data: integer values
     must be 0/1, and every sequence needs a real token.
     """
     if mask.dtype != xp.bool and not xp.isdtype(mask.dtype, "integral"):
-        raise TypeError(f"attention_mask must be bool or integer 0/1 (1 = real token), got dtype {mask.dtype}")
+        raise TypeError(f"{name} must be bool or integer 0/1 (1 = real token), got dtype {mask.dtype}")
     got = tuple(mask.shape)
     if not per_token(got, shape):
-        raise ValueError(f"attention_mask must have shape {tuple(shape)} (1 = real token) or one that broadcasts "
+        raise ValueError(f"{name} must have shape {tuple(shape)} (1 = real token) or one that broadcasts "
                          f"to it, got {got}")
     lead = got[:-1]
     if len(got) < len(shape) and any(size != 1 for size in lead) and lead == tuple(shape[:len(lead)]):
         # It broadcasts aligned to the right, and would fit aligned to the left too: a (B, n) mask of per-head values
         # (B, H, n) with B == H reads B as the head axis, silently (a review: a sink of batch 0 lost in head 1). A
         # (B, n) mask of (layers, B, n) values, which fits only to the right, is taken.
-        raise ValueError(f"attention_mask of shape {got} for tokens of shape {tuple(shape)} is ambiguous: broadcasting "
+        raise ValueError(f"{name} of shape {got} for tokens of shape {tuple(shape)} is ambiguous: broadcasting "
                          f"aligns it to the right (its first axis as axis {len(shape) - len(got)} of the tokens), and "
                          f"it would fit from the left too; give it the tokens' number of dimensions (for per-head "
-                         f"values (B, H, n): attention_mask[:, None, :])")
+                         f"values (B, H, n): {name}[:, None, :])")
     if mask.dtype != xp.bool:
         if not bool(xp.all((mask == 0) | (mask == 1))):
-            raise ValueError("attention_mask as an integer mask must hold 0 (padding) and 1 (real token)")
+            raise ValueError(f"{name} as an integer mask must hold 0 (padding) and 1 (real token)")
         mask = mask != 0
     if not bool(xp.all(xp.any(mask, axis=-1))):
-        raise ValueError("attention_mask masks every token of at least one sequence; each needs a real token")
+        raise ValueError(f"{name} masks every token of at least one sequence; each needs a real token")
     return xp.broadcast_to(mask, tuple(shape))
 
 

@@ -921,3 +921,27 @@ def test_features_of_median_norm_zero_force_only_the_nonzero_tokens():
     features[0, [5, 17, 33]] = torch.randn(3, 16, generator=g)
     candidates, real, budget = norm_singletons(Q, K, 32, features=features)
     assert budget == 8 and sorted(candidates[real].tolist()) == [0, 5, 17, 33]
+
+
+def test_attention_share_checks_its_arguments_by_name():
+    # The public probe estimate had no checks (a review): a transformers (B, n) mask of (B, H, n, d) inputs with
+    # B == H was read with B as the head axis (0.34 of a head's share on padding), others failed inside torch.
+    from nystrom.linalg.landmarks import attention_share
+
+    g = torch.Generator().manual_seed(0)
+    Q, K = (torch.randn(2, 2, 6, 4, generator=g) for _ in range(2))
+    mask = torch.tensor([[True] * 4 + [False] * 2, [True] * 6])
+    with pytest.raises(ValueError, match=r"mask of shape \(2, 6\) .* is ambiguous"):
+        attention_share(torch, Q, K, 0.5, mask=mask)
+    share = attention_share(torch, Q, K, 0.5, mask=mask[:, None, :].long())  # torch itself as xp; a 0/1 mask
+    assert float(share[0, :, 4:].abs().max()) == 0 and torch.allclose(share.sum(-1), torch.ones(2, 2))
+    for call, error, match in [
+        (lambda: attention_share(torch, Q, K[..., :3], 0.5), ValueError, "Q and K must be"),
+        (lambda: attention_share(torch, Q, K.long(), 0.5), TypeError, "K must have dtype"),
+        (lambda: attention_share(torch, Q, K, 0.0), ValueError, "scale"),
+        (lambda: attention_share(torch, Q, K, 0.5, num_probes=0), ValueError, "num_probes"),
+        (lambda: attention_share(torch, Q, K, 0.5, mask=torch.ones(2, 1, 5, dtype=torch.bool)), ValueError,
+         "mask must have shape"),
+    ]:
+        with pytest.raises(error, match=match):
+            call()

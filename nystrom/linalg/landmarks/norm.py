@@ -36,7 +36,15 @@ import array_api_compat
 
 from ..numerics import at_least_float32, masked_median, put_where, relative_norms, softmax, take_along_axis
 from ..sequence import WHOLE, first_token
-from ..validation import check_bool, check_int, check_real
+from ..validation import (
+    check_bool,
+    check_int,
+    check_positive,
+    check_real,
+    check_real_floating,
+    check_token_mask,
+    namespace,
+)
 from .base import ClusterStrategy, Grouping
 from .kmeans import sampled_kmeans
 
@@ -117,7 +125,26 @@ def attention_share(xp, Q, K, scale, mask=None, num_probes=16):
     -------
     array, shape (..., n)
         :math:`\hat a_j`, summing to 1 over the keys of each sequence.
+
+    Raises
+    ------
+    TypeError, ValueError
+        Naming the argument: ``Q`` and ``K`` not floating arrays of one library with the same leading dimensions and
+        feature size, a ``mask`` that is not bool or 0/1 of shape ``(..., n)`` with ``K``'s leading dimensions (or 1;
+        a transformers ``(B, n)`` mask of ``(B, H, n, d)`` inputs is ambiguous when ``B = H`` and refused: give it
+        ``mask[:, None, :]``), a non-positive ``scale`` or ``num_probes``.
     """
+    # The inputs' own namespace, whatever xp was given (torch itself has no astype).
+    xp = namespace(Q=Q, K=K, mask=mask)
+    for name, a in (("Q", Q), ("K", K)):
+        check_real_floating(xp, name, a)
+    if Q.ndim < 2 or K.ndim != Q.ndim or Q.shape[:-2] != K.shape[:-2] or Q.shape[-1] != K.shape[-1]:
+        raise ValueError(f"Q and K must be (..., n_q, d) and (..., n, d) with the same leading dimensions and d, got "
+                         f"Q {tuple(Q.shape)} and K {tuple(K.shape)}")
+    check_positive("scale", scale)
+    check_int("num_probes", num_probes, minimum=1)
+    if mask is not None:
+        mask = check_token_mask(xp, mask, tuple(K.shape[:-1]), "mask")
     return xp.mean(softmax(xp, probe_logits(xp, Q, K, scale, mask, num_probes)), axis=-2)
 
 
