@@ -636,7 +636,8 @@ def patch(model, *, layers=None, num_landmarks=64, strategy="norm", solver="newt
         either way.
     features : {"input", "query", "key", "value"}
         Per-token features for selection: the block's input hidden states ``(B, n, D)`` (FNA's default; massive
-        activations show there), or the head-mean of the layer's queries, keys or values ``(B, n, d)``.
+        activations show there in pre-LN blocks such as ViTs', not in post-LN ones such as BERT's, whose block
+        input is a LayerNorm's output), or the head-mean of the layer's queries, keys or values ``(B, n, d)``.
     guarantee : bool Tensor or callable, optional
         Tokens that are always landmarks (FNA's ``guarantee_mask``): a bool tensor ``(n,)`` or ``(B, n)``, or
         ``select(layer_index, hidden_states) -> bool (B, n)``. Each is a landmark of its own (a one-token group for

@@ -23,8 +23,12 @@ probe takes a large share from that probe only.
 **Massive and artifact tokens** are found by their norm: when per-token ``features`` are passed (the
 residual stream, where massive activations live; :func:`nystrom.torch.patching.patch` passes the block's
 input hidden states by default), tokens with :math:`\lVert f_j\rVert \ge \nu\cdot
-\mathrm{median}_i \lVert f_i\rVert` are singletons. The *key* norm is no sink test: in all-MiniLM-L6-v2
-the [CLS] sink takes ~50 % of the attention while its key norm is only 0.85–0.95× the median.
+\mathrm{median}_i \lVert f_i\rVert` are singletons. The block input is the residual stream in pre-LN blocks
+(ViTs, DINOv2) only: in post-LN blocks (BERT, MiniLM) it is a LayerNorm's output, where massive activations no
+longer show (MiniLM's [CLS] at 0.67–0.84× the median norm there, docs' tokens page), so the test flags no token
+and [CLS] is a singleton through ``first``. The *key* norm is no sink test: in all-MiniLM-L6-v2 the [CLS] sink
+takes about half of the attention in layers 1–4 while its head-mean key norm is 0.72–1.25× the median (the 60
+example sentences).
 """
 
 from __future__ import annotations
