@@ -169,6 +169,10 @@ def excluded_tokens(xp, exclude, shape, device, mask=None):
         for p in positions:
             flags = flags | first_token(xp, n, int(p), mask, device=device)
         return xp.broadcast_to(flags, shape)
+    if not array_api_compat.is_array_api_obj(exclude) or array_api_compat.array_namespace(exclude) is not xp:
+        # Before the dtype check, whose message compared a numpy bool with torch.bool (a review).
+        raise TypeError(f"exclude must be token positions or a bool array of the inputs' library "
+                        f"({xp.__name__.rsplit('.', 1)[-1]}), got {type(exclude).__module__}.{type(exclude).__name__}")
     if exclude.dtype != xp.bool:
         raise TypeError(f"exclude must be a sequence of token positions or a bool array, got dtype {exclude.dtype}")
     # Broadcastable as the docstring says: a 0-d array (its shape[-1] was an IndexError) or a (B, 1) column too.

@@ -415,6 +415,9 @@ def test_analyze_tokens_rejects_bad_models_and_inputs():
         tokens.analyze_tokens(model, ids, exclude=0)
     with pytest.raises(ValueError, match=r"broadcastable to \(1, 4\), got \(2, 4\)"):
         tokens.analyze_tokens(model, ids, exclude=torch.zeros(2, 4, dtype=torch.bool))
+    # A numpy bool array was refused as "got dtype bool" for a bool array (a review).
+    with pytest.raises(TypeError, match=r"bool array of the inputs' library \(torch\), got numpy.ndarray"):
+        tokens.analyze_tokens(model, ids, exclude=np.zeros((1, 4), dtype=bool))
     with pytest.raises(ValueError, match=r"inputs\['attention_mask'\] must be a \(B, n\) tensor"):
         tokens.analyze_tokens(model, {**ids, "attention_mask": torch.ones(1, 1, 4)})
     with pytest.raises(ValueError, match=r"inputs\['attention_mask'\] has shape \(2, 4\) but the model ran on "
