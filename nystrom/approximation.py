@@ -307,7 +307,11 @@ def approximate(
         assume that a larger logit means more attention.
     seed : int, optional
         Makes the random strategies (``uniform``, ``rpcholesky``) deterministic; the
-        same seed gives the same landmarks for numpy and torch inputs. One draw serves the whole call: a
+        same seed gives the same draws for numpy and torch inputs, hence the same landmarks, except where
+        ``rpcholesky``'s residual kernel has fallen to its rounding (the rank exhausted: head size 1, near-uniform
+        keys), whose pivots then follow each library's rounding (a review: 10 of 20 float32 draws of keys near 1e-3
+        differed from the fifth pivot on, for outputs equally far from exact attention). One draw serves the whole
+        call: a
         sequence's landmarks depend on the batch it is in (its size and its place there), not on the seed alone.
     return_info : bool
         Also return an :class:`Info` (landmark indices, solver residual, flop counts, and an

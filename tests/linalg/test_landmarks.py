@@ -838,6 +838,10 @@ def test_gather_rows_takes_any_integer_index_for_one_sequence(dtype):
     (dict(num_pivots=3, u=np.full(2, 0.5)), ValueError, r"u must have shape \(3,\)"),
     (dict(num_pivots=3, u=np.full(3, 0.5), X=np.ones((10, 3), dtype=np.int64)), TypeError, "X must have dtype"),
     (dict(num_pivots=0, u=np.full(0, 0.5)), ValueError, "num_pivots"),
+    # Draws outside [0, 1) silently took the first or last eligible point (a review).
+    (dict(num_pivots=3, u=np.array([0.5, 5.0, 0.5])), ValueError, r"u must hold uniform draws in \[0, 1\)"),
+    (dict(num_pivots=3, u=np.array([0.5, -0.1, 0.5])), ValueError, "u must hold uniform draws"),
+    (dict(num_pivots=3, u=np.array([0.5, np.nan, 0.5])), ValueError, "u must hold uniform draws"),
 ])
 def test_rpcholesky_pivots_checks_its_arguments(kwargs, error, match):
     # A review: more pivots than eligible points came back repeated and masked ([..., 0, 0]), a short u was an
@@ -945,3 +949,16 @@ def test_attention_share_checks_its_arguments_by_name():
     ]:
         with pytest.raises(error, match=match):
             call()
+
+
+def test_fps_first_past_the_queries_of_cross_attention_guarantees_no_query():
+    # first counts among the keys and, for the landmark queries of cross-attention, among the queries: with 4 queries
+    # first=5 guarantees none of them (as norm, which never guarantees a query) instead of raising "not a token
+    # position for n=4" (a review).
+    g = torch.Generator().manual_seed(0)
+    Q, K = torch.randn(1, 1, 4, 8, generator=g), torch.randn(1, 1, 10, 8, generator=g)
+    landmarks = nystrom.FPS(first=5)(Q, K, 3, head_axis=-3)
+    assert 5 in landmarks.indices.tolist()[0][0]
+    torch.testing.assert_close(landmarks.query_indices, nystrom.FPS(first=None)(Q, K, 3, head_axis=-3).query_indices)
+    # Within the queries it still counts among them.
+    assert nystrom.FPS(first=2)(Q, K, 3, head_axis=-3).query_indices[0, 0, 0] == 2

@@ -606,9 +606,11 @@ def generator_draws(seed, shape):
 def host_draws(xp, draw, seed, shape, dtype, like):
     """``draw(seed, shape)``, numpy draws on the host, as an array of ``dtype`` on ``like``'s device.
 
-    Drawing on the host with numpy makes a given seed give the same landmarks for numpy and torch inputs, on CPU
-    and CUDA alike; the draws depend on the seed and the shape alone, so on a device they are one copy from the
-    host, queued without waiting where a :data:`HOST_COPIES` entry handles the device, and nothing is read back.
+    Drawing on the host with numpy makes a given seed give the same draws for numpy and torch inputs, on CPU and
+    CUDA alike (the same landmarks too, but where a rule's choice follows rounding: ``rpcholesky`` on an exhausted
+    kernel, ``approximate``'s ``seed``); the draws depend on the seed and the shape alone, so on a device they are
+    one copy from the host, queued without waiting where a :data:`HOST_COPIES` entry handles the device, and nothing
+    is read back.
     While a compiler traces ``like``, its :data:`COMPILERS` entry makes the draw one operation of the graph (for
     ``torch.compile``, a custom operator): ``draw`` must then be a module-level function.
     """

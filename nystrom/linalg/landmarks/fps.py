@@ -18,7 +18,7 @@ Astro-85/fast_nystrom_attention @9363d38). :data:`FNA_AUTHORS` reproduces their 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import MappingProxyType
 
 import array_api_compat
@@ -304,6 +304,15 @@ class FPS(TokenStrategy, name="fps", sharded=True):
         score = first_token_score(selection.xp, X, self.first, mask, selection.axis)
         return farthest_points(X, selection.num_landmarks, mask=mask, guarantee_score=score,
                                from_guaranteed=self.from_guaranteed, axis=selection.axis)
+
+    def pick_queries(self, selection, X):
+        """Cross-attention's landmark queries: ``first`` counts among the queries where they have that many, else no
+        query is guaranteed, as a row with too few real tokens has none (a review: ``first=5`` with 4 queries and 10
+        keys raised "not a token position for n=4", where ``norm`` took the call)."""
+        n_q = selection.axis.length(X.shape[-2])
+        if self.first is not None and not -n_q <= self.first < n_q:
+            return replace(self, first=None).pick(selection, X, None)
+        return self.pick(selection, X, None)
 
 
 FNA_AUTHORS = MappingProxyType({

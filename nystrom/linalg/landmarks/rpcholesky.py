@@ -89,6 +89,10 @@ def rpcholesky_pivots(X, num_pivots, *, scale, mask=None, u):
     check_real_floating(xp, "u", u)
     if tuple(u.shape) != (*X.shape[:-2], num_pivots):
         raise ValueError(f"u must have shape {(*X.shape[:-2], num_pivots)} (one draw per pivot), got {tuple(u.shape)}")
+    if not bool(xp.all((u >= 0) & (u < 1))):
+        # NaN fails both comparisons. Out of range, the inverse-CDF draw silently took the last or first eligible
+        # point (a review).
+        raise ValueError("u must hold uniform draws in [0, 1)")
     eligible = X.shape[-2] if mask is None else int(xp.min(xp.sum(xp.astype(mask, xp.int64), axis=-1)))
     if num_pivots > eligible:
         raise ValueError(f"num_pivots={num_pivots} exceeds the {eligible} eligible points of a row")
