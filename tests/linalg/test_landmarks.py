@@ -528,6 +528,22 @@ def test_capabilities_are_declared_and_registries_derived_from_them():
     assert {name for name, cls in nystrom.STRATEGIES.items() if cls.weighted} == {"norm", "kmeans"}
     for cls in nystrom.STRATEGIES.values():
         assert isinstance(cls(), nystrom.Strategy) and nystrom.STRATEGIES[cls.name] is cls
+
+
+def test_a_strategy_declared_later_joins_the_registries():
+    # RANDOM_STRATEGIES was a frozen set of the built-in names, which a user's random rule never joined.
+    import dataclasses
+
+    @dataclasses.dataclass(frozen=True)
+    class Shuffled(nystrom.Uniform, name="shuffled_review", random=True):
+        pass
+
+    try:
+        assert "shuffled_review" in nystrom.RANDOM_STRATEGIES and nystrom.STRATEGIES["shuffled_review"] is Shuffled
+        assert sorted(nystrom.RANDOM_STRATEGIES) == ["rpcholesky", "shuffled_review", "uniform"]
+    finally:
+        del nystrom.STRATEGIES["shuffled_review"]
+    assert "shuffled_review" not in nystrom.RANDOM_STRATEGIES and len(nystrom.RANDOM_STRATEGIES) == 2
     with pytest.raises(TypeError, match="unknown strategy capabilities"):
         type("Bad", (nystrom.Strategy,), {}, name="bad", fast=True)
 
