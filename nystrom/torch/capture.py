@@ -1,12 +1,7 @@
 r"""Record the real queries, keys, values and outputs of every attention layer of a transformers model.
 
 One forward pass of an unmodified model yields, per encoder layer, exactly what its attention function sees and
-returns, so approximations can be tested on real attention:
-
->>> caps = capture_attention(model, {"pixel_values": px})         # doctest: +SKIP
->>> c = caps[5]                                                   # layer 5
->>> out = nystrom.exact_attention(c.query, c.key, c.value, scale=c.scaling, attn_mask=c.attn_mask)  # doctest: +SKIP
->>> torch.testing.assert_close(out, c.output)                        # doctest: +SKIP
+returns, so approximations can be tested on real attention (:func:`capture_attention`'s example).
 
 It uses the handler mechanism of :mod:`nystrom.torch.dispatch` (the model's own attention function still runs) and
 restores the model on exit, also after an exception. Started inside :func:`~nystrom.torch.patching.fna` or
@@ -146,6 +141,14 @@ def capture_attention(model, inputs, layers=None) -> list[CapturedAttention]:
     ------
     TypeError
         If ``inputs`` is not a mapping.
+
+    Examples
+    --------
+    >>> caps = capture_attention(model, {"pixel_values": px})         # doctest: +SKIP
+    >>> c = caps[5]                                                   # doctest: +SKIP
+    >>> out = nystrom.exact_attention(c.query, c.key, c.value, scale=c.scaling,
+    ...                               attn_mask=c.attn_mask)          # doctest: +SKIP
+    >>> torch.testing.assert_close(out, c.output)                     # doctest: +SKIP
     """
     if not isinstance(inputs, Mapping):
         raise TypeError(f"inputs must be a mapping of model keyword arguments, got {type(inputs).__name__}")
