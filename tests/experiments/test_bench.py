@@ -240,22 +240,23 @@ def test_measure_warms_up_then_repeats():
 
 
 def test_measured_peak_leaves_out_what_the_warm_up_keeps():
-    # A first call that builds a 64 MiB cache for good (as lazily initialised kernels or thread pools do) is no
+    # A first call that builds a 128 MiB cache for good (as lazily initialised kernels or thread pools do) is no
     # memory of the call: the first n of a scaling table read it as the call's (a review). Each call's own 8 MiB
     # is.
     kept, size = [], 8 * 2**20
 
     def call():
         if not kept:
-            kept.append(torch.ones(8 * size // 4))
+            kept.append(torch.ones(16 * size // 4))
         block = torch.ones(size // 4)
         del block
 
     result = measure(call, CPU, min_calls=3, max_calls=3, budget_s=1.0)
     if result.peak_bytes is None:
         pytest.skip("peak RSS cannot be reset on this platform")
-    # The call's 8 MiB plus at most 16 MiB of noise (as above), far below the cache's 64 MiB.
-    assert size - 2**20 <= result.peak_bytes <= size + 16 * 2**20
+    # The call's 8 MiB plus the interpreter's and allocator's noise, which reached 18 MiB under a loaded machine
+    # (a fresh clone's run beside another job): at most 48 MiB of it, far below the cache's 128 MiB.
+    assert size - 2**20 <= result.peak_bytes <= size + 48 * 2**20
 
 
 def test_log_log_slope_recovers_a_power_law():
