@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import threading
 import weakref
 from dataclasses import dataclass, replace
 
@@ -151,8 +152,9 @@ class FNAHandle(Handle):
         Each thread has its own: the records of the last pass that the calling thread ran (passes in several
         threads at a time run apart).
     num_landmarks_per_layer : dict of int to int
-        With ``tol``: the :math:`m` each FNA layer calibrated on the first forward pass, used by the later ones
-        (for a layer in ``exact_layers``, the real keys of the calibration batch's shortest sequence).
+        With ``tol``: the :math:`m` each FNA layer calibrated on the first forward pass that could try one, used by
+        the later ones where the batch's shortest sequence holds it (exact attention otherwise; for a layer in
+        ``exact_layers``, the real keys of the calibration batch's shortest sequence). :meth:`recalibrate` clears it.
     solver_per_layer : dict of int to Solver or str
         With ``tol``: the solver each FNA layer calibrated with (``solver``, or a stronger one where the search
         escalated, see ``approximate(tol=...)``; ``"exact"`` for a layer in ``exact_layers``), used by the later
@@ -183,6 +185,7 @@ class FNAHandle(Handle):
         self.num_landmarks_per_layer: dict[int, int] = {}
         self.solver_per_layer: dict = {}
         self.exact_layers: set[int] = set()
+        self._calibrating = threading.RLock()
         if features not in FEATURES:
             raise ValueError(f"features must be one of {FEATURES}, got {features!r}")
         for name, spec in (("guarantee", guarantee), ("exclude", exclude)):
@@ -197,6 +200,15 @@ class FNAHandle(Handle):
         self.exclude = exclude
         self.seed = check_seed(seed)
         self.query_chunk_size = check_query_chunk_size(query_chunk_size)
+
+    def recalibrate(self):
+        """Forget the calibration of ``tol``: the next forward pass calibrates every FNA layer again (on a more
+        representative batch, say), as the first one did. Its m, solvers and exact layers are cleared together (a
+        layer with an m is taken as calibrated)."""
+        with self._calibrating:
+            self.num_landmarks_per_layer.clear()
+            self.solver_per_layer.clear()
+            self.exact_layers.clear()
 
     @property
     def records(self) -> dict[int, LayerRecord]:
@@ -339,45 +351,101 @@ class FNAHandle(Handle):
                                                          mask=key_mask, attend=attend)
 
         steps = ()
-        if self.tol is None or layer in self.num_landmarks_per_layer:
-            (landmarks, sampled), factors = attempt(m, self.solver_per_layer.get(layer, self.solver))
-            memo.clear()  # what selection kept is not needed for the output
-        else:
-            # Calibration, on this layer's first pass: the doubling search of approximate(tol=...), on 128 exact
-            # rows of this layer's own attention; later passes reuse the m it found. It starts from num_landmarks
-            # clipped to the real tokens of the shortest sequence, as selection clips it, and never goes past them.
-            # The model's own attention answers for an exact step, below.
-            warn_below_rounding(xp, self.tol, query.dtype, where=f"FNA layer {layer}: ")
-            # The eligible tokens bound m, as selection clips it: with exclude= fewer than the real ones (steps of an
-            # m selection could not take repeated the same landmarks, and the stall rule stopped there; a review).
-            eligible = fewest if excluded is None else fewest_real_keys(xp, everything & ~excluded)
-            if self.guarantee is not None and layer in self.inputs:
-                # Guaranteed tokens are landmarks of their own: the search starts where they fit (a review: six
-                # guaranteed with num_landmarks=4 raised, where the search would have raised m anyway).
-                pinned = token_mask("guarantee", self.guarantee, layer, self.inputs[layer]) & everything
-                m = max(m, int(pinned.sum(dim=-1).max()))
-            ((landmarks, sampled), factors), steps = search_for_tol(
-                xp, query, key, value, attempt, lambda: ((None, False), None),
-                first=min(m, eligible), num_keys=eligible, real_keys=fewest, key_mask=keys,
-                max_landmarks=self.max_landmarks, tol=self.tol, strict=self.strict_tol, solver=self.solver,
-                scale=scale, seed=0, attend=attend, refine=True, where=f"FNA layer {layer}: ")
-            memo.clear()
-            # The m used: selection clips m to the eligible tokens (exclude= may leave fewer than the real keys; an
-            # exact step records the real keys).
-            used = steps[-1].m if landmarks is None else landmarks.keys.shape[-2]
-            self.num_landmarks_per_layer[layer], self.solver_per_layer[layer] = used, steps[-1].solver
-            if steps[-1].solver == EXACT:
-                # Nyström attention does not reach tol here where it pays: this layer runs the model's own attention.
-                self.exact_layers.add(layer)
+        if self.tol is not None and layer not in self.num_landmarks_per_layer:
+            # One calibration per layer: passes in other threads wait for it, then run at its m (a review: two threads'
+            # first passes both searched, and left a layer exact with the other's m recorded beside it).
+            with self._calibrating:
+                calibrated = layer in self.num_landmarks_per_layer
+                if not calibrated:
+                    ((landmarks, sampled), factors), steps = self._calibrate(layer, query, key, value, attempt, xp=xp,
+                                                                             keys=keys, attend=attend, fewest=fewest,
+                                                                             excluded=excluded, everything=everything,
+                                                                             scale=scale, m=m)
+                    memo.clear()
+            if calibrated:
+                # Another thread's pass calibrated the layer meanwhile: run as a later pass does.
+                return self._attend_calibrated(layer, own_attention, query, key, value, fewest, attempt, memo,
+                                               lambda *found: self._output(layer, module, query, key, value, *found,
+                                                                           xp=xp, keys=keys, key_mask=key_mask,
+                                                                           scale=scale, attend=attend))
+            if landmarks is None:
+                # Exact attention answers: where Nyström attention does not reach tol where it pays (the layer runs
+                # the model's own attention from then on), or where the pass could try no m at all (below).
                 self._pass.records[layer] = LayerRecord(None, False, None, tol_steps=steps)
                 return own_attention(query, key, value)
+        else:
+            if self.tol is not None:
+                return self._attend_calibrated(layer, own_attention, query, key, value, fewest, attempt, memo,
+                                               lambda *found: self._output(layer, module, query, key, value, *found,
+                                                                           xp=xp, keys=keys, key_mask=key_mask,
+                                                                           scale=scale, attend=attend))
+            (landmarks, sampled), factors = attempt(m, self.solver)
+            memo.clear()  # what selection kept is not needed for the output
+        return self._output(layer, module, query, key, value, landmarks, sampled, factors, steps, xp=xp, keys=keys,
+                            key_mask=key_mask, scale=scale, attend=attend)
+
+    def _attend_calibrated(self, layer, own_attention, query, key, value, fewest, attempt, memo, output):
+        """A later pass of a calibrated layer: its m and solver, or exact attention where the layer is exact or the
+        batch's shortest sequence cannot hold that m, which would be cut to it for every sequence, and the error it
+        was calibrated for lost, silently (a review: a 181-token document beside "Hi." ran at m = 4, 0.57 off where
+        tol was 0.4)."""
+        m = self.num_landmarks_per_layer[layer]
+        if layer in self.exact_layers or m > fewest:
+            self._pass.records[layer] = LayerRecord(None, False, None)
+            return own_attention(query, key, value)
+        (landmarks, sampled), factors = attempt(m, self.solver_per_layer[layer])
+        memo.clear()
+        return output(landmarks, sampled, factors, ())
+
+    def _calibrate(self, layer, query, key, value, attempt, *, xp, keys, attend, fewest, excluded, everything, scale,
+                   m):
+        """The first pass of a layer with ``tol`` (under :attr:`_calibrating`): ``(((landmarks, sampled), factors),
+        steps)`` of the doubling search of ``approximate(tol=...)`` on 128 exact rows of this layer's own attention,
+        ``landmarks`` ``None`` for an exact answer; what later passes reuse is recorded.
+
+        It starts from ``num_landmarks`` clipped to the real tokens of the shortest sequence, as selection clips it,
+        and never goes past them. A search that could try no :math:`m` (at most 128 real query rows, or Nyström
+        attention paying at no :math:`m` from the start, in sequences this short) records nothing: the layer is
+        calibrated by the first pass that can (a review: a warm-up batch of short sentences made every layer exact
+        for good)."""
+        # The eligible tokens bound m, as selection clips it: with exclude= fewer than the real ones (steps of an m
+        # selection could not take repeated the same landmarks, and the stall rule stopped there; a review).
+        eligible = fewest if excluded is None else fewest_real_keys(xp, everything & ~excluded)
+        if self.guarantee is not None and layer in self.inputs:
+            # Guaranteed tokens are landmarks of their own: the search starts where they fit (a review: six guaranteed
+            # with num_landmarks=4 raised, where the search would have raised m anyway).
+            pinned = token_mask("guarantee", self.guarantee, layer, self.inputs[layer]) & everything
+            m = max(m, int(pinned.sum(dim=-1).max()))
+        ((landmarks, sampled), factors), steps = search_for_tol(
+            xp, query, key, value, attempt, lambda: ((None, False), None),
+            first=min(m, eligible), num_keys=eligible, real_keys=fewest, key_mask=keys,
+            max_landmarks=self.max_landmarks, tol=self.tol, strict=self.strict_tol, solver=self.solver,
+            scale=scale, seed=0, attend=attend, refine=True, where=f"FNA layer {layer}: ")
+        if all(step.solver == EXACT for step in steps):
+            return ((landmarks, sampled), factors), steps
+        # Once per calibration, as approximate(tol=...) warns once per call; not for a pass that calibrates nothing.
+        warn_below_rounding(xp, self.tol, query.dtype, where=f"FNA layer {layer}: ")
+        # The m used: selection clips m to the eligible tokens (exclude= may leave fewer than the real keys; an exact
+        # step records the real keys).
+        used = steps[-1].m if landmarks is None else landmarks.keys.shape[-2]
+        self.solver_per_layer[layer] = steps[-1].solver
+        if steps[-1].solver == EXACT:
+            # Nyström attention does not reach tol here where it pays: this layer runs the model's own attention.
+            self.exact_layers.add(layer)
+        self.num_landmarks_per_layer[layer] = used  # last: a layer in it is calibrated
+        return ((landmarks, sampled), factors), steps
+
+    def _output(self, layer, module, query, key, value, landmarks, sampled, factors, steps, *, xp, keys, key_mask,
+                scale, attend):
+        """The layer's record and output ``(output (B, n, H, d), weights)`` for its landmarks and factors."""
+        n = key.shape[-2]
         assignment = landmarks.assignment
         counts = None
         if landmarks.counts is not None:
             counts = landmarks.counts[:, 0]
         elif assignment is not None:
             ones = torch.ones((*assignment.shape, 1), dtype=torch.float32, device=key.device)
-            counts = segment_sum(array_api_compat.array_namespace(key), ones, assignment, landmarks.keys.shape[-2])
+            counts = segment_sum(xp, ones, assignment, landmarks.keys.shape[-2])
             counts = counts[..., 0]
         indices = None if landmarks.indices is None else landmarks.indices[:, 0]
         # Detached: a record outlives the pass, and must not keep its autograd graph (the whole forward's activations).
@@ -668,11 +736,16 @@ def patch(model, *, layers=None, num_landmarks=64, strategy="norm", solver="newt
         (``handle.num_landmarks_per_layer``, ``handle.solver_per_layer``; the steps are in that pass's
         ``records[layer].tol_steps``). Each layer then chooses its own landmarks (``resample`` must be
         ``"every_layer"``). A layer where Nyström attention cannot reach ``tol`` with at most half the FLOPs of
-        exact attention runs the model's own attention from then on (``handle.exact_layers``). Calibrate on a
-        representative batch: the error of later batches is not checked, and the search's :math:`m` stops at the
-        real tokens of the batch's shortest sequence (a 3-token sentence in a batch of long ones can make a layer
-        exact for every later batch). A ``tol`` below the rounding of exact
-        attention in the layer's dtype, the reference of the estimate, warns at calibration, as ``approximate`` does.
+        exact attention runs the model's own attention from then on (``handle.exact_layers``). A pass too short to
+        try any :math:`m` (at most 128 real query rows, whose estimate would be exact attention itself) answers with
+        exact attention and calibrates nothing: the first pass that can calibrates. Calibrate on a representative
+        batch: the error of later batches is not checked, and the search's :math:`m` stops at the real tokens of the
+        batch's shortest sequence (a 3-token sentence in a batch of long ones can make a layer exact for every later
+        batch). A later batch whose shortest sequence holds fewer real tokens than a layer's :math:`m` runs that layer
+        with exact attention (one :math:`m` serves the batch, and cut to that sequence it would no longer meet
+        ``tol``). ``handle.recalibrate()`` makes the next pass calibrate again. Passes in several threads calibrate
+        each layer once. A ``tol`` below the rounding of exact attention in the layer's dtype, the reference of the
+        estimate, warns at calibration, as ``approximate`` does.
     max_landmarks : int, optional
         A budget on the :math:`m` of the search, as for ``approximate``: below the real tokens of the
         calibration batch's shortest sequence it rules exact attention out.

@@ -878,9 +878,10 @@ def test_tol_calibrates_m_per_layer_on_the_first_pass_and_keeps_it(dinov2):
     assert len(set(handle.num_landmarks_per_layer.values())) > 1
 
 
-def test_tol_on_a_sequence_too_short_for_nystrom_runs_the_models_attention():
-    # The tiny BERT batch: 12 tokens, the second sequence 9 real. The search's 128 exact rows would be every row:
-    # every layer runs exact attention at once, recorded at m = 9 (every real key), with the unpatched output.
+def test_tol_on_a_batch_too_short_for_nystrom_calibrates_nothing_and_answers_exactly():
+    # The tiny BERT batch: 12 tokens, the second sequence 9 real. The search's 128 exact rows would be every row: each
+    # layer answers with exact attention at once, and calibrates nothing (such a batch made every layer exact for
+    # good: a review), so the first batch that can try an m calibrates.
     model, inputs = tiny_model("bert"), tiny_inputs("bert")
     exact = run(model, inputs)
     with warnings.catch_warnings():
@@ -889,12 +890,83 @@ def test_tol_on_a_sequence_too_short_for_nystrom_runs_the_models_attention():
             calibrated = run(model, inputs)
             calibration = dict(handle.records)
             again = run(model, inputs)
-    assert handle.exact_layers == set(range(4)) and handle.num_landmarks_per_layer == dict.fromkeys(range(4), 9)
-    assert handle.solver_per_layer == dict.fromkeys(range(4), "exact")
-    assert all(len(record.tol_steps) == 1 for record in calibration.values())
+    assert not handle.exact_layers and not handle.num_landmarks_per_layer and not handle.solver_per_layer
+    for records in (calibration, handle.records):
+        assert [(step.m, step.solver) for record in records.values() for step in record.tol_steps] == [(9, "exact")] * 4
     # float64, the model's own attention both times: measured equal; 1e-12 for a reordered sum.
     torch.testing.assert_close(calibrated, exact, rtol=0, atol=1e-12)
-    torch.testing.assert_close(again, exact, rtol=0, atol=0)
+    torch.testing.assert_close(again, exact, rtol=0, atol=1e-12)
+
+
+def long_bert():
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=64, max_position_embeddings=256, initializer_range=0.2)
+    return transformers.BertModel(config).eval()
+
+
+def bert_batch(lengths, seed=0):
+    ids = torch.randint(1, 50, (len(lengths), max(lengths)), generator=torch.Generator().manual_seed(seed))
+    mask = (torch.arange(max(lengths)) < torch.tensor(lengths)[:, None]).long()
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def test_tol_calibrates_on_the_first_batch_that_can_and_keeps_m_uncut_or_answers_exactly():
+    model = long_bert()
+    with torch.no_grad(), fna(model, layers=[1], num_landmarks=8, tol=0.3) as handle:
+        model(**bert_batch([10, 14]))  # a warm-up too short to try any m: nothing calibrated
+        assert handle.num_landmarks_per_layer == {} and handle.exact_layers == set()
+        model(**bert_batch([200, 180]))
+        m = handle.num_landmarks_per_layer[1]
+        assert 1 not in handle.exact_layers and 8 <= m < 180 and handle.records[1].tol_steps[-1].m == m
+        # A later batch whose shortest sequence cannot hold the calibrated m: m would be cut to 4 for every sequence
+        # (a review: 0.57 off at a tol of 0.4, silently); the layer answers with exact attention instead.
+        batch = bert_batch([200, 4], seed=1)
+        out = model(**batch).last_hidden_state
+        assert handle.records[1].counts is None and handle.num_landmarks_per_layer == {1: m}
+    torch.testing.assert_close(out, model(**batch).last_hidden_state, rtol=0, atol=1e-5)
+    # recalibrate() forgets the calibration: the next pass searches again.
+    with torch.no_grad(), fna(model, layers=[1], num_landmarks=8, tol=0.3) as handle:
+        model(**bert_batch([200, 180]))
+        handle.recalibrate()
+        assert handle.num_landmarks_per_layer == {} and handle.solver_per_layer == {}
+        model(**bert_batch([200, 180]))
+        assert handle.num_landmarks_per_layer == {1: m} and handle.records[1].tol_steps[-1].m == m
+
+
+def test_tol_calibrates_each_layer_once_when_threads_start_together(monkeypatch):
+    # Two threads' first passes both searched and wrote the handle's calibration, which then held one's m beside the
+    # other's exact layer (a review). One calibration per layer: the other pass waits, then runs at its m.
+    import threading
+
+    import nystrom.torch.patching
+
+    searches = []
+    search = nystrom.torch.patching.search_for_tol
+
+    def counted(*args, **kwargs):
+        searches.append(kwargs["where"])
+        return search(*args, **kwargs)
+
+    monkeypatch.setattr(nystrom.torch.patching, "search_for_tol", counted)
+    model = long_bert()
+    batch = bert_batch([200, 180])
+    start, outputs = threading.Barrier(2), {}
+
+    def forward(name):
+        start.wait()
+        with torch.no_grad():
+            outputs[name] = model(**batch).last_hidden_state
+
+    with fna(model, layers=[0, 1], num_landmarks=8, tol=0.3) as handle:
+        threads = [threading.Thread(target=forward, args=(name,)) for name in "ab"]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert sorted(searches) == ["FNA layer 0: ", "FNA layer 1: "]
+    assert set(handle.num_landmarks_per_layer) == {0, 1}
+    torch.testing.assert_close(outputs["a"], outputs["b"], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("num_landmarks, budget", [(2, 4), (10, 8)])
@@ -1102,8 +1174,13 @@ def test_a_layer_that_misses_tol_warns_at_the_line_that_called_the_model():
 
 
 def test_a_tol_below_the_dtype_rounding_warns_at_calibration():
-    # As approximate(tol=...) does: the reference is exact attention in the layer's dtype (fna said nothing).
-    model, inputs = tiny_model("vit", dtype=torch.float32), tiny_inputs("vit", dtype=torch.float32)
+    # As approximate(tol=...) does: the reference is exact attention in the layer's dtype (fna said nothing). 145
+    # tokens, more than the 128 sampled rows: a pass that can calibrate.
+    torch.manual_seed(0)
+    config = transformers.ViTConfig(image_size=84, patch_size=7, hidden_size=32, num_hidden_layers=2,
+                                    num_attention_heads=4, intermediate_size=64, initializer_range=0.2)
+    model = transformers.ViTModel(config).eval()
+    inputs = {"pixel_values": torch.randn(1, 3, 84, 84, generator=torch.Generator().manual_seed(0))}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with torch.no_grad(), fna(model, layers=[0, 1], num_landmarks=2, tol=1e-8):
