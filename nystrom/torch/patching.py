@@ -604,9 +604,11 @@ class FNAHandle(Handle):
         for b in range(key.shape[0]):
             pinned = torch.nonzero(forced[b])[:, 0]
             if pinned.numel() > m:
+                where = ("the m this layer calibrated for tol" if layer in self.num_landmarks_per_layer
+                         else "num_landmarks")
                 raise ValueError(f"guarantee selects {pinned.numel()} tokens of sequence {b} in layer {layer}, more "
-                                 f"than the {m} landmarks of this batch (num_landmarks, or the real tokens of its "
-                                 "shortest sequence where that has fewer)")
+                                 f"than the {m} landmarks of this batch ({where}, or the real tokens of its shortest "
+                                 "sequence where that has fewer)")
             rest = None
             if pinned.numel() < m:
                 allowed = eligible[b:b + 1] if picks_tokens else eligible[b:b + 1] & ~forced[b:b + 1]

@@ -1453,3 +1453,20 @@ def test_mask_keys_names_what_select_may_be():
             with mask_keys(model, None, select):
                 pass
     assert_restored(model)
+
+
+def test_too_many_guaranteed_tokens_after_calibration_name_the_calibrated_m():
+    # The limit is the m the layer calibrated, not num_landmarks (a review: "num_landmarks" named for a 40 that
+    # calibration had set, with num_landmarks=16).
+    model, count = long_bert(), {"k": 2}
+
+    def guarantee(layer, hidden):
+        return torch.arange(hidden.shape[1]) < count["k"]
+
+    with torch.no_grad(), fna(model, layers=[1], num_landmarks=8, tol=0.3, guarantee=guarantee) as handle:
+        model(**bert_batch([200, 180]))
+        m = handle.num_landmarks_per_layer[1]
+        count["k"] = m + 1
+        with pytest.raises(ValueError, match=rf"more than the {m} landmarks of this batch \(the m this layer "
+                                             r"calibrated for tol"):
+            model(**bert_batch([200, 180]))
