@@ -350,39 +350,32 @@ class FNAHandle(Handle):
             return (landmarks, sampled), nystrom_factors(xp, key, value, landmarks, unchecked(solver), scale=scale,
                                                          mask=key_mask, attend=attend)
 
-        steps = ()
-        if self.tol is not None and layer not in self.num_landmarks_per_layer:
+        def output(landmarks, sampled, factors, steps):
+            return self._output(layer, module, query, key, value, landmarks, sampled, factors, steps, xp=xp, keys=keys,
+                                key_mask=key_mask, scale=scale, attend=attend)
+
+        if self.tol is None:
+            (landmarks, sampled), factors = attempt(m, self.solver)
+            memo.clear()  # what selection kept is not needed for the output
+            return output(landmarks, sampled, factors, ())
+        found = None
+        if layer not in self.num_landmarks_per_layer:
             # One calibration per layer: passes in other threads wait for it, then run at its m (a review: two threads'
             # first passes both searched, and left a layer exact with the other's m recorded beside it).
             with self._calibrating:
-                calibrated = layer in self.num_landmarks_per_layer
-                if not calibrated:
-                    ((landmarks, sampled), factors), steps = self._calibrate(layer, query, key, value, attempt, xp=xp,
-                                                                             keys=keys, attend=attend, fewest=fewest,
-                                                                             excluded=excluded, everything=everything,
-                                                                             scale=scale, m=m)
+                if layer not in self.num_landmarks_per_layer:
+                    found = self._calibrate(layer, query, key, value, attempt, xp=xp, keys=keys, attend=attend,
+                                            fewest=fewest, excluded=excluded, everything=everything, scale=scale, m=m)
                     memo.clear()
-            if calibrated:
-                # Another thread's pass calibrated the layer meanwhile: run as a later pass does.
-                return self._attend_calibrated(layer, own_attention, query, key, value, fewest, attempt, memo,
-                                               lambda *found: self._output(layer, module, query, key, value, *found,
-                                                                           xp=xp, keys=keys, key_mask=key_mask,
-                                                                           scale=scale, attend=attend))
-            if landmarks is None:
-                # Exact attention answers: where Nyström attention does not reach tol where it pays (the layer runs
-                # the model's own attention from then on), or where the pass could try no m at all (below).
-                self._pass.records[layer] = LayerRecord(None, False, None, tol_steps=steps)
-                return own_attention(query, key, value)
-        else:
-            if self.tol is not None:
-                return self._attend_calibrated(layer, own_attention, query, key, value, fewest, attempt, memo,
-                                               lambda *found: self._output(layer, module, query, key, value, *found,
-                                                                           xp=xp, keys=keys, key_mask=key_mask,
-                                                                           scale=scale, attend=attend))
-            (landmarks, sampled), factors = attempt(m, self.solver)
-            memo.clear()  # what selection kept is not needed for the output
-        return self._output(layer, module, query, key, value, landmarks, sampled, factors, steps, xp=xp, keys=keys,
-                            key_mask=key_mask, scale=scale, attend=attend)
+        if found is None:
+            return self._attend_calibrated(layer, own_attention, query, key, value, fewest, attempt, memo, output)
+        ((landmarks, sampled), factors), steps = found
+        if landmarks is None:
+            # Exact attention answers: where Nyström attention does not reach tol where it pays (the layer runs the
+            # model's own attention from then on), or where the pass could try no m at all (:meth:`_calibrate`).
+            self._pass.records[layer] = LayerRecord(None, False, None, tol_steps=steps)
+            return own_attention(query, key, value)
+        return output(landmarks, sampled, factors, steps)
 
     def _attend_calibrated(self, layer, own_attention, query, key, value, fewest, attempt, memo, output):
         """A later pass of a calibrated layer: its m and solver, or exact attention where the layer is exact or the
