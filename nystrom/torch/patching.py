@@ -336,7 +336,6 @@ class FNAHandle(Handle):
                      scale, m):
         """FNA's answer for one layer's checked call (:meth:`_attend`): ``(output (B, n, H, d), weights)``, or the
         model's own, ``own_attention(query, key, value)``, where a ``tol`` search gives up on Nyström attention."""
-        batch, _, n, _ = key.shape
         xp = array_api_compat.array_namespace(key)
         keys = None if real is None else real[:, None, :]
         key_mask = None if keys is None else keys[..., None, :]
