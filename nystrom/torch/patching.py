@@ -381,11 +381,14 @@ class FNAHandle(Handle):
         batch's shortest sequence cannot hold that m, which would be cut to it for every sequence, and the error it
         was calibrated for lost, silently (a review: a 181-token document beside "Hi." ran at m = 4, 0.57 off where
         tol was 0.4)."""
-        m = self.num_landmarks_per_layer[layer]
-        if layer in self.exact_layers or m > fewest:
+        # Read once, under the lock that recalibrate() takes: a calibration it clears meanwhile is no KeyError.
+        with self._calibrating:
+            m, solver = self.num_landmarks_per_layer.get(layer), self.solver_per_layer.get(layer)
+            exact = layer in self.exact_layers
+        if exact or m is None or m > fewest:
             self._pass.records[layer] = LayerRecord(None, False, None)
             return own_attention(query, key, value)
-        (landmarks, sampled), factors = attempt(m, self.solver_per_layer[layer])
+        (landmarks, sampled), factors = attempt(m, solver)
         memo.clear()
         return output(landmarks, sampled, factors, ())
 
