@@ -40,6 +40,7 @@ from .validation import (
     check_real_floating,
     check_scale,
     check_seed,
+    check_token_mask,
     check_unknown_arguments,
     namespace,
 )
@@ -232,7 +233,7 @@ class ErrorEstimate:
 
 @quiet_numpy_overflow
 def estimate_relative_error(Q, K, V, approx, *, num_samples=128, confidence=0.95, seed=None, scale=None,
-                            attn_mask=None, **unknown):
+                            attn_mask=None, query_mask=None, **unknown):
     r"""Estimate the relative Frobenius error of an approximate attention output from sampled rows.
 
     The query positions are split into :math:`s` contiguous strata of near-equal size :math:`N_h`, and one
@@ -267,6 +268,10 @@ def estimate_relative_error(Q, K, V, approx, *, num_samples=128, confidence=0.95
         real rows (:math:`e_i` and :math:`o_i` sum over the sequences in which row :math:`i` is real,
         :math:`n_q` counts the positions real in some sequence); ``approx`` may hold anything at the padded
         rows, NaN included.
+    query_mask : bool or 0/1 array, shape (..., n_q), optional
+        The real query rows, in place of the rule above: for cross-attention whose query and key lengths happen to
+        be equal, pass it (all ``True`` where every query is real), or the rows at padded keys are left out as
+        padded queries (a review: an error of 1.21 estimated as 0 with an interval of width 0).
 
     Returns
     -------
@@ -291,11 +296,16 @@ def estimate_relative_error(Q, K, V, approx, *, num_samples=128, confidence=0.95
     if tuple(approx.shape) != (*Q.shape[:-1], V.shape[-1]):
         raise ValueError(f"approx must have shape {(*Q.shape[:-1], V.shape[-1])}, got {tuple(approx.shape)}")
     check_real_floating(xp, "approx", approx)
-    check_finite(xp, approx=approx if keys is None or Q.shape[-2] != K.shape[-2] else xp.where(
-        keys[..., None], approx, xp.zeros((), dtype=approx.dtype, device=array_api_compat.device(approx))))
+    if query_mask is not None:
+        namespace(Q=Q, query_mask=query_mask)
+        queries = check_token_mask(xp, query_mask, tuple(Q.shape[:-1]), "query_mask")
+    else:
+        queries = None if keys is None or Q.shape[-2] != K.shape[-2] else keys
+    check_finite(xp, approx=approx if queries is None else xp.where(
+        queries[..., None], approx, xp.zeros((), dtype=approx.dtype, device=array_api_compat.device(approx))))
     K, V = without_padding(xp, keys, K, V)
     return sampled_relative_error(xp, Q, K, V, approx, **check_sampling(num_samples, confidence, seed), scale=tau,
-                                  keys=keys)
+                                  keys=keys, queries=queries)
 
 
 def check_sampling(num_samples, confidence, seed) -> dict:
@@ -307,10 +317,11 @@ def check_sampling(num_samples, confidence, seed) -> dict:
     return {"num_samples": num_samples, "confidence": confidence, "seed": check_seed(seed)}
 
 
-def sampled_relative_error(xp, Q, K, V, approx, *, num_samples, confidence, seed, scale, keys=None):
+def sampled_relative_error(xp, Q, K, V, approx, *, num_samples, confidence, seed, scale, keys=None, queries=None):
     """:func:`estimate_relative_error` for checked arguments (no checks of its own); ``keys (..., n)`` is the
-    checked key mask, and the rows of ``K`` and ``V`` at padded keys are zero."""
-    sample = sample_rows(xp, Q, K, V, num_samples=num_samples, seed=seed, scale=scale, keys=keys)
+    checked key mask, and the rows of ``K`` and ``V`` at padded keys are zero; ``queries (..., n_q)``, where given,
+    the real query rows (:func:`query_positions`)."""
+    sample = sample_rows(xp, Q, K, V, num_samples=num_samples, seed=seed, scale=scale, keys=keys, queries=queries)
     return sample.estimate(xp.take(approx, sample.at, axis=-2), confidence)
 
 
@@ -369,18 +380,20 @@ class RowSample:
                              high=differences * math.sqrt(high), confidence=confidence, num_samples=s)
 
 
-def query_positions(Q, K, keys=None):
+def query_positions(Q, K, keys=None, queries=None):
     """``(real, positions)``: which flattened batch rows are real at each query position (bool ``(B, n_q)``, ``None``
-    for all) and the positions real in some row, those the row sample draws from. For self-attention with a key mask
-    a padded key is a padded query, whose output nobody reads. Reads the mask (one host read)."""
+    for all) and the positions real in some row, those the row sample draws from: ``queries (..., n_q)`` where given,
+    else, for self-attention with a key mask, the real keys (a padded key is a padded query, whose output nobody
+    reads). Reads the mask (one host read)."""
     n_q = Q.shape[-2]
-    if keys is None or n_q != K.shape[-2]:
+    if queries is None and (keys is None or n_q != K.shape[-2]):
         return None, np.arange(n_q)
-    real = np.broadcast_to(float64_numpy(keys) > 0, tuple(Q.shape[:-1])).reshape(-1, n_q)
+    real = np.broadcast_to(float64_numpy(keys if queries is None else queries) > 0,
+                           tuple(Q.shape[:-1])).reshape(-1, n_q)
     return real, np.flatnonzero(real.any(axis=0))
 
 
-def sample_rows(xp, Q, K, V, *, num_samples, seed, scale, keys=None, attend=None) -> RowSample:
+def sample_rows(xp, Q, K, V, *, num_samples, seed, scale, keys=None, attend=None, queries=None) -> RowSample:
     r"""Draw :func:`stratified_rows` among the real query positions and compute their exact attention, for checked
     arguments; ``keys (..., n)`` is the checked key mask, and the rows of ``K`` and ``V`` at padded keys are zero
     (:func:`~nystrom.linalg.numerics.without_padding`). Cost :math:`O(s\, n\, d)` per batch element.
@@ -388,7 +401,7 @@ def sample_rows(xp, Q, K, V, *, num_samples, seed, scale, keys=None, attend=None
     ``attend(q, k, v, mask)`` computes the rows' attention, as :func:`~nystrom.linalg.attention.nystrom_product`
     takes it (default :func:`~nystrom.linalg.attention.softmax_attention`; the torch backend's fused kernel took
     5.0 against 8.3 ms for 128 rows of DINOv2-S layer 7 at (1, 6, 1370, 64) on one thread)."""
-    real, positions = query_positions(Q, K, keys)
+    real, positions = query_positions(Q, K, keys, queries)
     num_samples = min(num_samples, positions.size)
     census = high_norm_queries(xp, Q, positions, num_samples, real)
     rows, sizes, certain = census_and_strata(positions, census, num_samples, np.random.default_rng(seed))

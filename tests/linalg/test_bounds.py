@@ -563,3 +563,27 @@ def test_a_spectrum_off_the_host_or_of_bools_is_read_by_its_own_library():
     for bools in (np.array([True, False]), xps.asarray(np.array([True, False]))):
         with pytest.raises(TypeError, match="got bools"):
             best_rank_trace_floor(bools, 1)
+
+
+def test_query_mask_counts_every_real_query_of_cross_attention_of_equal_lengths():
+    # Cross-attention whose query and key lengths are equal, with padded keys: by default the rows at padded keys
+    # count as padded queries (self-attention's rule), and an error held by those rows was estimated as 0 with an
+    # interval of width 0 (a review). query_mask says which query rows are real.
+    rng = np.random.default_rng(0)
+    Q, K, V = (rng.standard_normal((2, 16, 4)) for _ in range(3))
+    keys = np.ones((2, 16), dtype=bool)
+    keys[1, 6:] = False
+    exact = nystrom.exact_attention(Q, K, V, attn_mask=keys)
+    approx = exact.copy()
+    approx[1, 10:] += 1.0
+    truth = np.linalg.norm(approx - exact) / np.linalg.norm(exact)
+    everything = estimate_relative_error(Q, K, V, approx, attn_mask=keys, num_samples=16, seed=0,
+                                         query_mask=np.ones((2, 16), dtype=bool))
+    assert everything.estimate == pytest.approx(truth, rel=1e-12) and everything.low == everything.high
+    assert estimate_relative_error(Q, K, V, approx, attn_mask=keys, num_samples=16, seed=0).estimate == 0.0
+    with pytest.raises(ValueError, match="query_mask must have shape"):
+        estimate_relative_error(Q, K, V, approx, attn_mask=keys, query_mask=np.ones((2, 15), dtype=bool))
+    # NaN at a real query row is refused once the mask says it is real.
+    approx[1, 12] = np.nan
+    with pytest.raises(ValueError, match="approx"):
+        estimate_relative_error(Q, K, V, approx, attn_mask=keys, query_mask=np.ones((2, 16), dtype=bool))
