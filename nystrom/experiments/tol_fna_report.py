@@ -175,19 +175,16 @@ def main(argv=None):
     parser.add_argument("--timing", action="store_true", help="also time a calibrated forward pass against exact")
     parser.add_argument("--out", default="results", help="output folder (default results/)")
     args = parser.parse_args(argv)
-    # Usage errors before any model runs (a review: an unknown image was a KeyError after DINOv2-S had loaded, a
-    # side of 15 pixels ran, layers that no model has ran none).
-    # --max-landmarks below a start, --sentences past the examples, repeated --tols: tracebacks or corrupt tables.
+    # Usage errors before any model runs (reviews: an unknown image was a KeyError after DINOv2-S had loaded, a side
+    # of 15 pixels ran, layers that no model has ran none; --max-landmarks below a start, --sentences past the
+    # examples and repeated --tols were tracebacks or corrupt tables).
     try:
         check_distinct("--tols", args.tols)
         if "dinov2" in args.models:
             dinov2.check_size("--size", args.size)
             dinov2.check_images(args.images)
         if "minilm" in args.models and args.sentences is not None:
-            try:
-                minilm.check_options(args.sentences)
-            except ValueError as err:
-                raise ValueError(f"--{err}") from None
+            minilm.check_options(args.sentences)
         layers = layers_per_model("--layers", args.layers, {key: NUM_LAYERS[key] for key in args.models})
         starts = {key: args.num_landmarks or FIRST_M[key] for key in args.models}
         if args.max_landmarks is not None and args.max_landmarks < max(starts.values()):

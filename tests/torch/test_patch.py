@@ -1012,10 +1012,7 @@ def test_tol_records_the_landmarks_used_where_exclude_leaves_fewer_than_the_real
 def test_tol_searches_no_m_past_the_eligible_tokens():
     # 200 tokens, 6 eligible, a start of 8: the steps at 8 and 16 both used the same 6 landmarks (selection clips m),
     # so their bounds were equal and the stall rule ended the search (a review). The search starts at the 6 now.
-    torch.manual_seed(0)
-    config = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                     intermediate_size=64, max_position_embeddings=256, initializer_range=0.2)
-    model = transformers.BertModel(config).eval()
+    model = long_bert()
     with torch.no_grad(), fna(model, layers=[1], num_landmarks=8, tol=1e-3, exclude=torch.arange(200) >= 6) as handle:
         model(input_ids=torch.randint(1, 50, (1, 200), generator=torch.Generator().manual_seed(0)))
     assert [(step.m, step.solver) for step in handle.records[1].tol_steps] == [(6, NewtonSchulz()), (200, "exact")]
