@@ -105,7 +105,8 @@ def value_axis(ax, which="y", *, log=True):
     data = [np.asarray(line.get_xdata() if which == "x" else line.get_ydata(), dtype=float) for line in lines]
     if log and lo <= 0 < hi:
         # A single 0 made the axis linear, which pressed every error but the largest onto it (a review).
-        values = np.concatenate(data)
+        # Only lines are read: an axes of bars alone keeps the linear axis it had.
+        values = np.concatenate(data) if data else np.zeros(0)
         values = values[np.isfinite(values) & (values > 0)]
         lo = values.min() if values.size else lo
     positive = bool(np.isfinite([lo, hi]).all()) and lo > 0

@@ -64,6 +64,12 @@ def test_an_error_of_zero_keeps_the_log_axis_of_the_others():
     fig, ax = _figure([0.0, 0.3])
     value_axis(ax, "y")
     assert ax.get_yscale() == "linear" and unreadable_axes(fig) == []
+    # Bars alone, one of height 0, draw no line to read: linear, as before (reading the lines raised on no line).
+    fig = Figure(figsize=(3.6, 3.0), layout="constrained")
+    ax = fig.subplots()
+    ax.bar([0, 1, 2], [0.0, 0.5, 20.0])
+    value_axis(ax, "y")
+    assert ax.get_yscale() == "linear"
 
 
 def test_swept_axis_labels_every_value_and_gives_a_single_one_neighbours():
