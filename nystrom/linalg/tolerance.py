@@ -7,7 +7,7 @@ import warnings
 from typing import Any, NamedTuple
 
 from .attention import nystrom_output
-from .bounds import ErrorEstimate, query_positions, sample_rows
+from .bounds import ErrorEstimate, interpolation_census, interpolation_weight_norms, query_positions, sample_rows
 from .flops import exact_attention_flops, nystrom_attention_flops
 from .solvers import NewtonSchulz, PInv, Ridge, Solver
 from .validation import outside_stacklevel, real_key_counts
@@ -344,7 +344,17 @@ def search_for_tol(xp, Q, K, V, attempt, exact, *, first, num_keys, key_mask, ma
     sampled = None if rows is None else xp.take(Q, rows.at, axis=-2)
 
     def estimate(attempted):
-        return rows.estimate(nystrom_output(xp, sampled, attempted[1], attend), CONFIDENCE)
+        factors = attempted[1]
+        first_look = rows.estimate(nystrom_output(xp, sampled, factors, attend), CONFIDENCE)
+        if not first_look.high <= tol:
+            return first_look
+        # Within tol on the stratified rows: confirmed only with the rows of largest interpolation weights taken
+        # with certainty too, which a heavy tail of row errors hides from the strata (their cost, an n_q x m
+        # product, is paid once per answer, not per step).
+        weights = interpolation_weight_norms(xp, Q, factors.keys, factors.bias, factors.solve.inverse, scale,
+                                             rows.real)
+        census = rows.with_census(interpolation_census(rows, weights))
+        return census.estimate(nystrom_output(xp, xp.take(Q, census.at, axis=-2), factors, attend), CONFIDENCE)
 
     return search_landmarks(attempt, estimate, first, top,
                             tol, strict, solver, exact=exact if exact_allowed else None,
