@@ -2,13 +2,15 @@
 ``python -m nystrom.experiments.coverage_report``.
 
 For each family of inputs the exact and approximate outputs are computed once, giving every query row's squared
-error :math:`e_i` and squared norm :math:`o_i` (summed over batch and heads). The estimator's own row sampler
-and interval (:func:`~nystrom.linalg.bounds.census_and_strata` with
-:func:`~nystrom.linalg.bounds.high_norm_queries`, :func:`~nystrom.linalg.bounds.ratio_interval`) are then
-replayed on those rows for 1,000 seeds per sample size, and the table reports the share of 95 % intervals
-that contain the true squared error ratio, with the median interval width (high / low of the reported error).
-For comparison it replays the estimator the library used before, a simple random sample with a delta-method
-log-scale interval.
+error :math:`e_i` and squared norm :math:`o_i` (summed over batch and heads), and the interpolation weights'
+norms of ``Info.interpolation_weights``. The estimator's own row sampler and interval
+(:func:`~nystrom.linalg.bounds.census_and_strata` with :func:`~nystrom.linalg.bounds.high_norm_queries`, then
+:meth:`~nystrom.linalg.bounds.RowSample.with_census` of :func:`~nystrom.linalg.bounds.interpolation_census`, and
+:func:`~nystrom.linalg.bounds.ratio_interval`) are then replayed on those rows for 1,000 seeds per sample size,
+and the table reports the share of 95 % intervals that contain the true squared error ratio, with the median
+interval width (high / low of the reported error). For comparison it replays the estimators the library used
+before: the same strata without the census of interpolation weights (until 2026-12-03), and a simple random sample
+with a delta-method log-scale interval (until 2026-12-01).
 
 Families: Gaussian tokens, clustered tokens, clustered low-rank tokens, sharper clusters (12 centres, larger logits),
 artifact-like queries (10 of 512 with 4 times the others' norm) and aimed queries (16 of 1,024 with 2.9 times the
@@ -28,7 +30,14 @@ import torch
 import torch.nn.functional as F
 
 import nystrom
-from nystrom.linalg.bounds import census_and_strata, high_norm_queries, ratio_interval
+from nystrom.linalg.bounds import (
+    CENSUS_SHARE,
+    RowSample,
+    census_and_strata,
+    high_norm_queries,
+    interpolation_census,
+    ratio_interval,
+)
 from nystrom.torch.capture import capture_attention
 
 from .pretrained import imagenet_pixel_values, load_dinov2_small, natural_images
@@ -38,13 +47,16 @@ CONFIDENCE = 0.95
 
 
 def row_errors(Q, K, V, strategy, num_landmarks, scale=None):
-    """``(e, o, Q)``: per query position, the squared error of ``approximate`` and the squared exact norm, float64,
-    and the queries (for the sampler's census of high-norm queries)."""
-    out = nystrom.approximate(Q, K, V, strategy=strategy, num_landmarks=num_landmarks, scale=scale, seed=0)
+    """``(e, o, Q, weights)``: per query position, the squared error of ``approximate`` and the squared exact norm,
+    float64, the queries (for the sampler's census of high-norm queries) and the interpolation weights' squared norms
+    (``Info.interpolation_weights``, for its census of those)."""
+    out, info = nystrom.approximate(Q, K, V, strategy=strategy, num_landmarks=num_landmarks, scale=scale, seed=0,
+                                    return_info=True)
     exact = F.scaled_dot_product_attention(Q.double(), K.double(), V.double(), scale=scale)
     e = ((out.double() - exact) ** 2).sum(-1)
     o = (exact**2).sum(-1)
-    return e.reshape(-1, e.shape[-1]).sum(0).numpy(), o.reshape(-1, o.shape[-1]).sum(0).numpy(), Q
+    return (e.reshape(-1, e.shape[-1]).sum(0).numpy(), o.reshape(-1, o.shape[-1]).sum(0).numpy(), Q,
+            info.interpolation_weights())
 
 
 def synthetic_inputs():
@@ -84,8 +96,8 @@ def synthetic_inputs():
 
 
 def families(synthetic):
-    """``{name: (e, o, Q)}`` for the ``synthetic`` inputs (:func:`synthetic_inputs`) and the real ones of the module
-    docstring."""
+    """``{name: (e, o, Q, weights)}`` for the ``synthetic`` inputs (:func:`synthetic_inputs`) and the real ones of the
+    module docstring."""
     rows = {}
     for strategy in ("norm", "uniform", "fps"):
         for family, (Q, K, V, m) in synthetic.items():
@@ -111,23 +123,35 @@ def simple_random_interval(e, o, population):
     return ratio / spread, ratio * spread
 
 
-def coverage(e, o, Q, num_samples, replications=1000):
-    """``(stratified coverage, its median width, simple-random coverage, its median width)`` over seeds; the
-    stratified sample is the library's (high-norm queries of ``Q`` with certainty, then strata)."""
+def replayed_sample(positions, census, weights, num_samples, rng):
+    """The rows of the library's sample (:func:`~nystrom.linalg.bounds.sample_rows` and ``RowSample.with_census``) and
+    ``(rows, sizes, certain)`` of the same strata without the census of interpolation weights, for one seed; the
+    exact rows are replayed, so the sample holds none."""
+    rows, sizes, certain, strata = census_and_strata(positions, census, num_samples, rng)
+    sample = RowSample(rows, rows, sizes, 1.0, np.zeros((rows.size, 1)), certain, strata, rng=rng,
+                       exact_rows=lambda at: np.zeros((len(at), 1)))
+    return sample.with_census(interpolation_census(sample, weights)), (rows, sizes, certain)
+
+
+def coverage(e, o, Q, weights, num_samples, replications=1000):
+    """``(coverage, median width)`` over seeds of the library's interval, of the same strata without the census of
+    interpolation weights, and of a simple random sample, in that order."""
     truth = e.sum() / o.sum()
     population = e.size
     positions = np.arange(population)
     census = high_norm_queries(array_api_compat.array_namespace(Q), Q, positions, num_samples)
-    hits, widths = np.zeros(2), [[], []]
+    hits, widths = np.zeros(3), [[], [], []]
     for seed in range(replications):
         rng = np.random.default_rng(seed)
-        rows, sizes, certain = census_and_strata(positions, census, num_samples, rng)
-        _, low, high = ratio_interval(e[rows], o[rows], sizes, CONFIDENCE, certain=certain)
-        sample = rng.choice(population, num_samples, replace=False)
-        for k, (lo, hi) in enumerate(((low, high), simple_random_interval(e[sample], o[sample], population))):
+        sample, (rows, sizes, certain) = replayed_sample(positions, census, weights, num_samples, rng)
+        library = ratio_interval(e[sample.rows], o[sample.rows], sample.sizes, CONFIDENCE, certain=sample.certain)
+        strata = ratio_interval(e[rows], o[rows], sizes, CONFIDENCE, certain=certain)
+        simple = rng.choice(population, num_samples, replace=False)
+        intervals = (library[1:], strata[1:], simple_random_interval(e[simple], o[simple], population))
+        for k, (lo, hi) in enumerate(intervals):
             hits[k] += lo <= truth <= hi
             widths[k].append(np.sqrt(hi / lo))
-    return hits[0] / replications, np.median(widths[0]), hits[1] / replications, np.median(widths[1])
+    return [(hits[k] / replications, float(np.median(widths[k]))) for k in range(3)]
 
 
 def main(argv=None):
@@ -150,14 +174,15 @@ def main(argv=None):
     rows = families(synthetic)
     for s in args.samples:
         table = []
-        for name, (e, o, Q) in rows.items():
-            strat, strat_width, simple, simple_width = coverage(e, o, Q, s)
-            table.append([name, e.size, round(float(np.sqrt(e.sum() / o.sum())), 3), strat, round(strat_width, 2),
-                          simple, round(simple_width, 2)])
-        table.append(["lowest", "", "", min(r[3] for r in table), "", min(r[5] for r in table), ""])
-        print(f"\ns = {s} rows, nominal {CONFIDENCE:.0%}, 1,000 seeds per family\n")
-        print(markdown_table(["family", "n", "true error", "coverage, stratified", "width", "coverage, simple random",
-                              "width"], table))
+        for name, (e, o, Q, weights) in rows.items():
+            measured = coverage(e, o, Q, weights, s)
+            table.append([name, e.size, round(float(np.sqrt(e.sum() / o.sum())), 3)]
+                         + [x for c, w in measured for x in (c, round(w, 2))])
+        table.append(["lowest", "", ""] + [x for k in (3, 5, 7) for x in (min(r[k] for r in table), "")])
+        print(f"\ns = {s} rows (and s // {CENSUS_SHARE} of largest interpolation weights), nominal {CONFIDENCE:.0%}, "
+              "1,000 seeds per family\n")
+        print(markdown_table(["family", "n", "true error", "coverage", "width", "coverage, strata only", "width",
+                              "coverage, simple random", "width"], table))
 
 
 if __name__ == "__main__":

@@ -489,10 +489,7 @@ def sample_rows(xp, Q, K, V, *, num_samples, seed, scale, keys=None, attend=None
     num_samples = min(num_samples, positions.size)
     census = high_norm_queries(xp, Q, positions, num_samples, real)
     rng = np.random.default_rng(seed)
-    certain, order, edges = strata_of(positions, census, num_samples)
-    rows, sizes = draw_strata(order, edges, rng)
-    if certain.size:
-        rows, sizes = np.concatenate([certain, rows]), np.concatenate([np.ones(certain.size), sizes])
+    rows, sizes, certain, strata = census_and_strata(positions, census, num_samples, rng)
     at = xp.asarray(rows, device=array_api_compat.device(Q))
     mask = None if keys is None else keys[..., None, :]
     if attend is None:
@@ -501,8 +498,7 @@ def sample_rows(xp, Q, K, V, *, num_samples, seed, scale, keys=None, attend=None
     def exact_rows(at):
         return float64_numpy(attend(xp.take(Q, at, axis=-2), K, V, mask))
 
-    sample = RowSample(rows, at, sizes, 1.0 if real is None else real[:, rows], None,
-                       np.arange(rows.size) < certain.size if certain.size else None, (order, edges), real, rng,
+    sample = RowSample(rows, at, sizes, 1.0 if real is None else real[:, rows], None, certain, strata, real, rng,
                        exact_rows)
     return dataclasses.replace(sample, exact=sample.zero_padded(exact_rows(at), rows))
 
@@ -543,14 +539,15 @@ def census_and_strata(positions, outlying, num_samples, rng):
     :func:`stratified_rows` of the others; when more, strata of their own, which take half the sample, and strata of
     the others, the other half; below 4 rows, strata of all positions. Never some of them with certainty and the rest
     among the others, where they would be rarer still (a review: 21 % coverage with 8 of 10 taken at 64 rows).
-    Returns ``(rows, sizes, certain)``; ``certain`` marks the rows taken with certainty (``None`` without any), each
-    of size 1."""
+    Returns ``(rows, sizes, certain, strata)``; ``certain`` marks the rows taken with certainty (``None`` without any),
+    each of size 1, and ``strata = (order, edges)`` holds the positions the other rows were drawn from, the
+    :math:`h`-th of them from ``order[edges[h]:edges[h + 1]]`` (:func:`strata_of`)."""
     certain, order, edges = strata_of(positions, outlying, num_samples)
     rows, sizes = draw_strata(order, edges, rng)
     if not certain.size:
-        return rows, sizes, None
+        return rows, sizes, None, (order, edges)
     return (np.concatenate([certain, rows]), np.concatenate([np.ones(certain.size), sizes]),
-            np.arange(num_samples) < certain.size)
+            np.arange(num_samples) < certain.size, (order, edges))
 
 
 #: A query whose norm is at least this many times the median query norm is sampled apart by the row sample

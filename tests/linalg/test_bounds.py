@@ -227,10 +227,10 @@ def test_a_census_of_some_outliers_only_is_never_drawn():
     np.testing.assert_array_equal(high_norm_queries(np, Q, np.arange(300), 64), outlying)
     assert high_norm_queries(np, Q, np.arange(300), 300).size == 0  # every row computed anyway
     for num_samples in (64, 128):
-        rows, sizes, certain = census_and_strata(np.arange(300), outlying, num_samples, np.random.default_rng(0))
+        rows, sizes, certain, _ = census_and_strata(np.arange(300), outlying, num_samples, np.random.default_rng(0))
         assert certain.sum() == outlying.size and set(rows[certain]) == set(outlying)
         assert not set(rows[~certain]) & set(outlying)
-    rows, sizes, certain = census_and_strata(np.arange(300), outlying, 32, np.random.default_rng(0))
+    rows, sizes, certain, _ = census_and_strata(np.arange(300), outlying, 32, np.random.default_rng(0))
     assert certain is None and rows.size == 32
     # 16 strata of the outlying queries (which they fill, sizes summing to their count), 16 of the others.
     assert set(rows[:16]) <= set(outlying) and sizes[:16].sum() == outlying.size
@@ -238,7 +238,7 @@ def test_a_census_of_some_outliers_only_is_never_drawn():
     # 2 or 3 rows leave them no half: they had no stratum at all (sizes summing to 300 - 24: their error left out of
     # the estimate, 0 with width 0 where they held all of it; a review). Now strata of every position.
     for num_samples in (2, 3):
-        rows, sizes, certain = census_and_strata(np.arange(300), outlying, num_samples, np.random.default_rng(0))
+        rows, sizes, certain, _ = census_and_strata(np.arange(300), outlying, num_samples, np.random.default_rng(0))
         assert certain is None and rows.size == num_samples and sizes.sum() == 300
 
 
@@ -405,11 +405,11 @@ def test_outlying_queries_past_an_even_half_of_the_sample_get_strata():
     # 6 rows: their half is 2 rows (even, so that ratio_interval's pairs stay within one group), so 3 outlying queries
     # get 2 strata of their own and the others 4, never a census of 3 and 3 strata (a triple mixing both groups).
     outlying = np.array([5, 50, 95])
-    rows, sizes, certain = census_and_strata(np.arange(300), outlying, 6, np.random.default_rng(0))
+    rows, sizes, certain, _ = census_and_strata(np.arange(300), outlying, 6, np.random.default_rng(0))
     assert certain is None and set(rows[:2]) <= set(outlying) and sizes[:2].sum() == 3
     assert not set(rows[2:]) & set(outlying) and sizes[2:].sum() == 297
     # 2 of them fit the half of 6 rows: a census.
-    rows, sizes, certain = census_and_strata(np.arange(300), outlying[:2], 6, np.random.default_rng(0))
+    rows, sizes, certain, _ = census_and_strata(np.arange(300), outlying[:2], 6, np.random.default_rng(0))
     assert certain.sum() == 2 and set(rows[certain]) == {5, 50}
 
 
@@ -588,3 +588,114 @@ def test_query_mask_counts_every_real_query_of_cross_attention_of_equal_lengths(
     approx[1, 12] = np.nan
     with pytest.raises(ValueError, match="approx"):
         estimate_relative_error(Q, K, V, approx, attn_mask=keys, query_mask=np.ones((2, 16), dtype=bool))
+
+
+def test_interpolation_weights_are_the_norms_of_f_times_the_inverse(monkeypatch):
+    # ||F_i A^+||^2 summed over the batch, F_i = softmax(tau q_i k~^T + log c): the dense formula in float64, the
+    # function in blocks of 7 queries (a block smaller than n_q, and one past its end); padded rows count 0.
+    import nystrom.linalg.bounds as bounds
+
+    monkeypatch.setattr(bounds, "CENSUS_BLOCK", 7)
+    rng = np.random.default_rng(0)
+    Q = rng.standard_normal((2, 3, 30, 8))
+    keys, log_c = rng.standard_normal((2, 3, 5, 8)), rng.standard_normal((2, 3, 1, 5))
+    inverse = rng.standard_normal((2, 3, 5, 5))
+    logits = 0.3 * Q @ np.swapaxes(keys, -1, -2) + log_c
+    F = np.exp(logits - logits.max(-1, keepdims=True))
+    W = F / F.sum(-1, keepdims=True) @ inverse
+    dense = (W**2).sum(-1).reshape(6, 30)
+    real = rng.random((6, 30)) < 0.8
+    # float64 throughout, the same products blocked: rounding only (measured 0 and 2e-16 relative).
+    np.testing.assert_allclose(bounds.interpolation_weight_norms(np, Q, keys, log_c, inverse, 0.3),
+                               dense.sum(0), rtol=1e-13)
+    np.testing.assert_allclose(bounds.interpolation_weight_norms(np, Q, keys, log_c, inverse, 0.3, real),
+                               np.where(real, dense, 0).sum(0), rtol=1e-13)
+
+
+def replayed(positions, outlying, num_samples, seed):
+    """A RowSample of census_and_strata's rows whose exact rows are the positions themselves (one column)."""
+    from nystrom.linalg.bounds import RowSample
+
+    rng = np.random.default_rng(seed)
+    rows, sizes, certain, strata = census_and_strata(positions, outlying, num_samples, rng)
+    return RowSample(rows, rows, sizes, 1.0, rows[:, None].astype(float), certain, strata, rng=rng,
+                     exact_rows=lambda at: np.asarray(at)[:, None].astype(float))
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.integers(4, 200), st.integers(2, 64), st.integers(0, 40), st.integers(0, 5), st.integers(0, 10**6))
+def test_a_census_leaves_every_position_stood_for_once(population, num_samples, census_size, outliers, seed):
+    # After the census every position is stood for exactly once in expectation: a certain row for itself (size 1),
+    # every other by one drawn row of its stratum, which lies in it and outside the census; the exact rows follow
+    # the positions (here each row's exact output is its position).
+    rng = np.random.default_rng(seed)
+    positions = np.sort(rng.choice(1000, population, replace=False))
+    num_samples = min(num_samples, population)
+    outlying = np.sort(rng.choice(positions, min(outliers, population), replace=False))
+    census = np.sort(rng.choice(positions, min(census_size, population), replace=False))
+    sample = replayed(positions, outlying, num_samples, seed).with_census(census)
+    certain = np.zeros(sample.rows.size, dtype=bool) if sample.certain is None else sample.certain
+    assert set(census) <= set(sample.rows[certain]) and (sample.sizes[certain] == 1).all()
+    order, edges = sample.strata
+    assert np.array_equal(np.diff(edges), sample.sizes[~certain])
+    for start, end, row in zip(edges[:-1], edges[1:], sample.rows[~certain], strict=True):
+        assert row in order[start:end] and row not in census
+    # Every position once: the certain rows and the strata partition them.
+    assert np.array_equal(np.sort(np.concatenate([sample.rows[certain], order])), positions)
+    assert sample.sizes.sum() == population
+    np.testing.assert_array_equal(sample.exact[:, 0], sample.rows)
+
+
+def test_a_census_keeps_the_stratified_total_unbiased():
+    # E[sum_h N_h' e_h] = sum_i e_i: a drawn row kept or drawn again stands for its stratum without the census.
+    # Heavy rows (a tenth of the positions hold 90 % of the total), 12 of them and 60 light ones in the census;
+    # 4,000 seeds: the mean is within 4 standard errors of the truth (measured 1.1), where weighing a kept row by its
+    # stratum's size before the census is 23 off and a census row left as its stratum's draw 28 off.
+    rng = np.random.default_rng(0)
+    e = rng.exponential(size=300)
+    heavy = rng.choice(300, 30, replace=False)
+    e[heavy] *= 80
+    census = np.sort(np.concatenate([heavy[:12], rng.choice(np.setdiff1d(np.arange(300), heavy), 60, replace=False)]))
+    totals = []
+    for seed in range(4000):
+        sample = replayed(np.arange(300), np.arange(0), 40, seed).with_census(census)
+        totals.append(sample.sizes @ e[sample.rows])
+    totals = np.array(totals)
+    assert abs(totals.mean() - e.sum()) < 4 * totals.std() / np.sqrt(totals.size)
+
+
+def test_info_estimate_takes_the_rows_of_largest_interpolation_weights():
+    from nystrom.linalg.bounds import CENSUS_SHARE
+
+    rng = np.random.default_rng(3)
+    Q, K, V = (rng.standard_normal((2, 200, 8)) for _ in range(3))
+    out, info = nystrom.approximate(Q, K, V, num_landmarks=12, return_info=True)
+    weights = info.interpolation_weights()
+    assert weights.shape == (200,) and (weights > 0).all()
+    estimate = info.estimate_error(num_samples=64, seed=0)
+    assert estimate.num_samples == 64 + 64 // CENSUS_SHARE
+    # With every row sampled the estimate is the truth, census or not (float64 sums in another order).
+    exact = nystrom.exact_attention(Q, K, V)
+    truth = np.linalg.norm(out - exact) / np.linalg.norm(exact)
+    assert info.estimate_error(num_samples=200).estimate == pytest.approx(truth, rel=1e-13)
+    # An exact answer (every real key a landmark, 20 keys masked) has no weights.
+    real = np.arange(200) < 180
+    assert nystrom.approximate(Q, K, V, num_landmarks=180, attn_mask=real, return_info=True)[1].landmarks is None
+    assert nystrom.approximate(Q, K, V, num_landmarks=180, attn_mask=real,
+                               return_info=True)[1].interpolation_weights() is None
+
+
+def test_interpolation_weights_of_padded_rows_count_zero():
+    # Padded query rows may hold anything (here 1e30): their weights are 0, the census never takes them, and the
+    # estimate is that of the clean inputs.
+    rng = np.random.default_rng(0)
+    Q, K, V = (rng.standard_normal((2, 120, 8)) for _ in range(3))
+    real = np.arange(120)[None, :] < np.array([[120], [90]])
+    garbage = np.where(real[..., None], Q, 1e30)
+    estimates = []
+    for q in (Q, garbage):
+        out, info = nystrom.approximate(q, K, V, num_landmarks=16, attn_mask=real, return_info=True)
+        weights = info.interpolation_weights()
+        assert np.isfinite(weights).all()
+        estimates.append(info.estimate_error(seed=0))
+    assert estimates[0] == estimates[1]
