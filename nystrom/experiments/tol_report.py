@@ -15,10 +15,10 @@ on the true relative error (float64 exact attention, real rows only):
   attention stops taking at most half the FLOPs of exact attention (:func:`~nystrom.linalg.tolerance.nystrom_pays`;
   median and largest, over the cases where some m of the grid meets ``tol``);
 * the cost of the search over that of one call at the m it returned (exact attention for an exact answer), in
-  FLOPs (:mod:`nystrom.linalg.flops`: every step tried, with its output at the 128 sampled rows only, the whole
-  output of the returned one, plus the 128 exact rows of the estimate, and without those rows; landmark selection
-  not counted), and over exact attention; with ``--timing``, in time (best of 7
-  :func:`~nystrom.experiments.timing.timed_call` each, one thread).
+  FLOPs (:mod:`nystrom.linalg.flops`: every step tried, with its output at the 128 sampled rows only, the census
+  of interpolation weights where a step's bound was within ``tol``, the whole output of the returned one, plus the
+  exact rows of the estimate, and without those rows; landmark selection not counted), and over exact attention;
+  with ``--timing``, in time (best of 7 :func:`~nystrom.experiments.timing.timed_call` each, one thread).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 import nystrom
-from nystrom.linalg.flops import exact_attention_flops, nystrom_attention_flops
+from nystrom.linalg.flops import exact_attention_flops, interpolation_census_flops, nystrom_attention_flops
 from nystrom.linalg.tolerance import EXACT, SAMPLED_ROWS, TolStep, crossover, nystrom_pays, solve_flops
 from nystrom.torch.capture import capture_attention
 
@@ -81,10 +81,11 @@ def step_flops(Q, K, V, step, queries=None):
 
 
 def search_flops(Q, K, V, steps):
-    """FLOPs of a whole search: ``(every step tried with its output at the sampled rows, then the whole output of
-    the returned one, sampled rows included, or exact attention; the exact attention of the sampled rows)`` (the
-    returned step is listed again when it is not the last, and counted once; no row is sampled when exact attention
-    is the only step)."""
+    """FLOPs of a whole search: ``(every step tried with its output at the sampled rows, the census of the steps that
+    took one (interpolation weights of every row, the output at the census's rows), then the whole output of the
+    returned one, sampled rows included, or exact attention; the exact attention of the sampled rows and of the
+    census's)`` (the returned step is listed again when it is not the last, and counted once; no row is sampled when
+    exact attention is the only step)."""
     tried = steps[:-1] if steps[-1] in steps[:-1] else steps
     sampled = [step for step in tried if step.solver != EXACT]
     rows = min(SAMPLED_ROWS, Q.shape[-2]) if sampled else 0
@@ -92,8 +93,14 @@ def search_flops(Q, K, V, steps):
     batch, n_q, n, d, d_v = math.prod(Q.shape[:-2]), Q.shape[-2], K.shape[-2], Q.shape[-1], V.shape[-1]
     whole = (exact_attention_flops(batch, n_q, n, d, d_v) if last.solver == EXACT
              else nystrom_attention_flops(batch, n_q, n, d, d_v, last.m)["output_product"])
-    return (sum(step_flops(Q, K, V, step, rows) for step in sampled) + whole,
-            exact_attention_flops(batch, rows, n, d, d_v))
+    # A step whose estimate read more rows than the sample's took the census (the step's bound was within tol).
+    census = [step for step in sampled if step.estimate.num_samples > rows]
+    census_flops = sum(interpolation_census_flops(batch, n_q, d, step.m)
+                       + nystrom_attention_flops(batch, step.estimate.num_samples, n, d, d_v, step.m)["output_product"]
+                       for step in census)
+    census_rows = sum(step.estimate.num_samples - rows for step in census)
+    return (sum(step_flops(Q, K, V, step, rows) for step in sampled) + census_flops + whole,
+            exact_attention_flops(batch, rows, n, d, d_v) + exact_attention_flops(batch, census_rows, n, d, d_v))
 
 
 def sweep_grid(first, largest):

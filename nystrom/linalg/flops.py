@@ -6,7 +6,9 @@ Per batch element (a sequence in one head), with :math:`n_q` queries, :math:`n` 
 * exact: :math:`2 n_q n d` for the logits plus :math:`2 n_q n d_v` for the weighted sum;
 * Nyström: :math:`2 m n (d + d_v)` for :math:`\mathrm{softmax}(\tilde q K^\top)V`,
   :math:`2 m^2 d` for :math:`A`, the solve, :math:`2 m^2 d_v` for :math:`A^+ (BV)` and
-  :math:`2 n_q m (d + d_v)` for the output product.
+  :math:`2 n_q m (d + d_v)` for the output product;
+* the census of an error estimate (:func:`~nystrom.linalg.bounds.interpolation_weight_norms`):
+  :math:`2 n_q m (d + m)` for the logits over the landmark keys and their product with :math:`A^+`.
 
 Exponentials and normalisations (:math:`O(n_q n)` resp. :math:`O((n_q + n) m)`) are not counted,
 as is usual for attention FLOP counts.
@@ -51,3 +53,19 @@ def nystrom_attention_flops(batch, n_q, n, d, d_v, m, solve_flops=0):
     output = batch * 2 * n_q * m * (d + d_v)
     return {"landmark_products": landmark, "solve": solve, "output_product": output,
             "total": landmark + solve + output}
+
+
+def interpolation_census_flops(batch, n_q, d, m):
+    """FLOPs of the interpolation weights' norms of every query row, :math:`2 n_q m (d + m)` per sequence
+    (:func:`~nystrom.linalg.bounds.interpolation_weight_norms`).
+
+    Parameters
+    ----------
+    batch, n_q, d, m : int
+        Independent sequences, queries, query/key size, landmarks.
+
+    Returns
+    -------
+    int
+    """
+    return batch * 2 * n_q * m * (d + m)
