@@ -9,7 +9,9 @@ stratum of that order (the library's sampler and interval, :func:`~nystrom.linal
 1,000 seeds at s = 64, 128 and 256 rows. The quantities, summed over the two heads: the entropy of the query's
 attention over the weighted landmark keys, its largest logit there, its distance to the nearest landmark query
 (each one n x m product), the approximate output's squared norm, its distance to a second approximation with half
-or twice the landmarks (half a call or two more), and, as an oracle no call has, the row's true squared error. It
+or twice the landmarks (half a call or two more), the squared norm of its interpolation weights F_i A^+
+(``Info.interpolation_weights``, an n x m product more), and, as an oracle no call has, the row's true squared
+error. It
 prints each order's coverage of a nominal 95 % interval and the Spearman correlation of the quantity with the row
 error, then how far the true error lies above the interval's upper end when it does.
 """
@@ -65,6 +67,7 @@ def main():
         "approximate output's squared norm": (out**2).sum(-1).sum((0, 1)).numpy(),
         "distance to a second approximation at m/2": distance_to(out, Q, K, V, m // 2),
         "distance to a second approximation at 2m": distance_to(out, Q, K, V, 2 * m),
+        "interpolation weights' squared norm": info.interpolation_weights(),
         "true squared row error (oracle)": e,
     }
     print(f"true error {np.sqrt(e.sum() / o.sum()):.4f}; coverage of a nominal {CONFIDENCE:.0%} interval")
@@ -78,6 +81,9 @@ def main():
     over = np.sqrt(truth / intervals(e, o, np.arange(e.size), 128)[:, 1])
     print("s = 128, sequence order: the true error is at most f times the upper end in "
           + ", ".join(f"{np.mean(over <= f):.1%} (f = {f})" for f in (1.0, 1.1, 1.2, 1.3)) + " of samples")
+    ranks = scipy.stats.rankdata(-quantities["interpolation weights' squared norm"])[np.argsort(-e)[:10]]
+    print(f"the ten largest row errors ({e[np.argsort(-e)[:10]].sum() / e.sum():.0%} of the squared error) rank "
+          f"{', '.join(str(int(r)) for r in ranks)} by their interpolation weights' squared norm")
 
 
 if __name__ == "__main__":
