@@ -593,9 +593,9 @@ def high_norm_queries(xp, Q, positions, num_samples, real=None):
 #: (docs' error-bounds page): 1/8 is the fewest rows with none below 93 %.
 CENSUS_SHARE = 8
 
-#: Query rows per block of :func:`interpolation_weight_norms`: its float32 intermediates stay below
-#: ``CENSUS_BLOCK * m * 4`` bytes per batch matrix.
-CENSUS_BLOCK = 4096
+#: Entries of the logits of one block of :func:`interpolation_weight_norms` (queries x landmarks over the batch): its
+#: float32 intermediates stay near 64 MiB each, whatever the batch.
+CENSUS_BLOCK = 2**24
 
 
 def interpolation_weight_norms(xp, Q, keys, bias, inverse, scale, real=None):
@@ -607,7 +607,7 @@ def interpolation_weight_norms(xp, Q, keys, bias, inverse, scale, real=None):
     near a unit vector; where the query's attention mixes landmarks that :math:`A^+` pulls apart, its weights are
     large and cancel, and an error in :math:`BV` reaches the output amplified: on sharply clustered tokens the ten
     rows of largest squared error (41 % of it) ranked 1-9 and 13 of 1,024 by this norm (docs' error-bounds page).
-    Time :math:`O(n_q m (d + m))` per batch element, in blocks of :data:`CENSUS_BLOCK` queries.
+    Time :math:`O(n_q m (d + m))` per batch element, in blocks of queries of :data:`CENSUS_BLOCK` logits.
 
     Parameters
     ----------
@@ -631,10 +631,11 @@ def interpolation_weight_norms(xp, Q, keys, bias, inverse, scale, real=None):
     n_q = Q.shape[-2]
     inverse = at_least_float32(xp, detached(inverse))
     k = xp.astype(detached(keys), inverse.dtype)
+    rows = max(1, CENSUS_BLOCK // (math.prod(Q.shape[:-2]) * inverse.shape[-1]))
     norms = []
-    for start in range(0, n_q, CENSUS_BLOCK):
+    for start in range(0, n_q, rows):
         # The stop within the axis: the array API leaves slices past it unspecified.
-        block = detached(Q[..., start:min(start + CENSUS_BLOCK, n_q), :])
+        block = detached(Q[..., start:min(start + rows, n_q), :])
         logits = scaled_logits(xp, xp.astype(block, inverse.dtype), k, scale)
         if bias is not None:
             logits = logits + xp.astype(detached(bias), inverse.dtype)

@@ -592,10 +592,11 @@ def test_query_mask_counts_every_real_query_of_cross_attention_of_equal_lengths(
 
 def test_interpolation_weights_are_the_norms_of_f_times_the_inverse(monkeypatch):
     # ||F_i A^+||^2 summed over the batch, F_i = softmax(tau q_i k~^T + log c): the dense formula in float64, the
-    # function in blocks of 7 queries (a block smaller than n_q, and one past its end); padded rows count 0.
+    # function in blocks of 7 queries (7 x 6 matrices x 5 landmarks of logits: blocks smaller than n_q, and one past its
+    # end); padded rows count 0.
     import nystrom.linalg.bounds as bounds
 
-    monkeypatch.setattr(bounds, "CENSUS_BLOCK", 7)
+    monkeypatch.setattr(bounds, "CENSUS_BLOCK", 7 * 6 * 5)
     rng = np.random.default_rng(0)
     Q = rng.standard_normal((2, 3, 30, 8))
     keys, log_c = rng.standard_normal((2, 3, 5, 8)), rng.standard_normal((2, 3, 1, 5))
