@@ -35,8 +35,6 @@ from .numerics import (
     detached,
     float64_numpy,
     quiet_numpy_overflow,
-    scaled_logits,
-    softmax,
     without_padding,
 )
 from .solvers import PInv
@@ -430,17 +428,15 @@ class RowSample:
             return self
         order, edges = self.strata
         outside = ~np.isin(order, census)
-        rows, strata = [], []
-        for start, end, row in zip(edges[:-1], edges[1:], self.rows[~certain], strict=True):
-            rest = order[start:end][outside[start:end]]
-            if not rest.size:
-                continue
-            if np.any(census == row):
-                row = rest[int(self.rng.random() * rest.size)]
-            rows.append(row)
-            strata.append(rest)
+        # Per stratum, the positions left outside the census; a stratum left with none is gone.
+        left = np.add.reduceat(outside.astype(np.int64), edges[:-1]) if edges.size > 1 else np.zeros(0, np.int64)
+        rows = self.rows[~certain]
+        for h in np.flatnonzero(np.isin(rows, census) & (left > 0)):
+            rest = order[edges[h]:edges[h + 1]][outside[edges[h]:edges[h + 1]]]
+            rows[h] = rest[int(self.rng.random() * rest.size)]
+        rows, sizes = rows[left > 0], left[left > 0]
         fixed = int(certain.sum()) + census.size
-        positions = np.concatenate([self.rows[certain], census, np.asarray(rows, dtype=census.dtype)])
+        positions = np.concatenate([self.rows[certain], census, rows])
         # The exact rows of the positions this sample lacks, in one call; each position's index among all known.
         missing = np.setdiff1d(positions, self.rows)
         known = np.concatenate([self.rows, missing])
@@ -449,12 +445,11 @@ class RowSample:
             fresh = self.zero_padded(self.exact_rows(self.index_array(missing)), missing)
             exact = np.concatenate([exact, fresh], axis=-2)
         index = np.argsort(known, kind="stable")[np.searchsorted(np.sort(known, kind="stable"), positions)]
-        sizes = np.array([rest.size for rest in strata], dtype=np.int64)
         return RowSample(
             rows=positions, at=self.index_array(positions), sizes=np.concatenate([np.ones(fixed), sizes]),
             weight=1.0 if self.real is None else self.real[:, positions], exact=exact[..., index, :],
             certain=np.arange(positions.size) < fixed,
-            strata=(np.concatenate([order[:0], *strata]), np.concatenate([[0], np.cumsum(sizes)])),
+            strata=(order[outside], np.concatenate([[0], np.cumsum(sizes)])),
             real=self.real, rng=self.rng, exact_rows=self.exact_rows)
 
     def zero_padded(self, exact, positions):
@@ -636,11 +631,12 @@ def interpolation_weight_norms(xp, Q, keys, bias, inverse, scale, real=None):
     for start in range(0, n_q, rows):
         # The stop within the axis: the array API leaves slices past it unspecified.
         block = detached(Q[..., start:min(start + rows, n_q), :])
-        logits = scaled_logits(xp, xp.astype(block, inverse.dtype), k, scale)
-        if bias is not None:
-            logits = logits + xp.astype(detached(bias), inverse.dtype)
-        w = softmax(xp, logits) @ inverse
-        norms.append(float64_numpy(xp.sum(w * w, axis=-1)).reshape(-1, logits.shape[-2]))
+        # F_i A^+ is the attention of q_i over the pairs (landmark key j, row j of A^+), with the bias log c_j. (The
+        # torch backend's fused kernel was no faster here: 0.71 against 0.49 ms at (1, 6, 1,370, 64) and m = 16 on
+        # one thread, 3.2 against 4.7 at m = 64, alike at 128.)
+        w = softmax_attention(xp, xp.astype(block, inverse.dtype), k, inverse,
+                              None if bias is None else xp.astype(detached(bias), inverse.dtype), scale=scale)
+        norms.append(float64_numpy(xp.sum(w * w, axis=-1)).reshape(-1, w.shape[-2]))
     norms = np.concatenate(norms, axis=-1)
     if real is not None:
         norms = np.where(real, norms, 0.0)
