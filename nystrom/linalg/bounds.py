@@ -632,8 +632,8 @@ def interpolation_weight_norms(xp, Q, keys, bias, inverse, scale, real=None):
         # The stop within the axis: the array API leaves slices past it unspecified.
         block = detached(Q[..., start:min(start + rows, n_q), :])
         # F_i A^+ is the attention of q_i over the pairs (landmark key j, row j of A^+), with the bias log c_j. (The
-        # torch backend's fused kernel was no faster here: 0.71 against 0.49 ms at (1, 6, 1,370, 64) and m = 16 on
-        # one thread, 3.2 against 4.7 at m = 64, alike at 128.)
+        # torch backend's fused kernel is not used: at (1, 6, 1,370, 64) on one thread it took 0.71 against 0.49 ms at
+        # m = 16, 3.2 against 4.7 at 64, alike at 128, on a noisy hour: no clear gain for another code path.)
         w = softmax_attention(xp, xp.astype(block, inverse.dtype), k, inverse,
                               None if bias is None else xp.astype(detached(bias), inverse.dtype), scale=scale)
         norms.append(float64_numpy(xp.sum(w * w, axis=-1)).reshape(-1, w.shape[-2]))
