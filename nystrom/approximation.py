@@ -179,6 +179,7 @@ class Info:
                 f"{residual}, solver_iterations={self.solver_iterations}, flops={self.flops['total']:.4g} "
                 f"({ratio:.3g} of exact){tol})")
 
+    @quiet_numpy_overflow
     def interpolation_weights(self):
         r"""Per query position, :math:`\sum_{\text{batch}}\lVert F_i A^+\rVert^2`: the squared norm of the weights
         by which the output row combines the landmark rows :math:`BV`
@@ -208,7 +209,8 @@ class Info:
         Parameters
         ----------
         num_samples : int
-            Query rows computed exactly (clipped to :math:`n_q`).
+            Query rows drawn in strata (clipped to :math:`n_q`); up to :math:`\\lfloor s/8\\rfloor` more are computed
+            for the census, and ``ErrorEstimate.num_samples`` counts all of them.
         confidence : float
             Level of the interval.
         seed : int, optional

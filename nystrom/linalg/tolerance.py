@@ -351,7 +351,8 @@ def search_for_tol(xp, Q, K, V, attempt, exact, *, first, num_keys, key_mask, ma
             return first_look
         # Within tol on the stratified rows: confirmed only with the rows of largest interpolation weights taken
         # with certainty too, which a heavy tail of row errors hides from the strata (their cost, an n_q x m
-        # product, is paid once per answer, not per step).
+        # product, is paid where a bound is within tol: once per plain answer; patch's mid-point step and the
+        # escalation can confirm more).
         weights = interpolation_weight_norms(xp, Q, factors.keys, factors.bias, factors.solve.inverse, scale,
                                              rows.real)
         census = rows.with_census(interpolation_census(rows, weights))

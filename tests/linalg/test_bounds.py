@@ -700,3 +700,35 @@ def test_interpolation_weights_of_padded_rows_count_zero():
         assert np.isfinite(weights).all()
         estimates.append(info.estimate_error(seed=0))
     assert estimates[0] == estimates[1]
+
+
+def test_the_census_adds_its_rows_beside_the_high_norm_queries():
+    # 10 of 512 queries scaled by 4 are taken with certainty as outlying norms, and are among the largest
+    # interpolation weights too: the census chooses among the other positions, so that its 64 // 8 rows are all
+    # added (a review: 6-8 of 16 fell on the high-norm rows, 65-67 rows in all at s = 64).
+    rng = np.random.default_rng(123)
+    n, d = 512, 16
+    t = np.linspace(0, 6, n)[:, None]
+    Q, K = (np.sin(t * rng.standard_normal((1, d)) + rng.standard_normal((1, d))) * 2
+            + 0.2 * rng.standard_normal((n, d)) for _ in range(2))
+    Q[np.sort(rng.choice(n, 10, replace=False))] *= 4
+    V = rng.standard_normal((1, n, 8))
+    _, info = nystrom.approximate(Q[None], K[None], V, strategy="uniform", num_landmarks=32, seed=1, return_info=True)
+    high = high_norm_queries(np, Q[None], np.arange(n), 64)
+    assert high.size == 10 and len(set(np.argsort(-info.interpolation_weights())[:16]) & set(high)) >= 4
+    for num_samples in (64, 128):
+        assert info.estimate_error(num_samples=num_samples, seed=0).num_samples == num_samples + num_samples // 8
+
+
+def test_interpolation_weights_of_huge_padding_raise_no_warning():
+    # Padded query rows may hold up to float32's largest values: their weights count 0, without a warning, as
+    # estimate_error is (a review: overflow and invalid-value RuntimeWarnings, errors under -W error).
+    rng = np.random.default_rng(0)
+    Q, K, V = (rng.standard_normal((2, 70, 8)).astype(np.float32) for _ in range(3))
+    real = np.arange(70)[None, :] < np.array([[60], [52]])
+    Q[~real] = 3e38
+    _, info = nystrom.approximate(Q, K, V, num_landmarks=16, attn_mask=real, return_info=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        weights = info.interpolation_weights()
+    assert np.isfinite(weights).all() and (weights[52:60] > 0).all()
