@@ -2,6 +2,7 @@
 
 import math
 import warnings
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -10,11 +11,13 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import nystrom
+import nystrom.linalg.tolerance
 from nystrom.linalg.bounds import ErrorEstimate
 from nystrom.linalg.flops import exact_attention_flops, nystrom_attention_flops
 from nystrom.linalg.tolerance import (
     EXACT,
     FASTEST_FALL,
+    NEAR_MISS,
     SAMPLED_ROWS,
     crossover,
     nystrom_pays,
@@ -62,15 +65,33 @@ def test_the_returned_error_is_within_tol(tokens, tol):
         assert relative_error(out, Q, K, V) <= tol
 
 
-def test_m_doubles_from_num_landmarks_and_stops_at_the_first_bound_within_tol():
+def test_m_grows_from_num_landmarks_and_stops_at_the_first_bound_within_tol():
+    # m doubles, but by sqrt(2) after a step whose estimate is within NEAR_MISS times tol.
     Q, K, V = smooth_tokens(0)
     out, info = nystrom.approximate(Q, K, V, num_landmarks=8, tol=0.05, return_info=True)
     ms = [step.m for step in info.tol_steps]
-    assert ms == [8 * 2**i for i in range(len(ms))] and len(ms) > 1
+    grown = [round(step.m * (math.sqrt(2) if step.estimate.estimate <= NEAR_MISS * 0.05 else 2))
+             for step in info.tol_steps[:-1]]
+    assert ms[0] == 8 and ms[1:] == grown and len(ms) > 1
     assert all(step.estimate.high > 0.05 for step in info.tol_steps[:-1])
     assert info.landmarks.keys.shape[-2] == ms[-1]
     # The output is the plain call at the final m.
     np.testing.assert_array_equal(out, nystrom.approximate(Q, K, V, num_landmarks=ms[-1]))
+
+
+@pytest.mark.parametrize(("near", "expected"), [(1.04, [16, 23, 46]), (1.06, [16, 32, 64])])
+def test_a_step_near_tol_grows_m_by_root_2(near, expected):
+    # An estimate within NEAR_MISS (1.05) times tol: the doubling would overshoot the m that meets tol, so m grows by
+    # sqrt(2) (16 -> 23); one past it doubles. The bound at 23 is still above tol, so the next step doubles again.
+    tol = 0.1
+
+    def estimate(m):
+        value = {16: near * tol, 23: 1.5 * tol, 32: 1.5 * tol}.get(m, 0.5 * tol)
+        return ErrorEstimate(value, value / 1.1, value * 1.1, 0.95, 128)
+
+    _, steps = search_landmarks(lambda m, solver: m, estimate, 16, 128, tol, False, nystrom.NewtonSchulz(),
+                                exact=lambda: None, keys=1000)
+    assert [step.m for step in steps] == expected
 
 
 def test_each_step_computes_its_output_at_the_sampled_rows_only(monkeypatch):
@@ -406,8 +427,10 @@ def test_refine_overshoots_the_smallest_m_by_under_root_2_on_falling_bounds(firs
     met = first * 2 ** data.draw(st.integers(1, doublings))
     tol = estimate(met).high + data.draw(st.floats(0.05, 0.95)) * (estimate(met // 2).high - estimate(met).high)
     largest = first * 2**doublings
-    result, steps = search_landmarks(lambda m, solver: m, estimate, first, largest, tol, False,
-                                     nystrom.NewtonSchulz(), exact=lambda: None, keys=10**6, refine=True)
+    # The doubling alone: no step grows by sqrt(2) near tol.
+    with mock.patch.object(nystrom.linalg.tolerance, "NEAR_MISS", 0.0):
+        result, steps = search_landmarks(lambda m, solver: m, estimate, first, largest, tol, False,
+                                         nystrom.NewtonSchulz(), exact=lambda: None, keys=10**6, refine=True)
     tried = [step.m for step in steps]
     # The doubling's steps grow; the mid-point and the returned step listed again come after them.
     doubling = tried[:next((i for i in range(1, len(tried)) if tried[i] <= tried[i - 1]), len(tried))]
@@ -479,12 +502,14 @@ def test_a_give_up_happens_only_where_tol_is_out_of_reach_at_the_fastest_fall(hi
     def attempt(m, solver):
         return m
 
-    _, steps = search_landmarks(attempt, estimate, 16, 128, tol, False, nystrom.NewtonSchulz(),
-                                exact=lambda: "exact", keys=1000)
-    tried = [step.m for step in steps if step.solver != EXACT]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        _, full = search_landmarks(attempt, estimate, 16, 128, tol, False, nystrom.NewtonSchulz())
+    # The doubling alone: no step grows by sqrt(2) near tol.
+    with mock.patch.object(nystrom.linalg.tolerance, "NEAR_MISS", 0.0):
+        _, steps = search_landmarks(attempt, estimate, 16, 128, tol, False, nystrom.NewtonSchulz(),
+                                    exact=lambda: "exact", keys=1000)
+        tried = [step.m for step in steps if step.solver != EXACT]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            _, full = search_landmarks(attempt, estimate, 16, 128, tol, False, nystrom.NewtonSchulz())
     doubled = [step.m for step in full if step.solver == nystrom.NewtonSchulz()]
     doubled = doubled[:next((i for i in range(1, len(doubled)) if doubled[i] <= doubled[i - 1]), len(doubled))]
     assert tried == doubled[:len(tried)] and len(tried) >= min(2, len(doubled))

@@ -4,11 +4,13 @@
 
 For every layer of the bundled DINOv2-S at 518 px (images astronaut, coffee and rocket), at every m of the report's
 grid of ratio 2^(1/4) from 16 to the half-cost m (``nystrom.experiments.tol_report.sweep_grid``): the estimate and
-its 95 % upper bound from the 128 rows the search samples (``Info.estimate_error(seed=0)``, the search's own rows:
-the replay of the library's policy below must find the library's steps), and the true error against float64
-exact attention. Then, one thread, on layer 3 of astronaut (1, 6, 1370, 64), best of 5 each: one call and one search
-step (``tol_doubling.search_step``) at every m of the grid, exact SDPA and the 128 exact rows. A search's time is
-modeled as the rows, plus its steps, plus the returned call's whole output (call minus step) or exact attention.
+its 95 % upper bound from the 128 rows the search samples (``estimate_relative_error(seed=0)``, the search's own
+rows), the same with the census of interpolation weights that confirms a bound within ``tol``
+(``Info.estimate_error(seed=0)``: the replay of the library's policy below must find the library's steps), and the
+true error against float64 exact attention. Then, one thread, on layer 3 of astronaut (1, 6, 1370, 64), best of 5
+each: one call and one search step (``tol_doubling.search_step``) at every m of the grid, exact SDPA and the 128 exact
+rows. A search's time is modeled as the rows, plus its steps, plus the returned call's whole output (call minus
+step) or exact attention; the census's cost is not modeled.
 
 Policies, each from m = 16, with the library's give-up rule (``out_of_reach``) and exact attention on a miss:
 
@@ -56,24 +58,31 @@ FIRST = 16
 
 
 def layer_grid(Q, K, V, scale):
-    """``{m: (estimate, upper bound, true error)}`` over the grid, and the largest m of the doubling."""
+    """``{m: (estimate, upper bound, true error, upper bound with the census)}`` over the grid, and the largest m of
+    the doubling."""
     n_q, n, d, d_v = Q.shape[-2], K.shape[-2], Q.shape[-1], V.shape[-1]
     top = crossover(n, nystrom_pays(n_q, n, d, d_v), nystrom.NewtonSchulz())
     exact = F.scaled_dot_product_attention(Q.double(), K.double(), V.double(), scale=scale)
     grid = {}
     for m in sorted(set(sweep_grid(FIRST, top)) | {FIRST * 2**k for k in range(8) if FIRST * 2**k <= top}):
         out, info = nystrom.approximate(Q, K, V, num_landmarks=m, scale=scale, return_info=True)
-        bound = info.estimate_error(num_samples=SAMPLED_ROWS, seed=0)
+        bound = nystrom.estimate_relative_error(Q, K, V, out, num_samples=SAMPLED_ROWS, seed=0, scale=scale)
+        census = info.estimate_error(num_samples=SAMPLED_ROWS, seed=0)
         error = torch.linalg.norm(out.double() - exact) / torch.linalg.norm(exact)
-        grid[m] = (bound.estimate, bound.high, float(error))
+        grid[m] = (bound.estimate, bound.high, float(error), census.high)
     return grid, FIRST * 2 ** (top // FIRST).bit_length() // 2
+
+
+def bound(grid, m, tol):
+    """The search's bound at ``m``: from the 128 rows, confirmed by the census where it is within ``tol``."""
+    return grid[m][1] if grid[m][1] > tol else grid[m][3]
 
 
 def library(grid, largest, tol, refine=False):
     """``(m returned or None for exact attention, the m tried)``: the library's own search
     (:func:`~nystrom.linalg.tolerance.search_landmarks`) on one layer's grid of bounds."""
     def estimate(m):
-        return ErrorEstimate(grid[m][0], grid[m][0], grid[m][1], CONFIDENCE, SAMPLED_ROWS)
+        return ErrorEstimate(grid[m][0], grid[m][0], bound(grid, m, tol), CONFIDENCE, SAMPLED_ROWS)
 
     result, steps = search_landmarks(lambda m, solver: m, estimate, FIRST, largest, tol, False,
                                      nystrom.NewtonSchulz(), exact=lambda: None, keys=0, refine=refine)
@@ -89,14 +98,14 @@ def near_miss(grid, largest, tol, near=1.05):
     steps, best, m = [FIRST], FIRST, FIRST
     # As the library: stop within tol, at the largest m, after two steps that did not lower the best bound (the
     # solver's floor), or when out_of_reach gives up.
-    while grid[best][1] > tol and m < largest and steps.index(best) >= len(steps) - 2:
-        if len(steps) > 1 and out_of_reach(grid[m][1], grid[steps[-2]][1], m, largest, tol):
+    while bound(grid, best, tol) > tol and m < largest and steps.index(best) >= len(steps) - 2:
+        if len(steps) > 1 and out_of_reach(bound(grid, m, tol), bound(grid, steps[-2], tol), m, largest, tol):
             break
         grow = math.sqrt(2) if grid[m][0] <= near * tol else 2
         m = min(min(ms, key=lambda x: abs(x - m * grow)), largest)
         steps.append(m)
-        best = m if grid[m][1] < grid[best][1] else best
-    return (best if grid[best][1] <= tol else None), steps
+        best = m if bound(grid, m, tol) < bound(grid, best, tol) else best
+    return (best if bound(grid, best, tol) <= tol else None), steps
 
 
 def main():
