@@ -14,11 +14,13 @@ step) or exact attention; the census's cost is not modeled.
 
 Policies, each from m = 16, with the library's give-up rule (``out_of_reach``) and exact attention on a miss:
 
-* ``doubling``: ``approximate(tol=...)``'s search, ``search_landmarks`` itself on the grid's bounds;
-* ``refine``: the same with the mid-point of the last doubling (``search_landmarks(refine=True)``, as ``fna``
-  calibrates);
+* ``doubling``: m doubles at every step (``approximate(tol=...)``'s search until 2026-12-03);
 * ``near miss``: after a step whose estimate is within 5 % of ``tol`` (its bound above it), grow by sqrt(2) instead
-  of 2.
+  of 2: ``approximate(tol=...)``'s search since, ``search_landmarks`` itself on the grid's bounds;
+* ``refine``: the same with the mid-point of the last two steps (``search_landmarks(refine=True)``, as ``fna``
+  calibrates).
+
+The grid holds every m these policies reach from 16 (doubling and growth by sqrt(2), rounded).
 
 Printed per ``tol``: layers within ``tol`` (true error), exact answers, the m chosen over the smallest m of the grid
 that meets ``tol`` (median, largest; Nyström answers), and the modeled search time over one call at the m returned
@@ -43,6 +45,7 @@ from nystrom.linalg.bounds import ErrorEstimate, sample_rows
 from nystrom.linalg.tolerance import (
     CONFIDENCE,
     EXACT,
+    NEAR_MISS,
     SAMPLED_ROWS,
     crossover,
     nystrom_pays,
@@ -64,13 +67,25 @@ def layer_grid(Q, K, V, scale):
     top = crossover(n, nystrom_pays(n_q, n, d, d_v), nystrom.NewtonSchulz())
     exact = F.scaled_dot_product_attention(Q.double(), K.double(), V.double(), scale=scale)
     grid = {}
-    for m in sorted(set(sweep_grid(FIRST, top)) | {FIRST * 2**k for k in range(8) if FIRST * 2**k <= top}):
+    largest = FIRST * 2 ** (top // FIRST).bit_length() // 2
+    for m in sorted(set(sweep_grid(FIRST, top)) | reachable(largest)):
         out, info = nystrom.approximate(Q, K, V, num_landmarks=m, scale=scale, return_info=True)
         bound = nystrom.estimate_relative_error(Q, K, V, out, num_samples=SAMPLED_ROWS, seed=0, scale=scale)
         census = info.estimate_error(num_samples=SAMPLED_ROWS, seed=0)
         error = torch.linalg.norm(out.double() - exact) / torch.linalg.norm(exact)
         grid[m] = (bound.estimate, bound.high, float(error), census.high)
-    return grid, FIRST * 2 ** (top // FIRST).bit_length() // 2
+    return grid, largest
+
+
+def reachable(largest):
+    """Every m a search from ``FIRST`` reaches by doubling and by growth by sqrt(2) (rounded), up to ``largest``."""
+    found, todo = set(), [FIRST]
+    while todo:
+        m = todo.pop()
+        if m not in found:
+            found.add(m)
+            todo += [min(max(round(m * grow), m + 1), largest) for grow in (2, math.sqrt(2)) if m < largest]
+    return found
 
 
 def bound(grid, m, tol):
@@ -91,10 +106,9 @@ def library(grid, largest, tol, refine=False):
     return result, [step.m for step in tried if step.solver != EXACT]
 
 
-def near_miss(grid, largest, tol, near=1.05):
-    """``(m returned or None, the m tried)`` of the library's doubling, except that a step whose estimate is within
-    ``near`` times ``tol`` grows m by sqrt(2) (to the nearest m of the grid) instead of 2."""
-    ms = sorted(grid)
+def near_miss(grid, largest, tol, near=NEAR_MISS):
+    """``(m returned or None, the m tried)``: the library's search written out, a step whose estimate is within
+    ``near`` times ``tol`` growing m by sqrt(2) instead of 2 (``near=0``: the doubling alone)."""
     steps, best, m = [FIRST], FIRST, FIRST
     # As the library: stop within tol, at the largest m, after two steps that did not lower the best bound (the
     # solver's floor), or when out_of_reach gives up.
@@ -102,7 +116,7 @@ def near_miss(grid, largest, tol, near=1.05):
         if len(steps) > 1 and out_of_reach(bound(grid, m, tol), bound(grid, steps[-2], tol), m, largest, tol):
             break
         grow = math.sqrt(2) if grid[m][0] <= near * tol else 2
-        m = min(min(ms, key=lambda x: abs(x - m * grow)), largest)
+        m = min(max(round(m * grow), m + 1), largest)
         steps.append(m)
         best = m if bound(grid, m, tol) < bound(grid, best, tol) else best
     return (best if bound(grid, best, tol) <= tol else None), steps
@@ -114,12 +128,12 @@ def main():
         warnings.simplefilter("ignore")
         layers = [(layer_grid(Q, K, V, scale), Q, K, V, scale, i)
                   for i, (_, Q, K, V, scale, _, _, _) in enumerate(layer_cases(models=("dinov2",)))]
-        # The grid holds the search's own bounds, and the near-miss loop without a near miss is the library's.
+        # The grid holds the search's own bounds, and the near-miss loop is the library's.
         for ((grid, largest), Q, K, V, scale, i) in layers:
             for tol in TOLS:
                 _, info = nystrom.approximate(Q, K, V, num_landmarks=FIRST, tol=tol, scale=scale, return_info=True)
                 tried = [step.m for step in info.tol_steps if step.solver != EXACT]
-                assert tried == library(grid, largest, tol)[1] == near_miss(grid, largest, tol, near=0)[1], (i, tol)
+                assert tried == library(grid, largest, tol)[1] == near_miss(grid, largest, tol)[1], (i, tol)
     (grid, largest), Q, K, V, scale, _ = layers[3]
     step, cpu = search_step(Q, K, V, scale), torch.device("cpu")
     call = {m: best_time(lambda m=m: nystrom.approximate(Q, K, V, num_landmarks=m, scale=scale), cpu, 5) for m in grid}
@@ -130,7 +144,8 @@ def main():
     print("one thread, (1, 6, 1370, 64), ms: " + ", ".join(f"m = {m}: call {1e3 * call[m]:.1f}, step "
                                                              f"{1e3 * cost[m]:.1f}" for m in grid)
           + f"; exact {1e3 * exact:.1f}; {SAMPLED_ROWS} rows {1e3 * rows:.1f}")
-    policies = {"doubling": library, "refine": functools.partial(library, refine=True), "near miss": near_miss}
+    policies = {"doubling": functools.partial(near_miss, near=0.0), "near miss": library,
+                "refine": functools.partial(library, refine=True)}
     for policy, search in policies.items():
         for tol in TOLS:
             within, answers, ratios, times = 0, 0, [], []
