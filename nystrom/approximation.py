@@ -396,7 +396,8 @@ def approximate(
         above ``tol`` where the batch is within it, as one of eight at 0.28 in a batch at 0.11 with ``tol = 0.2``;
         call per sequence for a bound per sequence) to accept. Starting at ``num_landmarks`` (lowered to the most
         landmarks the keys allow, the real keys of the shortest sequence and :math:`n_q` for cross-attention, where
-        it is above them: a short input is answered, not refused), :math:`m` doubles until the upper end of the
+        it is above them: a short input is answered, not refused), :math:`m` doubles (grows by :math:`\sqrt2` after a
+        step whose estimate is within 5 % of ``tol``) until the upper end of the
         95 % interval of the error, estimated from 128 exact query rows (one sample for every step,
         :func:`nystrom.linalg.estimate_relative_error`), is at most ``tol``, while :math:`m` stays within the last
         :math:`m` at which Nyström attention takes at most half the FLOPs of exact attention

@@ -43,8 +43,8 @@ NYSTROM_COST_FRACTION = 0.5
 #: A step whose estimate is at most this many times ``tol`` (its bound above it) grows :math:`m` by :math:`\sqrt2`
 #: instead of 2 (:func:`search_landmarks`). On the 36 DINOv2-S layers (518 px) a doubling that followed such a step
 #: answered up to 2.78 times the smallest m within tol, where sqrt(2) answers within 2.00, 1.96 and 1.68 times at tol
-#: = 0.05, 0.1 and 0.2, for a modeled time of at most 2.32, 2.41 and 2.63 times one call against 2.32
-#: (``python docs/scripts/tol_policies.py``, docs' choosing-m page).
+#: = 0.05, 0.1 and 0.2, for a modeled median time of 1.65, 2.06 and 2.26 times one call against 1.65, 2.06 and 2.23
+#: (at most 2.78 either way; ``python docs/scripts/tol_policies.py``, docs' choosing-m page).
 NEAR_MISS = 1.05
 
 #: Where exact attention may answer, the doubling gives up as soon as ``tol`` is out of reach by the largest
