@@ -35,9 +35,10 @@ class TolStep(NamedTuple):
 EXACT = "exact"
 
 #: Without a budget, Nyström attention is tried only at an :math:`m` that takes at most this fraction of exact
-#: attention's FLOPs. Then a search that ends in exact attention takes at most about twice its FLOPs: its
-#: doubling steps sum to under one exact call (each step costs at most this fraction, and each earlier one at most
-#: half the next), plus the 128 sampled rows, plus the exact call itself.
+#: attention's FLOPs. Then a search of doublings that ends in exact attention takes at most about twice its FLOPs:
+#: its steps sum to under one exact call (each step costs at most this fraction, and each earlier one at most half the
+#: next), plus the 128 sampled rows, plus the exact call itself (a step grown by sqrt(2) near tol costs at most
+#: 1/sqrt(2) of the next: 2.71 times in the worst case, every step so grown; docs' complexity page).
 NYSTROM_COST_FRACTION = 0.5
 
 #: A step whose estimate is at most this many times ``tol`` (its bound above it) grows :math:`m` by :math:`\sqrt2`
