@@ -30,10 +30,10 @@ from .linalg.attention import (
 from .linalg.bounds import (
     ErrorEstimate,
     check_sampling,
-    interpolation_census,
     interpolation_weight_norms,
     query_positions,
     sample_rows,
+    with_interpolation_census,
 )
 from .linalg.bounds import estimate_relative_error as array_api_estimate_relative_error
 from .linalg.flops import exact_attention_flops, nystrom_attention_flops
@@ -220,13 +220,13 @@ class Info:
         -------
         ErrorEstimate
         """
-        xp, Q, K, V, out, scale, keys, _ = self._inputs
+        xp, Q, K, V, out, scale, keys, interpolation = self._inputs
         with own_precision(Q):
             options = check_sampling(num_samples, confidence, seed)
             sample = sample_rows(xp, Q, K, V, num_samples=options["num_samples"], seed=options["seed"], scale=scale,
                                  keys=keys)
-            if self.landmarks is not None:
-                sample = sample.with_census(interpolation_census(sample, self.interpolation_weights()))
+            if interpolation is not None:
+                sample = with_interpolation_census(xp, sample, Q, *interpolation, scale)
             return sample.estimate(xp.take(out, sample.at, axis=-2), options["confidence"])
 
 

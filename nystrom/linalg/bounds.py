@@ -356,8 +356,9 @@ class RowSample:
     certain : bool ndarray, shape (s,), or None
         Rows taken with certainty (the high-norm queries, :func:`high_norm_queries`, and a census,
         :meth:`with_census`): they stand for themselves and add nothing to the variance. ``None``: none.
-    strata : list of int ndarrays
-        The positions each drawn (not certain) row was drawn from, in the order of those rows.
+    strata : tuple of int ndarrays ``(order, edges)``
+        The positions each drawn (not certain) row was drawn from, in the order of those rows: the :math:`h`-th from
+        ``order[edges[h]:edges[h + 1]]`` (:func:`census_and_strata`).
     real : bool ndarray, shape (B, n_q), or None
         Which flattened batch rows are real at each position (:func:`query_positions`); ``None``: all.
     rng : numpy.random.Generator, optional
@@ -373,7 +374,7 @@ class RowSample:
     weight: Any
     exact: Any
     certain: Any = None
-    strata: Any = ()
+    strata: Any = None
     real: Any = None
     rng: Any = None
     exact_rows: Any = field(default=None, repr=False, compare=False)
@@ -661,6 +662,13 @@ def interpolation_census(sample, weights):
     # none (a review: 6-8 of 16 with 10 artifact-like queries of 512).
     order, _ = sample.strata
     return np.sort(order[np.argsort(-weights[order], kind="stable")[:count]])
+
+
+def with_interpolation_census(xp, sample, Q, keys, bias, inverse, scale):
+    """``sample`` with the rows of largest interpolation weights taken with certainty too (:func:`interpolation_census`
+    of :func:`interpolation_weight_norms`, whose arguments these are, on the sample's real rows)."""
+    weights = interpolation_weight_norms(xp, Q, keys, bias, inverse, scale, sample.real)
+    return sample.with_census(interpolation_census(sample, weights))
 
 
 def stratified_rows(positions, num_samples, rng):

@@ -7,7 +7,7 @@ import warnings
 from typing import Any, NamedTuple
 
 from .attention import nystrom_output
-from .bounds import ErrorEstimate, interpolation_census, interpolation_weight_norms, query_positions, sample_rows
+from .bounds import ErrorEstimate, query_positions, sample_rows, with_interpolation_census
 from .flops import exact_attention_flops, nystrom_attention_flops
 from .solvers import NewtonSchulz, PInv, Ridge, Solver
 from .validation import outside_stacklevel, real_key_counts
@@ -365,9 +365,7 @@ def search_for_tol(xp, Q, K, V, attempt, exact, *, first, num_keys, key_mask, ma
         # with certainty too, which a heavy tail of row errors hides from the strata (their cost, an n_q x m
         # product, is paid where a bound is within tol: once per plain answer; patch's mid-point step and the
         # escalation can confirm more).
-        weights = interpolation_weight_norms(xp, Q, factors.keys, factors.bias, factors.solve.inverse, scale,
-                                             rows.real)
-        census = rows.with_census(interpolation_census(rows, weights))
+        census = with_interpolation_census(xp, rows, Q, factors.keys, factors.bias, factors.solve.inverse, scale)
         return census.estimate(nystrom_output(xp, xp.take(Q, census.at, axis=-2), factors, attend), CONFIDENCE)
 
     return search_landmarks(attempt, estimate, first, top,
