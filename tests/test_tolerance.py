@@ -276,7 +276,8 @@ def test_a_heavy_tail_of_row_errors_does_not_pass_tol_unseen():
     # Sharply clustered tokens with norm landmarks: at m = 16 the true error is 0.0534 and ten of 1,024 rows hold 41 %
     # of its square. With tol = 0.05 a sample of 128 rows that misses them put the bound below tol: 9 of 60 seeds
     # answered outside tol before the rows of largest interpolation weights confirmed such a bound (8 of them at
-    # m = 16); with the confirmation 1 of 60 (and 1 of these 40, against 6). Pinned at 2 of 40, the interval's 5 %.
+    # m = 16); with the confirmation 1 of 60 (and 1 of these 40, against 6; 0 of these 40 since m grows by sqrt(2)
+    # near tol). Pinned at 2 of 40, the interval's 5 %.
     from nystrom.experiments.coverage_report import synthetic_inputs
 
     Q, K, V, _ = synthetic_inputs()["sharp clusters"]
