@@ -20,6 +20,12 @@ def at_least_float32(xp, X):
     return X if X.dtype in (xp.float32, xp.float64) else xp.astype(X, xp.float32)
 
 
+def mean_over(xp, X, axis):
+    """``xp.mean(X, axis=axis)``, a view of ``X`` where that axis has one entry: such a mean is a copy of the whole
+    array (4 ms for keys of (1, 1, 65,536, 64), 0.3-1 ms for the probes' attention there)."""
+    return xp.squeeze(X, axis=axis) if X.shape[axis] == 1 else xp.mean(X, axis=axis)
+
+
 def without_padding(xp, keys, *arrays):
     """``arrays (..., n, D)`` with the rows of padded keys (``keys (..., n)`` False) set to 0.
 

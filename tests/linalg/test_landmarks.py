@@ -2,6 +2,7 @@
 
 import itertools
 import warnings
+from fractions import Fraction
 
 import array_api_compat
 import numpy as np
@@ -15,7 +16,7 @@ from nystrom import FPS, KMeans, NewtonSchulz, Norm, PInv, Ridge, RPCholesky, Se
 from nystrom.linalg.landmarks import STRATEGIES, farthest_point_sampling
 from nystrom.linalg.landmarks.base import gather_rows
 from nystrom.linalg.landmarks.fps import _fps_on_device
-from nystrom.linalg.landmarks.norm import attention_share
+from nystrom.linalg.landmarks.norm import attention_share, quorum_votes
 from nystrom.linalg.validation import summary
 
 ALL = sorted(STRATEGIES)
@@ -418,6 +419,28 @@ def test_a_local_attention_peak_is_no_sink():
     assert share[9] > 2 / n  # the mean share alone would flag it at sink_ratio=2
     assert 9 not in singletons(Norm(first=None, sink_ratio=2.0, num_probes=16)(Q, K, 8), K)
     assert 9 in singletons(Norm(first=None, sink_ratio=2.0, num_probes=16, sink_quorum=1 / 16)(Q, K, 8), K)
+
+
+@given(st.floats(min_value=1e-6, max_value=1.0), st.integers(1, 256))
+@example(0.5, 8)
+@example(0.3, 10)
+@example(1 / 3, 3)
+def test_the_quorum_is_the_fewest_votes_that_reach_its_fraction(quorum, probes):
+    votes = quorum_votes(quorum, probes)
+    assert Fraction(votes, probes) >= Fraction(quorum) > Fraction(votes - 1, probes)
+
+
+def test_a_sink_needs_exactly_the_quorum_of_probes():
+    # Key 9 takes the threshold share from 8 of 16 probes (positions 0..7 aim at it); at sink_quorum 8/16 it is a sink,
+    # at 9/16 it is not: the votes are counted, not averaged in float.
+    rng = np.random.default_rng(12)
+    n, d = 16, 16
+    K = rng.standard_normal((n, d)) * 0.1
+    Q = rng.standard_normal((n, d)) * 0.1
+    Q[:8] = 60.0 * K[9] / np.linalg.norm(K[9])
+    strategy = {"first": None, "sink_ratio": 4.0, "num_probes": 16, "max_singleton_fraction": 0.5}
+    assert 9 in singletons(Norm(sink_quorum=0.5, **strategy)(Q, K, 4), K)
+    assert 9 not in singletons(Norm(sink_quorum=9 / 16, **strategy)(Q, K, 4), K)
 
 
 @pytest.mark.parametrize("scale", [1e-25, 1e20, 1e30])

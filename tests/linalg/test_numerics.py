@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nystrom.linalg.numerics import masked_median, segment_sum, take_along_axis, top_k
+from nystrom.linalg.numerics import masked_median, mean_over, segment_sum, take_along_axis, top_k
 
 
 def brute_segment_sum(values, labels, num_segments):
@@ -127,3 +127,11 @@ def test_top_k_returns_positions_of_the_row_with_nan_and_nothing_for_k_zero(kind
         got = np.asarray(top_k(xp, values, k))
         assert got.shape == (3, k) and ((0 <= got) & (got < 4)).all()
         assert all(len(set(row)) == k for row in got.tolist())  # distinct positions
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 5, 3), (2, 4, 5, 3)])
+def test_mean_over_one_entry_is_a_view_and_otherwise_the_mean(shape):
+    X = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    mean = mean_over(torch, X, -3)
+    torch.testing.assert_close(mean, X.mean(-3), rtol=0, atol=0)
+    assert (mean.data_ptr() == X.data_ptr()) == (shape[-3] == 1)

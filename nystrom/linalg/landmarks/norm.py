@@ -35,10 +35,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from fractions import Fraction
 
 import array_api_compat
 
-from ..numerics import at_least_float32, masked_median, put_where, relative_norms, softmax, take_along_axis
+from ..numerics import (
+    at_least_float32,
+    masked_median,
+    mean_over,
+    put_where,
+    relative_norms,
+    softmax,
+    take_along_axis,
+)
 from ..sequence import WHOLE, first_token
 from ..validation import (
     check_bool,
@@ -112,6 +121,12 @@ def probe_logits(xp, Q, K, scale, mask=None, num_probes=16, axis=WHOLE):
     if mask is not None:
         logits = xp.where(mask[..., None, :], logits, xp.full((), -float("inf"), dtype=logits.dtype, device=device))
     return logits
+
+
+def quorum_votes(quorum, num_probes):
+    r"""The probes a sink needs: the fewest :math:`c` with :math:`c / s \ge` ``quorum``, :math:`\lceil q s\rceil`, in
+    exact arithmetic (the float ``quorum`` as it is stored)."""
+    return math.ceil(Fraction(quorum) * num_probes)
 
 
 def attention_share(xp, Q, K, scale, mask=None, num_probes=16):
@@ -280,7 +295,7 @@ class Norm(ClusterStrategy, name="norm", weighted=True, sharded=True):
         axis = selection.axis
         attention = axis.softmax(xp, probe_logits(xp, selection.Q, K, selection.scale, padding, self.num_probes, axis))
         if head_axis is not None:
-            attention = xp.mean(attention, axis=head_axis)
+            attention = mean_over(xp, attention, head_axis)
         share = xp.mean(attention, axis=-2)
         # Logits past the dtype's range (float32 keys of about 1e19: float32 SDPA is NaN there too) make NaN shares,
         # which torch's top-k ranks first, above CLS: they count as no share (and the quorum, a comparison, gives NaN
@@ -295,7 +310,9 @@ class Norm(ClusterStrategy, name="norm", weighted=True, sharded=True):
             n_valid = axis.sum(xp.sum(xp.astype(mask, dtype), axis=-1, keepdims=True))
             threshold = xp.minimum(self.sink_ratio / n_valid, xp.full((), self.sink_share, dtype=dtype,
                                                                         device=device))[..., None]
-        sinks = xp.mean(xp.astype(attention >= threshold, dtype), axis=-2) >= self.sink_quorum
+        # Votes counted in int8 rather than averaged in the shares' dtype: a quarter of the memory over s x n.
+        votes = xp.sum(xp.astype(attention >= threshold, xp.int8), axis=-2)
+        sinks = votes >= quorum_votes(self.sink_quorum, attention.shape[-2])
         forced = xp.zeros(share.shape, dtype=xp.bool, device=device)
         if selection.features is not None:
             norms = relative_norms(xp, selection.points, mask)
