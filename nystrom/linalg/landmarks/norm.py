@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from fractions import Fraction
 
 import array_api_compat
 
@@ -125,8 +124,10 @@ def probe_logits(xp, Q, K, scale, mask=None, num_probes=16, axis=WHOLE):
 
 def quorum_votes(quorum, num_probes):
     r"""The probes a sink needs: the fewest :math:`c` with :math:`c / s \ge` ``quorum``, :math:`\lceil q s\rceil`, in
-    exact arithmetic (the float ``quorum`` as it is stored)."""
-    return math.ceil(Fraction(quorum) * num_probes)
+    exact integer arithmetic on the float ``quorum`` as it is stored (``fractions.Fraction`` would break a
+    ``torch.compile`` graph)."""
+    numerator, denominator = quorum.as_integer_ratio()
+    return -(-numerator * num_probes // denominator)
 
 
 def attention_share(xp, Q, K, scale, mask=None, num_probes=16):
