@@ -80,6 +80,31 @@ def test_arrays_off_the_host_are_estimated_and_searched():
     assert searched.device == device
 
 
+@pytest.mark.parametrize("device", [None, "device1"])
+def test_the_sampled_search_and_its_census_run_on_the_standard_alone(device):
+    # More queries than the 128 sampled rows (a review: the tests above have at most 40, where tol answers with exact
+    # attention at once), so the row sample, the steps' sampled outputs and the census of interpolation weights run
+    # on array_api_strict, on the host and off it. Six tight clusters per head, the second sequence padded.
+    rng = np.random.default_rng(3)
+    n, d = 300, 16
+    centres = rng.standard_normal((2, 2, 6, d))
+    tokens = centres[..., rng.integers(0, 6, n), :] + 0.05 * rng.standard_normal((2, 2, n, d))
+    values = rng.standard_normal((2, 2, n, d))
+    mask = np.ones((2, 1, 1, n), dtype=bool)
+    mask[1, ..., 250:] = False
+    expected, info = nystrom.approximate(tokens, tokens, values, mask, num_landmarks=4, tol=0.05, return_info=True)
+    where = {} if device is None else {"device": xps.Device(device)}
+    strict = [xps.asarray(a, **where) for a in (tokens, tokens, values, mask)]
+    got, strict_info = nystrom.approximate(*strict, num_landmarks=4, tol=0.05, return_info=True)
+    # A miss at m = 4, then m = 8 confirmed with the census's 16 rows as well.
+    assert [(step.m, step.estimate.num_samples) for step in info.tol_steps] == [(4, 128), (8, 144)]
+    # float64, numpy's kernels under both (measured bitwise equal); 1e-10 for another summation order.
+    for mine, theirs in zip(strict_info.tol_steps, info.tol_steps):
+        assert mine.m == theirs.m and mine.estimate.high == pytest.approx(theirs.estimate.high, rel=1e-10)
+    np.testing.assert_allclose(np.asarray(got.to_device(xps.Device("CPU_DEVICE"))), expected, rtol=1e-10, atol=1e-10)
+    assert strict_info.estimate_error(seed=0).high == pytest.approx(info.estimate_error(seed=0).high, rel=1e-10)
+
+
 def test_query_chunks_that_do_not_divide_the_queries():
     # The last chunk's slice ran past the end, which the standard leaves unspecified (array_api_strict raised).
     def chunked(q, k, v):
