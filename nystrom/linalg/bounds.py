@@ -654,7 +654,7 @@ def interpolation_census(sample, weights):
 
     Row errors of Nyström attention are heavy-tailed, and where a handful of rows holds most of the squared error
     a sample that misses them under-covers: on sharply clustered tokens with ``norm`` landmarks the interval covered
-    79.8 % at 128 rows (95 % nominal), and 93.0 % with these rows taken with certainty as well (docs' error-bounds
+    79.8 % at 128 rows (95 % nominal), and 93.2 % with these rows taken with certainty as well (docs' error-bounds
     page). Their norms rank the heavy rows where their error comes from the interpolation, not from the landmarks
     missing what a query attends to (for that, the census of high-norm queries, :func:`high_norm_queries`)."""
     count = sample.rows.size // CENSUS_SHARE
