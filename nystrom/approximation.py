@@ -125,9 +125,10 @@ class Info:
     ----------
     landmarks : Landmarks or None
         The landmark queries/keys; ``landmarks.indices`` ``(..., m)`` holds token positions for
-        strategies that pick real tokens (``None`` for segment means and k-means). ``None`` when the call was
-        answered by exact attention: with ``tol`` (the last of ``tol_steps`` has solver ``"exact"``), and for
-        cross-attention with every real key a landmark (see ``num_landmarks``).
+        strategies that pick real tokens (``None`` for those that group tokens: ``norm``, k-means, segment means).
+        ``None`` when the call was answered by exact attention: with ``tol`` (the last of ``tol_steps`` has solver
+        ``"exact"``), and for cross-attention or masked self-attention with every real key a landmark (see
+        ``num_landmarks``).
     residual : array, shape (...), or None
         Relative Moore–Penrose residual :math:`\\lVert AZA-A\\rVert_F/\\lVert A\\rVert_F` of the
         pseudo-inverse :math:`Z` of each landmark kernel :math:`A` (``None`` for exact attention).
@@ -403,13 +404,14 @@ def approximate(
         :math:`m` at which Nyström attention takes at most half the FLOPs of exact attention
         (:func:`nystrom.linalg.tolerance.nystrom_pays`; :math:`m = 138` at :math:`n = 1{,}370`, :math:`d = 64` with
         six Newton–Schulz steps). The output of the last :math:`m` is returned, and ``Info.tol_steps`` lists the
-        steps. When the doubling misses ``tol`` (or two doublings in a row did not lower the bound, or the last fall
+        steps. When the doubling misses ``tol`` (or two steps in a row did not lower the bound, or the last fall
         of the bound, even doubled at every step left, cannot reach ``tol``:
         :func:`nystrom.linalg.tolerance.out_of_reach`), the output is
         **exact attention**: the answer with every key as a landmark, of error 0 (its step has solver ``"exact"``
         and ``Info.landmarks`` is ``None``); the whole search then takes at most about twice the FLOPs of exact
-        attention. Where even ``num_landmarks`` costs more than half of exact attention, or there are at most 128
-        queries (the estimate's exact rows would be all of them), exact attention is the first and only step
+        attention (2.71 times in the worst case, every step grown by :math:`\sqrt2`). Where even
+        ``num_landmarks`` costs more than half of exact attention, or there are at most 128 queries (the
+        estimate's exact rows would be all of them), exact attention is the first and only step
         (:func:`nystrom.linalg.tolerance.search_landmarks`). Reads the data (the estimate is computed on the host).
         A step whose bound is within ``tol`` is confirmed by the estimate with the 16 rows of largest interpolation
         weights taken with certainty too (``Info.estimate_error``), which a heavy tail of row errors hides from the

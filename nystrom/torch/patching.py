@@ -776,7 +776,7 @@ def patch(model, *, layers=None, num_landmarks=64, strategy="norm", solver="newt
     :math:`F A^+ B` ``(B, H, n, n)`` (entries may be negative; rows sum to 1 only where :math:`A^+` is exact, as with
     ``solver="pinv"`` on a full-rank kernel: six Newton–Schulz steps leave them up to about 0.3–0.6 from 1 on
     DINOv2-S and MiniLM; the weights times ``V`` are its output in every case), formed only then, at
-    :math:`O(n^2 m)`; otherwise it never forms an :math:`n \times n` matrix. Under SDPA or flash attention the exact
+    :math:`O(n^2 m)`; otherwise it never forms an :math:`n \times n` matrix. Under SDPA the exact
     layers return no weights and transformers leaves them out of ``outputs.attentions``; FNA layers return none
     either, so that the tuple does not hold FNA layers in the exact layers' places.
 
