@@ -211,7 +211,8 @@ class Info:
         ----------
         num_samples : int
             Query rows drawn in strata (clipped to :math:`n_q`); up to :math:`\\lfloor s/8\\rfloor` more are computed
-            for the census, and ``ErrorEstimate.num_samples`` counts all of them.
+            for the census, and ``ErrorEstimate.num_samples`` counts all of them. At 128 the 95 % interval covered at
+            least 93.2 % on 34 families; at 64 as little as 86.1 % (docs' error-bounds page).
         confidence : float
             Level of the interval.
         seed : int, optional
