@@ -147,8 +147,11 @@ class FNAHandle(Handle):
     records : dict of int to LayerRecord
         Per FNA layer of the last forward pass (:class:`LayerRecord`): the landmark indices (strategies that pick
         tokens) or the grouping and its counts (strategies that group them, as the default ``norm``), whether they
-        were sampled there, and the solver residual. Replaced by a new dict at the start of every forward pass (at
-        the first FNA layer it runs: a later block called on its own starts a pass of its own).
+        were sampled there, and the solver residual. Replaced by a new dict at the start of every forward pass: at
+        an FNA layer not above the last one that ran. Blocks called by hand in ascending order, as a forward pass
+        calls them, are taken as one pass, and with ``resample="once"`` (the default without ``tol``) a higher
+        block reuses the lower one's landmarks even on other hidden states (a review: block 10 on image B after
+        block 9 on image A); run a lower FNA block, or the model, first to start a new pass.
         Each thread has its own: the records of the last pass that the calling thread ran (passes in several
         threads at a time run apart).
     num_landmarks_per_layer : dict of int to int
