@@ -119,6 +119,9 @@ def check_eigenvalues(eigenvalues):
         raise TypeError("eigenvalues must be a 1-D array of real numbers, got complex ones")
     if xp.isdtype(kind, "bool"):
         raise TypeError("eigenvalues must be a 1-D array of real numbers, got bools")
+    if not xp.isdtype(kind, ("integral", "real floating")):
+        # numpy would parse strings ("3" as 3.0, a review) and read objects one by one: numbers only.
+        raise TypeError(f"eigenvalues must be a 1-D array of real numbers, got dtype {kind}")
     try:
         lam = float64_numpy(eigenvalues)
     except (TypeError, ValueError):

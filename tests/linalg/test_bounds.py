@@ -447,7 +447,9 @@ def test_trace_error_of_half_precision_points_is_computed_in_float32():
 def test_complex_eigenvalues_are_refused():
     # Bools and objects too: they ended in an AttributeError from array-api-compat's finfo.
     for eigenvalues in (np.array([1 + 1j, 2.0]), torch.tensor([1 + 1j, 2.0]), np.array([True, False]),
-                        torch.tensor([True, False]), np.array(["a", "b"], dtype=object)):
+                        torch.tensor([True, False]), np.array(["a", "b"], dtype=object),
+                        # numpy parses numeric strings and bytes: they were read as 3, 2, 1 (a review).
+                        ["3", "2", "1"], np.array([b"3", b"2"]), [3, "2", 1.0], np.array([1.0, 2.0], dtype=object)):
         with pytest.raises(TypeError, match="real numbers"):
             best_rank_trace_floor(eigenvalues, 1)
         with pytest.raises(TypeError, match="real numbers"):
