@@ -234,6 +234,31 @@ def test_forward_mode_derivatives_equal_reverse_mode(solver):
     assert abs(float((weight * forward).sum()) - expected) <= GRAD_RTOL * max(abs(expected), 1.0)
 
 
+def test_forward_mode_on_a_long_sequence_keeps_the_keys_whole(monkeypatch):
+    # A review: the split of a long key axis over idle threads (nystrom.torch.attention.key_blocks) asked only
+    # requires_grad, which a dual tensor lacks, and called CPU flash attention, which has no forward mode: jvp raised
+    # even under the math kernel. The split is forced here by lowering its threshold from 8,192 keys to 16.
+    import nystrom.torch.attention as attention
+    from torch.func import jvp
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    monkeypatch.setattr(attention, "MIN_KEYS_PER_BLOCK", 16)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    Q, K, V = (x.detach().float() for x in inputs(0, (1, 1, 64, 8)))
+    tangents = tuple(x.detach().float() for x in inputs(1, (1, 1, 64, 8)))
+    assert attention.key_blocks(Q[..., :8, :], K, V) == 2
+
+    def f(q, k, v):
+        return nystrom.approximate(q, k, v, num_landmarks=8, strategy="fps")
+
+    with sdpa_kernel(SDPBackend.MATH):
+        out, forward = jvp(f, (Q, K, V), tangents)
+    step = 1e-3
+    moved = f(*(x + step * t for x, t in zip((Q, K, V), tangents)))
+    # A float32 central-free difference: O(step) curvature plus eps / step rounding, about 1e-3 of the tangent.
+    torch.testing.assert_close(forward, (moved - out) / step, rtol=2e-2, atol=2e-2)
+
+
 def test_forward_mode_through_a_solver_before_the_torch_backend_loads():
     # A review: the forward-mode check registers when nystrom.torch is imported, which approximate() does for torch
     # inputs but a solver called on its own does not: in a fresh process PInv's tangent was 0 (relative error 1).

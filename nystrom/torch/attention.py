@@ -28,6 +28,7 @@ from ..linalg.landmarks.base import Landmarks
 from ..linalg.split_keys import merge_partials
 from ..linalg.validation import check_query_chunk_size, check_unknown_arguments
 from .autocast import autocast_cast, autocast_dtype, with_own_precision
+from .forward_mode import has_tangent
 
 _FLASH_CPU = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
@@ -47,8 +48,9 @@ def key_blocks(q, k, v, mask=None):
     PyTorch's CPU flash kernel runs one task per (batch, head, block of 32 queries): the landmark product of
     one head with :math:`m \le 32` queries is one task on one core, however many threads there are. Splitting
     the :math:`n` keys into :math:`p` blocks makes :math:`p` times as many tasks; :math:`p` is the smallest
-    count that gives every thread a task, and 1 on CUDA, when gradients are needed (the kernel's log-sum-exp
-    carries none, and it takes no gradient to a floating ``mask``), in float64, when values and keys differ in
+    count that gives every thread a task, and 1 on CUDA, when derivatives are needed (the kernel's log-sum-exp
+    carries no gradient, it takes none to a floating ``mask``, and it has no forward mode: a dual tensor of
+    ``torch.func.jvp``, which does not require grad, raised there, a review), in float64, when values and keys differ in
     width (the kernel takes one head size), when a block would hold fewer than :data:`MIN_KEYS_PER_BLOCK` keys, or
     while ``torch.compile`` traces (the thread count is a run-time setting that Dynamo cannot put in a graph,
     ``torch.get_num_threads`` being a graph break, and the compiled kernels divide the work among threads
@@ -70,7 +72,8 @@ def key_blocks(q, k, v, mask=None):
     # float64 reference results.
     if (q.device.type != "cpu" or q.dtype == torch.float64 or v.shape[-1] != q.shape[-1]
             or torch.compiler.is_compiling()
-            or (torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k, v, mask)))):
+            or any(x is not None and ((torch.is_grad_enabled() and x.requires_grad) or has_tangent(x))
+                   for x in (q, k, v, mask))):
         return 1
     tasks = math.prod(q.shape[:-2]) * -(-q.shape[-2] // _CPU_QUERY_ROWS_PER_TASK)
     threads = torch.get_num_threads()
