@@ -303,7 +303,9 @@ def approximate(
         ``"norm"`` (default: attention sinks, high-norm tokens and CLS as landmarks of their own,
         weighted k-means clusters for the rest), ``"fps"``, ``"segment_means"``, ``"uniform"``,
         ``"kmeans"``, ``"rpcholesky"``, a strategy object such as ``nystrom.Norm(sink_ratio=8)``, or
-        any callable with the strategy signature (:mod:`nystrom.linalg.landmarks.base`).
+        any callable with the strategy signature (:mod:`nystrom.linalg.landmarks.base`), which must choose among the
+        real keys of the ``attn_mask`` it is given (with ``check_values``, landmark ``indices`` it returns at padded
+        keys or outside ``K`` raise a ``ValueError``).
     num_landmarks : int
         :math:`m`, with ``1 <= m <= n``, at most the real keys of every padded sequence, and for cross-attention
         (:math:`n_q \ne n`) at most :math:`n_q`. With every token a landmark and a pseudo-inverse

@@ -238,9 +238,10 @@ def test_forward_mode_on_a_long_sequence_keeps_the_keys_whole(monkeypatch):
     # A review: the split of a long key axis over idle threads (nystrom.torch.attention.key_blocks) asked only
     # requires_grad, which a dual tensor lacks, and called CPU flash attention, which has no forward mode: jvp raised
     # even under the math kernel. The split is forced here by lowering its threshold from 8,192 keys to 16.
-    import nystrom.torch.attention as attention
     from torch.func import jvp
     from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    import nystrom.torch.attention as attention
 
     monkeypatch.setattr(attention, "MIN_KEYS_PER_BLOCK", 16)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)

@@ -47,6 +47,7 @@ from .validation import (
     check_bool,
     check_finite_landmarks,
     check_given,
+    check_landmark_positions,
     check_landmarks,
     check_scale,
     check_unknown_arguments,
@@ -448,6 +449,7 @@ def check_nystrom_call(Q, K, V, landmarks, solver, scale, attn_mask, check_value
     check_landmarks(landmarks, K)
     if check_values:
         check_finite_landmarks(xp, landmarks)
+        check_landmark_positions(xp, landmarks, K, keys)
     K, V = without_padding(xp, keys, K, V)
     mask = None if keys is None else keys[..., None, :]
     return xp, check_scale(scale, Q.shape[-1]), unchecked(get_solver(solver)), mask, K, V

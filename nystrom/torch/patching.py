@@ -585,7 +585,7 @@ class FNAHandle(Handle):
         dropped = 0 if outside is None else int(torch.sum(outside))
         if forced is None and dropped in (0, key.shape[0]):
             return run_strategy(self._strategy_for(dropped > 0), Selection(
-                xp, query, key, m, eligible[:, None, :], seed, -3, features, scale, memo=memo))
+                xp, query, key, m, eligible[:, None, :], seed, -3, features, scale, memo=memo), check_values=True)
         if forced is None:
             # The strategy's first token is excluded in some sequences only: sequence by sequence, as for guarantees
             # below (with none), so that each keeps its own first token or not (a review: one sequence excluding its
@@ -613,7 +613,7 @@ class FNAHandle(Handle):
                 outside = self._first_outside(xp, real[b:b + 1], allowed)
                 rest = run_strategy(self._strategy_for(outside is not None and bool(outside[0])), Selection(
                     xp, query[b:b + 1], key[b:b + 1], m if picks_tokens else m - pinned.numel(), allowed[:, None, :],
-                    seed, -3, features[b:b + 1], scale, memo=memo.setdefault(b, {})))
+                    seed, -3, features[b:b + 1], scale, memo=memo.setdefault(b, {})), check_values=True)
                 if picks_tokens:
                     picks = rest.indices[0, 0]
                     rest = replace(rest, indices=picks[~torch.isin(picks, pinned)][None, None, :m - pinned.numel()])

@@ -1,5 +1,6 @@
 """Landmark strategies: exactness at m = n, FPS reference, padding, determinism, equivariance."""
 
+import dataclasses
 import itertools
 import warnings
 from fractions import Fraction
@@ -706,6 +707,39 @@ def test_a_callable_strategy_must_return_landmarks():
     Q = np.random.default_rng(0).standard_normal((2, 30, 8))
     with pytest.raises(TypeError, match="landmarks must be Landmarks"):
         nystrom.approximate(Q, Q, Q, num_landmarks=4, strategy=lambda *args, **kwargs: None)
+
+
+@pytest.mark.parametrize("library", ["numpy", "torch"])
+def test_a_callable_strategy_that_picks_padding_is_refused(library):
+    # A review: a callable that ignored attn_mask and took the last tokens put landmarks on a sequence's padding, and
+    # its real rows moved by 0.81 when only the padding changed, silently. Its indices say where its landmarks are.
+    from nystrom.linalg.landmarks.base import landmarks_at
+
+    def last_tokens(Q, K, m, **kwargs):
+        xp = array_api_compat.array_namespace(K)
+        return landmarks_at(xp, Q, K, xp.broadcast_to(xp.arange(K.shape[-2] - m, K.shape[-2]), (*K.shape[:-2], m)))
+
+    def first_tokens(Q, K, m, **kwargs):
+        xp = array_api_compat.array_namespace(K)
+        return landmarks_at(xp, Q, K, xp.broadcast_to(xp.arange(m), (*K.shape[:-2], m)))
+
+    def beyond(Q, K, m, **kwargs):
+        return dataclasses.replace(first_tokens(Q, K, m), indices=first_tokens(Q, K, m).indices + K.shape[-2])
+
+    xp = np if library == "numpy" else torch
+    X = xp.asarray(np.random.default_rng(0).standard_normal((2, 3, 12, 4)))
+    mask = np.ones((2, 1, 1, 12), dtype=bool)
+    mask[1, ..., 8:] = False
+    mask = xp.asarray(mask)
+    with pytest.raises(ValueError, match="landmark indices point at padded keys"):
+        nystrom.approximate(X, X, X, attn_mask=mask, num_landmarks=3, strategy=last_tokens)
+    with pytest.raises(ValueError, match=r"landmark indices must be positions in K, in \[0, 12\)"):
+        nystrom.approximate(X, X, X, num_landmarks=3, strategy=beyond)
+    # Without a mask the last tokens are real ones; the first tokens are real in every sequence.
+    nystrom.approximate(X, X, X, num_landmarks=3, strategy=last_tokens)
+    nystrom.approximate(X, X, X, attn_mask=mask, num_landmarks=3, strategy=first_tokens)
+    # check_values=False reads no data: the callable is trusted there.
+    nystrom.approximate(X, X, X, attn_mask=mask, num_landmarks=3, strategy=last_tokens, check_values=False)
 
 
 def test_farthest_point_sampling_checks_its_arguments():

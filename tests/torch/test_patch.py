@@ -911,6 +911,22 @@ def bert_batch(lengths, seed=0):
     return {"input_ids": ids, "attention_mask": mask}
 
 
+def test_a_strategy_callable_that_picks_padding_is_refused_in_a_model():
+    # A review: a callable that ignored the padding mask and took the last tokens put sequence 1's landmarks on its
+    # padding, and its real outputs moved by 5e-5 when only the padding changed, silently.
+    from nystrom.linalg.landmarks.base import landmarks_at
+
+    def last_tokens(Q, K, m, **kwargs):
+        last = torch.arange(K.shape[-2] - m, K.shape[-2]).expand(*K.shape[:-2], m)
+        return landmarks_at(array_api_compat.array_namespace(K), Q, K, last)
+
+    model = long_bert()
+    with torch.no_grad(), fna(model, num_landmarks=3, strategy=last_tokens):
+        model(**bert_batch([12, 12]))
+        with pytest.raises(ValueError, match="landmark indices point at padded keys"):
+            model(**bert_batch([12, 8]))
+
+
 def test_tol_calibrates_on_the_first_batch_that_can_and_keeps_m_uncut_or_answers_exactly():
     model = long_bert()
     with torch.no_grad(), fna(model, layers=[1], num_landmarks=8, tol=0.3) as handle:

@@ -51,6 +51,7 @@ from ..validation import (
     check_attention_inputs,
     check_bool,
     check_finite_landmarks,
+    check_landmark_positions,
     check_landmarks,
     check_scale,
     check_seed,
@@ -485,7 +486,7 @@ def require(strategy, capability: str, purpose: str) -> None:
 def run_strategy(strategy, selection: Selection, check_values: bool = False) -> Landmarks:
     """Landmarks for arguments the caller has checked: :meth:`Strategy.select` for a :class:`Strategy`; a plain
     callable is called with the strategy signature and its result's shapes are checked (and, with ``check_values``,
-    its values: finite)."""
+    its values: finite, and its ``indices``, where it returns them, real keys: :func:`check_landmark_positions`)."""
     if isinstance(strategy, Strategy):
         return strategy.select(selection)
     keys = selection.real_keys
@@ -495,6 +496,7 @@ def run_strategy(strategy, selection: Selection, check_values: bool = False) -> 
     check_landmarks(landmarks, selection.K, selection.num_landmarks)
     if check_values:
         check_finite_landmarks(selection.xp, landmarks)
+        check_landmark_positions(selection.xp, landmarks, selection.K, keys)
     return landmarks
 
 
