@@ -27,7 +27,7 @@ import array_api_compat
 import numpy as np
 import scipy.stats
 
-from .attention import softmax_attention
+from .attention import grouped_query_heads, softmax_attention
 from .landmarks.base import gather_rows
 from .landmarks.rpcholesky import exp_kernel_shift
 from .numerics import (
@@ -40,6 +40,7 @@ from .numerics import (
 from .solvers import PInv
 from .validation import (
     check_attention_inputs,
+    check_bool,
     check_finite,
     check_given,
     check_int,
@@ -243,7 +244,7 @@ class ErrorEstimate:
 
 @quiet_numpy_overflow
 def estimate_relative_error(Q, K, V, approx, *, num_samples=128, confidence=0.95, seed=None, scale=None,
-                            attn_mask=None, query_mask=None, **unknown):
+                            attn_mask=None, query_mask=None, enable_gqa=False, **unknown):
     r"""Estimate the relative Frobenius error of an approximate attention output from sampled rows.
 
     The query positions are split into :math:`s` contiguous strata of near-equal size :math:`N_h`, and one
@@ -282,6 +283,9 @@ def estimate_relative_error(Q, K, V, approx, *, num_samples=128, confidence=0.95
         The real query rows, in place of the rule above: for cross-attention whose query and key lengths happen to
         be equal, pass it (all ``True`` where every query is real), or the rows at padded keys are left out as
         padded queries (a review: an error of 1.21 estimated as 0 with an interval of width 0).
+    enable_gqa : bool
+        SDPA's grouped-query attention, as :func:`nystrom.approximate` takes it: ``K`` and ``V`` with fewer heads than
+        ``Q``, repeated to its heads.
 
     Returns
     -------
@@ -302,6 +306,8 @@ def estimate_relative_error(Q, K, V, approx, *, num_samples=128, confidence=0.95
     precision.
     """
     check_unknown_arguments("estimate_relative_error", unknown)
+    if check_bool("enable_gqa", enable_gqa):
+        K, V = grouped_query_heads(Q, K, V)
     xp, keys = check_attention_inputs(Q, K, V, attn_mask, no_values_hint="the estimate computes exact rows of the "
                                       "data: pass tensors that hold values")
     check_given(approx=approx)
