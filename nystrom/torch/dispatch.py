@@ -129,10 +129,9 @@ def _is_attention(module):
     return type(module).__name__.endswith("Attention")
 
 
-def _attention_core(block):
-    """The innermost ``*Attention`` module of ``block`` (the one that calls the attention function), or None."""
-    cores = [m for m in block.modules() if _is_attention(m) and not any(map(_is_attention, list(m.modules())[1:]))]
-    return cores[0] if len(cores) == 1 else None
+def _attention_cores(block):
+    """The innermost ``*Attention`` modules of ``block`` (those that call the attention function)."""
+    return [m for m in block.modules() if _is_attention(m) and not any(map(_is_attention, list(m.modules())[1:]))]
 
 
 def attention_layers(model: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
@@ -158,16 +157,29 @@ def attention_layers(model: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
         If ``model`` is not a ``torch.nn.Module``.
     ValueError
         If no such list, or more than one (e.g. ``CLIPModel`` with a text and a vision tower: pass
-        ``model.vision_model``), is found.
+        ``model.vision_model``), is found, or one beside a list of blocks that each hold several attention modules
+        (an encoder–decoder such as ``BartModel``: pass its encoder).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    found = {}
+    found, several = {}, []
     for name, child in model.named_modules():
         if isinstance(child, nn.ModuleList) and len(child) > 0:
-            cores = [_attention_core(block) for block in child]
-            if all(core is not None for core in cores):
-                found[name] = list(zip(child, cores))
+            cores = [_attention_cores(block) for block in child]
+            if all(len(core) == 1 for core in cores):
+                found[name] = [(block, core[0]) for block, core in zip(child, cores)]
+            elif all(len(core) > 1 for core in cores):
+                several.append(name)
+    # Blocks of several attention modules beside the encoder's, not stages that hold its blocks: a decoder (causal
+    # self-attention and cross-attention). Patching the encoder alone was silent (a review: a whole BartModel).
+    decoders = [name for name in several if len(found) == 1 and not next(iter(found)).startswith(f"{name}.")]
+    if decoders:
+        encoder = next(iter(found)).rpartition(".")[0]
+        raise ValueError(
+            f"found the encoder blocks {next(iter(found))!r} and blocks of several attention modules {decoders} (a "
+            f"decoder's causal self-attention and cross-attention, which FNA does not approximate) in "
+            f"{type(model).__name__}; pass the encoder alone (model.get_submodule({encoder!r}))"
+        )
     if len(found) != 1:
         what = "no list of encoder blocks" if not found else f"several lists of encoder blocks {sorted(found)}"
         # Nested lists (ALBERT's shared layer groups) are patched through the submodule that holds one of them.

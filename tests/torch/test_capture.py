@@ -220,6 +220,19 @@ def test_attention_layers_refuses_a_model_with_two_encoders():
     assert len(attention_layers(model.vision_model)) == 2
 
 
+def test_attention_layers_refuses_an_encoder_decoder():
+    # A review: a whole BartModel patched its encoder alone, silently, its decoder's blocks (causal self-attention and
+    # cross-attention, two attention modules each) being no list of encoder blocks.
+    config = transformers.BartConfig(vocab_size=50, d_model=32, encoder_layers=2, decoder_layers=3,
+                                     encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64,
+                                     decoder_ffn_dim=64, max_position_embeddings=64, pad_token_id=1, bos_token_id=0,
+                                     eos_token_id=2, decoder_start_token_id=2)
+    model = transformers.BartModel(config)
+    with pytest.raises(ValueError, match=r"\['decoder.layers'\].*model.get_submodule\('encoder'\)"):
+        attention_layers(model)
+    assert len(attention_layers(model.get_submodule("encoder"))) == 2
+
+
 def test_attention_layers_names_the_module_that_holds_one_of_nested_lists():
     # ALBERT shares its blocks through a list of layer groups, each a list: the message named neither (a review).
     config = transformers.AlbertConfig(vocab_size=50, embedding_size=16, hidden_size=32, num_hidden_layers=3,
