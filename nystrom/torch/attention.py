@@ -71,15 +71,18 @@ def key_blocks(q, k, v, mask=None):
     # The kernel's float64 results are off by ~1e-9 (measured against SDPA in float64), too far for the library's
     # float64 reference results.
     if (q.device.type != "cpu" or q.dtype == torch.float64 or v.shape[-1] != q.shape[-1]
-            or torch.compiler.is_compiling()
-            or any(x is not None and ((torch.is_grad_enabled() and x.requires_grad) or has_tangent(x))
-                   for x in (q, k, v, mask))):
+            or torch.compiler.is_compiling()):
         return 1
     tasks = math.prod(q.shape[:-2]) * -(-q.shape[-2] // _CPU_QUERY_ROWS_PER_TASK)
     threads = torch.get_num_threads()
     if tasks >= threads:
         return 1
-    return max(1, min(-(-threads // tasks), k.shape[-2] // MIN_KEYS_PER_BLOCK))
+    blocks = max(1, min(-(-threads // tasks), k.shape[-2] // MIN_KEYS_PER_BLOCK))
+    # Last, where a split is at stake: a forward-mode test per tensor on every call of the common case cost time.
+    if blocks > 1 and any(x is not None and ((torch.is_grad_enabled() and x.requires_grad) or has_tangent(x))
+                          for x in (q, k, v, mask)):
+        return 1
+    return blocks
 
 
 def sdpa_attend(q, k, v, mask=None, *, scale):
