@@ -343,7 +343,7 @@ def sharded_approximate(Q, K, V, *, group, strategy="norm", num_landmarks=64, so
         error = None
     except Exception as exc:  # noqa: BLE001 - whatever this process's checks raise, the others must hear of it
         checked, error = None, exc
-    report = {"error": None if error is None else f"{type(error).__name__}: {error}"}
+    report = {"error": None if error is None else f"{type(error).__name__}: {error}", "rank": dist.get_rank()}
     if checked is not None:
         report.update(checked["report"])
     reports = [None] * size
@@ -441,12 +441,18 @@ def _check_shard(Q, K, V, strategy, num_landmarks, solver, scale, attn_mask, see
 
 def _agree(reports, error):
     """Raise on every process when any process's arguments were wrong or the processes disagree."""
+    def process(rank):
+        # The rank in the group, and in the world where they differ: a subgroup's rank 1 may be the world's rank 2
+        # (a review: the message read like an accusation of the world's rank 1).
+        world = reports[rank]["rank"]
+        return f"process {rank} of the group" + ("" if world == rank else f" (global rank {world})")
+
     failed = [(rank, r["error"]) for rank, r in enumerate(reports) if r["error"] is not None]
     if error is not None:
         raise error
     if failed:
         rank, message = failed[0]
-        raise ValueError(f"process {rank} of the group rejected its arguments: {message}")
+        raise ValueError(f"{process(rank)} rejected its arguments: {message}")
     first = reports[0]
     for field, what in (("lead", "leading (batch/head) dimensions"), ("d", "feature size d"),
                         ("d_v", "value size d_v"), ("dtype", "dtype")):
@@ -460,7 +466,9 @@ def _agree(reports, error):
     if differ:
         raise ValueError("the processes of the group must agree on " + "; ".join(
             f"{name}, got {[other[name] for other in settings]}" for name in differ) + " (in rank order)")
-    if len({r["mask_rows"] is None for r in reports}) > 1:
-        raise ValueError("attn_mask must be given on every process of the group or on none")
+    given = [rank for rank, r in enumerate(reports) if r["mask_rows"] is not None]
+    if 0 < len(given) < len(reports):
+        raise ValueError(f"attn_mask must be given on every process of the group or on none, got it on "
+                         f"{', '.join(map(process, given))} of {len(reports)}")
     if first["mask_rows"] is not None and len({len(r["mask_rows"]) for r in reports}) > 1:
         raise ValueError(f"the key masks' shapes differ between processes: {[r['mask_rows'] for r in reports]}")

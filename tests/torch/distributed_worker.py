@@ -195,7 +195,23 @@ def error_cases(rank, world):
             q.numpy() if rank == 1 else q, k, v, group=group)),
         "error_gqa_heads_differ": error_of(lambda: nystrom.approximate(
             q, *((x if rank == 1 else x[:, :1]) for x in (k, v)), group=group, enable_gqa=True)),
+        # A mask on the last process alone: the message named none of them.
+        "error_mask_on_one_process": error_of(lambda: nystrom.approximate(
+            q, k, v, group=group, attn_mask=torch.ones(2, k.shape[-2], dtype=torch.int64) if rank == world - 1
+            else None)),
     }
+
+
+def subgroup_case(rank, world):
+    """A NaN on global rank 2 in the group of every rank but 0, where it is rank 1: what the other members raise
+    (``None`` outside the group, and where the world is too small for it)."""
+    others = dist.new_group(list(range(1, world)))  # a collective of every process
+    if rank == 0 or world < 4:
+        return None
+    Q = inputs((1, 1, 8, 4), torch.float64)[0]
+    if rank == 2:
+        Q[0, 0, 0, 0] = float("nan")
+    return error_of(lambda: nystrom.approximate(Q, Q, Q, num_landmarks=2, group=others))
 
 
 def non_member_case(rank, world):
@@ -256,6 +272,7 @@ def worker(rank, world, port, out):
                 results[name] = ("crash", traceback.format_exc())
         results.update(error_cases(rank, world))
         results["non_member"] = non_member_case(rank, world)
+        results["subgroup"] = subgroup_case(rank, world)
         results["traffic"] = traffic_cases(rank, world)
         results["top_k_ties"] = top_k_cases(rank, world)
     finally:

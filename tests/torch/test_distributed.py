@@ -115,6 +115,7 @@ ERRORS = {
     "error_gqa_on_one_process": "enable_gqa must be a bool",
     "error_gqa_heads_differ": "agree on kv_heads",
     "error_numpy_on_one_process": "must be a torch tensor with group=",
+    "error_mask_on_one_process": "attn_mask must be given on every process of the group or on none, got it on process",
 }
 KINDS = {"error_group_type": "TypeError"}
 # Errors of one process's own arguments: that process raises this kind, the others a ValueError that names it.
@@ -136,6 +137,18 @@ def test_bad_calls_raise_on_every_process(groups, world, name):
     if name == "error_nan_on_one_process":
         assert "Q contains NaN" in groups[world][1][name][1]
         assert "process 1 of the group" in groups[world][0][name][1]
+
+
+def test_a_subgroup_names_a_process_by_its_global_rank_too(groups):
+    # A review: in a group of global ranks 1-3, a NaN on global rank 2 was reported to rank 1 as "process 1 of the
+    # group", which read as rank 1 itself.
+    results = groups[4]
+    assert results[0]["subgroup"] is None and results[2]["subgroup"][0] == "NonFiniteError"
+    for rank in (1, 3):
+        assert "process 1 of the group (global rank 2) rejected its arguments" in results[rank]["subgroup"][1]
+    # In the world's group the ranks agree, and the message gives one; the last process held the mask.
+    assert "process 1 of the group rejected" in results[0]["error_nan_on_one_process"][1]
+    assert results[0]["error_mask_on_one_process"][1].endswith("got it on process 3 of the group of 4")
 
 
 @pytest.mark.parametrize("world", WORLDS)
