@@ -179,7 +179,8 @@ class TestArguments:
         # Negative single indices count from the last layer, as fna takes them and as the range check's message says
         # (it was refused with "non-negative" while "--layers 20" was told of [-6, 6): review).
         assert parse_layers("-1, 2") == (-1, 2)
-        for bad in ("6-x", "", "-x", "1,-", ","):
+        # A reversed range, alone or in a list (in a list it vanished: "1,7-3" ran layer 1 alone, a review).
+        for bad in ("6-x", "", "-x", "1,-", ",", "7-3", "1,7-3"):
             with pytest.raises(ValueError, match="layers"):
                 parse_layers(bad)
 

@@ -30,6 +30,9 @@ def parse_layers(text):
                 layers.append(int(part))
                 continue
             first, dash, last = part.partition("-")
+            if dash and int(last) < int(first):
+                # A reversed range is empty: inside a list it vanished silently (a review: "1,7-3" ran layer 1).
+                raise ValueError(part)
             layers.extend(range(int(first), int(last) + 1) if dash else [int(first)])
     except ValueError:
         layers = []
