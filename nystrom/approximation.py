@@ -229,7 +229,7 @@ class Info:
             sample = sample_rows(xp, Q, K, V, num_samples=options["num_samples"], seed=options["seed"], scale=scale,
                                  keys=keys)
             if interpolation is not None:
-                sample = with_interpolation_census(xp, sample, Q, *interpolation, scale)
+                sample = with_interpolation_census(xp, sample, Q, K, *interpolation, scale)
             return sample.estimate(xp.take(out, sample.at, axis=-2), options["confidence"])
 
 

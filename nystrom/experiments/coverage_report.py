@@ -13,8 +13,9 @@ before: the same strata without the census of interpolation weights (until 2026-
 with a delta-method log-scale interval (until 2026-12-01).
 
 Families: Gaussian tokens, clustered tokens, clustered low-rank tokens, sharper clusters (12 centres, larger logits),
-artifact-like queries (10 of 512 with 4 times the others' norm) and aimed queries (16 of 1,024 with 2.9 times the
-others' norm, each aimed at one key), each with the default ``norm``, with ``uniform`` and with ``fps`` landmarks,
+artifact-like queries (10 of 512 with 4 times the others' norm), aimed queries (16 of 1,024 with 2.9 times the
+others' norm, each aimed at one key) and isolated tokens (10 of 1,024 far from 8 tight clusters, of the same norm),
+each with the default ``norm``, with ``uniform`` and with ``fps`` landmarks,
 and real
 DINOv2-S attention at 518 px (images astronaut and coffee, layers 3, 6, 9 and 11) with ``norm`` and ``uniform``.
 """
@@ -32,11 +33,13 @@ import torch.nn.functional as F
 import nystrom
 from nystrom.linalg.bounds import (
     CENSUS_SHARE,
+    UNREPRESENTED_SHARE,
     RowSample,
     census_and_strata,
     high_norm_queries,
     interpolation_census,
     ratio_interval,
+    unrepresented_queries,
 )
 from nystrom.torch.capture import capture_attention
 
@@ -47,16 +50,18 @@ CONFIDENCE = 0.95
 
 
 def row_errors(Q, K, V, strategy, num_landmarks, scale=None):
-    """``(e, o, Q, weights)``: per query position, the squared error of ``approximate`` and the squared exact norm,
-    float64, the queries (for the sampler's census of high-norm queries) and the interpolation weights' squared norms
-    (``Info.interpolation_weights``, for its census of those)."""
+    """``(e, o, Q, weights, alone)``: per query position, the squared error of ``approximate`` and the squared exact
+    norm, float64, the queries (for the sampler's census of high-norm queries), the interpolation weights' squared
+    norms (``Info.interpolation_weights``, for its census of those) and the queries the landmarks do not represent
+    (:func:`~nystrom.linalg.bounds.unrepresented_queries`, for their strata)."""
     out, info = nystrom.approximate(Q, K, V, strategy=strategy, num_landmarks=num_landmarks, scale=scale, seed=0,
                                     return_info=True)
     exact = F.scaled_dot_product_attention(Q.double(), K.double(), V.double(), scale=scale)
     e = ((out.double() - exact) ** 2).sum(-1)
     o = (exact**2).sum(-1)
+    xp, _, K, _, _, tau, _, (keys, bias, _) = info._inputs
     return (e.reshape(-1, e.shape[-1]).sum(0).numpy(), o.reshape(-1, o.shape[-1]).sum(0).numpy(), Q,
-            info.interpolation_weights())
+            info.interpolation_weights(), unrepresented_queries(xp, Q, K, keys, bias, tau))
 
 
 def synthetic_inputs():
@@ -91,8 +96,24 @@ def synthetic_inputs():
     Qt = Qt / Qt.norm(dim=-1, keepdim=True)
     aimed, targets = torch.randperm(1024, generator=g)[:16], torch.randperm(1024, generator=g)[:16]
     Qt[aimed] = 2.9 * Kt[targets] / Kt[targets].norm(dim=-1, keepdim=True)
+    Xi, Vi = (torch.as_tensor(x) for x in isolated_tokens(0))
     return {"Gaussian": (Q, K, V, 32), "artifact-like queries": (Qa, Ka, Va, 24), "clustered": (Qc, Kc, Vc, 16),
-            "low-rank": (Ql, Kl, Vl, 16), "sharp clusters": (Qs, Ks, Vs, 16), "aimed queries": (1.5 * Qt, Kt, Vt, 32)}
+            "low-rank": (Ql, Kl, Vl, 16), "sharp clusters": (Qs, Ks, Vs, 16), "aimed queries": (1.5 * Qt, Kt, Vt, 32),
+            "isolated tokens": (Xi, Xi, Vi, 16)}
+
+
+def isolated_tokens(seed, n=1024, d=32, isolated=10):
+    """``(X, V)``, float64 numpy of shape (1, 2, n, d): self-attention inputs (Q = K = X) of 8 tight clusters (centres
+    3 N(0, I), spread 0.05) and ``isolated`` tokens of the same norm far from them and from each other (3 N(0, I)), a
+    review's family (2026-12-03). Each isolated query attends mostly to itself, a key no landmark stands for, and its
+    row holds most of the error; neither its norm nor its interpolation weights single it out, only
+    :func:`~nystrom.linalg.bounds.unrepresented_queries` does."""
+    rng = np.random.default_rng(seed)
+    centres = 3 * rng.standard_normal((8, d))
+    X = centres[rng.integers(0, 8, n)] + 0.05 * rng.standard_normal((n, d))
+    far = rng.choice(n, isolated, replace=False)
+    X[far] = 3 * rng.standard_normal((isolated, d))
+    return np.broadcast_to(X, (1, 2, n, d)).copy(), rng.standard_normal((1, 2, n, d))
 
 
 def families(synthetic):
@@ -123,19 +144,21 @@ def simple_random_interval(e, o, population):
     return ratio / spread, ratio * spread
 
 
-def replayed_sample(positions, census, weights, num_samples, rng):
+def replayed_sample(positions, census, weights, num_samples, rng, alone=None):
     """The rows of the library's sample (:func:`~nystrom.linalg.bounds.sample_rows` and ``RowSample.with_census``) and
     ``(rows, sizes, certain)`` of the same strata without the census of interpolation weights, for one seed; the
     exact rows are replayed, so the sample holds none."""
     rows, sizes, certain, strata = census_and_strata(positions, census, num_samples, rng)
     sample = RowSample(rows, rows, sizes, 1.0, np.zeros((rows.size, 1)), certain, strata, rng=rng,
                        exact_rows=lambda at: np.zeros((len(at), 1)))
-    return sample.with_census(interpolation_census(sample, weights)), (rows, sizes, certain)
+    return (sample.with_census(interpolation_census(sample, weights), alone, num_samples // UNREPRESENTED_SHARE),
+            (rows, sizes, certain))
 
 
-def coverage(e, o, Q, weights, num_samples, replications=1000):
+def coverage(e, o, Q, weights, num_samples, replications=1000, alone=None):
     """``(coverage, median width)`` over seeds of the library's interval, of the same strata without the census of
-    interpolation weights, and of a simple random sample, in that order."""
+    interpolation weights and of the queries the landmarks do not represent (``alone``), and of a simple random
+    sample, in that order."""
     truth = e.sum() / o.sum()
     population = e.size
     positions = np.arange(population)
@@ -143,7 +166,7 @@ def coverage(e, o, Q, weights, num_samples, replications=1000):
     hits, widths = np.zeros(3), [[], [], []]
     for seed in range(replications):
         rng = np.random.default_rng(seed)
-        sample, (rows, sizes, certain) = replayed_sample(positions, census, weights, num_samples, rng)
+        sample, (rows, sizes, certain) = replayed_sample(positions, census, weights, num_samples, rng, alone)
         library = ratio_interval(e[sample.rows], o[sample.rows], sample.sizes, CONFIDENCE, certain=sample.certain)
         strata = ratio_interval(e[rows], o[rows], sizes, CONFIDENCE, certain=certain)
         simple = rng.choice(population, num_samples, replace=False)
@@ -174,8 +197,8 @@ def main(argv=None):
     rows = families(synthetic)
     for s in args.samples:
         table = []
-        for name, (e, o, Q, weights) in rows.items():
-            measured = coverage(e, o, Q, weights, s)
+        for name, (e, o, Q, weights, alone) in rows.items():
+            measured = coverage(e, o, Q, weights, s, alone=alone)
             table.append([name, e.size, round(float(np.sqrt(e.sum() / o.sum())), 3)]
                          + [x for c, w in measured for x in (c, round(w, 2))])
         table.append(["lowest", "", ""] + [x for k in (3, 5, 7) for x in (min(r[k] for r in table), "")])

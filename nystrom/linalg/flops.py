@@ -56,8 +56,9 @@ def nystrom_attention_flops(batch, n_q, n, d, d_v, m, solve_flops=0):
 
 
 def interpolation_census_flops(batch, n_q, d, m):
-    """FLOPs of the interpolation weights' norms of every query row, :math:`2 n_q m (d + m)` per sequence
-    (:func:`~nystrom.linalg.bounds.interpolation_weight_norms`).
+    """FLOPs of what a census reads of every query row: the interpolation weights' norms, :math:`2 n_q m (d + m)`
+    per sequence (:func:`~nystrom.linalg.bounds.interpolation_weight_norms`), and the logits of the test for queries
+    the landmarks do not represent, :math:`2 n_q (m + 1) d` (:func:`~nystrom.linalg.bounds.unrepresented_queries`).
 
     Parameters
     ----------
@@ -68,4 +69,4 @@ def interpolation_census_flops(batch, n_q, d, m):
     -------
     int
     """
-    return batch * 2 * n_q * m * (d + m)
+    return batch * 2 * n_q * (m * (d + m) + (m + 1) * d)

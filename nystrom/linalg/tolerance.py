@@ -365,7 +365,7 @@ def search_for_tol(xp, Q, K, V, attempt, exact, *, first, num_keys, key_mask, ma
         # with certainty too, which a heavy tail of row errors hides from the strata (their cost, an n_q x m
         # product, is paid where a bound is within tol: once per plain answer; patch's mid-point step and the
         # escalation can confirm more).
-        census = with_interpolation_census(xp, rows, Q, factors.keys, factors.bias, factors.solve.inverse, scale)
+        census = with_interpolation_census(xp, rows, Q, K, factors.keys, factors.bias, factors.solve.inverse, scale)
         return census.estimate(nystrom_output(xp, xp.take(Q, census.at, axis=-2), factors, attend), CONFIDENCE)
 
     return search_landmarks(attempt, estimate, first, top,

@@ -41,13 +41,13 @@ def test_aimed_queries_below_three_times_the_median_norm_are_covered():
     from nystrom.linalg.bounds import high_norm_queries
 
     Q, K, V, m = synthetic_inputs()["aimed queries"]
-    e, o, queries, weights = row_errors(Q, K, V, "norm", m)
+    e, o, queries, weights, alone = row_errors(Q, K, V, "norm", m)
     norms = Q.norm(dim=-1)
     aimed = np.flatnonzero((norms > 2 * norms.median()).numpy())
     assert aimed.size == 16
     np.testing.assert_array_equal(high_norm_queries(torch, queries, np.arange(1024), 128), aimed)
     # 200 seeds: a binomial standard deviation of 1.5 points at 95 %.
-    assert coverage(e, o, queries, weights, 128, replications=200)[0][0] >= 0.9
+    assert coverage(e, o, queries, weights, 128, replications=200, alone=alone)[0][0] >= 0.9
 
 
 def test_sharp_clusters_are_covered_with_the_census_of_interpolation_weights():
@@ -58,8 +58,8 @@ def test_sharp_clusters_are_covered_with_the_census_of_interpolation_weights():
     from nystrom.experiments.coverage_report import row_errors, synthetic_inputs
 
     Q, K, V, m = synthetic_inputs()["sharp clusters"]
-    e, o, queries, weights = row_errors(Q, K, V, "norm", m)
+    e, o, queries, weights, alone = row_errors(Q, K, V, "norm", m)
     heavy = np.argsort(-e)[:10]
     assert set(heavy[:9]) <= set(np.argsort(-weights)[:16])
-    (library, _), (strata, _), _ = coverage(e, o, queries, weights, 128, replications=200)
+    (library, _), (strata, _), _ = coverage(e, o, queries, weights, 128, replications=200, alone=alone)
     assert library >= 0.9 and strata < 0.85
