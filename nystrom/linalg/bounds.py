@@ -426,7 +426,9 @@ class RowSample:
         and one collapsed pair then mixes the two groups: a wider interval, not a biased one.) A ``group`` leaves the
         strata in the same way; where it holds at most ``group_rows`` positions they are taken with certainty, else
         ``group_rows`` contiguous strata of it (in sequence order) draw one row each: the group is sampled at
-        ``group_rows`` over its size instead of the sample's :math:`s/n_q`.
+        ``group_rows`` over its size instead of the sample's :math:`s/n_q`, and never below that (``group_rows`` is
+        raised to the group's share of the strata). Exact rows computed: the census, the group's rows, and one for
+        each stratum whose drawn row fell in either (drawn again).
 
         Parameters
         ----------
@@ -445,11 +447,14 @@ class RowSample:
         certain = np.zeros(self.rows.size, dtype=bool) if self.certain is None else self.certain
         census = np.setdiff1d(census, self.rows[certain])
         group = census[:0] if group is None else np.setdiff1d(group, np.concatenate([self.rows[certain], census]))
+        order, edges = self.strata
+        # Never sampled more thinly than the strata it leaves: a group of most positions took the place of strata
+        # whose rows it removed, with fewer rows than they had (a review: 80 rows in all against 144).
+        group_rows = max(group_rows, -(-group.size * (edges.size - 1) // max(order.size, 1)))
         if group.size <= group_rows:
             census, group = np.union1d(census, group), group[:0]
         if not census.size and not group.size:
             return self
-        order, edges = self.strata
         outside = ~np.isin(order, np.concatenate([census, group]))
         # Per stratum, the positions left outside the census and the group; a stratum left with none is gone.
         left = np.add.reduceat(outside.astype(np.int64), edges[:-1]) if edges.size > 1 else np.zeros(0, np.int64)

@@ -680,11 +680,11 @@ def check_finite_landmarks(xp, landmarks) -> None:
 
 
 def check_landmark_positions(xp, landmarks, K, real_keys=None) -> None:
-    """Raise ``ValueError`` where landmarks made by hand or by a strategy callable say, through their ``indices``, that
-    they are keys outside ``K`` or padded ones (``real_keys``, bool, broadcastable to ``K.shape[:-1]``): a landmark
-    on padding lets the padding change the real rows' output (a review: 5e-5 in a patched BERT, 0.81 through
-    ``approximate``, silently). Landmarks without ``indices`` (means) are the callable's to keep off padding. Indices
-    must broadcast to ``K.shape[:-2] + (m,)``; reads the data."""
+    """Raise ``ValueError`` (``TypeError`` for indices that are not integers) where landmarks made by hand or by a
+    strategy callable say, through their ``indices``, that they are keys outside ``K`` or masked ones (``real_keys``,
+    bool, broadcastable to ``K.shape[:-1]``): a landmark on padding lets the padding change the real rows' output (a
+    review: 5e-5 in a patched BERT, 0.81 through ``approximate``, silently). Landmarks without ``indices`` (means)
+    are the callable's to keep off padding. Indices must broadcast to ``K.shape[:-2] + (m,)``; reads the data."""
     idx = landmarks.indices
     if idx is None:
         return
@@ -692,19 +692,22 @@ def check_landmark_positions(xp, landmarks, K, real_keys=None) -> None:
     target = (*K.shape[:-2], m)
     namespace(K=K, **{"landmark indices": idx})
     shape = tuple(idx.shape)
-    if (not xp.isdtype(idx.dtype, "integral") or len(shape) > len(target)
-            or any(not broadcasts_to(s, t) for s, t in zip(shape[::-1], target[::-1]))):
-        raise ValueError(f"landmark indices must be integers of a shape that broadcasts to {target} (positions in K "
-                         f"of the m landmark keys), got dtype {idx.dtype} and shape {shape}")
+    if not xp.isdtype(idx.dtype, "integral"):
+        raise TypeError(f"landmark indices must be integers (positions in K of the m landmark keys), got dtype "
+                        f"{idx.dtype}")
+    if len(shape) > len(target) or any(not broadcasts_to(s, t) for s, t in zip(shape[::-1], target[::-1])):
+        raise ValueError(f"landmark indices must have a shape that broadcasts to {target} (positions in K of the m "
+                         f"landmark keys), got {shape}")
     idx = xp.broadcast_to(idx, target)
     if not bool(xp.all((idx >= 0) & (idx < n))):
         raise ValueError(f"landmark indices must be positions in K, in [0, {n}), got {int(xp.min(idx))} to "
                          f"{int(xp.max(idx))}")
     real = None if real_keys is None else take_along_axis(xp, xp.broadcast_to(real_keys, tuple(K.shape[:-1])), idx)
     if real is not None and not bool(xp.all(real)):
-        raise ValueError("landmark indices point at padded keys (False in attn_mask): a landmark on padding lets the "
-                         "padding change the real rows; a strategy callable must choose among the real keys of the "
-                         "attn_mask it is given")
+        raise ValueError("landmark indices point at masked keys (False in the attn_mask the strategy was given: "
+                         "padding, or in a patched model tokens excluded or guaranteed apart): a landmark there lets "
+                         "them change the real rows; a strategy callable must choose among the keys its attn_mask "
+                         "keeps")
 
 
 def check_real(name: str, value, *, optional: bool = False) -> float | None:

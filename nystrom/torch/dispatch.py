@@ -172,7 +172,9 @@ def attention_layers(model: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
                 several.append(name)
     # Blocks of several attention modules beside the encoder's, not stages that hold its blocks: a decoder (causal
     # self-attention and cross-attention). Patching the encoder alone was silent (a review: a whole BartModel).
-    decoders = [name for name in several if len(found) == 1 and not next(iter(found)).startswith(f"{name}.")]
+    # (The model itself, named "", holds every list.)
+    decoders = [name for name in several
+                if len(found) == 1 and name and not next(iter(found)).startswith(f"{name}.")]
     if decoders:
         encoder = next(iter(found)).rpartition(".")[0]
         raise ValueError(

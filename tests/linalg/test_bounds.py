@@ -647,6 +647,9 @@ def test_a_census_leaves_every_position_stood_for_once(population, num_samples, 
     assert set(census) <= set(sample.rows[certain]) and (sample.sizes[certain] == 1).all()
     fixed = np.concatenate([census, base.rows[base.certain] if base.certain is not None else census[:0]])
     left = np.setdiff1d(group, fixed)
+    # Never more thinly than the strata it leaves: at least its share of them.
+    base_order, base_edges = base.strata
+    group_rows = max(group_rows, -(-left.size * (base_edges.size - 1) // max(base_order.size, 1)))
     if left.size <= group_rows:
         assert set(left) <= set(sample.rows[certain])
     else:

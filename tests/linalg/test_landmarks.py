@@ -731,7 +731,7 @@ def test_a_callable_strategy_that_picks_padding_is_refused(library):
     mask = np.ones((2, 1, 1, 12), dtype=bool)
     mask[1, ..., 8:] = False
     mask = xp.asarray(mask)
-    with pytest.raises(ValueError, match="landmark indices point at padded keys"):
+    with pytest.raises(ValueError, match="landmark indices point at masked keys"):
         nystrom.approximate(X, X, X, attn_mask=mask, num_landmarks=3, strategy=last_tokens)
     with pytest.raises(ValueError, match=r"landmark indices must be positions in K, in \[0, 12\)"):
         nystrom.approximate(X, X, X, num_landmarks=3, strategy=beyond)

@@ -231,6 +231,12 @@ def test_attention_layers_refuses_an_encoder_decoder():
     with pytest.raises(ValueError, match=r"\['decoder.layers'\].*model.get_submodule\('encoder'\)"):
         attention_layers(model)
     assert len(attention_layers(model.get_submodule("encoder"))) == 2
+    # A list passed itself, whose entries hold several attention modules each, holds the blocks: no decoder (a
+    # review: ALBERT's list of layer groups of two layers each was refused as one; it holds one list of blocks).
+    albert = transformers.AlbertModel(transformers.AlbertConfig(
+        vocab_size=50, embedding_size=16, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=64, inner_group_num=2))
+    assert len(attention_layers(albert.encoder.albert_layer_groups)) == 2
 
 
 def test_attention_layers_names_the_module_that_holds_one_of_nested_lists():
