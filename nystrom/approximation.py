@@ -213,11 +213,12 @@ class Info:
         Parameters
         ----------
         num_samples : int
-            Query rows drawn in strata (clipped to :math:`n_q`); up to :math:`\\lfloor s/8\\rfloor + s/2` more are
-            computed for the census and the unrepresented queries, and ``ErrorEstimate.num_samples`` counts all of
-            them. At 128 the 95 % interval covered at least 93.2 % on 34 families; at 64 as little as 86.1 %; on
-            isolated tokens among tight clusters its upper end lay below the true error in 2.2-18.3 % of the samples
-            (docs' error-bounds page).
+            Query rows drawn in strata (clipped to :math:`n_q`); more are computed for the census
+            (:math:`\\lfloor s/8\\rfloor`), the unrepresented queries (:math:`s/2`, or their share of the strata where
+            larger) and the strata whose row fell among them (drawn again), and ``ErrorEstimate.num_samples`` counts
+            the rows it reads. At 128 the 95 % interval covered at least 93.2 % on 34 families; at 64 as little as
+            86.1 %; on isolated tokens among tight clusters its upper end lay below the true error in 2.2-16.5 % of
+            the samples (docs' error-bounds page).
         confidence : float
             Level of the interval.
         seed : int, optional
@@ -424,11 +425,12 @@ def approximate(
         estimate's exact rows would be all of them), exact attention is the first and only step
         (:func:`nystrom.linalg.tolerance.search_landmarks`). Reads the data (the estimate is computed on the host).
         A step whose bound is within ``tol`` is confirmed by the estimate with the 16 rows of largest interpolation
-        weights taken with certainty too, and the queries the landmarks do not represent in up to 64 rows of their
-        own (``Info.estimate_error``), which a heavy tail of row errors hides from the sampled strata. The interval's
-        coverage is measured, not guaranteed (docs' error-bounds page: at least 93.2 % from 128 rows on 34 families
-        of synthetic and real attention; on isolated tokens among tight clusters ``tol=0.1`` answered above it in 2
-        of 100 seeds, 40 without those queries' strata); the cost is that of the steps, each
+        weights taken with certainty too, and the queries the landmarks do not represent in 64 rows of their own
+        (more where they are most of the queries; ``Info.estimate_error``), which a heavy tail of row errors hides
+        from the sampled strata. The interval's coverage is measured, not guaranteed (docs' error-bounds page: at
+        least 93.2 % from 128 rows on 34 families of synthetic and real attention; on isolated tokens among tight
+        clusters ``tol=0.1`` answered above it in 2 of 100 seeds, 40 without those queries' strata); the cost is
+        that of the steps, each
         without its output product (a step evaluates the output at the 128 sampled rows only), plus
         :math:`O(128\, n\, d)`, about one output product for each confirmation, and one output product (one exact
         attention call for an exact answer).

@@ -85,7 +85,8 @@ def search_flops(Q, K, V, steps):
     took one (interpolation weights of every row, the output at the census's rows), then the whole output of the
     returned one, sampled rows included, or exact attention; the exact attention of the sampled rows and of the
     census's)`` (the returned step is listed again when it is not the last, and counted once; no row is sampled when
-    exact attention is the only step)."""
+    exact attention is the only step). The census's rows are those it adds to the sample; the rows drawn again in
+    place of sampled rows it took are not counted (a review: up to a few dozen at DINOv2-S's early layers)."""
     tried = steps[:-1] if steps[-1] in steps[:-1] else steps
     sampled = [step for step in tried if step.solver != EXACT]
     rows = min(SAMPLED_ROWS, Q.shape[-2]) if sampled else 0
