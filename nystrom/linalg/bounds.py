@@ -695,11 +695,11 @@ def interpolation_census(sample, weights):
 
 
 #: Where a Nyström output of self-attention is assessed, the queries the landmarks do not represent
-#: (:func:`unrepresented_queries`) take up to :math:`s/2` more rows: all of them with certainty where they are at most
-#: that many, else strata of their own (:meth:`RowSample.with_census`). On isolated tokens among tight clusters
-#: (``python docs/scripts/isolated_tokens.py``) ``tol=0.1`` answered above it in 40 of 100 seeds without them, 5 with
-#: :math:`s/4` and 2 with :math:`s/2`; on the coverage report's other 34 families either moved a family's coverage by
-#: at most -2.3 points.
+#: (:func:`unrepresented_queries`) take :math:`s/2` rows (their share of the strata where that is more): all of them
+#: with certainty where they are at most that many, else strata of their own (:meth:`RowSample.with_census`). On
+#: isolated tokens among tight clusters (``python docs/scripts/isolated_tokens.py``) ``tol=0.1`` answered above it in
+#: 40 of 100 seeds without them, 5 with :math:`s/4` and 2 with :math:`s/2`; on the coverage report's other 34 families
+#: either moved a family's coverage by at most -2.3 points.
 UNREPRESENTED_SHARE = 2
 
 
@@ -765,8 +765,8 @@ def unrepresented_queries(xp, Q, K, keys, bias, scale, real=None):
 def with_interpolation_census(xp, sample, Q, K, keys, bias, inverse, scale):
     """``sample`` with the rows of largest interpolation weights taken with certainty too (:func:`interpolation_census`
     of :func:`interpolation_weight_norms`, whose arguments these are, on the sample's real rows), and, for
-    self-attention, the :func:`unrepresented_queries` in up to :math:`s/2` rows of their own
-    (:data:`UNREPRESENTED_SHARE`)."""
+    self-attention, the :func:`unrepresented_queries` in :math:`s/2` rows of their own, or their share of the strata
+    where that is more (:data:`UNREPRESENTED_SHARE`)."""
     weights = interpolation_weight_norms(xp, Q, keys, bias, inverse, scale, sample.real)
     alone = unrepresented_queries(xp, Q, K, keys, bias, scale, sample.real)
     return sample.with_census(interpolation_census(sample, weights), alone,
