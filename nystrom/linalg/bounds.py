@@ -656,21 +656,45 @@ def interpolation_weight_norms(xp, Q, keys, bias, inverse, scale, real=None):
     -------
     float64 ndarray, shape (n_q,)
     """
+    return summed_weight_norms(landmark_logit_reads(xp, Q, keys, bias, scale, inverse=inverse)[0], real)
+
+
+def landmark_logit_reads(xp, Q, keys, bias, scale, inverse=None, K=None):
+    r"""What a census reads of the landmark logits :math:`l_i = \tau q_i \tilde k^\top + \log c`, in one pass over
+    blocks of :data:`CENSUS_BLOCK` logits: ``(norms, gaps)``, float64 of shape (flattened batch rows, :math:`n_q`),
+    ``None`` where not asked for.
+
+    ``norms`` (with ``inverse``, :math:`A^+`): :math:`\lVert \mathrm{softmax}(l_i) A^+\rVert^2`
+    (:func:`interpolation_weight_norms`); ``gaps`` (with ``K``, as many rows as ``Q``): :math:`\tau q_i\cdot k_i -
+    \log\sum_j e^{l_{ij}}` (:func:`unrepresented_queries`). Both in the inverse's precision, float32 or wider."""
     n_q = Q.shape[-2]
-    inverse = at_least_float32(xp, detached(inverse))
-    k = xp.astype(detached(keys), inverse.dtype)
-    rows = max(1, CENSUS_BLOCK // (math.prod(Q.shape[:-2]) * inverse.shape[-1]))
-    norms = []
+    dtype = at_least_float32(xp, detached(inverse if inverse is not None else Q)).dtype
+    k = xp.astype(detached(keys), dtype)
+    inverse = None if inverse is None else xp.astype(detached(inverse), dtype)
+    rows = max(1, CENSUS_BLOCK // (math.prod(Q.shape[:-2]) * k.shape[-2]))
+    norms, gaps = [], []
     for start in range(0, n_q, rows):
         # The stop within the axis: the array API leaves slices past it unspecified.
-        block = detached(Q[..., start:min(start + rows, n_q), :])
-        # F_i A^+ is the attention of q_i over the pairs (landmark key j, row j of A^+), with the bias log c_j. (The
-        # torch backend's fused kernel is not used: at (1, 6, 1,370, 64) on one thread it took 0.71 against 0.49 ms at
-        # m = 16, 3.2 against 4.7 at 64, alike at 128, on a noisy hour: no clear gain for another code path.)
-        w = softmax_attention(xp, xp.astype(block, inverse.dtype), k, inverse,
-                              None if bias is None else xp.astype(detached(bias), inverse.dtype), scale=scale)
-        norms.append(float64_numpy(xp.sum(w * w, axis=-1)).reshape(-1, w.shape[-2]))
-    norms = np.concatenate(norms, axis=-1)
+        stop = min(start + rows, n_q)
+        q = xp.astype(detached(Q[..., start:stop, :]), dtype)
+        logits = scale * (q @ xp.matrix_transpose(k))
+        if bias is not None:
+            logits = logits + xp.astype(detached(bias), dtype)
+        top = xp.max(logits, axis=-1, keepdims=True)
+        weights = xp.exp(logits - top)
+        total = xp.sum(weights, axis=-1, keepdims=True)
+        if inverse is not None:
+            # F_i A^+ is the attention of q_i over the pairs (landmark key j, row j of A^+), with the bias log c_j.
+            w = (weights / total) @ inverse
+            norms.append(float64_numpy(xp.sum(w * w, axis=-1)).reshape(-1, stop - start))
+        if K is not None:
+            own = scale * xp.sum(q * xp.astype(detached(K[..., start:stop, :]), dtype), axis=-1)
+            gaps.append(float64_numpy(own - top[..., 0] - xp.log(total[..., 0])).reshape(-1, stop - start))
+    return (np.concatenate(norms, axis=-1) if norms else None, np.concatenate(gaps, axis=-1) if gaps else None)
+
+
+def summed_weight_norms(norms, real=None):
+    """:func:`interpolation_weight_norms` from the per-row ``norms`` of :func:`landmark_logit_reads`."""
     if real is not None:
         norms = np.where(real, norms, 0.0)
     # A NaN or infinite weight (an overflowed solve) is no ranking; such a row is as likely as any other.
@@ -736,27 +760,17 @@ def unrepresented_queries(xp, Q, K, keys, bias, scale, real=None):
     int ndarray or None
         The positions, in order.
     """
-    n = Q.shape[-2]
-    if K.shape[-2] != n:
+    if K.shape[-2] != Q.shape[-2]:
         return None
-    Q, K = at_least_float32(xp, detached(Q)), at_least_float32(xp, detached(K))
-    k = xp.astype(detached(keys), Q.dtype)
-    m = k.shape[-2]
-    rows = max(1, CENSUS_BLOCK // (math.prod(Q.shape[:-2]) * m))
-    gaps = []
-    for start in range(0, n, rows):
-        stop = min(start + rows, n)
-        q = Q[..., start:stop, :]
-        logits = scale * (q @ xp.matrix_transpose(k))
-        if bias is not None:
-            logits = logits + xp.astype(detached(bias), logits.dtype)
-        top = xp.max(logits, axis=-1, keepdims=True)
-        mass = top[..., 0] + xp.log(xp.sum(xp.exp(logits - top), axis=-1))
-        own = scale * xp.sum(q * K[..., start:stop, :], axis=-1)
-        gaps.append(float64_numpy(own - mass).reshape(-1, stop - start))
-    gaps = np.concatenate(gaps, axis=-1)
-    if bias is None:
-        real_keys = np.full((gaps.shape[0], 1), n) if real is None else real.sum(axis=1, keepdims=True)
+    return positions_outweighed(landmark_logit_reads(xp, Q, keys, bias, scale, K=K)[1], bias is None, keys.shape[-2],
+                                real)
+
+
+def positions_outweighed(gaps, unweighted, m, real=None):
+    """:func:`unrepresented_queries` from the per-row ``gaps`` of :func:`landmark_logit_reads`: for ``unweighted``
+    landmarks each of the ``m`` stands for :math:`n/m` keys, :math:`n` the row's real keys."""
+    if unweighted:
+        real_keys = np.full((gaps.shape[0], 1), gaps.shape[-1]) if real is None else real.sum(axis=1, keepdims=True)
         gaps = gaps - np.log(np.maximum(real_keys, 1) / m)
     outside = gaps > 0 if real is None else (gaps > 0) & real
     return np.flatnonzero(np.any(outside, axis=0))
@@ -767,9 +781,11 @@ def with_interpolation_census(xp, sample, Q, K, keys, bias, inverse, scale):
     of :func:`interpolation_weight_norms`, whose arguments these are, on the sample's real rows), and, for
     self-attention, the :func:`unrepresented_queries` in :math:`s/2` rows of their own, or their share of the strata
     where that is more (:data:`UNREPRESENTED_SHARE`)."""
-    weights = interpolation_weight_norms(xp, Q, keys, bias, inverse, scale, sample.real)
-    alone = unrepresented_queries(xp, Q, K, keys, bias, scale, sample.real)
-    return sample.with_census(interpolation_census(sample, weights), alone,
+    # One pass over the landmark logits for both (a review: each built them, an n_q x m product twice).
+    norms, gaps = landmark_logit_reads(xp, Q, keys, bias, scale, inverse=inverse,
+                                       K=K if K.shape[-2] == Q.shape[-2] else None)
+    alone = None if gaps is None else positions_outweighed(gaps, bias is None, keys.shape[-2], sample.real)
+    return sample.with_census(interpolation_census(sample, summed_weight_norms(norms, sample.real)), alone,
                               sample.rows.size // UNREPRESENTED_SHARE)
 
 

@@ -57,8 +57,9 @@ def nystrom_attention_flops(batch, n_q, n, d, d_v, m, solve_flops=0):
 
 def interpolation_census_flops(batch, n_q, d, m):
     """FLOPs of what a census reads of every query row: the interpolation weights' norms, :math:`2 n_q m (d + m)`
-    per sequence (:func:`~nystrom.linalg.bounds.interpolation_weight_norms`), and the logits of the test for queries
-    the landmarks do not represent, :math:`2 n_q (m + 1) d` (:func:`~nystrom.linalg.bounds.unrepresented_queries`).
+    per sequence (:func:`~nystrom.linalg.bounds.interpolation_weight_norms`), and the queries' own logits of the test
+    for queries the landmarks do not represent, :math:`2 n_q d` (:func:`~nystrom.linalg.bounds.unrepresented_queries`,
+    which shares the weights' logits: :func:`~nystrom.linalg.bounds.landmark_logit_reads`).
 
     Parameters
     ----------
@@ -69,4 +70,4 @@ def interpolation_census_flops(batch, n_q, d, m):
     -------
     int
     """
-    return batch * 2 * n_q * (m * (d + m) + (m + 1) * d)
+    return batch * 2 * n_q * (m * (d + m) + d)
