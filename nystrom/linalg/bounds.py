@@ -44,6 +44,7 @@ from .validation import (
     check_finite,
     check_given,
     check_int,
+    check_positions,
     check_real,
     check_real_floating,
     check_scale,
@@ -85,18 +86,6 @@ def check_points(name: str, X, xp=None):
         raise ValueError(f"{name} must have shape (..., n, D) with no empty dimension, got {tuple(X.shape)}")
     check_finite(xp, **{name: X})
     return xp
-
-
-def check_indices(xp, name: str, idx, n: int, batch_shape) -> None:
-    """Validate landmark positions ``(..., m)``: integer dtype, batch dims matching, values in ``[0, n)``."""
-    if not xp.isdtype(idx.dtype, "integral"):
-        raise TypeError(f"{name} must have an integer dtype, got {idx.dtype}")
-    if idx.ndim < 1 or idx.shape[-1] == 0 or tuple(idx.shape[:-1]) != tuple(batch_shape):
-        raise ValueError(
-            f"{name} must have shape {tuple(batch_shape) + ('m',)} with m >= 1, got {tuple(idx.shape)}"
-        )
-    if bool(xp.any(idx < 0)) or bool(xp.any(idx >= n)):
-        raise ValueError(f"{name} must hold positions in [0, {n}), got values outside")
 
 
 def check_eigenvalues(eigenvalues):
@@ -203,7 +192,10 @@ def nystrom_trace_error(X, indices, *, scale=None):
     """
     xp = namespace(X=X, indices=indices)
     check_points("X", X, xp)
-    check_indices(xp, "indices", indices, X.shape[-2], X.shape[:-2])
+    if indices.ndim < 1 or indices.shape[-1] == 0 or tuple(indices.shape[:-1]) != tuple(X.shape[:-2]):
+        raise ValueError(f"indices must have shape {tuple(X.shape[:-2]) + ('m',)} with m >= 1, got "
+                         f"{tuple(indices.shape)}")
+    check_positions(xp, "indices", indices, X.shape[-2], "X")
     tau = check_scale(scale, X.shape[-1])
     # The kernel and its SVD in float32 at least: no SVD takes half precision, and exp(tau x.y) needs the range.
     X = at_least_float32(xp, X)

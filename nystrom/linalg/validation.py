@@ -679,6 +679,16 @@ def check_finite_landmarks(xp, landmarks) -> None:
         check_finite(xp, **{"landmark log_weights": landmarks.log_weights})
 
 
+def check_positions(xp, name, idx, n, rows_of) -> None:
+    """``idx`` must be integer positions of the ``n`` rows of the array named ``rows_of``: ``TypeError`` for another
+    dtype, ``ValueError`` for values outside ``[0, n)``. Reads the data."""
+    if not xp.isdtype(idx.dtype, "integral"):
+        raise TypeError(f"{name} must be integers (positions in {rows_of}), got dtype {idx.dtype}")
+    if not bool(xp.all((idx >= 0) & (idx < n))):
+        raise ValueError(f"{name} must be positions in {rows_of}, in [0, {n}), got {int(xp.min(idx))} to "
+                         f"{int(xp.max(idx))}")
+
+
 def check_landmark_positions(xp, landmarks, K, real_keys=None) -> None:
     """Raise ``ValueError`` (``TypeError`` for indices that are not integers) where landmarks made by hand or by a
     strategy callable say, through their ``indices``, that they are keys outside ``K`` or masked ones (``real_keys``,
@@ -692,18 +702,14 @@ def check_landmark_positions(xp, landmarks, K, real_keys=None) -> None:
     target = (*K.shape[:-2], m)
     namespace(K=K, **{"landmark indices": idx})
     shape = tuple(idx.shape)
-    if not xp.isdtype(idx.dtype, "integral"):
-        raise TypeError(f"landmark indices must be integers (positions in K of the m landmark keys), got dtype "
-                        f"{idx.dtype}")
     if len(shape) > len(target) or any(not broadcasts_to(s, t) for s, t in zip(shape[::-1], target[::-1])):
         raise ValueError(f"landmark indices must have a shape that broadcasts to {target} (positions in K of the m "
                          f"landmark keys), got {shape}")
     idx = xp.broadcast_to(idx, target)
-    if not bool(xp.all((idx >= 0) & (idx < n))):
-        raise ValueError(f"landmark indices must be positions in K, in [0, {n}), got {int(xp.min(idx))} to "
-                         f"{int(xp.max(idx))}")
-    real = None if real_keys is None else take_along_axis(xp, xp.broadcast_to(real_keys, tuple(K.shape[:-1])), idx)
-    if real is not None and not bool(xp.all(real)):
+    check_positions(xp, "landmark indices", idx, n, "K")
+    if real_keys is None:
+        return
+    if not bool(xp.all(take_along_axis(xp, xp.broadcast_to(real_keys, tuple(K.shape[:-1])), idx))):
         raise ValueError("landmark indices point at masked keys (False in the attn_mask the strategy was given: "
                          "padding, or in a patched model tokens excluded or guaranteed apart): a landmark there lets "
                          "them change the real rows; a strategy callable must choose among the keys its attn_mask "

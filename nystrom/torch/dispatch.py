@@ -173,14 +173,13 @@ def attention_layers(model: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
     # Blocks of several attention modules beside the encoder's, not stages that hold its blocks: a decoder (causal
     # self-attention and cross-attention). Patching the encoder alone was silent (a review: a whole BartModel).
     # (The model itself, named "", holds every list.)
-    decoders = [name for name in several
-                if len(found) == 1 and name and not next(iter(found)).startswith(f"{name}.")]
+    blocks = next(iter(found)) if len(found) == 1 else None
+    decoders = [name for name in several if blocks is not None and name and not blocks.startswith(f"{name}.")]
     if decoders:
-        encoder = next(iter(found)).rpartition(".")[0]
         raise ValueError(
-            f"found the encoder blocks {next(iter(found))!r} and blocks of several attention modules {decoders} (a "
-            f"decoder's causal self-attention and cross-attention, which FNA does not approximate) in "
-            f"{type(model).__name__}; pass the encoder alone (model.get_submodule({encoder!r}))"
+            f"found the encoder blocks {blocks!r} and blocks of several attention modules {decoders} (a decoder's "
+            f"causal self-attention and cross-attention, which FNA does not approximate) in {type(model).__name__}; "
+            f"pass the encoder alone (model.get_submodule({blocks.rpartition('.')[0]!r}))"
         )
     if len(found) != 1:
         what = "no list of encoder blocks" if not found else f"several lists of encoder blocks {sorted(found)}"
