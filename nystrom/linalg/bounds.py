@@ -657,9 +657,12 @@ def landmark_logit_reads(xp, Q, keys, bias, scale, inverse=None, K=None):
     ``None`` where not asked for.
 
     ``norms`` (with ``inverse``, :math:`A^+`): :math:`\lVert \mathrm{softmax}(l_i) A^+\rVert^2`
-    (:func:`interpolation_weight_norms`); ``gaps`` (with ``K``, as many rows as ``Q``): :math:`\tau q_i\cdot k_i -
-    \log\sum_j e^{l_{ij}}` (:func:`unrepresented_queries`). Both in the inverse's precision, float32 or wider."""
+    (:func:`interpolation_weight_norms`); ``gaps`` (with ``K`` of as many rows as ``Q``, self-attention as
+    :func:`query_positions` takes it; otherwise ``None``): :math:`\tau q_i\cdot k_i - \log\sum_j e^{l_{ij}}`
+    (:func:`unrepresented_queries`). Both in the inverse's precision, float32 or wider."""
     n_q = Q.shape[-2]
+    if K is not None and K.shape[-2] != n_q:
+        K = None
     dtype = at_least_float32(xp, detached(inverse if inverse is not None else Q)).dtype
     k = xp.astype(detached(keys), dtype)
     inverse = None if inverse is None else xp.astype(detached(inverse), dtype)
@@ -752,10 +755,8 @@ def unrepresented_queries(xp, Q, K, keys, bias, scale, real=None):
     int ndarray or None
         The positions, in order.
     """
-    if K.shape[-2] != Q.shape[-2]:
-        return None
-    return positions_outweighed(landmark_logit_reads(xp, Q, keys, bias, scale, K=K)[1], bias is None, keys.shape[-2],
-                                real)
+    gaps = landmark_logit_reads(xp, Q, keys, bias, scale, K=K)[1]
+    return None if gaps is None else positions_outweighed(gaps, bias is None, keys.shape[-2], real)
 
 
 def positions_outweighed(gaps, unweighted, m, real=None):
@@ -774,8 +775,7 @@ def with_interpolation_census(xp, sample, Q, K, keys, bias, inverse, scale):
     self-attention, the :func:`unrepresented_queries` in :math:`s/2` rows of their own, or their share of the strata
     where that is more (:data:`UNREPRESENTED_SHARE`)."""
     # One pass over the landmark logits for both (a review: each built them, an n_q x m product twice).
-    norms, gaps = landmark_logit_reads(xp, Q, keys, bias, scale, inverse=inverse,
-                                       K=K if K.shape[-2] == Q.shape[-2] else None)
+    norms, gaps = landmark_logit_reads(xp, Q, keys, bias, scale, inverse=inverse, K=K)
     alone = None if gaps is None else positions_outweighed(gaps, bias is None, keys.shape[-2], sample.real)
     return sample.with_census(interpolation_census(sample, summed_weight_norms(norms, sample.real)), alone,
                               sample.rows.size // UNREPRESENTED_SHARE)
