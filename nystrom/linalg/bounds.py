@@ -664,27 +664,34 @@ def landmark_logit_reads(xp, Q, keys, bias, scale, inverse=None, K=None):
     if K is not None and K.shape[-2] != n_q:
         K = None
     dtype = at_least_float32(xp, detached(inverse if inverse is not None else Q)).dtype
-    k = xp.astype(detached(keys), dtype)
+    # The scale on the m landmark keys and the normalisation on the n_q norms, not on the n_q x m block, whose
+    # other passes are in place: each pass over it costs about as much as the product that makes it.
+    k = scale * xp.astype(detached(keys), dtype)
     inverse = None if inverse is None else xp.astype(detached(inverse), dtype)
     rows = max(1, CENSUS_BLOCK // (math.prod(Q.shape[:-2]) * k.shape[-2]))
     norms, gaps = [], []
     for start in range(0, n_q, rows):
         # The stop within the axis: the array API leaves slices past it unspecified.
         stop = min(start + rows, n_q)
-        q = xp.astype(detached(Q[..., start:stop, :]), dtype)
-        logits = scale * (q @ xp.matrix_transpose(k))
+        q = xp.astype(detached(Q[..., start:stop, :]), dtype, copy=False)
+        weights = q @ xp.matrix_transpose(k)
         if bias is not None:
-            logits = logits + xp.astype(detached(bias), dtype)
-        top = xp.max(logits, axis=-1, keepdims=True)
-        weights = xp.exp(logits - top)
-        total = xp.sum(weights, axis=-1, keepdims=True)
+            weights += xp.astype(detached(bias), dtype)
+        top = xp.max(weights, axis=-1, keepdims=True)
+        weights -= top
+        weights = xp.exp(weights)
+        total = xp.sum(weights, axis=-1)
         if inverse is not None:
-            # F_i A^+ is the attention of q_i over the pairs (landmark key j, row j of A^+), with the bias log c_j.
-            w = (weights / total) @ inverse
-            norms.append(float64_numpy(xp.sum(w * w, axis=-1)).reshape(-1, stop - start))
+            # F_i A^+ is the attention of q_i over the pairs (landmark key j, row j of A^+), with the bias log c_j;
+            # normalised on its n_q norms rather than on the n_q x m weights.
+            w = weights @ inverse
+            w *= w
+            norms.append(float64_numpy(xp.sum(w, axis=-1) / (total * total)).reshape(-1, stop - start))
         if K is not None:
-            own = scale * xp.sum(q * xp.astype(detached(K[..., start:stop, :]), dtype), axis=-1)
-            gaps.append(float64_numpy(own - top[..., 0] - xp.log(total[..., 0])).reshape(-1, stop - start))
+            # Not xp.vecdot: torch's took 0.64 against 0.37 ms at (1, 6, 1,370, 64) in the (B, n, H, d) memory of a
+            # model's projections.
+            own = scale * xp.sum(q * xp.astype(detached(K[..., start:stop, :]), dtype, copy=False), axis=-1)
+            gaps.append(float64_numpy(own - top[..., 0] - xp.log(total)).reshape(-1, stop - start))
     return (np.concatenate(norms, axis=-1) if norms else None, np.concatenate(gaps, axis=-1) if gaps else None)
 
 
