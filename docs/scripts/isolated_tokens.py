@@ -1,15 +1,17 @@
 """Isolated tokens among tight clusters, the family where the error estimate missed: approximate(tol=0.1), and how
 often the interval of ``Info.estimate_error`` holds the true error.
 
-    .venv/bin/python docs/scripts/isolated_tokens.py [--coverage] [--without-unrepresented]
+    .venv/bin/python docs/scripts/isolated_tokens.py [--coverage] [--without-unrepresented] [--without-self-attending]
 
 Each data seed draws 1,024 tokens of dimension 32 (Q = K, two heads;
 :func:`nystrom.experiments.coverage_report.isolated_tokens`): 8 tight clusters and 10 tokens of the same norm far from
 them and from each other. Each isolated query attends mostly to itself, a key no landmark stands for, so its row
 holds much of the squared error, and neither its norm nor its interpolation weights single it out: the 128 sampled
 rows miss all ten with probability about (7/8)^10 = 0.26. The estimate of a Nyström output therefore samples the
-queries the landmarks do not represent apart (:func:`nystrom.linalg.bounds.unrepresented_queries`);
-``--without-unrepresented`` replays everything without them.
+queries the landmarks do not represent apart (:func:`nystrom.linalg.bounds.unrepresented_queries`), and the row
+sample takes the queries that attend mostly to themselves apart
+(:func:`nystrom.linalg.bounds.self_attending_queries`): ``--without-unrepresented`` and ``--without-self-attending``
+replay everything without either.
 
 By default: ``approximate(tol=0.1, num_landmarks=8)`` on 100 data seeds; the answers above tol, then their count.
 With ``--coverage``: for ``norm``, ``uniform`` and ``fps`` landmarks at m = 8 and 16, 10 data seeds x 100 row seeds
@@ -64,9 +66,14 @@ def main():
     parser.add_argument("--coverage", action="store_true", help="the interval's coverage instead of tol's answers")
     parser.add_argument("--without-unrepresented", action="store_true",
                         help="replay without the strata of unrepresented queries")
+    parser.add_argument("--without-self-attending", action="store_true",
+                        help="replay without the self-attending queries taken apart")
     args = parser.parse_args()
+    # The names the estimator looks up when it runs (the census reads positions_outweighed of its own logits).
     if args.without_unrepresented:
-        nystrom.linalg.bounds.unrepresented_queries = lambda *args, **kwargs: None
+        nystrom.linalg.bounds.positions_outweighed = lambda gaps, *args, **kwargs: np.empty(0, dtype=np.int64)
+    if args.without_self_attending:
+        nystrom.linalg.bounds.self_attending_queries = lambda xp, Q, K, positions, *args, **kwargs: positions[:0]
     coverage() if args.coverage else answers()
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 
-import array_api_compat
 import numpy as np
 import scipy.stats
 import torch
@@ -36,8 +35,8 @@ from nystrom.linalg.bounds import (
     UNREPRESENTED_SHARE,
     RowSample,
     census_and_strata,
-    high_norm_queries,
     interpolation_census,
+    outlying_queries,
     ratio_interval,
     unrepresented_queries,
 )
@@ -50,9 +49,10 @@ CONFIDENCE = 0.95
 
 
 def row_errors(Q, K, V, strategy, num_landmarks, scale=None):
-    """``(e, o, Q, weights, alone)``: per query position, the squared error of ``approximate`` and the squared exact
-    norm, float64, the queries (for the sampler's census of high-norm queries), the interpolation weights' squared
-    norms (``Info.interpolation_weights``, for its census of those) and the queries the landmarks do not represent
+    """``(e, o, outlying, weights, alone)``: per query position, the squared error of ``approximate`` and the squared
+    exact norm, float64, ``outlying(s)``, the positions a sample of ``s`` rows takes apart
+    (:func:`~nystrom.linalg.bounds.outlying_queries`), the interpolation weights' squared norms
+    (``Info.interpolation_weights``, for its census of those) and the queries the landmarks do not represent
     (:func:`~nystrom.linalg.bounds.unrepresented_queries`, for their strata)."""
     out, info = nystrom.approximate(Q, K, V, strategy=strategy, num_landmarks=num_landmarks, scale=scale, seed=0,
                                     return_info=True)
@@ -60,7 +60,12 @@ def row_errors(Q, K, V, strategy, num_landmarks, scale=None):
     e = ((out.double() - exact) ** 2).sum(-1)
     o = (exact**2).sum(-1)
     xp, _, K, _, _, tau, _, (keys, bias, _) = info._inputs
-    return (e.reshape(-1, e.shape[-1]).sum(0).numpy(), o.reshape(-1, o.shape[-1]).sum(0).numpy(), Q,
+    positions = np.arange(Q.shape[-2])
+
+    def outlying(num_samples):
+        return outlying_queries(xp, Q, K, positions, num_samples, tau)
+
+    return (e.reshape(-1, e.shape[-1]).sum(0).numpy(), o.reshape(-1, o.shape[-1]).sum(0).numpy(), outlying,
             info.interpolation_weights(), unrepresented_queries(xp, Q, K, keys, bias, tau))
 
 
@@ -155,14 +160,14 @@ def replayed_sample(positions, census, weights, num_samples, rng, alone=None):
             (rows, sizes, certain))
 
 
-def coverage(e, o, Q, weights, num_samples, replications=1000, alone=None):
+def coverage(e, o, outlying, weights, num_samples, replications=1000, alone=None):
     """``(coverage, median width)`` over seeds of the library's interval, of the same strata without the census of
     interpolation weights and of the queries the landmarks do not represent (``alone``), and of a simple random
     sample, in that order."""
     truth = e.sum() / o.sum()
     population = e.size
     positions = np.arange(population)
-    census = high_norm_queries(array_api_compat.array_namespace(Q), Q, positions, num_samples)
+    census = outlying(num_samples)
     hits, widths = np.zeros(3), [[], [], []]
     for seed in range(replications):
         rng = np.random.default_rng(seed)
@@ -197,8 +202,8 @@ def main(argv=None):
     rows = families(synthetic)
     for s in args.samples:
         table = []
-        for name, (e, o, Q, weights, alone) in rows.items():
-            measured = coverage(e, o, Q, weights, s, alone=alone)
+        for name, (e, o, outlying, weights, alone) in rows.items():
+            measured = coverage(e, o, outlying, weights, s, alone=alone)
             table.append([name, e.size, round(float(np.sqrt(e.sum() / o.sum())), 3)]
                          + [x for c, w in measured for x in (c, round(w, 2))])
         table.append(["lowest", "", ""] + [x for k in (3, 5, 7) for x in (min(r[k] for r in table), "")])

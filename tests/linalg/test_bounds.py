@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import scipy.stats
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import nystrom
@@ -686,28 +686,69 @@ def test_a_census_keeps_the_stratified_total_unbiased():
 
 def test_queries_the_landmarks_do_not_represent_are_sampled_apart():
     # A review's family: 10 isolated tokens among 8 tight clusters, each attending mostly to itself. Their rows hold
-    # the error (all of it that rows above 1 % hold, for norm, uniform and fps landmarks at m = 16), and neither their
-    # norms nor their interpolation weights single them out: at 128 rows the interval covered 78.4, 67.6 and 74.0 %
-    # (1,000 seeds). unrepresented_queries holds every such row, and strata of their own with s / 2 rows cover 84.2,
-    # 92.0 and 90.1 %. Pinned on uniform (200 seeds): the largest gain, and 3 binomial std under what was measured.
+    # 57 % of the exact outputs' squared norm, the ratio's denominator, and, where no landmark stands for them, most of
+    # the error; neither their norms nor their interpolation weights single them out. unrepresented_queries holds every
+    # row above 1 % of the error, and self_attending_queries exactly the ten. Coverage at 128 rows (1,000 seeds, the
+    # coverage report) with neither: 52 % (norm), 98 % (uniform), 68 % (fps) with unrepresented strata alone, and
+    # with both 96.0, 99.9 and 100 %. Pinned over 200 seeds at 3 binomial std (1.5 points) under 95 %, where all three
+    # were under it with the high-norm census alone.
     from nystrom.experiments.coverage_report import coverage, row_errors, synthetic_inputs
-    from nystrom.linalg.bounds import unrepresented_queries
+    from nystrom.linalg.bounds import self_attending_queries, unrepresented_queries
 
     Q, K, V, m = synthetic_inputs()["isolated tokens"]
+    # The isolated ones: far from every other token (a cluster's spread is 0.05 per coordinate, 0.4 across).
+    distances = torch.cdist(Q[0, 0], Q[0, 0]) + torch.diag(torch.full((1024,), math.inf, dtype=Q.dtype))
+    isolated = np.flatnonzero((distances.min(-1).values > 2).numpy())
+    assert isolated.size == 10
+    xp = array_api_compat.array_namespace(Q)
+    np.testing.assert_array_equal(self_attending_queries(xp, Q, K, np.arange(1024), 128, 32**-0.5), isolated)
     for strategy in ("norm", "uniform", "fps"):
-        e, o, queries, weights, alone = row_errors(Q, K, V, strategy, m)
+        e, o, outlying, weights, alone = row_errors(Q, K, V, strategy, m)
         assert set(np.flatnonzero(e > 0.01 * e.sum())) <= set(alone)
-    e, o, queries, weights, alone = row_errors(Q, K, V, "uniform", m)
-    with_them = coverage(e, o, queries, weights, 128, replications=200, alone=alone)[0][0]
-    without = coverage(e, o, queries, weights, 128, replications=200)[0][0]
-    assert with_them >= 0.86 and without <= 0.75
+        np.testing.assert_array_equal(outlying(128), isolated)
+
+        def by_norm(s):
+            return high_norm_queries(xp, Q, np.arange(1024), s)
+
+        with_them = coverage(e, o, outlying, weights, 128, replications=200, alone=alone)[0][0]
+        without = coverage(e, o, by_norm, weights, 128, replications=200)[0][0]
+        assert with_them >= 0.93 and without < 0.9, (strategy, with_them, without)
     # Cross-attention has no own key; padded rows never count.
-    xp, keys = array_api_compat.array_namespace(Q), Q[..., :4, :]
+    keys = Q[..., :4, :]
     assert unrepresented_queries(xp, Q[..., :100, :], K, keys, None, 0.2) is None
     found = unrepresented_queries(xp, Q, K, keys, None, 0.2)
     real = np.ones((2, 1024), dtype=bool)
     real[:, found] = False
     assert found.size and unrepresented_queries(xp, Q, K, keys, None, 0.2, real).size == 0
+    assert self_attending_queries(xp, Q[..., :100, :], K, np.arange(100), 16, 0.2).size == 0
+    real[:, isolated] = False
+    assert self_attending_queries(xp, Q, K, np.arange(1024), 128, 32**-0.5, real=real).size == 0
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10**6), short=st.integers(1, 128), spread=st.floats(0.5, 4.0))
+def test_self_attending_queries_are_exact_where_every_real_key_is_sampled(seed, short, spread):
+    # Sequences of at most SELF_ATTENTION_KEYS = 128 real keys are sampled whole: the test is then the exact one, the
+    # own key's share of the softmax above one half. One sequence of the batch is longer (its keys sampled), the other
+    # padded to `short` real keys; only the short one's positions are compared.
+    from nystrom.linalg.bounds import SELF_ATTENTION_KEYS, query_positions, self_attending_queries
+
+    g = torch.Generator().manual_seed(seed)
+    n, s = 160, 16
+    assert SELF_ATTENTION_KEYS == 128
+    Q, K = (spread * torch.randn(2, 3, n, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    K[1] = Q[1] + 0.3 * torch.randn(3, n, 8, generator=g, dtype=torch.float64)  # some queries near their own key
+    keys = torch.ones(2, 1, n, dtype=torch.bool)
+    keys[1, :, short:] = False
+    K = torch.where(keys[..., None], K, torch.zeros((), dtype=K.dtype))
+    real, positions = query_positions(Q, K, keys)
+    logits = 0.4 * Q[1] @ K[1].mT + torch.where(keys[1], 0.0, -math.inf)[:, None, :]
+    share = torch.softmax(logits, -1).diagonal(dim1=-2, dim2=-1)[:, :short]
+    assume(float((share - 0.5).abs().min()) > 1e-9)  # rounding decides a tie
+    only_short = real.copy()
+    only_short[:3] = False
+    found = self_attending_queries(array_api_compat.array_namespace(Q), Q, K, positions, s, 0.4, keys, only_short)
+    np.testing.assert_array_equal(found, np.flatnonzero((share > 0.5).any(0).numpy()))
 
 
 def test_info_estimate_takes_the_rows_of_largest_interpolation_weights():
