@@ -202,7 +202,9 @@ class Info:
     def estimate_error(self, num_samples=128, confidence=0.95, seed=None) -> ErrorEstimate:
         """A-posteriori relative error of the returned output from ``num_samples`` exact query rows.
 
-        The stratified rows of :func:`nystrom.linalg.estimate_relative_error`, with certainty the
+        The stratified rows of :func:`nystrom.linalg.estimate_relative_error` (with the high-norm and, for
+        self-attention, the self-attending queries apart: :func:`~nystrom.linalg.bounds.outlying_queries`), with
+        certainty the
         :math:`\\lfloor s/8\\rfloor` rows of largest interpolation weights :math:`\\lVert F_i A^+\\rVert`
         (:func:`~nystrom.linalg.bounds.interpolation_census`), where a heavy tail of row errors lies and strata miss
         it, and, for self-attention, up to :math:`s/2` rows of strata of their own for the queries the landmarks do
@@ -216,9 +218,8 @@ class Info:
             Query rows drawn in strata (clipped to :math:`n_q`); more are computed for the census
             (:math:`\\lfloor s/8\\rfloor`), the unrepresented queries (:math:`s/2`, or their share of the strata where
             larger) and the strata whose row fell among them (drawn again), and ``ErrorEstimate.num_samples`` counts
-            the rows it reads. At 128 the 95 % interval covered at least 93.2 % on 34 families; at 64 as little as
-            86.1 %; on isolated tokens among tight clusters its upper end lay below the true error in 2.2-16.5 % of
-            the samples (docs' error-bounds page).
+            the rows it reads. At 128 the 95 % interval covered at least 93.2 % on 37 families, isolated tokens among
+            tight clusters included (96.0-100 % there); at 64 as little as 83.9 % (docs' error-bounds page).
         confidence : float
             Level of the interval.
         seed : int, optional
@@ -428,8 +429,9 @@ def approximate(
         weights taken with certainty too, and the queries the landmarks do not represent in 64 rows of their own
         (more where they are most of the queries; ``Info.estimate_error``), which a heavy tail of row errors hides
         from the sampled strata. The interval's coverage is measured, not guaranteed (docs' error-bounds page: at
-        least 93.2 % from 128 rows on 34 families of synthetic and real attention; on isolated tokens among tight
-        clusters ``tol=0.1`` answered above it in 2 of 100 seeds, 40 without those queries' strata); the cost is
+        least 93.2 % from 128 rows on 37 families of synthetic and real attention; on isolated tokens among tight
+        clusters ``tol=0.1`` answered above it in none of 100 seeds, 40 without those queries sampled apart); the
+        cost is
         that of the steps, each
         without its output product (a step evaluates the output at the 128 sampled rows only), plus
         :math:`O(128\, n\, d)`, about one output product for each confirmation, and one output product (one exact

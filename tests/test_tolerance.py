@@ -292,8 +292,9 @@ def test_a_heavy_tail_of_row_errors_does_not_pass_tol_unseen():
 def test_isolated_tokens_do_not_pass_tol_unseen():
     # A review's family: 10 isolated tokens among 8 tight clusters hold most of the error, and 128 sampled rows miss
     # them all about a quarter of the time: tol = 0.1 answered 0.33-0.76 in 40 of 100 seeds (10 of these 20). With
-    # the queries the landmarks do not represent sampled apart, 2 of 100 (1 of these 20, seed 18: 0.45 at m = 16;
-    # python docs/scripts/isolated_tokens.py). Pinned at 2 of 20.
+    # the queries the landmarks do not represent sampled apart, 2 of 100 (1 of these 20, seed 18: 0.45 at m = 16);
+    # with the self-attending queries apart too, none of 100 (python docs/scripts/isolated_tokens.py). Pinned at 1 of
+    # 20, a margin for another machine's rounding at a bound near tol.
     from nystrom.experiments.coverage_report import isolated_tokens
 
     outside = 0
@@ -302,7 +303,7 @@ def test_isolated_tokens_do_not_pass_tol_unseen():
         exact = nystrom.exact_attention(X, X, V)
         out = nystrom.approximate(X, X, V, num_landmarks=8, tol=0.1)
         outside += float(np.linalg.norm(out - exact) / np.linalg.norm(exact)) > 0.1
-    assert outside <= 2
+    assert outside <= 1
 
 
 @pytest.mark.parametrize("lengths", [(256, 37), (12, 256, 90), (9, 9)])
