@@ -17,7 +17,8 @@ on the true relative error (float64 exact attention, real rows only):
 * the cost of the search over that of one call at the m it returned (exact attention for an exact answer), in
   FLOPs (:mod:`nystrom.linalg.flops`: every step tried, with its output at the 128 sampled rows only, the census
   of interpolation weights where a step's bound was within ``tol``, the whole output of the returned one, plus the
-  exact rows of the estimate, and without those rows; landmark selection not counted), and over exact attention;
+  exact rows of the estimate and the sample's test for self-attending queries, and without those; landmark selection
+  not counted), and over exact attention;
   with ``--timing``, in time (best of 7 :func:`~nystrom.experiments.timing.timed_call` each, one thread).
 """
 
@@ -32,7 +33,13 @@ import torch
 import torch.nn.functional as F
 
 import nystrom
-from nystrom.linalg.flops import exact_attention_flops, interpolation_census_flops, nystrom_attention_flops
+from nystrom.linalg.bounds import SELF_ATTENTION_KEYS
+from nystrom.linalg.flops import (
+    exact_attention_flops,
+    interpolation_census_flops,
+    nystrom_attention_flops,
+    self_attending_test_flops,
+)
 from nystrom.linalg.tolerance import EXACT, SAMPLED_ROWS, TolStep, crossover, nystrom_pays, solve_flops
 from nystrom.torch.capture import capture_attention
 
@@ -84,9 +91,10 @@ def search_flops(Q, K, V, steps):
     """FLOPs of a whole search: ``(every step tried with its output at the sampled rows, the census of the steps that
     took one (interpolation weights of every row, the output at the census's rows), then the whole output of the
     returned one, sampled rows included, or exact attention; the exact attention of the sampled rows and of the
-    census's)`` (the returned step is listed again when it is not the last, and counted once; no row is sampled when
-    exact attention is the only step). The census's rows are those it adds to the sample; the rows drawn again in
-    place of sampled rows it took are not counted (a review: up to a few dozen at DINOv2-S's early layers)."""
+    census's, and the sample's test for self-attending queries)`` (the returned step is listed again when it is not the
+    last, and counted once; no row is sampled when exact attention is the only step). The census's rows are those it
+    adds to the sample; the rows drawn again in place of sampled rows it took are not counted (a review: up to a few
+    dozen at DINOv2-S's early layers)."""
     tried = steps[:-1] if steps[-1] in steps[:-1] else steps
     sampled = [step for step in tried if step.solver != EXACT]
     rows = min(SAMPLED_ROWS, Q.shape[-2]) if sampled else 0
@@ -100,8 +108,10 @@ def search_flops(Q, K, V, steps):
                        + nystrom_attention_flops(batch, step.estimate.num_samples, n, d, d_v, step.m)["output_product"]
                        for step in census)
     census_rows = sum(step.estimate.num_samples - rows for step in census)
+    # The sample's test for self-attending queries, where some rows are drawn (not every query exact).
+    test = self_attending_test_flops(batch, n, d, SELF_ATTENTION_KEYS) if 0 < rows < n_q == n else 0
     return (sum(step_flops(Q, K, V, step, rows) for step in sampled) + census_flops + whole,
-            exact_attention_flops(batch, rows, n, d, d_v) + exact_attention_flops(batch, census_rows, n, d, d_v))
+            exact_attention_flops(batch, rows, n, d, d_v) + exact_attention_flops(batch, census_rows, n, d, d_v) + test)
 
 
 def sweep_grid(first, largest):

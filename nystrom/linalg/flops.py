@@ -8,7 +8,10 @@ Per batch element (a sequence in one head), with :math:`n_q` queries, :math:`n` 
   :math:`2 m^2 d` for :math:`A`, the solve, :math:`2 m^2 d_v` for :math:`A^+ (BV)` and
   :math:`2 n_q m (d + d_v)` for the output product;
 * the census of an error estimate (:func:`~nystrom.linalg.bounds.interpolation_weight_norms`):
-  :math:`2 n_q m (d + m)` for the logits over the landmark keys and their product with :math:`A^+`.
+  :math:`2 n_q m (d + m)` for the logits over the landmark keys and their product with :math:`A^+`;
+* the test of a row sample for self-attending queries (:func:`~nystrom.linalg.bounds.self_attending_queries`):
+  :math:`2 k d (n + k) + 2 n d` for every query's logits against :math:`k` sampled keys, the sampled keys' own
+  queries again, and every query's own logit.
 
 Exponentials and normalisations (:math:`O(n_q n)` resp. :math:`O((n_q + n) m)`) are not counted,
 as is usual for attention FLOP counts.
@@ -71,3 +74,21 @@ def interpolation_census_flops(batch, n_q, d, m):
     int
     """
     return batch * 2 * n_q * (m * (d + m) + d)
+
+
+def self_attending_test_flops(batch, n, d, keys):
+    """FLOPs of the test for self-attending queries of a row sample, :math:`2 k d (n + k) + 2 n d` per sequence
+    (:func:`~nystrom.linalg.bounds.self_attending_queries`: every query's logits against :math:`k` = ``keys`` sampled
+    keys, at most :math:`n`, the sampled keys' own queries again against them, and every query's own logit).
+
+    Parameters
+    ----------
+    batch, n, d, keys : int
+        Independent sequences, tokens, query/key size, sampled keys.
+
+    Returns
+    -------
+    int
+    """
+    k = min(keys, n)
+    return batch * (2 * k * d * (n + k) + 2 * n * d)

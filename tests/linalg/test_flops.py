@@ -16,7 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import nystrom
 from nystrom import Landmarks, NewtonSchulz, PInv, Ridge
 from nystrom.linalg.attention import nystrom_attention
-from nystrom.linalg.flops import exact_attention_flops, nystrom_attention_flops
+from nystrom.linalg.flops import exact_attention_flops, nystrom_attention_flops, self_attending_test_flops
 from nystrom.torch import fna_attention
 
 # (batch shape, n_q, n, d, d_v, m): self-attention sizes, then n_q < n with d > d_v over two batch axes, then
@@ -140,3 +140,20 @@ def test_approximate_info_flops_are_the_counted_flops(options):
                                **{"strategy": "uniform", "seed": 0, **options})
     assert info.flops["total"] == flops
     assert info.exact_flops == exact_attention_flops(8, 9, 12, 6, 5)
+
+
+@pytest.mark.parametrize(("batch", "n", "keys"), [((1, 2), 150, 128), ((3,), 40, 128), ((2,), 150, 16)])
+def test_self_attending_test_flops_are_the_counted_products(batch, n, keys):
+    # The own logits, 2 n d per sequence, are elementwise products FlopCounterMode does not see.
+    import array_api_compat
+    import numpy as np
+
+    from nystrom.linalg import bounds
+
+    Q, K, _ = inputs(batch, n, n, 6, 1, dtype=torch.float32)
+    expected = self_attending_test_flops(math.prod(batch), n, 6, keys)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(bounds, "SELF_ATTENTION_KEYS", keys)
+        xp = array_api_compat.array_namespace(Q)
+        _, seen = counted(bounds.self_attending_queries, xp, Q, K, np.arange(n), 8, 0.4)
+    assert seen == expected - math.prod(batch) * 2 * n * 6
