@@ -56,9 +56,10 @@ def test_search_flops_count_each_step_once_and_the_exact_rows():
         # The difference between a whole call and one at the sampled rows is the output product at the other rows.
         assert step_flops(Q, K, V, sampled[0]) - step_flops(Q, K, V, sampled[0], SAMPLED_ROWS) == (
             2 * 2 * (300 - SAMPLED_ROWS) * sampled[0].m * 32)
-        # One call's FLOPs as approximate reports them, and 2 s n (d + d_v) per head for the sampled rows.
+        # One call's FLOPs as approximate reports them, and 2 s n (d + d_v) per head for the sampled rows, with the
+        # test for self-attending queries: 2 k d (n + k) + 2 n d per head, k = 128 keys.
         assert step_flops(Q, K, V, info.tol_steps[-1]) == info.flops["total"]
-        assert rows == 2 * 2 * SAMPLED_ROWS * 300 * 32
+        assert rows == 2 * 2 * SAMPLED_ROWS * 300 * 32 + 2 * (2 * 128 * 16 * (300 + 128) + 2 * 300 * 16)
     # Exact attention at once (at most 128 queries) samples no row.
     _, at_once = nystrom.approximate(Q[..., :100, :], K, V, num_landmarks=4, tol=0.3, return_info=True)
     assert search_flops(Q[..., :100, :], K, V, at_once.tol_steps) == (at_once.exact_flops, 0)
