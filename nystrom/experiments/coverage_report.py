@@ -4,7 +4,7 @@
 For each family of inputs the exact and approximate outputs are computed once, giving every query row's squared
 error :math:`e_i` and squared norm :math:`o_i` (summed over batch and heads), and the interpolation weights'
 norms of ``Info.interpolation_weights``. The estimator's own row sampler and interval
-(:func:`~nystrom.linalg.bounds.census_and_strata` with :func:`~nystrom.linalg.bounds.high_norm_queries`, then
+(:func:`~nystrom.linalg.bounds.census_and_strata` with :func:`~nystrom.linalg.bounds.outlying_queries`, then
 :meth:`~nystrom.linalg.bounds.RowSample.with_census` of :func:`~nystrom.linalg.bounds.interpolation_census`, and
 :func:`~nystrom.linalg.bounds.ratio_interval`) are then replayed on those rows for 1,000 seeds per sample size,
 and the table reports the share of 95 % intervals that contain the true squared error ratio, with the median
@@ -122,8 +122,8 @@ def isolated_tokens(seed, n=1024, d=32, isolated=10):
 
 
 def families(synthetic):
-    """``{name: (e, o, Q, weights)}`` for the ``synthetic`` inputs (:func:`synthetic_inputs`) and the real ones of the
-    module docstring."""
+    """``{name: (e, o, outlying, weights, alone)}`` (:func:`row_errors`) for the ``synthetic`` inputs
+    (:func:`synthetic_inputs`) and the real ones of the module docstring."""
     rows = {}
     for strategy in ("norm", "uniform", "fps"):
         for family, (Q, K, V, m) in synthetic.items():

@@ -357,7 +357,7 @@ class RowSample:
     exact : float64 ndarray, shape (..., s, d_v)
         Exact attention output at the sampled rows.
     certain : bool ndarray, shape (s,), or None
-        Rows taken with certainty (the high-norm queries, :func:`high_norm_queries`, and a census,
+        Rows taken with certainty (the high-norm and self-attending queries, :func:`outlying_queries`, and a census,
         :meth:`with_census`): they stand for themselves and add nothing to the variance. ``None``: none.
     strata : tuple of int ndarrays ``(order, edges)``
         The positions each drawn (not certain) row was drawn from, in the order of those rows: the :math:`h`-th from
@@ -561,7 +561,7 @@ def draw_strata(order, edges, rng):
 
 def census_and_strata(positions, outlying, num_samples, rng):
     """The rows of a sample of ``num_samples`` among ``positions``, of which the ``outlying`` ones
-    (:func:`high_norm_queries`) are apart: when they are at most half the sample, all of them with certainty and
+    (:func:`outlying_queries`) are apart: when they are at most half the sample, all of them with certainty and
     :func:`stratified_rows` of the others; when more, strata of their own, which take half the sample, and strata of
     the others, the other half; below 4 rows, strata of all positions. Never some of them with certainty and the rest
     among the others, where they would be rarer still (a review: 21 % coverage with 8 of 10 taken at 64 rows).
@@ -635,7 +635,7 @@ def self_attending_queries(xp, Q, K, positions, num_samples, scale, keys=None, r
     average many rows: a few of them can hold most of :math:`\sum_i \lVert o_i\rVert^2`, the denominator of the
     ratio, and most of its numerator where no landmark stands for them. On isolated tokens among tight clusters (10 of
     1,024, 57 % of the denominator) the 95 % interval covered 52-68 % at 128 rows without them, its misses above the
-    truth where the draw left them out (docs' error-bounds page). None for cross-attention (``Q`` and ``K`` of
+    truth where the draw left them out (docs' error-bounds page). No position for cross-attention (``Q`` and ``K`` of
     different lengths) or where every position is sampled anyway. Time :math:`O(n\, s\, d)` per batch element.
 
     Parameters
@@ -657,7 +657,7 @@ def self_attending_queries(xp, Q, K, positions, num_samples, scale, keys=None, r
     Returns
     -------
     int ndarray
-        The positions, in order.
+        The positions, among ``positions``, in order.
     """
     n = K.shape[-2]
     if Q.shape[-2] != n or num_samples >= positions.size:
@@ -692,12 +692,15 @@ def self_attending_queries(xp, Q, K, positions, num_samples, scale, keys=None, r
     with np.errstate(divide="ignore"):
         again = float64_numpy(scale * xp.sum(queries * sample, axis=-1) - top[..., 0]
                               - xp.log(xp.sum(xp.exp(logits - top), axis=-1)))
-    rows, again = np.broadcast_to(float64_numpy(rows).astype(np.int64), again.shape), again.reshape(-1, again.shape[-1])
-    batch = np.broadcast_to(np.arange(again.shape[0])[:, None], again.shape)
-    held = np.ones(again.shape, dtype=bool) if picked is None else np.reshape(float64_numpy(picked) > 0, again.shape)
-    gaps[batch[held], rows.reshape(again.shape)[held]] = again[held]
-    outside = gaps > 0 if real is None else (gaps > 0) & real
-    return np.flatnonzero(np.any(outside, axis=0))
+    # The sampled rows and which are real picks, over the queries' batch rows (K may have fewer heads: one for MQA).
+    rows = np.broadcast_to(float64_numpy(rows).astype(np.int64), again.shape).reshape(-1, again.shape[-1])
+    held = np.ones(again.shape, dtype=bool) if picked is None else np.broadcast_to(float64_numpy(picked) > 0,
+                                                                                   again.shape)
+    held, again = held.reshape(rows.shape), again.reshape(rows.shape)
+    batch = np.broadcast_to(np.arange(rows.shape[0])[:, None], rows.shape)
+    gaps[batch[held], rows[held]] = again[held]
+    flagged = positions_outweighed(gaps, False, rows.shape[-1], real)
+    return flagged[np.isin(flagged, positions)]
 
 
 #: A row sample of :math:`s` rows takes the :math:`\lfloor s/8\rfloor` query rows of largest interpolation weights
@@ -758,8 +761,8 @@ def landmark_logit_reads(xp, Q, keys, bias, scale, inverse=None, K=None):
     if K is not None and K.shape[-2] != n_q:
         K = None
     dtype = at_least_float32(xp, detached(inverse if inverse is not None else Q)).dtype
-    # The scale on the m landmark keys and the normalisation on the n_q norms, not on the n_q x m block, whose
-    # other passes are in place: each pass over it costs about as much as the product that makes it.
+    # The scale on the m landmark keys, not on the n_q x m block, whose other passes are in place: each pass over it
+    # costs about as much as the product that makes it.
     k = scale * xp.astype(detached(keys), dtype)
     inverse = None if inverse is None else xp.astype(detached(inverse), dtype)
     rows = max(1, CENSUS_BLOCK // (math.prod(Q.shape[:-2]) * k.shape[-2]))
@@ -776,11 +779,12 @@ def landmark_logit_reads(xp, Q, keys, bias, scale, inverse=None, K=None):
         weights = xp.exp(weights)
         total = xp.sum(weights, axis=-1)
         if inverse is not None:
-            # F_i A^+ is the attention of q_i over the pairs (landmark key j, row j of A^+), with the bias log c_j;
-            # normalised on its n_q norms rather than on the n_q x m weights.
+            # F_i A^+ is the attention of q_i over the pairs (landmark key j, row j of A^+), with the bias log c_j.
+            # Divided before it is squared: (n_q x m times A^+)^2 would overflow float32 up to m^2 times sooner.
             w = weights @ inverse
+            w /= total[..., None]
             w *= w
-            norms.append(float64_numpy(xp.sum(w, axis=-1) / (total * total)).reshape(-1, stop - start))
+            norms.append(float64_numpy(xp.sum(w, axis=-1)).reshape(-1, stop - start))
         if K is not None:
             # Not xp.vecdot: torch's took 0.64 against 0.37 ms at (1, 6, 1,370, 64) in the (B, n, H, d) memory of a
             # model's projections.
@@ -806,9 +810,9 @@ def interpolation_census(sample, weights):
     a sample that misses them under-covers: on sharply clustered tokens with ``norm`` landmarks the interval covered
     79.8 % at 128 rows (95 % nominal), and 93.2 % with these rows taken with certainty as well (docs' error-bounds
     page). Their norms rank the heavy rows where their error comes from the interpolation, not from the landmarks
-    missing what a query attends to (for that, the census of high-norm queries, :func:`high_norm_queries`)."""
+    missing what a query attends to (for that, the high-norm and self-attending queries, :func:`outlying_queries`)."""
     count = sample.rows.size // CENSUS_SHARE
-    # Among the positions the strata stand for: rows already certain (high-norm queries) would take a place and add
+    # Among the positions the strata stand for: rows already certain (outlying queries) would take a place and add
     # none (a review: 6-8 of 16 with 10 artifact-like queries of 512).
     order, _ = sample.strata
     return np.sort(order[np.argsort(-weights[order], kind="stable")[:count]])

@@ -26,7 +26,7 @@ from dataclasses import dataclass, replace
 import array_api_compat
 import torch
 
-from ..linalg.attention import in_query_chunks, nystrom_factors, nystrom_output
+from ..linalg.attention import grouped_query_heads, in_query_chunks, nystrom_factors, nystrom_output
 from ..linalg.landmarks.base import (
     Grouping,
     Selection,
@@ -338,7 +338,19 @@ class FNAHandle(Handle):
     def _approximate(self, layer, module, own_attention, query, key, value, *, real, fewest, excluded, everything,
                      scale, m):
         """FNA's answer for one layer's checked call (:meth:`_attend`): ``(output (B, n, H, d), weights)``, or the
-        model's own, ``own_attention(query, key, value)``, where a ``tol`` search gives up on Nyström attention."""
+        model's own, ``own_attention(query, key, value)``, where a ``tol`` search gives up on Nyström attention.
+
+        A model with fewer key/value heads than query heads (grouped-query or multi-query attention) passes them as
+        it has them, its own attention repeating them: FNA repeats each for the query heads it serves, as SDPA's
+        ``enable_gqa``, and the model's own attention gets them as given."""
+        given_key, given_value = key, value
+        key, value = grouped_query_heads(query, key, value)
+        if key is not given_key:
+            model_attention = own_attention
+
+            def own_attention(q, k, v):
+                return model_attention(q, given_key, given_value)
+
         xp = array_api_compat.array_namespace(key)
         keys = None if real is None else real[:, None, :]
         key_mask = None if keys is None else keys[..., None, :]

@@ -725,6 +725,32 @@ def test_queries_the_landmarks_do_not_represent_are_sampled_apart():
     assert self_attending_queries(xp, Q, K, np.arange(1024), 128, 32**-0.5, real=real).size == 0
 
 
+def test_self_attending_queries_with_one_key_head_and_unread_positions():
+    # Multi-query attention (one key head for four query heads), as patch(tol=...) passes a model's keys, with a key
+    # mask: the flags are those of the keys repeated to every head (a review: a reshape of the sampled keys' mask to
+    # the queries' batch failed). And only the positions asked for: padded query rows that look self-attending (their
+    # query aimed at their own zeroed key's neighbours) are not returned.
+    from nystrom.linalg.bounds import sample_rows, self_attending_queries
+
+    g = torch.Generator().manual_seed(0)
+    Q = 3 * torch.randn(2, 4, 300, 16, generator=g, dtype=torch.float64)
+    K, V = (torch.randn(2, 1, 300, 16, generator=g, dtype=torch.float64) for _ in range(2))
+    K[:, :, :40] = Q[:, :1, :40]  # forty queries near their own key in head 0
+    keys = torch.ones(2, 1, 300, dtype=torch.bool)
+    keys[1, :, 200:] = False
+    K, V = (torch.where(keys[..., None], a, torch.zeros((), dtype=a.dtype)) for a in (K, V))
+    xp = array_api_compat.array_namespace(Q)
+    one = self_attending_queries(xp, Q, K, np.arange(300), 64, 0.25, keys)
+    repeated = self_attending_queries(xp, Q, K.expand(2, 4, 300, 16), np.arange(300), 64, 0.25, keys)
+    np.testing.assert_array_equal(one, repeated)
+    assert set(one) >= set(range(40))
+    # At most half of 128 rows: all with certainty.
+    sample = sample_rows(xp, Q, K.expand(2, 4, 300, 16), V.expand(2, 4, 300, 16), num_samples=128, seed=0,
+                         scale=0.25, keys=keys)
+    assert set(range(40)) <= set(sample.rows[sample.certain].tolist())
+    assert self_attending_queries(xp, Q, K, np.arange(20), 8, 0.25, keys).max() < 20
+
+
 @settings(max_examples=40, deadline=None)
 @given(seed=st.integers(0, 10**6), short=st.integers(1, 128), spread=st.floats(0.5, 4.0))
 def test_self_attending_queries_are_exact_where_every_real_key_is_sampled(seed, short, spread):
