@@ -122,9 +122,12 @@ def test_nearly_uniform_float32_attention_at_m_equal_n_is_the_documented_limit()
 
     assert off(torch.float64, "pinv") < 1e-12
     # Measured 1.8e-4 with the default cut-off and 9.6e-6 without (SDPA in float32: 2.6e-7; the review's draw gave
-    # 9.4e-4 and 2.7e-6): about 3x either way.
-    assert 5e-5 < off(torch.float32, "pinv") < 3e-3
-    assert off(torch.float32, nystrom.PInv(rtol=1e-30)) < 3e-5
+    # 9.4e-4 and 2.7e-6): about 3x either way. Without a cut-off the float32 SVD of a kernel of condition 8e5 is the
+    # CPU's: 4.0e-5 on another VM (2026-12-03, the same cut-off value to the digit), so the bound is 1e-4, still under
+    # the cut-off's, and the no-cut-off gradient the closer of the two.
+    cut = off(torch.float32, "pinv")
+    assert 5e-5 < cut < 3e-3
+    assert off(torch.float32, nystrom.PInv(rtol=1e-30)) < min(1e-4, cut)
 
 
 def test_issue_example_pinv_gradient():
