@@ -677,27 +677,20 @@ def self_attending_queries(xp, Q, K, positions, num_samples, scale, keys=None, r
         bias = xp.where(picked, xp.log(count / xp.maximum(sampled, xp.ones_like(sampled))),
                         xp.full((), -math.inf, dtype=xp.float32, device=device))[..., None, :]
     sample = gather_rows(xp, K, rows)
-    gaps = landmark_logit_reads(xp, Q, sample, bias, scale, K=K)[1]
-    # The sampled keys' own queries have their own key in that sum, n_v / s_v times: those rows again from the s x s
-    # block of sampled queries and keys, without it (in the library's arrays: numpy's BLAS threads would spin beside
-    # the caller's).
-    dtype = at_least_float32(xp, sample).dtype
-    queries, sample = xp.astype(gather_rows(xp, Q, rows), dtype), xp.astype(sample, dtype)
-    logits = scale * (queries @ xp.matrix_transpose(sample)) + xp.astype(bias, dtype)
-    order = xp.arange(logits.shape[-1], device=device)
-    logits = xp.where(order[:, None] == order[None, :], xp.full((), -math.inf, dtype=dtype, device=device), logits)
-    top = xp.max(logits, axis=-1, keepdims=True)
-    # A row with no other real key sampled: its own key is all of its attention.
-    top = xp.where(xp.isfinite(top), top, xp.zeros_like(top))
+    # The sampled keys' own queries have their own key in that sum, n_v / s_v times: those rows again, the s sampled
+    # queries over the s sampled keys with the own one masked. log 0 = -inf where a row has no other real key.
+    own = xp.arange(rows.shape[-1], device=device)
+    without_own = xp.where(own[:, None] == own[None, :], xp.full((), -math.inf, dtype=xp.float32, device=device),
+                           xp.zeros((), dtype=xp.float32, device=device))
     with np.errstate(divide="ignore"):
-        again = float64_numpy(scale * xp.sum(queries * sample, axis=-1) - top[..., 0]
-                              - xp.log(xp.sum(xp.exp(logits - top), axis=-1)))
+        gaps = landmark_logit_reads(xp, Q, sample, bias, scale, K=K)[1]
+        again = landmark_logit_reads(xp, gather_rows(xp, Q, rows), sample, bias + without_own, scale, K=sample)[1]
     # The sampled rows and which are real picks, over the queries' batch rows (K may have fewer heads: one for MQA).
-    rows = np.broadcast_to(float64_numpy(rows).astype(np.int64), again.shape).reshape(-1, again.shape[-1])
-    held = np.ones(again.shape, dtype=bool) if picked is None else np.broadcast_to(float64_numpy(picked) > 0,
-                                                                                   again.shape)
-    held, again = held.reshape(rows.shape), again.reshape(rows.shape)
-    batch = np.broadcast_to(np.arange(rows.shape[0])[:, None], rows.shape)
+    lead_q = (*Q.shape[:-2], again.shape[-1])
+    rows = np.broadcast_to(float64_numpy(rows).astype(np.int64), lead_q).reshape(again.shape)
+    held = (np.ones(again.shape, dtype=bool) if picked is None
+            else np.broadcast_to(float64_numpy(picked) > 0, lead_q).reshape(again.shape))
+    batch = np.broadcast_to(np.arange(again.shape[0])[:, None], again.shape)
     gaps[batch[held], rows[held]] = again[held]
     flagged = positions_outweighed(gaps, False, rows.shape[-1], real)
     return flagged[np.isin(flagged, positions)]
@@ -775,6 +768,8 @@ def landmark_logit_reads(xp, Q, keys, bias, scale, inverse=None, K=None):
         if bias is not None:
             weights += xp.astype(detached(bias), dtype)
         top = xp.max(weights, axis=-1, keepdims=True)
+        # A row without a finite logit (every key masked) has no mass: total 0, and its own key outweighs it.
+        top = xp.where(top == -math.inf, xp.zeros_like(top), top)
         weights -= top
         weights = xp.exp(weights)
         total = xp.sum(weights, axis=-1)
