@@ -107,13 +107,15 @@ def probe_logits(xp, Q, K, scale, mask=None, num_probes=16, axis=WHOLE):
     else:
         rows, held = axis.local(xp, ranks, n_q)
     probes = scale * axis.gather(xp, Q, rows, held)
-    # The orientation that, with the softmax that follows, runs fastest (torch, 8 probes, d = 64). Several heads of
-    # one sequence: (s q) K^T, one small product per head whose (s, n) logits the softmax reads contiguously (the
-    # whole norm selection at (1, 6, 5,477) in the (B, n, H, d) memory of a model's projections: 21.8 -> 18.0 ms on
-    # one thread, 16.5 -> 14.6 ms on two; (1, 12, 16,384): 37.0 -> 31.0 and 23.3 -> 21.3 ms). One matrix:
-    # K (s q)^T, whose n rows BLAS splits over threads ((1, 1, 65,536): 3.7 against 4.1 ms for the probes' product
-    # and softmax on two threads). Several sequences in that memory: K (s q)^T too, which spares a copy of K.
-    if math.prod(K.shape[:-2]) > 1 and math.prod(K.shape[:-3]) == 1:
+    # The orientation that, with the softmax that follows, runs fastest (torch, 8 probes, d = 64). One sequence (one
+    # matrix or several heads): (s q) K^T, whose (s, n) logits the softmax reads contiguously (the whole norm selection
+    # at (1, 6, 5,477) in the (B, n, H, d) memory of a model's projections: 21.8 -> 18.0 ms on one thread, 16.5 -> 14.6
+    # ms on two; (1, 12, 16,384): 37.0 -> 31.0 and 23.3 -> 21.3 ms). For one matrix the CPUs disagree: on an Intel
+    # Xeon (family 6, model 167) the product and softmax took 1.25 against 1.62 ms at (1, 1, 65,536) on two threads,
+    # 3.5 against 4.3 on one, and 0.27 against 0.38 / 6.9 against 9.4 ms at 16,384 / 262,144 keys on two (cold
+    # caches; the whole selection 7.0-7.2 against 7.6-7.7 ms); on an AMD EPYC faster at 16,384, even at 65,536 and
+    # slower at 262,144 on two threads. Several sequences in that memory: K (s q)^T, which spares a copy of K.
+    if math.prod(K.shape[:-3]) == 1:
         logits = probes @ xp.matrix_transpose(K)
     else:
         logits = xp.matrix_transpose(K @ xp.matrix_transpose(probes))
