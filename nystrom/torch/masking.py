@@ -31,15 +31,16 @@ def _masked_attention_mask(attention_mask, masked, dtype):
                        attention_mask)
 
 
-def masking_handler(select, handle, layer, call_next, module, query, key, value, attention_mask, **kwargs):
-    """The handler behind :func:`mask_keys`: blocks the keys ``select`` picks, then calls the next handler."""
+def masking_handler(name, select, handle, layer, call_next, module, query, key, value, attention_mask, **kwargs):
+    """The handler behind :func:`mask_keys` (and ``patch(mask_tokens=...)``): blocks the keys ``select`` picks, then
+    calls the next handler; ``name``, the argument that gave ``select``, names it in the errors."""
     inputs = handle.inputs
     if layer not in inputs:
         raise unknown_block_input(f"key masking in layer {layer}")
     # Replacing a causal call's mask of None would make it bidirectional (transformers' SDPA function is causal only
     # without a mask).
     check_not_causal(module, kwargs.get("is_causal"), "key masking")
-    masked = token_mask("select", select, layer, inputs[layer])
+    masked = token_mask(name, select, layer, inputs[layer])
     real = padding_mask_from_attention_mask(attention_mask, key.shape[0], key.shape[-2])
     visible = ~masked if real is None else real & ~masked
     if not bool(torch.all(torch.any(visible, dim=-1))):
@@ -91,7 +92,7 @@ def mask_keys(model, layers, select):
     """
     check_token_spec("select", select, optional=False)
     handle = Handle(model, layers)
-    handle.install(functools.partial(masking_handler, select, handle))
+    handle.install(functools.partial(masking_handler, "select", select, handle))
     try:
         yield handle
     finally:

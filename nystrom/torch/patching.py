@@ -89,6 +89,12 @@ HARMLESS_KEYWORDS = frozenset({
 IMPLEMENTATIONS = (None, "eager", "sdpa")
 
 
+def fewest_eligible(xp, fewest, everything, excluded):
+    """The tokens selection may take in the shortest sequence: its ``fewest`` real ones, or, with ``excluded`` tokens
+    ``(B, n)``, the fewest real (``everything``) and not excluded ones (one host read)."""
+    return fewest if excluded is None else fewest_real_keys(xp, everything & ~excluded)
+
+
 def own_attention_answers(num_landmarks, longest, fewest, excludes=False):
     """Whether FNA leaves a layer's pass to the model's own attention: ``num_landmarks`` holds every real token of the
     ``longest`` sequence (and ``excludes``, whether ``exclude=`` leaves out a real token in this pass, is false), or a
@@ -156,8 +162,9 @@ class FNAHandle(Handle):
         threads at a time run apart).
     num_landmarks_per_layer : dict of int to int
         With ``tol``: the :math:`m` each FNA layer calibrated on the first forward pass that could try one, used by
-        the later ones where the batch's shortest sequence holds it (exact attention otherwise; for a layer in
-        ``exact_layers``, the real keys of the calibration batch's shortest sequence). :meth:`recalibrate` clears it.
+        the later ones where the batch's shortest sequence holds it in tokens not excluded (exact attention
+        otherwise; for a layer in ``exact_layers``, the real keys of the calibration batch's shortest sequence).
+        :meth:`recalibrate` clears it.
     solver_per_layer : dict of int to Solver or str
         With ``tol``: the solver each FNA layer calibrated with (``solver``, or a stronger one where the search
         escalated, see ``approximate(tol=...)``; ``"exact"`` for a layer in ``exact_layers``), used by the later
@@ -382,7 +389,11 @@ class FNAHandle(Handle):
                                             fewest=fewest, excluded=excluded, everything=everything, scale=scale, m=m)
                     memo.clear()
         if found is None:
-            return self._attend_calibrated(layer, own_attention, query, key, value, fewest, attempt, memo, output)
+            # The calibrated m must fit the tokens selection may take in this pass, the real ones not excluded, as
+            # _landmarks counts them (a review: a later pass that excluded all but 8 tokens ran a layer calibrated at
+            # m = 16 at m = 8, 0.68 off where tol was 0.2, silently).
+            return self._attend_calibrated(layer, own_attention, query, key, value,
+                                           fewest_eligible(xp, fewest, everything, excluded), attempt, memo, output)
         ((landmarks, sampled), factors), steps = found
         if landmarks is None:
             # Exact attention answers: where Nyström attention does not reach tol where it pays (the layer runs the
@@ -393,9 +404,9 @@ class FNAHandle(Handle):
 
     def _attend_calibrated(self, layer, own_attention, query, key, value, fewest, attempt, memo, output):
         """A later pass of a calibrated layer: its m and solver, or exact attention where the layer is exact or the
-        batch's shortest sequence cannot hold that m, which would be cut to it for every sequence, and the error it
-        was calibrated for lost, silently (a review: a 181-token document beside "Hi." ran at m = 4, 0.57 off where
-        tol was 0.4)."""
+        batch's shortest sequence cannot hold that m (``fewest``: its real tokens not excluded), which would be cut to
+        it for every sequence, and the error it was calibrated for lost, silently (a review: a 181-token document
+        beside "Hi." ran at m = 4, 0.57 off where tol was 0.4)."""
         # Read once, under the lock that recalibrate() takes: a calibration it clears meanwhile is no KeyError.
         with self._calibrating:
             m, solver = self.num_landmarks_per_layer.get(layer), self.solver_per_layer.get(layer)
@@ -420,7 +431,7 @@ class FNAHandle(Handle):
         for good)."""
         # The eligible tokens bound m, as selection clips it: with exclude= fewer than the real ones (steps of an m
         # selection could not take repeated the same landmarks, and the stall rule stopped there; a review).
-        eligible = fewest if excluded is None else fewest_real_keys(xp, everything & ~excluded)
+        eligible = fewest_eligible(xp, fewest, everything, excluded)
         if self.guarantee is not None and layer in self.inputs:
             # Guaranteed tokens are landmarks of their own: the search starts where they fit (a review: six guaranteed
             # with num_landmarks=4 raised, where the search would have raised m anyway).
@@ -753,11 +764,11 @@ def patch(model, *, layers=None, num_landmarks=64, strategy="norm", solver="newt
         exact attention and calibrates nothing: the first pass that can calibrates. Calibrate on a representative
         batch: the error of later batches is not checked, and the search's :math:`m` stops at the real tokens of the
         batch's shortest sequence (a 3-token sentence in a batch of long ones can make a layer exact for every later
-        batch). A later batch whose shortest sequence holds fewer real tokens than a layer's :math:`m` runs that layer
-        with exact attention (one :math:`m` serves the batch, and cut to that sequence it would no longer meet
-        ``tol``). ``handle.recalibrate()`` makes the next pass calibrate again. Passes in several threads calibrate
-        each layer once. A ``tol`` below the rounding of exact attention in the layer's dtype, the reference of the
-        estimate, warns at calibration, as ``approximate`` does.
+        batch). A later batch whose shortest sequence holds fewer real tokens than a layer's :math:`m`, or fewer left
+        by ``exclude``, runs that layer with exact attention (one :math:`m` serves the batch, and cut to that
+        sequence it would no longer meet ``tol``). ``handle.recalibrate()`` makes the next pass calibrate again.
+        Passes in several threads calibrate each layer once. A ``tol`` below the rounding of exact attention in the
+        layer's dtype, the reference of the estimate, warns at calibration, as ``approximate`` does.
     max_landmarks : int, optional
         A budget on the :math:`m` of the search, as for ``approximate``: below the real tokens of the
         calibration batch's shortest sequence it rules exact attention out.
@@ -814,7 +825,7 @@ def patch(model, *, layers=None, num_landmarks=64, strategy="norm", solver="newt
                        strict_tol=strict_tol)
     handlers = [handle._attend]
     if mask_tokens is not None:
-        handlers.append(functools.partial(masking_handler, mask_tokens, handle))
+        handlers.append(functools.partial(masking_handler, "mask_tokens", mask_tokens, handle))
     return handle.install(*handlers)
 
 

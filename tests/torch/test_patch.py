@@ -502,6 +502,16 @@ class TestMaskKeys:
                 run(model, tiny_inputs("vit"))
         assert_restored(model)
 
+    def test_bad_mask_tokens_are_named_as_such(self):
+        # A review: patch(mask_tokens=...) shares mask_keys' handler, whose errors named its parameter, select.
+        model = tiny_model("vit")
+        for bad, error, shape in ((torch.zeros(16, dtype=torch.bool), ValueError, r"got \(16,\)"),
+                                  (lambda layer, h: h[..., 0], TypeError, "bool")):
+            with pytest.raises(error, match=f"^mask_tokens must give .*{shape}"):
+                with fna(model, num_landmarks=8, mask_tokens=bad):
+                    run(model, tiny_inputs("vit"))
+        assert_restored(model)
+
     def test_fna_mask_tokens_equals_masked_exact_attention_at_full_rank(self, nystrom_at_every_token):
         model = tiny_model("dinov2")
         inputs = tiny_inputs("dinov2")
@@ -970,6 +980,24 @@ def test_tol_calibrates_on_the_first_batch_that_can_and_keeps_m_uncut_or_answers
         # A later batch whose shortest sequence cannot hold the calibrated m: m would be cut to 4 for every sequence
         # (a review: 0.57 off at a tol of 0.4, silently); the layer answers with exact attention instead.
         batch = bert_batch([200, 4], seed=1)
+        out = model(**batch).last_hidden_state
+        assert handle.records[1].counts is None and handle.num_landmarks_per_layer == {1: m}
+    torch.testing.assert_close(out, model(**batch).last_hidden_state, rtol=0, atol=1e-5)
+    # So does a later pass whose exclusions leave fewer tokens than m to select from (a review: the m calibrated on
+    # DINOv2-S was cut to the 8 tokens left, 0.68 off where tol was 0.2, silently).
+    keep = {}
+
+    def exclude(layer, hidden):
+        return torch.arange(hidden.shape[1]) >= keep.get("tokens", hidden.shape[1])
+
+    batch = bert_batch([200, 180])
+    with torch.no_grad(), fna(model, layers=[1], num_landmarks=8, tol=0.3, exclude=exclude) as handle:
+        model(**batch)
+        m = handle.num_landmarks_per_layer[1]
+        keep["tokens"] = m
+        model(**batch)
+        assert handle.records[1].counts.shape[-1] == m
+        keep["tokens"] = m - 1
         out = model(**batch).last_hidden_state
         assert handle.records[1].counts is None and handle.num_landmarks_per_layer == {1: m}
     torch.testing.assert_close(out, model(**batch).last_hidden_state, rtol=0, atol=1e-5)
