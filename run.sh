@@ -34,8 +34,8 @@ case "${1:-}" in
         setup
         set +e
         # Two workers, one test file each at a time (module fixtures run once): 275 against 310 s for the whole suite
-        # on the 2-core CI machine (2026-12-02); tests/conftest.py gives each worker its share of the cores (85 against
-        # 227 s on this 2-core VM, 2026-12-03: two threads per worker busy-waited on each other's cores).
+        # on the 2-core CI machine (2026-12-02); tests/conftest.py makes the workers' idle threads sleep instead of
+        # spinning (95 against 227 s on a 2-core VM, 2026-12-03: two spinning threads per worker waited on each other).
         "$PY" -m pytest -n 2 --dist loadfile "${@:2}"
         rc=$?
         set -e

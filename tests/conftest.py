@@ -9,15 +9,18 @@ import os
 import pytest
 from hypothesis import settings
 
-# Each pytest-xdist worker gets its share of the cores for BLAS and torch's intra-op threads. Set before torch or
-# numpy loads (no plugin imports them): two workers of two threads each on the 2-core CI machine busy-wait on each
-# other's cores, and a test of small searches took 26.8 s in the suite against 1.1 s alone (2026-12-03).
+# pytest-xdist workers share the cores: each gets its share for BLAS and torch's intra-op threads, but at least two, so
+# that the paths that depend on the thread count (sdpa_attend's key blocks, split where there are fewer tasks than
+# threads) run as on a user's multi-core machine; and idle threads sleep instead of spinning. Set before torch or numpy
+# loads (no plugin imports them). Two workers of two spinning threads each on the 2-core CI machine waited on each
+# other's cores: the suite took 227 s, a test of small searches 26.8 s against 1.1 s alone (2026-12-03).
 _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _workers > 1:
+    # The cores this process may run on: a container's CPU set can be smaller than the machine's count.
+    _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     for _variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        # The cores this process may run on: a container's CPU set can be smaller than the machine's count.
-        _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        os.environ.setdefault(_variable, str(max(1, _cores // _workers)))
+        os.environ.setdefault(_variable, str(max(2, _cores // _workers)))
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 settings.register_profile("ci", derandomize=True)
 settings.register_profile("explore", derandomize=False)

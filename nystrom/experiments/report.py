@@ -51,6 +51,16 @@ def progress_bar(total, desc, *, enabled=True, leave=True):
     return tqdm(total=total, desc=desc, disable=not enabled, leave=leave, file=sys.stderr)
 
 
+def without_library_progress_bars():
+    """Silence the progress bars the model libraries draw themselves for the rest of the process (transformers'
+    "Loading weights" bar, and huggingface_hub's through it): a CLI's ``--no-progress`` promises no tqdm bar."""
+    try:
+        from transformers.utils import logging
+    except ImportError:
+        return
+    logging.disable_progress_bar()
+
+
 def markdown_table(header, rows):
     """A GitHub-flavoured markdown table; ``None`` cells print as an em dash."""
     def cell(x):

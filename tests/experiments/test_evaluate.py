@@ -7,7 +7,9 @@ four sentences (14-18 tokens), one thread. At m = 32 every token is a landmark, 
 ``all_tokens_fraction`` tells the reader. At m = 8 the approximation must actually change the outputs.
 """
 
+import contextlib
 import importlib.util
+import io
 import json
 import os
 import re
@@ -45,11 +47,22 @@ COSINE_ROUNDING = 1e-6
 
 
 def _run(tmp_path_factory, model, *extra):
+    from transformers.utils import logging
+
     out = tmp_path_factory.mktemp(f"eval_{model}")
-    threads = torch.get_num_threads()
-    assert main(["eval", "--model", model, "--out", str(out), *TINY, *extra]) == 0
+    threads, bars = torch.get_num_threads(), logging.is_progress_bar_enabled()
+    stderr = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(stderr):
+            assert main(["eval", "--model", model, "--out", str(out), *TINY, *extra]) == 0
+    finally:
+        # --no-progress silences transformers' bars for the process: not for the rest of the test session.
+        if bars:
+            logging.enable_progress_bar()
     # --threads 1 must not leak into the rest of the test session.
     assert torch.get_num_threads() == threads
+    # --no-progress: no bar of the evaluation's own, nor transformers' "Loading weights" (a review saw MiniLM's).
+    assert "it/s]" not in stderr.getvalue() and "Loading weights" not in stderr.getvalue()
     return out, json.loads((out / f"eval_{model}.json").read_text())
 
 

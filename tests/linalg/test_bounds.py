@@ -457,6 +457,14 @@ def test_complex_eigenvalues_are_refused():
             rpcholesky_trace_bound(eigenvalues, 1)
 
 
+def test_the_rpcholesky_bound_is_never_more_than_the_trace():
+    # To the bit: scaled back from units of the largest eigenvalue, the bound of one pivot rounded 1-2 ulp past the
+    # trace on 65 of these 200 spectra (a review).
+    for seed in range(200):
+        cubed = np.sort(np.abs(np.random.default_rng(seed).standard_normal(30)))[::-1] ** 3
+        assert rpcholesky_trace_bound(cubed, 1) <= cubed.sum()
+
+
 def test_the_rpcholesky_bound_scales_with_the_spectrum():
     # The bound is homogeneous of degree 1 in the eigenvalues; at 1e308 their sum overflowed and a ZeroDivisionError
     # came from log(1 / (eps eta)) with eta = 0.

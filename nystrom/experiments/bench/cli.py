@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ..report import output_folder
+from ..report import output_folder, without_library_progress_bars
 from ..stamp import busy_warning, device_name
 from ..timing import thread_limit
 from .accuracy import run_accuracy
@@ -104,6 +104,8 @@ def main(argv=None):
     dtype = getattr(torch, args.dtype or DEFAULT_DTYPE[device.type])
     if not args.out.strip():
         return usage_error(parser, "--out: an empty path names no folder")
+    if args.no_progress:
+        without_library_progress_bars()
     ctx = Context(device=device, dtype=dtype, plan=plan_for(device, args.quick),
                   out=Path(args.out) / results_folder(device.type, args.dtype), progress=not args.no_progress)
     if args.threads is not None and args.threads < 1:

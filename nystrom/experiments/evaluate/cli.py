@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..report import output_folder, with_flags
+from ..report import output_folder, with_flags, without_library_progress_bars
 from .runner import MODELS, check_evaluation, run_evaluation
 from .specs import DEFAULT_LANDMARKS, DEFAULT_SOLVERS, DEFAULT_STRATEGIES, parse_layers
 
@@ -65,6 +65,8 @@ def main(argv=None):
         output_folder(args.out)
     except OSError as err:
         parser.error(f"--out {args.out}: cannot create or write to the output folder ({err.strerror or err})")
+    if args.no_progress:
+        without_library_progress_bars()
     run_evaluation(args.model, out=args.out, layers=layers, num_landmarks=args.num_landmarks,
                    strategies=args.strategies, solvers=args.solvers, seed=args.seed, threads=args.threads,
                    progress=not args.no_progress, **given)
