@@ -119,7 +119,10 @@ def solve_in_units(solver, A) -> SolveResult:
     Z = result.inverse * unit
     fits = xp.all(xp.isfinite(Z), axis=(-2, -1))
     residual = xp.where(fits, result.residual, xp.full_like(result.residual, float("nan")))
-    return SolveResult(Z, residual, result.iterations)
+    # Z Y = (uA)^+ (uY): the solver's own product, with its derivative, in the same units (a review: a standalone
+    # PInv()(A) returned none, so its times() lost the one-Z-per-factor gradient the pseudo-inverse page derives).
+    product = None if result.product is None else (lambda Y: result.product(Y * unit))
+    return SolveResult(Z, residual, result.iterations, product)
 
 
 def check_square_matrices(xp, name, X):

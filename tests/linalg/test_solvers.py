@@ -275,6 +275,29 @@ def test_pinv_default_is_scipys_moore_penrose(rank, dtype):
     np.testing.assert_allclose(Z, expected, rtol=0, atol=100 * eps * 1e2)
 
 
+@pytest.mark.parametrize("scale", [1.0, 1e-30, 1e30])
+def test_a_standalone_pinv_keeps_its_product_and_its_derivative(scale):
+    # PInv()(A), which solves in units of a power of two for a matrix of any scale, dropped the product Y -> Z Y whose
+    # derivative applies Z once per factor (the pseudo-inverse page): times() then differentiated through Z (a review).
+    g = torch.Generator().manual_seed(3)
+    A = torch.softmax(torch.randn(2, 6, 6, generator=g, dtype=torch.float64) * 3, dim=-1)
+    Y, G = (torch.randn(2, 6, 4, generator=g, dtype=torch.float64) for _ in range(2))
+
+    def gradient(solve, s):
+        a = A.clone().requires_grad_()
+        result = solve(a * s)
+        return result, torch.autograd.grad((result.times(Y) * G).sum(), a)[0]
+
+    alone, by_call = gradient(PInv(), scale)
+    _, kernel = gradient(PInv().solve, 1.0)
+    assert alone.product is not None
+    # float64, cond(A) below 1e3 here: measured equal to 1e-15 relative; 1e-12 leaves room for cond(A) eps. Z(sA) =
+    # Z(A) / s, so the gradient of the scaled call is the kernel's over s (at s = 1e-200 the gradient with respect to
+    # sA, about Z^2 = 1e400, is past float64's range before the chain rule scales it back).
+    torch.testing.assert_close(alone.times(Y), alone.inverse @ Y, rtol=1e-12, atol=0)
+    torch.testing.assert_close(by_call * scale, kernel, rtol=1e-12, atol=0)
+
+
 def test_pinv_at_m_equals_n_is_exact_attention():
     # solver="pinv" meant a 3e-2 cut-off before, 4 % off exact attention with every token a landmark.
     rng = np.random.default_rng(11)

@@ -141,7 +141,8 @@ def attention_share(xp, Q, K, scale, mask=None, num_probes=16):
     xp
         Array namespace of the inputs.
     Q, K, scale, mask, num_probes
-        As for :func:`probe_logits`.
+        As for :func:`probe_logits`: 16 probes by default, a finer estimate for analysis than the 8 of the ``norm``
+        rule's sink test (:attr:`Norm.num_probes`); pass ``num_probes=8`` to reproduce the rule's estimate.
 
     Returns
     -------
