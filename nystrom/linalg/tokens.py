@@ -28,7 +28,7 @@ from typing import Any
 
 import array_api_compat
 
-from .numerics import masked_median, relative_norms, take_along_axis
+from .numerics import at_least_float32, masked_median, relative_norms, take_along_axis
 from .sequence import first_token
 from .validation import (
     broadcasts_to,
@@ -131,8 +131,10 @@ def detect_massive_activations(hidden, *, abs_threshold=100.0, median_ratio=1000
     median = masked_median(xp, flat, flat_mask)
     channel = xp.argmax(magnitude, axis=-1)
     value = take_along_axis(xp, hidden, channel[..., None])[..., 0]
-    peak = xp.abs(value)
-    mask = (peak > alpha) & (peak >= rho * median[..., None])
+    # Compared in float32 or wider: thresholds rounded to half precision flagged peaks below them (a review: a bfloat16
+    # peak of 1,168 over a median of 1.171875, 0.33 % under 1,000 times it).
+    peak, wide_median = at_least_float32(xp, xp.abs(value)), at_least_float32(xp, median)
+    mask = (peak > alpha) & (peak >= rho * wide_median[..., None])
     if real is not None:
         mask = mask & real
     return MassiveActivations(mask=mask, channel=channel, value=value, median=median)
@@ -270,9 +272,12 @@ def detect_sinks(attention_share, *, ratio=4.0, attention_mask=None):
     xp = namespace(attention_share=attention_share, attention_mask=attention_mask)
     attention_mask = _check_tokens(xp, "attention_share", attention_share, attention_mask, 1)
     rho = check_positive("ratio", ratio)
+    # Compared in float32 or wider: a threshold rounded to half precision flagged shares below it, and only without a
+    # mask (a review: a float16 share of 0.66650 at rho / n = 2/3); float16 counts overflow past 65,504 keys (every key
+    # was then a sink; a review).
+    share = at_least_float32(xp, attention_share)
     if attention_mask is None:
-        return attention_share >= rho / attention_share.shape[-1]
+        return share >= rho / share.shape[-1]
     real = attention_mask
-    # Counted in float32 or wider: float16 overflows past 65,504 keys (every key was then a sink; a review).
-    n_valid = xp.sum(xp.astype(real, xp.result_type(attention_share.dtype, xp.float32)), axis=-1, keepdims=True)
-    return real & (attention_share >= rho / n_valid)
+    n_valid = xp.sum(xp.astype(real, share.dtype), axis=-1, keepdims=True)
+    return real & (share >= rho / n_valid)

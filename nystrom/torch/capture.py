@@ -37,8 +37,11 @@ class CapturedAttention:
         such as BERT, the previous block's normalised output). ``None`` where that input is not the attention's
         tokens, one feature row per key: windowed or pooled attention (SAM 2's Hiera attends over windows of a
         ``(B, H, W, C)`` input, some stages with pooled queries).
-    query, key, value : Tensor, shape (B, H, n, d)
-        As the attention function receives them (after the projections, before the softmax and scaling).
+    query, key, value : Tensor, shapes (B, H, n, d) and (B, H_kv, n, d)
+        As the attention function receives them (after the projections, before the softmax and scaling). A model
+        with grouped-query or multi-query attention passes fewer key/value heads, :math:`H_{kv}` dividing :math:`H`:
+        reproduce it with ``enable_gqa=True`` (SDPA's convention, which ``nystrom.exact_attention`` and
+        ``nystrom.approximate`` follow, and which leaves equal head counts as they are); :math:`H_{kv} = H` otherwise.
     attention_mask : bool Tensor, shape (B, n), or None
         ``True`` for the keys the attention function sees as real (transformers' meaning); ``None`` when the model
         passed no attention mask. Capture entered outside :func:`~nystrom.torch.masking.mask_keys` runs inside it
@@ -146,8 +149,8 @@ def capture_attention(model, inputs, layers=None) -> list[CapturedAttention]:
     --------
     >>> caps = capture_attention(model, {"pixel_values": px})         # doctest: +SKIP
     >>> c = caps[5]                                                   # doctest: +SKIP
-    >>> out = nystrom.exact_attention(c.query, c.key, c.value, scale=c.scaling,
-    ...                               attn_mask=c.attn_mask)          # doctest: +SKIP
+    >>> out = nystrom.exact_attention(c.query, c.key, c.value, scale=c.scaling, attn_mask=c.attn_mask,
+    ...                               enable_gqa=True)                # doctest: +SKIP
     >>> torch.testing.assert_close(out, c.output)                     # doctest: +SKIP
     """
     if not isinstance(inputs, Mapping):

@@ -103,6 +103,26 @@ def test_capture_reproduces_each_layers_attention(kind, implementation):
     assert_restored(model, hooks_before)
 
 
+@pytest.mark.parametrize("kv_heads", [1, 2])
+def test_capture_of_grouped_query_attention_keeps_the_key_value_heads(kv_heads):
+    # A bidirectional encoder with fewer key/value heads than query heads (4) passes K and V unrepeated: the record
+    # keeps them so, and enable_gqa=True reproduces the output, as the docstring's example does (a review: it said
+    # (B, H, n, d) for all three, and the example raised on such a model).
+    config = transformers.Gemma3TextConfig(
+        vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=kv_heads, head_dim=8, use_bidirectional_attention=True, sliding_window=4096,
+        layer_types=["full_attention"] * 2, max_position_embeddings=256, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    model = transformers.Gemma3TextModel(config).double().eval()
+    inputs = {"input_ids": torch.randint(0, 50, (2, 12)), "attention_mask": torch.ones(2, 12, dtype=torch.long)}
+    inputs["attention_mask"][1, 9:] = 0
+    for c in capture_attention(model, inputs):
+        assert c.query.shape == (2, 4, 12, 8) and c.key.shape == c.value.shape == (2, kv_heads, 12, 8)
+        out = exact_attention(c.query, c.key, c.value, scale=c.scaling, attn_mask=c.attn_mask, enable_gqa=True)
+        # float64 SDPA against float64 SDPA on the same inputs: measured equal; 1e-12 for a reordered sum.
+        torch.testing.assert_close(out, c.output, rtol=0, atol=1e-12)
+
+
 def test_capture_query_is_the_projection_of_the_normalised_block_input():
     model = tiny_model("dinov2")
     inputs = tiny_inputs("dinov2")

@@ -58,6 +58,15 @@ class TestMassive:
         assert int(found.channel[1, 5]) == 17 and float(found.value[1, 5]) == -5000.0
         assert 0.6 < float(found.median[1]) < 0.75
 
+    @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+    def test_a_half_precision_peak_is_compared_with_the_threshold_unrounded(self, dtype):
+        # 1,000 times a bfloat16 median of 1.171875 is 1,171.875, which bfloat16 rounds to 1,168: a peak of 1,168 was
+        # flagged, 0.33 % under the threshold (a review). Both dtypes hold 1,168 and 1,176 exactly.
+        hidden = torch.full((1, 5, 4), 1.171875, dtype=dtype)
+        for peak, massive in ((1168.0, False), (1176.0, True)):
+            hidden[0, 2, 1] = peak
+            assert bool(detectors.detect_massive_activations(hidden).mask[0, 2]) is massive
+
     def test_needs_both_rules(self, to_array):
         hidden = np.random.default_rng(1).standard_normal((1, 32, 64))
         hidden[0, 3, 0] = 500.0  # above 100 but only ~740x the median
@@ -236,6 +245,15 @@ class TestSinks:
         n = 70000
         share = torch.full((n,), 1 / n).half()
         assert not detectors.detect_sinks(share, attention_mask=torch.ones(n, dtype=torch.bool)).any()
+
+    @pytest.mark.parametrize("masked", [False, True])
+    def test_a_half_precision_share_is_compared_with_the_threshold_unrounded(self, masked):
+        # float16 holds 2/3 as 0.66650 < 2/3: compared with rho / n rounded to float16 it was a sink, and only without a
+        # mask (a review); 0.66699 > 2/3 is one either way.
+        mask = torch.ones(1, 3, dtype=torch.bool) if masked else None
+        for value, sink in ((2 / 3, False), (0.667, True)):
+            share = torch.tensor([[value, 0.2, 0.1]], dtype=torch.float16)
+            assert bool(detectors.detect_sinks(share, ratio=2.0, attention_mask=mask)[0, 0]) is sink
 
     def test_uniform_share_counts_real_keys_only(self, to_array):
         share = np.zeros(40)
