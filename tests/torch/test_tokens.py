@@ -447,6 +447,14 @@ def test_analyze_tokens_rejects_bad_models_and_inputs():
         tokens.analyze_tokens(model, {**ids, "attention_mask": torch.ones(1, 5, dtype=torch.long)})
     with pytest.raises(TypeError, match=r"inputs\['attention_mask'\] must be a \(B, n\) tensor .* got list"):
         tokens.analyze_tokens(model, {**ids, "attention_mask": [[1, 1, 1, 1]]})
+    # A float16 model whose residual stream overflows: the detectors' message named their argument "hidden", which the
+    # caller never passed (a review); the layers are named instead.
+    half = tiny_bert().half()
+    with torch.no_grad():
+        half.embeddings.word_embeddings.weight[7, 5] = 6e4
+        half.embeddings.token_type_embeddings.weight[0, 5] = 6e4
+    with pytest.raises(ValueError, match=r"the residual stream of layers \[0"):
+        tokens.analyze_tokens(half, {"input_ids": torch.tensor([[8, 9, 7, 10]])})
 
 
 # --------------------------------------------------------------------------------------------------------------
