@@ -60,6 +60,11 @@ V = rng.standard_normal((2, 10, 3))
         # A class is callable too: it was called with the call's arguments as its options.
         (dict(strategy=nystrom.FPS), TypeError, r"strategy must be a Strategy object, not the class: pass FPS\(\)"),
         (dict(solver=nystrom.PInv), TypeError, r"solver must be a Solver object, not the class: pass PInv\(\)"),
+        # Swapped (a review: each failed later with an error about neither argument).
+        (dict(strategy=nystrom.PInv()), TypeError, r"strategy must be a Strategy object or a name, got the solver "
+                                                   r"PInv\(.*\): pass it as solver="),
+        (dict(solver=nystrom.KMeans()), TypeError, r"solver must be a Solver object or a name, got the strategy "
+                                                   r"KMeans\(.*\): pass it as strategy="),
         (dict(scale=-1.0), ValueError, "scale must be a finite positive"),
         (dict(scale="big"), TypeError, "scale must be a real number"),
         (dict(seed=-1), ValueError, "seed must be at least 0"),

@@ -532,4 +532,7 @@ def get_solver(solver):
     TypeError
         For anything that is neither a string nor callable.
     """
-    return resolve("solver", SOLVERS, solver, Solver)
+    # Imported here: the landmark strategies import the solvers (FNA_AUTHORS holds one).
+    from .landmarks.base import Strategy
+
+    return resolve("solver", SOLVERS, solver, Solver, other=(Strategy, "strategy"))

@@ -581,10 +581,10 @@ def check_head_axis(head_axis, K) -> None:
         # A TypeError, as check_int gives for num_landmarks=2.0 (a review).
         raise TypeError(f"head_axis must be None or an int, got {type(head_axis).__qualname__} {head_axis!r}")
     if not (-K.ndim <= head_axis <= -3):
-        raise ValueError(
-            f"head_axis must be None or a negative int between {-K.ndim} and -3 (a leading axis "
-            f"of K with shape {tuple(K.shape)}), got {head_axis!r}"
-        )
+        # K of shape (n, d) has no leading axis: "between -2 and -3" named no int (a review).
+        allowed = ("None: K has no leading axis" if K.ndim < 3 else
+                   f"None or a negative int between {-K.ndim} and -3 (a leading axis of K)")
+        raise ValueError(f"head_axis must be {allowed}; K has shape {tuple(K.shape)}, got {head_axis!r}")
 
 
 def check_selection(xp, Q, K, num_landmarks, keys=None, head_axis=None, features=None, *, check_values=True,
@@ -791,7 +791,7 @@ def register(registry: dict, name: str, cls: type, family: str) -> None:
     registry[name] = cls
 
 
-def resolve(argument: str, registry: dict, value, base: type):
+def resolve(argument: str, registry: dict, value, base: type, other: tuple[type, str] | None = None):
     """``registry[value]()`` for a name, ``value`` itself for a callable.
 
     Parameters
@@ -803,13 +803,17 @@ def resolve(argument: str, registry: dict, value, base: type):
     value : str or callable
     base : type
         The family's base class, named in the ``TypeError``.
+    other : (type, str), optional
+        The other family's base class and argument: an object of it is refused by name (a solver passed as
+        ``strategy=`` failed later with an error about neither argument, a review).
 
     Raises
     ------
     ValueError
         For an unknown name; the message lists each candidate with what it does.
     TypeError
-        For anything that is neither a string nor callable, and for a class of the family instead of an object.
+        For anything that is neither a string nor callable, for a class of the family instead of an object, and for
+        an object of the ``other`` family.
     """
     if isinstance(value, str):
         if value in registry:
@@ -818,6 +822,9 @@ def resolve(argument: str, registry: dict, value, base: type):
     if isinstance(value, type) and issubclass(value, base):
         # The class itself is callable, with the call's arguments taken as its options: a confusing error later.
         raise TypeError(f"{argument} must be a {base.__name__} object, not the class: pass {value.__name__}()")
+    if other is not None and isinstance(value, other[0]):
+        raise TypeError(f"{argument} must be a {base.__name__} object or a name, got the {other[1]} {value!r}: pass it "
+                        f"as {other[1]}=")
     if callable(value):
         return value
     raise TypeError(

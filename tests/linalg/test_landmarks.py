@@ -742,6 +742,41 @@ def test_a_callable_strategy_that_picks_padding_is_refused(library):
     nystrom.approximate(X, X, X, attn_mask=mask, num_landmarks=3, strategy=last_tokens, check_values=False)
 
 
+def test_a_head_axis_for_keys_without_one_is_named_so():
+    # K of shape (n, d) has no leading axis: the message offered "a negative int between -2 and -3" (a review).
+    X = np.ones((6, 4))
+    with pytest.raises(ValueError, match=r"head_axis must be None: K has no leading axis; K has shape \(6, 4\)"):
+        nystrom.FPS()(X, X, 3, head_axis=-3)
+    with pytest.raises(ValueError, match=r"between -4 and -3 \(a leading axis of K\)"):
+        nystrom.FPS()(X[None, None], X[None, None], 3, head_axis=-5)
+
+
+def test_a_users_strategy_subclass_is_checked_as_a_callable_is():
+    # A review: the rule of last_tokens above written as a TokenStrategy subclass, the documented way to write one,
+    # put landmarks on padding silently, and one that picked m - 1 tokens left Info's FLOPs counting m; the library's
+    # own strategies stay unchecked.
+    from nystrom.linalg.landmarks import TokenStrategy
+
+    class LastTokens(TokenStrategy):
+        def pick(self, selection, X, mask):
+            m, n = selection.num_landmarks, X.shape[-2]
+            return np.broadcast_to(np.arange(n - m, n), (*X.shape[:-2], m))
+
+    class TooFew(TokenStrategy):
+        def pick(self, selection, X, mask):
+            m = selection.num_landmarks - 1
+            return np.broadcast_to(np.arange(m), (*X.shape[:-2], m))
+
+    X = np.random.default_rng(0).standard_normal((2, 12, 4))
+    mask = np.ones((2, 1, 12), dtype=bool)
+    mask[1, :, 8:] = False
+    with pytest.raises(ValueError, match="landmark indices point at masked keys"):
+        nystrom.approximate(X, X, X, attn_mask=mask, num_landmarks=3, strategy=LastTokens())
+    with pytest.raises(ValueError, match=r"landmark queries have shape \(2, 2, 4\), expected \(2, 3, 4\)"):
+        nystrom.approximate(X, X, X, num_landmarks=3, strategy=TooFew())
+    nystrom.approximate(X, X, X, num_landmarks=3, strategy=LastTokens())
+
+
 def test_farthest_point_sampling_checks_its_arguments():
     # The public function; the library's own calls go through farthest_points, unchecked (k-means seeding asks for
     # m seeds where singletons left fewer eligible tokens).

@@ -19,7 +19,8 @@ a fixed linear map of the concatenated heads that keeps selection at :math:`O(n 
 
 Calling a strategy checks its arguments once (:func:`nystrom.linalg.validation.check_selection`) and
 hands a :class:`Selection` to :meth:`Strategy.select`; library code that has checked the arguments
-already (``nystrom.approximate``, model patching) calls :func:`run_strategy`, which skips the checks.
+already (``nystrom.approximate``, model patching) calls :func:`run_strategy`, which skips those checks (and checks
+the landmarks of any strategy but the library's own).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from ..numerics import (
     without_padding,
 )
 from ..sequence import WHOLE
+from ..solvers import Solver
 from ..validation import (
     broadcasts_to,
     check_attention_inputs,
@@ -456,7 +458,7 @@ def get_strategy(strategy):
     TypeError
         For anything that is neither a string nor callable.
     """
-    return resolve("strategy", STRATEGIES, strategy, Strategy)
+    return resolve("strategy", STRATEGIES, strategy, Strategy, other=(Solver, "solver"))
 
 
 def require(strategy, capability: str, purpose: str) -> None:
@@ -485,14 +487,20 @@ def require(strategy, capability: str, purpose: str) -> None:
 
 def run_strategy(strategy, selection: Selection, check_values: bool = False) -> Landmarks:
     """Landmarks for arguments the caller has checked: :meth:`Strategy.select` for a :class:`Strategy`; a plain
-    callable is called with the strategy signature and its result's shapes are checked (and, with ``check_values``,
-    its values: finite, and its ``indices``, where it returns them, real keys: :func:`check_landmark_positions`)."""
-    if isinstance(strategy, Strategy):
-        return strategy.select(selection)
+    callable is called with the strategy signature. The result of any strategy but the library's own is checked as
+    a callable's is: its shapes (and, with ``check_values``, its values: finite, and its ``indices``, where it returns
+    them, real keys: :func:`check_landmark_positions`). A subclass written by a user is no more trusted than a
+    function (a review: one that picked padding, or m - 1 tokens, was accepted, where the same rule as a function
+    was refused)."""
     keys = selection.real_keys
-    landmarks = strategy(selection.Q, selection.K, selection.num_landmarks,
-                         attn_mask=None if keys is None else keys[..., None, :], seed=selection.seed,
-                         head_axis=selection.head_axis, features=selection.features, scale=selection.scale)
+    if isinstance(strategy, Strategy):
+        landmarks = strategy.select(selection)
+        if type(strategy).__module__.startswith(f"{__package__}."):
+            return landmarks
+    else:
+        landmarks = strategy(selection.Q, selection.K, selection.num_landmarks,
+                             attn_mask=None if keys is None else keys[..., None, :], seed=selection.seed,
+                             head_axis=selection.head_axis, features=selection.features, scale=selection.scale)
     check_landmarks(landmarks, selection.K, selection.num_landmarks)
     if check_values:
         check_finite_landmarks(selection.xp, landmarks)
