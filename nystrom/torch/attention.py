@@ -119,8 +119,8 @@ def split_key_sdpa(q, k, v, mask=None, *, scale, blocks):
 
     .. math:: O = \sum_b \mathrm{softmax}_b(\lambda)\, O_b
 
-    (the merge of :mod:`nystrom.linalg.split_keys` with :math:`o_b = O_b`, :math:`\mu_b = \lambda_b`,
-    :math:`s_b = 1`). A block with no allowed key gets :math:`\lambda_b = -\infty`, hence weight 0 (the kernel
+    (the merge of :mod:`nystrom.linalg.split_keys`, whose partial results are these :math:`O_b` and
+    :math:`\lambda_b`). A block with no allowed key gets :math:`\lambda_b = -\infty`, hence weight 0 (the kernel
     reports :math:`\lambda_b = 0` and :math:`O_b = 0` for it); a query row with no allowed key at all gets 0, as
     from ``scaled_dot_product_attention``.
 
@@ -172,9 +172,8 @@ def split_key_sdpa(q, k, v, mask=None, *, scale, blocks):
     if cut < n:
         parts.append(reduce(cut, n, 1))
     out, lse = (torch.cat(x, dim=1) for x in zip(*parts))
-    # The kernel's output for a block is already normalised by its own sum, e^{lambda_b}: s_b = 1.
-    merged = merge_partials(array_api_compat.torch, out.float(), lse[..., None], torch.ones_like(lse[..., None]),
-                            axis=-3)
+    # The kernel gives each block's normalised output and its log-sum-exp: the partial results merge_partials takes.
+    merged = merge_partials(array_api_compat.torch, out.float(), lse[..., None], axis=-3)
     # A row with no allowed key in any block merges 0 / 0.
     merged = merged.masked_fill(torch.isneginf(lse).all(dim=1)[..., None], 0)
     return merged.reshape(*lead, n_q, d_v).to(v.dtype)

@@ -16,11 +16,11 @@ sums of ``Q`` and ``K`` over the shards; the clustering itself runs on the gathe
 every process.
 
 **Landmark product** :math:`BV = \mathrm{softmax}(\tau\tilde q K^\top + M)V`, split over the shards' keys:
-each process reduces its keys to the partial results :math:`(o_r, \mu_r, s_r)` of
-:func:`nystrom.linalg.split_keys.partial_attention`, and with :math:`\mu = \max_r \mu_r` (one all-reduce) and
-:math:`w_r = e^{\mu_r - \mu}`
+each process reduces its keys to the partial results :math:`(\hat o_r, \lambda_r)` of
+:func:`nystrom.linalg.split_keys.partial_attention` (its shard's attention output and log-sum-exp), and with
+:math:`\mu = \max_r \lambda_r` (one all-reduce) and :math:`w_r = e^{\lambda_r - \mu} / P` over :math:`P` processes
 
-.. math:: BV = \frac{\sum_r w_r\, o_r}{\sum_r w_r\, s_r}
+.. math:: BV = \frac{\sum_r w_r\, \hat o_r}{\sum_r w_r}
 
 (one all-reduce of the stacked numerator and denominator): the exact softmax over all keys.
 
@@ -242,8 +242,8 @@ class ShardedSequence(WholeSequence):
 def _shard_attend(xp, axis, q, k, v, mask=None, *, scale):
     """:math:`\\mathrm{softmax}(\\tau q K^\\top + M) V` over the keys of every shard: this shard's partial results,
     merged over the group by :func:`~nystrom.linalg.split_keys.merge_partials`."""
-    o, mu, s = partial_attention(xp, q, k, v, mask, scale=scale)
-    return xp.astype(merge_partials(xp, o, mu, s, across=axis), v.dtype)
+    o, lse = partial_attention(xp, q, k, v, mask, scale=scale)
+    return xp.astype(merge_partials(xp, o, lse, across=axis), v.dtype)
 
 
 def sharded_approximate(Q, K, V, *, group, strategy="norm", num_landmarks=64, solver="newton_schulz", scale=None,
