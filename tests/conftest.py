@@ -12,7 +12,8 @@ from hypothesis import settings
 # pytest-xdist workers share the cores: each gets its share for BLAS and torch's intra-op threads, but at least two, so
 # that the paths that depend on the thread count (sdpa_attend's key blocks, split where there are fewer tasks than
 # threads) run as on a user's multi-core machine; and idle threads sleep instead of spinning. Set before torch or numpy
-# loads (no plugin imports them). Two workers of two spinning threads each on the 2-core CI machine waited on each
+# loads (no plugin imports them; a run that collects benchmarks/ too loads torch first, from its conftest, and keeps
+# torch's defaults). Two workers of two spinning threads each on the 2-core CI machine waited on each
 # other's cores: the suite took 227 s, a test of small searches 26.8 s against 1.1 s alone (2026-12-03).
 _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _workers > 1:

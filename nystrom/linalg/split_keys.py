@@ -74,11 +74,11 @@ def partial_attention(xp, q, k, v, mask=None, *, scale):
     # An all-masked row shifts by 0 instead of -inf, so its terms are e^{-inf} = 0 rather than NaN.
     p = xp.exp(logits - xp.where(mu > -math.inf, mu, xp.zeros_like(mu)))
     s = xp.sum(p, axis=-1, keepdims=True)
-    # Normalised before the product: the sum of p_j v_j reaches s max|V| (s up to n), past the dtype where V is not.
-    p = p / xp.where(s > 0, s, xp.ones_like(s))
     with_keys = s > 0
-    lse = xp.where(with_keys, mu + xp.log(xp.where(with_keys, s, xp.ones_like(s))),
-                   xp.full_like(s, -math.inf))
+    s = xp.where(with_keys, s, xp.ones_like(s))
+    # Normalised before the product: the sum of p_j v_j reaches s max|V| (s up to n), past the dtype where V is not.
+    p = p / s
+    lse = xp.where(with_keys, mu + xp.log(s), xp.full_like(s, -math.inf))
     return p @ xp.astype(v, p.dtype), lse
 
 

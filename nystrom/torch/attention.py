@@ -172,7 +172,7 @@ def split_key_sdpa(q, k, v, mask=None, *, scale, blocks):
     if cut < n:
         parts.append(reduce(cut, n, 1))
     out, lse = (torch.cat(x, dim=1) for x in zip(*parts))
-    # The kernel gives each block's normalised output and its log-sum-exp: the partial results merge_partials takes.
+    # The kernel's outputs are already normalised per block, with the mass in lse: nothing to rescale before the merge.
     merged = merge_partials(array_api_compat.torch, out.float(), lse[..., None], axis=-3)
     # A row with no allowed key in any block merges 0 / 0.
     merged = merged.masked_fill(torch.isneginf(lse).all(dim=1)[..., None], 0)

@@ -393,7 +393,8 @@ class FNAHandle(Handle):
             # _landmarks counts them (a review: a later pass that excluded all but 8 tokens ran a layer calibrated at
             # m = 16 at m = 8, 0.68 off where tol was 0.2, silently).
             return self._attend_calibrated(layer, own_attention, query, key, value,
-                                           fewest_eligible(xp, fewest, everything, excluded), attempt, memo, output)
+                                           lambda: fewest_eligible(xp, fewest, everything, excluded), attempt, memo,
+                                           output)
         ((landmarks, sampled), factors), steps = found
         if landmarks is None:
             # Exact attention answers: where Nyström attention does not reach tol where it pays (the layer runs the
@@ -404,14 +405,14 @@ class FNAHandle(Handle):
 
     def _attend_calibrated(self, layer, own_attention, query, key, value, fewest, attempt, memo, output):
         """A later pass of a calibrated layer: its m and solver, or exact attention where the layer is exact or the
-        batch's shortest sequence cannot hold that m (``fewest``: its real tokens not excluded), which would be cut to
-        it for every sequence, and the error it was calibrated for lost, silently (a review: a 181-token document
-        beside "Hi." ran at m = 4, 0.57 off where tol was 0.4)."""
+        batch's shortest sequence cannot hold that m (``fewest()``: its real tokens not excluded, read only where m
+        is), which would be cut to it for every sequence, and the error it was calibrated for lost, silently (a
+        review: a 181-token document beside "Hi." ran at m = 4, 0.57 off where tol was 0.4)."""
         # Read once, under the lock that recalibrate() takes: a calibration it clears meanwhile is no KeyError.
         with self._calibrating:
             m, solver = self.num_landmarks_per_layer.get(layer), self.solver_per_layer.get(layer)
             exact = layer in self.exact_layers
-        if exact or m is None or m > fewest:
+        if exact or m is None or m > fewest():
             self._pass.records[layer] = LayerRecord(None, False, None)
             return own_attention(query, key, value)
         (landmarks, sampled), factors = attempt(m, solver)
@@ -503,7 +504,7 @@ class FNAHandle(Handle):
                 raise ValueError(f"guarantee and exclude select the same token in layer {layer}: a token cannot "
                                  "be both always and never a landmark")
             eligible = eligible & ~excluded
-            fewest = fewest_real_keys(xp, eligible)  # a host read, only where tokens are excluded
+            fewest = fewest_eligible(xp, fewest, everything, excluded)  # a host read, only where tokens are excluded
         # Guaranteed tokens that are padding (or keys masked by mask_tokens) are no tokens to attend to: dropped.
         forced = None if guaranteed is None else guaranteed & eligible
         # Reused landmarks must still be eligible here and hold this layer's guaranteed tokens (exclusions,

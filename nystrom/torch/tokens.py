@@ -280,11 +280,15 @@ def analyze_tokens(model, inputs, *, massive_threshold=100.0, massive_ratio=1000
     share = torch.stack([recorder.share[layer] for layer in layers])
     if real is not None:
         _check_mask_fits(real, residual.shape[1:3])
-    overflowed = [layer for layer, r in zip(layers, residual) if not bool(torch.isfinite(r).all())]
+    # One host read for every layer.
+    finite = torch.isfinite(residual).flatten(1).all(dim=1).tolist()
+    overflowed = [layer for layer, ok in zip(layers, finite) if not ok]
     if overflowed:
         # The detectors would name their own argument, "hidden", which the caller never passed (a review).
-        raise ValueError(f"the residual stream of layers {overflowed} holds NaN or infinite values (a half-precision "
-                         "model whose activations overflow: run it in float32)")
+        dtype = recorder.residual[layers[0]].dtype
+        hint = (f" ({dtype} activations that overflow: run the model in float32)"
+                if dtype in (torch.float16, torch.bfloat16) else "")
+        raise ValueError(f"the residual stream of layers {overflowed} holds NaN or infinite values{hint}")
     mask = None if real is None else real.to(residual.device)[None]
     if isinstance(exclude, torch.Tensor):
         exclude = exclude.to(residual.device)

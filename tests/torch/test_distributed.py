@@ -215,3 +215,30 @@ def test_group_without_torch_installed_names_the_inputs():
     """)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert "Q, K and V must be torch tensors, got numpy.ndarray (and torch is not installed)" in result.stdout, result
+
+
+def test_a_users_sharded_strategy_subclass_is_checked_with_group_as_without(tmp_path):
+    # A review: a sharded TokenStrategy subclass returning m - 1 landmarks was refused by one process's approximate and
+    # accepted with group=, whose selection did not go through run_strategy. A one-process gloo group of its own, in
+    # a fresh interpreter, so that no process group outlives the test.
+    script = textwrap.dedent(f"""
+        import torch, torch.distributed as dist, nystrom
+        from nystrom.linalg.landmarks import TokenStrategy
+        dist.init_process_group("gloo", rank=0, world_size=1, init_method="file://{tmp_path / 'store'}")
+
+        class TooFew(TokenStrategy, sharded=True):
+            def pick(self, selection, X, mask):
+                m = selection.num_landmarks - 1
+                return torch.arange(m).expand(*X.shape[:-2], m)
+
+        X = torch.randn(2, 12, 4, dtype=torch.float64)
+        for group in (None, dist.group.WORLD):
+            try:
+                nystrom.approximate(X, X, X, num_landmarks=3, strategy=TooFew(), group=group)
+                print("accepted")
+            except ValueError as error:
+                print(str(error)[:57])
+        dist.destroy_process_group()
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.stdout.splitlines() == ["landmark queries have shape (2, 2, 4), expected (2, 3, 4)"] * 2, result

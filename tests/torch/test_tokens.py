@@ -453,7 +453,8 @@ def test_analyze_tokens_rejects_bad_models_and_inputs():
     with torch.no_grad():
         half.embeddings.word_embeddings.weight[7, 5] = 6e4
         half.embeddings.token_type_embeddings.weight[0, 5] = 6e4
-    with pytest.raises(ValueError, match=r"the residual stream of layers \[0"):
+    with pytest.raises(ValueError, match=r"the residual stream of layers \[0, 1, 2\] holds NaN or infinite values "
+                                         r"\(torch.float16 activations that overflow: run the model in float32\)"):
         tokens.analyze_tokens(half, {"input_ids": torch.tensor([[8, 9, 7, 10]])})
 
 

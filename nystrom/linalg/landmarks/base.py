@@ -495,7 +495,7 @@ def run_strategy(strategy, selection: Selection, check_values: bool = False) -> 
     keys = selection.real_keys
     if isinstance(strategy, Strategy):
         landmarks = strategy.select(selection)
-        if type(strategy).__module__.startswith(f"{__package__}."):
+        if library_strategy(strategy):
             return landmarks
     else:
         landmarks = strategy(selection.Q, selection.K, selection.num_landmarks,
@@ -506,6 +506,12 @@ def run_strategy(strategy, selection: Selection, check_values: bool = False) -> 
         check_finite_landmarks(selection.xp, landmarks)
         check_landmark_positions(selection.xp, landmarks, selection.K, keys)
     return landmarks
+
+
+def library_strategy(strategy) -> bool:
+    """Whether ``strategy`` is one of the library's own, whose landmarks need no check (a user's subclass, or one
+    of a library class defined elsewhere, is checked as a callable's are)."""
+    return isinstance(strategy, Strategy) and type(strategy).__module__.startswith(f"{__package__}.")
 
 
 def fold_heads(xp, X, head_axis):
