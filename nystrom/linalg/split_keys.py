@@ -17,9 +17,9 @@ exactly (up to rounding): block :math:`b` holds the share :math:`e^{\lambda_b} /
 attention. Every :math:`\hat o_b` is a convex combination of rows of :math:`V` and every :math:`w_b \le 1/p`, so
 the numerator stays within :math:`\max_j \lVert v_j\rVert_\infty` and nothing overflows where :math:`V` does not (a
 review: the unnormalised sums :math:`\sum_j e^{\ell_j - \mu_b} v_j` of an earlier form reached :math:`n_b \max|V|`,
-infinite in float32 for values of 1e36 over 1,000 keys, where SDPA was finite). The block holding :math:`\mu` has
-:math:`w_b = 1/p`, so the denominator is at least :math:`1/p`. A block whose keys are all masked has
-:math:`\lambda_b = -\infty`, hence :math:`w_b = 0`.
+infinite in float32 for values of 1e36 over 1,000 keys in a sharded call where one process was finite). The block
+holding :math:`\mu` has :math:`w_b = 1/p`, so the denominator is at least :math:`1/p`. A block whose keys are all
+masked has :math:`\lambda_b = -\infty`, hence :math:`w_b = 0`.
 
 The blocks are independent until the merge, which costs :math:`O(p\, n_q d_v)`. This is what lets the
 landmark product :math:`\mathrm{softmax}(\tau\tilde q K^\top + M)V`, which has only :math:`m` query rows,
