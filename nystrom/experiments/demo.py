@@ -119,8 +119,8 @@ def run_demo(*, image="astronaut", sizes=(518, 1036), layer=9, num_landmarks=64,
 
     Notes
     -----
-    The load average is printed with the header, and a warning when it exceeds the threads in use: other
-    processes then inflate the times.
+    The load average is printed with the header, and a warning when it exceeds the machine's cores (the run's own
+    threads count in it): other processes then inflate the times.
     """
     picture = check_demo(image, sizes, layer, num_landmarks)
     model = load_dinov2_small()

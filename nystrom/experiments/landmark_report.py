@@ -30,7 +30,7 @@ from nystrom.torch.capture import capture_attention
 from .pretrained import example_sentences, imagenet_pixel_values, load_dinov2_small, load_minilm, natural_images
 from .report import markdown_table
 from .stamp import busy_warning, load_average
-from .timing import timed_call
+from .timing import thread_limit, timed_call
 
 IMAGES = ("astronaut", "coffee", "rocket")
 LAYERS = (3, 6, 9, 11)
@@ -99,8 +99,13 @@ def minilm_errors(strategies=("norm", "kmeans", "fps", "segment_means"), landmar
 
 
 def cost(threads, n=65536, d=64, m=64, repeats=9):
-    """Best-of-``repeats`` milliseconds per call of each method, interleaved, with ``threads`` CPU threads."""
-    torch.set_num_threads(threads)
+    """Best-of-``repeats`` milliseconds per call of each method, interleaved, with ``threads`` CPU threads (torch's
+    and the BLAS libraries', restored on return: a review found torch's left at the last count)."""
+    with thread_limit(threads):
+        return _timed_calls(n, d, m, repeats)
+
+
+def _timed_calls(n, d, m, repeats):
     generator = torch.Generator().manual_seed(0)
     Q, K, V = (torch.randn(1, 1, n, d, generator=generator) for _ in range(3))
     given = nystrom.Uniform()(Q, K, m, seed=0, head_axis=-3)

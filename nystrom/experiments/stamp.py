@@ -64,23 +64,27 @@ def load_average():
 
 
 def busy_warning(threads, load=None):
-    """A warning when the 1-minute load average exceeds the cores a timing run uses, else ``None``.
+    """A warning when the 1-minute load average exceeds the cores this process may use, else ``None``.
+
+    The load counts the timing run itself: up to ``threads`` of it. A run on fewer threads than cores leaves room for
+    the rest of the load, so the machine is shared only past its cores (a review: a one-thread run on two cores warned
+    at 1.05, itself and noise, and the tables it stamped read as from a busy machine).
 
     Parameters
     ----------
     threads : int
-        Threads the run times with; the cores in use are at most the machine's.
+        Threads the run times with; they count in the load they are judged by.
     load : float, optional
         The load average to judge; default the machine's now.
     """
     if load is None:
         loads = load_average()
         load = None if loads is None else loads[0]
-    cores = min(threads, os.cpu_count() or threads)
-    if load is None or load <= cores:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or threads
+    if load is None or load <= max(cores, threads):
         return None
-    return (f"load average {load:.2f} exceeds the {cores} core{'s' if cores > 1 else ''} in use: other processes "
-            "share the CPU and the times are inflated")
+    return (f"load average {load:.2f} exceeds the {cores} core{'s' if cores > 1 else ''} of this machine, the "
+            f"{threads}-thread run included: other processes share the CPU and the times are inflated")
 
 
 def make_stamp(device, dtype, commit=None, smoke_run=False):

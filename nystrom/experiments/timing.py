@@ -54,6 +54,9 @@ def timed_call(fn, device):
     """Seconds one call of ``fn`` takes: wall clock on CPU, CUDA events around the call's kernels on GPU."""
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        # Kernels still queued (a warm-up's) would delay the start event and hide the host time of the call's own
+        # launches, which a CUDA graph saves: its first sample read fast (a review).
+        torch.cuda.synchronize(device)
         start.record()
         fn()
         end.record()
