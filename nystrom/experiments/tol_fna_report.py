@@ -41,7 +41,7 @@ from nystrom.torch.dispatch import attention_layers
 from . import pretrained
 from .evaluate import dinov2, minilm
 from .report import check_distinct, layers_per_model, markdown_table, output_folder, positive, with_flags
-from .stamp import caption, make_stamp
+from .stamp import caption, load_average, make_stamp
 from .timing import best_time
 
 TOLS = (0.05, 0.1, 0.2)
@@ -214,7 +214,10 @@ def main(argv=None):
     unused = {"out"} | ({"images", "size"} if "dinov2" not in args.models else set()) | (
         {"sentences"} if "minilm" not in args.models else set())
     settings = {key: value for key, value in vars(args).items() if key not in unused}
-    markdown = caption(stamp) + "\n" + markdown_table(HEADER, rows)
+    # The stamp's load is the start's; the timings met the load at the end too (a review).
+    stamp["load_average_end"] = load_average()
+    markdown = (caption(stamp) + "\n" + f"_Load average at the end: {stamp['load_average_end']}._\n\n"
+                + markdown_table(HEADER, rows))
     out = Path(args.out)
     (out / "tol_fna.json").write_text(json.dumps({"stamp": stamp, "settings": settings, "results": results},
                                                  indent=1))

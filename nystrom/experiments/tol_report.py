@@ -225,6 +225,8 @@ def main(argv=None):
         print(f"warning: {warning}")
     print(markdown_table(HEADER, run(tols=args.tols, models=args.models, images=args.images, layers=args.layers,
                                      timing=args.timing)))
+    # And at the end: the load the timings met (a review: only the start's was printed).
+    print(f"load average at the end {load_average()}")
 
 
 if __name__ == "__main__":
