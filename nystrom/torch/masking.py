@@ -45,7 +45,7 @@ def masking_handler(name, select, handle, layer, call_next, module, query, key, 
     visible = ~masked if real is None else real & ~masked
     if not bool(torch.all(torch.any(visible, dim=-1))):
         raise ValueError(
-            f"the key mask hides every (unpadded) key of a sequence in layer {layer}; at least one key per "
+            f"the key mask ({name}) hides every (unpadded) key of a sequence in layer {layer}; at least one key per "
             "sequence must stay visible"
         )
     return call_next(module, query, key, value, _masked_attention_mask(attention_mask, masked, query.dtype), **kwargs)

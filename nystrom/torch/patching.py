@@ -500,7 +500,9 @@ class FNAHandle(Handle):
         eligible = everything
         guaranteed = None if self.guarantee is None else token_mask("guarantee", self.guarantee, layer, hidden)
         if excluded is not None:
-            if guaranteed is not None and bool(torch.any(guaranteed & excluded)):
+            # Only among the tokens there are: a guaranteed token that is padding (or masked) is dropped anyway (a
+            # review: a position-0 guarantee beside exclude=padding raised under left padding).
+            if guaranteed is not None and bool(torch.any(guaranteed & excluded & everything)):
                 raise ValueError(f"guarantee and exclude select the same token in layer {layer}: a token cannot "
                                  "be both always and never a landmark")
             eligible = eligible & ~excluded

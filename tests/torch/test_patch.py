@@ -510,6 +510,9 @@ class TestMaskKeys:
             with pytest.raises(error, match=f"^mask_tokens must give .*{shape}"):
                 with fna(model, num_landmarks=8, mask_tokens=bad):
                     run(model, tiny_inputs("vit"))
+        with pytest.raises(ValueError, match=r"the key mask \(mask_tokens\) hides every \(unpadded\) key"):
+            with fna(model, num_landmarks=8, mask_tokens=lambda layer, h: torch.ones(h.shape[:2], dtype=torch.bool)):
+                run(model, tiny_inputs("vit"))
         assert_restored(model)
 
     def test_fna_mask_tokens_equals_masked_exact_attention_at_full_rank(self, nystrom_at_every_token):
@@ -967,6 +970,21 @@ def test_a_strategy_callable_that_picks_padding_is_refused_in_a_model():
         model(**bert_batch([12, 12]))
         with pytest.raises(ValueError, match="landmark indices point at masked keys"):
             model(**bert_batch([12, 8]))
+
+
+def test_a_guarantee_and_an_exclusion_that_meet_on_padding_only_change_nothing():
+    # A review: a position-0 guarantee beside exclude=padding raised "guarantee and exclude select the same token"
+    # under left padding, where position 0 of the shorter sequence is padding, which a guarantee drops anyway.
+    model = long_bert()
+    batch = bert_batch([40, 30])
+    batch["attention_mask"] = batch["attention_mask"].flip(-1)  # left padding: the second sequence starts at 10
+    guarantee = torch.arange(40) == 0
+    with torch.no_grad():
+        with fna(model, layers=[1], num_landmarks=8, guarantee=guarantee):
+            alone = model(**batch).last_hidden_state
+        with fna(model, layers=[1], num_landmarks=8, guarantee=guarantee, exclude=~batch["attention_mask"].bool()):
+            both = model(**batch).last_hidden_state
+    torch.testing.assert_close(both, alone, rtol=0, atol=0)
 
 
 def test_tol_calibrates_on_the_first_batch_that_can_and_keeps_m_uncut_or_answers_exactly():
