@@ -63,6 +63,11 @@ def load_average():
     return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
 
 
+def all_cores():
+    """The cores this process may run on (its CPU affinity), the thread count of "all cores"."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def busy_warning(threads, load=None):
     """A warning when the 1-minute load average exceeds the cores this process may use, else ``None``.
 
@@ -80,7 +85,7 @@ def busy_warning(threads, load=None):
     if load is None:
         loads = load_average()
         load = None if loads is None else loads[0]
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or threads
+    cores = all_cores()
     if load is None or load <= max(cores, threads):
         return None
     return (f"load average {load:.2f} exceeds the {cores} core{'s' if cores > 1 else ''} of this machine, the "

@@ -13,8 +13,6 @@ CPU only: on a GPU the thread count is not the user's to choose. The section set
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -23,7 +21,7 @@ from nystrom import approximate
 
 from ..plotting import value_axis
 from ..report import format_ratio, markdown_table
-from ..stamp import caption
+from ..stamp import all_cores, caption
 from ..timing import measure, thread_limit
 from .breakdown import STAGES, stage_times
 from .inputs import random_qkv
@@ -38,11 +36,6 @@ _STAGE_CALLS = 3
 _ROUNDS = 3
 # Exact SDPA takes seconds per call at n = 65,536: two rounds.
 _EXACT_ROUNDS = 2
-
-
-def all_cores():
-    """The cores this process may run on (its CPU affinity), the thread count of "all cores"."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def run_threads(ctx):
