@@ -506,7 +506,7 @@ class FNAHandle(Handle):
                 raise ValueError(f"guarantee and exclude select the same token in layer {layer}: a token cannot "
                                  "be both always and never a landmark")
             eligible = eligible & ~excluded
-            fewest = fewest_eligible(xp, fewest, everything, excluded)  # a host read, only where tokens are excluded
+            fewest = fewest_real_keys(xp, eligible)  # a host read, only where tokens are excluded
         # Guaranteed tokens that are padding (or keys masked by mask_tokens) are no tokens to attend to: dropped.
         forced = None if guaranteed is None else guaranteed & eligible
         # Reused landmarks must still be eligible here and hold this layer's guaranteed tokens (exclusions,
