@@ -36,10 +36,14 @@ def inputs(seed, shape, dtype=torch.float64, logit_scale=None):
     return tuple(x.requires_grad_() for x in (Q, K, V))
 
 
-def grads(fn, Q, K, V):
+def grads(fn, Q, K, V, rows=None):
+    """Gradients of a weighted sum of the output, over the output ``rows`` (a bool mask broadcastable to it; default
+    all)."""
     out = fn(Q, K, V)
     # A loss whose gradient reaches every output entry differently (a plain sum hides errors that cancel).
     weight = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape)
+    if rows is not None:
+        weight = weight * rows
     return torch.autograd.grad((out * weight).sum(), (Q, K, V))
 
 
@@ -70,16 +74,22 @@ def test_gradients_are_finite(strategy, solver, masked):
 def test_gradients_equal_sdpa_with_every_real_key_a_landmark(strategy, masked):
     Q, K, V = inputs(1, (2, 2, 16, 8))
     if masked:
-        # Both sequences keep 12 real keys (at different places), so m = 12 makes every real key a landmark.
+        # Sequence 1 keeps 12 real keys, sequence 0 all 16: m = 12 makes every real key of sequence 1 a landmark and
+        # runs the formula (every real key of every sequence would be answered by exact attention, whose gradients
+        # are SDPA's own; a review). The loss reads sequence 1's real rows.
         mask = torch.ones(2, 1, 1, 16, dtype=torch.bool)
-        mask[0, ..., 12:] = False
         mask[1, ..., :4] = False
-        m = 12
+        m, rows = 12, mask[:, :, 0, :, None] & (torch.arange(2) == 1).reshape(2, 1, 1, 1)
     else:
-        mask, m = None, 16
-    ours = grads(lambda q, k, v: nystrom.approximate(q, k, v, strategy=strategy, num_landmarks=m,
-                                                     solver=nystrom.PInv(), attn_mask=mask, seed=0), Q, K, V)
-    sdpa = grads(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask), Q, K, V)
+        mask, m, rows = None, 16, None
+
+    def call(q, k, v):
+        return nystrom.approximate(q, k, v, strategy=strategy, num_landmarks=m, solver=nystrom.PInv(), attn_mask=mask,
+                                   seed=0, return_info=True)
+
+    assert call(Q, K, V)[1].landmarks is not None
+    ours = grads(lambda q, k, v: call(q, k, v)[0], Q, K, V, rows)
+    sdpa = grads(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask), Q, K, V, rows)
     for name, a, b in zip("QKV", ours, sdpa):
         torch.testing.assert_close(a, b, rtol=0, atol=GRAD_RTOL * float(b.abs().max()), msg=name)
 
