@@ -336,7 +336,8 @@ def test_approximate_with_split_keys_reads_a_transposed_key_matrix(monkeypatch):
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     got = nystrom.approximate(Q, K, V, num_landmarks=8)
     want = nystrom.approximate(Q, K.contiguous(), V, num_landmarks=8)
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    # The same products on the same values whatever K's strides: measured bit for bit (the defect was 1.31 off).
+    assert torch.equal(got, want)
 
 
 @pytest.mark.parametrize("boolean", [True, False])
