@@ -320,10 +320,11 @@ def approximate(
         (:math:`n_q \ne n`) at most :math:`n_q`. With every token a landmark and a pseudo-inverse
         (``solver="pinv"``, which drops singular values below :math:`m\varepsilon\sigma_{\max}`), self-attention
         is exact through the formula (:math:`A A^+ A = A`) up to rounding, which the kept singular values of
-        :math:`A` amplify: 5e-14 in float64 and 2e-5 in float32 on Gaussian tokens, but on numerically low-rank
-        kernels (head size 1, logits near 0) 2e-3 in float64 and 4e-5 to 4.4e-3 in float32 (the most with few
-        tokens: head size 1 or 4, :math:`n = 10`), and 5e-2 with ``PInv(rtol=0)``, which inverts the round-off too;
-        ``PInv(rtol=1e-10)`` brings the float64 case to 2.6e-9, ``PInv(rtol=1e-4)`` the float32 ones to 4e-5
+        :math:`A` amplify: 5e-14 in float64 and 2e-5 to 7e-5 in float32 on Gaussian tokens, but on numerically
+        low-rank kernels (head size 1, logits near 0) 1e-3 to 2e-3 in float64 and 4e-5 to 4.4e-3 in float32 (the most
+        with few tokens: head size 1 or 4, :math:`n = 10`), and up to 0.6 in float32 with ``PInv(rtol=0)``, which
+        inverts the round-off too; ``PInv(rtol=1e-10)`` brings the float64 case to 1e-9, ``PInv(rtol=1e-4)`` the
+        float32 ones to 4e-5 (amplified rounding: the digits move with the order of the sums)
         (``docs/scripts/pinv_at_full_rank.py``). Near-uniform attention is the worst case in float32: 1.7e-4 to
         4.4e-4 with unit-norm queries and keys (:math:`n` = 24 to 128, a review), and 1.3e-3 with norms near 0.4
         (:math:`n = 24`, :math:`d = 16`, a later review), against 1e-5 to 3e-5 at norms 8 to 30 (1.8e-4 for some
@@ -331,10 +332,10 @@ def approximate(
         ``PInv(rtol=1e-10)`` gives 4e-11, and 1.2e-2 with norms near 1e-6 (:math:`n = 8`, :math:`d = 32`, logits
         near 1e-12, a review: a singular value of 1.9e-15, rounding itself, just above the cut-off; 2.5e-14 with
         ``PInv(rtol=1e-10)``). float16 and bfloat16 stay within 1.3 to 16 times SDPA's own rounding in
-        those dtypes on Gaussian tokens, but not on such kernels: 3.6e-3 in float16 (13 times SDPA's) and 0.31 in
-        bfloat16 (150 times) with head size 4 and :math:`n = 10`, where :math:`BV` and :math:`F`, rounded to the
-        dtype, meet singular values the float32 cut-off keeps; ``PInv(rtol=1e-4)`` gives 3.9e-4 and 2.4e-3 (SDPA's
-        own 2.1e-3) there. The default six
+        those dtypes on Gaussian tokens, but not on such kernels: 4e-3 to 5e-3 in float16 (13 to 18 times SDPA's)
+        and 0.31 to 0.33 in bfloat16 (150 to 160 times) with head size 4 and :math:`n = 10`, where :math:`BV` and
+        :math:`F`, rounded to the dtype, meet singular values the float32 cut-off keeps; ``PInv(rtol=1e-4)`` gives
+        3.9e-4 and 2.4e-3 (SDPA's own 2.1e-3) there. The default six
         Newton–Schulz steps regularise and are not exact there (a review measured 1.6e-2 on smooth tokens at
         :math:`n = 256`).
         Cross-attention is exact there only through :math:`A^+ A = I`, which rounding loses when attention is
@@ -356,8 +357,8 @@ def approximate(
         ``rpcholesky``'s residual kernel has fallen to its rounding (the rank exhausted: head size 1, near-uniform
         keys), whose pivots then follow each library's rounding (a review: 10 of 20 float32 draws of keys near 1e-3
         differed from the fifth pivot on, for outputs equally far from exact attention). One draw serves the whole
-        call: a
-        sequence's landmarks depend on the batch it is in (its size and its place there), not on the seed alone.
+        call: a sequence's landmarks depend on its place in the batch (its row of the flattened leading dimensions)
+        and, for ``rpcholesky``, on :math:`m`, not on the seed alone; not on the batch's size.
     return_info : bool
         Also return an :class:`Info` (landmark indices, solver residual, flop counts, and an
         ``estimate_error()`` method).

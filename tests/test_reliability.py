@@ -6,7 +6,6 @@ import torch
 
 import nystrom
 from nystrom import NewtonSchulz, PInv, Ridge
-from nystrom.linalg.solvers import REGULARISING_RTOL
 
 SOLVERS = [NewtonSchulz(), NewtonSchulz(tol=1e-12, max_iters=30), PInv(), PInv(rtol=0.0), Ridge()]
 
@@ -19,28 +18,36 @@ def scaled_qkv(logit_max, seed=0, n=256, d=64, heads=4):
     return Q * (logit_max / s) ** 0.5, K * (logit_max / s) ** 0.5, V
 
 
-# Documented bound (docs/reliability.md): against float64 arithmetic on the same rounded inputs,
-# the relative Frobenius error is at most max(4 eps_dtype, 100 eps_float32). Half formats sit at
-# ~1/2 ulp of the output (eps/2); float32 is amplified by A's conditioning in the solve (~20 eps).
+# Documented bound (docs/reliability.md): against float64 arithmetic on the same rounded inputs, for max logits up
+# to 50, the relative Frobenius error is at most max(4 eps_dtype, 100 eps_float32). Half formats sit at ~1/2 ulp of
+# the output (eps/2); float32 is amplified by A's conditioning in the solve (~20 eps).
 BOUND = {dt: max(4 * torch.finfo(dt).eps, 100 * torch.finfo(torch.float32).eps)
          for dt in (torch.float32, torch.float16, torch.bfloat16)}
 
 
-#: The regularising solvers the bound is documented for: the default, ridge, and the pseudo-inverse with its
-#: regularising cut-off (an exact pseudo-inverse exceeds it 20-fold in float32 here: docs' reliability page).
-REGULARISING = [NewtonSchulz(), Ridge(), PInv(rtol=REGULARISING_RTOL)]
+#: The regularising solvers the bound is documented for: the default and ridge, whose filters are smooth in the
+#: singular values. Not an exact pseudo-inverse (20 times the bound in float32 here), nor one with a cut-off: a
+#: singular value within rounding of the cut-off is kept in one precision and dropped in the other (PInv(rtol=3e-2):
+#: up to 36 times the bound over 12 seeds; docs' reliability page, ``python docs/scripts/half_precision_error.py``).
+REGULARISING = [NewtonSchulz(), Ridge()]
 
 
 @pytest.mark.parametrize("solver", REGULARISING, ids=repr)
 @pytest.mark.parametrize("logit_max", [5.0, 20.0, 50.0])
 @pytest.mark.parametrize("dtype", list(BOUND))
-def test_low_precision_error_within_documented_bound(logit_max, dtype, solver):
-    Q, K, V = scaled_qkv(logit_max)
-    out = nystrom.approximate(Q.to(dtype), K.to(dtype), V.to(dtype), num_landmarks=32, solver=solver)
+@pytest.mark.parametrize("seed,masked", [(0, False), (6, False), (9, True), (11, True)])
+def test_low_precision_error_within_documented_bound(logit_max, dtype, solver, seed, masked):
+    # Seeds 6, 9 and 11 gave the largest errors of the script's sweep of 12 (at most 0.56 of the bound); with a key
+    # mask of 200 of the 256 keys, whose real rows alone count.
+    Q, K, V = scaled_qkv(logit_max, seed=seed)
+    mask = (torch.arange(Q.shape[-2]) < 200) if masked else None
+    out = nystrom.approximate(Q.to(dtype), K.to(dtype), V.to(dtype), num_landmarks=32, solver=solver, attn_mask=mask)
     assert torch.isfinite(out).all()
     rounded = [x.to(dtype).double() for x in (Q, K, V)]
-    ref = nystrom.approximate(*rounded, num_landmarks=32, solver=solver)
-    err = float(torch.linalg.norm(out.double() - ref) / torch.linalg.norm(ref))
+    ref = nystrom.approximate(*rounded, num_landmarks=32, solver=solver, attn_mask=mask)
+    rows = slice(None) if mask is None else slice(0, 200)
+    out, ref = out[..., rows, :].double(), ref[..., rows, :]
+    err = float(torch.linalg.norm(out - ref) / torch.linalg.norm(ref))
     assert err <= BOUND[dtype], err
 
 
@@ -159,6 +166,18 @@ def test_same_seed_is_bit_identical(strategy, library):
     a, b = runs[0][1].landmarks, runs[1][1].landmarks
     for x, y in ((runs[0][0], runs[1][0]), (a.keys, b.keys), (a.queries, b.queries)):
         assert np.array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.mark.parametrize("strategy", sorted(nystrom.STRATEGIES))
+def test_a_sequence_gets_the_same_answer_in_a_larger_batch(strategy):
+    # approximate's seed: a sequence's landmarks depend on its place in the batch, not on the batch's size; every
+    # solver and the rest of the product are functions of each sequence alone, so its output is the same, bit for bit.
+    g = torch.Generator().manual_seed(7)
+    Q, K, V = (torch.randn(3, 2, 40, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    whole = nystrom.approximate(Q, K, V, strategy=strategy, num_landmarks=8, seed=3)
+    assert torch.equal(nystrom.approximate(Q[:1], K[:1], V[:1], strategy=strategy, num_landmarks=8, seed=3), whole[:1])
+    if not nystrom.get_strategy(strategy).random:
+        assert torch.equal(nystrom.approximate(Q[2:], K[2:], V[2:], strategy=strategy, num_landmarks=8), whole[2:])
 
 
 @pytest.mark.parametrize("strategy", nystrom.STRATEGIES)

@@ -346,7 +346,7 @@ class PInv(Solver, name="pinv"):
         and with all tokens as landmarks the output equals exact attention up to rounding amplified by the
         smallest kept singular value (:func:`nystrom.approximate`'s ``num_landmarks`` gives the sizes: 2e-5 in
         float32 on Gaussian tokens, up to 2e-3 in float64 on a numerically low-rank kernel, where a cut-off of
-        1e-10 gives 2.6e-9). On real attention with
+        1e-10 gives about 1e-9). On real attention with
         :math:`m \ll n` an exact inverse amplifies the noise directions of :math:`A` into errors larger than
         the signal; ``PInv(rtol=REGULARISING_RTOL)`` (3e-2, the best cut-off measured on the docs'
         pseudo-inverse page) regularises instead. ``rtol=0`` inverts every non-zero singular value,
