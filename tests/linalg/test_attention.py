@@ -139,6 +139,31 @@ def test_implied_attention_rows_sum_to_one(seed, m):
     np.testing.assert_allclose(out, 1.0, rtol=0, atol=10 * cond * 1e-13)
 
 
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10_000), m=st.integers(2, 12), strategy=st.sampled_from(sorted(nystrom.STRATEGIES)),
+       cross=st.booleans(), masked=st.booleans())
+def test_rows_sum_to_one_with_masks_and_cross_attention(seed, m, strategy, cross, masked):
+    # The docs' Nystrom page (2), for every strategy, weighted ones included (A stays row-stochastic with log c), a key
+    # mask (sequence 1 keeps 20 of its 30 keys) and cross-attention (7 queries): V = ones gives ones in every row.
+    rng = np.random.default_rng(seed)
+    Q = rng.standard_normal((2, 7 if cross else 30, 5))
+    K = rng.standard_normal((2, 30, 5))
+    mask = None
+    if masked:
+        mask = np.ones((2, 30), bool)
+        mask[1, 20:] = False
+    m = min(m, 6) if cross else m  # at most the 7 queries, below them so that the formula runs
+    out, info = nystrom.approximate(Q, K, np.ones((2, 30, 2)), strategy=strategy, num_landmarks=m,
+                                    solver=PInv(rtol=1e-13), attn_mask=mask, seed=seed, return_info=True)
+    landmarks = info.landmarks
+    cond = landmark_kernel_condition(landmarks.queries, landmarks.keys, 5**-0.5, landmarks.log_weights)
+    eps = np.finfo(np.float64).eps
+    assume(cond * eps <= 1e-6)
+    # Z 1 = 1 up to the rounding of the solve times cond(A): over 1,440 draws (60 seeds, every strategy, cross or not,
+    # masked or not) |out - 1| was at most 2.6 cond(A) eps; 50 as for the weighted rows below.
+    np.testing.assert_allclose(out, 1.0, rtol=0, atol=50 * cond * eps)
+
+
 def test_error_falls_as_landmarks_grow():
     # Expected error over random landmark draws is non-increasing in m on low-rank-plus-noise input.
     errors = []
@@ -201,6 +226,35 @@ def test_weighted_landmarks_are_exact_on_repeated_keys(seed, m, cross):
         torch.from_numpy(q_landmarks), torch.from_numpy(k), log_weights=torch.from_numpy(np.log(c.astype(float)))),
         PInv(rtol=1e-13))
     np.testing.assert_allclose(out_t.numpy(), exact, rtol=0, atol=tol)
+
+
+@pytest.mark.parametrize("cross,masked", [(False, False), (True, False), (False, True), (True, True)])
+def test_kmeans_finds_the_repeated_keys_and_is_exact(cross, masked):
+    # The same exactness with the landmarks kmeans chooses: its farthest-point seeds take the m distinct keys (every
+    # copy of a chosen key is at distance 0) and its clusters are their copies, whose counts are the c_j (all tokens
+    # lie in the k-means sample below 1,024; past it the counts are estimates, the docs' landmark page). Padding
+    # after the real keys holds other keys.
+    for seed in range(5):
+        Q, K, V, k, c, _ = repeated_keys(seed, 6, cross=cross)
+        order = np.random.default_rng(seed).permutation(K.shape[0])
+        K, V = K[order], V[order]
+        Q = Q if cross else Q[order]
+        exact = exact_attention(Q, K, V)
+        mask = None
+        if masked:
+            rng = np.random.default_rng(seed + 100)
+            K = np.concatenate([K, rng.standard_normal((3, K.shape[1]))])
+            V = np.concatenate([V, rng.standard_normal((3, 3))])
+            Q = Q if cross else np.concatenate([Q, rng.standard_normal((3, Q.shape[1]))])
+            mask = np.arange(K.shape[0]) < K.shape[0] - 3
+        out, info = nystrom.approximate(Q, K, V, strategy="kmeans", num_landmarks=6, solver=PInv(rtol=1e-13),
+                                        attn_mask=mask, return_info=True)
+        landmarks = info.landmarks
+        assert sorted(np.exp(landmarks.log_weights).round().astype(int).tolist()) == sorted(c.tolist())
+        cond = landmark_kernel_condition(landmarks.queries, landmarks.keys, 6**-0.5, landmarks.log_weights)
+        rows = slice(None) if cross or not masked else slice(0, -3)
+        np.testing.assert_allclose(out[rows], exact, rtol=0,
+                                   atol=20 * cond * np.finfo(np.float64).eps * np.abs(exact).max())
 
 
 def test_unweighted_landmarks_are_not_exact_on_repeated_keys():

@@ -101,16 +101,28 @@ def test_float16_never_overflows_where_exact_attention_is_finite(solver):
     assert torch.linalg.norm(half.double() - exact) <= torch.linalg.norm(single - exact) + slack
 
 
-def test_gradients_flow_and_match_finite_differences():
-    g = torch.Generator().manual_seed(1)
-    Q, K, V = (torch.randn(1, 2, 10, 4, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
-    for strategy in ("segment_means", "fps"):
-        def f(q, k, v, strategy=strategy):
-            return nystrom.approximate(q, k, v, strategy=strategy, num_landmarks=4)
+# The docs' pseudo-inverse page: Ridge and fixed-step Newton-Schulz are differentiated exactly, through weighted
+# landmarks (kmeans, norm: the means and log c_j), key masks and cross-attention (n_q != n) too.
+GRADCHECK_CASES = [("segment_means", "newton_schulz", 10, False), ("fps", "newton_schulz", 10, False),
+                   ("norm", "newton_schulz", 10, True), ("kmeans", "ridge", 7, True), ("uniform", "ridge", 10, True)]
 
-        # float64 central differences with a step of 1e-6 round by about eps |f| / 1e-6 = 2e-10 per evaluation:
-        # measured 2-3e-9 at most; 10x. rtol=0: gradcheck's default 1e-3 alone passed 0.1 % off.
-        assert torch.autograd.gradcheck(f, (Q, K, V), eps=1e-6, atol=3e-8, rtol=0)
+
+@pytest.mark.parametrize("strategy,solver,n_q,masked", GRADCHECK_CASES)
+def test_gradients_flow_and_match_finite_differences(strategy, solver, n_q, masked):
+    g = torch.Generator().manual_seed(1)
+    Q = torch.randn(2, 2, n_q, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    K, V = (torch.randn(2, 2, 10, 3, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    mask = None
+    if masked:
+        mask = torch.ones(2, 1, 1, 10, dtype=torch.bool)
+        mask[1, ..., 8:] = False
+
+    def f(q, k, v):
+        return nystrom.approximate(q, k, v, attn_mask=mask, strategy=strategy, num_landmarks=4, solver=solver, seed=0)
+
+    # float64 central differences with a step of 1e-6 round by about eps |f| / 1e-6 = 2e-10 per evaluation:
+    # measured 2-3e-9 at most; 10x. rtol=0: gradcheck's default 1e-3 alone passed 0.1 % off.
+    assert torch.autograd.gradcheck(f, (Q, K, V), eps=1e-6, atol=3e-8, rtol=0)
 
 
 def test_query_chunking_changes_nothing():
