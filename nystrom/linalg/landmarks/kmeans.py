@@ -140,8 +140,8 @@ def sampled_kmeans(xp, X, m, mask=None, *, iters=3, sample_size=None, active=Non
     assign_all : bool
         Label every point by one more :math:`n\times m` distance product. By default only the sample is
         labelled, and each sampled point stands for :math:`n_v / s_v` points (eligible points over eligible
-        sampled ones): an unbiased estimate of the cluster sizes, at a cost that does not grow with :math:`n`
-        (the docs' landmark page compares the two).
+        sampled ones): an estimate of the cluster sizes (exact where the sample holds every point), at a cost that
+        does not grow with :math:`n` (the docs' landmark page compares the two).
 
     Returns
     -------
