@@ -372,7 +372,9 @@ def approximate(
         each head then chooses among its own real keys.
     features : array, shape (..., n, D), optional
         Per-token features for selection (e.g. the layer's input hidden states, where massive
-        activations show); default the keys. Without head sharing their leading dimensions are
+        activations show); default the keys. Read by the rules that measure the tokens (``fps``, ``kmeans``,
+        ``norm``, ``rpcholesky``, and a user's strategy through its selection); ``uniform`` and ``segment_means``,
+        which place landmarks by position, ignore them. Without head sharing their leading dimensions are
         ``K``'s; with it, ``K``'s without the head axis. With ``enable_gqa=True`` ``K`` counts after its heads are
         repeated to ``Q``'s: without head sharing, ``features`` has the query heads.
     query_chunk_size : int, optional
