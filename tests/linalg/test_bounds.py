@@ -317,6 +317,25 @@ def test_info_estimate_and_torch_inputs():
     assert info.residual.shape == (1, 2)  # one landmark kernel per (batch, head)
 
 
+def test_every_row_sampled_is_the_truth_for_masked_cross_attention():
+    # Cross-attention (12 queries over 20 keys) with a key mask: every row sampled gives the true error and an interval
+    # of width 0, over every row (Info, as approximate computed them) and over the real rows of a query mask.
+    rng = np.random.default_rng(3)
+    Q, K, V = rng.standard_normal((2, 12, 8)), rng.standard_normal((2, 20, 8)), rng.standard_normal((2, 20, 3))
+    keys = np.ones((2, 20), bool)
+    keys[1, 15:] = False
+    queries = np.ones((2, 12), bool)
+    queries[0, 9:] = False
+    out, info = nystrom.approximate(Q, K, V, num_landmarks=6, attn_mask=keys, return_info=True)
+    exact = nystrom.exact_attention(Q, K, V, attn_mask=keys)
+    for e, real in ((info.estimate_error(num_samples=12), 1.0),
+                    (nystrom.estimate_relative_error(Q, K, V, out, num_samples=12, attn_mask=keys, query_mask=queries),
+                     queries[..., None])):
+        truth = np.linalg.norm((out - exact) * real) / np.linalg.norm(exact * real)
+        # float64, the same sums in another order, as above.
+        assert e.low == e.high == pytest.approx(truth, rel=1e-13)
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.integers(2, 300), st.integers(0, 10**6), st.data())
 def test_stratified_rows_draw_one_position_per_stratum(population, seed, data):
