@@ -26,6 +26,7 @@ pytest.importorskip("tqdm")
 from plot_checks import unreadable_axes  # noqa: E402
 
 from nystrom import FNA_AUTHORS, NewtonSchulz, Norm, PInv  # noqa: E402
+from nystrom import approximate as nystrom_approximate  # noqa: E402
 from nystrom.__main__ import main  # noqa: E402
 from nystrom.experiments import pretrained  # noqa: E402
 from nystrom.experiments.evaluate.dinov2 import random_crops  # noqa: E402
@@ -344,3 +345,23 @@ def test_an_output_folder_that_cannot_be_made_is_a_usage_error(tmp_path, capsys)
     with pytest.raises(SystemExit) as exit_info:
         main(["eval", "--model", "minilm", "--out", ""])
     assert exit_info.value.code == 2 and "an empty path names no folder" in capsys.readouterr().err
+
+
+def test_layer_errors_read_the_real_query_rows_only():
+    # A batch of 12 and 8 real tokens: the padded rows of the recorded output may hold anything (here 1e3), and the
+    # layer error is that of the real rows alone.
+    from nystrom.experiments.evaluate.sweep import layer_errors
+    from nystrom.torch.capture import CapturedAttention
+
+    g = torch.Generator().manual_seed(0)
+    Q, K, V = (torch.randn(2, 2, 12, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    real = torch.arange(12) < torch.tensor([[12], [8]])
+    exact = torch.nn.functional.scaled_dot_product_attention(Q, K, V, attn_mask=real[:, None, None, :])
+    recorded = exact.masked_fill(~real[:, None, :, None], 1e3)
+    cap = CapturedAttention(layer=0, hidden_states=None, query=Q, key=K, value=V, attention_mask=real, scaling=8**-0.5,
+                            output=recorded)
+    error = layer_errors([cap], strategy=Norm(), solver=NewtonSchulz(), num_landmarks=4, seed=0)[0]
+    out = nystrom_approximate(Q, K, V, strategy=Norm(), num_landmarks=4, attn_mask=cap.attn_mask, seed=0)
+    keep = real[:, None, :, None]
+    want = float(torch.linalg.norm((out - exact) * keep) / torch.linalg.norm(exact * keep))
+    assert error == pytest.approx(want, rel=1e-12)  # float64, the same sums

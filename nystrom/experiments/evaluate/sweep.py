@@ -90,7 +90,8 @@ def layer_errors(captures, *, strategy, solver, num_landmarks, seed):
     Returns
     -------
     dict of int to float
-        Layer to :math:`\\lVert \\hat O_\\ell - O_\\ell\\rVert_F / \\lVert O_\\ell\\rVert_F` over all its captures.
+        Layer to :math:`\\lVert \\hat O_\\ell - O_\\ell\\rVert_F / \\lVert O_\\ell\\rVert_F` over all its captures,
+        on the real query rows (those of ``attention_mask``).
     """
     approx, exact = {}, {}
     for cap in captures:
@@ -102,8 +103,11 @@ def layer_errors(captures, *, strategy, solver, num_landmarks, seed):
             out = approximate(cap.query, cap.key, cap.value, strategy=strategy, num_landmarks=min(num_landmarks,
                               min(lengths)), solver=solver, scale=cap.scaling, attn_mask=cap.attn_mask,
                               seed=(seed + cap.layer) % SEED_LIMIT, features=cap.hidden_states)
-        approx.setdefault(cap.layer, []).append(out.flatten())
-        exact.setdefault(cap.layer, []).append(cap.output.flatten())
+        # Over the real query rows: a padded token's row is attention nobody reads (a review: 0.4637 against 0.4697
+        # on MiniLM layer 3 for a batch of 10 and 22 tokens; the CLI's batches hold sentences of one length).
+        real = 1.0 if cap.attention_mask is None else cap.attention_mask.to(out.dtype)[:, None, :, None]
+        approx.setdefault(cap.layer, []).append((out * real).flatten())
+        exact.setdefault(cap.layer, []).append((cap.output * real).flatten())
     return {layer: relative_error(torch.cat(approx[layer]), torch.cat(exact[layer]).double()) for layer in approx}
 
 
