@@ -365,3 +365,13 @@ def test_layer_errors_read_the_real_query_rows_only():
     keep = real[:, None, :, None]
     want = float(torch.linalg.norm((out - exact) * keep) / torch.linalg.norm(exact * keep))
     assert error == pytest.approx(want, rel=1e-12)  # float64, the same sums
+
+
+def test_two_labels_of_one_configuration_are_refused():
+    from nystrom.experiments.evaluate.sweep import Grid
+
+    with pytest.raises(ValueError, match="strategies 'norm' and 'norm:' are the same"):
+        Grid((8,), ("norm", "norm:"), ("newton_schulz",), 0)
+    with pytest.raises(ValueError, match="solvers 'pinv' and 'pinv:rtol=none' are the same"):
+        Grid((8,), ("norm",), ("pinv", "pinv:rtol=none"), 0)
+    assert list(Grid((8,), ("norm", "norm:iters=3"), ("pinv", "pinv:rtol=0"), 0).solvers) == ["pinv", "pinv:rtol=0"]

@@ -17,6 +17,17 @@ from ..report import progress_bar
 from .specs import check_names, check_positive_ints, parse_spec
 
 
+def same_once(name, parsed):
+    """``parsed`` (label to object) if no two labels give equal objects; ``ValueError`` naming both otherwise (a review:
+    ``--strategies norm norm:`` ran ``norm`` twice under two labels)."""
+    labels = list(parsed)
+    for i, first in enumerate(labels):
+        for second in labels[i + 1:]:
+            if parsed[first] == parsed[second]:
+                raise ValueError(f"{name} {first!r} and {second!r} are the same {parsed[first]!r}")
+    return parsed
+
+
 class Grid:
     """The configurations of one evaluation: every (strategy, solver, m), and the seed.
 
@@ -25,8 +36,9 @@ class Grid:
 
     def __init__(self, num_landmarks, strategies, solvers, seed):
         self.num_landmarks = check_positive_ints("num_landmarks", num_landmarks)
-        self.strategies = {s: parse_spec(s, "strategy") for s in check_names("strategies", strategies)}
-        self.solvers = {s: parse_spec(s, "solver") for s in check_names("solvers", solvers)}
+        self.strategies = same_once("strategies", {s: parse_spec(s, "strategy")
+                                                   for s in check_names("strategies", strategies)})
+        self.solvers = same_once("solvers", {s: parse_spec(s, "solver") for s in check_names("solvers", solvers)})
         # Evaluations need an int seed (layer l uses seed + l, wrapped below 2**63 as patching wraps it); a bad one
         # fails before any model runs.
         self.seed = check_seed(check_int("seed", seed, minimum=0))
