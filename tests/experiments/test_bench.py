@@ -182,9 +182,11 @@ def test_e2e_measures_agreement(results):
     (record,) = payload["records"]
     assert record["n"] == 1 + (PLAN.e2e_sizes[0] // 14) ** 2
     assert record["exact_s"] > 0 and record["fna_s"] > 0
-    # A float32 cosine may exceed 1 by a few eps32 = 1.2e-7.
-    assert -1 <= record["patch_cosine_min"] <= record["patch_cosine_mean"] <= 1 + 1e-6
-    assert -1 <= record["cls_cosine"] <= 1 + 1e-6
+    assert record["patch_cosine_min"] <= record["patch_cosine_mean"]
+    # The cosines are deterministic, unlike the quick timings: measured CLS 0.986, patches 0.936 (lowest 0.706) at
+    # n = 65, m = 16. FNA not applied gives 1.0 each, doubled Nyström outputs 0.644 / 0.496 / 0.151 (a review).
+    assert 0.95 < record["cls_cosine"] < 1 - 1e-4
+    assert 0.85 < record["patch_cosine_mean"] < 1 - 1e-4 and record["patch_cosine_min"] > 0.5
 
 
 def test_threads_times_every_method_and_stage_at_one_thread_and_all_cores(results):

@@ -96,12 +96,19 @@ def test_tol_fna_report_with_a_budget_runs_nystrom_and_counts_the_misses(tmp_pat
                          "--max-landmarks", "8", "--tols", "0.1", "--out", str(tmp_path)])
     capsys.readouterr()
     report = json.loads((tmp_path / "tol_fna.json").read_text())
+    # Measured: layer errors 0.049-0.684 (DINOv2) and 0.107-0.882 (MiniLM), every layer above 0.1 warned (10 of 10,
+    # 6 of 6), cosines 0.908 (CLS) and 0.975 (embedding); doubled Nyström outputs gave errors up to 1.79 and cosines
+    # 0.238 and 0.868 (a review). A warning comes from the estimate's bound, the error from exact attention: one layer
+    # whose interval missed its error may go unwarned.
+    floors = {"dinov2": ("cls_cosine", 0.8), "minilm": ("embedding_cosine", 0.95)}
     for key in ("dinov2", "minilm"):
         record = report["results"][key]["records"][0]
         assert all(4 <= m <= 8 for m in record["num_landmarks_per_layer"].values())
         errors = record["layer_error"].values()
-        assert all(0 < error < 2 for error in errors)
+        assert all(0 < error < 1 for error in errors)
         assert record["warned"] >= sum(error > 0.1 for error in errors) - 1
+        cosine, floor = floors[key]
+        assert floor < record[cosine] < 1 - 1e-4
 
 
 def usage_error(main, argv, capsys):
