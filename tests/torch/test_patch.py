@@ -1001,8 +1001,10 @@ def test_a_guarantee_and_an_exclusion_that_meet_on_padding_only_change_nothing()
     with torch.no_grad():
         with fna(model, layers=[1], num_landmarks=8, guarantee=guarantee):
             alone = model(**batch).last_hidden_state
-        with fna(model, layers=[1], num_landmarks=8, guarantee=guarantee, exclude=~batch["attention_mask"].bool()):
+        with fna(model, layers=[1], num_landmarks=8, guarantee=guarantee,
+                 exclude=~batch["attention_mask"].bool()) as handle:
             both = model(**batch).last_hidden_state
+    assert_fna_ran(handle)
     torch.testing.assert_close(both, alone, rtol=0, atol=0)
 
 
@@ -1195,8 +1197,9 @@ class TestComposition:
             with mask_keys(model, [2, 3], select):
                 inside = run(model, inputs)
         with mask_keys(model, [2, 3], select):
-            with fna(model, layers=[2, 3], num_landmarks=8):
+            with fna(model, layers=[2, 3], num_landmarks=8) as handle:
                 outside = run(model, inputs)
+        assert_fna_ran(handle)
         assert torch.equal(inside, outside) and not torch.allclose(inside, plain)
 
     @pytest.mark.parametrize("kind", ["dinov2", "bert"])
@@ -1341,6 +1344,7 @@ def test_guaranteeing_the_token_fps_starts_from_changes_nothing(recipe):
     for extra in ({}, {"guarantee": cls}):
         with torch.no_grad(), nystrom.fna(model, num_landmarks=6, **recipe, **extra) as handle:
             out = model(**inputs).last_hidden_state
+        assert_fna_ran(handle)
         picked.append((out, [record.indices for record in handle.records.values()]))
     (out, indices), (out_guaranteed, indices_guaranteed) = picked
     # norm groups the tokens (no indices): its first, CLS, moved to token 1 with guarantee=CLS, a second singleton
@@ -1358,8 +1362,9 @@ def test_an_excluded_first_token_is_not_replaced_by_the_next(strategy):
     outputs = []
     for chosen in (strategy, dataclasses.replace(nystrom.get_strategy(strategy), first=None)):
         with torch.no_grad(), nystrom.fna(model, layers=[1], num_landmarks=6, strategy=chosen,
-                                          exclude=torch.arange(17) == 0):
+                                          exclude=torch.arange(17) == 0) as handle:
             outputs.append(model(**inputs).last_hidden_state)
+        assert_fna_ran(handle)
     torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=0)
 
 
@@ -1373,6 +1378,7 @@ def test_a_sequence_that_excludes_its_first_token_leaves_the_others_theirs(strat
     excluded[0, 0] = True
     with nystrom.fna(model, num_landmarks=4, strategy=strategy, exclude=excluded) as handle:
         both = run(model, inputs)
+    assert_fna_ran(handle)
     together = handle.records
     for b in range(2):
         with nystrom.fna(model, num_landmarks=4, strategy=strategy, exclude=excluded[b:b + 1]) as handle:
@@ -1491,8 +1497,9 @@ def test_a_4d_mask_that_pads_queries_and_keys_is_the_key_padding(implementation)
     both = real[:, None, :, None] & real[:, None, None, :]
     if implementation == "eager":
         both = torch.zeros(both.shape, dtype=torch.float64).masked_fill(~both, torch.finfo(torch.float64).min)
-    with fna(model, num_landmarks=4):
+    with fna(model, num_landmarks=4) as handle:
         out = run(model, {**inputs, "attention_mask": both})
+        assert_fna_ran(handle)
         torch.testing.assert_close(out[real], run(model, inputs)[real], rtol=0, atol=0)
     # A real query that attends to nothing is no key padding.
     if implementation == "sdpa":
