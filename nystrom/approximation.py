@@ -320,20 +320,21 @@ def approximate(
         (:math:`n_q \ne n`) at most :math:`n_q`. With every token a landmark and a pseudo-inverse
         (``solver="pinv"``, which drops singular values below :math:`m\varepsilon\sigma_{\max}`), self-attention
         is exact through the formula (:math:`A A^+ A = A`) up to rounding, which the kept singular values of
-        :math:`A` amplify: 5e-14 in float64 and 2e-5 to 7e-5 in float32 on Gaussian tokens, but on numerically
-        low-rank kernels (head size 1, logits near 0) 1e-3 to 2e-3 in float64 and 4e-5 to 4.4e-3 in float32 (the most
-        with few tokens: head size 1 or 4, :math:`n = 10`), and up to 0.6 in float32 with ``PInv(rtol=0)``, which
-        inverts the round-off too; ``PInv(rtol=1e-10)`` brings the float64 case to 1e-9, ``PInv(rtol=1e-4)`` the
-        float32 ones to 4e-5 (amplified rounding: the digits move with the order of the sums)
-        (``docs/scripts/pinv_at_full_rank.py``). Near-uniform attention is the worst case in float32: 1.7e-4 to
+        :math:`A` amplify, in orders of magnitude (``docs/scripts/pinv_at_full_rank.py``; amplified rounding, whose
+        digits move with the order of the sums, another BLAS's or instruction set's): 1e-13 in float64 and
+        1e-5 in float32 on Gaussian tokens, but on numerically low-rank kernels (head size 1, logits near 0) 1e-3 in
+        float64 and 1e-5 to 1e-2 in float32 (the most with few tokens: head size 1 or 4, :math:`n = 10`), and up to
+        about 0.6 in float32 with ``PInv(rtol=0)``, which inverts the round-off too; ``PInv(rtol=1e-10)`` brings the
+        float64 case to 1e-9, ``PInv(rtol=1e-4)`` the float32 ones to 4e-5. Near-uniform attention is the worst case
+        in float32: 1.7e-4 to
         4.4e-4 with unit-norm queries and keys (:math:`n` = 24 to 128, a review), and 1.3e-3 with norms near 0.4
         (:math:`n = 24`, :math:`d = 16`, a later review), against 1e-5 to 3e-5 at norms 8 to 30 (1.8e-4 for some
         draws at norm 16); in float64 on near-uniform attention (norms near 1e-3) up to 6e-4, where
         ``PInv(rtol=1e-10)`` gives 4e-11, and 1.2e-2 with norms near 1e-6 (:math:`n = 8`, :math:`d = 32`, logits
         near 1e-12, a review: a singular value of 1.9e-15, rounding itself, just above the cut-off; 2.5e-14 with
         ``PInv(rtol=1e-10)``). float16 and bfloat16 stay within 1.3 to 16 times SDPA's own rounding in
-        those dtypes on Gaussian tokens, but not on such kernels: 4e-3 to 5e-3 in float16 (13 to 18 times SDPA's)
-        and 0.31 to 0.33 in bfloat16 (150 to 160 times) with head size 4 and :math:`n = 10`, where :math:`BV` and
+        those dtypes on Gaussian tokens, but not on such kernels: a few 1e-3 in float16 (13 to 25 times SDPA's) and
+        0.3 to 0.4 in bfloat16 (150 to 170 times) with head size 4 and :math:`n = 10`, where :math:`BV` and
         :math:`F`, rounded to the dtype, meet singular values the float32 cut-off keeps; ``PInv(rtol=1e-4)`` gives
         3.9e-4 and 2.4e-3 (SDPA's own 2.1e-3) there. The default six
         Newton–Schulz steps regularise and are not exact there (a review measured 1.6e-2 on smooth tokens at
@@ -372,11 +373,12 @@ def approximate(
         each head then chooses among its own real keys.
     features : array, shape (..., n, D), optional
         Per-token features for selection (e.g. the layer's input hidden states, where massive
-        activations show); default the keys. Read by the rules that measure the tokens (``fps``, ``kmeans``,
-        ``norm``, ``rpcholesky``, and a user's strategy through its selection); ``uniform`` and ``segment_means``,
-        which place landmarks by position, ignore them. Without head sharing their leading dimensions are
-        ``K``'s; with it, ``K``'s without the head axis. With ``enable_gqa=True`` ``K`` counts after its heads are
-        repeated to ``Q``'s: without head sharing, ``features`` has the query heads.
+        activations show); default the keys. Read by the rules that measure the tokens (``fps``, but not
+        ``FPS(use_queries=True)``, which measures the queries; ``kmeans``, ``norm``, ``rpcholesky``; a user's strategy
+        through its selection); ``uniform`` and ``segment_means``, which place landmarks by position, ignore them.
+        Without head sharing their leading dimensions are ``K``'s; with it, ``K``'s without the head axis. With
+        ``enable_gqa=True`` ``K`` counts after its heads are repeated to ``Q``'s: without head sharing, ``features``
+        has the query heads.
     query_chunk_size : int, optional
         Process queries in chunks of this many rows (numpy and torch) to bound the :math:`n_q \times m`
         buffer of the output product, for very long sequences.

@@ -35,10 +35,10 @@ REGULARISING = [NewtonSchulz(), Ridge()]
 @pytest.mark.parametrize("solver", REGULARISING, ids=repr)
 @pytest.mark.parametrize("logit_max", [5.0, 20.0, 50.0])
 @pytest.mark.parametrize("dtype", list(BOUND))
-@pytest.mark.parametrize("seed,masked", [(0, False), (6, False), (9, True), (11, True)])
+@pytest.mark.parametrize("seed,masked", [(0, False), (4, False), (6, False), (11, False), (9, True), (11, True)])
 def test_low_precision_error_within_documented_bound(logit_max, dtype, solver, seed, masked):
-    # Seeds 6, 9 and 11 gave the largest errors of the script's sweep of 12 (at most 0.56 of the bound); with a key
-    # mask of 200 of the 256 keys, whose real rows alone count.
+    # The largest errors of the script's sweep of 12 seeds, at most 0.56 of the bound: seeds 6 and 9 (masked) for
+    # the default solver, 6, 11 and 4 for Ridge; the key mask keeps 200 of the 256 keys, whose rows alone count.
     Q, K, V = scaled_qkv(logit_max, seed=seed)
     mask = (torch.arange(Q.shape[-2]) < 200) if masked else None
     out = nystrom.approximate(Q.to(dtype), K.to(dtype), V.to(dtype), num_landmarks=32, solver=solver, attn_mask=mask)
@@ -171,13 +171,16 @@ def test_same_seed_is_bit_identical(strategy, library):
 @pytest.mark.parametrize("strategy", sorted(nystrom.STRATEGIES))
 def test_a_sequence_gets_the_same_answer_in_a_larger_batch(strategy):
     # approximate's seed: a sequence's landmarks depend on its place in the batch, not on the batch's size; every
-    # solver and the rest of the product are functions of each sequence alone, so its output is the same, bit for bit.
+    # solver and the rest of the product are functions of each sequence alone, so its output is the same (float64:
+    # measured bit for bit; 1e-12 leaves another BLAS's batched products their rounding).
     g = torch.Generator().manual_seed(7)
     Q, K, V = (torch.randn(3, 2, 40, 8, generator=g, dtype=torch.float64) for _ in range(3))
     whole = nystrom.approximate(Q, K, V, strategy=strategy, num_landmarks=8, seed=3)
-    assert torch.equal(nystrom.approximate(Q[:1], K[:1], V[:1], strategy=strategy, num_landmarks=8, seed=3), whole[:1])
+    alone = nystrom.approximate(Q[:1], K[:1], V[:1], strategy=strategy, num_landmarks=8, seed=3)
+    torch.testing.assert_close(alone, whole[:1], rtol=0, atol=1e-12)
     if not nystrom.get_strategy(strategy).random:
-        assert torch.equal(nystrom.approximate(Q[2:], K[2:], V[2:], strategy=strategy, num_landmarks=8), whole[2:])
+        alone = nystrom.approximate(Q[2:], K[2:], V[2:], strategy=strategy, num_landmarks=8)
+        torch.testing.assert_close(alone, whole[2:], rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("strategy", nystrom.STRATEGIES)

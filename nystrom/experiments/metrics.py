@@ -29,6 +29,13 @@ def relative_error(out, reference):
     return float(torch.linalg.vector_norm(out - reference) / torch.linalg.vector_norm(reference))
 
 
+def real_query_rows(capture):
+    """``(B, 1, n, 1)`` float64 ones on the real query rows of a captured layer (those of its ``attention_mask``), or
+    1.0 without a mask: the factor that leaves padded rows, attention nobody reads, out of an error. For captures of
+    padded batches; under :func:`~nystrom.torch.masking.mask_keys` the masked tokens' rows would drop out too."""
+    return 1.0 if capture.attention_mask is None else capture.attention_mask[:, None, :, None].double()
+
+
 def nearest_neighbours(queries, gallery, *, exclude_self=False):
     """Index of each query's nearest gallery row by cosine similarity.
 

@@ -40,6 +40,7 @@ from nystrom.torch.dispatch import attention_layers
 
 from . import pretrained
 from .evaluate import dinov2, minilm
+from .metrics import real_query_rows, relative_error
 from .report import check_distinct, layers_per_model, markdown_table, output_folder, positive, with_flags
 from .stamp import caption, load_average, make_stamp
 from .timing import best_time
@@ -91,8 +92,8 @@ def layer_error(c):
     only."""
     exact = F.scaled_dot_product_attention(c.query.double(), c.key.double(), c.value.double(), attn_mask=c.attn_mask,
                                            scale=c.scaling)
-    keep = 1.0 if c.attention_mask is None else c.attention_mask[:, None, :, None].double()
-    return float(torch.linalg.vector_norm((c.output.double() - exact) * keep) / torch.linalg.vector_norm(exact * keep))
+    keep = real_query_rows(c)
+    return relative_error(c.output * keep, exact * keep)
 
 
 def evaluate(model, forward, compare, *, tols=TOLS, layers=None, num_landmarks=16, max_landmarks=None,

@@ -344,9 +344,9 @@ class PInv(Solver, name="pinv"):
         Relative cut-off. The default (``None``) is scipy's, :math:`m\,\varepsilon` of the working dtype
         (float32 or float64): singular values at round-off level are dropped, every other one is inverted,
         and with all tokens as landmarks the output equals exact attention up to rounding amplified by the
-        smallest kept singular value (:func:`nystrom.approximate`'s ``num_landmarks`` gives the sizes: 2e-5 in
-        float32 on Gaussian tokens, up to 2e-3 in float64 on a numerically low-rank kernel, where a cut-off of
-        1e-10 gives about 1e-9). On real attention with
+        smallest kept singular value (:func:`nystrom.approximate`'s ``num_landmarks`` gives the orders of magnitude:
+        1e-5 in float32 on Gaussian tokens, 1e-3 in float64 on a numerically low-rank kernel, where a cut-off of
+        1e-10 gives 1e-9). On real attention with
         :math:`m \ll n` an exact inverse amplifies the noise directions of :math:`A` into errors larger than
         the signal; ``PInv(rtol=REGULARISING_RTOL)`` (3e-2, the best cut-off measured on the docs'
         pseudo-inverse page) regularises instead. ``rtol=0`` inverts every non-zero singular value,

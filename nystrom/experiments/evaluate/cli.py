@@ -22,9 +22,9 @@ def build_parser():
                         help="models to evaluate (default both)")
     parser.add_argument("--layers", default=None,
                         help="FNA layers, e.g. 6-11, 3,5, -1 or --layers=-1,3 (negative: from the last layer; a list "
-                             "that starts with a negative one needs '=', or argparse reads it as an option; DINOv2-S "
-                             "has 12 layers, MiniLM 6: pass --model with layers past 5; default: each model's later "
-                             "half)")
+                             "that starts with a negative one may need '=', or argparse reads it as an option; "
+                             "DINOv2-S has 12 layers, MiniLM 6: pass --model with layers past 5; default: each model's "
+                             "later half)")
     parser.add_argument("--num-landmarks", type=int, nargs="+", default=list(DEFAULT_LANDMARKS),
                         help=f"landmark counts m to sweep (default {' '.join(map(str, DEFAULT_LANDMARKS))})")
     parser.add_argument("--strategies", nargs="+", default=list(DEFAULT_STRATEGIES),

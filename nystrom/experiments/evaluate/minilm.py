@@ -42,9 +42,9 @@ def evaluate_minilm(*, layers=None, num_landmarks=DEFAULT_LANDMARKS, strategies=
     holds padding and :math:`m` is clipped to each sentence's own length (in one padded batch FNA would clip it
     to the shortest sentence of the batch). A random strategy (``uniform``, ``rpcholesky``) draws each batch row's
     landmarks from its place in the batch, so a sentence's draw depends on the group it is encoded in (a review:
-    ``uniform`` at m = 16, layers 3-5, errors 0.072 / 0.102 / 0.048 so, 0.063 / 0.090 / 0.054 with each sentence
-    alone); the deterministic rules agree either way. Since the longest sentence has 22 tokens, :math:`m \ge 32` makes
-    every token a landmark in every sentence: the model's own attention answers there, of error 0
+    ``uniform`` at m = 16, layers 3-5, errors 0.072 / 0.102 / 0.048 in the groups, 0.063 / 0.090 / 0.054 with each
+    sentence alone); the deterministic rules agree either way. Since the longest sentence has 22 tokens,
+    :math:`m \ge 32` makes every token a landmark in every sentence: the model's own attention answers there, of error 0
     (see :mod:`nystrom.experiments.evaluate`).
 
     Metrics per (strategy, solver, m), FNA in ``layers``:

@@ -12,7 +12,7 @@ from nystrom.linalg.validation import SEED_LIMIT, check_int, check_seed
 from nystrom.torch.dispatch import attention_layers
 from nystrom.torch.patching import FNAHandle, fna, own_attention_answers
 
-from ..metrics import relative_error
+from ..metrics import real_query_rows, relative_error
 from ..report import progress_bar
 from .specs import check_names, check_positive_ints, parse_spec
 
@@ -103,7 +103,8 @@ def layer_errors(captures, *, strategy, solver, num_landmarks, seed):
     -------
     dict of int to float
         Layer to :math:`\\lVert \\hat O_\\ell - O_\\ell\\rVert_F / \\lVert O_\\ell\\rVert_F` over all its captures,
-        on the real query rows (those of ``attention_mask``).
+        on the real query rows (:func:`~nystrom.experiments.metrics.real_query_rows`; captures of padded batches, not
+        of :func:`~nystrom.torch.masking.mask_keys`).
     """
     approx, exact = {}, {}
     for cap in captures:
@@ -117,7 +118,7 @@ def layer_errors(captures, *, strategy, solver, num_landmarks, seed):
                               seed=(seed + cap.layer) % SEED_LIMIT, features=cap.hidden_states)
         # Over the real query rows: a padded token's row is attention nobody reads (a review: 0.4637 against 0.4697
         # on MiniLM layer 3 for a batch of 10 and 22 tokens; the CLI's batches hold sentences of one length).
-        real = 1.0 if cap.attention_mask is None else cap.attention_mask.to(out.dtype)[:, None, :, None]
+        real = real_query_rows(cap)
         approx.setdefault(cap.layer, []).append((out * real).flatten())
         exact.setdefault(cap.layer, []).append((cap.output * real).flatten())
     return {layer: relative_error(torch.cat(approx[layer]), torch.cat(exact[layer]).double()) for layer in approx}
