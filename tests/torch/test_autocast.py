@@ -166,13 +166,14 @@ def test_gradients_do_not_depend_on_where_backward_runs(solver):
 
 def test_a_patched_models_gradients_do_not_depend_on_where_backward_runs():
     pytest.importorskip("transformers")
-    from test_capture import tiny_inputs, tiny_model
+    from test_capture import assert_fna_ran, tiny_inputs, tiny_model
 
     model = tiny_model("vit", dtype=torch.float32).eval()
     pixels = tiny_inputs("vit", dtype=torch.float32)["pixel_values"].requires_grad_()
-    with nystrom.fna(model, num_landmarks=8):
+    with nystrom.fna(model, num_landmarks=8) as handle:
         outside, inside = (gradients(lambda p: model(pixel_values=p).last_hidden_state, [pixels], where)
                            for where in (False, True))
+    assert_fna_ran(handle)
     assert torch.equal(inside[0], outside[0])
 
 
@@ -184,12 +185,13 @@ def test_returned_attention_weights_carry_their_gradient_in_a_graph_of_its_own(p
     # float32 gave 0.10). Now each returned tensor differentiates through that graph: the same gradient as the plain
     # float32 call within the precision's rounding.
     pytest.importorskip("transformers")
-    from test_capture import tiny_inputs, tiny_model
+    from test_capture import assert_fna_ran, tiny_inputs, tiny_model
 
     def weight_gradient(model, autocast):
         model.zero_grad()
-        with nystrom.fna(model, num_landmarks=8, layers=[1]), torch.autocast("cpu", enabled=autocast):
+        with nystrom.fna(model, num_landmarks=8, layers=[1]) as handle, torch.autocast("cpu", enabled=autocast):
             attentions = model(**tiny_inputs("bert"), output_attentions=True).attentions
+        assert_fna_ran(handle)
         attentions[1].float().pow(2).sum().backward()
         return model.encoder.layer[1].attention.self.query.weight.grad.float()
 
@@ -316,16 +318,17 @@ def test_float16_given_landmarks_pass_their_gradient():
 
 def test_a_patched_float16_model_under_a_loss_scale_keeps_finite_gradients():
     pytest.importorskip("transformers")
-    from test_capture import tiny_inputs, tiny_model
+    from test_capture import assert_fna_ran, tiny_inputs, tiny_model
 
     weight = torch.randn(2, 17, 32, generator=torch.Generator().manual_seed(3))
 
     def gradient(dtype):
         model = tiny_model("vit", dtype=dtype).eval()
         pixels = tiny_inputs("vit", dtype=dtype)["pixel_values"].requires_grad_()
-        with nystrom.fna(model, num_landmarks=8):
+        with nystrom.fna(model, num_landmarks=8) as handle:
             # A loss scale of 2^12: the largest pixel gradient is 1.7e4, within float16's range.
             (2.0**12 * (model(pixel_values=pixels).last_hidden_state.float() * weight).sum()).backward()
+        assert_fna_ran(handle)
         return pixels.grad.float()
 
     half, full = gradient(torch.float16), gradient(torch.float32)

@@ -62,6 +62,12 @@ def hooks(model):
     return [(dict(block._forward_pre_hooks), dict(block._forward_hooks)) for block, _ in attention_layers(model)]
 
 
+def assert_fna_ran(handle):
+    """Every layer the handle patched answered, so that a check over its records is not one over nothing (a patch
+    that installs nothing passed such checks; a review)."""
+    assert sorted(handle.records) == list(handle.layers)
+
+
 def assert_restored(model, hooks_before=None):
     """No handler, hook or shadowed ``get_interface`` left behind."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS

@@ -26,6 +26,7 @@ transformers = pytest.importorskip("transformers")
 from test_capture import (  # noqa: E402  (pytest puts this directory on sys.path; shared tiny-model builders)
     IMPLEMENTATIONS,
     KINDS,
+    assert_fna_ran,
     assert_restored,
     hooks,
     requires_minilm,
@@ -60,12 +61,6 @@ def dinov2():
 def run(model, inputs):
     with torch.no_grad():
         return model(**inputs).last_hidden_state
-
-
-def assert_fna_ran(handle):
-    """Every layer the handle patched answered, so that a check over its records is not one over nothing (a patch
-    that installs nothing passed such checks; a review)."""
-    assert sorted(handle.records) == list(handle.layers)
 
 
 def state(model):
