@@ -44,7 +44,7 @@ import torch
 import torch.distributed as dist
 
 from ..linalg.attention import grouped_query_heads, in_query_chunks, nystrom_product
-from ..linalg.landmarks.base import STRATEGIES, Selection, Strategy, gather_rows, get_strategy, library_strategy
+from ..linalg.landmarks.base import STRATEGIES, Selection, Strategy, gather_rows, get_strategy, run_strategy
 from ..linalg.numerics import stable_top_k, top_k_candidates, without_padding
 from ..linalg.sequence import WholeSequence
 from ..linalg.solvers import Solver, get_solver, unchecked
@@ -53,8 +53,6 @@ from ..linalg.validation import (
     check_attention_inputs,
     check_bidirectional,
     check_bool,
-    check_finite_landmarks,
-    check_landmarks,
     check_num_landmarks,
     check_query_chunk_size,
     check_scale,
@@ -375,14 +373,9 @@ def sharded_approximate(Q, K, V, *, group, strategy="norm", num_landmarks=64, so
         attend = in_query_chunks(functools.partial(sdpa_attend, scale=tau), chunk)
         return attend(Q, axis.whole(K, -2), axis.whole(V, -2), axis.whole(keys, -1)[..., None, :])
     selection = Selection.of(xp, Q, K, m, keys, seed, head_axis, None, tau, axis=axis)
-    landmarks = select.select(selection)
-    if not library_strategy(select):
-        # A user's sharded subclass, checked as run_strategy checks it on one process (a review: one that returned
-        # m - 1 landmarks was refused there and accepted here). Its indices are global positions: no position check
-        # against this shard's K.
-        check_landmarks(landmarks, K, m)
-        if check_values:
-            check_finite_landmarks(xp, landmarks)
+    # A user's sharded subclass is checked as on one process (a review: one that returned m - 1 landmarks was refused
+    # there and accepted here).
+    landmarks = run_strategy(select, selection, check_values)
     attend = in_query_chunks(functools.partial(sdpa_attend, scale=tau), chunk)
     out, _ = nystrom_product(xp, Q, K, V, landmarks, unchecked(solve), scale=tau,
                              mask=None if keys is None else keys[..., None, :], attend=attend,

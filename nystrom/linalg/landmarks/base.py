@@ -489,9 +489,9 @@ def run_strategy(strategy, selection: Selection, check_values: bool = False) -> 
     """Landmarks for arguments the caller has checked: :meth:`Strategy.select` for a :class:`Strategy`; a plain
     callable is called with the strategy signature. The result of any strategy but the library's own is checked as
     a callable's is: its shapes (and, with ``check_values``, its values: finite, and its ``indices``, where it returns
-    them, real keys: :func:`check_landmark_positions`). A subclass written by a user is no more trusted than a
-    function (a review: one that picked padding, or m - 1 tokens, was accepted, where the same rule as a function
-    was refused)."""
+    them, real keys of this array: :func:`check_landmark_positions`, not on a sharded ``selection.axis``, where they
+    are global positions). A subclass written by a user is no more trusted than a function (a review: one that
+    picked padding, or m - 1 tokens, was accepted, where the same rule as a function was refused)."""
     keys = selection.real_keys
     if isinstance(strategy, Strategy):
         landmarks = strategy.select(selection)
@@ -504,7 +504,8 @@ def run_strategy(strategy, selection: Selection, check_values: bool = False) -> 
     check_landmarks(landmarks, selection.K, selection.num_landmarks)
     if check_values:
         check_finite_landmarks(selection.xp, landmarks)
-        check_landmark_positions(selection.xp, landmarks, selection.K, keys)
+        if not selection.axis.sharded:
+            check_landmark_positions(selection.xp, landmarks, selection.K, keys)
     return landmarks
 
 
